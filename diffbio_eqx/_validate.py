@@ -1,0 +1,250 @@
+"""Checks of user input at the package boundary.
+
+Every public entry point that takes user data calls these before any numerical work. Each failure is a
+`ValueError` whose message starts with the field name, says what is wrong and names the offending index or value.
+Value checks need concrete data: when a JAX tracer arrives (the caller is already inside `jit`/`vmap`), only
+the shape checks run and the numerics are the caller's responsibility.
+"""
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import scipy.sparse as sp
+
+
+class NonIntegerCountsWarning(UserWarning):
+    """Counts that are not whole numbers: the count likelihoods expect raw, unnormalised counts."""
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _format_indices(indices: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(i)) for i in indices[:limit])
+    more = f", ... ({len(indices)} in all)" if len(indices) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def _as_numeric_array(x: Any, field: str) -> np.ndarray:
+    try:
+        array = np.asarray(x)
+    except Exception as error:  # anything numpy cannot turn into an array
+        raise ValueError(f"{field}: could not be read as an array ({error})") from None
+    if array.dtype == object or not (
+        np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.bool_)
+    ):
+        raise ValueError(f"{field}: expected a numeric array, got dtype {array.dtype}")
+    return array
+
+
+def check_counts(
+    counts: Any,
+    *,
+    field: str = "counts",
+    allow_empty_cells: bool = False,
+    n_genes: int | None = None,
+) -> np.ndarray | sp.csr_matrix:
+    """Validate a count matrix and return it as float32, dense or CSR (a copy; the input is never modified).
+
+    **Arguments:**
+
+    - `counts`: `(n_cells, n_genes)` dense array or SciPy sparse matrix of raw counts.
+    - `field`: the name used in error messages. (Keyword only argument.)
+    - `allow_empty_cells`: accept cells whose counts are all zero (raw matrices with empty droplets).
+    - `n_genes`: the number of genes a trained model expects, if any.
+
+    **Returns:** the counts as a float32 `numpy.ndarray`, or a float32 `scipy.sparse.csr_matrix` when the
+    input was sparse.
+
+    Non-integer counts are accepted with a `NonIntegerCountsWarning`, as scvi-tools does.
+    """
+    if _is_traced(counts):
+        _check_shape_only(counts, field, n_genes)
+        return counts
+    if sp.issparse(counts):
+        if counts.ndim != 2:
+            raise ValueError(f"{field}: expected a 2-D matrix (n_cells, n_genes), got {counts.ndim}-D")
+        matrix = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+        values = matrix.data
+        shape = matrix.shape
+    else:
+        array = _as_numeric_array(counts, field)
+        if array.ndim != 2:
+            raise ValueError(
+                f"{field}: expected a 2-D matrix (n_cells, n_genes), got shape {tuple(array.shape)}"
+            )
+        matrix = np.array(array, dtype=np.float32, copy=True)
+        values = matrix
+        shape = matrix.shape
+    n_cells, n_columns = shape
+    if n_cells == 0 or n_columns == 0:
+        raise ValueError(f"{field}: empty matrix of shape {shape}; need at least one cell and one gene")
+    if n_genes is not None and n_columns != n_genes:
+        raise ValueError(
+            f"{field}: has {n_columns} genes but the model was built for {n_genes}; "
+            "subset the new data to the training genes, in the training order"
+        )
+    _check_values_finite_nonnegative(matrix, values, field)
+    if np.any(values != np.rint(values)):
+        warnings.warn(
+            f"{field}: contains non-integer values; the count likelihoods expect raw (unnormalised) counts",
+            NonIntegerCountsWarning,
+            stacklevel=2,
+        )
+    if not allow_empty_cells:
+        totals = np.asarray(matrix.sum(axis=1)).ravel()
+        empty = np.flatnonzero(totals <= 0)
+        if empty.size:
+            raise ValueError(
+                f"{field}: cells with zero total counts at indices {_format_indices(empty)}; "
+                "filter them out first (e.g. scanpy.pp.filter_cells(adata, min_counts=1))"
+            )
+    return matrix
+
+
+def _check_shape_only(x: Any, field: str, n_genes: int | None) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{field}: expected a 2-D matrix (n_cells, n_genes), got shape {tuple(x.shape)}")
+    if n_genes is not None and x.shape[1] != n_genes:
+        raise ValueError(f"{field}: has {x.shape[1]} genes but the model was built for {n_genes}")
+
+
+def _check_values_finite_nonnegative(matrix: Any, values: np.ndarray, field: str) -> None:
+    def locate(mask: np.ndarray) -> str:
+        if sp.issparse(matrix):
+            position = int(np.flatnonzero(mask)[0])
+            cell = int(np.searchsorted(matrix.indptr, position, side="right") - 1)
+            gene = int(matrix.indices[position])
+        else:
+            cell, gene = (int(i) for i in np.argwhere(mask)[0])
+        return f"cell {cell}, gene {gene}"
+
+    bad = ~np.isfinite(values)
+    if np.any(bad):
+        raise ValueError(
+            f"{field}: {int(bad.sum())} non-finite value(s) (NaN or Inf), first at {locate(bad)}"
+        )
+    negative = values < 0
+    if np.any(negative):
+        first = values[negative][0] if sp.issparse(matrix) else values[tuple(np.argwhere(negative)[0])]
+        raise ValueError(
+            f"{field}: {int(negative.sum())} negative value(s), first {float(first)} at {locate(negative)}; "
+            "counts must be >= 0"
+        )
+
+
+def check_batch_labels(
+    batch_labels: Any,
+    n_cells: int,
+    *,
+    n_batches: int | Sequence[int] | None = None,
+    field: str = "batch_labels",
+) -> np.ndarray:
+    """Validate integer batch codes and return them as int32.
+
+    **Arguments:**
+
+    - `batch_labels`: shape `(n_cells,)`, or `(n_cells, n_covariates)` for several covariates (Harmony).
+    - `n_cells`: the number of cells the labels must cover.
+    - `n_batches`: the number of categories (one per covariate, or one for all); inferred as `max + 1` if None.
+    - `field`: the name used in error messages.
+    """
+    if _is_traced(batch_labels):
+        if batch_labels.shape[:1] != (n_cells,):
+            raise ValueError(f"{field}: expected length {n_cells}, got shape {tuple(batch_labels.shape)}")
+        return batch_labels
+    labels = _as_numeric_array(batch_labels, field)
+    if labels.ndim not in (1, 2):
+        raise ValueError(
+            f"{field}: expected shape (n_cells,) or (n_cells, n_covariates), got {tuple(labels.shape)}"
+        )
+    if labels.shape[0] != n_cells:
+        raise ValueError(f"{field}: has length {labels.shape[0]} but there are {n_cells} cells")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{field}: expected integer codes, got dtype {labels.dtype}; convert categories to codes "
+            "(diffbio_eqx.io.from_anndata does this for an obs column)"
+        )
+    columns = labels.reshape(n_cells, -1)
+    n_covariates = columns.shape[1]
+    if n_batches is None:
+        limits = [int(columns[:, j].max()) + 1 if n_cells else 0 for j in range(n_covariates)]
+    elif isinstance(n_batches, int):
+        limits = [n_batches] * n_covariates
+    else:
+        limits = [int(n) for n in n_batches]
+        if len(limits) != n_covariates:
+            raise ValueError(f"{field}: {n_covariates} covariate column(s) but {len(limits)} batch counts")
+    for j, limit in enumerate(limits):
+        column = columns[:, j]
+        bad = np.flatnonzero((column < 0) | (column >= limit))
+        if bad.size:
+            where = f" (covariate {j})" if n_covariates > 1 else ""
+            raise ValueError(
+                f"{field}{where}: value {int(column[bad[0]])} at cell {int(bad[0])} is out of range "
+                f"[0, {limit}); {bad.size} cell(s) out of range"
+            )
+    return labels.astype(np.int32)
+
+
+def check_ambient_profile(
+    ambient_profile: Any, n_genes: int, *, field: str = "ambient_profile"
+) -> np.ndarray:
+    """Validate an ambient RNA profile and return it normalised to sum to one (float32)."""
+    if _is_traced(ambient_profile):
+        if ambient_profile.shape != (n_genes,):
+            raise ValueError(
+                f"{field}: expected shape ({n_genes},), got {tuple(ambient_profile.shape)}"
+            )
+        return ambient_profile
+    profile = _as_numeric_array(ambient_profile, field).astype(np.float64)
+    if profile.ndim != 1 or profile.shape[0] != n_genes:
+        raise ValueError(
+            f"{field}: expected one value per gene, shape ({n_genes},), got {tuple(profile.shape)}"
+        )
+    bad = np.flatnonzero(~np.isfinite(profile))
+    if bad.size:
+        raise ValueError(f"{field}: non-finite value at gene {int(bad[0])}")
+    negative = np.flatnonzero(profile < 0)
+    if negative.size:
+        raise ValueError(
+            f"{field}: negative value {float(profile[negative[0]])} at gene {int(negative[0])}"
+        )
+    total = profile.sum()
+    if total <= 0:
+        raise ValueError(f"{field}: all zeros; an ambient profile needs some mass")
+    return (profile / total).astype(np.float32)
+
+
+def check_n_clusters(n_cells: int, n_clusters: int, *, field: str = "n_clusters") -> None:
+    """Raise unless `1 <= n_clusters <= n_cells`."""
+    if n_clusters < 1:
+        raise ValueError(f"{field}: must be >= 1, got {n_clusters}")
+    if n_cells < n_clusters:
+        raise ValueError(f"{field}: asked for {n_clusters} clusters but there are only {n_cells} cells")
+
+
+def check_embedding(x: Any, *, field: str = "x", n_dims: int | None = None) -> np.ndarray:
+    """Validate a real `(n_cells, n_dims)` embedding (PCs, latent) and return it as a float array."""
+    if _is_traced(x):
+        if x.ndim != 2:
+            raise ValueError(f"{field}: expected a 2-D matrix (n_cells, n_dims), got shape {x.shape}")
+        return x
+    array = _as_numeric_array(x, field)
+    if array.ndim != 2:
+        raise ValueError(f"{field}: expected a 2-D matrix (n_cells, n_dims), got shape {tuple(array.shape)}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{field}: empty matrix of shape {tuple(array.shape)}")
+    if n_dims is not None and array.shape[1] != n_dims:
+        raise ValueError(f"{field}: has {array.shape[1]} dimensions, expected {n_dims}")
+    bad = ~np.isfinite(array)
+    if np.any(bad):
+        cell, dim = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{field}: {int(bad.sum())} non-finite value(s), first at cell {cell}, dim {dim}")
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    return array

@@ -1,0 +1,198 @@
+"""AnnData in and out, under scanpy's conventions; atomic file writes."""
+
+import contextlib
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ._validate import check_batch_labels, check_counts
+
+
+class AnnDataArrays:
+    """What `from_anndata` extracts: counts, integer batch codes and the code -> category mapping."""
+
+    def __init__(
+        self,
+        counts: np.ndarray | sp.csr_matrix,
+        batch_labels: np.ndarray | None,
+        batch_categories: tuple[str, ...] | None,
+    ):
+        self.counts = counts
+        self.batch_labels = batch_labels
+        self.batch_categories = batch_categories
+
+    @property
+    def n_batches(self) -> int:
+        return 1 if self.batch_categories is None else len(self.batch_categories)
+
+    def __repr__(self) -> str:
+        kind = "CSR" if sp.issparse(self.counts) else "dense"
+        return (
+            f"AnnDataArrays(counts={kind} {self.counts.shape}, "
+            f"batch_categories={self.batch_categories})"
+        )
+
+
+def from_anndata(
+    adata: ad.AnnData, *, layer: str | None = None, batch_key: str | None = None
+) -> AnnDataArrays:
+    """Extract validated counts and batch codes from an AnnData.
+
+    **Arguments:**
+
+    - `adata`: cells x genes.
+    - `layer`: read counts from `adata.layers[layer]` instead of `adata.X`. (Keyword only argument.)
+    - `batch_key`: an `obs` column holding the batch of each cell (any dtype; its categories become codes).
+
+    **Returns:** an `AnnDataArrays` with `counts` (float32; CSR kept sparse when the input is sparse, so that
+    only minibatches are ever densified), `batch_labels` (int32 codes, or None without `batch_key`) and
+    `batch_categories` (the category of each code).
+    """
+    if not isinstance(adata, ad.AnnData):
+        raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
+    if layer is None:
+        matrix, field = adata.X, "adata.X"
+    else:
+        if layer not in adata.layers:
+            raise ValueError(f"layer: {layer!r} is not in adata.layers (has {sorted(adata.layers.keys())})")
+        matrix, field = adata.layers[layer], f"adata.layers[{layer!r}]"
+    if matrix is None:
+        raise ValueError(f"{field}: is empty (None)")
+    counts = check_counts(matrix, field=field)
+    if batch_key is None:
+        return AnnDataArrays(counts, None, None)
+    if batch_key not in adata.obs.columns:
+        raise ValueError(
+            f"batch_key: {batch_key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})"
+        )
+    column = adata.obs[batch_key]
+    if column.isna().any():
+        first = int(np.flatnonzero(column.isna().to_numpy())[0])
+        raise ValueError(f"adata.obs[{batch_key!r}]: missing value at cell {first}")
+    categorical = pd.Categorical(column)
+    codes = check_batch_labels(
+        categorical.codes.astype(np.int32), adata.n_obs, n_batches=len(categorical.categories),
+        field=f"adata.obs[{batch_key!r}]",
+    )
+    return AnnDataArrays(counts, codes, tuple(str(c) for c in categorical.categories))
+
+
+#: Where each result goes, following scanpy's naming (`X_umap` makes `scanpy.pl.umap` work).
+OBSM_KEYS = {
+    "latent": "X_diffbio",
+    "corrected_embeddings": "X_diffbio_corrected",
+    "embeddings_2d": "X_umap",
+}
+LAYER_KEYS = {
+    "normalized": "diffbio_normalized",
+    "decontaminated_counts": "diffbio_decontaminated",
+}
+CLUSTER_KEY = "diffbio_cluster"
+
+
+def _get(result: Any, name: str) -> Any:
+    if isinstance(result, Mapping):
+        return result.get(name)
+    try:
+        return result[name]
+    except (KeyError, TypeError, IndexError):
+        return getattr(result, name, None)
+
+
+def to_anndata(adata: ad.AnnData, result: Any, *, copy: bool = True) -> ad.AnnData:
+    """Write pipeline results into an AnnData under scanpy's conventions.
+
+    **Arguments:**
+
+    - `adata`: the cells the results belong to (same order).
+    - `result`: a mapping or a `PipelineOutput` (anything readable as `result["latent"]`); missing entries are
+      skipped. `latent` goes to `obsm["X_diffbio"]`, `corrected_embeddings` to `obsm["X_diffbio_corrected"]`,
+      `embeddings_2d` to `obsm["X_umap"]`, the argmax of `cluster_assignments` to the categorical
+      `obs["diffbio_cluster"]` (probabilities in `obsm["diffbio_cluster_probabilities"]`), `normalized` to
+      `layers["diffbio_normalized"]` and `decontaminated_counts` to `layers["diffbio_decontaminated"]`.
+    - `copy`: write into a copy (default) instead of `adata` itself. (Keyword only argument.)
+    """
+    out = adata.copy() if copy else adata
+    n_cells = out.n_obs
+
+    def as_cells_array(name: str, value: Any) -> np.ndarray:
+        array = np.asarray(value)
+        if array.ndim != 2 or array.shape[0] != n_cells:
+            raise ValueError(f"result[{name!r}]: expected {n_cells} rows, got shape {array.shape}")
+        return array
+
+    for name, key in OBSM_KEYS.items():
+        value = _get(result, name)
+        if value is not None:
+            out.obsm[key] = as_cells_array(name, value).astype(np.float32)
+    for name, key in LAYER_KEYS.items():
+        value = _get(result, name)
+        if value is not None:
+            array = as_cells_array(name, value)
+            if array.shape[1] != out.n_vars:
+                raise ValueError(f"result[{name!r}]: expected {out.n_vars} genes, got {array.shape[1]}")
+            out.layers[key] = array.astype(np.float32)
+    assignments = _get(result, "cluster_assignments")
+    if assignments is not None:
+        probabilities = as_cells_array("cluster_assignments", assignments).astype(np.float32)
+        labels = np.argmax(probabilities, axis=1)
+        categories = [str(k) for k in range(probabilities.shape[1])]
+        out.obs[CLUSTER_KEY] = pd.Categorical([str(k) for k in labels], categories=categories)
+        out.obsm[f"{CLUSTER_KEY}_probabilities"] = probabilities
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
+    """Yield a temporary path beside `path`; on success rename it over `path`, on failure remove it."""
+    target = pathlib.Path(path)
+    directory = target.parent if str(target.parent) else pathlib.Path(".")
+    if not directory.is_dir():
+        raise ValueError(f"output: folder {str(directory)!r} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"output: folder {str(directory)!r} is not writable")
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    os.close(handle)
+    temporary_path = pathlib.Path(temporary)
+    try:
+        yield temporary_path
+        os.replace(temporary_path, target)
+    except BaseException:
+        temporary_path.unlink(missing_ok=True)
+        raise
+
+
+def write_h5ad(adata: ad.AnnData, path: str | os.PathLike[str], *,
+               input_path: str | os.PathLike[str] | None = None) -> pathlib.Path:
+    """Write `adata` to `path` atomically (temporary file in the same folder, then rename).
+
+    Refuses to overwrite `input_path` (the file the data was read from), so an input is never modified.
+    """
+    target = pathlib.Path(path)
+    if input_path is not None and pathlib.Path(input_path).exists() and target.exists():
+        if target.resolve() == pathlib.Path(input_path).resolve():
+            raise ValueError(f"output: {str(target)!r} is the input file; choose another output path")
+    with atomic_path(target) as temporary:
+        adata.write_h5ad(temporary)
+    return target
+
+
+def read_h5ad(path: str | os.PathLike[str]) -> ad.AnnData:
+    """Read an h5ad file fully into memory, with a clear error for a missing, corrupt or truncated file."""
+    source = pathlib.Path(path)
+    if not source.is_file():
+        raise ValueError(f"input: {str(source)!r} does not exist or is not a file")
+    try:
+        return ad.read_h5ad(source)
+    except Exception as error:  # h5py/anndata raise many types for damaged files
+        raise ValueError(
+            f"input: {str(source)!r} could not be read as an h5ad file ({type(error).__name__}: {error}); "
+            "it may be corrupt or truncated"
+        ) from None
