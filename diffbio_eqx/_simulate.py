@@ -74,7 +74,7 @@ def simulate(
     de_fac_loc: Float[ArrayLike, ""] = 0.6,
     de_fac_scale: Float[ArrayLike, ""] = 0.4,
     batch_fac_loc: Float[ArrayLike, ""] = 0.0,
-    batch_fac_scale: Float[ArrayLike, ""] = 0.4,
+    batch_fac_scale: Float[ArrayLike, ""] = 0.15,
     mean_shape: Float[ArrayLike, ""] = 0.6,
     mean_rate: Float[ArrayLike, ""] = 0.3,
     lib_loc: Float[ArrayLike, ""] = 8.0,

@@ -8,7 +8,12 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def tree_allclose(a, b, *, rtol=1e-5, atol=1e-8) -> bool:
-    return eqx.tree_equal(a, b, typematch=True, rtol=rtol, atol=atol) is True
+    return bool(eqx.tree_equal(a, b, typematch=True, rtol=rtol, atol=atol))
+
+
+def tree_identical(a, b) -> bool:
+    """Bitwise equality of every leaf (and equal structure)."""
+    return bool(eqx.tree_equal(a, b, typematch=True))
 
 
 def knn_batch_purity(x: np.ndarray, batches: np.ndarray, k: int = 15) -> float:

@@ -1,0 +1,353 @@
+"""The shared minibatch training loop: optax steps as one `lax.scan` per epoch under one `eqx.filter_jit`.
+
+Every trainable stage (VAE, ambient model, UMAP encoder, the pipeline's fine-tuning) trains through `fit`.
+Data stays on the device for the whole run; sparse counts are held in a padded row format and densified one
+minibatch at a time inside the compiled step. Epoch `e` draws its randomness from `fold_in(key, e)`, so a run
+resumed from a checkpoint after epoch `k` continues exactly as the uninterrupted run would.
+"""
+
+import math
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+import optax
+import scipy.sparse as sp
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+
+
+class SparseRows(eqx.Module):
+    """A CSR matrix on the device in padded-row (ELLPACK) form, so any set of rows densifies with fixed shapes.
+
+    - `values`: `(n_rows, max_nnz)` non-zero values, zero-padded.
+    - `columns`: `(n_rows, max_nnz)` their column indices (0 in the padding, where the value is 0).
+    - `n_columns`: the dense width (static).
+    """
+
+    values: Float[Array, "n_rows max_nnz"]
+    columns: Int[Array, "n_rows max_nnz"]
+    n_columns: int = eqx.field(static=True)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.values.shape[0], self.n_columns)
+
+
+def sparse_rows_from_csr(matrix: sp.spmatrix, *, dtype: Any = None) -> SparseRows:
+    """Convert a SciPy sparse matrix to `SparseRows` (host-side, once)."""
+    csr = sp.csr_matrix(matrix)
+    csr.sort_indices()
+    n_rows, n_columns = csr.shape
+    row_nnz = np.diff(csr.indptr)
+    max_nnz = max(int(row_nnz.max()) if n_rows else 0, 1)
+    positions = np.arange(csr.nnz) - np.repeat(csr.indptr[:-1], row_nnz)
+    rows = np.repeat(np.arange(n_rows), row_nnz)
+    values = np.zeros((n_rows, max_nnz), dtype=dtype or csr.dtype)
+    columns = np.zeros((n_rows, max_nnz), dtype=np.int32)
+    values[rows, positions] = csr.data
+    columns[rows, positions] = csr.indices
+    return SparseRows(jnp.asarray(values), jnp.asarray(columns), n_columns)
+
+
+DeviceRows = Array | SparseRows
+
+
+def to_device_rows(x: Any, *, dtype: Any = None) -> DeviceRows:
+    """Put cells-major data on the device: SciPy sparse -> `SparseRows`, anything else -> a JAX array."""
+    if isinstance(x, SparseRows):
+        return x
+    if sp.issparse(x):
+        return sparse_rows_from_csr(x, dtype=dtype)
+    return jnp.asarray(x, dtype=dtype)
+
+
+def take_rows(rows: DeviceRows, index: Int[Array, " n_index"]) -> Array:
+    """Gather rows as a dense array (densifying `SparseRows` on the fly)."""
+    if isinstance(rows, SparseRows):
+        values, columns = rows.values[index], rows.columns[index]
+        dense = jnp.zeros((index.shape[0], rows.n_columns), dtype=values.dtype)
+        return dense.at[jnp.arange(index.shape[0])[:, None], columns].add(values)
+    return rows[index]
+
+
+def n_rows_of(rows: DeviceRows) -> int:
+    return rows.shape[0]
+
+
+def map_in_chunks(
+    fn: Callable[..., PyTree], data: Sequence[Any], *, chunk_size: int = 4096, context: PyTree = None
+) -> PyTree:
+    """Apply `fn(batch, context)` to consecutive row chunks of `data` and concatenate the outputs.
+
+    Every chunk has the same shape (the last is padded and trimmed), so `fn` compiles once. `fn` should be an
+    `eqx.filter_jit`-ed function; `data` entries are cells-major (dense or sparse).
+    """
+    device_data = tuple(to_device_rows(d) for d in data)
+    n = n_rows_of(device_data[0])
+    chunk = max(1, min(chunk_size, n))
+    outputs = []
+    for start in range(0, n, chunk):
+        index = jnp.arange(start, start + chunk) % n
+        batch = tuple(take_rows(d, index) for d in device_data)
+        outputs.append(fn(batch, context))
+    stacked = jtu.tree_map(lambda *parts: jnp.concatenate(parts, axis=0)[:n], *outputs)
+    return stacked
+
+
+def scvi_optimizer(learning_rate: float = 1e-3, *, weight_decay: float = 1e-6, eps: float = 0.01
+                   ) -> optax.GradientTransformation:
+    """scvi-tools' default: AdamW with lr 1e-3, eps 0.01, weight decay 1e-6."""
+    return optax.adamw(learning_rate, eps=eps, weight_decay=weight_decay)
+
+
+class FitResult(eqx.Module):
+    """What `fit` returns.
+
+    - `model`: the trained model (the last epoch's, or the best validation epoch's with `restore_best=True`).
+    - `train_loss`: `(n_epochs,)` mean training loss per epoch; NaN after an early stop.
+    - `validation_loss`: `(n_epochs,)` mean validation loss per epoch; NaN without a validation split.
+    - `train_aux`: the loss's auxiliary values, averaged per epoch, each `(n_epochs,)`.
+    - `n_epochs_run`, `best_epoch`, `stopped_early`.
+    """
+
+    model: PyTree
+    train_loss: Float[Array, " n_epochs"]
+    validation_loss: Float[Array, " n_epochs"]
+    train_aux: dict[str, Float[Array, " n_epochs"]]
+    n_epochs_run: int = eqx.field(static=True)
+    best_epoch: int = eqx.field(static=True)
+    stopped_early: bool = eqx.field(static=True)
+
+
+LossFn = Callable[..., tuple[Float[Array, ""], dict[str, Float[Array, ""]]]]
+
+
+def _epoch_order(
+    key: PRNGKeyArray, rows: Int[Array, " n_train"], row_weights: Float[Array, " n_rows"] | None,
+    n_steps: int, batch_size: int,
+) -> Int[Array, "n_steps batch_size"]:
+    total = n_steps * batch_size
+    if row_weights is None:
+        order = jr.permutation(key, rows)
+        order = jnp.resize(order, (total,))  # wrap around so every step has a full batch
+    else:
+        weights = row_weights[rows]
+        order = rows[jr.choice(key, rows.shape[0], (total,), replace=True, p=weights / jnp.sum(weights))]
+    return order.reshape(n_steps, batch_size)
+
+
+@eqx.filter_jit
+def _train_epoch(
+    params: PyTree, static: PyTree, opt_state: PyTree, data: tuple[DeviceRows, ...],
+    train_rows: Int[Array, " n_train"], row_weights: Float[Array, " n_rows"] | None, context: PyTree,
+    key: PRNGKeyArray, *, loss_fn: LossFn, optimizer: optax.GradientTransformation, n_steps: int,
+    batch_size: int,
+) -> tuple[PyTree, PyTree, Float[Array, ""], dict[str, Float[Array, ""]]]:
+    order_key, step_key = jr.split(key)
+    order = _epoch_order(order_key, train_rows, row_weights, n_steps, batch_size)
+
+    def loss_of(trainable: PyTree, batch: tuple[Array, ...], step_key: PRNGKeyArray):
+        return loss_fn(eqx.combine(trainable, static), batch, context, key=step_key)
+
+    grad_fn = eqx.filter_value_and_grad(loss_of, has_aux=True)
+
+    def step(carry, inputs):
+        trainable, state = carry
+        index, step_key = inputs
+        batch = tuple(take_rows(d, index) for d in data)
+        (loss, aux), grads = grad_fn(trainable, batch, step_key)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
+            updates, state = optimizer.update(grads, state, trainable)
+        trainable = eqx.apply_updates(trainable, updates)
+        return (trainable, state), (loss, aux)
+
+    (params, opt_state), (losses, aux) = jax.lax.scan(
+        step, (params, opt_state), (order, jr.split(step_key, n_steps))
+    )
+    return params, opt_state, jnp.mean(losses), jtu.tree_map(jnp.mean, aux)
+
+
+@eqx.filter_jit
+def _validation_loss(
+    model: PyTree, data: tuple[DeviceRows, ...], validation_rows: Int[Array, " n_validation"],
+    context: PyTree, key: PRNGKeyArray, *, loss_fn: LossFn, batch_size: int,
+) -> Float[Array, ""]:
+    n = validation_rows.shape[0]
+    n_steps = math.ceil(n / batch_size)
+    order = jnp.resize(validation_rows, (n_steps * batch_size,)).reshape(n_steps, batch_size)
+    model = eqx.nn.inference_mode(model)
+
+    def step(_, inputs):
+        index, step_key = inputs
+        batch = tuple(take_rows(d, index) for d in data)
+        return None, loss_fn(model, batch, context, key=step_key)[0]
+
+    _, losses = jax.lax.scan(step, None, (order, jr.split(key, n_steps)))
+    return jnp.mean(losses)
+
+
+def _save_checkpoint(path: pathlib.Path, state: PyTree) -> None:
+    # Written to a temporary file and renamed, so a checkpoint is never half-written.
+    temporary = path.with_name(f".{path.name}.tmp")
+    eqx.tree_serialise_leaves(temporary, state)
+    os.replace(temporary, path)
+
+
+def fit(
+    model: PyTree,
+    loss_fn: LossFn,
+    data: Sequence[Any],
+    *,
+    key: PRNGKeyArray,
+    n_epochs: int,
+    batch_size: int = 128,
+    context: PyTree | Callable[[int], PyTree] = None,
+    optimizer: optax.GradientTransformation | None = None,
+    row_weights: Any = None,
+    validation_fraction: float = 0.0,
+    early_stopping_patience: int | None = None,
+    restore_best: bool = False,
+    trainable: Callable[[Any], bool] | PyTree = eqx.is_inexact_array,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    description: str = "training",
+) -> FitResult:
+    """Train `model` by minibatch gradient descent on `loss_fn`.
+
+    **Arguments:**
+
+    - `model`: any PyTree (usually an `eqx.Module`).
+    - `loss_fn`: `loss_fn(model, batch, context, *, key) -> (loss, aux)`; `batch` is a tuple with one dense
+      `(batch_size, ...)` array per entry of `data`; `aux` a dict of scalars.
+    - `data`: cells-major arrays with a common first dimension (NumPy, JAX, or SciPy sparse).
+    - `key`: PRNG key; epoch `e` uses `fold_in(key, e)`. (Keyword only argument.)
+    - `n_epochs`: number of passes over the training rows.
+    - `batch_size`: rows per step (capped at the number of training rows).
+    - `context`: a PyTree handed whole to every step (e.g. the full embedding for edge losses). If callable,
+      it is called with the epoch index each epoch (e.g. a KL warm-up weight); keep its structure fixed so
+      nothing recompiles.
+    - `optimizer`: an optax transformation; default `scvi_optimizer()`.
+    - `row_weights`: if given, each epoch draws rows with replacement in proportion to these weights.
+    - `validation_fraction`: share of rows held out (drawn with `key`) to compute a validation loss per epoch.
+    - `early_stopping_patience`: stop when the validation loss has not improved for this many epochs.
+    - `restore_best`: return the model of the best validation epoch instead of the last.
+    - `trainable`: an `eqx.partition` filter selecting the trained leaves (default: all inexact arrays).
+    - `checkpoint_path`: save model, optimizer state and history after every epoch (atomically).
+    - `resume`: continue from `checkpoint_path` if it exists (the per-epoch `train_aux` of the epochs before the
+      interruption is not kept, and `restore_best` only considers epochs after it).
+    - `progress`: show a tqdm bar over epochs with the current losses.
+
+    **Returns:** a `FitResult`.
+    """
+    if n_epochs < 1:
+        raise ValueError(f"n_epochs: must be >= 1, got {n_epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction: must be in [0, 1), got {validation_fraction}")
+    device_data = tuple(to_device_rows(d) for d in data)
+    if not device_data:
+        raise ValueError("data: need at least one array")
+    n_rows = n_rows_of(device_data[0])
+    for i, d in enumerate(device_data):
+        if n_rows_of(d) != n_rows:
+            raise ValueError(f"data[{i}]: has {n_rows_of(d)} rows, data[0] has {n_rows}")
+    weights = None
+    if row_weights is not None:
+        weights = jnp.asarray(row_weights)
+        if weights.shape != (n_rows,):
+            raise ValueError(f"row_weights: expected shape ({n_rows},), got {weights.shape}")
+    optimizer = scvi_optimizer() if optimizer is None else optimizer
+
+    split_key, loop_key = jr.split(key)
+    n_validation = int(round(n_rows * validation_fraction))
+    if n_validation and n_rows - n_validation < 1:
+        raise ValueError("validation_fraction: leaves no training rows")
+    order = jr.permutation(split_key, n_rows)
+    validation_rows, train_rows = order[:n_validation], order[n_validation:]
+    if n_validation == 0:
+        train_rows = jnp.arange(n_rows)
+    batch_size = min(batch_size, int(train_rows.shape[0]))
+    n_steps = math.ceil(int(train_rows.shape[0]) / batch_size)
+
+    params, static = eqx.partition(model, trainable)
+    opt_state = optimizer.init(params)
+    train_loss = np.full(n_epochs, np.nan)
+    validation_loss = np.full(n_epochs, np.nan)
+    train_aux: dict[str, np.ndarray] = {}
+    start_epoch = 0
+    checkpoint = pathlib.Path(checkpoint_path) if checkpoint_path is not None else None
+    if resume and checkpoint is not None and checkpoint.exists():
+        like = (params, opt_state, train_loss, validation_loss, np.zeros(4))
+        params, opt_state, train_loss, validation_loss, progress_state = eqx.tree_deserialise_leaves(
+            checkpoint, like
+        )
+        train_loss, validation_loss = np.array(train_loss), np.array(validation_loss)
+        start_epoch = int(progress_state[0])
+
+    best_loss, best_epoch, best_params, since_best = np.inf, start_epoch - 1, params, 0
+    if start_epoch:
+        best_loss, best_epoch, since_best = float(progress_state[1]), int(progress_state[2]), int(progress_state[3])
+    stopped_early = False
+    epochs = range(start_epoch, n_epochs)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(epochs, desc=description, unit="epoch", leave=False)
+        epochs = bar
+    epoch = start_epoch - 1
+    for epoch in epochs:
+        epoch_key = jr.fold_in(loop_key, epoch)
+        train_key, validation_key = jr.split(epoch_key)
+        per_epoch = callable(context) and not isinstance(context, eqx.Module)
+        epoch_context = context(epoch) if per_epoch else context
+        params, opt_state, loss, aux = _train_epoch(
+            params, static, opt_state, device_data, train_rows, weights, epoch_context, train_key,
+            loss_fn=loss_fn, optimizer=optimizer, n_steps=n_steps, batch_size=batch_size,
+        )
+        train_loss[epoch] = float(loss)
+        for name, value in aux.items():
+            train_aux.setdefault(name, np.full(n_epochs, np.nan))[epoch] = float(value)
+        postfix = {"loss": f"{train_loss[epoch]:.4g}"}
+        if n_validation:
+            validation_loss[epoch] = float(_validation_loss(
+                eqx.combine(params, static), device_data, validation_rows, epoch_context, validation_key,
+                loss_fn=loss_fn, batch_size=min(batch_size, n_validation),
+            ))
+            postfix["validation"] = f"{validation_loss[epoch]:.4g}"
+            if validation_loss[epoch] < best_loss:
+                best_loss, best_epoch, best_params, since_best = validation_loss[epoch], epoch, params, 0
+            else:
+                since_best += 1
+        if bar is not None:
+            bar.set_postfix(postfix)
+        if checkpoint is not None:
+            progress_state = np.array([epoch + 1, best_loss, best_epoch, since_best], dtype=np.float64)
+            _save_checkpoint(checkpoint, (params, opt_state, train_loss, validation_loss, progress_state))
+        if early_stopping_patience is not None and n_validation and since_best >= early_stopping_patience:
+            stopped_early = True
+            break
+    if bar is not None:
+        bar.close()
+    if not np.all(np.isfinite(train_loss[start_epoch : epoch + 1])):
+        bad = int(np.flatnonzero(~np.isfinite(train_loss[start_epoch : epoch + 1]))[0]) + start_epoch
+        raise FloatingPointError(f"{description}: the training loss became non-finite at epoch {bad}")
+    final_params = best_params if (restore_best and n_validation) else params
+    return FitResult(
+        model=eqx.combine(final_params, static),
+        train_loss=jnp.asarray(train_loss),
+        validation_loss=jnp.asarray(validation_loss),
+        train_aux={name: jnp.asarray(values) for name, values in train_aux.items()},
+        n_epochs_run=epoch + 1,
+        best_epoch=best_epoch if n_validation else epoch,
+        stopped_early=stopped_early,
+    )

@@ -1,0 +1,122 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+import scipy.sparse as sp
+
+from helpers import tree_allclose, tree_identical
+
+from diffbio_eqx._train import fit, map_in_chunks, sparse_rows_from_csr, take_rows
+
+
+class _Linear(eqx.Module):
+    weight: jax.Array
+    bias: jax.Array
+
+
+def _regression_loss(model, batch, context, *, key):
+    del key, context
+    x, y = batch
+    residual = x @ model.weight + model.bias - y
+    loss = jnp.mean(residual**2)
+    return loss, {"mse": loss}
+
+
+def _regression(getkey, n=512, d=6):
+    x = jr.normal(getkey(), (n, d))
+    true_weight = jr.normal(getkey(), (d,))
+    y = x @ true_weight + 0.5 + 0.01 * jr.normal(getkey(), (n,))
+    model = _Linear(jnp.zeros(d), jnp.zeros(()))
+    return x, y, true_weight, model
+
+
+def test_fit_recovers_linear_regression(getkey):
+    x, y, true_weight, model = _regression(getkey)
+    result = fit(model, _regression_loss, (x, y), key=getkey(), n_epochs=60, batch_size=64,
+                 optimizer=optax.adam(0.05), validation_fraction=0.2, progress=False)
+    np.testing.assert_allclose(result.model.weight, true_weight, atol=0.02)
+    np.testing.assert_allclose(result.model.bias, 0.5, atol=0.02)
+    assert result.train_loss[-1] < 0.01 * result.train_loss[0]
+    assert result.validation_loss[-1] < result.validation_loss[0]
+    assert result.train_aux["mse"].shape == (60,)
+    assert result.n_epochs_run == 60
+
+
+def test_same_key_same_result_and_resume_is_identical(getkey, tmp_path):
+    x, y, _, model = _regression(getkey)
+    key = getkey()
+    kwargs = dict(key=key, batch_size=32, optimizer=optax.adam(0.01), validation_fraction=0.1, progress=False)
+    full = fit(model, _regression_loss, (x, y), n_epochs=8, **kwargs)
+    again = fit(model, _regression_loss, (x, y), n_epochs=8, **kwargs)
+    assert tree_identical(full.model, again.model)
+    partial_checkpoint = tmp_path / "partial.eqx"
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupting_context(epoch):
+        if epoch == 3:
+            raise Interrupt
+        return None
+
+    with pytest.raises(Interrupt):
+        fit(model, _regression_loss, (x, y), n_epochs=8, checkpoint_path=partial_checkpoint,
+            context=interrupting_context, **kwargs)
+    assert not list(tmp_path.glob(".*.tmp")), "no half-written checkpoint is left behind"
+    resumed = fit(model, _regression_loss, (x, y), n_epochs=8, checkpoint_path=partial_checkpoint,
+                  resume=True, **kwargs)
+    assert tree_identical(resumed.model, full.model)
+    np.testing.assert_array_equal(resumed.train_loss, full.train_loss)
+
+
+def test_sparse_rows_densify_exactly(getkey):
+    dense = np.asarray(jr.poisson(getkey(), 0.3, (50, 20)), dtype=np.float32)
+    rows = sparse_rows_from_csr(sp.csr_matrix(dense))
+    index = jnp.array([3, 0, 49, 3])
+    np.testing.assert_array_equal(take_rows(rows, index), dense[np.array([3, 0, 49, 3])])
+
+
+def test_sparse_and_dense_training_agree(getkey):
+    counts = np.asarray(jr.poisson(getkey(), 1.0, (200, 8)), dtype=np.float64)
+    target = counts @ np.arange(8.0)
+    model = _Linear(jnp.zeros(8), jnp.zeros(()))
+    kwargs = dict(key=getkey(), n_epochs=5, batch_size=40, optimizer=optax.sgd(1e-3), progress=False)
+    dense = fit(model, _regression_loss, (counts, target), **kwargs)
+    sparse = fit(model, _regression_loss, (sp.csr_matrix(counts), target), **kwargs)
+    assert tree_allclose(dense.model, sparse.model, rtol=1e-12, atol=1e-12)
+
+
+def test_weighted_rows_follow_weights(getkey):
+    x = jnp.arange(4.0)[:, None]
+    seen = []
+
+    def loss_fn(model, batch, context, *, key):
+        del key, context
+        return jnp.sum(model * 0.0) + jnp.mean(batch[0]), {"mean_row": jnp.mean(batch[0])}
+
+    result = fit(jnp.zeros(()), loss_fn, (x,), key=getkey(), n_epochs=30, batch_size=4,
+                 row_weights=jnp.array([0.0, 0.0, 1.0, 3.0]), optimizer=optax.sgd(0.0), progress=False)
+    seen = np.asarray(result.train_aux["mean_row"])
+    # Rows 2 and 3 drawn 1:3, so the mean row value is 2.75 in expectation; rows 0 and 1 never.
+    assert abs(seen.mean() - 2.75) < 0.1
+    assert seen.min() >= 2.0
+
+
+def test_map_in_chunks_pads_and_trims(getkey):
+    x = jr.normal(getkey(), (103, 3))
+    fn = eqx.filter_jit(lambda batch, context: batch[0] * 2.0)
+    out = map_in_chunks(fn, (x,), chunk_size=25)
+    np.testing.assert_allclose(out, 2.0 * x)
+
+
+def test_fit_rejects_bad_arguments(getkey):
+    x, y, _, model = _regression(getkey, n=20)
+    with pytest.raises(ValueError, match="n_epochs"):
+        fit(model, _regression_loss, (x, y), key=getkey(), n_epochs=0)
+    with pytest.raises(ValueError, match=r"data\[1\]"):
+        fit(model, _regression_loss, (x, y[:5]), key=getkey(), n_epochs=1)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        fit(model, _regression_loss, (x, y), key=getkey(), n_epochs=1, validation_fraction=1.5)
