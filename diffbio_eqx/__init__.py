@@ -1,7 +1,26 @@
 import importlib.metadata
 
 from . import datasets as datasets, io as io
+from ._distributions import (
+    negative_binomial_log_prob as negative_binomial_log_prob,
+    negative_binomial_log_prob_logspace as negative_binomial_log_prob_logspace,
+    poisson_log_prob as poisson_log_prob,
+    poisson_log_prob_logspace as poisson_log_prob_logspace,
+    zero_inflated_negative_binomial_log_prob as zero_inflated_negative_binomial_log_prob,
+    zero_inflated_negative_binomial_log_prob_logspace as zero_inflated_negative_binomial_log_prob_logspace,
+)
+from ._nn import CovariateMLP as CovariateMLP
 from ._simulate import SimulatedData as SimulatedData, simulate as simulate
+from ._stages._vae import (
+    fit_vae as fit_vae,
+    load_vae as load_vae,
+    save_vae as save_vae,
+    VAELoss as VAELoss,
+    VAENormalizer as VAENormalizer,
+    VAEOutput as VAEOutput,
+    vae_log_likelihood as vae_log_likelihood,
+    vae_transform as vae_transform,
+)
 from ._validate import (
     check_ambient_profile as check_ambient_profile,
     check_batch_labels as check_batch_labels,
