@@ -39,3 +39,20 @@ def test_pbmc68k_returns_a_fresh_copy_each_time():
     first.X.data[:] = 0
     second = dbx.datasets.pbmc68k()
     assert second.X.data.min() >= 1
+
+
+def test_simulated_batch_split_is_visible_and_leaves_batch0_alone():
+    from helpers import knn_batch_purity, log_normalized_pca
+
+    adata = dbx.datasets.pbmc68k()
+    split = dbx.datasets.add_simulated_batches(adata, seed=0)
+    codes = split.obs["batch"].cat.codes.to_numpy()
+    assert set(codes) == {0, 1}
+    assert "batch" not in adata.obs  # input untouched
+    untouched = codes == 0
+    np.testing.assert_array_equal(split.X[untouched].toarray(), adata.X[untouched].toarray())
+    assert np.all(np.asarray(split.X.sum(axis=1)).ravel() > 0)
+    np.testing.assert_array_equal(split.X.data, np.rint(split.X.data))
+    before = knn_batch_purity(log_normalized_pca(adata.X.toarray(), 50), codes)
+    after = knn_batch_purity(log_normalized_pca(split.X.toarray(), 50), codes)
+    assert before < 0.55 < 0.7 < after
