@@ -19,7 +19,8 @@ def _pyplot():
 
 
 def plot_embedding(
-    path: str | pathlib.Path, embedding: np.ndarray, panels: Mapping[str, Sequence[Any]], *, title: str = ""
+    path: str | pathlib.Path, embedding: np.ndarray, panels: Mapping[str, np.ndarray | Sequence[Any]], *,
+    title: str = "",
 ) -> pathlib.Path:
     """Scatter `embedding` (n_cells, 2) once per panel, coloured by that panel's per-cell labels."""
     plt = _pyplot()
