@@ -32,3 +32,12 @@ from ._validate import (
 
 
 __version__ = importlib.metadata.version("diffbio_eqx")
+from ._metrics import (
+    adjusted_rand_index as adjusted_rand_index,
+    clisi as clisi,
+    ilisi as ilisi,
+    lisi as lisi,
+    normalized_mutual_info as normalized_mutual_info,
+    silhouette_label as silhouette_label,
+)
+from ._train import FitResult as FitResult, fit as fit, map_in_chunks as map_in_chunks, scvi_optimizer as scvi_optimizer
