@@ -12,7 +12,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 import diffbio_eqx as dx
-from diffbio_eqx._stages._vae import default_n_epochs, gaussian_kl, kl_warmup_weight
+from diffbio_eqx._stages._vae import default_n_epochs, gaussian_kl, kl_warmup_weight, log_factorial_per_cell
 
 from helpers import knn_batch_purity, log_normalized_pca, tree_allclose, tree_identical
 
@@ -165,6 +165,12 @@ def test_loss_parts():
     np.testing.assert_allclose(loss, aux["reconstruction"] + 0.3 * aux["kl"], rtol=1e-12)
     np.testing.assert_allclose(aux["elbo"], -(aux["reconstruction"] + aux["kl"]), rtol=1e-12)
     assert aux["kl"] > 0
+    # A precomputed per-cell log-factorial (dense or sparse) changes nothing but speed.
+    for source in (counts, sp.csr_matrix(np.asarray(counts))):
+        log_factorial = jnp.asarray(log_factorial_per_cell(source))
+        fast, fast_aux = vae.loss(counts, labels, key=jr.key(0), kl_weight=0.3, log_factorial=log_factorial)
+        np.testing.assert_allclose(fast, loss, rtol=1e-12)
+        assert tree_allclose(fast_aux, aux, rtol=1e-12)
     # The same key gives the same draw; different keys give different draws.
     assert vae.loss(counts, labels, key=jr.key(0), kl_weight=0.3)[0] == loss
     assert vae.loss(counts, labels, key=jr.key(1))[0] != vae.loss(counts, labels, key=jr.key(2))[0]
