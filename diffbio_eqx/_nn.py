@@ -106,7 +106,8 @@ class CovariateMLP(eqx.Module):
         **Returns:** `(n_cells, hidden_dims[-1])` activations.
         """
         if (covariates is None) != (self.n_covariates == 0):
-            raise ValueError(f"covariates: expected {self.n_covariates} covariate columns, got {covariates is not None}")
+            got = "none" if covariates is None else covariates.shape[-1]
+            raise ValueError(f"covariates: expected {self.n_covariates} covariate columns, got {got}")
         keys = (None,) * len(self.layers) if key is None else tuple(jr.split(key, len(self.layers)))
         h = x
         for i, (layer, layer_key) in enumerate(zip(self.layers, keys)):

@@ -12,7 +12,12 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 import diffbio_eqx as dx
-from diffbio_eqx._stages._vae import default_n_epochs, gaussian_kl, kl_warmup_weight, log_factorial_per_cell
+from diffbio_eqx._stages._vae import (
+    default_n_epochs,
+    gaussian_kl,
+    kl_warmup_weight,
+    log_factorial_per_cell,
+)
 
 from helpers import knn_batch_purity, log_normalized_pca, tree_allclose, tree_identical
 
@@ -200,8 +205,8 @@ def test_gradients_finite_match_finite_differences_and_jit_agrees():
     eps = 1e-6
     shifted = lambda s: loss(eqx.combine(jax.tree_util.tree_map(lambda p, d: p + s * d, params, direction), static))
     fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
-    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(eqx.partition(grads, eqx.is_inexact_array)[0]),
-                                                  jax.tree_util.tree_leaves(direction)))
+    grad_leaves = jax.tree_util.tree_leaves(eqx.partition(grads, eqx.is_inexact_array)[0])
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(grad_leaves, jax.tree_util.tree_leaves(direction)))
     np.testing.assert_allclose(analytic, fd, rtol=1e-5)
     # jit of the call agrees too.
     out, jit_out = vae(counts, labels), eqx.filter_jit(lambda m: m(counts, labels))(vae)
