@@ -262,6 +262,45 @@ def block_layout(n_cells: int, block_size: float) -> np.ndarray:
     return layout
 
 
+def _primes_below(limit: int) -> np.ndarray:
+    if limit < 2:
+        return np.zeros((0,), np.int64)
+    sieve = np.ones(limit, bool)
+    sieve[:2] = False
+    for p in range(2, int(limit**0.5) + 1):
+        if sieve[p]:
+            sieve[p * p :: p] = False
+    return np.flatnonzero(sieve)
+
+
+def shuffle_strides(n_cells: int, n_strides: int = 64) -> np.ndarray:
+    """Static strides `a` coprime with `n_cells`, small enough that `a * i` fits in int32 for `i < n_cells`."""
+    limit = min(n_cells, (2**31 - 1) // max(n_cells, 1))
+    primes = _primes_below(limit)
+    primes = primes[n_cells % primes != 0]
+    if primes.size == 0:
+        return np.ones((1,), np.int32)
+    pick = np.unique(np.linspace(0, primes.size - 1, min(n_strides, primes.size)).astype(int))
+    return primes[pick].astype(np.int32)
+
+
+def shuffled_order(
+    base_order: Int[Array, " n_cells"], strides: np.ndarray, key: PRNGKeyArray
+) -> Int[Array, " n_cells"]:
+    """A fresh visiting order per clustering round without a sort: `base_order[(a i + c) mod n_cells]`.
+
+    `base_order` is one uniformly random permutation drawn per run; the stride `a` (coprime with `n_cells`, from
+    `strides`) and offset `c` are drawn per round. Each block of consecutive positions is then a uniformly random
+    subset of the cells, as with harmonypy's per-round `std::shuffle`, at O(n_cells) cost instead of a sort.
+    """
+    n_cells = base_order.shape[0]
+    stride_key, offset_key = jr.split(key)
+    stride = jnp.asarray(strides)[jr.randint(stride_key, (), 0, strides.shape[0])]
+    offset = jr.randint(offset_key, (), 0, n_cells)
+    positions = jnp.arange(n_cells, dtype=stride.dtype)
+    return base_order[(stride * positions % n_cells + offset) % n_cells]
+
+
 class _ClusterStats(eqx.Module):
     r: Float[Array, "n_cells n_clusters"]
     mass: Float[Array, " n_clusters"]  # sum_i R_ik; E = mass Pr_b
@@ -309,7 +348,7 @@ def cold_start(
     dist = squared_distances_cosine(z_cos, centroids)
     log_r = jax.nn.log_softmax(-dist / sigma, axis=1)
     r = jnp.exp(log_r)
-    stats = _ClusterStats(r, jnp.sum(r, axis=0), r.T @ phi)
+    stats = _ClusterStats(r, jnp.sum(r, axis=0), (phi.T @ r).T)
     return stats, jnp.sum(r * dist), jnp.sum(r * log_r)
 
 
@@ -342,13 +381,13 @@ def update_r(
         phi_b = phi.at[cells].get(mode="fill", fill_value=0)
         z_b = z_cos.at[cells].get(mode="fill", fill_value=0)
         mass = mass - jnp.sum(r_old, axis=0)
-        observed = observed - r_old.T @ phi_b
+        observed = observed - (phi_b.T @ r_old).T
         log_penalty = diversity_log_penalty(mass, observed, prior, theta)
         dist = squared_distances_cosine(z_b, centroids)
         log_r = jax.nn.log_softmax(-dist / sigma + phi_b @ log_penalty.T, axis=1)
         r_new = jnp.exp(log_r) * valid
         mass = mass + jnp.sum(r_new, axis=0)
-        observed = observed + r_new.T @ phi_b
+        observed = observed + (phi_b.T @ r_new).T
         kmeans_error = kmeans_error + jnp.sum(r_new * dist)
         entropy = entropy + jnp.sum(r_new * log_r)
         r = r.at[cells].set(r_new, mode="drop")
@@ -364,6 +403,19 @@ def update_r(
 # Mixture-of-experts ridge correction
 
 
+def _segment_slices(segments: tuple[int, ...]) -> list[slice]:
+    bounds = np.concatenate([[0], np.cumsum(segments)])
+    return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _level_matmuls(on_rows, masked, n_levels: int, segments: tuple[int, ...] | None) -> list:
+    """`on_rows(slice)` for the levels laid out in contiguous `segments`, `masked(b)` for the other levels."""
+    if segments is None:
+        return [masked(b) for b in range(n_levels)]
+    contiguous = [on_rows(rows) for rows in _segment_slices(segments)]
+    return contiguous + [masked(b) for b in range(len(segments), n_levels)]
+
+
 def moe_ridge_correct(
     x: Float[Array, "n_cells n_dims"],
     stats: _ClusterStats,
@@ -375,6 +427,7 @@ def moe_ridge_correct(
     alpha: Float[Array, ""],
     batch_prop_cutoff: Float[Array, ""],
     n_batches: tuple[int, ...],
+    segments: tuple[int, ...] | None = None,
 ) -> tuple[
     Float[Array, "n_cells n_dims"], Float[Array, "n_clusters n_dims"], Float[Array, "n_clusters n_levels n_dims"]
 ]:
@@ -386,6 +439,9 @@ def moe_ridge_correct(
     share `O_kb / N_b` is at most `batch_prop_cutoff`, and covariates left with fewer than two such levels, drop
     out of cluster `k`'s regression (with their cells, for the intercept); a cluster with no covariate left is
     not corrected and keeps its centroid.
+
+    `segments`: when the cells are sorted by the first covariate, its level sizes (static); the per-level sums
+    and corrections of that covariate then run on contiguous slices instead of masked full-size products.
 
     **Returns:** `x - sum_k R_ik W_k[batch terms]^T phi_i`, the new unit-length centroids (the intercepts) and the
     batch coefficients `(n_clusters, n_levels, n_dims)`.
@@ -410,7 +466,8 @@ def moe_ridge_correct(
     diag = keep_f * penalty + (1 - keep_f)
 
     # Per-level weighted sums of the original cells: S[k, b] = sum_i R_ik Phi_ib x_i.
-    level_sums = jnp.stack([r.T @ (x * phi[:, b][:, None]) for b in range(n_levels)], axis=1)
+    level_sums = jnp.stack(_level_matmuls(lambda rows: r[rows].T @ x[rows], lambda b: r.T @ (
+        x * phi[:, b][:, None]), n_levels, segments), axis=1)
     if n_covariates == 1:
         gram = observed[:, :, None] * jnp.eye(n_levels, dtype=dtype)[None, :, :]
         intercept_mass = jnp.sum(keep_f * observed, axis=1)
@@ -431,7 +488,16 @@ def moe_ridge_correct(
 
     new_centroids = cosine_normalize(jnp.where(active[:, None], coef[:, 0, :], centroids))
     batch_coef = coef[:, 1:, :] * (keep_f * active[:, None].astype(dtype))[:, :, None]
-    correction = sum(phi[:, b][:, None] * (r @ batch_coef[:, b, :]) for b in range(n_levels))
+    if segments is None:
+        correction = sum(phi[:, b][:, None] * (r @ batch_coef[:, b, :]) for b in range(n_levels))
+    else:
+        first = len(segments)
+        correction = jnp.concatenate(
+            [r[rows] @ batch_coef[:, b, :] for b, rows in enumerate(_segment_slices(segments))], axis=0
+        )
+        correction = correction + sum(
+            phi[:, b][:, None] * (r @ batch_coef[:, b, :]) for b in range(first, n_levels)
+        )
     return x - correction, new_centroids, batch_coef
 
 
@@ -444,6 +510,7 @@ class _Data(eqx.Module):
     phi: Float[Array, "n_cells n_levels"]
     prior: Float[Array, " n_levels"]
     batch_sizes: Float[Array, " n_levels"]
+    base_order: Int[Array, " n_cells"]
 
 
 class _Params(eqx.Module):
@@ -479,7 +546,7 @@ def _kmeans_step(
     state: _KMeansState, key: PRNGKeyArray, *, z_cos, centroids, data: _Data, params: _Params, layout
 ) -> tuple[_KMeansState, Float[Array, ""]]:
     n_cells = z_cos.shape[0]
-    order = jr.permutation(key, n_cells)
+    order = shuffled_order(data.base_order, shuffle_strides(n_cells), key)
     stats, kmeans_error, entropy = update_r(
         state.stats, z_cos, centroids, data.phi, data.prior, params.theta, params.sigma, order, layout
     )
@@ -544,7 +611,7 @@ def _cluster(
 
 def _outer_round(
     state: _State, key: PRNGKeyArray, *, data: _Data, params: _Params, layout, max_iter_kmeans, n_batches,
-    early_exit: bool,
+    segments, early_exit: bool,
 ) -> tuple[_State, tuple[Float[Array, ""], Float[Array, " n_kmeans"], Int[Array, ""]]]:
     stats, trace, n_run, cold_objective = _cluster(
         state.z_corr, state.centroids, key, data, params, layout, max_iter_kmeans, early_exit=early_exit
@@ -554,7 +621,7 @@ def _outer_round(
     objective = trace[-1]
     z_corr, centroids, batch_coef = moe_ridge_correct(
         data.x, stats, data.phi, data.prior, data.batch_sizes, state.centroids, params.lamb, params.alpha,
-        params.batch_prop_cutoff, n_batches,
+        params.batch_prop_cutoff, n_batches, segments,
     )
     converged = (previous - objective) / jnp.abs(previous) < params.epsilon_harmony
     new = _State(z_corr, centroids, stats.r, stats.mass, batch_coef, objective, initial, state.n_rounds + 1,
@@ -562,16 +629,9 @@ def _outer_round(
     return new, (objective, trace, n_run)
 
 
-def _init_state(
-    data: _Data, params: _Params, n_clusters: int, init_centroids, key: PRNGKeyArray
-) -> _State:
+def _init_state(data: _Data, centroids: Float[Array, "n_clusters n_dims"], n_clusters: int) -> _State:
     x = data.x
     n_cells, n_dims = x.shape
-    if init_centroids is None:
-        centroids = kmeans_plusplus(cosine_normalize(x), n_clusters, key=key)
-    else:
-        centroids = init_centroids
-    centroids = cosine_normalize(centroids)
     dtype = x.dtype
     n_levels = data.phi.shape[1]
     nan = jnp.asarray(jnp.nan, dtype)
@@ -638,15 +698,16 @@ def harmony_core(
     max_iter_harmony: int,
     max_iter_kmeans: int,
     block_size: float,
+    segments: tuple[int, ...] | None = None,
     early_exit: bool = False,
 ) -> HarmonyResult:
     """The traced body of `harmony` (no input validation beyond `eqx.error_if` value checks; call it inside
     your own `jit`/`vmap` when you have already checked the data). All float arguments are arrays of `x`'s
-    dtype; `lamb < 0` selects Harmony 2's dynamic penalty."""
+    dtype; `lamb < 0` selects Harmony 2's dynamic penalty. `segments`, the level sizes of the first covariate
+    (static, known when the labels are concrete), lets the ridge step work on contiguous slices of the cells
+    sorted by that covariate; results come back in the input order."""
     dtype = x.dtype
     n_cells = x.shape[0]
-    phi = batch_onehot(batch_labels, n_batches, dtype)
-    batch_sizes = jnp.sum(phi, axis=0)
     params = _Params(
         theta=per_level(theta.astype(dtype), n_batches),
         sigma=sigma.astype(dtype),
@@ -658,16 +719,24 @@ def harmony_core(
     )
     x, sigma_checked = _check_values(x, batch_labels, params, n_batches)
     params = eqx.tree_at(lambda p: p.sigma, params, sigma_checked)
-    data = _Data(x, phi, batch_sizes / n_cells, batch_sizes)
+    init_key, order_key, loop_key = jr.split(key, 3)
+    if init_centroids is None:
+        init_centroids = kmeans_plusplus(cosine_normalize(x), n_clusters, key=init_key)
+    centroids = cosine_normalize(init_centroids.astype(dtype))
+    if segments is not None:
+        if len(segments) != n_batches[0] or sum(segments) != n_cells:
+            raise ValueError("segments: must give the size of every level of the first covariate")
+        sort = jnp.argsort(batch_labels[:, 0], stable=True)
+        x, batch_labels = x[sort], batch_labels[sort]
+    phi = batch_onehot(batch_labels, n_batches, dtype)
+    batch_sizes = jnp.sum(phi, axis=0)
+    data = _Data(x, phi, batch_sizes / n_cells, batch_sizes, jr.permutation(order_key, n_cells))
     layout = block_layout(n_cells, block_size)
-    init_key, loop_key = jr.split(key)
-    if init_centroids is not None:
-        init_centroids = init_centroids.astype(dtype)
-    state = _init_state(data, params, n_clusters, init_centroids, init_key)
+    state = _init_state(data, centroids, n_clusters)
     keys = jr.split(loop_key, max_iter_harmony)
     step = lambda s, k: _outer_round(s, k, data=data, params=params, layout=layout,
                                      max_iter_kmeans=max_iter_kmeans, n_batches=n_batches,
-                                     early_exit=early_exit)
+                                     segments=segments, early_exit=early_exit)
     if early_exit:
         def body(carry):
             state, objectives, traces, rounds = carry
@@ -699,6 +768,9 @@ def harmony_core(
             return jax.lax.cond(state.converged, frozen, step, state, key)
 
         state, (objectives, traces, rounds) = jax.lax.scan(scan_step, state, keys)
+    if segments is not None:
+        unsort = jnp.zeros_like(sort).at[sort].set(jnp.arange(n_cells, dtype=sort.dtype))
+        state = eqx.tree_at(lambda s: (s.z_corr, s.r), state, (state.z_corr[unsort], state.r[unsort]))
     return _result(state, objectives, traces, rounds, params, n_batches)
 
 
@@ -789,6 +861,10 @@ def harmony(
     n_batches = tuple(int(n) for n in n_batches)
     if len(n_batches) != n_covariates:
         raise ValueError(f"n_batches: {len(n_batches)} values for {n_covariates} covariate(s)")
+    if isinstance(labels, jax.core.Tracer):
+        segments = None
+    else:
+        segments = tuple(int(c) for c in np.bincount(np.asarray(labels[:, 0]), minlength=n_batches[0]))
     n_clusters = default_n_clusters(n_cells) if n_clusters is None else int(n_clusters)
     check_n_clusters(n_cells, n_clusters)
     max_iter_harmony = int(_resolve(max_iter_harmony, settings.max_iter_harmony))
@@ -839,6 +915,7 @@ def harmony(
         max_iter_harmony=max_iter_harmony,
         max_iter_kmeans=max_iter_kmeans,
         block_size=block_size,
+        segments=segments,
         early_exit=early_exit,
     )
 
