@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from ._validate import check_batch_labels, check_embedding, check_n_clusters
@@ -140,7 +141,7 @@ def cosine_normalize(x: Float[Array, "n dims"]) -> Float[Array, "n dims"]:
 
 
 def batch_onehot(
-    batch_labels: Int[Array, "n_cells n_covariates"], n_batches: tuple[int, ...], dtype: jnp.dtype
+    batch_labels: Int[Array, "n_cells n_covariates"], n_batches: tuple[int, ...], dtype: DTypeLike
 ) -> Float[Array, "n_cells n_levels"]:
     """Indicator matrix `Phi^T` with one block of columns per covariate (levels in code order)."""
     columns = [
@@ -296,7 +297,7 @@ def shuffled_order(
     n_cells = base_order.shape[0]
     stride_key, offset_key = jr.split(key)
     stride = jnp.asarray(strides)[jr.randint(stride_key, (), 0, strides.shape[0])]
-    offset = jr.randint(offset_key, (), 0, n_cells)
+    offset = jr.randint(offset_key, (), 0, n_cells, dtype=stride.dtype)
     positions = jnp.arange(n_cells, dtype=stride.dtype)
     return base_order[(stride * positions % n_cells + offset) % n_cells]
 
@@ -477,7 +478,7 @@ def moe_ridge_correct(
         in_kept = (phi @ keep_f.T > 0).astype(dtype)  # (cells, clusters): cell has a kept level
         intercept_mass = jnp.sum(r * in_kept, axis=0)
         intercept_sum = (r * in_kept).T @ x
-    gram = gram * keep_f[:, :, None] * keep_f[:, None, :] + diag[:, :, None] * jnp.eye(n_levels, dtype=dtype)
+    gram = gram * keep_f[:, :, None] * keep_f[:, None, :] + diag[:, :, None] * jnp.eye(n_levels, dtype=dtype)[None, :, :]
     edge = keep_f * observed
     corner = jnp.where(active, intercept_mass, 1)
     top = jnp.concatenate([corner[:, None], edge], axis=1)[:, None, :]
@@ -580,7 +581,7 @@ def _cluster(
         kmeans_error, entropy, stats.mass, stats.observed, data.prior, params.theta, params.sigma, n_cells
     )
     dtype = z_corr.dtype
-    init = _KMeansState(stats, jnp.zeros((4,), dtype), jnp.asarray(0), jnp.asarray(False))
+    init = _KMeansState(stats, jnp.zeros((4,), dtype), jnp.zeros((), jnp.int32), jnp.asarray(False))
     step = lambda s, k: _kmeans_step(s, k, z_cos=z_cos, centroids=centroids, data=data, params=params,
                                      layout=layout)
     keys = jr.split(key, max_iter_kmeans)
@@ -596,7 +597,7 @@ def _cluster(
 
         final, trace = jax.lax.while_loop(cond, body, (init, jnp.zeros((max_iter_kmeans,), dtype)))
         last = trace[final.n_run - 1]
-        trace = jnp.where(jnp.arange(max_iter_kmeans) < final.n_run, trace, last)
+        trace = jnp.where(jnp.arange(max_iter_kmeans, dtype=jnp.int32) < final.n_run, trace, last)
     else:
         def frozen(state, key):
             del key
@@ -643,7 +644,7 @@ def _init_state(data: _Data, centroids: Float[Array, "n_clusters n_dims"], n_clu
         batch_coef=jnp.zeros((n_clusters, n_levels, n_dims), dtype),
         objective=nan,
         initial_objective=nan,
-        n_rounds=jnp.asarray(0),
+        n_rounds=jnp.zeros((), jnp.int32),
         converged=jnp.asarray(False),
     )
 
@@ -672,7 +673,7 @@ def _check_values(
     n_batches: tuple[int, ...],
 ) -> tuple[Float[Array, "n_cells n_dims"], Float[Array, ""]]:
     x = eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "harmony: x contains NaN or Inf")
-    limits = jnp.asarray(n_batches)[None, :]
+    limits = jnp.asarray(n_batches, dtype=batch_labels.dtype)[None, :]
     x = eqx.error_if(
         x, jnp.any((batch_labels < 0) | (batch_labels >= limits)), "harmony: batch_labels out of range"
     )
@@ -683,9 +684,9 @@ def _check_values(
 def harmony_core(
     x: Float[Array, "n_cells n_dims"],
     batch_labels: Int[Array, "n_cells n_covariates"],
-    theta: Float[Array, "*covariates"],
+    theta: Float[Array, "*theta_shape"],
     sigma: Float[Array, ""],
-    lamb: Float[Array, "*covariates"],
+    lamb: Float[Array, "*lamb_shape"],
     alpha: Float[Array, ""],
     epsilon_cluster: Float[Array, ""],
     epsilon_harmony: Float[Array, ""],
@@ -723,14 +724,17 @@ def harmony_core(
     if init_centroids is None:
         init_centroids = kmeans_plusplus(cosine_normalize(x), n_clusters, key=init_key)
     centroids = cosine_normalize(init_centroids.astype(dtype))
+    # The visiting order is drawn over the input positions, so sorting (below) does not change the results.
+    base_order = jr.permutation(order_key, n_cells)
     if segments is not None:
         if len(segments) != n_batches[0] or sum(segments) != n_cells:
             raise ValueError("segments: must give the size of every level of the first covariate")
         sort = jnp.argsort(batch_labels[:, 0], stable=True)
-        x, batch_labels = x[sort], batch_labels[sort]
+        unsort = jnp.zeros_like(sort).at[sort].set(jnp.arange(n_cells, dtype=sort.dtype))
+        x, batch_labels, base_order = x[sort], batch_labels[sort], unsort[base_order]
     phi = batch_onehot(batch_labels, n_batches, dtype)
     batch_sizes = jnp.sum(phi, axis=0)
-    data = _Data(x, phi, batch_sizes / n_cells, batch_sizes, jr.permutation(order_key, n_cells))
+    data = _Data(x, phi, batch_sizes / n_cells, batch_sizes, base_order)
     layout = block_layout(n_cells, block_size)
     state = _init_state(data, centroids, n_clusters)
     keys = jr.split(loop_key, max_iter_harmony)
@@ -752,24 +756,23 @@ def harmony_core(
             state,
             jnp.zeros((max_iter_harmony,), dtype),
             jnp.zeros((max_iter_harmony, max_iter_kmeans), dtype),
-            jnp.zeros((max_iter_harmony,), jnp.asarray(0).dtype),
+            jnp.zeros((max_iter_harmony,), jnp.int32),
         )
         state, objectives, traces, rounds = jax.lax.while_loop(cond, body, init)
-        ran = jnp.arange(max_iter_harmony) < state.n_rounds
+        ran = jnp.arange(max_iter_harmony, dtype=jnp.int32) < state.n_rounds
         objectives = jnp.where(ran, objectives, state.objective)
         traces = jnp.where(ran[:, None], traces, state.objective)
     else:
         def frozen(state, key):
             del key
             trace = jnp.full((max_iter_kmeans,), state.objective)
-            return state, (state.objective, trace, jnp.asarray(0))
+            return state, (state.objective, trace, jnp.zeros((), jnp.int32))
 
         def scan_step(state, key):
             return jax.lax.cond(state.converged, frozen, step, state, key)
 
         state, (objectives, traces, rounds) = jax.lax.scan(scan_step, state, keys)
     if segments is not None:
-        unsort = jnp.zeros_like(sort).at[sort].set(jnp.arange(n_cells, dtype=sort.dtype))
         state = eqx.tree_at(lambda s: (s.z_corr, s.r), state, (state.z_corr[unsort], state.r[unsort]))
     return _result(state, objectives, traces, rounds, params, n_batches)
 
@@ -781,15 +784,38 @@ def _resolve(value, default):
     return default if value is None else value
 
 
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _checked_embedding(x, *, field: str, n_dims: int | None = None) -> Array:
+    # `check_embedding` reads concrete data only; under jit/vmap check shapes here.
+    if not _is_traced(x):
+        return jnp.asarray(check_embedding(x, field=field, n_dims=n_dims))
+    if x.ndim != 2 or (n_dims is not None and x.shape[1] != n_dims):
+        raise ValueError(f"{field}: expected shape (n_cells, {n_dims or 'n_dims'}), got {x.shape}")
+    return x
+
+
+def _checked_labels(labels, n_cells: int, n_batches, *, field: str) -> Array:
+    if not _is_traced(labels):
+        labels = jnp.asarray(check_batch_labels(labels, n_cells, n_batches=n_batches, field=field))
+    if labels.ndim not in (1, 2) or labels.shape[0] != n_cells:
+        raise ValueError(f"{field}: expected shape ({n_cells},) or ({n_cells}, n_covariates), got {labels.shape}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"{field}: expected integer codes, got dtype {labels.dtype}")
+    return labels if labels.ndim == 2 else labels[:, None]
+
+
 def harmony(
     x: Float[ArrayLike, "n_cells n_dims"],
     batch_labels: Int[ArrayLike, "n_cells *n_covariates"],
     *,
     key: PRNGKeyArray,
     preset: Literal["harmony2", "classic"] = "harmony2",
-    theta: Float[ArrayLike, "*covariates"] | None = None,
+    theta: Float[ArrayLike, "*theta_shape"] | None = None,
     sigma: Float[ArrayLike, ""] | None = None,
-    lamb: Float[ArrayLike, "*covariates"] | None = None,
+    lamb: Float[ArrayLike, "*lamb_shape"] | None = None,
     alpha: Float[ArrayLike, ""] | None = None,
     n_clusters: int | None = None,
     max_iter_harmony: int | None = None,
@@ -840,20 +866,12 @@ def harmony(
         labels out of range raise through `eqx.error_if`.
     """
     settings = PRESETS[preset]
-    x = check_embedding(x)
-    x = jnp.asarray(x)
+    x = _checked_embedding(x, field="x")
     n_cells, n_dims = x.shape
-    labels = check_batch_labels(batch_labels, n_cells, n_batches=n_batches)
-    labels = jnp.asarray(labels)
-    if labels.ndim == 1:
-        labels = labels[:, None]
-    if labels.ndim != 2:
-        raise ValueError(f"batch_labels: expected (n_cells,) or (n_cells, n_covariates), got {labels.shape}")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"batch_labels: expected integer codes, got dtype {labels.dtype}")
+    labels = _checked_labels(batch_labels, n_cells, n_batches, field="batch_labels")
     n_covariates = labels.shape[1]
     if n_batches is None:
-        if isinstance(labels, jax.core.Tracer):
+        if _is_traced(labels):
             raise ValueError("n_batches: required when batch_labels is traced (inside jit/vmap)")
         n_batches = tuple(int(m) + 1 for m in np.asarray(labels).max(axis=0))
     elif isinstance(n_batches, int):
@@ -861,7 +879,7 @@ def harmony(
     n_batches = tuple(int(n) for n in n_batches)
     if len(n_batches) != n_covariates:
         raise ValueError(f"n_batches: {len(n_batches)} values for {n_covariates} covariate(s)")
-    if isinstance(labels, jax.core.Tracer):
+    if _is_traced(labels):
         segments = None
     else:
         segments = tuple(int(c) for c in np.bincount(np.asarray(labels[:, 0]), minlength=n_batches[0]))
@@ -893,7 +911,7 @@ def harmony(
     theta = scalar_or_per_covariate("theta", _resolve(theta, settings.theta))
     lamb = scalar_or_per_covariate("lamb", -1.0 if lamb is None else lamb)
     if init_centroids is not None:
-        init_centroids = jnp.asarray(check_embedding(init_centroids, field="init_centroids", n_dims=n_dims))
+        init_centroids = _checked_embedding(init_centroids, field="init_centroids", n_dims=n_dims)
         if init_centroids.shape != (n_clusters, n_dims):
             raise ValueError(
                 f"init_centroids: expected shape ({n_clusters}, {n_dims}), got {init_centroids.shape}"
@@ -959,11 +977,8 @@ def harmony_transform(
     **Returns:** `(n_new, n_dims)` corrected cells.
     """
     n_dims = result.centroids.shape[1]
-    x = jnp.asarray(check_embedding(new_x, field="new_x", n_dims=n_dims))
-    labels = jnp.asarray(check_batch_labels(new_batch_labels, x.shape[0], n_batches=result.n_batches,
-                                            field="new_batch_labels"))
-    if labels.ndim == 1:
-        labels = labels[:, None]
+    x = _checked_embedding(new_x, field="new_x", n_dims=n_dims)
+    labels = _checked_labels(new_batch_labels, x.shape[0], result.n_batches, field="new_batch_labels")
     if labels.shape[1] != len(result.n_batches):
         raise ValueError(
             f"new_batch_labels: {labels.shape[1]} covariate(s), the model has {len(result.n_batches)}"
