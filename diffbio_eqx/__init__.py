@@ -10,6 +10,13 @@ from ._distributions import (
     zero_inflated_negative_binomial_log_prob_logspace as zero_inflated_negative_binomial_log_prob_logspace,
 )
 from ._nn import CovariateMLP as CovariateMLP
+from ._harmony import (
+    harmony as harmony,
+    harmony_early_exit as harmony_early_exit,
+    harmony_transform as harmony_transform,
+    HarmonyResult as HarmonyResult,
+)
+from ._stages._harmony import Harmony as Harmony
 from ._simulate import SimulatedData as SimulatedData, simulate as simulate
 from ._stages._vae import (
     fit_vae as fit_vae,
