@@ -17,6 +17,37 @@ from ._harmony import (
     HarmonyResult as HarmonyResult,
 )
 from ._stages._harmony import Harmony as Harmony
+from ._kmeans import (
+    annealing_schedule as annealing_schedule,
+    free_energy as free_energy,
+    hard_assign as hard_assign,
+    inertia as inertia,
+    kmeans_plus_plus as kmeans_plus_plus,
+    soft_assign as soft_assign,
+    soft_kmeans as soft_kmeans,
+    SoftKMeansResult as SoftKMeansResult,
+    squared_distances as squared_distances,
+    update_centroids as update_centroids,
+)
+from ._losses import (
+    clustering_compactness_loss as clustering_compactness_loss,
+    ClusteringCompactnessLoss as ClusteringCompactnessLoss,
+    umap_loss as umap_loss,
+)
+from ._stages._clustering import SoftKMeans as SoftKMeans
+from ._stages._umap import (
+    ParametricUMAP as ParametricUMAP,
+    umap_graph as umap_graph,
+    UMAPFitResult as UMAPFitResult,
+)
+from ._umap_graph import (
+    exact_knn as exact_knn,
+    find_ab_params as find_ab_params,
+    fuzzy_simplicial_set as fuzzy_simplicial_set,
+    FuzzyGraph as FuzzyGraph,
+    membership_strengths as membership_strengths,
+    smooth_knn_dist as smooth_knn_dist,
+)
 from ._simulate import SimulatedData as SimulatedData, simulate as simulate
 from ._stages._vae import (
     fit_vae as fit_vae,
