@@ -9,6 +9,7 @@ optional stateless layer norm instead), and AdamW's decoupled weight decay inste
 1e-6).
 """
 
+import functools as ft
 import json
 import math
 import os
@@ -414,6 +415,13 @@ class VAELoss(eqx.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
+@ft.lru_cache(maxsize=16)
+def _cached_optimizer(learning_rate: float, weight_decay: float, eps: float) -> Any:
+    # One object per setting: the optimizer is a static argument of the compiled epoch, so a fresh one per call
+    # would recompile every `fit_vae`.
+    return scvi_optimizer(learning_rate, weight_decay=weight_decay, eps=eps)
+
+
 def _prepare(vae: VAENormalizer, counts: Any, batch_labels: Any) -> tuple[Any, np.ndarray]:
     checked = check_counts(counts, n_genes=vae.n_genes)
     n_cells = checked.shape[0]
@@ -493,7 +501,7 @@ def fit_vae(
         n_epochs=n_epochs,
         batch_size=batch_size,
         context=context,
-        optimizer=scvi_optimizer(learning_rate, weight_decay=weight_decay, eps=eps),
+        optimizer=_cached_optimizer(float(learning_rate), float(weight_decay), float(eps)),
         validation_fraction=validation_fraction,
         early_stopping_patience=early_stopping_patience,
         restore_best=restore_best,
