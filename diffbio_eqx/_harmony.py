@@ -202,9 +202,11 @@ def kmeans_plusplus(
         min_dist, chosen, last = carry
         diff = x - last[None, :]
         min_dist = jnp.where(chosen, 0, jnp.minimum(min_dist, jnp.sum(diff * diff, axis=1)))
-        has_mass = jnp.sum(min_dist) > 0
-        logits = jnp.where(has_mass, jnp.log(min_dist), jnp.where(chosen, -jnp.inf, 0))
-        nxt = jr.categorical(step_key, logits)
+        # Inverse-CDF draw (as std::discrete_distribution); all-zero weights fall back to uniform.
+        weights = jnp.where(jnp.sum(min_dist) > 0, min_dist, 1)
+        cdf = jnp.cumsum(weights)
+        u = jr.uniform(step_key, (), x.dtype) * cdf[-1]
+        nxt = jnp.minimum(jnp.searchsorted(cdf, u, side="right"), n_cells - 1)
         chosen = chosen.at[nxt].set(True)
         return (min_dist, chosen, x[nxt]), x[nxt]
 
@@ -214,26 +216,67 @@ def kmeans_plusplus(
     return lloyd(x, centroids, n_iter=n_iter, tol=tol)
 
 
+ROW_CHUNK = 4096  # rows per chunk for the row-chunked passes (keeps an (chunk, n_clusters) tile in cache)
+
+
+def _row_chunks(n_rows: int, chunk: int = ROW_CHUNK) -> tuple[int, int]:
+    """`(n_chunks, chunk_len)` covering `n_rows`; the last chunk is shifted back to end at `n_rows` (overlap)."""
+    chunk = min(chunk, n_rows)
+    return -(-n_rows // chunk), chunk
+
+
+def _chunk_start(i: Int[Array, ""], n_rows: int, chunk: int) -> tuple[Int[Array, ""], Bool[Array, " chunk"]]:
+    """Start row of chunk `i` and the mask of its rows not already covered by earlier chunks."""
+    start = jnp.minimum(i * chunk, n_rows - chunk)
+    fresh = start + jnp.arange(chunk, dtype=start.dtype) >= i * chunk
+    return start, fresh
+
+
+def _nearest(x: Float[Array, "n_cells n_dims"], centroids: Float[Array, "n_clusters n_dims"]
+             ) -> Int[Array, " n_cells"]:
+    """Index of the nearest centroid (first on ties), row chunk by row chunk."""
+    n_cells = x.shape[0]
+    n_clusters = centroids.shape[0]
+    half_sq = 0.5 * jnp.sum(centroids * centroids, axis=1)[None, :]
+    iota = jnp.arange(n_clusters, dtype=jnp.int32)[None, :]
+    n_chunks, chunk = _row_chunks(n_cells)
+
+    def body(assign, i):
+        start, _ = _chunk_start(i, n_cells, chunk)
+        # argmin of |c|^2 / 2 - x.c, as a min and a masked min (XLA's variadic argmin is slow on CPU)
+        score = half_sq - jax.lax.dynamic_slice_in_dim(x, start, chunk) @ centroids.T
+        best = jnp.min(score, axis=1, keepdims=True)
+        nearest = jnp.min(jnp.where(score <= best, iota, n_clusters), axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(assign, nearest, start, 0), None
+
+    assign, _ = jax.lax.scan(body, jnp.zeros((n_cells,), jnp.int32), jnp.arange(n_chunks, dtype=jnp.int32))
+    return assign
+
+
 def lloyd(
     x: Float[Array, "n_cells n_dims"], centroids: Float[Array, "n_clusters n_dims"], *, n_iter: int,
     tol: float = 1e-6,
 ) -> Float[Array, "n_clusters n_dims"]:
-    """Hard k-means (Lloyd) rounds as a fixed-length scan that freezes once centroids move less than `tol`."""
+    """Up to `n_iter` hard k-means (Lloyd) rounds, stopping once the centroids move less than `tol` (Frobenius),
+    as harmonypy's initialisation. A `lax.while_loop`: no reverse-mode gradient (Harmony stops gradients here)."""
     n_clusters = centroids.shape[0]
-    x_sq = jnp.sum(x * x, axis=1)
+    ones = jnp.ones((x.shape[0],), x.dtype)
 
-    def step(carry, _):
-        c, done = carry
-        d2 = x_sq[:, None] - 2 * (x @ c.T) + jnp.sum(c * c, axis=1)[None, :]
-        assign = jnp.argmin(d2, axis=1)
+    def body(carry):
+        c, _, i = carry
+        assign = _nearest(x, c)
         sums = jax.ops.segment_sum(x, assign, n_clusters)
-        counts = jax.ops.segment_sum(jnp.ones_like(x_sq), assign, n_clusters)
+        counts = jax.ops.segment_sum(ones, assign, n_clusters)
         new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], c)
         change = jnp.sqrt(jnp.sum((new - c) ** 2))
-        new = jnp.where(done, c, new)
-        return (new, done | (change < tol)), None
+        return new, change, i + 1
 
-    (centroids, _), _ = jax.lax.scan(step, (centroids, jnp.asarray(False)), length=n_iter)
+    def cond(carry):
+        _, change, i = carry
+        return (i < n_iter) & ~(change < tol)
+
+    init = (centroids, jnp.asarray(jnp.inf, x.dtype), jnp.zeros((), jnp.int32))
+    centroids, _, _ = jax.lax.while_loop(cond, body, init)
     return centroids
 
 
@@ -338,6 +381,14 @@ def harmony_objective_terms(
     return (kmeans_error + sigma * entropy + sigma * cross) * (2000.0 / n_cells)
 
 
+def _softmax_and_log(logits: Float[Array, "n k"]) -> tuple[Float[Array, "n k"], Float[Array, "n k"]]:
+    """`softmax` and `log_softmax` along the last axis with one `exp` per element."""
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=1, keepdims=True))
+    e = jnp.exp(shifted)
+    total = jnp.sum(e, axis=1, keepdims=True)
+    return e / total, shifted - jnp.log(total)
+
+
 def cold_start(
     z_cos: Float[Array, "n_cells n_dims"],
     centroids: Float[Array, "n_clusters n_dims"],
@@ -345,12 +396,33 @@ def cold_start(
     sigma: Float[Array, ""],
 ) -> tuple[_ClusterStats, Float[Array, ""], Float[Array, ""]]:
     """Responsibilities without the penalty, `softmax(-dist / sigma)`, their `E`/`O` statistics and the
-    k-means error and entropy sums (for the initial objective)."""
-    dist = squared_distances_cosine(z_cos, centroids)
-    log_r = jax.nn.log_softmax(-dist / sigma, axis=1)
-    r = jnp.exp(log_r)
-    stats = _ClusterStats(r, jnp.sum(r, axis=0), (phi.T @ r).T)
-    return stats, jnp.sum(r * dist), jnp.sum(r * log_r)
+    k-means error and entropy sums (for the initial objective), computed in row chunks."""
+    n_cells = z_cos.shape[0]
+    n_clusters = centroids.shape[0]
+    dtype = z_cos.dtype
+    n_chunks, chunk = _row_chunks(n_cells)
+
+    def body(carry, i):
+        r, mass, observed, kmeans_error, entropy = carry
+        start, fresh = _chunk_start(i, n_cells, chunk)
+        dist = squared_distances_cosine(jax.lax.dynamic_slice_in_dim(z_cos, start, chunk), centroids)
+        r_chunk, log_r = _softmax_and_log(-dist / sigma)
+        r = jax.lax.dynamic_update_slice_in_dim(r, r_chunk, start, 0)
+        r_fresh = r_chunk * fresh.astype(dtype)[:, None]
+        phi_chunk = jax.lax.dynamic_slice_in_dim(phi, start, chunk)
+        mass = mass + jnp.sum(r_fresh, axis=0)
+        observed = observed + (phi_chunk.T @ r_fresh).T
+        kmeans_error = kmeans_error + jnp.sum(r_fresh * dist)
+        entropy = entropy + jnp.sum(r_fresh * log_r)
+        return (r, mass, observed, kmeans_error, entropy), None
+
+    zero = jnp.zeros((), dtype)
+    init = (jnp.zeros((n_cells, n_clusters), dtype), jnp.zeros((n_clusters,), dtype),
+            jnp.zeros((n_clusters, phi.shape[1]), dtype), zero, zero)
+    (r, mass, observed, kmeans_error, entropy), _ = jax.lax.scan(
+        body, init, jnp.arange(n_chunks, dtype=jnp.int32)
+    )
+    return _ClusterStats(r, mass, observed), kmeans_error, entropy
 
 
 def update_r(
@@ -385,8 +457,8 @@ def update_r(
         observed = observed - (phi_b.T @ r_old).T
         log_penalty = diversity_log_penalty(mass, observed, prior, theta)
         dist = squared_distances_cosine(z_b, centroids)
-        log_r = jax.nn.log_softmax(-dist / sigma + phi_b @ log_penalty.T, axis=1)
-        r_new = jnp.exp(log_r) * valid
+        r_new, log_r = _softmax_and_log(-dist / sigma + phi_b @ log_penalty.T)
+        r_new = r_new * valid
         mass = mass + jnp.sum(r_new, axis=0)
         observed = observed + (phi_b.T @ r_new).T
         kmeans_error = kmeans_error + jnp.sum(r_new * dist)

@@ -1,6 +1,7 @@
 """Harmony: pure functions, parity with harmonypy 2.1, properties, transformations and error paths."""
 
 import logging
+import warnings
 
 import equinox as eqx
 import jax
@@ -41,9 +42,12 @@ def per_pc_pearson(a, b) -> np.ndarray:
 
 def lisi_scores(x, batches, cell_types, k: int = 90) -> tuple[float, float]:
     """Scaled iLISI and cLISI (scib-metrics) on an exact kNN graph (sklearn)."""
-    from scib_metrics import clisi_knn, ilisi_knn
-    from scib_metrics.nearest_neighbors import NeighborsResults
     from sklearn.neighbors import NearestNeighbors
+
+    with warnings.catch_warnings():  # scib-metrics imports umap, which warns that TensorFlow is absent
+        warnings.simplefilter("ignore", ImportWarning)
+        from scib_metrics import clisi_knn, ilisi_knn
+        from scib_metrics.nearest_neighbors import NeighborsResults
 
     x = np.asarray(x)
     distances, indices = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)
