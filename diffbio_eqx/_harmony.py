@@ -394,9 +394,11 @@ def cold_start(
     centroids: Float[Array, "n_clusters n_dims"],
     phi: Float[Array, "n_cells n_levels"],
     sigma: Float[Array, ""],
+    buffer: Float[Array, "n_cells n_clusters"] | None = None,
 ) -> tuple[_ClusterStats, Float[Array, ""], Float[Array, ""]]:
     """Responsibilities without the penalty, `softmax(-dist / sigma)`, their `E`/`O` statistics and the
-    k-means error and entropy sums (for the initial objective), computed in row chunks."""
+    k-means error and entropy sums (for the initial objective), computed in row chunks. `buffer`, an array of
+    the output's shape whose values are not needed any more, is overwritten in place instead of allocating."""
     n_cells = z_cos.shape[0]
     n_clusters = centroids.shape[0]
     dtype = z_cos.dtype
@@ -417,7 +419,9 @@ def cold_start(
         return (r, mass, observed, kmeans_error, entropy), None
 
     zero = jnp.zeros((), dtype)
-    init = (jnp.zeros((n_cells, n_clusters), dtype), jnp.zeros((n_clusters,), dtype),
+    if buffer is None:
+        buffer = jnp.zeros((n_cells, n_clusters), dtype)
+    init = (jax.lax.stop_gradient(buffer), jnp.zeros((n_clusters,), dtype),
             jnp.zeros((n_clusters, phi.shape[1]), dtype), zero, zero)
     (r, mass, observed, kmeans_error, entropy), _ = jax.lax.scan(
         body, init, jnp.arange(n_chunks, dtype=jnp.int32)
@@ -476,17 +480,13 @@ def update_r(
 # Mixture-of-experts ridge correction
 
 
-def _segment_slices(segments: tuple[int, ...]) -> list[slice]:
-    bounds = np.concatenate([[0], np.cumsum(segments)])
-    return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
-def _level_matmuls(on_rows, masked, n_levels: int, segments: tuple[int, ...] | None) -> list:
-    """`on_rows(slice)` for the levels laid out in contiguous `segments`, `masked(b)` for the other levels."""
-    if segments is None:
-        return [masked(b) for b in range(n_levels)]
-    contiguous = [on_rows(rows) for rows in _segment_slices(segments)]
-    return contiguous + [masked(b) for b in range(len(segments), n_levels)]
+def level_cells(
+    labels: Int[Array, " n_cells"], sizes: tuple[int, ...]
+) -> tuple[Int[Array, " _"], ...]:
+    """The cells of each level, in increasing order, given the level sizes (static, from concrete labels)."""
+    order = jnp.argsort(labels, stable=True).astype(jnp.int32)
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return tuple(order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))
 
 
 def moe_ridge_correct(
@@ -500,7 +500,7 @@ def moe_ridge_correct(
     alpha: Float[Array, ""],
     batch_prop_cutoff: Float[Array, ""],
     n_batches: tuple[int, ...],
-    segments: tuple[int, ...] | None = None,
+    cells: tuple[Int[Array, " _"], ...] | None = None,
 ) -> tuple[
     Float[Array, "n_cells n_dims"], Float[Array, "n_clusters n_dims"], Float[Array, "n_clusters n_levels n_dims"]
 ]:
@@ -513,8 +513,8 @@ def moe_ridge_correct(
     out of cluster `k`'s regression (with their cells, for the intercept); a cluster with no covariate left is
     not corrected and keeps its centroid.
 
-    `segments`: when the cells are sorted by the first covariate, its level sizes (static); the per-level sums
-    and corrections of that covariate then run on contiguous slices instead of masked full-size products.
+    `cells`: optionally the cell indices of each level of the first covariate (`level_cells`); the per-level
+    sums and corrections of that covariate then gather those cells instead of masked full-size products.
 
     **Returns:** `x - sum_k R_ik W_k[batch terms]^T phi_i`, the new unit-length centroids (the intercepts) and the
     batch coefficients `(n_clusters, n_levels, n_dims)`.
@@ -538,9 +538,14 @@ def moe_ridge_correct(
     # Dropped levels get an isolated unit row, so their coefficients solve to zero.
     diag = keep_f * penalty + (1 - keep_f)
 
-    # Per-level weighted sums of the original cells: S[k, b] = sum_i R_ik Phi_ib x_i.
-    level_sums = jnp.stack(_level_matmuls(lambda rows: r[rows].T @ x[rows], lambda b: r.T @ (
-        x * phi[:, b][:, None]), n_levels, segments), axis=1)
+    # Per-level weighted sums of the original cells: S[k, b] = sum_i R_ik Phi_ib x_i; the levels with a cell list
+    # gather their cells, the others use masked full-size products.
+    grouped = () if cells is None else cells
+    level_sums = jnp.stack(
+        [r[idx].T @ x[idx] for idx in grouped]
+        + [r.T @ (x * phi[:, b][:, None]) for b in range(len(grouped), n_levels)],
+        axis=1,
+    )
     if n_covariates == 1:
         gram = observed[:, :, None] * jnp.eye(n_levels, dtype=dtype)[None, :, :]
         intercept_mass = jnp.sum(keep_f * observed, axis=1)
@@ -561,17 +566,13 @@ def moe_ridge_correct(
 
     new_centroids = cosine_normalize(jnp.where(active[:, None], coef[:, 0, :], centroids))
     batch_coef = coef[:, 1:, :] * (keep_f * active[:, None].astype(dtype))[:, :, None]
-    if segments is None:
-        correction = sum(phi[:, b][:, None] * (r @ batch_coef[:, b, :]) for b in range(n_levels))
-    else:
-        first = len(segments)
-        correction = jnp.concatenate(
-            [r[rows] @ batch_coef[:, b, :] for b, rows in enumerate(_segment_slices(segments))], axis=0
-        )
-        correction = correction + sum(
-            phi[:, b][:, None] * (r @ batch_coef[:, b, :]) for b in range(first, n_levels)
-        )
-    return x - correction, new_centroids, batch_coef
+    corrected = x - sum(
+        phi[:, b][:, None] * (r @ batch_coef[:, b, :]) for b in range(len(grouped), n_levels)
+    )
+    for b, idx in enumerate(grouped):
+        corrected = corrected.at[idx].add(-(r[idx] @ batch_coef[:, b, :]), unique_indices=True,
+                                          indices_are_sorted=True)
+    return corrected, new_centroids, batch_coef
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -584,6 +585,7 @@ class _Data(eqx.Module):
     prior: Float[Array, " n_levels"]
     batch_sizes: Float[Array, " n_levels"]
     base_order: Int[Array, " n_cells"]
+    cells: tuple[Int[Array, " _"], ...] | None
 
 
 class _Params(eqx.Module):
@@ -636,6 +638,7 @@ def _kmeans_step(
 def _cluster(
     z_corr: Float[Array, "n_cells n_dims"],
     centroids: Float[Array, "n_clusters n_dims"],
+    buffer: Float[Array, "n_cells n_clusters"],
     key: PRNGKeyArray,
     data: _Data,
     params: _Params,
@@ -648,7 +651,7 @@ def _cluster(
     rounds run and the cold-start objective."""
     n_cells = z_corr.shape[0]
     z_cos = cosine_normalize(z_corr)
-    stats, kmeans_error, entropy = cold_start(z_cos, centroids, data.phi, params.sigma)
+    stats, kmeans_error, entropy = cold_start(z_cos, centroids, data.phi, params.sigma, buffer)
     cold_objective = harmony_objective_terms(
         kmeans_error, entropy, stats.mass, stats.observed, data.prior, params.theta, params.sigma, n_cells
     )
@@ -684,17 +687,17 @@ def _cluster(
 
 def _outer_round(
     state: _State, key: PRNGKeyArray, *, data: _Data, params: _Params, layout, max_iter_kmeans, n_batches,
-    segments, early_exit: bool,
+    early_exit: bool,
 ) -> tuple[_State, tuple[Float[Array, ""], Float[Array, " n_kmeans"], Int[Array, ""]]]:
     stats, trace, n_run, cold_objective = _cluster(
-        state.z_corr, state.centroids, key, data, params, layout, max_iter_kmeans, early_exit=early_exit
+        state.z_corr, state.centroids, state.r, key, data, params, layout, max_iter_kmeans, early_exit=early_exit
     )
     previous = jnp.where(state.n_rounds == 0, cold_objective, state.objective)
     initial = jnp.where(state.n_rounds == 0, cold_objective, state.initial_objective)
     objective = trace[-1]
     z_corr, centroids, batch_coef = moe_ridge_correct(
         data.x, stats, data.phi, data.prior, data.batch_sizes, state.centroids, params.lamb, params.alpha,
-        params.batch_prop_cutoff, n_batches, segments,
+        params.batch_prop_cutoff, n_batches, data.cells,
     )
     converged = (previous - objective) / jnp.abs(previous) < params.epsilon_harmony
     new = _State(z_corr, centroids, stats.r, stats.mass, batch_coef, objective, initial, state.n_rounds + 1,
@@ -741,16 +744,16 @@ def _result(state: _State, objective, trace, kmeans_rounds, params: _Params, n_b
 
 
 def _check_values(
-    x: Float[Array, "n_cells n_dims"], batch_labels: Int[Array, "n_cells n_covariates"], params: _Params,
+    x: Float[Array, "n_cells n_dims"], batch_labels: Int[Array, "n_cells n_covariates"], sigma: Float[Array, ""],
     n_batches: tuple[int, ...],
-) -> tuple[Float[Array, "n_cells n_dims"], Float[Array, ""]]:
-    x = eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "harmony: x contains NaN or Inf")
+) -> Float[Array, ""]:
+    # The checks ride on the scalar sigma, which every step uses: with EQX_ON_ERROR=nan no copy of x is made.
     limits = jnp.asarray(n_batches, dtype=batch_labels.dtype)[None, :]
-    x = eqx.error_if(
-        x, jnp.any((batch_labels < 0) | (batch_labels >= limits)), "harmony: batch_labels out of range"
+    sigma = eqx.error_if(sigma, ~jnp.all(jnp.isfinite(x)), "harmony: x contains NaN or Inf")
+    sigma = eqx.error_if(
+        sigma, jnp.any((batch_labels < 0) | (batch_labels >= limits)), "harmony: batch_labels out of range"
     )
-    sigma = eqx.error_if(params.sigma, ~(params.sigma > 0), "harmony: sigma must be > 0")
-    return x, sigma
+    return eqx.error_if(sigma, ~(sigma > 0), "harmony: sigma must be > 0")
 
 
 def harmony_core(
@@ -777,8 +780,8 @@ def harmony_core(
     """The traced body of `harmony` (no input validation beyond `eqx.error_if` value checks; call it inside
     your own `jit`/`vmap` when you have already checked the data). All float arguments are arrays of `x`'s
     dtype; `lamb < 0` selects Harmony 2's dynamic penalty. `segments`, the level sizes of the first covariate
-    (static, known when the labels are concrete), lets the ridge step work on contiguous slices of the cells
-    sorted by that covariate; results come back in the input order."""
+    (static, known when the labels are concrete), lets the ridge step gather each level's cells instead of
+    masked full-size products (B times less work); results are the same."""
     dtype = x.dtype
     n_cells = x.shape[0]
     params = _Params(
@@ -790,29 +793,25 @@ def harmony_core(
         epsilon_harmony=epsilon_harmony.astype(dtype),
         batch_prop_cutoff=batch_prop_cutoff.astype(dtype),
     )
-    x, sigma_checked = _check_values(x, batch_labels, params, n_batches)
-    params = eqx.tree_at(lambda p: p.sigma, params, sigma_checked)
+    params = eqx.tree_at(lambda p: p.sigma, params, _check_values(x, batch_labels, params.sigma, n_batches))
     init_key, order_key, loop_key = jr.split(key, 3)
     if init_centroids is None:
         init_centroids = kmeans_plusplus(cosine_normalize(x), n_clusters, key=init_key)
     centroids = cosine_normalize(init_centroids.astype(dtype))
-    # The visiting order is drawn over the input positions, so sorting (below) does not change the results.
-    base_order = jr.permutation(order_key, n_cells)
+    cells = None
     if segments is not None:
         if len(segments) != n_batches[0] or sum(segments) != n_cells:
             raise ValueError("segments: must give the size of every level of the first covariate")
-        sort = jnp.argsort(batch_labels[:, 0], stable=True)
-        unsort = jnp.zeros_like(sort).at[sort].set(jnp.arange(n_cells, dtype=sort.dtype))
-        x, batch_labels, base_order = x[sort], batch_labels[sort], unsort[base_order]
+        cells = level_cells(batch_labels[:, 0], segments)
     phi = batch_onehot(batch_labels, n_batches, dtype)
     batch_sizes = jnp.sum(phi, axis=0)
-    data = _Data(x, phi, batch_sizes / n_cells, batch_sizes, base_order)
+    data = _Data(x, phi, batch_sizes / n_cells, batch_sizes, jr.permutation(order_key, n_cells), cells)
     layout = block_layout(n_cells, block_size)
     state = _init_state(data, centroids, n_clusters)
     keys = jr.split(loop_key, max_iter_harmony)
     step = lambda s, k: _outer_round(s, k, data=data, params=params, layout=layout,
                                      max_iter_kmeans=max_iter_kmeans, n_batches=n_batches,
-                                     segments=segments, early_exit=early_exit)
+                                     early_exit=early_exit)
     if early_exit:
         def body(carry):
             state, objectives, traces, rounds = carry
@@ -844,8 +843,6 @@ def harmony_core(
             return jax.lax.cond(state.converged, frozen, step, state, key)
 
         state, (objectives, traces, rounds) = jax.lax.scan(scan_step, state, keys)
-    if segments is not None:
-        state = eqx.tree_at(lambda s: (s.z_corr, s.r), state, (state.z_corr[unsort], state.r[unsort]))
     return _result(state, objectives, traces, rounds, params, n_batches)
 
 
