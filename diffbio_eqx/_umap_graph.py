@@ -94,7 +94,7 @@ def _local_rho(
     index = jnp.floor(local_connectivity).astype(n_zero.dtype)
     interpolation = (local_connectivity - jnp.floor(local_connectivity)).astype(distances.dtype)
 
-    def nonzero(m: Int[Array, " n_cells"]) -> Float[Array, " n_cells"]:
+    def nonzero(m: Int[Array, ""]) -> Float[Array, " n_cells"]:
         column = jnp.clip(n_zero + m, 0, n_neighbors - 1)
         return jnp.take_along_axis(distances, column[:, None], axis=1)[:, 0]
 
@@ -176,7 +176,7 @@ def membership_strengths(
     shifted = knn_distances - rho[:, None]
     safe_sigma = jnp.where(sigma == 0, 1, sigma)[:, None]
     strength = jnp.where((shifted <= 0) | (sigma[:, None] == 0), 1, jnp.exp(-shifted / safe_sigma))
-    is_self = knn_indices == jnp.arange(knn_indices.shape[0])[:, None]
+    is_self = knn_indices == jnp.arange(knn_indices.shape[0], dtype=knn_indices.dtype)[:, None]
     return jnp.where(is_self, 0, strength)
 
 
