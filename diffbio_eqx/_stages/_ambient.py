@@ -442,6 +442,7 @@ def fit_ambient_removal(
     batch_size: int = 128,
     learning_rate: float = 3e-3,
     weight_decay: float = 1e-6,
+    eps: float = 0.01,
     validation_fraction: float = 0.0,
     early_stopping_patience: int | None = None,
     restore_best: bool = False,
@@ -459,7 +460,8 @@ def fit_ambient_removal(
       `resolve_ambient_profile`, which warns which).
     - `key`: PRNG key; the same key gives identical results. (Keyword only argument.)
     - `raw_counts`: the unfiltered matrix (cells and empty droplets), used only to estimate the profile.
-    - `n_epochs`, `batch_size`, `learning_rate`, `weight_decay`: AdamW settings (eps 0.01, as scvi-tools).
+    - `n_epochs`, `batch_size`, `learning_rate`, `weight_decay`, `eps`: AdamW settings (150 epochs as
+      CellBender; eps 0.01 as scvi-tools).
     - `validation_fraction`, `early_stopping_patience`, `restore_best`: as in `fit` (the validation loss is the
       negative ELBO).
     - `checkpoint_path`, `resume`: save after every epoch and continue an interrupted run exactly.
@@ -479,7 +481,7 @@ def fit_ambient_removal(
         n_epochs=n_epochs,
         batch_size=batch_size,
         context=jnp.asarray(profile, dtype=stage.dtype),
-        optimizer=scvi_optimizer(learning_rate, weight_decay=weight_decay),
+        optimizer=scvi_optimizer(learning_rate, weight_decay=weight_decay, eps=eps),
         validation_fraction=validation_fraction,
         early_stopping_patience=early_stopping_patience,
         restore_best=restore_best,
