@@ -17,6 +17,7 @@ import jaxtyping
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import scipy.stats
 
 from helpers import tree_allclose
 
@@ -27,6 +28,7 @@ from diffbio_eqx._ambient import (
     cell_share,
     contamination_fraction,
     gaussian_kl_to_prior,
+    gaussian_negative_log_density,
     log_fractions,
     posterior_cell_counts,
     refine_logit_fraction,
@@ -135,6 +137,10 @@ def test_gaussian_kl_matches_closed_form(getkey):
     expected = jnp.sum(0.5 * jnp.log(v0 / v) + (v + (m - m0) ** 2) / (2 * v0) - 0.5, axis=-1)
     np.testing.assert_allclose(kl, expected, rtol=1e-10)
     np.testing.assert_allclose(gaussian_kl_to_prior(m, lv, m, lv), 0.0, atol=1e-12)
+    x = jr.normal(getkey(), (6,))
+    np.testing.assert_allclose(
+        gaussian_negative_log_density(x, m0, lv0), -scipy.stats.norm.logpdf(x, 0.3, np.exp(-0.25)), rtol=1e-10
+    )
 
 
 @pytest.mark.parametrize("true_fraction", [0.0, 0.03, 0.2, 0.6])
@@ -224,7 +230,7 @@ def test_jit_matches_eager_forward_and_gradient():
 
     value, aux = stage.loss(counts, profile, key=jr.key(1))
     assert value.shape == () and jnp.isfinite(value)
-    assert set(aux) == {"reconstruction", "kl_latent", "kl_fraction", "ambient_fraction"}
+    assert set(aux) == {"reconstruction", "kl_latent", "prior_fraction", "ambient_fraction"}
     g_eager = eqx.filter_grad(loss)(stage)
     g_jit = eqx.filter_jit(eqx.filter_grad(loss))(stage)
     assert tree_allclose(g_eager, g_jit, rtol=1e-8, atol=1e-10)
@@ -336,11 +342,8 @@ def test_fit_on_sparse_counts_with_profile_from_raw(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("level, max_mae", [(0.02, 0.03), (0.1, 0.03), (0.2, 0.03), (0.3, 0.05)])
-def test_recovers_known_contamination(level, max_mae):
-    """At 30% the fraction is underestimated by ~0.03 (MAE 0.027-0.037 across runs, above the issue's 0.03):
-    a cell profile that keeps a share of the ambient profile as small as the least contaminated cell's fits
-    as well as the true one, and training does not fully leave that plateau."""
+@pytest.mark.parametrize("level", [0.02, 0.1, 0.2, 0.3])
+def test_recovers_known_contamination(level):
     data, out = fitted(level)
     estimate = np.asarray(out.contamination_fraction)
     truth = data["fraction"]
@@ -348,7 +351,7 @@ def test_recovers_known_contamination(level, max_mae):
     mae = np.mean(np.abs(estimate - truth))
     print(f"level {level}: correlation {correlation:.3f}, MAE {mae:.4f}")
     assert correlation >= 0.8, correlation
-    assert mae <= max_mae, mae
+    assert mae <= 0.03, mae
     cells = np.asarray(out.decontaminated_counts)
     counts, true = data["counts"], data["true"]
     assert np.all(cells >= 0) and np.all(cells <= counts + 1e-3)
