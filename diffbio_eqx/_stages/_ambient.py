@@ -93,7 +93,9 @@ class AmbientRemoval(eqx.Module):
         (e.g. another type's markers): their counts in that type are ambient. Where no such genes exist the
         split of a droplet between its own profile and the ambient profile is not identifiable from filtered
         counts alone (CellBender resolves it with a prior from the empty droplets' sizes, which this model does
-        not use), and the estimate follows the initial fraction.
+        not use), and the estimate drifts little from the initial fraction: on the simulator's default data
+        (DE genes only up- or down-regulated, none absent) it removed ~18% of the counts of uncontaminated
+        cells.
 
     Call contract: `stage(counts, ambient_profile, *, key=None, inference=False) -> AmbientResult` and
     `stage.loss(counts, ambient_profile, *, key) -> (loss, aux)`.
@@ -145,6 +147,8 @@ class AmbientRemoval(eqx.Module):
         self.encoder_latent = eqx.nn.Linear(self.hidden_dim, 2 * self.latent_dim, dtype=dtype, key=k2)
         fraction_head = eqx.nn.Linear(self.hidden_dim, 1, dtype=dtype, key=k3)
         p0 = jnp.asarray(prior_contamination, dtype=dtype)
+        if not isinstance(p0, jax.core.Tracer) and not 0 < float(p0) < 1:
+            raise ValueError(f"prior_contamination: must be in (0, 1), got {float(p0)}")
         logit0 = jnp.log(p0) - jnp.log1p(-p0)
         # Start every droplet near the initial fraction.
         fraction_head = eqx.tree_at(
