@@ -1,6 +1,15 @@
 import importlib.metadata
 
 from . import datasets as datasets, io as io
+from ._distributions import (
+    negative_binomial_log_prob as negative_binomial_log_prob,
+    negative_binomial_log_prob_logspace as negative_binomial_log_prob_logspace,
+    poisson_log_prob as poisson_log_prob,
+    poisson_log_prob_logspace as poisson_log_prob_logspace,
+    zero_inflated_negative_binomial_log_prob as zero_inflated_negative_binomial_log_prob,
+    zero_inflated_negative_binomial_log_prob_logspace as zero_inflated_negative_binomial_log_prob_logspace,
+)
+from ._nn import CovariateMLP as CovariateMLP
 from ._stages._ambient import (
     AmbientProfileWarning as AmbientProfileWarning,
     AmbientRemoval as AmbientRemoval,
@@ -12,6 +21,16 @@ from ._stages._ambient import (
     resolve_ambient_profile as resolve_ambient_profile,
 )
 from ._simulate import SimulatedData as SimulatedData, simulate as simulate
+from ._stages._vae import (
+    fit_vae as fit_vae,
+    load_vae as load_vae,
+    save_vae as save_vae,
+    VAELoss as VAELoss,
+    VAENormalizer as VAENormalizer,
+    VAEOutput as VAEOutput,
+    vae_log_likelihood as vae_log_likelihood,
+    vae_transform as vae_transform,
+)
 from ._validate import (
     check_ambient_profile as check_ambient_profile,
     check_batch_labels as check_batch_labels,
@@ -23,3 +42,12 @@ from ._validate import (
 
 
 __version__ = importlib.metadata.version("diffbio_eqx")
+from ._metrics import (
+    adjusted_rand_index as adjusted_rand_index,
+    clisi as clisi,
+    ilisi as ilisi,
+    lisi as lisi,
+    normalized_mutual_info as normalized_mutual_info,
+    silhouette_label as silhouette_label,
+)
+from ._train import FitResult as FitResult, fit as fit, map_in_chunks as map_in_chunks, scvi_optimizer as scvi_optimizer

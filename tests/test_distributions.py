@@ -1,5 +1,4 @@
 import jax
-import jax.experimental
 import jax.numpy as jnp
 import jaxtyping
 import numpy as np
@@ -136,7 +135,7 @@ def test_gradients_finite_and_match_finite_differences():
 def test_float32_log_space_is_accurate():
     x, mu, theta = _grid(COUNTS[:8], MEANS[:5], THETAS)
     reference = _scipy_nb(x, mu, theta)
-    with jax.experimental.enable_x64(False):
+    with jax.enable_x64(False):
         ours = negative_binomial_log_prob_logspace(
             jnp.asarray(x, jnp.float32), jnp.asarray(np.log(mu), jnp.float32), jnp.asarray(np.log(theta), jnp.float32)
         )
