@@ -118,6 +118,13 @@ def gaussian_kl_to_prior(
     return 0.5 * jnp.sum(ratio + gap - 1.0 - (log_variance - prior_log_variance), axis=-1)
 
 
+def gaussian_negative_log_density(
+    x: Float[Array, " n_cells"], mean: Float[Array, ""], log_variance: Float[Array, ""]
+) -> Float[Array, " n_cells"]:
+    """$-\\log N(x; m, v) = \\frac12[(x - m)^2 / v + \\log v + \\log 2\\pi]$."""
+    return 0.5 * ((x - mean) ** 2 * jnp.exp(-log_variance) + log_variance + jnp.log(2.0 * jnp.pi).astype(x.dtype))
+
+
 def refine_logit_fraction(
     counts: Float[Array, "n_cells n_genes"],
     log_cell_profile: Float[Array, "n_cells n_genes"],

@@ -25,6 +25,7 @@ from .._ambient import (
     ambient_log_rates,
     contamination_fraction,
     gaussian_kl_to_prior,
+    gaussian_negative_log_density,
     posterior_cell_counts,
     refine_logit_fraction,
     round_cell_counts,
@@ -79,17 +80,22 @@ class AmbientRemoval(eqx.Module):
     """Remove ambient RNA with CellBender's ambient model: $x \\sim \\mathrm{NB}(\\mu + \\lambda, \\theta)$ with
     cell rate $\\mu = (1 - f) T \\,\\mathrm{softmax}(\\mathrm{decoder}(z))$ and ambient rate $\\lambda = f T a$.
 
-    The encoder reads $\\log(1 + 10^4 x / T)$ and gives Gaussian posteriors for $z$ (prior $N(0, I)$) and for
-    $\\mathrm{logit} f$ (prior $N(m_0, s_0^2)$, whose $m_0, s_0$ are learned: empirical Bayes). Training maximises
-    the ELBO. At inference the posterior means are used, the ambient fraction is optionally refined by EM with
-    the decoded profile held fixed, and each count is split by the thinning posterior mean.
+    The encoder reads $\\log(1 + 10^4 x / T)$ and gives a Gaussian posterior for $z$ (prior $N(0, I)$) and a
+    point (MAP) estimate of $\\mathrm{logit} f$ under a prior $N(m_0, s_0^2)$ whose $m_0, s_0$ are learned
+    (empirical Bayes). Training minimises the negative ELBO in $z$ plus $-\\log p(\\mathrm{logit} f)$. (A Gaussian
+    posterior on $\\mathrm{logit} f$ biases $f$ down: its entropy term rewards the wider posterior of a smaller
+    fraction, and on simulated data it underestimated 30% contamination by a further 0.005-0.01.) At inference
+    the posterior mean of $z$ is used, the ambient fraction is refined by EM with the decoded profile held fixed,
+    and each count is split by the thinning posterior mean.
 
     !!! info "Identifiability"
         The fraction is pinned down by genes that the ambient profile carries and a cell type does not express
         (e.g. another type's markers): their counts in that type are ambient. Where no such genes exist the
         split of a droplet between its own profile and the ambient profile is not identifiable from filtered
         counts alone (CellBender resolves it with a prior from the empty droplets' sizes, which this model does
-        not use), and the estimate follows the initial fraction.
+        not use), and the estimate drifts little from the initial fraction: on the simulator's default data
+        (DE genes only up- or down-regulated, none absent) it removed ~18% of the counts of uncontaminated
+        cells.
 
     Call contract: `stage(counts, ambient_profile, *, key=None, inference=False) -> AmbientResult` and
     `stage.loss(counts, ambient_profile, *, key) -> (loss, aux)`.
@@ -139,14 +145,14 @@ class AmbientRemoval(eqx.Module):
         k1, k2, k3, k4, k5 = jr.split(key, 5)
         self.encoder = eqx.nn.Linear(self.n_genes, self.hidden_dim, dtype=dtype, key=k1)
         self.encoder_latent = eqx.nn.Linear(self.hidden_dim, 2 * self.latent_dim, dtype=dtype, key=k2)
-        fraction_head = eqx.nn.Linear(self.hidden_dim, 2, dtype=dtype, key=k3)
+        fraction_head = eqx.nn.Linear(self.hidden_dim, 1, dtype=dtype, key=k3)
         p0 = jnp.asarray(prior_contamination, dtype=dtype)
+        if not isinstance(p0, jax.core.Tracer) and not 0 < float(p0) < 1:
+            raise ValueError(f"prior_contamination: must be in (0, 1), got {float(p0)}")
         logit0 = jnp.log(p0) - jnp.log1p(-p0)
-        # Start every droplet at the prior with a small posterior variance.
+        # Start every droplet near the initial fraction.
         fraction_head = eqx.tree_at(
-            lambda layer: (layer.weight, layer.bias),
-            fraction_head,
-            (fraction_head.weight * 0.1, jnp.stack([logit0, jnp.asarray(-4.0, dtype=dtype)])),
+            lambda layer: (layer.weight, layer.bias), fraction_head, (fraction_head.weight * 0.1, logit0[None])
         )
         self.encoder_fraction = fraction_head
         self.decoder = eqx.nn.Linear(self.latent_dim, self.hidden_dim, dtype=dtype, key=k4)
@@ -173,18 +179,12 @@ class AmbientRemoval(eqx.Module):
         Float[Array, "n_cells latent_dim"],
         Float[Array, "n_cells latent_dim"],
         Float[Array, " n_cells"],
-        Float[Array, " n_cells"],
     ]:
-        """Posterior means and log-variances of `z` and of `logit f`."""
+        """The posterior mean and log-variance of `z`, and the estimate of `logit f`."""
         h = jax.nn.relu(_dense(_normalized_log_counts(counts), self.encoder))
         latent = _dense(h, self.encoder_latent)
         fraction = _dense(h, self.encoder_fraction)
-        return (
-            latent[:, : self.latent_dim],
-            latent[:, self.latent_dim :],
-            fraction[:, 0],
-            fraction[:, 1],
-        )
+        return latent[:, : self.latent_dim], latent[:, self.latent_dim :], fraction[:, 0]
 
     def decode(self, z: Float[Array, "n_cells latent_dim"]) -> Float[Array, "n_cells n_genes"]:
         """The cells' log expression profiles $\\log\\mathrm{softmax}(\\mathrm{decoder}(z))$."""
@@ -227,8 +227,8 @@ class AmbientRemoval(eqx.Module):
 
         - `counts`: `(n_cells, n_genes)` raw counts.
         - `ambient_profile`: `(n_genes,)` non-negative ambient profile (normalised here).
-        - `key`: if given and not `inference`, use one posterior draw of `z` and `f` instead of the posterior
-          means (and skip the EM refinement). (Keyword only argument.)
+        - `key`: if given and not `inference`, use one posterior draw of `z` instead of its mean (and skip the
+          EM refinement). (Keyword only argument.)
         - `inference`: use the posterior means even when a key is given.
         - `integer`: round the decontaminated counts to whole numbers (never above the observed counts).
 
@@ -236,14 +236,12 @@ class AmbientRemoval(eqx.Module):
         """
         counts, profile = self._check(counts, ambient_profile)
         log_profile = safe_log_profile(profile)
-        z_mean, z_log_variance, f_mean, f_log_variance = self.encode(counts)
+        z_mean, z_log_variance, logit_f = self.encode(counts)
         sample = key is not None and not inference
         if sample:
-            z_key, f_key = jr.split(key)
-            z = z_mean + jnp.exp(0.5 * z_log_variance) * jr.normal(z_key, z_mean.shape, dtype=self.dtype)
-            logit_f = f_mean + jnp.exp(0.5 * f_log_variance) * jr.normal(f_key, f_mean.shape, dtype=self.dtype)
+            z = z_mean + jnp.exp(0.5 * z_log_variance) * jr.normal(key, z_mean.shape, dtype=self.dtype)
         else:
-            z, logit_f = z_mean, f_mean
+            z = z_mean
         log_cell_profile = self.decode(z)
         if self.n_refine_steps and not sample:
             logit_f, _ = refine_logit_fraction(
@@ -268,25 +266,24 @@ class AmbientRemoval(eqx.Module):
         *,
         key: PRNGKeyArray,
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-        """Negative ELBO averaged over cells, with one reparameterised draw of `z` and `logit f` per cell.
+        """Negative ELBO in `z` plus the negative log prior of the point estimate of `logit f`, averaged over cells,
+        with one reparameterised draw of `z` per cell.
 
         $\\mathcal{L} = \\frac1n \\sum_n \\big[-\\log p(x_n \\mid z_n, f_n) + \\mathrm{KL}(q(z_n)\\,\\|\\,p(z))
-        + \\mathrm{KL}(q(\\mathrm{logit} f_n)\\,\\|\\,p(\\mathrm{logit} f))\\big]$.
+        - \\log N(\\mathrm{logit} f_n; m_0, s_0^2)\\big]$.
 
         **Arguments:**
 
         - `counts`: `(n_cells, n_genes)` a minibatch of raw counts.
         - `ambient_profile`: `(n_genes,)` the ambient profile.
-        - `key`: PRNG key for the posterior draws. (Keyword only argument.)
+        - `key`: PRNG key for the posterior draw of `z`. (Keyword only argument.)
 
         **Returns:** `(loss, aux)` with the per-cell means `reconstruction` (negative log-likelihood), `kl_latent`,
-        `kl_fraction` and `ambient_fraction` (the posterior mean fraction).
+        `prior_fraction` (negative log prior density of `logit f`) and `ambient_fraction`.
         """
         counts, profile = self._check(counts, ambient_profile)
-        z_key, f_key = jr.split(key)
-        z_mean, z_log_variance, f_mean, f_log_variance = self.encode(counts)
-        z = z_mean + jnp.exp(0.5 * z_log_variance) * jr.normal(z_key, z_mean.shape, dtype=self.dtype)
-        logit_f = f_mean + jnp.exp(0.5 * f_log_variance) * jr.normal(f_key, f_mean.shape, dtype=self.dtype)
+        z_mean, z_log_variance, logit_f = self.encode(counts)
+        z = z_mean + jnp.exp(0.5 * z_log_variance) * jr.normal(key, z_mean.shape, dtype=self.dtype)
         log_total = jnp.log(jnp.maximum(jnp.sum(counts, axis=-1), 1.0))
         log_cell_profile = self.decode(z)
         log_cell_rate, log_ambient_rate = ambient_log_rates(
@@ -297,18 +294,15 @@ class AmbientRemoval(eqx.Module):
         )
         zero = jnp.zeros((), dtype=self.dtype)
         kl_latent = gaussian_kl_to_prior(z_mean, z_log_variance, zero[None, None], zero[None, None])
-        kl_fraction = gaussian_kl_to_prior(
-            f_mean[:, None],
-            f_log_variance[:, None],
-            self.prior_fraction_mean[None, None],
-            self.prior_fraction_log_variance[None, None],
+        prior_fraction = gaussian_negative_log_density(
+            logit_f, self.prior_fraction_mean, self.prior_fraction_log_variance
         )
-        loss = jnp.mean(reconstruction + kl_latent + kl_fraction)
+        loss = jnp.mean(reconstruction + kl_latent + prior_fraction)
         aux = {
             "reconstruction": jnp.mean(reconstruction),
             "kl_latent": jnp.mean(kl_latent),
-            "kl_fraction": jnp.mean(kl_fraction),
-            "ambient_fraction": jnp.mean(jax.nn.sigmoid(f_mean)),
+            "prior_fraction": jnp.mean(prior_fraction),
+            "ambient_fraction": jnp.mean(jax.nn.sigmoid(logit_f)),
         }
         return loss, aux
 
@@ -442,6 +436,7 @@ def fit_ambient_removal(
     batch_size: int = 128,
     learning_rate: float = 3e-3,
     weight_decay: float = 1e-6,
+    eps: float = 0.01,
     validation_fraction: float = 0.0,
     early_stopping_patience: int | None = None,
     restore_best: bool = False,
@@ -459,14 +454,15 @@ def fit_ambient_removal(
       `resolve_ambient_profile`, which warns which).
     - `key`: PRNG key; the same key gives identical results. (Keyword only argument.)
     - `raw_counts`: the unfiltered matrix (cells and empty droplets), used only to estimate the profile.
-    - `n_epochs`, `batch_size`, `learning_rate`, `weight_decay`: AdamW settings (eps 0.01, as scvi-tools).
+    - `n_epochs`, `batch_size`, `learning_rate`, `weight_decay`, `eps`: AdamW settings (150 epochs as
+      CellBender; eps 0.01 as scvi-tools).
     - `validation_fraction`, `early_stopping_patience`, `restore_best`: as in `fit` (the validation loss is the
       negative ELBO).
     - `checkpoint_path`, `resume`: save after every epoch and continue an interrupted run exactly.
     - `progress`: tqdm bar per epoch.
 
     **Returns:** `fit`'s `FitResult`; `.model` is the trained stage, `.train_aux` has the per-epoch means of
-    `reconstruction`, `kl_latent`, `kl_fraction` and `ambient_fraction`. Use the same profile at inference
+    `reconstruction`, `kl_latent`, `prior_fraction` and `ambient_fraction`. Use the same profile at inference
     (`remove_ambient` resolves it the same way from the same arguments).
     """
     checked = check_counts(counts, n_genes=stage.n_genes)
@@ -479,7 +475,7 @@ def fit_ambient_removal(
         n_epochs=n_epochs,
         batch_size=batch_size,
         context=jnp.asarray(profile, dtype=stage.dtype),
-        optimizer=scvi_optimizer(learning_rate, weight_decay=weight_decay),
+        optimizer=scvi_optimizer(learning_rate, weight_decay=weight_decay, eps=eps),
         validation_fraction=validation_fraction,
         early_stopping_patience=early_stopping_patience,
         restore_best=restore_best,
