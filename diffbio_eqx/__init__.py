@@ -41,6 +41,24 @@ from ._metrics import (
     silhouette_label as silhouette_label,
 )
 from ._nn import CovariateMLP as CovariateMLP
+from ._pipeline import (
+    cell_type_cross_entropy as cell_type_cross_entropy,
+    create_single_cell_pipeline as create_single_cell_pipeline,
+    fit_pipeline as fit_pipeline,
+    HarmonyReference as HarmonyReference,
+    load_pipeline as load_pipeline,
+    map_to_reference as map_to_reference,
+    pipeline_loss as pipeline_loss,
+    PipelineFit as PipelineFit,
+    PipelineLossWeights as PipelineLossWeights,
+    PipelineOutput as PipelineOutput,
+    run_pipeline as run_pipeline,
+    save_pipeline as save_pipeline,
+    SingleCellPipeline as SingleCellPipeline,
+    SingleCellPipelineConfig as SingleCellPipelineConfig,
+    sweep_pipeline as sweep_pipeline,
+    umap_graph_loss as umap_graph_loss,
+)
 from ._simulate import SimulatedData as SimulatedData, simulate as simulate
 from ._stages._ambient import (
     AmbientProfileWarning as AmbientProfileWarning,
