@@ -444,9 +444,10 @@ def update_r(
 ) -> tuple[_ClusterStats, Float[Array, ""], Float[Array, ""]]:
     """One clustering round: block-wise responsibility updates with the E/O bookkeeping.
 
-    The cells `z` (scaled to unit length block by block) are visited in `order`, cut into blocks by `layout` (see `block_layout`); the blocks are an inner
-    `lax.scan` whose carry holds `R`, `sum_i R_ik` and `O` (the padding of a ragged block points past the last
-    cell and is masked). Returns the new statistics and the sums `sum R d`, `sum R log R` of the new `R`.
+    The cells `z` (scaled to unit length block by block) are visited in `order` and cut into blocks by `layout`
+    (see `block_layout`); the blocks are an inner `lax.scan` whose carry holds `R` (updated in place),
+    `sum_i R_ik` and `O` (the padding of a ragged block points past the last cell and is masked). Returns the new
+    statistics and the sums `sum R d`, `sum R log R` of the new `R`.
     """
     n_cells = z.shape[0]
     order_ext = jnp.concatenate([order, jnp.full((1,), n_cells, order.dtype)])
@@ -549,7 +550,7 @@ def moe_ridge_correct(
         axis=1,
     )
     if n_covariates == 1:
-        gram = observed[:, :, None] * jnp.eye(n_levels, dtype=dtype)[None, :, :]
+        gram = observed[:, :, None] * jnp.eye(n_levels, dtype=dtype)[None, :, :]  # one level per cell
         intercept_mass = jnp.sum(keep_f * observed, axis=1)
         intercept_sum = jnp.sum(keep_f[:, :, None] * level_sums, axis=1)
     else:
@@ -557,7 +558,8 @@ def moe_ridge_correct(
         in_kept = (phi @ keep_f.T > 0).astype(dtype)  # (cells, clusters): cell has a kept level
         intercept_mass = jnp.sum(r * in_kept, axis=0)
         intercept_sum = (r * in_kept).T @ x
-    gram = gram * keep_f[:, :, None] * keep_f[:, None, :] + diag[:, :, None] * jnp.eye(n_levels, dtype=dtype)[None, :, :]
+    eye = jnp.eye(n_levels, dtype=dtype)[None, :, :]
+    gram = gram * keep_f[:, :, None] * keep_f[:, None, :] + diag[:, :, None] * eye
     edge = keep_f * observed
     corner = jnp.where(active, intercept_mass, 1)
     top = jnp.concatenate([corner[:, None], edge], axis=1)[:, None, :]
