@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 import scipy.sparse as sp
+from jaxtyping import Array
 
 
 class NonIntegerCountsWarning(UserWarning):
@@ -47,7 +48,7 @@ def check_counts(
     field: str = "counts",
     allow_empty_cells: bool = False,
     n_genes: int | None = None,
-) -> np.ndarray | sp.csr_matrix:
+) -> np.ndarray | sp.csr_matrix | Array:
     """Validate a count matrix and return it as float32, dense or CSR (a copy; the input is never modified).
 
     **Arguments:**
@@ -58,7 +59,7 @@ def check_counts(
     - `n_genes`: the number of genes a trained model expects, if any.
 
     **Returns:** the counts as a float32 `numpy.ndarray`, or a float32 `scipy.sparse.csr_matrix` when the
-    input was sparse.
+    input was sparse (a traced JAX array is returned as it is, after the shape checks).
 
     Non-integer counts are accepted with a `NonIntegerCountsWarning`, as scvi-tools does.
     """
@@ -143,7 +144,7 @@ def check_batch_labels(
     *,
     n_batches: int | Sequence[int] | None = None,
     field: str = "batch_labels",
-) -> np.ndarray:
+) -> np.ndarray | Array:
     """Validate integer batch codes and return them as int32.
 
     **Arguments:**
@@ -193,7 +194,7 @@ def check_batch_labels(
 
 def check_ambient_profile(
     ambient_profile: Any, n_genes: int, *, field: str = "ambient_profile"
-) -> np.ndarray:
+) -> np.ndarray | Array:
     """Validate an ambient RNA profile and return it normalised to sum to one (float32)."""
     if _is_traced(ambient_profile):
         if ambient_profile.shape != (n_genes,):
@@ -228,7 +229,7 @@ def check_n_clusters(n_cells: int, n_clusters: int, *, field: str = "n_clusters"
         raise ValueError(f"{field}: asked for {n_clusters} clusters but there are only {n_cells} cells")
 
 
-def check_embedding(x: Any, *, field: str = "x", n_dims: int | None = None) -> np.ndarray:
+def check_embedding(x: Any, *, field: str = "x", n_dims: int | None = None) -> np.ndarray | Array:
     """Validate a real `(n_cells, n_dims)` embedding (PCs, latent) and return it as a float array."""
     if _is_traced(x):
         if x.ndim != 2:

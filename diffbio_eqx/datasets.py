@@ -6,6 +6,7 @@ import warnings
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 
@@ -73,3 +74,44 @@ def pbmc68k() -> ad.AnnData:
     adata = ad.AnnData(X=counts, obs=obs, var=var)
     adata.uns["dataset"] = "10x PBMC 68k reduced (scanpy), restored integer counts; no batch column"
     return adata
+
+
+def add_simulated_batches(
+    adata: ad.AnnData, *, n_batches: int = 2, effect_scale: float = 0.4, seed: int = 0, key: str = "batch"
+) -> ad.AnnData:
+    """Split the cells into batches at random and give each batch a simulated technical effect.
+
+    For data without real batches (like `pbmc68k`): every batch after the first gets a gene-wise multiplicative
+    effect `exp(N(0, effect_scale))`, applied by resampling its counts as `Poisson(counts * effect)`, the same
+    kind of effect as in `diffbio_eqx.simulate`. Batch 0 is left untouched. The batch is written to
+    `obs[key]` (categorical `"batch0"`, `"batch1"`, ...), the effects to `var[f"{key}_effect_{b}"]` and a note
+    to `uns["simulated_batches"]`. Returns a new AnnData; the input is not modified.
+    """
+    if n_batches < 1:
+        raise ValueError(f"n_batches: must be >= 1, got {n_batches}")
+    if effect_scale < 0:
+        raise ValueError(f"effect_scale: must be >= 0, got {effect_scale}")
+    rng = np.random.default_rng(seed)
+    out = adata.copy()
+    counts = sp.csr_matrix(out.X, dtype=np.float64)
+    batch = rng.integers(0, n_batches, out.n_obs)
+    effects = np.exp(rng.normal(0.0, effect_scale, (n_batches, out.n_vars)))
+    effects[0] = 1.0
+    row_of_entry = np.repeat(np.arange(out.n_obs), np.diff(counts.indptr))
+    entry_batch = batch[row_of_entry]
+    resampled = np.where(entry_batch == 0, counts.data,
+                         rng.poisson(counts.data * effects[entry_batch, counts.indices]))
+    # A cell emptied by the resampling keeps its original counts (models and validation need non-empty cells).
+    emptied = np.bincount(row_of_entry, weights=resampled, minlength=out.n_obs) == 0
+    resampled = np.where(emptied[row_of_entry], counts.data, resampled)
+    new = sp.csr_matrix((resampled.astype(np.float32), counts.indices, counts.indptr), shape=counts.shape)
+    new.eliminate_zeros()
+    out.X = new
+    out.obs[key] = pd.Categorical([f"batch{b}" for b in batch], categories=[f"batch{b}" for b in range(n_batches)])
+    for b in range(n_batches):
+        out.var[f"{key}_effect_{b}"] = effects[b]
+    out.uns["simulated_batches"] = (
+        f"{n_batches} batches assigned at random with simulated gene-wise effects exp(N(0, {effect_scale})); "
+        "the original data has no batches"
+    )
+    return out

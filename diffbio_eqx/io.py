@@ -41,7 +41,7 @@ class AnnDataArrays:
 
 
 def from_anndata(
-    adata: ad.AnnData, *, layer: str | None = None, batch_key: str | None = None
+    adata: Any, *, layer: str | None = None, batch_key: str | None = None
 ) -> AnnDataArrays:
     """Extract validated counts and batch codes from an AnnData.
 

@@ -1,0 +1,587 @@
+"""scVI (Lopez et al. 2018) as an immutable Equinox module: `VAENormalizer`, its loss, training and inference.
+
+The model follows scvi-tools' `VAE` with `use_observed_lib_size=True`, `log_variational=True` and a normal
+latent: the encoder reads `log1p(counts)`, outputs a Gaussian posterior `q(z | x) = N(mean, exp(h) + 1e-4)`,
+and the decoder maps `z` (with the batch one-hot injected into every hidden layer) to a softmax over genes that
+is scaled by the cell's observed library size to give the negative binomial (or ZINB, or Poisson) mean. The
+differences from scvi-tools are deliberate: no batch normalisation (it needs mutable running statistics; use the
+optional stateless layer norm instead), and AdamW's decoupled weight decay instead of Adam's L2 term (both at
+1e-6).
+"""
+
+import functools as ft
+import json
+import math
+import os
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
+
+from .._distributions import (
+    negative_binomial_log_prob_logspace,
+    poisson_log_prob_logspace,
+    zero_inflated_negative_binomial_log_prob_logspace,
+)
+from .._nn import CovariateMLP, dense
+from .._train import FitResult, fit, map_in_chunks, scvi_optimizer
+from .._validate import check_batch_labels, check_counts
+
+
+Likelihood = Literal["nb", "zinb", "poisson"]
+Dispersion = Literal["gene", "gene-batch"]
+_VAR_EPS = 1e-4  # scvi-tools' `var_eps`: q(z|x) variance is exp(h) + var_eps
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def gaussian_kl(
+    mean: Float[Array, "n_cells latent_dim"], log_variance: Float[Array, "n_cells latent_dim"]
+) -> Float[Array, " n_cells"]:
+    """$\\mathrm{KL}(N(m, v) \\,\\|\\, N(0, I))$ per cell: $\\frac12 \\sum_k (v_k + m_k^2 - 1 - \\log v_k)$."""
+    return 0.5 * jnp.sum(jnp.exp(log_variance) + mean**2 - 1.0 - log_variance, axis=-1)
+
+
+def reparameterize(
+    mean: Float[Array, "n_cells latent_dim"], log_variance: Float[Array, "n_cells latent_dim"], *, key: PRNGKeyArray
+) -> Float[Array, "n_cells latent_dim"]:
+    """A reparameterised draw $z = m + \\sqrt{v}\\,\\epsilon$, $\\epsilon \\sim N(0, I)$."""
+    return mean + jnp.exp(0.5 * log_variance) * jr.normal(key, mean.shape, dtype=mean.dtype)
+
+
+def log_library_size(counts: Float[Array, "n_cells n_genes"]) -> Float[Array, " n_cells"]:
+    """Log of each cell's observed total count (clamped at 1 so an empty cell gives 0, not -inf)."""
+    return jnp.log(jnp.maximum(jnp.sum(counts, axis=-1), 1.0))
+
+
+def count_log_likelihood(
+    counts: Float[Array, "n_cells n_genes"],
+    log_mean: Float[Array, "n_cells n_genes"],
+    log_inverse_dispersion: Float[Array, "#n_cells n_genes"] | None,
+    zero_logits: Float[Array, "n_cells n_genes"] | None,
+    likelihood: Likelihood,
+) -> Float[Array, " n_cells"]:
+    """Per-cell log-likelihood summed over genes under `likelihood` (`"nb"`, `"zinb"` or `"poisson"`)."""
+    if likelihood == "nb":
+        assert log_inverse_dispersion is not None
+        per_gene = negative_binomial_log_prob_logspace(counts, log_mean, log_inverse_dispersion)
+    elif likelihood == "zinb":
+        assert log_inverse_dispersion is not None and zero_logits is not None
+        per_gene = zero_inflated_negative_binomial_log_prob_logspace(
+            counts, log_mean, log_inverse_dispersion, zero_logits
+        )
+    else:
+        per_gene = poisson_log_prob_logspace(counts, log_mean)
+    return jnp.sum(per_gene, axis=-1)
+
+
+def kl_warmup_weight(
+    epoch: int, n_epochs_kl_warmup: int, *, min_kl_weight: float = 0.0, max_kl_weight: float = 1.0
+) -> float:
+    """scvi-tools' linear KL warm-up: `min + (max - min) * epoch / n_epochs_kl_warmup`, capped at `max`."""
+    if n_epochs_kl_warmup <= 0:
+        return max_kl_weight
+    return min(max_kl_weight, min_kl_weight + (max_kl_weight - min_kl_weight) * epoch / n_epochs_kl_warmup)
+
+
+def default_n_epochs(n_cells: int) -> int:
+    """scvi-tools' epoch heuristic: `min(round(20000 / n_cells * 400), 400)`."""
+    return int(min(round(20000 / n_cells * 400), 400))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------------------
+
+
+class VAEOutput(eqx.Module):
+    """What `VAENormalizer` returns for a set of cells.
+
+    - `latent`: `(n_cells, latent_dim)` posterior means (scVI's `get_latent_representation()`).
+    - `latent_log_variance`: `(n_cells, latent_dim)` posterior log-variances.
+    - `latent_sample`: `(n_cells, latent_dim)` a posterior draw, or None when no key was given.
+    - `normalized`: `(n_cells, n_genes)` decoded expected frequencies times the target library size
+      (scVI's `get_normalized_expression(library_size=...)`), decoded from `latent_sample` if present, else
+      from `latent`.
+    - `library_size`: `(n_cells,)` observed total counts.
+
+    Fields can also be read like a dict: `out["latent"]`.
+    """
+
+    latent: Float[Array, "n_cells latent_dim"]
+    latent_log_variance: Float[Array, "n_cells latent_dim"]
+    latent_sample: Float[Array, "n_cells latent_dim"] | None
+    normalized: Float[Array, "n_cells n_genes"]
+    library_size: Float[Array, " n_cells"]
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+class VAENormalizer(eqx.Module):
+    """scVI's variational autoencoder for raw counts, as an immutable module.
+
+    Generative model: $z \\sim N(0, I)$, $\\rho = \\mathrm{softmax}(f(z, s))$, $x_g \\sim \\mathrm{NB}(\\ell\\rho_g,
+    \\theta_g)$ with $\\ell$ the observed library size and $s$ the batch one-hot injected into every decoder layer.
+    Inference model: $q(z \\mid x) = N(\\mu(\\log(1 + x)), \\sigma^2(\\log(1 + x)))$.
+
+    Call contract: `vae(counts, batch_labels, *, key=None, inference=False) -> VAEOutput` and
+    `vae.loss(counts, batch_labels, *, key, kl_weight=1.0) -> (loss, aux)`.
+    """
+
+    encoder: CovariateMLP
+    mean_head: eqx.nn.Linear
+    log_variance_head: eqx.nn.Linear
+    decoder: CovariateMLP
+    scale_head: eqx.nn.Linear
+    zero_logits_head: eqx.nn.Linear | None
+    log_inverse_dispersion: Float[Array, "n_dispersion n_genes"] | None
+    target_library_size: Float[Array, ""]
+    n_genes: int = eqx.field(static=True)
+    n_batches: int = eqx.field(static=True)
+    latent_dim: int = eqx.field(static=True)
+    hidden_dims: tuple[int, ...] = eqx.field(static=True)
+    likelihood: str = eqx.field(static=True)
+    dispersion: str = eqx.field(static=True)
+    encode_covariates: bool = eqx.field(static=True)
+    deeply_inject_covariates: bool = eqx.field(static=True)
+    dropout_rate: float = eqx.field(static=True)
+    use_layer_norm: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_batches: int = 1,
+        *,
+        hidden_dims: tuple[int, ...] = (128,),
+        latent_dim: int = 10,
+        likelihood: Likelihood = "nb",
+        dispersion: Dispersion = "gene",
+        dropout_rate: float = 0.1,
+        use_layer_norm: bool = False,
+        encode_covariates: bool = False,
+        deeply_inject_covariates: bool = True,
+        target_library_size: Float[ArrayLike, ""] = 1e4,
+        dtype: Any = None,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `n_genes`: number of genes.
+        - `n_batches`: number of batches (1 for none).
+        - `hidden_dims`: width of each hidden layer of the encoder; the decoder mirrors it (scVI: `(128,)`).
+        - `latent_dim`: latent dimension (scVI: 10).
+        - `likelihood`: `"nb"`, `"zinb"` or `"poisson"` (scVI's default is `"zinb"`).
+        - `dispersion`: `"gene"` (one inverse dispersion per gene) or `"gene-batch"` (per gene and batch).
+        - `dropout_rate`: encoder dropout (scVI: 0.1; the decoder has none, as in scVI).
+        - `use_layer_norm`: stateless layer norm in the hidden layers (replaces scVI's batch norm).
+        - `encode_covariates`: also feed the batch one-hot to the encoder (scVI: False).
+        - `deeply_inject_covariates`: inject the batch one-hot into every decoder layer (scVI: True).
+        - `target_library_size`: the library size `normalized` is scaled to (default 1e4).
+        - `dtype`: parameter dtype (default: JAX's default float).
+        - `key`: PRNG key for the initial parameters. (Keyword only argument.)
+        """
+        self.n_genes, self.n_batches, self.latent_dim = int(n_genes), int(n_batches), int(latent_dim)
+        self.hidden_dims = tuple(int(h) for h in hidden_dims)
+        self.likelihood, self.dispersion = likelihood, dispersion
+        self.encode_covariates, self.deeply_inject_covariates = encode_covariates, deeply_inject_covariates
+        self.dropout_rate, self.use_layer_norm = float(dropout_rate), use_layer_norm
+        enc_key, mean_key, var_key, dec_key, scale_key, zero_key, disp_key = jr.split(key, 7)
+        n_cov = self.n_batches if self.n_batches > 1 else 0
+        self.encoder = CovariateMLP(
+            self.n_genes, self.hidden_dims, n_cov if encode_covariates else 0, dropout_rate=dropout_rate,
+            use_layer_norm=use_layer_norm, dtype=dtype, key=enc_key,
+        )
+        width = self.hidden_dims[-1] if self.hidden_dims else 1
+        self.mean_head = eqx.nn.Linear(width, self.latent_dim, dtype=dtype, key=mean_key)
+        self.log_variance_head = eqx.nn.Linear(width, self.latent_dim, dtype=dtype, key=var_key)
+        self.decoder = CovariateMLP(
+            self.latent_dim, tuple(reversed(self.hidden_dims)), n_cov,
+            inject_all_layers=deeply_inject_covariates, use_layer_norm=use_layer_norm, dtype=dtype, key=dec_key,
+        )
+        self.scale_head = eqx.nn.Linear(self.hidden_dims[0], self.n_genes, dtype=dtype, key=scale_key)
+        self.zero_logits_head = (
+            eqx.nn.Linear(self.hidden_dims[0], self.n_genes, dtype=dtype, key=zero_key)
+            if likelihood == "zinb" else None
+        )
+        param_dtype = self.scale_head.weight.dtype
+        n_dispersion = self.n_batches if dispersion == "gene-batch" else 1
+        self.log_inverse_dispersion = (
+            None if likelihood == "poisson"
+            else jr.normal(disp_key, (n_dispersion, self.n_genes), dtype=param_dtype)  # scVI: torch.randn
+        )
+        self.target_library_size = jnp.asarray(target_library_size, dtype=param_dtype)
+
+    def __check_init__(self):
+        if self.likelihood not in ("nb", "zinb", "poisson"):
+            raise ValueError(f"likelihood: must be 'nb', 'zinb' or 'poisson', got {self.likelihood!r}")
+        if self.dispersion not in ("gene", "gene-batch"):
+            raise ValueError(f"dispersion: must be 'gene' or 'gene-batch', got {self.dispersion!r}")
+        if self.n_genes < 1 or self.n_batches < 1 or self.latent_dim < 1:
+            raise ValueError("n_genes, n_batches and latent_dim must be >= 1")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate: must be in [0, 1), got {self.dropout_rate}")
+
+    # ---- building blocks ------------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> Any:
+        return self.scale_head.weight.dtype
+
+    def _batch_onehot(self, batch_labels: Int[Array, " n_cells"] | None, n_cells: int) -> Array | None:
+        if self.n_batches == 1:
+            return None
+        if batch_labels is None:
+            raise ValueError(f"batch_labels: the model has {self.n_batches} batches; pass one label per cell")
+        return jax.nn.one_hot(batch_labels, self.n_batches, dtype=self.dtype)
+
+    def encode(
+        self,
+        counts: Float[Array, "n_cells n_genes"],
+        batch_onehot: Float[Array, "n_cells n_batches"] | None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+    ) -> tuple[Float[Array, "n_cells latent_dim"], Float[Array, "n_cells latent_dim"]]:
+        """Posterior mean and log-variance of `q(z | x)` from `log1p(counts)`."""
+        covariates = batch_onehot if self.encode_covariates else None
+        h = self.encoder(jnp.log1p(counts), covariates, key=key, inference=inference)
+        mean = dense(h, self.mean_head)
+        log_variance = jnp.logaddexp(dense(h, self.log_variance_head), math.log(_VAR_EPS))
+        return mean, log_variance
+
+    def decode(
+        self, z: Float[Array, "n_cells latent_dim"], batch_onehot: Float[Array, "n_cells n_batches"] | None
+    ) -> tuple[Float[Array, "n_cells n_genes"], Float[Array, "n_cells n_genes"] | None]:
+        """Log expected gene frequencies `log softmax(f(z, s))` and, for ZINB, the dropout logits."""
+        h = self.decoder(z, batch_onehot)
+        log_frequencies = jax.nn.log_softmax(dense(h, self.scale_head), axis=-1)
+        zero_logits = None if self.zero_logits_head is None else dense(h, self.zero_logits_head)
+        return log_frequencies, zero_logits
+
+    def _log_theta(
+        self, batch_labels: Int[Array, " n_cells"] | None
+    ) -> Float[Array, "n_rows n_genes"] | None:
+        if self.log_inverse_dispersion is None:
+            return None
+        if self.dispersion == "gene-batch" and self.n_batches > 1:
+            assert batch_labels is not None
+            return self.log_inverse_dispersion[batch_labels]
+        return self.log_inverse_dispersion[:1]
+
+    def _check(self, counts: Array, batch_labels: Array | None) -> None:
+        if counts.shape[-1] != self.n_genes:
+            raise ValueError(f"counts: has {counts.shape[-1]} genes but the model was built for {self.n_genes}")
+        if batch_labels is not None and batch_labels.shape != counts.shape[:1]:
+            raise ValueError(f"batch_labels: expected shape {counts.shape[:1]}, got {batch_labels.shape}")
+
+    # ---- public API -----------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        counts: Float[Array, "n_cells n_genes"],
+        batch_labels: Int[Array, " n_cells"] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+        transform_batch: Int[ArrayLike, ""] | None = None,
+    ) -> VAEOutput:
+        """Encode cells and decode their normalised expression.
+
+        **Arguments:**
+
+        - `counts`: `(n_cells, n_genes)` raw counts.
+        - `batch_labels`: `(n_cells,)` integer batch codes; may be None when `n_batches == 1`.
+        - `key`: if given, also draw `latent_sample` (and decode `normalized` from it) and apply encoder dropout
+          unless `inference`. (Keyword only argument.)
+        - `inference`: disable dropout.
+        - `transform_batch`: decode every cell as if it came from this batch (scVI's
+          `get_normalized_expression(transform_batch=...)`); default: each cell's own batch.
+
+        **Returns:** a `VAEOutput`.
+        """
+        self._check(counts, batch_labels)
+        counts = counts.astype(self.dtype)
+        counts = eqx.error_if(counts, jnp.any(counts < 0) | ~jnp.all(jnp.isfinite(counts)),
+                              "counts: must be finite and >= 0")
+        n_cells = counts.shape[0]
+        onehot = self._batch_onehot(batch_labels, n_cells)
+        dropout_key = sample_key = None
+        if key is not None:
+            dropout_key, sample_key = jr.split(key)
+        mean, log_variance = self.encode(
+            counts, onehot, key=dropout_key, inference=True if key is None else inference
+        )
+        sample = None if sample_key is None else reparameterize(mean, log_variance, key=sample_key)
+        if transform_batch is not None and self.n_batches > 1:
+            code = jnp.asarray(transform_batch)
+            code = eqx.error_if(code, (code < 0) | (code >= self.n_batches), "transform_batch: out of range")
+            onehot = jax.nn.one_hot(jnp.broadcast_to(code, (n_cells,)), self.n_batches, dtype=self.dtype)
+        log_frequencies, _ = self.decode(mean if sample is None else sample, onehot)
+        library = jnp.sum(counts, axis=-1)
+        normalized = jnp.exp(log_frequencies) * self.target_library_size
+        return VAEOutput(mean, log_variance, sample, normalized, library)
+
+    def loss(
+        self,
+        counts: Float[Array, "n_cells n_genes"],
+        batch_labels: Int[Array, " n_cells"] | None = None,
+        *,
+        key: PRNGKeyArray,
+        kl_weight: Float[ArrayLike, ""] = 1.0,
+        inference: bool = False,
+    ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+        """Negative ELBO with a KL weight, averaged over cells (scvi-tools' training loss).
+
+        $\\mathcal{L} = \\frac1n \\sum_i \\big[-\\mathbb{E}_{q}\\log p(x_i \\mid z_i) + w\\,
+        \\mathrm{KL}(q(z_i \\mid x_i) \\,\\|\\, p(z))\\big]$ with one reparameterised draw per cell.
+
+        **Arguments:**
+
+        - `counts`, `batch_labels`: a minibatch, as in `__call__`.
+        - `key`: PRNG key for dropout and the posterior draw. (Keyword only argument.)
+        - `kl_weight`: the KL warm-up weight $w$.
+        - `inference`: disable dropout (validation).
+
+        **Returns:** `(loss, aux)` where `aux` has the per-cell means `reconstruction` (negative
+        log-likelihood), `kl` and `elbo` (with weight one).
+        """
+        self._check(counts, batch_labels)
+        counts = counts.astype(self.dtype)
+        onehot = self._batch_onehot(batch_labels, counts.shape[0])
+        dropout_key, sample_key = jr.split(key)
+        mean, log_variance = self.encode(counts, onehot, key=dropout_key, inference=inference)
+        z = reparameterize(mean, log_variance, key=sample_key)
+        log_frequencies, zero_logits = self.decode(z, onehot)
+        log_mean = log_frequencies + log_library_size(counts)[:, None]
+        reconstruction = -count_log_likelihood(
+            counts, log_mean, self._log_theta(batch_labels), zero_logits, self.likelihood
+        )
+        kl = gaussian_kl(mean, log_variance)
+        weight = jnp.asarray(kl_weight).astype(self.dtype)
+        loss = jnp.mean(reconstruction + weight * kl)
+        aux = {
+            "reconstruction": jnp.mean(reconstruction),
+            "kl": jnp.mean(kl),
+            "elbo": -jnp.mean(reconstruction + kl),
+        }
+        return loss, aux
+
+    def heldout_log_likelihood(
+        self, counts: Float[Array, "n_cells n_genes"], batch_labels: Int[Array, " n_cells"] | None = None
+    ) -> Float[Array, " n_cells"]:
+        """Per-cell count log-likelihood with `z` at the posterior mean (deterministic; for evaluation)."""
+        self._check(counts, batch_labels)
+        counts = counts.astype(self.dtype)
+        onehot = self._batch_onehot(batch_labels, counts.shape[0])
+        mean, _ = self.encode(counts, onehot, inference=True)
+        log_frequencies, zero_logits = self.decode(mean, onehot)
+        log_mean = log_frequencies + log_library_size(counts)[:, None]
+        return count_log_likelihood(counts, log_mean, self._log_theta(batch_labels), zero_logits, self.likelihood)
+
+
+class VAELoss(eqx.Module):
+    """`fit`'s loss function for a `VAENormalizer`: `loss_fn(vae, (counts, batch_labels), context, *, key)`.
+
+    `context` is `{"kl_weight": w}` (the warm-up weight of the epoch). Under `eqx.nn.inference_mode` (which `fit`
+    applies for its validation pass) dropout is off and the KL weight is one, so the validation loss is the
+    plain negative ELBO, which is what scvi-tools monitors (`elbo_validation`) for early stopping.
+    """
+
+    def __call__(
+        self,
+        vae: VAENormalizer,
+        batch: tuple[Array, Array],
+        context: dict[str, Array],
+        *,
+        key: PRNGKeyArray,
+    ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+        counts, batch_labels = batch
+        validation = bool(vae.encoder.dropout.inference)
+        kl_weight = jnp.ones(()) if validation else context["kl_weight"]
+        return vae.loss(counts, batch_labels, key=key, kl_weight=kl_weight, inference=validation)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training, inference in chunks, checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+
+@ft.lru_cache(maxsize=16)
+def _cached_optimizer(learning_rate: float, weight_decay: float, eps: float) -> Any:
+    # One object per setting: the optimizer is a static argument of the compiled epoch, so a fresh one per call
+    # would recompile every `fit_vae`.
+    return scvi_optimizer(learning_rate, weight_decay=weight_decay, eps=eps)
+
+
+def _prepare(vae: VAENormalizer, counts: Any, batch_labels: Any) -> tuple[Any, np.ndarray]:
+    checked = check_counts(counts, n_genes=vae.n_genes)
+    n_cells = checked.shape[0]
+    if batch_labels is None:
+        if vae.n_batches > 1:
+            raise ValueError(f"batch_labels: the model has {vae.n_batches} batches; pass one label per cell")
+        labels = np.zeros(n_cells, dtype=np.int32)
+    else:
+        labels = check_batch_labels(batch_labels, n_cells, n_batches=vae.n_batches)
+        if labels.ndim != 1:
+            raise ValueError(f"batch_labels: expected shape ({n_cells},), got {labels.shape}")
+    return checked, labels
+
+
+def fit_vae(
+    vae: VAENormalizer,
+    counts: Any,
+    batch_labels: Any = None,
+    *,
+    key: PRNGKeyArray,
+    n_epochs: int | None = None,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 1e-6,
+    eps: float = 0.01,
+    n_epochs_kl_warmup: int | None = None,
+    min_kl_weight: float = 0.0,
+    max_kl_weight: float = 1.0,
+    validation_fraction: float = 0.1,
+    early_stopping_patience: int | None = None,
+    restore_best: bool = False,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """Train a `VAENormalizer` with scvi-tools' defaults.
+
+    **Arguments:**
+
+    - `vae`: the (initialised) model.
+    - `counts`: `(n_cells, n_genes)` raw counts, dense or SciPy sparse (sparse stays sparse on the device and
+      is densified one minibatch at a time).
+    - `batch_labels`: `(n_cells,)` integer batch codes (None for one batch).
+    - `key`: PRNG key; the same key gives identical results. (Keyword only argument.)
+    - `n_epochs`: default `min(round(20000 / n_cells * 400), 400)` (scvi-tools' heuristic).
+    - `batch_size`, `learning_rate`, `weight_decay`, `eps`: scvi-tools' defaults (128, 1e-3, 1e-6, 0.01), AdamW.
+    - `n_epochs_kl_warmup`: epochs over which the KL weight rises linearly from `min_kl_weight` to
+      `max_kl_weight` (scvi-tools: 400). None: `min(400, n_epochs)`, i.e. scvi-tools' 400 epochs, scaled down
+      to the run when it is shorter.
+    - `validation_fraction`: held-out share of cells (scvi-tools: 0.1); the validation loss is the negative ELBO.
+    - `early_stopping_patience`: stop when the validation loss has not improved for this many epochs (None: off,
+      as in scvi-tools; scvi-tools' patience is 45 when switched on).
+    - `restore_best`: return the best validation epoch's model.
+    - `checkpoint_path`, `resume`: save after every epoch and continue an interrupted run exactly.
+    - `progress`: tqdm bar per epoch.
+
+    **Returns:** `fit`'s `FitResult` (`.model` is the trained `VAENormalizer`; `.validation_loss` the held-out
+    negative ELBO per epoch; `.train_aux` the mean `reconstruction`, `kl` and `elbo` per epoch).
+    """
+    checked, labels = _prepare(vae, counts, batch_labels)
+    n_cells = checked.shape[0]
+    n_epochs = default_n_epochs(n_cells) if n_epochs is None else int(n_epochs)
+    warmup = min(400, n_epochs) if n_epochs_kl_warmup is None else int(n_epochs_kl_warmup)
+
+    def context(epoch: int) -> dict[str, Array]:
+        weight = kl_warmup_weight(epoch, warmup, min_kl_weight=min_kl_weight, max_kl_weight=max_kl_weight)
+        return {"kl_weight": jnp.asarray(weight, dtype=vae.dtype)}
+
+    # The target library size is a hyperparameter, not a weight: keep it out of the optimiser (weight decay).
+    trainable = jtu.tree_map(eqx.is_inexact_array, vae)
+    trainable = eqx.tree_at(lambda m: m.target_library_size, trainable, replace=False)
+    return fit(
+        vae,
+        VAELoss(),
+        (checked, labels),
+        key=key,
+        n_epochs=n_epochs,
+        batch_size=batch_size,
+        context=context,
+        optimizer=_cached_optimizer(float(learning_rate), float(weight_decay), float(eps)),
+        validation_fraction=validation_fraction,
+        early_stopping_patience=early_stopping_patience,
+        restore_best=restore_best,
+        trainable=trainable,
+        checkpoint_path=checkpoint_path,
+        resume=resume,
+        progress=progress,
+        description="VAE",
+    )
+
+
+@eqx.filter_jit
+def _transform_chunk(batch: tuple[Array, Array], context: tuple[VAENormalizer, Array | None]) -> VAEOutput:
+    vae, transform_batch = context
+    counts, labels = batch
+    return vae(counts, labels, inference=True, transform_batch=transform_batch)
+
+
+@eqx.filter_jit
+def _log_likelihood_chunk(batch: tuple[Array, Array], vae: VAENormalizer) -> Float[Array, " n_cells"]:
+    counts, labels = batch
+    return vae.heldout_log_likelihood(counts, labels)
+
+
+def vae_transform(
+    vae: VAENormalizer,
+    counts: Any,
+    batch_labels: Any = None,
+    *,
+    chunk_size: int = 4096,
+    transform_batch: int | None = None,
+) -> VAEOutput:
+    """Posterior means and normalised expression for any number of cells, computed in fixed-size chunks.
+
+    **Arguments:**
+
+    - `vae`: a trained `VAENormalizer`.
+    - `counts`: `(n_cells, n_genes)` raw counts, dense or SciPy sparse (densified one chunk at a time).
+    - `batch_labels`: `(n_cells,)` batch codes (None for one batch).
+    - `chunk_size`: cells per compiled call. (Keyword only argument.)
+    - `transform_batch`: decode every cell as this batch.
+
+    **Returns:** a `VAEOutput` without `latent_sample` (deterministic: decoded from the posterior mean).
+    """
+    checked, labels = _prepare(vae, counts, batch_labels)
+    if transform_batch is not None and not 0 <= int(transform_batch) < vae.n_batches:
+        raise ValueError(f"transform_batch: must be in [0, {vae.n_batches}), got {transform_batch}")
+    code = None if transform_batch is None else jnp.asarray(int(transform_batch))
+    return map_in_chunks(_transform_chunk, (checked, labels), chunk_size=chunk_size, context=(vae, code))
+
+
+def vae_log_likelihood(
+    vae: VAENormalizer, counts: Any, batch_labels: Any = None, *, chunk_size: int = 4096
+) -> Float[Array, " n_cells"]:
+    """Per-cell count log-likelihood at the posterior mean, in chunks (held-out evaluation)."""
+    checked, labels = _prepare(vae, counts, batch_labels)
+    return map_in_chunks(_log_likelihood_chunk, (checked, labels), chunk_size=chunk_size, context=vae)
+
+
+_CONFIG_FIELDS = (
+    "n_genes", "n_batches", "hidden_dims", "latent_dim", "likelihood", "dispersion", "dropout_rate",
+    "use_layer_norm", "encode_covariates", "deeply_inject_covariates",
+)
+
+
+def save_vae(path: str | os.PathLike[str], vae: VAENormalizer) -> None:
+    """Save a `VAENormalizer`: a JSON line with its configuration, then `eqx.tree_serialise_leaves`."""
+    config = {name: getattr(vae, name) for name in _CONFIG_FIELDS}
+    config["dtype"] = jnp.dtype(vae.dtype).name
+    with open(path, "wb") as f:
+        f.write((json.dumps(config) + "\n").encode())
+        eqx.tree_serialise_leaves(f, vae)
+
+
+def load_vae(path: str | os.PathLike[str]) -> VAENormalizer:
+    """Load a model written by `save_vae` (no template needed)."""
+    with open(path, "rb") as f:
+        config = json.loads(f.readline().decode())
+        dtype = jnp.dtype(config.pop("dtype"))
+        config["hidden_dims"] = tuple(config["hidden_dims"])
+        n_genes, n_batches = config.pop("n_genes"), config.pop("n_batches")
+        like = VAENormalizer(n_genes, n_batches, **config, dtype=dtype, key=jr.key(0))
+        return eqx.tree_deserialise_leaves(f, like)

@@ -1,0 +1,26 @@
+import subprocess
+import sys
+
+from diffbio_eqx import cli
+
+
+def test_help_lists_commands(capsys):
+    try:
+        cli.main(["--help"])
+    except SystemExit as exit:
+        assert exit.code == 0
+    assert "info" in capsys.readouterr().out
+
+
+def test_info_prints_versions_and_devices(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "diffbio_eqx 0.1.0" in out
+    assert "jax device: cpu:0" in out
+
+
+def test_console_script_runs():
+    completed = subprocess.run([sys.executable, "-m", "diffbio_eqx.cli", "info"], capture_output=True, text=True,
+                               check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert "jax backend" in completed.stdout

@@ -1,0 +1,148 @@
+import os
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from diffbio_eqx import io
+
+
+def _adata(n_cells=6, n_genes=4, sparse=True):
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(2.0, (n_cells, n_genes)).astype(np.float32) + 1
+    obs = pd.DataFrame({"sample": ["b", "a", "b", "c", "a", "b"][:n_cells]},
+                       index=[f"cell{i}" for i in range(n_cells)])
+    return ad.AnnData(X=sp.csr_matrix(counts) if sparse else counts, obs=obs)
+
+
+def test_from_anndata_keeps_sparse_and_codes_batches():
+    adata = _adata()
+    arrays = io.from_anndata(adata, batch_key="sample")
+    assert sp.issparse(arrays.counts)
+    np.testing.assert_array_equal(arrays.counts.toarray(), adata.X.toarray())
+    assert arrays.batch_categories == ("a", "b", "c")
+    np.testing.assert_array_equal(arrays.batch_labels, [1, 0, 1, 2, 0, 1])
+    assert arrays.n_batches == 3
+    assert arrays.counts is not adata.X
+
+
+def test_from_anndata_reads_a_layer():
+    adata = _adata(sparse=False)
+    adata.layers["counts"] = adata.X * 2
+    arrays = io.from_anndata(adata, layer="counts")
+    np.testing.assert_array_equal(arrays.counts, adata.X * 2)
+    assert arrays.batch_labels is None
+
+
+def test_from_anndata_errors_name_the_field():
+    adata = _adata()
+    with pytest.raises(ValueError, match="batch_key: 'donor' is not a column of adata.obs"):
+        io.from_anndata(adata, batch_key="donor")
+    with pytest.raises(ValueError, match="layer: 'raw' is not in adata.layers"):
+        io.from_anndata(adata, layer="raw")
+    bad = _adata(sparse=False)
+    bad.X[2, 1] = -1
+    with pytest.raises(ValueError, match=r"adata.X: 1 negative value\(s\)"):
+        io.from_anndata(bad)
+    missing = _adata()
+    missing.obs.loc["cell3", "sample"] = None
+    with pytest.raises(ValueError, match=r"adata.obs\['sample'\]: missing value at cell 3"):
+        io.from_anndata(missing, batch_key="sample")
+    with pytest.raises(ValueError, match="adata: expected an anndata.AnnData"):
+        io.from_anndata(np.ones((3, 3)))
+
+
+def _result(n_cells=6, n_genes=4):
+    rng = np.random.default_rng(1)
+    assignments = rng.dirichlet(np.ones(3), n_cells)
+    return {
+        "latent": rng.normal(size=(n_cells, 5)),
+        "corrected_embeddings": rng.normal(size=(n_cells, 5)),
+        "embeddings_2d": rng.normal(size=(n_cells, 2)),
+        "cluster_assignments": assignments,
+        "normalized": rng.random((n_cells, n_genes)),
+    }
+
+
+def test_to_anndata_follows_scanpy_conventions():
+    adata = _adata()
+    result = _result()
+    out = io.to_anndata(adata, result)
+    assert "X_umap" not in adata.obsm  # the input is untouched
+    np.testing.assert_allclose(out.obsm["X_diffbio"], result["latent"], rtol=1e-6)
+    np.testing.assert_allclose(out.obsm["X_umap"], result["embeddings_2d"], rtol=1e-6)
+    assert "X_diffbio_corrected" in out.obsm
+    assert out.obs["diffbio_cluster"].dtype == "category"
+    np.testing.assert_array_equal(out.obs["diffbio_cluster"].astype(int),
+                                  np.argmax(result["cluster_assignments"], axis=1))
+    assert out.layers["diffbio_normalized"].shape == adata.shape
+    assert "diffbio_decontaminated" not in out.layers
+
+
+def test_scanpy_umap_plot_works_on_the_result(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scanpy as sc
+
+    out = io.to_anndata(_adata(), _result())
+    figure = sc.pl.umap(out, color=["diffbio_cluster", "sample"], show=False, return_fig=True)
+    figure.savefig(tmp_path / "umap.png")
+    assert (tmp_path / "umap.png").stat().st_size > 1000
+
+
+def test_to_anndata_rejects_mismatched_rows():
+    with pytest.raises(ValueError, match=r"result\['latent'\]: expected 6 rows, got shape \(5, 2\)"):
+        io.to_anndata(_adata(), {"latent": np.ones((5, 2))})
+
+
+def test_write_is_atomic_and_never_overwrites_the_input(tmp_path):
+    adata = _adata()
+    source = tmp_path / "input.h5ad"
+    adata.write_h5ad(source)
+    before = source.read_bytes()
+    loaded = io.read_h5ad(source)
+    with pytest.raises(ValueError, match="is the input file"):
+        io.write_h5ad(loaded, source, input_path=source)
+    assert source.read_bytes() == before
+    target = io.write_h5ad(io.to_anndata(loaded, _result()), tmp_path / "out.h5ad", input_path=source)
+    assert io.read_h5ad(target).obsm["X_umap"].shape == (6, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.h5ad", "out.h5ad"]
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    class Boom(RuntimeError):
+        pass
+
+    with pytest.raises(Boom):
+        with io.atomic_path(tmp_path / "result.h5ad") as temporary:
+            temporary.write_bytes(b"partial")
+            raise Boom
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_or_missing_output_folder(tmp_path):
+    with pytest.raises(ValueError, match="output: folder .* does not exist"):
+        io.write_h5ad(_adata(), tmp_path / "nowhere" / "out.h5ad")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(ValueError, match="output: folder .* is not writable"):
+            io.write_h5ad(_adata(), locked / "out.h5ad")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_corrupt_or_missing_input(tmp_path):
+    truncated = tmp_path / "truncated.h5ad"
+    _adata().write_h5ad(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(ValueError, match="could not be read as an h5ad file"):
+        io.read_h5ad(truncated)
+    with pytest.raises(ValueError, match="does not exist"):
+        io.read_h5ad(tmp_path / "absent.h5ad")

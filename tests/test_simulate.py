@@ -1,0 +1,88 @@
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from helpers import knn_batch_purity, log_normalized_pca
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+
+import diffbio_eqx as dbx
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_groups_are_recoverable(seed):
+    data = dbx.simulate(jr.key(seed))
+    assert data.counts.shape == (1000, 500)
+    pcs = log_normalized_pca(np.asarray(data.counts))
+    labels = KMeans(5, n_init=10, random_state=0).fit_predict(pcs)
+    assert adjusted_rand_score(np.asarray(data.groups), labels) >= 0.9
+
+
+def test_counts_are_whole_and_decompose():
+    data = dbx.simulate(jr.key(2), n_cells=300, n_genes=200, contamination=0.1, doublet_rate=0.1)
+    counts = np.asarray(data.counts)
+    np.testing.assert_array_equal(counts, np.rint(counts))
+    assert counts.min() >= 0
+    np.testing.assert_array_equal(counts, np.asarray(data.true_counts + data.ambient_counts))
+    np.testing.assert_allclose(float(jnp.sum(data.ambient_profile)), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("level", [0.02, 0.1, 0.3])
+def test_reported_contamination_is_the_realised_one(level):
+    data = dbx.simulate(jr.key(3), n_cells=500, n_genes=300, contamination=level)
+    realised = np.asarray(data.ambient_counts.sum(1) / data.counts.sum(1))
+    np.testing.assert_allclose(np.asarray(data.contamination_fraction), realised, rtol=1e-10)
+    assert abs(realised.mean() - level) < 0.25 * level + 0.005
+    assert np.std(realised) > 0  # per-cell fractions vary
+
+
+def test_no_contamination_means_no_ambient_counts():
+    data = dbx.simulate(jr.key(4), n_cells=200, n_genes=100)
+    assert float(jnp.sum(data.ambient_counts)) == 0.0
+    np.testing.assert_array_equal(data.counts, data.true_counts)
+
+
+def test_given_ambient_profile_is_used():
+    profile = jnp.zeros(100).at[:5].set(1.0)
+    data = dbx.simulate(jr.key(5), n_cells=200, n_genes=100, contamination=0.2, ambient_profile=profile)
+    assert float(jnp.sum(data.ambient_counts[:, 5:])) == 0.0
+    assert float(jnp.sum(data.ambient_counts[:, :5])) > 0.0
+
+
+def test_batch_effect_is_visible():
+    data = dbx.simulate(jr.key(6), n_batches=2)
+    batches = np.asarray(data.batches)
+    pcs = log_normalized_pca(np.asarray(data.counts))
+    purity = knn_batch_purity(pcs, batches)
+    chance = float(np.sum((np.bincount(batches) / len(batches)) ** 2))  # same-batch share at random
+    assert purity > chance + 0.25, (purity, chance)
+    # Groups stay recoverable despite the batch effect.
+    labels = KMeans(5, n_init=10, random_state=0).fit_predict(pcs)
+    assert adjusted_rand_score(np.asarray(data.groups), labels) >= 0.9
+
+
+def test_doublets_add_a_second_cell():
+    data = dbx.simulate(jr.key(7), n_cells=2000, n_genes=200, doublet_rate=0.2)
+    flags = np.asarray(data.is_doublet)
+    assert 0.15 < flags.mean() < 0.25
+    totals = np.asarray(data.counts.sum(1))
+    assert np.median(totals[flags]) > 1.5 * np.median(totals[~flags])
+
+
+def test_jit_and_vmap_over_keys_and_levels():
+    keys = jr.split(jr.key(8), 3)
+    batched = jax.vmap(lambda k: dbx.simulate(k, n_cells=50, n_genes=20, contamination=0.1))(keys)
+    assert batched.counts.shape == (3, 50, 20)
+    single = dbx.simulate(keys[1], n_cells=50, n_genes=20, contamination=0.1)
+    np.testing.assert_array_equal(batched.counts[1], single.counts)
+    levels = jnp.array([0.05, 0.3])
+    swept = jax.vmap(lambda c: dbx.simulate(keys[0], n_cells=400, n_genes=50, contamination=c))(levels)
+    means = np.asarray(swept.contamination_fraction.mean(axis=1))
+    assert means[0] < means[1]
+
+
+def test_float32_by_default():
+    with jax.enable_x64(False):
+        data = dbx.simulate(jr.key(9), n_cells=20, n_genes=10)
+        assert data.counts.dtype == jnp.float32
