@@ -9,10 +9,14 @@ with a Python loop of 16 calls of one compiled function.
 
 Usage: `python benchmarks/bench_harmony.py [--sizes 10000 100000] [--out benchmarks/results]`.
 
-Typical printout (2 shared CPU cores, x86-64, jax 0.10.2 CPU, float32):
+Typical printout (2 CPU cores shared with other jobs, load average ~10, x86-64, jax 0.10.2 CPU, float32; the
+10k ratio moved between 0.38 and 0.90 over runs with the load, the 100k one between 0.59 and 0.66):
 
-    n_cells=10000: harmonypy 0.93 s, ours 0.72 s (ratio 0.77), compile 9.1 s
-    ...
+    n_cells=10000: harmonypy 0.79 s, ours 0.71 s (ratio 0.90), compile 11.9 s; peak memory per million cells:
+    ours 2.08 GB, harmonypy 1.80 GB
+    n_cells=100000: harmonypy 15.20 s, ours 10.03 s (ratio 0.66), compile 8.7 s; peak memory per million cells:
+    ours 1.98 GB, harmonypy 1.71 GB
+    16-theta sweep at 10000 cells: vmap 11.92 s, loop of compiled calls 9.96 s (vmap/loop 1.20), max |diff| 1.1e-05
 """
 
 import os

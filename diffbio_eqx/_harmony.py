@@ -390,24 +390,26 @@ def _softmax_and_log(logits: Float[Array, "n k"]) -> tuple[Float[Array, "n k"], 
 
 
 def cold_start(
-    z_cos: Float[Array, "n_cells n_dims"],
+    z: Float[Array, "n_cells n_dims"],
     centroids: Float[Array, "n_clusters n_dims"],
     phi: Float[Array, "n_cells n_levels"],
     sigma: Float[Array, ""],
     buffer: Float[Array, "n_cells n_clusters"] | None = None,
 ) -> tuple[_ClusterStats, Float[Array, ""], Float[Array, ""]]:
     """Responsibilities without the penalty, `softmax(-dist / sigma)`, their `E`/`O` statistics and the
-    k-means error and entropy sums (for the initial objective), computed in row chunks. `buffer`, an array of
+    k-means error and entropy sums (for the initial objective), computed in row chunks of the cells `z`, each
+    scaled to unit length on the fly (no normalised copy of `z` is kept). `buffer`, an array of
     the output's shape whose values are not needed any more, is overwritten in place instead of allocating."""
-    n_cells = z_cos.shape[0]
+    n_cells = z.shape[0]
     n_clusters = centroids.shape[0]
-    dtype = z_cos.dtype
+    dtype = z.dtype
     n_chunks, chunk = _row_chunks(n_cells)
 
     def body(carry, i):
         r, mass, observed, kmeans_error, entropy = carry
         start, fresh = _chunk_start(i, n_cells, chunk)
-        dist = squared_distances_cosine(jax.lax.dynamic_slice_in_dim(z_cos, start, chunk), centroids)
+        z_chunk = cosine_normalize(jax.lax.dynamic_slice_in_dim(z, start, chunk))
+        dist = squared_distances_cosine(z_chunk, centroids)
         r_chunk, log_r = _softmax_and_log(-dist / sigma)
         r = jax.lax.dynamic_update_slice_in_dim(r, r_chunk, start, 0)
         r_fresh = r_chunk * fresh.astype(dtype)[:, None]
@@ -431,7 +433,7 @@ def cold_start(
 
 def update_r(
     stats: _ClusterStats,
-    z_cos: Float[Array, "n_cells n_dims"],
+    z: Float[Array, "n_cells n_dims"],
     centroids: Float[Array, "n_clusters n_dims"],
     phi: Float[Array, "n_cells n_levels"],
     prior: Float[Array, " n_levels"],
@@ -442,21 +444,22 @@ def update_r(
 ) -> tuple[_ClusterStats, Float[Array, ""], Float[Array, ""]]:
     """One clustering round: block-wise responsibility updates with the E/O bookkeeping.
 
-    The cells are visited in `order`, cut into blocks by `layout` (see `block_layout`); the blocks are an inner
-    `lax.scan` whose carry holds `R`, `sum_i R_ik` and `O` (the padding of a ragged block points past the last
-    cell and is masked). Returns the new statistics and the sums `sum R d`, `sum R log R` of the new `R`.
+    The cells `z` (scaled to unit length block by block) are visited in `order` and cut into blocks by `layout`
+    (see `block_layout`); the blocks are an inner `lax.scan` whose carry holds `R` (updated in place),
+    `sum_i R_ik` and `O` (the padding of a ragged block points past the last cell and is masked). Returns the new
+    statistics and the sums `sum R d`, `sum R log R` of the new `R`.
     """
-    n_cells = z_cos.shape[0]
+    n_cells = z.shape[0]
     order_ext = jnp.concatenate([order, jnp.full((1,), n_cells, order.dtype)])
     blocks = order_ext[layout]
-    dtype = z_cos.dtype
+    dtype = z.dtype
 
     def block(carry, cells):
         r, mass, observed, kmeans_error, entropy = carry
         valid = (cells < n_cells).astype(dtype)[:, None]
         r_old = r.at[cells].get(mode="fill", fill_value=0)
         phi_b = phi.at[cells].get(mode="fill", fill_value=0)
-        z_b = z_cos.at[cells].get(mode="fill", fill_value=0)
+        z_b = cosine_normalize(z.at[cells].get(mode="fill", fill_value=0))
         mass = mass - jnp.sum(r_old, axis=0)
         observed = observed - (phi_b.T @ r_old).T
         log_penalty = diversity_log_penalty(mass, observed, prior, theta)
@@ -547,7 +550,7 @@ def moe_ridge_correct(
         axis=1,
     )
     if n_covariates == 1:
-        gram = observed[:, :, None] * jnp.eye(n_levels, dtype=dtype)[None, :, :]
+        gram = observed[:, :, None] * jnp.eye(n_levels, dtype=dtype)[None, :, :]  # one level per cell
         intercept_mass = jnp.sum(keep_f * observed, axis=1)
         intercept_sum = jnp.sum(keep_f[:, :, None] * level_sums, axis=1)
     else:
@@ -555,7 +558,8 @@ def moe_ridge_correct(
         in_kept = (phi @ keep_f.T > 0).astype(dtype)  # (cells, clusters): cell has a kept level
         intercept_mass = jnp.sum(r * in_kept, axis=0)
         intercept_sum = (r * in_kept).T @ x
-    gram = gram * keep_f[:, :, None] * keep_f[:, None, :] + diag[:, :, None] * jnp.eye(n_levels, dtype=dtype)[None, :, :]
+    eye = jnp.eye(n_levels, dtype=dtype)[None, :, :]
+    gram = gram * keep_f[:, :, None] * keep_f[:, None, :] + diag[:, :, None] * eye
     edge = keep_f * observed
     corner = jnp.where(active, intercept_mass, 1)
     top = jnp.concatenate([corner[:, None], edge], axis=1)[:, None, :]
@@ -618,12 +622,12 @@ class _KMeansState(eqx.Module):
 
 
 def _kmeans_step(
-    state: _KMeansState, key: PRNGKeyArray, *, z_cos, centroids, data: _Data, params: _Params, layout
+    state: _KMeansState, key: PRNGKeyArray, *, z, centroids, data: _Data, params: _Params, layout
 ) -> tuple[_KMeansState, Float[Array, ""]]:
-    n_cells = z_cos.shape[0]
+    n_cells = z.shape[0]
     order = shuffled_order(data.base_order, shuffle_strides(n_cells), key)
     stats, kmeans_error, entropy = update_r(
-        state.stats, z_cos, centroids, data.phi, data.prior, params.theta, params.sigma, order, layout
+        state.stats, z, centroids, data.phi, data.prior, params.theta, params.sigma, order, layout
     )
     objective = harmony_objective_terms(
         kmeans_error, entropy, stats.mass, stats.observed, data.prior, params.theta, params.sigma, n_cells
@@ -650,14 +654,13 @@ def _cluster(
     """Cold start, then up to `max_iter_kmeans` clustering rounds; returns the stats, the objective trace, the
     rounds run and the cold-start objective."""
     n_cells = z_corr.shape[0]
-    z_cos = cosine_normalize(z_corr)
-    stats, kmeans_error, entropy = cold_start(z_cos, centroids, data.phi, params.sigma, buffer)
+    stats, kmeans_error, entropy = cold_start(z_corr, centroids, data.phi, params.sigma, buffer)
     cold_objective = harmony_objective_terms(
         kmeans_error, entropy, stats.mass, stats.observed, data.prior, params.theta, params.sigma, n_cells
     )
     dtype = z_corr.dtype
     init = _KMeansState(stats, jnp.zeros((4,), dtype), jnp.zeros((), jnp.int32), jnp.asarray(False))
-    step = lambda s, k: _kmeans_step(s, k, z_cos=z_cos, centroids=centroids, data=data, params=params,
+    step = lambda s, k: _kmeans_step(s, k, z=z_corr, centroids=centroids, data=data, params=params,
                                      layout=layout)
     keys = jr.split(key, max_iter_kmeans)
     if early_exit:

