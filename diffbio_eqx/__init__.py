@@ -14,6 +14,7 @@ from ._harmony import (
     harmony_early_exit as harmony_early_exit,
     harmony_transform as harmony_transform,
     HarmonyResult as HarmonyResult,
+    map_to_reference as map_to_reference,
 )
 from ._kmeans import (
     annealing_schedule as annealing_schedule,
@@ -47,7 +48,6 @@ from ._pipeline import (
     fit_pipeline as fit_pipeline,
     HarmonyReference as HarmonyReference,
     load_pipeline as load_pipeline,
-    map_to_reference as map_to_reference,
     pipeline_loss as pipeline_loss,
     PipelineFit as PipelineFit,
     PipelineLossWeights as PipelineLossWeights,

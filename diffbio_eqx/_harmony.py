@@ -1058,14 +1058,27 @@ def harmony_transform(
     return _transform(result, x, labels)
 
 
+def map_to_reference(
+    x: Float[Array, "n_cells n_dims"],
+    batch_labels: Int[Array, "n_cells n_covariates"],
+    centroids: Float[Array, "n_clusters n_dims"],
+    ridge_coefficients: Float[Array, "n_clusters n_levels n_dims"],
+    sigma: Float[Array, ""],
+    *,
+    n_batches: tuple[int, ...],
+) -> Float[Array, "n_cells n_dims"]:
+    """Correct cells with a stored Harmony reference: soft-assign them to the final centroids (no diversity
+    penalty: the new cells do not move the clusters) and subtract each cluster's ridge batch terms,
+    `z = x - sum_k r_ik W_k[batch_i]`."""
+    x = x.astype(centroids.dtype)
+    r = soft_assign_cosine(x, centroids, sigma)
+    phi = batch_onehot(batch_labels, n_batches, x.dtype)
+    return x - jnp.einsum("nk,nb,kbd->nd", r, phi, ridge_coefficients)
+
+
 @eqx.filter_jit
 def _transform(
     result: HarmonyResult, x: Float[Array, "n_new n_dims"], labels: Int[Array, "n_new n_covariates"]
 ) -> Float[Array, "n_new n_dims"]:
-    dtype = result.centroids.dtype
-    x = x.astype(dtype)
-    r = soft_assign_cosine(x, result.centroids, result.sigma)
-    phi = batch_onehot(labels, result.n_batches, dtype)
-    coef = result.ridge_coefficients
-    correction = sum(phi[:, b][:, None] * (r @ coef[:, b, :]) for b in range(phi.shape[1]))
-    return x - correction
+    return map_to_reference(x, labels, result.centroids, result.ridge_coefficients, result.sigma,
+                            n_batches=result.n_batches)

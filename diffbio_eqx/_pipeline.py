@@ -27,7 +27,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from ._stages._ambient import AmbientProfileWarning, AmbientRemoval
 from ._stages._clustering import SoftKMeans
-from ._harmony import batch_onehot, HarmonyResult, soft_assign_cosine
+from ._harmony import HarmonyResult, map_to_reference
 from ._stages._harmony import Harmony
 from ._stages._umap import ParametricUMAP, umap_graph
 from ._stages._vae import VAENormalizer
@@ -187,24 +187,6 @@ class PipelineOutput(eqx.Module):
 
     def items(self) -> list[tuple[str, Array]]:
         return [(name, getattr(self, name)) for name in self.keys()]
-
-
-def map_to_reference(
-    x: Float[Array, "n_cells n_dims"],
-    batch_labels: Int[Array, "n_cells n_covariates"],
-    centroids: Float[Array, "n_clusters n_dims"],
-    ridge_coefficients: Float[Array, "n_clusters n_batches n_dims"],
-    sigma: Float[Array, ""],
-    *,
-    n_batches: tuple[int, ...],
-) -> Float[Array, "n_cells n_dims"]:
-    """Correct cells with a stored Harmony reference: soft-assign them to the final centroids (no diversity
-    penalty) and subtract each cluster's ridge batch terms, `z = x - sum_k r_ik W_k[batch_i]`."""
-    x = x.astype(centroids.dtype)
-    r = soft_assign_cosine(x, centroids, sigma)
-    phi = batch_onehot(batch_labels, n_batches, x.dtype)
-    correction = jnp.einsum("nk,nb,kbd->nd", r, phi, ridge_coefficients)
-    return x - correction
 
 
 class HarmonyReference(eqx.Module):
@@ -643,7 +625,7 @@ def fit_pipeline(
                                    is_leaf=lambda node: node is None)
             corrected = result.z_corr
             seconds["batch_correction"] = time.perf_counter() - started
-            curves["batch_correction"] = {"objective": np.asarray(result.objective)}
+            curves["batch_correction"] = {"objective": np.asarray(result.objective)[: int(result.n_rounds)]}
         if pipeline.clustering is not None:
             started = time.perf_counter()
             clustering = SoftKMeans.from_data(corrected, pipeline.config.n_clusters, key=keys["clustering"],
