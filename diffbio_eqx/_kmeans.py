@@ -122,7 +122,13 @@ def annealing_schedule(
     start: Float[ArrayLike, ""], stop: Float[ArrayLike, ""], n_iter: int, *, n_hold: int = 0
 ) -> Float[Array, " n_iter"]:
     """A geometric temperature schedule from `start` to `stop` over `n_iter - n_hold` steps, then `n_hold`
-    steps at `stop` (so the last iterations converge at the final temperature)."""
+    steps at `stop` (so the last iterations converge at the final temperature).
+
+    !!! info
+        Start below the first critical temperature of deterministic annealing, $2 \\lambda_{max}$ (twice the
+        largest eigenvalue of the data covariance): above it every centroid moves to the data mean, and
+        coincident centroids never separate again as the temperature falls.
+    """
     if n_iter < 1 or not 0 <= n_hold < n_iter:
         raise ValueError(f"n_iter: need n_iter >= 1 and 0 <= n_hold < n_iter, got {n_iter}, {n_hold}")
     start, stop = jnp.asarray(start), jnp.asarray(stop)

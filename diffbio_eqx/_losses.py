@@ -42,9 +42,10 @@ def umap_loss(
 
     With edges `(head, tail)` drawn in proportion to their membership weight $w_{ij}$ and, for each, negative
     partners drawn uniformly from all cells, the cross-entropy
-    $\\sum_{ij} w_{ij} \\log \\frac{w_{ij}}{q_{ij}} + (1 - w_{ij}) \\log \\frac{1 - w_{ij}}{1 - q_{ij}}$ is estimated (up to
-    constants, with negative sampling for the repulsive part, as UMAP optimises it) by
-    $$\\frac{1}{B (1 + R)} \\Big( \\sum_{e} -\\log q(h_e, t_e) + \\gamma \\sum_{e, r} -\\log(1 - q(h_e, n_{er})) \\Big),$$
+    $$\\sum_{ij} w_{ij} \\log \\frac{w_{ij}}{q_{ij}} + (1 - w_{ij}) \\log \\frac{1 - w_{ij}}{1 - q_{ij}}$$
+    is estimated (up to constants, with negative sampling for the repulsive part, as UMAP optimises it) by
+    $$\\frac{1}{B (1 + R)} \\Big( \\sum_{e} -\\log q(h_e, t_e)
+    + \\gamma \\sum_{e, r} -\\log(1 - q(h_e, n_{er})) \\Big),$$
     the same normalisation as umap-learn's parametric UMAP, $B$ edges, $R$ negatives per edge, $\\gamma$ =
     `repulsion_strength`.
 

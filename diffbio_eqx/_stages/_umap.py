@@ -10,8 +10,19 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree
 
 from .._losses import umap_loss
 from .._train import fit
-from .._umap_graph import exact_knn, find_ab_params, fuzzy_simplicial_set, FuzzyGraph, prune_weights
+from .._umap_graph import (
+    default_n_epochs,
+    exact_knn,
+    find_ab_params,
+    fuzzy_simplicial_set,
+    FuzzyGraph,
+    prune_weights,
+)
 from .._validate import check_embedding
+
+
+#: Optimiser steps `ParametricUMAP.fit` aims for when `n_epochs` is not given.
+DEFAULT_N_STEPS = 3000
 
 
 class UMAPFitResult(eqx.Module):
@@ -218,10 +229,10 @@ class ParametricUMAP(eqx.Module):
         x: ArrayLike,
         *,
         key: PRNGKeyArray,
-        n_epochs: int = 10,
+        n_epochs: int | None = None,
         batch_size: int = 1024,
         graph: FuzzyGraph | None = None,
-        prune_epochs: int | None = 200,
+        prune_epochs: int | None = None,
         optimizer: optax.GradientTransformation | None = None,
         progress: bool = True,
     ) -> UMAPFitResult:
@@ -231,12 +242,14 @@ class ParametricUMAP(eqx.Module):
 
         - `x`: `(n_cells, n_features)` training cells.
         - `key`: PRNG key for edge sampling and negatives. (Keyword only argument.)
-        - `n_epochs`: passes of `n_edges / batch_size` steps each (one epoch draws about as many edges as the
-          graph has slots, `2 * n_cells * n_neighbors`).
+        - `n_epochs`: passes of `ceil(n_edges / batch_size)` steps each (one epoch draws as many edges as the
+          graph has slots, `2 * n_cells * n_neighbors`). Default: the number of epochs closest to
+          `default_n_steps` (3,000) optimiser steps, at least one.
         - `batch_size`: edges per step (umap-learn's parametric default is `min(n_cells, 1000)`).
         - `graph`: a precomputed `FuzzyGraph` of `x` (e.g. to reuse across runs); built if None.
-        - `prune_epochs`: drop edges with weight below `max / prune_epochs` as umap-learn does before
-          optimising (it uses its epoch count, 200 above 10,000 cells and 500 below); None keeps all edges.
+        - `prune_epochs`: drop edges with weight below `max / prune_epochs`, as umap-learn does before optimising
+          with its epoch count; default umap-learn's count (`default_n_epochs`: 500 up to 10,000 cells, 200
+          above).
         - `optimizer`: default `umap_optimizer()` (Adam 1e-3 with gradient clipping at 4, as umap-learn).
         - `progress`: tqdm bar per epoch.
 
@@ -247,10 +260,16 @@ class ParametricUMAP(eqx.Module):
             raise ValueError(f"x: need more than n_neighbors={self.n_neighbors} cells, got {x.shape[0]}")
         if graph is None:
             graph = self.graph(x)
-        weights = graph.weights if prune_epochs is None else prune_weights(graph.weights, prune_epochs)
+        if n_epochs is None:
+            steps_per_epoch = -(-graph.weights.shape[0] // min(batch_size, graph.weights.shape[0]))
+            n_epochs = max(1, round(DEFAULT_N_STEPS / steps_per_epoch))
+        if prune_epochs is None:
+            prune_epochs = default_n_epochs(x.shape[0])
+        weights = prune_weights(graph.weights, prune_epochs)
         result = fit(
             self, ParametricUMAP.loss, (graph.heads, graph.tails), key=key, n_epochs=n_epochs,
-            batch_size=batch_size, context=(x, graph.rho.astype(x.dtype)), optimizer=umap_optimizer() if optimizer is None else optimizer,
-            row_weights=weights, trainable=self.trainable(), progress=progress, description="parametric UMAP",
+            batch_size=batch_size, context=(x, graph.rho.astype(x.dtype)),
+            optimizer=umap_optimizer() if optimizer is None else optimizer, row_weights=weights,
+            trainable=self.trainable(), progress=progress, description="parametric UMAP",
         )
         return UMAPFitResult(result.model, graph, result.train_loss)
