@@ -73,7 +73,8 @@ def ambient_count_log_likelihood(
 def cell_share(
     log_cell_rate: Float[Array, "n_cells n_genes"], log_ambient_rate: Float[Array, "n_cells n_genes"]
 ) -> Float[Array, "n_cells n_genes"]:
-    """$\\mu / (\\mu + \\lambda) = \\sigma(\\log\\mu - \\log\\lambda)$, the probability that a molecule is the cell's."""
+    """$\\mu / (\\mu + \\lambda) = \\sigma(\\log\\mu - \\log\\lambda)$: the probability that a molecule is the
+    cell's."""
     return jax.nn.sigmoid(log_cell_rate - log_ambient_rate)
 
 

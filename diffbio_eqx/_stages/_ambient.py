@@ -31,6 +31,7 @@ from .._ambient import (
     round_cell_counts,
     safe_log_profile,
 )
+from .._nn import dense
 from .._train import FitResult, fit, map_in_chunks, scvi_optimizer
 from .._validate import check_ambient_profile, check_counts
 
@@ -42,11 +43,6 @@ class AmbientProfileWarning(UserWarning):
 # --------------------------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _dense(x: Float[Array, "n_cells n_in"], layer: eqx.nn.Linear) -> Float[Array, "n_cells n_out"]:
-    y = x @ layer.weight.T
-    return y if layer.bias is None else y + layer.bias[None, :]
 
 
 def _normalized_log_counts(counts: Float[Array, "n_cells n_genes"]) -> Float[Array, "n_cells n_genes"]:
@@ -181,15 +177,15 @@ class AmbientRemoval(eqx.Module):
         Float[Array, " n_cells"],
     ]:
         """The posterior mean and log-variance of `z`, and the estimate of `logit f`."""
-        h = jax.nn.relu(_dense(_normalized_log_counts(counts), self.encoder))
-        latent = _dense(h, self.encoder_latent)
-        fraction = _dense(h, self.encoder_fraction)
+        h = jax.nn.relu(dense(_normalized_log_counts(counts), self.encoder))
+        latent = dense(h, self.encoder_latent)
+        fraction = dense(h, self.encoder_fraction)
         return latent[:, : self.latent_dim], latent[:, self.latent_dim :], fraction[:, 0]
 
     def decode(self, z: Float[Array, "n_cells latent_dim"]) -> Float[Array, "n_cells n_genes"]:
         """The cells' log expression profiles $\\log\\mathrm{softmax}(\\mathrm{decoder}(z))$."""
-        h = jax.nn.relu(_dense(z, self.decoder))
-        return jax.nn.log_softmax(_dense(h, self.decoder_out), axis=-1)
+        h = jax.nn.relu(dense(z, self.decoder))
+        return jax.nn.log_softmax(dense(h, self.decoder_out), axis=-1)
 
     def _check(
         self, counts: Float[Array, "n_cells n_genes"], ambient_profile: Float[Array, " n_genes"]
