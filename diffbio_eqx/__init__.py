@@ -9,8 +9,74 @@ from ._distributions import (
     zero_inflated_negative_binomial_log_prob as zero_inflated_negative_binomial_log_prob,
     zero_inflated_negative_binomial_log_prob_logspace as zero_inflated_negative_binomial_log_prob_logspace,
 )
+from ._harmony import (
+    harmony as harmony,
+    harmony_early_exit as harmony_early_exit,
+    harmony_transform as harmony_transform,
+    HarmonyResult as HarmonyResult,
+    map_to_reference as map_to_reference,
+)
+from ._kmeans import (
+    annealing_schedule as annealing_schedule,
+    free_energy as free_energy,
+    hard_assign as hard_assign,
+    inertia as inertia,
+    kmeans_plus_plus as kmeans_plus_plus,
+    soft_assign as soft_assign,
+    soft_kmeans as soft_kmeans,
+    SoftKMeansResult as SoftKMeansResult,
+    squared_distances as squared_distances,
+    update_centroids as update_centroids,
+)
+from ._losses import (
+    clustering_compactness_loss as clustering_compactness_loss,
+    ClusteringCompactnessLoss as ClusteringCompactnessLoss,
+    umap_loss as umap_loss,
+)
+from ._metrics import (
+    adjusted_rand_index as adjusted_rand_index,
+    clisi as clisi,
+    ilisi as ilisi,
+    lisi as lisi,
+    normalized_mutual_info as normalized_mutual_info,
+    silhouette_label as silhouette_label,
+)
 from ._nn import CovariateMLP as CovariateMLP
+from ._pipeline import (
+    cell_type_cross_entropy as cell_type_cross_entropy,
+    create_single_cell_pipeline as create_single_cell_pipeline,
+    fit_pipeline as fit_pipeline,
+    HarmonyReference as HarmonyReference,
+    load_pipeline as load_pipeline,
+    pipeline_loss as pipeline_loss,
+    PipelineFit as PipelineFit,
+    PipelineLossWeights as PipelineLossWeights,
+    PipelineOutput as PipelineOutput,
+    run_pipeline as run_pipeline,
+    save_pipeline as save_pipeline,
+    SingleCellPipeline as SingleCellPipeline,
+    SingleCellPipelineConfig as SingleCellPipelineConfig,
+    sweep_pipeline as sweep_pipeline,
+    umap_graph_loss as umap_graph_loss,
+)
 from ._simulate import SimulatedData as SimulatedData, simulate as simulate
+from ._stages._ambient import (
+    AmbientProfileWarning as AmbientProfileWarning,
+    AmbientRemoval as AmbientRemoval,
+    AmbientResult as AmbientResult,
+    empty_droplet_threshold as empty_droplet_threshold,
+    estimate_ambient_profile as estimate_ambient_profile,
+    fit_ambient_removal as fit_ambient_removal,
+    remove_ambient as remove_ambient,
+    resolve_ambient_profile as resolve_ambient_profile,
+)
+from ._stages._clustering import SoftKMeans as SoftKMeans
+from ._stages._harmony import Harmony as Harmony
+from ._stages._umap import (
+    ParametricUMAP as ParametricUMAP,
+    umap_graph as umap_graph,
+    UMAPFitResult as UMAPFitResult,
+)
 from ._stages._vae import (
     fit_vae as fit_vae,
     load_vae as load_vae,
@@ -20,6 +86,20 @@ from ._stages._vae import (
     VAEOutput as VAEOutput,
     vae_log_likelihood as vae_log_likelihood,
     vae_transform as vae_transform,
+)
+from ._train import (
+    fit as fit,
+    FitResult as FitResult,
+    map_in_chunks as map_in_chunks,
+    scvi_optimizer as scvi_optimizer,
+)
+from ._umap_graph import (
+    exact_knn as exact_knn,
+    find_ab_params as find_ab_params,
+    fuzzy_simplicial_set as fuzzy_simplicial_set,
+    FuzzyGraph as FuzzyGraph,
+    membership_strengths as membership_strengths,
+    smooth_knn_dist as smooth_knn_dist,
 )
 from ._validate import (
     check_ambient_profile as check_ambient_profile,
@@ -32,12 +112,3 @@ from ._validate import (
 
 
 __version__ = importlib.metadata.version("diffbio_eqx")
-from ._metrics import (
-    adjusted_rand_index as adjusted_rand_index,
-    clisi as clisi,
-    ilisi as ilisi,
-    lisi as lisi,
-    normalized_mutual_info as normalized_mutual_info,
-    silhouette_label as silhouette_label,
-)
-from ._train import FitResult as FitResult, fit as fit, map_in_chunks as map_in_chunks, scvi_optimizer as scvi_optimizer

@@ -64,7 +64,7 @@ def plot_training(path: str | pathlib.Path, curves: Mapping[str, Mapping[str, np
             if epochs.size:
                 axis.plot(epochs + 1, values[epochs], label=name)
         axis.set_title(stage)
-        axis.set_xlabel("epoch")
+        axis.set_xlabel("round" if "objective" in stage_curves else "epoch")
         axis.set_ylabel("loss")
         axis.legend(fontsize=7)
     figure.tight_layout()

@@ -27,6 +27,26 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _run(arguments: argparse.Namespace) -> int:
+    from ._job import run_job
+
+    if arguments.input is None and arguments.batch_key is not None:
+        raise ValueError("--batch-key: needs an INPUT file (the bundled example has a simulated 'batch' column)")
+    epochs = {name: value for name, value in (("vae_epochs", arguments.vae_epochs),
+                                                ("ambient_epochs", arguments.ambient_epochs),
+                                                ("umap_epochs", arguments.umap_epochs)) if value is not None}
+    result = run_job(
+        arguments.input, batch_key=arguments.batch_key, label_key=arguments.label_key, out_dir=arguments.out,
+        config_path=arguments.config, seed=arguments.seed, progress=not arguments.quiet, epochs=epochs,
+    )
+    print(f"diffbio-eqx: results in {result.out_dir.resolve()}")
+    for name, path in result.files.items():
+        print(f"  {name:9s} {path}")
+    for name, value in result.metrics.items():
+        print(f"  {name}: {value:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffbio-eqx",
@@ -37,6 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = commands.add_parser("info", help="print package versions and the JAX devices")
     info.set_defaults(handler=_info)
+    run = commands.add_parser(
+        "run", help="train the whole pipeline on a dataset and write result.h5ad, umap.png, training.png, report.md",
+        description="Train ambient removal, VAE, Harmony, parametric UMAP and soft k-means on INPUT and write "
+                    "the results. Without INPUT, runs on the bundled 10x PBMC 68k set with a simulated "
+                    "two-batch split (the set has no real batches).",
+    )
+    run.add_argument("input", nargs="?", metavar="INPUT.h5ad", help="cells x genes raw counts (default: PBMC 68k)")
+    run.add_argument("--batch-key", metavar="K", help="obs column with each cell's batch")
+    run.add_argument("--label-key", metavar="K", help="obs column with known cell types (for ARI/NMI in the report)")
+    run.add_argument("--out", metavar="DIR", default="out", help="output folder (default: out)")
+    run.add_argument("--config", metavar="FILE", help="JSON or TOML file of SingleCellPipelineConfig settings")
+    run.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
+    run.add_argument("--vae-epochs", type=int, help="VAE epochs (default: scVI's heuristic)")
+    run.add_argument("--ambient-epochs", type=int, help="ambient model epochs (default 100)")
+    run.add_argument("--umap-epochs", type=int, help="parametric UMAP epochs (default 30)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(handler=_run)
     return parser
 
 

@@ -1,0 +1,181 @@
+"""Parametric UMAP (diffbio_eqx) against umap-learn, side by side in one run.
+
+For each size: exact kNN (ours, blocked brute force in JAX) against pynndescent (umap-learn's approximate kNN)
+and scikit-learn's exact search; the full fit (graph + training) against `umap.UMAP().fit`; embedding
+quality (15-NN preservation and trustworthiness on a subsample, both tools); and the throughput of embedding new
+cells (our `embed` against umap-learn's `transform`). Compile times are reported separately. Writes
+`benchmarks/results/umap.json`.
+
+Run: `python benchmarks/bench_umap.py` (sizes 10k and 50k, plus a kNN-only run at 100k).
+"""
+
+import os
+
+
+os.environ.setdefault("EQX_ON_ERROR", "nan")
+
+import datetime
+import json
+import pathlib
+import platform
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out)
+    return out, time.perf_counter() - start
+
+
+def make_data(n_cells: int, *, n_components: int = 30, seed: int = 0) -> np.ndarray:
+    """Simulated counts (diffbio_eqx.simulate, 8 groups), log-normalised and projected on 30 PCs."""
+    import diffbio_eqx as dx
+    from sklearn.decomposition import PCA
+
+    sim = dx.simulate(jr.key(seed), n_cells=n_cells, n_genes=300, n_groups=8)
+    counts = np.asarray(sim.counts, dtype=np.float64)
+    normalized = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
+    return PCA(n_components=n_components, random_state=seed).fit_transform(normalized).astype(np.float32)
+
+
+def _quality(x, z, rows, k=15):
+    from sklearn.manifold import trustworthiness
+    from sklearn.neighbors import NearestNeighbors
+
+    def neighbours(data):
+        found = NearestNeighbors(n_neighbors=k + 1).fit(data).kneighbors(data[rows], return_distance=False)
+        return [set(r[r != i][:k].tolist()) for i, r in zip(rows, found)]
+
+    high, low = neighbours(x), neighbours(z)
+    preservation = float(np.mean([len(a & b) / k for a, b in zip(high, low)]))
+    trust = float(trustworthiness(x[rows], z[rows], n_neighbors=k))
+    return preservation, trust
+
+
+def _umap_learn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import umap
+    return umap
+
+
+def bench_knn_only(n_cells: int) -> dict:
+    import diffbio_eqx as dx
+
+    x = jnp.asarray(make_data(n_cells))
+    knn = jax.jit(lambda v: dx.exact_knn(v, v, 15))
+    _, first = _timed(lambda: knn(x))
+    _, run = _timed(lambda: knn(x))
+    return {"n_cells": n_cells, "ours_knn_s": run, "ours_knn_compile_s": max(first - run, 0.0)}
+
+
+def bench_size(n_cells: int, *, n_steps: int, n_new: int = 2000, n_transform: int = 2000) -> dict:
+    import diffbio_eqx as dx
+    from pynndescent import NNDescent
+    from sklearn.neighbors import NearestNeighbors
+
+    umap = _umap_learn()
+    data = make_data(n_cells + n_new)
+    x, new = data[:n_cells], data[n_cells:]
+    xj = jnp.asarray(x)
+    out: dict = {"n_cells": n_cells}
+
+    knn = jax.jit(lambda v: dx.exact_knn(v, v, 15))
+    _, first = _timed(lambda: knn(xj))
+    (indices, _), out["ours_knn_s"] = _timed(lambda: knn(xj))
+    out["ours_knn_compile_s"] = max(first - out["ours_knn_s"], 0.0)
+    _, out["sklearn_exact_knn_s"] = _timed(lambda: NearestNeighbors(n_neighbors=15).fit(x).kneighbors(x))
+    (nnd_indices, _), out["pynndescent_knn_s"] = _timed(
+        lambda: NNDescent(x, n_neighbors=15, random_state=0, n_jobs=-1).neighbor_graph
+    )
+    indices = np.asarray(indices)
+    out["pynndescent_recall"] = float(np.mean([len(set(a) & set(b)) / 15 for a, b in zip(indices, nnd_indices)]))
+
+    model = dx.ParametricUMAP(x.shape[1], key=jr.key(0))
+    _, first = _timed(lambda: model.graph(xj).weights)
+    graph, out["ours_graph_s"] = _timed(lambda: model.graph(xj))
+    out["ours_graph_compile_s"] = max(first - out["ours_graph_s"], 0.0)
+    # Training compile time, estimated on a 3,000-cell subset with the same widths and batch size:
+    # compile = 2 * t(1 epoch) - t(2 epochs). The full run below then includes one compile, subtracted.
+    sub = xj[:3000]
+    _, one = _timed(lambda: model.fit(sub, key=jr.key(1), n_epochs=1, progress=False).train_loss)
+    _, two = _timed(lambda: model.fit(sub, key=jr.key(1), n_epochs=2, progress=False).train_loss)
+    out["ours_train_compile_s"] = max(2 * one - two, 0.0)
+    steps_per_epoch = -(-graph.weights.shape[0] // 1024)
+    n_epochs = max(1, round(n_steps / steps_per_epoch))
+    fitted, total = _timed(lambda: model.fit(xj, key=jr.key(1), n_epochs=n_epochs, graph=graph, progress=False))
+    out["ours_train_s"] = max(total - out["ours_train_compile_s"], 0.0)
+    out["ours_fit_s"] = out["ours_graph_s"] + out["ours_train_s"]
+    out["ours_n_epochs"] = n_epochs
+    out["ours_n_steps"] = n_epochs * steps_per_epoch
+    out["ours_batch_size"] = 1024
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference, out["umap_learn_fit_s"] = _timed(lambda: umap.UMAP(random_state=0).fit(x))
+
+    z_ours = np.asarray(fitted.model.embed(xj))
+    rows = np.random.default_rng(0).choice(n_cells, size=min(n_cells, 2000), replace=False)
+    out["ours_knn_preservation"], out["ours_trustworthiness"] = _quality(x, z_ours, rows)
+    out["umap_learn_knn_preservation"], out["umap_learn_trustworthiness"] = _quality(x, reference.embedding_, rows)
+
+    newj = jnp.asarray(new)
+    fitted.model.embed(newj).block_until_ready()
+    _, out["ours_embed_s"] = _timed(lambda: fitted.model.embed(newj))
+    out["ours_embed_cells_per_s"] = n_new / out["ours_embed_s"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.transform(new[:50])  # numba compiles on the first call
+        _, out["umap_learn_transform_s"] = _timed(lambda: reference.transform(new[:n_transform]))
+    out["umap_learn_transform_cells_per_s"] = n_transform / out["umap_learn_transform_s"]
+    out["embed_speedup"] = out["ours_embed_cells_per_s"] / out["umap_learn_transform_cells_per_s"]
+    return out
+
+
+def main(out_dir: str | os.PathLike[str] = "benchmarks/results", sizes=(10_000, 50_000), knn_only_sizes=(100_000,),
+         n_steps: int = 3000) -> dict:
+    import importlib.metadata as md
+
+    import diffbio_eqx  # noqa: F401
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pynndescent import NNDescent
+
+        # Compile numba code (pynndescent, umap-learn's optimiser and transform) before anything is timed.
+        warm = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
+        NNDescent(warm, n_neighbors=15).neighbor_graph
+        _umap_learn().UMAP(n_epochs=20).fit(warm).transform(warm[:20])
+    results = {
+        "machine": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+        "backend": jax.default_backend(), "date": datetime.datetime.now(datetime.UTC).isoformat(),
+        "versions": {
+            p: md.version(p) for p in ("jax", "equinox", "optax", "umap-learn", "pynndescent", "scikit-learn")
+        },
+        "python": sys.version.split()[0], "sizes": [], "knn_only": [],
+    }
+    for n in sizes:
+        row = bench_size(n, n_steps=n_steps)
+        print(json.dumps(row), flush=True)
+        results["sizes"].append(row)
+    for n in knn_only_sizes:
+        row = bench_knn_only(n)
+        print(json.dumps(row), flush=True)
+        results["knn_only"].append(row)
+    path = pathlib.Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "umap.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    sizes = tuple(int(s) for s in sys.argv[1].split(",")) if len(sys.argv) > 1 else (10_000, 50_000)
+    main(sizes=sizes)

@@ -1,0 +1,1084 @@
+"""Harmony batch correction (Korsunsky et al. 2019, with R harmony 2's changes) as pure JAX functions.
+
+The numerics follow harmonypy 2.1 (its C++ backend, which follows R harmony 2) step by step:
+
+1. **Initialisation.** Cells are scaled to unit length (cosine normalisation). Centroids come from k-means++
+   seeding plus up to 25 Lloyd rounds on the normalised cells (or from `init_centroids`), scaled to unit length.
+2. **Each outer round** (at most `max_iter_harmony`):
+    - *Cold start*: the corrected cells are scaled to unit length, `dist = 2 (1 - z_cos y^T)` and
+      `R = softmax(-dist / sigma)` without the penalty; `E = (sum_i R_ik) Pr_b` and `O = R^T Phi`.
+    - *Clustering* (at most `max_iter_kmeans` rounds, centroids held fixed as in harmonypy 2.1): the cells are
+      shuffled and split into blocks of `block_size` of them; block by block, the block's cells leave `E` and `O`,
+      get new responsibilities `R_i = softmax_k(-dist_ik / sigma + sum_b Phi_ib theta_b log((2 E_kb + 1) /
+      (O_kb + E_kb + 1)))` (the Harmony 2 diversity penalty) and are put back.
+    - *Mixture-of-experts ridge correction*: for every cluster `k`, a ridge regression of the original cells on
+      an intercept and the batch indicators, weighted by `R_{.k}`, with the intercept unpenalised and the batch
+      terms penalised by `lamb` (fixed) or Harmony 2's `alpha * E_kb` (`lamb < 0` or `None`). Batches holding a
+      share of at most `batch_prop_cutoff` of their cells in the cluster are dropped from that cluster's
+      regression. The batch terms are subtracted (`z_corr = x - sum_k R_ik W_k^T phi_i`) and the intercepts,
+      scaled to unit length, become the new centroids.
+3. **Objective** (tracked after each clustering round, scaled by `2000 / n_cells`):
+   $\\sum_{ik} R_{ik} d_{ik} + \\sigma \\sum_{ik} R_{ik} \\log R_{ik}
+   + \\sigma \\sum_{kb} \\theta_b O_{kb} \\log\\frac{O_{kb} + E_{kb} + 1}{2 E_{kb} + 1}$
+   (k-means error, entropy, diversity cross-entropy).
+4. **Convergence** as harmonypy: clustering stops once, after the fifth round, the windowed change
+   `|sum(obj[-4:-1]) - sum(obj[-3:])| / |sum(obj[-4:-1])| < epsilon_cluster`; Harmony stops once
+   `(obj_prev - obj_new) / |obj_prev| < epsilon_harmony`. In `harmony` both loops are `lax.scan`s of fixed
+   length whose state freezes once the test passes (differentiable, vmappable); `harmony_early_exit` runs the
+   same steps in `lax.while_loop`s that stop there.
+
+The random stream (k-means++ draws and block shuffles) is JAX's, so results equal harmonypy's only in
+distribution; from the same initial centroids they agree closely (see the tests).
+"""
+
+import dataclasses
+import math
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jax.typing import DTypeLike
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
+
+from ._validate import check_batch_labels, check_embedding, check_n_clusters
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets
+
+
+@dataclasses.dataclass(frozen=True)
+class HarmonyPreset:
+    """Default settings of one Harmony version (see `HARMONY2` and `CLASSIC`)."""
+
+    theta: float
+    sigma: float
+    lamb: float | None
+    alpha: float
+    max_iter_harmony: int
+    max_iter_kmeans: int
+    epsilon_cluster: float
+    epsilon_harmony: float
+    block_size: float
+    batch_prop_cutoff: float
+
+
+#: Harmony 2 (R harmony >= 1.0, harmonypy 2.x): dynamic ridge penalty `alpha * E`, 4 clustering rounds.
+HARMONY2 = HarmonyPreset(
+    theta=2.0,
+    sigma=0.1,
+    lamb=None,
+    alpha=0.2,
+    max_iter_harmony=10,
+    max_iter_kmeans=4,
+    epsilon_cluster=1e-3,
+    epsilon_harmony=1e-2,
+    block_size=0.05,
+    batch_prop_cutoff=1e-5,
+)
+#: Harmony 1 (the 2019 paper's defaults): fixed ridge penalty 1, 20 clustering rounds, tighter tolerances.
+CLASSIC = dataclasses.replace(
+    HARMONY2, lamb=1.0, max_iter_kmeans=20, epsilon_cluster=1e-5, epsilon_harmony=1e-4
+)
+PRESETS = {"harmony2": HARMONY2, "classic": CLASSIC}
+
+
+def default_n_clusters(n_cells: int) -> int:
+    """Harmony's default number of clusters, `min(round(n_cells / 30), 100)` (at least 1)."""
+    return max(1, int(min(round(n_cells / 30.0), 100)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Result
+
+
+class HarmonyResult(eqx.Module):
+    """The output of `harmony`, with everything `harmony_transform` needs to correct new cells.
+
+    - `z_corr`: `(n_cells, n_dims)` corrected embedding (not scaled to unit length).
+    - `r`: `(n_cells, n_clusters)` soft assignments of the last clustering round.
+    - `centroids`: `(n_clusters, n_dims)` final centroids Y (unit rows: the normalised ridge intercepts).
+    - `ridge_coefficients`: `(n_clusters, n_batches, n_dims)` the batch terms of each cluster's last ridge
+      regression (zero for batches dropped from that cluster); `z_corr = x - sum_k r_ik W_k[batch_i]`.
+    - `cluster_sizes`, `cluster_sums`: `sum_i r_ik` and `r^T z_corr`, the reference statistics a Symphony-style
+      query mapping uses.
+    - `objective`: `(max_iter_harmony,)` the objective after each outer round's clustering (repeated once frozen).
+    - `initial_objective`: the objective at the initial centroids.
+    - `objective_kmeans`: `(max_iter_harmony, max_iter_kmeans)` the objective after every clustering round.
+    - `kmeans_rounds`: `(max_iter_harmony,)` clustering rounds run in each outer round (0 once frozen).
+    - `n_rounds`: outer rounds run; `converged`: whether the Harmony test passed.
+    - `sigma`: the bandwidth used (for `harmony_transform`); `n_batches`: levels per covariate (static).
+    """
+
+    z_corr: Float[Array, "n_cells n_dims"]
+    r: Float[Array, "n_cells n_clusters"]
+    centroids: Float[Array, "n_clusters n_dims"]
+    ridge_coefficients: Float[Array, "n_clusters n_batches n_dims"]
+    cluster_sizes: Float[Array, " n_clusters"]
+    cluster_sums: Float[Array, "n_clusters n_dims"]
+    objective: Float[Array, " n_iter"]
+    initial_objective: Float[Array, ""]
+    objective_kmeans: Float[Array, "n_iter n_kmeans"]
+    kmeans_rounds: Int[Array, " n_iter"]
+    n_rounds: Int[Array, ""]
+    converged: Bool[Array, ""]
+    sigma: Float[Array, ""]
+    n_batches: tuple[int, ...] = eqx.field(static=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small pure functions
+
+
+def cosine_normalize(x: Float[Array, "n dims"]) -> Float[Array, "n dims"]:
+    """Scale each row to unit Euclidean length (rows of zeros stay zero)."""
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    positive = norm > 0
+    return jnp.where(positive, x / jnp.where(positive, norm, 1), 0)
+
+
+def batch_onehot(
+    batch_labels: Int[Array, "n_cells n_covariates"], n_batches: tuple[int, ...], dtype: DTypeLike
+) -> Float[Array, "n_cells n_levels"]:
+    """Indicator matrix `Phi^T` with one block of columns per covariate (levels in code order)."""
+    columns = [
+        jax.nn.one_hot(batch_labels[:, c], n, dtype=dtype) for c, n in enumerate(n_batches)
+    ]
+    return jnp.concatenate(columns, axis=1)
+
+
+def _level_to_covariate(n_batches: tuple[int, ...]) -> np.ndarray:
+    return np.repeat(np.arange(len(n_batches)), n_batches)
+
+
+def per_level(
+    values: Float[Array, "*covariates"], n_batches: tuple[int, ...]
+) -> Float[Array, " n_levels"]:
+    """Expand a scalar or one value per covariate to one value per batch level."""
+    values = jnp.reshape(values, (-1,))
+    if values.shape[0] == 1:
+        return jnp.broadcast_to(values, (sum(n_batches),))
+    return values[_level_to_covariate(n_batches)]
+
+
+def squared_distances_cosine(
+    z_cos: Float[Array, "n_cells n_dims"], centroids: Float[Array, "n_clusters n_dims"]
+) -> Float[Array, "n_cells n_clusters"]:
+    """Harmony's distance between unit vectors, `2 (1 - z_cos . y)`."""
+    return 2 - 2 * (z_cos @ centroids.T)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def kmeans_plusplus(
+    x: Float[Array, "n_cells n_dims"], n_clusters: int, *, key: PRNGKeyArray, n_iter: int = 25,
+    tol: float = 1e-6,
+) -> Float[Array, "n_clusters n_dims"]:
+    """k-means++ seeding followed by up to `n_iter` Lloyd rounds (stopping once centroids move less than `tol`).
+
+    As harmonypy's initialisation: the first seed is uniform, each next one is drawn with probability
+    proportional to the squared distance to the nearest chosen seed. An empty cluster keeps its centroid.
+
+    **Arguments:**
+
+    - `x`: shape `(n_cells, n_dims)` points (Harmony passes the cosine-normalised cells).
+    - `n_clusters`: number of centroids.
+    - `key`: PRNG key. (Keyword only argument.)
+    - `n_iter`, `tol`: Lloyd rounds and stopping threshold on the Frobenius change of the centroids.
+
+    **Returns:** `(n_clusters, n_dims)` centroids.
+    """
+    n_cells = x.shape[0]
+    first_key, draw_key = jr.split(key)
+    first = jr.randint(first_key, (), 0, n_cells)
+    x = jax.lax.stop_gradient(x)
+
+    def seed(carry, step_key):
+        min_dist, chosen, last = carry
+        diff = x - last[None, :]
+        min_dist = jnp.where(chosen, 0, jnp.minimum(min_dist, jnp.sum(diff * diff, axis=1)))
+        # Inverse-CDF draw (as std::discrete_distribution); all-zero weights fall back to uniform.
+        weights = jnp.where(jnp.sum(min_dist) > 0, min_dist, 1)
+        cdf = jnp.cumsum(weights)
+        u = jr.uniform(step_key, (), x.dtype) * cdf[-1]
+        nxt = jnp.minimum(jnp.searchsorted(cdf, u, side="right"), n_cells - 1)
+        chosen = chosen.at[nxt].set(True)
+        return (min_dist, chosen, x[nxt]), x[nxt]
+
+    init = (jnp.full((n_cells,), jnp.inf, x.dtype), jnp.zeros((n_cells,), bool).at[first].set(True), x[first])
+    _, rest = jax.lax.scan(seed, init, jr.split(draw_key, n_clusters - 1))
+    centroids = jnp.concatenate([x[first][None, :], rest], axis=0)
+    return lloyd(x, centroids, n_iter=n_iter, tol=tol)
+
+
+ROW_CHUNK = 4096  # rows per chunk for the row-chunked passes (keeps an (chunk, n_clusters) tile in cache)
+
+
+def _row_chunks(n_rows: int, chunk: int = ROW_CHUNK) -> tuple[int, int]:
+    """`(n_chunks, chunk_len)` covering `n_rows`; the last chunk is shifted back to end at `n_rows` (overlap)."""
+    chunk = min(chunk, n_rows)
+    return -(-n_rows // chunk), chunk
+
+
+def _chunk_start(i: Int[Array, ""], n_rows: int, chunk: int) -> tuple[Int[Array, ""], Bool[Array, " chunk"]]:
+    """Start row of chunk `i` and the mask of its rows not already covered by earlier chunks."""
+    start = jnp.minimum(i * chunk, n_rows - chunk)
+    fresh = start + jnp.arange(chunk, dtype=start.dtype) >= i * chunk
+    return start, fresh
+
+
+def _nearest(x: Float[Array, "n_cells n_dims"], centroids: Float[Array, "n_clusters n_dims"]
+             ) -> Int[Array, " n_cells"]:
+    """Index of the nearest centroid (first on ties), row chunk by row chunk."""
+    n_cells = x.shape[0]
+    n_clusters = centroids.shape[0]
+    half_sq = 0.5 * jnp.sum(centroids * centroids, axis=1)[None, :]
+    iota = jnp.arange(n_clusters, dtype=jnp.int32)[None, :]
+    n_chunks, chunk = _row_chunks(n_cells)
+
+    def body(assign, i):
+        start, _ = _chunk_start(i, n_cells, chunk)
+        # argmin of |c|^2 / 2 - x.c, as a min and a masked min (XLA's variadic argmin is slow on CPU)
+        score = half_sq - jax.lax.dynamic_slice_in_dim(x, start, chunk) @ centroids.T
+        best = jnp.min(score, axis=1, keepdims=True)
+        nearest = jnp.min(jnp.where(score <= best, iota, n_clusters), axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(assign, nearest, start, 0), None
+
+    assign, _ = jax.lax.scan(body, jnp.zeros((n_cells,), jnp.int32), jnp.arange(n_chunks, dtype=jnp.int32))
+    return assign
+
+
+def lloyd(
+    x: Float[Array, "n_cells n_dims"], centroids: Float[Array, "n_clusters n_dims"], *, n_iter: int,
+    tol: float = 1e-6,
+) -> Float[Array, "n_clusters n_dims"]:
+    """Up to `n_iter` hard k-means (Lloyd) rounds, stopping once the centroids move less than `tol` (Frobenius),
+    as harmonypy's initialisation. A `lax.while_loop`: no reverse-mode gradient (Harmony stops gradients here)."""
+    n_clusters = centroids.shape[0]
+    ones = jnp.ones((x.shape[0],), x.dtype)
+
+    def body(carry):
+        c, _, i = carry
+        assign = _nearest(x, c)
+        sums = jax.ops.segment_sum(x, assign, n_clusters)
+        counts = jax.ops.segment_sum(ones, assign, n_clusters)
+        new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], c)
+        change = jnp.sqrt(jnp.sum((new - c) ** 2))
+        return new, change, i + 1
+
+    def cond(carry):
+        _, change, i = carry
+        return (i < n_iter) & ~(change < tol)
+
+    init = (centroids, jnp.asarray(jnp.inf, x.dtype), jnp.zeros((), jnp.int32))
+    centroids, _, _ = jax.lax.while_loop(cond, body, init)
+    return centroids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Soft clustering with the diversity penalty
+
+
+def block_layout(n_cells: int, block_size: float) -> np.ndarray:
+    """Positions (in shuffled order) of the cells of each block, padded with `n_cells`, as harmonypy cuts them.
+
+    `ceil(1 / block_size)` blocks of `floor(n_cells * block_size)` cells (at least 1); the last block takes the
+    remainder. Returns an `(n_blocks, max_block_len)` integer array (static, NumPy).
+    """
+    n_blocks = int(math.ceil(1.0 / float(np.float32(block_size))))
+    per_block = max(1, int(np.float32(n_cells) * np.float32(block_size)))
+    bounds = []
+    for i in range(n_blocks):
+        lo = i * per_block
+        if lo >= n_cells:
+            break
+        hi = n_cells if i == n_blocks - 1 else min((i + 1) * per_block, n_cells)
+        bounds.append((lo, hi))
+    width = max(hi - lo for lo, hi in bounds)
+    layout = np.full((len(bounds), width), n_cells, dtype=np.int32)
+    for row, (lo, hi) in enumerate(bounds):
+        layout[row, : hi - lo] = np.arange(lo, hi)
+    return layout
+
+
+def _primes_below(limit: int) -> np.ndarray:
+    if limit < 2:
+        return np.zeros((0,), np.int64)
+    sieve = np.ones(limit, bool)
+    sieve[:2] = False
+    for p in range(2, int(limit**0.5) + 1):
+        if sieve[p]:
+            sieve[p * p :: p] = False
+    return np.flatnonzero(sieve)
+
+
+def shuffle_strides(n_cells: int, n_strides: int = 64) -> np.ndarray:
+    """Static strides `a` coprime with `n_cells`, small enough that `a * i` fits in int32 for `i < n_cells`."""
+    limit = min(n_cells, (2**31 - 1) // max(n_cells, 1))
+    primes = _primes_below(limit)
+    primes = primes[n_cells % primes != 0]
+    if primes.size == 0:
+        return np.ones((1,), np.int32)
+    pick = np.unique(np.linspace(0, primes.size - 1, min(n_strides, primes.size)).astype(int))
+    return primes[pick].astype(np.int32)
+
+
+def shuffled_order(
+    base_order: Int[Array, " n_cells"], strides: np.ndarray, key: PRNGKeyArray
+) -> Int[Array, " n_cells"]:
+    """A fresh visiting order per clustering round without a sort: `base_order[(a i + c) mod n_cells]`.
+
+    `base_order` is one uniformly random permutation drawn per run; the stride `a` (coprime with `n_cells`, from
+    `strides`) and offset `c` are drawn per round. Each block of consecutive positions is then a uniformly random
+    subset of the cells, as with harmonypy's per-round `std::shuffle`, at O(n_cells) cost instead of a sort.
+    """
+    n_cells = base_order.shape[0]
+    stride_key, offset_key = jr.split(key)
+    stride = jnp.asarray(strides)[jr.randint(stride_key, (), 0, strides.shape[0])]
+    offset = jr.randint(offset_key, (), 0, n_cells, dtype=stride.dtype)
+    positions = jnp.arange(n_cells, dtype=stride.dtype)
+    return base_order[(stride * positions % n_cells + offset) % n_cells]
+
+
+class _ClusterStats(eqx.Module):
+    r: Float[Array, "n_cells n_clusters"]
+    mass: Float[Array, " n_clusters"]  # sum_i R_ik; E = mass Pr_b
+    observed: Float[Array, "n_clusters n_levels"]  # O = R^T Phi
+
+
+def diversity_log_penalty(
+    mass: Float[Array, " n_clusters"],
+    observed: Float[Array, "n_clusters n_levels"],
+    prior: Float[Array, " n_levels"],
+    theta: Float[Array, " n_levels"],
+) -> Float[Array, "n_clusters n_levels"]:
+    """Harmony 2's log penalty `theta_b log((2 E_kb + 1) / (O_kb + E_kb + 1))` with `E = mass Pr_b`."""
+    expected = mass[:, None] * prior[None, :]
+    return theta[None, :] * (jnp.log(2 * expected + 1) - jnp.log(observed + expected + 1))
+
+
+def harmony_objective_terms(
+    kmeans_error: Float[Array, ""],
+    entropy: Float[Array, ""],
+    stats_mass: Float[Array, " n_clusters"],
+    observed: Float[Array, "n_clusters n_levels"],
+    prior: Float[Array, " n_levels"],
+    theta: Float[Array, " n_levels"],
+    sigma: Float[Array, ""],
+    n_cells: int,
+) -> Float[Array, ""]:
+    """The Harmony objective from its parts, scaled by `2000 / n_cells` as harmonypy and R harmony do.
+
+    `kmeans_error = sum R d`, `entropy = sum R log R`; the cross-entropy is
+    `sigma sum_kb theta_b O_kb log((O_kb + E_kb + 1) / (2 E_kb + 1))`.
+    """
+    cross = -jnp.sum(observed * diversity_log_penalty(stats_mass, observed, prior, theta))
+    return (kmeans_error + sigma * entropy + sigma * cross) * (2000.0 / n_cells)
+
+
+def _softmax_and_log(logits: Float[Array, "n k"]) -> tuple[Float[Array, "n k"], Float[Array, "n k"]]:
+    """`softmax` and `log_softmax` along the last axis with one `exp` per element."""
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=1, keepdims=True))
+    e = jnp.exp(shifted)
+    total = jnp.sum(e, axis=1, keepdims=True)
+    return e / total, shifted - jnp.log(total)
+
+
+def cold_start(
+    z: Float[Array, "n_cells n_dims"],
+    centroids: Float[Array, "n_clusters n_dims"],
+    phi: Float[Array, "n_cells n_levels"],
+    sigma: Float[Array, ""],
+    buffer: Float[Array, "n_cells n_clusters"] | None = None,
+) -> tuple[_ClusterStats, Float[Array, ""], Float[Array, ""]]:
+    """Responsibilities without the penalty, `softmax(-dist / sigma)`, their `E`/`O` statistics and the
+    k-means error and entropy sums (for the initial objective), computed in row chunks of the cells `z`, each
+    scaled to unit length on the fly (no normalised copy of `z` is kept). `buffer`, an array of
+    the output's shape whose values are not needed any more, is overwritten in place instead of allocating."""
+    n_cells = z.shape[0]
+    n_clusters = centroids.shape[0]
+    dtype = z.dtype
+    n_chunks, chunk = _row_chunks(n_cells)
+
+    def body(carry, i):
+        r, mass, observed, kmeans_error, entropy = carry
+        start, fresh = _chunk_start(i, n_cells, chunk)
+        z_chunk = cosine_normalize(jax.lax.dynamic_slice_in_dim(z, start, chunk))
+        dist = squared_distances_cosine(z_chunk, centroids)
+        r_chunk, log_r = _softmax_and_log(-dist / sigma)
+        r = jax.lax.dynamic_update_slice_in_dim(r, r_chunk, start, 0)
+        r_fresh = r_chunk * fresh.astype(dtype)[:, None]
+        phi_chunk = jax.lax.dynamic_slice_in_dim(phi, start, chunk)
+        mass = mass + jnp.sum(r_fresh, axis=0)
+        observed = observed + (phi_chunk.T @ r_fresh).T
+        kmeans_error = kmeans_error + jnp.sum(r_fresh * dist)
+        entropy = entropy + jnp.sum(r_fresh * log_r)
+        return (r, mass, observed, kmeans_error, entropy), None
+
+    zero = jnp.zeros((), dtype)
+    if buffer is None:
+        buffer = jnp.zeros((n_cells, n_clusters), dtype)
+    init = (jax.lax.stop_gradient(buffer), jnp.zeros((n_clusters,), dtype),
+            jnp.zeros((n_clusters, phi.shape[1]), dtype), zero, zero)
+    (r, mass, observed, kmeans_error, entropy), _ = jax.lax.scan(
+        body, init, jnp.arange(n_chunks, dtype=jnp.int32)
+    )
+    return _ClusterStats(r, mass, observed), kmeans_error, entropy
+
+
+def update_r(
+    stats: _ClusterStats,
+    z: Float[Array, "n_cells n_dims"],
+    centroids: Float[Array, "n_clusters n_dims"],
+    phi: Float[Array, "n_cells n_levels"],
+    prior: Float[Array, " n_levels"],
+    theta: Float[Array, " n_levels"],
+    sigma: Float[Array, ""],
+    order: Int[Array, " n_cells"],
+    layout: np.ndarray,
+) -> tuple[_ClusterStats, Float[Array, ""], Float[Array, ""]]:
+    """One clustering round: block-wise responsibility updates with the E/O bookkeeping.
+
+    The cells `z` (scaled to unit length block by block) are visited in `order` and cut into blocks by `layout`
+    (see `block_layout`); the blocks are an inner `lax.scan` whose carry holds `R` (updated in place),
+    `sum_i R_ik` and `O` (the padding of a ragged block points past the last cell and is masked). Returns the new
+    statistics and the sums `sum R d`, `sum R log R` of the new `R`.
+    """
+    n_cells = z.shape[0]
+    order_ext = jnp.concatenate([order, jnp.full((1,), n_cells, order.dtype)])
+    blocks = order_ext[layout]
+    dtype = z.dtype
+
+    def block(carry, cells):
+        r, mass, observed, kmeans_error, entropy = carry
+        valid = (cells < n_cells).astype(dtype)[:, None]
+        r_old = r.at[cells].get(mode="fill", fill_value=0)
+        phi_b = phi.at[cells].get(mode="fill", fill_value=0)
+        z_b = cosine_normalize(z.at[cells].get(mode="fill", fill_value=0))
+        mass = mass - jnp.sum(r_old, axis=0)
+        observed = observed - (phi_b.T @ r_old).T
+        log_penalty = diversity_log_penalty(mass, observed, prior, theta)
+        dist = squared_distances_cosine(z_b, centroids)
+        r_new, log_r = _softmax_and_log(-dist / sigma + phi_b @ log_penalty.T)
+        r_new = r_new * valid
+        mass = mass + jnp.sum(r_new, axis=0)
+        observed = observed + (phi_b.T @ r_new).T
+        kmeans_error = kmeans_error + jnp.sum(r_new * dist)
+        entropy = entropy + jnp.sum(r_new * log_r)
+        r = r.at[cells].set(r_new, mode="drop")
+        return (r, mass, observed, kmeans_error, entropy), None
+
+    zero = jnp.zeros((), dtype)
+    init = (stats.r, stats.mass, stats.observed, zero, zero)
+    (r, mass, observed, kmeans_error, entropy), _ = jax.lax.scan(block, init, blocks)
+    return _ClusterStats(r, mass, observed), kmeans_error, entropy
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixture-of-experts ridge correction
+
+
+def level_cells(
+    labels: Int[Array, " n_cells"], sizes: tuple[int, ...]
+) -> tuple[Int[Array, " _"], ...]:
+    """The cells of each level, in increasing order, given the level sizes (static, from concrete labels)."""
+    order = jnp.argsort(labels, stable=True).astype(jnp.int32)
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return tuple(order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))
+
+
+def moe_ridge_correct(
+    x: Float[Array, "n_cells n_dims"],
+    stats: _ClusterStats,
+    phi: Float[Array, "n_cells n_levels"],
+    prior: Float[Array, " n_levels"],
+    batch_sizes: Float[Array, " n_levels"],
+    centroids: Float[Array, "n_clusters n_dims"],
+    lamb: Float[Array, " n_levels"],
+    alpha: Float[Array, ""],
+    batch_prop_cutoff: Float[Array, ""],
+    n_batches: tuple[int, ...],
+    cells: tuple[Int[Array, " _"], ...] | None = None,
+) -> tuple[
+    Float[Array, "n_cells n_dims"], Float[Array, "n_clusters n_dims"], Float[Array, "n_clusters n_levels n_dims"]
+]:
+    """Harmony's mixture-of-experts ridge correction of the original cells `x`.
+
+    For each cluster `k`, solve `(Phi_moe diag(R_k) Phi_moe^T + Lambda_k) W_k = Phi_moe diag(R_k) x` with
+    `Phi_moe` the indicators plus an intercept row, `Lambda_k = diag(0, lambda_kb)`: the intercept is
+    unpenalised; `lambda_kb = lamb_b` when `lamb_b >= 0`, else Harmony 2's `alpha * E_kb`. Batch levels whose
+    share `O_kb / N_b` is at most `batch_prop_cutoff`, and covariates left with fewer than two such levels, drop
+    out of cluster `k`'s regression (with their cells, for the intercept); a cluster with no covariate left is
+    not corrected and keeps its centroid.
+
+    `cells`: optionally the cell indices of each level of the first covariate (`level_cells`); the per-level
+    sums and corrections of that covariate then gather those cells instead of masked full-size products.
+
+    **Returns:** `x - sum_k R_ik W_k[batch terms]^T phi_i`, the new unit-length centroids (the intercepts) and the
+    batch coefficients `(n_clusters, n_levels, n_dims)`.
+    """
+    r, mass, observed = stats.r, stats.mass, stats.observed
+    dtype = x.dtype
+    n_levels = phi.shape[1]
+    n_covariates = len(n_batches)
+    to_cov = jax.nn.one_hot(_level_to_covariate(n_batches), n_covariates, dtype=dtype)  # (levels, covariates)
+
+    share = observed / jnp.where(batch_sizes > 0, batch_sizes, 1)[None, :]
+    qualifies = (share > batch_prop_cutoff) & (batch_sizes > 0)[None, :]
+    levels_per_cov = qualifies.astype(dtype) @ to_cov  # (clusters, covariates)
+    cov_active = levels_per_cov > 1
+    keep = qualifies & (cov_active.astype(dtype) @ to_cov.T > 0)
+    active = jnp.any(cov_active, axis=1)
+    keep_f = keep.astype(dtype)
+
+    expected = mass[:, None] * prior[None, :]
+    penalty = jnp.where(lamb[None, :] < 0, alpha * expected, lamb[None, :])
+    # Dropped levels get an isolated unit row, so their coefficients solve to zero.
+    diag = keep_f * penalty + (1 - keep_f)
+
+    # Per-level weighted sums of the original cells: S[k, b] = sum_i R_ik Phi_ib x_i; the levels with a cell list
+    # gather their cells, the others use masked full-size products.
+    grouped = () if cells is None else cells
+    level_sums = jnp.stack(
+        [r[idx].T @ x[idx] for idx in grouped]
+        + [r.T @ (x * phi[:, b][:, None]) for b in range(len(grouped), n_levels)],
+        axis=1,
+    )
+    if n_covariates == 1:
+        gram = observed[:, :, None] * jnp.eye(n_levels, dtype=dtype)[None, :, :]  # one level per cell
+        intercept_mass = jnp.sum(keep_f * observed, axis=1)
+        intercept_sum = jnp.sum(keep_f[:, :, None] * level_sums, axis=1)
+    else:
+        gram = jnp.stack([(r * phi[:, b][:, None]).T @ phi for b in range(n_levels)], axis=2)
+        in_kept = (phi @ keep_f.T > 0).astype(dtype)  # (cells, clusters): cell has a kept level
+        intercept_mass = jnp.sum(r * in_kept, axis=0)
+        intercept_sum = (r * in_kept).T @ x
+    eye = jnp.eye(n_levels, dtype=dtype)[None, :, :]
+    gram = gram * keep_f[:, :, None] * keep_f[:, None, :] + diag[:, :, None] * eye
+    edge = keep_f * observed
+    corner = jnp.where(active, intercept_mass, 1)
+    top = jnp.concatenate([corner[:, None], edge], axis=1)[:, None, :]
+    bottom = jnp.concatenate([edge[:, :, None], gram], axis=2)
+    system = jnp.concatenate([top, bottom], axis=1)  # (clusters, levels + 1, levels + 1)
+    rhs = jnp.concatenate([intercept_sum[:, None, :], keep_f[:, :, None] * level_sums], axis=1)
+    coef = jnp.linalg.solve(system, rhs)
+
+    new_centroids = cosine_normalize(jnp.where(active[:, None], coef[:, 0, :], centroids))
+    batch_coef = coef[:, 1:, :] * (keep_f * active[:, None].astype(dtype))[:, :, None]
+    corrected = x - sum(
+        phi[:, b][:, None] * (r @ batch_coef[:, b, :]) for b in range(len(grouped), n_levels)
+    )
+    for b, idx in enumerate(grouped):
+        corrected = corrected.at[idx].add(-(r[idx] @ batch_coef[:, b, :]), unique_indices=True,
+                                          indices_are_sorted=True)
+    return corrected, new_centroids, batch_coef
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Data(eqx.Module):
+    x: Float[Array, "n_cells n_dims"]
+    phi: Float[Array, "n_cells n_levels"]
+    prior: Float[Array, " n_levels"]
+    batch_sizes: Float[Array, " n_levels"]
+    base_order: Int[Array, " n_cells"]
+    cells: tuple[Int[Array, " _"], ...] | None
+
+
+class _Params(eqx.Module):
+    theta: Float[Array, " n_levels"]
+    sigma: Float[Array, ""]
+    lamb: Float[Array, " n_levels"]
+    alpha: Float[Array, ""]
+    epsilon_cluster: Float[Array, ""]
+    epsilon_harmony: Float[Array, ""]
+    batch_prop_cutoff: Float[Array, ""]
+
+
+class _State(eqx.Module):
+    z_corr: Float[Array, "n_cells n_dims"]
+    centroids: Float[Array, "n_clusters n_dims"]
+    r: Float[Array, "n_cells n_clusters"]
+    mass: Float[Array, " n_clusters"]
+    batch_coef: Float[Array, "n_clusters n_levels n_dims"]
+    objective: Float[Array, ""]
+    initial_objective: Float[Array, ""]
+    n_rounds: Int[Array, ""]
+    converged: Bool[Array, ""]
+
+
+class _KMeansState(eqx.Module):
+    stats: _ClusterStats
+    window: Float[Array, "4"]  # the last four objective values
+    n_run: Int[Array, ""]
+    done: Bool[Array, ""]
+
+
+def _kmeans_step(
+    state: _KMeansState, key: PRNGKeyArray, *, z, centroids, data: _Data, params: _Params, layout
+) -> tuple[_KMeansState, Float[Array, ""]]:
+    n_cells = z.shape[0]
+    order = shuffled_order(data.base_order, shuffle_strides(n_cells), key)
+    stats, kmeans_error, entropy = update_r(
+        state.stats, z, centroids, data.phi, data.prior, params.theta, params.sigma, order, layout
+    )
+    objective = harmony_objective_terms(
+        kmeans_error, entropy, stats.mass, stats.observed, data.prior, params.theta, params.sigma, n_cells
+    )
+    window = jnp.concatenate([state.window[1:], objective[None]])
+    old, new = jnp.sum(window[:3]), jnp.sum(window[1:])
+    # harmonypy tests only from the fifth round of an outer round on (`i > window_size`).
+    done = (state.n_run >= 4) & (jnp.abs(old - new) / jnp.abs(old) < params.epsilon_cluster)
+    return _KMeansState(stats, window, state.n_run + 1, done), objective
+
+
+def _cluster(
+    z_corr: Float[Array, "n_cells n_dims"],
+    centroids: Float[Array, "n_clusters n_dims"],
+    buffer: Float[Array, "n_cells n_clusters"],
+    key: PRNGKeyArray,
+    data: _Data,
+    params: _Params,
+    layout: np.ndarray,
+    max_iter_kmeans: int,
+    *,
+    early_exit: bool,
+) -> tuple[_ClusterStats, Float[Array, " n_kmeans"], Int[Array, ""], Float[Array, ""]]:
+    """Cold start, then up to `max_iter_kmeans` clustering rounds; returns the stats, the objective trace, the
+    rounds run and the cold-start objective."""
+    n_cells = z_corr.shape[0]
+    stats, kmeans_error, entropy = cold_start(z_corr, centroids, data.phi, params.sigma, buffer)
+    cold_objective = harmony_objective_terms(
+        kmeans_error, entropy, stats.mass, stats.observed, data.prior, params.theta, params.sigma, n_cells
+    )
+    dtype = z_corr.dtype
+    init = _KMeansState(stats, jnp.zeros((4,), dtype), jnp.zeros((), jnp.int32), jnp.asarray(False))
+    step = lambda s, k: _kmeans_step(s, k, z=z_corr, centroids=centroids, data=data, params=params,
+                                     layout=layout)
+    keys = jr.split(key, max_iter_kmeans)
+    if early_exit:
+        def body(carry):
+            state, trace = carry
+            state, objective = step(state, keys[state.n_run])
+            return state, trace.at[state.n_run - 1].set(objective)
+
+        def cond(carry):
+            state, _ = carry
+            return (state.n_run < max_iter_kmeans) & ~state.done
+
+        final, trace = jax.lax.while_loop(cond, body, (init, jnp.zeros((max_iter_kmeans,), dtype)))
+        last = trace[final.n_run - 1]
+        trace = jnp.where(jnp.arange(max_iter_kmeans, dtype=jnp.int32) < final.n_run, trace, last)
+    else:
+        def frozen(state, key):
+            del key
+            return state, state.window[-1]
+
+        def scan_step(state, key):
+            return jax.lax.cond(state.done, frozen, step, state, key)
+
+        final, trace = jax.lax.scan(scan_step, init, keys)
+    return final.stats, trace, final.n_run, cold_objective
+
+
+def _outer_round(
+    state: _State, key: PRNGKeyArray, *, data: _Data, params: _Params, layout, max_iter_kmeans, n_batches,
+    early_exit: bool,
+) -> tuple[_State, tuple[Float[Array, ""], Float[Array, " n_kmeans"], Int[Array, ""]]]:
+    stats, trace, n_run, cold_objective = _cluster(
+        state.z_corr, state.centroids, state.r, key, data, params, layout, max_iter_kmeans, early_exit=early_exit
+    )
+    previous = jnp.where(state.n_rounds == 0, cold_objective, state.objective)
+    initial = jnp.where(state.n_rounds == 0, cold_objective, state.initial_objective)
+    objective = trace[-1]
+    z_corr, centroids, batch_coef = moe_ridge_correct(
+        data.x, stats, data.phi, data.prior, data.batch_sizes, state.centroids, params.lamb, params.alpha,
+        params.batch_prop_cutoff, n_batches, data.cells,
+    )
+    converged = (previous - objective) / jnp.abs(previous) < params.epsilon_harmony
+    new = _State(z_corr, centroids, stats.r, stats.mass, batch_coef, objective, initial, state.n_rounds + 1,
+                 converged)
+    return new, (objective, trace, n_run)
+
+
+def _init_state(data: _Data, centroids: Float[Array, "n_clusters n_dims"], n_clusters: int) -> _State:
+    x = data.x
+    n_cells, n_dims = x.shape
+    dtype = x.dtype
+    n_levels = data.phi.shape[1]
+    nan = jnp.asarray(jnp.nan, dtype)
+    return _State(
+        z_corr=x,
+        centroids=centroids,
+        r=jnp.zeros((n_cells, n_clusters), dtype),
+        mass=jnp.zeros((n_clusters,), dtype),
+        batch_coef=jnp.zeros((n_clusters, n_levels, n_dims), dtype),
+        objective=nan,
+        initial_objective=nan,
+        n_rounds=jnp.zeros((), jnp.int32),
+        converged=jnp.asarray(False),
+    )
+
+
+def _result(state: _State, objective, trace, kmeans_rounds, params: _Params, n_batches) -> HarmonyResult:
+    return HarmonyResult(
+        z_corr=state.z_corr,
+        r=state.r,
+        centroids=state.centroids,
+        ridge_coefficients=state.batch_coef,
+        cluster_sizes=state.mass,
+        cluster_sums=state.r.T @ state.z_corr,
+        objective=objective,
+        initial_objective=state.initial_objective,
+        objective_kmeans=trace,
+        kmeans_rounds=kmeans_rounds,
+        n_rounds=state.n_rounds,
+        converged=state.converged,
+        sigma=params.sigma,
+        n_batches=n_batches,
+    )
+
+
+def _check_values(
+    x: Float[Array, "n_cells n_dims"], batch_labels: Int[Array, "n_cells n_covariates"], sigma: Float[Array, ""],
+    n_batches: tuple[int, ...],
+) -> Float[Array, ""]:
+    # The checks ride on the scalar sigma, which every step uses: with EQX_ON_ERROR=nan no copy of x is made.
+    limits = jnp.asarray(n_batches, dtype=batch_labels.dtype)[None, :]
+    sigma = eqx.error_if(sigma, ~jnp.all(jnp.isfinite(x)), "harmony: x contains NaN or Inf")
+    sigma = eqx.error_if(
+        sigma, jnp.any((batch_labels < 0) | (batch_labels >= limits)), "harmony: batch_labels out of range"
+    )
+    return eqx.error_if(sigma, ~(sigma > 0), "harmony: sigma must be > 0")
+
+
+def harmony_core(
+    x: Float[Array, "n_cells n_dims"],
+    batch_labels: Int[Array, "n_cells n_covariates"],
+    theta: Float[Array, "*theta_shape"],
+    sigma: Float[Array, ""],
+    lamb: Float[Array, "*lamb_shape"],
+    alpha: Float[Array, ""],
+    epsilon_cluster: Float[Array, ""],
+    epsilon_harmony: Float[Array, ""],
+    batch_prop_cutoff: Float[Array, ""],
+    init_centroids: Float[Array, "n_clusters n_dims"] | None,
+    *,
+    key: PRNGKeyArray,
+    n_batches: tuple[int, ...],
+    n_clusters: int,
+    max_iter_harmony: int,
+    max_iter_kmeans: int,
+    block_size: float,
+    segments: tuple[int, ...] | None = None,
+    early_exit: bool = False,
+) -> HarmonyResult:
+    """The traced body of `harmony` (no input validation beyond `eqx.error_if` value checks; call it inside
+    your own `jit`/`vmap` when you have already checked the data). All float arguments are arrays of `x`'s
+    dtype; `lamb < 0` selects Harmony 2's dynamic penalty. `segments`, the level sizes of the first covariate
+    (static, known when the labels are concrete), lets the ridge step gather each level's cells instead of
+    masked full-size products (B times less work); results are the same."""
+    dtype = x.dtype
+    n_cells = x.shape[0]
+    params = _Params(
+        theta=per_level(theta.astype(dtype), n_batches),
+        sigma=sigma.astype(dtype),
+        lamb=per_level(lamb.astype(dtype), n_batches),
+        alpha=alpha.astype(dtype),
+        epsilon_cluster=epsilon_cluster.astype(dtype),
+        epsilon_harmony=epsilon_harmony.astype(dtype),
+        batch_prop_cutoff=batch_prop_cutoff.astype(dtype),
+    )
+    params = eqx.tree_at(lambda p: p.sigma, params, _check_values(x, batch_labels, params.sigma, n_batches))
+    init_key, order_key, loop_key = jr.split(key, 3)
+    if init_centroids is None:
+        init_centroids = kmeans_plusplus(cosine_normalize(x), n_clusters, key=init_key)
+    centroids = cosine_normalize(init_centroids.astype(dtype))
+    cells = None
+    if segments is not None:
+        if len(segments) != n_batches[0] or sum(segments) != n_cells:
+            raise ValueError("segments: must give the size of every level of the first covariate")
+        cells = level_cells(batch_labels[:, 0], segments)
+    phi = batch_onehot(batch_labels, n_batches, dtype)
+    batch_sizes = jnp.sum(phi, axis=0)
+    data = _Data(x, phi, batch_sizes / n_cells, batch_sizes, jr.permutation(order_key, n_cells), cells)
+    layout = block_layout(n_cells, block_size)
+    state = _init_state(data, centroids, n_clusters)
+    keys = jr.split(loop_key, max_iter_harmony)
+    step = lambda s, k: _outer_round(s, k, data=data, params=params, layout=layout,
+                                     max_iter_kmeans=max_iter_kmeans, n_batches=n_batches,
+                                     early_exit=early_exit)
+    if early_exit:
+        def body(carry):
+            state, objectives, traces, rounds = carry
+            i = state.n_rounds
+            state, (objective, trace, n_run) = step(state, keys[i])
+            return state, objectives.at[i].set(objective), traces.at[i].set(trace), rounds.at[i].set(n_run)
+
+        def cond(carry):
+            state = carry[0]
+            return (state.n_rounds < max_iter_harmony) & ~state.converged
+
+        init = (
+            state,
+            jnp.zeros((max_iter_harmony,), dtype),
+            jnp.zeros((max_iter_harmony, max_iter_kmeans), dtype),
+            jnp.zeros((max_iter_harmony,), jnp.int32),
+        )
+        state, objectives, traces, rounds = jax.lax.while_loop(cond, body, init)
+        ran = jnp.arange(max_iter_harmony, dtype=jnp.int32) < state.n_rounds
+        objectives = jnp.where(ran, objectives, state.objective)
+        traces = jnp.where(ran[:, None], traces, state.objective)
+    else:
+        def frozen(state, key):
+            del key
+            trace = jnp.full((max_iter_kmeans,), state.objective)
+            return state, (state.objective, trace, jnp.zeros((), jnp.int32))
+
+        def scan_step(state, key):
+            return jax.lax.cond(state.converged, frozen, step, state, key)
+
+        state, (objectives, traces, rounds) = jax.lax.scan(scan_step, state, keys)
+    return _result(state, objectives, traces, rounds, params, n_batches)
+
+
+_harmony_jit = eqx.filter_jit(harmony_core)
+
+
+def _resolve(value, default):
+    return default if value is None else value
+
+
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _checked_embedding(x, *, field: str, n_dims: int | None = None) -> Array:
+    # `check_embedding` reads concrete data only; under jit/vmap check shapes here.
+    if not _is_traced(x):
+        return jnp.asarray(check_embedding(x, field=field, n_dims=n_dims))
+    if x.ndim != 2 or (n_dims is not None and x.shape[1] != n_dims):
+        raise ValueError(f"{field}: expected shape (n_cells, {n_dims or 'n_dims'}), got {x.shape}")
+    return x
+
+
+def _checked_labels(labels, n_cells: int, n_batches, *, field: str) -> Array:
+    if not _is_traced(labels):
+        labels = jnp.asarray(check_batch_labels(labels, n_cells, n_batches=n_batches, field=field))
+    if labels.ndim not in (1, 2) or labels.shape[0] != n_cells:
+        raise ValueError(f"{field}: expected shape ({n_cells},) or ({n_cells}, n_covariates), got {labels.shape}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"{field}: expected integer codes, got dtype {labels.dtype}")
+    return labels if labels.ndim == 2 else labels[:, None]
+
+
+def harmony(
+    x: Float[ArrayLike, "n_cells n_dims"],
+    batch_labels: Int[ArrayLike, "n_cells *n_covariates"],
+    *,
+    key: PRNGKeyArray,
+    preset: Literal["harmony2", "classic"] = "harmony2",
+    theta: Float[ArrayLike, "*theta_shape"] | None = None,
+    sigma: Float[ArrayLike, ""] | None = None,
+    lamb: Float[ArrayLike, "*lamb_shape"] | None = None,
+    alpha: Float[ArrayLike, ""] | None = None,
+    n_clusters: int | None = None,
+    max_iter_harmony: int | None = None,
+    max_iter_kmeans: int | None = None,
+    epsilon_cluster: Float[ArrayLike, ""] | None = None,
+    epsilon_harmony: Float[ArrayLike, ""] | None = None,
+    block_size: float | None = None,
+    batch_prop_cutoff: Float[ArrayLike, ""] | None = None,
+    n_batches: int | tuple[int, ...] | None = None,
+    init_centroids: Float[ArrayLike, "n_clusters n_dims"] | None = None,
+    early_exit: bool = False,
+) -> HarmonyResult:
+    """Harmony batch correction of an embedding (see the module docstring for the exact numerics).
+
+    Uses the **Harmony 2 diversity penalty** `theta_b log((2 E_kb + 1) / (O_kb + E_kb + 1))` added to the
+    log-responsibilities (R harmony >= 1.0 and harmonypy 2.x; Harmony 1 used `theta log((E + 1) / (O + 1))`),
+    and the Harmony 2 ridge penalty `alpha * E_kb` unless `lamb` is given.
+
+    **Arguments:**
+
+    - `x`: `(n_cells, n_dims)` embedding (PCs).
+    - `batch_labels`: `(n_cells,)` integer batch codes, or `(n_cells, n_covariates)` for several covariates.
+    - `key`: PRNG key for the k-means++ initialisation and the block shuffles. (Keyword only argument.)
+    - `preset`: `"harmony2"` (default: theta 2, sigma 0.1, dynamic lamb with alpha 0.2, 10 outer and 4 clustering
+      rounds, epsilons 1e-3 / 1e-2) or `"classic"` (Harmony 1: lamb 1, 20 clustering rounds, epsilons 1e-5 /
+      1e-4). Any argument given explicitly overrides the preset.
+    - `theta`: diversity penalty, one value or one per covariate.
+    - `sigma`: soft-clustering bandwidth (> 0).
+    - `lamb`: ridge penalty, one value or one per covariate; `None` or a negative value selects Harmony 2's
+      dynamic `alpha * E_kb`.
+    - `alpha`: the dynamic penalty's factor.
+    - `n_clusters`: number of clusters; default `min(round(n_cells / 30), 100)`.
+    - `max_iter_harmony`, `max_iter_kmeans`: outer rounds and clustering rounds per outer round.
+    - `epsilon_cluster`, `epsilon_harmony`: convergence tolerances (`-inf` runs every round).
+    - `block_size`: share of the cells updated per block (`ceil(1 / block_size)` blocks per round).
+    - `batch_prop_cutoff`: a batch holding at most this share of its cells in a cluster is not corrected there.
+    - `n_batches`: levels per covariate; inferred as `max + 1` from concrete labels, required under `jit`.
+    - `init_centroids`: `(n_clusters, n_dims)` initial centroids (scaled to unit length), instead of k-means++.
+    - `early_exit`: run the loops as `lax.while_loop`s that stop at convergence (same numerics, faster, not
+      reverse-mode differentiable).
+
+    **Returns:** a `HarmonyResult`.
+
+    !!! info
+        Wrapped in `eqx.filter_jit`; continuous settings are traced arrays, so changing theta, sigma, lamb,
+        alpha or the tolerances never recompiles, and `jax.vmap` over them (or over keys) works. The boundary
+        checks read concrete data; under your own `jit`/`vmap` only shapes are checked here and NaN input or
+        labels out of range raise through `eqx.error_if`.
+    """
+    settings = PRESETS[preset]
+    x = _checked_embedding(x, field="x")
+    n_cells, n_dims = x.shape
+    labels = _checked_labels(batch_labels, n_cells, n_batches, field="batch_labels")
+    n_covariates = labels.shape[1]
+    if n_batches is None:
+        if _is_traced(labels):
+            raise ValueError("n_batches: required when batch_labels is traced (inside jit/vmap)")
+        n_batches = tuple(int(m) + 1 for m in np.asarray(labels).max(axis=0))
+    elif isinstance(n_batches, int):
+        n_batches = (n_batches,) * n_covariates
+    n_batches = tuple(int(n) for n in n_batches)
+    if len(n_batches) != n_covariates:
+        raise ValueError(f"n_batches: {len(n_batches)} values for {n_covariates} covariate(s)")
+    if _is_traced(labels):
+        segments = None
+    else:
+        segments = tuple(int(c) for c in np.bincount(np.asarray(labels[:, 0]), minlength=n_batches[0]))
+    n_clusters = default_n_clusters(n_cells) if n_clusters is None else int(n_clusters)
+    check_n_clusters(n_cells, n_clusters)
+    max_iter_harmony = int(_resolve(max_iter_harmony, settings.max_iter_harmony))
+    max_iter_kmeans = int(_resolve(max_iter_kmeans, settings.max_iter_kmeans))
+    if max_iter_harmony < 1 or max_iter_kmeans < 1:
+        raise ValueError("max_iter_harmony and max_iter_kmeans must be >= 1")
+    block_size = float(_resolve(block_size, settings.block_size))
+    if not 0 < block_size <= 1:
+        raise ValueError(f"block_size: must be in (0, 1], got {block_size}")
+    dtype = x.dtype
+
+    def scalar_or_per_covariate(name, value):
+        value = jnp.asarray(value, dtype)
+        if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, n_covariates)):
+            raise ValueError(f"{name}: expected one value or one per covariate ({n_covariates}), got shape "
+                             f"{value.shape}")
+        return value
+
+    def scalar(name, value):
+        value = jnp.asarray(value, dtype)
+        if value.ndim != 0:
+            raise ValueError(f"{name}: expected a scalar, got shape {value.shape}")
+        return value
+
+    lamb = _resolve(lamb, settings.lamb)
+    theta = scalar_or_per_covariate("theta", _resolve(theta, settings.theta))
+    lamb = scalar_or_per_covariate("lamb", -1.0 if lamb is None else lamb)
+    if init_centroids is not None:
+        init_centroids = _checked_embedding(init_centroids, field="init_centroids", n_dims=n_dims)
+        if init_centroids.shape != (n_clusters, n_dims):
+            raise ValueError(
+                f"init_centroids: expected shape ({n_clusters}, {n_dims}), got {init_centroids.shape}"
+            )
+    return _harmony_jit(
+        x,
+        labels,
+        theta,
+        scalar("sigma", _resolve(sigma, settings.sigma)),
+        lamb,
+        scalar("alpha", _resolve(alpha, settings.alpha)),
+        scalar("epsilon_cluster", _resolve(epsilon_cluster, settings.epsilon_cluster)),
+        scalar("epsilon_harmony", _resolve(epsilon_harmony, settings.epsilon_harmony)),
+        scalar("batch_prop_cutoff", _resolve(batch_prop_cutoff, settings.batch_prop_cutoff)),
+        init_centroids,
+        key=key,
+        n_batches=n_batches,
+        n_clusters=n_clusters,
+        max_iter_harmony=max_iter_harmony,
+        max_iter_kmeans=max_iter_kmeans,
+        block_size=block_size,
+        segments=segments,
+        early_exit=early_exit,
+    )
+
+
+def harmony_early_exit(x, batch_labels, *, key: PRNGKeyArray, **kwargs) -> HarmonyResult:
+    """`harmony` with `lax.while_loop`s that stop at convergence: same numerics and arguments, less work once
+    converged, no reverse-mode gradients."""
+    return harmony(x, batch_labels, key=key, early_exit=True, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Correcting new cells
+
+
+def soft_assign_cosine(
+    x: Float[Array, "n_cells n_dims"], centroids: Float[Array, "n_clusters n_dims"], sigma: Float[Array, ""]
+) -> Float[Array, "n_cells n_clusters"]:
+    """Harmony's responsibilities without the diversity penalty, `softmax(-2 (1 - x_cos . y) / sigma)`."""
+    return jax.nn.softmax(-squared_distances_cosine(cosine_normalize(x), centroids) / sigma, axis=1)
+
+
+def harmony_transform(
+    result: HarmonyResult,
+    new_x: Float[ArrayLike, "n_new n_dims"],
+    new_batch_labels: Int[ArrayLike, "n_new *n_covariates"],
+) -> Float[Array, "n_new n_dims"]:
+    """Correct new cells from batches seen in training with the stored centroids and ridge coefficients.
+
+    New cells are soft-assigned to the final centroids (no diversity penalty: the new cells do not move the
+    clusters) and corrected with each cluster's stored batch coefficients:
+    `z = x - sum_k R_ik W_k[batch_i]`. Cells of batch levels the reference did not correct in a cluster get no
+    correction from it. For batches unseen in training, a Symphony-style mapping would fit new coefficients from
+    `cluster_sizes` / `cluster_sums`; that is not done here.
+
+    **Arguments:**
+
+    - `result`: a `HarmonyResult` (or a `Harmony` stage's `result`).
+    - `new_x`: `(n_new, n_dims)` new cells in the same embedding (e.g. projected on the same PCs).
+    - `new_batch_labels`: `(n_new,)` or `(n_new, n_covariates)` codes of batches seen in training.
+
+    **Returns:** `(n_new, n_dims)` corrected cells.
+    """
+    n_dims = result.centroids.shape[1]
+    x = _checked_embedding(new_x, field="new_x", n_dims=n_dims)
+    labels = _checked_labels(new_batch_labels, x.shape[0], result.n_batches, field="new_batch_labels")
+    if labels.shape[1] != len(result.n_batches):
+        raise ValueError(
+            f"new_batch_labels: {labels.shape[1]} covariate(s), the model has {len(result.n_batches)}"
+        )
+    return _transform(result, x, labels)
+
+
+def map_to_reference(
+    x: Float[Array, "n_cells n_dims"],
+    batch_labels: Int[Array, "n_cells n_covariates"],
+    centroids: Float[Array, "n_clusters n_dims"],
+    ridge_coefficients: Float[Array, "n_clusters n_levels n_dims"],
+    sigma: Float[Array, ""],
+    *,
+    n_batches: tuple[int, ...],
+) -> Float[Array, "n_cells n_dims"]:
+    """Correct cells with a stored Harmony reference: soft-assign them to the final centroids (no diversity
+    penalty: the new cells do not move the clusters) and subtract each cluster's ridge batch terms,
+    `z = x - sum_k r_ik W_k[batch_i]`."""
+    x = x.astype(centroids.dtype)
+    r = soft_assign_cosine(x, centroids, sigma)
+    phi = batch_onehot(batch_labels, n_batches, x.dtype)
+    return x - jnp.einsum("nk,nb,kbd->nd", r, phi, ridge_coefficients)
+
+
+@eqx.filter_jit
+def _transform(
+    result: HarmonyResult, x: Float[Array, "n_new n_dims"], labels: Int[Array, "n_new n_covariates"]
+) -> Float[Array, "n_new n_dims"]:
+    return map_to_reference(x, labels, result.centroids, result.ridge_coefficients, result.sigma,
+                            n_batches=result.n_batches)

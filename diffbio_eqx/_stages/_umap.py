@@ -1,0 +1,275 @@
+"""Parametric UMAP (Sainburg, McInnes & Gentner 2021): an MLP encoder trained on UMAP's own objective."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import optax
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree
+
+from .._losses import umap_loss
+from .._train import fit
+from .._umap_graph import (
+    default_n_epochs,
+    exact_knn,
+    find_ab_params,
+    fuzzy_simplicial_set,
+    FuzzyGraph,
+    prune_weights,
+)
+from .._validate import check_embedding
+
+
+#: Optimiser steps `ParametricUMAP.fit` aims for when `n_epochs` is not given.
+DEFAULT_N_STEPS = 3000
+
+
+class UMAPFitResult(eqx.Module):
+    """What `ParametricUMAP.fit` returns.
+
+    - `model`: the trained `ParametricUMAP`.
+    - `graph`: the `FuzzyGraph` it was trained on.
+    - `train_loss`: `(n_epochs,)` mean loss per epoch.
+    """
+
+    model: PyTree
+    graph: FuzzyGraph
+    train_loss: Float[Array, " n_epochs"]
+
+
+def umap_optimizer(learning_rate: float = 1e-3, clip: float = 4.0) -> optax.GradientTransformation:
+    """umap-learn's parametric optimiser: Adam with gradients clipped by value."""
+    return optax.chain(optax.clip(clip), optax.adam(learning_rate))
+
+
+def _encode_chunks(
+    encoder: eqx.nn.MLP, x: Float[Array, "n_cells n_features"], chunk_size: int
+) -> Float[Array, "n_cells n_components"]:
+    n_cells, n_features = x.shape
+    chunk = max(1, min(chunk_size, n_cells))
+    n_chunks = -(-n_cells // chunk)
+    padded = jnp.concatenate([x, jnp.zeros((n_chunks * chunk - n_cells, n_features), dtype=x.dtype)])
+    out = jax.lax.map(jax.vmap(encoder), padded.reshape(n_chunks, chunk, n_features))
+    return out.reshape(n_chunks * chunk, -1)[:n_cells]
+
+
+@eqx.filter_jit
+def _embed(encoder: eqx.nn.MLP, x: Float[Array, "n_cells n_features"], chunk_size: int
+           ) -> Float[Array, "n_cells n_components"]:
+    return _encode_chunks(encoder, x, chunk_size)
+
+
+@eqx.filter_jit
+def umap_graph(
+    x: Float[Array, "n_cells n_features"],
+    *,
+    n_neighbors: int = 15,
+    set_op_mix_ratio: Float[ArrayLike, ""] = 1.0,
+    local_connectivity: Float[ArrayLike, ""] = 1.0,
+    block_size: int | None = None,
+) -> FuzzyGraph:
+    """UMAP's fuzzy graph of `x` from its exact kNN (`exact_knn` then `fuzzy_simplicial_set`), under one jit."""
+    indices, distances = exact_knn(x, x, n_neighbors, block_size=block_size)
+    return fuzzy_simplicial_set(
+        indices, distances, set_op_mix_ratio=set_op_mix_ratio, local_connectivity=local_connectivity
+    )
+
+
+class ParametricUMAP(eqx.Module):
+    """Embed cells with an MLP trained on UMAP's fuzzy-set cross-entropy.
+
+    The encoder maps `(n_cells, n_features)` to `(n_cells, n_components)`. Training (`fit`) builds UMAP's fuzzy
+    graph on the exact kNN of the training cells, then runs minibatches of edges drawn in proportion to their
+    weight, each with `negative_sample_rate` negatives drawn uniformly from all cells, through `umap_loss`.
+    Unlike non-parametric UMAP, `embed` maps cells never seen in training with one forward pass.
+
+    !!! example
+        ```python
+        umap = ParametricUMAP(x.shape[1], key=jr.key(0))
+        fitted = umap.fit(x, key=jr.key(1), n_epochs=20)
+        z = fitted.model.embed(new_x)
+        ```
+    """
+
+    encoder: eqx.nn.MLP
+    a: Float[Array, ""]
+    b: Float[Array, ""]
+    set_op_mix_ratio: Float[Array, ""]
+    local_connectivity: Float[Array, ""]
+    repulsion_strength: Float[Array, ""]
+    input_noise: Float[Array, ""]
+    n_neighbors: int = eqx.field(static=True)
+    negative_sample_rate: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        n_features: int,
+        *,
+        key: PRNGKeyArray,
+        n_components: int = 2,
+        hidden_size: int = 100,
+        depth: int = 3,
+        n_neighbors: int = 15,
+        min_dist: Float[ArrayLike, ""] = 0.1,
+        spread: Float[ArrayLike, ""] = 1.0,
+        negative_sample_rate: int = 5,
+        set_op_mix_ratio: Float[ArrayLike, ""] = 1.0,
+        local_connectivity: Float[ArrayLike, ""] = 1.0,
+        repulsion_strength: Float[ArrayLike, ""] = 1.0,
+        input_noise: Float[ArrayLike, ""] = 0.0,
+    ):
+        """**Arguments:**
+
+        - `n_features`: input width (e.g. the number of PCs).
+        - `key`: PRNG key for the encoder's initial weights. (Keyword only argument.)
+        - `n_components`: embedding dimension.
+        - `hidden_size`, `depth`: the encoder has `depth` ReLU layers of `hidden_size` units (umap-learn's
+          parametric default: 3 x 100).
+        - `n_neighbors`: kNN size of the graph (umap-learn default 15).
+        - `min_dist`, `spread`: shape of the low-dimensional similarity; `a`, `b` are fitted from them
+          (`find_ab_params`).
+        - `negative_sample_rate`: negatives per positive edge (umap-learn default 5).
+        - `set_op_mix_ratio`, `local_connectivity`: see `fuzzy_simplicial_set`.
+        - `repulsion_strength`: weight of the repulsive term of `umap_loss`.
+        - `input_noise`: training-time augmentation, not in umap-learn (0, the default, turns it off): each
+          sampled edge's head input gets isotropic Gaussian noise of expected norm `input_noise * rho_head` (its
+          distance to its nearest neighbour), so the encoder learns to map a cell's vicinity, where unseen
+          cells fall, near the cell. Around 0.5-1 it trades a little training-set neighbour preservation for
+          better placement of held-out cells among the training cells.
+        """
+        self.encoder = eqx.nn.MLP(
+            n_features, n_components, width_size=hidden_size, depth=depth, activation=jax.nn.relu, key=key
+        )
+        self.a, self.b = find_ab_params(spread, min_dist)
+        self.set_op_mix_ratio = jnp.asarray(set_op_mix_ratio)
+        self.local_connectivity = jnp.asarray(local_connectivity)
+        self.repulsion_strength = jnp.asarray(repulsion_strength)
+        self.input_noise = jnp.asarray(input_noise)
+        self.n_neighbors = n_neighbors
+        self.negative_sample_rate = negative_sample_rate
+
+    def __check_init__(self):
+        if self.n_neighbors < 2:
+            raise ValueError(f"n_neighbors: must be >= 2, got {self.n_neighbors}")
+        if self.negative_sample_rate < 0:
+            raise ValueError(f"negative_sample_rate: must be >= 0, got {self.negative_sample_rate}")
+
+    @property
+    def n_features(self) -> int:
+        return self.encoder.in_size
+
+    def __call__(
+        self, x: Float[Array, "n_cells n_features"], *, key: PRNGKeyArray | None = None, inference: bool = False
+    ) -> Float[Array, "n_cells n_components"]:
+        """Embed `x` with the encoder. `key` and `inference` are ignored (the encoder is deterministic)."""
+        del key, inference
+        return jax.vmap(self.encoder)(x)
+
+    def embed(self, x: ArrayLike, *, chunk_size: int = 8192) -> Float[Array, "n_cells n_components"]:
+        """Embed (new) cells in fixed-size chunks under one jit; validates the input first.
+
+        **Arguments:**
+
+        - `x`: `(n_cells, n_features)`, in the same space as the training input (e.g. projected on the same PCs).
+        - `chunk_size`: rows per chunk (bounds memory). (Keyword only argument.)
+        """
+        x = jnp.asarray(check_embedding(x, n_dims=self.n_features))
+        return _embed(self.encoder, x, chunk_size)
+
+    def graph(self, x: Float[Array, "n_cells n_features"]) -> FuzzyGraph:
+        """The fuzzy graph this model trains on (`umap_graph` with the model's settings)."""
+        return umap_graph(
+            x, n_neighbors=self.n_neighbors, set_op_mix_ratio=self.set_op_mix_ratio,
+            local_connectivity=self.local_connectivity,
+        )
+
+    def loss(
+        self,
+        batch: tuple[Int[Array, " batch"], Int[Array, " batch"]],
+        context: tuple[Float[Array, "n_cells n_features"], Float[Array, " n_cells"]],
+        *,
+        key: PRNGKeyArray,
+    ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+        """UMAP loss on a minibatch of edges, in the `fit` form `loss(model, batch, context, *, key)`.
+
+        **Arguments:**
+
+        - `batch`: `(heads, tails)`, the cell indices of edges sampled in proportion to their weight.
+        - `context`: `(x, rho)`: the full `(n_cells, n_features)` input (for the endpoints and the negatives)
+          and the graph's `rho` (scales `input_noise`).
+        - `key`: draws `negative_sample_rate` uniform negatives per edge (and the input noise). (Keyword only
+          argument.)
+        """
+        x, rho = context
+        heads, tails = batch
+        n_edges = heads.shape[0]
+        negative_key, noise_key = jr.split(key)
+        negatives = jr.randint(
+            negative_key, (n_edges * self.negative_sample_rate,), 0, x.shape[0], dtype=heads.dtype
+        )
+        head_x = x[heads]
+        scale = jax.lax.stop_gradient(self.input_noise) * rho[heads] / jnp.sqrt(jnp.asarray(x.shape[1], x.dtype))
+        head_x = head_x + scale[:, None] * jr.normal(noise_key, head_x.shape, dtype=x.dtype)
+        z = self(jnp.concatenate([head_x, x[tails], x[negatives]]))
+        head_z, tail_z, negative_z = z[:n_edges], z[n_edges : 2 * n_edges], z[2 * n_edges :]
+        negative_z = negative_z.reshape(n_edges, self.negative_sample_rate, -1)
+        return umap_loss(
+            head_z, tail_z, negative_z, jax.lax.stop_gradient(self.a), jax.lax.stop_gradient(self.b),
+            repulsion_strength=jax.lax.stop_gradient(self.repulsion_strength),
+        )
+
+    def trainable(self) -> PyTree[bool]:
+        """The `eqx.partition` filter spec training uses: the encoder's float arrays only."""
+        spec = jtu.tree_map(lambda _: False, self)
+        return eqx.tree_at(lambda m: m.encoder, spec, replace=jtu.tree_map(eqx.is_inexact_array, self.encoder))
+
+    def fit(
+        self,
+        x: ArrayLike,
+        *,
+        key: PRNGKeyArray,
+        n_epochs: int | None = None,
+        batch_size: int = 1024,
+        graph: FuzzyGraph | None = None,
+        prune_epochs: int | None = None,
+        optimizer: optax.GradientTransformation | None = None,
+        progress: bool = True,
+    ) -> UMAPFitResult:
+        """Build the fuzzy graph of `x` and train the encoder on it (through the shared `fit` loop).
+
+        **Arguments:**
+
+        - `x`: `(n_cells, n_features)` training cells.
+        - `key`: PRNG key for edge sampling and negatives. (Keyword only argument.)
+        - `n_epochs`: passes of `ceil(n_edges / batch_size)` steps each (one epoch draws as many edges as the
+          graph has slots, `2 * n_cells * n_neighbors`). Default: the number of epochs closest to
+          `default_n_steps` (3,000) optimiser steps, at least one.
+        - `batch_size`: edges per step (umap-learn's parametric default is `min(n_cells, 1000)`).
+        - `graph`: a precomputed `FuzzyGraph` of `x` (e.g. to reuse across runs); built if None.
+        - `prune_epochs`: drop edges with weight below `max / prune_epochs`, as umap-learn does before optimising
+          with its epoch count; default umap-learn's count (`default_n_epochs`: 500 up to 10,000 cells, 200
+          above).
+        - `optimizer`: default `umap_optimizer()` (Adam 1e-3 with gradient clipping at 4, as umap-learn).
+        - `progress`: tqdm bar per epoch.
+
+        **Returns:** a `UMAPFitResult`.
+        """
+        x = jnp.asarray(check_embedding(x, n_dims=self.n_features))
+        if x.shape[0] <= self.n_neighbors:
+            raise ValueError(f"x: need more than n_neighbors={self.n_neighbors} cells, got {x.shape[0]}")
+        if graph is None:
+            graph = self.graph(x)
+        if n_epochs is None:
+            steps_per_epoch = -(-graph.weights.shape[0] // min(batch_size, graph.weights.shape[0]))
+            n_epochs = max(1, round(DEFAULT_N_STEPS / steps_per_epoch))
+        if prune_epochs is None:
+            prune_epochs = default_n_epochs(x.shape[0])
+        weights = prune_weights(graph.weights, prune_epochs)
+        result = fit(
+            self, ParametricUMAP.loss, (graph.heads, graph.tails), key=key, n_epochs=n_epochs,
+            batch_size=batch_size, context=(x, graph.rho.astype(x.dtype)),
+            optimizer=umap_optimizer() if optimizer is None else optimizer, row_weights=weights,
+            trainable=self.trainable(), progress=progress, description="parametric UMAP",
+        )
+        return UMAPFitResult(result.model, graph, result.train_loss)

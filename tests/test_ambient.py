@@ -1,0 +1,375 @@
+"""Ambient RNA removal: pure maths, the stage's contract, profile estimation and recovery of known contamination.
+
+The recovery tests use the package simulator with a known contamination level. Each group's markers (genes
+up-regulated in that group only) are zeroed in the other groups' true counts, so the ambient RNA (the pooled
+expression, as lysed cells release it) carries genes that those groups do not express: the setting CellBender's
+model is built for, and the one where the contamination fraction is identifiable from the cells alone.
+"""
+
+import functools
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jaxtyping
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.stats
+
+from helpers import tree_allclose
+
+import diffbio_eqx as dx
+from diffbio_eqx._ambient import (
+    ambient_count_log_likelihood,
+    ambient_log_rates,
+    cell_share,
+    contamination_fraction,
+    gaussian_kl_to_prior,
+    gaussian_negative_log_density,
+    log_fractions,
+    posterior_cell_counts,
+    refine_logit_fraction,
+    round_cell_counts,
+    safe_log_profile,
+)
+
+
+N_CELLS, N_GENES, N_GROUPS = 600, 300, 4
+
+
+@functools.cache
+def marker_data(level: float, seed: int = 1) -> dict[str, np.ndarray]:
+    """Simulated counts at mean contamination `level`, with group markers absent from the other groups."""
+    sim = dx.simulate(
+        jr.key(seed), n_cells=N_CELLS, n_genes=N_GENES, n_groups=N_GROUPS, contamination=level,
+        de_prob=0.2, de_fac_loc=1.0,
+    )
+    de = np.asarray(sim.de_factors)
+    groups = np.asarray(sim.groups)
+    only_here = (de > 1.0) & (np.sum(de != 1.0, axis=0, keepdims=True) == 1)  # up in exactly one group
+    marker_of = np.where(only_here.any(axis=0), only_here.argmax(axis=0), -1)
+    present = (marker_of[None, :] == -1) | (marker_of[None, :] == np.arange(N_GROUPS)[:, None])
+    true = np.asarray(sim.true_counts) * present[groups]
+    ambient = np.asarray(sim.ambient_counts)
+    counts = true + ambient
+    return {
+        "counts": counts,
+        "true": true,
+        "fraction": ambient.sum(1) / counts.sum(1),
+        "profile": np.asarray(sim.ambient_profile),
+        "absent": ~present[groups],  # (n_cells, n_genes): genes the cell's group does not express
+    }
+
+
+@functools.cache
+def fitted(level: float) -> tuple[dict[str, np.ndarray], dx.AmbientResult]:
+    data = marker_data(level)
+    stage = dx.AmbientRemoval(N_GENES, dtype=jnp.float32, key=jr.key(2))
+    result = dx.fit_ambient_removal(stage, data["counts"], data["profile"], key=jr.key(3), progress=False)
+    return data, dx.remove_ambient(result.model, data["counts"], data["profile"], integer=False)
+
+
+def _rates(getkey, n_cells=7, n_genes=11, dtype=jnp.float64):
+    logits = jr.normal(getkey(), (n_cells, n_genes), dtype=dtype)
+    profile = jr.uniform(getkey(), (n_genes,), dtype=dtype)
+    log_total = jnp.log(jr.uniform(getkey(), (n_cells,), dtype=dtype, minval=100.0, maxval=1000.0))
+    logit_f = jr.normal(getkey(), (n_cells,), dtype=dtype) - 2.0
+    return log_total, logit_f, jax.nn.log_softmax(logits, axis=-1), safe_log_profile(profile)
+
+
+# ---- pure functions -------------------------------------------------------------------------------------------
+
+
+def test_rates_shapes_and_totals(getkey):
+    log_total, logit_f, log_cell_profile, log_profile = _rates(getkey)
+    log_mu, log_lam = ambient_log_rates(log_total, logit_f, log_cell_profile, log_profile)
+    assert log_mu.shape == log_lam.shape == (7, 11)
+    f = jax.nn.sigmoid(logit_f)
+    total = jnp.exp(log_total)
+    # cell part sums to (1 - f) T, ambient part to f T
+    np.testing.assert_allclose(jnp.sum(jnp.exp(log_mu), -1), (1 - f) * total, rtol=1e-10)
+    np.testing.assert_allclose(jnp.sum(jnp.exp(log_lam), -1), f * total, rtol=1e-10)
+    log_f, log_1mf = log_fractions(logit_f)
+    np.testing.assert_allclose(log_f, jnp.log(f), rtol=1e-12)
+    np.testing.assert_allclose(log_1mf, jnp.log1p(-f), rtol=1e-12)
+
+
+def test_zero_profile_entries_are_finite(getkey):
+    profile = jnp.array([0.0, 0.5, 0.5, 0.0])
+    log_profile = safe_log_profile(profile)
+    assert jnp.all(jnp.isfinite(log_profile))
+    log_mu, log_lam = ambient_log_rates(
+        jnp.zeros(2), jnp.zeros(2), jnp.log(jnp.full((2, 4), 0.25)), log_profile
+    )
+    share = cell_share(log_mu, log_lam)
+    np.testing.assert_allclose(share[:, [0, 3]], 1.0)  # no ambient on genes the profile lacks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_posterior_counts_bounded_and_integer(seed):
+    key = jr.key(seed)
+    k1, k2, k3, k4 = jr.split(key, 4)
+    counts = jr.poisson(k1, 3.0, (20, 15)).astype(jnp.float64)
+    log_mu = jr.normal(k2, (20, 15), dtype=jnp.float64)
+    log_lam = jr.normal(k3, (20, 15), dtype=jnp.float64)
+    cells = posterior_cell_counts(counts, log_mu, log_lam)
+    assert jnp.all(cells >= 0) and jnp.all(cells <= counts)
+    np.testing.assert_allclose(cells, counts * jnp.exp(log_mu) / (jnp.exp(log_mu) + jnp.exp(log_lam)), rtol=1e-12)
+    whole = round_cell_counts(counts, cells)
+    assert jnp.all(whole == jnp.round(whole)) and jnp.all(whole >= 0) and jnp.all(whole <= counts)
+    assert jnp.max(jnp.abs(whole - cells)) <= 0.5
+    # non-integer counts: the cap keeps rounded values below the observed ones
+    frac_counts = counts + 0.6 * (counts > 0).astype(counts.dtype) * jr.uniform(k4, counts.shape, dtype=jnp.float64)
+    assert jnp.all(round_cell_counts(frac_counts, 0.999 * frac_counts) <= frac_counts)
+    removed = contamination_fraction(counts, cells)
+    assert removed.shape == (20,) and jnp.all((removed >= 0) & (removed <= 1))
+    np.testing.assert_allclose(contamination_fraction(jnp.zeros((2, 3)), jnp.zeros((2, 3))), 0.0)
+
+
+def test_gaussian_kl_matches_closed_form(getkey):
+    m, lv = jr.normal(getkey(), (5, 3)), jr.normal(getkey(), (5, 3))
+    m0, lv0 = jnp.asarray(0.3), jnp.asarray(-0.5)
+    kl = gaussian_kl_to_prior(m, lv, m0[None, None], lv0[None, None])
+    v, v0 = jnp.exp(lv), jnp.exp(lv0)
+    expected = jnp.sum(0.5 * jnp.log(v0 / v) + (v + (m - m0) ** 2) / (2 * v0) - 0.5, axis=-1)
+    np.testing.assert_allclose(kl, expected, rtol=1e-10)
+    np.testing.assert_allclose(gaussian_kl_to_prior(m, lv, m, lv), 0.0, atol=1e-12)
+    x = jr.normal(getkey(), (6,))
+    np.testing.assert_allclose(
+        gaussian_negative_log_density(x, m0, lv0), -scipy.stats.norm.logpdf(x, 0.3, np.exp(-0.25)), rtol=1e-10
+    )
+
+
+@pytest.mark.parametrize("true_fraction", [0.0, 0.03, 0.2, 0.6])
+def test_em_refinement_recovers_known_fraction(getkey, true_fraction):
+    """Counts equal to their expectation under known profiles: EM must find the fraction that made them."""
+    n_genes = 50
+    cell_profile = jax.nn.softmax(2.0 * jr.normal(getkey(), (3, n_genes)), axis=-1)
+    cell_profile = cell_profile.at[:, :10].set(0.0)  # genes the cells lack (as markers of other types)
+    cell_profile = cell_profile / jnp.sum(cell_profile, -1, keepdims=True)
+    ambient = jax.nn.softmax(jr.normal(getkey(), (n_genes,)))
+    counts = 1000.0 * ((1 - true_fraction) * cell_profile + true_fraction * ambient[None, :])
+    log_cell_profile = jnp.log(jnp.maximum(cell_profile, 1e-300))
+    logit, trace = refine_logit_fraction(
+        counts, log_cell_profile, safe_log_profile(ambient), jnp.zeros(3), n_steps=200
+    )
+    assert trace.shape == (200, 3)
+    np.testing.assert_allclose(jax.nn.sigmoid(logit), true_fraction, atol=1e-4)
+
+    def mixture_log_likelihood(f):
+        rates = (1 - f)[:, None] * cell_profile + f[:, None] * ambient[None, :]
+        return jnp.sum(counts * jnp.log(jnp.maximum(rates, 1e-300)), -1)
+
+    values = jax.vmap(mixture_log_likelihood)(trace)
+    assert jnp.all(jnp.diff(values, axis=0) >= -1e-8 * jnp.abs(values[1:]))  # EM never decreases it
+
+
+def test_likelihood_gradient_matches_finite_difference(getkey):
+    log_total, logit_f, log_cell_profile, log_profile = _rates(getkey)
+    counts = jr.poisson(getkey(), 5.0, log_cell_profile.shape).astype(jnp.float64)
+    log_theta = jnp.log(jr.uniform(getkey(), (11,), dtype=jnp.float64, minval=1.0, maxval=20.0))
+
+    def objective(logit_f, log_cell_profile):
+        log_mu, log_lam = ambient_log_rates(log_total, logit_f, log_cell_profile, log_profile)
+        return jnp.sum(ambient_count_log_likelihood(counts, log_mu, log_lam, log_theta))
+
+    grads = jax.grad(objective, argnums=(0, 1))(logit_f, log_cell_profile)
+    assert all(jnp.all(jnp.isfinite(g)) for g in grads)
+    eps = 1e-6
+    for index, (x, g) in enumerate(zip((logit_f, log_cell_profile), grads)):
+        v = jr.normal(getkey(), x.shape, dtype=x.dtype)
+        v = v / jnp.linalg.norm(v)
+        args_plus = [logit_f, log_cell_profile]
+        args_minus = [logit_f, log_cell_profile]
+        args_plus[index] = x + eps * v
+        args_minus[index] = x - eps * v
+        fd = (objective(*args_plus) - objective(*args_minus)) / (2 * eps)
+        np.testing.assert_allclose(jnp.vdot(g, v), fd, rtol=1e-6)
+
+
+# ---- the stage ------------------------------------------------------------------------------------------------
+
+
+def _small_stage_and_data(dtype=jnp.float64):
+    sim = dx.simulate(jr.key(5), n_cells=64, n_genes=40, contamination=0.1)
+    stage = dx.AmbientRemoval(40, latent_dim=4, hidden_dim=16, dtype=dtype, key=jr.key(6))
+    return stage, sim.counts.astype(dtype), sim.ambient_profile.astype(dtype)
+
+
+@eqx.filter_jit
+def _call(stage, counts, profile, **kwargs):
+    return stage(counts, profile, **kwargs)
+
+
+def test_stage_call_contract_and_shapes():
+    stage, counts, profile = _small_stage_and_data()
+    out = _call(stage, counts, profile)
+    assert out.decontaminated_counts.shape == counts.shape
+    assert out.contamination_fraction.shape == out.ambient_fraction.shape == (64,)
+    assert out.latent.shape == (64, 4)
+    assert jnp.all(out.decontaminated_counts >= 0) and jnp.all(out.decontaminated_counts <= counts)
+    assert out["decontaminated_counts"] is out.decontaminated_counts
+    sampled = _call(stage, counts, profile, key=jr.key(0))
+    assert not jnp.allclose(sampled.latent, out.latent)
+    assert tree_allclose(_call(stage, counts, profile, key=jr.key(0), inference=True), out)
+    whole = _call(stage, counts, profile, integer=True).decontaminated_counts
+    assert jnp.all(whole == jnp.round(whole)) and jnp.all(whole <= counts)
+
+
+def test_jit_matches_eager_forward_and_gradient():
+    stage, counts, profile = _small_stage_and_data()
+    eager = stage(counts, profile)
+    jitted = _call(stage, counts, profile)
+    assert tree_allclose(eager, jitted, rtol=1e-10, atol=1e-10)
+
+    def loss(s):
+        return s.loss(counts, profile, key=jr.key(1))[0]
+
+    value, aux = stage.loss(counts, profile, key=jr.key(1))
+    assert value.shape == () and jnp.isfinite(value)
+    assert set(aux) == {"reconstruction", "kl_latent", "prior_fraction", "ambient_fraction"}
+    g_eager = eqx.filter_grad(loss)(stage)
+    g_jit = eqx.filter_jit(eqx.filter_grad(loss))(stage)
+    assert tree_allclose(g_eager, g_jit, rtol=1e-8, atol=1e-10)
+    leaves = jax.tree_util.tree_leaves(eqx.filter(g_eager, eqx.is_inexact_array))
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
+
+
+def test_float32_flows_through():
+    stage, counts, profile = _small_stage_and_data(jnp.float32)
+    out = _call(stage, counts, profile)
+    assert out.decontaminated_counts.dtype == out.contamination_fraction.dtype == jnp.float32
+    loss_fn = lambda s: s.loss(counts, profile, key=jr.key(0))[0]
+    loss, grads = eqx.filter_jit(eqx.filter_value_and_grad(loss_fn))(stage)
+    assert loss.dtype == jnp.float32
+    assert grads.decoder_out.weight.dtype == jnp.float32
+    assert jnp.all(jnp.isfinite(grads.decoder_out.weight))
+
+
+def test_bad_input():
+    stage, counts, profile = _small_stage_and_data()
+    with pytest.raises(ValueError, match="counts: expected shape"):
+        stage(counts[:, :-1], profile[:-1])  # consistent, but not the model's genes
+    with pytest.raises(jaxtyping.TypeCheckError):
+        stage(counts, profile[:-1])  # inconsistent n_genes
+    with pytest.raises((ValueError, RuntimeError), match="counts: must be finite"):
+        _call(stage, counts.at[0, 0].set(-1.0), profile)
+    with pytest.raises((ValueError, RuntimeError), match="ambient_profile: must be"):
+        _call(stage, counts, jnp.zeros_like(profile))
+    # the public entry points check user data before any numerics
+    np_counts, np_profile = np.asarray(counts), np.asarray(profile)
+    with pytest.raises(ValueError, match="negative"):
+        dx.remove_ambient(stage, np.where(np.arange(40) == 3, -1.0, np_counts), np_profile)
+    with pytest.raises(ValueError, match="all zeros"):
+        dx.remove_ambient(stage, np_counts, np.zeros(40))
+    with pytest.raises(ValueError, match="one value per gene"):
+        dx.fit_ambient_removal(stage, np_counts, np_profile[:10], key=jr.key(0), n_epochs=1, progress=False)
+    with pytest.raises(ValueError, match="genes but the model"):
+        dx.fit_ambient_removal(stage, np_counts[:, :30], key=jr.key(0), n_epochs=1, progress=False)
+    with pytest.raises(ValueError, match="negative value"):
+        dx.remove_ambient(stage, np_counts, np.where(np.arange(40) == 0, -0.1, np_profile))
+    with pytest.raises(ValueError, match="zero total"):
+        dx.remove_ambient(stage, np.zeros((3, 40)), np_profile)
+    with pytest.raises(ValueError, match="n_refine_steps"):
+        dx.AmbientRemoval(40, n_refine_steps=-1, key=jr.key(0))
+
+
+# ---- the ambient profile --------------------------------------------------------------------------------------
+
+
+def _raw_matrix(seed=0):
+    """Cells from the simulator plus empty droplets holding a few dozen ambient molecules each."""
+    data = marker_data(0.1)
+    rng = np.random.default_rng(seed)
+    sizes = np.exp(rng.normal(np.log(40.0), 0.6, 4000))
+    empties = rng.poisson(sizes[:, None] * data["profile"][None, :])
+    return sp.csr_matrix(np.concatenate([data["counts"], empties]).astype(np.float32)), data
+
+
+def test_estimate_ambient_profile_from_empty_droplets():
+    raw, data = _raw_matrix()
+    cutoff = dx.empty_droplet_threshold(np.asarray(raw.sum(1)).ravel())
+    totals = data["counts"].sum(1)
+    assert cutoff < totals.min()  # every cell lies above the cutoff
+    profile = dx.estimate_ambient_profile(raw)
+    assert profile.shape == (N_GENES,) and profile.dtype == np.float32
+    np.testing.assert_allclose(profile.sum(), 1.0, rtol=1e-5)
+    truth = data["profile"]
+    cosine = profile @ truth / np.linalg.norm(profile) / np.linalg.norm(truth)
+    assert cosine > 0.995
+    assert 0.5 * np.abs(profile - truth).sum() < 0.05  # total variation distance
+    with pytest.raises(ValueError, match="empty droplets"):
+        dx.estimate_ambient_profile(raw, max_total=1.0, min_droplets=10_000)
+
+
+def test_resolve_profile_says_which():
+    raw, data = _raw_matrix()
+    counts = data["counts"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        given = dx.resolve_ambient_profile(counts, data["profile"])  # no warning
+    np.testing.assert_allclose(given, data["profile"], rtol=1e-5)
+    with pytest.warns(dx.AmbientProfileWarning, match="empty droplets of raw_counts"):
+        from_raw = dx.resolve_ambient_profile(counts, raw_counts=raw)
+    np.testing.assert_allclose(from_raw, dx.estimate_ambient_profile(raw), rtol=1e-6)
+    with pytest.warns(dx.AmbientProfileWarning, match="pooled counts of the cells"):
+        pooled = dx.resolve_ambient_profile(counts)
+    np.testing.assert_allclose(pooled, counts.sum(0) / counts.sum(), rtol=1e-5)
+
+
+def test_fit_on_sparse_counts_with_profile_from_raw(tmp_path):
+    raw, data = _raw_matrix()
+    stage = dx.AmbientRemoval(N_GENES, latent_dim=4, hidden_dim=16, dtype=jnp.float32, key=jr.key(0))
+    cells = sp.csr_matrix(data["counts"][:200])
+    with pytest.warns(dx.AmbientProfileWarning, match="empty droplets"):
+        result = dx.fit_ambient_removal(
+            stage, cells, raw_counts=raw, key=jr.key(1), n_epochs=2, progress=False,
+            checkpoint_path=tmp_path / "ambient.eqx",
+        )
+    assert result.train_loss.shape == (2,) and np.all(np.isfinite(result.train_loss))
+    assert (tmp_path / "ambient.eqx").exists()
+    with pytest.warns(dx.AmbientProfileWarning, match="empty droplets"):
+        out = dx.remove_ambient(result.model, cells, raw_counts=raw, chunk_size=64)
+    assert out.decontaminated_counts.shape == (200, N_GENES)
+    dense = dx.remove_ambient(result.model, data["counts"][:200], dx.estimate_ambient_profile(raw))
+    assert tree_allclose(out, dense, rtol=1e-5, atol=1e-5)
+
+
+# ---- recovery of known contamination --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", [0.02, 0.1, 0.2, 0.3])
+def test_recovers_known_contamination(level):
+    data, out = fitted(level)
+    estimate = np.asarray(out.contamination_fraction)
+    truth = data["fraction"]
+    correlation = np.corrcoef(estimate, truth)[0, 1]
+    mae = np.mean(np.abs(estimate - truth))
+    print(f"level {level}: correlation {correlation:.3f}, MAE {mae:.4f}")
+    assert correlation >= 0.8, correlation
+    assert mae <= 0.03, mae
+    cells = np.asarray(out.decontaminated_counts)
+    counts, true = data["counts"], data["true"]
+    assert np.all(cells >= 0) and np.all(cells <= counts + 1e-3)
+    # mean squared error against the true cell counts (the error the posterior mean minimises)
+    ratio = np.mean((cells - true) ** 2) / np.mean((counts - true) ** 2)
+    l1_ratio = np.abs(cells - true).sum() / np.abs(counts - true).sum()
+    print(f"level {level}: MSE ratio {ratio:.3f}, L1 ratio {l1_ratio:.3f}")
+    assert ratio <= 0.5, ratio
+    # genes the cell's group does not express keep at most 30% of their counts
+    absent = data["absent"]
+    kept = (cells * absent).sum() / (counts * absent).sum()
+    print(f"level {level}: absent genes keep {kept:.3f} of their counts")
+    assert kept <= 0.3, kept
+
+
+@pytest.mark.slow
+def test_zero_contamination_removes_almost_nothing():
+    data, out = fitted(0.0)
+    removed = 1.0 - float(np.sum(out.decontaminated_counts)) / float(np.sum(data["counts"]))
+    print(f"zero contamination: removed {removed:.5f} of the counts")
+    assert removed < 0.01, removed

@@ -1,0 +1,252 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jaxtyping
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+
+import diffbio_eqx as dx
+
+from helpers import log_normalized_pca
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    sim = dx.simulate(jr.key(0), n_cells=600, n_genes=300, n_groups=5)
+    x = log_normalized_pca(np.asarray(sim.counts), 20)
+    return jnp.asarray(x), np.asarray(sim.groups)
+
+
+def _per_cell_scale(x):
+    # Mean squared distance to the data mean / 10: a natural unit for temperatures on this data.
+    return float(jnp.mean(jnp.sum((x - x.mean(0, keepdims=True)) ** 2, axis=1))) / 10
+
+
+def test_squared_distances_matches_scipy(getkey):
+    x = jr.normal(getkey(), (30, 4))
+    y = jr.normal(getkey(), (7, 4))
+    d = dx.squared_distances(x, y)
+    assert d.shape == (30, 7)
+    np.testing.assert_allclose(d, cdist(np.asarray(x), np.asarray(y), "sqeuclidean"), rtol=1e-10, atol=1e-12)
+    with pytest.raises(jaxtyping.TypeCheckError):
+        dx.squared_distances(x, jr.normal(getkey(), (7, 3)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_soft_assign_properties(seed):
+    kx, kc, kp = jr.split(jr.key(seed), 3)
+    x = jr.normal(kx, (50, 3))
+    c = jr.normal(kc, (4, 3))
+    r = dx.soft_assign(x, c, 0.7)
+    assert r.shape == (50, 4)
+    np.testing.assert_allclose(r.sum(1), 1.0, rtol=1e-12)
+    assert bool(jnp.all(r >= 0))
+    perm = jr.permutation(kp, 50)
+    np.testing.assert_allclose(dx.soft_assign(x[perm], c, 0.7), r[perm], rtol=1e-12)
+    cluster_perm = jnp.array([2, 0, 3, 1])
+    np.testing.assert_allclose(dx.soft_assign(x, c[cluster_perm], 0.7), r[:, cluster_perm], rtol=1e-12)
+    # Free energy: invariant to relabelling, and equal to its two-term form at the optimal responsibilities.
+    f = dx.free_energy(x, c, 0.7)
+    np.testing.assert_allclose(dx.free_energy(x, c[cluster_perm], 0.7), f, rtol=1e-12)
+    two_term = jnp.sum(r * dx.squared_distances(x, c)) + 0.7 * jnp.sum(r * jnp.log(r))
+    np.testing.assert_allclose(f, two_term, rtol=1e-10)
+    # T -> 0 gives hard assignments and the inertia.
+    np.testing.assert_array_equal(jnp.argmax(dx.soft_assign(x, c, 1e-6), 1), dx.hard_assign(x, c))
+    np.testing.assert_allclose(dx.free_energy(x, c, 1e-9), dx.inertia(x, c), rtol=1e-6)
+
+
+def test_update_centroids_is_weighted_mean(getkey):
+    x = jr.normal(getkey(), (40, 3))
+    labels = jr.randint(getkey(), (40,), 0, 3)
+    c = dx.update_centroids(x, jax.nn.one_hot(labels, 3, dtype=x.dtype))
+    for k in range(3):
+        np.testing.assert_allclose(c[k], x[labels == k].mean(0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_objective_trace_never_increases(simulated, seed):
+    x, _ = simulated
+    init = dx.kmeans_plus_plus(x, 6, key=jr.key(seed))
+    result = dx.soft_kmeans(x, init, _per_cell_scale(x) * 0.3, n_iter=30, tol=0.0)
+    trace = np.asarray(result.objective)
+    assert trace.shape == (30,)
+    assert np.all(np.diff(trace) <= 1e-9 * np.abs(trace[1:]))
+    assert float(dx.free_energy(x, result.centroids, _per_cell_scale(x) * 0.3)) == pytest.approx(trace[-1])
+
+
+def test_kmeans_plus_plus(simulated):
+    x, _ = simulated
+    xs = np.asarray(x)
+    plus, uniform = [], []
+    for seed in range(5):
+        init = dx.kmeans_plus_plus(x, 8, key=jr.key(seed))
+        assert init.shape == (8, 20)
+        rows = np.argmin(cdist(np.asarray(init), xs), axis=1)
+        np.testing.assert_array_equal(np.asarray(init), xs[rows])  # centroids are cells
+        assert len(set(rows.tolist())) == 8
+        plus.append(float(dx.inertia(x, init)))
+        uniform.append(float(dx.inertia(x, x[jr.choice(jr.key(seed), 600, (8,), replace=False)])))
+    assert np.mean(plus) < np.mean(uniform)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_low_temperature_matches_sklearn_inertia(simulated, seed):
+    x, _ = simulated
+    for n_clusters in (5, 12):
+        init = dx.kmeans_plus_plus(x, n_clusters, key=jr.key(seed))
+        reference = KMeans(n_clusters, init=np.asarray(init), n_init=1, max_iter=300, tol=0).fit(np.asarray(x))
+        temperature = _per_cell_scale(x) * 1e-3
+        ours = dx.soft_kmeans(x, init, temperature, n_iter=100)
+        ratio = float(dx.inertia(x, ours.centroids)) / reference.inertia_
+        assert ratio <= 1.01, ratio
+        # Annealed from a moderate temperature, too.
+        schedule = dx.annealing_schedule(_per_cell_scale(x), temperature, 100, n_hold=25)
+        annealed = dx.soft_kmeans(x, init, schedule, n_iter=100)
+        assert float(dx.inertia(x, annealed.centroids)) / reference.inertia_ <= 1.01
+
+
+def test_stage_ari_against_simulated_groups(simulated):
+    x, groups = simulated
+    stage = dx.SoftKMeans.from_data(x, 5, key=jr.key(3), temperature=_per_cell_scale(x) * 0.01)
+    labels = np.asarray(stage.hard_assign(x))
+    ari = adjusted_rand_score(groups, labels)
+    assert ari >= 0.9, ari
+    annealed = dx.SoftKMeans.from_data(
+        x, 5, key=jr.key(3), temperature=_per_cell_scale(x) * 0.01, start_temperature=_per_cell_scale(x)
+    )
+    assert adjusted_rand_score(groups, np.asarray(annealed.hard_assign(x))) >= 0.9
+    resp = stage(x)
+    assert resp.shape == (600, 5)
+    np.testing.assert_allclose(resp.sum(1), 1.0, rtol=1e-12)
+
+
+def _directional_fd(f, p, v, eps=1e-5):
+    return (f(p + eps * v) - f(p - eps * v)) / (2 * eps)
+
+
+def test_gradients_flow_to_centroids_and_temperature(simulated, getkey):
+    x, _ = simulated
+    x = x[:200]
+    stage = dx.SoftKMeans(dx.kmeans_plus_plus(x, 4, key=getkey()), temperature=_per_cell_scale(x))
+    weights = jr.normal(getkey(), (200, 4))
+
+    @eqx.filter_jit
+    def loss(s):
+        return jnp.sum(weights * s(x)) + s.loss(x)[0]
+
+    grads = eqx.filter_grad(loss)(stage)
+    assert float(jnp.abs(grads.temperature)) > 0
+    assert float(jnp.linalg.norm(grads.centroids)) > 0
+    v = jr.normal(getkey(), stage.centroids.shape)
+    v = v / jnp.linalg.norm(v)
+    fd = _directional_fd(lambda c: loss(eqx.tree_at(lambda s: s.centroids, stage, c)), stage.centroids, v)
+    np.testing.assert_allclose(jnp.vdot(grads.centroids, v), fd, rtol=1e-6)
+    fd_t = _directional_fd(lambda t: loss(eqx.tree_at(lambda s: s.temperature, stage, t)), stage.temperature, 1.0)
+    np.testing.assert_allclose(grads.temperature, fd_t, rtol=1e-6)
+
+    # Through the whole soft k-means iteration, in the initial centroids and the temperature.
+    init = stage.centroids
+
+    @jax.jit
+    def through(c, t):
+        return dx.free_energy(x, dx.soft_kmeans(x, c, t, n_iter=5, tol=0.0).centroids, t)
+
+    g_c, g_t = jax.grad(through, argnums=(0, 1))(init, stage.temperature)
+    fd = _directional_fd(lambda c: through(c, stage.temperature), init, v)
+    np.testing.assert_allclose(jnp.vdot(g_c, v), fd, rtol=1e-5)
+    fd_t = _directional_fd(lambda t: through(init, t), stage.temperature, 1.0)
+    np.testing.assert_allclose(g_t, fd_t, rtol=1e-5)
+
+
+def test_vmap_over_temperatures_and_keys_equals_loop_without_recompiles(simulated):
+    x, _ = simulated
+    x = x[:300]
+    init = dx.kmeans_plus_plus(x, 4, key=jr.key(0))
+    scale = _per_cell_scale(x)
+    temperatures = jnp.asarray([0.01, 0.1, 1.0, 3.0]) * scale
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def run(t):
+        return dx.soft_kmeans(x, init, t, n_iter=20)
+
+    loop = [run(t) for t in temperatures]  # one trace for all temperatures
+    swept = jax.jit(jax.vmap(lambda t: dx.soft_kmeans(x, init, t, n_iter=20)))(temperatures)
+    assert swept.centroids.shape == (4, 4, 20)
+    for i, single in enumerate(loop):
+        assert bool(eqx.tree_equal(jax.tree.map(lambda a: a[i], swept), single, rtol=1e-10, atol=1e-10))
+
+    keys = jr.split(jr.key(1), 3)
+    by_key = jax.vmap(lambda k: dx.kmeans_plus_plus(x, 4, key=k))(keys)
+    for i in range(3):
+        np.testing.assert_allclose(by_key[i], dx.kmeans_plus_plus(x, 4, key=keys[i]))
+
+    stages = eqx.filter_vmap(lambda t: dx.SoftKMeans(init, temperature=t))(temperatures)
+    outs = eqx.filter_vmap(lambda s: s(x), in_axes=eqx.if_array(0))(stages)
+    assert outs.shape == (4, 300, 4)
+    np.testing.assert_allclose(outs[2], dx.SoftKMeans(init, temperature=temperatures[2])(x), rtol=1e-12)
+
+
+def test_error_paths(getkey):
+    x = jr.normal(getkey(), (10, 2))
+    with pytest.raises(ValueError, match="n_clusters"):
+        dx.SoftKMeans.from_data(x, 11, key=getkey())
+    with pytest.raises(ValueError, match="n_clusters"):
+        dx.SoftKMeans.from_data(x, 0, key=getkey())
+    with pytest.raises(ValueError, match="non-finite"):
+        dx.SoftKMeans.from_data(x.at[3, 1].set(jnp.nan), 2, key=getkey())
+    bad = dx.SoftKMeans(x[:3], temperature=-1.0)
+    with pytest.raises((ValueError, RuntimeError), match="temperature"):
+        jax.jit(lambda s: s(x))(bad)
+    stacked = eqx.filter_vmap(lambda t: dx.SoftKMeans(x[:3], temperature=t))(jnp.asarray([1.0, -1.0]))
+    with pytest.raises((ValueError, RuntimeError), match="temperature"):
+        eqx.filter_vmap(lambda s: s(x), in_axes=eqx.if_array(0))(stacked)
+    with pytest.raises((ValueError, RuntimeError), match="temperature"):
+        dx.ClusteringCompactnessLoss(temperature=0.0)(x, x[:3])
+
+
+def test_float32_flows_through():
+    with jax.enable_x64(False):
+        sim = dx.simulate(jr.key(0), n_cells=300, n_genes=200, n_groups=3)
+        x = jnp.asarray(log_normalized_pca(np.asarray(sim.counts), 10), dtype=jnp.float32)
+        temperature = _per_cell_scale(x) * 0.01
+        stage = dx.SoftKMeans.from_data(x, 3, key=jr.key(1), temperature=temperature)
+        assert stage.centroids.dtype == jnp.float32
+        assert stage.temperature.dtype == jnp.float32
+        assert stage(x).dtype == jnp.float32
+        assert stage.loss(x)[0].dtype == jnp.float32
+        init = dx.kmeans_plus_plus(x, 3, key=jr.key(1))
+        reference = KMeans(3, init=np.asarray(init), n_init=1, max_iter=300, tol=0).fit(np.asarray(x))
+        assert float(dx.inertia(x, stage.centroids)) <= 1.01 * reference.inertia_
+
+
+def test_clustering_compactness_loss_matches_formula(getkey):
+    x = jr.normal(getkey(), (60, 3))
+    c = jr.normal(getkey(), (4, 3))
+    loss, aux = dx.clustering_compactness_loss(x, c, 0.5, 0.3)
+    xs, cs = np.asarray(x), np.asarray(c)
+    d = cdist(xs, cs, "sqeuclidean")
+    r = np.exp(-d / 0.5)
+    r /= r.sum(1, keepdims=True)
+    s = np.mean(np.sum((xs - xs.mean(0)) ** 2, 1))
+    compactness = np.mean(np.sum(r * d, 1)) / s
+    dc = cdist(cs, cs, "sqeuclidean")
+    separation = np.sum((1 - np.eye(4)) / (1 + dc / s)) / 12
+    np.testing.assert_allclose(aux["compactness"], compactness, rtol=1e-10)
+    np.testing.assert_allclose(aux["separation"], separation, rtol=1e-10)
+    np.testing.assert_allclose(loss, compactness + 0.3 * separation, rtol=1e-10)
+    module = dx.ClusteringCompactnessLoss(temperature=0.5, separation_weight=0.3)
+    np.testing.assert_allclose(module(x, c)[0], loss, rtol=1e-12)
+    # Scale-free, and spreading the centroids lowers the separation term.
+    np.testing.assert_allclose(dx.clustering_compactness_loss(3 * x, 3 * c, 4.5, 0.3)[0], loss, rtol=1e-10)
+    assert dx.clustering_compactness_loss(x, 2 * c, 0.5, 0.3)[1]["separation"] < aux["separation"]
+    assert float(dx.clustering_compactness_loss(x, c[:1], 0.5, 0.3)[1]["separation"]) == 0.0
+    v = jr.normal(getkey(), c.shape)
+    v = v / jnp.linalg.norm(v)
+    grad = jax.grad(lambda cc: dx.clustering_compactness_loss(x, cc, 0.5, 0.3)[0])(c)
+    fd = _directional_fd(lambda cc: dx.clustering_compactness_loss(x, cc, 0.5, 0.3)[0], c, v)
+    np.testing.assert_allclose(jnp.vdot(grad, v), fd, rtol=1e-6)

@@ -1,0 +1,224 @@
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+from helpers import tree_identical
+from sklearn.metrics import adjusted_rand_score
+
+import diffbio_eqx as dbx
+from diffbio_eqx import (
+    create_single_cell_pipeline,
+    fit_pipeline,
+    load_pipeline,
+    pipeline_loss,
+    PipelineLossWeights,
+    run_pipeline,
+    save_pipeline,
+    SingleCellPipeline,
+    SingleCellPipelineConfig,
+)
+
+
+SMALL = dict(latent_dim=10, hidden_dims=(128,), umap_hidden_size=16, umap_depth=2, ambient_hidden_dim=32,
+             ambient_latent_dim=4, batch_correction_clusters=10, batch_correction_iterations=5)
+FAST_FIT = dict(ambient_epochs=15, vae_epochs=150, umap_epochs=5, progress=False)
+
+
+def _data(seed=0, n_cells=400, n_genes=100, n_batches=2, contamination=0.05):
+    sim = dbx.simulate(jr.key(seed), n_cells=n_cells, n_genes=n_genes, n_groups=4, n_batches=n_batches,
+                       contamination=contamination)
+    data = {"counts": np.asarray(sim.counts), "ambient_profile": np.asarray(sim.ambient_profile),
+            "batch_labels": np.asarray(sim.batches)}
+    return data, sim
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data, sim = _data()
+    pipeline = create_single_cell_pipeline(n_genes=100, n_clusters=4, n_batches=2, key=jr.key(1), **SMALL)
+    fitted = fit_pipeline(pipeline, data, key=jr.key(2), **FAST_FIT)
+    return fitted, data, sim
+
+
+def test_config_has_the_seed_defaults():
+    config = SingleCellPipelineConfig()
+    assert (config.n_genes, config.n_clusters, config.latent_dim, config.hidden_dims) == (2000, 10, 64, (128, 64))
+    assert (config.umap_n_components, config.batch_correction_clusters, config.batch_correction_iterations) == (
+        2, 100, 10)
+    assert config.clustering_temperature == 1.0
+    assert config.enable_ambient_removal and config.enable_batch_correction
+    assert config.enable_dim_reduction and config.enable_clustering
+    assert SingleCellPipelineConfig.from_dict(config.to_dict()) == config
+
+
+def test_config_rejects_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="n_clusters: must be a positive integer, got 0"):
+        SingleCellPipelineConfig(n_clusters=0)
+    with pytest.raises(ValueError, match="clustering_temperature: must be > 0"):
+        SingleCellPipelineConfig(clustering_temperature=0.0)
+    with pytest.raises(ValueError, match=r"config: unknown setting\(s\) \['n_gene'\]"):
+        SingleCellPipelineConfig.from_dict({"n_gene": 5})
+    path = tmp_path / "config.toml"
+    path.write_text("[pipeline]\nn_genes = 50\nhidden_dims = [16]\n")
+    assert SingleCellPipelineConfig.from_file(path).hidden_dims == (16,)
+    path.write_text("n_genes = ")
+    with pytest.raises(ValueError, match="could not be parsed"):
+        SingleCellPipelineConfig.from_file(path)
+
+
+def test_stages_are_reachable_and_none_when_disabled():
+    pipeline = create_single_cell_pipeline(n_genes=30, n_clusters=3, key=jr.key(0), **SMALL)
+    assert pipeline.clustering.centroids.shape == (3, 10)
+    assert isinstance(pipeline.vae_normalizer, dbx.VAENormalizer)
+    off = create_single_cell_pipeline(n_genes=30, enable_ambient_removal=False, enable_batch_correction=False,
+                                      enable_dim_reduction=False, enable_clustering=False, key=jr.key(0), **SMALL)
+    assert off.ambient_removal is None and off.batch_correction is None
+    assert off.dim_reduction is None and off.clustering is None
+
+
+def test_output_keys_shapes_and_disabled_stages_pass_through():
+    data, _ = _data(n_cells=120, n_genes=40)
+    pipeline = create_single_cell_pipeline(n_genes=40, n_clusters=3, n_batches=2, key=jr.key(0), **SMALL)
+    out = run_pipeline(pipeline, data, key=jr.key(1))
+    assert out["counts"].shape == (120, 40)
+    assert out["decontaminated_counts"].shape == (120, 40)
+    assert out["normalized"].shape == (120, 40)
+    assert out["latent"].shape == out["corrected_embeddings"].shape == (120, 10)
+    assert out["embeddings_2d"].shape == (120, 2)
+    assert out["cluster_assignments"].shape == (120, 3)
+    np.testing.assert_allclose(np.asarray(out["cluster_assignments"]).sum(1), 1.0, rtol=1e-6)
+    assert np.all(np.asarray(out["decontaminated_counts"]) <= data["counts"] + 1e-9)
+    off = create_single_cell_pipeline(n_genes=40, n_batches=2, enable_ambient_removal=False,
+                                      enable_batch_correction=False, enable_dim_reduction=False,
+                                      enable_clustering=False, key=jr.key(0), **SMALL)
+    out = run_pipeline(off, data, key=jr.key(1))
+    assert "decontaminated_counts" not in out
+    with pytest.raises(KeyError, match="decontaminated_counts"):
+        out["decontaminated_counts"]
+    np.testing.assert_array_equal(out["corrected_embeddings"], out["latent"])
+    np.testing.assert_array_equal(out["embeddings_2d"], out["corrected_embeddings"])
+    np.testing.assert_array_equal(out["cluster_assignments"], out["corrected_embeddings"])
+
+
+def test_bad_input_is_named():
+    data, _ = _data(n_cells=50, n_genes=40)
+    pipeline = create_single_cell_pipeline(n_genes=40, n_clusters=3, n_batches=2, key=jr.key(0), **SMALL)
+    with pytest.raises(ValueError, match="counts: has 40 genes but the model was built for 30"):
+        run_pipeline(create_single_cell_pipeline(n_genes=30, key=jr.key(0), **SMALL), data, key=jr.key(0))
+    bad = dict(data, batch_labels=np.full(50, 2))
+    with pytest.raises(ValueError, match=r"batch_labels: value 2 at cell 0 is out of range \[0, 2\)"):
+        run_pipeline(pipeline, bad, key=jr.key(0))
+    with pytest.raises(ValueError, match="ambient_profile: all zeros"):
+        run_pipeline(pipeline, dict(data, ambient_profile=np.zeros(40)), key=jr.key(0))
+    with pytest.raises(ValueError, match="n_clusters: asked for 3 clusters but there are only 2 cells"):
+        run_pipeline(pipeline, {k: v if k == "ambient_profile" else v[:2] for k, v in data.items()}, key=jr.key(0))
+    with pytest.raises(ValueError, match=r"data: unknown key\(s\) \['count'\]"):
+        run_pipeline(pipeline, {"count": data["counts"]}, key=jr.key(0))
+
+
+def test_training_recovers_groups_and_mixes_batches(trained):
+    fitted, data, sim = trained
+    out = run_pipeline(fitted.pipeline, data, key=jr.key(3))
+    clusters = np.argmax(np.asarray(out["cluster_assignments"]), axis=1)
+    assert adjusted_rand_score(np.asarray(sim.groups), clusters) >= 0.8
+    indices, distances = dbx.exact_knn(out["corrected_embeddings"], out["corrected_embeddings"], 45)
+    mixed = dbx.ilisi(indices, distances, data["batch_labels"])
+    indices, distances = dbx.exact_knn(out["latent"], out["latent"], 45)
+    before = dbx.ilisi(indices, distances, data["batch_labels"])
+    assert mixed >= before - 0.02
+    assert set(fitted.curves) >= {"ambient_removal", "vae_normalizer", "batch_correction", "dim_reduction"}
+    assert fitted.curves["vae_normalizer"]["train"][-1] < fitted.curves["vae_normalizer"]["train"][0]
+
+
+def test_gradients_of_the_pipeline_loss_reach_every_stage(trained):
+    fitted, data, _ = trained
+    pipeline = fitted.pipeline
+    counts = jnp.asarray(data["counts"][:64])
+    profile = jnp.asarray(data["ambient_profile"])
+    labels = jnp.asarray(data["batch_labels"][:64])
+
+    def loss(p):
+        return pipeline_loss(p, counts, profile, labels, key=jr.key(0))[0]
+
+    value, grads = eqx.filter_value_and_grad(loss)(pipeline)
+    assert np.isfinite(float(value))
+
+    def norm(tree):
+        leaves = jtu.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+        return float(sum(jnp.sum(jnp.abs(leaf)) for leaf in leaves))
+
+    for stage in ("ambient_removal", "vae_normalizer", "dim_reduction", "clustering"):
+        assert norm(getattr(grads, stage)) > 0, stage
+    # Without a stored reference Harmony runs on the batch, and its theta gets a gradient too.
+    unreferenced = eqx.tree_at(lambda p: p.harmony_reference, pipeline, None)
+    grads = eqx.filter_grad(loss)(unreferenced)
+    assert float(jnp.abs(grads.batch_correction.theta)) > 0
+
+
+def test_same_key_same_result_and_checkpoint_roundtrip(trained, tmp_path):
+    fitted, data, _ = trained
+    first = run_pipeline(fitted.pipeline, data, key=jr.key(4))
+    second = run_pipeline(fitted.pipeline, data, key=jr.key(4))
+    assert tree_identical(first, second)
+    path = save_pipeline(tmp_path / "pipeline.eqx", fitted.pipeline)
+    loaded = load_pipeline(path)
+    assert tree_identical(run_pipeline(loaded, data, key=jr.key(4)), first)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="could not be read"):
+        load_pipeline(path)
+
+
+def test_new_cells_are_mapped_onto_the_reference(trained):
+    fitted, _, _ = trained
+    # Same key, more cells: gene means, group and batch effects come from the same random streams (their shapes do
+    # not depend on n_cells), so these are new cells of the same biology; the training cells are not among them.
+    fresh = dbx.simulate(jr.key(0), n_cells=600, n_genes=100, n_groups=4, n_batches=2, contamination=0.05)
+    query = {"counts": np.asarray(fresh.counts[400:]), "ambient_profile": np.asarray(fresh.ambient_profile),
+             "batch_labels": np.asarray(fresh.batches[400:])}
+    out = run_pipeline(fitted.pipeline, query, key=jr.key(5))
+    clusters = np.argmax(np.asarray(out["cluster_assignments"]), axis=1)
+    assert adjusted_rand_score(np.asarray(fresh.groups[400:]), clusters) >= 0.7
+
+
+def test_supervised_fine_tuning_lowers_the_cell_type_loss():
+    data, sim = _data(seed=6, n_cells=300, n_genes=60)
+    pipeline = create_single_cell_pipeline(n_genes=60, n_clusters=4, n_batches=2, key=jr.key(7), **SMALL)
+    groups = np.asarray(sim.groups)
+    base = fit_pipeline(pipeline, data, key=jr.key(8), **FAST_FIT)
+    tuned = fit_pipeline(pipeline, data, key=jr.key(8), fine_tune_epochs=5, cell_type_labels=groups,
+                         fine_tune_weights=PipelineLossWeights(supervised=10.0), **FAST_FIT)
+    assert "end_to_end" in tuned.curves
+    curve = tuned.curves["end_to_end"]["train"]
+    assert np.all(np.isfinite(curve)) and curve[-1] < curve[0]
+    del base
+
+
+def test_vmapped_study_equals_the_loop(trained):
+    fitted, data, _ = trained
+    pipeline = eqx.tree_at(lambda p: p.harmony_reference, fitted.pipeline, None)
+    thetas = jnp.array([0.0, 2.0])
+    temperatures = jnp.array([0.5, 2.0])
+
+    def assignments(theta, temperature):
+        p = eqx.tree_at(lambda p: (p.batch_correction.theta, p.clustering.temperature), pipeline,
+                        (theta, temperature))
+        return run_pipeline(p, data, key=jr.key(9))["cluster_assignments"]
+
+    grid = dbx.sweep_pipeline(pipeline, data, key=jr.key(9), theta=thetas, temperature=temperatures)
+    grid = grid["cluster_assignments"]
+    assert grid.shape == (2, 2, 400, 4)
+    for i, theta in enumerate(thetas):
+        for j, temperature in enumerate(temperatures):
+            np.testing.assert_allclose(grid[i, j], assignments(theta, temperature), rtol=1e-5, atol=1e-6)
+
+
+def test_replace_of_config_keeps_it_hashable():
+    config = SingleCellPipelineConfig(n_genes=10)
+    assert hash(config.replace(n_clusters=4)) != hash(config)
+    assert dataclasses.is_dataclass(config)
+    assert isinstance(SingleCellPipeline(config.replace(**SMALL), key=jr.key(0)), eqx.Module)

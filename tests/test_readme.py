@@ -1,0 +1,38 @@
+import pathlib
+import re
+import warnings
+
+import pytest
+
+import diffbio_eqx as dbx
+
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_has_the_examples():
+    text = README.read_text()
+    for heading in ("## Quick start", "## Configuration", "## Training", "## Inference", "## New data projection",
+                    "## AnnData"):
+        assert heading in text, heading
+    assert "make run" in text and "make test" in text
+    assert len(_python_blocks()) >= 7
+
+
+@pytest.mark.slow
+def test_readme_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        # The AnnData example gives no ambient profile, on purpose: the pipeline says so with this warning.
+        warnings.simplefilter("ignore", dbx.AmbientProfileWarning)
+        for number, block in enumerate(_python_blocks()):
+            exec(compile(block, f"README.md python block {number}", "exec"), namespace)
+    assert namespace["out"]["cluster_assignments"].shape == (600, 4)
+    assert namespace["projected"]["embeddings_2d"].shape == (300, 2)
+    assert (tmp_path / "pbmc_diffbio.h5ad").is_file() and (tmp_path / "pipeline.eqx").is_file()
+    assert "X_umap" in namespace["annotated"].obsm
