@@ -489,7 +489,7 @@ def fit_ambient_removal(
     *,
     key: PRNGKeyArray,
     raw_counts: Any = None,
-    n_epochs: int = 150,
+    n_epochs: int = 50,
     batch_size: int = 128,
     learning_rate: float = 3e-3,
     weight_decay: float = 1e-6,
@@ -500,6 +500,7 @@ def fit_ambient_removal(
     checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
     progress: bool = True,
+    init_profile: bool = True,
 ) -> FitResult:
     """Train an `AmbientRemoval` stage with the shared minibatch loop (`fit`).
 
@@ -513,12 +514,17 @@ def fit_ambient_removal(
     - `raw_counts`: the unfiltered matrix (cells and empty droplets). Its empty droplets give the profile (when
       `ambient_profile` is None) and, when the stage has no `prior_ambient_count` yet, CellBender's prior on the
       ambient count per droplet (`estimate_ambient_count`), which the returned model keeps.
-    - `n_epochs`, `batch_size`, `learning_rate`, `weight_decay`, `eps`: AdamW settings (150 epochs as
-      CellBender; eps 0.01 as scvi-tools).
+    - `n_epochs`, `batch_size`, `learning_rate`, `weight_decay`, `eps`: AdamW settings (eps 0.01 as
+      scvi-tools). 50 epochs: with the decoder started at the pooled profile, clean cells keep > 99.9% of their
+      counts after 30 (CellBender's default is 150).
     - `validation_fraction`, `early_stopping_patience`, `restore_best`: as in `fit` (the validation loss is the
       negative ELBO).
     - `checkpoint_path`, `resume`: save after every epoch and continue an interrupted run exactly.
     - `progress`: tqdm bar per epoch.
+    - `init_profile`: start the decoder at the cells' pooled profile (its output bias), so that no droplet's
+      counts are handed to the ambient term just because the untrained decoder fits worse than the ambient
+      profile (with a random decoder the fraction ran to 0.19 in 45 steps on clean data, and to 1.0 with the
+      empty-droplet prior). Turn off to continue training an already trained stage.
 
     **Returns:** `fit`'s `FitResult`; `.model` is the trained stage, `.train_aux` has the per-epoch means of
     `reconstruction`, `kl_latent`, `prior_fraction` and `ambient_fraction`. Use the same profile at inference
@@ -536,10 +542,11 @@ def fit_ambient_removal(
     # Start the decoder at the cells' pooled profile: a random profile fits worse than the ambient profile, and
     # early training would then hand the counts to the ambient term (the fraction rose from 0.05 to 0.19 in the
     # first 45 steps on data without absent genes).
-    pooled = np.asarray(checked.sum(axis=0), dtype=np.float64).ravel() + 0.5
-    stage = eqx.tree_at(
-        lambda s: s.decoder_out.bias, stage, jnp.asarray(np.log(pooled / pooled.sum()), dtype=stage.dtype)
-    )
+    if init_profile:
+        pooled = np.asarray(checked.sum(axis=0), dtype=np.float64).ravel() + 0.5
+        stage = eqx.tree_at(
+            lambda s: s.decoder_out.bias, stage, jnp.asarray(np.log(pooled / pooled.sum()), dtype=stage.dtype)
+        )
     trainable = jax.tree_util.tree_map(eqx.is_inexact_array, stage)
     trainable = eqx.tree_at(
         lambda s: (s.prior_contamination, s.prior_ambient_count, s.prior_log_scale), trainable, (False,) * 3
