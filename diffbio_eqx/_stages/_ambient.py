@@ -420,22 +420,35 @@ def estimate_ambient_profile(
 
 
 def estimate_ambient_count(
-    raw_counts: Any, *, max_total: float | None = None, knee_fraction: float = 0.1, min_droplets: int = 10
+    raw_counts: Any,
+    *,
+    max_total: float | None = None,
+    knee_fraction: float = 0.5,
+    min_total: float = 0.0,
+    min_droplets: int = 10,
 ) -> tuple[float, float]:
     """CellBender's prior on the ambient amount: the typical number of molecules in an empty droplet.
 
     A droplet holds about as many ambient molecules as an empty one, whatever the size of its cell (CellBender's
-    $d_\\mathrm{empty}$), so a droplet's ambient fraction is about $d_0 / T$. Empty droplets are found as in
-    `estimate_ambient_profile`.
+    $d_\\mathrm{empty}$), so a droplet's ambient fraction is about $d_0 / T$. Empty droplets are the barcodes
+    with `min_total < total <= max_total`, by default up to half the knee's total (`empty_droplet_threshold`
+    with `knee_fraction=0.5`: wider than for the profile, since a cutoff inside the empty plateau would bias the
+    typical size down).
 
-    **Arguments:** as `estimate_ambient_profile`.
+    **Arguments:**
 
-    **Returns:** `(count, log_scale)`: the median total $d_0$ of the empty droplets, and the standard deviation of
+    - `raw_counts`: `(n_barcodes, n_genes)` raw counts including empty droplets, dense or SciPy sparse.
+    - `max_total`, `knee_fraction`, `min_droplets`: as in `estimate_ambient_profile`. (Keyword only arguments.)
+    - `min_total`: ignore barcodes with at most this many counts (on real data, the long tail of barcodes with
+      a handful of counts lies below the empty plateau; set it to exclude them).
+
+    **Returns:** `(count, log_scale)`: the median total $d_0$ of the empty droplets and the standard deviation of
     their log totals (at least 0.1), for `AmbientRemoval(prior_ambient_count=, prior_log_scale=)`.
     """
     matrix = check_counts(raw_counts, field="raw_counts", allow_empty_cells=True)
-    totals = _row_totals(matrix)[_empty_droplets(_row_totals(matrix), max_total, knee_fraction, min_droplets)]
-    return float(np.median(totals)), float(max(np.std(np.log(totals)), 0.1))
+    totals = _row_totals(matrix)
+    empty = _empty_droplets(np.where(totals > min_total, totals, 0.0), max_total, knee_fraction, min_droplets)
+    return float(np.median(totals[empty])), float(max(np.std(np.log(totals[empty])), 0.1))
 
 
 def resolve_ambient_profile(counts: Any, ambient_profile: Any = None, *, raw_counts: Any = None) -> np.ndarray:
