@@ -10,6 +10,9 @@ where $T_n$ is the droplet's observed total, $f_n$ its ambient (contamination) f
 CellBender's words, $(1 - f_n) T_n$ is the efficiency times the cell size and $f_n T_n$ the ambient size; with
 the total observed, efficiency and cell size are one scale. Every rate is handled in log space.
 
+The fraction's prior (`log_prior_fraction`) is CellBender's: the ambient count $f_n T_n$ is log-normal around
+the typical empty droplet's total; without empty droplets, a Beta prior with mode 0.
+
 Given the rates, the cell's share of an observed count is the thinning posterior mean
 $\\mathbb{E}[c_{ng} \\mid x_{ng}] = x_{ng}\\,\\mu_{ng} / (\\mu_{ng} + \\lambda_{ng})$ (exact for Poisson
 components), which is non-negative and never above $x_{ng}$.

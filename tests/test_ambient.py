@@ -396,6 +396,11 @@ def test_fit_on_sparse_counts_with_profile_from_raw(tmp_path):
         )
     assert result.train_loss.shape == (2,) and np.all(np.isfinite(result.train_loss))
     assert (tmp_path / "ambient.eqx").exists()
+    # CellBender's prior from the empty droplets (about 40 molecules each), kept by the trained model
+    count, log_scale = dx.estimate_ambient_count(raw)
+    assert 30 < count < 50 and 0.4 < log_scale < 0.9, (count, log_scale)
+    np.testing.assert_allclose(float(result.model.prior_ambient_count), count, rtol=1e-6)
+    assert float(stage.prior_ambient_count) == 0.0  # the input stage is untouched
     with pytest.warns(dx.AmbientProfileWarning, match="empty droplets"):
         out = dx.remove_ambient(result.model, cells, raw_counts=raw, chunk_size=64)
     assert out.decontaminated_counts.shape == (200, N_GENES)

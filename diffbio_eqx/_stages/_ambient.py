@@ -3,6 +3,8 @@
 `AmbientRemoval` is a small variational autoencoder over raw counts whose likelihood is the ambient model of
 `diffbio_eqx._ambient`: an encoder gives each droplet a latent state `z` and an ambient fraction `f`; the decoder
 turns `z` into the cell's expression profile; counts are negative binomial around cell rate plus ambient rate.
+The fraction has a fixed prior: CellBender's ambient count per droplet from the empty droplets
+(`estimate_ambient_count`, used when `raw_counts` is given), else a Beta prior with mode 0.
 It is trained on minibatches with the shared `fit` (`fit_ambient_removal`) and applied in chunks
 (`remove_ambient`). The ambient profile comes from the caller, from the empty droplets of a raw matrix
 (`estimate_ambient_profile`), or, as a last resort, from the pooled counts (`resolve_ambient_profile` warns
