@@ -65,6 +65,7 @@ from ._stages._ambient import (
     AmbientRemoval as AmbientRemoval,
     AmbientResult as AmbientResult,
     empty_droplet_threshold as empty_droplet_threshold,
+    estimate_ambient_count as estimate_ambient_count,
     estimate_ambient_profile as estimate_ambient_profile,
     fit_ambient_removal as fit_ambient_removal,
     remove_ambient as remove_ambient,

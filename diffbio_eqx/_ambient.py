@@ -10,10 +10,15 @@ where $T_n$ is the droplet's observed total, $f_n$ its ambient (contamination) f
 CellBender's words, $(1 - f_n) T_n$ is the efficiency times the cell size and $f_n T_n$ the ambient size; with
 the total observed, efficiency and cell size are one scale. Every rate is handled in log space.
 
+The fraction's prior (`log_prior_fraction`) is CellBender's: the ambient count $f_n T_n$ is log-normal around
+the typical empty droplet's total; without empty droplets, a Beta prior with mode 0.
+
 Given the rates, the cell's share of an observed count is the thinning posterior mean
 $\\mathbb{E}[c_{ng} \\mid x_{ng}] = x_{ng}\\,\\mu_{ng} / (\\mu_{ng} + \\lambda_{ng})$ (exact for Poisson
 components), which is non-negative and never above $x_{ng}$.
 """
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -119,11 +124,49 @@ def gaussian_kl_to_prior(
     return 0.5 * jnp.sum(ratio + gap - 1.0 - (log_variance - prior_log_variance), axis=-1)
 
 
-def gaussian_negative_log_density(
-    x: Float[Array, " n_cells"], mean: Float[Array, ""], log_variance: Float[Array, ""]
+def log_prior_fraction(
+    logit_fraction: Float[Array, " n_cells"],
+    log_total: Float[Array, " n_cells"],
+    prior_contamination: Float[Array, ""],
+    prior_ambient_count: Float[Array, ""],
+    prior_log_scale: Float[Array, ""],
 ) -> Float[Array, " n_cells"]:
-    """$-\\log N(x; m, v) = \\frac12[(x - m)^2 / v + \\log v + \\log 2\\pi]$."""
-    return 0.5 * ((x - mean) ** 2 * jnp.exp(-log_variance) + log_variance + jnp.log(2.0 * jnp.pi).astype(x.dtype))
+    """Log prior density of each droplet's ambient fraction $f_n$ (up to a constant), in one of two forms.
+
+    - **From the empty droplets** (`prior_ambient_count > 0`), CellBender's prior: the droplet's ambient count
+      $d_n = f_n T_n$ is log-normal around the typical empty droplet's total $d_0$,
+      $\log d_n \sim N(\log d_0, s^2)$. A droplet's ambient RNA is about a fixed number of molecules, so its
+      fraction is about $d_0 / T_n$.
+    - **Without them**: $f_n \sim \mathrm{Beta}(1, 1/p - 1)$, with mean $p$ = `prior_contamination` and mode
+      0, i.e. $\log p(f) = (1/p - 2) \log(1 - f)$: with no evidence in the counts the fraction shrinks to 0.
+
+    **Arguments:**
+
+    - `logit_fraction`: `(n_cells,)` $\mathrm{logit} f_n$.
+    - `log_total`: `(n_cells,)` $\log T_n$, the droplets' observed totals.
+    - `prior_contamination`: $p$, used when `prior_ambient_count <= 0`.
+    - `prior_ambient_count`: $d_0$ (0 selects the Beta prior).
+    - `prior_log_scale`: $s$.
+
+    **Returns:** `(n_cells,)` the log prior densities (of $\log d_n$, or of $f_n$).
+    """
+    log_f, log_1mf = log_fractions(logit_fraction)
+    has_count = prior_ambient_count > 0
+    log_d0 = jnp.log(jnp.where(has_count, prior_ambient_count, 1.0))
+    log_normal = -0.5 * ((log_f + log_total - log_d0) / prior_log_scale) ** 2
+    beta = (1.0 / prior_contamination - 2.0) * log_1mf
+    return jnp.where(has_count, log_normal, beta)
+
+
+def prior_logit_fraction(
+    log_total: Float[Array, " n_cells"], prior_contamination: Float[Array, ""], prior_ambient_count: Float[Array, ""]
+) -> Float[Array, " n_cells"]:
+    """The logit of each droplet's prior ambient fraction (see `log_prior_fraction`): $d_0 / T_n$ (kept in
+    $[10^{-4}, 0.9]$) with a prior ambient count, else the prior mean $p$; the encoder predicts offsets from it."""
+    has_count = prior_ambient_count > 0
+    log_d0 = jnp.log(jnp.where(has_count, prior_ambient_count, 1.0))
+    fraction = jnp.where(has_count, jnp.clip(jnp.exp(log_d0 - log_total), 1e-4, 0.9), prior_contamination)
+    return jnp.log(fraction) - jnp.log1p(-fraction)
 
 
 def refine_logit_fraction(
@@ -133,14 +176,20 @@ def refine_logit_fraction(
     logit_fraction: Float[Array, " n_cells"],
     *,
     n_steps: int,
+    log_prior: Callable[[Float[Array, " n_cells"]], Float[Array, " n_cells"]] | None = None,
+    n_newton: int = 4,
 ) -> tuple[Float[Array, " n_cells"], Float[Array, "n_steps n_cells"]]:
-    """Maximum-likelihood ambient fraction of each droplet given its cell profile, by EM (`lax.scan`).
+    """Maximum-likelihood (or, with `log_prior`, maximum a posteriori) ambient fraction of each droplet given
+    its cell profile, by EM (`lax.scan`).
 
     With the profiles fixed, a droplet's molecules are a two-component multinomial mixture with weights
-    $(1 - f, f)$, so EM's update is $f \\leftarrow \\sum_g x_g r_g / \\sum_g x_g$ with
-    $r_g = \\lambda_g / (\\mu_g + \\lambda_g)$; each step increases the likelihood. At the fixed point, $f$ equals
-    the removed share of the droplet's counts (`contamination_fraction` of `posterior_cell_counts`). This
-    closes the amortisation gap of the encoder's estimate, which is the starting point.
+    $(1 - f, f)$. The E-step gives each gene's ambient responsibility $r_g = \lambda_g / (\mu_g + \lambda_g)$
+    and the expected ambient molecules $A = \sum_g x_g r_g$; the M-step maximises
+    $A \log f + (T - A) \log(1 - f) + \log p(f)$. Without a prior that is $f = A / T$; with one, a few
+    safeguarded Newton steps in $\mathrm{logit} f$ (the objective is concave for the priors of
+    `log_prior_fraction`). Each step increases the (penalised) likelihood. At the maximum-likelihood fixed point,
+    $f$ equals the removed share of the droplet's counts (`contamination_fraction` of `posterior_cell_counts`).
+    This closes the amortisation gap of the encoder's estimate, which is the starting point.
 
     **Arguments:**
 
@@ -149,6 +198,8 @@ def refine_logit_fraction(
     - `log_ambient_profile`: `(n_genes,)` log ambient profile.
     - `logit_fraction`: `(n_cells,)` the starting logits.
     - `n_steps`: number of EM steps. (Keyword only argument.)
+    - `log_prior`: per-droplet log prior density of the logits (elementwise), or None for maximum likelihood.
+    - `n_newton`: Newton steps per M-step when there is a prior.
 
     **Returns:** `(logit_fraction, trace)`: the final logits and `(n_steps, n_cells)` the ambient fraction after
     each step.
@@ -159,11 +210,28 @@ def refine_logit_fraction(
     tiny = jnp.finfo(counts.dtype).tiny
     eps = jnp.finfo(counts.dtype).eps
 
+    def objective(logit: Float[Array, " n_cells"], ambient: Float[Array, " n_cells"]) -> Float[Array, ""]:
+        log_f, log_1mf = log_fractions(logit)
+        assert log_prior is not None
+        return jnp.sum(ambient * log_f + (total - ambient) * log_1mf + log_prior(logit))
+
+    gradient = jax.grad(objective)
+    curvature = jax.grad(lambda logit, ambient: jnp.sum(gradient(logit, ambient)))
+
+    def newton(
+        logit: Float[Array, " n_cells"], ambient: Float[Array, " n_cells"]
+    ) -> Float[Array, " n_cells"]:
+        g, h = gradient(logit, ambient), curvature(logit, ambient)
+        step = jnp.where(h < 0, -g / jnp.where(h < 0, h, -1.0), jnp.sign(g))
+        return logit + jnp.clip(step, -2.0, 2.0)
+
     def step(logit: Float[Array, " n_cells"], _: None) -> tuple[Float[Array, " n_cells"], Float[Array, " n_cells"]]:
         log_cell_rate, log_ambient_rate = ambient_log_rates(log_total, logit, log_cell_profile, log_ambient_profile)
         ambient = jnp.sum(counts * cell_share(log_ambient_rate, log_cell_rate), axis=-1)
         fraction = jnp.clip(ambient / safe_total, eps, 1.0 - eps)
         new_logit = jnp.log(jnp.maximum(fraction, tiny)) - jnp.log1p(-fraction)
-        return new_logit, fraction
+        if log_prior is not None:
+            new_logit = jax.lax.fori_loop(0, n_newton, lambda _, u: newton(u, ambient), new_logit)
+        return new_logit, jax.nn.sigmoid(new_logit)
 
     return jax.lax.scan(step, logit_fraction, None, length=n_steps)

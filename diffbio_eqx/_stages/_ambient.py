@@ -3,6 +3,8 @@
 `AmbientRemoval` is a small variational autoencoder over raw counts whose likelihood is the ambient model of
 `diffbio_eqx._ambient`: an encoder gives each droplet a latent state `z` and an ambient fraction `f`; the decoder
 turns `z` into the cell's expression profile; counts are negative binomial around cell rate plus ambient rate.
+The fraction has a fixed prior: CellBender's ambient count per droplet from the empty droplets
+(`estimate_ambient_count`, used when `raw_counts` is given), else a Beta prior with mode 0.
 It is trained on minibatches with the shared `fit` (`fit_ambient_removal`) and applied in chunks
 (`remove_ambient`). The ambient profile comes from the caller, from the empty droplets of a raw matrix
 (`estimate_ambient_profile`), or, as a last resort, from the pooled counts (`resolve_ambient_profile` warns
@@ -25,8 +27,9 @@ from .._ambient import (
     ambient_log_rates,
     contamination_fraction,
     gaussian_kl_to_prior,
-    gaussian_negative_log_density,
+    log_prior_fraction,
     posterior_cell_counts,
+    prior_logit_fraction,
     refine_logit_fraction,
     round_cell_counts,
     safe_log_profile,
@@ -43,6 +46,10 @@ class AmbientProfileWarning(UserWarning):
 # --------------------------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _log_total(counts: Float[Array, "n_cells n_genes"]) -> Float[Array, " n_cells"]:
+    return jnp.log(jnp.maximum(jnp.sum(counts, axis=-1), 1.0))
 
 
 def _normalized_log_counts(counts: Float[Array, "n_cells n_genes"]) -> Float[Array, "n_cells n_genes"]:
@@ -77,21 +84,28 @@ class AmbientRemoval(eqx.Module):
     cell rate $\\mu = (1 - f) T \\,\\mathrm{softmax}(\\mathrm{decoder}(z))$ and ambient rate $\\lambda = f T a$.
 
     The encoder reads $\\log(1 + 10^4 x / T)$ and gives a Gaussian posterior for $z$ (prior $N(0, I)$) and a
-    point (MAP) estimate of $\\mathrm{logit} f$ under a prior $N(m_0, s_0^2)$ whose $m_0, s_0$ are learned
-    (empirical Bayes). Training minimises the negative ELBO in $z$ plus $-\\log p(\\mathrm{logit} f)$. (A Gaussian
-    posterior on $\\mathrm{logit} f$ biases $f$ down: its entropy term rewards the wider posterior of a smaller
-    fraction, and on simulated data it underestimated 30% contamination by a further 0.005-0.01.) At inference
-    the posterior mean of $z$ is used, the ambient fraction is refined by EM with the decoded profile held fixed,
-    and each count is split by the thinning posterior mean.
+    point (MAP) estimate of $\\mathrm{logit} f$, as an offset from the prior's centre, under a FIXED prior
+    (`diffbio_eqx._ambient.log_prior_fraction`):
+
+    - with a prior ambient count $d_0$ (the typical total of an empty droplet; `fit_ambient_removal` sets it
+      from `raw_counts`), CellBender's prior: the droplet's ambient count $f T$ is log-normal around $d_0$, so
+      $f \\approx d_0 / T$ unless the counts say otherwise;
+    - without it, $f \\sim \\mathrm{Beta}(1, 1/p - 1)$ with mean $p$ = `prior_contamination` and mode 0, so the
+      fraction shrinks to 0 unless the counts say otherwise.
+
+    Training minimises the negative ELBO in $z$ plus $-\\log p(f)$. At inference the posterior mean of $z$ is
+    used, the ambient fraction is refined by MAP-EM (same prior) with the decoded profile held fixed, and each
+    count is split by the thinning posterior mean.
 
     !!! info "Identifiability"
         The fraction is pinned down by genes that the ambient profile carries and a cell type does not express
-        (e.g. another type's markers): their counts in that type are ambient. Where no such genes exist the
-        split of a droplet between its own profile and the ambient profile is not identifiable from filtered
-        counts alone (CellBender resolves it with a prior from the empty droplets' sizes, which this model does
-        not use), and the estimate drifts little from the initial fraction: on the simulator's default data
-        (DE genes only up- or down-regulated, none absent) it removed ~18% of the counts of uncontaminated
-        cells.
+        (e.g. another type's markers): their counts in that type are ambient. Where no such genes exist, the
+        split of a droplet between its own profile and the ambient profile is not identifiable from the cells
+        alone: a profile that absorbs some ambient RNA fits as well as a larger fraction does. The prior then
+        decides: CellBender's ambient count from the empty droplets (pass `raw_counts`), or, without empty
+        droplets, the Beta prior's mode 0 (nothing is removed that the counts do not demand, so on such data
+        the removal is an underestimate). A learned (empirical-Bayes) prior is not used: it followed the
+        encoder and let the fraction drift to 0.5-0.99 on data without absent genes.
 
     Call contract: `stage(counts, ambient_profile, *, key=None, inference=False) -> AmbientResult` and
     `stage.loss(counts, ambient_profile, *, key) -> (loss, aux)`.
@@ -103,8 +117,9 @@ class AmbientRemoval(eqx.Module):
     decoder: eqx.nn.Linear
     decoder_out: eqx.nn.Linear
     log_inverse_dispersion: Float[Array, " n_genes"]
-    prior_fraction_mean: Float[Array, ""]
-    prior_fraction_log_variance: Float[Array, ""]
+    prior_contamination: Float[Array, ""]
+    prior_ambient_count: Float[Array, ""]
+    prior_log_scale: Float[Array, ""]
     n_genes: int = eqx.field(static=True)
     latent_dim: int = eqx.field(static=True)
     hidden_dim: int = eqx.field(static=True)
@@ -117,7 +132,9 @@ class AmbientRemoval(eqx.Module):
         latent_dim: int = 10,
         hidden_dim: int = 128,
         n_refine_steps: int = 20,
-        prior_contamination: Float[ArrayLike, ""] = 0.5,
+        prior_contamination: Float[ArrayLike, ""] = 0.05,
+        prior_ambient_count: Float[ArrayLike, ""] | None = None,
+        prior_log_scale: Float[ArrayLike, ""] = 0.5,
         dtype: Any = None,
         key: PRNGKeyArray,
     ):
@@ -126,14 +143,20 @@ class AmbientRemoval(eqx.Module):
         - `n_genes`: number of genes.
         - `latent_dim`: width of the latent state $z$.
         - `hidden_dim`: width of the encoder's and the decoder's hidden layer.
-        - `n_refine_steps`: EM steps refining each droplet's ambient fraction at inference (0: use the
+        - `n_refine_steps`: MAP-EM steps refining each droplet's ambient fraction at inference (0: use the
           encoder's estimate as is).
-        - `prior_contamination`: the ambient fraction every droplet starts training at, and the initial prior
-          mean (the prior is learned). Keep it above any plausible contamination: counts of genes that a cell
-          type does not express bound the fraction from above, but a profile that absorbs some ambient RNA fits as
-          well as a larger fraction does, so training that starts low tends to stay low.
+        - `prior_contamination`: mean $p$ of the Beta prior on the ambient fraction, used without a prior ambient
+          count. Its mode is 0 whatever $p$; $p$ sets how fast the prior decays (the penalty is about
+          $(1/p - 2) f$ nats per droplet). Every droplet starts training at this fraction.
+        - `prior_ambient_count`: CellBender's prior: the expected number of ambient molecules per droplet (the
+          typical total of an empty droplet; see `estimate_ambient_count`). None: use the Beta prior
+          (`fit_ambient_removal` fills it in from `raw_counts` when given).
+        - `prior_log_scale`: standard deviation of the log ambient count around `prior_ambient_count`.
         - `dtype`: parameter dtype (default: JAX's default float).
         - `key`: PRNG key for the initial weights. (Keyword only argument.)
+
+        The prior is fixed, not trained (`fit_ambient_removal` leaves these three leaves alone, and `loss` stops
+        their gradients).
         """
         dtype = jnp.zeros(()).dtype if dtype is None else jnp.dtype(dtype)
         self.n_genes, self.latent_dim, self.hidden_dim = int(n_genes), int(latent_dim), int(hidden_dim)
@@ -142,20 +165,18 @@ class AmbientRemoval(eqx.Module):
         self.encoder = eqx.nn.Linear(self.n_genes, self.hidden_dim, dtype=dtype, key=k1)
         self.encoder_latent = eqx.nn.Linear(self.hidden_dim, 2 * self.latent_dim, dtype=dtype, key=k2)
         fraction_head = eqx.nn.Linear(self.hidden_dim, 1, dtype=dtype, key=k3)
-        p0 = jnp.asarray(prior_contamination, dtype=dtype)
-        if not isinstance(p0, jax.core.Tracer) and not 0 < float(p0) < 1:
-            raise ValueError(f"prior_contamination: must be in (0, 1), got {float(p0)}")
-        logit0 = jnp.log(p0) - jnp.log1p(-p0)
-        # Start every droplet near the initial fraction.
-        fraction_head = eqx.tree_at(
-            lambda layer: (layer.weight, layer.bias), fraction_head, (fraction_head.weight * 0.1, logit0[None])
+        # Start every droplet at the prior's centre: the head gives the offset from it.
+        self.encoder_fraction = eqx.tree_at(
+            lambda layer: (layer.weight, layer.bias),
+            fraction_head,
+            (fraction_head.weight * 0.1, jnp.zeros_like(fraction_head.bias)),
         )
-        self.encoder_fraction = fraction_head
         self.decoder = eqx.nn.Linear(self.latent_dim, self.hidden_dim, dtype=dtype, key=k4)
         self.decoder_out = eqx.nn.Linear(self.hidden_dim, self.n_genes, dtype=dtype, key=k5)
         self.log_inverse_dispersion = jnp.full((self.n_genes,), jnp.log(10.0), dtype=dtype)
-        self.prior_fraction_mean = logit0
-        self.prior_fraction_log_variance = jnp.asarray(0.0, dtype=dtype)
+        self.prior_contamination = jnp.asarray(prior_contamination, dtype=dtype)
+        self.prior_ambient_count = jnp.asarray(0.0 if prior_ambient_count is None else prior_ambient_count, dtype=dtype)
+        self.prior_log_scale = jnp.asarray(prior_log_scale, dtype=dtype)
 
     def __check_init__(self):
         if self.n_genes < 1 or self.latent_dim < 1 or self.hidden_dim < 1:
@@ -176,11 +197,31 @@ class AmbientRemoval(eqx.Module):
         Float[Array, "n_cells latent_dim"],
         Float[Array, " n_cells"],
     ]:
-        """The posterior mean and log-variance of `z`, and the estimate of `logit f`."""
+        """The posterior mean and log-variance of `z`, and the estimate of `logit f` (the prior's centre plus the
+        encoder's offset)."""
         h = jax.nn.relu(dense(_normalized_log_counts(counts), self.encoder))
         latent = dense(h, self.encoder_latent)
-        fraction = dense(h, self.encoder_fraction)
-        return latent[:, : self.latent_dim], latent[:, self.latent_dim :], fraction[:, 0]
+        contamination, ambient_count, _ = self._prior()
+        centre = prior_logit_fraction(_log_total(counts), contamination, ambient_count)
+        fraction = centre + dense(h, self.encoder_fraction)[:, 0]
+        return latent[:, : self.latent_dim], latent[:, self.latent_dim :], fraction
+
+    def _prior(self) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""]]:
+        """The fixed prior's leaves, with their gradients stopped (they are settings, not parameters)."""
+        contamination = eqx.error_if(
+            self.prior_contamination,
+            (self.prior_contamination <= 0) | (self.prior_contamination >= 0.5),
+            "prior_contamination: must be in (0, 0.5)",
+        )
+        scale = eqx.error_if(self.prior_log_scale, self.prior_log_scale <= 0, "prior_log_scale: must be > 0")
+        leaves = (contamination, self.prior_ambient_count, scale)
+        return jax.lax.stop_gradient(leaves)
+
+    def log_prior(
+        self, logit_fraction: Float[Array, " n_cells"], log_total: Float[Array, " n_cells"]
+    ) -> Float[Array, " n_cells"]:
+        """Log prior density of each droplet's ambient fraction (`log_prior_fraction` with this stage's prior)."""
+        return log_prior_fraction(logit_fraction, log_total, *self._prior())
 
     def decode(self, z: Float[Array, "n_cells latent_dim"]) -> Float[Array, "n_cells n_genes"]:
         """The cells' log expression profiles $\\log\\mathrm{softmax}(\\mathrm{decoder}(z))$."""
@@ -239,11 +280,12 @@ class AmbientRemoval(eqx.Module):
         else:
             z = z_mean
         log_cell_profile = self.decode(z)
+        log_total = _log_total(counts)
         if self.n_refine_steps and not sample:
             logit_f, _ = refine_logit_fraction(
-                counts, log_cell_profile, log_profile, logit_f, n_steps=self.n_refine_steps
+                counts, log_cell_profile, log_profile, logit_f, n_steps=self.n_refine_steps,
+                log_prior=lambda logit: self.log_prior(logit, log_total),
             )
-        log_total = jnp.log(jnp.maximum(jnp.sum(counts, axis=-1), 1.0))
         log_cell_rate, log_ambient_rate = ambient_log_rates(log_total, logit_f, log_cell_profile, log_profile)
         cell_counts = posterior_cell_counts(counts, log_cell_rate, log_ambient_rate)
         if integer:
@@ -262,11 +304,11 @@ class AmbientRemoval(eqx.Module):
         *,
         key: PRNGKeyArray,
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-        """Negative ELBO in `z` plus the negative log prior of the point estimate of `logit f`, averaged over cells,
+        """Negative ELBO in `z` plus the negative log prior of the point estimate of $f$, averaged over cells,
         with one reparameterised draw of `z` per cell.
 
         $\\mathcal{L} = \\frac1n \\sum_n \\big[-\\log p(x_n \\mid z_n, f_n) + \\mathrm{KL}(q(z_n)\\,\\|\\,p(z))
-        - \\log N(\\mathrm{logit} f_n; m_0, s_0^2)\\big]$.
+        - \\log p(f_n)\\big]$ with the fixed prior of `log_prior_fraction`.
 
         **Arguments:**
 
@@ -280,7 +322,7 @@ class AmbientRemoval(eqx.Module):
         counts, profile = self._check(counts, ambient_profile)
         z_mean, z_log_variance, logit_f = self.encode(counts)
         z = z_mean + jnp.exp(0.5 * z_log_variance) * jr.normal(key, z_mean.shape, dtype=self.dtype)
-        log_total = jnp.log(jnp.maximum(jnp.sum(counts, axis=-1), 1.0))
+        log_total = _log_total(counts)
         log_cell_profile = self.decode(z)
         log_cell_rate, log_ambient_rate = ambient_log_rates(
             log_total, logit_f, log_cell_profile, safe_log_profile(profile)
@@ -290,9 +332,7 @@ class AmbientRemoval(eqx.Module):
         )
         zero = jnp.zeros((), dtype=self.dtype)
         kl_latent = gaussian_kl_to_prior(z_mean, z_log_variance, zero[None, None], zero[None, None])
-        prior_fraction = gaussian_negative_log_density(
-            logit_f, self.prior_fraction_mean, self.prior_fraction_log_variance
-        )
+        prior_fraction = -self.log_prior(logit_f, log_total)
         loss = jnp.mean(reconstruction + kl_latent + prior_fraction)
         aux = {
             "reconstruction": jnp.mean(reconstruction),
@@ -347,6 +387,17 @@ def empty_droplet_threshold(totals: Any, *, knee_fraction: float = 0.1) -> float
     return float(positive[knee] * knee_fraction)
 
 
+def _empty_droplets(totals: np.ndarray, max_total: float | None, knee_fraction: float, min_droplets: int) -> np.ndarray:
+    cutoff = empty_droplet_threshold(totals, knee_fraction=knee_fraction) if max_total is None else float(max_total)
+    empty = np.flatnonzero((totals > 0) & (totals <= cutoff))
+    if empty.size < min_droplets:
+        raise ValueError(
+            f"raw_counts: only {empty.size} barcodes with 0 < total <= {cutoff:.4g}; need >= {min_droplets} "
+            "empty droplets (pass the unfiltered matrix, or set max_total)"
+        )
+    return empty
+
+
 def estimate_ambient_profile(
     raw_counts: Any, *, max_total: float | None = None, knee_fraction: float = 0.1, min_droplets: int = 10
 ) -> np.ndarray:
@@ -365,16 +416,41 @@ def estimate_ambient_profile(
     **Returns:** `(n_genes,)` float32 profile summing to one.
     """
     matrix = check_counts(raw_counts, field="raw_counts", allow_empty_cells=True)
-    totals = _row_totals(matrix)
-    cutoff = empty_droplet_threshold(totals, knee_fraction=knee_fraction) if max_total is None else float(max_total)
-    empty = np.flatnonzero((totals > 0) & (totals <= cutoff))
-    if empty.size < min_droplets:
-        raise ValueError(
-            f"raw_counts: only {empty.size} barcodes with 0 < total <= {cutoff:.4g}; need >= {min_droplets} "
-            "empty droplets (pass the unfiltered matrix, or set max_total)"
-        )
+    empty = _empty_droplets(_row_totals(matrix), max_total, knee_fraction, min_droplets)
     pooled = np.asarray(matrix[empty].sum(axis=0), dtype=np.float64).ravel()
     return check_ambient_profile(pooled, matrix.shape[1], field="ambient profile of the empty droplets")
+
+
+def estimate_ambient_count(
+    raw_counts: Any,
+    *,
+    max_total: float | None = None,
+    knee_fraction: float = 0.5,
+    min_total: float = 0.0,
+    min_droplets: int = 10,
+) -> tuple[float, float]:
+    """CellBender's prior on the ambient amount: the typical number of molecules in an empty droplet.
+
+    A droplet holds about as many ambient molecules as an empty one, whatever the size of its cell (CellBender's
+    $d_\\mathrm{empty}$), so a droplet's ambient fraction is about $d_0 / T$. Empty droplets are the barcodes
+    with `min_total < total <= max_total`, by default up to half the knee's total (`empty_droplet_threshold`
+    with `knee_fraction=0.5`: wider than for the profile, since a cutoff inside the empty plateau would bias the
+    typical size down).
+
+    **Arguments:**
+
+    - `raw_counts`: `(n_barcodes, n_genes)` raw counts including empty droplets, dense or SciPy sparse.
+    - `max_total`, `knee_fraction`, `min_droplets`: as in `estimate_ambient_profile`. (Keyword only arguments.)
+    - `min_total`: ignore barcodes with at most this many counts (on real data, the long tail of barcodes with
+      a handful of counts lies below the empty plateau; set it to exclude them).
+
+    **Returns:** `(count, log_scale)`: the median total $d_0$ of the empty droplets and the standard deviation of
+    their log totals (at least 0.1), for `AmbientRemoval(prior_ambient_count=, prior_log_scale=)`.
+    """
+    matrix = check_counts(raw_counts, field="raw_counts", allow_empty_cells=True)
+    totals = _row_totals(matrix)
+    empty = _empty_droplets(np.where(totals > min_total, totals, 0.0), max_total, knee_fraction, min_droplets)
+    return float(np.median(totals[empty])), float(max(np.std(np.log(totals[empty])), 0.1))
 
 
 def resolve_ambient_profile(counts: Any, ambient_profile: Any = None, *, raw_counts: Any = None) -> np.ndarray:
@@ -428,7 +504,7 @@ def fit_ambient_removal(
     *,
     key: PRNGKeyArray,
     raw_counts: Any = None,
-    n_epochs: int = 150,
+    n_epochs: int = 50,
     batch_size: int = 128,
     learning_rate: float = 3e-3,
     weight_decay: float = 1e-6,
@@ -439,6 +515,7 @@ def fit_ambient_removal(
     checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
     progress: bool = True,
+    init_profile: bool = True,
 ) -> FitResult:
     """Train an `AmbientRemoval` stage with the shared minibatch loop (`fit`).
 
@@ -449,13 +526,20 @@ def fit_ambient_removal(
     - `ambient_profile`: `(n_genes,)` the ambient profile; if None, taken from `raw_counts` or pooled (see
       `resolve_ambient_profile`, which warns which).
     - `key`: PRNG key; the same key gives identical results. (Keyword only argument.)
-    - `raw_counts`: the unfiltered matrix (cells and empty droplets), used only to estimate the profile.
-    - `n_epochs`, `batch_size`, `learning_rate`, `weight_decay`, `eps`: AdamW settings (150 epochs as
-      CellBender; eps 0.01 as scvi-tools).
+    - `raw_counts`: the unfiltered matrix (cells and empty droplets). Its empty droplets give the profile (when
+      `ambient_profile` is None) and, when the stage has no `prior_ambient_count` yet, CellBender's prior on the
+      ambient count per droplet (`estimate_ambient_count`), which the returned model keeps.
+    - `n_epochs`, `batch_size`, `learning_rate`, `weight_decay`, `eps`: AdamW settings (eps 0.01 as
+      scvi-tools). 50 epochs: with the decoder started at the pooled profile, clean cells keep > 99.9% of their
+      counts after 30 (CellBender's default is 150).
     - `validation_fraction`, `early_stopping_patience`, `restore_best`: as in `fit` (the validation loss is the
       negative ELBO).
     - `checkpoint_path`, `resume`: save after every epoch and continue an interrupted run exactly.
     - `progress`: tqdm bar per epoch.
+    - `init_profile`: start the decoder at the cells' pooled profile (its output bias), so that no droplet's
+      counts are handed to the ambient term just because the untrained decoder fits worse than the ambient
+      profile (with a random decoder the fraction ran to 0.19 in 45 steps on clean data, and to 1.0 with the
+      empty-droplet prior). Turn off to continue training an already trained stage.
 
     **Returns:** `fit`'s `FitResult`; `.model` is the trained stage, `.train_aux` has the per-epoch means of
     `reconstruction`, `kl_latent`, `prior_fraction` and `ambient_fraction`. Use the same profile at inference
@@ -463,6 +547,25 @@ def fit_ambient_removal(
     """
     checked = check_counts(counts, n_genes=stage.n_genes)
     profile = _resolve_profile(checked, ambient_profile, raw_counts)
+    if raw_counts is not None and not float(stage.prior_ambient_count) > 0:
+        count, log_scale = estimate_ambient_count(raw_counts)
+        stage = eqx.tree_at(
+            lambda s: (s.prior_ambient_count, s.prior_log_scale),
+            stage,
+            (jnp.asarray(count, dtype=stage.dtype), jnp.asarray(log_scale, dtype=stage.dtype)),
+        )
+    # Start the decoder at the cells' pooled profile: a random profile fits worse than the ambient profile, and
+    # early training would then hand the counts to the ambient term (the fraction rose from 0.05 to 0.19 in the
+    # first 45 steps on data without absent genes).
+    if init_profile:
+        pooled = np.asarray(checked.sum(axis=0), dtype=np.float64).ravel() + 0.5
+        stage = eqx.tree_at(
+            lambda s: s.decoder_out.bias, stage, jnp.asarray(np.log(pooled / pooled.sum()), dtype=stage.dtype)
+        )
+    trainable = jax.tree_util.tree_map(eqx.is_inexact_array, stage)
+    trainable = eqx.tree_at(
+        lambda s: (s.prior_contamination, s.prior_ambient_count, s.prior_log_scale), trainable, (False,) * 3
+    )
     return fit(
         stage,
         _ambient_loss,
@@ -479,6 +582,7 @@ def fit_ambient_removal(
         resume=resume,
         progress=progress,
         description="ambient removal",
+        trainable=trainable,
     )
 
 
@@ -524,6 +628,7 @@ __all__ = [
     "AmbientRemoval",
     "AmbientResult",
     "empty_droplet_threshold",
+    "estimate_ambient_count",
     "estimate_ambient_profile",
     "fit_ambient_removal",
     "remove_ambient",
