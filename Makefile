@@ -18,7 +18,7 @@ run: install
 
 test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

@@ -22,6 +22,7 @@ from ._pipeline import (
     SingleCellPipelineConfig,
 )
 from ._report import markdown_table, plot_embedding, plot_training, write_text
+from ._stages._vae import default_n_epochs
 from ._umap_graph import exact_knn
 
 
@@ -123,6 +124,11 @@ def run_job(
     if arrays.batch_labels is not None:
         data["batch_labels"] = arrays.batch_labels
     epochs = dict(epochs or {})
+    if "vae_epochs" not in epochs:
+        # scVI's heuristic, capped at 100: on small sets (400 epochs for 700 cells) longer training overfits, in
+        # scvi-tools as in ours, and mixes batches less.
+        epochs["vae_epochs"] = min(default_n_epochs(adata.n_obs), 100)
+        notes.append(f"VAE epochs: {epochs['vae_epochs']} (scVI's heuristic capped at 100).")
 
     key = jr.key(seed)
     build_key, fit_key, run_key = jr.split(key, 3)

@@ -122,7 +122,7 @@ def lisi(
     if perplexity is None:
         perplexity = knn_indices.shape[1] // 3
     perplexity = jnp.asarray(perplexity, dtype=knn_distances.dtype)
-    mask = knn_indices != jnp.arange(knn_indices.shape[0])[:, None]
+    mask = knn_indices != jnp.arange(knn_indices.shape[0], dtype=knn_indices.dtype)[:, None]
     simpson = jax.vmap(_simpson_row, in_axes=(0, 0, 0, None, None, None))(
         knn_distances, labels[knn_indices], mask, perplexity, tol, n_labels
     )

@@ -518,7 +518,11 @@ def _trainable_filter(pipeline: SingleCellPipeline) -> SingleCellPipeline:
     spec = jtu.tree_map(lambda _: False, pipeline)
     arrays = lambda module: jtu.tree_map(eqx.is_inexact_array, module)
     if pipeline.ambient_removal is not None:
-        spec = eqx.tree_at(lambda s: s.ambient_removal, spec, arrays(pipeline.ambient_removal))
+        ambient_spec = eqx.tree_at(
+            lambda a: (a.prior_contamination, a.prior_ambient_count, a.prior_log_scale),
+            arrays(pipeline.ambient_removal), (False, False, False),
+        )
+        spec = eqx.tree_at(lambda s: s.ambient_removal, spec, ambient_spec)
     vae_spec = eqx.tree_at(lambda v: v.target_library_size, arrays(pipeline.vae_normalizer), False)
     spec = eqx.tree_at(lambda s: s.vae_normalizer, spec, vae_spec)
     if pipeline.dim_reduction is not None:
@@ -548,7 +552,8 @@ def fit_pipeline(
     data: Mapping[str, Any],
     *,
     key: PRNGKeyArray,
-    ambient_epochs: int = 100,
+    raw_counts: Any = None,
+    ambient_epochs: int = 50,
     vae_epochs: int | None = None,
     umap_epochs: int = 30,
     clustering_iterations: int = 100,
@@ -561,7 +566,10 @@ def fit_pipeline(
 ) -> PipelineFit:
     """Train the pipeline stage by stage, then optionally end to end.
 
-    1. Ambient removal on the raw counts (`fit_ambient_removal`), then the decontaminated counts.
+    1. Ambient removal on the raw counts (`fit_ambient_removal`), then the decontaminated counts. Pass the
+       unfiltered matrix as `raw_counts` (cells and empty droplets): its empty droplets give the ambient count
+       prior, as in CellBender; without it the fraction's prior has mode 0 and little is removed unless the
+       data show it (see `AmbientRemoval`).
     2. The VAE on those counts (`fit_vae`, scVI's defaults; `vae_epochs=None` uses scVI's epoch heuristic).
     3. Harmony on the full latent; its centroids and ridge coefficients become `harmony_reference`.
     4. Soft k-means initialised by k-means++ on the corrected latent.
@@ -598,8 +606,8 @@ def fit_pipeline(
     if pipeline.ambient_removal is not None:
         started = time.perf_counter()
         fitted = fit_ambient_removal(pipeline.ambient_removal, host_counts, np.asarray(profile),
-                                     key=keys["ambient"], n_epochs=ambient_epochs, batch_size=batch_size,
-                                     progress=progress)
+                                     key=keys["ambient"], raw_counts=raw_counts, n_epochs=ambient_epochs,
+                                     batch_size=batch_size, progress=progress)
         pipeline = eqx.tree_at(lambda p: p.ambient_removal, pipeline, fitted.model)
         x = np.asarray(remove_ambient(fitted.model, host_counts, np.asarray(profile)).decontaminated_counts)
         record("ambient_removal", fitted, started)

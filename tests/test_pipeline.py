@@ -26,10 +26,10 @@ from diffbio_eqx import (
 
 SMALL = dict(latent_dim=10, hidden_dims=(128,), umap_hidden_size=16, umap_depth=2, ambient_hidden_dim=32,
              ambient_latent_dim=4, batch_correction_clusters=10, batch_correction_iterations=5)
-FAST_FIT = dict(ambient_epochs=15, vae_epochs=150, umap_epochs=5, progress=False)
+FAST_FIT = dict(ambient_epochs=30, vae_epochs=None, umap_epochs=5, progress=False)
 
 
-def _data(seed=0, n_cells=400, n_genes=100, n_batches=2, contamination=0.05):
+def _data(seed=0, n_cells=400, n_genes=200, n_batches=2, contamination=0.05):
     sim = dbx.simulate(jr.key(seed), n_cells=n_cells, n_genes=n_genes, n_groups=4, n_batches=n_batches,
                        contamination=contamination)
     data = {"counts": np.asarray(sim.counts), "ambient_profile": np.asarray(sim.ambient_profile),
@@ -40,7 +40,7 @@ def _data(seed=0, n_cells=400, n_genes=100, n_batches=2, contamination=0.05):
 @pytest.fixture(scope="module")
 def trained():
     data, sim = _data()
-    pipeline = create_single_cell_pipeline(n_genes=100, n_clusters=4, n_batches=2, key=jr.key(1), **SMALL)
+    pipeline = create_single_cell_pipeline(n_genes=200, n_clusters=4, n_batches=2, key=jr.key(1), **SMALL)
     fitted = fit_pipeline(pipeline, data, key=jr.key(2), **FAST_FIT)
     return fitted, data, sim
 
@@ -177,7 +177,7 @@ def test_new_cells_are_mapped_onto_the_reference(trained):
     fitted, _, _ = trained
     # Same key, more cells: gene means, group and batch effects come from the same random streams (their shapes do
     # not depend on n_cells), so these are new cells of the same biology; the training cells are not among them.
-    fresh = dbx.simulate(jr.key(0), n_cells=600, n_genes=100, n_groups=4, n_batches=2, contamination=0.05)
+    fresh = dbx.simulate(jr.key(0), n_cells=600, n_genes=200, n_groups=4, n_batches=2, contamination=0.05)
     query = {"counts": np.asarray(fresh.counts[400:]), "ambient_profile": np.asarray(fresh.ambient_profile),
              "batch_labels": np.asarray(fresh.batches[400:])}
     out = run_pipeline(fitted.pipeline, query, key=jr.key(5))

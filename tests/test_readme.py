@@ -2,6 +2,7 @@ import pathlib
 import re
 import warnings
 
+import jax
 import pytest
 
 import diffbio_eqx as dbx
@@ -27,7 +28,8 @@ def test_readme_has_the_examples():
 def test_readme_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    with warnings.catch_warnings():
+    # README code is user code: run it under JAX's default promotion rules, not the suite's strict ones.
+    with warnings.catch_warnings(), jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
         # The AnnData example gives no ambient profile, on purpose: the pipeline says so with this warning.
         warnings.simplefilter("ignore", dbx.AmbientProfileWarning)
         for number, block in enumerate(_python_blocks()):
