@@ -18,6 +18,15 @@ def _pyplot():
     return plt
 
 
+def _save_png(figure: Any, path: str | pathlib.Path) -> pathlib.Path:
+    figure.tight_layout()
+    target = pathlib.Path(path)
+    with atomic_path(target) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
+    _pyplot().close(figure)
+    return target
+
+
 def plot_embedding(
     path: str | pathlib.Path, embedding: np.ndarray, panels: Mapping[str, np.ndarray | Sequence[Any]], *,
     title: str = "",
@@ -44,12 +53,7 @@ def plot_embedding(
             axis.legend(markerscale=3, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    target = pathlib.Path(path)
-    with atomic_path(target) as temporary:
-        figure.savefig(temporary, dpi=110, format="png")
-    plt.close(figure)
-    return target
+    return _save_png(figure, path)
 
 
 def plot_training(path: str | pathlib.Path, curves: Mapping[str, Mapping[str, np.ndarray]]) -> pathlib.Path:
@@ -67,12 +71,7 @@ def plot_training(path: str | pathlib.Path, curves: Mapping[str, Mapping[str, np
         axis.set_xlabel("round" if "objective" in stage_curves else "epoch")
         axis.set_ylabel("loss")
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    target = pathlib.Path(path)
-    with atomic_path(target) as temporary:
-        figure.savefig(temporary, dpi=110, format="png")
-    plt.close(figure)
-    return target
+    return _save_png(figure, path)
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
