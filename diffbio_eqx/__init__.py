@@ -45,6 +45,7 @@ from ._nn import CovariateMLP as CovariateMLP
 from ._pipeline import (
     cell_type_cross_entropy as cell_type_cross_entropy,
     create_single_cell_pipeline as create_single_cell_pipeline,
+    fit_anndata as fit_anndata,
     fit_pipeline as fit_pipeline,
     HarmonyReference as HarmonyReference,
     load_pipeline as load_pipeline,

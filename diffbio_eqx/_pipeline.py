@@ -563,6 +563,7 @@ def fit_pipeline(
     batch_size: int = 128,
     learning_rate: float = 1e-3,
     progress: bool = True,
+    checkpoint_dir: str | pathlib.Path | None = None,
 ) -> PipelineFit:
     """Train the pipeline stage by stage, then optionally end to end.
 
@@ -579,7 +580,10 @@ def fit_pipeline(
     6. The parametric UMAP encoder on the corrected latent.
 
     **Arguments:** `data` as in `run_pipeline`; `key` (keyword only) makes the whole run reproducible; epochs
-    per stage; `batch_size` and `learning_rate` for the minibatch stages; `progress` shows a bar per stage.
+    per stage; `batch_size` and `learning_rate` for the minibatch stages; `progress` shows a bar per stage;
+    `checkpoint_dir`: save the pipeline after every trained stage (and the ambient and VAE training after every
+    epoch), and resume from there when called again with the same arguments: the result is identical to an
+    uninterrupted run. Files are written atomically.
 
     **Returns:** a `PipelineFit` (trained pipeline, loss curves, seconds per stage).
     """
@@ -602,22 +606,53 @@ def fit_pipeline(
             stage_curves["validation"] = np.asarray(result.validation_loss)
         curves[stage] = stage_curves
 
+    directory = None if checkpoint_dir is None else pathlib.Path(checkpoint_dir)
+    done: list[str] = []
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / "pipeline.eqx").is_file() and (directory / "progress.json").is_file():
+            state = json.loads((directory / "progress.json").read_text())
+            pipeline, done = load_pipeline(directory / "pipeline.eqx"), list(state["done"])
+            curves.update({stage: {k: np.asarray(v, dtype=float) for k, v in c.items()}
+                           for stage, c in state["curves"].items()})
+            seconds.update(state["seconds"])
+
+    def checkpoint(stage: str) -> None:
+        done.append(stage)
+        if directory is None:
+            return
+        save_pipeline(directory / "pipeline.eqx", pipeline)
+        progress_state = {"done": done, "seconds": seconds,
+                          "curves": {k: {n: np.asarray(v).tolist() for n, v in c.items()} for k, c in curves.items()}}
+        from ._report import write_text
+
+        write_text(directory / "progress.json", json.dumps(progress_state))
+
+    def stage_checkpoint(name: str) -> dict[str, Any]:
+        return {} if directory is None else {"checkpoint_path": directory / f"{name}.training.eqx", "resume": True}
+
     x = host_counts
     if pipeline.ambient_removal is not None:
-        started = time.perf_counter()
-        fitted = fit_ambient_removal(pipeline.ambient_removal, host_counts, np.asarray(profile),
-                                     key=keys["ambient"], raw_counts=raw_counts, n_epochs=ambient_epochs,
-                                     batch_size=batch_size, progress=progress)
-        pipeline = eqx.tree_at(lambda p: p.ambient_removal, pipeline, fitted.model)
-        x = np.asarray(remove_ambient(fitted.model, host_counts, np.asarray(profile)).decontaminated_counts)
-        record("ambient_removal", fitted, started)
+        if "ambient_removal" not in done:
+            started = time.perf_counter()
+            fitted = fit_ambient_removal(pipeline.ambient_removal, host_counts, np.asarray(profile),
+                                         key=keys["ambient"], raw_counts=raw_counts, n_epochs=ambient_epochs,
+                                         batch_size=batch_size, progress=progress, **stage_checkpoint("ambient"))
+            pipeline = eqx.tree_at(lambda p: p.ambient_removal, pipeline, fitted.model)
+            record("ambient_removal", fitted, started)
+            checkpoint("ambient_removal")
+        x = np.asarray(remove_ambient(pipeline.ambient_removal, host_counts,
+                                      np.asarray(profile)).decontaminated_counts)
 
-    started = time.perf_counter()
-    with _decontaminated_counts_are_expected():
-        fitted = fit_vae(pipeline.vae_normalizer, x, np.asarray(labels), key=keys["vae"], n_epochs=vae_epochs,
-                         batch_size=batch_size, learning_rate=learning_rate, progress=progress)
-    pipeline = eqx.tree_at(lambda p: p.vae_normalizer, pipeline, fitted.model)
-    record("vae_normalizer", fitted, started)
+    if "vae_normalizer" not in done:
+        started = time.perf_counter()
+        with _decontaminated_counts_are_expected():
+            fitted = fit_vae(pipeline.vae_normalizer, x, np.asarray(labels), key=keys["vae"], n_epochs=vae_epochs,
+                             batch_size=batch_size, learning_rate=learning_rate, progress=progress,
+                             **stage_checkpoint("vae"))
+        pipeline = eqx.tree_at(lambda p: p.vae_normalizer, pipeline, fitted.model)
+        record("vae_normalizer", fitted, started)
+        checkpoint("vae_normalizer")
 
     def refit_correction_and_clusters(
         pipeline: SingleCellPipeline, x: np.ndarray
@@ -645,7 +680,7 @@ def fit_pipeline(
 
     pipeline, corrected = refit_correction_and_clusters(pipeline, x)
 
-    if fine_tune_epochs:
+    if fine_tune_epochs and "end_to_end" not in done:
         started = time.perf_counter()
         types = (np.zeros(counts.shape[0], np.int32) if cell_type_labels is None
                  else check_batch_labels(cell_type_labels, counts.shape[0], n_batches=pipeline.config.n_clusters,
@@ -661,17 +696,20 @@ def fit_pipeline(
                      description="end-to-end")
         pipeline = fitted.model
         record("end_to_end", fitted, started)
+        checkpoint("end_to_end")
+    if fine_tune_epochs:
         if pipeline.ambient_removal is not None:
             x = np.asarray(remove_ambient(pipeline.ambient_removal, host_counts,
                                           np.asarray(profile)).decontaminated_counts)
         pipeline, corrected = refit_correction_and_clusters(pipeline, x)
 
-    if pipeline.dim_reduction is not None:
+    if pipeline.dim_reduction is not None and "dim_reduction" not in done:
         started = time.perf_counter()
         fitted = pipeline.dim_reduction.fit(corrected, key=keys["umap"], n_epochs=umap_epochs, progress=progress)
         pipeline = eqx.tree_at(lambda p: p.dim_reduction, pipeline, fitted.model)
         seconds["dim_reduction"] = time.perf_counter() - started
         curves["dim_reduction"] = {"train": np.asarray(fitted.train_loss)}
+        checkpoint("dim_reduction")
     return PipelineFit(pipeline=pipeline, curves=curves, seconds=seconds)
 
 
@@ -776,3 +814,53 @@ def sweep_pipeline(
     return _sweep_compiled(unreferenced, counts, profile, labels, key,
                            jnp.atleast_1d(jnp.asarray(theta, pipeline.dtype)),
                            jnp.atleast_1d(jnp.asarray(temperature, pipeline.dtype)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AnnData
+
+
+def fit_anndata(
+    adata: Any,
+    *,
+    batch_key: str | None = None,
+    layer: str | None = None,
+    key: PRNGKeyArray,
+    config: SingleCellPipelineConfig | None = None,
+    ambient_profile: ArrayLike | None = None,
+    **fit_settings: Any,
+) -> tuple[Any, PipelineFit]:
+    """Train a pipeline on an AnnData and write every result back under scanpy's conventions.
+
+    **Arguments:**
+
+    - `adata`: cells x genes with raw counts in `X` (or in `layers[layer]`); never modified.
+    - `batch_key`: `obs` column with each cell's batch (any dtype). (Keyword only argument.)
+    - `layer`: read counts from this layer instead of `X`.
+    - `key`: PRNG key for building and training the pipeline.
+    - `config`: pipeline settings; `n_genes` and `n_batches` are taken from the data.
+    - `ambient_profile`: `(n_genes,)`, optional.
+    - `fit_settings`: passed to `fit_pipeline` (epochs, `raw_counts`, fine-tuning, ...).
+
+    **Returns:** `(annotated, fitted)`: a new AnnData with `obsm["X_diffbio"]`, `obsm["X_diffbio_corrected"]`,
+    `obsm["X_umap"]`, `obs["diffbio_cluster"]` and the `layers` of `diffbio_eqx.io.to_anndata`, so
+    `scanpy.pl.umap(annotated, color="diffbio_cluster")` works; and the `PipelineFit`.
+    """
+    from .io import from_anndata, to_anndata
+
+    arrays = from_anndata(adata, layer=layer, batch_key=batch_key)
+    config = SingleCellPipelineConfig() if config is None else config
+    config = config.replace(n_genes=adata.n_vars, n_batches=arrays.n_batches)
+    data: dict[str, Any] = {"counts": arrays.counts}
+    if arrays.batch_labels is not None:
+        data["batch_labels"] = arrays.batch_labels
+    if ambient_profile is not None:
+        data["ambient_profile"] = ambient_profile
+    build_key, fit_key, run_key = jr.split(key, 3)
+    pipeline = SingleCellPipeline(config, key=build_key)
+    fitted = fit_pipeline(pipeline, data, key=fit_key, **fit_settings)
+    output = run_pipeline(fitted.pipeline, data, key=run_key)
+    annotated = to_anndata(adata, output)
+    if arrays.batch_categories is not None:
+        annotated.uns["diffbio_batch_categories"] = list(arrays.batch_categories)
+    return annotated, fitted

@@ -222,3 +222,48 @@ def test_replace_of_config_keeps_it_hashable():
     assert hash(config.replace(n_clusters=4)) != hash(config)
     assert dataclasses.is_dataclass(config)
     assert isinstance(SingleCellPipeline(config.replace(**SMALL), key=jr.key(0)), eqx.Module)
+
+
+def test_fit_anndata_writes_scanpy_conventions():
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    data, sim = _data(seed=3, n_cells=300, n_genes=200)
+    obs = pd.DataFrame({"sample": np.where(data["batch_labels"] == 0, "donor_a", "donor_b")})
+    obs.index = obs.index.astype(str)
+    adata = ad.AnnData(X=sp.csr_matrix(data["counts"].astype(np.float32)), obs=obs)
+    config = SingleCellPipelineConfig(n_clusters=4, **SMALL)
+    annotated, fitted = dbx.fit_anndata(adata, batch_key="sample", key=jr.key(0), config=config,
+                                        ambient_profile=data["ambient_profile"], **FAST_FIT)
+    assert "X_umap" not in adata.obsm  # the input is untouched
+    assert annotated.obsm["X_umap"].shape == (300, 2)
+    assert annotated.obsm["X_diffbio_corrected"].shape == (300, 10)
+    assert annotated.layers["diffbio_decontaminated"].shape == (300, 200)
+    assert annotated.uns["diffbio_batch_categories"] == ["donor_a", "donor_b"]
+    clusters = annotated.obs["diffbio_cluster"].to_numpy()
+    assert adjusted_rand_score(np.asarray(sim.groups), clusters) >= 0.7
+    assert fitted.pipeline.config.n_batches == 2
+
+
+def test_interrupted_training_resumes_to_the_same_pipeline(tmp_path, monkeypatch):
+    data, _ = _data(seed=4, n_cells=200, n_genes=200)
+    pipeline = create_single_cell_pipeline(n_genes=200, n_clusters=4, n_batches=2, key=jr.key(1), **SMALL)
+    settings = dict(ambient_epochs=5, vae_epochs=20, umap_epochs=2, progress=False)
+    uninterrupted = fit_pipeline(pipeline, data, key=jr.key(2), **settings)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(*args, **kwargs):
+        raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dbx.ParametricUMAP, "fit", interrupt)  # stop after the VAE and Harmony
+        with pytest.raises(Interrupted):
+            fit_pipeline(pipeline, data, key=jr.key(2), checkpoint_dir=tmp_path, **settings)
+    assert (tmp_path / "pipeline.eqx").is_file()
+    assert not list(tmp_path.glob(".*.tmp"))
+    resumed = fit_pipeline(pipeline, data, key=jr.key(2), checkpoint_dir=tmp_path, **settings)
+    assert tree_identical(resumed.pipeline, uninterrupted.pipeline)
+    assert set(resumed.curves) == set(uninterrupted.curves)

@@ -18,7 +18,7 @@ def _python_blocks() -> list[str]:
 def test_readme_has_the_examples():
     text = README.read_text()
     for heading in ("## Quick start", "## Configuration", "## Training", "## Inference", "## New data projection",
-                    "## AnnData"):
+                    "## Hyperparameter studies", "## AnnData"):
         assert heading in text, heading
     assert "make run" in text and "make test" in text
     assert len(_python_blocks()) >= 7
@@ -38,3 +38,4 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert namespace["projected"]["embeddings_2d"].shape == (300, 2)
     assert (tmp_path / "pbmc_diffbio.h5ad").is_file() and (tmp_path / "pipeline.eqx").is_file()
     assert "X_umap" in namespace["annotated"].obsm
+    assert namespace["grid"]["cluster_assignments"].shape == (3, 2, 600, 4)
