@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import pathlib
+import time
 import tomllib
 import warnings
 from collections.abc import Iterator, Mapping
@@ -18,19 +19,21 @@ from typing import Any, Literal
 
 import equinox as eqx
 import jax
-import jax.tree_util as jtu
 import jax.numpy as jnp
 import jax.random as jr
+import jax.tree_util as jtu
 import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from ._stages._ambient import AmbientProfileWarning, AmbientRemoval
-from ._stages._clustering import SoftKMeans
 from ._harmony import HarmonyResult, map_to_reference
+from ._report import write_text
+from ._stages._ambient import AmbientProfileWarning, AmbientRemoval, fit_ambient_removal, remove_ambient
+from ._stages._clustering import SoftKMeans
 from ._stages._harmony import Harmony
 from ._stages._umap import ParametricUMAP, umap_graph
-from ._stages._vae import VAENormalizer
+from ._stages._vae import fit_vae, VAENormalizer, vae_transform
+from ._train import fit
 from ._validate import (
     check_ambient_profile,
     check_batch_labels,
@@ -38,6 +41,7 @@ from ._validate import (
     check_n_clusters,
     NonIntegerCountsWarning,
 )
+from .io import atomic_path, from_anndata, to_anndata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -587,12 +591,6 @@ def fit_pipeline(
 
     **Returns:** a `PipelineFit` (trained pipeline, loss curves, seconds per stage).
     """
-    import time
-
-    from ._stages._ambient import fit_ambient_removal, remove_ambient
-    from ._stages._vae import fit_vae, vae_transform
-    from ._train import fit
-
     counts, profile, labels = prepare_inputs(pipeline, data)
     host_counts = np.asarray(counts)
     keys = dict(zip(("ambient", "vae", "harmony", "clustering", "fine_tune", "umap"), jr.split(key, 6)))
@@ -624,8 +622,6 @@ def fit_pipeline(
         save_pipeline(directory / "pipeline.eqx", pipeline)
         progress_state = {"done": done, "seconds": seconds,
                           "curves": {k: {n: np.asarray(v).tolist() for n, v in c.items()} for k, c in curves.items()}}
-        from ._report import write_text
-
         write_text(directory / "progress.json", json.dumps(progress_state))
 
     def stage_checkpoint(name: str) -> dict[str, Any]:
@@ -739,8 +735,6 @@ def save_pipeline(path: str | pathlib.Path, pipeline: SingleCellPipeline) -> pat
 
     The file is written to a temporary name and renamed, so it is never half-written.
     """
-    from .io import atomic_path
-
     reference = pipeline.harmony_reference
     header = {
         "format": "diffbio_eqx.pipeline/1",
@@ -846,8 +840,6 @@ def fit_anndata(
     `obsm["X_umap"]`, `obs["diffbio_cluster"]` and the `layers` of `diffbio_eqx.io.to_anndata`, so
     `scanpy.pl.umap(annotated, color="diffbio_cluster")` works; and the `PipelineFit`.
     """
-    from .io import from_anndata, to_anndata
-
     arrays = from_anndata(adata, layer=layer, batch_key=batch_key)
     config = SingleCellPipelineConfig() if config is None else config
     config = config.replace(n_genes=adata.n_vars, n_batches=arrays.n_batches)
