@@ -18,7 +18,10 @@ run: install
 
 test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	# One process per test file, two at a time: long-lived processes that compiled hundreds of XLA programs
+	# occasionally segfaulted inside XLA compilation; a larger stack is cheap insurance for deep compiles.
+	ulimit -s unlimited 2>/dev/null || ulimit -s 65536 2>/dev/null || true; \
+	ls tests/test_*.py | xargs -P 2 -n 1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
