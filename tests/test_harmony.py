@@ -261,7 +261,7 @@ def test_objective_terms_formula(small, getkey):
 # Parity with harmonypy 2.1
 
 
-def parity_same_init(x, labels, preset, key):
+def assert_parity_same_init(x, labels, preset, key):
     """Ours and harmonypy 2.1 with one preset, both starting from harmonypy's initial centroids."""
     settings = H.PRESETS[preset]
     init = harmonypy_init(x, labels, H.default_n_clusters(len(x)))
@@ -280,7 +280,7 @@ def parity_same_init(x, labels, preset, key):
 @pytest.mark.parametrize("preset", ["harmony2", "classic"])
 def test_parity_pbmc3500_same_init(pbmc3500, preset, getkey):
     x, labels, reference = pbmc3500
-    ours = parity_same_init(x, labels, preset, getkey())
+    ours = assert_parity_same_init(x, labels, preset, getkey())
     if preset == "classic":  # R harmony's own output (classic settings); harmonypy reaches 0.996
         assert per_pc_pearson(ours.z_corr, reference).min() >= 0.99
 
@@ -298,7 +298,7 @@ def test_parity_pbmc3500_two_covariates(pbmc3500, getkey):
 @pytest.mark.parametrize("preset", ["harmony2", "classic"])
 def test_parity_pbmc68k_same_init(pbmc68k_split, preset, getkey):
     pcs, batches, _ = pbmc68k_split
-    parity_same_init(pcs, batches, preset, getkey())
+    assert_parity_same_init(pcs, batches, preset, getkey())
 
 
 @pytest.mark.slow

@@ -183,7 +183,7 @@ def test_parametric_umap_float32():
         assert bool(jnp.all(jnp.isfinite(z)))
 
 
-def _compare_with_umap_learn(x, *, n_epochs, seed=0, input_noise=0.0):
+def assert_close_to_umap_learn(x, *, n_epochs, seed=0, input_noise=0.0):
     umap = _import_umap()
     n = len(x)
     rng = np.random.default_rng(seed)
@@ -226,9 +226,9 @@ def _compare_with_umap_learn(x, *, n_epochs, seed=0, input_noise=0.0):
 
 @pytest.mark.slow
 def test_embedding_quality_pbmc68k(pbmc_pcs):
-    _compare_with_umap_learn(pbmc_pcs, n_epochs=30)
+    assert_close_to_umap_learn(pbmc_pcs, n_epochs=30)
 
 
 @pytest.mark.slow
 def test_embedding_quality_simulated(simulated_pcs):
-    _compare_with_umap_learn(simulated_pcs, n_epochs=50)
+    assert_close_to_umap_learn(simulated_pcs, n_epochs=50)
