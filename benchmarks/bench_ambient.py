@@ -1,20 +1,15 @@
 """Ambient RNA removal: diffbio_eqx's `AmbientRemoval` against CellBender (`remove-background --model ambient`).
 
-Both run on the same simulated droplets: cells from `diffbio_eqx.simulate` at a known contamination level, with
-each group's markers absent from the other groups (so the ambient RNA carries genes those groups lack), plus
-empty droplets holding ambient RNA only (CellBender needs them; diffbio_eqx uses them for the profile alone).
-Empty droplets hold as many ambient molecules as the cells do on average, as in a real droplet emulsion.
+Both run on the same simulated droplets: cells from `diffbio_eqx.simulate` at a known contamination level
+(CellBender's model: about the same number of ambient molecules in every droplet), with each group's markers
+absent from the other groups (so the ambient RNA carries genes those groups lack), plus as many empty droplets
+holding ambient RNA only (the simulator's `n_empty_droplets`). Both take the ambient profile and the ambient
+amount from the empty droplets.
 
-Recorded run (benchmarks/results/ambient.json; 2-core CPU shared with other jobs; 1 000 cells at 10%
-contamination plus 1 000 empty droplets, 300 genes; diffbio_eqx takes the profile and CellBender's ambient-count
-prior from the empty droplets):
+Recorded run: see benchmarks/results/ambient.json (figures quoted in README's Performance section).
 
-    diffbio_eqx  n=1000: 50 epochs in 4.4 s, training 8.3e4 cells/s, inference 1.2e5 cells/s;
-                 fraction corr 0.956, MAE 0.019; MSE ratio 0.175, L1 ratio 0.492; absent genes keep 17.8%
-    cellbender   n=1000 (earlier run, not repeated: 825 s): 30 epochs (73 droplets/s per epoch);
-                 fraction corr -0.15, MAE 0.077; MSE ratio 0.569, L1 ratio 0.876; absent genes keep 67.8%
-
-Run: `python benchmarks/bench_ambient.py [--no-cellbender]` (writes benchmarks/results/ambient.json).
+Run: `python benchmarks/bench_ambient.py [--no-cellbender] [--cells N ...]` (writes
+benchmarks/results/ambient.json).
 """
 
 import os
@@ -41,18 +36,20 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import diffbio_eqx as dx  # noqa: E402
+from diffbio_eqx._stages._ambient import default_n_epochs  # noqa: E402
 
 
-N_GENES, N_GROUPS, LEVEL, N_EPOCHS = 300, 4, 0.1, 50
-# CellBender runs ~30 s per epoch on 2 000 droplets on the shared 2-core CPU, so its 150 default epochs would take
-# over an hour here; it gets fewer (its per-epoch speed is reported, and its accuracy is at these epochs).
-CELLBENDER_EPOCHS = 30
+N_GENES, N_GROUPS, LEVEL = 300, 4, 0.1
+# CellBender runs ~15-30 s per epoch on 1 000-2 000 droplets on the shared 2-core CPU, so its 150 default epochs
+# would take about an hour here; it gets fewer (its per-epoch speed is reported, and its accuracy is at these
+# epochs). diffbio_eqx uses its default (`default_n_epochs`: 300 epochs up to 20 000 cells).
+CELLBENDER_EPOCHS = 50
 
 
 def make_droplets(n_cells: int, n_empty: int, *, seed: int = 0) -> dict[str, np.ndarray]:
     sim = dx.simulate(
         jr.key(seed), n_cells=n_cells, n_genes=N_GENES, n_groups=N_GROUPS, contamination=LEVEL,
-        de_prob=0.2, de_fac_loc=1.0,
+        de_prob=0.2, de_fac_loc=1.0, n_empty_droplets=n_empty,
     )
     de = np.asarray(sim.de_factors)
     groups = np.asarray(sim.groups)
@@ -62,13 +59,11 @@ def make_droplets(n_cells: int, n_empty: int, *, seed: int = 0) -> dict[str, np.
     true = np.asarray(sim.true_counts) * present[groups]
     ambient = np.asarray(sim.ambient_counts)
     counts = true + ambient
-    profile = np.asarray(sim.ambient_profile)
-    rng = np.random.default_rng(seed)
-    sizes = np.exp(rng.normal(np.log(ambient.sum(1).mean()), 0.5, n_empty))
-    empties = rng.poisson(sizes[:, None] * profile[None, :]).astype(np.float32)
+    empties = np.asarray(sim.empty_counts)
     return {
         "counts": counts.astype(np.float32), "true": true, "fraction": ambient.sum(1) / counts.sum(1),
-        "profile": profile, "absent": ~present[groups], "raw": np.concatenate([counts, empties]).astype(np.float32),
+        "profile": np.asarray(sim.ambient_profile), "absent": ~present[groups],
+        "raw": np.concatenate([counts, empties]).astype(np.float32),
     }
 
 
@@ -96,16 +91,18 @@ def run_diffbio(data: dict[str, np.ndarray]) -> dict[str, float]:
         jax.block_until_ready(result.model)
         return result, time.perf_counter() - start
 
+    n_epochs = default_n_epochs(n)
     _, first = train(1)  # compile + one epoch
     _, one = train(1)  # warm: one epoch and the per-call overhead
-    result, full = train(N_EPOCHS)  # warm: N epochs
-    per_epoch = (full - one) / (N_EPOCHS - 1)
+    result, full = train(n_epochs)  # warm: the default number of epochs
+    per_epoch = (full - one) / (n_epochs - 1)
     infer = lambda: jax.block_until_ready(dx.remove_ambient(result.model, data["counts"], profile))
     start = time.perf_counter()
     out = infer()
     first_call = time.perf_counter() - start
     infer_s = min(timeit.repeat(infer, number=1, repeat=5))
     return {
+        "n_epochs": n_epochs,
         "train_s": full,
         "train_compile_s": first - one,
         "train_cells_per_s": n / per_epoch,
@@ -179,8 +176,10 @@ def main(out_dir: str | os.PathLike[str] = pathlib.Path(__file__).parent / "resu
         "backend": jax.default_backend(),
         "versions": {name: md.version(name) for name in ("jax", "equinox", "optax", "torch", "pyro-ppl", "cellbender")
                      if _installed(name)},
-        "setup": {"n_genes": N_GENES, "n_groups": N_GROUPS, "contamination": LEVEL, "n_epochs": N_EPOCHS,
-                  "dtype": "float32", "note": "cells plus as many empty droplets; profile and ambient-count prior from the empties"},
+        "setup": {"n_genes": N_GENES, "n_groups": N_GROUPS, "contamination": LEVEL,
+                  "ambient_model": "count (CellBender's)", "cellbender_epochs": CELLBENDER_EPOCHS,
+                  "dtype": "float32",
+                  "note": "cells plus as many empty droplets; profile and ambient-count prior from the empties"},
         "runs": [],
     }
     for n in sizes:
@@ -207,4 +206,11 @@ def _installed(name: str) -> bool:
 
 
 if __name__ == "__main__":
-    main(cellbender="--no-cellbender" not in sys.argv)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-cellbender", action="store_true")
+    parser.add_argument("--cells", type=int, nargs="+", default=[1000])
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    arguments = parser.parse_args()
+    main(arguments.out, tuple(arguments.cells), cellbender=not arguments.no_cellbender)

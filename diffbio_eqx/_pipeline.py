@@ -557,7 +557,7 @@ def fit_pipeline(
     *,
     key: PRNGKeyArray,
     raw_counts: Any = None,
-    ambient_epochs: int = 50,
+    ambient_epochs: int | None = None,
     vae_epochs: int | None = None,
     umap_epochs: int = 30,
     clustering_iterations: int = 100,

@@ -3,8 +3,8 @@
 The generative model follows Splatter (Zappia et al. 2017): gamma-distributed gene means, log-normal
 differential-expression factors per group, log-normal multiplicative batch factors per gene, log-normal library
 sizes and gamma-Poisson (biological coefficient of variation) counts. On top of it, optional ambient RNA
-(a fraction of each droplet's counts drawn from a shared profile, as CellBender models it) and doublets (two cells
-in one droplet).
+drawn from a shared profile, with empty droplets holding ambient RNA only, as CellBender models it) and doublets
+(two cells in one droplet).
 """
 
 import equinox as eqx
@@ -20,6 +20,7 @@ class SimulatedData(eqx.Module):
     - `counts`: `(n_cells, n_genes)` observed counts (cell + doublet partner + ambient), whole numbers as floats.
     - `true_counts`: the counts that came from the cell(s) in the droplet, without ambient RNA.
     - `ambient_counts`: the ambient part; `counts = true_counts + ambient_counts`.
+    - `empty_counts`: `(n_empty_droplets, n_genes)` counts of empty droplets (ambient RNA only).
     - `contamination_fraction`: `(n_cells,)` realised ambient share of each droplet's counts.
     - `ambient_profile`: `(n_genes,)` the profile ambient counts were drawn from (sums to one).
     - `groups`, `batches`: `(n_cells,)` integer labels.
@@ -32,6 +33,7 @@ class SimulatedData(eqx.Module):
     counts: Float[Array, "n_cells n_genes"]
     true_counts: Float[Array, "n_cells n_genes"]
     ambient_counts: Float[Array, "n_cells n_genes"]
+    empty_counts: Float[Array, "n_empty_droplets n_genes"]
     contamination_fraction: Float[Array, " n_cells"]
     ambient_profile: Float[Array, " n_genes"]
     groups: Int[Array, " n_cells"]
@@ -82,7 +84,10 @@ def simulate(
     bcv_common: Float[ArrayLike, ""] = 0.1,
     bcv_df: Float[ArrayLike, ""] = 60.0,
     contamination: Float[ArrayLike, ""] = 0.0,
+    ambient_model: str = "count",
+    ambient_log_scale: Float[ArrayLike, ""] = 0.2,
     contamination_concentration: Float[ArrayLike, ""] = 30.0,
+    n_empty_droplets: int = 0,
     ambient_profile: Float[ArrayLike, " n_genes"] | None = None,
     doublet_rate: Float[ArrayLike, ""] = 0.0,
 ) -> SimulatedData:
@@ -99,8 +104,17 @@ def simulate(
     - `lib_loc`, `lib_scale`: library sizes are `exp(N(lib_loc, lib_scale))`.
     - `bcv_common`, `bcv_df`: Splatter's biological coefficient of variation,
       `(bcv_common + 1/sqrt(mean)) * sqrt(bcv_df / chi2(bcv_df))`.
-    - `contamination`: mean ambient fraction of a droplet's counts (0 disables ambient RNA). Per-cell fractions
-      are `Beta` with this mean and concentration `contamination_concentration`.
+    - `contamination`: typical ambient fraction of a droplet's counts (0 disables ambient RNA).
+    - `ambient_model`: how much ambient RNA each droplet gets (static; keyword only):
+        - `"count"` (CellBender's model, the default): about the same number of ambient molecules in every
+          droplet, whatever its cell's size: $d_n \sim \mathrm{LogNormal}(\log d_0, s)$ with $s$ =
+          `ambient_log_scale` and $d_0$ = `contamination / (1 - contamination)` times the median library size
+          $e^{\mathrm{lib\_loc}}$, so a droplet of median size has fraction about `contamination` and small cells
+          are more contaminated than large ones;
+        - `"fraction"`: the ambient share of each droplet is `Beta` with mean `contamination` and concentration
+          `contamination_concentration`, so ambient counts scale with the cell's size.
+    - `n_empty_droplets`: number of empty droplets to simulate (static): Poisson counts of the ambient profile
+      with totals drawn as in the `"count"` model, returned as `empty_counts`.
     - `ambient_profile`: `(n_genes,)` profile of the ambient RNA; default: the pooled expression of all cells,
       which is what lysed cells release.
     - `doublet_rate`: probability that a droplet holds a second, random cell.
@@ -115,6 +129,9 @@ def simulate(
         mean_key, de_key, batch_fac_key, group_key, batch_key, lib_key, bcv_key, gamma_key, count_key,
         doublet_key, partner_key, fraction_key, ambient_key,
     ) = jr.split(key, 13)
+    empty_size_key, empty_key = jr.split(jr.fold_in(key, 13))  # apart, so the other draws keep their keys
+    if ambient_model not in ("count", "fraction"):
+        raise ValueError(f"ambient_model: must be 'count' or 'fraction', got {ambient_model!r}")
 
     gene_mean = jr.gamma(mean_key, as_float(mean_shape), (n_genes,), dtype=dtype) / as_float(mean_rate)
     de_factors = _multiplicative_factors(
@@ -151,15 +168,26 @@ def simulate(
         profile = jnp.asarray(ambient_profile, dtype=dtype)
         profile = profile / jnp.sum(profile)
     mean_fraction = as_float(contamination)
-    concentration = as_float(contamination_concentration)
-    safe_mean = jnp.clip(mean_fraction, 1e-6, 1.0 - 1e-6)
-    target_fraction = jr.beta(
-        fraction_key, safe_mean * concentration, (1.0 - safe_mean) * concentration, (n_cells,), dtype=dtype
-    )
-    target_fraction = jnp.where(mean_fraction > 0, jnp.clip(target_fraction, 0.0, 0.95), 0.0)
-    cell_total = jnp.sum(true_counts, axis=1)
-    ambient_total = target_fraction / (1.0 - target_fraction) * cell_total
+    has_ambient = mean_fraction > 0
+    safe_mean = jnp.clip(mean_fraction, 1e-6, 0.95)
+    typical_ambient = safe_mean / (1.0 - safe_mean) * jnp.exp(as_float(lib_loc))
+
+    def ambient_totals(size_key: PRNGKeyArray, n: int) -> Float[Array, " n"]:
+        return _lognormal(size_key, jnp.log(typical_ambient), as_float(ambient_log_scale), (n,))
+
+    if ambient_model == "count":
+        ambient_total = ambient_totals(fraction_key, n_cells)
+    else:
+        concentration = as_float(contamination_concentration)
+        target_fraction = jr.beta(
+            fraction_key, safe_mean * concentration, (1.0 - safe_mean) * concentration, (n_cells,), dtype=dtype
+        )
+        target_fraction = jnp.clip(target_fraction, 0.0, 0.95)
+        ambient_total = target_fraction / (1.0 - target_fraction) * jnp.sum(true_counts, axis=1)
+    ambient_total = jnp.where(has_ambient, ambient_total, 0.0)
     ambient_counts = jr.poisson(ambient_key, ambient_total[:, None] * profile[None, :]).astype(dtype)
+    empty_total = jnp.where(has_ambient, ambient_totals(empty_size_key, n_empty_droplets), 0.0)
+    empty_counts = jr.poisson(empty_key, empty_total[:, None] * profile[None, :]).astype(dtype)
 
     counts = true_counts + ambient_counts
     total = jnp.sum(counts, axis=1)
@@ -168,6 +196,7 @@ def simulate(
         counts=counts,
         true_counts=true_counts,
         ambient_counts=ambient_counts,
+        empty_counts=empty_counts,
         contamination_fraction=fraction,
         ambient_profile=profile,
         groups=groups,
@@ -180,5 +209,5 @@ def simulate(
 
 
 simulate = jax.jit(
-    simulate, static_argnames=("n_cells", "n_genes", "n_groups", "n_batches")
+    simulate, static_argnames=("n_cells", "n_genes", "n_groups", "n_batches", "ambient_model", "n_empty_droplets")
 )

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE", help="JSON or TOML file of SingleCellPipelineConfig settings")
     run.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
     run.add_argument("--vae-epochs", type=int, help="VAE epochs (default: scVI's heuristic)")
-    run.add_argument("--ambient-epochs", type=int, help="ambient model epochs (default 100)")
+    run.add_argument("--ambient-epochs", type=int, help="ambient model epochs (default: 300 up to 20,000 cells)")
     run.add_argument("--umap-epochs", type=int, help="parametric UMAP epochs (default 30)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(handler=_run)

@@ -45,10 +45,11 @@ N_CELLS, N_GENES, N_GROUPS = 600, 300, 4
 
 @functools.cache
 def marker_data(level: float, seed: int = 1) -> dict[str, np.ndarray]:
-    """Simulated counts at mean contamination `level`, with group markers absent from the other groups."""
+    """Simulated droplets at contamination `level` (CellBender's model: about the same number of ambient molecules
+    in every droplet, and 2000 empty droplets), with group markers absent from the other groups."""
     sim = dx.simulate(
         jr.key(seed), n_cells=N_CELLS, n_genes=N_GENES, n_groups=N_GROUPS, contamination=level,
-        de_prob=0.2, de_fac_loc=1.0,
+        de_prob=0.2, de_fac_loc=1.0, n_empty_droplets=2000,
     )
     de = np.asarray(sim.de_factors)
     groups = np.asarray(sim.groups)
@@ -58,16 +59,14 @@ def marker_data(level: float, seed: int = 1) -> dict[str, np.ndarray]:
     true = np.asarray(sim.true_counts) * present[groups]
     ambient = np.asarray(sim.ambient_counts)
     counts = true + ambient
-    # empty droplets: ambient RNA only, with the droplets' ambient totals (CellBender's d_empty)
-    rng = np.random.default_rng(seed)
-    sizes = rng.choice(ambient.sum(1), 2000)
-    empties = rng.poisson(sizes[:, None] * np.asarray(sim.ambient_profile)[None, :])
     return {
         "counts": counts,
         "true": true,
-        "empties": empties.astype(np.float32),
+        "ambient": ambient,
+        "empties": np.asarray(sim.empty_counts, dtype=np.float32),
         "fraction": ambient.sum(1) / counts.sum(1),
         "profile": np.asarray(sim.ambient_profile),
+        "groups": groups,
         "absent": ~present[groups],  # (n_cells, n_genes): genes the cell's group does not express
     }
 
@@ -83,7 +82,24 @@ def fitted(level: float) -> tuple[dict[str, np.ndarray], dx.AmbientResult]:
         N_GENES, prior_ambient_count=count, prior_log_scale=log_scale, dtype=jnp.float32, key=jr.key(2)
     )
     result = dx.fit_ambient_removal(stage, data["counts"], data["profile"], key=jr.key(3), progress=False)
+    assert result.train_loss.shape == (300,)  # default_n_epochs at 600 cells
     return data, dx.remove_ambient(result.model, data["counts"], data["profile"], integer=False)
+
+
+def oracle_mse_ratio(data: dict[str, np.ndarray]) -> float:
+    """The squared error of the posterior mean that knows the rates (each group's true profile times the cell's
+    true total, and each droplet's ambient total times the profile), relative to the raw counts' error.
+
+    No estimator does better on average: given the rates, a count splits binomially, so even the exact posterior
+    mean keeps an error of about $\mu\lambda / (\mu + \lambda)$ per count, which at low contamination is most of
+    the raw error $\lambda + \lambda^2$ on genes that the cell also expresses.
+    """
+    true, ambient, groups = data["true"], data["ambient"], data["groups"]
+    group_profile = np.stack([true[groups == g].sum(0) / true[groups == g].sum() for g in range(N_GROUPS)])
+    cell_rate = group_profile[groups] * true.sum(1, keepdims=True)
+    ambient_rate = ambient.sum(1, keepdims=True) * data["profile"][None, :]
+    share = cell_rate / np.maximum(cell_rate + ambient_rate, 1e-30)
+    return float(np.mean((data["counts"] * share - true) ** 2) / np.mean(ambient**2))
 
 
 def _rates(getkey, n_cells=7, n_genes=11, dtype=jnp.float64):
@@ -411,20 +427,16 @@ def test_fit_on_sparse_counts_with_profile_from_raw(tmp_path):
 # ---- recovery of known contamination --------------------------------------------------------------------------
 
 
-# Per level: (correlation >=, MAE <=, MSE ratio <=, absent genes keep <=). The issue asks (0.8, 0.03, 0.5, 0.3)
-# at every level; the model meets it at 10% only. At 2% the absent genes keep ~32%; at 20-30% the fraction is
-# underestimated (mean 0.15 for 0.22, 0.20 for 0.32; correlation 0.59 at 30%): the decoder absorbs part of the ambient counts into the
-# cell profiles while the prior (soft, as wide as the empty droplets' spread) gives way.
-RECOVERY_BOUNDS = {
-    0.02: (0.8, 0.03, 0.5, 0.36),
-    0.1: (0.8, 0.03, 0.5, 0.3),
-    0.2: (0.8, 0.08, 0.5, 0.4),
-    0.3: (0.5, 0.14, 0.5, 0.5),
-}
+# The issue's bounds: per-cell fraction correlation >= 0.8 and MAE <= 0.03; decontaminated counts' error <= 50 %
+# of the raw counts' error; genes absent from the cell's group keep <= 30 % of their counts. The error is the
+# squared error (what the posterior mean minimises). At 2 % even the posterior mean that knows the true rates
+# keeps 59 % of the raw error on this data (`oracle_mse_ratio`: a count that the cell and the ambient both explain
+# cannot be split exactly), so there the bound is within 10 % of that oracle instead.
+LEVELS = (0.02, 0.1, 0.2, 0.3)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("level", sorted(RECOVERY_BOUNDS))
+@pytest.mark.parametrize("level", LEVELS)
 def test_recovers_known_contamination(level):
     data, out = fitted(level)
     estimate = np.asarray(out.contamination_fraction)
@@ -434,19 +446,19 @@ def test_recovers_known_contamination(level):
     cells = np.asarray(out.decontaminated_counts)
     counts, true = data["counts"], data["true"]
     assert np.all(cells >= 0) and np.all(cells <= counts + 1e-3)
-    # mean squared error against the true cell counts (the error the posterior mean minimises)
     ratio = np.mean((cells - true) ** 2) / np.mean((counts - true) ** 2)
+    oracle = oracle_mse_ratio(data)
     l1_ratio = np.abs(cells - true).sum() / np.abs(counts - true).sum()
-    # genes the cell's group does not express: the share of their counts that is kept
     absent = data["absent"]
     kept = (cells * absent).sum() / (counts * absent).sum()
     print(f"level {level}: mean {estimate.mean():.4f} vs {truth.mean():.4f}, correlation {correlation:.3f}, "
-          f"MAE {mae:.4f}, MSE ratio {ratio:.3f}, L1 ratio {l1_ratio:.3f}, absent genes keep {kept:.3f}")
-    min_correlation, max_mae, max_ratio, max_kept = RECOVERY_BOUNDS[level]
-    assert correlation >= min_correlation, correlation
-    assert mae <= max_mae, mae
-    assert ratio <= max_ratio, ratio
-    assert kept <= max_kept, kept
+          f"MAE {mae:.4f}, MSE ratio {ratio:.3f} (oracle {oracle:.3f}), L1 ratio {l1_ratio:.3f}, "
+          f"absent genes keep {kept:.3f}")
+    assert correlation >= 0.8, correlation
+    assert mae <= 0.03, mae
+    assert ratio <= max(0.5, 1.1 * oracle), (ratio, oracle)
+    assert oracle <= 0.5 or level < 0.05  # the relaxed bound is only needed at the lowest level
+    assert kept <= 0.3, kept
 
 
 @pytest.mark.slow
@@ -462,15 +474,16 @@ def test_zero_contamination_removes_almost_nothing():
 # Here the fraction is not identifiable from the cells alone (a cell profile that absorbs some ambient RNA fits as
 # well as a larger fraction does), so the prior decides. Without empty droplets, the Beta prior's mode 0 keeps
 # clean cells intact and under-removes real contamination; with them, CellBender's ambient-count prior sets the
-# level. Note: the simulator draws each droplet's ambient count in proportion to its cell's size (a fraction,
-# not CellBender's fixed count), so the per-droplet fractions are not recoverable here, only their mean.
+# level. Here the simulator's "fraction" model draws each droplet's ambient count in proportion to its cell's size
+# (not CellBender's fixed count), so the per-droplet fractions are not recoverable, only their mean.
 
 DEFAULT_EPOCHS = 30
 
 
 @functools.cache
 def default_data(level: float) -> dict[str, np.ndarray]:
-    sim = dx.simulate(jr.key(0), n_cells=400, n_genes=100, n_groups=4, n_batches=2, contamination=level)
+    sim = dx.simulate(jr.key(0), n_cells=400, n_genes=100, n_groups=4, n_batches=2, contamination=level,
+                      ambient_model="fraction")
     counts = np.asarray(sim.counts, dtype=np.float32)
     profile = np.asarray(sim.ambient_profile)
     # empty droplets hold about as many ambient molecules as the cells' droplets do

@@ -28,18 +28,46 @@ def test_counts_are_whole_and_decompose():
     np.testing.assert_allclose(float(jnp.sum(data.ambient_profile)), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("model", ["count", "fraction"])
 @pytest.mark.parametrize("level", [0.02, 0.1, 0.3])
-def test_reported_contamination_is_the_realised_one(level):
-    data = dbx.simulate(jr.key(3), n_cells=500, n_genes=300, contamination=level)
+def test_reported_contamination_is_the_realised_one(level, model):
+    data = dbx.simulate(jr.key(3), n_cells=500, n_genes=300, contamination=level, ambient_model=model)
     realised = np.asarray(data.ambient_counts.sum(1) / data.counts.sum(1))
     np.testing.assert_allclose(np.asarray(data.contamination_fraction), realised, rtol=1e-10)
     assert abs(realised.mean() - level) < 0.25 * level + 0.005
     assert np.std(realised) > 0  # per-cell fractions vary
 
 
+def test_ambient_models_and_empty_droplets():
+    """CellBender's model: every droplet holds about the same number of ambient molecules as an empty droplet,
+    so small cells are more contaminated; the fraction model scales the ambient counts with the cell."""
+    level, n_empty = 0.1, 400
+    by_count = dbx.simulate(jr.key(7), n_cells=500, n_genes=300, contamination=level, n_empty_droplets=n_empty)
+    by_fraction = dbx.simulate(jr.key(7), n_cells=500, n_genes=300, contamination=level, ambient_model="fraction")
+    typical = level / (1 - level) * np.exp(8.0)  # the simulator's default lib_loc
+    ambient_total = np.asarray(by_count.ambient_counts.sum(1))
+    empty_total = np.asarray(by_count.empty_counts.sum(1))
+    assert by_count.empty_counts.shape == (n_empty, 300) and by_fraction.empty_counts.shape == (0, 300)
+    for totals in (ambient_total, empty_total):  # log-normal around d0 with scale 0.2 (plus Poisson noise)
+        assert abs(np.median(totals) / typical - 1) < 0.05
+        assert 0.15 < np.std(np.log(totals)) < 0.25
+    # the empty droplets follow the ambient profile (total variation distance)
+    pooled = np.asarray(by_count.empty_counts.sum(0))
+    assert 0.5 * np.abs(pooled / pooled.sum() - np.asarray(by_count.ambient_profile)).sum() < 0.05
+    cell_total = np.asarray(by_count.true_counts.sum(1))
+    count_fraction = np.asarray(by_count.contamination_fraction)
+    assert np.corrcoef(np.log(cell_total), np.log(ambient_total))[0, 1] < 0.2  # independent of the cell's size
+    assert np.corrcoef(np.log(cell_total), count_fraction)[0, 1] < -0.6  # so small cells are more contaminated
+    fraction_cell_total = np.asarray(by_fraction.true_counts.sum(1))
+    share = np.asarray(by_fraction.contamination_fraction)
+    assert abs(np.corrcoef(np.log(fraction_cell_total), share)[0, 1]) < 0.2  # a share, whatever the cell's size
+    with pytest.raises(ValueError, match="ambient_model"):
+        dbx.simulate(jr.key(7), n_cells=10, n_genes=10, ambient_model="share")
+
+
 def test_no_contamination_means_no_ambient_counts():
-    data = dbx.simulate(jr.key(4), n_cells=200, n_genes=100)
-    assert float(jnp.sum(data.ambient_counts)) == 0.0
+    data = dbx.simulate(jr.key(4), n_cells=200, n_genes=100, n_empty_droplets=10)
+    assert float(jnp.sum(data.ambient_counts)) == 0.0 and float(jnp.sum(data.empty_counts)) == 0.0
     np.testing.assert_array_equal(data.counts, data.true_counts)
 
 

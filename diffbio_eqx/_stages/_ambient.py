@@ -497,6 +497,18 @@ def _resolve_profile(checked: Any, ambient_profile: Any, raw_counts: Any) -> np.
 # --------------------------------------------------------------------------------------------------------------
 
 
+def default_n_epochs(n_cells: int) -> int:
+    """Epochs for `fit_ambient_removal`: `min(round(20000 / n_cells * 300), 300)` (at least 1).
+
+    scvi-tools' heuristic with CellBender-like length: about 47,000 minibatch steps' worth of cells on small
+    sets, capped at 300 epochs. Step count matters more than epochs here: the decoder starts at the pooled
+    profile, which contains every type's markers, and must learn to drop the genes a type does not express
+    before the fraction can claim their counts (at 600 cells, 50 epochs left 26 % of such counts at 2 %
+    contamination and underestimated 30 % contamination by 0.03; 300 epochs: 14 % and 0.015).
+    """
+    return max(1, min(round(20000 / max(n_cells, 1) * 300), 300))
+
+
 def fit_ambient_removal(
     stage: AmbientRemoval,
     counts: Any,
@@ -504,7 +516,7 @@ def fit_ambient_removal(
     *,
     key: PRNGKeyArray,
     raw_counts: Any = None,
-    n_epochs: int = 50,
+    n_epochs: int | None = None,
     batch_size: int = 128,
     learning_rate: float = 3e-3,
     weight_decay: float = 1e-6,
@@ -529,9 +541,8 @@ def fit_ambient_removal(
     - `raw_counts`: the unfiltered matrix (cells and empty droplets). Its empty droplets give the profile (when
       `ambient_profile` is None) and, when the stage has no `prior_ambient_count` yet, CellBender's prior on the
       ambient count per droplet (`estimate_ambient_count`), which the returned model keeps.
-    - `n_epochs`, `batch_size`, `learning_rate`, `weight_decay`, `eps`: AdamW settings (eps 0.01 as
-      scvi-tools). 50 epochs: with the decoder started at the pooled profile, clean cells keep > 99.9% of their
-      counts after 30 (CellBender's default is 150).
+    - `n_epochs`: passes over the cells; None: `default_n_epochs(n_cells)` (300 up to 20,000 cells).
+    - `batch_size`, `learning_rate`, `weight_decay`, `eps`: AdamW settings (eps 0.01 as scvi-tools).
     - `validation_fraction`, `early_stopping_patience`, `restore_best`: as in `fit` (the validation loss is the
       negative ELBO).
     - `checkpoint_path`, `resume`: save after every epoch and continue an interrupted run exactly.
@@ -571,7 +582,7 @@ def fit_ambient_removal(
         _ambient_loss,
         (checked,),
         key=key,
-        n_epochs=n_epochs,
+        n_epochs=default_n_epochs(checked.shape[0]) if n_epochs is None else n_epochs,
         batch_size=batch_size,
         context=jnp.asarray(profile, dtype=stage.dtype),
         optimizer=scvi_optimizer(learning_rate, weight_decay=weight_decay, eps=eps),
@@ -630,6 +641,7 @@ __all__ = [
     "empty_droplet_threshold",
     "estimate_ambient_count",
     "estimate_ambient_profile",
+    "default_n_epochs",
     "fit_ambient_removal",
     "remove_ambient",
     "resolve_ambient_profile",
