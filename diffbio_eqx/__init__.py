@@ -86,14 +86,22 @@ from ._stages._vae import (
     VAELoss as VAELoss,
     VAENormalizer as VAENormalizer,
     VAEOutput as VAEOutput,
+    vae_latent as vae_latent,
     vae_log_likelihood as vae_log_likelihood,
     vae_transform as vae_transform,
 )
 from ._train import (
+    data_mesh as data_mesh,
     fit as fit,
     FitResult as FitResult,
     map_in_chunks as map_in_chunks,
     scvi_optimizer as scvi_optimizer,
+    SparseRows as SparseRows,
+)
+from ._scale import (
+    GeneParameters as GeneParameters,
+    simulate_sparse as simulate_sparse,
+    SparseSimulation as SparseSimulation,
 )
 from ._umap_graph import (
     exact_knn as exact_knn,
