@@ -54,6 +54,7 @@ from ._pipeline import (
     PipelineLossWeights as PipelineLossWeights,
     PipelineOutput as PipelineOutput,
     run_pipeline as run_pipeline,
+    run_pipeline_in_chunks as run_pipeline_in_chunks,
     save_pipeline as save_pipeline,
     SingleCellPipeline as SingleCellPipeline,
     SingleCellPipelineConfig as SingleCellPipelineConfig,

@@ -385,8 +385,8 @@ def fit(
         train_loss, validation_loss = np.array(train_loss), np.array(validation_loss)
         start_epoch = int(progress_state[0])
 
-    device_data, params, opt_state, train_rows, validation_rows, weights = _replicate(
-        (device_data, params, opt_state, train_rows, validation_rows, weights), mesh
+    device_data, params, static, opt_state, train_rows, validation_rows, weights = _replicate(
+        (device_data, params, static, opt_state, train_rows, validation_rows, weights), mesh
     )
     best_loss, best_epoch, best_params, since_best = np.inf, start_epoch - 1, params, 0
     if start_epoch:
