@@ -103,7 +103,9 @@ def _gamma_poisson(seed: np.ndarray, means: np.ndarray, gamma_shape: np.ndarray)
     # NumPy's samplers: on CPU they are an order of magnitude faster than `jax.random.gamma`/`poisson` for
     # per-entry shapes, and this is the only dense O(n_cells * n_genes) work of the simulation.
     rng = np.random.default_rng(seed)
-    rates = rng.standard_gamma(gamma_shape) * (means / gamma_shape)
+    rates = rng.standard_gamma(gamma_shape, dtype=gamma_shape.dtype)  # float32 or float64, as JAX made it
+    rates *= means
+    rates /= gamma_shape
     return sp.csr_matrix(rng.poisson(rates).astype(np.float32))
 
 

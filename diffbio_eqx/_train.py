@@ -30,8 +30,8 @@ class SparseRows(eqx.Module):
     Memory is that of the CSR arrays (no padding to the longest row): a row set is gathered as
     `(n_index, max_nnz)` slots, masked past each row's end, and scattered into a dense block.
 
-    - `data`: `(nnz + 1,)` non-zero values (one trailing zero, so an empty matrix still gathers).
-    - `indices`: `(nnz + 1,)` their column indices (int16 when there are fewer than 32,768 columns, else int32).
+    - `data`: `(nnz,)` non-zero values (one zero when the matrix has none, so gathers stay valid).
+    - `indices`: `(nnz,)` their column indices (int16 when there are fewer than 32,768 columns, else int32).
     - `indptr`: `(n_rows + 1,)` row starts (int32, or int64 under `jax_enable_x64` past 2**31 - 1 non-zeros).
     - `n_columns`: the dense width (static); `max_nnz`: the longest row's non-zeros (static).
     """
@@ -48,8 +48,11 @@ class SparseRows(eqx.Module):
 
 
 def sparse_rows_from_csr(matrix: sp.spmatrix, *, dtype: Any = None) -> SparseRows:
-    """Convert a SciPy sparse matrix to `SparseRows` (host-side, once; duplicates are summed)."""
-    csr = matrix if (sp.isspmatrix_csr(matrix) and matrix.has_canonical_format) else sp.csr_matrix(matrix)
+    """Convert a SciPy sparse matrix to `SparseRows` (host to device once; duplicates are summed).
+
+    The device holds `nnz * (itemsize + 2)` bytes (4 with more than 32,767 columns) plus the row pointers.
+    """
+    csr = matrix if sp.isspmatrix_csr(matrix) else sp.csr_matrix(matrix)
     if not csr.has_canonical_format:
         csr = csr.copy()
         csr.sum_duplicates()
@@ -60,12 +63,16 @@ def sparse_rows_from_csr(matrix: sp.spmatrix, *, dtype: Any = None) -> SparseRow
     pointer_dtype = np.int32 if nnz < np.iinfo(np.int32).max else np.int64
     index_dtype = np.int16 if n_columns <= np.iinfo(np.int16).max else np.int32
     max_nnz = max(int(np.diff(csr.indptr).max()) if n_rows else 0, 1)
-    data = np.empty(nnz + 1, dtype=dtype or csr.dtype)
-    data[:nnz], data[nnz] = csr.data, 0
-    indices = np.zeros(nnz + 1, dtype=index_dtype)
-    indices[:nnz] = csr.indices
-    indptr = csr.indptr.astype(pointer_dtype, copy=False)
-    return SparseRows(jnp.asarray(data), jnp.asarray(indices), jnp.asarray(indptr), n_columns, max_nnz)
+    data, indices = csr.data, csr.indices
+    if nnz == 0:
+        data, indices = np.zeros(1, csr.dtype), np.zeros(1, index_dtype)
+    return SparseRows(
+        jnp.asarray(data, dtype=dtype or csr.dtype),
+        jnp.asarray(indices.astype(index_dtype, copy=False)),
+        jnp.asarray(csr.indptr.astype(pointer_dtype, copy=False)),
+        n_columns,
+        max_nnz,
+    )
 
 
 DeviceRows = Array | SparseRows
@@ -87,8 +94,9 @@ def take_rows(rows: DeviceRows, index: Int[Array, " n_index"]) -> Array:
         stop = rows.indptr[index + 1]
         positions = start[:, None] + jnp.arange(rows.max_nnz, dtype=start.dtype)[None, :]
         inside = positions < stop[:, None]
-        positions = jnp.where(inside, positions, rows.data.shape[0] - 1)  # the trailing zero slot
-        values, columns = rows.data[positions], rows.indices[positions].astype(jnp.int32)
+        positions = jnp.where(inside, positions, 0)
+        values = jnp.where(inside, rows.data[positions], 0)
+        columns = rows.indices[positions].astype(jnp.int32)
         dense = jnp.zeros((index.shape[0], rows.n_columns), dtype=values.dtype)
         return dense.at[jnp.arange(index.shape[0])[:, None], columns].add(values)
     return rows[index]
@@ -137,12 +145,16 @@ def _shard_cells(tree: PyTree, sharding: NamedSharding | None) -> PyTree:
     return jtu.tree_map(lambda leaf: jax.lax.with_sharding_constraint(leaf, sharding), tree)
 
 
-def _host_rows(x: Any, index: np.ndarray) -> Any:
-    if sp.issparse(x):
-        return x[index].toarray()
-    if isinstance(x, np.ndarray):
-        return x[index]
-    return take_rows(x, jnp.asarray(index))
+def _host_rows(x: Any, start: int, size: int) -> Any:
+    n = n_rows_of(x)
+    if sp.issparse(x) or isinstance(x, np.ndarray):
+        # A contiguous slice (cheap for CSR); the last chunk wraps around to keep the shape fixed.
+        rows = x[start : start + size]
+        if start + size > n:
+            wrap = x[np.arange(start + size - n) % n]
+            rows = sp.vstack([rows, wrap], format="csr") if sp.issparse(x) else np.concatenate([rows, wrap])
+        return rows.toarray() if sp.issparse(rows) else rows
+    return take_rows(x, jnp.arange(start, start + size) % n)
 
 
 def map_in_chunks(
@@ -169,8 +181,7 @@ def map_in_chunks(
         context = _replicate(context, mesh)
     outputs = []
     for start in range(0, n, chunk):
-        index = np.arange(start, start + chunk) % n
-        batch = tuple(jnp.asarray(_host_rows(d, index)) for d in data)
+        batch = tuple(jnp.asarray(_host_rows(d, start, chunk)) for d in data)
         if sharding is not None:
             batch = jax.device_put(batch, sharding)
         outputs.append(fn(batch, context))

@@ -90,7 +90,7 @@ def count_log_likelihood(
     return total if log_factorial is None else total - log_factorial.astype(total.dtype)
 
 
-def log_factorial_per_cell(counts: Any) -> np.ndarray:
+def log_factorial_per_cell(counts: Any, *, block_rows: int = 8192) -> np.ndarray:
     """Host-side $\sum_g \log\Gamma(x_g + 1)$ per cell for dense or SciPy sparse counts (float64).
 
     Whole-number counts go through a table of $\log k!$ (fast); other values through `scipy.special.gammaln`.
@@ -106,9 +106,15 @@ def log_factorial_per_cell(counts: Any) -> np.ndarray:
         return scipy.special.gammaln(values.astype(np.float64) + 1.0)
 
     if sp.issparse(counts):
+        # Row blocks bound the float64 temporaries (at a million cells the whole `data` would be GBs).
         csr = sp.csr_matrix(counts)
-        values = log_factorial(csr.data)
-        return np.asarray(sp.csr_matrix((values, csr.indices, csr.indptr), shape=csr.shape).sum(axis=1)).ravel()
+        totals = np.empty(csr.shape[0])
+        for start in range(0, csr.shape[0], block_rows):
+            block = csr[start : start + block_rows]
+            values = log_factorial(block.data)
+            block_totals = sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape).sum(axis=1)
+            totals[start : start + block.shape[0]] = np.asarray(block_totals).ravel()
+        return totals
     return log_factorial(np.asarray(counts)).sum(axis=1)
 
 
