@@ -7,7 +7,8 @@ same jaxtyping/beartype import hook and promotion rules as the test suite, check
 Tolerances: with a mesh, each device sums the gradient of its quarter of the minibatch and XLA all-reduces the
 four partial sums, so the float additions happen in another order than on one device (about one ulp per sum);
 Adam then carries such differences through the epochs. Hence float64 runs are compared at rtol 1e-10 and float32
-runs at rtol 1e-5 (a few ulps amplified over ~30 steps). Inference has no reduction across cells, so it is
+runs at rtol 1e-5 for the losses and 2e-5 for the worst parameter element (a few ulps amplified over ~40 steps;
+4.8e-6 measured on this machine's CPU). Inference has no reduction across cells, so it is
 compared at 1e-12 (float64).
 """
 
@@ -141,12 +142,13 @@ def test_four_devices_are_seen(measured):
     assert measured["devices"] == 4
 
 
-@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-10), ("float32", 1e-5)])
-def test_data_parallel_training_equals_one_device(measured, dtype, rtol):
+@pytest.mark.parametrize("dtype, rtol, param_rtol", [("float64", 1e-10, 1e-10), ("float32", 1e-5, 2e-5)])
+def test_data_parallel_training_equals_one_device(measured, dtype, rtol, param_rtol):
     assert measured[f"vae_{dtype}_dtype"] == dtype
     assert measured[f"vae_{dtype}_model_devices"] == 4, "the trained parameters live (replicated) on 4 devices"
     assert measured[f"vae_{dtype}_loss_moved"] > 0, "the VAE trained (its loss went down)"
-    assert measured[f"vae_{dtype}_param_rel"] < rtol
+    # Worst parameter element measured here: 8.7e-15 (float64), 4.8e-6 (float32); losses 1e-16 and 1.5e-7.
+    assert measured[f"vae_{dtype}_param_rel"] < param_rtol
     assert measured[f"vae_{dtype}_loss_rel"] < rtol
     assert measured[f"vae_{dtype}_validation_rel"] < rtol
 
