@@ -54,6 +54,7 @@ from ._pipeline import (
     PipelineLossWeights as PipelineLossWeights,
     PipelineOutput as PipelineOutput,
     run_pipeline as run_pipeline,
+    run_pipeline_in_chunks as run_pipeline_in_chunks,
     save_pipeline as save_pipeline,
     SingleCellPipeline as SingleCellPipeline,
     SingleCellPipelineConfig as SingleCellPipelineConfig,
@@ -86,14 +87,22 @@ from ._stages._vae import (
     VAELoss as VAELoss,
     VAENormalizer as VAENormalizer,
     VAEOutput as VAEOutput,
+    vae_latent as vae_latent,
     vae_log_likelihood as vae_log_likelihood,
     vae_transform as vae_transform,
 )
 from ._train import (
+    data_mesh as data_mesh,
     fit as fit,
     FitResult as FitResult,
     map_in_chunks as map_in_chunks,
     scvi_optimizer as scvi_optimizer,
+    SparseRows as SparseRows,
+)
+from ._scale import (
+    GeneParameters as GeneParameters,
+    simulate_sparse as simulate_sparse,
+    SparseSimulation as SparseSimulation,
 )
 from ._umap_graph import (
     exact_knn as exact_knn,

@@ -20,40 +20,59 @@ import jax.tree_util as jtu
 import numpy as np
 import optax
 import scipy.sparse as sp
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 
 class SparseRows(eqx.Module):
-    """A CSR matrix on the device in padded-row (ELLPACK) form, so any set of rows densifies with fixed shapes.
+    """A CSR matrix on the device, from which any set of rows densifies with fixed shapes.
 
-    - `values`: `(n_rows, max_nnz)` non-zero values, zero-padded.
-    - `columns`: `(n_rows, max_nnz)` their column indices (0 in the padding, where the value is 0).
-    - `n_columns`: the dense width (static).
+    Memory is that of the CSR arrays (no padding to the longest row): a row set is gathered as
+    `(n_index, max_nnz)` slots, masked past each row's end, and scattered into a dense block.
+
+    - `data`: `(nnz,)` non-zero values (one zero when the matrix has none, so gathers stay valid).
+    - `indices`: `(nnz,)` their column indices (int16 when there are fewer than 32,768 columns, else int32).
+    - `indptr`: `(n_rows + 1,)` row starts (int32, or int64 under `jax_enable_x64` past 2**31 - 1 non-zeros).
+    - `n_columns`: the dense width (static); `max_nnz`: the longest row's non-zeros (static).
     """
 
-    values: Float[Array, "n_rows max_nnz"]
-    columns: Int[Array, "n_rows max_nnz"]
+    data: Float[Array, " n_slots"]
+    indices: Int[Array, " n_slots"]
+    indptr: Int[Array, " n_indptr"]
     n_columns: int = eqx.field(static=True)
+    max_nnz: int = eqx.field(static=True)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.values.shape[0], self.n_columns)
+        return (self.indptr.shape[0] - 1, self.n_columns)
 
 
 def sparse_rows_from_csr(matrix: sp.spmatrix, *, dtype: Any = None) -> SparseRows:
-    """Convert a SciPy sparse matrix to `SparseRows` (host-side, once)."""
-    csr = sp.csr_matrix(matrix)
-    csr.sort_indices()
+    """Convert a SciPy sparse matrix to `SparseRows` (host to device once; duplicates are summed).
+
+    The device holds `nnz * (itemsize + 2)` bytes (4 with more than 32,767 columns) plus the row pointers.
+    """
+    csr = matrix if sp.isspmatrix_csr(matrix) else sp.csr_matrix(matrix)
+    if not csr.has_canonical_format:
+        csr = csr.copy()
+        csr.sum_duplicates()
     n_rows, n_columns = csr.shape
-    row_nnz = np.diff(csr.indptr)
-    max_nnz = max(int(row_nnz.max()) if n_rows else 0, 1)
-    positions = np.arange(csr.nnz) - np.repeat(csr.indptr[:-1], row_nnz)
-    rows = np.repeat(np.arange(n_rows), row_nnz)
-    values = np.zeros((n_rows, max_nnz), dtype=dtype or csr.dtype)
-    columns = np.zeros((n_rows, max_nnz), dtype=np.int32)
-    values[rows, positions] = csr.data
-    columns[rows, positions] = csr.indices
-    return SparseRows(jnp.asarray(values), jnp.asarray(columns), n_columns)
+    nnz = int(csr.nnz)
+    if nnz >= np.iinfo(np.int32).max and not jax.config.jax_enable_x64:
+        raise ValueError(f"counts: {nnz} non-zeros need 64-bit row pointers; enable jax_enable_x64")
+    pointer_dtype = np.int32 if nnz < np.iinfo(np.int32).max else np.int64
+    index_dtype = np.int16 if n_columns <= np.iinfo(np.int16).max else np.int32
+    max_nnz = max(int(np.diff(csr.indptr).max()) if n_rows else 0, 1)
+    data, indices = csr.data, csr.indices
+    if nnz == 0:
+        data, indices = np.zeros(1, csr.dtype), np.zeros(1, index_dtype)
+    return SparseRows(
+        jnp.asarray(data, dtype=dtype or csr.dtype),
+        jnp.asarray(indices.astype(index_dtype, copy=False)),
+        jnp.asarray(csr.indptr.astype(pointer_dtype, copy=False)),
+        n_columns,
+        max_nnz,
+    )
 
 
 DeviceRows = Array | SparseRows
@@ -71,31 +90,100 @@ def to_device_rows(x: Any, *, dtype: Any = None) -> DeviceRows:
 def take_rows(rows: DeviceRows, index: Int[Array, " n_index"]) -> Array:
     """Gather rows as a dense array (densifying `SparseRows` on the fly)."""
     if isinstance(rows, SparseRows):
-        values, columns = rows.values[index], rows.columns[index]
+        start = rows.indptr[index]
+        stop = rows.indptr[index + 1]
+        positions = start[:, None] + jnp.arange(rows.max_nnz, dtype=start.dtype)[None, :]
+        inside = positions < stop[:, None]
+        positions = jnp.where(inside, positions, 0)
+        values = jnp.where(inside, rows.data[positions], 0)
+        columns = rows.indices[positions].astype(jnp.int32)
         dense = jnp.zeros((index.shape[0], rows.n_columns), dtype=values.dtype)
         return dense.at[jnp.arange(index.shape[0])[:, None], columns].add(values)
     return rows[index]
 
 
-def n_rows_of(rows: DeviceRows) -> int:
+def n_rows_of(rows: Any) -> int:
     return rows.shape[0]
 
 
+Devices = None | str | Sequence[jax.Device] | jax.sharding.Mesh
+
+#: The mesh axis that data-parallel training and chunked inference shard cells (minibatch rows) along.
+CELLS_AXIS = "cells"
+
+
+def data_mesh(devices: Devices) -> jax.sharding.Mesh | None:
+    """A 1-D `jax.sharding.Mesh` over `devices` with the axis `"cells"` (None stays None: one device).
+
+    `devices` is `"all"` (`jax.devices()`), a sequence of devices, or a ready 1-D mesh.
+    """
+    if devices is None or isinstance(devices, jax.sharding.Mesh):
+        if isinstance(devices, jax.sharding.Mesh) and devices.axis_names != (CELLS_AXIS,):
+            raise ValueError(f"devices: a mesh must have the single axis {CELLS_AXIS!r}, got {devices.axis_names}")
+        return devices
+    if isinstance(devices, str):
+        if devices != "all":
+            raise ValueError(f"devices: expected None, 'all', a sequence of devices or a Mesh, got {devices!r}")
+        devices = jax.devices()
+    devices = list(devices)
+    if not devices:
+        raise ValueError("devices: got an empty sequence")
+    return jax.sharding.Mesh(np.array(devices), (CELLS_AXIS,))
+
+
+def _replicate(tree: PyTree, mesh: jax.sharding.Mesh | None) -> PyTree:
+    if mesh is None:
+        return tree
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jtu.tree_map(lambda leaf: jax.device_put(leaf, replicated) if eqx.is_array(leaf) else leaf, tree)
+
+
+def _shard_cells(tree: PyTree, sharding: NamedSharding | None) -> PyTree:
+    """Constrain (under jit) every array's leading axis to be split over the mesh's cells axis."""
+    if sharding is None:
+        return tree
+    return jtu.tree_map(lambda leaf: jax.lax.with_sharding_constraint(leaf, sharding), tree)
+
+
+def _host_rows(x: Any, start: int, size: int) -> Any:
+    n = n_rows_of(x)
+    if sp.issparse(x) or isinstance(x, np.ndarray):
+        # A contiguous slice (cheap for CSR); the last chunk wraps around to keep the shape fixed.
+        rows = x[start : start + size]
+        if start + size > n:
+            wrap = x[np.arange(start + size - n) % n]
+            rows = sp.vstack([rows, wrap], format="csr") if sp.issparse(x) else np.concatenate([rows, wrap])
+        return rows.toarray() if sp.issparse(rows) else rows
+    return take_rows(x, jnp.arange(start, start + size) % n)
+
+
 def map_in_chunks(
-    fn: Callable[..., PyTree], data: Sequence[Any], *, chunk_size: int = 4096, context: PyTree = None
+    fn: Callable[..., PyTree], data: Sequence[Any], *, chunk_size: int = 4096, context: PyTree = None,
+    devices: Devices = None,
 ) -> PyTree:
     """Apply `fn(batch, context)` to consecutive row chunks of `data` and concatenate the outputs.
 
     Every chunk has the same shape (the last is padded and trimmed), so `fn` compiles once. `fn` should be an
-    `eqx.filter_jit`-ed function; `data` entries are cells-major (dense or sparse).
+    `eqx.filter_jit`-ed function; `data` entries are cells-major (dense or sparse). Host data (NumPy, SciPy) is
+    cut and densified on the host one chunk at a time, so only a chunk is ever on the device.
+
+    With `devices` (`"all"`, a sequence of devices or a 1-D mesh, see `data_mesh`), every chunk is split
+    along its cells over the devices (`NamedSharding`) and `context` is replicated, so `fn` runs
+    data-parallel; `chunk_size` is rounded up to a multiple of the number of devices.
     """
-    device_data = tuple(to_device_rows(d) for d in data)
-    n = n_rows_of(device_data[0])
+    mesh = data_mesh(devices)
+    n = n_rows_of(data[0])
     chunk = max(1, min(chunk_size, n))
+    sharding = None
+    if mesh is not None:
+        chunk = -(-chunk // mesh.size) * mesh.size
+        sharding = NamedSharding(mesh, PartitionSpec(CELLS_AXIS))
+        context = _replicate(context, mesh)
     outputs = []
     for start in range(0, n, chunk):
-        index = jnp.arange(start, start + chunk) % n
-        batch = tuple(take_rows(d, index) for d in device_data)
+        batch = tuple(jnp.asarray(_host_rows(d, start, chunk)) for d in data)
+        if sharding is not None:
+            batch = jax.device_put(batch, sharding)
         outputs.append(fn(batch, context))
     stacked = jtu.tree_map(lambda *parts: jnp.concatenate(parts, axis=0)[:n], *outputs)
     return stacked
@@ -148,7 +236,7 @@ def _train_epoch(
     params: PyTree, static: PyTree, opt_state: PyTree, data: tuple[DeviceRows, ...],
     train_rows: Int[Array, " n_train"], row_weights: Float[Array, " n_rows"] | None, context: PyTree,
     key: PRNGKeyArray, *, loss_fn: LossFn, optimizer: optax.GradientTransformation, n_steps: int,
-    batch_size: int,
+    batch_size: int, cells: NamedSharding | None,
 ) -> tuple[PyTree, PyTree, Float[Array, ""], dict[str, Float[Array, ""]]]:
     order_key, step_key = jr.split(key)
     order = _epoch_order(order_key, train_rows, row_weights, n_steps, batch_size)
@@ -161,7 +249,9 @@ def _train_epoch(
     def step(carry, inputs):
         trainable, state = carry
         index, step_key = inputs
-        batch = tuple(take_rows(d, index) for d in data)
+        # With a mesh, each device gathers and differentiates its share of the minibatch; XLA sums the
+        # gradients across devices (the loss is a mean over the batch), and parameters stay replicated.
+        batch = _shard_cells(tuple(take_rows(d, _shard_cells(index, cells)) for d in data), cells)
         (loss, aux), grads = grad_fn(trainable, batch, step_key)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
             updates, state = optimizer.update(grads, state, trainable)
@@ -177,7 +267,7 @@ def _train_epoch(
 @eqx.filter_jit
 def _validation_loss(
     model: PyTree, data: tuple[DeviceRows, ...], validation_rows: Int[Array, " n_validation"],
-    context: PyTree, key: PRNGKeyArray, *, loss_fn: LossFn, batch_size: int,
+    context: PyTree, key: PRNGKeyArray, *, loss_fn: LossFn, batch_size: int, cells: NamedSharding | None,
 ) -> Float[Array, ""]:
     n = validation_rows.shape[0]
     n_steps = math.ceil(n / batch_size)
@@ -186,7 +276,7 @@ def _validation_loss(
 
     def step(_, inputs):
         index, step_key = inputs
-        batch = tuple(take_rows(d, index) for d in data)
+        batch = _shard_cells(tuple(take_rows(d, _shard_cells(index, cells)) for d in data), cells)
         return None, loss_fn(model, batch, context, key=step_key)[0]
 
     _, losses = jax.lax.scan(step, None, (order, jr.split(key, n_steps)))
@@ -219,6 +309,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     description: str = "training",
+    devices: Devices = None,
 ) -> FitResult:
     """Train `model` by minibatch gradient descent on `loss_fn`.
 
@@ -244,6 +335,11 @@ def fit(
     - `resume`: continue from `checkpoint_path` if it exists (the per-epoch `train_aux` of the epochs before the
       interruption is not kept, and `restore_best` only considers epochs after it).
     - `progress`: show a tqdm bar over epochs with the current losses.
+    - `devices`: train data-parallel over several devices: `"all"`, a sequence of devices, or a 1-D
+      `jax.sharding.Mesh` with axis `"cells"` (see `data_mesh`). The data, model and optimiser state are
+      replicated on every device, each minibatch is split along its cells (`NamedSharding`), and XLA inserts
+      the all-reduce of the gradients. `batch_size` must be a multiple of the number of devices. The result
+      equals the one-device run up to the order of floating-point sums. None: the default device.
 
     **Returns:** a `FitResult`.
     """
@@ -266,6 +362,8 @@ def fit(
         if weights.shape != (n_rows,):
             raise ValueError(f"row_weights: expected shape ({n_rows},), got {weights.shape}")
     optimizer = scvi_optimizer() if optimizer is None else optimizer
+    mesh = data_mesh(devices)
+    cells = None if mesh is None else NamedSharding(mesh, PartitionSpec(CELLS_AXIS))
 
     split_key, loop_key = jr.split(key)
     n_validation = int(round(n_rows * validation_fraction))
@@ -277,6 +375,11 @@ def fit(
         train_rows = jnp.arange(n_rows)
     batch_size = min(batch_size, int(train_rows.shape[0]))
     n_steps = math.ceil(int(train_rows.shape[0]) / batch_size)
+    validation_batch_size = min(batch_size, n_validation)
+    if mesh is not None:
+        for name, size in (("batch_size", batch_size), ("validation batch size", validation_batch_size or mesh.size)):
+            if size % mesh.size:
+                raise ValueError(f"{name}: {size} rows do not split evenly over {mesh.size} devices")
 
     params, static = eqx.partition(model, trainable)
     opt_state = optimizer.init(params)
@@ -293,6 +396,9 @@ def fit(
         train_loss, validation_loss = np.array(train_loss), np.array(validation_loss)
         start_epoch = int(progress_state[0])
 
+    device_data, params, static, opt_state, train_rows, validation_rows, weights = _replicate(
+        (device_data, params, static, opt_state, train_rows, validation_rows, weights), mesh
+    )
     best_loss, best_epoch, best_params, since_best = np.inf, start_epoch - 1, params, 0
     if start_epoch:
         best_loss, best_epoch, since_best = float(progress_state[1]), int(progress_state[2]), int(progress_state[3])
@@ -309,10 +415,10 @@ def fit(
         epoch_key = jr.fold_in(loop_key, epoch)
         train_key, validation_key = jr.split(epoch_key)
         per_epoch = callable(context) and not isinstance(context, eqx.Module)
-        epoch_context = context(epoch) if per_epoch else context
+        epoch_context = _replicate(context(epoch) if per_epoch else context, mesh)
         params, opt_state, loss, aux = _train_epoch(
             params, static, opt_state, device_data, train_rows, weights, epoch_context, train_key,
-            loss_fn=loss_fn, optimizer=optimizer, n_steps=n_steps, batch_size=batch_size,
+            loss_fn=loss_fn, optimizer=optimizer, n_steps=n_steps, batch_size=batch_size, cells=cells,
         )
         train_loss[epoch] = float(loss)
         for name, value in aux.items():
@@ -321,7 +427,7 @@ def fit(
         if n_validation:
             validation_loss[epoch] = float(_validation_loss(
                 eqx.combine(params, static), device_data, validation_rows, epoch_context, validation_key,
-                loss_fn=loss_fn, batch_size=min(batch_size, n_validation),
+                loss_fn=loss_fn, batch_size=validation_batch_size, cells=cells,
             ))
             postfix["validation"] = f"{validation_loss[epoch]:.4g}"
             if validation_loss[epoch] < best_loss:

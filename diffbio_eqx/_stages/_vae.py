@@ -29,7 +29,7 @@ from .._distributions import (
     zero_inflated_negative_binomial_log_prob_logspace,
 )
 from .._nn import CovariateMLP, dense
-from .._train import FitResult, fit, map_in_chunks, scvi_optimizer
+from .._train import Devices, FitResult, fit, map_in_chunks, scvi_optimizer
 from .._validate import check_batch_labels, check_counts
 
 
@@ -90,7 +90,7 @@ def count_log_likelihood(
     return total if log_factorial is None else total - log_factorial.astype(total.dtype)
 
 
-def log_factorial_per_cell(counts: Any) -> np.ndarray:
+def log_factorial_per_cell(counts: Any, *, block_rows: int = 8192) -> np.ndarray:
     """Host-side $\sum_g \log\Gamma(x_g + 1)$ per cell for dense or SciPy sparse counts (float64).
 
     Whole-number counts go through a table of $\log k!$ (fast); other values through `scipy.special.gammaln`.
@@ -106,9 +106,15 @@ def log_factorial_per_cell(counts: Any) -> np.ndarray:
         return scipy.special.gammaln(values.astype(np.float64) + 1.0)
 
     if sp.issparse(counts):
+        # Row blocks bound the float64 temporaries (at a million cells the whole `data` would be GBs).
         csr = sp.csr_matrix(counts)
-        values = log_factorial(csr.data)
-        return np.asarray(sp.csr_matrix((values, csr.indices, csr.indptr), shape=csr.shape).sum(axis=1)).ravel()
+        totals = np.empty(csr.shape[0])
+        for start in range(0, csr.shape[0], block_rows):
+            block = csr[start : start + block_rows]
+            values = log_factorial(block.data)
+            block_totals = sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape).sum(axis=1)
+            totals[start : start + block.shape[0]] = np.asarray(block_totals).ravel()
+        return totals
     return log_factorial(np.asarray(counts)).sum(axis=1)
 
 
@@ -491,6 +497,7 @@ def fit_vae(
     checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
     progress: bool = True,
+    devices: Devices = None,
 ) -> FitResult:
     """Train a `VAENormalizer` with scvi-tools' defaults.
 
@@ -512,6 +519,7 @@ def fit_vae(
     - `restore_best`: return the best validation epoch's model.
     - `checkpoint_path`, `resume`: save after every epoch and continue an interrupted run exactly.
     - `progress`: tqdm bar per epoch.
+    - `devices`: train data-parallel over several devices (`"all"`, a sequence, or a mesh; see `fit`).
 
     **Returns:** `fit`'s `FitResult` (`.model` is the trained `VAENormalizer`; `.validation_loss` the held-out
     negative ELBO per epoch; `.train_aux` the mean `reconstruction`, `kl` and `elbo` per epoch).
@@ -545,6 +553,7 @@ def fit_vae(
         resume=resume,
         progress=progress,
         description="VAE",
+        devices=devices,
     )
 
 
@@ -568,6 +577,7 @@ def vae_transform(
     *,
     chunk_size: int = 4096,
     transform_batch: int | None = None,
+    devices: Devices = None,
 ) -> VAEOutput:
     """Posterior means and normalised expression for any number of cells, computed in fixed-size chunks.
 
@@ -578,6 +588,7 @@ def vae_transform(
     - `batch_labels`: `(n_cells,)` batch codes (None for one batch).
     - `chunk_size`: cells per compiled call. (Keyword only argument.)
     - `transform_batch`: decode every cell as this batch.
+    - `devices`: split every chunk over several devices (see `map_in_chunks`).
 
     **Returns:** a `VAEOutput` without `latent_sample` (deterministic: decoded from the posterior mean).
     """
@@ -585,7 +596,23 @@ def vae_transform(
     if transform_batch is not None and not 0 <= int(transform_batch) < vae.n_batches:
         raise ValueError(f"transform_batch: must be in [0, {vae.n_batches}), got {transform_batch}")
     code = None if transform_batch is None else jnp.asarray(int(transform_batch))
-    return map_in_chunks(_transform_chunk, (checked, labels), chunk_size=chunk_size, context=(vae, code))
+    return map_in_chunks(_transform_chunk, (checked, labels), chunk_size=chunk_size, context=(vae, code),
+                         devices=devices)
+
+
+@eqx.filter_jit
+def _latent_chunk(batch: tuple[Array, Array], vae: VAENormalizer) -> Float[Array, "n_cells latent_dim"]:
+    counts, labels = batch
+    return vae(counts, labels, inference=True).latent  # the decoder is dead code here and compiled away
+
+
+def vae_latent(
+    vae: VAENormalizer, counts: Any, batch_labels: Any = None, *, chunk_size: int = 4096, devices: Devices = None
+) -> Float[Array, "n_cells latent_dim"]:
+    """Posterior means only, in chunks: `vae_transform(...).latent` without the `(n_cells, n_genes)` normalised
+    expression, so memory is `O(n_cells * latent_dim)` plus one chunk (for millions of cells)."""
+    checked, labels = _prepare(vae, counts, batch_labels)
+    return map_in_chunks(_latent_chunk, (checked, labels), chunk_size=chunk_size, context=vae, devices=devices)
 
 
 def vae_log_likelihood(
