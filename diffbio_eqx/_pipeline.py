@@ -140,6 +140,12 @@ class SingleCellPipelineConfig:
     @classmethod
     def from_file(cls, path: str | pathlib.Path) -> "SingleCellPipelineConfig":
         """Read a `.json` or `.toml` file of settings (a `[pipeline]` table in TOML, or top level)."""
+        return cls.from_dict(cls.settings_in_file(path))
+
+    @classmethod
+    def settings_in_file(cls, path: str | pathlib.Path) -> dict[str, Any]:
+        """Only the settings a `.json` or `.toml` file gives (checked against the config's fields), without the
+        defaults, so they can override another set of settings."""
         source = pathlib.Path(path)
         if not source.is_file():
             raise ValueError(f"config: {str(source)!r} does not exist")
@@ -150,7 +156,9 @@ class SingleCellPipelineConfig:
             raise ValueError(f"config: {str(source)!r} could not be parsed ({error})") from None
         if not isinstance(values, dict):
             raise ValueError(f"config: {str(source)!r} must hold a table of settings")
-        return cls.from_dict(values.get("pipeline", values))
+        values = values.get("pipeline", values)
+        cls.from_dict(values)  # names and values checked here
+        return dict(values)
 
 
 class PipelineOutput(eqx.Module):
@@ -374,6 +382,34 @@ def prepare_inputs(
     return jnp.asarray(counts, dtype=dtype), jnp.asarray(profile, dtype=dtype), jnp.asarray(labels)
 
 
+def _check_harmony_clusters(pipeline: SingleCellPipeline, n_cells: int) -> None:
+    # Harmony runs on these cells (training, or inference without a stored reference): K <= n_cells.
+    k = pipeline.config.batch_correction_clusters
+    if pipeline.batch_correction is not None and k is not None and k > n_cells:
+        raise ValueError(f"batch_correction_clusters: Harmony asked for {k} clusters but there are only "
+                         f"{n_cells} cells; lower it or set it to None (Harmony's min(round(N / 30), 100))")
+
+
+def _check_fit_settings(pipeline: SingleCellPipeline, n_cells: int, **settings: Any) -> None:
+    """Check what `fit_pipeline` needs before any stage trains, so a bad setting never fails half way through."""
+    enabled = {"ambient_epochs": pipeline.ambient_removal is not None, "umap_epochs": pipeline.dim_reduction
+               is not None, "vae_epochs": settings["vae_epochs"] is not None}
+    for name in ("ambient_epochs", "vae_epochs", "umap_epochs", "clustering_iterations", "batch_size"):
+        value = settings[name]
+        if enabled.get(name, True) and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    fine_tune = settings["fine_tune_epochs"]
+    if isinstance(fine_tune, bool) or not isinstance(fine_tune, (int, np.integer)) or fine_tune < 0:
+        raise ValueError(f"fine_tune_epochs: must be an integer >= 0, got {fine_tune!r}")
+    if not settings["learning_rate"] > 0:
+        raise ValueError(f"learning_rate: must be > 0, got {settings['learning_rate']!r}")
+    _check_harmony_clusters(pipeline, n_cells)
+    n_neighbors = pipeline.config.umap_n_neighbors
+    if pipeline.dim_reduction is not None and n_cells <= n_neighbors:
+        raise ValueError(f"counts: training the UMAP stage needs more than umap_n_neighbors={n_neighbors} cells, "
+                         f"got {n_cells}")
+
+
 @eqx.filter_jit
 def _run_compiled(
     pipeline: SingleCellPipeline, counts: Float[Array, "n_cells n_genes"], ambient_profile: Float[Array, " n_genes"],
@@ -402,6 +438,8 @@ def run_pipeline(
     one `eqx.filter_jit`-compiled function, compiled once per input shape and reused across parameter values.
     """
     counts, profile, labels = prepare_inputs(pipeline, data)
+    if not inference or pipeline.harmony_reference is None:
+        _check_harmony_clusters(pipeline, counts.shape[0])
     return _run_compiled(pipeline, counts, profile, labels, key, inference)
 
 
@@ -592,6 +630,16 @@ def fit_pipeline(
     **Returns:** a `PipelineFit` (trained pipeline, loss curves, seconds per stage).
     """
     counts, profile, labels = prepare_inputs(pipeline, data)
+    _check_fit_settings(pipeline, counts.shape[0], ambient_epochs=ambient_epochs, vae_epochs=vae_epochs,
+                        umap_epochs=umap_epochs, clustering_iterations=clustering_iterations,
+                        fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, learning_rate=learning_rate)
+    if raw_counts is not None and pipeline.ambient_removal is not None:
+        check_counts(raw_counts, field="raw_counts", allow_empty_cells=True, n_genes=pipeline.config.n_genes)
+    if cell_type_labels is not None:
+        cell_type_labels = check_batch_labels(cell_type_labels, counts.shape[0],
+                                              n_batches=pipeline.config.n_clusters, field="cell_type_labels")
+        if cell_type_labels.ndim != 1:
+            raise ValueError(f"cell_type_labels: expected shape ({counts.shape[0]},), got {cell_type_labels.shape}")
     host_counts = np.asarray(counts)
     keys = dict(zip(("ambient", "vae", "harmony", "clustering", "fine_tune", "umap"), jr.split(key, 6)))
     curves: dict[str, dict[str, np.ndarray]] = {}
@@ -678,9 +726,7 @@ def fit_pipeline(
 
     if fine_tune_epochs and "end_to_end" not in done:
         started = time.perf_counter()
-        types = (np.zeros(counts.shape[0], np.int32) if cell_type_labels is None
-                 else check_batch_labels(cell_type_labels, counts.shape[0], n_batches=pipeline.config.n_clusters,
-                                         field="cell_type_labels"))
+        types = np.zeros(counts.shape[0], np.int32) if cell_type_labels is None else cell_type_labels
         weights = PipelineLossWeights() if fine_tune_weights is None else fine_tune_weights
         if cell_type_labels is None:
             weights = eqx.tree_at(lambda w: w.supervised, weights, jnp.zeros((), weights.supervised.dtype))
