@@ -27,7 +27,6 @@ import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from ._harmony import HarmonyResult, map_to_reference
-from ._report import write_text
 from ._stages._ambient import AmbientProfileWarning, AmbientRemoval, fit_ambient_removal, remove_ambient
 from ._stages._clustering import SoftKMeans
 from ._stages._harmony import Harmony
@@ -656,21 +655,25 @@ def fit_pipeline(
     done: list[str] = []
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
-        if (directory / "pipeline.eqx").is_file() and (directory / "progress.json").is_file():
-            state = json.loads((directory / "progress.json").read_text())
-            pipeline, done = load_pipeline(directory / "pipeline.eqx"), list(state["done"])
-            curves.update({stage: {k: np.asarray(v, dtype=float) for k, v in c.items()}
-                           for stage, c in state["curves"].items()})
-            seconds.update(state["seconds"])
+        if (directory / "pipeline.eqx").is_file():
+            saved, header = _read_pipeline(directory / "pipeline.eqx")
+            state = header.get("progress")
+            if state is not None:  # a checkpoint of this function (not a plain saved pipeline)
+                pipeline, done = saved, list(state["done"])
+                curves.update({stage: {k: np.asarray(v, dtype=float) for k, v in c.items()}
+                               for stage, c in state["curves"].items()})
+                seconds.update(state["seconds"])
 
     def checkpoint(stage: str) -> None:
         done.append(stage)
         if directory is None:
             return
-        save_pipeline(directory / "pipeline.eqx", pipeline)
+        # The progress goes in the same file as the pipeline (its header), written atomically: a crash at any
+        # moment leaves a pipeline and a list of finished stages that belong together.
         progress_state = {"done": done, "seconds": seconds,
                           "curves": {k: {n: np.asarray(v).tolist() for n, v in c.items()} for k, c in curves.items()}}
-        write_text(directory / "progress.json", json.dumps(progress_state))
+        _write_pipeline(directory / "pipeline.eqx", pipeline, {"progress": progress_state})
+
 
     def stage_checkpoint(name: str) -> dict[str, Any]:
         return {} if directory is None else {"checkpoint_path": directory / f"{name}.training.eqx", "resume": True}
@@ -781,12 +784,18 @@ def save_pipeline(path: str | pathlib.Path, pipeline: SingleCellPipeline) -> pat
 
     The file is written to a temporary name and renamed, so it is never half-written.
     """
+    return _write_pipeline(path, pipeline)
+
+
+def _write_pipeline(path: str | pathlib.Path, pipeline: SingleCellPipeline,
+                    extra: dict[str, Any] | None = None) -> pathlib.Path:
     reference = pipeline.harmony_reference
     header = {
         "format": "diffbio_eqx.pipeline/1",
         "config": pipeline.config.to_dict(),
         "dtype": str(pipeline.dtype),
         "harmony_reference_clusters": None if reference is None else int(reference.centroids.shape[0]),
+        **(extra or {}),
     }
     target = pathlib.Path(path)
     with atomic_path(target) as temporary:
@@ -798,6 +807,10 @@ def save_pipeline(path: str | pathlib.Path, pipeline: SingleCellPipeline) -> pat
 
 def load_pipeline(path: str | pathlib.Path) -> SingleCellPipeline:
     """Load a pipeline written by `save_pipeline`."""
+    return _read_pipeline(path)[0]
+
+
+def _read_pipeline(path: str | pathlib.Path) -> tuple[SingleCellPipeline, dict[str, Any]]:
     source = pathlib.Path(path)
     if not source.is_file():
         raise ValueError(f"checkpoint: {str(source)!r} does not exist")
@@ -811,7 +824,7 @@ def load_pipeline(path: str | pathlib.Path) -> SingleCellPipeline:
         config = SingleCellPipelineConfig.from_dict(header["config"])
         like = _skeleton(config, header["harmony_reference_clusters"], header["dtype"])
         try:
-            return eqx.tree_deserialise_leaves(handle, like)
+            return eqx.tree_deserialise_leaves(handle, like), header
         except Exception as error:  # truncated or mismatched file
             raise ValueError(f"checkpoint: {str(source)!r} could not be read ({type(error).__name__}: {error}); "
                              "it may be truncated") from None
