@@ -221,6 +221,10 @@ class HarmonyReference(eqx.Module):
                                 self.sigma, n_batches=self.n_batches)
 
 
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    return jtu.tree_map(lambda leaf: leaf.astype(dtype) if eqx.is_inexact_array(leaf) else leaf, tree)
+
+
 class SingleCellPipeline(eqx.Module):
     """Ambient removal, VAE normalisation, Harmony, parametric UMAP and soft k-means as one immutable module.
 
@@ -273,6 +277,10 @@ class SingleCellPipeline(eqx.Module):
                            hidden_size=config.umap_hidden_size, depth=config.umap_depth, key=umap_key)
             if config.enable_dim_reduction else None
         )
+        # Every float leaf in the pipeline's dtype (Harmony's settings and the UMAP encoder are built in JAX's default
+        # float), so a float32 pipeline stays float32 with x64 on, and a saved pipeline loads under either setting.
+        self.batch_correction, self.dim_reduction = _cast_floats((self.batch_correction, self.dim_reduction),
+                                                                 float_dtype)
         # Placeholder centroids until `fit_pipeline` initialises them by k-means++ on the corrected cells.
         self.clustering = (
             SoftKMeans(jr.normal(cluster_key, (config.n_clusters, config.latent_dim), dtype=float_dtype),
