@@ -52,9 +52,13 @@ def _check_output(out_dir: str | os.PathLike[str], input_path: str | os.PathLike
 @contextlib.contextmanager
 def _staged_output(target: pathlib.Path) -> Iterator[pathlib.Path]:
     """Create `target` if needed and yield a hidden staging folder inside it; on success move every staged file
-    into `target`, on failure remove the staging folder (and `target` if this call created it), so a failed run
+    into `target`, on failure remove the staging folder (and the folders this call created), so a failed run
     leaves no partial output behind."""
-    created = not target.exists()
+    created = None  # the outermost folder this call creates, if any
+    for folder in (target, *target.parents):
+        if folder.exists():
+            break
+        created = folder
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -62,15 +66,15 @@ def _staged_output(target: pathlib.Path) -> Iterator[pathlib.Path]:
     try:
         staging = pathlib.Path(tempfile.mkdtemp(prefix=".diffbio-run-", dir=target))
     except OSError as error:
-        if created:
-            shutil.rmtree(target, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise ValueError(f"--out: folder {str(target)!r} is not writable ({error.strerror or error})") from None
     try:
         yield staging
         for path in sorted(staging.iterdir()):
             os.replace(path, target / path.name)
     except BaseException:
-        shutil.rmtree(staging if not created else target, ignore_errors=True)
+        shutil.rmtree(staging if created is None else created, ignore_errors=True)
         raise
     staging.rmdir()
 

@@ -96,8 +96,9 @@ def _exit_on_call(module: Any, name: str, when: Any) -> None:
     setattr(module, name, patched)
 
 
-def _kill_while_writing_checkpoint(n: int) -> None:
-    """The n-th checkpoint write (0-based) writes half of its bytes, then the process dies."""
+def half_written(n: int, then: Any) -> Any:
+    """A stand-in for `eqx.tree_serialise_leaves` whose n-th call (0-based) writes half of its bytes and then calls
+    `then()` (which ends the process or raises)."""
     import io
 
     import equinox as eqx
@@ -105,18 +106,18 @@ def _kill_while_writing_checkpoint(n: int) -> None:
     original = eqx.tree_serialise_leaves
     calls = [0]
 
-    def half_then_die(target, tree):
+    def serialise(target, tree):
         if calls[0] == n:
             buffer = io.BytesIO()
             original(buffer, tree)
             data = buffer.getvalue()
             target.write(data[: len(data) // 2])
             target.flush()
-            os._exit(3)
+            then()
         calls[0] += 1
         return original(target, tree)
 
-    eqx.tree_serialise_leaves = half_then_die
+    return serialise
 
 
 def vae_training(mode: str, folder: str) -> dict[str, str]:
@@ -135,7 +136,9 @@ def vae_training(mode: str, folder: str) -> dict[str, str]:
     if mode == "stop-after-3":
         _exit_on_call(vae_module, "kl_warmup_weight", lambda epoch, *a, **k: epoch == 3)
     elif mode == "kill-in-write-4":
-        _kill_while_writing_checkpoint(4)
+        import equinox as eqx
+
+        eqx.tree_serialise_leaves = half_written(4, lambda: os._exit(3))
     if mode != "full":
         settings.update(checkpoint_path=path, resume=mode == "resume")
     fitted = dx.fit_vae(vae, counts, batches, **settings)

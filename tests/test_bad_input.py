@@ -468,7 +468,7 @@ def test_cli_failure_after_the_output_folder_exists_leaves_nothing_behind(capsys
     config = tmp_path / "settings.json"
     config.write_text(json.dumps({"n_clusters": 500}))
     fresh = tmp_path / "fresh"
-    _assert_cli_error(capsys, [h5ad, "--config", config, "--out", fresh],
+    _assert_cli_error(capsys, [h5ad, "--config", config, "--out", fresh / "nested"],
                       r"n_clusters: asked for 500 clusters but there are only 120 cells", h5ad, fresh)
     existing = tmp_path / "existing"
     existing.mkdir()

@@ -16,6 +16,7 @@ import jax.random as jr
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from _jobs import digest
 
 import diffbio_eqx as dx
 
@@ -51,11 +52,6 @@ def test_every_stage_is_bitwise_reproducible_across_processes(tmp_path):
 
 
 def test_digest_sees_every_bit():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _jobs import digest
-
     x = np.linspace(0, 1, 7, dtype=np.float32)
     nudged = x.copy()
     nudged[3] = np.nextafter(nudged[3], np.float32(2))

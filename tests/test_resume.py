@@ -3,7 +3,6 @@ from its checkpoint in a fresh process ends bit for bit where the uninterrupted 
 write never replaces the previous checkpoint. (`test_train.py`, `test_vae.py` and `test_pipeline.py` check
 in-process resumption after an exception.)"""
 
-import io
 import json
 import os
 import pathlib
@@ -11,11 +10,12 @@ import subprocess
 import sys
 
 import equinox as eqx
-import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
 import pytest
+from _jobs import half_written
+from test_train import _regression, _regression_loss
 
 import diffbio_eqx as dx
 
@@ -77,48 +77,26 @@ def test_pipeline_training_killed_and_resumed_in_a_new_process_is_bitwise_identi
     assert json.loads((tmp_path / "resumed.json").read_text()) == json.loads((tmp_path / "full.json").read_text())
 
 
-class _Linear(eqx.Module):
-    weight: jnp.ndarray
-    bias: jnp.ndarray
-
-
-def _loss(model, batch, context, *, key):
-    del context, key
-    x, y = batch
-    residual = x @ model.weight + model.bias - y
-    return jnp.mean(residual**2), {}
-
-
 def _fail_on_write(monkeypatch, n: int) -> None:
-    """The n-th (0-based) `tree_serialise_leaves` writes half of its bytes, then raises."""
-    original = eqx.tree_serialise_leaves
-    calls = [0]
+    """The n-th (0-based) checkpoint write writes half of its bytes, then raises."""
 
-    def half_then_fail(target, tree):
-        if calls[0] == n:
-            buffer = io.BytesIO()
-            original(buffer, tree)
-            target.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            raise OSError(28, "No space left on device")
-        calls[0] += 1
-        return original(target, tree)
+    def disk_full():
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(eqx, "tree_serialise_leaves", half_then_fail)
+    monkeypatch.setattr(eqx, "tree_serialise_leaves", half_written(n, disk_full))
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    x = np.asarray(jr.normal(jr.key(0), (64, 3)))
-    y = x @ np.array([1.0, -2.0, 0.5]) + 0.3
-    model = _Linear(jnp.zeros(3), jnp.zeros(()))
+    x, y, _, model = _regression(iter(jr.split(jr.key(0), 3)).__next__, n=64, d=3)
     settings = dict(key=jr.key(1), n_epochs=6, batch_size=16, optimizer=optax.adam(0.05), progress=False)
-    full = dx.fit(model, _loss, (x, y), **settings)
+    full = dx.fit(model, _regression_loss, (x, y), **settings)
     path = tmp_path / "training.eqx"
     with monkeypatch.context() as patch:
         _fail_on_write(patch, 3)  # epochs 0-2 are saved; epoch 3's write fails half way
         with pytest.raises(OSError, match="No space left on device"):
-            dx.fit(model, _loss, (x, y), checkpoint_path=path, **settings)
+            dx.fit(model, _regression_loss, (x, y), checkpoint_path=path, **settings)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["training.eqx"], "no temporary file is left"
-    resumed = dx.fit(model, _loss, (x, y), checkpoint_path=path, resume=True, **settings)
+    resumed = dx.fit(model, _regression_loss, (x, y), checkpoint_path=path, resume=True, **settings)
     assert eqx.tree_equal(resumed.model, full.model, typematch=True)
     np.testing.assert_array_equal(resumed.train_loss, full.train_loss)
 
