@@ -399,15 +399,16 @@ def _check_harmony_clusters(pipeline: SingleCellPipeline, n_cells: int) -> None:
 
 def _check_fit_settings(pipeline: SingleCellPipeline, n_cells: int, **settings: Any) -> None:
     """Check what `fit_pipeline` needs before any stage trains, so a bad setting never fails half way through."""
-    enabled = {"ambient_epochs": pipeline.ambient_removal is not None, "umap_epochs": pipeline.dim_reduction
-               is not None, "vae_epochs": settings["vae_epochs"] is not None}
+    def is_integer(value: Any, minimum: int) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+
+    used = {"ambient_epochs": pipeline.ambient_removal is not None, "umap_epochs": pipeline.dim_reduction is not None,
+            "vae_epochs": settings["vae_epochs"] is not None}  # vae_epochs=None: scVI's heuristic
     for name in ("ambient_epochs", "vae_epochs", "umap_epochs", "clustering_iterations", "batch_size"):
-        value = settings[name]
-        if enabled.get(name, True) and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-    fine_tune = settings["fine_tune_epochs"]
-    if isinstance(fine_tune, bool) or not isinstance(fine_tune, (int, np.integer)) or fine_tune < 0:
-        raise ValueError(f"fine_tune_epochs: must be an integer >= 0, got {fine_tune!r}")
+        if used.get(name, True) and not is_integer(settings[name], 1):
+            raise ValueError(f"{name}: must be a positive integer, got {settings[name]!r}")
+    if not is_integer(settings["fine_tune_epochs"], 0):
+        raise ValueError(f"fine_tune_epochs: must be an integer >= 0, got {settings['fine_tune_epochs']!r}")
     if not settings["learning_rate"] > 0:
         raise ValueError(f"learning_rate: must be > 0, got {settings['learning_rate']!r}")
     _check_harmony_clusters(pipeline, n_cells)

@@ -6,13 +6,13 @@ fed to the entry points users call.)"""
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
 
 import anndata as ad
 import jax.random as jr
-import jaxtyping
 import numpy as np
 import pandas as pd
 import pytest
@@ -238,8 +238,6 @@ def test_without_the_type_checker_users_get_the_same_named_errors(tmp_path):
         "harmony-x-strings": r"^x: expected a numeric array, got dtype <U",
         "run_pipeline-data-not-a-mapping": r"^data: expected a mapping with 'counts'",
     }
-    import re
-
     for name, pattern in expected.items():
         kind, message = out[name]
         assert kind == "ValueError" and re.search(pattern, message), (name, out[name])
@@ -361,8 +359,6 @@ def _assert_cli_error(capsys, argv, message, h5ad, out, *, out_before=None):
     code, err = _cli(capsys, "run", *argv, *CLI_EPOCHS)
     assert code != 0
     assert err.startswith("diffbio-eqx: error: ")
-    import re
-
     assert re.search(message, err), err
     assert _snapshot(h5ad) == before, "the input file is untouched"
     assert _listing(h5ad.parent) == [h5ad.name], "nothing is written next to the input"
