@@ -1,11 +1,15 @@
 """The main job behind `diffbio-eqx run`: train the pipeline on a dataset and write what a biologist opens."""
 
+import contextlib
 import dataclasses
 import datetime
 import os
 import pathlib
+import shutil
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -33,21 +37,46 @@ class JobResult:
     metrics: dict[str, float]
 
 
-def _prepare_output(out_dir: str | os.PathLike[str], input_path: str | os.PathLike[str] | None) -> pathlib.Path:
+def _check_output(out_dir: str | os.PathLike[str], input_path: str | os.PathLike[str] | None) -> pathlib.Path:
+    """Refuse an output folder that would overwrite the input or is not a folder; creates nothing."""
     target = pathlib.Path(out_dir)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"--out: {str(target)!r} exists and is not a folder")
     if input_path is not None:
         source = pathlib.Path(input_path).resolve()
         if source == target.resolve() or source == (target / "result.h5ad").resolve():
             raise ValueError(f"--out: {str(target)!r} would overwrite the input file; choose another folder")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--out: {str(target)!r} exists and is not a folder")
+    return target
+
+
+@contextlib.contextmanager
+def _staged_output(target: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Create `target` if needed and yield a hidden staging folder inside it; on success move every staged file
+    into `target`, on failure remove the staging folder (and the folders this call created), so a failed run
+    leaves no partial output behind."""
+    created = None  # the outermost folder this call creates, if any
+    for folder in (target, *target.parents):
+        if folder.exists():
+            break
+        created = folder
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"--out: cannot create {str(target)!r} ({error.strerror})") from None
-    if not os.access(target, os.W_OK):
-        raise ValueError(f"--out: folder {str(target)!r} is not writable")
-    return target
+        raise ValueError(f"--out: cannot create {str(target)!r} ({error.strerror or error})") from None
+    try:
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=".diffbio-run-", dir=target))
+    except OSError as error:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise ValueError(f"--out: folder {str(target)!r} is not writable ({error.strerror or error})") from None
+    try:
+        yield staging
+        for path in sorted(staging.iterdir()):
+            os.replace(path, target / path.name)
+    except BaseException:
+        shutil.rmtree(staging if created is None else created, ignore_errors=True)
+        raise
+    staging.rmdir()
 
 
 def _load(input_path: str | os.PathLike[str] | None, batch_key: str | None, label_key: str | None,
@@ -101,7 +130,7 @@ def run_job(
     """Train the pipeline on a dataset and write `result.h5ad`, `umap.png`, `training.png`, `report.md` and
     `pipeline.eqx` into `out_dir`. Without `input_path`, runs on `datasets.pbmc68k()` with a simulated two-batch
     split. Nothing is written next to the input, and the input is never modified."""
-    out = _prepare_output(out_dir, input_path)
+    target = _check_output(out_dir, input_path)
     adata, batch_key, label_key, notes = _load(input_path, batch_key, label_key, seed)
     arrays = io.from_anndata(adata, batch_key=batch_key)
     labels = None if label_key is None else adata.obs[label_key].astype(str).to_numpy()
@@ -117,7 +146,7 @@ def run_job(
         "hidden_dims": (128,),
     }
     if config_path is not None:
-        settings.update(SingleCellPipelineConfig.from_file(config_path).to_dict())
+        settings.update(SingleCellPipelineConfig.settings_in_file(config_path))
         notes.append(f"Settings from {config_path}.")
     config = SingleCellPipelineConfig.from_dict(settings)
     data = {"counts": arrays.counts}
@@ -130,6 +159,17 @@ def run_job(
         epochs["vae_epochs"] = min(default_n_epochs(adata.n_obs), 100)
         notes.append(f"VAE epochs: {epochs['vae_epochs']} (scVI's heuristic capped at 100).")
 
+    with _staged_output(target) as staging:
+        files, metrics = _train_and_write(staging, adata, arrays, config, data, epochs, labels, batch_key,
+                                          label_key, notes, input_path, seed, progress)
+    return JobResult(target, {name: target / path.name for name, path in files.items()}, metrics)
+
+
+def _train_and_write(out: pathlib.Path, adata: Any, arrays: Any, config: SingleCellPipelineConfig,
+                     data: dict[str, Any], epochs: dict[str, int], labels: np.ndarray | None,
+                     batch_key: str | None, label_key: str | None, notes: list[str],
+                     input_path: str | os.PathLike[str] | None, seed: int,
+                     progress: bool) -> tuple[dict[str, pathlib.Path], dict[str, float]]:
     key = jr.key(seed)
     build_key, fit_key, run_key = jr.split(key, 3)
     pipeline = create_single_cell_pipeline(config=config, key=build_key)
@@ -224,4 +264,4 @@ def run_job(
         ]
     lines += ["## Files", ""] + [f"- `{path.name}`" for path in files.values()] + ["- `report.md`", ""]
     files["report"] = write_text(out / "report.md", "\n".join(lines))
-    return JobResult(out, files, metrics)
+    return files, metrics

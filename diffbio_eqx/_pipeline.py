@@ -27,7 +27,6 @@ import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from ._harmony import HarmonyResult, map_to_reference
-from ._report import write_text
 from ._stages._ambient import AmbientProfileWarning, AmbientRemoval, fit_ambient_removal, remove_ambient
 from ._stages._clustering import SoftKMeans
 from ._stages._harmony import Harmony
@@ -140,6 +139,12 @@ class SingleCellPipelineConfig:
     @classmethod
     def from_file(cls, path: str | pathlib.Path) -> "SingleCellPipelineConfig":
         """Read a `.json` or `.toml` file of settings (a `[pipeline]` table in TOML, or top level)."""
+        return cls.from_dict(cls.settings_in_file(path))
+
+    @classmethod
+    def settings_in_file(cls, path: str | pathlib.Path) -> dict[str, Any]:
+        """Only the settings a `.json` or `.toml` file gives (checked against the config's fields), without the
+        defaults, so they can override another set of settings."""
         source = pathlib.Path(path)
         if not source.is_file():
             raise ValueError(f"config: {str(source)!r} does not exist")
@@ -150,7 +155,9 @@ class SingleCellPipelineConfig:
             raise ValueError(f"config: {str(source)!r} could not be parsed ({error})") from None
         if not isinstance(values, dict):
             raise ValueError(f"config: {str(source)!r} must hold a table of settings")
-        return cls.from_dict(values.get("pipeline", values))
+        values = values.get("pipeline", values)
+        cls.from_dict(values)  # names and values checked here
+        return dict(values)
 
 
 class PipelineOutput(eqx.Module):
@@ -214,6 +221,10 @@ class HarmonyReference(eqx.Module):
                                 self.sigma, n_batches=self.n_batches)
 
 
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    return jtu.tree_map(lambda leaf: leaf.astype(dtype) if eqx.is_inexact_array(leaf) else leaf, tree)
+
+
 class SingleCellPipeline(eqx.Module):
     """Ambient removal, VAE normalisation, Harmony, parametric UMAP and soft k-means as one immutable module.
 
@@ -266,6 +277,10 @@ class SingleCellPipeline(eqx.Module):
                            hidden_size=config.umap_hidden_size, depth=config.umap_depth, key=umap_key)
             if config.enable_dim_reduction else None
         )
+        # Every float leaf in the pipeline's dtype (Harmony's settings and the UMAP encoder are built in JAX's default
+        # float), so a float32 pipeline stays float32 with x64 on, and a saved pipeline loads under either setting.
+        self.batch_correction, self.dim_reduction = _cast_floats((self.batch_correction, self.dim_reduction),
+                                                                 float_dtype)
         # Placeholder centroids until `fit_pipeline` initialises them by k-means++ on the corrected cells.
         self.clustering = (
             SoftKMeans(jr.normal(cluster_key, (config.n_clusters, config.latent_dim), dtype=float_dtype),
@@ -376,6 +391,35 @@ def prepare_inputs(
     return host_counts, jnp.asarray(profile, dtype=dtype), jnp.asarray(labels)
 
 
+def _check_harmony_clusters(pipeline: SingleCellPipeline, n_cells: int) -> None:
+    # Harmony runs on these cells (training, or inference without a stored reference): K <= n_cells.
+    k = pipeline.config.batch_correction_clusters
+    if pipeline.batch_correction is not None and k is not None and k > n_cells:
+        raise ValueError(f"batch_correction_clusters: Harmony asked for {k} clusters but there are only "
+                         f"{n_cells} cells; lower it or set it to None (Harmony's min(round(N / 30), 100))")
+
+
+def _check_fit_settings(pipeline: SingleCellPipeline, n_cells: int, **settings: Any) -> None:
+    """Check what `fit_pipeline` needs before any stage trains, so a bad setting never fails half way through."""
+    def is_integer(value: Any, minimum: int) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+
+    used = {"ambient_epochs": pipeline.ambient_removal is not None, "umap_epochs": pipeline.dim_reduction is not None,
+            "vae_epochs": settings["vae_epochs"] is not None}  # vae_epochs=None: scVI's heuristic
+    for name in ("ambient_epochs", "vae_epochs", "umap_epochs", "clustering_iterations", "batch_size"):
+        if used.get(name, True) and not is_integer(settings[name], 1):
+            raise ValueError(f"{name}: must be a positive integer, got {settings[name]!r}")
+    if not is_integer(settings["fine_tune_epochs"], 0):
+        raise ValueError(f"fine_tune_epochs: must be an integer >= 0, got {settings['fine_tune_epochs']!r}")
+    if not settings["learning_rate"] > 0:
+        raise ValueError(f"learning_rate: must be > 0, got {settings['learning_rate']!r}")
+    _check_harmony_clusters(pipeline, n_cells)
+    n_neighbors = pipeline.config.umap_n_neighbors
+    if pipeline.dim_reduction is not None and n_cells <= n_neighbors:
+        raise ValueError(f"counts: training the UMAP stage needs more than umap_n_neighbors={n_neighbors} cells, "
+                         f"got {n_cells}")
+
+
 @eqx.filter_jit
 def _run_compiled(
     pipeline: SingleCellPipeline, counts: Float[Array, "n_cells n_genes"], ambient_profile: Float[Array, " n_genes"],
@@ -404,6 +448,8 @@ def run_pipeline(
     one `eqx.filter_jit`-compiled function, compiled once per input shape and reused across parameter values.
     """
     counts, profile, labels = prepare_inputs(pipeline, data)
+    if not inference or pipeline.harmony_reference is None:
+        _check_harmony_clusters(pipeline, counts.shape[0])
     return _run_compiled(pipeline, counts, profile, labels, key, inference)
 
 
@@ -649,6 +695,16 @@ def fit_pipeline(
     **Returns:** a `PipelineFit` (trained pipeline, loss curves, seconds per stage).
     """
     counts, profile, labels = prepare_inputs(pipeline, data)
+    _check_fit_settings(pipeline, counts.shape[0], ambient_epochs=ambient_epochs, vae_epochs=vae_epochs,
+                        umap_epochs=umap_epochs, clustering_iterations=clustering_iterations,
+                        fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, learning_rate=learning_rate)
+    if raw_counts is not None and pipeline.ambient_removal is not None:
+        check_counts(raw_counts, field="raw_counts", allow_empty_cells=True, n_genes=pipeline.config.n_genes)
+    if cell_type_labels is not None:
+        cell_type_labels = check_batch_labels(cell_type_labels, counts.shape[0],
+                                              n_batches=pipeline.config.n_clusters, field="cell_type_labels")
+        if cell_type_labels.ndim != 1:
+            raise ValueError(f"cell_type_labels: expected shape ({counts.shape[0]},), got {cell_type_labels.shape}")
     host_counts = np.asarray(counts)
     keys = dict(zip(("ambient", "vae", "harmony", "clustering", "fine_tune", "umap"), jr.split(key, 6)))
     curves: dict[str, dict[str, np.ndarray]] = {}
@@ -665,21 +721,25 @@ def fit_pipeline(
     done: list[str] = []
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
-        if (directory / "pipeline.eqx").is_file() and (directory / "progress.json").is_file():
-            state = json.loads((directory / "progress.json").read_text())
-            pipeline, done = load_pipeline(directory / "pipeline.eqx"), list(state["done"])
-            curves.update({stage: {k: np.asarray(v, dtype=float) for k, v in c.items()}
-                           for stage, c in state["curves"].items()})
-            seconds.update(state["seconds"])
+        if (directory / "pipeline.eqx").is_file():
+            saved, header = _read_pipeline(directory / "pipeline.eqx")
+            state = header.get("progress")
+            if state is not None:  # a checkpoint of this function (not a plain saved pipeline)
+                pipeline, done = saved, list(state["done"])
+                curves.update({stage: {k: np.asarray(v, dtype=float) for k, v in c.items()}
+                               for stage, c in state["curves"].items()})
+                seconds.update(state["seconds"])
 
     def checkpoint(stage: str) -> None:
         done.append(stage)
         if directory is None:
             return
-        save_pipeline(directory / "pipeline.eqx", pipeline)
+        # The progress goes in the same file as the pipeline (its header), written atomically: a crash at any
+        # moment leaves a pipeline and a list of finished stages that belong together.
         progress_state = {"done": done, "seconds": seconds,
                           "curves": {k: {n: np.asarray(v).tolist() for n, v in c.items()} for k, c in curves.items()}}
-        write_text(directory / "progress.json", json.dumps(progress_state))
+        _write_pipeline(directory / "pipeline.eqx", pipeline, {"progress": progress_state})
+
 
     def stage_checkpoint(name: str) -> dict[str, Any]:
         return {} if directory is None else {"checkpoint_path": directory / f"{name}.training.eqx", "resume": True}
@@ -735,9 +795,7 @@ def fit_pipeline(
 
     if fine_tune_epochs and "end_to_end" not in done:
         started = time.perf_counter()
-        types = (np.zeros(counts.shape[0], np.int32) if cell_type_labels is None
-                 else check_batch_labels(cell_type_labels, counts.shape[0], n_batches=pipeline.config.n_clusters,
-                                         field="cell_type_labels"))
+        types = np.zeros(counts.shape[0], np.int32) if cell_type_labels is None else cell_type_labels
         weights = PipelineLossWeights() if fine_tune_weights is None else fine_tune_weights
         if cell_type_labels is None:
             weights = eqx.tree_at(lambda w: w.supervised, weights, jnp.zeros((), weights.supervised.dtype))
@@ -792,12 +850,18 @@ def save_pipeline(path: str | pathlib.Path, pipeline: SingleCellPipeline) -> pat
 
     The file is written to a temporary name and renamed, so it is never half-written.
     """
+    return _write_pipeline(path, pipeline)
+
+
+def _write_pipeline(path: str | pathlib.Path, pipeline: SingleCellPipeline,
+                    extra: dict[str, Any] | None = None) -> pathlib.Path:
     reference = pipeline.harmony_reference
     header = {
         "format": "diffbio_eqx.pipeline/1",
         "config": pipeline.config.to_dict(),
         "dtype": str(pipeline.dtype),
         "harmony_reference_clusters": None if reference is None else int(reference.centroids.shape[0]),
+        **(extra or {}),
     }
     target = pathlib.Path(path)
     with atomic_path(target) as temporary:
@@ -809,6 +873,10 @@ def save_pipeline(path: str | pathlib.Path, pipeline: SingleCellPipeline) -> pat
 
 def load_pipeline(path: str | pathlib.Path) -> SingleCellPipeline:
     """Load a pipeline written by `save_pipeline`."""
+    return _read_pipeline(path)[0]
+
+
+def _read_pipeline(path: str | pathlib.Path) -> tuple[SingleCellPipeline, dict[str, Any]]:
     source = pathlib.Path(path)
     if not source.is_file():
         raise ValueError(f"checkpoint: {str(source)!r} does not exist")
@@ -822,7 +890,7 @@ def load_pipeline(path: str | pathlib.Path) -> SingleCellPipeline:
         config = SingleCellPipelineConfig.from_dict(header["config"])
         like = _skeleton(config, header["harmony_reference_clusters"], header["dtype"])
         try:
-            return eqx.tree_deserialise_leaves(handle, like)
+            return eqx.tree_deserialise_leaves(handle, like), header
         except Exception as error:  # truncated or mismatched file
             raise ValueError(f"checkpoint: {str(source)!r} could not be read ({type(error).__name__}: {error}); "
                              "it may be truncated") from None

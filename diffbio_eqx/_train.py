@@ -284,10 +284,18 @@ def _validation_loss(
 
 
 def _save_checkpoint(path: pathlib.Path, state: PyTree) -> None:
-    # Written to a temporary file and renamed, so a checkpoint is never half-written.
+    # Written to a temporary file, flushed to disk and renamed, so a checkpoint is never half-written: a crash or
+    # kill while writing leaves the previous checkpoint in place (and a failed write removes its temporary file).
     temporary = path.with_name(f".{path.name}.tmp")
-    eqx.tree_serialise_leaves(temporary, state)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            eqx.tree_serialise_leaves(handle, state)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def fit(

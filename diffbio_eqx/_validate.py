@@ -39,7 +39,26 @@ def _as_numeric_array(x: Any, field: str) -> np.ndarray:
         np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.bool_)
     ):
         raise ValueError(f"{field}: expected a numeric array, got dtype {array.dtype}")
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise ValueError(f"{field}: expected real numbers, got complex dtype {array.dtype}")
     return array
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _to_float32(values: np.ndarray, field: str, locate: Any) -> np.ndarray:
+    """Cast to float32, refusing finite values beyond its range (they would silently become Inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = values.astype(np.float32)
+        overflow = np.isfinite(values) & ~np.isfinite(cast)
+    if np.any(overflow):
+        first = float(values[overflow].ravel()[0])
+        raise ValueError(
+            f"{field}: value {first:.3g} at {locate(overflow)} exceeds the float32 range "
+            f"({_FLOAT32_MAX:.3g}); counts must be ordinary numbers of molecules"
+        )
+    return cast
 
 
 def check_counts(
@@ -69,7 +88,10 @@ def check_counts(
     if sp.issparse(counts):
         if counts.ndim != 2:
             raise ValueError(f"{field}: expected a 2-D matrix (n_cells, n_genes), got {counts.ndim}-D")
-        matrix = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+        source = sp.csr_matrix(counts, copy=True)
+        _as_numeric_array(source.data, field)
+        source.data = _to_float32(source.data, field, lambda mask: _locate(source, mask))
+        matrix = sp.csr_matrix(source, dtype=np.float32)
         values = matrix.data
         shape = matrix.shape
     else:
@@ -78,7 +100,7 @@ def check_counts(
             raise ValueError(
                 f"{field}: expected a 2-D matrix (n_cells, n_genes), got shape {tuple(array.shape)}"
             )
-        matrix = np.array(array, dtype=np.float32, copy=True)
+        matrix = _to_float32(array, field, lambda mask: _locate(array, mask))
         values = matrix
         shape = matrix.shape
     n_cells, n_columns = shape
@@ -114,15 +136,20 @@ def _check_shape_only(x: Any, field: str, n_genes: int | None) -> None:
         raise ValueError(f"{field}: has {x.shape[1]} genes but the model was built for {n_genes}")
 
 
+def _locate(matrix: Any, mask: np.ndarray) -> str:
+    """`cell i, gene j` of the first True entry of `mask` (over `matrix.data` when sparse)."""
+    if sp.issparse(matrix):
+        position = int(np.flatnonzero(mask)[0])
+        cell = int(np.searchsorted(matrix.indptr, position, side="right") - 1)
+        gene = int(matrix.indices[position])
+    else:
+        cell, gene = (int(i) for i in np.argwhere(mask)[0])
+    return f"cell {cell}, gene {gene}"
+
+
 def _check_values_finite_nonnegative(matrix: Any, values: np.ndarray, field: str) -> None:
     def locate(mask: np.ndarray) -> str:
-        if sp.issparse(matrix):
-            position = int(np.flatnonzero(mask)[0])
-            cell = int(np.searchsorted(matrix.indptr, position, side="right") - 1)
-            gene = int(matrix.indices[position])
-        else:
-            cell, gene = (int(i) for i in np.argwhere(mask)[0])
-        return f"cell {cell}, gene {gene}"
+        return _locate(matrix, mask)
 
     bad = ~np.isfinite(values)
     if np.any(bad):

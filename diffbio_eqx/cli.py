@@ -47,6 +47,16 @@ def _run(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffbio-eqx",
@@ -69,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", default="out", help="output folder (default: out)")
     run.add_argument("--config", metavar="FILE", help="JSON or TOML file of SingleCellPipelineConfig settings")
     run.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
-    run.add_argument("--vae-epochs", type=int, help="VAE epochs (default: scVI's heuristic)")
-    run.add_argument("--ambient-epochs", type=int, help="ambient model epochs (default: 300 up to 20,000 cells)")
-    run.add_argument("--umap-epochs", type=int, help="parametric UMAP epochs (default 30)")
+    run.add_argument("--vae-epochs", type=_positive_int, help="VAE epochs (default: scVI's heuristic)")
+    run.add_argument("--ambient-epochs", type=_positive_int,
+                     help="ambient model epochs (default: 300 up to 20,000 cells)")
+    run.add_argument("--umap-epochs", type=_positive_int, help="parametric UMAP epochs (default 30)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(handler=_run)
     return parser
@@ -85,9 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return arguments.handler(arguments)
-    except ValueError as error:
+    except ValueError as error:  # bad input or settings: the message names the field
         print(f"diffbio-eqx: error: {error}", file=sys.stderr)
         return 2
+    except (FloatingPointError, OSError) as error:  # numerical failure or the file system; nothing is left behind
+        print(f"diffbio-eqx: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -163,6 +163,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
     temporary_path = pathlib.Path(temporary)
     try:
         yield temporary_path
+        with open(temporary_path, "rb+") as written:  # on disk before the rename, so a crash never leaves it empty
+            os.fsync(written.fileno())
         os.replace(temporary_path, target)
     except BaseException:
         temporary_path.unlink(missing_ok=True)

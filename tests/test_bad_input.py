@@ -1,0 +1,489 @@
+"""Bad input through the public API and the CLI, end to end: every case raises a clear error that names the field
+and the problem, before any numerical work; files given as input are never modified and a failed run leaves no
+partial output behind. (`test_validate.py` checks the boundary functions one by one; here the same problems are
+fed to the entry points users call.)"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
+
+import anndata as ad
+import jax.random as jr
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import diffbio_eqx as dx
+from diffbio_eqx import cli
+from diffbio_eqx._pipeline import prepare_inputs
+
+
+N_CELLS, N_GENES = 60, 40
+SMALL = dict(latent_dim=4, hidden_dims=(16,), umap_hidden_size=8, umap_depth=1, ambient_hidden_dim=8,
+             ambient_latent_dim=2, batch_correction_clusters=3, batch_correction_iterations=2)
+TINY_FIT = dict(ambient_epochs=1, vae_epochs=1, umap_epochs=1, progress=False)
+
+
+def _simulated(n_cells=N_CELLS, n_genes=N_GENES, seed=0):
+    sim = dx.simulate(jr.key(seed), n_cells=n_cells, n_genes=n_genes, n_groups=3, n_batches=2)
+    return np.asarray(sim.counts), np.asarray(sim.batches).astype(np.int32), np.asarray(sim.ambient_profile)
+
+
+COUNTS, BATCHES, PROFILE = _simulated()
+DATA = {"counts": COUNTS, "batch_labels": BATCHES, "ambient_profile": PROFILE}
+PIPELINE = dx.create_single_cell_pipeline(n_genes=N_GENES, n_clusters=3, n_batches=2, key=jr.key(0), **SMALL)
+
+
+def _with(array, index, value, dtype=None):
+    out = np.array(array, dtype=dtype or np.asarray(array).dtype)
+    out[index] = value
+    return out
+
+
+def _cells(n):
+    return {"counts": COUNTS[:n], "batch_labels": BATCHES[:n], "ambient_profile": PROFILE}
+
+
+# --- the array API: run_pipeline / fit_pipeline / prepare_inputs ------------------------------------------------
+# (case id, data, call: "run" or "fit", extra fit settings, exact start of the message as a regex)
+PIPELINE_CASES = [
+    ("counts-strings", dict(DATA, counts=COUNTS.astype(str)), "run", {},
+     r"counts: expected a numeric array, got dtype <U"),
+    ("counts-complex", dict(DATA, counts=COUNTS.astype(np.complex64)), "run", {},
+     r"counts: expected real numbers, got complex dtype complex64"),
+    ("counts-rank-1", dict(DATA, counts=COUNTS[0]), "run", {},
+     r"counts: expected a 2-D matrix \(n_cells, n_genes\), got shape \(40,\)"),
+    ("counts-rank-3", dict(DATA, counts=COUNTS[None]), "fit", {},
+     r"counts: expected a 2-D matrix \(n_cells, n_genes\), got shape \(1, 60, 40\)"),
+    ("counts-genes-differ-from-model", dict(DATA, counts=COUNTS[:, :39]), "run", {},
+     r"counts: has 39 genes but the model was built for 40; subset the new data to the training genes"),
+    ("counts-nan", dict(DATA, counts=_with(COUNTS, (3, 5), np.nan, np.float64)), "fit", {},
+     r"counts: 1 non-finite value\(s\) \(NaN or Inf\), first at cell 3, gene 5"),
+    ("counts-inf-sparse", dict(DATA, counts=sp.csr_matrix(_with(COUNTS, (7, 2), np.inf, np.float64))), "fit", {},
+     r"counts: 1 non-finite value\(s\) \(NaN or Inf\), first at cell 7, gene 2"),
+    ("counts-negative", dict(DATA, counts=_with(COUNTS, (4, 1), -2.0, np.float64)), "fit", {},
+     r"counts: 1 negative value\(s\), first -2.0 at cell 4, gene 1; counts must be >= 0"),
+    ("counts-beyond-float32", dict(DATA, counts=_with(COUNTS, (2, 9), 1e40, np.float64)), "run", {},
+     r"counts: value 1e\+40 at cell 2, gene 9 exceeds the float32 range"),
+    ("counts-empty", dict(DATA, counts=np.zeros((0, N_GENES)), batch_labels=np.zeros(0, np.int32)), "fit", {},
+     r"counts: empty matrix of shape \(0, 40\); need at least one cell and one gene"),
+    ("counts-all-zero-cell", dict(DATA, counts=_with(COUNTS, 11, 0)), "fit", {},
+     r"counts: cells with zero total counts at indices \[11\]; filter them out first"),
+    ("one-cell", _cells(1), "fit", {},
+     r"n_clusters: asked for 3 clusters but there are only 1 cells"),
+    ("too-few-cells-for-the-umap-graph", _cells(12), "fit", {},
+     r"counts: training the UMAP stage needs more than umap_n_neighbors=15 cells, got 12"),
+    ("batch-labels-float", dict(DATA, batch_labels=BATCHES.astype(float)), "fit", {},
+     r"batch_labels: expected integer codes, got dtype float64; convert categories to codes"),
+    ("batch-labels-strings", dict(DATA, batch_labels=BATCHES.astype(str)), "run", {},
+     r"batch_labels: expected a numeric array, got dtype <U"),
+    ("batch-labels-negative", dict(DATA, batch_labels=_with(BATCHES, 5, -1)), "fit", {},
+     r"batch_labels: value -1 at cell 5 is out of range \[0, 2\); 1 cell\(s\) out of range"),
+    ("batch-labels-wrong-length", dict(DATA, batch_labels=BATCHES[:-1]), "fit", {},
+     r"batch_labels: has length 59 but there are 60 cells"),
+    ("batch-labels-two-covariates", dict(DATA, batch_labels=np.stack([BATCHES, BATCHES], 1)), "run", {},
+     r"batch_labels: the pipeline takes one batch covariate, shape \(60,\)"),
+    ("ambient-profile-wrong-length", dict(DATA, ambient_profile=PROFILE[:-1]), "run", {},
+     r"ambient_profile: expected one value per gene, shape \(40,\), got \(39,\)"),
+    ("ambient-profile-all-zero", dict(DATA, ambient_profile=np.zeros(N_GENES)), "fit", {},
+     r"ambient_profile: all zeros; an ambient profile needs some mass"),
+    ("ambient-profile-nan", dict(DATA, ambient_profile=_with(PROFILE, 6, np.nan)), "fit", {},
+     r"ambient_profile: non-finite value at gene 6"),
+    ("ambient-profile-negative", dict(DATA, ambient_profile=_with(PROFILE, 8, -0.5)), "run", {},
+     r"ambient_profile: negative value -0.5 at gene 8"),
+    ("data-missing-counts", {"batch_labels": BATCHES}, "run", {}, r"data: missing 'counts'"),
+    ("data-unknown-key", dict(DATA, batch=BATCHES), "fit", {},
+     r"data: unknown key\(s\) \['batch'\]; expected 'counts', 'ambient_profile', 'batch_labels'"),
+    ("raw-counts-genes-differ", DATA, "fit", dict(raw_counts=np.ones((100, 30))),
+     r"raw_counts: has 30 genes but the model was built for 40"),
+    ("cell-type-labels-out-of-range", DATA, "fit",
+     dict(fine_tune_epochs=1, cell_type_labels=np.full(N_CELLS, 3)),
+     r"cell_type_labels: value 3 at cell 0 is out of range \[0, 3\)"),
+    ("cell-type-labels-wrong-length", DATA, "fit", dict(fine_tune_epochs=1, cell_type_labels=np.zeros(5, int)),
+     r"cell_type_labels: has length 5 but there are 60 cells"),
+    ("umap-epochs-zero", DATA, "fit", dict(umap_epochs=0), r"umap_epochs: must be a positive integer, got 0"),
+    ("batch-size-negative", DATA, "fit", dict(batch_size=-1), r"batch_size: must be a positive integer, got -1"),
+]
+
+
+@pytest.mark.parametrize("name, data, call, settings, message", PIPELINE_CASES, ids=[c[0] for c in PIPELINE_CASES])
+def test_pipeline_entry_points_name_the_field(name, data, call, settings, message):
+    snapshot = {k: (np.asarray(v.toarray() if sp.issparse(v) else v)).copy() for k, v in data.items()}
+    with pytest.raises(ValueError, match=f"^{message}"):
+        if call == "run":
+            dx.run_pipeline(PIPELINE, data, key=jr.key(0))
+        else:
+            dx.fit_pipeline(PIPELINE, data, key=jr.key(0), **(TINY_FIT | settings))
+    for k, v in data.items():  # the caller's arrays are never modified
+        np.testing.assert_array_equal(np.asarray(v.toarray() if sp.issparse(v) else v), snapshot[k])
+
+
+def test_too_many_clusters_for_the_cells_fails_before_training():
+    wide = dx.create_single_cell_pipeline(n_genes=N_GENES, n_clusters=100, n_batches=2, key=jr.key(0), **SMALL)
+    with pytest.raises(ValueError, match=r"^n_clusters: asked for 100 clusters but there are only 60 cells"):
+        dx.fit_pipeline(wide, DATA, key=jr.key(0), **TINY_FIT)
+    many = dx.create_single_cell_pipeline(n_genes=N_GENES, n_clusters=3, n_batches=2, key=jr.key(0),
+                                          **(SMALL | {"batch_correction_clusters": 80}))
+    with pytest.raises(ValueError, match=r"^batch_correction_clusters: Harmony asked for 80 clusters but there are "
+                                         r"only 60 cells"):
+        dx.fit_pipeline(many, DATA, key=jr.key(0), **TINY_FIT)
+    with pytest.raises(ValueError, match=r"^batch_correction_clusters: Harmony asked for 80 clusters"):
+        dx.run_pipeline(many, DATA, key=jr.key(0))  # no trained reference: Harmony would run on these cells
+
+
+def test_non_integer_counts_warn_naming_the_field():
+    with pytest.warns(dx.NonIntegerCountsWarning, match=r"^counts: contains non-integer values; the count "
+                                                        r"likelihoods expect raw \(unnormalised\) counts"):
+        prepare_inputs(PIPELINE, dict(DATA, counts=np.log1p(COUNTS)))
+
+
+def test_one_batch_and_zero_genes_are_valid_input():
+    """One batch (no labels) and genes that are zero in every cell are legitimate data, not errors."""
+    one_batch = dx.create_single_cell_pipeline(n_genes=N_GENES, n_clusters=3, key=jr.key(0), **SMALL)
+    counts = _with(COUNTS, (slice(None), [0, 17]), 0.0)
+    counts, profile, labels = prepare_inputs(one_batch, {"counts": counts, "ambient_profile": PROFILE})
+    assert labels.shape == (N_CELLS,) and int(labels.max()) == 0
+    assert np.all(np.asarray(counts)[:, [0, 17]] == 0) and np.isclose(float(profile.sum()), 1.0)
+
+
+# --- stage entry points ---------------------------------------------------------------------------------------
+VAE = dx.VAENormalizer(N_GENES, 2, hidden_dims=(16,), latent_dim=4, key=jr.key(0))
+AMBIENT = dx.AmbientRemoval(N_GENES, latent_dim=2, hidden_dim=8, key=jr.key(0))
+UMAP = dx.ParametricUMAP(4, hidden_size=8, depth=1, key=jr.key(0))
+X = np.asarray(jr.normal(jr.key(1), (N_CELLS, 4)))
+
+STAGE_CASES = [
+    ("fit_vae-genes-differ", lambda: dx.fit_vae(VAE, COUNTS[:, :30], BATCHES, key=jr.key(0), n_epochs=1,
+                                                progress=False),
+     r"counts: has 30 genes but the model was built for 40"),
+    ("fit_vae-labels-missing", lambda: dx.fit_vae(VAE, COUNTS, key=jr.key(0), n_epochs=1, progress=False),
+     r"batch_labels: the model has 2 batches; pass one label per cell"),
+    ("fit_vae-zero-epochs", lambda: dx.fit_vae(VAE, COUNTS, BATCHES, key=jr.key(0), n_epochs=0, progress=False),
+     r"n_epochs: must be >= 1, got 0"),
+    ("vae_transform-new-data-genes-differ", lambda: dx.vae_transform(VAE, COUNTS[:, 1:], BATCHES),
+     r"counts: has 39 genes but the model was built for 40; subset the new data to the training genes, in the "
+     r"training order"),
+    ("vae_transform-labels-out-of-range", lambda: dx.vae_transform(VAE, COUNTS, BATCHES + 1),
+     r"batch_labels: value 2 at cell \d+ is out of range \[0, 2\)"),
+    ("fit_ambient_removal-profile-all-zero",
+     lambda: dx.fit_ambient_removal(AMBIENT, COUNTS, np.zeros(N_GENES), key=jr.key(0), n_epochs=1, progress=False),
+     r"ambient_profile: all zeros"),
+    ("remove_ambient-profile-wrong-length", lambda: dx.remove_ambient(AMBIENT, COUNTS, PROFILE[:-1]),
+     r"ambient_profile: expected one value per gene, shape \(40,\), got \(39,\)"),
+    ("remove_ambient-all-zero-cell", lambda: dx.remove_ambient(AMBIENT, _with(COUNTS, 0, 0), PROFILE),
+     r"counts: cells with zero total counts at indices \[0\]"),
+    ("harmony-nan", lambda: dx.harmony(_with(X, (2, 3), np.nan), BATCHES, key=jr.key(0)),
+     r"x: 1 non-finite value\(s\), first at cell 2, dim 3"),
+    ("harmony-labels-out-of-range", lambda: dx.harmony(X, BATCHES, n_batches=1, key=jr.key(0)),
+     r"batch_labels: value 1 at cell \d+ is out of range \[0, 1\)"),
+    ("harmony-n_clusters-above-n_cells", lambda: dx.harmony(X, BATCHES, n_clusters=61, key=jr.key(0)),
+     r"n_clusters: asked for 61 clusters but there are only 60 cells"),
+    ("Harmony-stage-without-key", lambda: dx.Harmony(n_batches=2)(X, BATCHES),
+     r"Harmony needs `key`"),
+    ("umap-fit-too-few-cells", lambda: UMAP.fit(X[:10], key=jr.key(0), n_epochs=1, progress=False),
+     r"x: need more than n_neighbors=15 cells, got 10"),
+    ("umap-fit-inf", lambda: UMAP.fit(_with(X, (0, 0), np.inf), key=jr.key(0), n_epochs=1, progress=False),
+     r"x: 1 non-finite value\(s\), first at cell 0, dim 0"),
+    ("umap-embed-wrong-dims", lambda: UMAP.embed(np.ones((5, 3))), r"x: has 3 dimensions, expected 4"),
+    ("umap-embed-rank-1", lambda: UMAP.embed(np.ones(4)), r"x: expected a 2-D matrix \(n_cells, n_dims\), got shape"),
+    ("soft-kmeans-n_clusters-above-n_cells", lambda: dx.SoftKMeans.from_data(X[:5], 6, key=jr.key(0)),
+     r"n_clusters: asked for 6 clusters but there are only 5 cells"),
+    ("soft-kmeans-zero-clusters", lambda: dx.SoftKMeans.from_data(X, 0, key=jr.key(0)),
+     r"n_clusters: must be >= 1, got 0"),
+    ("soft-kmeans-empty", lambda: dx.SoftKMeans.from_data(np.zeros((0, 4)), 2, key=jr.key(0)),
+     r"x: empty matrix of shape \(0, 4\)"),
+]
+
+
+@pytest.mark.parametrize("name, call, message", STAGE_CASES, ids=[c[0] for c in STAGE_CASES])
+def test_stage_entry_points_name_the_field(name, call, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        call()
+
+
+def test_without_the_type_checker_users_get_the_same_named_errors(tmp_path):
+    """Shape/dtype mistakes that the test suite's jaxtyping hook intercepts first (a `TypeCheckError` naming the
+    parameter) reach the package's own checks in user code, which raise `ValueError`s naming the field."""
+    script = textwrap.dedent("""
+        import json, numpy as np, jax.random as jr, diffbio_eqx as dx
+        x = np.asarray(jr.normal(jr.key(1), (60, 4))); labels = np.arange(60) % 2
+        cases = {
+            "harmony-labels-wrong-length": lambda: dx.harmony(x, labels[:-1], key=jr.key(0)),
+            "harmony-labels-float": lambda: dx.harmony(x, labels.astype(float), key=jr.key(0)),
+            "harmony-x-rank-1": lambda: dx.harmony(x[:, 0], labels, key=jr.key(0)),
+            "harmony-x-strings": lambda: dx.harmony(x.astype(str), labels, key=jr.key(0)),
+            "run_pipeline-data-not-a-mapping": lambda: dx.run_pipeline(
+                dx.create_single_cell_pipeline(n_genes=4, key=jr.key(0)), [x], key=jr.key(0)),
+        }
+        out = {}
+        for name, call in cases.items():
+            try:
+                call(); out[name] = "no error"
+            except Exception as error:
+                out[name] = [type(error).__name__, str(error)]
+        print(json.dumps(out))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=_root(), check=False)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = {
+        "harmony-labels-wrong-length": r"^batch_labels: has length 59 but there are 60 cells",
+        "harmony-labels-float": r"^batch_labels: expected integer codes, got dtype float64",
+        "harmony-x-rank-1": r"^x: expected a 2-D matrix \(n_cells, n_dims\), got shape \(60,\)",
+        "harmony-x-strings": r"^x: expected a numeric array, got dtype <U",
+        "run_pipeline-data-not-a-mapping": r"^data: expected a mapping with 'counts'",
+    }
+    for name, pattern in expected.items():
+        kind, message = out[name]
+        assert kind == "ValueError" and re.search(pattern, message), (name, out[name])
+
+
+def _root() -> pathlib.Path:
+    return pathlib.Path(__file__).resolve().parents[1]
+
+
+# --- AnnData ---------------------------------------------------------------------------------------------------
+def _adata(n_cells=120, seed=0):
+    counts, batches, _ = _simulated(n_cells=n_cells, seed=seed)
+    obs = pd.DataFrame({"batch": pd.Categorical(np.where(batches == 0, "donor_a", "donor_b")),
+                        "cell_type": pd.Categorical([f"t{i % 3}" for i in range(n_cells)])},
+                       index=[f"cell{i}" for i in range(n_cells)])
+    var = pd.DataFrame(index=[f"gene{j}" for j in range(counts.shape[1])])
+    return ad.AnnData(sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=var)
+
+
+def _adata_with(**changes):
+    adata = _adata(n_cells=N_CELLS)
+    if "x" in changes:
+        adata.X = changes["x"]
+    if "obs_batch" in changes:
+        adata.obs["batch"] = changes["obs_batch"]
+    return adata
+
+
+ANNDATA_CASES = [
+    ("missing-obs-key", dict(), dict(batch_key="donor"),
+     r"batch_key: 'donor' is not a column of adata.obs \(columns: \['batch', 'cell_type'\]\)"),
+    ("missing-layer", dict(), dict(layer="counts"), r"layer: 'counts' is not in adata.layers \(has \[\]\)"),
+    ("obs-batch-missing-value", dict(obs_batch=pd.Categorical(["a"] * 4 + [None] + ["b"] * 55)),
+     dict(batch_key="batch"), r"adata.obs\['batch'\]: missing value at cell 4"),
+    ("negative-counts-in-X", dict(x=_with(COUNTS, (9, 9), -1.0, np.float32)), dict(),
+     r"adata.X: 1 negative value\(s\), first -1.0 at cell 9, gene 9"),
+    ("nan-counts-in-X", dict(x=sp.csr_matrix(_with(COUNTS, (1, 2), np.nan, np.float32))), dict(),
+     r"adata.X: 1 non-finite value\(s\) \(NaN or Inf\), first at cell 1, gene 2"),
+]
+
+
+@pytest.mark.parametrize("name, changes, kwargs, message", ANNDATA_CASES, ids=[c[0] for c in ANNDATA_CASES])
+def test_fit_anndata_names_the_field(name, changes, kwargs, message):
+    adata = _adata_with(**changes)
+    before = adata.copy()
+    with pytest.raises(ValueError, match=f"^{message}"):
+        dx.fit_anndata(adata, key=jr.key(0), config=dx.SingleCellPipelineConfig(n_clusters=3, **SMALL), **TINY_FIT,
+                       **kwargs)
+    assert adata.obs.equals(before.obs) and list(adata.obsm.keys()) == [] and list(adata.layers.keys()) == []
+
+
+def test_fit_anndata_rejects_what_is_not_an_anndata():
+    with pytest.raises(ValueError, match=r"^adata: expected an anndata.AnnData, got ndarray"):
+        dx.io.from_anndata(COUNTS)
+
+
+# --- files -----------------------------------------------------------------------------------------------------
+def _snapshot(path: pathlib.Path) -> tuple[bytes, int]:
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def _listing(folder: pathlib.Path) -> list[str] | None:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else None
+
+
+@pytest.fixture
+def h5ad(tmp_path) -> pathlib.Path:
+    path = tmp_path / "input" / "cells.h5ad"
+    path.parent.mkdir()
+    _adata().write_h5ad(path)
+    return path
+
+
+def test_truncated_h5ad_is_named_and_left_untouched(h5ad):
+    truncated = h5ad.with_name("truncated.h5ad")
+    truncated.write_bytes(h5ad.read_bytes()[: h5ad.stat().st_size // 2])
+    before = _snapshot(truncated)
+    with pytest.raises(ValueError, match=r"^input: '.*truncated.h5ad' could not be read as an h5ad file \(.*\); it "
+                                         r"may be corrupt or truncated"):
+        dx.io.read_h5ad(truncated)
+    assert _snapshot(truncated) == before
+
+
+def test_writers_refuse_a_missing_folder_and_the_input_path(h5ad, tmp_path):
+    adata = dx.io.read_h5ad(h5ad)
+    before = _snapshot(h5ad)
+    with pytest.raises(ValueError, match=r"^output: '.*cells.h5ad' is the input file; choose another output path"):
+        dx.io.write_h5ad(adata, h5ad, input_path=h5ad)
+    with pytest.raises(ValueError, match=r"^output: folder '.*missing' does not exist"):
+        dx.io.write_h5ad(adata, tmp_path / "missing" / "out.h5ad")
+    with pytest.raises(ValueError, match=r"^output: folder '.*missing' does not exist"):
+        dx.save_pipeline(tmp_path / "missing" / "pipeline.eqx", PIPELINE)
+    assert _snapshot(h5ad) == before
+    assert _listing(h5ad.parent) == ["cells.h5ad"]
+
+
+def test_truncated_pipeline_checkpoint_is_named(tmp_path):
+    path = dx.save_pipeline(tmp_path / "pipeline.eqx", PIPELINE)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"^checkpoint: '.*pipeline.eqx' could not be read \(.*\); it may be "
+                                         r"truncated"):
+        dx.load_pipeline(path)
+    path.write_bytes(b"not a pipeline\n")
+    with pytest.raises(ValueError, match=r"^checkpoint: '.*pipeline.eqx' is not a diffbio_eqx pipeline file"):
+        dx.load_pipeline(path)
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------------
+CLI_EPOCHS = ["--vae-epochs", "1", "--ambient-epochs", "1", "--umap-epochs", "1", "--quiet"]
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    code = cli.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def _assert_cli_error(capsys, argv, message, h5ad, out, *, out_before=None):
+    before = _snapshot(h5ad)
+    code, err = _cli(capsys, "run", *argv, *CLI_EPOCHS)
+    assert code != 0
+    assert err.startswith("diffbio-eqx: error: ")
+    assert re.search(message, err), err
+    assert _snapshot(h5ad) == before, "the input file is untouched"
+    assert _listing(h5ad.parent) == [h5ad.name], "nothing is written next to the input"
+    assert _listing(out) == out_before, "no partial output"
+
+
+def test_cli_missing_input_file(capsys, h5ad, tmp_path):
+    out = tmp_path / "out"
+    _assert_cli_error(capsys, [h5ad.with_name("nope.h5ad"), "--out", out],
+                      r"input: '.*nope.h5ad' does not exist or is not a file", h5ad, out)
+
+
+def test_cli_corrupt_input_file(capsys, h5ad, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    bad = corrupt / "cells.h5ad"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 4)
+    out = tmp_path / "out"
+    _assert_cli_error(capsys, [bad, "--out", out], r"input: '.*cells.h5ad' could not be read as an h5ad file", bad,
+                      out)
+
+
+def test_cli_missing_batch_key(capsys, h5ad, tmp_path):
+    out = tmp_path / "out"
+    _assert_cli_error(capsys, [h5ad, "--batch-key", "donor", "--out", out],
+                      r"batch_key: 'donor' is not a column of adata.obs", h5ad, out)
+
+
+def test_cli_missing_label_key(capsys, h5ad, tmp_path):
+    out = tmp_path / "out"
+    _assert_cli_error(capsys, [h5ad, "--label-key", "celltype", "--out", out],
+                      r"--label-key: 'celltype' is not a column of adata.obs", h5ad, out)
+
+
+def test_cli_output_equal_to_the_input(capsys, h5ad):
+    _assert_cli_error(capsys, [h5ad, "--out", h5ad], r"--out: '.*cells.h5ad' would overwrite the input file", h5ad,
+                      h5ad.parent / "none")
+    named_like_the_output = h5ad.rename(h5ad.with_name("result.h5ad"))
+    _assert_cli_error(capsys, [named_like_the_output, "--out", h5ad.parent],
+                      r"--out: '.*input' would overwrite the input file", named_like_the_output, h5ad.parent,
+                      out_before=["result.h5ad"])
+
+
+def test_cli_output_folder_cannot_be_created(capsys, h5ad, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    _assert_cli_error(capsys, [h5ad, "--out", blocker / "out"], r"--out: cannot create '.*a_file/out'", h5ad,
+                      blocker / "out")
+
+
+def test_cli_output_folder_not_writable(capsys, h5ad, tmp_path, monkeypatch):
+    out = tmp_path / "readonly"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results")
+    if os.geteuid() != 0:
+        out.chmod(0o555)
+    else:  # root writes anywhere: simulate the refusal the file system would give
+        import diffbio_eqx._job as job
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(job.tempfile, "mkdtemp", refuse)
+    try:
+        _assert_cli_error(capsys, [h5ad, "--out", out], r"--out: folder '.*readonly' is not writable", h5ad, out,
+                          out_before=["keep.txt"])
+    finally:
+        out.chmod(0o755)
+
+
+def test_cli_nan_in_the_counts(capsys, tmp_path):
+    adata = _adata()
+    adata.X = adata.X.toarray()
+    adata.X[5, 3] = np.nan
+    folder = tmp_path / "input"
+    folder.mkdir()
+    path = folder / "nan.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "out"
+    _assert_cli_error(capsys, [path, "--out", out],
+                      r"adata.X: 1 non-finite value\(s\) \(NaN or Inf\), first at cell 5, gene 3", path, out)
+
+
+def test_cli_unparsable_config(capsys, h5ad, tmp_path):
+    config = tmp_path / "settings.toml"
+    config.write_text("n_clusters = = 3")
+    out = tmp_path / "out"
+    _assert_cli_error(capsys, [h5ad, "--config", config, "--out", out],
+                      r"config: '.*settings.toml' could not be parsed", h5ad, out)
+
+
+def test_cli_zero_epochs_is_refused_by_the_parser(capsys, h5ad, tmp_path):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["run", str(h5ad), "--vae-epochs", "0", "--out", str(tmp_path / "out")])
+    assert exit.value.code == 2
+    assert "argument --vae-epochs: expected a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_failure_after_the_output_folder_exists_leaves_nothing_behind(capsys, h5ad, tmp_path):
+    """A setting that only fails once training starts (more clusters than cells): the new folder is removed, and a
+    folder that already existed keeps exactly what it had."""
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"n_clusters": 500}))
+    fresh = tmp_path / "fresh"
+    _assert_cli_error(capsys, [h5ad, "--config", config, "--out", fresh / "nested"],
+                      r"n_clusters: asked for 500 clusters but there are only 120 cells", h5ad, fresh)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("earlier results")
+    _assert_cli_error(capsys, [h5ad, "--config", config, "--out", existing],
+                      r"n_clusters: asked for 500 clusters", h5ad, existing, out_before=["keep.txt"])
+
+
+def test_cli_failure_while_writing_leaves_nothing_behind(capsys, h5ad, tmp_path, monkeypatch):
+    """Training succeeds, result.h5ad and pipeline.eqx are written, then the plot fails: none of the run's files
+    appear in the output folder."""
+    import diffbio_eqx._job as job
+
+    def broken_plot(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(job, "plot_training", broken_plot)
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results")
+    _assert_cli_error(capsys, [h5ad, "--batch-key", "batch", "--out", out], r"OSError: .*No space left on device",
+                      h5ad, out, out_before=["keep.txt"])
