@@ -135,20 +135,20 @@ def log_prior_fraction(
 
     - **From the empty droplets** (`prior_ambient_count > 0`), CellBender's prior: the droplet's ambient count
       $d_n = f_n T_n$ is log-normal around the typical empty droplet's total $d_0$,
-      $\log d_n \sim N(\log d_0, s^2)$. A droplet's ambient RNA is about a fixed number of molecules, so its
+      $\\log d_n \\sim N(\\log d_0, s^2)$. A droplet's ambient RNA is about a fixed number of molecules, so its
       fraction is about $d_0 / T_n$.
-    - **Without them**: $f_n \sim \mathrm{Beta}(1, 1/p - 1)$, with mean $p$ = `prior_contamination` and mode
-      0, i.e. $\log p(f) = (1/p - 2) \log(1 - f)$: with no evidence in the counts the fraction shrinks to 0.
+    - **Without them**: $f_n \\sim \\mathrm{Beta}(1, 1/p - 1)$, with mean $p$ = `prior_contamination` and mode
+      0, i.e. $\\log p(f) = (1/p - 2) \\log(1 - f)$: with no evidence in the counts the fraction shrinks to 0.
 
     **Arguments:**
 
-    - `logit_fraction`: `(n_cells,)` $\mathrm{logit} f_n$.
-    - `log_total`: `(n_cells,)` $\log T_n$, the droplets' observed totals.
+    - `logit_fraction`: `(n_cells,)` $\\mathrm{logit} f_n$.
+    - `log_total`: `(n_cells,)` $\\log T_n$, the droplets' observed totals.
     - `prior_contamination`: $p$, used when `prior_ambient_count <= 0`.
     - `prior_ambient_count`: $d_0$ (0 selects the Beta prior).
     - `prior_log_scale`: $s$.
 
-    **Returns:** `(n_cells,)` the log prior densities (of $\log d_n$, or of $f_n$).
+    **Returns:** `(n_cells,)` the log prior densities (of $\\log d_n$, or of $f_n$).
     """
     log_f, log_1mf = log_fractions(logit_fraction)
     has_count = prior_ambient_count > 0
@@ -183,10 +183,10 @@ def refine_logit_fraction(
     its cell profile, by EM (`lax.scan`).
 
     With the profiles fixed, a droplet's molecules are a two-component multinomial mixture with weights
-    $(1 - f, f)$. The E-step gives each gene's ambient responsibility $r_g = \lambda_g / (\mu_g + \lambda_g)$
-    and the expected ambient molecules $A = \sum_g x_g r_g$; the M-step maximises
-    $A \log f + (T - A) \log(1 - f) + \log p(f)$. Without a prior that is $f = A / T$; with one, a few
-    safeguarded Newton steps in $\mathrm{logit} f$ (the objective is concave for the priors of
+    $(1 - f, f)$. The E-step gives each gene's ambient responsibility $r_g = \\lambda_g / (\\mu_g + \\lambda_g)$
+    and the expected ambient molecules $A = \\sum_g x_g r_g$; the M-step maximises
+    $A \\log f + (T - A) \\log(1 - f) + \\log p(f)$. Without a prior that is $f = A / T$; with one, a few
+    safeguarded Newton steps in $\\mathrm{logit} f$ (the objective is concave for the priors of
     `log_prior_fraction`). Each step increases the (penalised) likelihood. At the maximum-likelihood fixed point,
     $f$ equals the removed share of the droplet's counts (`contamination_fraction` of `posterior_cell_counts`).
     This closes the amortisation gap of the encoder's estimate, which is the starting point.

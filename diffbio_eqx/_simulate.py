@@ -107,9 +107,9 @@ def simulate(
     - `contamination`: typical ambient fraction of a droplet's counts (0 disables ambient RNA).
     - `ambient_model`: how much ambient RNA each droplet gets (static; keyword only):
         - `"count"` (CellBender's model, the default): about the same number of ambient molecules in every
-          droplet, whatever its cell's size: $d_n \sim \mathrm{LogNormal}(\log d_0, s)$ with $s$ =
+          droplet, whatever its cell's size: $d_n \\sim \\mathrm{LogNormal}(\\log d_0, s)$ with $s$ =
           `ambient_log_scale` and $d_0$ = `contamination / (1 - contamination)` times the median library size
-          $e^{\mathrm{lib\_loc}}$, so a droplet of median size has fraction about `contamination` and small cells
+          $e^{\\mathrm{lib\\_loc}}$, so a droplet of median size has fraction about `contamination` and small cells
           are more contaminated than large ones;
         - `"fraction"`: the ambient share of each droplet is `Beta` with mean `contamination` and concentration
           `contamination_concentration`, so ambient counts scale with the cell's size.

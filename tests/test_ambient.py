@@ -91,8 +91,8 @@ def oracle_mse_ratio(data: dict[str, np.ndarray]) -> float:
     true total, and each droplet's ambient total times the profile), relative to the raw counts' error.
 
     No estimator does better on average: given the rates, a count splits binomially, so even the exact posterior
-    mean keeps an error of about $\mu\lambda / (\mu + \lambda)$ per count, which at low contamination is most of
-    the raw error $\lambda + \lambda^2$ on genes that the cell also expresses.
+    mean keeps an error of about $\\mu\\lambda / (\\mu + \\lambda)$ per count, which at low contamination is most of
+    the raw error $\\lambda + \\lambda^2$ on genes that the cell also expresses.
     """
     true, ambient, groups = data["true"], data["ambient"], data["groups"]
     group_profile = np.stack([true[groups == g].sum(0) / true[groups == g].sum() for g in range(N_GROUPS)])

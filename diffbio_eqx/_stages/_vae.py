@@ -72,7 +72,7 @@ def count_log_likelihood(
 ) -> Float[Array, " n_cells"]:
     """Per-cell log-likelihood summed over genes under `likelihood` (`"nb"`, `"zinb"` or `"poisson"`).
 
-    `log_factorial`, if given, is each cell's precomputed $\sum_g \log\Gamma(x_g + 1)$ (a constant of the
+    `log_factorial`, if given, is each cell's precomputed $\\sum_g \\log\\Gamma(x_g + 1)$ (a constant of the
     data), which saves one `lgamma` per count in the training loop.
     """
     options = {"include_log_factorial": log_factorial is None}
@@ -91,9 +91,9 @@ def count_log_likelihood(
 
 
 def log_factorial_per_cell(counts: Any, *, block_rows: int = 8192) -> np.ndarray:
-    """Host-side $\sum_g \log\Gamma(x_g + 1)$ per cell for dense or SciPy sparse counts (float64).
+    """Host-side $\\sum_g \\log\\Gamma(x_g + 1)$ per cell for dense or SciPy sparse counts (float64).
 
-    Whole-number counts go through a table of $\log k!$ (fast); other values through `scipy.special.gammaln`.
+    Whole-number counts go through a table of $\\log k!$ (fast); other values through `scipy.special.gammaln`.
     """
     import scipy.sparse as sp
     import scipy.special
@@ -386,7 +386,7 @@ class VAENormalizer(eqx.Module):
         - `key`: PRNG key for dropout and the posterior draw. (Keyword only argument.)
         - `kl_weight`: the KL warm-up weight $w$.
         - `inference`: disable dropout (validation).
-        - `log_factorial`: optional precomputed per-cell $\sum_g \log\Gamma(x_g + 1)$ (`log_factorial_per_cell`);
+        - `log_factorial`: optional precomputed per-cell $\\sum_g \\log\\Gamma(x_g + 1)$ (`log_factorial_per_cell`);
           it changes nothing but speed.
 
         **Returns:** `(loss, aux)` where `aux` has the per-cell means `reconstruction` (negative
