@@ -46,7 +46,7 @@ def log_gamma_positive(z: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
 
 
 def digamma_positive(z: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
-    """$\\psi(z) = \frac{d}{dz}\\log\\Gamma(z)$ for $z > 0$ (asymptotic series at $z + 6$ and the recurrence)."""
+    """$\\psi(z) = \\frac{d}{dz}\\log\\Gamma(z)$ for $z > 0$ (asymptotic series at $z + 6$ and the recurrence)."""
     w = z + 6.0
     r = 1.0 / w
     r2 = r * r
@@ -82,17 +82,17 @@ def negative_binomial_log_prob_logspace(
 ) -> Float[Array, "*shape"]:
     """Negative binomial log-probability from the log mean and the log inverse dispersion.
 
-    $\\mathrm{NB}(x; \\mu, \theta)$ has mean $\\mu$ and variance $\\mu + \\mu^2 / \theta$.
+    $\\mathrm{NB}(x; \\mu, \\theta)$ has mean $\\mu$ and variance $\\mu + \\mu^2 / \\theta$.
 
     **Arguments:**
 
     - `counts`: the observed counts $x \\ge 0$.
     - `log_mean`: $\\log \\mu$ (finite).
-    - `log_inverse_dispersion`: $\\log \theta$.
+    - `log_inverse_dispersion`: $\\log \\theta$.
     - `include_log_factorial`: False drops the $-\\log\\Gamma(x + 1)$ term, which does not depend on the
       parameters (a training loop can add its precomputed per-cell sum instead). (Keyword only argument.)
 
-    **Returns:** $\\log \\mathrm{NB}(x; \\mu, \theta)$, the shape of `counts`.
+    **Returns:** $\\log \\mathrm{NB}(x; \\mu, \\theta)$, the shape of `counts`.
     """
     theta = jnp.exp(log_inverse_dispersion)
     d = log_mean - log_inverse_dispersion
@@ -139,14 +139,14 @@ def zero_inflated_negative_binomial_log_prob_logspace(
 ) -> Float[Array, "*shape"]:
     """Zero-inflated negative binomial log-probability (scVI's ZINB), log-space parameters.
 
-    With dropout probability $\\pi = \\sigma(\text{zero\\_logits})$:
+    With dropout probability $\\pi = \\sigma(\\text{zero\\_logits})$:
     $p(0) = \\pi + (1 - \\pi)\\,\\mathrm{NB}(0)$ and $p(x) = (1 - \\pi)\\,\\mathrm{NB}(x)$ for $x > 0$. The zero
     case is evaluated as `logaddexp(logits, log NB(0)) - softplus(logits)`.
 
     **Arguments:**
 
     - `counts`: the observed counts $x \\ge 0$.
-    - `log_mean`, `log_inverse_dispersion`: $\\log \\mu$ (finite) and $\\log \theta$ of the negative binomial part.
+    - `log_mean`, `log_inverse_dispersion`: $\\log \\mu$ (finite) and $\\log \\theta$ of the negative binomial part.
     - `zero_logits`: the logits of the dropout probability $\\pi$.
     - `include_log_factorial`: as in `negative_binomial_log_prob_logspace` ($\\log\\Gamma(0 + 1) = 0$, so the
       zero case is unaffected). (Keyword only argument.)
