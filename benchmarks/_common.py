@@ -150,9 +150,13 @@ def write_json(path: pathlib.Path, record: dict[str, Any]) -> None:
 
 
 def simulated_counts(n_cells: int, *, n_genes: int = 2000, n_groups: int = 10, n_batches: int = 4,
-                     base_cells: int = 100_000, seed: int = 0):
-    """Simulated counts (float32), groups and batches; above `base_cells`, a simulated base is tiled (so a 1M-cell
-    benchmark does not spend minutes and tens of GB simulating)."""
+                     base_cells: int = 10_000, max_distinct: int = 10, seed: int = 0):
+    """Simulated counts (float32), groups and batches.
+
+    `diffbio_eqx.simulate` holds several `(n_cells, n_genes)` intermediates (about 34 GB for 100k x 2,000 on
+    CPU), so above `base_cells` it simulates `base_cells` cells once and adds Poisson resamples of them
+    (`Poisson(counts)`: same groups, batches and mean profile, fresh noise, no duplicated cells).
+    """
     import jax.random as jr
     import numpy as np
 
@@ -163,14 +167,18 @@ def simulated_counts(n_cells: int, *, n_genes: int = 2000, n_groups: int = 10, n
     counts = np.array(sim.counts, dtype=np.float32)
     groups = np.asarray(sim.groups, dtype=np.int32)
     batches = np.asarray(sim.batches, dtype=np.int32)
+    if n_cells > base:
+        rng = np.random.default_rng(seed)
+        reps = -(-n_cells // base)
+        # At most `max_distinct` distinct tiles (100k cells by default), then repeated: a 1M-cell throughput
+        # benchmark does not need a million distinct cells, and drawing them would take a minute.
+        distinct = [counts] + [rng.poisson(counts).astype(np.float32) for _ in range(min(reps, max_distinct) - 1)]
+        counts = np.concatenate([distinct[i % len(distinct)] for i in range(reps)])[:n_cells]
+        groups = np.tile(groups, reps)[:n_cells]
+        batches = np.tile(batches, reps)[:n_cells]
     empty = counts.sum(axis=1) == 0
     if empty.any():  # a cell with no counts is rejected by the validators; give it one count
         counts[empty, 0] = 1.0
-    if n_cells > base:
-        reps = -(-n_cells // base)
-        counts = np.tile(counts, (reps, 1))[:n_cells]
-        groups = np.tile(groups, reps)[:n_cells]
-        batches = np.tile(batches, reps)[:n_cells]
     return counts, groups, batches
 
 

@@ -22,11 +22,15 @@ erase larger records.
 
 Usage: `python benchmarks/bench_scaling.py [--sizes 1000 10000 100000] [--stages ...] [--out benchmarks/results]`.
 
-Typical printout (2-core x86-64 VM shared with other jobs, jax 0.10.2 CPU, float32):
+Recorded printout (2-core x86-64 VM shared with other jobs, load average 6-13, jax 0.10.2 CPU, float32; the
+load slows everything 2-5x against an idle machine and moves the figures between runs):
 
-    harmony          n=  10000: compile  9.1 s, steady 0.747 s, 1.34e+04 cells/s, peak +22 MB
-    vae_train        n=  10000: compile  3.2 s, epoch 0.313 s, 3.19e+04 cells/s, peak +62 MB
-    pipeline_infer   n=  10000: compile 10.3 s, steady 0.420 s, 2.38e+04 cells/s, peak +509 MB
+    harmony          n=  100000: compile  19.6 s, steady 6.326 s, 1.58e+04 cells/s, peak +159 MB
+    vae_train        n=  100000: compile   0.5 s, epoch 2.479 s, 4.03e+04 cells/s, peak +4000 MB
+    vae_infer        n=  100000: compile   9.1 s, steady 11.236 s, 8.9e+03 cells/s, peak +4442 MB
+    umap_embed       n=  100000: compile   0.7 s, steady 0.094 s, 1.06e+06 cells/s, peak +25 MB
+    soft_kmeans      n=  100000: compile   2.8 s, steady 3.974 s, 2.52e+04 cells/s, peak +69 MB
+    pipeline_infer   n=  100000: compile   3.2 s, steady 8.821 s, 1.13e+04 cells/s, peak +3459 MB
 """
 
 import os

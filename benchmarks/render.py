@@ -264,12 +264,15 @@ def plot(records: dict, path: pathlib.Path) -> bool:
     for _, rec in records.get("umap", []):
         for s in rec.get("sizes", []):
             series.setdefault(f"peer: umap-learn fit ({_backend(rec)} host)", []).append((s["n_cells"], s["umap_learn_fit_s"]))
+    families = {"harmony": "C0", "vae_train": "C1", "scvi": "C1", "vae_infer": "C5", "umap": "C2",
+                "pipeline train": "C3", "scanpy": "C3", "pipeline_infer": "C4", "kmeans": "C6"}
     for label, points in sorted(series.items()):
         points = sorted(dict(points).items())
         xs, ys = zip(*points)
         style = "--" if label.startswith("peer") else "-"
         marker = "s" if "gpu" in label else "o"
-        ax.plot(xs, ys, style, marker=marker, label=label, linewidth=1.2, markersize=4)
+        color = next((c for word, c in families.items() if word in label), None)
+        ax.plot(xs, ys, style, marker=marker, label=label, linewidth=1.2, markersize=4, color=color)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("cells")
