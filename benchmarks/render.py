@@ -80,7 +80,8 @@ def targets(records: dict) -> list[dict[str, Any]]:
             "Harmony time vs harmonypy 2.1 (10 fixed rounds), 100k cells x 50 PCs, CPU", "<= 1.0x",
             f"{s['ratio']:.2f}x ({s['ours_seconds']:.2f} s vs {s['harmonypy_seconds']:.2f} s)"
             + ("" if s["n_cells"] == 100_000 else f" at {s['n_cells']} cells"),
-            s["ratio"] <= 1.0 if s["n_cells"] == 100_000 else None, f"harmony.json, {_date(rec)}"))
+            s["ratio"] <= 1.0 if s["n_cells"] == 100_000 else None,
+            f"harmony.json, {str(s.get('carried_over_from', _date(rec)))[:10]}"))
     else:
         rows.append(_target("Harmony time vs harmonypy, 100k cells, CPU", "<= 1.0x", "-", None, "harmony.json"))
     # VAE vs scvi-tools cells/s.
@@ -92,7 +93,7 @@ def targets(records: dict) -> list[dict[str, Any]]:
             f"VAE training cells/s vs scvi-tools SCVI (same architecture), {run['n_cells']} cells x "
             f"{run['n_genes']} genes, CPU", ">= 5x",
             f"{ratio:.1f}x ({run['diffbio_eqx']['cells_per_s']:.3g} vs {run['scvi_tools']['cells_per_s']:.3g} "
-            "cells/s)", ratio >= 5, f"vae.json, {_date(rec)}"))
+            "cells/s)", ratio >= 5, f"vae.json, {str(run.get('carried_over_from', _date(rec)))[:10]}"))
     # UMAP embedding of new cells vs umap-learn transform.
     umap = [(s, rec) for _, rec in records.get("umap", []) for s in rec.get("sizes", [])]
     if umap:
@@ -226,6 +227,8 @@ def peers_table(records: dict) -> list[str]:
         for run in rec.get("runs", []):
             ours, theirs = run["diffbio_eqx"], run.get("cellbender", {})
             peer = (f"CellBender {theirs['total_s']:.0f} s end to end" if "total_s" in theirs else "CellBender not run")
+            if "carried_over_from" in theirs:
+                peer += f" (recorded {theirs['carried_over_from'][:10]})"
             rows.append(["ambient removal", _backend(rec), f"{run['n_cells']:,} cells",
                          f"train {ours['train_cells_per_s']:.3g} cells/s", peer, ""])
     return _table(["stage", "backend", "workload", "diffbio_eqx", "peer", "ratio"], rows)
@@ -236,6 +239,14 @@ def peers_table(records: dict) -> list[str]:
 
 
 def plot(records: dict, path: pathlib.Path) -> bool:
+    try:
+        return _plot(records, path)
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        print(f"render: plot not drawn ({type(error).__name__}: {error})", file=sys.stderr)
+        return False
+
+
+def _plot(records: dict, path: pathlib.Path) -> bool:
     try:
         import matplotlib
 
@@ -315,6 +326,14 @@ def machines(records: dict) -> list[str]:
     return lines
 
 
+def _safe(table, records: dict) -> list[str]:
+    """A table, or one line saying why it could not be rendered (a JSON file of another format)."""
+    try:
+        return table(records)
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        return [f"(not rendered: {type(error).__name__}: {error})"]
+
+
 def summary(records: dict, rows: list[dict], plotted: bool) -> str:
     lines = ["# Benchmark results", "", "Rendered by `benchmarks/render.py` from the JSON files in this folder.", "",
              "Machines:", ""] + [f"- {m}" for m in machines(records)] + ["", "## Targets", ""]
@@ -325,13 +344,14 @@ def summary(records: dict, rows: list[dict], plotted: bool) -> str:
                   f"{rec['load_average_start'][0]:.1f} at the start and {rec['load_average_end'][0]:.1f} at the end; "
                   "per benchmark: " + ", ".join(f"{k} {v:.0f} s" for k, v in rec["seconds"].items()) + ".", ""]
     lines += ["## Scaling (bench_scaling.py)", ""]
-    lines += scaling_table(records) + ["", "Peak memory: " + next(
+    lines += _safe(scaling_table, records) + ["", "Peak memory: " + next(
         (r["memory_method"] for r in runs_of(records, "scaling") if "memory_method" in r), "-"), ""]
     if plotted:
         lines += ["![time against cells](scaling.png)", ""]
-    lines += ["## Whole pipeline vs scanpy (bench_pipeline.py)", ""] + pipeline_table(records)
-    lines += ["", "## vmapped studies (bench_vmap.py)", ""] + vmap_table(records)
-    lines += ["", "## Stages vs peer tools (bench_harmony/vae/umap/ambient.py)", ""] + peers_table(records) + [""]
+    lines += ["## Whole pipeline vs scanpy (bench_pipeline.py)", ""] + _safe(pipeline_table, records)
+    lines += ["", "## vmapped studies (bench_vmap.py)", ""] + _safe(vmap_table, records)
+    lines += ["", "## Stages vs peer tools (bench_harmony/vae/umap/ambient.py)", ""] + _safe(peers_table, records)
+    lines += [""]
     return "\n".join(lines)
 
 
@@ -372,7 +392,11 @@ def main(results: str | pathlib.Path = HERE / "results", readme: str | pathlib.P
          ) -> list[dict]:
     results = pathlib.Path(results)
     records = load(results)
-    rows = targets(records)
+    try:
+        rows = targets(records)
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        print(f"render: targets not rendered ({type(error).__name__}: {error})", file=sys.stderr)
+        rows = []
     plotted = plot(records, results / "scaling.png")
     (results / "summary.md").write_text(summary(records, rows, plotted))
     if readme is not None:

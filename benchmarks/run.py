@@ -4,7 +4,7 @@ Usage: `python benchmarks/run.py [--out benchmarks/results] [--only NAME ...] [-
 [--no-readme]`.
 
 - Default (`make bench`): sizes that fit the project's 2-core CPU in under 20 minutes (scaling at 1k and 10k
-  cells, the scanpy comparison at 10k, Harmony and UMAP at 10k, the VAE at 5k cells, ambient removal without
+  cells, the scanpy comparison at 5k, Harmony and UMAP at 10k, the VAE at 5k cells, ambient removal without
   CellBender, which takes ~15 minutes per run on that machine).
 - `--full`: each script's own sizes (scaling at 1k/10k/100k, scanpy comparison at 10k and 100k, Harmony at 10k
   and 100k, UMAP at 10k and 50k, CellBender on): the recorded CPU figures; about an hour on that machine.
@@ -39,7 +39,7 @@ QUICK = {
     "harmony": {"sizes": (10_000,), "sweep_cells": 0},
     "vae": {"sizes": ((5000, 2000, 20),)},
     "umap": {"sizes": (10_000,), "knn_only_sizes": ()},
-    "pipeline": {"sizes": (10_000,)},
+    "pipeline": {"sizes": (5000,)},
     "ambient": {"sizes": (1000,), "cellbender": False},
 }
 FULL = {
