@@ -33,7 +33,9 @@ LOG="$OUT/gpu.log"
 
 export EQX_ON_ERROR=nan
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}            # fail loudly rather than benchmark the CPU by mistake
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+# Parents and per-stage child processes share the GPU: allocate on demand instead of each process grabbing 75%.
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
@@ -58,12 +60,12 @@ step() {  # step NAME MAX_SECONDS COMMAND...
   echo "== $name: exit ${PIPESTATUS[0]} after ${SECONDS} s" | tee -a "$LOG"
 }
 
-run() { "$PYTHON" "$HERE/run.py" --gpu --no-readme --out "$OUT" --only "$@"; }
+SUITE=("$PYTHON" "$HERE/run.py" --gpu --no-readme --out "$OUT" --only)  # `timeout` needs a command, not a function
 
-step scaling 300 run scaling
-step vmap 75 run vmap
-step harmony 60 run harmony
-step pipeline 90 run pipeline
-step umap 60 run umap
+step scaling 300 "${SUITE[@]}" scaling
+step vmap 75 "${SUITE[@]}" vmap
+step harmony 60 "${SUITE[@]}" harmony
+step pipeline 90 "${SUITE[@]}" pipeline
+step umap 60 "${SUITE[@]}" umap
 "$PYTHON" "$HERE/render.py" --results "$OUT" --no-readme 2>&1 | tee -a "$LOG"
 echo "gpu.sh: done in ${SECONDS} s; results in $OUT" | tee -a "$LOG"
