@@ -154,8 +154,11 @@ def simulated_counts(n_cells: int, *, n_genes: int = 2000, n_groups: int = 10, n
     """Simulated counts (float32), groups and batches.
 
     `diffbio_eqx.simulate` holds several `(n_cells, n_genes)` intermediates (about 34 GB for 100k x 2,000 on
-    CPU), so above `base_cells` it simulates `base_cells` cells once and adds Poisson resamples of them
-    (`Poisson(counts)`: same groups, batches and mean profile, fresh noise, no duplicated cells).
+    CPU), so above `base_cells` it simulates `base_cells` cells once and draws the others from that simulation's
+    expression profile of each (group, batch) pair: a group and batch uniformly (as the simulator does), a library
+    size from the simulated cells, Poisson counts. Every cell is a distinct draw (near-copies of the same cells
+    would make kNN graphs of tiny cliques). Above `max_distinct * base_cells` cells the draws repeat (a 1M-cell
+    throughput benchmark does not need a million distinct cells, and drawing them would take minutes).
     """
     import jax.random as jr
     import numpy as np
@@ -169,13 +172,21 @@ def simulated_counts(n_cells: int, *, n_genes: int = 2000, n_groups: int = 10, n
     batches = np.asarray(sim.batches, dtype=np.int32)
     if n_cells > base:
         rng = np.random.default_rng(seed)
+        profiles = np.zeros((n_groups, n_batches, n_genes))
+        for g in range(n_groups):
+            for b in range(n_batches):
+                rows = counts[(groups == g) & (batches == b)]
+                pooled = rows.sum(axis=0, dtype=np.float64) + 1e-3
+                profiles[g, b] = pooled / pooled.sum()
+        library = counts.sum(axis=1)
+        chunks = [(counts, groups, batches)]
+        for _ in range(min(-(-n_cells // base), max_distinct) - 1):
+            g, b = rng.integers(0, n_groups, base), rng.integers(0, n_batches, base)
+            means = profiles[g, b] * rng.choice(library, base)[:, None]
+            chunks.append((rng.poisson(means).astype(np.float32), g.astype(np.int32), b.astype(np.int32)))
         reps = -(-n_cells // base)
-        # At most `max_distinct` distinct tiles (100k cells by default), then repeated: a 1M-cell throughput
-        # benchmark does not need a million distinct cells, and drawing them would take a minute.
-        distinct = [counts] + [rng.poisson(counts).astype(np.float32) for _ in range(min(reps, max_distinct) - 1)]
-        counts = np.concatenate([distinct[i % len(distinct)] for i in range(reps)])[:n_cells]
-        groups = np.tile(groups, reps)[:n_cells]
-        batches = np.tile(batches, reps)[:n_cells]
+        counts, groups, batches = (np.concatenate([chunks[i % len(chunks)][j] for i in range(reps)])[:n_cells]
+                                   for j in range(3))
     empty = counts.sum(axis=1) == 0
     if empty.any():  # a cell with no counts is rejected by the validators; give it one count
         counts[empty, 0] = 1.0
