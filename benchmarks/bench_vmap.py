@@ -11,10 +11,11 @@
 
 Usage: `python benchmarks/bench_vmap.py [--harmony-cells 10000] [--vae-cells 5000] [--out benchmarks/results]`.
 
-Typical printout (2-core x86-64 VM shared with other jobs, jax 0.10.2 CPU, float32):
+Recorded printout (`make bench` sizes; 2-core x86-64 VM shared with other jobs, load average ~5, jax 0.10.2
+CPU, float32; on two cores a vmapped batch has little idle hardware to fill, so vmap and loop are close):
 
-    theta sweep x16, 5000 cells: vmap 5.9 s, loop 4.4 s (vmap/loop 1.34); compile 14.2 s vs 0.3 s
-    VAE ensemble x16, 5000 cells x 2000 genes, 1 epoch: vmap 6.1 s, loop 9.0 s (loop/vmap 1.48x); max |diff| 2e-6
+    theta sweep x16, 5000 cells: vmap 2.0 s, loop 2.2 s (vmap/loop 0.92); compile 3.4 s vs 2.2 s
+    VAE ensemble x16, 2000 cells x 2000 genes, 1 epoch(s): vmap 1.8 s, loop 1.7 s (loop/vmap 0.94x); max |diff| 4.8e-07
 """
 
 import os

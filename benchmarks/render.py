@@ -309,7 +309,8 @@ def machines(records: dict) -> list[str]:
                 env = run.get("environment") or rec.get("environment") or {}
                 if not env:
                     continue
-                key = (env.get("backend"), _device({"environment": env}), env.get("cpu_count"))
+                backend = env.get("backend") or "cpu"
+                key = (backend, "" if backend == "cpu" else _device({"environment": env}), env.get("cpu_count"))
                 load = env.get("load_average")
                 entry = seen.setdefault(key, {"dates": set(), "loads": [], "env": env})
                 entry["dates"].add(str(env.get("date", "?"))[:10])
@@ -321,8 +322,22 @@ def machines(records: dict) -> list[str]:
         loads = entry["loads"]
         load = f", load average {min(loads):.1f}-{max(loads):.1f} while measuring" if loads else ""
         versions = env.get("versions", {})
-        lines.append(f"{backend} ({device}), {cpus} CPU cores, {env.get('platform', env.get('machine', ''))}, "
+        lines.append(f"{backend}{f' ({device})' if device else ''}, {cpus} CPU cores, "
+                     f"{env.get('platform', env.get('machine', ''))}, "
                      f"jax {versions.get('jax', '?')}, dates {', '.join(sorted(entry['dates']))}{load}")
+    return lines
+
+
+def _suite_lines(records: dict) -> list[str]:
+    lines = []
+    for stem in sorted(records):
+        if not stem.startswith("bench_run"):
+            continue
+        for _, rec in records[stem]:
+            lines += ["", f"Whole suite (`benchmarks/run.py`, {rec['mode']} sizes, {rec['backend']}): "
+                      f"{rec['wall_seconds'] / 60:.1f} min on {rec['date'][:16]} UTC, load average "
+                      f"{rec['load_average_start'][0]:.1f} at the start and {rec['load_average_end'][0]:.1f} at the "
+                      "end; per benchmark: " + ", ".join(f"{k} {v:.0f} s" for k, v in rec["seconds"].items()) + "."]
     return lines
 
 
@@ -337,13 +352,7 @@ def _safe(table, records: dict) -> list[str]:
 def summary(records: dict, rows: list[dict], plotted: bool) -> str:
     lines = ["# Benchmark results", "", "Rendered by `benchmarks/render.py` from the JSON files in this folder.", "",
              "Machines:", ""] + [f"- {m}" for m in machines(records)] + ["", "## Targets", ""]
-    lines += targets_table(rows) + [""]
-    for _, rec in records.get("bench_run_quick_cpu", []) + records.get("bench_run_full_cpu", []):
-        lines += [f"Whole suite (`benchmarks/run.py`, {rec['mode']} sizes, {rec['backend']}): "
-                  f"{rec['wall_seconds'] / 60:.1f} min on {rec['date'][:16]}, load average "
-                  f"{rec['load_average_start'][0]:.1f} at the start and {rec['load_average_end'][0]:.1f} at the end; "
-                  "per benchmark: " + ", ".join(f"{k} {v:.0f} s" for k, v in rec["seconds"].items()) + ".", ""]
-    lines += ["## Scaling (bench_scaling.py)", ""]
+    lines += targets_table(rows) + _suite_lines(records) + ["", "## Scaling (bench_scaling.py)", ""]
     lines += _safe(scaling_table, records) + ["", "Peak memory: " + next(
         (r["memory_method"] for r in runs_of(records, "scaling") if "memory_method" in r), "-"), ""]
     if plotted:
@@ -369,6 +378,10 @@ def readme_section(records: dict, rows: list[dict], plotted: bool, results: path
         "",
     ] + [f"- {m}" for m in machines(records)] + ["", "Targets of the benchmarks issue, met or not:", ""]
     lines += targets_table(rows)
+    if not any(run.get("backend") == "gpu" for run in runs_of(records, "scaling")):
+        lines += ["", "No GPU run is recorded: no GPU was available when these figures were measured, and "
+                  "`benchmarks/gpu.sh` has not been run on one yet."]
+    lines += _suite_lines(records)
     lines += ["", f"Full tables (scaling per stage with compile time, steady-state cells/s and peak memory; the "
               f"scanpy pipeline step by step; vmapped studies): [`{relative}/summary.md`]({relative}/summary.md)."]
     if plotted:
