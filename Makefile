@@ -23,9 +23,11 @@ test: $(BIN)/python
 	ulimit -s unlimited 2>/dev/null || ulimit -s 65536 2>/dev/null || true; \
 	ls tests/test_*.py | xargs -P 2 -n 1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# CPU suite at quick sizes (< 20 min on 2 cores), then summary.md, scaling.png and the README's Performance section.
+# `make bench BENCH_ARGS=--full` for the recorded sizes; on a GPU machine: `benchmarks/gpu.sh OUT_DIR`.
 bench: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	$(BIN)/python benchmarks/run.py --out benchmarks/results
+	$(BIN)/python benchmarks/run.py --out benchmarks/results $(BENCH_ARGS)
 
 clean:
 	rm -rf $(OUT) .pytest_cache

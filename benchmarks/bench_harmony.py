@@ -257,14 +257,15 @@ def main(out_dir: str = "benchmarks/results", sizes=(10_000, 100_000), repeats: 
             f"{record['harmonypy_memory']['per_million_cells_gb']:.2f} GB",
             flush=True,
         )
-    sweep = bench_sweep(sweep_cells, n_thetas)
-    results["sweep"] = sweep
-    print(
-        f"{n_thetas}-theta sweep at {sweep_cells} cells: vmap {sweep['vmap_seconds']:.2f} s, loop of compiled "
-        f"calls {sweep['loop_seconds']:.2f} s (vmap/loop {sweep['vmap_over_loop']:.2f}), max |diff| "
-        f"{sweep['max_abs_difference']:.1e}",
-        flush=True,
-    )
+    if sweep_cells:  # 0: skip (benchmarks/bench_vmap.py runs the same sweep)
+        sweep = bench_sweep(sweep_cells, n_thetas)
+        results["sweep"] = sweep
+        print(
+            f"{n_thetas}-theta sweep at {sweep_cells} cells: vmap {sweep['vmap_seconds']:.2f} s, loop of compiled "
+            f"calls {sweep['loop_seconds']:.2f} s (vmap/loop {sweep['vmap_over_loop']:.2f}), max |diff| "
+            f"{sweep['max_abs_difference']:.1e}",
+            flush=True,
+        )
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "harmony.json").write_text(json.dumps(results, indent=2))

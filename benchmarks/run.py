@@ -1,9 +1,19 @@
-"""Run the benchmark scripts at sizes that fit this 2-core CPU in about a quarter of an hour, and tabulate.
+"""Run the whole benchmark suite, then render the summary table, the scaling plot and the README section.
 
-Usage: `python benchmarks/run.py [--out benchmarks/results] [--only harmony umap vae ambient] [--full]`.
-`--full` uses each script's own (issue-sized) defaults: Harmony at 10k and 100k cells, UMAP at 10k and 50k.
-Each script compares diffbio_eqx with its peer tool in the same run and writes `<out>/<stage>.json`; this
-runner then writes `<out>/summary.md` from the JSON files.
+Usage: `python benchmarks/run.py [--out benchmarks/results] [--only NAME ...] [--full] [--sizes-gpu]
+[--no-readme]`.
+
+- Default (`make bench`): sizes that fit the project's 2-core CPU in under 20 minutes (scaling at 1k and 10k
+  cells, the scanpy comparison at 5k, Harmony and UMAP at 10k, the VAE at 5k cells, ambient removal without
+  CellBender, which takes ~15 minutes per run on that machine).
+- `--full`: each script's own sizes (scaling at 1k/10k/100k, scanpy comparison at 10k and 100k, Harmony at 10k
+  and 100k, UMAP at 10k and 50k, CellBender on): the recorded CPU figures; about an hour on that machine.
+- `--gpu`: the GPU sizes (scaling up to 1M cells; see benchmarks/gpu.sh, which calls this).
+
+Each script compares diffbio_eqx with its peer tool in the same run and writes `<out>/<name>.json`. Records at
+sizes a run did not repeat are kept (marked `carried_over_from` with their date), so a quick run never erases the
+one-off large-size records. The wall time of the whole run and the load average are written to
+`<out>/bench_run.json`.
 """
 
 import os
@@ -12,61 +22,146 @@ import os
 os.environ.setdefault("EQX_ON_ERROR", "nan")
 
 import argparse
+import datetime
 import importlib.util
 import json
 import pathlib
 import sys
 import time
+import traceback
 
 
 HERE = pathlib.Path(__file__).resolve().parent
+ORDER = ("scaling", "vmap", "harmony", "vae", "umap", "pipeline", "ambient")
 QUICK = {
-    "harmony": {"sizes": (10_000,)},
-    "umap": {"sizes": (10_000,), "knn_only_sizes": ()},
+    "scaling": {"sizes": (1000, 10_000)},
+    "vmap": {"harmony_cells": 5000, "vae_cells": 2000},
+    "harmony": {"sizes": (10_000,), "sweep_cells": 0},
     "vae": {"sizes": ((5000, 2000, 20),)},
-    "ambient": {"sizes": (1000,)},
+    "umap": {"sizes": (10_000,), "knn_only_sizes": ()},
+    "pipeline": {"sizes": (5000,)},
+    "ambient": {"sizes": (1000,), "cellbender": False},
 }
+FULL = {
+    "scaling": {"sizes": (1000, 10_000, 100_000)},
+    "vmap": {"harmony_cells": 10_000, "vae_cells": 5000},
+    "harmony": {"sweep_cells": 0},
+    "vae": {},
+    "umap": {},
+    "pipeline": {"sizes": (10_000, 100_000)},
+    "ambient": {},
+}
+GPU = {
+    # 10k to 1M cells; VAE training up to 100k (an epoch of 1M cells at batch 128 is 7,800 steps, and the host
+    # work per `fit_vae` call, count checks and log-factorials of 2e9 entries, would take most of the budget).
+    "scaling": {"sizes": (10_000, 100_000, 1_000_000), "vae_batch_sizes": (128, 1024),
+                "stage_max_cells": {"vae_train": 100_000}, "timeout_s": 150,
+                "stages": ("harmony", "pipeline_infer", "vae_train", "umap_embed", "soft_kmeans", "vae_infer")},
+    "vmap": {"harmony_cells": 100_000, "vae_cells": 20_000},
+    "harmony": {"sizes": (100_000,), "repeats": 2, "sweep_cells": 0},
+    "umap": {"sizes": (10_000,), "knn_only_sizes": (100_000,)},
+    "pipeline": {"sizes": (100_000,)},
+}
+LISTS = ("sizes", "runs", "knn_only")
 
 
-def _load(stage: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{stage}", HERE / f"bench_{stage}.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"bench_{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-def _summary(out: pathlib.Path) -> str:
-    lines = ["# Benchmark results", ""]
-    for path in sorted(out.glob("*.json")):
-        record = json.loads(path.read_text())
-        lines += [f"## {path.stem}", "", "```json", json.dumps(record, indent=1)[:4000], "```", ""]
-    return "\n".join(lines)
+def _date(record: dict) -> str:
+    env = record.get("environment") if isinstance(record.get("environment"), dict) else {}
+    return str(record.get("date") or env.get("date") or "?")
+
+
+def carry_over(old: dict, new: dict) -> dict:
+    """Entries of `old` (per n_cells) that `new` did not re-measure, appended to `new` with their date.
+
+    Applies to the per-size lists of the stage scripts (`sizes`, `runs`, `knn_only`). A re-measured size whose
+    peer was skipped this time (CellBender in quick runs) keeps the earlier peer record.
+    """
+    for key in LISTS:
+        if not isinstance(new.get(key), list) or not isinstance(old.get(key), list):
+            continue
+        if any("backend" in entry for entry in new[key]):
+            continue  # scaling/pipeline/vmap merge their own runs (keyed by backend too)
+        measured = {entry.get("n_cells"): entry for entry in new[key] if isinstance(entry, dict)}
+        for entry in old[key]:
+            if not isinstance(entry, dict):
+                continue
+            n = entry.get("n_cells")
+            if n not in measured:
+                new[key].append({**entry, "carried_over_from": entry.get("carried_over_from", _date(old))})
+                continue
+            for peer, value in entry.items():
+                fresh = measured[n].get(peer)
+                if isinstance(value, dict) and isinstance(fresh, dict) and "skipped" in fresh and "skipped" not in value:
+                    measured[n][peer] = {**value, "carried_over_from": value.get("carried_over_from", _date(old))}
+        new[key].sort(key=lambda entry: entry.get("n_cells", 0) if isinstance(entry, dict) else 0)
+    return new
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--only", nargs="+", choices=sorted(QUICK), default=sorted(QUICK))
-    parser.add_argument("--full", action="store_true", help="each script's full sizes")
+    parser.add_argument("--only", nargs="+", choices=ORDER, default=list(ORDER))
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="each script's full sizes (the recorded CPU figures)")
+    mode.add_argument("--gpu", action="store_true", help="GPU sizes (scaling up to 1M cells)")
+    parser.add_argument("--no-readme", action="store_true", help="render summary.md and the plot only")
     arguments = parser.parse_args()
     out = pathlib.Path(arguments.out)
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(HERE.parent))
-    failures = []
-    for stage in arguments.only:
+    settings = FULL if arguments.full else GPU if arguments.gpu else QUICK
+    mode_name = "full" if arguments.full else "gpu" if arguments.gpu else "quick"
+    started_all = time.perf_counter()
+    load_start = list(os.getloadavg())
+    failures, seconds = [], {}
+    for name in arguments.only:
+        if name not in settings:
+            continue
         started = time.perf_counter()
-        print(f"== {stage}", flush=True)
+        print(f"== {name}", flush=True)
+        path = out / f"{name}.json"
+        old = json.loads(path.read_text()) if path.is_file() else None
         try:
-            module = _load(stage)
-            module.main(out_dir=str(out), **({} if arguments.full else QUICK[stage]))
+            _load(name).main(out_dir=str(out), **settings[name])
         except Exception as error:  # one failing peer tool should not lose the other results
-            failures.append(stage)
-            print(f"{stage}: failed ({type(error).__name__}: {error})", flush=True)
-        print(f"== {stage} took {time.perf_counter() - started:.0f} s", flush=True)
-    (out / "summary.md").write_text(_summary(out))
+            failures.append({"benchmark": name, "error": f"{type(error).__name__}: {error}"})
+            traceback.print_exc()
+            print(f"{name}: failed ({type(error).__name__}: {error})", flush=True)
+        if old is not None and path.is_file():
+            path.write_text(json.dumps(carry_over(old, json.loads(path.read_text())), indent=1))
+        seconds[name] = time.perf_counter() - started
+        print(f"== {name} took {seconds[name]:.0f} s", flush=True)
+    import jax
+
+    record = {
+        "benchmark": "bench_run", "mode": mode_name, "benchmarks": list(seconds),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+        "wall_seconds": time.perf_counter() - started_all, "seconds": seconds,
+        "load_average_start": load_start, "load_average_end": list(os.getloadavg()), "failures": failures,
+    }
+    (out / f"bench_run_{mode_name}_{record['backend']}.json").write_text(json.dumps(record, indent=1))
+    print(f"== suite took {record['wall_seconds']:.0f} s (load average {load_start[0]:.1f} -> "
+          f"{record['load_average_end'][0]:.1f})", flush=True)
+    render = _load_render()
+    render.main(out, None if arguments.no_readme else HERE.parent / "README.md")
     print(f"results in {out}")
     return 1 if failures else 0
+
+
+def _load_render():
+    spec = importlib.util.spec_from_file_location("render", HERE / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":

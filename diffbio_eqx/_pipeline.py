@@ -404,8 +404,9 @@ def _check_fit_settings(pipeline: SingleCellPipeline, n_cells: int, **settings: 
     def is_integer(value: Any, minimum: int) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
 
-    used = {"ambient_epochs": pipeline.ambient_removal is not None, "umap_epochs": pipeline.dim_reduction is not None,
-            "vae_epochs": settings["vae_epochs"] is not None}  # vae_epochs=None: scVI's heuristic
+    # None epochs: the stage's own heuristic (scVI's for the VAE, `default_n_epochs` for the ambient model)
+    used = {"ambient_epochs": pipeline.ambient_removal is not None and settings["ambient_epochs"] is not None,
+            "umap_epochs": pipeline.dim_reduction is not None, "vae_epochs": settings["vae_epochs"] is not None}
     for name in ("ambient_epochs", "vae_epochs", "umap_epochs", "clustering_iterations", "batch_size"):
         if used.get(name, True) and not is_integer(settings[name], 1):
             raise ValueError(f"{name}: must be a positive integer, got {settings[name]!r}")

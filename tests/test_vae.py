@@ -163,6 +163,18 @@ def test_log_likelihood_matches_scipy(likelihood, dispersion):
     np.testing.assert_allclose(ours, reference.sum(1), rtol=1e-10)
 
 
+def test_log_factorial_per_cell_in_row_blocks():
+    # 4,096 genes: blocks of 1,024 rows, so 2,500 cells span three blocks; one block of whole numbers (table path)
+    # and the others not (gammaln path) must both match scipy.
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(1.5, (2500, 4096)).astype(np.float64)
+    counts[1024:] += 0.25
+    reference = scipy.special.gammaln(counts + 1.0).sum(axis=1)
+    np.testing.assert_allclose(log_factorial_per_cell(counts), reference, rtol=1e-12)
+    np.testing.assert_allclose(log_factorial_per_cell(sp.csr_matrix(counts)), reference, rtol=1e-12)
+    assert log_factorial_per_cell(counts[:0]).shape == (0,)
+
+
 def test_loss_parts():
     vae = _small("zinb", n_batches=2)
     counts, labels = _small_data(n_batches=2)

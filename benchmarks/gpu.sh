@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The benchmark suite on one GPU, in one prepared command, in under 8 minutes; results go to the folder given.
+#
+#   benchmarks/gpu.sh OUT_DIR          # e.g. benchmarks/gpu.sh benchmarks/results/gpu-h100
+#   PYTHON=/path/to/python BUDGET_S=470 benchmarks/gpu.sh OUT_DIR
+#
+# Needs a Python with jax[cuda] and diffbio_eqx's dependencies (run from a checkout; the package is put on
+# PYTHONPATH). Peer tools (harmonypy, scanpy, umap-learn) are optional: a comparison whose peer is missing is
+# recorded as failed and the rest goes on. Steps, in order of priority, each under `timeout` and all within
+# BUDGET_S seconds (a step is skipped when the budget is spent):
+#   1. scaling: every stage at 10k, 100k and 1M cells (VAE training to 100k, batch 128 and 1024) -> scaling.json
+#      (the GPU targets: Harmony on 1M x 50 in < 1 s, VAE training >= 300k cells/s, inference >= 1M cells/s)
+#   2. vmap: 16-theta Harmony sweep at 100k cells, 16-seed VAE ensemble at 20k cells, retrace checks
+#   3. harmony: ours on the GPU vs harmonypy (CPU) at 100k cells
+#   4. pipeline: the scanpy pipeline (CPU) vs ours (GPU) at 100k cells
+#   5. umap: embedding new cells vs umap-learn's transform
+# Then benchmarks/render.py writes OUT_DIR/summary.md and OUT_DIR/scaling.png. To put GPU figures in the README,
+# copy OUT_DIR under benchmarks/results/ and run `python benchmarks/render.py` (it reads subfolders too).
+#
+# Status: written without access to a GPU (none was lent to the session that wrote it); every step was run on
+# CPU at small sizes, but this script itself has not been run on a GPU.
+set -u -o pipefail
+
+OUT=${1:?usage: benchmarks/gpu.sh OUT_DIR}
+PYTHON=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-470}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/gpu.log"
+: > "$LOG"
+
+export EQX_ON_ERROR=nan
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}            # fail loudly rather than benchmark the CPU by mistake
+# Parents and per-stage child processes share the GPU: allocate on demand instead of each process grabbing 75%.
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+if ! "$PYTHON" -c 'import jax, sys; print("devices:", jax.devices()); sys.exit(jax.default_backend() != "gpu")' \
+    2>&1 | tee -a "$LOG"; then
+  echo "gpu.sh: JAX sees no GPU (install jax[cuda]); nothing measured" | tee -a "$LOG"
+  exit 2
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" 2>/dev/null || true
+
+step() {  # step NAME MAX_SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET_S - SECONDS))
+  if ((left < 30)); then
+    echo "== $name: skipped, budget spent" | tee -a "$LOG"
+    return 0
+  fi
+  ((limit > left)) && limit=$left
+  echo "== $name (at most ${limit} s; ${SECONDS} s elapsed)" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  echo "== $name: exit ${PIPESTATUS[0]} after ${SECONDS} s" | tee -a "$LOG"
+}
+
+SUITE=("$PYTHON" "$HERE/run.py" --gpu --no-readme --out "$OUT" --only)  # `timeout` needs a command, not a function
+
+step scaling 300 "${SUITE[@]}" scaling
+step vmap 75 "${SUITE[@]}" vmap
+step harmony 60 "${SUITE[@]}" harmony
+step pipeline 90 "${SUITE[@]}" pipeline
+step umap 60 "${SUITE[@]}" umap
+"$PYTHON" "$HERE/render.py" --results "$OUT" --no-readme 2>&1 | tee -a "$LOG"
+echo "gpu.sh: done in ${SECONDS} s; results in $OUT" | tee -a "$LOG"

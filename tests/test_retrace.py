@@ -1,0 +1,123 @@
+"""No recompiles across hyperparameter values at the public compiled entry points.
+
+Each test swaps one module-level `eqx.filter_jit` entry point for the same function under
+`eqx.debug.assert_max_traces(max_traces=1)` and calls the public API with several hyperparameter values; a second
+trace raises. A negative control (changing a shape-fixing setting) shows that the check does fire.
+"""
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import diffbio_eqx as dx
+from diffbio_eqx import _harmony, _pipeline, _train
+
+
+@pytest.fixture
+def traced_once(monkeypatch):
+    """Replace `module.name` (an `eqx.filter_jit` function) by one that may trace only once."""
+
+    def patch(module, name):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, eqx.filter_jit(eqx.debug.assert_max_traces(original.__wrapped__,
+                                                                                      max_traces=1)))
+
+    return patch
+
+
+def _embedding(n_cells=300, n_dims=6, n_batches=3, seed=0):
+    rng = np.random.default_rng(seed)
+    batches = rng.integers(0, n_batches, n_cells)
+    x = rng.normal(size=(n_cells, n_dims)) + rng.normal(size=(n_batches, n_dims))[batches]
+    return x, batches
+
+
+def test_harmony_hyperparameters_do_not_retrace(traced_once):
+    traced_once(_harmony, "_harmony_jit")
+    x, batches = _embedding()
+    outputs = [
+        dx.harmony(x, batches, key=jr.key(0), theta=theta, sigma=sigma, lamb=lamb, epsilon_harmony=eps,
+                   max_iter_harmony=3, n_clusters=8).z_corr
+        for theta, sigma, lamb, eps in ((0.0, 0.1, 1.0, 1e-4), (2.0, 0.2, 0.5, 1e-3), (4.0, 0.05, -1.0, -np.inf))
+    ]
+    # The values do reach the computation: different settings give different corrections.
+    assert not np.allclose(outputs[0], outputs[1]) and not np.allclose(outputs[1], outputs[2])
+
+
+def test_harmony_shape_settings_do_retrace(traced_once):
+    traced_once(_harmony, "_harmony_jit")
+    x, batches = _embedding()
+    dx.harmony(x, batches, key=jr.key(0), max_iter_harmony=2, n_clusters=8)
+    with pytest.raises(RuntimeError, match="can only be traced 1 times"):
+        dx.harmony(x, batches, key=jr.key(0), max_iter_harmony=2, n_clusters=9)
+
+
+def _small_pipeline_and_data():
+    sim = dx.simulate(jr.key(0), n_cells=120, n_genes=40, n_groups=3, n_batches=2)
+    counts = np.array(sim.counts)
+    counts[counts.sum(axis=1) == 0, 0] = 1.0
+    data = {"counts": counts, "batch_labels": np.asarray(sim.batches),
+            "ambient_profile": counts.sum(axis=0) + 1.0}
+    config = dx.SingleCellPipelineConfig(n_genes=40, n_batches=2, latent_dim=4, hidden_dims=(8,), n_clusters=3,
+                                         batch_correction_clusters=4, umap_hidden_size=8, ambient_hidden_dim=8,
+                                         ambient_latent_dim=3)
+    return dx.SingleCellPipeline(config, key=jr.key(1)), data
+
+
+def _with_values(pipeline, theta, temperature, sigma):
+    return eqx.tree_at(lambda p: (p.batch_correction.theta, p.batch_correction.sigma, p.clustering.temperature),
+                       pipeline, (jnp.asarray(theta), jnp.asarray(sigma), jnp.asarray(temperature)))
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_pipeline_hyperparameters_do_not_retrace(traced_once, with_reference):
+    traced_once(_pipeline, "_run_compiled")
+    pipeline, data = _small_pipeline_and_data()
+    if with_reference:
+        d = pipeline.config.latent_dim
+        reference = dx.HarmonyReference(jnp.eye(4, d), jnp.zeros((4, 2, d)), jnp.asarray(0.1), (2,))
+        pipeline = eqx.tree_at(lambda p: p.harmony_reference, pipeline, reference, is_leaf=lambda n: n is None)
+    assignments = [
+        dx.run_pipeline(_with_values(pipeline, theta, temperature, sigma), data, key=jr.key(2),
+                        inference=with_reference).cluster_assignments
+        for theta, temperature, sigma in ((1.0, 0.5, 0.1), (3.0, 2.0, 0.3))
+    ]
+    assert not np.allclose(assignments[0], assignments[1])
+
+
+def test_sweep_pipeline_does_not_retrace_across_grids(monkeypatch):
+    original = _pipeline._sweep_compiled
+    monkeypatch.setattr(_pipeline, "_sweep_compiled",
+                        eqx.filter_jit(eqx.debug.assert_max_traces(original.__wrapped__, max_traces=1)))
+    pipeline, data = _small_pipeline_and_data()
+    first = dx.sweep_pipeline(pipeline, data, key=jr.key(0), theta=np.array([0.0, 2.0]), temperature=np.array([0.5, 1.0]))
+    second = dx.sweep_pipeline(pipeline, data, key=jr.key(0), theta=np.array([1.0, 3.0]), temperature=np.array([0.25, 4.0]))
+    assert first.cluster_assignments.shape == second.cluster_assignments.shape == (2, 2, 120, 3)
+
+
+def test_vae_training_settings_do_not_retrace(traced_once):
+    traced_once(_train, "_train_epoch")
+    sim = dx.simulate(jr.key(0), n_cells=64, n_genes=30, n_groups=2)
+    counts = np.array(sim.counts)
+    counts[counts.sum(axis=1) == 0, 0] = 1.0
+    vae = dx.VAENormalizer(30, hidden_dims=(8,), latent_dim=3, key=jr.key(0))
+    losses = [
+        dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=2, n_epochs_kl_warmup=warmup, max_kl_weight=top,
+                   batch_size=32, progress=False).train_loss
+        for warmup, top in ((1, 1.0), (4, 0.25))
+    ]
+    assert not np.allclose(losses[0], losses[1])
+
+
+def test_soft_kmeans_temperature_does_not_retrace(monkeypatch):
+    from diffbio_eqx._stages import _clustering
+
+    original = _clustering._fit_centroids
+    monkeypatch.setattr(_clustering, "_fit_centroids",
+                        eqx.filter_jit(eqx.debug.assert_max_traces(original.__wrapped__, max_traces=1)))
+    x, _ = _embedding()
+    centroids = [dx.SoftKMeans.from_data(x, 4, key=jr.key(0), temperature=t, n_iter=10).centroids
+                 for t in (0.1, 1.0, 5.0)]
+    assert not np.allclose(centroids[0], centroids[2])
