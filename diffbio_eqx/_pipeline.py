@@ -410,6 +410,12 @@ def _check_fit_settings(pipeline: SingleCellPipeline, n_cells: int, **settings: 
     for name in ("ambient_epochs", "vae_epochs", "umap_epochs", "clustering_iterations", "batch_size"):
         if used.get(name, True) and not is_integer(settings[name], 1):
             raise ValueError(f"{name}: must be a positive integer, got {settings[name]!r}")
+    max_cells = settings["umap_max_cells"]
+    if pipeline.dim_reduction is not None and max_cells is not None and not (
+        is_integer(max_cells, 1) and max_cells > pipeline.dim_reduction.n_neighbors
+    ):
+        raise ValueError(f"umap_max_cells: must be None or an integer above umap_n_neighbors="
+                         f"{pipeline.dim_reduction.n_neighbors}, got {max_cells!r}")
     if not is_integer(settings["fine_tune_epochs"], 0):
         raise ValueError(f"fine_tune_epochs: must be an integer >= 0, got {settings['fine_tune_epochs']!r}")
     if not settings["learning_rate"] > 0:
@@ -664,6 +670,7 @@ def fit_pipeline(
     ambient_epochs: int | None = None,
     vae_epochs: int | None = None,
     umap_epochs: int = 30,
+    umap_max_cells: int | None = 20_000,
     clustering_iterations: int = 100,
     fine_tune_epochs: int = 0,
     fine_tune_weights: PipelineLossWeights | None = None,
@@ -685,7 +692,9 @@ def fit_pipeline(
     5. Optionally `fine_tune_epochs` of end-to-end training of all stages on `pipeline_loss` (with the
        supervised cell-type cross-entropy when `cell_type_labels` are given and `fine_tune_weights.supervised`
        is non-zero), after which Harmony and the clustering are refitted on the new latent.
-    6. The parametric UMAP encoder on the corrected latent.
+    6. The parametric UMAP encoder on the corrected latent: its fuzzy graph (exact kNN, O(n^2)) is built on at
+       most `umap_max_cells` cells drawn at random (all of them up to 20,000 by default; None: always all), and
+       the trained encoder embeds every cell, as parametric UMAP is meant to.
 
     **Arguments:** `data` as in `run_pipeline`; `key` (keyword only) makes the whole run reproducible; epochs
     per stage; `batch_size` and `learning_rate` for the minibatch stages; `progress` shows a bar per stage;
@@ -697,7 +706,8 @@ def fit_pipeline(
     """
     counts, profile, labels = prepare_inputs(pipeline, data)
     _check_fit_settings(pipeline, counts.shape[0], ambient_epochs=ambient_epochs, vae_epochs=vae_epochs,
-                        umap_epochs=umap_epochs, clustering_iterations=clustering_iterations,
+                        umap_epochs=umap_epochs, umap_max_cells=umap_max_cells,
+                        clustering_iterations=clustering_iterations,
                         fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, learning_rate=learning_rate)
     if raw_counts is not None and pipeline.ambient_removal is not None:
         check_counts(raw_counts, field="raw_counts", allow_empty_cells=True, n_genes=pipeline.config.n_genes)
@@ -817,7 +827,12 @@ def fit_pipeline(
 
     if pipeline.dim_reduction is not None and "dim_reduction" not in done:
         started = time.perf_counter()
-        fitted = pipeline.dim_reduction.fit(corrected, key=keys["umap"], n_epochs=umap_epochs, progress=progress)
+        graph_cells = corrected
+        if umap_max_cells is not None and corrected.shape[0] > umap_max_cells:
+            # The exact kNN graph costs O(n^2): train the encoder on a random subsample; it embeds every cell.
+            chosen = jr.choice(jr.fold_in(keys["umap"], 1), corrected.shape[0], (umap_max_cells,), replace=False)
+            graph_cells = corrected[jnp.sort(chosen)]
+        fitted = pipeline.dim_reduction.fit(graph_cells, key=keys["umap"], n_epochs=umap_epochs, progress=progress)
         pipeline = eqx.tree_at(lambda p: p.dim_reduction, pipeline, fitted.model)
         seconds["dim_reduction"] = time.perf_counter() - started
         curves["dim_reduction"] = {"train": np.asarray(fitted.train_loss)}
