@@ -19,15 +19,14 @@ mixing is scored with scib-metrics on real data in tests/test_pbmc_quality.py, n
 
 Usage: `python benchmarks/bench_pipeline.py [--sizes 10000 100000] [--out benchmarks/results] [--ambient]`.
 
-Recorded printout (2-core x86-64 VM shared with other jobs, load average ~5, jax 0.10.2 CPU, float32):
+Recorded printout (2-core x86-64 VM, quiet: load average ~0.5, jax 0.10.2 CPU, float32, 2026-11-26):
 
-    n=100000: scanpy 149.3 s (normalize_total 2.7, log1p 0.1, pca 61.5, harmonypy 4.0, neighbors 5.8, umap 67.3,
-    leiden 4.7), ARI 1.000; ours train 215.0 s (vae_normalizer 77.3, batch_correction 8.1, clustering 4.7,
-    dim_reduction 93.6) + infer 8.4 s = 223.4 s, ARI 1.000; speedup 0.67x (train+infer), 31x (infer only)
+    n=100000: scanpy 88.1 s (normalize_total 1.7, log1p 0.0, pca 41.0, harmonypy 1.6, neighbors 3.6, umap 35.2,
+    leiden 3.0), ARI 1.000; ours train 59.9 s (vae_normalizer 27.9, batch_correction 2.9, clustering 1.7,
+    dim_reduction 17.0) + infer 5.2 s = 65.1 s, ARI 1.000; speedup 1.35x (train+infer), 54x (infer only)
 
-Our UMAP stage (94 s: an exact brute-force kNN, O(n^2), which alone took 55 s at 100k cells in bench_umap.py,
-then 3,000 optimiser steps) and the 10 VAE epochs are where the time goes; scanpy's approximate kNN
-(pynndescent) took 5.8 s.
+Before the UMAP graph moved to a 20,000-cell subsample (exact kNN is O(n^2)), the same comparison on a loaded
+machine gave 0.67x (our UMAP stage 94 s of 223 s).
 """
 
 import os

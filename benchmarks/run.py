@@ -148,7 +148,8 @@ def main() -> int:
         "wall_seconds": time.perf_counter() - started_all, "seconds": seconds,
         "load_average_start": load_start, "load_average_end": list(os.getloadavg()), "failures": failures,
     }
-    (out / f"bench_run_{mode_name}_{record['backend']}.json").write_text(json.dumps(record, indent=1))
+    if set(seconds) == set(ORDER):  # a partial run (--only) must not replace the whole suite's record
+        (out / f"bench_run_{mode_name}_{record['backend']}.json").write_text(json.dumps(record, indent=1))
     print(f"== suite took {record['wall_seconds']:.0f} s (load average {load_start[0]:.1f} -> "
           f"{record['load_average_end'][0]:.1f})", flush=True)
     render = _load_render()
