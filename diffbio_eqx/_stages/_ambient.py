@@ -500,8 +500,8 @@ def _resolve_profile(checked: Any, ambient_profile: Any, raw_counts: Any) -> np.
 def default_n_epochs(n_cells: int) -> int:
     """Epochs for `fit_ambient_removal`: `min(round(20000 / n_cells * 300), 300)` (at least 1).
 
-    scvi-tools' heuristic with CellBender-like length: about 47,000 minibatch steps' worth of cells on small
-    sets, capped at 300 epochs. Step count matters more than epochs here: the decoder starts at the pooled
+    scvi-tools' heuristic scaled to a CellBender-like length: 6 million cell passes (about 47,000 minibatches of
+    128), but at most 300 epochs, so small sets get at least 300 passes. Steps matter more than epochs here: the decoder starts at the pooled
     profile, which contains every type's markers, and must learn to drop the genes a type does not express
     before the fraction can claim their counts (at 600 cells, 50 epochs left 26 % of such counts at 2 %
     contamination and underestimated 30 % contamination by 0.03; 300 epochs: 14 % and 0.015).
