@@ -24,6 +24,7 @@ import os
 os.environ.setdefault("EQX_ON_ERROR", "nan")
 
 import argparse
+import contextlib
 import importlib.util
 import math
 import pathlib
@@ -138,6 +139,19 @@ def bench_ensemble(n_cells: int, n_genes: int = 2000, n_epochs: int = 1, batch_s
     }
 
 
+@contextlib.contextmanager
+def _traced_once(module, name: str):
+    """Swap `module.name` (an `eqx.filter_jit` function) for one that may trace only once, then restore it."""
+    import equinox as eqx
+
+    original = getattr(module, name)
+    setattr(module, name, eqx.filter_jit(eqx.debug.assert_max_traces(original.__wrapped__, max_traces=1)))
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
 def _traces_ok(fn) -> dict:
     try:
         fn()
@@ -164,12 +178,8 @@ def retrace_checks() -> dict:
         for theta, sigma, lamb in ((1.0, 0.1, 1.0), (2.0, 0.2, 0.5), (3.0, 0.05, -1.0)):
             dx.harmony(x, batches, key=jr.key(0), theta=theta, sigma=sigma, lamb=lamb, max_iter_harmony=2)
 
-    original = _harmony._harmony_jit
-    _harmony._harmony_jit = eqx.filter_jit(eqx.debug.assert_max_traces(original.__wrapped__, max_traces=1))
-    try:
+    with _traced_once(_harmony, "_harmony_jit"):
         results["harmony_theta_sigma_lamb"] = _traces_ok(harmony_values)
-    finally:
-        _harmony._harmony_jit = original
 
     counts, _, labels = _common.simulated_counts(200, n_genes=100, n_groups=3, n_batches=2)
     data = {"counts": counts, "batch_labels": labels, "ambient_profile": counts.sum(axis=0) + 1.0}
@@ -187,14 +197,10 @@ def retrace_checks() -> dict:
                 dx.run_pipeline(swept, data, key=jr.key(0), inference=inference)
         return run
 
-    original = _pipeline._run_compiled
     for name, pipeline, inference in (("pipeline_harmony_run", base, False),
                                       ("pipeline_reference_mapping", with_reference, True)):
-        _pipeline._run_compiled = eqx.filter_jit(eqx.debug.assert_max_traces(original.__wrapped__, max_traces=1))
-        try:
+        with _traced_once(_pipeline, "_run_compiled"):
             results[f"{name}_theta_temperature"] = _traces_ok(pipeline_values(pipeline, inference))
-        finally:
-            _pipeline._run_compiled = original
 
     vae = dx.VAENormalizer(100, hidden_dims=(16,), latent_dim=4, key=jr.key(0))
 
@@ -203,12 +209,8 @@ def retrace_checks() -> dict:
             dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=2, n_epochs_kl_warmup=warmup, max_kl_weight=top,
                        progress=False)
 
-    original = _train._train_epoch
-    _train._train_epoch = eqx.filter_jit(eqx.debug.assert_max_traces(original.__wrapped__, max_traces=1))
-    try:
+    with _traced_once(_train, "_train_epoch"):
         results["vae_training_kl_warmup"] = _traces_ok(vae_values)
-    finally:
-        _train._train_epoch = original
     return results
 
 

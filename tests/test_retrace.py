@@ -87,10 +87,8 @@ def test_pipeline_hyperparameters_do_not_retrace(traced_once, with_reference):
     assert not np.allclose(assignments[0], assignments[1])
 
 
-def test_sweep_pipeline_does_not_retrace_across_grids(monkeypatch):
-    original = _pipeline._sweep_compiled
-    monkeypatch.setattr(_pipeline, "_sweep_compiled",
-                        eqx.filter_jit(eqx.debug.assert_max_traces(original.__wrapped__, max_traces=1)))
+def test_sweep_pipeline_does_not_retrace_across_grids(traced_once):
+    traced_once(_pipeline, "_sweep_compiled")
     pipeline, data = _small_pipeline_and_data()
     first = dx.sweep_pipeline(pipeline, data, key=jr.key(0), theta=np.array([0.0, 2.0]), temperature=np.array([0.5, 1.0]))
     second = dx.sweep_pipeline(pipeline, data, key=jr.key(0), theta=np.array([1.0, 3.0]), temperature=np.array([0.25, 4.0]))
@@ -111,12 +109,10 @@ def test_vae_training_settings_do_not_retrace(traced_once):
     assert not np.allclose(losses[0], losses[1])
 
 
-def test_soft_kmeans_temperature_does_not_retrace(monkeypatch):
+def test_soft_kmeans_temperature_does_not_retrace(traced_once):
     from diffbio_eqx._stages import _clustering
 
-    original = _clustering._fit_centroids
-    monkeypatch.setattr(_clustering, "_fit_centroids",
-                        eqx.filter_jit(eqx.debug.assert_max_traces(original.__wrapped__, max_traces=1)))
+    traced_once(_clustering, "_fit_centroids")
     x, _ = _embedding()
     centroids = [dx.SoftKMeans.from_data(x, 4, key=jr.key(0), temperature=t, n_iter=10).centroids
                  for t in (0.1, 1.0, 5.0)]
