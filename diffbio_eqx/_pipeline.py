@@ -9,6 +9,7 @@ A disabled stage passes its input on unchanged. Clustering reads the corrected e
 
 import contextlib
 import dataclasses
+import functools as ft
 import json
 import pathlib
 import time
@@ -661,6 +662,13 @@ def _fine_tune_loss(pipeline, batch, context, *, key):
                          cell_type_labels=cell_type_labels, kl_weight=kl_weight)
 
 
+@ft.cache
+def _fine_tune_optimizer() -> optax.GradientTransformation:
+    # Adam with its learning rate in the state: one object per process, so the compiled epoch is reused across
+    # `fit_pipeline` calls and learning rates.
+    return optax.inject_hyperparams(optax.adam, hyperparam_dtype=jnp.float32)(1e-3)
+
+
 def fit_pipeline(
     pipeline: SingleCellPipeline,
     data: Mapping[str, Any],
@@ -814,7 +822,8 @@ def fit_pipeline(
         fitted = fit(pipeline, _fine_tune_loss, (host_counts, np.asarray(labels), types),
                      key=keys["fine_tune"], n_epochs=fine_tune_epochs, batch_size=batch_size,
                      context=(weights, profile, jnp.ones((), pipeline.dtype)),
-                     optimizer=optax.adam(learning_rate), trainable=trainable, progress=progress,
+                     optimizer=_fine_tune_optimizer(), hyperparameters={"learning_rate": learning_rate},
+                     trainable=trainable, progress=progress,
                      description="end-to-end")
         pipeline = fitted.model
         record("end_to_end", fitted, started)

@@ -192,8 +192,49 @@ def map_in_chunks(
 
 def scvi_optimizer(learning_rate: float = 1e-3, *, weight_decay: float = 1e-6, eps: float = 0.01
                    ) -> optax.GradientTransformation:
-    """scvi-tools' default: AdamW with lr 1e-3, eps 0.01, weight decay 1e-6."""
-    return optax.adamw(learning_rate, eps=eps, weight_decay=weight_decay)
+    """scvi-tools' default: AdamW with lr 1e-3, eps 0.01, weight decay 1e-6.
+
+    The settings live in the optimiser state (`optax.inject_hyperparams`, float32), so `fit` can change them
+    through its `hyperparameters` argument without compiling the training step again.
+    """
+    return optax.inject_hyperparams(optax.adamw, hyperparam_dtype=jnp.float32)(
+        learning_rate, eps=eps, weight_decay=weight_decay
+    )
+
+
+@ft.cache
+def shared_scvi_optimizer() -> optax.GradientTransformation:
+    """One `scvi_optimizer()` object per process: the optimiser is a static argument of the compiled epoch, so
+    stages pass this one and their settings as `fit(..., hyperparameters=...)` instead of a fresh object per call
+    (which would compile the epoch again on every call)."""
+    return scvi_optimizer()
+
+
+_INJECTED_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def set_hyperparameters(opt_state: PyTree, values: dict[str, Any]) -> PyTree:
+    """Set injected hyperparameters (`optax.inject_hyperparams`) in an optimiser state, wherever they occur.
+
+    Values keep the dtype the state holds them in. Raises if a name is not injected anywhere in the state.
+    """
+    found: set[str] = set()
+
+    def replace(node: Any) -> Any:
+        if not isinstance(node, _INJECTED_STATES):
+            return node
+        injected = dict(node.hyperparams)
+        for name, value in values.items():
+            if name in injected:
+                injected[name] = jnp.asarray(value, dtype=injected[name].dtype)
+                found.add(name)
+        return node._replace(hyperparams=injected)
+
+    updated = jtu.tree_map(replace, opt_state, is_leaf=lambda node: isinstance(node, _INJECTED_STATES))
+    missing = sorted(set(values) - found)
+    if missing:
+        raise ValueError(f"hyperparameters: the optimizer does not inject {missing} (see optax.inject_hyperparams)")
+    return updated
 
 
 class FitResult(eqx.Module):
@@ -343,6 +384,7 @@ def fit(
     batch_size: int = 128,
     context: PyTree | Callable[[int], PyTree] = None,
     optimizer: optax.GradientTransformation | None = None,
+    hyperparameters: dict[str, Any] | None = None,
     row_weights: Any = None,
     validation_fraction: float = 0.0,
     early_stopping_patience: int | None = None,
@@ -368,7 +410,11 @@ def fit(
     - `context`: a PyTree handed whole to every step (e.g. the full embedding for edge losses). If callable,
       it is called with the epoch index each epoch (e.g. a KL warm-up weight); keep its structure fixed so
       nothing recompiles.
-    - `optimizer`: an optax transformation; default `scvi_optimizer()`.
+    - `optimizer`: an optax transformation; default `shared_scvi_optimizer()`. It is a static argument of the
+      compiled epoch: pass the same object across calls (a fresh one compiles again).
+    - `hyperparameters`: values for the optimizer's injected hyperparameters (`optax.inject_hyperparams`, e.g.
+      `{"learning_rate": 3e-4}`), set in its state after `init` (and after a resume): changing them does not
+      recompile.
     - `row_weights`: if given, each epoch draws rows with replacement in proportion to these weights.
     - `validation_fraction`: share of rows held out (drawn with `key`) to compute a validation loss per epoch.
     - `early_stopping_patience`: stop when the validation loss has not improved for this many epochs.
@@ -404,7 +450,7 @@ def fit(
         weights = jnp.asarray(row_weights)
         if weights.shape != (n_rows,):
             raise ValueError(f"row_weights: expected shape ({n_rows},), got {weights.shape}")
-    optimizer = scvi_optimizer() if optimizer is None else optimizer
+    optimizer = shared_scvi_optimizer() if optimizer is None else optimizer
     mesh = data_mesh(devices)
     cells = None if mesh is None else NamedSharding(mesh, PartitionSpec(CELLS_AXIS))
 
@@ -438,6 +484,8 @@ def fit(
         )
         train_loss, validation_loss = np.array(train_loss), np.array(validation_loss)
         start_epoch = int(progress_state[0])
+    if hyperparameters:
+        opt_state = set_hyperparameters(opt_state, hyperparameters)
 
     device_data, params, static, opt_state, train_rows, validation_rows, weights = _replicate(
         (device_data, params, static, opt_state, train_rows, validation_rows, weights), mesh

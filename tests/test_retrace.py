@@ -103,9 +103,45 @@ def test_vae_training_settings_do_not_retrace(traced_once):
     vae = dx.VAENormalizer(30, hidden_dims=(8,), latent_dim=3, key=jr.key(0))
     losses = [
         dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=2, n_epochs_kl_warmup=warmup, max_kl_weight=top,
-                   batch_size=32, progress=False).train_loss
-        for warmup, top in ((1, 1.0), (4, 0.25))
+                   learning_rate=rate, weight_decay=decay, eps=eps, batch_size=32, progress=False).train_loss
+        for warmup, top, rate, decay, eps in ((1, 1.0, 1e-3, 1e-6, 0.01), (4, 0.25, 3e-2, 1e-2, 1e-4))
     ]
+    assert not np.allclose(losses[0], losses[1])
+
+
+def test_optimiser_settings_reach_the_state_without_retracing(traced_once):
+    # The learning rate is an array in the optimiser state: a larger one must move the weights further.
+    traced_once(_train, "_train_epoch")
+    sim = dx.simulate(jr.key(0), n_cells=64, n_genes=30, n_groups=2)
+    counts = np.array(sim.counts)
+    counts[counts.sum(axis=1) == 0, 0] = 1.0
+    vae = dx.VAENormalizer(30, hidden_dims=(8,), latent_dim=3, key=jr.key(0))
+
+    def moved(rate):
+        trained = dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=1, learning_rate=rate, batch_size=32,
+                             progress=False).model
+        return float(jnp.abs(trained.scale_head.weight - vae.scale_head.weight).max())
+
+    small, large = moved(1e-4), moved(1e-2)
+    assert large > 20 * small > 0
+
+
+def test_ambient_training_settings_do_not_retrace(traced_once):
+    traced_once(_train, "_train_epoch")
+    sim = dx.simulate(jr.key(0), n_cells=80, n_genes=40, n_groups=2, contamination=0.1)
+    counts = np.array(sim.counts)
+    stage = dx.AmbientRemoval(40, key=jr.key(0))
+    fits = [dx.fit_ambient_removal(stage, counts, np.asarray(sim.ambient_profile), key=jr.key(1), n_epochs=2,
+                                   learning_rate=rate, batch_size=32, progress=False).model
+            for rate in (3e-3, 3e-2)]
+    assert not eqx.tree_equal(fits[0], fits[1])
+
+
+def test_umap_fit_does_not_retrace_across_calls(traced_once):
+    traced_once(_train, "_train_epoch")
+    x, _ = _embedding(n_cells=120)
+    umap = dx.ParametricUMAP(x.shape[1], n_neighbors=8, key=jr.key(0))
+    losses = [umap.fit(x, key=jr.key(seed), n_epochs=2, progress=False).train_loss for seed in (1, 2)]
     assert not np.allclose(losses[0], losses[1])
 
 
@@ -117,3 +153,26 @@ def test_soft_kmeans_temperature_does_not_retrace(traced_once):
     centroids = [dx.SoftKMeans.from_data(x, 4, key=jr.key(0), temperature=t, n_iter=10).centroids
                  for t in (0.1, 1.0, 5.0)]
     assert not np.allclose(centroids[0], centroids[2])
+
+
+def test_fit_pipeline_learning_rate_does_not_retrace(monkeypatch):
+    # Every training stage (ambient, VAE, UMAP encoder, end-to-end fine-tuning) goes through `_train_epoch`, each
+    # with its own loss, so the first `fit_pipeline` traces it once per stage; a second call with another
+    # learning rate must trace nothing new.
+    traces = []
+    original = _train._train_epoch.__wrapped__
+
+    def counted(*args, **kwargs):
+        traces.append(kwargs["loss_fn"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_train, "_train_epoch", eqx.filter_jit(counted))
+    pipeline, data = _small_pipeline_and_data()
+    settings = dict(ambient_epochs=1, vae_epochs=1, umap_epochs=1, fine_tune_epochs=1, clustering_iterations=5,
+                    batch_size=32, progress=False)
+    first = dx.fit_pipeline(pipeline, data, key=jr.key(3), learning_rate=1e-3, **settings)
+    n_first = len(traces)
+    assert n_first >= 3
+    second = dx.fit_pipeline(pipeline, data, key=jr.key(3), learning_rate=3e-2, **settings)
+    assert len(traces) == n_first
+    assert not eqx.tree_equal(first.pipeline.vae_normalizer, second.pipeline.vae_normalizer)

@@ -35,7 +35,7 @@ from .._ambient import (
     safe_log_profile,
 )
 from .._nn import dense
-from .._train import FitResult, fit, map_in_chunks, scvi_optimizer
+from .._train import FitResult, fit, map_in_chunks, shared_scvi_optimizer
 from .._validate import check_ambient_profile, check_counts
 
 
@@ -585,7 +585,8 @@ def fit_ambient_removal(
         n_epochs=default_n_epochs(checked.shape[0]) if n_epochs is None else n_epochs,
         batch_size=batch_size,
         context=jnp.asarray(profile, dtype=stage.dtype),
-        optimizer=scvi_optimizer(learning_rate, weight_decay=weight_decay, eps=eps),
+        optimizer=shared_scvi_optimizer(),
+        hyperparameters={"learning_rate": learning_rate, "weight_decay": weight_decay, "eps": eps},
         validation_fraction=validation_fraction,
         early_stopping_patience=early_stopping_patience,
         restore_best=restore_best,

@@ -1,5 +1,7 @@
 """Parametric UMAP (Sainburg, McInnes & Gentner 2021): an MLP encoder trained on UMAP's own objective."""
 
+import functools as ft
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -39,8 +41,19 @@ class UMAPFitResult(eqx.Module):
 
 
 def umap_optimizer(learning_rate: float = 1e-3, clip: float = 4.0) -> optax.GradientTransformation:
-    """umap-learn's parametric optimiser: Adam with gradients clipped by value."""
-    return optax.chain(optax.clip(clip), optax.adam(learning_rate))
+    """umap-learn's parametric optimiser: Adam with gradients clipped by value.
+
+    Adam's settings live in the optimiser state (`optax.inject_hyperparams`), so `fit`'s `hyperparameters` (e.g.
+    `{"learning_rate": 3e-4}`) change them without compiling again.
+    """
+    adam = optax.inject_hyperparams(optax.adam, hyperparam_dtype=jnp.float32)(learning_rate)
+    return optax.chain(optax.clip(clip), adam)
+
+
+@ft.cache
+def _shared_umap_optimizer() -> optax.GradientTransformation:
+    # One object per process: a fresh optimiser per `fit` call would compile the training epoch again.
+    return umap_optimizer()
 
 
 def _encode_chunks(
@@ -250,7 +263,8 @@ class ParametricUMAP(eqx.Module):
         - `prune_epochs`: drop edges with weight below `max / prune_epochs`, as umap-learn does before optimising
           with its epoch count; default umap-learn's count (`default_n_epochs`: 500 up to 10,000 cells, 200
           above).
-        - `optimizer`: default `umap_optimizer()` (Adam 1e-3 with gradient clipping at 4, as umap-learn).
+        - `optimizer`: default `umap_optimizer()` (Adam 1e-3 with gradient clipping at 4, as umap-learn), one
+          object shared by every call; pass the same object across calls (a fresh one compiles again).
         - `progress`: tqdm bar per epoch.
 
         **Returns:** a `UMAPFitResult`.
@@ -269,7 +283,7 @@ class ParametricUMAP(eqx.Module):
         result = fit(
             self, ParametricUMAP.loss, (graph.heads, graph.tails), key=key, n_epochs=n_epochs,
             batch_size=batch_size, context=(x, graph.rho.astype(x.dtype)),
-            optimizer=umap_optimizer() if optimizer is None else optimizer, row_weights=weights,
+            optimizer=_shared_umap_optimizer() if optimizer is None else optimizer, row_weights=weights,
             trainable=self.trainable(), progress=progress, description="parametric UMAP",
         )
         return UMAPFitResult(result.model, graph, result.train_loss)

@@ -9,7 +9,6 @@ optional stateless layer norm instead), and AdamW's decoupled weight decay inste
 1e-6).
 """
 
-import functools as ft
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from .._distributions import (
     zero_inflated_negative_binomial_log_prob_logspace,
 )
 from .._nn import CovariateMLP, dense
-from .._train import Devices, FitResult, fit, map_in_chunks, scvi_optimizer
+from .._train import Devices, FitResult, fit, map_in_chunks, shared_scvi_optimizer
 from .._validate import check_batch_labels, check_counts
 
 
@@ -483,13 +482,6 @@ class VAELoss(eqx.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@ft.lru_cache(maxsize=16)
-def _cached_optimizer(learning_rate: float, weight_decay: float, eps: float) -> Any:
-    # One object per setting: the optimizer is a static argument of the compiled epoch, so a fresh one per call
-    # would recompile every `fit_vae`.
-    return scvi_optimizer(learning_rate, weight_decay=weight_decay, eps=eps)
-
-
 def _prepare(vae: VAENormalizer, counts: Any, batch_labels: Any) -> tuple[Any, np.ndarray]:
     checked = check_counts(counts, n_genes=vae.n_genes)
     n_cells = checked.shape[0]
@@ -571,7 +563,8 @@ def fit_vae(
         n_epochs=n_epochs,
         batch_size=batch_size,
         context=context,
-        optimizer=_cached_optimizer(float(learning_rate), float(weight_decay), float(eps)),
+        optimizer=shared_scvi_optimizer(),
+        hyperparameters={"learning_rate": learning_rate, "weight_decay": weight_decay, "eps": eps},
         validation_fraction=validation_fraction,
         early_stopping_patience=early_stopping_patience,
         restore_best=restore_best,
