@@ -95,12 +95,16 @@ def test_sweep_pipeline_does_not_retrace_across_grids(traced_once):
     assert first.cluster_assignments.shape == second.cluster_assignments.shape == (2, 2, 120, 3)
 
 
-def test_vae_training_settings_do_not_retrace(traced_once):
-    traced_once(_train, "_train_epoch")
+def _tiny_vae_and_counts():
     sim = dx.simulate(jr.key(0), n_cells=64, n_genes=30, n_groups=2)
     counts = np.array(sim.counts)
     counts[counts.sum(axis=1) == 0, 0] = 1.0
-    vae = dx.VAENormalizer(30, hidden_dims=(8,), latent_dim=3, key=jr.key(0))
+    return dx.VAENormalizer(30, hidden_dims=(8,), latent_dim=3, key=jr.key(0)), counts
+
+
+def test_vae_training_settings_do_not_retrace(traced_once):
+    traced_once(_train, "_train_epoch")
+    vae, counts = _tiny_vae_and_counts()
     losses = [
         dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=2, n_epochs_kl_warmup=warmup, max_kl_weight=top,
                    learning_rate=rate, weight_decay=decay, eps=eps, batch_size=32, progress=False).train_loss
@@ -112,10 +116,7 @@ def test_vae_training_settings_do_not_retrace(traced_once):
 def test_optimiser_settings_reach_the_state_without_retracing(traced_once):
     # The learning rate is an array in the optimiser state: a larger one must move the weights further.
     traced_once(_train, "_train_epoch")
-    sim = dx.simulate(jr.key(0), n_cells=64, n_genes=30, n_groups=2)
-    counts = np.array(sim.counts)
-    counts[counts.sum(axis=1) == 0, 0] = 1.0
-    vae = dx.VAENormalizer(30, hidden_dims=(8,), latent_dim=3, key=jr.key(0))
+    vae, counts = _tiny_vae_and_counts()
 
     def moved(rate):
         trained = dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=1, learning_rate=rate, batch_size=32,
