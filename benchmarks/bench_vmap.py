@@ -7,7 +7,8 @@
   16 members one after the other with the same compiled (un-vmapped) epoch. Both give the same weights (checked).
 - Retrace checks (`eqx.debug.assert_max_traces(max_traces=1)`): Harmony across theta/sigma/lamb values, the
   whole pipeline across Harmony theta / clustering temperature values (both inference paths), and VAE training
-  across KL warm-up settings. tests/test_retrace.py asserts the same under the test suite's type checks.
+  across KL warm-up settings, learning rates and weight decays. tests/test_retrace.py asserts the same under
+  the test suite's type checks.
 
 Usage: `python benchmarks/bench_vmap.py [--harmony-cells 10000] [--vae-cells 5000] [--out benchmarks/results]`.
 
@@ -205,12 +206,12 @@ def retrace_checks() -> dict:
     vae = dx.VAENormalizer(100, hidden_dims=(16,), latent_dim=4, key=jr.key(0))
 
     def vae_values():
-        for warmup, top in ((1, 1.0), (5, 0.5)):
+        for warmup, top, rate, decay in ((1, 1.0, 1e-3, 1e-6), (5, 0.5, 3e-3, 1e-4)):
             dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=2, n_epochs_kl_warmup=warmup, max_kl_weight=top,
-                       progress=False)
+                       learning_rate=rate, weight_decay=decay, progress=False)
 
     with _traced_once(_train, "_train_epoch"):
-        results["vae_training_kl_warmup"] = _traces_ok(vae_values)
+        results["vae_training_kl_warmup_learning_rate"] = _traces_ok(vae_values)
     return results
 
 

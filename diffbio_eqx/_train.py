@@ -185,9 +185,13 @@ def map_in_chunks(
         batch = tuple(jnp.asarray(_host_rows(d, start, chunk)) for d in data)
         if sharding is not None:
             batch = jax.device_put(batch, sharding)
-        outputs.append(fn(batch, context))
-    stacked = jtu.tree_map(lambda *parts: jnp.concatenate(parts, axis=0)[:n], *outputs)
-    return stacked
+        output = fn(batch, context)
+        if start + chunk > n:  # trim the padded last chunk itself, so the concatenation is the only full copy
+            output = jtu.tree_map(lambda part, keep=n - start: part[:keep], output)
+        outputs.append(output)
+    if len(outputs) == 1:
+        return outputs[0]
+    return jtu.tree_map(lambda *parts: jnp.concatenate(parts, axis=0), *outputs)
 
 
 def scvi_optimizer(learning_rate: float = 1e-3, *, weight_decay: float = 1e-6, eps: float = 0.01
@@ -275,23 +279,24 @@ def _epoch_order(
 
 # XLA's CPU compiler (jax 0.10) hands reductions fused with elementwise math to YNNPACK. In the training step those
 # fusions (the likelihood's per-cell and per-gene sums, with lgamma/digamma inside) ran about twice as slow as XLA's
-# own loop fusions; with YNNPACK kept to the matrix products a VAE epoch took 20-25 % less time. Harmony's compiled
-# loop was slower with this setting, so it applies to the training loop only.
-_TRAINING_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# own loop fusions; with YNNPACK kept to the matrix products a VAE epoch took 20-25 % less time, and the VAE's
+# inference chunks (softmax over genes) about 25 % less. Harmony's compiled loop was slower with this setting, so
+# it applies only where `tuned_jit` is used: the training loop and the VAE's chunked inference.
+_TUNED_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 @ft.cache
-def training_compiler_options() -> dict[str, str]:
-    """The XLA options `fit` compiles its epoch with: `{}` where this XLA does not know them (other releases)."""
+def tuned_compiler_options() -> dict[str, str]:
+    """The XLA options `tuned_jit` compiles with: `{}` where this XLA does not know them (other releases)."""
     try:
-        jax.jit(lambda x: x + 1, compiler_options=_TRAINING_COMPILER_OPTIONS).lower(np.float32(0)).compile()
+        jax.jit(lambda x: x + 1, compiler_options=_TUNED_COMPILER_OPTIONS).lower(np.float32(0)).compile()
     except Exception:  # an unknown option or value: XLA raises INVALID_ARGUMENT at compile time
         return {}
-    return dict(_TRAINING_COMPILER_OPTIONS)
+    return dict(_TUNED_COMPILER_OPTIONS)
 
 
-class _TrainingJit:
-    """`eqx.filter_jit(fn, compiler_options=training_compiler_options())`, built at the first call.
+class _TunedJit:
+    """`eqx.filter_jit(fn, compiler_options=tuned_compiler_options())`, built at the first call.
 
     Lazy because probing the options compiles on the default backend, which importing the package must not
     initialise. `__wrapped__` is `fn`, as for `eqx.filter_jit`.
@@ -303,11 +308,16 @@ class _TrainingJit:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._jitted is None:
-            self._jitted = eqx.filter_jit(self.__wrapped__, compiler_options=training_compiler_options())
+            self._jitted = eqx.filter_jit(self.__wrapped__, compiler_options=tuned_compiler_options())
         return self._jitted(*args, **kwargs)
 
 
-@_TrainingJit
+def tuned_jit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: `eqx.filter_jit` with `tuned_compiler_options()` (see `_TunedJit`)."""
+    return _TunedJit(fn)
+
+
+@tuned_jit
 def _train_epoch(
     params: PyTree, static: PyTree, opt_state: PyTree, data: tuple[DeviceRows, ...],
     train_rows: Int[Array, " n_train"], row_weights: Float[Array, " n_rows"] | None, context: PyTree,
@@ -340,7 +350,7 @@ def _train_epoch(
     return params, opt_state, jnp.mean(losses), jtu.tree_map(jnp.mean, aux)
 
 
-@_TrainingJit
+@tuned_jit
 def _validation_loss(
     model: PyTree, data: tuple[DeviceRows, ...], validation_rows: Int[Array, " n_validation"],
     context: PyTree, key: PRNGKeyArray, *, loss_fn: LossFn, batch_size: int, cells: NamedSharding | None,

@@ -122,7 +122,7 @@ def test_fit_rejects_bad_arguments(getkey):
         fit(model, _regression_loss, (x, y), key=getkey(), n_epochs=1, validation_fraction=1.5)
 
 
-def test_training_compiler_options_fall_back_and_change_only_speed(getkey, monkeypatch):
+def test_tuned_compiler_options_fall_back_and_change_only_speed(getkey, monkeypatch):
     import diffbio_eqx._train as train_module
 
     x, y, _, model = _regression(getkey)
@@ -130,24 +130,24 @@ def test_training_compiler_options_fall_back_and_change_only_speed(getkey, monke
 
     def train():
         # Fresh compiled functions, so each run compiles with the options in force.
-        monkeypatch.setattr(train_module, "_train_epoch", train_module._TrainingJit(train_module._train_epoch.__wrapped__))
+        monkeypatch.setattr(train_module, "_train_epoch", train_module.tuned_jit(train_module._train_epoch.__wrapped__))
         monkeypatch.setattr(train_module, "_validation_loss",
-                            train_module._TrainingJit(train_module._validation_loss.__wrapped__))
+                            train_module.tuned_jit(train_module._validation_loss.__wrapped__))
         return fit(model, _regression_loss, (x, y), key=key, n_epochs=5, batch_size=64, optimizer=optax.adam(0.05),
                    validation_fraction=0.2, progress=False)
 
-    train_module.training_compiler_options.cache_clear()
-    options = train_module.training_compiler_options()
+    train_module.tuned_compiler_options.cache_clear()
+    options = train_module.tuned_compiler_options()
     # This XLA knows the option (jax 0.10) or the probe returned none; nothing in between.
-    assert options in ({}, train_module._TRAINING_COMPILER_OPTIONS)
+    assert options in ({}, train_module._TUNED_COMPILER_OPTIONS)
     with_options = train()
     # An option this XLA does not know (a newer or older release) is dropped rather than failing the compile.
-    monkeypatch.setattr(train_module, "_TRAINING_COMPILER_OPTIONS", {"xla_cpu_no_such_option_for_tests": "1"})
-    train_module.training_compiler_options.cache_clear()
+    monkeypatch.setattr(train_module, "_TUNED_COMPILER_OPTIONS", {"xla_cpu_no_such_option_for_tests": "1"})
+    train_module.tuned_compiler_options.cache_clear()
     try:
-        assert train_module.training_compiler_options() == {}
+        assert train_module.tuned_compiler_options() == {}
         without_options = train()
     finally:
-        train_module.training_compiler_options.cache_clear()
+        train_module.tuned_compiler_options.cache_clear()
     assert tree_allclose(with_options.model, without_options.model, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(with_options.train_loss, without_options.train_loss, rtol=1e-5)

@@ -186,3 +186,44 @@ def test_input_array_is_never_modified():
         warnings.simplefilter("error")
         check_ambient_profile(before[0], 3)
     np.testing.assert_array_equal(counts, before)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_block_scan_finds_problems_in_any_block(monkeypatch, sparse):
+    # check_counts scans large matrices in blocks; with 8-value blocks a 40 x 6 matrix spans many of them, and a
+    # problem in the last block must still be found and named at its global position.
+    import diffbio_eqx._validate as validate
+
+    monkeypatch.setattr(validate, "_SCAN_BLOCK_VALUES", 8)
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 5, size=(40, 6)).astype(np.float64)
+
+    def given(matrix):
+        return sp.csr_matrix(matrix) if sparse else matrix
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(np.asarray(sp.csr_matrix(check_counts(given(counts))).toarray()), counts)
+    for value, message in ((np.nan, r"1 non-finite value\(s\) \(NaN or Inf\), first at cell 38, gene 4"),
+                           (-1.0, r"1 negative value\(s\), first -1.0 at cell 38, gene 4")):
+        bad = counts.copy()
+        bad[38, 4] = value
+        with pytest.raises(ValueError, match=message):
+            check_counts(given(bad))
+    fractional = counts.copy()
+    fractional[39, 5] = 2.5
+    with pytest.warns(NonIntegerCountsWarning):
+        check_counts(given(fractional))
+    empty = counts.copy()
+    empty[[17, 39]] = 0.0
+    with pytest.raises(ValueError, match=r"cells with zero total counts at indices \[17, 39\]"):
+        check_counts(given(empty))
+
+
+def test_float64_beyond_float32_range_is_refused_and_float32_passes_unchanged():
+    counts = _counts().astype(np.float64)
+    counts[1, 1] = 1e39
+    with pytest.raises(ValueError, match="counts: value 1e\\+39 at cell 1, gene 1 exceeds the float32 range"):
+        check_counts(counts)
+    largest = np.full((2, 2), np.finfo(np.float32).max, dtype=np.float32)
+    np.testing.assert_array_equal(check_counts(largest), largest)

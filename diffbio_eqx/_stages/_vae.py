@@ -30,7 +30,7 @@ from .._distributions import (
     zero_inflated_negative_binomial_log_prob_logspace,
 )
 from .._nn import CovariateMLP, dense
-from .._train import Devices, FitResult, fit, map_in_chunks, shared_scvi_optimizer
+from .._train import Devices, FitResult, fit, map_in_chunks, shared_scvi_optimizer, tuned_jit
 from .._validate import check_batch_labels, check_counts
 
 
@@ -577,14 +577,14 @@ def fit_vae(
     )
 
 
-@eqx.filter_jit
+@tuned_jit
 def _transform_chunk(batch: tuple[Array, Array], context: tuple[VAENormalizer, Array | None]) -> VAEOutput:
     vae, transform_batch = context
     counts, labels = batch
     return vae(counts, labels, inference=True, transform_batch=transform_batch)
 
 
-@eqx.filter_jit
+@tuned_jit
 def _log_likelihood_chunk(batch: tuple[Array, Array], vae: VAENormalizer) -> Float[Array, " n_cells"]:
     counts, labels = batch
     return vae.heldout_log_likelihood(counts, labels)
@@ -620,7 +620,7 @@ def vae_transform(
                          devices=devices)
 
 
-@eqx.filter_jit
+@tuned_jit
 def _latent_chunk(batch: tuple[Array, Array], vae: VAENormalizer) -> Float[Array, "n_cells latent_dim"]:
     counts, labels = batch
     return vae(counts, labels, inference=True).latent  # the decoder is dead code here and compiled away
