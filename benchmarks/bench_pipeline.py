@@ -19,11 +19,14 @@ mixing is scored with scib-metrics on real data in tests/test_pbmc_quality.py, n
 
 Usage: `python benchmarks/bench_pipeline.py [--sizes 10000 100000] [--out benchmarks/results] [--ambient]`.
 
-Recorded printout (2-core x86-64 VM, quiet: load average ~0.5, jax 0.10.2 CPU, float32, 2026-11-26):
+Recorded printout (2-core x86-64 VM, load average ~2, jax 0.10.2 CPU, float32, 2026-11-26):
 
-    n=100000: scanpy 88.1 s (normalize_total 1.7, log1p 0.0, pca 41.0, harmonypy 1.6, neighbors 3.6, umap 35.2,
-    leiden 3.0), ARI 1.000; ours train 59.9 s (vae_normalizer 27.9, batch_correction 2.9, clustering 1.7,
-    dim_reduction 17.0) + infer 5.2 s = 65.1 s, ARI 1.000; speedup 1.35x (train+infer), 54x (infer only)
+    n=100000: scanpy 87.4 s (normalize_total 1.8, log1p 0.1, pca 40.1, harmonypy 1.7, neighbors 3.5, umap 35.3,
+    leiden 3.0), ARI 1.000; ours train 49.3 s (vae_normalizer 19.8, batch_correction 2.7, clustering 1.6,
+    dim_reduction 16.3) + infer 3.5 s = 52.8 s, ARI 1.000; speedup 1.66x (train+infer), 48x (infer only)
+
+Earlier the same day, before the fused VAE likelihood and the block-wise count checks: ours 65.1 s (VAE 27.9 s,
+infer 5.2 s) against scanpy's 88.1 s, 1.35x.
 
 Before the UMAP graph moved to a 20,000-cell subsample (exact kNN is O(n^2)), the same comparison on a loaded
 machine gave 0.67x (our UMAP stage 94 s of 223 s).

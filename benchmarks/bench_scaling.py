@@ -22,15 +22,17 @@ erase larger records.
 
 Usage: `python benchmarks/bench_scaling.py [--sizes 1000 10000 100000] [--stages ...] [--out benchmarks/results]`.
 
-Recorded printout (2-core x86-64 VM shared with other jobs, load average 6-13, jax 0.10.2 CPU, float32; the
-load slows everything 2-5x against an idle machine and moves the figures between runs):
+Recorded printout (2-core x86-64 VM shared with other jobs, jax 0.10.2 CPU, float32; harmony, umap_embed and
+soft_kmeans at load average 6-13, which slows everything 2-5x against an idle machine; the VAE and pipeline lines
+re-measured on 2026-11-26 at load ~2 after the fused likelihood, the tuned XLA options and the block-wise count
+checks, which took vae_infer from 8.9e3 and pipeline_infer from 1.13e4 cells/s):
 
     harmony          n=  100000: compile  19.6 s, steady 6.326 s, 1.58e+04 cells/s, peak +159 MB
-    vae_train        n=  100000: compile   0.5 s, epoch 2.479 s, 4.03e+04 cells/s, peak +4000 MB
-    vae_infer        n=  100000: compile   9.1 s, steady 11.236 s, 8.9e+03 cells/s, peak +4442 MB
+    vae_train        n=  100000: compile   2.6 s, epoch 1.510 s, 6.62e+04 cells/s, peak +2402 MB
+    vae_infer        n=  100000: compile   0.7 s, steady 1.763 s, 5.67e+04 cells/s, peak +2750 MB
     umap_embed       n=  100000: compile   0.7 s, steady 0.094 s, 1.06e+06 cells/s, peak +25 MB
     soft_kmeans      n=  100000: compile   2.8 s, steady 3.974 s, 2.52e+04 cells/s, peak +69 MB
-    pipeline_infer   n=  100000: compile   3.2 s, steady 8.821 s, 1.13e+04 cells/s, peak +3459 MB
+    pipeline_infer   n=  100000: compile   0.8 s, steady 3.128 s, 3.2e+04 cells/s, peak +3459 MB
 """
 
 import os

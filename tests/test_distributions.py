@@ -217,8 +217,8 @@ def test_softmax_negative_binomial_matches_scipy_and_its_composition(theta_rows)
     for ours, theirs in zip(jax.grad(weighted(softmax_negative_binomial_log_likelihood), (0, 1, 2, 3))(*args),
                             jax.grad(weighted(composed), (0, 1, 2, 3))(*args)):
         np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-9)
-    hessian = jax.hessian(lambda lg, lt: weighted(softmax_negative_binomial_log_likelihood)(counts, lg, log_library, lt),
-                          (0, 1))
+    weighted_fused = weighted(softmax_negative_binomial_log_likelihood)
+    hessian = jax.hessian(lambda lg, lt: weighted_fused(counts, lg, log_library, lt), (0, 1))
     reference_hessian = jax.hessian(lambda lg, lt: weighted(composed)(counts, lg, log_library, lt), (0, 1))
     for ours, theirs in zip(jax.tree.leaves(hessian(logits, log_theta)),
                             jax.tree.leaves(reference_hessian(logits, log_theta))):
