@@ -214,7 +214,12 @@ def shared_scvi_optimizer() -> optax.GradientTransformation:
     return scvi_optimizer()
 
 
-_INJECTED_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+# Newer optax names the state of `inject_hyperparams` InjectStatefulHyperparamsState; older releases lack it.
+_INJECTED_STATES = tuple(
+    getattr(optax, name)
+    for name in ("InjectHyperparamsState", "InjectStatefulHyperparamsState")
+    if hasattr(optax, name)
+)
 
 
 def set_hyperparameters(opt_state: PyTree, values: dict[str, Any]) -> PyTree:
@@ -290,7 +295,7 @@ def tuned_compiler_options() -> dict[str, str]:
     """The XLA options `tuned_jit` compiles with: `{}` where this XLA does not know them (other releases)."""
     try:
         jax.jit(lambda x: x + 1, compiler_options=_TUNED_COMPILER_OPTIONS).lower(np.float32(0)).compile()
-    except Exception:  # an unknown option or value: XLA raises INVALID_ARGUMENT at compile time
+    except Exception:  # an unknown option or value (XLA's INVALID_ARGUMENT), or a jax.jit without the argument
         return {}
     return dict(_TUNED_COMPILER_OPTIONS)
 
@@ -308,7 +313,10 @@ class _TunedJit:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._jitted is None:
-            self._jitted = eqx.filter_jit(self.__wrapped__, compiler_options=tuned_compiler_options())
+            options = tuned_compiler_options()
+            # Without options, no `compiler_options` argument at all (older jax.jit does not take one).
+            jit_options = {"compiler_options": options} if options else {}
+            self._jitted = eqx.filter_jit(self.__wrapped__, **jit_options)
         return self._jitted(*args, **kwargs)
 
 
