@@ -151,3 +151,17 @@ def test_tuned_compiler_options_fall_back_and_change_only_speed(getkey, monkeypa
         train_module.tuned_compiler_options.cache_clear()
     assert tree_allclose(with_options.model, without_options.model, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(with_options.train_loss, without_options.train_loss, rtol=1e-5)
+
+
+def test_hyperparameters_must_be_injected(getkey):
+    x, y, _, model = _regression(getkey)
+    settings = dict(key=getkey(), n_epochs=1, batch_size=64, progress=False)
+    with pytest.raises(ValueError, match=r"hyperparameters: the optimizer does not inject \['learning_rate'\]"):
+        fit(model, _regression_loss, (x, y), optimizer=optax.adam(0.05), hyperparameters={"learning_rate": 0.1},
+            **settings)
+    injected = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0)
+    frozen = fit(model, _regression_loss, (x, y), optimizer=injected, **settings)
+    moved = fit(model, _regression_loss, (x, y), optimizer=injected, hyperparameters={"learning_rate": 0.05},
+                **settings)
+    assert tree_allclose(frozen.model, model)  # learning rate 0 from the factory call
+    assert not tree_allclose(moved.model, model)  # the value given to fit replaced it in the state
