@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import diffbio_eqx as dx  # noqa: E402
-from diffbio_eqx._stages._ambient import default_n_epochs  # noqa: E402
+from diffbio_eqx._ambient._stage import default_n_epochs  # noqa: E402
 
 
 N_GENES, N_GROUPS, LEVEL = 300, 4, 0.1

@@ -59,7 +59,7 @@ def _run_ours(path: str, n_epochs: int, queue) -> None:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     import diffbio_eqx as dx
 
-    import diffbio_eqx._stages._vae as vae_module
+    import diffbio_eqx._vae._stage as vae_module
 
     # Per-epoch wall times: `fit` asks for the KL weight on the host at the start of every epoch (after the
     # previous epoch's losses came back), so wrapping that call timestamps the epoch boundaries.

@@ -88,7 +88,7 @@ def bench_ensemble(n_cells: int, n_genes: int = 2000, n_epochs: int = 1, batch_s
     import numpy as np
 
     import diffbio_eqx as dx
-    from diffbio_eqx._stages._vae import log_factorial_per_cell
+    from diffbio_eqx._vae._stage import log_factorial_per_cell
 
     counts_np, _, _ = _common.simulated_counts(n_cells, n_genes=n_genes)
     counts = jnp.asarray(counts_np)

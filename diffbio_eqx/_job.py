@@ -17,17 +17,23 @@ import jax.random as jr
 import numpy as np
 
 from . import datasets, io
-from ._metrics import adjusted_rand_index, clisi, ilisi, normalized_mutual_info, silhouette_label
-from ._pipeline import (
+from ._core._metrics import (
+    adjusted_rand_index,
+    clisi,
+    ilisi,
+    normalized_mutual_info,
+    silhouette_label,
+)
+from ._pipeline._pipeline import (
+    SingleCellPipelineConfig,
     create_single_cell_pipeline,
     fit_pipeline,
     run_pipeline,
     save_pipeline,
-    SingleCellPipelineConfig,
 )
 from ._report import markdown_table, plot_embedding, plot_training, write_text
-from ._stages._vae import default_n_epochs
-from ._umap_graph import exact_knn
+from ._umap._graph import exact_knn
+from ._vae._stage import default_n_epochs
 
 
 @dataclasses.dataclass

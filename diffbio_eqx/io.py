@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validate import check_batch_labels, check_counts
+from ._core._validate import check_batch_labels, check_counts
 
 
 class AnnDataArrays:

@@ -127,7 +127,7 @@ def vae_training(mode: str, folder: str) -> dict[str, str]:
     import jax.random as jr
 
     import diffbio_eqx as dx
-    import diffbio_eqx._stages._vae as vae_module
+    import diffbio_eqx._vae._stage as vae_module
 
     counts, batches, _ = _data()
     vae = dx.VAENormalizer(counts.shape[1], 2, hidden_dims=(32,), latent_dim=5, key=jr.key(1))

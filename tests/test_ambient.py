@@ -24,7 +24,7 @@ import scipy.stats
 from helpers import tree_allclose
 
 import diffbio_eqx as dx
-from diffbio_eqx._ambient import (
+from diffbio_eqx._ambient._math import (
     ambient_count_log_likelihood,
     ambient_log_rates,
     cell_share,

@@ -6,7 +6,7 @@ import pytest
 import scipy.special
 import scipy.stats
 
-from diffbio_eqx._distributions import (
+from diffbio_eqx._core._distributions import (
     digamma_positive,
     log_gamma_positive,
     negative_binomial_log_prob,

@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_samples
 from sklearn.neighbors import NearestNeighbors
 
-from diffbio_eqx._metrics import (
+from diffbio_eqx._core._metrics import (
     adjusted_rand_index,
     clisi,
     ilisi,

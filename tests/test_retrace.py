@@ -147,7 +147,7 @@ def test_umap_fit_does_not_retrace_across_calls(traced_once):
 
 
 def test_soft_kmeans_temperature_does_not_retrace(traced_once):
-    from diffbio_eqx._stages import _clustering
+    from diffbio_eqx._clustering import _stage as _clustering
 
     traced_once(_clustering, "_fit_centroids")
     x, _ = _embedding()

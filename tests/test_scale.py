@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 import diffbio_eqx as dx
-from diffbio_eqx._train import sparse_rows_from_csr, take_rows
+from diffbio_eqx._core._train import sparse_rows_from_csr, take_rows
 
 
 @pytest.fixture(scope="module")

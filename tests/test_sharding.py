@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
     import jaxtyping
     with jaxtyping.install_import_hook(["diffbio_eqx"], "beartype.beartype"):
         import diffbio_eqx as dx
-        from diffbio_eqx._train import map_in_chunks
+        from diffbio_eqx._core._train import map_in_chunks
     import equinox as eqx
     import jax
     import jax.numpy as jnp

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from helpers import tree_allclose, tree_identical
 
-from diffbio_eqx._train import fit, map_in_chunks, sparse_rows_from_csr, take_rows
+from diffbio_eqx._core._train import fit, map_in_chunks, sparse_rows_from_csr, take_rows
 
 
 class _Linear(eqx.Module):
@@ -123,7 +123,7 @@ def test_fit_rejects_bad_arguments(getkey):
 
 
 def test_tuned_compiler_options_fall_back_and_change_only_speed(getkey, monkeypatch):
-    import diffbio_eqx._train as train_module
+    import diffbio_eqx._core._train as train_module
 
     x, y, _, model = _regression(getkey)
     key = getkey()

@@ -3,7 +3,7 @@ import jax.random as jr
 import jaxtyping
 import pytest
 
-from diffbio_eqx._train import take_rows
+from diffbio_eqx._core._train import take_rows
 
 
 def test_wrong_shape_raises_a_type_check_error():

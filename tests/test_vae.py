@@ -12,7 +12,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 import diffbio_eqx as dx
-from diffbio_eqx._stages._vae import (
+from diffbio_eqx._vae._stage import (
     default_n_epochs,
     gaussian_kl,
     kl_warmup_weight,
@@ -288,7 +288,7 @@ def test_same_key_identical_sparse_equals_dense_and_resume(batch_data, tmp_path,
     assert not tree_allclose(a.model, d.model)
     # A checkpointed run interrupted in epoch 2 and resumed ends where the uninterrupted one does.
     path = tmp_path / "vae.eqx"
-    import diffbio_eqx._stages._vae as vae_module
+    import diffbio_eqx._vae._stage as vae_module
 
     warmup = vae_module.kl_warmup_weight
 

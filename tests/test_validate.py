@@ -192,7 +192,7 @@ def test_input_array_is_never_modified():
 def test_block_scan_finds_problems_in_any_block(monkeypatch, sparse):
     # check_counts scans large matrices in blocks; with 8-value blocks a 40 x 6 matrix spans many of them, and a
     # problem in the last block must still be found and named at its global position.
-    import diffbio_eqx._validate as validate
+    import diffbio_eqx._core._validate as validate
 
     monkeypatch.setattr(validate, "_SCAN_BLOCK_VALUES", 8)
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._kmeans import squared_distances
+from .._core._geometry import squared_distances
 
 
 # umap-learn's constants (umap/umap_.py).

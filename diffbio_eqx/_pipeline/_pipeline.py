@@ -27,21 +27,26 @@ import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from ._harmony import HarmonyResult, map_to_reference
-from ._stages._ambient import AmbientProfileWarning, AmbientRemoval, fit_ambient_removal, remove_ambient
-from ._stages._clustering import SoftKMeans
-from ._stages._harmony import Harmony
-from ._stages._umap import ParametricUMAP, umap_graph
-from ._stages._vae import fit_vae, VAENormalizer, vae_transform
-from ._train import fit, map_in_chunks
-from ._validate import (
+from .._ambient._stage import (
+    AmbientProfileWarning,
+    AmbientRemoval,
+    fit_ambient_removal,
+    remove_ambient,
+)
+from .._clustering._stage import SoftKMeans
+from .._core._train import fit, map_in_chunks
+from .._core._validate import (
+    NonIntegerCountsWarning,
     check_ambient_profile,
     check_batch_labels,
     check_counts,
     check_n_clusters,
-    NonIntegerCountsWarning,
 )
-from .io import atomic_path, from_anndata, to_anndata
+from .._harmony._math import HarmonyResult, map_to_reference
+from .._harmony._stage import Harmony
+from .._umap._stage import ParametricUMAP, umap_graph
+from .._vae._stage import VAENormalizer, fit_vae, vae_transform
+from ..io import atomic_path, from_anndata, to_anndata
 
 
 @dataclasses.dataclass(frozen=True)

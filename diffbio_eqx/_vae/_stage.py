@@ -23,15 +23,22 @@ import numpy as np
 from jax.scipy.special import gammaln
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._distributions import (
+from .._core._distributions import (
     negative_binomial_log_prob_logspace,
     poisson_log_prob_logspace,
     softmax_negative_binomial_log_likelihood,
     zero_inflated_negative_binomial_log_prob_logspace,
 )
-from .._nn import CovariateMLP, dense
-from .._train import Devices, FitResult, fit, map_in_chunks, shared_scvi_optimizer, tuned_jit
-from .._validate import check_batch_labels, check_counts
+from .._core._nn import CovariateMLP, dense
+from .._core._train import (
+    Devices,
+    FitResult,
+    fit,
+    map_in_chunks,
+    shared_scvi_optimizer,
+    tuned_jit,
+)
+from .._core._validate import check_batch_labels, check_counts
 
 
 Likelihood = Literal["nb", "zinb", "poisson"]

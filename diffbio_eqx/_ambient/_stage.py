@@ -22,7 +22,10 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from .._ambient import (
+from .._core._nn import dense
+from .._core._train import FitResult, fit, map_in_chunks, shared_scvi_optimizer
+from .._core._validate import check_ambient_profile, check_counts
+from ._math import (
     ambient_count_log_likelihood,
     ambient_log_rates,
     contamination_fraction,
@@ -34,9 +37,6 @@ from .._ambient import (
     round_cell_counts,
     safe_log_profile,
 )
-from .._nn import dense
-from .._train import FitResult, fit, map_in_chunks, shared_scvi_optimizer
-from .._validate import check_ambient_profile, check_counts
 
 
 class AmbientProfileWarning(UserWarning):

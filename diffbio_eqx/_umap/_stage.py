@@ -10,17 +10,17 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree
 
-from .._losses import umap_loss
-from .._train import fit
-from .._umap_graph import (
+from .._core._train import fit
+from .._core._validate import check_embedding
+from ._graph import (
+    FuzzyGraph,
     default_n_epochs,
     exact_knn,
     find_ab_params,
     fuzzy_simplicial_set,
-    FuzzyGraph,
     prune_weights,
 )
-from .._validate import check_embedding
+from ._loss import umap_loss
 
 
 #: Optimiser steps `ParametricUMAP.fit` aims for when `n_epochs` is not given.

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._distributions import negative_binomial_log_prob_logspace
+from .._core._distributions import negative_binomial_log_prob_logspace
 
 
 def log_fractions(

@@ -6,7 +6,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._harmony import harmony, HarmonyResult, PRESETS
+from ._math import PRESETS, HarmonyResult, harmony
 
 
 class Harmony(eqx.Module):

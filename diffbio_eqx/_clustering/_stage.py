@@ -4,9 +4,16 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._kmeans import annealing_schedule, free_energy, hard_assign, kmeans_plus_plus, soft_assign, soft_kmeans
-from .._losses import clustering_compactness_loss
-from .._validate import check_embedding, check_n_clusters
+from .._core._validate import check_embedding, check_n_clusters
+from ._kmeans import (
+    annealing_schedule,
+    free_energy,
+    hard_assign,
+    kmeans_plus_plus,
+    soft_assign,
+    soft_kmeans,
+)
+from ._loss import clustering_compactness_loss
 
 
 @eqx.filter_jit

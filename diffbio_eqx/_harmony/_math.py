@@ -43,7 +43,7 @@ import numpy as np
 from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
-from ._validate import check_batch_labels, check_embedding, check_n_clusters
+from .._core._validate import check_batch_labels, check_embedding, check_n_clusters
 
 
 # ---------------------------------------------------------------------------------------------------------------
