@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 import diffbio_eqx as dx
-from diffbio_eqx import _harmony, _pipeline, _train
+from diffbio_eqx._core import _train
+from diffbio_eqx._harmony import _math as _harmony
+from diffbio_eqx._pipeline import _pipeline
 
 
 @pytest.fixture
