@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: install run test bench clean
+.PHONY: install run test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,14 @@ install: $(BIN)/python
 run: install
 	$(BIN)/diffbio-eqx run --out $(OUT)
 
-test: $(BIN)/python
+# The house rules first (ARCHITECTURE.md): layers and family independence, ruff, pyright; then the tests.
+lint: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/pyright
+
+test: lint
 	# One process per test file, two at a time: long-lived processes that compiled hundreds of XLA programs
 	# occasionally segfaulted inside XLA compilation; a larger stack is cheap insurance for deep compiles.
 	ulimit -s unlimited 2>/dev/null || ulimit -s 65536 2>/dev/null || true; \
