@@ -70,7 +70,7 @@ from ._harmony._math import (
     map_to_reference as map_to_reference,
 )
 from ._harmony._stage import Harmony as Harmony
-from ._pipeline._pipeline import (
+from ._pipeline import (
     HarmonyReference as HarmonyReference,
     PipelineFit as PipelineFit,
     PipelineLossWeights as PipelineLossWeights,
@@ -79,7 +79,6 @@ from ._pipeline._pipeline import (
     SingleCellPipelineConfig as SingleCellPipelineConfig,
     cell_type_cross_entropy as cell_type_cross_entropy,
     create_single_cell_pipeline as create_single_cell_pipeline,
-    fit_anndata as fit_anndata,
     fit_pipeline as fit_pipeline,
     load_pipeline as load_pipeline,
     pipeline_loss as pipeline_loss,
@@ -120,6 +119,7 @@ from ._vae._stage import (
     vae_log_likelihood as vae_log_likelihood,
     vae_transform as vae_transform,
 )
+from .io import fit_anndata as fit_anndata
 
 
 __version__ = importlib.metadata.version("diffbio_eqx")

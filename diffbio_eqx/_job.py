@@ -24,7 +24,7 @@ from ._core._metrics import (
     normalized_mutual_info,
     silhouette_label,
 )
-from ._pipeline._pipeline import (
+from ._pipeline import (
     SingleCellPipelineConfig,
     create_single_cell_pipeline,
     fit_pipeline,

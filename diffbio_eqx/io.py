@@ -8,11 +8,14 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import anndata as ad
+import jax.random as jr
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._core._validate import check_batch_labels, check_counts
+from ._pipeline import PipelineFit, SingleCellPipeline, SingleCellPipelineConfig, fit_pipeline, run_pipeline
 
 
 class AnnDataArrays:
@@ -198,3 +201,47 @@ def read_h5ad(path: str | os.PathLike[str]) -> ad.AnnData:
             f"input: {str(source)!r} could not be read as an h5ad file ({type(error).__name__}: {error}); "
             "it may be corrupt or truncated"
         ) from None
+
+
+def fit_anndata(
+    adata: Any,
+    *,
+    batch_key: str | None = None,
+    layer: str | None = None,
+    key: PRNGKeyArray,
+    config: SingleCellPipelineConfig | None = None,
+    ambient_profile: ArrayLike | None = None,
+    **fit_settings: Any,
+) -> tuple[Any, PipelineFit]:
+    """Train a pipeline on an AnnData and write every result back under scanpy's conventions.
+
+    **Arguments:**
+
+    - `adata`: cells x genes with raw counts in `X` (or in `layers[layer]`); never modified.
+    - `batch_key`: `obs` column with each cell's batch (any dtype). (Keyword only argument.)
+    - `layer`: read counts from this layer instead of `X`.
+    - `key`: PRNG key for building and training the pipeline.
+    - `config`: pipeline settings; `n_genes` and `n_batches` are taken from the data.
+    - `ambient_profile`: `(n_genes,)`, optional.
+    - `fit_settings`: passed to `fit_pipeline` (epochs, `raw_counts`, fine-tuning, ...).
+
+    **Returns:** `(annotated, fitted)`: a new AnnData with `obsm["X_diffbio"]`, `obsm["X_diffbio_corrected"]`,
+    `obsm["X_umap"]`, `obs["diffbio_cluster"]` and the `layers` of `diffbio_eqx.io.to_anndata`, so
+    `scanpy.pl.umap(annotated, color="diffbio_cluster")` works; and the `PipelineFit`.
+    """
+    arrays = from_anndata(adata, layer=layer, batch_key=batch_key)
+    config = SingleCellPipelineConfig() if config is None else config
+    config = config.replace(n_genes=adata.n_vars, n_batches=arrays.n_batches)
+    data: dict[str, Any] = {"counts": arrays.counts}
+    if arrays.batch_labels is not None:
+        data["batch_labels"] = arrays.batch_labels
+    if ambient_profile is not None:
+        data["ambient_profile"] = ambient_profile
+    build_key, fit_key, run_key = jr.split(key, 3)
+    pipeline = SingleCellPipeline(config, key=build_key)
+    fitted = fit_pipeline(pipeline, data, key=fit_key, **fit_settings)
+    output = run_pipeline(fitted.pipeline, data, key=run_key)
+    annotated = to_anndata(adata, output)
+    if arrays.batch_categories is not None:
+        annotated.uns["diffbio_batch_categories"] = list(arrays.batch_categories)
+    return annotated, fitted

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 import diffbio_eqx as dx
 from diffbio_eqx import cli
-from diffbio_eqx._pipeline._pipeline import prepare_inputs
+from diffbio_eqx._pipeline import prepare_inputs
 
 
 N_CELLS, N_GENES = 60, 40

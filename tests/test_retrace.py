@@ -14,7 +14,7 @@ import pytest
 import diffbio_eqx as dx
 from diffbio_eqx._core import _train
 from diffbio_eqx._harmony import _math as _harmony
-from diffbio_eqx._pipeline import _pipeline
+from diffbio_eqx._pipeline import _run, _sweep
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def _with_values(pipeline, theta, temperature, sigma):
 
 @pytest.mark.parametrize("with_reference", [False, True])
 def test_pipeline_hyperparameters_do_not_retrace(traced_once, with_reference):
-    traced_once(_pipeline, "_run_compiled")
+    traced_once(_run, "_run_compiled")
     pipeline, data = _small_pipeline_and_data()
     if with_reference:
         d = pipeline.config.latent_dim
@@ -90,7 +90,7 @@ def test_pipeline_hyperparameters_do_not_retrace(traced_once, with_reference):
 
 
 def test_sweep_pipeline_does_not_retrace_across_grids(traced_once):
-    traced_once(_pipeline, "_sweep_compiled")
+    traced_once(_sweep, "_sweep_compiled")
     pipeline, data = _small_pipeline_and_data()
     first = dx.sweep_pipeline(pipeline, data, key=jr.key(0), theta=np.array([0.0, 2.0]), temperature=np.array([0.5, 1.0]))
     second = dx.sweep_pipeline(pipeline, data, key=jr.key(0), theta=np.array([1.0, 3.0]), temperature=np.array([0.25, 4.0]))

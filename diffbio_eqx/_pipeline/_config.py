@@ -1,0 +1,125 @@
+"""`SingleCellPipelineConfig`: the settings a pipeline is built from."""
+
+import dataclasses
+import json
+import pathlib
+import tomllib
+from collections.abc import Mapping
+from typing import Any, Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleCellPipelineConfig:
+    """Everything that fixes the pipeline's shapes and stages (hashable, so it is static under `jit`).
+
+    The first twelve fields and their defaults are the seed's:
+
+    - `n_genes` (2000): genes in the count matrix.
+    - `n_clusters` (10): soft k-means clusters.
+    - `latent_dim` (64): VAE latent dimension.
+    - `hidden_dims` ((128, 64)): VAE encoder layer widths (the decoder mirrors them).
+    - `umap_n_components` (2): dimension of the parametric UMAP embedding.
+    - `batch_correction_clusters` (100): Harmony's K; `None` uses Harmony's `min(round(N / 30), 100)`.
+    - `batch_correction_iterations` (10): Harmony's outer rounds (`max_iter_harmony`).
+    - `clustering_temperature` (1.0): soft k-means temperature, in squared-distance units.
+    - `enable_ambient_removal`, `enable_batch_correction`, `enable_dim_reduction`, `enable_clustering` (True).
+
+    Then:
+
+    - `n_batches` (1): batch categories in `batch_labels`.
+    - `likelihood` ("nb"): the VAE's count likelihood, `"nb"`, `"zinb"` or `"poisson"`.
+    - `dropout_rate` (0.1), `use_layer_norm` (False): VAE encoder settings.
+    - `ambient_latent_dim` (10), `ambient_hidden_dim` (128): the ambient model's sizes.
+    - `harmony_theta` (2.0), `harmony_sigma` (0.1), `harmony_preset` ("harmony2"): Harmony settings.
+    - `umap_n_neighbors` (15), `umap_min_dist` (0.1), `umap_hidden_size` (100), `umap_depth` (3): parametric
+      UMAP settings (umap-learn's defaults).
+    """
+
+    n_genes: int = 2000
+    n_clusters: int = 10
+    latent_dim: int = 64
+    hidden_dims: tuple[int, ...] = (128, 64)
+    umap_n_components: int = 2
+    batch_correction_clusters: int | None = 100
+    batch_correction_iterations: int = 10
+    clustering_temperature: float = 1.0
+    enable_ambient_removal: bool = True
+    enable_batch_correction: bool = True
+    enable_dim_reduction: bool = True
+    enable_clustering: bool = True
+    n_batches: int = 1
+    likelihood: Literal["nb", "zinb", "poisson"] = "nb"
+    dropout_rate: float = 0.1
+    use_layer_norm: bool = False
+    ambient_latent_dim: int = 10
+    ambient_hidden_dim: int = 128
+    harmony_theta: float = 2.0
+    harmony_sigma: float = 0.1
+    harmony_preset: Literal["harmony2", "classic"] = "harmony2"
+    umap_n_neighbors: int = 15
+    umap_min_dist: float = 0.1
+    umap_hidden_size: int = 100
+    umap_depth: int = 3
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
+        positive = {
+            "n_genes": self.n_genes, "n_clusters": self.n_clusters, "latent_dim": self.latent_dim,
+            "umap_n_components": self.umap_n_components, "n_batches": self.n_batches,
+            "batch_correction_iterations": self.batch_correction_iterations,
+            "umap_n_neighbors": self.umap_n_neighbors,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if not self.hidden_dims or min(self.hidden_dims) < 1:
+            raise ValueError(f"hidden_dims: need at least one positive width, got {self.hidden_dims}")
+        if self.batch_correction_clusters is not None and self.batch_correction_clusters < 1:
+            raise ValueError(f"batch_correction_clusters: must be >= 1 or None, got {self.batch_correction_clusters}")
+        if not self.clustering_temperature > 0:
+            raise ValueError(f"clustering_temperature: must be > 0, got {self.clustering_temperature}")
+        if self.likelihood not in ("nb", "zinb", "poisson"):
+            raise ValueError(f"likelihood: must be 'nb', 'zinb' or 'poisson', got {self.likelihood!r}")
+        if self.harmony_preset not in ("harmony2", "classic"):
+            raise ValueError(f"harmony_preset: must be 'harmony2' or 'classic', got {self.harmony_preset!r}")
+
+    def replace(self, **changes: Any) -> "SingleCellPipelineConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "SingleCellPipelineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config: unknown setting(s) {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if "hidden_dims" in values:
+            values["hidden_dims"] = tuple(values["hidden_dims"])
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | pathlib.Path) -> "SingleCellPipelineConfig":
+        """Read a `.json` or `.toml` file of settings (a `[pipeline]` table in TOML, or top level)."""
+        return cls.from_dict(cls.settings_in_file(path))
+
+    @classmethod
+    def settings_in_file(cls, path: str | pathlib.Path) -> dict[str, Any]:
+        """Only the settings a `.json` or `.toml` file gives (checked against the config's fields), without the
+        defaults, so they can override another set of settings."""
+        source = pathlib.Path(path)
+        if not source.is_file():
+            raise ValueError(f"config: {str(source)!r} does not exist")
+        text = source.read_text()
+        try:
+            values = tomllib.loads(text) if source.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"config: {str(source)!r} could not be parsed ({error})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config: {str(source)!r} must hold a table of settings")
+        values = values.get("pipeline", values)
+        cls.from_dict(values)  # names and values checked here
+        return dict(values)

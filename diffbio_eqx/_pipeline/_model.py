@@ -1,0 +1,214 @@
+"""The single-cell pipeline as one immutable module: its output record, the Harmony reference, the pipeline.
+
+```
+counts ─ AmbientRemoval ─ VAENormalizer ─ Harmony ─┬─ ParametricUMAP ─► embeddings_2d
+                                                   └─ SoftKMeans ─────► cluster_assignments
+```
+A disabled stage passes its input on unchanged. Clustering reads the corrected embeddings, not the 2-D map.
+"""
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from .._ambient._stage import AmbientRemoval
+from .._clustering._stage import SoftKMeans
+from .._harmony._math import HarmonyResult, map_to_reference
+from .._harmony._stage import Harmony
+from .._umap._stage import ParametricUMAP
+from .._vae._stage import VAENormalizer
+from ._config import SingleCellPipelineConfig
+
+
+class PipelineOutput(eqx.Module):
+    """The pipeline's results, with the seed's names and shapes; also readable like a dict (`out["latent"]`).
+
+    - `counts`: `(n_cells, n_genes)` the input counts.
+    - `ambient_profile`: `(n_genes,)` the ambient profile used (normalised to sum 1).
+    - `batch_labels`: `(n_cells,)` the batch codes used.
+    - `decontaminated_counts`: `(n_cells, n_genes)` counts after ambient removal; only when it is enabled.
+    - `normalized`: `(n_cells, n_genes)` VAE-normalised expression (expected frequencies x 1e4).
+    - `latent`: `(n_cells, latent_dim)` VAE posterior means.
+    - `corrected_embeddings`: `(n_cells, latent_dim)` after Harmony (the latent when disabled).
+    - `embeddings_2d`: `(n_cells, umap_n_components)` parametric UMAP (the corrected embeddings when disabled).
+    - `cluster_assignments`: `(n_cells, n_clusters)` soft assignments (the corrected embeddings when disabled).
+    """
+
+    counts: Float[Array, "n_cells n_genes"]
+    ambient_profile: Float[Array, " n_genes"]
+    batch_labels: Int[Array, " n_cells"]
+    decontaminated_counts: Float[Array, "n_cells n_genes"] | None
+    normalized: Float[Array, "n_cells n_genes"]
+    latent: Float[Array, "n_cells latent_dim"]
+    corrected_embeddings: Float[Array, "n_cells latent_dim"]
+    embeddings_2d: Float[Array, "n_cells n_components"]
+    cluster_assignments: Float[Array, "n_cells n_assign"]
+
+    def keys(self) -> tuple[str, ...]:
+        names = [f.name for f in dataclasses.fields(self)]
+        return tuple(n for n in names if getattr(self, n) is not None)
+
+    def __getitem__(self, name: str) -> Array:
+        if name not in self.keys():
+            raise KeyError(f"{name!r} (available: {', '.join(self.keys())})")
+        return getattr(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys()
+
+    def items(self) -> list[tuple[str, Array]]:
+        return [(name, getattr(self, name)) for name in self.keys()]
+
+
+class HarmonyReference(eqx.Module):
+    """What mapping new cells onto a trained Harmony run needs (Symphony-style): the final centroids, each
+    cluster's ridge coefficients per batch, and the bandwidth. Independent of the number of reference cells."""
+
+    centroids: Float[Array, "n_clusters latent_dim"]
+    ridge_coefficients: Float[Array, "n_clusters n_batches latent_dim"]
+    sigma: Float[Array, ""]
+    n_batches: tuple[int, ...] = eqx.field(static=True)
+
+    @classmethod
+    def from_result(cls, result: HarmonyResult) -> "HarmonyReference":
+        return cls(result.centroids, result.ridge_coefficients, result.sigma, result.n_batches)
+
+    def transform(
+        self, latent: Float[Array, "n_cells latent_dim"], batch_labels: Int[Array, " n_cells"]
+    ) -> Float[Array, "n_cells latent_dim"]:
+        """Correct cells of batches seen in training with the stored centroids and coefficients."""
+        return map_to_reference(latent, batch_labels[:, None], self.centroids, self.ridge_coefficients,
+                                self.sigma, n_batches=self.n_batches)
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    return jtu.tree_map(lambda leaf: leaf.astype(dtype) if eqx.is_inexact_array(leaf) else leaf, tree)
+
+
+class SingleCellPipeline(eqx.Module):
+    """Ambient removal, VAE normalisation, Harmony, parametric UMAP and soft k-means as one immutable module.
+
+    Stages are reachable as `pipeline.ambient_removal`, `pipeline.vae_normalizer`, `pipeline.batch_correction`,
+    `pipeline.dim_reduction` and `pipeline.clustering` (None when disabled). After training, `harmony_reference`
+    holds the reference Harmony run's centroids and ridge coefficients, so new cells are corrected by mapping
+    them onto the reference (as Symphony does) instead of re-running Harmony.
+    """
+
+    ambient_removal: AmbientRemoval | None
+    vae_normalizer: VAENormalizer
+    batch_correction: Harmony | None
+    dim_reduction: ParametricUMAP | None
+    clustering: SoftKMeans | None
+    harmony_reference: HarmonyReference | None
+    config: SingleCellPipelineConfig = eqx.field(static=True)
+
+    def __init__(self, config: SingleCellPipelineConfig | None = None, *, key: PRNGKeyArray,
+                 dtype: Any = None):
+        """**Arguments:**
+
+        - `config`: a `SingleCellPipelineConfig` (default settings if None).
+        - `key`: PRNG key for all initial parameters. (Keyword only argument.)
+        - `dtype`: parameter dtype (default: JAX's default float).
+        """
+        config = SingleCellPipelineConfig() if config is None else config
+        self.config = config
+        ambient_key, vae_key, umap_key, cluster_key = jr.split(key, 4)
+        self.ambient_removal = (
+            AmbientRemoval(config.n_genes, latent_dim=config.ambient_latent_dim,
+                           hidden_dim=config.ambient_hidden_dim, dtype=dtype, key=ambient_key)
+            if config.enable_ambient_removal else None
+        )
+        self.vae_normalizer = VAENormalizer(
+            config.n_genes, config.n_batches, hidden_dims=config.hidden_dims, latent_dim=config.latent_dim,
+            likelihood=config.likelihood, dropout_rate=config.dropout_rate, use_layer_norm=config.use_layer_norm,
+            dtype=dtype, key=vae_key,
+        )
+        float_dtype = self.vae_normalizer.dtype
+        self.batch_correction = (
+            Harmony(preset=config.harmony_preset, theta=jnp.asarray(config.harmony_theta, float_dtype),
+                    sigma=jnp.asarray(config.harmony_sigma, float_dtype),
+                    n_clusters=config.batch_correction_clusters,
+                    max_iter_harmony=config.batch_correction_iterations, n_batches=config.n_batches)
+            if config.enable_batch_correction else None
+        )
+        self.dim_reduction = (
+            ParametricUMAP(config.latent_dim, n_components=config.umap_n_components,
+                           n_neighbors=config.umap_n_neighbors, min_dist=config.umap_min_dist,
+                           hidden_size=config.umap_hidden_size, depth=config.umap_depth, key=umap_key)
+            if config.enable_dim_reduction else None
+        )
+        # Every float leaf in the pipeline's dtype (Harmony's settings and the UMAP encoder are built in JAX's default
+        # float), so a float32 pipeline stays float32 with x64 on, and a saved pipeline loads under either setting.
+        self.batch_correction, self.dim_reduction = _cast_floats((self.batch_correction, self.dim_reduction),
+                                                                 float_dtype)
+        # Placeholder centroids until `fit_pipeline` initialises them by k-means++ on the corrected cells.
+        self.clustering = (
+            SoftKMeans(jr.normal(cluster_key, (config.n_clusters, config.latent_dim), dtype=float_dtype),
+                       temperature=jnp.asarray(config.clustering_temperature, float_dtype))
+            if config.enable_clustering else None
+        )
+        self.harmony_reference = None
+
+    @property
+    def dtype(self) -> Any:
+        return self.vae_normalizer.dtype
+
+    def __call__(
+        self,
+        counts: Float[Array, "n_cells n_genes"],
+        ambient_profile: Float[Array, " n_genes"],
+        batch_labels: Int[Array, " n_cells"],
+        *,
+        key: PRNGKeyArray,
+        inference: bool = True,
+    ) -> PipelineOutput:
+        """Run every enabled stage on already validated arrays (see `run_pipeline` for the checked entry point)."""
+        ambient_key, vae_key, harmony_key = jr.split(key, 3)
+        decontaminated = None
+        x = counts
+        if self.ambient_removal is not None:
+            result = self.ambient_removal(counts, ambient_profile, key=ambient_key, inference=inference)
+            decontaminated = result.decontaminated_counts
+            x = decontaminated
+        vae_out = self.vae_normalizer(x, batch_labels, key=None if inference else vae_key, inference=inference)
+        latent = vae_out.latent
+        corrected = self.correct(latent, batch_labels, key=harmony_key, inference=inference)
+        embeddings_2d = corrected if self.dim_reduction is None else self.dim_reduction(corrected)
+        assignments = corrected if self.clustering is None else self.clustering(corrected)
+        return PipelineOutput(
+            counts=counts, ambient_profile=ambient_profile, batch_labels=batch_labels,
+            decontaminated_counts=decontaminated, normalized=vae_out.normalized, latent=latent,
+            corrected_embeddings=corrected, embeddings_2d=embeddings_2d, cluster_assignments=assignments,
+        )
+
+    def correct(
+        self, latent: Float[Array, "n_cells latent_dim"], batch_labels: Int[Array, " n_cells"], *,
+        key: PRNGKeyArray, inference: bool = True,
+    ) -> Float[Array, "n_cells latent_dim"]:
+        """Batch-correct a latent: map onto the trained reference in inference, else run Harmony on these cells."""
+        if self.batch_correction is None:
+            return latent
+        if inference and self.harmony_reference is not None:
+            return self.harmony_reference.transform(latent, batch_labels)
+        return self.batch_correction(latent, batch_labels, key=key)
+
+
+def create_single_cell_pipeline(*, key: PRNGKeyArray, config: SingleCellPipelineConfig | None = None,
+                                **settings: Any) -> SingleCellPipeline:
+    """Build a `SingleCellPipeline` from keyword settings (those of `SingleCellPipelineConfig`) or a config.
+
+    !!! example
+        ```python
+        pipeline = create_single_cell_pipeline(n_genes=765, n_clusters=10, n_batches=2, key=jr.key(0))
+        ```
+    """
+    if config is not None and settings:
+        config = config.replace(**settings)
+    elif config is None:
+        config = SingleCellPipelineConfig.from_dict(settings)
+    return SingleCellPipeline(config, key=key)
