@@ -45,6 +45,15 @@ from ._core._metrics import (
     normalized_mutual_info as normalized_mutual_info,
     silhouette_label as silhouette_label,
 )
+from ._core._neighbors import (
+    FuzzyGraph as FuzzyGraph,
+    NeighborGraph as NeighborGraph,
+    exact_knn as exact_knn,
+    fuzzy_simplicial_set as fuzzy_simplicial_set,
+    membership_strengths as membership_strengths,
+    neighbor_graph as neighbor_graph,
+    smooth_knn_dist as smooth_knn_dist,
+)
 from ._core._nn import CovariateMLP as CovariateMLP
 from ._core._train import (
     FitResult as FitResult,
@@ -94,14 +103,7 @@ from ._simulate._scale import (
     simulate_sparse as simulate_sparse,
 )
 from ._simulate._simulate import SimulatedData as SimulatedData, simulate as simulate
-from ._umap._graph import (
-    FuzzyGraph as FuzzyGraph,
-    exact_knn as exact_knn,
-    find_ab_params as find_ab_params,
-    fuzzy_simplicial_set as fuzzy_simplicial_set,
-    membership_strengths as membership_strengths,
-    smooth_knn_dist as smooth_knn_dist,
-)
+from ._umap._graph import find_ab_params as find_ab_params
 from ._umap._loss import umap_loss as umap_loss
 from ._umap._stage import (
     ParametricUMAP as ParametricUMAP,

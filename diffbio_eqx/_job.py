@@ -24,6 +24,7 @@ from ._core._metrics import (
     normalized_mutual_info,
     silhouette_label,
 )
+from ._core._neighbors import exact_knn
 from ._pipeline import (
     SingleCellPipelineConfig,
     create_single_cell_pipeline,
@@ -32,7 +33,6 @@ from ._pipeline import (
     save_pipeline,
 )
 from ._report import markdown_table, plot_embedding, plot_training, write_text
-from ._umap._graph import exact_knn
 from ._vae._stage import default_n_epochs
 
 

@@ -10,16 +10,10 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree
 
+from .._core._neighbors import FuzzyGraph, exact_knn, fuzzy_simplicial_set
 from .._core._train import fit
 from .._core._validate import check_embedding
-from ._graph import (
-    FuzzyGraph,
-    default_n_epochs,
-    exact_knn,
-    find_ab_params,
-    fuzzy_simplicial_set,
-    prune_weights,
-)
+from ._graph import find_ab_params, prune_weights, umap_default_epochs
 from ._loss import umap_loss
 
 
@@ -261,7 +255,7 @@ class ParametricUMAP(eqx.Module):
         - `batch_size`: edges per step (umap-learn's parametric default is `min(n_cells, 1000)`).
         - `graph`: a precomputed `FuzzyGraph` of `x` (e.g. to reuse across runs); built if None.
         - `prune_epochs`: drop edges with weight below `max / prune_epochs`, as umap-learn does before optimising
-          with its epoch count; default umap-learn's count (`default_n_epochs`: 500 up to 10,000 cells, 200
+          with its epoch count; default umap-learn's count (`umap_default_epochs`: 500 up to 10,000 cells, 200
           above).
         - `optimizer`: default `umap_optimizer()` (Adam 1e-3 with gradient clipping at 4, as umap-learn), one
           object shared by every call; pass the same object across calls (a fresh one compiles again).
@@ -278,7 +272,7 @@ class ParametricUMAP(eqx.Module):
             steps_per_epoch = -(-graph.weights.shape[0] // min(batch_size, graph.weights.shape[0]))
             n_epochs = max(1, round(DEFAULT_N_STEPS / steps_per_epoch))
         if prune_epochs is None:
-            prune_epochs = default_n_epochs(x.shape[0])
+            prune_epochs = umap_default_epochs(x.shape[0])
         weights = prune_weights(graph.weights, prune_epochs)
         result = fit(
             self, ParametricUMAP.loss, (graph.heads, graph.tails), key=key, n_epochs=n_epochs,
