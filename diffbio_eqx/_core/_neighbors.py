@@ -315,7 +315,7 @@ def _is_integer(value: object) -> bool:
 
 
 def neighbor_graph(
-    x: Float[ArrayLike, "n_cells n_dims"],
+    x: ArrayLike,
     n_neighbors: int = 15,
     *,
     method: str = "exact",

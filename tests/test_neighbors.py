@@ -1,0 +1,153 @@
+"""The shared neighbour graph (`neighbor_graph`): exact kNN against brute force, blocks, connectivities against
+scanpy, bad input."""
+
+import warnings
+
+import anndata as ad
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from helpers import log_normalized_pca, tree_allclose
+
+import diffbio_eqx as dx
+from diffbio_eqx._core import _neighbors
+
+
+def _data(seed: int, n_cells: int = 120, n_dims: int = 6, n_duplicates: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(n_cells, n_dims))
+    if n_duplicates:  # exact copies of earlier cells: distance 0 ties with the cell itself
+        x[-n_duplicates:] = x[:n_duplicates]
+    return x
+
+
+def _brute_force(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Direct pairwise distances in float64; the cell itself first, other ties in index order."""
+    distances = np.sqrt(np.sum((x[:, None, :] - x[None, :, :]) ** 2, axis=-1))
+    ranked = distances.copy()
+    np.fill_diagonal(ranked, -1.0)
+    indices = np.argsort(ranked, axis=1, kind="stable")[:, :k]
+    return indices, np.take_along_axis(distances, indices, axis=1)
+
+
+def _connectivity_matrix(graph: dx.NeighborGraph) -> sp.csr_matrix:
+    c = graph.connectivities
+    n = graph.indices.shape[0]
+    matrix = sp.coo_matrix((np.asarray(c.weights), (np.asarray(c.heads), np.asarray(c.tails))), shape=(n, n))
+    matrix = matrix.tocsr()
+    matrix.eliminate_zeros()
+    return matrix
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n_duplicates", [0, 10, 40])
+def test_neighbor_graph_equals_brute_force_with_ties_to_self(seed, n_duplicates):
+    x = _data(seed, n_duplicates=n_duplicates)
+    x[5] = x[6] = x[7] = x[4]  # four identical cells: each must still come first in its own row
+    graph = dx.neighbor_graph(x, 10)
+    indices, distances = _brute_force(x, 10)
+    assert graph.indices.shape == graph.distances.shape == (120, 10)
+    np.testing.assert_array_equal(graph.indices[:, 0], np.arange(120))
+    np.testing.assert_array_equal(graph.indices, indices)
+    np.testing.assert_allclose(graph.distances, distances, rtol=1e-12, atol=1e-12)
+    assert np.all(np.diff(np.asarray(graph.distances), axis=1) >= 0)
+
+
+def test_exact_knn_of_queries_against_a_reference_equals_brute_force(getkey):
+    reference = _data(3, n_cells=90)
+    queries = np.asarray(jr.normal(getkey(), (23, 6)))
+    indices, distances = dx.exact_knn(jnp.asarray(queries), jnp.asarray(reference), 7, block_size=5)
+    direct = np.sqrt(np.sum((queries[:, None, :] - reference[None, :, :]) ** 2, axis=-1))
+    expected = np.argsort(direct, axis=1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(distances, np.take_along_axis(direct, expected, axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 64, 120])
+def test_blocked_equals_unblocked(block_size):
+    x = _data(4, n_duplicates=12)
+    blocked, whole = dx.neighbor_graph(x, 15, block_size=block_size), dx.neighbor_graph(x, 15)
+    np.testing.assert_array_equal(blocked.indices, whole.indices)
+    np.testing.assert_array_equal(blocked.connectivities.heads, whole.connectivities.heads)
+    # The same neighbours; distances agree to the last bits (XLA may sum the coordinates in another order).
+    assert tree_allclose(blocked, whole, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("set_op_mix_ratio,local_connectivity", [(1.0, 1.0), (0.5, 1.5), (0.0, 2.0)])
+def test_connectivities_are_symmetric_in_the_unit_interval(set_op_mix_ratio, local_connectivity):
+    x = _data(5, n_cells=200, n_duplicates=20)
+    graph = dx.neighbor_graph(
+        x, 15, set_op_mix_ratio=set_op_mix_ratio, local_connectivity=local_connectivity
+    )
+    matrix = _connectivity_matrix(graph)
+    assert abs(matrix - matrix.T).max() == 0
+    assert matrix.nnz > 0 and np.all(matrix.data > 0) and np.all(matrix.data <= 1)
+    assert matrix.diagonal().max() == 0
+    # Every kNN edge that survives the set operation is in the matrix; with the union, every one does.
+    rows = np.repeat(np.arange(200), 14)
+    knn_edges = np.asarray(matrix[rows, np.asarray(graph.indices)[:, 1:].reshape(-1)]).reshape(-1)
+    if set_op_mix_ratio == 1.0:
+        assert np.all(knn_edges > 0)
+
+
+@pytest.fixture(scope="module")
+def pcs():
+    sim = dx.simulate(jr.key(0), n_cells=400, n_genes=200, n_groups=4)
+    return log_normalized_pca(np.asarray(sim.counts), 20)
+
+
+@pytest.mark.parametrize("n_neighbors", [5, 15, 30])
+def test_connectivities_and_distances_match_scanpy(pcs, n_neighbors):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import scanpy as sc
+
+        adata = ad.AnnData(pcs.astype(np.float64))
+        sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep="X", method="umap")
+    graph = dx.neighbor_graph(pcs, n_neighbors)
+    ours = _connectivity_matrix(graph)
+    reference = adata.obsp["connectivities"].tocsr()
+    assert abs(ours - reference).max() <= 5e-5  # umap-learn works in float32, to a bisection tolerance of 1e-5
+    assert (ours != 0).sum() == (reference != 0).sum()
+    distances = adata.obsp["distances"].tocsr()
+    np.testing.assert_array_equal(np.sort(distances.indices.reshape(-1, n_neighbors - 1), axis=1),
+                                  np.sort(np.asarray(graph.indices)[:, 1:], axis=1))
+    np.testing.assert_allclose(np.sort(distances.data.reshape(-1, n_neighbors - 1), axis=1),
+                               np.asarray(graph.distances)[:, 1:], rtol=1e-5, atol=1e-6)
+
+
+def test_the_graph_follows_a_continuous_setting_under_vmap_without_recompiling(monkeypatch):
+    x = jnp.asarray(_data(6))
+    ratios = jnp.asarray([1.0, 0.25])
+    stacked = jax.vmap(lambda r: dx.neighbor_graph(x, 8, set_op_mix_ratio=r))(ratios)
+    for i, ratio in enumerate([1.0, 0.25]):
+        one = dx.neighbor_graph(x, 8, set_op_mix_ratio=ratio)
+        np.testing.assert_allclose(stacked.connectivities.weights[i], one.connectivities.weights, rtol=1e-12)
+    original = _neighbors._exact_neighbor_graph
+    monkeypatch.setattr(_neighbors, "_exact_neighbor_graph",
+                        eqx.filter_jit(eqx.debug.assert_max_traces(original.__wrapped__, max_traces=1)))
+    for ratio, connectivity in ((1.0, 1.0), (0.5, 1.5), (0.1, 2.0)):
+        dx.neighbor_graph(x, 8, set_op_mix_ratio=ratio, local_connectivity=connectivity)
+
+
+def test_bad_input_names_the_field():
+    x = _data(7, n_cells=20)
+    for n_neighbors in (20, 25, 1, 0):
+        with pytest.raises(ValueError, match="n_neighbors"):
+            dx.neighbor_graph(x, n_neighbors)
+    with pytest.raises(ValueError, match="method"):
+        dx.neighbor_graph(x, 5, method="pynndescent")
+    with pytest.raises(ValueError, match="block_size"):
+        dx.neighbor_graph(x, 5, block_size=0)
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"x: .*non-finite.*cell 3"):
+        dx.neighbor_graph(bad, 5)
+    with pytest.raises(ValueError, match="x: expected a 2-D"):
+        dx.neighbor_graph(x[0], 5)
+    # Inside the caller's jit the value check runs in the compiled graph.
+    with pytest.raises((ValueError, RuntimeError), match="x: contains non-finite"):
+        jax.jit(lambda v: dx.neighbor_graph(v, 5).distances)(jnp.asarray(bad))
