@@ -58,6 +58,8 @@ from ._core._nn import CovariateMLP as CovariateMLP
 from ._core._train import (
     FitResult as FitResult,
     SparseRows as SparseRows,
+    TrainSettings as TrainSettings,
+    TrainState as TrainState,
     data_mesh as data_mesh,
     fit as fit,
     map_in_chunks as map_in_chunks,
@@ -108,11 +110,13 @@ from ._umap._loss import umap_loss as umap_loss
 from ._umap._stage import (
     ParametricUMAP as ParametricUMAP,
     UMAPFitResult as UMAPFitResult,
+    fit_umap as fit_umap,
     umap_graph as umap_graph,
 )
 from ._vae._stage import (
     VAELoss as VAELoss,
     VAENormalizer as VAENormalizer,
+    VAEOptions as VAEOptions,
     VAEOutput as VAEOutput,
     fit_vae as fit_vae,
     load_vae as load_vae,

@@ -33,7 +33,7 @@ from ._pipeline import (
     save_pipeline,
 )
 from ._report import markdown_table, plot_embedding, plot_training, write_text
-from ._vae._stage import default_n_epochs
+from ._vae._stage import vae_default_epochs
 
 
 @dataclasses.dataclass
@@ -162,7 +162,7 @@ def run_job(
     if "vae_epochs" not in epochs:
         # scVI's heuristic, capped at 100: on small sets (400 epochs for 700 cells) longer training overfits, in
         # scvi-tools as in ours, and mixes batches less.
-        epochs["vae_epochs"] = min(default_n_epochs(adata.n_obs), 100)
+        epochs["vae_epochs"] = min(vae_default_epochs(adata.n_obs), 100)
         notes.append(f"VAE epochs: {epochs['vae_epochs']} (scVI's heuristic capped at 100).")
 
     with _staged_output(target) as staging:

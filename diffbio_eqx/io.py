@@ -1,10 +1,8 @@
 """AnnData in and out, under scanpy's conventions; atomic file writes."""
 
-import contextlib
 import os
 import pathlib
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import anndata as ad
@@ -14,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 from jaxtyping import ArrayLike, PRNGKeyArray
 
+from ._core._checkpoint import atomic_path as atomic_path  # the one atomic writer, re-exported
 from ._core._validate import check_batch_labels, check_counts
 from ._pipeline import PipelineFit, SingleCellPipeline, SingleCellPipelineConfig, fit_pipeline, run_pipeline
 
@@ -150,28 +149,6 @@ def to_anndata(adata: ad.AnnData, result: Any, *, copy: bool = True) -> ad.AnnDa
         out.obs[CLUSTER_KEY] = pd.Categorical([str(k) for k in labels], categories=categories)
         out.obsm[f"{CLUSTER_KEY}_probabilities"] = probabilities
     return out
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
-    """Yield a temporary path beside `path`; on success rename it over `path`, on failure remove it."""
-    target = pathlib.Path(path)
-    directory = target.parent if str(target.parent) else pathlib.Path(".")
-    if not directory.is_dir():
-        raise ValueError(f"output: folder {str(directory)!r} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise ValueError(f"output: folder {str(directory)!r} is not writable")
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    os.close(handle)
-    temporary_path = pathlib.Path(temporary)
-    try:
-        yield temporary_path
-        with open(temporary_path, "rb+") as written:  # on disk before the rename, so a crash never leaves it empty
-            os.fsync(written.fileno())
-        os.replace(temporary_path, target)
-    except BaseException:
-        temporary_path.unlink(missing_ok=True)
-        raise
 
 
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike[str], *,

@@ -58,21 +58,22 @@ def stages(seed: int) -> dict[str, str]:
     keys = jr.split(jr.key(seed), 10)
     out = {}
     ambient = dx.AmbientRemoval(counts.shape[1], latent_dim=3, hidden_dim=16, key=keys[0])
-    fitted = dx.fit_ambient_removal(ambient, counts, profile, key=keys[1], n_epochs=3, progress=False)
+    fitted = dx.fit_ambient_removal(ambient, counts, profile, key=keys[1],
+                                    settings=dx.TrainSettings(n_epochs=3, progress=False))
     cleaned = dx.remove_ambient(fitted.model, counts, profile)
     out["ambient"] = digest(fitted.model, fitted.train_loss, cleaned)
     x = np.asarray(cleaned.decontaminated_counts)
     vae = dx.VAENormalizer(counts.shape[1], 2, hidden_dims=(32,), latent_dim=5, key=keys[2])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dx.NonIntegerCountsWarning)
-        trained = dx.fit_vae(vae, x, batches, key=keys[3], n_epochs=5, progress=False)
+        trained = dx.fit_vae(vae, x, batches, key=keys[3], settings=dx.TrainSettings(n_epochs=5, progress=False))
         transformed = dx.vae_transform(trained.model, x, batches)
     out["vae"] = digest(trained.model, trained.train_loss, trained.validation_loss, transformed)
     harmonized = dx.harmony(transformed.latent, batches, key=keys[4], n_clusters=5)
     out["harmony"] = digest(harmonized)
     corrected = np.asarray(harmonized.z_corr)
     umap = dx.ParametricUMAP(corrected.shape[1], hidden_size=16, depth=2, key=keys[5])
-    mapped = umap.fit(corrected, key=keys[6], n_epochs=3, progress=False)
+    mapped = dx.fit_umap(umap, corrected, key=keys[6], settings=dx.TrainSettings(n_epochs=3, progress=False))
     out["umap"] = digest(mapped.model, mapped.graph, mapped.train_loss, mapped.model.embed(corrected))
     clustering = dx.SoftKMeans.from_data(corrected, 3, key=keys[7], n_iter=30)
     out["clustering"] = digest(clustering, clustering(corrected))
@@ -132,7 +133,7 @@ def vae_training(mode: str, folder: str) -> dict[str, str]:
     counts, batches, _ = _data()
     vae = dx.VAENormalizer(counts.shape[1], 2, hidden_dims=(32,), latent_dim=5, key=jr.key(1))
     path = pathlib.Path(folder) / "vae.training.eqx"
-    settings = dict(key=jr.key(2), n_epochs=6, progress=False)
+    settings = dict(n_epochs=6, progress=False)
     if mode == "stop-after-3":
         _exit_on_call(vae_module, "kl_warmup_weight", lambda epoch, *a, **k: epoch == 3)
     elif mode == "kill-in-write-4":
@@ -141,7 +142,7 @@ def vae_training(mode: str, folder: str) -> dict[str, str]:
         eqx.tree_serialise_leaves = half_written(4, lambda: os._exit(3))
     if mode != "full":
         settings.update(checkpoint_path=path, resume=mode == "resume")
-    fitted = dx.fit_vae(vae, counts, batches, **settings)
+    fitted = dx.fit_vae(vae, counts, batches, key=jr.key(2), settings=dx.TrainSettings(**settings))
     return {"vae": digest(fitted.model, fitted.train_loss, fitted.validation_loss)}
 
 
@@ -158,7 +159,9 @@ def pipeline_training(mode: str, folder: str) -> dict[str, str]:
     data = {"counts": counts, "batch_labels": batches, "ambient_profile": profile}
     settings = dict(PIPELINE_FIT)
     if mode == "stop-before-umap":
-        _exit_on_call(dx.ParametricUMAP, "fit", lambda *a, **k: True)
+        import diffbio_eqx._umap._stage as umap_module
+
+        _exit_on_call(umap_module, "fit_umap", lambda *a, **k: True)
     if mode != "full":
         settings["checkpoint_dir"] = folder
     fitted = dx.fit_pipeline(model, data, key=fit_key, **settings)

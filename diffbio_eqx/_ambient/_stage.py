@@ -11,7 +11,6 @@ It is trained on minibatches with the shared `fit` (`fit_ambient_removal`) and a
 which).
 """
 
-import os
 import warnings
 from typing import Any
 
@@ -22,8 +21,10 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from .._core._distributions import log_library_size, reparameterize
 from .._core._nn import dense
-from .._core._train import FitResult, fit, map_in_chunks, shared_scvi_optimizer
+from .._core._stage import AbstractTrainableStage
+from .._core._train import FitResult, TrainSettings, fit, map_in_chunks, shared_optimizer
 from .._core._validate import check_ambient_profile, check_counts
 from ._math import (
     ambient_count_log_likelihood,
@@ -46,10 +47,6 @@ class AmbientProfileWarning(UserWarning):
 # --------------------------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _log_total(counts: Float[Array, "n_cells n_genes"]) -> Float[Array, " n_cells"]:
-    return jnp.log(jnp.maximum(jnp.sum(counts, axis=-1), 1.0))
 
 
 def _normalized_log_counts(counts: Float[Array, "n_cells n_genes"]) -> Float[Array, "n_cells n_genes"]:
@@ -79,7 +76,7 @@ class AmbientResult(eqx.Module):
         return getattr(self, name)
 
 
-class AmbientRemoval(eqx.Module):
+class AmbientRemoval(AbstractTrainableStage):
     """Remove ambient RNA with CellBender's ambient model: $x \\sim \\mathrm{NB}(\\mu + \\lambda, \\theta)$ with
     cell rate $\\mu = (1 - f) T \\,\\mathrm{softmax}(\\mathrm{decoder}(z))$ and ambient rate $\\lambda = f T a$.
 
@@ -108,7 +105,7 @@ class AmbientRemoval(eqx.Module):
         encoder and let the fraction drift to 0.5-0.99 on data without absent genes.
 
     Call contract: `stage(counts, ambient_profile, *, key=None, inference=False) -> AmbientResult` and
-    `stage.loss(counts, ambient_profile, *, key) -> (loss, aux)`.
+    `stage.loss((counts, ambient_profile), *, key) -> (loss, aux)`; trained by `fit_ambient_removal`.
     """
 
     encoder: eqx.nn.Linear
@@ -202,7 +199,7 @@ class AmbientRemoval(eqx.Module):
         h = jax.nn.relu(dense(_normalized_log_counts(counts), self.encoder))
         latent = dense(h, self.encoder_latent)
         contamination, ambient_count, _ = self._prior()
-        centre = prior_logit_fraction(_log_total(counts), contamination, ambient_count)
+        centre = prior_logit_fraction(log_library_size(counts), contamination, ambient_count)
         fraction = centre + dense(h, self.encoder_fraction)[:, 0]
         return latent[:, : self.latent_dim], latent[:, self.latent_dim :], fraction
 
@@ -275,12 +272,9 @@ class AmbientRemoval(eqx.Module):
         log_profile = safe_log_profile(profile)
         z_mean, z_log_variance, logit_f = self.encode(counts)
         sample = key is not None and not inference
-        if sample:
-            z = z_mean + jnp.exp(0.5 * z_log_variance) * jr.normal(key, z_mean.shape, dtype=self.dtype)
-        else:
-            z = z_mean
+        z = reparameterize(z_mean, z_log_variance, key=key) if sample else z_mean
         log_cell_profile = self.decode(z)
-        log_total = _log_total(counts)
+        log_total = log_library_size(counts)
         if self.n_refine_steps and not sample:
             logit_f, _ = refine_logit_fraction(
                 counts, log_cell_profile, log_profile, logit_f, n_steps=self.n_refine_steps,
@@ -299,8 +293,8 @@ class AmbientRemoval(eqx.Module):
 
     def loss(
         self,
-        counts: Float[Array, "n_cells n_genes"],
-        ambient_profile: Float[Array, " n_genes"],
+        batch: tuple[Float[Array, "n_cells n_genes"], Float[Array, " n_genes"]],
+        /,
         *,
         key: PRNGKeyArray,
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
@@ -312,17 +306,17 @@ class AmbientRemoval(eqx.Module):
 
         **Arguments:**
 
-        - `counts`: `(n_cells, n_genes)` a minibatch of raw counts.
-        - `ambient_profile`: `(n_genes,)` the ambient profile.
+        - `batch`: `(counts, ambient_profile)`: a `(n_cells, n_genes)` minibatch of raw counts and the
+          `(n_genes,)` ambient profile, as in `__call__`.
         - `key`: PRNG key for the posterior draw of `z`. (Keyword only argument.)
 
         **Returns:** `(loss, aux)` with the per-cell means `reconstruction` (negative log-likelihood), `kl_latent`,
         `prior_fraction` (negative log prior density of `logit f`) and `ambient_fraction`.
         """
-        counts, profile = self._check(counts, ambient_profile)
+        counts, profile = self._check(*batch)
         z_mean, z_log_variance, logit_f = self.encode(counts)
-        z = z_mean + jnp.exp(0.5 * z_log_variance) * jr.normal(key, z_mean.shape, dtype=self.dtype)
-        log_total = _log_total(counts)
+        z = reparameterize(z_mean, z_log_variance, key=key)
+        log_total = log_library_size(counts)
         log_cell_profile = self.decode(z)
         log_cell_rate, log_ambient_rate = ambient_log_rates(
             log_total, logit_f, log_cell_profile, safe_log_profile(profile)
@@ -348,7 +342,7 @@ def _ambient_loss(
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """`fit`'s loss function: the minibatch is `(counts,)` and the context is the ambient profile."""
     (counts,) = batch
-    return stage.loss(counts, ambient_profile, key=key)
+    return stage.loss((counts, ambient_profile), key=key)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -497,14 +491,14 @@ def _resolve_profile(checked: Any, ambient_profile: Any, raw_counts: Any) -> np.
 # --------------------------------------------------------------------------------------------------------------
 
 
-def default_n_epochs(n_cells: int) -> int:
+def ambient_default_epochs(n_cells: int) -> int:
     """Epochs for `fit_ambient_removal`: `min(round(20000 / n_cells * 300), 300)` (at least 1).
 
     scvi-tools' heuristic scaled to a CellBender-like length: 6 million cell passes (about 47,000 minibatches of
-    128), but at most 300 epochs, so small sets get at least 300 passes. Steps matter more than epochs here: the decoder starts at the pooled
-    profile, which contains every type's markers, and must learn to drop the genes a type does not express
-    before the fraction can claim their counts (at 600 cells, 50 epochs left 26 % of such counts at 2 %
-    contamination and underestimated 30 % contamination by 0.03; 300 epochs: 14 % and 0.015).
+    128), but at most 300 epochs, so small sets get at least 300 passes. Steps matter more than epochs here: the
+    decoder starts at the pooled profile, which contains every type's markers, and must learn to drop the genes a
+    type does not express before the fraction can claim their counts (at 600 cells, 50 epochs left 26 % of such
+    counts at 2 % contamination and underestimated 30 % contamination by 0.03; 300 epochs: 14 % and 0.015).
     """
     return max(1, min(round(20000 / max(n_cells, 1) * 300), 300))
 
@@ -516,17 +510,7 @@ def fit_ambient_removal(
     *,
     key: PRNGKeyArray,
     raw_counts: Any = None,
-    n_epochs: int | None = None,
-    batch_size: int = 128,
-    learning_rate: float = 3e-3,
-    weight_decay: float = 1e-6,
-    eps: float = 0.01,
-    validation_fraction: float = 0.0,
-    early_stopping_patience: int | None = None,
-    restore_best: bool = False,
-    checkpoint_path: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    progress: bool = True,
+    settings: TrainSettings | None = None,
     init_profile: bool = True,
 ) -> FitResult:
     """Train an `AmbientRemoval` stage with the shared minibatch loop (`fit`).
@@ -541,12 +525,10 @@ def fit_ambient_removal(
     - `raw_counts`: the unfiltered matrix (cells and empty droplets). Its empty droplets give the profile (when
       `ambient_profile` is None) and, when the stage has no `prior_ambient_count` yet, CellBender's prior on the
       ambient count per droplet (`estimate_ambient_count`), which the returned model keeps.
-    - `n_epochs`: passes over the cells; None: `default_n_epochs(n_cells)` (300 up to 20,000 cells).
-    - `batch_size`, `learning_rate`, `weight_decay`, `eps`: AdamW settings (eps 0.01 as scvi-tools).
-    - `validation_fraction`, `early_stopping_patience`, `restore_best`: as in `fit` (the validation loss is the
-      negative ELBO).
-    - `checkpoint_path`, `resume`: save after every epoch and continue an interrupted run exactly.
-    - `progress`: tqdm bar per epoch.
+    - `settings`: the loop's `TrainSettings`; what is left at None takes these defaults: `n_epochs`
+      `ambient_default_epochs(n_cells)` (300 up to 20,000 cells), `batch_size` 128, AdamW (`shared_optimizer()`)
+      with `hyperparameters` `{"learning_rate": 3e-3, "weight_decay": 1e-6, "eps": 0.01}` (given ones replace
+      these), no validation split (with one, the validation loss is the negative ELBO).
     - `init_profile`: start the decoder at the cells' pooled profile (its output bias), so that no droplet's
       counts are handed to the ambient term just because the untrained decoder fits worse than the ambient
       profile (with a random decoder the fraction ran to 0.19 in 45 steps on clean data, and to 1.0 with the
@@ -577,25 +559,14 @@ def fit_ambient_removal(
     trainable = eqx.tree_at(
         lambda s: (s.prior_contamination, s.prior_ambient_count, s.prior_log_scale), trainable, (False,) * 3
     )
-    return fit(
-        stage,
-        _ambient_loss,
-        (checked,),
-        key=key,
-        n_epochs=default_n_epochs(checked.shape[0]) if n_epochs is None else n_epochs,
-        batch_size=batch_size,
-        context=jnp.asarray(profile, dtype=stage.dtype),
-        optimizer=shared_scvi_optimizer(),
-        hyperparameters={"learning_rate": learning_rate, "weight_decay": weight_decay, "eps": eps},
-        validation_fraction=validation_fraction,
-        early_stopping_patience=early_stopping_patience,
-        restore_best=restore_best,
-        checkpoint_path=checkpoint_path,
-        resume=resume,
-        progress=progress,
+    defaults = TrainSettings(
+        n_epochs=ambient_default_epochs(checked.shape[0]), batch_size=128, optimizer=shared_optimizer(),
+        hyperparameters={"learning_rate": 3e-3, "weight_decay": 1e-6, "eps": 0.01}, validation_fraction=0.0,
         description="ambient removal",
-        trainable=trainable,
     )
+    settings = (TrainSettings() if settings is None else settings).filled(defaults)
+    return fit(stage, _ambient_loss, (checked,), key=key, settings=settings,
+               context=jnp.asarray(profile, dtype=stage.dtype), trainable=trainable)
 
 
 @eqx.filter_jit
@@ -642,7 +613,7 @@ __all__ = [
     "empty_droplet_threshold",
     "estimate_ambient_count",
     "estimate_ambient_profile",
-    "default_n_epochs",
+    "ambient_default_epochs",
     "fit_ambient_removal",
     "remove_ambient",
     "resolve_ambient_profile",

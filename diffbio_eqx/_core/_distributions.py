@@ -1,4 +1,5 @@
-"""Count likelihoods: negative binomial, zero-inflated negative binomial and Poisson log-probabilities.
+"""Count likelihoods (negative binomial, zero-inflated negative binomial, Poisson), a cell's log library size,
+and the Gaussian reparameterisation the count VAEs (scVI's, the ambient model's) share.
 
 Elementwise pure functions. Every pair of a mean-space function and a log-space one computes the same value;
 the log-space forms are what the VAE uses (its decoder produces `log_softmax + log(library)`), and they are the
@@ -18,9 +19,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 from jax.custom_derivatives import SymbolicZero
 from jax.scipy.special import gammaln, xlogy
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PRNGKeyArray
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -304,3 +306,15 @@ def poisson_log_prob(
     **Returns:** the log-probability, the shape of `counts`.
     """
     return xlogy(counts, rate) - rate - gammaln(counts + 1.0)
+
+
+def log_library_size(counts: Float[Array, "n_cells n_genes"]) -> Float[Array, " n_cells"]:
+    """Log of each cell's observed total count (clamped at 1 so an empty cell gives 0, not -inf)."""
+    return jnp.log(jnp.maximum(jnp.sum(counts, axis=-1), 1.0))
+
+
+def reparameterize(
+    mean: Float[Array, "n_cells latent_dim"], log_variance: Float[Array, "n_cells latent_dim"], *, key: PRNGKeyArray
+) -> Float[Array, "n_cells latent_dim"]:
+    """A reparameterised draw $z = m + \\sqrt{v}\\,\\epsilon$, $\\epsilon \\sim N(0, I)$ (in `mean`'s dtype)."""
+    return mean + jnp.exp(0.5 * log_variance) * jr.normal(key, mean.shape, dtype=mean.dtype)

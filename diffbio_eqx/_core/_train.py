@@ -6,12 +6,13 @@ minibatch at a time inside the compiled step. Epoch `e` draws its randomness fro
 resumed from a checkpoint after epoch `k` continues exactly as the uninterrupted run would.
 """
 
+import dataclasses
 import functools as ft
 import math
 import os
 import pathlib
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -23,6 +24,8 @@ import optax
 import scipy.sparse as sp
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+
+from ._checkpoint import save_leaves
 
 
 class SparseRows(eqx.Module):
@@ -199,7 +202,7 @@ def scvi_optimizer(learning_rate: float = 1e-3, *, weight_decay: float = 1e-6, e
     """scvi-tools' default: AdamW with lr 1e-3, eps 0.01, weight decay 1e-6.
 
     The settings live in the optimiser state (`optax.inject_hyperparams`, float32), so `fit` can change them
-    through its `hyperparameters` argument without compiling the training step again.
+    through `TrainSettings(hyperparameters=...)` without compiling the training step again.
     """
     return optax.inject_hyperparams(optax.adamw, hyperparam_dtype=jnp.float32)(
         learning_rate, eps=eps, weight_decay=weight_decay
@@ -207,11 +210,28 @@ def scvi_optimizer(learning_rate: float = 1e-3, *, weight_decay: float = 1e-6, e
 
 
 @ft.cache
-def shared_scvi_optimizer() -> optax.GradientTransformation:
-    """One `scvi_optimizer()` object per process: the optimiser is a static argument of the compiled epoch, so
-    stages pass this one and their settings as `fit(..., hyperparameters=...)` instead of a fresh object per call
-    (which would compile the epoch again on every call)."""
-    return scvi_optimizer()
+def shared_optimizer(kind: Literal["adamw", "adam"] = "adamw", *, clip: float | None = None
+                     ) -> optax.GradientTransformation:
+    """One optimiser object per process and settings (cached).
+
+    The optimiser is a static argument of the compiled epoch, so stages pass these shared objects and their values
+    as `TrainSettings(hyperparameters=...)` (held in the state) rather than a fresh object per call, which would
+    compile the epoch again.
+
+    **Arguments:**
+
+    - `kind`: `"adamw"`: `scvi_optimizer()` (scvi-tools' AdamW: learning rate 1e-3, eps 0.01, weight decay 1e-6);
+      `"adam"`: Adam with learning rate 1e-3. Both inject their settings (`optax.inject_hyperparams`, float32).
+    - `clip`: clip the gradients by value at this bound before the update (umap-learn's parametric UMAP: 4).
+      (Keyword only argument.)
+    """
+    if kind == "adamw":
+        inner = scvi_optimizer()
+    elif kind == "adam":
+        inner = optax.inject_hyperparams(optax.adam, hyperparam_dtype=jnp.float32)(1e-3)
+    else:
+        raise ValueError(f"kind: must be 'adamw' or 'adam', got {kind!r}")
+    return inner if clip is None else optax.chain(optax.clip(clip), inner)
 
 
 # Newer optax names the state of `inject_hyperparams` InjectStatefulHyperparamsState; older releases lack it.
@@ -222,7 +242,7 @@ _INJECTED_STATES = tuple(
 )
 
 
-def set_hyperparameters(opt_state: PyTree, values: dict[str, Any]) -> PyTree:
+def set_hyperparameters(opt_state: PyTree, values: Mapping[str, Any]) -> PyTree:
     """Set injected hyperparameters (`optax.inject_hyperparams`) in an optimiser state, wherever they occur.
 
     Values keep the dtype the state holds them in. Raises if a name is not injected anywhere in the state.
@@ -244,6 +264,70 @@ def set_hyperparameters(opt_state: PyTree, values: dict[str, Any]) -> PyTree:
     if missing:
         raise ValueError(f"hyperparameters: the optimizer does not inject {missing} (see optax.inject_hyperparams)")
     return updated
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """How the shared loop trains: `fit(..., settings=TrainSettings(n_epochs=20))`, and every `fit_<stage>`.
+
+    A field left at None takes the default of the function it is given to: `fit`'s (below) or a stage's own (e.g.
+    `fit_vae`'s epoch heuristic and 10 % validation split), so `TrainSettings()` means "the stage's defaults".
+
+    - `n_epochs`: passes over the training rows (`fit` needs a number; the stages have a heuristic).
+    - `batch_size`: rows per step, capped at the number of training rows (`fit`: 128).
+    - `optimizer`: an optax transformation (`fit`: `shared_optimizer()`). It is a static argument of the compiled
+      epoch: pass the same object across calls (a fresh one compiles again).
+    - `hyperparameters`: values for the optimizer's injected hyperparameters (`optax.inject_hyperparams`, e.g.
+      `{"learning_rate": 3e-4}`), set in its state after `init` (and after a resume): changing them does not
+      recompile. A stage's own values (e.g. `fit_vae`'s AdamW settings) apply under these unless `optimizer` is
+      given.
+    - `validation_fraction`: share of rows held out (drawn with the key) for a validation loss per epoch
+      (`fit`: 0).
+    - `early_stopping_patience`: stop when the validation loss has not improved for this many epochs (None: never).
+    - `restore_best`: return the model of the best validation epoch instead of the last.
+    - `checkpoint_path`: save the `TrainState` after every epoch (atomically).
+    - `resume`: continue from `checkpoint_path` if it exists (the per-epoch `train_aux` of the epochs before the
+      interruption is not kept, and `restore_best` only considers epochs after it).
+    - `progress`: show a tqdm bar over epochs with the current losses.
+    - `description`: the bar's label and the name in error messages (`fit`: `"training"`).
+    - `devices`: train data-parallel over several devices: `"all"`, a sequence of devices, or a 1-D
+      `jax.sharding.Mesh` with axis `"cells"` (see `data_mesh`). The data, model and optimiser state are
+      replicated on every device, each minibatch is split along its cells (`NamedSharding`), and XLA inserts
+      the all-reduce of the gradients. `batch_size` must be a multiple of the number of devices. The result
+      equals the one-device run up to the order of floating-point sums. None: the default device.
+    """
+
+    n_epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: optax.GradientTransformation | None = None
+    hyperparameters: Mapping[str, Any] | None = None
+    validation_fraction: float | None = None
+    early_stopping_patience: int | None = None
+    restore_best: bool = False
+    checkpoint_path: str | os.PathLike[str] | None = None
+    resume: bool = False
+    progress: bool = True
+    description: str | None = None
+    devices: Devices = None
+
+    def __post_init__(self):
+        if self.n_epochs is not None and self.n_epochs < 1:
+            raise ValueError(f"n_epochs: must be >= 1, got {self.n_epochs}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.validation_fraction is not None and not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction: must be in [0, 1), got {self.validation_fraction}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
+            raise ValueError(f"early_stopping_patience: must be >= 0, got {self.early_stopping_patience}")
+
+    def filled(self, defaults: "TrainSettings") -> "TrainSettings":
+        """These settings with every None field taken from `defaults`; `hyperparameters` are merged over the
+        defaults' (which apply only when `optimizer` is not set here: they belong to the default optimiser)."""
+        changes = {field.name: getattr(defaults, field.name) for field in dataclasses.fields(self)
+                   if getattr(self, field.name) is None and field.name != "hyperparameters"}
+        inherited = defaults.hyperparameters if self.optimizer is None else None
+        changes["hyperparameters"] = {**(inherited or {}), **(self.hyperparameters or {})}
+        return dataclasses.replace(self, **changes)
 
 
 class FitResult(eqx.Module):
@@ -325,137 +409,125 @@ def tuned_jit(fn: Callable[..., Any]) -> Callable[..., Any]:
     return _TunedJit(fn)
 
 
+class TrainState(eqx.Module):
+    """Where training stands after an epoch: what a checkpoint holds (`TrainSettings(checkpoint_path=...)`).
+
+    - `params`, `opt_state`: the trained leaves (`eqx.partition` by `fit`'s `trainable`) and the optimiser state.
+    - `train_loss`, `validation_loss`: `(n_epochs,)` float64 per-epoch means; NaN for epochs not run (and for
+      validation without a split).
+    - `next_epoch`: the first epoch still to run.
+    - `best_validation_loss`, `best_epoch`: the lowest validation loss so far and its epoch (inf and -1 before any).
+    - `epochs_without_improvement`: epochs since `best_epoch` (early stopping's counter).
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    train_loss: Float[np.ndarray, " n_epochs"]
+    validation_loss: Float[np.ndarray, " n_epochs"]
+    next_epoch: int
+    best_validation_loss: float
+    best_epoch: int
+    epochs_without_improvement: int
+
+
+class _Split(eqx.Module):
+    """The device-side data of a run: the arrays, the training and validation rows, and the sampling weights."""
+
+    arrays: tuple[DeviceRows, ...]
+    train_rows: Int[Array, " n_train"]
+    validation_rows: Int[Array, " n_validation"]
+    row_weights: Float[Array, " n_rows"] | None
+
+
+class _Steps(eqx.Module):
+    """What fixes the compiled epoch (a change compiles it again)."""
+
+    loss_fn: LossFn = eqx.field(static=True)
+    optimizer: optax.GradientTransformation = eqx.field(static=True)
+    n_steps: int = eqx.field(static=True)
+    batch_size: int = eqx.field(static=True)
+    validation_batch_size: int = eqx.field(static=True)
+    cells: NamedSharding | None = eqx.field(static=True)
+
+
+class _Loop(eqx.Module):
+    """Everything an epoch needs besides the `TrainState`: fixed for the whole run."""
+
+    static: PyTree
+    split: _Split
+    steps: _Steps
+    context: Any
+    key: PRNGKeyArray
+    mesh: jax.sharding.Mesh | None = eqx.field(static=True)
+
+    @property
+    def n_validation(self) -> int:
+        return int(self.split.validation_rows.shape[0])
+
+    def epoch_context(self, epoch: int) -> PyTree:
+        per_epoch = callable(self.context) and not isinstance(self.context, eqx.Module)
+        return _replicate(self.context(epoch) if per_epoch else self.context, self.mesh)
+
+
+def _take_batch(split: _Split, index: Int[Array, " batch_size"], cells: NamedSharding | None) -> tuple[Array, ...]:
+    # With a mesh, each device gathers its share of the minibatch.
+    return _shard_cells(tuple(take_rows(d, _shard_cells(index, cells)) for d in split.arrays), cells)
+
+
 @tuned_jit
 def _train_epoch(
-    params: PyTree, static: PyTree, opt_state: PyTree, data: tuple[DeviceRows, ...],
-    train_rows: Int[Array, " n_train"], row_weights: Float[Array, " n_rows"] | None, context: PyTree,
-    key: PRNGKeyArray, *, loss_fn: LossFn, optimizer: optax.GradientTransformation, n_steps: int,
-    batch_size: int, cells: NamedSharding | None,
+    params: PyTree, static: PyTree, opt_state: PyTree, split: _Split, context: PyTree, key: PRNGKeyArray, *,
+    steps: _Steps,
 ) -> tuple[PyTree, PyTree, Float[Array, ""], dict[str, Float[Array, ""]]]:
     order_key, step_key = jr.split(key)
-    order = _epoch_order(order_key, train_rows, row_weights, n_steps, batch_size)
+    order = _epoch_order(order_key, split.train_rows, split.row_weights, steps.n_steps, steps.batch_size)
 
     def loss_of(trainable: PyTree, batch: tuple[Array, ...], step_key: PRNGKeyArray):
-        return loss_fn(eqx.combine(trainable, static), batch, context, key=step_key)
+        return steps.loss_fn(eqx.combine(trainable, static), batch, context, key=step_key)
 
     grad_fn = eqx.filter_value_and_grad(loss_of, has_aux=True)
 
     def step(carry, inputs):
         trainable, state = carry
         index, step_key = inputs
-        # With a mesh, each device gathers and differentiates its share of the minibatch; XLA sums the
-        # gradients across devices (the loss is a mean over the batch), and parameters stay replicated.
-        batch = _shard_cells(tuple(take_rows(d, _shard_cells(index, cells)) for d in data), cells)
-        (loss, aux), grads = grad_fn(trainable, batch, step_key)
+        # With a mesh, XLA sums the per-device gradients (the loss is a mean over the batch); parameters stay
+        # replicated.
+        (loss, aux), grads = grad_fn(trainable, _take_batch(split, index, steps.cells), step_key)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
-            updates, state = optimizer.update(grads, state, trainable)
+            updates, state = steps.optimizer.update(grads, state, trainable)
         trainable = eqx.apply_updates(trainable, updates)
         return (trainable, state), (loss, aux)
 
     (params, opt_state), (losses, aux) = jax.lax.scan(
-        step, (params, opt_state), (order, jr.split(step_key, n_steps))
+        step, (params, opt_state), (order, jr.split(step_key, steps.n_steps))
     )
     return params, opt_state, jnp.mean(losses), jtu.tree_map(jnp.mean, aux)
 
 
 @tuned_jit
 def _validation_loss(
-    model: PyTree, data: tuple[DeviceRows, ...], validation_rows: Int[Array, " n_validation"],
-    context: PyTree, key: PRNGKeyArray, *, loss_fn: LossFn, batch_size: int, cells: NamedSharding | None,
+    model: PyTree, split: _Split, context: PyTree, key: PRNGKeyArray, *, steps: _Steps
 ) -> Float[Array, ""]:
-    n = validation_rows.shape[0]
-    n_steps = math.ceil(n / batch_size)
-    order = jnp.resize(validation_rows, (n_steps * batch_size,)).reshape(n_steps, batch_size)
+    rows = split.validation_rows
+    batch_size = steps.validation_batch_size
+    n_steps = math.ceil(rows.shape[0] / batch_size)
+    order = jnp.resize(rows, (n_steps * batch_size,)).reshape(n_steps, batch_size)
     model = eqx.nn.inference_mode(model)
 
     def step(_, inputs):
         index, step_key = inputs
-        batch = _shard_cells(tuple(take_rows(d, _shard_cells(index, cells)) for d in data), cells)
-        return None, loss_fn(model, batch, context, key=step_key)[0]
+        return None, steps.loss_fn(model, _take_batch(split, index, steps.cells), context, key=step_key)[0]
 
     _, losses = jax.lax.scan(step, None, (order, jr.split(key, n_steps)))
     return jnp.mean(losses)
 
 
-def _save_checkpoint(path: pathlib.Path, state: PyTree) -> None:
-    # Written to a temporary file, flushed to disk and renamed, so a checkpoint is never half-written: a crash or
-    # kill while writing leaves the previous checkpoint in place (and a failed write removes its temporary file).
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            eqx.tree_serialise_leaves(handle, state)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+def _fit_defaults() -> TrainSettings:
+    return TrainSettings(batch_size=128, optimizer=shared_optimizer(), validation_fraction=0.0,
+                         description="training")
 
 
-def fit(
-    model: PyTree,
-    loss_fn: LossFn,
-    data: Sequence[Any],
-    *,
-    key: PRNGKeyArray,
-    n_epochs: int,
-    batch_size: int = 128,
-    context: PyTree | Callable[[int], PyTree] = None,
-    optimizer: optax.GradientTransformation | None = None,
-    hyperparameters: dict[str, Any] | None = None,
-    row_weights: Any = None,
-    validation_fraction: float = 0.0,
-    early_stopping_patience: int | None = None,
-    restore_best: bool = False,
-    trainable: Callable[[Any], bool] | PyTree = eqx.is_inexact_array,
-    checkpoint_path: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    description: str = "training",
-    devices: Devices = None,
-) -> FitResult:
-    """Train `model` by minibatch gradient descent on `loss_fn`.
-
-    **Arguments:**
-
-    - `model`: any PyTree (usually an `eqx.Module`).
-    - `loss_fn`: `loss_fn(model, batch, context, *, key) -> (loss, aux)`; `batch` is a tuple with one dense
-      `(batch_size, ...)` array per entry of `data`; `aux` a dict of scalars.
-    - `data`: cells-major arrays with a common first dimension (NumPy, JAX, or SciPy sparse).
-    - `key`: PRNG key; epoch `e` uses `fold_in(key, e)`. (Keyword only argument.)
-    - `n_epochs`: number of passes over the training rows.
-    - `batch_size`: rows per step (capped at the number of training rows).
-    - `context`: a PyTree handed whole to every step (e.g. the full embedding for edge losses). If callable,
-      it is called with the epoch index each epoch (e.g. a KL warm-up weight); keep its structure fixed so
-      nothing recompiles.
-    - `optimizer`: an optax transformation; default `shared_scvi_optimizer()`. It is a static argument of the
-      compiled epoch: pass the same object across calls (a fresh one compiles again).
-    - `hyperparameters`: values for the optimizer's injected hyperparameters (`optax.inject_hyperparams`, e.g.
-      `{"learning_rate": 3e-4}`), set in its state after `init` (and after a resume): changing them does not
-      recompile.
-    - `row_weights`: if given, each epoch draws rows with replacement in proportion to these weights.
-    - `validation_fraction`: share of rows held out (drawn with `key`) to compute a validation loss per epoch.
-    - `early_stopping_patience`: stop when the validation loss has not improved for this many epochs.
-    - `restore_best`: return the model of the best validation epoch instead of the last.
-    - `trainable`: an `eqx.partition` filter selecting the trained leaves (default: all inexact arrays).
-    - `checkpoint_path`: save model, optimizer state and history after every epoch (atomically).
-    - `resume`: continue from `checkpoint_path` if it exists (the per-epoch `train_aux` of the epochs before the
-      interruption is not kept, and `restore_best` only considers epochs after it).
-    - `progress`: show a tqdm bar over epochs with the current losses.
-    - `devices`: train data-parallel over several devices: `"all"`, a sequence of devices, or a 1-D
-      `jax.sharding.Mesh` with axis `"cells"` (see `data_mesh`). The data, model and optimiser state are
-      replicated on every device, each minibatch is split along its cells (`NamedSharding`), and XLA inserts
-      the all-reduce of the gradients. `batch_size` must be a multiple of the number of devices. The result
-      equals the one-device run up to the order of floating-point sums. None: the default device.
-
-    **Returns:** a `FitResult`.
-    """
-    if n_epochs < 1:
-        raise ValueError(f"n_epochs: must be >= 1, got {n_epochs}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-    if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction: must be in [0, 1), got {validation_fraction}")
+def _device_data(data: Sequence[Any], row_weights: Any) -> tuple[tuple[DeviceRows, ...], Array | None]:
     device_data = tuple(to_device_rows(d) for d in data)
     if not device_data:
         raise ValueError("data: need at least one array")
@@ -468,101 +540,172 @@ def fit(
         weights = jnp.asarray(row_weights)
         if weights.shape != (n_rows,):
             raise ValueError(f"row_weights: expected shape ({n_rows},), got {weights.shape}")
-    optimizer = shared_scvi_optimizer() if optimizer is None else optimizer
-    mesh = data_mesh(devices)
-    cells = None if mesh is None else NamedSharding(mesh, PartitionSpec(CELLS_AXIS))
+    return device_data, weights
 
-    split_key, loop_key = jr.split(key)
-    n_validation = int(round(n_rows * validation_fraction))
+
+def _plan(
+    data: Sequence[Any], row_weights: Any, loss_fn: LossFn, settings: TrainSettings, key: PRNGKeyArray,
+    mesh: jax.sharding.Mesh | None,
+) -> tuple[_Split, _Steps]:
+    """Put the data on the device, hold out the validation rows (drawn with `key`) and size the steps."""
+    device_data, weights = _device_data(data, row_weights)
+    n_rows = n_rows_of(device_data[0])
+    assert settings.validation_fraction is not None and settings.batch_size is not None
+    n_validation = int(round(n_rows * settings.validation_fraction))
     if n_validation and n_rows - n_validation < 1:
         raise ValueError("validation_fraction: leaves no training rows")
-    order = jr.permutation(split_key, n_rows)
+    order = jr.permutation(key, n_rows)
     validation_rows, train_rows = order[:n_validation], order[n_validation:]
     if n_validation == 0:
         train_rows = jnp.arange(n_rows)
-    batch_size = min(batch_size, int(train_rows.shape[0]))
-    n_steps = math.ceil(int(train_rows.shape[0]) / batch_size)
+    batch_size = min(settings.batch_size, int(train_rows.shape[0]))
     validation_batch_size = min(batch_size, n_validation)
     if mesh is not None:
         for name, size in (("batch_size", batch_size), ("validation batch size", validation_batch_size or mesh.size)):
             if size % mesh.size:
                 raise ValueError(f"{name}: {size} rows do not split evenly over {mesh.size} devices")
+    cells = None if mesh is None else NamedSharding(mesh, PartitionSpec(CELLS_AXIS))
+    assert settings.optimizer is not None
+    steps = _Steps(loss_fn, settings.optimizer, math.ceil(int(train_rows.shape[0]) / batch_size), batch_size,
+                   validation_batch_size, cells)
+    return _Split(device_data, train_rows, validation_rows, weights), steps
 
-    params, static = eqx.partition(model, trainable)
-    opt_state = optimizer.init(params)
-    train_loss = np.full(n_epochs, np.nan)
-    validation_loss = np.full(n_epochs, np.nan)
-    train_aux: dict[str, np.ndarray] = {}
-    start_epoch = 0
-    checkpoint = pathlib.Path(checkpoint_path) if checkpoint_path is not None else None
-    if resume and checkpoint is not None and checkpoint.exists():
-        like = (params, opt_state, train_loss, validation_loss, np.zeros(4))
-        params, opt_state, train_loss, validation_loss, progress_state = eqx.tree_deserialise_leaves(
-            checkpoint, like
-        )
-        train_loss, validation_loss = np.array(train_loss), np.array(validation_loss)
-        start_epoch = int(progress_state[0])
-    if hyperparameters:
-        opt_state = set_hyperparameters(opt_state, hyperparameters)
 
-    device_data, params, static, opt_state, train_rows, validation_rows, weights = _replicate(
-        (device_data, params, static, opt_state, train_rows, validation_rows, weights), mesh
-    )
-    best_loss, best_epoch, best_params, since_best = np.inf, start_epoch - 1, params, 0
-    if start_epoch:
-        best_loss, best_epoch, since_best = float(progress_state[1]), int(progress_state[2]), int(progress_state[3])
-    stopped_early = False
-    epochs = range(start_epoch, n_epochs)
+def _start(params: PyTree, settings: TrainSettings) -> TrainState:
+    """A fresh `TrainState`, or the checkpoint's with `resume`; then the given hyperparameters are set."""
+    assert settings.optimizer is not None and settings.n_epochs is not None
+    empty = np.full(settings.n_epochs, np.nan)
+    state = TrainState(params, settings.optimizer.init(params), empty, empty.copy(), 0, math.inf, -1, 0)
+    path = settings.checkpoint_path
+    if settings.resume and path is not None and pathlib.Path(path).exists():
+        state = eqx.tree_deserialise_leaves(path, state)
+        state = dataclasses.replace(state, train_loss=np.array(state.train_loss),
+                                    validation_loss=np.array(state.validation_loss))
+    if settings.hyperparameters:
+        state = dataclasses.replace(state, opt_state=set_hyperparameters(state.opt_state, settings.hyperparameters))
+    return state
+
+
+def _run_epoch(loop: _Loop, state: TrainState, epoch: int) -> tuple[TrainState, dict[str, float], bool]:
+    """Train one epoch and validate; returns the new state, the epoch's mean aux values, and whether the
+    validation loss improved on the best so far."""
+    train_key, validation_key = jr.split(jr.fold_in(loop.key, epoch))
+    context = loop.epoch_context(epoch)
+    params, opt_state, loss, aux = _train_epoch(state.params, loop.static, state.opt_state, loop.split, context,
+                                                train_key, steps=loop.steps)
+    train_loss, validation_loss = state.train_loss.copy(), state.validation_loss.copy()
+    train_loss[epoch] = float(loss)
+    best, best_epoch, since_best = state.best_validation_loss, state.best_epoch, state.epochs_without_improvement
+    improved = False
+    if loop.n_validation:
+        validation_loss[epoch] = float(_validation_loss(eqx.combine(params, loop.static), loop.split, context,
+                                                        validation_key, steps=loop.steps))
+        improved = bool(validation_loss[epoch] < best)
+        if improved:
+            best, best_epoch, since_best = float(validation_loss[epoch]), epoch, 0
+        else:
+            since_best += 1
+    state = TrainState(params, opt_state, train_loss, validation_loss, epoch + 1, best, best_epoch, since_best)
+    return state, {name: float(value) for name, value in aux.items()}, improved
+
+
+class _Run(eqx.Module):
+    """What the epoch loop leaves: the final state, the best validation epoch's parameters, the per-epoch aux
+    values and whether early stopping ended it."""
+
+    state: TrainState
+    best_params: PyTree
+    train_aux: dict[str, np.ndarray]
+    stopped_early: bool
+
+
+def _run_epochs(loop: _Loop, state: TrainState, settings: TrainSettings) -> _Run:
+    assert settings.n_epochs is not None
+    best_params, train_aux, stopped_early = state.params, {}, False
+    epochs: Any = range(state.next_epoch, settings.n_epochs)
     bar = None
-    if progress:
+    if settings.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(epochs, desc=description, unit="epoch", leave=False)
-        epochs = bar
-    epoch = start_epoch - 1
+        bar = epochs = tqdm(epochs, desc=settings.description, unit="epoch", leave=False)
     for epoch in epochs:
-        epoch_key = jr.fold_in(loop_key, epoch)
-        train_key, validation_key = jr.split(epoch_key)
-        per_epoch = callable(context) and not isinstance(context, eqx.Module)
-        epoch_context = _replicate(context(epoch) if per_epoch else context, mesh)
-        params, opt_state, loss, aux = _train_epoch(
-            params, static, opt_state, device_data, train_rows, weights, epoch_context, train_key,
-            loss_fn=loss_fn, optimizer=optimizer, n_steps=n_steps, batch_size=batch_size, cells=cells,
-        )
-        train_loss[epoch] = float(loss)
+        state, aux, improved = _run_epoch(loop, state, epoch)
+        if improved:
+            best_params = state.params
         for name, value in aux.items():
-            train_aux.setdefault(name, np.full(n_epochs, np.nan))[epoch] = float(value)
-        postfix = {"loss": f"{train_loss[epoch]:.4g}"}
-        if n_validation:
-            validation_loss[epoch] = float(_validation_loss(
-                eqx.combine(params, static), device_data, validation_rows, epoch_context, validation_key,
-                loss_fn=loss_fn, batch_size=validation_batch_size, cells=cells,
-            ))
-            postfix["validation"] = f"{validation_loss[epoch]:.4g}"
-            if validation_loss[epoch] < best_loss:
-                best_loss, best_epoch, best_params, since_best = validation_loss[epoch], epoch, params, 0
-            else:
-                since_best += 1
+            train_aux.setdefault(name, np.full(settings.n_epochs, np.nan))[epoch] = value
         if bar is not None:
+            postfix = {"loss": f"{state.train_loss[epoch]:.4g}"}
+            if loop.n_validation:
+                postfix["validation"] = f"{state.validation_loss[epoch]:.4g}"
             bar.set_postfix(postfix)
-        if checkpoint is not None:
-            progress_state = np.array([epoch + 1, best_loss, best_epoch, since_best], dtype=np.float64)
-            _save_checkpoint(checkpoint, (params, opt_state, train_loss, validation_loss, progress_state))
-        if early_stopping_patience is not None and n_validation and since_best >= early_stopping_patience:
+        if settings.checkpoint_path is not None:
+            save_leaves(settings.checkpoint_path, state)
+        patience = settings.early_stopping_patience
+        if patience is not None and loop.n_validation and state.epochs_without_improvement >= patience:
             stopped_early = True
             break
     if bar is not None:
         bar.close()
-    if not np.all(np.isfinite(train_loss[start_epoch : epoch + 1])):
-        bad = int(np.flatnonzero(~np.isfinite(train_loss[start_epoch : epoch + 1]))[0]) + start_epoch
-        raise FloatingPointError(f"{description}: the training loss became non-finite at epoch {bad}")
-    final_params = best_params if (restore_best and n_validation) else params
+    return _Run(state, best_params, train_aux, stopped_early)
+
+
+def fit(
+    model: PyTree,
+    loss_fn: LossFn,
+    data: Sequence[Any],
+    *,
+    key: PRNGKeyArray,
+    settings: TrainSettings,
+    context: PyTree | Callable[[int], PyTree] = None,
+    row_weights: Any = None,
+    trainable: Callable[[Any], bool] | PyTree = eqx.is_inexact_array,
+) -> FitResult:
+    """Train `model` by minibatch gradient descent on `loss_fn`.
+
+    **Arguments:**
+
+    - `model`: any PyTree (usually an `eqx.Module`).
+    - `loss_fn`: `loss_fn(model, batch, context, *, key) -> (loss, aux)`; `batch` is a tuple with one dense
+      `(batch_size, ...)` array per entry of `data`; `aux` a dict of scalars.
+    - `data`: cells-major arrays with a common first dimension (NumPy, JAX, or SciPy sparse).
+    - `key`: PRNG key; it draws the validation split, and epoch `e` uses `fold_in(key, e)`. (Keyword only
+      argument.)
+    - `settings`: a `TrainSettings` with at least `n_epochs` (epochs, batch size, optimiser, validation, early
+      stopping, checkpoints, progress bar, devices).
+    - `context`: a PyTree handed whole to every step (e.g. the full embedding for edge losses). If callable,
+      it is called with the epoch index each epoch (e.g. a KL warm-up weight); keep its structure fixed so
+      nothing recompiles.
+    - `row_weights`: if given, each epoch draws rows with replacement in proportion to these weights.
+    - `trainable`: an `eqx.partition` filter selecting the trained leaves (default: all inexact arrays).
+
+    **Returns:** a `FitResult`.
+    """
+    settings = settings.filled(_fit_defaults())
+    if settings.n_epochs is None:
+        raise ValueError("n_epochs: fit needs a number of epochs, TrainSettings(n_epochs=...)")
+    mesh = data_mesh(settings.devices)
+    split_key, loop_key = jr.split(key)
+    split, steps = _plan(data, row_weights, loss_fn, settings, split_key, mesh)
+    params, static = eqx.partition(model, trainable)
+    state = _start(params, settings)
+    start_epoch = state.next_epoch
+    split, static, params, opt_state = _replicate((split, static, state.params, state.opt_state), mesh)
+    state = dataclasses.replace(state, params=params, opt_state=opt_state)
+    run = _run_epochs(_Loop(static, split, steps, context, loop_key, mesh), state, settings)
+    state = run.state
+    ran = state.train_loss[start_epoch : state.next_epoch]
+    if not np.all(np.isfinite(ran)):
+        bad = int(np.flatnonzero(~np.isfinite(ran))[0]) + start_epoch
+        raise FloatingPointError(f"{settings.description}: the training loss became non-finite at epoch {bad}")
+    validated = int(split.validation_rows.shape[0]) > 0
+    final_params = run.best_params if (settings.restore_best and validated) else state.params
     return FitResult(
         model=eqx.combine(final_params, static),
-        train_loss=jnp.asarray(train_loss),
-        validation_loss=jnp.asarray(validation_loss),
-        train_aux={name: jnp.asarray(values) for name, values in train_aux.items()},
-        n_epochs_run=epoch + 1,
-        best_epoch=best_epoch if n_validation else epoch,
-        stopped_early=stopped_early,
+        train_loss=jnp.asarray(state.train_loss),
+        validation_loss=jnp.asarray(state.validation_loss),
+        train_aux={name: jnp.asarray(values) for name, values in run.train_aux.items()},
+        n_epochs_run=state.next_epoch,
+        best_epoch=state.best_epoch if validated else state.next_epoch - 1,
+        stopped_early=run.stopped_early,
     )

@@ -1,7 +1,6 @@
 """`fit_pipeline`: train the pipeline stage by stage, then optionally end to end; resumable from checkpoints."""
 
 import contextlib
-import functools as ft
 import pathlib
 import time
 import warnings
@@ -13,13 +12,13 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
-import optax
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from .._ambient._stage import fit_ambient_removal, remove_ambient
 from .._clustering._stage import SoftKMeans
-from .._core._train import fit
+from .._core._train import TrainSettings, fit, shared_optimizer
 from .._core._validate import NonIntegerCountsWarning, check_batch_labels, check_counts
+from .._umap import _stage as _umap_stage
 from .._vae._stage import fit_vae, vae_transform
 from ._loss import PipelineLossWeights, pipeline_loss
 from ._model import HarmonyReference, SingleCellPipeline
@@ -100,13 +99,6 @@ def _fine_tune_loss(pipeline, batch, context, *, key):
     counts, batch_labels, cell_type_labels = batch
     return pipeline_loss(pipeline, counts, ambient_profile, batch_labels, key=key, weights=weights,
                          cell_type_labels=cell_type_labels, kl_weight=kl_weight)
-
-
-@ft.cache
-def _fine_tune_optimizer() -> optax.GradientTransformation:
-    # Adam with its learning rate in the state: one object per process, so the compiled epoch is reused across
-    # `fit_pipeline` calls and learning rates.
-    return optax.inject_hyperparams(optax.adam, hyperparam_dtype=jnp.float32)(1e-3)
 
 
 def fit_pipeline(
@@ -208,8 +200,9 @@ def fit_pipeline(
         if "ambient_removal" not in done:
             started = time.perf_counter()
             fitted = fit_ambient_removal(pipeline.ambient_removal, host_counts, np.asarray(profile),
-                                         key=keys["ambient"], raw_counts=raw_counts, n_epochs=ambient_epochs,
-                                         batch_size=batch_size, progress=progress, **stage_checkpoint("ambient"))
+                                         key=keys["ambient"], raw_counts=raw_counts,
+                                         settings=TrainSettings(n_epochs=ambient_epochs, batch_size=batch_size,
+                                                                progress=progress, **stage_checkpoint("ambient")))
             pipeline = eqx.tree_at(lambda p: p.ambient_removal, pipeline, fitted.model)
             record("ambient_removal", fitted, started)
             checkpoint("ambient_removal")
@@ -219,9 +212,10 @@ def fit_pipeline(
     if "vae_normalizer" not in done:
         started = time.perf_counter()
         with _decontaminated_counts_are_expected():
-            fitted = fit_vae(pipeline.vae_normalizer, x, np.asarray(labels), key=keys["vae"], n_epochs=vae_epochs,
-                             batch_size=batch_size, learning_rate=learning_rate, progress=progress,
-                             **stage_checkpoint("vae"))
+            loop = TrainSettings(n_epochs=vae_epochs, batch_size=batch_size,
+                                 hyperparameters={"learning_rate": learning_rate}, progress=progress,
+                                 **stage_checkpoint("vae"))
+            fitted = fit_vae(pipeline.vae_normalizer, x, np.asarray(labels), key=keys["vae"], settings=loop)
         pipeline = eqx.tree_at(lambda p: p.vae_normalizer, pipeline, fitted.model)
         record("vae_normalizer", fitted, started)
         checkpoint("vae_normalizer")
@@ -260,11 +254,12 @@ def fit_pipeline(
             weights = eqx.tree_at(lambda w: w.supervised, weights, jnp.zeros((), weights.supervised.dtype))
         trainable = _trainable_filter(pipeline)
         fitted = fit(pipeline, _fine_tune_loss, (host_counts, np.asarray(labels), types),
-                     key=keys["fine_tune"], n_epochs=fine_tune_epochs, batch_size=batch_size,
-                     context=(weights, profile, jnp.ones((), pipeline.dtype)),
-                     optimizer=_fine_tune_optimizer(), hyperparameters={"learning_rate": learning_rate},
-                     trainable=trainable, progress=progress,
-                     description="end-to-end")
+                     key=keys["fine_tune"],
+                     settings=TrainSettings(n_epochs=fine_tune_epochs, batch_size=batch_size,
+                                            optimizer=shared_optimizer("adam"),
+                                            hyperparameters={"learning_rate": learning_rate}, progress=progress,
+                                            description="end-to-end"),
+                     context=(weights, profile, jnp.ones((), pipeline.dtype)), trainable=trainable)
         pipeline = fitted.model
         record("end_to_end", fitted, started)
         checkpoint("end_to_end")
@@ -281,7 +276,8 @@ def fit_pipeline(
             # The exact kNN graph costs O(n^2): train the encoder on a random subsample; it embeds every cell.
             chosen = jr.choice(jr.fold_in(keys["umap"], 1), corrected.shape[0], (umap_max_cells,), replace=False)
             graph_cells = corrected[jnp.sort(chosen)]
-        fitted = pipeline.dim_reduction.fit(graph_cells, key=keys["umap"], n_epochs=umap_epochs, progress=progress)
+        fitted = _umap_stage.fit_umap(pipeline.dim_reduction, graph_cells, key=keys["umap"],
+                                      settings=TrainSettings(n_epochs=umap_epochs, progress=progress))
         pipeline = eqx.tree_at(lambda p: p.dim_reduction, pipeline, fitted.model)
         seconds["dim_reduction"] = time.perf_counter() - started
         curves["dim_reduction"] = {"train": np.asarray(fitted.train_loss)}

@@ -45,7 +45,7 @@ def umap_graph_loss(
     n_edges = x.shape[0] if n_edges is None else n_edges
     edge_key, loss_key = jr.split(key)
     edges = jr.choice(edge_key, graph.weights.shape[0], (n_edges,), p=graph.weights / jnp.sum(graph.weights))
-    loss, _ = umap.loss((graph.heads[edges], graph.tails[edges]), (x, graph.rho), key=loss_key)
+    loss, _ = umap.loss((graph.heads[edges], graph.tails[edges]), key=loss_key, x=x, rho=graph.rho)
     return loss
 
 
@@ -75,11 +75,11 @@ def pipeline_loss(
     aux: dict[str, Float[Array, ""]] = {}
     x = counts
     if pipeline.ambient_removal is not None:
-        ambient_loss, _ = pipeline.ambient_removal.loss(counts, ambient_profile, key=ambient_key)
+        ambient_loss, _ = pipeline.ambient_removal.loss((counts, ambient_profile), key=ambient_key)
         x = pipeline.ambient_removal(counts, ambient_profile, inference=True).decontaminated_counts
         total = total + weights.ambient.astype(dtype) * ambient_loss
         aux["ambient"] = ambient_loss
-    vae_loss, _ = pipeline.vae_normalizer.loss(x, batch_labels, key=vae_key, kl_weight=kl_weight)
+    vae_loss, _ = pipeline.vae_normalizer.loss((x, batch_labels), key=vae_key, kl_weight=kl_weight)
     total = total + weights.vae.astype(dtype) * vae_loss
     aux["vae"] = vae_loss
     latent = pipeline.vae_normalizer(x, batch_labels, inference=True).latent

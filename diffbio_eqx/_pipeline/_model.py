@@ -21,7 +21,7 @@ from .._clustering._stage import SoftKMeans
 from .._harmony._math import HarmonyResult, map_to_reference
 from .._harmony._stage import Harmony
 from .._umap._stage import ParametricUMAP
-from .._vae._stage import VAENormalizer
+from .._vae._stage import VAENormalizer, VAEOptions
 from ._config import SingleCellPipelineConfig
 
 
@@ -125,7 +125,8 @@ class SingleCellPipeline(eqx.Module):
         )
         self.vae_normalizer = VAENormalizer(
             config.n_genes, config.n_batches, hidden_dims=config.hidden_dims, latent_dim=config.latent_dim,
-            likelihood=config.likelihood, dropout_rate=config.dropout_rate, use_layer_norm=config.use_layer_norm,
+            likelihood=config.likelihood, dropout_rate=config.dropout_rate,
+            options=VAEOptions(use_layer_norm=config.use_layer_norm),
             dtype=dtype, key=vae_key,
         )
         float_dtype = self.vae_normalizer.dtype

@@ -1,6 +1,7 @@
 """Parametric UMAP (Sainburg, McInnes & Gentner 2021): an MLP encoder trained on UMAP's own objective."""
 
-import functools as ft
+import dataclasses
+import warnings
 
 import equinox as eqx
 import jax
@@ -11,18 +12,19 @@ import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree
 
 from .._core._neighbors import FuzzyGraph, exact_knn, fuzzy_simplicial_set
-from .._core._train import fit
+from .._core._stage import AbstractTrainableStage
+from .._core._train import TrainSettings, fit, shared_optimizer
 from .._core._validate import check_embedding
 from ._graph import find_ab_params, prune_weights, umap_default_epochs
 from ._loss import umap_loss
 
 
-#: Optimiser steps `ParametricUMAP.fit` aims for when `n_epochs` is not given.
+#: Optimiser steps `fit_umap` aims for when `n_epochs` is not given.
 DEFAULT_N_STEPS = 3000
 
 
 class UMAPFitResult(eqx.Module):
-    """What `ParametricUMAP.fit` returns.
+    """What `fit_umap` returns.
 
     - `model`: the trained `ParametricUMAP`.
     - `graph`: the `FuzzyGraph` it was trained on.
@@ -32,22 +34,6 @@ class UMAPFitResult(eqx.Module):
     model: PyTree
     graph: FuzzyGraph
     train_loss: Float[Array, " n_epochs"]
-
-
-def umap_optimizer(learning_rate: float = 1e-3, clip: float = 4.0) -> optax.GradientTransformation:
-    """umap-learn's parametric optimiser: Adam with gradients clipped by value.
-
-    Adam's settings live in the optimiser state (`optax.inject_hyperparams`), so `fit`'s `hyperparameters` (e.g.
-    `{"learning_rate": 3e-4}`) change them without compiling again.
-    """
-    adam = optax.inject_hyperparams(optax.adam, hyperparam_dtype=jnp.float32)(learning_rate)
-    return optax.chain(optax.clip(clip), adam)
-
-
-@ft.cache
-def _shared_umap_optimizer() -> optax.GradientTransformation:
-    # One object per process: a fresh optimiser per `fit` call would compile the training epoch again.
-    return umap_optimizer()
 
 
 def _encode_chunks(
@@ -83,10 +69,10 @@ def umap_graph(
     )
 
 
-class ParametricUMAP(eqx.Module):
+class ParametricUMAP(AbstractTrainableStage):
     """Embed cells with an MLP trained on UMAP's fuzzy-set cross-entropy.
 
-    The encoder maps `(n_cells, n_features)` to `(n_cells, n_components)`. Training (`fit`) builds UMAP's fuzzy
+    The encoder maps `(n_cells, n_features)` to `(n_cells, n_components)`. Training (`fit_umap`) builds UMAP's fuzzy
     graph on the exact kNN of the training cells, then runs minibatches of edges drawn in proportion to their
     weight, each with `negative_sample_rate` negatives drawn uniformly from all cells, through `umap_loss`.
     Unlike non-parametric UMAP, `embed` maps cells never seen in training with one forward pass.
@@ -94,9 +80,14 @@ class ParametricUMAP(eqx.Module):
     !!! example
         ```python
         umap = ParametricUMAP(x.shape[1], key=jr.key(0))
-        fitted = umap.fit(x, key=jr.key(1), n_epochs=20)
+        fitted = fit_umap(umap, x, key=jr.key(1), settings=TrainSettings(n_epochs=20))
         z = fitted.model.embed(new_x)
         ```
+
+    `set_op_mix_ratio`, `local_connectivity` (the fuzzy graph's, see `fuzzy_simplicial_set`) and
+    `repulsion_strength` (the weight of `umap_loss`'s repulsive term) are array leaves, 1 by default as in
+    umap-learn; change them with `eqx.tree_at`, e.g.
+    `eqx.tree_at(lambda u: u.repulsion_strength, umap, jnp.asarray(0.5))`.
     """
 
     encoder: eqx.nn.MLP
@@ -121,9 +112,6 @@ class ParametricUMAP(eqx.Module):
         min_dist: Float[ArrayLike, ""] = 0.1,
         spread: Float[ArrayLike, ""] = 1.0,
         negative_sample_rate: int = 5,
-        set_op_mix_ratio: Float[ArrayLike, ""] = 1.0,
-        local_connectivity: Float[ArrayLike, ""] = 1.0,
-        repulsion_strength: Float[ArrayLike, ""] = 1.0,
         input_noise: Float[ArrayLike, ""] = 0.0,
     ):
         """**Arguments:**
@@ -137,8 +125,6 @@ class ParametricUMAP(eqx.Module):
         - `min_dist`, `spread`: shape of the low-dimensional similarity; `a`, `b` are fitted from them
           (`find_ab_params`).
         - `negative_sample_rate`: negatives per positive edge (umap-learn default 5).
-        - `set_op_mix_ratio`, `local_connectivity`: see `fuzzy_simplicial_set`.
-        - `repulsion_strength`: weight of the repulsive term of `umap_loss`.
         - `input_noise`: training-time augmentation, not in umap-learn (0, the default, turns it off): each
           sampled edge's head input gets isotropic Gaussian noise of expected norm `input_noise * rho_head` (its
           distance to its nearest neighbour), so the encoder learns to map a cell's vicinity, where unseen
@@ -149,9 +135,9 @@ class ParametricUMAP(eqx.Module):
             n_features, n_components, width_size=hidden_size, depth=depth, activation=jax.nn.relu, key=key
         )
         self.a, self.b = find_ab_params(spread, min_dist)
-        self.set_op_mix_ratio = jnp.asarray(set_op_mix_ratio)
-        self.local_connectivity = jnp.asarray(local_connectivity)
-        self.repulsion_strength = jnp.asarray(repulsion_strength)
+        self.set_op_mix_ratio = jnp.asarray(1.0)
+        self.local_connectivity = jnp.asarray(1.0)
+        self.repulsion_strength = jnp.asarray(1.0)
         self.input_noise = jnp.asarray(input_noise)
         self.n_neighbors = n_neighbors
         self.negative_sample_rate = negative_sample_rate
@@ -194,21 +180,28 @@ class ParametricUMAP(eqx.Module):
     def loss(
         self,
         batch: tuple[Int[Array, " batch"], Int[Array, " batch"]],
-        context: tuple[Float[Array, "n_cells n_features"], Float[Array, " n_cells"]],
+        /,
         *,
         key: PRNGKeyArray,
+        x: Float[Array, "n_cells n_features"] | None = None,
+        rho: Float[Array, " n_cells"] | None = None,
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-        """UMAP loss on a minibatch of edges, in the `fit` form `loss(model, batch, context, *, key)`.
+        """UMAP loss on a minibatch of edges.
 
         **Arguments:**
 
         - `batch`: `(heads, tails)`, the cell indices of edges sampled in proportion to their weight.
-        - `context`: `(x, rho)`: the full `(n_cells, n_features)` input (for the endpoints and the negatives)
-          and the graph's `rho` (scales `input_noise`).
         - `key`: draws `negative_sample_rate` uniform negatives per edge (and the input noise). (Keyword only
           argument.)
+        - `x`: the full `(n_cells, n_features)` input the indices point into (for the endpoints and the
+          negatives); required.
+        - `rho`: `(n_cells,)` the graph's distance to each cell's nearest neighbour (scales `input_noise`); None:
+          no input noise.
+
+        **Returns:** `(loss, aux)` as `umap_loss`.
         """
-        x, rho = context
+        if x is None:
+            raise ValueError("x: ParametricUMAP.loss needs the cells the edge indices point into (x=...)")
         heads, tails = batch
         n_edges = heads.shape[0]
         negative_key, noise_key = jr.split(key)
@@ -216,8 +209,9 @@ class ParametricUMAP(eqx.Module):
             negative_key, (n_edges * self.negative_sample_rate,), 0, x.shape[0], dtype=heads.dtype
         )
         head_x = x[heads]
-        scale = jax.lax.stop_gradient(self.input_noise) * rho[heads] / jnp.sqrt(jnp.asarray(x.shape[1], x.dtype))
-        head_x = head_x + scale[:, None] * jr.normal(noise_key, head_x.shape, dtype=x.dtype)
+        if rho is not None:
+            scale = jax.lax.stop_gradient(self.input_noise) * rho[heads] / jnp.sqrt(jnp.asarray(x.shape[1], x.dtype))
+            head_x = head_x + scale[:, None] * jr.normal(noise_key, head_x.shape, dtype=x.dtype)
         z = self(jnp.concatenate([head_x, x[tails], x[negatives]]))
         head_z, tail_z, negative_z = z[:n_edges], z[n_edges : 2 * n_edges], z[2 * n_edges :]
         negative_z = negative_z.reshape(n_edges, self.negative_sample_rate, -1)
@@ -243,41 +237,65 @@ class ParametricUMAP(eqx.Module):
         optimizer: optax.GradientTransformation | None = None,
         progress: bool = True,
     ) -> UMAPFitResult:
-        """Build the fuzzy graph of `x` and train the encoder on it (through the shared `fit` loop).
+        """Deprecated: use `fit_umap(umap, x, key=..., settings=TrainSettings(...))`, which this forwards to."""
+        warnings.warn("ParametricUMAP.fit is deprecated; use fit_umap(umap, x, key=..., settings=TrainSettings(...))",
+                      DeprecationWarning, stacklevel=2)
+        settings = TrainSettings(n_epochs=n_epochs, batch_size=batch_size, optimizer=optimizer, progress=progress)
+        return fit_umap(self, x, key=key, settings=settings, graph=graph, prune_epochs=prune_epochs)
 
-        **Arguments:**
 
-        - `x`: `(n_cells, n_features)` training cells.
-        - `key`: PRNG key for edge sampling and negatives. (Keyword only argument.)
-        - `n_epochs`: passes of `ceil(n_edges / batch_size)` steps each (one epoch draws as many edges as the
-          graph has slots, `2 * n_cells * n_neighbors`). Default: the number of epochs closest to
-          `default_n_steps` (3,000) optimiser steps, at least one.
-        - `batch_size`: edges per step (umap-learn's parametric default is `min(n_cells, 1000)`).
-        - `graph`: a precomputed `FuzzyGraph` of `x` (e.g. to reuse across runs); built if None.
-        - `prune_epochs`: drop edges with weight below `max / prune_epochs`, as umap-learn does before optimising
-          with its epoch count; default umap-learn's count (`umap_default_epochs`: 500 up to 10,000 cells, 200
-          above).
-        - `optimizer`: default `umap_optimizer()` (Adam 1e-3 with gradient clipping at 4, as umap-learn), one
-          object shared by every call; pass the same object across calls (a fresh one compiles again).
-        - `progress`: tqdm bar per epoch.
+def _umap_loss(
+    umap: ParametricUMAP, batch: tuple[Array, Array], context: tuple[Array, Array], *, key: PRNGKeyArray
+) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+    """`fit`'s loss function: the minibatch is `(heads, tails)`, the context `(x, rho)`."""
+    x, rho = context
+    return umap.loss(batch, key=key, x=x, rho=rho)
 
-        **Returns:** a `UMAPFitResult`.
-        """
-        x = jnp.asarray(check_embedding(x, n_dims=self.n_features))
-        if x.shape[0] <= self.n_neighbors:
-            raise ValueError(f"x: need more than n_neighbors={self.n_neighbors} cells, got {x.shape[0]}")
-        if graph is None:
-            graph = self.graph(x)
-        if n_epochs is None:
-            steps_per_epoch = -(-graph.weights.shape[0] // min(batch_size, graph.weights.shape[0]))
-            n_epochs = max(1, round(DEFAULT_N_STEPS / steps_per_epoch))
-        if prune_epochs is None:
-            prune_epochs = umap_default_epochs(x.shape[0])
-        weights = prune_weights(graph.weights, prune_epochs)
-        result = fit(
-            self, ParametricUMAP.loss, (graph.heads, graph.tails), key=key, n_epochs=n_epochs,
-            batch_size=batch_size, context=(x, graph.rho.astype(x.dtype)),
-            optimizer=_shared_umap_optimizer() if optimizer is None else optimizer, row_weights=weights,
-            trainable=self.trainable(), progress=progress, description="parametric UMAP",
-        )
-        return UMAPFitResult(result.model, graph, result.train_loss)
+
+def fit_umap(
+    umap: ParametricUMAP,
+    x: ArrayLike,
+    *,
+    key: PRNGKeyArray,
+    settings: TrainSettings | None = None,
+    graph: FuzzyGraph | None = None,
+    prune_epochs: int | None = None,
+) -> UMAPFitResult:
+    """Build the fuzzy graph of `x` and train the encoder on it, on the shared loop (`fit`).
+
+    **Arguments:**
+
+    - `umap`: the (initialised) model.
+    - `x`: `(n_cells, n_features)` training cells.
+    - `key`: PRNG key for edge sampling and negatives. (Keyword only argument.)
+    - `settings`: the loop's `TrainSettings`; what is left at None takes these defaults: `n_epochs` the number of
+      epochs closest to `DEFAULT_N_STEPS` (3,000) optimiser steps, at least one (an epoch is
+      `ceil(n_edges / batch_size)` steps and draws as many edges as the graph has slots,
+      `2 * n_cells * n_neighbors`); `batch_size` 1024 edges (umap-learn's parametric default is
+      `min(n_cells, 1000)`); the optimiser Adam 1e-3 with gradients clipped at 4 as umap-learn
+      (`shared_optimizer("adam", clip=4.0)`).
+    - `graph`: a precomputed `FuzzyGraph` of `x` (e.g. to reuse across runs); built if None.
+    - `prune_epochs`: drop edges with weight below `max / prune_epochs`, as umap-learn does before optimising
+      with its epoch count; default umap-learn's count (`umap_default_epochs`: 500 up to 10,000 cells, 200
+      above).
+
+    **Returns:** a `UMAPFitResult`.
+    """
+    x = jnp.asarray(check_embedding(x, n_dims=umap.n_features))
+    if x.shape[0] <= umap.n_neighbors:
+        raise ValueError(f"x: need more than n_neighbors={umap.n_neighbors} cells, got {x.shape[0]}")
+    if graph is None:
+        graph = umap.graph(x)
+    settings = (TrainSettings() if settings is None else settings).filled(
+        TrainSettings(batch_size=1024, optimizer=shared_optimizer("adam", clip=4.0), description="parametric UMAP")
+    )
+    if settings.n_epochs is None:
+        assert settings.batch_size is not None
+        steps_per_epoch = -(-graph.weights.shape[0] // min(settings.batch_size, graph.weights.shape[0]))
+        settings = dataclasses.replace(settings, n_epochs=max(1, round(DEFAULT_N_STEPS / steps_per_epoch)))
+    if prune_epochs is None:
+        prune_epochs = umap_default_epochs(x.shape[0])
+    weights = prune_weights(graph.weights, prune_epochs)
+    result = fit(umap, _umap_loss, (graph.heads, graph.tails), key=key, settings=settings,
+                 context=(x, graph.rho.astype(x.dtype)), row_weights=weights, trainable=umap.trainable())
+    return UMAPFitResult(result.model, graph, result.train_loss)

@@ -9,9 +9,11 @@ optional stateless layer norm instead), and AdamW's decoupled weight decay inste
 1e-6).
 """
 
-import json
+import dataclasses
 import math
 import os
+import pathlib
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import equinox as eqx
@@ -23,21 +25,18 @@ import numpy as np
 from jax.scipy.special import gammaln
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from .._core._checkpoint import read_header, save_leaves
 from .._core._distributions import (
+    log_library_size,
     negative_binomial_log_prob_logspace,
     poisson_log_prob_logspace,
+    reparameterize,
     softmax_negative_binomial_log_likelihood,
     zero_inflated_negative_binomial_log_prob_logspace,
 )
 from .._core._nn import CovariateMLP, dense
-from .._core._train import (
-    Devices,
-    FitResult,
-    fit,
-    map_in_chunks,
-    shared_scvi_optimizer,
-    tuned_jit,
-)
+from .._core._stage import AbstractTrainableStage
+from .._core._train import Devices, FitResult, TrainSettings, fit, map_in_chunks, shared_optimizer, tuned_jit
 from .._core._validate import check_batch_labels, check_counts
 
 
@@ -56,18 +55,6 @@ def gaussian_kl(
 ) -> Float[Array, " n_cells"]:
     """$\\mathrm{KL}(N(m, v) \\,\\|\\, N(0, I))$ per cell: $\\frac12 \\sum_k (v_k + m_k^2 - 1 - \\log v_k)$."""
     return 0.5 * jnp.sum(jnp.exp(log_variance) + mean**2 - 1.0 - log_variance, axis=-1)
-
-
-def reparameterize(
-    mean: Float[Array, "n_cells latent_dim"], log_variance: Float[Array, "n_cells latent_dim"], *, key: PRNGKeyArray
-) -> Float[Array, "n_cells latent_dim"]:
-    """A reparameterised draw $z = m + \\sqrt{v}\\,\\epsilon$, $\\epsilon \\sim N(0, I)$."""
-    return mean + jnp.exp(0.5 * log_variance) * jr.normal(key, mean.shape, dtype=mean.dtype)
-
-
-def log_library_size(counts: Float[Array, "n_cells n_genes"]) -> Float[Array, " n_cells"]:
-    """Log of each cell's observed total count (clamped at 1 so an empty cell gives 0, not -inf)."""
-    return jnp.log(jnp.maximum(jnp.sum(counts, axis=-1), 1.0))
 
 
 def count_log_likelihood(
@@ -140,7 +127,7 @@ def kl_warmup_weight(
     return min(max_kl_weight, min_kl_weight + (max_kl_weight - min_kl_weight) * epoch / n_epochs_kl_warmup)
 
 
-def default_n_epochs(n_cells: int) -> int:
+def vae_default_epochs(n_cells: int) -> int:
     """scvi-tools' epoch heuristic: `min(round(20000 / n_cells * 400), 400)`."""
     return int(min(round(20000 / n_cells * 400), 400))
 
@@ -174,7 +161,32 @@ class VAEOutput(eqx.Module):
         return getattr(self, name)
 
 
-class VAENormalizer(eqx.Module):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VAEOptions:
+    """scVI's further model options for `VAENormalizer(options=...)` (scvi-tools' names and defaults).
+
+    - `dispersion`: `"gene"` (one inverse dispersion per gene) or `"gene-batch"` (per gene and batch).
+    - `use_layer_norm`: stateless layer norm in the hidden layers (replaces scVI's batch norm).
+    - `encode_covariates`: also feed the batch one-hot to the encoder (scVI: False).
+    - `deeply_inject_covariates`: inject the batch one-hot into every decoder layer (scVI: True).
+    """
+
+    dispersion: Dispersion = "gene"
+    use_layer_norm: bool = False
+    encode_covariates: bool = False
+    deeply_inject_covariates: bool = True
+
+
+def _gene_names(genes: Sequence[str] | None, n_genes: int) -> tuple[str, ...] | None:
+    if genes is None:
+        return None
+    names = tuple(str(name) for name in genes)
+    if len(names) != n_genes:
+        raise ValueError(f"genes: {len(names)} names for a model of {n_genes} genes")
+    return names
+
+
+class VAENormalizer(AbstractTrainableStage):
     """scVI's variational autoencoder for raw counts, as an immutable module.
 
     Generative model: $z \\sim N(0, I)$, $\\rho = \\mathrm{softmax}(f(z, s))$, $x_g \\sim \\mathrm{NB}(\\ell\\rho_g,
@@ -182,7 +194,12 @@ class VAENormalizer(eqx.Module):
     Inference model: $q(z \\mid x) = N(\\mu(\\log(1 + x)), \\sigma^2(\\log(1 + x)))$.
 
     Call contract: `vae(counts, batch_labels, *, key=None, inference=False) -> VAEOutput` and
-    `vae.loss(counts, batch_labels, *, key, kl_weight=1.0) -> (loss, aux)`.
+    `vae.loss((counts, batch_labels), *, key, kl_weight=1.0) -> (loss, aux)`; trained by `fit_vae`.
+
+    `genes` (static; None when not given) names the genes of the count matrix's columns, in order: `save_vae`
+    writes them and `load_vae` restores them, so new data can be matched to the training genes by name.
+    `target_library_size` (an array leaf, 1e4) is the library size `normalized` is scaled to; change it with
+    `eqx.tree_at(lambda v: v.target_library_size, vae, jnp.asarray(1e6))`.
     """
 
     encoder: CovariateMLP
@@ -203,6 +220,7 @@ class VAENormalizer(eqx.Module):
     deeply_inject_covariates: bool = eqx.field(static=True)
     dropout_rate: float = eqx.field(static=True)
     use_layer_norm: bool = eqx.field(static=True)
+    genes: tuple[str, ...] | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -212,12 +230,9 @@ class VAENormalizer(eqx.Module):
         hidden_dims: tuple[int, ...] = (128,),
         latent_dim: int = 10,
         likelihood: Likelihood = "nb",
-        dispersion: Dispersion = "gene",
         dropout_rate: float = 0.1,
-        use_layer_norm: bool = False,
-        encode_covariates: bool = False,
-        deeply_inject_covariates: bool = True,
-        target_library_size: Float[ArrayLike, ""] = 1e4,
+        options: VAEOptions = VAEOptions(),
+        genes: Sequence[str] | None = None,
         dtype: Any = None,
         key: PRNGKeyArray,
     ):
@@ -228,20 +243,21 @@ class VAENormalizer(eqx.Module):
         - `hidden_dims`: width of each hidden layer of the encoder; the decoder mirrors it (scVI: `(128,)`).
         - `latent_dim`: latent dimension (scVI: 10).
         - `likelihood`: `"nb"`, `"zinb"` or `"poisson"` (scVI's default is `"zinb"`).
-        - `dispersion`: `"gene"` (one inverse dispersion per gene) or `"gene-batch"` (per gene and batch).
         - `dropout_rate`: encoder dropout (scVI: 0.1; the decoder has none, as in scVI).
-        - `use_layer_norm`: stateless layer norm in the hidden layers (replaces scVI's batch norm).
-        - `encode_covariates`: also feed the batch one-hot to the encoder (scVI: False).
-        - `deeply_inject_covariates`: inject the batch one-hot into every decoder layer (scVI: True).
-        - `target_library_size`: the library size `normalized` is scaled to (default 1e4).
+        - `options`: scVI's further options (`VAEOptions`: dispersion, layer norm, where the batch enters).
+        - `genes`: the genes' names, one per column of the counts (kept as `genes`; None: unnamed).
         - `dtype`: parameter dtype (default: JAX's default float).
         - `key`: PRNG key for the initial parameters. (Keyword only argument.)
         """
         self.n_genes, self.n_batches, self.latent_dim = int(n_genes), int(n_batches), int(latent_dim)
         self.hidden_dims = tuple(int(h) for h in hidden_dims)
-        self.likelihood, self.dispersion = likelihood, dispersion
-        self.encode_covariates, self.deeply_inject_covariates = encode_covariates, deeply_inject_covariates
-        self.dropout_rate, self.use_layer_norm = float(dropout_rate), use_layer_norm
+        self.likelihood, self.dispersion = likelihood, options.dispersion
+        self.encode_covariates = options.encode_covariates
+        self.deeply_inject_covariates = options.deeply_inject_covariates
+        self.dropout_rate, self.use_layer_norm = float(dropout_rate), options.use_layer_norm
+        self.genes = _gene_names(genes, self.n_genes)
+        use_layer_norm, dispersion = options.use_layer_norm, options.dispersion
+        encode_covariates, deeply_inject_covariates = options.encode_covariates, options.deeply_inject_covariates
         enc_key, mean_key, var_key, dec_key, scale_key, zero_key, disp_key = jr.split(key, 7)
         n_cov = self.n_batches if self.n_batches > 1 else 0
         self.encoder = CovariateMLP(
@@ -266,7 +282,7 @@ class VAENormalizer(eqx.Module):
             None if likelihood == "poisson"
             else jr.normal(disp_key, (n_dispersion, self.n_genes), dtype=param_dtype)  # scVI: torch.randn
         )
-        self.target_library_size = jnp.asarray(target_library_size, dtype=param_dtype)
+        self.target_library_size = jnp.asarray(1e4, dtype=param_dtype)
 
     def __check_init__(self):
         if self.likelihood not in ("nb", "zinb", "poisson"):
@@ -406,13 +422,12 @@ class VAENormalizer(eqx.Module):
 
     def loss(
         self,
-        counts: Float[Array, "n_cells n_genes"],
-        batch_labels: Int[Array, " n_cells"] | None = None,
+        batch: tuple[Array | None, ...],
+        /,
         *,
         key: PRNGKeyArray,
         kl_weight: Float[ArrayLike, ""] = 1.0,
         inference: bool = False,
-        log_factorial: Float[Array, " n_cells"] | None = None,
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
         """Negative ELBO with a KL weight, averaged over cells (scvi-tools' training loss).
 
@@ -421,16 +436,17 @@ class VAENormalizer(eqx.Module):
 
         **Arguments:**
 
-        - `counts`, `batch_labels`: a minibatch, as in `__call__`.
+        - `batch`: a minibatch `(counts, batch_labels)` as in `__call__` (`batch_labels` may be None or left out
+          with one batch), optionally with a third entry: the precomputed per-cell $\\sum_g \\log\\Gamma(x_g + 1)$
+          (`log_factorial_per_cell`), which changes nothing but speed.
         - `key`: PRNG key for dropout and the posterior draw. (Keyword only argument.)
         - `kl_weight`: the KL warm-up weight $w$.
         - `inference`: disable dropout (validation).
-        - `log_factorial`: optional precomputed per-cell $\\sum_g \\log\\Gamma(x_g + 1)$ (`log_factorial_per_cell`);
-          it changes nothing but speed.
 
         **Returns:** `(loss, aux)` where `aux` has the per-cell means `reconstruction` (negative
         log-likelihood), `kl` and `elbo` (with weight one).
         """
+        counts, batch_labels, log_factorial = _unpack(batch)
         self._check(counts, batch_labels)
         counts = counts.astype(self.dtype)
         onehot = self._batch_onehot(batch_labels, counts.shape[0])
@@ -459,6 +475,13 @@ class VAENormalizer(eqx.Module):
         return self._reconstruction_log_likelihood(counts, mean, onehot, batch_labels, None)
 
 
+def _unpack(batch: tuple[Array | None, ...]) -> tuple[Array, Array | None, Array | None]:
+    if not 1 <= len(batch) <= 3 or batch[0] is None:
+        raise ValueError(f"batch: expected (counts, batch_labels[, log_factorial]), got {len(batch)} entries")
+    counts, batch_labels, log_factorial = (*batch, None, None)[:3]
+    return counts, batch_labels, log_factorial
+
+
 class VAELoss(eqx.Module):
     """`fit`'s loss function for a `VAENormalizer`: `loss_fn(vae, (counts, batch_labels), context, *, key)`.
 
@@ -476,12 +499,9 @@ class VAELoss(eqx.Module):
         *,
         key: PRNGKeyArray,
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-        counts, batch_labels, *rest = batch
         validation = bool(vae.encoder.dropout.inference)
         kl_weight = jnp.ones(()) if validation else context["kl_weight"]
-        log_factorial = rest[0] if rest else None
-        return vae.loss(counts, batch_labels, key=key, kl_weight=kl_weight, inference=validation,
-                        log_factorial=log_factorial)
+        return vae.loss(batch, key=key, kl_weight=kl_weight, inference=validation)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -509,23 +529,12 @@ def fit_vae(
     batch_labels: Any = None,
     *,
     key: PRNGKeyArray,
-    n_epochs: int | None = None,
-    batch_size: int = 128,
-    learning_rate: float = 1e-3,
-    weight_decay: float = 1e-6,
-    eps: float = 0.01,
+    settings: TrainSettings | None = None,
     n_epochs_kl_warmup: int | None = None,
     min_kl_weight: float = 0.0,
     max_kl_weight: float = 1.0,
-    validation_fraction: float = 0.1,
-    early_stopping_patience: int | None = None,
-    restore_best: bool = False,
-    checkpoint_path: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    devices: Devices = None,
 ) -> FitResult:
-    """Train a `VAENormalizer` with scvi-tools' defaults.
+    """Train a `VAENormalizer` with scvi-tools' defaults on the shared loop (`fit`).
 
     **Arguments:**
 
@@ -534,26 +543,28 @@ def fit_vae(
       is densified one minibatch at a time).
     - `batch_labels`: `(n_cells,)` integer batch codes (None for one batch).
     - `key`: PRNG key; the same key gives identical results. (Keyword only argument.)
-    - `n_epochs`: default `min(round(20000 / n_cells * 400), 400)` (scvi-tools' heuristic).
-    - `batch_size`, `learning_rate`, `weight_decay`, `eps`: scvi-tools' defaults (128, 1e-3, 1e-6, 0.01), AdamW.
+    - `settings`: the loop's `TrainSettings`; what is left at None takes scvi-tools' defaults: `n_epochs`
+      `min(round(20000 / n_cells * 400), 400)` (`vae_default_epochs`), `batch_size` 128, AdamW
+      (`shared_optimizer()`) with `hyperparameters` `{"learning_rate": 1e-3, "weight_decay": 1e-6, "eps": 0.01}`
+      (given ones replace these), `validation_fraction` 0.1 (the validation loss is the negative ELBO). Early
+      stopping is off unless `early_stopping_patience` is set (scvi-tools' patience is 45 when switched on).
     - `n_epochs_kl_warmup`: epochs over which the KL weight rises linearly from `min_kl_weight` to
       `max_kl_weight` (scvi-tools: 400). None: `min(400, n_epochs)`, i.e. scvi-tools' 400 epochs, scaled down
       to the run when it is shorter.
-    - `validation_fraction`: held-out share of cells (scvi-tools: 0.1); the validation loss is the negative ELBO.
-    - `early_stopping_patience`: stop when the validation loss has not improved for this many epochs (None: off,
-      as in scvi-tools; scvi-tools' patience is 45 when switched on).
-    - `restore_best`: return the best validation epoch's model.
-    - `checkpoint_path`, `resume`: save after every epoch and continue an interrupted run exactly.
-    - `progress`: tqdm bar per epoch.
-    - `devices`: train data-parallel over several devices (`"all"`, a sequence, or a mesh; see `fit`).
+    - `min_kl_weight`, `max_kl_weight`: the ends of the warm-up.
 
     **Returns:** `fit`'s `FitResult` (`.model` is the trained `VAENormalizer`; `.validation_loss` the held-out
     negative ELBO per epoch; `.train_aux` the mean `reconstruction`, `kl` and `elbo` per epoch).
     """
     checked, labels = _prepare(vae, counts, batch_labels)
-    n_cells = checked.shape[0]
-    n_epochs = default_n_epochs(n_cells) if n_epochs is None else int(n_epochs)
-    warmup = min(400, n_epochs) if n_epochs_kl_warmup is None else int(n_epochs_kl_warmup)
+    defaults = TrainSettings(
+        n_epochs=vae_default_epochs(checked.shape[0]), batch_size=128, optimizer=shared_optimizer(),
+        hyperparameters={"learning_rate": 1e-3, "weight_decay": 1e-6, "eps": 0.01}, validation_fraction=0.1,
+        description="VAE",
+    )
+    settings = (TrainSettings() if settings is None else settings).filled(defaults)
+    assert settings.n_epochs is not None
+    warmup = min(400, settings.n_epochs) if n_epochs_kl_warmup is None else int(n_epochs_kl_warmup)
 
     def context(epoch: int) -> dict[str, Array]:
         weight = kl_warmup_weight(epoch, warmup, min_kl_weight=min_kl_weight, max_kl_weight=max_kl_weight)
@@ -562,26 +573,8 @@ def fit_vae(
     # The target library size is a hyperparameter, not a weight: keep it out of the optimiser (weight decay).
     trainable = jtu.tree_map(eqx.is_inexact_array, vae)
     trainable = eqx.tree_at(lambda m: m.target_library_size, trainable, replace=False)
-    return fit(
-        vae,
-        VAELoss(),
-        (checked, labels, log_factorial_per_cell(checked).astype(jnp.dtype(vae.dtype))),
-        key=key,
-        n_epochs=n_epochs,
-        batch_size=batch_size,
-        context=context,
-        optimizer=shared_scvi_optimizer(),
-        hyperparameters={"learning_rate": learning_rate, "weight_decay": weight_decay, "eps": eps},
-        validation_fraction=validation_fraction,
-        early_stopping_patience=early_stopping_patience,
-        restore_best=restore_best,
-        trainable=trainable,
-        checkpoint_path=checkpoint_path,
-        resume=resume,
-        progress=progress,
-        description="VAE",
-        devices=devices,
-    )
+    data = (checked, labels, log_factorial_per_cell(checked).astype(jnp.dtype(vae.dtype)))
+    return fit(vae, VAELoss(), data, key=key, settings=settings, context=context, trainable=trainable)
 
 
 @tuned_jit
@@ -650,27 +643,40 @@ def vae_log_likelihood(
     return map_in_chunks(_log_likelihood_chunk, (checked, labels), chunk_size=chunk_size, context=vae)
 
 
-_CONFIG_FIELDS = (
-    "n_genes", "n_batches", "hidden_dims", "latent_dim", "likelihood", "dispersion", "dropout_rate",
-    "use_layer_norm", "encode_covariates", "deeply_inject_covariates",
-)
+_SIZE_FIELDS = ("n_genes", "n_batches", "hidden_dims", "latent_dim", "likelihood", "dropout_rate")
+_OPTION_FIELDS = tuple(field.name for field in dataclasses.fields(VAEOptions))
 
 
-def save_vae(path: str | os.PathLike[str], vae: VAENormalizer) -> None:
-    """Save a `VAENormalizer`: a JSON line with its configuration, then `eqx.tree_serialise_leaves`."""
-    config = {name: getattr(vae, name) for name in _CONFIG_FIELDS}
-    config["dtype"] = jnp.dtype(vae.dtype).name
-    with open(path, "wb") as f:
-        f.write((json.dumps(config) + "\n").encode())
-        eqx.tree_serialise_leaves(f, vae)
+def save_vae(
+    path: str | os.PathLike[str], vae: VAENormalizer, *, genes: Sequence[str] | None = None
+) -> pathlib.Path:
+    """Save a `VAENormalizer` atomically: a JSON header line (its configuration and gene names), then its leaves
+    (`eqx.tree_serialise_leaves`).
+
+    **Arguments:**
+
+    - `path`: the file to write.
+    - `vae`: the model.
+    - `genes`: the names of its genes, in column order (default: `vae.genes`); `load_vae` puts them in the
+      loaded model's `genes`. (Keyword only argument.)
+
+    **Returns:** `path` as a `pathlib.Path`.
+    """
+    names = vae.genes if genes is None else _gene_names(genes, vae.n_genes)
+    header = {name: getattr(vae, name) for name in (*_SIZE_FIELDS, *_OPTION_FIELDS)}
+    header.update(format="diffbio_eqx.vae/1", dtype=jnp.dtype(vae.dtype).name,
+                  genes=None if names is None else list(names))
+    return save_leaves(path, vae, header=header)
 
 
 def load_vae(path: str | os.PathLike[str]) -> VAENormalizer:
-    """Load a model written by `save_vae` (no template needed)."""
-    with open(path, "rb") as f:
-        config = json.loads(f.readline().decode())
-        dtype = jnp.dtype(config.pop("dtype"))
-        config["hidden_dims"] = tuple(config["hidden_dims"])
-        n_genes, n_batches = config.pop("n_genes"), config.pop("n_batches")
-        like = VAENormalizer(n_genes, n_batches, **config, dtype=dtype, key=jr.key(0))
-        return eqx.tree_deserialise_leaves(f, like)
+    """Load a model written by `save_vae` (no template needed); its `genes` are the saved names (or None)."""
+    with open(path, "rb") as handle:
+        header = read_header(handle)
+        sizes = {name: header[name] for name in _SIZE_FIELDS}
+        sizes["hidden_dims"] = tuple(sizes["hidden_dims"])
+        n_genes, n_batches = sizes.pop("n_genes"), sizes.pop("n_batches")
+        options = VAEOptions(**{name: header[name] for name in _OPTION_FIELDS})
+        like = VAENormalizer(n_genes, n_batches, **sizes, options=options, genes=header.get("genes"),
+                             dtype=jnp.dtype(header["dtype"]), key=jr.key(0))
+        return eqx.tree_deserialise_leaves(handle, like)
