@@ -114,7 +114,7 @@ def _peak_worker(tool: str, n_cells: int) -> None:
 
 def _xla_memory(x, batches) -> dict:
     """XLA's buffer assignment for the compiled Harmony call: arguments, outputs and temporaries (bytes)."""
-    from diffbio_eqx import _harmony
+    from diffbio_eqx._harmony import _stage as _harmony
 
     captured = {}
     compiled_fn = _harmony._harmony_jit

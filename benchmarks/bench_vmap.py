@@ -62,7 +62,7 @@ def vae_epoch_fn(static, optimizer, n_steps: int, batch_size: int):
 
         def loss(p, index, k):
             vae = eqx.combine(p, static)
-            return vae.loss(counts[index], None, key=k, kl_weight=1.0, log_factorial=log_factorial[index])[0]
+            return vae.loss((counts[index], None, log_factorial[index]), key=k, kl_weight=1.0)[0]
 
         def step(carry, inputs):
             p, state = carry
@@ -170,7 +170,8 @@ def retrace_checks() -> dict:
     import numpy as np
 
     import diffbio_eqx as dx
-    from diffbio_eqx import _harmony, _pipeline, _train
+    from diffbio_eqx import _pipeline, _train
+    from diffbio_eqx._harmony import _stage as _harmony
 
     results = {}
     x, batches = _common.gaussian_embedding(500, n_dims=10, n_batches=3)
@@ -207,8 +208,9 @@ def retrace_checks() -> dict:
 
     def vae_values():
         for warmup, top, rate, decay in ((1, 1.0, 1e-3, 1e-6), (5, 0.5, 3e-3, 1e-4)):
-            dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=2, n_epochs_kl_warmup=warmup, max_kl_weight=top,
-                       learning_rate=rate, weight_decay=decay, progress=False)
+            dx.fit_vae(vae, counts, key=jr.key(1), n_epochs_kl_warmup=warmup, max_kl_weight=top,
+                       settings=dx.TrainSettings(n_epochs=2, progress=False,
+                                                 hyperparameters={"learning_rate": rate, "weight_decay": decay}))
 
     with _traced_once(_train, "_train_epoch"):
         results["vae_training_kl_warmup_learning_rate"] = _traces_ok(vae_values)

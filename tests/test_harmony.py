@@ -14,7 +14,7 @@ import pytest
 from helpers import log_normalized_pca, SHARED_DATA, tree_allclose
 
 import diffbio_eqx as dbx
-from diffbio_eqx import _harmony as H
+from diffbio_eqx._harmony import _math as H
 
 
 harmonypy = pytest.importorskip("harmonypy")
@@ -204,20 +204,21 @@ def test_moe_ridge_matches_explicit_regression(n_batches, lamb):
     lam = np.concatenate([np.zeros((n_clusters, 1)), lam_levels], axis=1)
     phi_moe = np.concatenate([np.ones((n_cells, 1)), phi], axis=1)
     want_z, want_intercepts = _ridge_reference(x, r, phi_moe, lam)
+    design = H.batch_design(jnp.asarray(labels), n_batches, jnp.float64)
     z, centroids, _ = H.moe_ridge_correct(
-        jnp.asarray(x), stats, jnp.asarray(phi), jnp.asarray(prior), jnp.asarray(phi.sum(0)),
-        jnp.zeros((n_clusters, n_dims)), jnp.full((phi.shape[1],), lamb), jnp.asarray(0.2), jnp.asarray(1e-5),
-        n_batches,
+        jnp.asarray(x), stats, design, jnp.zeros((n_clusters, n_dims)), jnp.full((phi.shape[1],), lamb),
+        jnp.asarray(0.2), jnp.asarray(1e-5),
     )
     np.testing.assert_allclose(z, want_z, rtol=1e-9, atol=1e-9)
     want_centroids = want_intercepts / np.linalg.norm(want_intercepts, axis=1, keepdims=True)
     np.testing.assert_allclose(centroids, want_centroids, rtol=1e-9, atol=1e-9)
     # Gathering the first covariate's cells per level gives the same result as the masked products.
     sizes = tuple(int(c) for c in np.bincount(labels[:, 0], minlength=n_batches[0]))
+    with_cells = H.batch_design(jnp.asarray(labels), n_batches, jnp.float64, segments=sizes)
+    assert with_cells.cells is not None and design.cells is None
     z_cells, _, _ = H.moe_ridge_correct(
-        jnp.asarray(x), stats, jnp.asarray(phi), jnp.asarray(prior), jnp.asarray(phi.sum(0)),
-        jnp.zeros((n_clusters, n_dims)), jnp.full((phi.shape[1],), lamb), jnp.asarray(0.2), jnp.asarray(1e-5),
-        n_batches, H.level_cells(jnp.asarray(labels[:, 0]), sizes),
+        jnp.asarray(x), stats, with_cells, jnp.zeros((n_clusters, n_dims)), jnp.full((phi.shape[1],), lamb),
+        jnp.asarray(0.2), jnp.asarray(1e-5),
     )
     np.testing.assert_allclose(z_cells, want_z, rtol=1e-9, atol=1e-9)
 
@@ -233,9 +234,9 @@ def test_moe_ridge_prunes_batches_absent_from_a_cluster():
     phi = np.asarray(H.batch_onehot(jnp.asarray(labels)[:, None], (2,), jnp.float64))
     stats = H._ClusterStats(jnp.asarray(r), jnp.asarray(r.sum(0)), jnp.asarray(r.T @ phi))
     old = H.cosine_normalize(jnp.asarray(rng.normal(size=(2, 3))))
+    design = H.batch_design(jnp.asarray(labels)[:, None], (2,), jnp.float64)
     z, centroids, coef = H.moe_ridge_correct(
-        jnp.asarray(x), stats, jnp.asarray(phi), jnp.asarray(phi.mean(0)), jnp.asarray(phi.sum(0)), old,
-        jnp.full((2,), 1.0), jnp.asarray(0.2), jnp.asarray(1e-5), (2,),
+        jnp.asarray(x), stats, design, old, jnp.full((2,), 1.0), jnp.asarray(0.2), jnp.asarray(1e-5),
     )
     np.testing.assert_allclose(z[:50], x[:50], atol=1e-12)  # cells of cluster 0 untouched
     np.testing.assert_allclose(centroids[0], old[0], atol=1e-12)
@@ -342,9 +343,9 @@ def test_theta_zero_is_plain_soft_kmeans_correction(small, getkey):
     np.testing.assert_allclose(trace, trace[0], rtol=1e-12)  # clustering rounds change nothing
     phi = H.batch_onehot(jnp.asarray(batches)[:, None], (2,), jnp.float64)
     stats = H._ClusterStats(soft, jnp.sum(soft, axis=0), soft.T @ phi)
-    want, _, _ = H.moe_ridge_correct(jnp.asarray(x), stats, phi, jnp.mean(phi, axis=0), jnp.sum(phi, axis=0),
-                                    jnp.zeros((5, 8)), jnp.full((2,), -1.0), jnp.asarray(0.2),
-                                    jnp.asarray(1e-5), (2,))
+    design = H.batch_design(jnp.asarray(batches)[:, None], (2,), jnp.float64)
+    want, _, _ = H.moe_ridge_correct(jnp.asarray(x), stats, design, jnp.zeros((5, 8)), jnp.full((2,), -1.0),
+                                    jnp.asarray(0.2), jnp.asarray(1e-5))
     np.testing.assert_allclose(result.z_corr, want, rtol=1e-9, atol=1e-9)
 
 
@@ -382,7 +383,7 @@ def test_early_exit_matches_scan(small, getkey):
     x, batches, _ = small
     key = getkey()
     scan = dbx.harmony(x, batches, key=key, n_clusters=6, max_iter_kmeans=8)
-    fast = dbx.harmony_early_exit(x, batches, key=key, n_clusters=6, max_iter_kmeans=8)
+    fast = dbx.harmony(x, batches, key=key, n_clusters=6, max_iter_kmeans=8, early_exit=True)
     assert int(scan.kmeans_rounds[0]) < 8  # the clustering loop stops early too
     assert 1 < int(scan.n_rounds) < 10 and bool(scan.converged)
     assert tree_allclose(scan, fast, rtol=1e-10, atol=1e-12)
@@ -499,8 +500,8 @@ def test_stage_matches_function_and_vmaps(small, getkey):
     np.testing.assert_allclose(
         stage(x, batches, key=key), dbx.harmony(x, batches, key=key, theta=1.0, n_clusters=6).z_corr, rtol=0
     )
-    objective, aux = stage.loss(x, batches, key=key)
-    assert objective.shape == () and set(aux) == {"initial_objective", "n_rounds", "converged"}
+    result = stage.run(x, batches, key=key)
+    assert result.objective.shape == (stage.max_iter_harmony,) and result.initial_objective.shape == ()
     stages = eqx.filter_vmap(lambda t: dbx.Harmony(theta=t, n_clusters=6, n_batches=2))(jnp.array([0.0, 2.0]))
     outs = eqx.filter_vmap(lambda s: s(jnp.asarray(x), jnp.asarray(batches), key=key),
                            in_axes=(eqx.if_array(0),))(stages)

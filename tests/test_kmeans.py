@@ -111,13 +111,17 @@ def test_low_temperature_matches_sklearn_inertia(simulated, seed):
 
 def test_stage_ari_against_simulated_groups(simulated):
     x, groups = simulated
-    stage = dx.SoftKMeans.from_data(x, 5, key=jr.key(3), temperature=_per_cell_scale(x) * 0.01)
+    unfitted = dx.SoftKMeans(jnp.zeros((5, x.shape[1])), temperature=_per_cell_scale(x) * 0.01)
+    fitted = dx.fit_soft_kmeans(unfitted, x, key=jr.key(3))
+    stage = fitted.model
     labels = np.asarray(stage.hard_assign(x))
     ari = adjusted_rand_score(groups, labels)
     assert ari >= 0.9, ari
-    annealed = dx.SoftKMeans.from_data(
-        x, 5, key=jr.key(3), temperature=_per_cell_scale(x) * 0.01, start_temperature=_per_cell_scale(x)
-    )
+    assert fitted.train_loss.shape == (100,) and fitted.train_aux["temperature"].shape == (100,)
+    assert np.all(np.isnan(np.asarray(fitted.validation_loss)))
+    np.testing.assert_allclose(fitted.train_loss[-1], stage.objective(x), rtol=1e-10)
+    assert stage.temperature == unfitted.temperature and stage.centroids.shape == unfitted.centroids.shape
+    annealed = dx.fit_soft_kmeans(unfitted, x, key=jr.key(3), start_temperature=_per_cell_scale(x)).model
     assert adjusted_rand_score(groups, np.asarray(annealed.hard_assign(x))) >= 0.9
     resp = stage(x)
     assert resp.shape == (600, 5)
@@ -136,7 +140,7 @@ def test_gradients_flow_to_centroids_and_temperature(simulated, getkey):
 
     @eqx.filter_jit
     def loss(s):
-        return jnp.sum(weights * s(x)) + s.loss(x)[0]
+        return jnp.sum(weights * s(x)) + s.loss((x,), key=jr.key(0))[0]
 
     grads = eqx.filter_grad(loss)(stage)
     assert float(jnp.abs(grads.temperature)) > 0
@@ -194,11 +198,13 @@ def test_vmap_over_temperatures_and_keys_equals_loop_without_recompiles(simulate
 def test_error_paths(getkey):
     x = jr.normal(getkey(), (10, 2))
     with pytest.raises(ValueError, match="n_clusters"):
-        dx.SoftKMeans.from_data(x, 11, key=getkey())
+        dx.fit_soft_kmeans(dx.SoftKMeans(jnp.zeros((11, 2))), x, key=getkey())
     with pytest.raises(ValueError, match="n_clusters"):
-        dx.SoftKMeans.from_data(x, 0, key=getkey())
+        dx.fit_soft_kmeans(dx.SoftKMeans(jnp.zeros((0, 2))), x, key=getkey())
     with pytest.raises(ValueError, match="non-finite"):
-        dx.SoftKMeans.from_data(x.at[3, 1].set(jnp.nan), 2, key=getkey())
+        dx.fit_soft_kmeans(dx.SoftKMeans(x[:2]), x.at[3, 1].set(jnp.nan), key=getkey())
+    with pytest.raises(ValueError, match="dimensions"):
+        dx.fit_soft_kmeans(dx.SoftKMeans(jnp.zeros((2, 3))), x, key=getkey())
     bad = dx.SoftKMeans(x[:3], temperature=-1.0)
     with pytest.raises((ValueError, RuntimeError), match="temperature"):
         jax.jit(lambda s: s(x))(bad)
@@ -214,11 +220,11 @@ def test_float32_flows_through():
         sim = dx.simulate(jr.key(0), n_cells=300, n_genes=200, n_groups=3)
         x = jnp.asarray(log_normalized_pca(np.asarray(sim.counts), 10), dtype=jnp.float32)
         temperature = _per_cell_scale(x) * 0.01
-        stage = dx.SoftKMeans.from_data(x, 3, key=jr.key(1), temperature=temperature)
+        stage = dx.fit_soft_kmeans(dx.SoftKMeans(x[:3], temperature=temperature), x, key=jr.key(1)).model
         assert stage.centroids.dtype == jnp.float32
         assert stage.temperature.dtype == jnp.float32
         assert stage(x).dtype == jnp.float32
-        assert stage.loss(x)[0].dtype == jnp.float32
+        assert stage.loss((x,), key=jr.key(0))[0].dtype == jnp.float32
         init = dx.kmeans_plus_plus(x, 3, key=jr.key(1))
         reference = KMeans(3, init=np.asarray(init), n_init=1, max_iter=300, tol=0).fit(np.asarray(x))
         assert float(dx.inertia(x, stage.centroids)) <= 1.01 * reference.inertia_
@@ -250,3 +256,65 @@ def test_clustering_compactness_loss_matches_formula(getkey):
     grad = jax.grad(lambda cc: dx.clustering_compactness_loss(x, cc, 0.5, 0.3)[0])(c)
     fd = _directional_fd(lambda cc: dx.clustering_compactness_loss(x, cc, 0.5, 0.3)[0], c, v)
     np.testing.assert_allclose(jnp.vdot(grad, v), fd, rtol=1e-6)
+
+
+def test_from_data_is_a_deprecated_alias_of_fit_soft_kmeans(simulated):
+    x, _ = simulated
+    with pytest.warns(DeprecationWarning, match="fit_soft_kmeans"):
+        old = dx.SoftKMeans.from_data(x, 4, key=jr.key(2), temperature=0.5, n_iter=20)
+    new = dx.fit_soft_kmeans(dx.SoftKMeans(x[:4], temperature=0.5), x, key=jr.key(2), n_iter=20).model
+    assert bool(eqx.tree_equal(old, new))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lloyd_matches_sklearn_from_the_same_start(simulated, seed):
+    from diffbio_eqx._clustering._kmeans import lloyd, nearest_centroid
+
+    x, _ = simulated
+    init = dx.kmeans_plus_plus(x, 6, key=jr.key(seed), n_local_trials=1)
+    ours = lloyd(x, init, n_iter=300, tol=0.0)
+    reference = KMeans(6, init=np.asarray(init), n_init=1, max_iter=300, tol=0, algorithm="lloyd").fit(np.asarray(x))
+    np.testing.assert_allclose(ours, reference.cluster_centers_, rtol=1e-8, atol=1e-10)
+    np.testing.assert_array_equal(nearest_centroid(x, ours), dx.hard_assign(x, ours))
+    # A tolerance stops it early; one round is one Lloyd step.
+    one = lloyd(x, init, n_iter=1)
+    np.testing.assert_allclose(one, dx.update_centroids(x, jax.nn.one_hot(dx.hard_assign(x, init), 6)), rtol=1e-12)
+
+
+def _counting_step(state, x):
+    value, count = state
+    new = value * 0.5 + x
+    return (new, count + 1), new
+
+
+@pytest.mark.parametrize("max_steps", [1, 3, 12])
+def test_loop_scan_and_while_agree(max_steps):
+    from diffbio_eqx._core._loop import iterate
+
+    xs = jnp.arange(max_steps, dtype=jnp.float64) * 0.0 + 1.0
+    init = (jnp.asarray(10.0), jnp.asarray(0))
+    converged = lambda s: jnp.abs(s[0] - 2.0) < 0.3
+    frozen = lambda s: s[0]
+    runs = [iterate(_counting_step, init, converged, max_steps=max_steps, xs=xs, frozen=frozen, early_exit=e)
+            for e in (False, True)]
+    assert bool(eqx.tree_equal(runs[0], runs[1]))
+    final, trace, n_steps = runs[0]
+    # 10 -> 6 -> 4 -> 3 -> 2.5 -> 2.25 (converged after 5 steps)
+    assert int(n_steps) == min(5, max_steps) == int(final[1])
+    assert trace.shape == (max_steps,)
+    np.testing.assert_allclose(trace[int(n_steps):], final[0])
+
+
+def test_loop_fixed_length_is_differentiable_and_vmaps():
+    from diffbio_eqx._core._loop import iterate
+
+    def run(a):
+        step = lambda s, _: (s * a, s * a)
+        final, trace, n = iterate(step, jnp.asarray(1.0), lambda s: s < 0.1, max_steps=8, frozen=lambda s: s)
+        return final, n
+
+    # a^k until a^k < 0.1: a = 0.5 stops after 4 steps (0.0625).
+    np.testing.assert_allclose(jax.grad(lambda a: run(a)[0])(0.5), 4 * 0.5**3, rtol=1e-12)
+    finals, counts = jax.vmap(run)(jnp.asarray([0.5, 0.9]))
+    np.testing.assert_array_equal(counts, [4, 8])
+    np.testing.assert_allclose(finals, [0.5**4, 0.9**8], rtol=1e-12)

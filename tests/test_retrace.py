@@ -13,7 +13,7 @@ import pytest
 
 import diffbio_eqx as dx
 from diffbio_eqx._core import _train
-from diffbio_eqx._harmony import _math as _harmony
+from diffbio_eqx._harmony import _stage as _harmony
 from diffbio_eqx._pipeline import _run, _sweep
 
 
@@ -108,8 +108,9 @@ def test_vae_training_settings_do_not_retrace(traced_once):
     traced_once(_train, "_train_epoch")
     vae, counts = _tiny_vae_and_counts()
     losses = [
-        dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=2, n_epochs_kl_warmup=warmup, max_kl_weight=top,
-                   learning_rate=rate, weight_decay=decay, eps=eps, batch_size=32, progress=False).train_loss
+        dx.fit_vae(vae, counts, key=jr.key(1), n_epochs_kl_warmup=warmup, max_kl_weight=top,
+                   settings=dx.TrainSettings(n_epochs=2, batch_size=32, progress=False, hyperparameters={
+                       "learning_rate": rate, "weight_decay": decay, "eps": eps})).train_loss
         for warmup, top, rate, decay, eps in ((1, 1.0, 1e-3, 1e-6, 0.01), (4, 0.25, 3e-2, 1e-2, 1e-4))
     ]
     assert not np.allclose(losses[0], losses[1])
@@ -121,8 +122,8 @@ def test_optimiser_settings_reach_the_state_without_retracing(traced_once):
     vae, counts = _tiny_vae_and_counts()
 
     def moved(rate):
-        trained = dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=1, learning_rate=rate, batch_size=32,
-                             progress=False).model
+        settings = dx.TrainSettings(n_epochs=1, batch_size=32, hyperparameters={"learning_rate": rate}, progress=False)
+        trained = dx.fit_vae(vae, counts, key=jr.key(1), settings=settings).model
         return float(jnp.abs(trained.scale_head.weight - vae.scale_head.weight).max())
 
     small, large = moved(1e-4), moved(1e-2)
@@ -134,8 +135,9 @@ def test_ambient_training_settings_do_not_retrace(traced_once):
     sim = dx.simulate(jr.key(0), n_cells=80, n_genes=40, n_groups=2, contamination=0.1)
     counts = np.array(sim.counts)
     stage = dx.AmbientRemoval(40, key=jr.key(0))
-    fits = [dx.fit_ambient_removal(stage, counts, np.asarray(sim.ambient_profile), key=jr.key(1), n_epochs=2,
-                                   learning_rate=rate, batch_size=32, progress=False).model
+    fits = [dx.fit_ambient_removal(stage, counts, np.asarray(sim.ambient_profile), key=jr.key(1),
+                                   settings=dx.TrainSettings(n_epochs=2, batch_size=32, progress=False,
+                                                             hyperparameters={"learning_rate": rate})).model
             for rate in (3e-3, 3e-2)]
     assert not eqx.tree_equal(fits[0], fits[1])
 
@@ -144,7 +146,8 @@ def test_umap_fit_does_not_retrace_across_calls(traced_once):
     traced_once(_train, "_train_epoch")
     x, _ = _embedding(n_cells=120)
     umap = dx.ParametricUMAP(x.shape[1], n_neighbors=8, key=jr.key(0))
-    losses = [umap.fit(x, key=jr.key(seed), n_epochs=2, progress=False).train_loss for seed in (1, 2)]
+    settings = dx.TrainSettings(n_epochs=2, progress=False)
+    losses = [dx.fit_umap(umap, x, key=jr.key(seed), settings=settings).train_loss for seed in (1, 2)]
     assert not np.allclose(losses[0], losses[1])
 
 
@@ -153,7 +156,7 @@ def test_soft_kmeans_temperature_does_not_retrace(traced_once):
 
     traced_once(_clustering, "_fit_centroids")
     x, _ = _embedding()
-    centroids = [dx.SoftKMeans.from_data(x, 4, key=jr.key(0), temperature=t, n_iter=10).centroids
+    centroids = [dx.fit_soft_kmeans(dx.SoftKMeans(x[:4], temperature=t), x, key=jr.key(0), n_iter=10).model.centroids
                  for t in (0.1, 1.0, 5.0)]
     assert not np.allclose(centroids[0], centroids[2])
 
@@ -166,7 +169,7 @@ def test_fit_pipeline_learning_rate_does_not_retrace(monkeypatch):
     original = _train._train_epoch.__wrapped__
 
     def counted(*args, **kwargs):
-        traces.append(kwargs["loss_fn"])
+        traces.append(kwargs["steps"].loss_fn)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(_train, "_train_epoch", eqx.filter_jit(counted))

@@ -16,10 +16,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import jax.tree_util as jtu
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from .._core._geometry import squared_distances
+from .._core._loop import chunk_start, iterate, row_chunks
 
 
 def soft_assign(
@@ -67,18 +67,19 @@ def free_energy(
 def kmeans_plus_plus(
     x: Float[Array, "n_cells n_dims"], n_clusters: int, *, key: PRNGKeyArray, n_local_trials: int | None = None
 ) -> Float[Array, "n_clusters n_dims"]:
-    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, with scikit-learn's local trials).
+    """k-means++ seeding (Arthur & Vassilvitskii 2007), greedy with scikit-learn's local trials by default.
 
     The first centroid is a uniformly drawn cell; each next one is the best (lowest potential) of
     `n_local_trials` cells drawn with probability proportional to the squared distance to the nearest centroid
-    so far.
+    so far. `n_local_trials=1` is the plain k-means++ draw (as harmonypy and R harmony seed their clusters).
 
     **Arguments:**
 
     - `x`: shape `(n_cells, n_dims)`.
     - `n_clusters`: number of centroids (static).
     - `key`: PRNG key. (Keyword only argument.)
-    - `n_local_trials`: candidates per step; default `2 + floor(log(n_clusters))` as in scikit-learn.
+    - `n_local_trials`: candidates per step; default `2 + floor(log(n_clusters))` as in scikit-learn, 1 for the
+      plain draw.
 
     **Returns:** the initial centroids, shape `(n_clusters, n_dims)` (rows of `x`).
     """
@@ -104,6 +105,57 @@ def kmeans_plus_plus(
 
     indices = jnp.arange(1, n_clusters)
     (centroids, _), _ = jax.lax.scan(step, (centroids, closest), (indices, jr.split(loop_key, n_clusters - 1)))
+    return centroids
+
+
+ROW_CHUNK = 4096  # rows per chunk of `nearest_centroid` (keeps an (chunk, n_clusters) tile in cache)
+
+
+def nearest_centroid(
+    x: Float[Array, "n_cells n_dims"], centroids: Float[Array, "n_clusters n_dims"]
+) -> Int[Array, " n_cells"]:
+    """`hard_assign` (first on ties) in row chunks: no `(n_cells, n_clusters)` matrix, no variadic argmin."""
+    n_cells = x.shape[0]
+    n_clusters = centroids.shape[0]
+    half_sq = 0.5 * jnp.sum(centroids * centroids, axis=1)[None, :]
+    iota = jnp.arange(n_clusters, dtype=jnp.int32)[None, :]
+    n_chunks, chunk = row_chunks(n_cells, ROW_CHUNK)
+
+    def body(assign, i):
+        start, _ = chunk_start(i, n_cells, chunk)
+        # argmin of |c|^2 / 2 - x.c, as a min and a masked min (XLA's variadic argmin is slow on CPU)
+        score = half_sq - jax.lax.dynamic_slice_in_dim(x, start, chunk) @ centroids.T
+        best = jnp.min(score, axis=1, keepdims=True)
+        nearest = jnp.min(jnp.where(score <= best, iota, n_clusters), axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(assign, nearest, start, 0), None
+
+    assign, _ = jax.lax.scan(body, jnp.zeros((n_cells,), jnp.int32), jnp.arange(n_chunks, dtype=jnp.int32))
+    return assign
+
+
+def lloyd(
+    x: Float[Array, "n_cells n_dims"], centroids: Float[Array, "n_clusters n_dims"], *, n_iter: int,
+    tol: float = 1e-6,
+) -> Float[Array, "n_clusters n_dims"]:
+    """Up to `n_iter` hard k-means (Lloyd) rounds from `centroids`, stopping once the centroids move less than
+    `tol` (Frobenius norm), as harmonypy's initialisation; an empty cluster keeps its centroid.
+
+    An early-exit loop (`diffbio_eqx._core._loop.iterate`): hard assignments carry no useful gradient, and no
+    reverse-mode gradient flows through it.
+    """
+    n_clusters = centroids.shape[0]
+    ones = jnp.ones((x.shape[0],), x.dtype)
+
+    def step(state, _):
+        c, _ = state
+        assign = nearest_centroid(x, c)
+        sums = jax.ops.segment_sum(x, assign, n_clusters)
+        counts = jax.ops.segment_sum(ones, assign, n_clusters)
+        new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], c)
+        return (new, jnp.sqrt(jnp.sum((new - c) ** 2))), None
+
+    init = (centroids, jnp.asarray(jnp.inf, x.dtype))
+    (centroids, _), _, _ = iterate(step, init, lambda state: state[1] < tol, max_steps=n_iter, early_exit=True)
     return centroids
 
 
@@ -144,7 +196,6 @@ class SoftKMeansResult(eqx.Module):
 class _SoftKMeansState(eqx.Module):
     centroids: Float[Array, "n_clusters n_dims"]
     objective: Float[Array, ""]
-    n_steps: Int[Array, ""]
     converged: Bool[Array, ""]
 
 
@@ -162,9 +213,7 @@ def _soft_kmeans_step(
     # Only a state at its final temperature may freeze, so an annealing schedule always runs to the end.
     settled = jnp.abs(before - objective) <= tol * jnp.abs(objective)
     converged = settled & (next_temperature == temperature)
-    new = _SoftKMeansState(centroids, objective, state.n_steps + 1, converged)
-    new = jtu.tree_map(lambda old, nw: jnp.where(state.converged, old, nw), state, new)
-    return new, new.objective
+    return _SoftKMeansState(centroids, objective, converged), objective
 
 
 def soft_kmeans(
@@ -175,7 +224,7 @@ def soft_kmeans(
     n_iter: int,
     tol: float = 1e-7,
 ) -> SoftKMeansResult:
-    """Soft k-means from `init` as a fixed-length `lax.scan` that freezes once converged.
+    """Soft k-means from `init` as a fixed-length `lax.scan` that freezes once converged (`_core._loop.iterate`).
 
     **Arguments:**
 
@@ -192,7 +241,8 @@ def soft_kmeans(
     temperatures = jnp.broadcast_to(jnp.asarray(temperature, dtype=x.dtype), (n_iter,))
     next_temperatures = jnp.concatenate([temperatures[1:], temperatures[-1:]])
     init_objective = free_energy(x, init, temperatures[0])
-    state = _SoftKMeansState(init, init_objective, jnp.array(0), jnp.array(False))
+    state = _SoftKMeansState(init, init_objective, jnp.array(False))
     step = lambda s, t: _soft_kmeans_step(s, t, x=x, tol=tol)
-    final, trace = jax.lax.scan(step, state, (temperatures, next_temperatures))
-    return SoftKMeansResult(final.centroids, trace, final.n_steps, final.converged)
+    final, trace, n_steps = iterate(step, state, lambda s: s.converged, max_steps=n_iter,
+                                    xs=(temperatures, next_temperatures), frozen=lambda s: s.objective)
+    return SoftKMeansResult(final.centroids, trace, n_steps, final.converged)

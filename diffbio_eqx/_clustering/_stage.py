@@ -1,11 +1,16 @@
-"""Soft k-means clustering as a stage with learnable centroids and temperature."""
+"""Soft k-means clustering as a stage with learnable centroids and temperature, and `fit_soft_kmeans`."""
+
+import warnings
 
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from .._core._stage import AbstractTrainableStage
+from .._core._train import FitResult
 from .._core._validate import check_embedding, check_n_clusters
 from ._kmeans import (
+    SoftKMeansResult,
     annealing_schedule,
     free_energy,
     hard_assign,
@@ -25,20 +30,20 @@ def _fit_centroids(
     n_clusters: int,
     n_iter: int,
     key: PRNGKeyArray,
-) -> Float[Array, "n_clusters n_dims"]:
+) -> tuple[SoftKMeansResult, Float[Array, " n_iter"]]:
     init = kmeans_plus_plus(x, n_clusters, key=key)
-    schedule = temperature
+    schedule = jnp.broadcast_to(temperature, (n_iter,))
     if start_temperature is not None:
         schedule = annealing_schedule(start_temperature, temperature, n_iter, n_hold=n_iter // 4)
-    return soft_kmeans(x, init, schedule, n_iter=n_iter).centroids
+    return soft_kmeans(x, init, schedule, n_iter=n_iter), schedule
 
 
-class SoftKMeans(eqx.Module):
+class SoftKMeans(AbstractTrainableStage):
     """Soft cluster assignments $r_{ik} = \\mathrm{softmax}_k(-\\|x_i - c_k\\|^2 / T)$ with learnable centroids $c$
     and temperature $T$ (both array leaves: differentiable, vmappable, trainable).
 
     Calling the stage returns the `(n_cells, n_clusters)` responsibilities; `hard_assign` the nearest centroid.
-    Build it from data with `SoftKMeans.from_data` (k-means++ then soft k-means), or from given centroids.
+    Fit it to data with `fit_soft_kmeans` (k-means++ then soft k-means), or build it from given centroids.
     """
 
     centroids: Float[Array, "n_clusters n_dims"]
@@ -72,24 +77,13 @@ class SoftKMeans(eqx.Module):
         start_temperature: Float[ArrayLike, ""] | None = None,
         n_iter: int = 100,
     ) -> "SoftKMeans":
-        """Initialise by k-means++ on `x`, then run `n_iter` soft k-means iterations.
-
-        **Arguments:**
-
-        - `x`: `(n_cells, n_dims)` cells (e.g. corrected embeddings).
-        - `n_clusters`: number of clusters, `1 <= n_clusters <= n_cells`.
-        - `key`: PRNG key for k-means++. (Keyword only argument.)
-        - `temperature`: the stage's temperature (and the final one of the fit).
-        - `start_temperature`: if given, anneal geometrically from it down to `temperature` (holding the last
-          quarter of the iterations at `temperature`).
-        - `n_iter`: soft k-means iterations.
-        """
+        """Deprecated: use `fit_soft_kmeans(SoftKMeans(placeholder_centroids, temperature=...), x, key=...).model`."""
+        warnings.warn("SoftKMeans.from_data is deprecated; use fit_soft_kmeans(stage, x, key=...).model",
+                      DeprecationWarning, stacklevel=2)
         x = jnp.asarray(check_embedding(x))
         check_n_clusters(x.shape[0], n_clusters)
-        temperature = jnp.asarray(temperature, dtype=x.dtype)
-        start = None if start_temperature is None else jnp.asarray(start_temperature, dtype=x.dtype)
-        centroids = _fit_centroids(x, temperature, start, n_clusters=n_clusters, n_iter=n_iter, key=key)
-        return cls(centroids, temperature=temperature)
+        stage = cls(jnp.zeros((n_clusters, x.shape[1]), x.dtype), temperature=jnp.asarray(temperature, x.dtype))
+        return fit_soft_kmeans(stage, x, key=key, start_temperature=start_temperature, n_iter=n_iter).model
 
     def _checked_temperature(self) -> Float[Array, ""]:
         return eqx.error_if(self.temperature, self.temperature <= 0, "temperature must be > 0")
@@ -111,11 +105,57 @@ class SoftKMeans(eqx.Module):
 
     def loss(
         self,
-        x: Float[Array, "n_cells n_dims"],
+        batch: tuple[Float[Array, "n_cells n_dims"]],
+        /,
         *,
-        key: PRNGKeyArray | None = None,
+        key: PRNGKeyArray,
         separation_weight: Float[ArrayLike, ""] = 1.0,
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-        """`clustering_compactness_loss` of `x` under this stage's centroids and temperature."""
+        """`clustering_compactness_loss` of the cells `batch = (x,)` under this stage's centroids and temperature
+        (deterministic: `key` is ignored)."""
         del key
+        (x,) = batch
         return clustering_compactness_loss(x, self.centroids, self._checked_temperature(), separation_weight)
+
+
+def fit_soft_kmeans(
+    stage: SoftKMeans,
+    x: Float[ArrayLike, "n_cells n_dims"],
+    *,
+    key: PRNGKeyArray,
+    start_temperature: Float[ArrayLike, ""] | None = None,
+    n_iter: int = 100,
+) -> FitResult:
+    """Fit a `SoftKMeans` stage to `x`: k-means++ seeding on `x`, then `n_iter` soft k-means iterations.
+
+    The stage fixes the number of clusters and the (final) temperature; its centroids are replaced.
+
+    **Arguments:**
+
+    - `stage`: a `SoftKMeans` whose `(n_clusters, n_dims)` centroids set the shape (their values are not used).
+    - `x`: `(n_cells, n_dims)` cells (e.g. corrected embeddings), `n_clusters <= n_cells`.
+    - `key`: PRNG key for k-means++. (Keyword only argument.)
+    - `start_temperature`: if given, anneal geometrically from it down to the stage's temperature (holding the
+      last quarter of the iterations there).
+    - `n_iter`: soft k-means iterations.
+
+    **Returns:** a `FitResult`: `model` the fitted stage; `train_loss` the free energy after each iteration (at
+    that iteration's temperature); `train_aux["temperature"]` the schedule; `n_epochs_run` the iterations applied
+    before the state froze; `stopped_early` whether it converged; `validation_loss` is NaN.
+    """
+    n_clusters, n_dims = stage.centroids.shape
+    x = jnp.asarray(check_embedding(x, n_dims=n_dims))
+    check_n_clusters(x.shape[0], n_clusters)
+    temperature = jnp.asarray(stage.temperature, dtype=x.dtype)
+    start = None if start_temperature is None else jnp.asarray(start_temperature, dtype=x.dtype)
+    result, schedule = _fit_centroids(x, temperature, start, n_clusters=n_clusters, n_iter=n_iter, key=key)
+    n_steps = int(result.n_steps)
+    return FitResult(
+        model=SoftKMeans(result.centroids, temperature=temperature),
+        train_loss=result.objective,
+        validation_loss=jnp.full((n_iter,), jnp.nan, x.dtype),
+        train_aux={"temperature": schedule},
+        n_epochs_run=n_steps,
+        best_epoch=max(n_steps - 1, 0),
+        stopped_early=bool(result.converged),
+    )

@@ -33,7 +33,6 @@ distribution; from the same initial centroids they agree closely (see the tests)
 
 import dataclasses
 import math
-from typing import Literal
 
 import equinox as eqx
 import jax
@@ -41,9 +40,10 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jax.typing import DTypeLike
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from .._core._validate import check_batch_labels, check_embedding, check_n_clusters
+from .._clustering._kmeans import ROW_CHUNK, lloyd
+from .._core._loop import chunk_start, row_chunks
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,68 +216,6 @@ def kmeans_plusplus(
     return lloyd(x, centroids, n_iter=n_iter, tol=tol)
 
 
-ROW_CHUNK = 4096  # rows per chunk for the row-chunked passes (keeps an (chunk, n_clusters) tile in cache)
-
-
-def _row_chunks(n_rows: int, chunk: int = ROW_CHUNK) -> tuple[int, int]:
-    """`(n_chunks, chunk_len)` covering `n_rows`; the last chunk is shifted back to end at `n_rows` (overlap)."""
-    chunk = min(chunk, n_rows)
-    return -(-n_rows // chunk), chunk
-
-
-def _chunk_start(i: Int[Array, ""], n_rows: int, chunk: int) -> tuple[Int[Array, ""], Bool[Array, " chunk"]]:
-    """Start row of chunk `i` and the mask of its rows not already covered by earlier chunks."""
-    start = jnp.minimum(i * chunk, n_rows - chunk)
-    fresh = start + jnp.arange(chunk, dtype=start.dtype) >= i * chunk
-    return start, fresh
-
-
-def _nearest(x: Float[Array, "n_cells n_dims"], centroids: Float[Array, "n_clusters n_dims"]
-             ) -> Int[Array, " n_cells"]:
-    """Index of the nearest centroid (first on ties), row chunk by row chunk."""
-    n_cells = x.shape[0]
-    n_clusters = centroids.shape[0]
-    half_sq = 0.5 * jnp.sum(centroids * centroids, axis=1)[None, :]
-    iota = jnp.arange(n_clusters, dtype=jnp.int32)[None, :]
-    n_chunks, chunk = _row_chunks(n_cells)
-
-    def body(assign, i):
-        start, _ = _chunk_start(i, n_cells, chunk)
-        # argmin of |c|^2 / 2 - x.c, as a min and a masked min (XLA's variadic argmin is slow on CPU)
-        score = half_sq - jax.lax.dynamic_slice_in_dim(x, start, chunk) @ centroids.T
-        best = jnp.min(score, axis=1, keepdims=True)
-        nearest = jnp.min(jnp.where(score <= best, iota, n_clusters), axis=1)
-        return jax.lax.dynamic_update_slice_in_dim(assign, nearest, start, 0), None
-
-    assign, _ = jax.lax.scan(body, jnp.zeros((n_cells,), jnp.int32), jnp.arange(n_chunks, dtype=jnp.int32))
-    return assign
-
-
-def lloyd(
-    x: Float[Array, "n_cells n_dims"], centroids: Float[Array, "n_clusters n_dims"], *, n_iter: int,
-    tol: float = 1e-6,
-) -> Float[Array, "n_clusters n_dims"]:
-    """Up to `n_iter` hard k-means (Lloyd) rounds, stopping once the centroids move less than `tol` (Frobenius),
-    as harmonypy's initialisation. A `lax.while_loop`: no reverse-mode gradient (Harmony stops gradients here)."""
-    n_clusters = centroids.shape[0]
-    ones = jnp.ones((x.shape[0],), x.dtype)
-
-    def body(carry):
-        c, _, i = carry
-        assign = _nearest(x, c)
-        sums = jax.ops.segment_sum(x, assign, n_clusters)
-        counts = jax.ops.segment_sum(ones, assign, n_clusters)
-        new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], c)
-        change = jnp.sqrt(jnp.sum((new - c) ** 2))
-        return new, change, i + 1
-
-    def cond(carry):
-        _, change, i = carry
-        return (i < n_iter) & ~(change < tol)
-
-    init = (centroids, jnp.asarray(jnp.inf, x.dtype), jnp.zeros((), jnp.int32))
-    centroids, _, _ = jax.lax.while_loop(cond, body, init)
-    return centroids
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,11 +341,11 @@ def cold_start(
     n_cells = z.shape[0]
     n_clusters = centroids.shape[0]
     dtype = z.dtype
-    n_chunks, chunk = _row_chunks(n_cells)
+    n_chunks, chunk = row_chunks(n_cells, ROW_CHUNK)
 
     def body(carry, i):
         r, mass, observed, kmeans_error, entropy = carry
-        start, fresh = _chunk_start(i, n_cells, chunk)
+        start, fresh = chunk_start(i, n_cells, chunk)
         z_chunk = cosine_normalize(jax.lax.dynamic_slice_in_dim(z, start, chunk))
         dist = squared_distances_cosine(z_chunk, centroids)
         r_chunk, log_r = _softmax_and_log(-dist / sigma)
@@ -492,18 +430,66 @@ def level_cells(
     return tuple(order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))
 
 
+class BatchDesign(eqx.Module):
+    """The cells' batch indicators and their per-level statistics (see `batch_design`).
+
+    - `phi`: `(n_cells, n_levels)` indicators `Phi^T`, one block of columns per covariate.
+    - `prior`: `(n_levels,)` each level's share of the cells, `Pr_b = N_b / N`.
+    - `sizes`: `(n_levels,)` each level's number of cells `N_b`.
+    - `cells`: the cell indices of each level of the first covariate (`level_cells`), or None.
+    - `n_batches`: levels per covariate (static).
+    """
+
+    phi: Float[Array, "n_cells n_levels"]
+    prior: Float[Array, " n_levels"]
+    sizes: Float[Array, " n_levels"]
+    cells: tuple[Int[Array, " _"], ...] | None
+    n_batches: tuple[int, ...] = eqx.field(static=True)
+
+
+def batch_design(
+    batch_labels: Int[Array, "n_cells n_covariates"],
+    n_batches: tuple[int, ...],
+    dtype: DTypeLike,
+    segments: tuple[int, ...] | None = None,
+) -> BatchDesign:
+    """The `BatchDesign` of integer codes. `segments`, the level sizes of the first covariate (static, known when
+    the labels are concrete), lets the ridge step gather each level's cells instead of masked full-size products
+    (B times less work; same results)."""
+    n_cells = batch_labels.shape[0]
+    cells = None
+    if segments is not None:
+        if len(segments) != n_batches[0] or sum(segments) != n_cells:
+            raise ValueError("segments: must give the size of every level of the first covariate")
+        cells = level_cells(batch_labels[:, 0], segments)
+    phi = batch_onehot(batch_labels, n_batches, dtype)
+    sizes = jnp.sum(phi, axis=0)
+    return BatchDesign(phi, sizes / n_cells, sizes, cells, n_batches)
+
+
+def _ridge_levels(
+    observed: Float[Array, "n_clusters n_levels"], design: BatchDesign, batch_prop_cutoff: Float[Array, ""]
+) -> tuple[Float[Array, "n_clusters n_levels"], Bool[Array, " n_clusters"]]:
+    """Which levels take part in each cluster's regression (as 0/1), and which clusters have any covariate left:
+    a level needs a share `O_kb / N_b` above the cutoff, a covariate at least two such levels."""
+    dtype = observed.dtype
+    batch_sizes = design.sizes
+    to_cov = jax.nn.one_hot(_level_to_covariate(design.n_batches), len(design.n_batches), dtype=dtype)
+    share = observed / jnp.where(batch_sizes > 0, batch_sizes, 1)[None, :]
+    qualifies = (share > batch_prop_cutoff) & (batch_sizes > 0)[None, :]
+    cov_active = qualifies.astype(dtype) @ to_cov > 1  # (clusters, covariates)
+    keep = qualifies & (cov_active.astype(dtype) @ to_cov.T > 0)
+    return keep.astype(dtype), jnp.any(cov_active, axis=1)
+
+
 def moe_ridge_correct(
     x: Float[Array, "n_cells n_dims"],
     stats: _ClusterStats,
-    phi: Float[Array, "n_cells n_levels"],
-    prior: Float[Array, " n_levels"],
-    batch_sizes: Float[Array, " n_levels"],
+    design: BatchDesign,
     centroids: Float[Array, "n_clusters n_dims"],
     lamb: Float[Array, " n_levels"],
     alpha: Float[Array, ""],
     batch_prop_cutoff: Float[Array, ""],
-    n_batches: tuple[int, ...],
-    cells: tuple[Int[Array, " _"], ...] | None = None,
 ) -> tuple[
     Float[Array, "n_cells n_dims"], Float[Array, "n_clusters n_dims"], Float[Array, "n_clusters n_levels n_dims"]
 ]:
@@ -516,27 +502,20 @@ def moe_ridge_correct(
     out of cluster `k`'s regression (with their cells, for the intercept); a cluster with no covariate left is
     not corrected and keeps its centroid.
 
-    `cells`: optionally the cell indices of each level of the first covariate (`level_cells`); the per-level
-    sums and corrections of that covariate then gather those cells instead of masked full-size products.
+    `design.cells`, when given, are the cell indices of each level of the first covariate; the per-level sums
+    and corrections of that covariate then gather those cells instead of masked full-size products.
 
     **Returns:** `x - sum_k R_ik W_k[batch terms]^T phi_i`, the new unit-length centroids (the intercepts) and the
     batch coefficients `(n_clusters, n_levels, n_dims)`.
     """
     r, mass, observed = stats.r, stats.mass, stats.observed
+    phi, cells = design.phi, design.cells
     dtype = x.dtype
     n_levels = phi.shape[1]
-    n_covariates = len(n_batches)
-    to_cov = jax.nn.one_hot(_level_to_covariate(n_batches), n_covariates, dtype=dtype)  # (levels, covariates)
+    n_covariates = len(design.n_batches)
+    keep_f, active = _ridge_levels(observed, design, batch_prop_cutoff)
 
-    share = observed / jnp.where(batch_sizes > 0, batch_sizes, 1)[None, :]
-    qualifies = (share > batch_prop_cutoff) & (batch_sizes > 0)[None, :]
-    levels_per_cov = qualifies.astype(dtype) @ to_cov  # (clusters, covariates)
-    cov_active = levels_per_cov > 1
-    keep = qualifies & (cov_active.astype(dtype) @ to_cov.T > 0)
-    active = jnp.any(cov_active, axis=1)
-    keep_f = keep.astype(dtype)
-
-    expected = mass[:, None] * prior[None, :]
+    expected = mass[:, None] * design.prior[None, :]
     penalty = jnp.where(lamb[None, :] < 0, alpha * expected, lamb[None, :])
     # Dropped levels get an isolated unit row, so their coefficients solve to zero.
     diag = keep_f * penalty + (1 - keep_f)
@@ -580,443 +559,6 @@ def moe_ridge_correct(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The loop
-
-
-class _Data(eqx.Module):
-    x: Float[Array, "n_cells n_dims"]
-    phi: Float[Array, "n_cells n_levels"]
-    prior: Float[Array, " n_levels"]
-    batch_sizes: Float[Array, " n_levels"]
-    base_order: Int[Array, " n_cells"]
-    cells: tuple[Int[Array, " _"], ...] | None
-
-
-class _Params(eqx.Module):
-    theta: Float[Array, " n_levels"]
-    sigma: Float[Array, ""]
-    lamb: Float[Array, " n_levels"]
-    alpha: Float[Array, ""]
-    epsilon_cluster: Float[Array, ""]
-    epsilon_harmony: Float[Array, ""]
-    batch_prop_cutoff: Float[Array, ""]
-
-
-class _State(eqx.Module):
-    z_corr: Float[Array, "n_cells n_dims"]
-    centroids: Float[Array, "n_clusters n_dims"]
-    r: Float[Array, "n_cells n_clusters"]
-    mass: Float[Array, " n_clusters"]
-    batch_coef: Float[Array, "n_clusters n_levels n_dims"]
-    objective: Float[Array, ""]
-    initial_objective: Float[Array, ""]
-    n_rounds: Int[Array, ""]
-    converged: Bool[Array, ""]
-
-
-class _KMeansState(eqx.Module):
-    stats: _ClusterStats
-    window: Float[Array, "4"]  # the last four objective values
-    n_run: Int[Array, ""]
-    done: Bool[Array, ""]
-
-
-def _kmeans_step(
-    state: _KMeansState, key: PRNGKeyArray, *, z, centroids, data: _Data, params: _Params, layout
-) -> tuple[_KMeansState, Float[Array, ""]]:
-    n_cells = z.shape[0]
-    order = shuffled_order(data.base_order, shuffle_strides(n_cells), key)
-    stats, kmeans_error, entropy = update_r(
-        state.stats, z, centroids, data.phi, data.prior, params.theta, params.sigma, order, layout
-    )
-    objective = harmony_objective_terms(
-        kmeans_error, entropy, stats.mass, stats.observed, data.prior, params.theta, params.sigma, n_cells
-    )
-    window = jnp.concatenate([state.window[1:], objective[None]])
-    old, new = jnp.sum(window[:3]), jnp.sum(window[1:])
-    # harmonypy tests only from the fifth round of an outer round on (`i > window_size`).
-    done = (state.n_run >= 4) & (jnp.abs(old - new) / jnp.abs(old) < params.epsilon_cluster)
-    return _KMeansState(stats, window, state.n_run + 1, done), objective
-
-
-def _cluster(
-    z_corr: Float[Array, "n_cells n_dims"],
-    centroids: Float[Array, "n_clusters n_dims"],
-    buffer: Float[Array, "n_cells n_clusters"],
-    key: PRNGKeyArray,
-    data: _Data,
-    params: _Params,
-    layout: np.ndarray,
-    max_iter_kmeans: int,
-    *,
-    early_exit: bool,
-) -> tuple[_ClusterStats, Float[Array, " n_kmeans"], Int[Array, ""], Float[Array, ""]]:
-    """Cold start, then up to `max_iter_kmeans` clustering rounds; returns the stats, the objective trace, the
-    rounds run and the cold-start objective."""
-    n_cells = z_corr.shape[0]
-    stats, kmeans_error, entropy = cold_start(z_corr, centroids, data.phi, params.sigma, buffer)
-    cold_objective = harmony_objective_terms(
-        kmeans_error, entropy, stats.mass, stats.observed, data.prior, params.theta, params.sigma, n_cells
-    )
-    dtype = z_corr.dtype
-    init = _KMeansState(stats, jnp.zeros((4,), dtype), jnp.zeros((), jnp.int32), jnp.asarray(False))
-    step = lambda s, k: _kmeans_step(s, k, z=z_corr, centroids=centroids, data=data, params=params,
-                                     layout=layout)
-    keys = jr.split(key, max_iter_kmeans)
-    if early_exit:
-        def body(carry):
-            state, trace = carry
-            state, objective = step(state, keys[state.n_run])
-            return state, trace.at[state.n_run - 1].set(objective)
-
-        def cond(carry):
-            state, _ = carry
-            return (state.n_run < max_iter_kmeans) & ~state.done
-
-        final, trace = jax.lax.while_loop(cond, body, (init, jnp.zeros((max_iter_kmeans,), dtype)))
-        last = trace[final.n_run - 1]
-        trace = jnp.where(jnp.arange(max_iter_kmeans, dtype=jnp.int32) < final.n_run, trace, last)
-    else:
-        def frozen(state, key):
-            del key
-            return state, state.window[-1]
-
-        def scan_step(state, key):
-            return jax.lax.cond(state.done, frozen, step, state, key)
-
-        final, trace = jax.lax.scan(scan_step, init, keys)
-    return final.stats, trace, final.n_run, cold_objective
-
-
-def _outer_round(
-    state: _State, key: PRNGKeyArray, *, data: _Data, params: _Params, layout, max_iter_kmeans, n_batches,
-    early_exit: bool,
-) -> tuple[_State, tuple[Float[Array, ""], Float[Array, " n_kmeans"], Int[Array, ""]]]:
-    stats, trace, n_run, cold_objective = _cluster(
-        state.z_corr, state.centroids, state.r, key, data, params, layout, max_iter_kmeans, early_exit=early_exit
-    )
-    previous = jnp.where(state.n_rounds == 0, cold_objective, state.objective)
-    initial = jnp.where(state.n_rounds == 0, cold_objective, state.initial_objective)
-    objective = trace[-1]
-    z_corr, centroids, batch_coef = moe_ridge_correct(
-        data.x, stats, data.phi, data.prior, data.batch_sizes, state.centroids, params.lamb, params.alpha,
-        params.batch_prop_cutoff, n_batches, data.cells,
-    )
-    converged = (previous - objective) / jnp.abs(previous) < params.epsilon_harmony
-    new = _State(z_corr, centroids, stats.r, stats.mass, batch_coef, objective, initial, state.n_rounds + 1,
-                 converged)
-    return new, (objective, trace, n_run)
-
-
-def _init_state(data: _Data, centroids: Float[Array, "n_clusters n_dims"], n_clusters: int) -> _State:
-    x = data.x
-    n_cells, n_dims = x.shape
-    dtype = x.dtype
-    n_levels = data.phi.shape[1]
-    nan = jnp.asarray(jnp.nan, dtype)
-    return _State(
-        z_corr=x,
-        centroids=centroids,
-        r=jnp.zeros((n_cells, n_clusters), dtype),
-        mass=jnp.zeros((n_clusters,), dtype),
-        batch_coef=jnp.zeros((n_clusters, n_levels, n_dims), dtype),
-        objective=nan,
-        initial_objective=nan,
-        n_rounds=jnp.zeros((), jnp.int32),
-        converged=jnp.asarray(False),
-    )
-
-
-def _result(state: _State, objective, trace, kmeans_rounds, params: _Params, n_batches) -> HarmonyResult:
-    return HarmonyResult(
-        z_corr=state.z_corr,
-        r=state.r,
-        centroids=state.centroids,
-        ridge_coefficients=state.batch_coef,
-        cluster_sizes=state.mass,
-        cluster_sums=state.r.T @ state.z_corr,
-        objective=objective,
-        initial_objective=state.initial_objective,
-        objective_kmeans=trace,
-        kmeans_rounds=kmeans_rounds,
-        n_rounds=state.n_rounds,
-        converged=state.converged,
-        sigma=params.sigma,
-        n_batches=n_batches,
-    )
-
-
-def _check_values(
-    x: Float[Array, "n_cells n_dims"], batch_labels: Int[Array, "n_cells n_covariates"], sigma: Float[Array, ""],
-    n_batches: tuple[int, ...],
-) -> Float[Array, ""]:
-    # The checks ride on the scalar sigma, which every step uses: with EQX_ON_ERROR=nan no copy of x is made.
-    limits = jnp.asarray(n_batches, dtype=batch_labels.dtype)[None, :]
-    sigma = eqx.error_if(sigma, ~jnp.all(jnp.isfinite(x)), "harmony: x contains NaN or Inf")
-    sigma = eqx.error_if(
-        sigma, jnp.any((batch_labels < 0) | (batch_labels >= limits)), "harmony: batch_labels out of range"
-    )
-    return eqx.error_if(sigma, ~(sigma > 0), "harmony: sigma must be > 0")
-
-
-def harmony_core(
-    x: Float[Array, "n_cells n_dims"],
-    batch_labels: Int[Array, "n_cells n_covariates"],
-    theta: Float[Array, "*theta_shape"],
-    sigma: Float[Array, ""],
-    lamb: Float[Array, "*lamb_shape"],
-    alpha: Float[Array, ""],
-    epsilon_cluster: Float[Array, ""],
-    epsilon_harmony: Float[Array, ""],
-    batch_prop_cutoff: Float[Array, ""],
-    init_centroids: Float[Array, "n_clusters n_dims"] | None,
-    *,
-    key: PRNGKeyArray,
-    n_batches: tuple[int, ...],
-    n_clusters: int,
-    max_iter_harmony: int,
-    max_iter_kmeans: int,
-    block_size: float,
-    segments: tuple[int, ...] | None = None,
-    early_exit: bool = False,
-) -> HarmonyResult:
-    """The traced body of `harmony` (no input validation beyond `eqx.error_if` value checks; call it inside
-    your own `jit`/`vmap` when you have already checked the data). All float arguments are arrays of `x`'s
-    dtype; `lamb < 0` selects Harmony 2's dynamic penalty. `segments`, the level sizes of the first covariate
-    (static, known when the labels are concrete), lets the ridge step gather each level's cells instead of
-    masked full-size products (B times less work); results are the same."""
-    dtype = x.dtype
-    n_cells = x.shape[0]
-    params = _Params(
-        theta=per_level(theta.astype(dtype), n_batches),
-        sigma=sigma.astype(dtype),
-        lamb=per_level(lamb.astype(dtype), n_batches),
-        alpha=alpha.astype(dtype),
-        epsilon_cluster=epsilon_cluster.astype(dtype),
-        epsilon_harmony=epsilon_harmony.astype(dtype),
-        batch_prop_cutoff=batch_prop_cutoff.astype(dtype),
-    )
-    params = eqx.tree_at(lambda p: p.sigma, params, _check_values(x, batch_labels, params.sigma, n_batches))
-    init_key, order_key, loop_key = jr.split(key, 3)
-    if init_centroids is None:
-        init_centroids = kmeans_plusplus(cosine_normalize(x), n_clusters, key=init_key)
-    centroids = cosine_normalize(init_centroids.astype(dtype))
-    cells = None
-    if segments is not None:
-        if len(segments) != n_batches[0] or sum(segments) != n_cells:
-            raise ValueError("segments: must give the size of every level of the first covariate")
-        cells = level_cells(batch_labels[:, 0], segments)
-    phi = batch_onehot(batch_labels, n_batches, dtype)
-    batch_sizes = jnp.sum(phi, axis=0)
-    data = _Data(x, phi, batch_sizes / n_cells, batch_sizes, jr.permutation(order_key, n_cells), cells)
-    layout = block_layout(n_cells, block_size)
-    state = _init_state(data, centroids, n_clusters)
-    keys = jr.split(loop_key, max_iter_harmony)
-    step = lambda s, k: _outer_round(s, k, data=data, params=params, layout=layout,
-                                     max_iter_kmeans=max_iter_kmeans, n_batches=n_batches,
-                                     early_exit=early_exit)
-    if early_exit:
-        def body(carry):
-            state, objectives, traces, rounds = carry
-            i = state.n_rounds
-            state, (objective, trace, n_run) = step(state, keys[i])
-            return state, objectives.at[i].set(objective), traces.at[i].set(trace), rounds.at[i].set(n_run)
-
-        def cond(carry):
-            state = carry[0]
-            return (state.n_rounds < max_iter_harmony) & ~state.converged
-
-        init = (
-            state,
-            jnp.zeros((max_iter_harmony,), dtype),
-            jnp.zeros((max_iter_harmony, max_iter_kmeans), dtype),
-            jnp.zeros((max_iter_harmony,), jnp.int32),
-        )
-        state, objectives, traces, rounds = jax.lax.while_loop(cond, body, init)
-        ran = jnp.arange(max_iter_harmony, dtype=jnp.int32) < state.n_rounds
-        objectives = jnp.where(ran, objectives, state.objective)
-        traces = jnp.where(ran[:, None], traces, state.objective)
-    else:
-        def frozen(state, key):
-            del key
-            trace = jnp.full((max_iter_kmeans,), state.objective)
-            return state, (state.objective, trace, jnp.zeros((), jnp.int32))
-
-        def scan_step(state, key):
-            return jax.lax.cond(state.converged, frozen, step, state, key)
-
-        state, (objectives, traces, rounds) = jax.lax.scan(scan_step, state, keys)
-    return _result(state, objectives, traces, rounds, params, n_batches)
-
-
-_harmony_jit = eqx.filter_jit(harmony_core)
-
-
-def _resolve(value, default):
-    return default if value is None else value
-
-
-def _is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _checked_embedding(x, *, field: str, n_dims: int | None = None) -> Array:
-    # `check_embedding` reads concrete data only; under jit/vmap check shapes here.
-    if not _is_traced(x):
-        return jnp.asarray(check_embedding(x, field=field, n_dims=n_dims))
-    if x.ndim != 2 or (n_dims is not None and x.shape[1] != n_dims):
-        raise ValueError(f"{field}: expected shape (n_cells, {n_dims or 'n_dims'}), got {x.shape}")
-    return x
-
-
-def _checked_labels(labels, n_cells: int, n_batches, *, field: str) -> Array:
-    if not _is_traced(labels):
-        labels = jnp.asarray(check_batch_labels(labels, n_cells, n_batches=n_batches, field=field))
-    if labels.ndim not in (1, 2) or labels.shape[0] != n_cells:
-        raise ValueError(f"{field}: expected shape ({n_cells},) or ({n_cells}, n_covariates), got {labels.shape}")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"{field}: expected integer codes, got dtype {labels.dtype}")
-    return labels if labels.ndim == 2 else labels[:, None]
-
-
-def harmony(
-    x: Float[ArrayLike, "n_cells n_dims"],
-    batch_labels: Int[ArrayLike, "n_cells *n_covariates"],
-    *,
-    key: PRNGKeyArray,
-    preset: Literal["harmony2", "classic"] = "harmony2",
-    theta: Float[ArrayLike, "*theta_shape"] | None = None,
-    sigma: Float[ArrayLike, ""] | None = None,
-    lamb: Float[ArrayLike, "*lamb_shape"] | None = None,
-    alpha: Float[ArrayLike, ""] | None = None,
-    n_clusters: int | None = None,
-    max_iter_harmony: int | None = None,
-    max_iter_kmeans: int | None = None,
-    epsilon_cluster: Float[ArrayLike, ""] | None = None,
-    epsilon_harmony: Float[ArrayLike, ""] | None = None,
-    block_size: float | None = None,
-    batch_prop_cutoff: Float[ArrayLike, ""] | None = None,
-    n_batches: int | tuple[int, ...] | None = None,
-    init_centroids: Float[ArrayLike, "n_clusters n_dims"] | None = None,
-    early_exit: bool = False,
-) -> HarmonyResult:
-    """Harmony batch correction of an embedding (see the module docstring for the exact numerics).
-
-    Uses the **Harmony 2 diversity penalty** `theta_b log((2 E_kb + 1) / (O_kb + E_kb + 1))` added to the
-    log-responsibilities (R harmony >= 1.0 and harmonypy 2.x; Harmony 1 used `theta log((E + 1) / (O + 1))`),
-    and the Harmony 2 ridge penalty `alpha * E_kb` unless `lamb` is given.
-
-    **Arguments:**
-
-    - `x`: `(n_cells, n_dims)` embedding (PCs).
-    - `batch_labels`: `(n_cells,)` integer batch codes, or `(n_cells, n_covariates)` for several covariates.
-    - `key`: PRNG key for the k-means++ initialisation and the block shuffles. (Keyword only argument.)
-    - `preset`: `"harmony2"` (default: theta 2, sigma 0.1, dynamic lamb with alpha 0.2, 10 outer and 4 clustering
-      rounds, epsilons 1e-3 / 1e-2) or `"classic"` (Harmony 1: lamb 1, 20 clustering rounds, epsilons 1e-5 /
-      1e-4). Any argument given explicitly overrides the preset.
-    - `theta`: diversity penalty, one value or one per covariate.
-    - `sigma`: soft-clustering bandwidth (> 0).
-    - `lamb`: ridge penalty, one value or one per covariate; `None` or a negative value selects Harmony 2's
-      dynamic `alpha * E_kb`.
-    - `alpha`: the dynamic penalty's factor.
-    - `n_clusters`: number of clusters; default `min(round(n_cells / 30), 100)`.
-    - `max_iter_harmony`, `max_iter_kmeans`: outer rounds and clustering rounds per outer round.
-    - `epsilon_cluster`, `epsilon_harmony`: convergence tolerances (`-inf` runs every round).
-    - `block_size`: share of the cells updated per block (`ceil(1 / block_size)` blocks per round).
-    - `batch_prop_cutoff`: a batch holding at most this share of its cells in a cluster is not corrected there.
-    - `n_batches`: levels per covariate; inferred as `max + 1` from concrete labels, required under `jit`.
-    - `init_centroids`: `(n_clusters, n_dims)` initial centroids (scaled to unit length), instead of k-means++.
-    - `early_exit`: run the loops as `lax.while_loop`s that stop at convergence (same numerics, faster, not
-      reverse-mode differentiable).
-
-    **Returns:** a `HarmonyResult`.
-
-    !!! info
-        Wrapped in `eqx.filter_jit`; continuous settings are traced arrays, so changing theta, sigma, lamb,
-        alpha or the tolerances never recompiles, and `jax.vmap` over them (or over keys) works. The boundary
-        checks read concrete data; under your own `jit`/`vmap` only shapes are checked here and NaN input or
-        labels out of range raise through `eqx.error_if`.
-    """
-    settings = PRESETS[preset]
-    x = _checked_embedding(x, field="x")
-    n_cells, n_dims = x.shape
-    labels = _checked_labels(batch_labels, n_cells, n_batches, field="batch_labels")
-    n_covariates = labels.shape[1]
-    if n_batches is None:
-        if _is_traced(labels):
-            raise ValueError("n_batches: required when batch_labels is traced (inside jit/vmap)")
-        n_batches = tuple(int(m) + 1 for m in np.asarray(labels).max(axis=0))
-    elif isinstance(n_batches, int):
-        n_batches = (n_batches,) * n_covariates
-    n_batches = tuple(int(n) for n in n_batches)
-    if len(n_batches) != n_covariates:
-        raise ValueError(f"n_batches: {len(n_batches)} values for {n_covariates} covariate(s)")
-    if _is_traced(labels):
-        segments = None
-    else:
-        segments = tuple(int(c) for c in np.bincount(np.asarray(labels[:, 0]), minlength=n_batches[0]))
-    n_clusters = default_n_clusters(n_cells) if n_clusters is None else int(n_clusters)
-    check_n_clusters(n_cells, n_clusters)
-    max_iter_harmony = int(_resolve(max_iter_harmony, settings.max_iter_harmony))
-    max_iter_kmeans = int(_resolve(max_iter_kmeans, settings.max_iter_kmeans))
-    if max_iter_harmony < 1 or max_iter_kmeans < 1:
-        raise ValueError("max_iter_harmony and max_iter_kmeans must be >= 1")
-    block_size = float(_resolve(block_size, settings.block_size))
-    if not 0 < block_size <= 1:
-        raise ValueError(f"block_size: must be in (0, 1], got {block_size}")
-    dtype = x.dtype
-
-    def scalar_or_per_covariate(name, value):
-        value = jnp.asarray(value, dtype)
-        if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, n_covariates)):
-            raise ValueError(f"{name}: expected one value or one per covariate ({n_covariates}), got shape "
-                             f"{value.shape}")
-        return value
-
-    def scalar(name, value):
-        value = jnp.asarray(value, dtype)
-        if value.ndim != 0:
-            raise ValueError(f"{name}: expected a scalar, got shape {value.shape}")
-        return value
-
-    lamb = _resolve(lamb, settings.lamb)
-    theta = scalar_or_per_covariate("theta", _resolve(theta, settings.theta))
-    lamb = scalar_or_per_covariate("lamb", -1.0 if lamb is None else lamb)
-    if init_centroids is not None:
-        init_centroids = _checked_embedding(init_centroids, field="init_centroids", n_dims=n_dims)
-        if init_centroids.shape != (n_clusters, n_dims):
-            raise ValueError(
-                f"init_centroids: expected shape ({n_clusters}, {n_dims}), got {init_centroids.shape}"
-            )
-    return _harmony_jit(
-        x,
-        labels,
-        theta,
-        scalar("sigma", _resolve(sigma, settings.sigma)),
-        lamb,
-        scalar("alpha", _resolve(alpha, settings.alpha)),
-        scalar("epsilon_cluster", _resolve(epsilon_cluster, settings.epsilon_cluster)),
-        scalar("epsilon_harmony", _resolve(epsilon_harmony, settings.epsilon_harmony)),
-        scalar("batch_prop_cutoff", _resolve(batch_prop_cutoff, settings.batch_prop_cutoff)),
-        init_centroids,
-        key=key,
-        n_batches=n_batches,
-        n_clusters=n_clusters,
-        max_iter_harmony=max_iter_harmony,
-        max_iter_kmeans=max_iter_kmeans,
-        block_size=block_size,
-        segments=segments,
-        early_exit=early_exit,
-    )
-
-
-def harmony_early_exit(x, batch_labels, *, key: PRNGKeyArray, **kwargs) -> HarmonyResult:
-    """`harmony` with `lax.while_loop`s that stop at convergence: same numerics and arguments, less work once
-    converged, no reverse-mode gradients."""
-    return harmony(x, batch_labels, key=key, early_exit=True, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Correcting new cells
 
 
@@ -1025,37 +567,6 @@ def soft_assign_cosine(
 ) -> Float[Array, "n_cells n_clusters"]:
     """Harmony's responsibilities without the diversity penalty, `softmax(-2 (1 - x_cos . y) / sigma)`."""
     return jax.nn.softmax(-squared_distances_cosine(cosine_normalize(x), centroids) / sigma, axis=1)
-
-
-def harmony_transform(
-    result: HarmonyResult,
-    new_x: Float[ArrayLike, "n_new n_dims"],
-    new_batch_labels: Int[ArrayLike, "n_new *n_covariates"],
-) -> Float[Array, "n_new n_dims"]:
-    """Correct new cells from batches seen in training with the stored centroids and ridge coefficients.
-
-    New cells are soft-assigned to the final centroids (no diversity penalty: the new cells do not move the
-    clusters) and corrected with each cluster's stored batch coefficients:
-    `z = x - sum_k R_ik W_k[batch_i]`. Cells of batch levels the reference did not correct in a cluster get no
-    correction from it. For batches unseen in training, a Symphony-style mapping would fit new coefficients from
-    `cluster_sizes` / `cluster_sums`; that is not done here.
-
-    **Arguments:**
-
-    - `result`: a `HarmonyResult` (or a `Harmony` stage's `result`).
-    - `new_x`: `(n_new, n_dims)` new cells in the same embedding (e.g. projected on the same PCs).
-    - `new_batch_labels`: `(n_new,)` or `(n_new, n_covariates)` codes of batches seen in training.
-
-    **Returns:** `(n_new, n_dims)` corrected cells.
-    """
-    n_dims = result.centroids.shape[1]
-    x = _checked_embedding(new_x, field="new_x", n_dims=n_dims)
-    labels = _checked_labels(new_batch_labels, x.shape[0], result.n_batches, field="new_batch_labels")
-    if labels.shape[1] != len(result.n_batches):
-        raise ValueError(
-            f"new_batch_labels: {labels.shape[1]} covariate(s), the model has {len(result.n_batches)}"
-        )
-    return _transform(result, x, labels)
 
 
 def map_to_reference(
@@ -1074,11 +585,3 @@ def map_to_reference(
     r = soft_assign_cosine(x, centroids, sigma)
     phi = batch_onehot(batch_labels, n_batches, x.dtype)
     return x - jnp.einsum("nk,nb,kbd->nd", r, phi, ridge_coefficients)
-
-
-@eqx.filter_jit
-def _transform(
-    result: HarmonyResult, x: Float[Array, "n_new n_dims"], labels: Int[Array, "n_new n_covariates"]
-) -> Float[Array, "n_new n_dims"]:
-    return map_to_reference(x, labels, result.centroids, result.ridge_coefficients, result.sigma,
-                            n_batches=result.n_batches)
