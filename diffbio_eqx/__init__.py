@@ -27,7 +27,7 @@ from ._clustering._loss import (
     ClusteringCompactnessLoss as ClusteringCompactnessLoss,
     clustering_compactness_loss as clustering_compactness_loss,
 )
-from ._clustering._stage import SoftKMeans as SoftKMeans
+from ._clustering._stage import SoftKMeans as SoftKMeans, fit_soft_kmeans as fit_soft_kmeans
 from ._core._distributions import (
     negative_binomial_log_prob as negative_binomial_log_prob,
     negative_binomial_log_prob_logspace as negative_binomial_log_prob_logspace,
@@ -73,14 +73,8 @@ from ._core._validate import (
     check_embedding as check_embedding,
     check_n_clusters as check_n_clusters,
 )
-from ._harmony._math import (
-    HarmonyResult as HarmonyResult,
-    harmony as harmony,
-    harmony_early_exit as harmony_early_exit,
-    harmony_transform as harmony_transform,
-    map_to_reference as map_to_reference,
-)
-from ._harmony._stage import Harmony as Harmony
+from ._harmony._math import HarmonyResult as HarmonyResult, map_to_reference as map_to_reference
+from ._harmony._stage import Harmony as Harmony, harmony as harmony, harmony_transform as harmony_transform
 from ._pipeline import (
     HarmonyReference as HarmonyReference,
     PipelineFit as PipelineFit,

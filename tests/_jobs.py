@@ -75,11 +75,12 @@ def stages(seed: int) -> dict[str, str]:
     umap = dx.ParametricUMAP(corrected.shape[1], hidden_size=16, depth=2, key=keys[5])
     mapped = dx.fit_umap(umap, corrected, key=keys[6], settings=dx.TrainSettings(n_epochs=3, progress=False))
     out["umap"] = digest(mapped.model, mapped.graph, mapped.train_loss, mapped.model.embed(corrected))
-    clustering = dx.SoftKMeans.from_data(corrected, 3, key=keys[7], n_iter=30)
+    clustering = dx.fit_soft_kmeans(dx.SoftKMeans(np.zeros((3, corrected.shape[1]), corrected.dtype)), corrected,
+                                    key=keys[7], n_iter=30).model
     out["clustering"] = digest(clustering, clustering(corrected))
     # Another key (same shapes, nothing recompiles) must change the digests: they see the data.
     out["harmony, other key"] = digest(dx.harmony(transformed.latent, batches, key=keys[8], n_clusters=5))
-    other = dx.SoftKMeans.from_data(corrected, 3, key=keys[9], n_iter=30)
+    other = dx.fit_soft_kmeans(clustering, corrected, key=keys[9], n_iter=30).model
     out["clustering, other key"] = digest(other, other(corrected))
     return out
 
