@@ -1,0 +1,159 @@
+"""Figures over AnnData and training curves (matplotlib with the Agg backend: no display needed).
+
+`umap` draws an embedding coloured by an `obs` column or a gene; `training` draws loss curves per stage (e.g.
+`uns["diffbio_pipeline"]["curves"]` from `dbx.tl.pipeline`, or `PipelineFit.curves`). Given `path`, a figure is
+written there as PNG (atomically) and the path is returned; otherwise the matplotlib object is returned.
+"""
+
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .io import atomic_path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(figure: Any, path: str | pathlib.Path, *, close: bool = True) -> pathlib.Path:
+    figure.tight_layout()
+    target = pathlib.Path(path)
+    with atomic_path(target) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
+    if close:
+        _pyplot().close(figure)
+    return target
+
+
+def _style_embedding_axis(axis: Any, title: str, basis_label: str) -> None:
+    axis.set_title(title)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.set_xlabel(f"{basis_label} 1")
+    axis.set_ylabel(f"{basis_label} 2")
+
+
+def _draw_categories(axis: Any, embedding: np.ndarray, labels: np.ndarray | Sequence[Any], title: str = "", *,
+                    basis_label: str = "UMAP") -> None:
+    """Scatter `embedding` `(n_cells, 2)` on `axis`, one colour per category of `labels` (legend up to 20)."""
+    plt = _pyplot()
+    labels = np.asarray([str(v) for v in labels])
+    categories = sorted(set(labels), key=lambda v: (len(v), v))
+    colours = plt.get_cmap("tab20" if len(categories) > 10 else "tab10")
+    for i, category in enumerate(categories):
+        mask = labels == category
+        axis.scatter(embedding[mask, 0], embedding[mask, 1], s=4, color=colours(i % colours.N), label=category,
+                     rasterized=True)
+    _style_embedding_axis(axis, title, basis_label)
+    if len(categories) <= 20:
+        axis.legend(markerscale=3, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
+def _draw_values(axis: Any, embedding: np.ndarray, values: np.ndarray, title: str, basis_label: str) -> None:
+    order = np.argsort(values, kind="stable")  # high values on top
+    points = axis.scatter(embedding[order, 0], embedding[order, 1], s=4, c=values[order], cmap="viridis",
+                          rasterized=True)
+    axis.figure.colorbar(points, ax=axis, shrink=0.8)
+    _style_embedding_axis(axis, title, basis_label)
+
+
+def _colour(adata: ad.AnnData, color: str | None) -> tuple[np.ndarray | None, bool]:
+    """Per-cell values for `color` and whether they are continuous (numbers) rather than categories."""
+    if color is None:
+        return None, False
+    if color in adata.obs.columns:
+        column = adata.obs[color]
+        numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+        return column.to_numpy(), bool(numeric and not isinstance(column.dtype, pd.CategoricalDtype))
+    if color in adata.var_names:
+        values: Any = adata[:, color].X
+        values = values.toarray() if sp.issparse(values) else np.asarray(values)
+        return values.ravel().astype(np.float64), True
+    raise ValueError(f"color: {color!r} is neither a column of adata.obs (columns: {list(adata.obs.columns)}) "
+                     "nor a gene of adata.var_names")
+
+
+def umap(
+    adata: ad.AnnData,
+    color: str | None = None,
+    *,
+    basis: str = "X_umap",
+    ax: Any = None,
+    path: str | pathlib.Path | None = None,
+    title: str | None = None,
+) -> Any:
+    """Scatter the cells in a 2-D embedding, coloured by an `obs` column or a gene's expression.
+
+    **Arguments:**
+
+    - `adata`: the cells, with `obsm[basis]` (e.g. from `dbx.tl.umap`).
+    - `color`: an `obs` column (categories get a legend; numbers a colour bar) or a name in `adata.var_names`
+      (its expression in `X`); None: one colour.
+    - `basis`: the `obsm` key of the embedding; its first two columns are drawn. (Keyword only argument.)
+    - `ax`: a matplotlib `Axes` to draw on; None makes a new figure.
+    - `path`: write the figure there as PNG.
+    - `title`: default the colour's name.
+
+    **Returns:** the `Axes`, or the written path when `path` is given (a figure made here is then closed).
+    """
+    if not isinstance(adata, ad.AnnData):
+        raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
+    if basis not in adata.obsm:
+        raise ValueError(f"basis: {basis!r} is not in adata.obsm (has {sorted(adata.obsm.keys())}); "
+                         "run dbx.tl.umap first")
+    embedding = np.asarray(adata.obsm[basis])
+    if embedding.ndim != 2 or embedding.shape[1] < 2:
+        raise ValueError(f"adata.obsm[{basis!r}]: expected at least 2 columns, got shape {embedding.shape}")
+    values, continuous = _colour(adata, color)
+    created = ax is None
+    axis = _pyplot().subplots(figsize=(5.2, 4.8))[1] if created else ax
+    label = basis.removeprefix("X_").upper()
+    title = (color or "") if title is None else title
+    if continuous:
+        _draw_values(axis, embedding, np.asarray(values, dtype=np.float64), title, label)
+    else:
+        _draw_categories(axis, embedding, values if values is not None else np.full(adata.n_obs, "cells"), title,
+                        basis_label=label)
+    if path is not None:
+        return _save_png(axis.figure, path, close=created)
+    return axis
+
+
+def training(curves: Mapping[str, Mapping[str, Any]], path: str | pathlib.Path | None = None) -> Any:
+    """Loss curves, one panel per stage.
+
+    **Arguments:**
+
+    - `curves`: `{stage: {curve name: per-epoch values}}` (non-finite values are skipped), e.g.
+      `PipelineFit.curves` or `adata.uns["diffbio_pipeline"]["curves"]`.
+    - `path`: write the figure there as PNG.
+
+    **Returns:** the matplotlib `Figure`, or the written path when `path` is given (the figure is then closed).
+    """
+    plt = _pyplot()
+    n_panels = max(len(curves), 1)
+    figure, axes = plt.subplots(1, n_panels, figsize=(4.5 * n_panels, 3.6), squeeze=False)
+    for axis, (stage, stage_curves) in zip(axes[0], curves.items()):
+        for name, values in stage_curves.items():
+            values = np.asarray(values, dtype=float)
+            epochs = np.flatnonzero(np.isfinite(values))
+            if epochs.size:
+                axis.plot(epochs + 1, values[epochs], label=name)
+        axis.set_title(stage)
+        axis.set_xlabel("round" if "objective" in stage_curves else "epoch")
+        axis.set_ylabel("loss")
+        axis.legend(fontsize=7)
+    if path is not None:
+        return _save_png(figure, path)
+    return figure

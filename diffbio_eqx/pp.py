@@ -1,0 +1,225 @@
+"""Preprocessing over AnnData, scanpy-style: the neighbour graph and ambient RNA removal.
+
+Each function reads an `anndata.AnnData`, writes its results into it under documented keys (and its settings
+under `uns`), and returns what it fitted (a module, or the graph). The AnnData object is updated in memory; a
+file it was read from is never written. Counts come from `adata.X` (`layer=None`) or `adata.layers[layer]`; genes
+are `adata.var_names`.
+"""
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anndata as ad
+import jax.random as jr
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from jaxtyping import ArrayLike, PRNGKeyArray
+
+from ._ambient._stage import AmbientRemoval, fit_ambient_removal, remove_ambient, resolve_ambient_profile
+from ._core._neighbors import NeighborGraph, neighbor_graph
+from ._core._validate import check_embedding
+from .io import from_anndata, to_anndata
+
+
+#: The `obsm` keys `use_rep=None` looks for, in this order (the corrected latent first, then the VAE's, then PCA).
+DEFAULT_REPRESENTATIONS = ("X_diffbio_corrected", "X_diffbio", "X_pca")
+#: Where `ambient_removal` records its settings.
+AMBIENT_KEY = "diffbio_ambient"
+
+
+def _check_adata(adata: Any) -> ad.AnnData:
+    if not isinstance(adata, ad.AnnData):
+        raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
+    return adata
+
+
+def representation(
+    adata: ad.AnnData, use_rep: str | None = None, *, defaults: Sequence[str] = DEFAULT_REPRESENTATIONS
+) -> tuple[np.ndarray, str]:
+    """The cells-by-dimensions matrix a face works on, and its name.
+
+    **Arguments:**
+
+    - `adata`: the cells.
+    - `use_rep`: an `obsm` key, or `"X"` for `adata.X` itself; None: the first of `defaults` that `adata.obsm`
+      holds.
+    - `defaults`: the keys `use_rep=None` tries, in order (`DEFAULT_REPRESENTATIONS`). (Keyword only argument.)
+
+    **Returns:** `(x, name)`: `x` a checked, finite float `(n_cells, n_dims)` array.
+    """
+    _check_adata(adata)
+    if use_rep is None:
+        found = [name for name in defaults if name in adata.obsm]
+        if not found:
+            raise ValueError(f"use_rep: none of {list(defaults)} is in adata.obsm (has "
+                             f"{sorted(adata.obsm.keys())}); pass use_rep= an obsm key or 'X'")
+        use_rep = found[0]
+    matrix: Any
+    if use_rep == "X":
+        matrix, field = adata.X, "adata.X"
+    elif use_rep in adata.obsm:
+        matrix, field = adata.obsm[use_rep], f"adata.obsm[{use_rep!r}]"
+    else:
+        raise ValueError(f"use_rep: {use_rep!r} is not in adata.obsm (has {sorted(adata.obsm.keys())})")
+    if matrix is None:
+        raise ValueError(f"{field}: is empty (None)")
+    if sp.issparse(matrix):
+        matrix = matrix.toarray()
+    x = np.asarray(check_embedding(np.asarray(matrix), field=field))
+    return x, use_rep
+
+
+def settings_record(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that an h5ad file can hold, for `uns`: numbers, strings, booleans, lists of them, and mappings
+    and dataclasses (e.g. `TrainSettings`) of them, nested; None values and objects (arrays, optimisers) are left
+    out."""
+    record: dict[str, Any] = {}
+    for name, value in settings.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. `TrainSettings`
+            value = settings_record({field.name: getattr(value, field.name) for field in dataclasses.fields(value)})
+        if isinstance(value, Mapping):
+            value = settings_record(value)
+            if value:
+                record[name] = value
+        elif isinstance(value, (bool, int, float, str)):
+            record[name] = value
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+            record[name] = list(value)
+    return record
+
+
+def graph_matrices(graph: NeighborGraph) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """A `NeighborGraph` as scanpy's two sparse matrices.
+
+    **Returns:** `(distances, connectivities)`, each a float32 `(n_cells, n_cells)` CSR matrix: `distances` holds
+    each cell's `n_neighbors - 1` nearest other cells (its own column left out, ties at distance 0 stored
+    explicitly, as scanpy does); `connectivities` the symmetric fuzzy-union weights, without zeros.
+    """
+    indices = np.asarray(graph.indices)[:, 1:]
+    n_cells, k = indices.shape
+    indptr = np.arange(0, n_cells * k + 1, k)
+    distances = sp.csr_matrix(
+        (np.asarray(graph.distances)[:, 1:].astype(np.float32).ravel(), indices.ravel(), indptr),
+        shape=(n_cells, n_cells),
+    )
+    c = graph.connectivities
+    connectivities = sp.csr_matrix(sp.coo_matrix(
+        (np.asarray(c.weights, dtype=np.float32), (np.asarray(c.heads), np.asarray(c.tails))),
+        shape=(n_cells, n_cells),
+    ))
+    connectivities.eliminate_zeros()
+    return distances, connectivities
+
+
+def neighbors(
+    adata: ad.AnnData,
+    n_neighbors: int = 15,
+    *,
+    use_rep: str | None = None,
+    method: str = "exact",
+    key_added: str | None = None,
+    set_op_mix_ratio: float = 1.0,
+    local_connectivity: float = 1.0,
+) -> NeighborGraph:
+    """The kNN graph and its UMAP connectivities, written as `scanpy.pp.neighbors(method="umap")` writes them.
+
+    **Arguments:**
+
+    - `adata`: the cells.
+    - `n_neighbors`: neighbours per cell, counting the cell itself (scanpy's convention and default, 15).
+    - `use_rep`: the representation (see `representation`; default the first of `X_diffbio_corrected`,
+      `X_diffbio`, `X_pca` present). (Keyword only argument.)
+    - `method`: the kNN backend of `neighbor_graph` (`"exact"`).
+    - `key_added`: as scanpy: None writes `obsp["distances"]`, `obsp["connectivities"]` and `uns["neighbors"]`;
+      a name writes `obsp[name + "_distances"]`, `obsp[name + "_connectivities"]` and `uns[name]`.
+    - `set_op_mix_ratio`, `local_connectivity`: see `fuzzy_simplicial_set`.
+
+    **Returns:** the `NeighborGraph`. `uns["neighbors"]` holds scanpy's `connectivities_key`, `distances_key` and
+    `params` (`n_neighbors`, `method="umap"`, `metric="euclidean"`, `use_rep`, and `knn_method`), so scanpy's tools
+    that read the graph (`tl.leiden`, `tl.umap`, ...) use it.
+    """
+    x, use_rep = representation(adata, use_rep)
+    graph = neighbor_graph(
+        x, n_neighbors, method=method, set_op_mix_ratio=set_op_mix_ratio, local_connectivity=local_connectivity
+    )
+    distances, connectivities = graph_matrices(graph)
+    prefix = "" if key_added is None else f"{key_added}_"
+    adata.obsp[f"{prefix}distances"] = distances
+    adata.obsp[f"{prefix}connectivities"] = connectivities
+    adata.uns["neighbors" if key_added is None else key_added] = {
+        "connectivities_key": f"{prefix}connectivities",
+        "distances_key": f"{prefix}distances",
+        "params": {
+            "n_neighbors": int(n_neighbors), "method": "umap", "metric": "euclidean", "random_state": 0,
+            "use_rep": use_rep, "knn_method": method, "set_op_mix_ratio": float(set_op_mix_ratio),
+            "local_connectivity": float(local_connectivity),
+        },
+    }
+    return graph
+
+
+def _by_gene(adata: ad.AnnData, profile: Any) -> Any:
+    """A profile given as a `pandas.Series` indexed by gene name, in the order of `adata.var_names`."""
+    if not isinstance(profile, pd.Series):
+        return profile
+    missing = adata.var_names.difference(profile.index)
+    if len(missing):
+        raise ValueError(f"ambient_profile: no value for {len(missing)} gene(s) of adata.var_names, e.g. "
+                         f"{list(missing[:5])}")
+    return profile.reindex(adata.var_names).to_numpy()
+
+
+def _raw_by_gene(adata: ad.AnnData, raw_counts: Any) -> Any:
+    """Raw droplets given as an AnnData: its counts for the genes of `adata.var_names`, in that order."""
+    if not isinstance(raw_counts, ad.AnnData):
+        return raw_counts
+    missing = adata.var_names.difference(raw_counts.var_names)
+    if len(missing):
+        raise ValueError(f"raw_counts: lacks {len(missing)} gene(s) of adata.var_names, e.g. {list(missing[:5])}")
+    return raw_counts[:, adata.var_names].X
+
+
+def ambient_removal(
+    adata: ad.AnnData,
+    model: AmbientRemoval | None = None,
+    *,
+    layer: str | None = None,
+    ambient_profile: ArrayLike | pd.Series | None = None,
+    raw_counts: Any = None,
+    key: PRNGKeyArray,
+    **fit_settings: Any,
+) -> AmbientRemoval:
+    """Train CellBender's ambient model on the cells and write their decontaminated counts.
+
+    **Arguments:**
+
+    - `adata`: cells x genes with raw counts in `X` (or `layers[layer]`).
+    - `model`: an `AmbientRemoval` carrying the model settings; None builds `AmbientRemoval(adata.n_vars)`.
+    - `layer`: read counts from this layer instead of `X`. (Keyword only argument.)
+    - `ambient_profile`: `(n_genes,)`, or a `pandas.Series` indexed by gene name; None: from `raw_counts`' empty
+      droplets, else the cells' pooled counts (see `resolve_ambient_profile`, which warns which).
+    - `raw_counts`: the unfiltered droplets (a matrix with the genes of `adata`, or an AnnData matched by gene
+      name): the profile and CellBender's prior on the ambient count.
+    - `key`: split in two: the first builds the default model (unused when `model` is given), the second trains.
+    - `fit_settings`: passed to `fit_ambient_removal` (`n_epochs`, `batch_size`, `progress`, ...).
+
+    **Returns:** the trained `AmbientRemoval`. Writes `layers["diffbio_decontaminated"]` (posterior expected
+    counts) and `uns["diffbio_ambient"]` (`params` and the per-epoch `train_loss`).
+    """
+    counts = from_anndata(_check_adata(adata), layer=layer).counts
+    raw = _raw_by_gene(adata, raw_counts)
+    profile = resolve_ambient_profile(counts, _by_gene(adata, ambient_profile), raw_counts=raw)
+    init_key, fit_key = jr.split(key)
+    model = AmbientRemoval(adata.n_vars, key=init_key) if model is None else model
+    fitted = fit_ambient_removal(model, counts, profile, key=fit_key, raw_counts=raw, **fit_settings)
+    result = remove_ambient(fitted.model, counts, profile)
+    to_anndata(adata, {"decontaminated_counts": result.decontaminated_counts}, copy=False)
+    params = {"layer": layer, "latent_dim": model.latent_dim, "hidden_dim": model.hidden_dim,
+              "profile": "given" if ambient_profile is not None else "raw_counts" if raw is not None else "pooled"}
+    adata.uns[AMBIENT_KEY] = {"params": settings_record({**params, **fit_settings}),
+                              "train_loss": np.asarray(fitted.train_loss)}
+    return fitted.model
