@@ -43,7 +43,7 @@ def run_jobs(tmp_path: pathlib.Path, *jobs: tuple[str, ...]) -> list[dict[str, s
 
 def test_every_stage_is_bitwise_reproducible_across_processes(tmp_path):
     """Each stage's own entry point (`fit_ambient_removal`/`remove_ambient`, `fit_vae`/`vae_transform`, `harmony`,
-    `ParametricUMAP.fit`/`embed`, `SoftKMeans.from_data`): trained leaves, losses and outputs."""
+    `ParametricUMAP.fit`/`embed`, `fit_soft_kmeans`): trained leaves, losses and outputs."""
     first, second = run_jobs(tmp_path, ("stages", 0), ("stages", 0))
     assert {"ambient", "vae", "harmony", "umap", "clustering"} <= set(first)
     assert first == second

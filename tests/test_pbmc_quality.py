@@ -66,7 +66,8 @@ def test_cluster_ari_at_least_scanpy_leiden_at_its_best(pbmc):
     corrected = out["corrected_embeddings"]
     ours = []
     for n_clusters in range(4, 13):
-        clustering = dbx.SoftKMeans.from_data(corrected, n_clusters, key=jr.key(n_clusters), temperature=0.1)
+        stage = dbx.SoftKMeans(np.zeros((n_clusters, corrected.shape[1])), temperature=0.1)
+        clustering = dbx.fit_soft_kmeans(stage, corrected, key=jr.key(n_clusters)).model
         ours.append(dbx.adjusted_rand_index(labels, np.asarray(clustering.hard_assign(corrected))))
     print(f"best ARI: ours {max(ours):.3f} (k = {4 + int(np.argmax(ours))}), "
           f"scanpy Leiden {max(leiden):.3f}")
