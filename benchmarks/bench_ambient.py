@@ -36,13 +36,13 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import diffbio_eqx as dx  # noqa: E402
-from diffbio_eqx._ambient._stage import default_n_epochs  # noqa: E402
+from diffbio_eqx._ambient._stage import ambient_default_epochs  # noqa: E402
 
 
 N_GENES, N_GROUPS, LEVEL = 300, 4, 0.1
 # CellBender runs ~15-30 s per epoch on 1 000-2 000 droplets on the shared 2-core CPU, so its 150 default epochs
 # would take about an hour here; it gets fewer (its per-epoch speed is reported, and its accuracy is at these
-# epochs). diffbio_eqx uses its default (`default_n_epochs`: 300 epochs up to 20 000 cells).
+# epochs). diffbio_eqx uses its default (`ambient_default_epochs`: 300 epochs up to 20 000 cells).
 CELLBENDER_EPOCHS = 50
 
 
@@ -87,11 +87,11 @@ def run_diffbio(data: dict[str, np.ndarray]) -> dict[str, float]:
     def train(n_epochs):
         start = time.perf_counter()
         result = dx.fit_ambient_removal(stage, data["counts"], profile, raw_counts=data["raw"], key=jr.key(2),
-                                        n_epochs=n_epochs, progress=False)
+                                        settings=dx.TrainSettings(n_epochs=n_epochs, progress=False))
         jax.block_until_ready(result.model)
         return result, time.perf_counter() - start
 
-    n_epochs = default_n_epochs(n)
+    n_epochs = ambient_default_epochs(n)
     _, first = train(1)  # compile + one epoch
     _, one = train(1)  # warm: one epoch and the per-call overhead
     result, full = train(n_epochs)  # warm: the default number of epochs

@@ -117,8 +117,8 @@ def run_stage(stage: str, work: pathlib.Path, n_cells: int) -> dict:
         started = time.perf_counter()
         pipeline = dx.SingleCellPipeline(config.replace(enable_ambient_removal=False), key=keys["vae_train"])
         batch_size = 128
-        fitted = dx.fit_vae(pipeline.vae_normalizer, counts, batches, key=keys["vae_train"], n_epochs=1,
-                            batch_size=batch_size, validation_fraction=0.0, progress=False)
+        fitted = dx.fit_vae(pipeline.vae_normalizer, counts, batches, key=keys["vae_train"], settings=dx.TrainSettings(
+            n_epochs=1, batch_size=batch_size, validation_fraction=0.0, progress=False))
         jax.block_until_ready(fitted.model)
         seconds = time.perf_counter() - started
         dx.save_vae(work / "vae.eqx", fitted.model)
@@ -164,7 +164,7 @@ def run_stage(stage: str, work: pathlib.Path, n_cells: int) -> dict:
         rows = np.sort(np.random.default_rng(SEED).choice(n_cells, min(UMAP_SUBSAMPLE, n_cells), replace=False))
         umap = dx.SingleCellPipeline(config.replace(enable_ambient_removal=False),
                                      key=keys["umap"]).dim_reduction
-        fitted = umap.fit(corrected[rows], key=keys["umap"], progress=False)
+        fitted = dx.fit_umap(umap, corrected[rows], key=keys["umap"], settings=dx.TrainSettings(progress=False))
         jax.block_until_ready(fitted.model)
         train_seconds = time.perf_counter() - started
         embedding = np.asarray(fitted.model.embed(corrected))

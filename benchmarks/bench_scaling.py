@@ -97,8 +97,8 @@ def _vae_train(n_cells: int, batch_size: int = 128) -> dict:
     counts, vae = _vae(n_cells)
 
     def run(n_epochs: int = 1):
-        return dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=n_epochs, batch_size=batch_size,
-                          validation_fraction=0.0, progress=False).model
+        settings = dx.TrainSettings(n_epochs=n_epochs, batch_size=batch_size, validation_fraction=0.0, progress=False)
+        return dx.fit_vae(vae, counts, key=jr.key(1), settings=settings).model
 
     return {"run": run, "cells": n_cells, "epoch_difference": True,
             "setup": f"hidden 128, latent {N_DIMS}, NB, gene dispersion, batch {batch_size}, AdamW"}

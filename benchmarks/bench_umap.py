@@ -106,12 +106,13 @@ def bench_size(n_cells: int, *, n_steps: int, n_new: int = 2000, n_transform: in
     # Training compile time, estimated on a 3,000-cell subset with the same widths and batch size:
     # compile = 2 * t(1 epoch) - t(2 epochs). The full run below then includes one compile, subtracted.
     sub = xj[:3000]
-    _, one = _timed(lambda: model.fit(sub, key=jr.key(1), n_epochs=1, progress=False).train_loss)
-    _, two = _timed(lambda: model.fit(sub, key=jr.key(1), n_epochs=2, progress=False).train_loss)
+    epochs = lambda n: dx.TrainSettings(n_epochs=n, progress=False)
+    _, one = _timed(lambda: dx.fit_umap(model, sub, key=jr.key(1), settings=epochs(1)).train_loss)
+    _, two = _timed(lambda: dx.fit_umap(model, sub, key=jr.key(1), settings=epochs(2)).train_loss)
     out["ours_train_compile_s"] = max(2 * one - two, 0.0)
     steps_per_epoch = -(-graph.weights.shape[0] // 1024)
     n_epochs = max(1, round(n_steps / steps_per_epoch))
-    fitted, total = _timed(lambda: model.fit(xj, key=jr.key(1), n_epochs=n_epochs, graph=graph, progress=False))
+    fitted, total = _timed(lambda: dx.fit_umap(model, xj, key=jr.key(1), settings=epochs(n_epochs), graph=graph))
     out["ours_train_s"] = max(total - out["ours_train_compile_s"], 0.0)
     out["ours_fit_s"] = out["ours_graph_s"] + out["ours_train_s"]
     out["ours_n_epochs"] = n_epochs

@@ -26,6 +26,7 @@ import os
 os.environ.setdefault("EQX_ON_ERROR", "nan")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -73,16 +74,17 @@ def _run_ours(path: str, n_epochs: int, queue) -> None:
     vae_module.kl_warmup_weight = timed_warmup_weight
     train, test = _load(path)
     baseline = _rss_mb()
-    vae = dx.VAENormalizer(train.shape[1], hidden_dims=(128,), latent_dim=10, likelihood="nb", dispersion="gene",
-                           dropout_rate=0.1, key=jr.key(0))
-    kwargs = dict(key=jr.key(1), batch_size=128, validation_fraction=0.1, n_epochs_kl_warmup=n_epochs,
-                  progress=False)
+    vae = dx.VAENormalizer(train.shape[1], hidden_dims=(128,), latent_dim=10, likelihood="nb",
+                           options=dx.VAEOptions(dispersion="gene"), dropout_rate=0.1, key=jr.key(0))
+    settings = dx.TrainSettings(batch_size=128, validation_fraction=0.1, progress=False)
+    kwargs = dict(key=jr.key(1), n_epochs_kl_warmup=n_epochs)
     start = time.perf_counter()
-    dx.fit_vae(vae, train, n_epochs=1, **kwargs)  # compiles the epoch and validation steps
+    # compiles the epoch and validation steps
+    dx.fit_vae(vae, train, settings=dataclasses.replace(settings, n_epochs=1), **kwargs)
     first = time.perf_counter() - start
     stamps.clear()
     start = time.perf_counter()
-    result = dx.fit_vae(vae, train, n_epochs=n_epochs, **kwargs)
+    result = dx.fit_vae(vae, train, settings=dataclasses.replace(settings, n_epochs=n_epochs), **kwargs)
     jax.block_until_ready(result.model)
     seconds = time.perf_counter() - start
     epoch_seconds = np.diff(np.asarray(stamps + [time.perf_counter()]))

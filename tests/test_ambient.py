@@ -11,6 +11,7 @@ the tests add droplets holding ambient RNA only, as many molecules as the cells'
 import functools
 import warnings
 
+import diffbio_eqx as dx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -20,10 +21,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.stats
-
-from helpers import tree_allclose
-
-import diffbio_eqx as dx
 from diffbio_eqx._ambient._math import (
     ambient_count_log_likelihood,
     ambient_log_rates,
@@ -38,9 +35,11 @@ from diffbio_eqx._ambient._math import (
     round_cell_counts,
     safe_log_profile,
 )
+from helpers import tree_allclose
 
 
 N_CELLS, N_GENES, N_GROUPS = 600, 300, 4
+ONE_EPOCH = dx.TrainSettings(n_epochs=1, progress=False)
 
 
 @functools.cache
@@ -81,8 +80,9 @@ def fitted(level: float) -> tuple[dict[str, np.ndarray], dx.AmbientResult]:
     stage = dx.AmbientRemoval(
         N_GENES, prior_ambient_count=count, prior_log_scale=log_scale, dtype=jnp.float32, key=jr.key(2)
     )
-    result = dx.fit_ambient_removal(stage, data["counts"], data["profile"], key=jr.key(3), progress=False)
-    assert result.train_loss.shape == (300,)  # default_n_epochs at 600 cells
+    result = dx.fit_ambient_removal(stage, data["counts"], data["profile"], key=jr.key(3),
+                                    settings=dx.TrainSettings(progress=False))
+    assert result.train_loss.shape == (300,)  # ambient_default_epochs at 600 cells
     return data, dx.remove_ambient(result.model, data["counts"], data["profile"], integer=False)
 
 
@@ -307,9 +307,9 @@ def test_jit_matches_eager_forward_and_gradient():
     assert tree_allclose(eager, jitted, rtol=1e-10, atol=1e-10)
 
     def loss(s):
-        return s.loss(counts, profile, key=jr.key(1))[0]
+        return s.loss((counts, profile), key=jr.key(1))[0]
 
-    value, aux = stage.loss(counts, profile, key=jr.key(1))
+    value, aux = stage.loss((counts, profile), key=jr.key(1))
     assert value.shape == () and jnp.isfinite(value)
     assert set(aux) == {"reconstruction", "kl_latent", "prior_fraction", "ambient_fraction"}
     g_eager = eqx.filter_grad(loss)(stage)
@@ -323,7 +323,7 @@ def test_float32_flows_through():
     stage, counts, profile = _small_stage_and_data(jnp.float32)
     out = _call(stage, counts, profile)
     assert out.decontaminated_counts.dtype == out.contamination_fraction.dtype == jnp.float32
-    loss_fn = lambda s: s.loss(counts, profile, key=jr.key(0))[0]
+    loss_fn = lambda s: s.loss((counts, profile), key=jr.key(0))[0]
     loss, grads = eqx.filter_jit(eqx.filter_value_and_grad(loss_fn))(stage)
     assert loss.dtype == jnp.float32
     assert grads.decoder_out.weight.dtype == jnp.float32
@@ -347,9 +347,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="all zeros"):
         dx.remove_ambient(stage, np_counts, np.zeros(40))
     with pytest.raises(ValueError, match="one value per gene"):
-        dx.fit_ambient_removal(stage, np_counts, np_profile[:10], key=jr.key(0), n_epochs=1, progress=False)
+        dx.fit_ambient_removal(stage, np_counts, np_profile[:10], key=jr.key(0), settings=ONE_EPOCH)
     with pytest.raises(ValueError, match="genes but the model"):
-        dx.fit_ambient_removal(stage, np_counts[:, :30], key=jr.key(0), n_epochs=1, progress=False)
+        dx.fit_ambient_removal(stage, np_counts[:, :30], key=jr.key(0), settings=ONE_EPOCH)
     with pytest.raises(ValueError, match="negative value"):
         dx.remove_ambient(stage, np_counts, np.where(np.arange(40) == 0, -0.1, np_profile))
     with pytest.raises(ValueError, match="zero total"):
@@ -407,8 +407,8 @@ def test_fit_on_sparse_counts_with_profile_from_raw(tmp_path):
     cells = sp.csr_matrix(data["counts"][:200])
     with pytest.warns(dx.AmbientProfileWarning, match="empty droplets"):
         result = dx.fit_ambient_removal(
-            stage, cells, raw_counts=raw, key=jr.key(1), n_epochs=2, progress=False,
-            checkpoint_path=tmp_path / "ambient.eqx",
+            stage, cells, raw_counts=raw, key=jr.key(1),
+            settings=dx.TrainSettings(n_epochs=2, progress=False, checkpoint_path=tmp_path / "ambient.eqx"),
         )
     assert result.train_loss.shape == (2,) and np.all(np.isfinite(result.train_loss))
     assert (tmp_path / "ambient.eqx").exists()
@@ -502,8 +502,8 @@ def default_fitted(level: float, with_empties: bool) -> dx.AmbientResult:
     stage = dx.AmbientRemoval(100, dtype=jnp.float32, key=jr.key(1))
     raw = data["raw"] if with_empties else None
     result = dx.fit_ambient_removal(
-        stage, data["counts"], data["profile"], raw_counts=raw, key=jr.key(2), n_epochs=DEFAULT_EPOCHS,
-        progress=False,
+        stage, data["counts"], data["profile"], raw_counts=raw, key=jr.key(2),
+        settings=dx.TrainSettings(n_epochs=DEFAULT_EPOCHS, progress=False),
     )
     if with_empties:
         assert float(result.model.prior_ambient_count) > 0

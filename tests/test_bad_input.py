@@ -156,14 +156,15 @@ VAE = dx.VAENormalizer(N_GENES, 2, hidden_dims=(16,), latent_dim=4, key=jr.key(0
 AMBIENT = dx.AmbientRemoval(N_GENES, latent_dim=2, hidden_dim=8, key=jr.key(0))
 UMAP = dx.ParametricUMAP(4, hidden_size=8, depth=1, key=jr.key(0))
 X = np.asarray(jr.normal(jr.key(1), (N_CELLS, 4)))
+ONE_EPOCH = dx.TrainSettings(n_epochs=1, progress=False)
 
 STAGE_CASES = [
-    ("fit_vae-genes-differ", lambda: dx.fit_vae(VAE, COUNTS[:, :30], BATCHES, key=jr.key(0), n_epochs=1,
-                                                progress=False),
+    ("fit_vae-genes-differ", lambda: dx.fit_vae(VAE, COUNTS[:, :30], BATCHES, key=jr.key(0), settings=ONE_EPOCH),
      r"counts: has 30 genes but the model was built for 40"),
-    ("fit_vae-labels-missing", lambda: dx.fit_vae(VAE, COUNTS, key=jr.key(0), n_epochs=1, progress=False),
+    ("fit_vae-labels-missing", lambda: dx.fit_vae(VAE, COUNTS, key=jr.key(0), settings=ONE_EPOCH),
      r"batch_labels: the model has 2 batches; pass one label per cell"),
-    ("fit_vae-zero-epochs", lambda: dx.fit_vae(VAE, COUNTS, BATCHES, key=jr.key(0), n_epochs=0, progress=False),
+    ("fit_vae-zero-epochs", lambda: dx.fit_vae(VAE, COUNTS, BATCHES, key=jr.key(0),
+                                               settings=dx.TrainSettings(n_epochs=0, progress=False)),
      r"n_epochs: must be >= 1, got 0"),
     ("vae_transform-new-data-genes-differ", lambda: dx.vae_transform(VAE, COUNTS[:, 1:], BATCHES),
      r"counts: has 39 genes but the model was built for 40; subset the new data to the training genes, in the "
@@ -171,7 +172,7 @@ STAGE_CASES = [
     ("vae_transform-labels-out-of-range", lambda: dx.vae_transform(VAE, COUNTS, BATCHES + 1),
      r"batch_labels: value 2 at cell \d+ is out of range \[0, 2\)"),
     ("fit_ambient_removal-profile-all-zero",
-     lambda: dx.fit_ambient_removal(AMBIENT, COUNTS, np.zeros(N_GENES), key=jr.key(0), n_epochs=1, progress=False),
+     lambda: dx.fit_ambient_removal(AMBIENT, COUNTS, np.zeros(N_GENES), key=jr.key(0), settings=ONE_EPOCH),
      r"ambient_profile: all zeros"),
     ("remove_ambient-profile-wrong-length", lambda: dx.remove_ambient(AMBIENT, COUNTS, PROFILE[:-1]),
      r"ambient_profile: expected one value per gene, shape \(40,\), got \(39,\)"),
@@ -185,9 +186,9 @@ STAGE_CASES = [
      r"n_clusters: asked for 61 clusters but there are only 60 cells"),
     ("Harmony-stage-without-key", lambda: dx.Harmony(n_batches=2)(X, BATCHES),
      r"Harmony needs `key`"),
-    ("umap-fit-too-few-cells", lambda: UMAP.fit(X[:10], key=jr.key(0), n_epochs=1, progress=False),
+    ("umap-fit-too-few-cells", lambda: dx.fit_umap(UMAP, X[:10], key=jr.key(0), settings=ONE_EPOCH),
      r"x: need more than n_neighbors=15 cells, got 10"),
-    ("umap-fit-inf", lambda: UMAP.fit(_with(X, (0, 0), np.inf), key=jr.key(0), n_epochs=1, progress=False),
+    ("umap-fit-inf", lambda: dx.fit_umap(UMAP, _with(X, (0, 0), np.inf), key=jr.key(0), settings=ONE_EPOCH),
      r"x: 1 non-finite value\(s\), first at cell 0, dim 0"),
     ("umap-embed-wrong-dims", lambda: UMAP.embed(np.ones((5, 3))), r"x: has 3 dimensions, expected 4"),
     ("umap-embed-rank-1", lambda: UMAP.embed(np.ones(4)), r"x: expected a 2-D matrix \(n_cells, n_dims\), got shape"),

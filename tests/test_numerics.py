@@ -53,8 +53,8 @@ def test_library_sizes_from_1_to_1e6_and_empty_genes_through_every_stage_in_floa
     with jax.enable_x64(False):
         profile = np.full(counts.shape[1], 1.0 / counts.shape[1])
         ambient = dx.AmbientRemoval(counts.shape[1], latent_dim=3, hidden_dim=16, key=jr.key(0))
-        fitted = dx.fit_ambient_removal(ambient, counts, profile, key=jr.key(1), n_epochs=10, batch_size=16,
-                                        progress=False)
+        fitted = dx.fit_ambient_removal(ambient, counts, profile, key=jr.key(1),
+                                        settings=dx.TrainSettings(n_epochs=10, batch_size=16, progress=False))
         assert np.all(np.isfinite(np.asarray(fitted.train_loss)))
         _assert_all_finite(fitted.model, "ambient model")
         cleaned = dx.remove_ambient(fitted.model, counts, profile)
@@ -65,7 +65,8 @@ def test_library_sizes_from_1_to_1e6_and_empty_genes_through_every_stage_in_floa
         assert np.all(decontaminated[:, ZERO_GENES] == 0)
 
         vae = dx.VAENormalizer(counts.shape[1], hidden_dims=(32,), latent_dim=4, key=jr.key(2))
-        trained = dx.fit_vae(vae, counts, key=jr.key(3), n_epochs=30, batch_size=16, progress=False)
+        trained = dx.fit_vae(vae, counts, key=jr.key(3),
+                             settings=dx.TrainSettings(n_epochs=30, batch_size=16, progress=False))
         assert np.all(np.isfinite(np.asarray(trained.train_loss)))
         assert np.all(np.isfinite(np.asarray(trained.validation_loss)))
         _assert_all_finite(trained.model, "VAE")
@@ -110,8 +111,8 @@ def test_20000_vae_steps_on_pbmc68k_stay_finite():
     assert counts.shape == (700, 765)
     with jax.enable_x64(False):
         vae = dx.VAENormalizer(counts.shape[1], key=jr.key(0))
-        result = dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=400, batch_size=14, validation_fraction=0.0,
-                            progress=False)
+        result = dx.fit_vae(vae, counts, key=jr.key(1), settings=dx.TrainSettings(
+            n_epochs=400, batch_size=14, validation_fraction=0.0, progress=False))
     steps = result.n_epochs_run * (counts.shape[0] // 14)
     assert steps == 20_000
     loss = np.asarray(result.train_loss)
@@ -131,7 +132,8 @@ def test_float32_inputs_stay_float32_with_x64_on():
     """With x64 on, float32 parameters and float32 counts never get promoted to float64 (no hard-coded float64)."""
     counts, _ = _wide_library_counts(n_cells=32, n_genes=30, seed=1)
     vae = dx.VAENormalizer(30, hidden_dims=(8,), latent_dim=2, dtype="float32", key=jr.key(0))
-    trained = dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=2, batch_size=8, progress=False)
+    settings = dx.TrainSettings(n_epochs=2, batch_size=8, progress=False)
+    trained = dx.fit_vae(vae, counts, key=jr.key(1), settings=settings)
     out = dx.vae_transform(trained.model, counts)
     assert {leaf.dtype for leaf in _float_leaves(trained.model)} == {np.dtype(np.float32)}
     assert out.latent.dtype == jnp.float32 and out.normalized.dtype == jnp.float32

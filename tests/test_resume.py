@@ -88,15 +88,17 @@ def _fail_on_write(monkeypatch, n: int) -> None:
 
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     x, y, _, model = _regression(iter(jr.split(jr.key(0), 3)).__next__, n=64, d=3)
-    settings = dict(key=jr.key(1), n_epochs=6, batch_size=16, optimizer=optax.adam(0.05), progress=False)
-    full = dx.fit(model, _regression_loss, (x, y), **settings)
+    settings = dict(n_epochs=6, batch_size=16, optimizer=optax.adam(0.05), progress=False)
+    full = dx.fit(model, _regression_loss, (x, y), key=jr.key(1), settings=dx.TrainSettings(**settings))
     path = tmp_path / "training.eqx"
     with monkeypatch.context() as patch:
         _fail_on_write(patch, 3)  # epochs 0-2 are saved; epoch 3's write fails half way
         with pytest.raises(OSError, match="No space left on device"):
-            dx.fit(model, _regression_loss, (x, y), checkpoint_path=path, **settings)
+            dx.fit(model, _regression_loss, (x, y), key=jr.key(1),
+                   settings=dx.TrainSettings(checkpoint_path=path, **settings))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["training.eqx"], "no temporary file is left"
-    resumed = dx.fit(model, _regression_loss, (x, y), checkpoint_path=path, resume=True, **settings)
+    resumed = dx.fit(model, _regression_loss, (x, y), key=jr.key(1),
+                     settings=dx.TrainSettings(checkpoint_path=path, resume=True, **settings))
     assert eqx.tree_equal(resumed.model, full.model, typematch=True)
     np.testing.assert_array_equal(resumed.train_loss, full.train_loss)
 

@@ -83,7 +83,7 @@ def test_sparse_rows_hold_only_the_nonzeros(simulated):
 def test_vae_latent_equals_transform_latent(simulated):
     counts, batches = simulated.counts[:900], simulated.batches[:900]
     vae = dx.VAENormalizer(300, 2, hidden_dims=(16,), latent_dim=4, key=jr.key(1))
-    vae = dx.fit_vae(vae, counts, batches, key=jr.key(2), n_epochs=2, progress=False).model
+    vae = dx.fit_vae(vae, counts, batches, key=jr.key(2), settings=dx.TrainSettings(n_epochs=2, progress=False)).model
     latent = dx.vae_latent(vae, counts, batches, chunk_size=256)
     np.testing.assert_allclose(latent, dx.vae_transform(vae, counts.toarray(), batches, chunk_size=900).latent,
                                rtol=1e-10, atol=1e-12)

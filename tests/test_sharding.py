@@ -59,9 +59,9 @@ SCRIPT = textwrap.dedent(
     # 1. VAE training, float64 and float32 parameters, one device vs a 4-device mesh.
     for name, dtype in (("float64", jnp.float64), ("float32", jnp.float32)):
         vae = dx.VAENormalizer(120, 2, hidden_dims=(32,), latent_dim=6, dtype=dtype, key=jr.key(1))
-        settings = dict(key=jr.key(2), n_epochs=4, batch_size=64, progress=False)
-        one = dx.fit_vae(vae, counts, batches, **settings)
-        many = dx.fit_vae(vae, counts, batches, devices="all", **settings)
+        settings = dict(n_epochs=4, batch_size=64, progress=False)
+        one = dx.fit_vae(vae, counts, batches, key=jr.key(2), settings=dx.TrainSettings(**settings))
+        many = dx.fit_vae(vae, counts, batches, key=jr.key(2), settings=dx.TrainSettings(devices="all", **settings))
         out[f"vae_{name}_param_rel"] = max_relative(many.model, one.model, 1e-3)
         out[f"vae_{name}_loss_rel"] = float(np.max(np.abs(np.asarray(many.train_loss) / np.asarray(one.train_loss) - 1)))
         out[f"vae_{name}_validation_rel"] = float(np.max(np.abs(
@@ -78,7 +78,7 @@ SCRIPT = textwrap.dedent(
 
     # 2. Chunked inference: VAE posterior means and a bare map_in_chunks, sharded vs not.
     vae64 = dx.fit_vae(dx.VAENormalizer(120, 2, hidden_dims=(32,), latent_dim=6, key=jr.key(1)), counts, batches,
-                       key=jr.key(2), n_epochs=2, batch_size=64, progress=False).model
+                       key=jr.key(2), settings=dx.TrainSettings(n_epochs=2, batch_size=64, progress=False)).model
     one = dx.vae_latent(vae64, counts, batches, chunk_size=100)
     many = dx.vae_latent(vae64, counts, batches, chunk_size=100, devices="all")
     out["latent_rel"] = max_relative(many, one, 1e-3)
@@ -114,7 +114,8 @@ SCRIPT = textwrap.dedent(
 
     # 4. A minibatch that does not split evenly over the devices is refused.
     try:
-        dx.fit_vae(vae64, counts, batches, key=jr.key(2), n_epochs=1, batch_size=66, devices="all", progress=False)
+        dx.fit_vae(vae64, counts, batches, key=jr.key(2),
+                   settings=dx.TrainSettings(n_epochs=1, batch_size=66, devices="all", progress=False))
         out["uneven_batch_error"] = None
     except ValueError as error:
         out["uneven_batch_error"] = str(error)

@@ -1,15 +1,16 @@
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import jaxtyping
 import numpy as np
 import optax
 import pytest
 import scipy.sparse as sp
-
+from diffbio_eqx._core._train import TrainSettings, TrainState, fit, map_in_chunks, sparse_rows_from_csr, take_rows
 from helpers import tree_allclose, tree_identical
-
-from diffbio_eqx._core._train import fit, map_in_chunks, sparse_rows_from_csr, take_rows
 
 
 class _Linear(eqx.Module):
@@ -35,8 +36,9 @@ def _regression(getkey, n=512, d=6):
 
 def test_fit_recovers_linear_regression(getkey):
     x, y, true_weight, model = _regression(getkey)
-    result = fit(model, _regression_loss, (x, y), key=getkey(), n_epochs=60, batch_size=64,
-                 optimizer=optax.adam(0.05), validation_fraction=0.2, progress=False)
+    settings = TrainSettings(n_epochs=60, batch_size=64, optimizer=optax.adam(0.05), validation_fraction=0.2,
+                             progress=False)
+    result = fit(model, _regression_loss, (x, y), key=getkey(), settings=settings)
     np.testing.assert_allclose(result.model.weight, true_weight, atol=0.02)
     np.testing.assert_allclose(result.model.bias, 0.5, atol=0.02)
     assert result.train_loss[-1] < 0.01 * result.train_loss[0]
@@ -48,9 +50,10 @@ def test_fit_recovers_linear_regression(getkey):
 def test_same_key_same_result_and_resume_is_identical(getkey, tmp_path):
     x, y, _, model = _regression(getkey)
     key = getkey()
-    kwargs = dict(key=key, batch_size=32, optimizer=optax.adam(0.01), validation_fraction=0.1, progress=False)
-    full = fit(model, _regression_loss, (x, y), n_epochs=8, **kwargs)
-    again = fit(model, _regression_loss, (x, y), n_epochs=8, **kwargs)
+    settings = TrainSettings(n_epochs=8, batch_size=32, optimizer=optax.adam(0.01), validation_fraction=0.1,
+                             progress=False)
+    full = fit(model, _regression_loss, (x, y), key=key, settings=settings)
+    again = fit(model, _regression_loss, (x, y), key=key, settings=settings)
     assert tree_identical(full.model, again.model)
     partial_checkpoint = tmp_path / "partial.eqx"
 
@@ -63,11 +66,18 @@ def test_same_key_same_result_and_resume_is_identical(getkey, tmp_path):
         return None
 
     with pytest.raises(Interrupt):
-        fit(model, _regression_loss, (x, y), n_epochs=8, checkpoint_path=partial_checkpoint,
-            context=interrupting_context, **kwargs)
+        fit(model, _regression_loss, (x, y), key=key, context=interrupting_context,
+            settings=dataclasses.replace(settings, checkpoint_path=partial_checkpoint))
     assert not list(tmp_path.glob(".*.tmp")), "no half-written checkpoint is left behind"
-    resumed = fit(model, _regression_loss, (x, y), n_epochs=8, checkpoint_path=partial_checkpoint,
-                  resume=True, **kwargs)
+    # The checkpoint is a typed `TrainState`: the epoch to continue from and early stopping's counters by name.
+    like = TrainState(eqx.filter(model, eqx.is_inexact_array), optax.adam(0.01).init(model), np.zeros(8),
+                      np.zeros(8), 0, 0.0, 0, 0)
+    saved = eqx.tree_deserialise_leaves(partial_checkpoint, like)
+    assert saved.next_epoch == 3 and 0 <= saved.best_epoch < 3
+    assert saved.best_validation_loss == np.nanmin(saved.validation_loss[:3])
+    assert np.all(np.isnan(saved.train_loss[3:])) and np.all(np.isfinite(saved.train_loss[:3]))
+    resumed = fit(model, _regression_loss, (x, y), key=key,
+                  settings=dataclasses.replace(settings, checkpoint_path=partial_checkpoint, resume=True))
     assert tree_identical(resumed.model, full.model)
     np.testing.assert_array_equal(resumed.train_loss, full.train_loss)
 
@@ -83,7 +93,8 @@ def test_sparse_and_dense_training_agree(getkey):
     counts = np.asarray(jr.poisson(getkey(), 1.0, (200, 8)), dtype=np.float64)
     target = counts @ np.arange(8.0)
     model = _Linear(jnp.zeros(8), jnp.zeros(()))
-    kwargs = dict(key=getkey(), n_epochs=5, batch_size=40, optimizer=optax.sgd(1e-3), progress=False)
+    kwargs = dict(key=getkey(), settings=TrainSettings(n_epochs=5, batch_size=40, optimizer=optax.sgd(1e-3),
+                                                       progress=False))
     dense = fit(model, _regression_loss, (counts, target), **kwargs)
     sparse = fit(model, _regression_loss, (sp.csr_matrix(counts), target), **kwargs)
     assert tree_allclose(dense.model, sparse.model, rtol=1e-12, atol=1e-12)
@@ -97,8 +108,8 @@ def test_weighted_rows_follow_weights(getkey):
         del key, context
         return jnp.sum(model * 0.0) + jnp.mean(batch[0]), {"mean_row": jnp.mean(batch[0])}
 
-    result = fit(jnp.zeros(()), loss_fn, (x,), key=getkey(), n_epochs=30, batch_size=4,
-                 row_weights=jnp.array([0.0, 0.0, 1.0, 3.0]), optimizer=optax.sgd(0.0), progress=False)
+    result = fit(jnp.zeros(()), loss_fn, (x,), key=getkey(), row_weights=jnp.array([0.0, 0.0, 1.0, 3.0]),
+                 settings=TrainSettings(n_epochs=30, batch_size=4, optimizer=optax.sgd(0.0), progress=False))
     seen = np.asarray(result.train_aux["mean_row"])
     # Rows 2 and 3 drawn 1:3, so the mean row value is 2.75 in expectation; rows 0 and 1 never.
     assert abs(seen.mean() - 2.75) < 0.1
@@ -115,11 +126,24 @@ def test_map_in_chunks_pads_and_trims(getkey):
 def test_fit_rejects_bad_arguments(getkey):
     x, y, _, model = _regression(getkey, n=20)
     with pytest.raises(ValueError, match="n_epochs"):
-        fit(model, _regression_loss, (x, y), key=getkey(), n_epochs=0)
+        fit(model, _regression_loss, (x, y), key=getkey(), settings=TrainSettings(n_epochs=0))
+    with pytest.raises(ValueError, match="n_epochs"):
+        fit(model, _regression_loss, (x, y), key=getkey(), settings=TrainSettings())
     with pytest.raises(ValueError, match=r"data\[1\]"):
-        fit(model, _regression_loss, (x, y[:5]), key=getkey(), n_epochs=1)
+        fit(model, _regression_loss, (x, y[:5]), key=getkey(), settings=TrainSettings(n_epochs=1))
     with pytest.raises(ValueError, match="validation_fraction"):
-        fit(model, _regression_loss, (x, y), key=getkey(), n_epochs=1, validation_fraction=1.5)
+        fit(model, _regression_loss, (x, y), key=getkey(), settings=TrainSettings(n_epochs=1, validation_fraction=1.5))
+
+
+def test_settings_take_the_stage_defaults_where_left_at_none():
+    defaults = TrainSettings(n_epochs=400, batch_size=128, validation_fraction=0.1, description="VAE",
+                             hyperparameters={"learning_rate": 1e-3, "eps": 0.01})
+    filled = TrainSettings(n_epochs=7, hyperparameters={"eps": 0.1}).filled(defaults)
+    assert (filled.n_epochs, filled.batch_size, filled.validation_fraction, filled.description) == (7, 128, 0.1, "VAE")
+    assert filled.hyperparameters == {"learning_rate": 1e-3, "eps": 0.1}
+    # A given optimiser does not inherit the default optimiser's settings.
+    own = TrainSettings(optimizer=optax.sgd(0.1)).filled(defaults)
+    assert own.hyperparameters == {} and own.n_epochs == 400
 
 
 def test_tuned_compiler_options_fall_back_and_change_only_speed(getkey, monkeypatch):
@@ -133,8 +157,9 @@ def test_tuned_compiler_options_fall_back_and_change_only_speed(getkey, monkeypa
         monkeypatch.setattr(train_module, "_train_epoch", train_module.tuned_jit(train_module._train_epoch.__wrapped__))
         monkeypatch.setattr(train_module, "_validation_loss",
                             train_module.tuned_jit(train_module._validation_loss.__wrapped__))
-        return fit(model, _regression_loss, (x, y), key=key, n_epochs=5, batch_size=64, optimizer=optax.adam(0.05),
-                   validation_fraction=0.2, progress=False)
+        return fit(model, _regression_loss, (x, y), key=key,
+                   settings=TrainSettings(n_epochs=5, batch_size=64, optimizer=optax.adam(0.05),
+                                          validation_fraction=0.2, progress=False))
 
     train_module.tuned_compiler_options.cache_clear()
     options = train_module.tuned_compiler_options()
@@ -155,13 +180,24 @@ def test_tuned_compiler_options_fall_back_and_change_only_speed(getkey, monkeypa
 
 def test_hyperparameters_must_be_injected(getkey):
     x, y, _, model = _regression(getkey)
-    settings = dict(key=getkey(), n_epochs=1, batch_size=64, progress=False)
+    key = getkey()
+    settings = TrainSettings(n_epochs=1, batch_size=64, progress=False)
     with pytest.raises(ValueError, match=r"hyperparameters: the optimizer does not inject \['learning_rate'\]"):
-        fit(model, _regression_loss, (x, y), optimizer=optax.adam(0.05), hyperparameters={"learning_rate": 0.1},
-            **settings)
+        fit(model, _regression_loss, (x, y), key=key, settings=dataclasses.replace(
+            settings, optimizer=optax.adam(0.05), hyperparameters={"learning_rate": 0.1}))
     injected = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0)
-    frozen = fit(model, _regression_loss, (x, y), optimizer=injected, **settings)
-    moved = fit(model, _regression_loss, (x, y), optimizer=injected, hyperparameters={"learning_rate": 0.05},
-                **settings)
+    frozen = fit(model, _regression_loss, (x, y), key=key, settings=dataclasses.replace(settings, optimizer=injected))
+    moved = fit(model, _regression_loss, (x, y), key=key, settings=dataclasses.replace(
+        settings, optimizer=injected, hyperparameters={"learning_rate": 0.05}))
     assert tree_allclose(frozen.model, model)  # learning rate 0 from the factory call
     assert not tree_allclose(moved.model, model)  # the value given to fit replaced it in the state
+
+
+def test_one_optimiser_object_per_setting():
+    from diffbio_eqx._core._train import shared_optimizer
+
+    assert shared_optimizer() is shared_optimizer("adamw")
+    assert shared_optimizer("adam", clip=4.0) is shared_optimizer("adam", clip=4.0)
+    assert len({id(shared_optimizer()), id(shared_optimizer("adam")), id(shared_optimizer("adam", clip=4.0))}) == 3
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError), match="kind"):  # the hook's check comes first
+        shared_optimizer("sgd")

@@ -1,5 +1,6 @@
 import warnings
 
+import diffbio_eqx as dx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -8,12 +9,10 @@ import jaxtyping
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from diffbio_eqx import datasets
 from helpers import log_normalized_pca
 from sklearn.manifold import trustworthiness
 from sklearn.neighbors import NearestNeighbors
-
-import diffbio_eqx as dx
-from diffbio_eqx import datasets
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +160,7 @@ def test_parametric_umap_stage_contract(getkey):
         model.embed(np.full((5, 8), np.nan))
     with pytest.raises(ValueError, match="n_neighbors"):
         dx.ParametricUMAP(8, key=getkey(), n_neighbors=1)
-    fitted = model.fit(x, key=getkey(), n_epochs=2, batch_size=64, progress=False)
+    fitted = dx.fit_umap(model, x, key=getkey(), settings=dx.TrainSettings(n_epochs=2, batch_size=64, progress=False))
     assert fitted.train_loss.shape == (2,)
     assert bool(jnp.all(jnp.isfinite(fitted.train_loss)))
     # Only the encoder trains: a, b and the graph settings are untouched.
@@ -169,15 +168,24 @@ def test_parametric_umap_stage_contract(getkey):
     assert not bool(eqx.tree_equal(fitted.model.encoder, model.encoder))
     graph = model.graph(x)
     assert graph.weights.shape == (2 * 120 * 10,)
-    loss, aux = model.loss((graph.heads[:32], graph.tails[:32]), (x, graph.rho), key=getkey())
+    loss, aux = model.loss((graph.heads[:32], graph.tails[:32]), key=getkey(), x=x, rho=graph.rho)
     assert set(aux) == {"attraction", "repulsion"} and np.isfinite(float(loss))
+    with pytest.raises(ValueError, match="x: ParametricUMAP.loss needs the cells"):
+        model.loss((graph.heads[:32], graph.tails[:32]), key=getkey())
+    # The old method still works, with a DeprecationWarning, and gives the same result as `fit_umap`.
+    key = getkey()
+    with pytest.warns(DeprecationWarning, match="fit_umap"):
+        old = model.fit(x, key=key, n_epochs=1, batch_size=64, progress=False)
+    new = dx.fit_umap(model, x, key=key, settings=dx.TrainSettings(n_epochs=1, batch_size=64, progress=False))
+    assert bool(eqx.tree_equal(old, new))
 
 
 def test_parametric_umap_float32():
     with jax.enable_x64(False):
         x = jr.normal(jr.key(0), (150, 6))
         model = dx.ParametricUMAP(6, key=jr.key(1), n_neighbors=10)
-        fitted = model.fit(x, key=jr.key(2), n_epochs=2, batch_size=128, progress=False)
+        fitted = dx.fit_umap(model, x, key=jr.key(2),
+                             settings=dx.TrainSettings(n_epochs=2, batch_size=128, progress=False))
         z = fitted.model.embed(x)
         assert z.dtype == jnp.float32 and fitted.graph.weights.dtype == jnp.float32
         assert bool(jnp.all(jnp.isfinite(z)))
@@ -195,7 +203,8 @@ def assert_close_to_umap_learn(x, *, n_epochs, seed=0, input_noise=0.0):
         warnings.simplefilter("ignore")
         reference = umap.UMAP(random_state=seed, precomputed_knn=(indices, distances, None)).fit_transform(x_train)
     model = dx.ParametricUMAP(x.shape[1], key=jr.key(seed), input_noise=input_noise)
-    fitted = model.fit(jnp.asarray(x_train), key=jr.key(seed + 1), n_epochs=n_epochs, batch_size=512, progress=False)
+    settings = dx.TrainSettings(n_epochs=n_epochs, batch_size=512, progress=False)
+    fitted = dx.fit_umap(model, jnp.asarray(x_train), key=jr.key(seed + 1), settings=settings)
     ours = np.asarray(fitted.model.embed(x_train))
     ref_preservation, our_preservation = knn_preservation(x_train, reference), knn_preservation(x_train, ours)
     ref_trust = trustworthiness(x_train, reference, n_neighbors=15)

@@ -1,3 +1,4 @@
+import diffbio_eqx as dx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -8,18 +9,15 @@ import pytest
 import scipy.sparse as sp
 import scipy.special
 import scipy.stats
-from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-import diffbio_eqx as dx
 from diffbio_eqx._vae._stage import (
-    default_n_epochs,
     gaussian_kl,
     kl_warmup_weight,
     log_factorial_per_cell,
+    vae_default_epochs,
 )
-
 from helpers import knn_batch_purity, log_normalized_pca, tree_allclose, tree_identical
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 
 F32 = jnp.float32
@@ -40,7 +38,7 @@ def groups_data():
 def groups_fit(groups_data):
     counts, _ = groups_data
     vae = dx.VAENormalizer(counts.shape[1], dtype=F32, key=jr.key(1))
-    return dx.fit_vae(vae, counts, key=jr.key(2), n_epochs=100, progress=False)
+    return dx.fit_vae(vae, counts, key=jr.key(2), settings=dx.TrainSettings(n_epochs=100, progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +52,13 @@ def batch_data():
 def batch_fit(batch_data):
     counts, _, batches, _ = batch_data
     vae = dx.VAENormalizer(counts.shape[1], 2, dtype=F32, key=jr.key(4))
-    return dx.fit_vae(vae, counts, batches, key=jr.key(5), n_epochs=100, progress=False)
+    return dx.fit_vae(vae, counts, batches, key=jr.key(5), settings=dx.TrainSettings(n_epochs=100, progress=False))
 
 
-def _small(likelihood="nb", dispersion="gene", n_batches=1, key=0, **kwargs):
+def _small(likelihood="nb", dispersion="gene", n_batches=1, key=0, **options):
     return dx.VAENormalizer(
-        20, n_batches, hidden_dims=(16,), latent_dim=3, likelihood=likelihood, dispersion=dispersion,
-        key=jr.key(key), **kwargs,
+        20, n_batches, hidden_dims=(16,), latent_dim=3, likelihood=likelihood,
+        options=dx.VAEOptions(dispersion=dispersion, **options), key=jr.key(key),
     )
 
 
@@ -105,7 +103,7 @@ def test_invalid_config_and_input_values():
     bad = np.asarray(counts).copy()
     bad[3, 4] = -1.0
     with pytest.raises(ValueError, match="negative"):
-        dx.fit_vae(vae, bad, labels, key=jr.key(0), n_epochs=1, progress=False)
+        dx.fit_vae(vae, bad, labels, key=jr.key(0), settings=dx.TrainSettings(n_epochs=1, progress=False))
     with pytest.raises(ValueError, match="out of range"):
         dx.vae_transform(vae, counts, np.full(12, 5))
     with pytest.raises(ValueError, match="batch_labels"):
@@ -115,9 +113,9 @@ def test_invalid_config_and_input_values():
 
 
 def test_scvi_heuristics():
-    assert default_n_epochs(1000) == 400
-    assert default_n_epochs(50_000) == 160
-    assert default_n_epochs(200_000) == 40
+    assert vae_default_epochs(1000) == 400
+    assert vae_default_epochs(50_000) == 160
+    assert vae_default_epochs(200_000) == 40
     assert kl_warmup_weight(0, 400) == 0.0
     assert kl_warmup_weight(100, 400) == 0.25
     assert kl_warmup_weight(500, 400) == 1.0
@@ -178,19 +176,22 @@ def test_log_factorial_per_cell_in_row_blocks():
 def test_loss_parts():
     vae = _small("zinb", n_batches=2)
     counts, labels = _small_data(n_batches=2)
-    loss, aux = vae.loss(counts, labels, key=jr.key(0), kl_weight=0.3)
+    loss, aux = vae.loss((counts, labels), key=jr.key(0), kl_weight=0.3)
     np.testing.assert_allclose(loss, aux["reconstruction"] + 0.3 * aux["kl"], rtol=1e-12)
     np.testing.assert_allclose(aux["elbo"], -(aux["reconstruction"] + aux["kl"]), rtol=1e-12)
     assert aux["kl"] > 0
     # A precomputed per-cell log-factorial (dense or sparse) changes nothing but speed.
     for source in (counts, sp.csr_matrix(np.asarray(counts))):
         log_factorial = jnp.asarray(log_factorial_per_cell(source))
-        fast, fast_aux = vae.loss(counts, labels, key=jr.key(0), kl_weight=0.3, log_factorial=log_factorial)
+        fast, fast_aux = vae.loss((counts, labels, log_factorial), key=jr.key(0), kl_weight=0.3)
         np.testing.assert_allclose(fast, loss, rtol=1e-12)
         assert tree_allclose(fast_aux, aux, rtol=1e-12)
     # The same key gives the same draw; different keys give different draws.
-    assert vae.loss(counts, labels, key=jr.key(0), kl_weight=0.3)[0] == loss
-    assert vae.loss(counts, labels, key=jr.key(1))[0] != vae.loss(counts, labels, key=jr.key(2))[0]
+    assert vae.loss((counts, labels), key=jr.key(0), kl_weight=0.3)[0] == loss
+    assert vae.loss((counts, labels), key=jr.key(1))[0] != vae.loss((counts, labels), key=jr.key(2))[0]
+    # With one batch the labels may be None or left out.
+    one = _small("zinb")
+    assert one.loss((counts,), key=jr.key(0))[0] == one.loss((counts, None), key=jr.key(0))[0]
 
 
 # ---- gradients, jit ------------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def test_gradients_finite_match_finite_differences_and_jit_agrees():
     counts, labels = _small_data(n_batches=2)
 
     def loss(model):
-        return model.loss(counts, labels, key=jr.key(7), kl_weight=0.5)[0]
+        return model.loss((counts, labels), key=jr.key(7), kl_weight=0.5)[0]
 
     value, grads = eqx.filter_value_and_grad(loss)(vae)
     leaves = jax.tree_util.tree_leaves(grads)
@@ -278,7 +279,7 @@ def test_transform_batch_recovers_simulated_batch_effect(batch_data, batch_fit):
 def test_same_key_identical_sparse_equals_dense_and_resume(batch_data, tmp_path, monkeypatch):
     counts, _, batches, _ = batch_data  # same shapes and config as `batch_fit`: the compiled epoch is reused
     vae = dx.VAENormalizer(counts.shape[1], 2, dtype=F32, key=jr.key(4))
-    kwargs = dict(key=jr.key(1), n_epochs=4, progress=False)
+    kwargs = dict(key=jr.key(1), settings=dx.TrainSettings(n_epochs=4, progress=False))
     a = dx.fit_vae(vae, counts, batches, **kwargs)
     b = dx.fit_vae(vae, counts, batches, **kwargs)
     assert tree_identical(a.model, b.model)
@@ -299,21 +300,34 @@ def test_same_key_identical_sparse_equals_dense_and_resume(batch_data, tmp_path,
 
     monkeypatch.setattr(vae_module, "kl_warmup_weight", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        dx.fit_vae(vae, counts, batches, **kwargs, checkpoint_path=path)
+        dx.fit_vae(vae, counts, batches, key=jr.key(1),
+                   settings=dx.TrainSettings(n_epochs=4, progress=False, checkpoint_path=path))
     monkeypatch.setattr(vae_module, "kl_warmup_weight", warmup)
-    resumed = dx.fit_vae(vae, counts, batches, **kwargs, checkpoint_path=path, resume=True)
+    resumed = dx.fit_vae(vae, counts, batches, key=jr.key(1),
+                         settings=dx.TrainSettings(n_epochs=4, progress=False, checkpoint_path=path, resume=True))
     assert tree_allclose(resumed.model, a.model, rtol=1e-6, atol=1e-7)
     # save/load without a template.
     dx.save_vae(tmp_path / "model.eqx", a.model)
     loaded = dx.load_vae(tmp_path / "model.eqx")
-    assert tree_identical(loaded, a.model)
+    assert tree_identical(loaded, a.model) and loaded.genes is None
+    # Gene names travel with the model: given at construction or at saving, restored on loading.
+    genes = [f"gene{i}" for i in range(counts.shape[1])]
+    dx.save_vae(tmp_path / "named.eqx", a.model, genes=genes)
+    named = dx.load_vae(tmp_path / "named.eqx")
+    assert named.genes == tuple(genes)
+    assert tree_identical(jax.tree_util.tree_leaves(named), jax.tree_util.tree_leaves(a.model))
+    assert dx.VAENormalizer(counts.shape[1], 2, dtype=F32, genes=genes, key=jr.key(4)).genes == tuple(genes)
+    with pytest.raises(ValueError, match="genes: 3 names for a model of 300 genes"):
+        dx.save_vae(tmp_path / "bad.eqx", a.model, genes=genes[:3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.eqx", "named.eqx", "vae.eqx"]
 
 
 def test_early_stopping_and_chunked_transform(groups_data):
     counts, _ = groups_data
     vae = dx.VAENormalizer(counts.shape[1], dtype=F32, key=jr.key(0))
-    result = dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=300, early_stopping_patience=3,
-                        learning_rate=3e-2, restore_best=True, progress=False)
+    settings = dx.TrainSettings(n_epochs=300, early_stopping_patience=3, hyperparameters={"learning_rate": 3e-2},
+                                restore_best=True, progress=False)
+    result = dx.fit_vae(vae, counts, key=jr.key(1), settings=settings)
     assert result.stopped_early and result.n_epochs_run < 300
     assert result.best_epoch == result.n_epochs_run - 1 - 3
     full = result.model(jnp.asarray(counts), None, inference=True)
@@ -329,7 +343,7 @@ def test_float32_without_x64():
         counts = np.asarray(sim.counts)
         vae = dx.VAENormalizer(30, likelihood="zinb", hidden_dims=(16,), latent_dim=3, key=jr.key(0))
         assert vae.scale_head.weight.dtype == jnp.float32
-        result = dx.fit_vae(vae, counts, key=jr.key(1), n_epochs=3, progress=False)
+        result = dx.fit_vae(vae, counts, key=jr.key(1), settings=dx.TrainSettings(n_epochs=3, progress=False))
         out = dx.vae_transform(result.model, counts)
         assert out.latent.dtype == jnp.float32 and out.normalized.dtype == jnp.float32
         assert np.all(np.isfinite(np.asarray(result.validation_loss)))
@@ -352,7 +366,8 @@ def test_pbmc68k_latent_clusters_at_least_as_well_as_scanpy_baseline():
     for seed in range(3):  # three training seeds: the comparison is about the method, not one lucky run
         vae = dx.VAENormalizer(counts.shape[1], dtype=F32, key=jr.key(seed))
         # 60 epochs on 700 cells (KL warm-up scaled to the run); scvi-tools' heuristic would run 400.
-        fitted = dx.fit_vae(vae, counts, key=jr.key(100 + seed), n_epochs=60, progress=False).model
+        fitted = dx.fit_vae(vae, counts, key=jr.key(100 + seed), settings=dx.TrainSettings(n_epochs=60, progress=False))
+        fitted = fitted.model
         ours.append(scores(np.asarray(dx.vae_transform(fitted, counts).latent)))
     ari_vae, nmi_vae = np.mean(ours, axis=0)
     print(f"pbmc68k: VAE ARI {ari_vae:.3f} NMI {nmi_vae:.3f}; scanpy PCA ARI {ari_pca:.3f} NMI {nmi_pca:.3f}")

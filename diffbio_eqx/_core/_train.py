@@ -209,7 +209,6 @@ def scvi_optimizer(learning_rate: float = 1e-3, *, weight_decay: float = 1e-6, e
     )
 
 
-@ft.cache
 def shared_optimizer(kind: Literal["adamw", "adam"] = "adamw", *, clip: float | None = None
                      ) -> optax.GradientTransformation:
     """One optimiser object per process and settings (cached).
@@ -225,6 +224,11 @@ def shared_optimizer(kind: Literal["adamw", "adam"] = "adamw", *, clip: float | 
     - `clip`: clip the gradients by value at this bound before the update (umap-learn's parametric UMAP: 4).
       (Keyword only argument.)
     """
+    return _cached_optimizer(kind, None if clip is None else float(clip))
+
+
+@ft.cache
+def _cached_optimizer(kind: str, clip: float | None) -> optax.GradientTransformation:
     if kind == "adamw":
         inner = scvi_optimizer()
     elif kind == "adam":
@@ -440,10 +444,10 @@ class _Split(eqx.Module):
 
 
 class _Steps(eqx.Module):
-    """What fixes the compiled epoch (a change compiles it again)."""
+    """What fixes the compiled epoch (a change compiles it again; array leaves of a loss Module are traced)."""
 
-    loss_fn: LossFn = eqx.field(static=True)
-    optimizer: optax.GradientTransformation = eqx.field(static=True)
+    loss_fn: LossFn
+    optimizer: optax.GradientTransformation
     n_steps: int = eqx.field(static=True)
     batch_size: int = eqx.field(static=True)
     validation_batch_size: int = eqx.field(static=True)
