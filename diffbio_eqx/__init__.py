@@ -76,6 +76,7 @@ from ._core._validate import (
 from ._harmony._math import HarmonyResult as HarmonyResult, map_to_reference as map_to_reference
 from ._harmony._stage import Harmony as Harmony, harmony as harmony, harmony_transform as harmony_transform
 from ._pipeline import (
+    FitSettings as FitSettings,
     HarmonyReference as HarmonyReference,
     PipelineFit as PipelineFit,
     PipelineLossWeights as PipelineLossWeights,
@@ -119,7 +120,7 @@ from ._vae._stage import (
     vae_log_likelihood as vae_log_likelihood,
     vae_transform as vae_transform,
 )
-from .io import fit_anndata as fit_anndata
+from .io import fit_anndata as fit_anndata, run_anndata as run_anndata
 
 
 __version__ = importlib.metadata.version("diffbio_eqx")

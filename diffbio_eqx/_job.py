@@ -26,6 +26,8 @@ from ._core._metrics import (
 )
 from ._core._neighbors import exact_knn
 from ._pipeline import (
+    PipelineFit,
+    PipelineOutput,
     SingleCellPipelineConfig,
     create_single_cell_pipeline,
     fit_pipeline,
@@ -122,6 +124,35 @@ def _integration_metrics(x: np.ndarray, batches: np.ndarray | None, labels: np.n
     return metrics
 
 
+def _settings(adata: Any, arrays: io.AnnDataArrays, n_label_types: int | None,
+              config_path: str | os.PathLike[str] | None) -> tuple[SingleCellPipelineConfig, tuple[str, ...]]:
+    """The job's pipeline settings (sized to the data; a `--config` file overrides them) and a note about them."""
+    settings: dict[str, Any] = {
+        "n_genes": adata.n_vars,
+        "n_batches": arrays.n_batches,
+        "n_clusters": n_label_types or 10,
+        # Harmony's own default K (min(round(N / 30), 100)) rather than a fixed 100 for any data size.
+        "batch_correction_clusters": None,
+        "latent_dim": 10,
+        "hidden_dims": (128,),
+    }
+    if config_path is None:
+        return SingleCellPipelineConfig.from_dict(settings), ()
+    settings.update(SingleCellPipelineConfig.settings_in_file(config_path))
+    return SingleCellPipelineConfig.from_dict(settings), (f"Settings from {config_path}.",)
+
+
+def _epochs(n_cells: int, epochs: dict[str, int] | None) -> tuple[dict[str, int], tuple[str, ...]]:
+    """The epochs per stage; the VAE's default is scVI's heuristic capped at 100, with a note saying so."""
+    epochs = dict(epochs or {})
+    if "vae_epochs" in epochs:
+        return epochs, ()
+    # scVI's heuristic, capped at 100: on small sets (400 epochs for 700 cells) longer training overfits, in
+    # scvi-tools as in ours, and mixes batches less.
+    epochs["vae_epochs"] = min(vae_default_epochs(n_cells), 100)
+    return epochs, (f"VAE epochs: {epochs['vae_epochs']} (scVI's heuristic capped at 100).",)
+
+
 def run_job(
     input_path: str | os.PathLike[str] | None = None,
     *,
@@ -137,108 +168,124 @@ def run_job(
     `pipeline.eqx` into `out_dir`. Without `input_path`, runs on `datasets.pbmc68k()` with a simulated two-batch
     split. Nothing is written next to the input, and the input is never modified."""
     target = _check_output(out_dir, input_path)
-    adata, batch_key, label_key, notes = _load(input_path, batch_key, label_key, seed)
+    adata, batch_key, label_key, data_notes = _load(input_path, batch_key, label_key, seed)
     arrays = io.from_anndata(adata, batch_key=batch_key)
     labels = None if label_key is None else adata.obs[label_key].astype(str).to_numpy()
-    n_label_types = None if labels is None else len(np.unique(labels))
-
-    settings: dict[str, Any] = {
-        "n_genes": adata.n_vars,
-        "n_batches": arrays.n_batches,
-        "n_clusters": n_label_types or 10,
-        # Harmony's own default K (min(round(N / 30), 100)) rather than a fixed 100 for any data size.
-        "batch_correction_clusters": None,
-        "latent_dim": 10,
-        "hidden_dims": (128,),
-    }
-    if config_path is not None:
-        settings.update(SingleCellPipelineConfig.settings_in_file(config_path))
-        notes.append(f"Settings from {config_path}.")
-    config = SingleCellPipelineConfig.from_dict(settings)
-    data = {"counts": arrays.counts}
-    if arrays.batch_labels is not None:
-        data["batch_labels"] = arrays.batch_labels
-    epochs = dict(epochs or {})
-    if "vae_epochs" not in epochs:
-        # scVI's heuristic, capped at 100: on small sets (400 epochs for 700 cells) longer training overfits, in
-        # scvi-tools as in ours, and mixes batches less.
-        epochs["vae_epochs"] = min(vae_default_epochs(adata.n_obs), 100)
-        notes.append(f"VAE epochs: {epochs['vae_epochs']} (scVI's heuristic capped at 100).")
-
+    config, config_notes = _settings(adata, arrays, None if labels is None else len(np.unique(labels)), config_path)
+    epochs, epoch_notes = _epochs(adata.n_obs, epochs)
+    ambient_notes = (("No ambient profile was given: the pooled expression of the cells stands in for it.",)
+                     if config.enable_ambient_removal else ())
+    notes = (*data_notes, *config_notes, *epoch_notes, *ambient_notes)
     with _staged_output(target) as staging:
-        files, metrics = _train_and_write(staging, adata, arrays, config, data, epochs, labels, batch_key,
-                                          label_key, notes, input_path, seed, progress)
+        trained = _train(config, arrays, epochs, seed=seed, progress=progress)
+        result, files = _write_results(staging, adata, trained, notes=notes, seed=seed, input_path=input_path)
+        panels = _panels(result, adata, batch_key, labels, label_key)
+        files |= _write_figures(staging, trained, panels)
+        metrics, metric_rows = _quality(trained.output, arrays.batch_labels, labels, panels.get("cluster"))
+        report = _report(trained, adata.n_obs, notes=notes, seed=seed, metrics=metrics, metric_rows=metric_rows,
+                         files=[*files.values()])
+        files["report"] = write_text(staging / "report.md", report)
     return JobResult(target, {name: target / path.name for name, path in files.items()}, metrics)
 
 
-def _train_and_write(out: pathlib.Path, adata: Any, arrays: Any, config: SingleCellPipelineConfig,
-                     data: dict[str, Any], epochs: dict[str, int], labels: np.ndarray | None,
-                     batch_key: str | None, label_key: str | None, notes: list[str],
-                     input_path: str | os.PathLike[str] | None, seed: int,
-                     progress: bool) -> tuple[dict[str, pathlib.Path], dict[str, float]]:
-    key = jr.key(seed)
-    build_key, fit_key, run_key = jr.split(key, 3)
-    pipeline = create_single_cell_pipeline(config=config, key=build_key)
+@dataclasses.dataclass(frozen=True)
+class _Trained:
+    """What the job's training and inference give the files and the report."""
+
+    fitted: PipelineFit
+    output: PipelineOutput
+    train_seconds: float
+    first_inference_seconds: float
+    inference_seconds: float
+
+
+def _train(config: SingleCellPipelineConfig, arrays: io.AnnDataArrays, epochs: dict[str, int], *, seed: int,
+           progress: bool) -> _Trained:
+    """Build the pipeline (keeping the genes' names), train it, and run it twice: once compiling, once timed."""
+    data: dict[str, Any] = {"counts": arrays.counts}
+    if arrays.batch_labels is not None:
+        data["batch_labels"] = arrays.batch_labels
+    build_key, fit_key, run_key = jr.split(jr.key(seed), 3)
+    pipeline = create_single_cell_pipeline(config=config, genes=arrays.genes, key=build_key)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)  # the pooled-profile warning is stated in the report
         started = time.perf_counter()
         fitted = fit_pipeline(pipeline, data, key=fit_key, progress=progress, **epochs)
         train_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        output = jax.block_until_ready(run_pipeline(fitted.pipeline, data, key=run_key))
+        jax.block_until_ready(run_pipeline(fitted.pipeline, data, key=run_key))
         first_inference = time.perf_counter() - started
         started = time.perf_counter()
         output = jax.block_until_ready(run_pipeline(fitted.pipeline, data, key=run_key))
         inference_seconds = time.perf_counter() - started
-    if config.enable_ambient_removal:
-        notes.append("No ambient profile was given: the pooled expression of the cells stands in for it.")
+    return _Trained(fitted, output, train_seconds, first_inference, inference_seconds)
 
-    files: dict[str, pathlib.Path] = {}
-    result = io.to_anndata(adata, output)
-    result.uns["diffbio"] = {"config": {k: (list(v) if isinstance(v, tuple) else ("" if v is None else v))
-                                        for k, v in config.to_dict().items()},
-                             "seed": seed, "notes": notes}
-    files["result"] = io.write_h5ad(result, out / "result.h5ad", input_path=input_path)
-    files["pipeline"] = save_pipeline(out / "pipeline.eqx", fitted.pipeline)
 
-    clusters = result.obs["diffbio_cluster"].to_numpy() if "diffbio_cluster" in result.obs else None
-    panels: dict[str, Any] = {}
-    if clusters is not None:
-        panels["cluster"] = clusters
+def _write_results(out: pathlib.Path, adata: Any, trained: _Trained, *, notes: tuple[str, ...], seed: int,
+                   input_path: str | os.PathLike[str] | None) -> tuple[Any, dict[str, pathlib.Path]]:
+    """`result.h5ad` (the input annotated, with the settings that ran in `uns["diffbio"]`) and `pipeline.eqx`."""
+    result = io.to_anndata(adata, trained.output)
+    settings = {k: ("" if v is None else v) for k, v in trained.fitted.pipeline.settings().items()}
+    result.uns["diffbio"] = {"config": settings, "seed": seed, "notes": list(notes)}
+    files = {"result": io.write_h5ad(result, out / "result.h5ad", input_path=input_path),
+             "pipeline": save_pipeline(out / "pipeline.eqx", trained.fitted.pipeline)}
+    return result, files
+
+
+def _panels(result: Any, adata: Any, batch_key: str | None, labels: np.ndarray | None,
+            label_key: str | None) -> dict[str, np.ndarray]:
+    """The per-cell labels the UMAP figure is coloured by: clusters, batches, known cell types."""
+    panels: dict[str, np.ndarray] = {}
+    if "diffbio_cluster" in result.obs:
+        panels["cluster"] = result.obs["diffbio_cluster"].to_numpy()
     if batch_key is not None:
         panels["batch"] = adata.obs[batch_key].astype(str).to_numpy()
-    if labels is not None:
+    if labels is not None and label_key is not None:
         panels[label_key] = labels
-    embedding_2d = np.asarray(output["embeddings_2d"])
+    return panels
+
+
+def _write_figures(out: pathlib.Path, trained: _Trained, panels: dict[str, np.ndarray]) -> dict[str, pathlib.Path]:
+    files = {}
+    embedding_2d = np.asarray(trained.output["embeddings_2d"])
     if embedding_2d.shape[1] >= 2:
         files["umap"] = plot_embedding(out / "umap.png", embedding_2d[:, :2], panels,
                                        title="diffbio_eqx: parametric UMAP of the corrected latent")
-    files["training"] = plot_training(out / "training.png", fitted.curves)
+    files["training"] = plot_training(out / "training.png", trained.fitted.curves)
+    return files
 
-    n_cells = adata.n_obs
-    stage_rows = [{"stage": stage, "seconds": seconds, "cells/s": n_cells / max(seconds, 1e-9)}
-                  for stage, seconds in fitted.seconds.items()]
-    stage_rows.append({"stage": "training, all stages", "seconds": train_seconds,
-                       "cells/s": n_cells / train_seconds})
-    stage_rows.append({"stage": "inference (run_pipeline, compiled)", "seconds": inference_seconds,
-                       "cells/s": n_cells / inference_seconds})
-    stage_rows.append({"stage": "inference, first call (with compilation)", "seconds": first_inference,
-                       "cells/s": n_cells / first_inference})
 
+def _quality(output: PipelineOutput, batches: np.ndarray | None, labels: np.ndarray | None,
+             clusters: np.ndarray | None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The headline metrics (ARI and NMI of the clusters against known labels, integration scores of the corrected
+    embeddings) and a table of integration scores before and after Harmony."""
     metrics: dict[str, float] = {}
-    batches = arrays.batch_labels
-    corrected = np.asarray(output["corrected_embeddings"])
-    latent = np.asarray(output["latent"])
     if labels is not None and clusters is not None:
         metrics["ARI (clusters vs labels)"] = adjusted_rand_index(labels, clusters)
         metrics["NMI (clusters vs labels)"] = normalized_mutual_info(labels, clusters)
-    metric_rows = []
-    for name, embedding in (("VAE latent (before Harmony)", latent), ("corrected embeddings", corrected)):
-        values = _integration_metrics(embedding, batches, labels)
-        metric_rows.append({"embedding": name, **{k: v for k, v in values.items()}})
-        if name == "corrected embeddings":
+    rows = []
+    for name, field in (("VAE latent (before Harmony)", "latent"), ("corrected embeddings", "corrected_embeddings")):
+        values = _integration_metrics(np.asarray(output[field]), batches, labels)
+        rows.append({"embedding": name, **values})
+        if field == "corrected_embeddings":
             metrics.update({f"{k} (corrected)": v for k, v in values.items()})
+    return metrics, rows
 
+
+def _stage_rows(trained: _Trained, n_cells: int) -> list[dict[str, Any]]:
+    rows = [{"stage": stage, "seconds": seconds, "cells/s": n_cells / max(seconds, 1e-9)}
+            for stage, seconds in trained.fitted.seconds.items()]
+    for stage, seconds in (("training, all stages", trained.train_seconds),
+                           ("inference (run_pipeline, compiled)", trained.inference_seconds),
+                           ("inference, first call (with compilation)", trained.first_inference_seconds)):
+        rows.append({"stage": stage, "seconds": seconds, "cells/s": n_cells / seconds})
+    return rows
+
+
+def _report(trained: _Trained, n_cells: int, *, notes: tuple[str, ...], seed: int, metrics: dict[str, float],
+            metric_rows: list[dict[str, Any]], files: list[pathlib.Path]) -> str:
+    """`report.md`: the data, the settings that ran, the time per stage, the quality, the files."""
+    settings = trained.fitted.pipeline.settings()
     lines = [
         "# diffbio_eqx run report",
         "",
@@ -249,11 +296,11 @@ def _train_and_write(out: pathlib.Path, adata: Any, arrays: Any, config: SingleC
         "",
         "## Configuration",
         "",
-        markdown_table([{"setting": k, "value": v} for k, v in config.to_dict().items()]),
+        markdown_table([{"setting": k, "value": v} for k, v in settings.items()]),
         "",
         "## Time per stage",
         "",
-        markdown_table(stage_rows),
+        markdown_table(_stage_rows(trained, n_cells)),
         "",
     ]
     if metrics:
@@ -268,6 +315,5 @@ def _train_and_write(out: pathlib.Path, adata: Any, arrays: Any, config: SingleC
             markdown_table(metric_rows),
             "",
         ]
-    lines += ["## Files", ""] + [f"- `{path.name}`" for path in files.values()] + ["- `report.md`", ""]
-    files["report"] = write_text(out / "report.md", "\n".join(lines))
-    return files, metrics
+    lines += ["## Files", ""] + [f"- `{path.name}`" for path in files] + ["- `report.md`", ""]
+    return "\n".join(lines)

@@ -1,8 +1,9 @@
-"""AnnData in and out, under scanpy's conventions; atomic file writes."""
+"""AnnData in and out, under scanpy's conventions (genes matched by name); training and running the pipeline on an
+AnnData; atomic file writes."""
 
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import anndata as ad
@@ -18,17 +19,23 @@ from ._pipeline import PipelineFit, SingleCellPipeline, SingleCellPipelineConfig
 
 
 class AnnDataArrays:
-    """What `from_anndata` extracts: counts, integer batch codes and the code -> category mapping."""
+    """What `from_anndata` extracts: counts, integer batch codes, the code -> category mapping, and the name of
+    each column of the counts (`genes`); `columns` says where those columns sit in `adata.var_names` (None when
+    the counts are the AnnData's own columns, in order)."""
 
     def __init__(
         self,
         counts: np.ndarray | sp.csr_matrix,
         batch_labels: np.ndarray | None,
         batch_categories: tuple[str, ...] | None,
+        genes: tuple[str, ...],
+        columns: np.ndarray | None = None,
     ):
         self.counts = counts
         self.batch_labels = batch_labels
         self.batch_categories = batch_categories
+        self.genes = genes
+        self.columns = columns
 
     @property
     def n_batches(self) -> int:
@@ -42,8 +49,30 @@ class AnnDataArrays:
         )
 
 
+def _gene_columns(var_names: Iterable[Any], genes: Iterable[str]) -> np.ndarray | None:
+    """Where each of `genes` sits in `var_names`, matched by name; None when `var_names` are `genes`, in order.
+
+    Raises a `ValueError` naming the missing genes (the first few, and how many) when some are not in
+    `var_names`, and one naming the repeated names when `var_names` are not unique.
+    """
+    names = pd.Index([str(name) for name in var_names])
+    wanted = [str(gene) for gene in genes]
+    if len(names) == len(wanted) and bool(np.all(names == wanted)):
+        return None
+    if not names.is_unique:
+        repeated = list(names[names.duplicated()].unique())
+        raise ValueError(f"adata.var_names: to match genes by name they must be unique; {len(repeated)} "
+                         f"repeated, e.g. {repeated[:5]}")
+    columns = names.get_indexer(wanted)
+    missing = [gene for gene, column in zip(wanted, columns) if column < 0]
+    if missing:
+        raise ValueError(f"adata.var_names: {len(missing)} of the pipeline's {len(wanted)} genes are missing, "
+                         f"first {missing[:5]}; the new data needs every gene the pipeline was trained on")
+    return columns
+
+
 def from_anndata(
-    adata: Any, *, layer: str | None = None, batch_key: str | None = None
+    adata: Any, *, layer: str | None = None, batch_key: str | None = None, genes: Iterable[str] | None = None
 ) -> AnnDataArrays:
     """Extract validated counts and batch codes from an AnnData.
 
@@ -52,10 +81,12 @@ def from_anndata(
     - `adata`: cells x genes.
     - `layer`: read counts from `adata.layers[layer]` instead of `adata.X`. (Keyword only argument.)
     - `batch_key`: an `obs` column holding the batch of each cell (any dtype; its categories become codes).
+    - `genes`: take these genes' columns, in this order, matched by name in `adata.var_names` (e.g. a trained
+      pipeline's `genes`); a `ValueError` names the missing ones. None: every column as it is.
 
     **Returns:** an `AnnDataArrays` with `counts` (float32; CSR kept sparse when the input is sparse, so that
-    only minibatches are ever densified), `batch_labels` (int32 codes, or None without `batch_key`) and
-    `batch_categories` (the category of each code).
+    only minibatches are ever densified), `batch_labels` (int32 codes, or None without `batch_key`),
+    `batch_categories` (the category of each code) and `genes` (the name of each column of `counts`).
     """
     if not isinstance(adata, ad.AnnData):
         raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
@@ -67,9 +98,19 @@ def from_anndata(
         matrix, field = adata.layers[layer], f"adata.layers[{layer!r}]"
     if matrix is None:
         raise ValueError(f"{field}: is empty (None)")
+    genes = None if genes is None else [str(gene) for gene in genes]
+    columns = None if genes is None else _gene_columns(adata.var_names, genes)
+    if columns is not None:
+        matrix = matrix[:, columns]
     counts = check_counts(matrix, field=field)
+    names = tuple(str(name) for name in (adata.var_names if genes is None else genes))
     if batch_key is None:
-        return AnnDataArrays(counts, None, None)
+        return AnnDataArrays(counts, None, None, names, columns)
+    codes, categories = _batch_codes(adata, batch_key)
+    return AnnDataArrays(counts, codes, categories, names, columns)
+
+
+def _batch_codes(adata: ad.AnnData, batch_key: str) -> tuple[np.ndarray, tuple[str, ...]]:
     if batch_key not in adata.obs.columns:
         raise ValueError(
             f"batch_key: {batch_key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})"
@@ -83,7 +124,7 @@ def from_anndata(
         categorical.codes.astype(np.int32), adata.n_obs, n_batches=len(categorical.categories),
         field=f"adata.obs[{batch_key!r}]",
     )
-    return AnnDataArrays(counts, codes, tuple(str(c) for c in categorical.categories))
+    return codes, tuple(str(c) for c in categorical.categories)
 
 
 #: Where each result goes, following scanpy's naming (`X_umap` makes `scanpy.pl.umap` work).
@@ -180,6 +221,23 @@ def read_h5ad(path: str | os.PathLike[str]) -> ad.AnnData:
         ) from None
 
 
+def _pipeline_data(adata: ad.AnnData, arrays: AnnDataArrays, ambient_profile: ArrayLike | None) -> dict[str, Any]:
+    """The array functions' input dict; the profile, given in the order of `adata.var_names`, follows the
+    counts' columns."""
+    data: dict[str, Any] = {"counts": arrays.counts}
+    if arrays.batch_labels is not None:
+        data["batch_labels"] = arrays.batch_labels
+    if ambient_profile is not None:
+        profile = np.asarray(ambient_profile)
+        if arrays.columns is not None:
+            if profile.shape != (adata.n_vars,):
+                raise ValueError(f"ambient_profile: expected one value per gene of adata, shape ({adata.n_vars},), "
+                                 f"got {profile.shape}")
+            profile = profile[arrays.columns]
+        data["ambient_profile"] = profile
+    return data
+
+
 def fit_anndata(
     adata: Any,
     *,
@@ -204,21 +262,55 @@ def fit_anndata(
 
     **Returns:** `(annotated, fitted)`: a new AnnData with `obsm["X_diffbio"]`, `obsm["X_diffbio_corrected"]`,
     `obsm["X_umap"]`, `obs["diffbio_cluster"]` and the `layers` of `diffbio_eqx.io.to_anndata`, so
-    `scanpy.pl.umap(annotated, color="diffbio_cluster")` works; and the `PipelineFit`.
+    `scanpy.pl.umap(annotated, color="diffbio_cluster")` works; and the `PipelineFit`. The trained pipeline
+    keeps `adata.var_names` as its `genes`, so `run_anndata` matches new data to them by name.
     """
     arrays = from_anndata(adata, layer=layer, batch_key=batch_key)
     config = SingleCellPipelineConfig() if config is None else config
     config = config.replace(n_genes=adata.n_vars, n_batches=arrays.n_batches)
-    data: dict[str, Any] = {"counts": arrays.counts}
-    if arrays.batch_labels is not None:
-        data["batch_labels"] = arrays.batch_labels
-    if ambient_profile is not None:
-        data["ambient_profile"] = ambient_profile
+    data = _pipeline_data(adata, arrays, ambient_profile)
     build_key, fit_key, run_key = jr.split(key, 3)
-    pipeline = SingleCellPipeline(config, key=build_key)
+    pipeline = SingleCellPipeline(config, key=build_key, genes=arrays.genes)
     fitted = fit_pipeline(pipeline, data, key=fit_key, **fit_settings)
     output = run_pipeline(fitted.pipeline, data, key=run_key)
     annotated = to_anndata(adata, output)
     if arrays.batch_categories is not None:
         annotated.uns["diffbio_batch_categories"] = list(arrays.batch_categories)
     return annotated, fitted
+
+
+def run_anndata(
+    pipeline: SingleCellPipeline,
+    adata: Any,
+    *,
+    key: PRNGKeyArray,
+    batch_key: str | None = None,
+    layer: str | None = None,
+    ambient_profile: ArrayLike | None = None,
+    inference: bool = True,
+) -> Any:
+    """Run a trained pipeline on an AnnData, matching its genes by name, and return the annotated cells.
+
+    **Arguments:**
+
+    - `pipeline`: a trained pipeline. With `genes` (set by `fit_anndata` and the main job), the columns of
+      `adata` are matched to them by name: another order is reordered, extra genes are left out, and missing
+      ones raise a `ValueError` that names them. Without, `adata` must hold its genes, in order.
+    - `adata`: cells x genes, raw counts in `X` (or in `layers[layer]`); never modified.
+    - `key`: PRNG key, as in `run_pipeline`. (Keyword only argument.)
+    - `batch_key`: `obs` column with each cell's batch; its categories must code the batches as in training.
+    - `layer`: read counts from this layer instead of `X`.
+    - `ambient_profile`: `(adata.n_vars,)`, in the order of `adata.var_names`; optional.
+    - `inference`: as in `run_pipeline`.
+
+    **Returns:** a new AnnData with the results under scanpy's conventions (see `to_anndata`). When `adata`'s
+    genes differ from the pipeline's (order or set), it holds the pipeline's genes, in its order
+    (`adata[:, pipeline.genes]`), so that the per-gene layers line up.
+    """
+    arrays = from_anndata(adata, layer=layer, batch_key=batch_key, genes=pipeline.genes)
+    output = run_pipeline(pipeline, _pipeline_data(adata, arrays, ambient_profile), key=key, inference=inference)
+    cells = adata if arrays.columns is None else adata[:, list(arrays.genes)]
+    annotated = to_anndata(cells, output)
+    if arrays.batch_categories is not None:
+        annotated.uns["diffbio_batch_categories"] = list(arrays.batch_categories)
+    return annotated

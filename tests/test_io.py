@@ -146,3 +146,64 @@ def test_corrupt_or_missing_input(tmp_path):
         io.read_h5ad(truncated)
     with pytest.raises(ValueError, match="does not exist"):
         io.read_h5ad(tmp_path / "absent.h5ad")
+
+
+def test_from_anndata_matches_genes_by_name():
+    adata = _adata(n_genes=4)
+    adata.var_names = ["g0", "g1", "g2", "g3"]
+    arrays = io.from_anndata(adata, genes=["g2", "g0", "g3", "g1"])
+    np.testing.assert_array_equal(arrays.counts.toarray(), adata.X.toarray()[:, [2, 0, 3, 1]])
+    assert arrays.genes == ("g2", "g0", "g3", "g1")
+    assert io.from_anndata(adata, genes=["g0", "g1", "g2", "g3"]).columns is None
+    subset = io.from_anndata(adata, genes=["g3", "g1"])
+    np.testing.assert_array_equal(subset.counts.toarray(), adata.X.toarray()[:, [3, 1]])
+    with pytest.raises(ValueError, match=r"^adata.var_names: 2 of the pipeline's 5 genes are missing, first "
+                                         r"\['CD3E', 'MS4A1'\]"):
+        io.from_anndata(adata, genes=["g0", "CD3E", "g1", "MS4A1", "g2"])
+    adata.var_names = ["g0", "g1", "g1", "g3"]
+    with pytest.raises(ValueError, match=r"^adata.var_names: to match genes by name they must be unique; 1 "
+                                         r"repeated, e.g. \['g1'\]"):
+        io.from_anndata(adata, genes=["g0", "g1"])
+
+
+@pytest.fixture(scope="module")
+def trained_on_anndata():
+    import jax.random as jr
+
+    import diffbio_eqx as dbx
+
+    sim = dbx.simulate(jr.key(0), n_cells=120, n_genes=30, n_groups=3, n_batches=2)
+    adata = ad.AnnData(sp.csr_matrix(np.asarray(sim.counts, np.float32)),
+                       obs=pd.DataFrame({"batch": np.where(np.asarray(sim.batches) == 0, "a", "b")},
+                                        index=[f"cell{i}" for i in range(120)]),
+                       var=pd.DataFrame(index=[f"gene{j}" for j in range(30)]))
+    config = dbx.SingleCellPipelineConfig(n_clusters=3, latent_dim=4, hidden_dims=(16,), umap_hidden_size=8,
+                                          umap_depth=1, ambient_hidden_dim=8, ambient_latent_dim=2,
+                                          batch_correction_clusters=3, batch_correction_iterations=2)
+    profile = np.asarray(sim.ambient_profile)
+    _, fitted = dbx.fit_anndata(adata, batch_key="batch", key=jr.key(1), config=config, ambient_profile=profile,
+                                ambient_epochs=2, vae_epochs=2, umap_epochs=1, progress=False)
+    return adata, profile, fitted.pipeline
+
+
+def test_a_trained_pipeline_matches_new_data_by_gene_name(trained_on_anndata):
+    import jax.random as jr
+
+    import diffbio_eqx as dbx
+
+    adata, profile, pipeline = trained_on_anndata
+    assert pipeline.genes == tuple(adata.var_names)
+    order = np.random.default_rng(0).permutation(adata.n_vars)
+    shuffled = adata[:, order].copy()
+    same = dbx.run_anndata(pipeline, adata, batch_key="batch", ambient_profile=profile, key=jr.key(2))
+    moved = dbx.run_anndata(pipeline, shuffled, batch_key="batch", ambient_profile=profile[order], key=jr.key(2))
+    assert "X_umap" not in shuffled.obsm  # the input is untouched
+    assert list(moved.var_names) == list(pipeline.genes)
+    for name in same.obsm:
+        assert same.obsm[name].tobytes() == moved.obsm[name].tobytes(), name
+    for name in same.layers:
+        assert same.layers[name].tobytes() == moved.layers[name].tobytes(), name
+    missing = adata[:, [j for j in range(adata.n_vars) if j != 7]].copy()
+    with pytest.raises(ValueError, match=r"^adata.var_names: 1 of the pipeline's 30 genes are missing, first "
+                                         r"\['gene7'\]"):
+        dbx.run_anndata(pipeline, missing, batch_key="batch", key=jr.key(2))

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import equinox as eqx
 import jax
@@ -11,6 +12,7 @@ from helpers import knn_batch_purity, tree_identical
 from sklearn.metrics import adjusted_rand_score
 
 import diffbio_eqx as dbx
+import diffbio_eqx._umap._stage as umap_module
 from diffbio_eqx import (
     create_single_cell_pipeline,
     fit_pipeline,
@@ -280,7 +282,7 @@ def test_interrupted_training_resumes_to_the_same_pipeline(tmp_path, monkeypatch
         raise Interrupted
 
     with monkeypatch.context() as patch:
-        patch.setattr(dbx.ParametricUMAP, "fit", interrupt)  # stop after the VAE and Harmony
+        patch.setattr(umap_module, "fit_umap", interrupt)  # stop after the VAE and Harmony
         with pytest.raises(Interrupted):
             fit_pipeline(pipeline, data, key=jr.key(2), checkpoint_dir=tmp_path, **settings)
     assert (tmp_path / "pipeline.eqx").is_file()
@@ -288,3 +290,47 @@ def test_interrupted_training_resumes_to_the_same_pipeline(tmp_path, monkeypatch
     resumed = fit_pipeline(pipeline, data, key=jr.key(2), checkpoint_dir=tmp_path, **settings)
     assert tree_identical(resumed.pipeline, uninterrupted.pipeline)
     assert set(resumed.curves) == set(uninterrupted.curves)
+
+
+def test_settings_are_read_from_the_stages(tmp_path):
+    """The config says how the pipeline was built; `settings()` says what runs, after `eqx.tree_at` too, and the
+    saved file's header carries those settings."""
+    pipeline = create_single_cell_pipeline(n_genes=20, n_clusters=3, harmony_theta=1.0, key=jr.key(0), **SMALL)
+    assert pipeline.settings()["harmony_theta"] == 1.0
+    changed = eqx.tree_at(lambda p: (p.batch_correction.theta, p.clustering.temperature), pipeline,
+                          (jnp.asarray(3.5, pipeline.dtype), jnp.asarray(0.25, pipeline.dtype)))
+    settings = changed.settings()
+    assert settings["harmony_theta"] == 3.5 and settings["clustering_temperature"] == 0.25
+    assert settings["n_genes"] == 20 and settings["harmony_sigma"] == changed.config.harmony_sigma
+    assert {"harmony_lamb", "umap_a", "vae_target_library_size"} <= set(settings)
+    path = save_pipeline(tmp_path / "pipeline.eqx", changed)
+    header = json.loads(path.open("rb").readline())
+    assert header["settings"]["harmony_theta"] == 3.5
+    assert load_pipeline(path).settings() == settings
+
+
+def test_genes_are_kept_and_saved(tmp_path):
+    genes = [f"gene{j}" for j in range(20)]
+    pipeline = create_single_cell_pipeline(n_genes=20, n_clusters=3, genes=genes, key=jr.key(0), **SMALL)
+    assert pipeline.genes == tuple(genes)
+    loaded = load_pipeline(save_pipeline(tmp_path / "pipeline.eqx", pipeline))
+    assert loaded.genes == tuple(genes) and tree_identical(loaded, pipeline)
+    assert load_pipeline(save_pipeline(tmp_path / "none.eqx", SingleCellPipeline(pipeline.config, key=jr.key(0)))
+                         ).genes is None
+    with pytest.raises(ValueError, match="genes: 19 names for a model of 20 genes"):
+        create_single_cell_pipeline(n_genes=20, genes=genes[:19], key=jr.key(0), **SMALL)
+    with pytest.raises(ValueError, match=r"genes: names must be unique; 1 repeated, e.g. \['gene0'\]"):
+        create_single_cell_pipeline(n_genes=20, genes=["gene0", *genes[:19]], key=jr.key(0), **SMALL)
+
+
+def test_fit_settings_object_equals_the_keywords():
+    data, _ = _data(seed=5, n_cells=120, n_genes=30)
+    pipeline = create_single_cell_pipeline(n_genes=30, n_clusters=3, n_batches=2, key=jr.key(0), **SMALL)
+    tiny = dict(ambient_epochs=1, vae_epochs=2, umap_epochs=1, clustering_iterations=5)
+    by_keywords = fit_pipeline(pipeline, data, key=jr.key(1), progress=False, **tiny)
+    by_object = fit_pipeline(pipeline, data, key=jr.key(1), progress=False,
+                             settings=dbx.FitSettings(**(tiny | {"umap_epochs": 7})), umap_epochs=1)
+    assert tree_identical(by_keywords.pipeline, by_object.pipeline)
+    assert set(by_keywords.curves) == set(by_object.curves) == set(by_object.seconds) - {"clustering"}
+    with pytest.raises(ValueError, match=r"fit_pipeline: unknown setting\(s\) \['vae_epoch'\]"):
+        fit_pipeline(pipeline, data, key=jr.key(1), vae_epoch=3)

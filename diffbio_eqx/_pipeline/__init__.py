@@ -2,7 +2,7 @@
 files. It imports the method families and the core, never a face (AnnData, the job, the command line)."""
 
 from ._config import SingleCellPipelineConfig as SingleCellPipelineConfig
-from ._fit import PipelineFit as PipelineFit, fit_pipeline as fit_pipeline
+from ._fit import FitSettings as FitSettings, PipelineFit as PipelineFit, fit_pipeline as fit_pipeline
 from ._loss import (
     PipelineLossWeights as PipelineLossWeights,
     cell_type_cross_entropy as cell_type_cross_entropy,

@@ -1,11 +1,21 @@
-"""`fit_pipeline`: train the pipeline stage by stage, then optionally end to end; resumable from checkpoints."""
+"""`fit_pipeline`: train the pipeline stage by stage, then optionally end to end; resumable from checkpoints.
+
+The training is a sequence of steps, one per stage, each a function of the pipeline so far, the record of what is
+finished (`_FitRecord`, written into the checkpoint with the pipeline) and the fixed inputs (`_FitInputs`):
+
+```
+_train_ambient ─ _train_vae ─ _fit_harmony ─ _fit_clustering ─ _train_umap
+```
+With `fine_tune_epochs > 0`, `_fine_tune` and a second `_fit_harmony` and `_fit_clustering` come before `_train_umap`.
+"""
 
 import contextlib
+import dataclasses
 import pathlib
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -15,7 +25,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from .._ambient._stage import fit_ambient_removal, remove_ambient
-from .._clustering._stage import SoftKMeans
+from .._clustering._stage import fit_soft_kmeans
 from .._core._train import TrainSettings, fit, shared_optimizer
 from .._core._validate import NonIntegerCountsWarning, check_batch_labels, check_counts
 from .._umap import _stage as _umap_stage
@@ -26,11 +36,45 @@ from ._run import _check_harmony_clusters, prepare_inputs
 from ._serialise import _read_pipeline, _write_pipeline
 
 
-class PipelineFit(eqx.Module):
+@dataclasses.dataclass(frozen=True)
+class FitSettings:
+    """How `fit_pipeline` trains each stage; every field is also a keyword argument of `fit_pipeline`.
+
+    - `ambient_epochs` (None): ambient model epochs; None uses `ambient_default_epochs`.
+    - `vae_epochs` (None): VAE epochs; None uses scVI's heuristic (`vae_default_epochs`).
+    - `umap_epochs` (30): parametric UMAP epochs.
+    - `umap_max_cells` (20,000): build the UMAP graph (exact kNN, O(n^2)) on at most this many cells drawn at
+      random; the trained encoder embeds every cell. None: always all cells.
+    - `clustering_iterations` (100): soft k-means iterations after k-means++.
+    - `fine_tune_epochs` (0): epochs of end-to-end training on `pipeline_loss` after the stages.
+    - `fine_tune_weights` (None): the `PipelineLossWeights` of the end-to-end loss (default weights if None).
+    - `batch_size` (128), `learning_rate` (1e-3): for the minibatch stages.
+    """
+
+    ambient_epochs: int | None = None
+    vae_epochs: int | None = None
+    umap_epochs: int = 30
+    umap_max_cells: int | None = 20_000
+    clustering_iterations: int = 100
+    fine_tune_epochs: int = 0
+    fine_tune_weights: PipelineLossWeights | None = None
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+
+    def replace(self, **changes: Any) -> "FitSettings":
+        known = {field.name for field in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"fit_pipeline: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineFit:
     """What `fit_pipeline` returns.
 
     - `pipeline`: the trained pipeline (with `harmony_reference` set when batch correction is on).
-    - `curves`: per stage, its per-epoch loss curves (`{"vae": {"train": ..., "validation": ...}, ...}`).
+    - `curves`: per stage, its per-epoch loss curves (`{"vae_normalizer": {"train": ..., "validation": ...}, ...}`).
     - `seconds`: wall time of each stage's training, in seconds.
     """
 
@@ -39,32 +83,223 @@ class PipelineFit(eqx.Module):
     seconds: dict[str, float]
 
 
-def _check_fit_settings(pipeline: SingleCellPipeline, n_cells: int, **settings: Any) -> None:
-    """Check what `fit_pipeline` needs before any stage trains, so a bad setting never fails half way through."""
-    def is_integer(value: Any, minimum: int) -> bool:
-        return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+@dataclasses.dataclass(frozen=True)
+class _FitRecord:
+    """What `fit_pipeline` has done so far: the stages finished (and saved in the checkpoint), the loss curves and
+    the seconds of each stage. Immutable: each step returns a new record. Saved as JSON in the checkpoint's
+    header, so a resumed run skips the finished stages and reports the same curves."""
 
-    # None epochs: the stage's own heuristic (scVI's for the VAE, `default_n_epochs` for the ambient model)
-    used = {"ambient_epochs": pipeline.ambient_removal is not None and settings["ambient_epochs"] is not None,
-            "umap_epochs": pipeline.dim_reduction is not None, "vae_epochs": settings["vae_epochs"] is not None}
+    done: tuple[str, ...] = ()
+    curves: Mapping[str, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    seconds: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def timed(self, stage: str, started: float, curves: Mapping[str, np.ndarray] | None = None) -> "_FitRecord":
+        """The record with `stage`'s seconds since `started` (and its curves, if given)."""
+        seconds = {**self.seconds, stage: time.perf_counter() - started}
+        return dataclasses.replace(self, seconds=seconds,
+                                   curves=self.curves if curves is None else {**self.curves, stage: curves})
+
+    def finished(self, stage: str) -> "_FitRecord":
+        return dataclasses.replace(self, done=(*self.done, stage))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"done": list(self.done), "seconds": dict(self.seconds),
+                "curves": {stage: {name: np.asarray(values).tolist() for name, values in curves.items()}
+                           for stage, curves in self.curves.items()}}
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any]) -> "_FitRecord":
+        curves = {stage: {name: np.asarray(v, dtype=float) for name, v in stage_curves.items()}
+                  for stage, stage_curves in values["curves"].items()}
+        return cls(tuple(values["done"]), curves, dict(values["seconds"]))
+
+
+class _StageKeys(NamedTuple):
+    ambient: PRNGKeyArray
+    vae: PRNGKeyArray
+    harmony: PRNGKeyArray
+    clustering: PRNGKeyArray
+    fine_tune: PRNGKeyArray
+    umap: PRNGKeyArray
+
+
+@dataclasses.dataclass(frozen=True)
+class _FitInputs:
+    """The validated inputs every step reads (never changed by a step)."""
+
+    counts: np.ndarray
+    ambient_profile: Array
+    batch_labels: Array
+    raw_counts: Any
+    cell_type_labels: np.ndarray | None
+    settings: FitSettings
+    keys: _StageKeys
+    checkpoint_dir: pathlib.Path | None
+    progress: bool
+
+    def stage_checkpoint(self, name: str) -> dict[str, Any]:
+        """The per-epoch checkpoint of a minibatch stage, inside the checkpoint folder."""
+        if self.checkpoint_dir is None:
+            return {}
+        return {"checkpoint_path": self.checkpoint_dir / f"{name}.training.eqx", "resume": True}
+
+
+def _is_integer(value: Any, minimum: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_fit_settings(pipeline: SingleCellPipeline, n_cells: int, settings: FitSettings) -> None:
+    """Check what `fit_pipeline` needs before any stage trains, so a bad setting never fails half way through."""
+    # None epochs: the stage's own heuristic (scVI's for the VAE, `ambient_default_epochs` for the ambient model)
+    used = {"ambient_epochs": pipeline.ambient_removal is not None and settings.ambient_epochs is not None,
+            "umap_epochs": pipeline.dim_reduction is not None, "vae_epochs": settings.vae_epochs is not None}
     for name in ("ambient_epochs", "vae_epochs", "umap_epochs", "clustering_iterations", "batch_size"):
-        if used.get(name, True) and not is_integer(settings[name], 1):
-            raise ValueError(f"{name}: must be a positive integer, got {settings[name]!r}")
-    max_cells = settings["umap_max_cells"]
+        value = getattr(settings, name)
+        if used.get(name, True) and not _is_integer(value, 1):
+            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    max_cells = settings.umap_max_cells
     if pipeline.dim_reduction is not None and max_cells is not None and not (
-        is_integer(max_cells, 1) and max_cells > pipeline.dim_reduction.n_neighbors
+        _is_integer(max_cells, 1) and max_cells > pipeline.dim_reduction.n_neighbors
     ):
         raise ValueError(f"umap_max_cells: must be None or an integer above umap_n_neighbors="
                          f"{pipeline.dim_reduction.n_neighbors}, got {max_cells!r}")
-    if not is_integer(settings["fine_tune_epochs"], 0):
-        raise ValueError(f"fine_tune_epochs: must be an integer >= 0, got {settings['fine_tune_epochs']!r}")
-    if not settings["learning_rate"] > 0:
-        raise ValueError(f"learning_rate: must be > 0, got {settings['learning_rate']!r}")
+    if not _is_integer(settings.fine_tune_epochs, 0):
+        raise ValueError(f"fine_tune_epochs: must be an integer >= 0, got {settings.fine_tune_epochs!r}")
+    if not settings.learning_rate > 0:
+        raise ValueError(f"learning_rate: must be > 0, got {settings.learning_rate!r}")
     _check_harmony_clusters(pipeline, n_cells)
     n_neighbors = pipeline.config.umap_n_neighbors
     if pipeline.dim_reduction is not None and n_cells <= n_neighbors:
         raise ValueError(f"counts: training the UMAP stage needs more than umap_n_neighbors={n_neighbors} cells, "
                          f"got {n_cells}")
+
+
+def _fit_inputs(
+    pipeline: SingleCellPipeline, data: Mapping[str, Any], settings: FitSettings, *, key: PRNGKeyArray,
+    raw_counts: Any, cell_type_labels: ArrayLike | None, checkpoint_dir: str | pathlib.Path | None, progress: bool,
+) -> _FitInputs:
+    """Validate everything `fit_pipeline` is given, before any training."""
+    counts, profile, labels = prepare_inputs(pipeline, data)
+    n_cells = counts.shape[0]
+    _check_fit_settings(pipeline, n_cells, settings)
+    if raw_counts is not None and pipeline.ambient_removal is not None:
+        check_counts(raw_counts, field="raw_counts", allow_empty_cells=True, n_genes=pipeline.config.n_genes)
+    if cell_type_labels is not None:
+        cell_type_labels = check_batch_labels(cell_type_labels, n_cells, n_batches=pipeline.config.n_clusters,
+                                              field="cell_type_labels")
+        if cell_type_labels.ndim != 1:
+            raise ValueError(f"cell_type_labels: expected shape ({n_cells},), got {cell_type_labels.shape}")
+    folder = None if checkpoint_dir is None else pathlib.Path(checkpoint_dir)
+    return _FitInputs(np.asarray(counts), profile, labels, raw_counts, cell_type_labels, settings,
+                      _StageKeys(*jr.split(key, 6)), folder, progress)
+
+
+def _resume(pipeline: SingleCellPipeline, inputs: _FitInputs) -> tuple[SingleCellPipeline, _FitRecord]:
+    """The pipeline and record saved in the checkpoint folder, if it holds a checkpoint of this function."""
+    folder = inputs.checkpoint_dir
+    if folder is None:
+        return pipeline, _FitRecord()
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "pipeline.eqx").is_file():
+        return pipeline, _FitRecord()
+    saved, header = _read_pipeline(folder / "pipeline.eqx")
+    if header.get("progress") is None:  # a plain saved pipeline, not a checkpoint of `fit_pipeline`
+        return pipeline, _FitRecord()
+    return saved, _FitRecord.from_json(header["progress"])
+
+
+def _checkpoint(pipeline: SingleCellPipeline, record: _FitRecord, stage: str, inputs: _FitInputs) -> _FitRecord:
+    """Mark `stage` finished and save the pipeline with the record in one file, written atomically: a crash at any
+    moment leaves a pipeline and a list of finished stages that belong together."""
+    record = record.finished(stage)
+    if inputs.checkpoint_dir is not None:
+        _write_pipeline(inputs.checkpoint_dir / "pipeline.eqx", pipeline, progress=record.to_json())
+    return record
+
+
+def _loss_curves(result: Any) -> dict[str, np.ndarray]:
+    curves = {"train": np.asarray(result.train_loss)}
+    if np.any(np.isfinite(np.asarray(result.validation_loss))):
+        curves["validation"] = np.asarray(result.validation_loss)
+    return curves
+
+
+@contextlib.contextmanager
+def _decontaminated_counts_are_expected() -> Iterator[None]:
+    # The VAE reads the ambient model's posterior expected counts, which are not whole numbers by design.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonIntegerCountsWarning)
+        yield
+
+
+def _decontaminated(pipeline: SingleCellPipeline, inputs: _FitInputs) -> np.ndarray:
+    """The counts the VAE trains on: after ambient removal when it is on."""
+    if pipeline.ambient_removal is None:
+        return inputs.counts
+    result = remove_ambient(pipeline.ambient_removal, inputs.counts, np.asarray(inputs.ambient_profile))
+    return np.asarray(result.decontaminated_counts)
+
+
+def _train_ambient(pipeline: SingleCellPipeline, record: _FitRecord,
+                   inputs: _FitInputs) -> tuple[SingleCellPipeline, _FitRecord]:
+    """Step 1: the ambient model on the raw counts."""
+    if pipeline.ambient_removal is None or "ambient_removal" in record.done:
+        return pipeline, record
+    started = time.perf_counter()
+    fitted = fit_ambient_removal(pipeline.ambient_removal, inputs.counts, np.asarray(inputs.ambient_profile),
+                                 key=inputs.keys.ambient, raw_counts=inputs.raw_counts,
+                                 settings=TrainSettings(n_epochs=inputs.settings.ambient_epochs,
+                                                        batch_size=inputs.settings.batch_size, progress=inputs.progress,
+                                                        **inputs.stage_checkpoint("ambient")))
+    pipeline = eqx.tree_at(lambda p: p.ambient_removal, pipeline, fitted.model)
+    record = record.timed("ambient_removal", started, _loss_curves(fitted))
+    return pipeline, _checkpoint(pipeline, record, "ambient_removal", inputs)
+
+
+def _train_vae(pipeline: SingleCellPipeline, record: _FitRecord, inputs: _FitInputs,
+               x: np.ndarray) -> tuple[SingleCellPipeline, _FitRecord]:
+    """Step 2: the VAE on the decontaminated counts `x`."""
+    if "vae_normalizer" in record.done:
+        return pipeline, record
+    started = time.perf_counter()
+    with _decontaminated_counts_are_expected():
+        settings = TrainSettings(n_epochs=inputs.settings.vae_epochs, batch_size=inputs.settings.batch_size,
+                                 hyperparameters={"learning_rate": inputs.settings.learning_rate},
+                                 progress=inputs.progress, **inputs.stage_checkpoint("vae"))
+        fitted = fit_vae(pipeline.vae_normalizer, x, np.asarray(inputs.batch_labels), key=inputs.keys.vae,
+                         settings=settings)
+    pipeline = eqx.tree_at(lambda p: p.vae_normalizer, pipeline, fitted.model)
+    record = record.timed("vae_normalizer", started, _loss_curves(fitted))
+    return pipeline, _checkpoint(pipeline, record, "vae_normalizer", inputs)
+
+
+def _fit_harmony(pipeline: SingleCellPipeline, record: _FitRecord, inputs: _FitInputs,
+                 x: np.ndarray) -> tuple[SingleCellPipeline, _FitRecord, Array]:
+    """Step 3: Harmony on the whole latent of `x`; its centroids and ridge coefficients become the reference.
+    Returns the corrected latent too (the latent itself when batch correction is off)."""
+    with _decontaminated_counts_are_expected():
+        latent = vae_transform(pipeline.vae_normalizer, x, np.asarray(inputs.batch_labels)).latent
+    if pipeline.batch_correction is None:
+        return pipeline, record, latent
+    started = time.perf_counter()
+    result = pipeline.batch_correction.run(latent, inputs.batch_labels, key=inputs.keys.harmony)
+    pipeline = eqx.tree_at(lambda p: p.harmony_reference, pipeline, HarmonyReference.from_result(result),
+                           is_leaf=lambda node: node is None)
+    objective = np.asarray(result.objective)[: int(result.n_rounds)]
+    return pipeline, record.timed("batch_correction", started, {"objective": objective}), result.z_corr
+
+
+def _fit_clustering(pipeline: SingleCellPipeline, record: _FitRecord, inputs: _FitInputs,
+                    corrected: Array) -> tuple[SingleCellPipeline, _FitRecord]:
+    """Step 4: soft k-means initialised by k-means++ on the corrected latent, at the stage's temperature."""
+    if pipeline.clustering is None:
+        return pipeline, record
+    started = time.perf_counter()
+    fitted = fit_soft_kmeans(pipeline.clustering, corrected, key=inputs.keys.clustering,
+                             n_iter=inputs.settings.clustering_iterations)
+    pipeline = eqx.tree_at(lambda p: p.clustering, pipeline, fitted.model)
+    return pipeline, record.timed("clustering", started)
+
 
 def _trainable_filter(pipeline: SingleCellPipeline) -> SingleCellPipeline:
     """The leaves end-to-end training updates: network weights, dispersions and centroids; not the
@@ -86,14 +321,6 @@ def _trainable_filter(pipeline: SingleCellPipeline) -> SingleCellPipeline:
     return spec
 
 
-@contextlib.contextmanager
-def _decontaminated_counts_are_expected() -> Iterator[None]:
-    # The VAE reads the ambient model's posterior expected counts, which are not whole numbers by design.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NonIntegerCountsWarning)
-        yield
-
-
 def _fine_tune_loss(pipeline, batch, context, *, key):
     weights, ambient_profile, kl_weight = context
     counts, batch_labels, cell_type_labels = batch
@@ -101,24 +328,60 @@ def _fine_tune_loss(pipeline, batch, context, *, key):
                          cell_type_labels=cell_type_labels, kl_weight=kl_weight)
 
 
+def _fine_tune(pipeline: SingleCellPipeline, record: _FitRecord,
+               inputs: _FitInputs) -> tuple[SingleCellPipeline, _FitRecord]:
+    """Step 5 (optional): every trainable stage end to end on `pipeline_loss`, supervised by the cell types when
+    they are given."""
+    if "end_to_end" in record.done:
+        return pipeline, record
+    started = time.perf_counter()
+    settings, types = inputs.settings, inputs.cell_type_labels
+    weights = PipelineLossWeights() if settings.fine_tune_weights is None else settings.fine_tune_weights
+    if types is None:
+        types = np.zeros(inputs.counts.shape[0], np.int32)
+        weights = eqx.tree_at(lambda w: w.supervised, weights, jnp.zeros((), weights.supervised.dtype))
+    # Adam with its learning rate in the state (one shared object: the compiled epoch is reused across calls).
+    loop = TrainSettings(n_epochs=settings.fine_tune_epochs, batch_size=settings.batch_size,
+                         optimizer=shared_optimizer("adam"), hyperparameters={"learning_rate": settings.learning_rate},
+                         progress=inputs.progress, description="end-to-end")
+    fitted = fit(pipeline, _fine_tune_loss, (inputs.counts, np.asarray(inputs.batch_labels), types),
+                 key=inputs.keys.fine_tune, settings=loop,
+                 context=(weights, inputs.ambient_profile, jnp.ones((), pipeline.dtype)),
+                 trainable=_trainable_filter(pipeline))
+    record = record.timed("end_to_end", started, _loss_curves(fitted))
+    return fitted.model, _checkpoint(fitted.model, record, "end_to_end", inputs)
+
+
+def _train_umap(pipeline: SingleCellPipeline, record: _FitRecord, inputs: _FitInputs,
+                corrected: Array) -> tuple[SingleCellPipeline, _FitRecord]:
+    """Step 6: the parametric UMAP encoder on the corrected latent; the graph is built on at most
+    `umap_max_cells` cells, and the encoder embeds every cell."""
+    if pipeline.dim_reduction is None or "dim_reduction" in record.done:
+        return pipeline, record
+    started = time.perf_counter()
+    max_cells, graph_cells = inputs.settings.umap_max_cells, corrected
+    if max_cells is not None and corrected.shape[0] > max_cells:
+        # The exact kNN graph costs O(n^2): train the encoder on a random subsample; it embeds every cell.
+        chosen = jr.choice(jr.fold_in(inputs.keys.umap, 1), corrected.shape[0], (max_cells,), replace=False)
+        graph_cells = corrected[jnp.sort(chosen)]
+    loop = TrainSettings(n_epochs=inputs.settings.umap_epochs, progress=inputs.progress)
+    fitted = _umap_stage.fit_umap(pipeline.dim_reduction, graph_cells, key=inputs.keys.umap, settings=loop)
+    pipeline = eqx.tree_at(lambda p: p.dim_reduction, pipeline, fitted.model)
+    record = record.timed("dim_reduction", started, {"train": np.asarray(fitted.train_loss)})
+    return pipeline, _checkpoint(pipeline, record, "dim_reduction", inputs)
+
+
 def fit_pipeline(
     pipeline: SingleCellPipeline,
     data: Mapping[str, Any],
     *,
     key: PRNGKeyArray,
+    settings: FitSettings | None = None,
     raw_counts: Any = None,
-    ambient_epochs: int | None = None,
-    vae_epochs: int | None = None,
-    umap_epochs: int = 30,
-    umap_max_cells: int | None = 20_000,
-    clustering_iterations: int = 100,
-    fine_tune_epochs: int = 0,
-    fine_tune_weights: PipelineLossWeights | None = None,
     cell_type_labels: ArrayLike | None = None,
-    batch_size: int = 128,
-    learning_rate: float = 1e-3,
     progress: bool = True,
     checkpoint_dir: str | pathlib.Path | None = None,
+    **overrides: Any,
 ) -> PipelineFit:
     """Train the pipeline stage by stage, then optionally end to end.
 
@@ -136,150 +399,34 @@ def fit_pipeline(
        most `umap_max_cells` cells drawn at random (all of them up to 20,000 by default; None: always all), and
        the trained encoder embeds every cell, as parametric UMAP is meant to.
 
-    **Arguments:** `data` as in `run_pipeline`; `key` (keyword only) makes the whole run reproducible; epochs
-    per stage; `batch_size` and `learning_rate` for the minibatch stages; `progress` shows a bar per stage;
-    `checkpoint_dir`: save the pipeline after every trained stage (and the ambient and VAE training after every
-    epoch), and resume from there when called again with the same arguments: the result is identical to an
-    uninterrupted run. Files are written atomically.
+    **Arguments:**
+
+    - `pipeline`, `data`: as in `run_pipeline`.
+    - `key`: makes the whole run reproducible. (Keyword only argument.)
+    - `settings`: a `FitSettings` (epochs per stage, `batch_size`, `learning_rate`, fine-tuning); its fields may
+      also be given one by one as keyword arguments (`vae_epochs=200`), which replace those of `settings`.
+    - `raw_counts`: the unfiltered matrix for the ambient model's prior, optional.
+    - `cell_type_labels`: `(n_cells,)` codes in `[0, n_clusters)` for supervised fine-tuning, optional.
+    - `progress`: show a bar per stage.
+    - `checkpoint_dir`: save the pipeline after every trained stage (and the ambient and VAE training after
+      every epoch), and resume from there when called again with the same arguments: the result is identical to
+      an uninterrupted run. Files are written atomically.
 
     **Returns:** a `PipelineFit` (trained pipeline, loss curves, seconds per stage).
     """
-    counts, profile, labels = prepare_inputs(pipeline, data)
-    _check_fit_settings(pipeline, counts.shape[0], ambient_epochs=ambient_epochs, vae_epochs=vae_epochs,
-                        umap_epochs=umap_epochs, umap_max_cells=umap_max_cells,
-                        clustering_iterations=clustering_iterations,
-                        fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, learning_rate=learning_rate)
-    if raw_counts is not None and pipeline.ambient_removal is not None:
-        check_counts(raw_counts, field="raw_counts", allow_empty_cells=True, n_genes=pipeline.config.n_genes)
-    if cell_type_labels is not None:
-        cell_type_labels = check_batch_labels(cell_type_labels, counts.shape[0],
-                                              n_batches=pipeline.config.n_clusters, field="cell_type_labels")
-        if cell_type_labels.ndim != 1:
-            raise ValueError(f"cell_type_labels: expected shape ({counts.shape[0]},), got {cell_type_labels.shape}")
-    host_counts = np.asarray(counts)
-    keys = dict(zip(("ambient", "vae", "harmony", "clustering", "fine_tune", "umap"), jr.split(key, 6)))
-    curves: dict[str, dict[str, np.ndarray]] = {}
-    seconds: dict[str, float] = {}
-
-    def record(stage: str, result: Any, started: float) -> None:
-        seconds[stage] = time.perf_counter() - started
-        stage_curves = {"train": np.asarray(result.train_loss)}
-        if np.any(np.isfinite(np.asarray(result.validation_loss))):
-            stage_curves["validation"] = np.asarray(result.validation_loss)
-        curves[stage] = stage_curves
-
-    directory = None if checkpoint_dir is None else pathlib.Path(checkpoint_dir)
-    done: list[str] = []
-    if directory is not None:
-        directory.mkdir(parents=True, exist_ok=True)
-        if (directory / "pipeline.eqx").is_file():
-            saved, header = _read_pipeline(directory / "pipeline.eqx")
-            state = header.get("progress")
-            if state is not None:  # a checkpoint of this function (not a plain saved pipeline)
-                pipeline, done = saved, list(state["done"])
-                curves.update({stage: {k: np.asarray(v, dtype=float) for k, v in c.items()}
-                               for stage, c in state["curves"].items()})
-                seconds.update(state["seconds"])
-
-    def checkpoint(stage: str) -> None:
-        done.append(stage)
-        if directory is None:
-            return
-        # The progress goes in the same file as the pipeline (its header), written atomically: a crash at any
-        # moment leaves a pipeline and a list of finished stages that belong together.
-        progress_state = {"done": done, "seconds": seconds,
-                          "curves": {k: {n: np.asarray(v).tolist() for n, v in c.items()} for k, c in curves.items()}}
-        _write_pipeline(directory / "pipeline.eqx", pipeline, {"progress": progress_state})
-
-
-    def stage_checkpoint(name: str) -> dict[str, Any]:
-        return {} if directory is None else {"checkpoint_path": directory / f"{name}.training.eqx", "resume": True}
-
-    x = host_counts
-    if pipeline.ambient_removal is not None:
-        if "ambient_removal" not in done:
-            started = time.perf_counter()
-            fitted = fit_ambient_removal(pipeline.ambient_removal, host_counts, np.asarray(profile),
-                                         key=keys["ambient"], raw_counts=raw_counts,
-                                         settings=TrainSettings(n_epochs=ambient_epochs, batch_size=batch_size,
-                                                                progress=progress, **stage_checkpoint("ambient")))
-            pipeline = eqx.tree_at(lambda p: p.ambient_removal, pipeline, fitted.model)
-            record("ambient_removal", fitted, started)
-            checkpoint("ambient_removal")
-        x = np.asarray(remove_ambient(pipeline.ambient_removal, host_counts,
-                                      np.asarray(profile)).decontaminated_counts)
-
-    if "vae_normalizer" not in done:
-        started = time.perf_counter()
-        with _decontaminated_counts_are_expected():
-            loop = TrainSettings(n_epochs=vae_epochs, batch_size=batch_size,
-                                 hyperparameters={"learning_rate": learning_rate}, progress=progress,
-                                 **stage_checkpoint("vae"))
-            fitted = fit_vae(pipeline.vae_normalizer, x, np.asarray(labels), key=keys["vae"], settings=loop)
-        pipeline = eqx.tree_at(lambda p: p.vae_normalizer, pipeline, fitted.model)
-        record("vae_normalizer", fitted, started)
-        checkpoint("vae_normalizer")
-
-    def refit_correction_and_clusters(
-        pipeline: SingleCellPipeline, x: np.ndarray
-    ) -> tuple[SingleCellPipeline, Array]:
-        with _decontaminated_counts_are_expected():
-            latent = vae_transform(pipeline.vae_normalizer, x, np.asarray(labels)).latent
-        corrected = latent
-        if pipeline.batch_correction is not None:
-            started = time.perf_counter()
-            result = pipeline.batch_correction.run(latent, labels, key=keys["harmony"])
-            reference = HarmonyReference.from_result(result)
-            pipeline = eqx.tree_at(lambda p: p.harmony_reference, pipeline, reference,
-                                   is_leaf=lambda node: node is None)
-            corrected = result.z_corr
-            seconds["batch_correction"] = time.perf_counter() - started
-            curves["batch_correction"] = {"objective": np.asarray(result.objective)[: int(result.n_rounds)]}
-        if pipeline.clustering is not None:
-            started = time.perf_counter()
-            clustering = SoftKMeans.from_data(corrected, pipeline.config.n_clusters, key=keys["clustering"],
-                                              temperature=pipeline.clustering.temperature,
-                                              n_iter=clustering_iterations)
-            pipeline = eqx.tree_at(lambda p: p.clustering, pipeline, clustering)
-            seconds["clustering"] = time.perf_counter() - started
-        return pipeline, corrected
-
-    pipeline, corrected = refit_correction_and_clusters(pipeline, x)
-
-    if fine_tune_epochs and "end_to_end" not in done:
-        started = time.perf_counter()
-        types = np.zeros(counts.shape[0], np.int32) if cell_type_labels is None else cell_type_labels
-        weights = PipelineLossWeights() if fine_tune_weights is None else fine_tune_weights
-        if cell_type_labels is None:
-            weights = eqx.tree_at(lambda w: w.supervised, weights, jnp.zeros((), weights.supervised.dtype))
-        trainable = _trainable_filter(pipeline)
-        fitted = fit(pipeline, _fine_tune_loss, (host_counts, np.asarray(labels), types),
-                     key=keys["fine_tune"],
-                     settings=TrainSettings(n_epochs=fine_tune_epochs, batch_size=batch_size,
-                                            optimizer=shared_optimizer("adam"),
-                                            hyperparameters={"learning_rate": learning_rate}, progress=progress,
-                                            description="end-to-end"),
-                     context=(weights, profile, jnp.ones((), pipeline.dtype)), trainable=trainable)
-        pipeline = fitted.model
-        record("end_to_end", fitted, started)
-        checkpoint("end_to_end")
-    if fine_tune_epochs:
-        if pipeline.ambient_removal is not None:
-            x = np.asarray(remove_ambient(pipeline.ambient_removal, host_counts,
-                                          np.asarray(profile)).decontaminated_counts)
-        pipeline, corrected = refit_correction_and_clusters(pipeline, x)
-
-    if pipeline.dim_reduction is not None and "dim_reduction" not in done:
-        started = time.perf_counter()
-        graph_cells = corrected
-        if umap_max_cells is not None and corrected.shape[0] > umap_max_cells:
-            # The exact kNN graph costs O(n^2): train the encoder on a random subsample; it embeds every cell.
-            chosen = jr.choice(jr.fold_in(keys["umap"], 1), corrected.shape[0], (umap_max_cells,), replace=False)
-            graph_cells = corrected[jnp.sort(chosen)]
-        fitted = _umap_stage.fit_umap(pipeline.dim_reduction, graph_cells, key=keys["umap"],
-                                      settings=TrainSettings(n_epochs=umap_epochs, progress=progress))
-        pipeline = eqx.tree_at(lambda p: p.dim_reduction, pipeline, fitted.model)
-        seconds["dim_reduction"] = time.perf_counter() - started
-        curves["dim_reduction"] = {"train": np.asarray(fitted.train_loss)}
-        checkpoint("dim_reduction")
-    return PipelineFit(pipeline=pipeline, curves=curves, seconds=seconds)
+    settings = (FitSettings() if settings is None else settings).replace(**overrides)
+    inputs = _fit_inputs(pipeline, data, settings, key=key, raw_counts=raw_counts, cell_type_labels=cell_type_labels,
+                         checkpoint_dir=checkpoint_dir, progress=progress)
+    pipeline, record = _resume(pipeline, inputs)
+    pipeline, record = _train_ambient(pipeline, record, inputs)
+    x = _decontaminated(pipeline, inputs)
+    pipeline, record = _train_vae(pipeline, record, inputs, x)
+    pipeline, record, corrected = _fit_harmony(pipeline, record, inputs, x)
+    pipeline, record = _fit_clustering(pipeline, record, inputs, corrected)
+    if settings.fine_tune_epochs:
+        pipeline, record = _fine_tune(pipeline, record, inputs)
+        x = _decontaminated(pipeline, inputs)
+        pipeline, record, corrected = _fit_harmony(pipeline, record, inputs, x)
+        pipeline, record = _fit_clustering(pipeline, record, inputs, corrected)
+    pipeline, record = _train_umap(pipeline, record, inputs, corrected)
+    return PipelineFit(pipeline, {stage: dict(c) for stage, c in record.curves.items()}, dict(record.seconds))

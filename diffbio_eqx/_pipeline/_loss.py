@@ -89,7 +89,7 @@ def pipeline_loss(
         total = total + weights.umap.astype(dtype) * umap_loss_value
         aux["umap"] = umap_loss_value
     if pipeline.clustering is not None:
-        clustering_loss, _ = pipeline.clustering.loss(corrected)
+        clustering_loss, _ = pipeline.clustering.loss((corrected,), key=key)  # deterministic: the key is unused
         total = total + weights.clustering.astype(dtype) * clustering_loss
         aux["clustering"] = clustering_loss
         if cell_type_labels is not None:

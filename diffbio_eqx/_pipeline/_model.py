@@ -7,13 +7,16 @@ counts ─ AmbientRemoval ─ VAENormalizer ─ Harmony ─┬─ ParametricUMAP
 A disabled stage passes its input on unchanged. Clustering reads the corrected embeddings, not the 2-D map.
 """
 
+import collections
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._ambient._stage import AmbientRemoval
@@ -86,6 +89,24 @@ class HarmonyReference(eqx.Module):
                                 self.sigma, n_batches=self.n_batches)
 
 
+def _leaf_settings(stage: eqx.Module) -> dict[str, float | list[float]]:
+    """A stage's continuous settings: its own scalar float fields (Harmony's may also be per covariate, one axis).
+    Weights sit inside the stage's layers, or have more axes, and are not settings."""
+    values: dict[str, float | list[float]] = {}
+    for field in dataclasses.fields(stage):
+        leaf = getattr(stage, field.name)
+        if eqx.is_inexact_array(leaf) and leaf.ndim == 0:
+            values[field.name] = _shortest(leaf)
+        elif eqx.is_inexact_array(leaf) and leaf.ndim == 1 and isinstance(stage, Harmony):
+            values[field.name] = [_shortest(v) for v in leaf]
+    return values
+
+
+def _shortest(value: Array) -> float:
+    # The shortest decimal that reads back as the same value in the leaf's dtype: a float32 0.1 reads 0.1.
+    return float(str(np.asarray(value)[()]))
+
+
 def _cast_floats(tree: Any, dtype: Any) -> Any:
     return jtu.tree_map(lambda leaf: leaf.astype(dtype) if eqx.is_inexact_array(leaf) else leaf, tree)
 
@@ -97,6 +118,12 @@ class SingleCellPipeline(eqx.Module):
     `pipeline.dim_reduction` and `pipeline.clustering` (None when disabled). After training, `harmony_reference`
     holds the reference Harmony run's centroids and ridge coefficients, so new cells are corrected by mapping
     them onto the reference (as Symphony does) instead of re-running Harmony.
+
+    `config` is what the pipeline was built from: it fixes the shapes and which stages exist. The continuous
+    settings (Harmony's `theta` and `sigma`, the clustering temperature, ...) live in the stages as array leaves,
+    which `eqx.tree_at` or training may change; `settings()` reads them from there. `genes` names the count
+    matrix's columns (None when the pipeline was built from arrays alone); the AnnData functions match new data
+    to them by name.
     """
 
     ambient_removal: AmbientRemoval | None
@@ -108,12 +135,14 @@ class SingleCellPipeline(eqx.Module):
     config: SingleCellPipelineConfig = eqx.field(static=True)
 
     def __init__(self, config: SingleCellPipelineConfig | None = None, *, key: PRNGKeyArray,
-                 dtype: Any = None):
+                 dtype: Any = None, genes: Sequence[str] | None = None):
         """**Arguments:**
 
         - `config`: a `SingleCellPipelineConfig` (default settings if None).
         - `key`: PRNG key for all initial parameters. (Keyword only argument.)
         - `dtype`: parameter dtype (default: JAX's default float).
+        - `genes`: the name of each of the `n_genes` columns of the counts (e.g. `adata.var_names`), kept by the
+          VAE stage (`pipeline.genes`) and in the saved file; None when unknown.
         """
         config = SingleCellPipelineConfig() if config is None else config
         self.config = config
@@ -126,8 +155,7 @@ class SingleCellPipeline(eqx.Module):
         self.vae_normalizer = VAENormalizer(
             config.n_genes, config.n_batches, hidden_dims=config.hidden_dims, latent_dim=config.latent_dim,
             likelihood=config.likelihood, dropout_rate=config.dropout_rate,
-            options=VAEOptions(use_layer_norm=config.use_layer_norm),
-            dtype=dtype, key=vae_key,
+            options=VAEOptions(use_layer_norm=config.use_layer_norm), genes=genes, dtype=dtype, key=vae_key,
         )
         float_dtype = self.vae_normalizer.dtype
         self.batch_correction = (
@@ -155,9 +183,36 @@ class SingleCellPipeline(eqx.Module):
         )
         self.harmony_reference = None
 
+    def __check_init__(self):
+        if self.genes is None:
+            return
+        repeated = [gene for gene, count in collections.Counter(self.genes).items() if count > 1]
+        if repeated:
+            raise ValueError(f"genes: names must be unique; {len(repeated)} repeated, e.g. {repeated[:5]}")
+
     @property
     def dtype(self) -> Any:
         return self.vae_normalizer.dtype
+
+    @property
+    def genes(self) -> tuple[str, ...] | None:
+        """The name of each column of the counts (kept by the VAE stage, the first to read them), or None."""
+        return self.vae_normalizer.genes
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as the pipeline runs now: the config's, then every stage's continuous settings read from
+        its array leaves (as `<stage>_<leaf>`: `harmony_theta`, `harmony_sigma`, `harmony_lamb`, ...,
+        `clustering_temperature`, `umap_a`, ...), which replace the config's initial values of the same name.
+
+        Call it on a concrete pipeline (not inside `jit`); a per-covariate setting comes back as a list.
+        """
+        values = self.config.to_dict()
+        for prefix, stage in (("ambient", self.ambient_removal), ("vae", self.vae_normalizer),
+                              ("harmony", self.batch_correction), ("umap", self.dim_reduction),
+                              ("clustering", self.clustering)):
+            if stage is not None:
+                values.update({f"{prefix}_{name}": value for name, value in _leaf_settings(stage).items()})
+        return values
 
     def __call__(
         self,
@@ -200,8 +255,9 @@ class SingleCellPipeline(eqx.Module):
 
 
 def create_single_cell_pipeline(*, key: PRNGKeyArray, config: SingleCellPipelineConfig | None = None,
-                                **settings: Any) -> SingleCellPipeline:
-    """Build a `SingleCellPipeline` from keyword settings (those of `SingleCellPipelineConfig`) or a config.
+                                genes: Sequence[str] | None = None, **settings: Any) -> SingleCellPipeline:
+    """Build a `SingleCellPipeline` from keyword settings (those of `SingleCellPipelineConfig`) or a config, and
+    optionally the names of its genes.
 
     !!! example
         ```python
@@ -212,4 +268,4 @@ def create_single_cell_pipeline(*, key: PRNGKeyArray, config: SingleCellPipeline
         config = config.replace(**settings)
     elif config is None:
         config = SingleCellPipelineConfig.from_dict(settings)
-    return SingleCellPipeline(config, key=key)
+    return SingleCellPipeline(config, key=key, genes=genes)

@@ -1,20 +1,27 @@
-"""Saving and loading a pipeline: a JSON header line, then the leaves (`eqx.tree_serialise_leaves`)."""
+"""Saving and loading a pipeline: a JSON header line, then the leaves (`eqx.tree_serialise_leaves`).
 
-import json
+The header holds what rebuilds the pipeline's structure (the config, the dtype, the number of Harmony reference
+clusters, the genes), the settings it ran with (`SingleCellPipeline.settings()`, for people reading the file),
+and, in `fit_pipeline`'s checkpoints, the training progress.
+"""
+
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 
+from .._core._checkpoint import read_header, save_leaves
 from ._config import SingleCellPipelineConfig
 from ._model import HarmonyReference, SingleCellPipeline
 
 
-def _skeleton(config: SingleCellPipelineConfig, n_reference_clusters: int | None, dtype: Any) -> SingleCellPipeline:
+def _skeleton(config: SingleCellPipelineConfig, n_reference_clusters: int | None, dtype: Any,
+              genes: Sequence[str] | None) -> SingleCellPipeline:
     def build():
-        pipeline = SingleCellPipeline(config, key=jr.key(0), dtype=dtype)
+        pipeline = SingleCellPipeline(config, key=jr.key(0), dtype=dtype, genes=genes)
         if n_reference_clusters is not None:
             d = config.latent_dim
             reference = HarmonyReference(
@@ -30,31 +37,28 @@ def _skeleton(config: SingleCellPipelineConfig, n_reference_clusters: int | None
 
 
 def save_pipeline(path: str | pathlib.Path, pipeline: SingleCellPipeline) -> pathlib.Path:
-    """Save a (trained) pipeline: a JSON header line with the config, then the leaves (`eqx.tree_serialise_leaves`).
+    """Save a (trained) pipeline: a JSON header line (config, genes, settings), then the leaves
+    (`eqx.tree_serialise_leaves`).
 
     The file is written to a temporary name and renamed, so it is never half-written.
     """
     return _write_pipeline(path, pipeline)
 
 
-def _write_pipeline(path: str | pathlib.Path, pipeline: SingleCellPipeline,
-                    extra: dict[str, Any] | None = None) -> pathlib.Path:
+def _write_pipeline(path: str | pathlib.Path, pipeline: SingleCellPipeline, *,
+                    progress: dict[str, Any] | None = None) -> pathlib.Path:
     reference = pipeline.harmony_reference
     header = {
         "format": "diffbio_eqx.pipeline/1",
         "config": pipeline.config.to_dict(),
         "dtype": str(pipeline.dtype),
         "harmony_reference_clusters": None if reference is None else int(reference.centroids.shape[0]),
-        **(extra or {}),
+        "genes": None if pipeline.genes is None else list(pipeline.genes),
+        "settings": pipeline.settings(),
     }
-    from ..io import atomic_path  # TEMPORARY: until the core's atomic writer lands
-
-    target = pathlib.Path(path)
-    with atomic_path(target) as temporary:
-        with open(temporary, "wb") as handle:
-            handle.write((json.dumps(header) + "\n").encode())
-            eqx.tree_serialise_leaves(handle, pipeline)
-    return target
+    if progress is not None:
+        header["progress"] = progress
+    return save_leaves(path, pipeline, header=header)
 
 
 def load_pipeline(path: str | pathlib.Path) -> SingleCellPipeline:
@@ -68,13 +72,13 @@ def _read_pipeline(path: str | pathlib.Path) -> tuple[SingleCellPipeline, dict[s
         raise ValueError(f"checkpoint: {str(source)!r} does not exist")
     with open(source, "rb") as handle:
         try:
-            header = json.loads(handle.readline().decode())
+            header = read_header(handle)
             if header.get("format") != "diffbio_eqx.pipeline/1":
                 raise ValueError("unknown format")
         except (ValueError, UnicodeDecodeError) as error:
             raise ValueError(f"checkpoint: {str(source)!r} is not a diffbio_eqx pipeline file ({error})") from None
         config = SingleCellPipelineConfig.from_dict(header["config"])
-        like = _skeleton(config, header["harmony_reference_clusters"], header["dtype"])
+        like = _skeleton(config, header["harmony_reference_clusters"], header["dtype"], header.get("genes"))
         try:
             return eqx.tree_deserialise_leaves(handle, like), header
         except Exception as error:  # truncated or mismatched file
