@@ -128,16 +128,25 @@ def test_shuffled_order_is_a_permutation(getkey):
         np.testing.assert_array_equal(np.sort(order), np.arange(n_cells))
 
 
-def test_kmeans_plusplus_recovers_separated_blobs(getkey):
+def test_initial_centroids_recover_separated_blobs(getkey):
     from sklearn.metrics import adjusted_rand_score
+
+    from diffbio_eqx._clustering._kmeans import lloyd
+    from diffbio_eqx._harmony._stage import initial_centroids
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(5, 6)) * 10
     groups = rng.integers(0, 5, 500)
     x = jnp.asarray(centers[groups] + rng.normal(size=(500, 6)))
-    centroids = H.kmeans_plusplus(x, 5, key=getkey())
-    assign = np.argmin(((np.asarray(x)[:, None, :] - np.asarray(centroids)[None]) ** 2).sum(-1), axis=1)
-    assert adjusted_rand_score(groups, assign) == 1.0
+    key = getkey()
+    # Harmony's initialisation: plain k-means++ (one trial) and Lloyd rounds.
+    centroids = lloyd(x, dbx.kmeans_plus_plus(x, 5, key=key, n_local_trials=1), n_iter=25)
+    assert adjusted_rand_score(groups, np.asarray(dbx.hard_assign(x, centroids))) == 1.0
+    # ... on the cosine-normalised cells, with no gradient flowing back to them.
+    z = H.cosine_normalize(x)
+    want = lloyd(z, dbx.kmeans_plus_plus(z, 5, key=key, n_local_trials=1), n_iter=25)
+    np.testing.assert_array_equal(initial_centroids(x, 5, key=key), want)
+    assert float(jnp.abs(jax.grad(lambda x: jnp.sum(initial_centroids(x, 5, key=key)))(x)).max()) == 0.0
 
 
 def _stats_setup(small, getkey, theta_value=2.0):

@@ -1,9 +1,11 @@
 """Harmony batch correction (Korsunsky et al. 2019, with R harmony 2's changes) as pure JAX functions.
 
-The numerics follow harmonypy 2.1 (its C++ backend, which follows R harmony 2) step by step:
+The numerics follow harmonypy 2.1 (its C++ backend, which follows R harmony 2) step by step; the loop that runs
+these functions is `diffbio_eqx._harmony._stage.harmony_core`:
 
-1. **Initialisation.** Cells are scaled to unit length (cosine normalisation). Centroids come from k-means++
-   seeding plus up to 25 Lloyd rounds on the normalised cells (or from `init_centroids`), scaled to unit length.
+1. **Initialisation.** Cells are scaled to unit length (cosine normalisation). Centroids come from plain
+   k-means++ seeding plus up to 25 Lloyd rounds on the normalised cells (`kmeans_plus_plus` with one trial and
+   `lloyd`, from `diffbio_eqx._clustering`), or from `init_centroids`, scaled to unit length.
 2. **Each outer round** (at most `max_iter_harmony`):
     - *Cold start*: the corrected cells are scaled to unit length, `dist = 2 (1 - z_cos y^T)` and
       `R = softmax(-dist / sigma)` without the penalty; `E = (sum_i R_ik) Pr_b` and `O = R^T Phi`.
@@ -23,9 +25,9 @@ The numerics follow harmonypy 2.1 (its C++ backend, which follows R harmony 2) s
    (k-means error, entropy, diversity cross-entropy).
 4. **Convergence** as harmonypy: clustering stops once, after the fifth round, the windowed change
    `|sum(obj[-4:-1]) - sum(obj[-3:])| / |sum(obj[-4:-1])| < epsilon_cluster`; Harmony stops once
-   `(obj_prev - obj_new) / |obj_prev| < epsilon_harmony`. In `harmony` both loops are `lax.scan`s of fixed
-   length whose state freezes once the test passes (differentiable, vmappable); `harmony_early_exit` runs the
-   same steps in `lax.while_loop`s that stop there.
+   `(obj_prev - obj_new) / |obj_prev| < epsilon_harmony`. Both loops run on `diffbio_eqx._core._loop.iterate`:
+   by default `lax.scan`s of fixed length whose state freezes once the test passes (differentiable,
+   vmappable); with `early_exit=True` the same steps in `lax.while_loop`s that stop there.
 
 The random stream (k-means++ draws and block shuffles) is JAX's, so results equal harmonypy's only in
 distribution; from the same initial centroids they agree closely (see the tests).
@@ -42,7 +44,7 @@ import numpy as np
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from .._clustering._kmeans import ROW_CHUNK, lloyd
+from .._clustering._kmeans import ROW_CHUNK
 from .._core._loop import chunk_start, row_chunks
 
 
@@ -169,53 +171,6 @@ def squared_distances_cosine(
 ) -> Float[Array, "n_cells n_clusters"]:
     """Harmony's distance between unit vectors, `2 (1 - z_cos . y)`."""
     return 2 - 2 * (z_cos @ centroids.T)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Initialisation
-
-
-def kmeans_plusplus(
-    x: Float[Array, "n_cells n_dims"], n_clusters: int, *, key: PRNGKeyArray, n_iter: int = 25,
-    tol: float = 1e-6,
-) -> Float[Array, "n_clusters n_dims"]:
-    """k-means++ seeding followed by up to `n_iter` Lloyd rounds (stopping once centroids move less than `tol`).
-
-    As harmonypy's initialisation: the first seed is uniform, each next one is drawn with probability
-    proportional to the squared distance to the nearest chosen seed. An empty cluster keeps its centroid.
-
-    **Arguments:**
-
-    - `x`: shape `(n_cells, n_dims)` points (Harmony passes the cosine-normalised cells).
-    - `n_clusters`: number of centroids.
-    - `key`: PRNG key. (Keyword only argument.)
-    - `n_iter`, `tol`: Lloyd rounds and stopping threshold on the Frobenius change of the centroids.
-
-    **Returns:** `(n_clusters, n_dims)` centroids.
-    """
-    n_cells = x.shape[0]
-    first_key, draw_key = jr.split(key)
-    first = jr.randint(first_key, (), 0, n_cells)
-    x = jax.lax.stop_gradient(x)
-
-    def seed(carry, step_key):
-        min_dist, chosen, last = carry
-        diff = x - last[None, :]
-        min_dist = jnp.where(chosen, 0, jnp.minimum(min_dist, jnp.sum(diff * diff, axis=1)))
-        # Inverse-CDF draw (as std::discrete_distribution); all-zero weights fall back to uniform.
-        weights = jnp.where(jnp.sum(min_dist) > 0, min_dist, 1)
-        cdf = jnp.cumsum(weights)
-        u = jr.uniform(step_key, (), x.dtype) * cdf[-1]
-        nxt = jnp.minimum(jnp.searchsorted(cdf, u, side="right"), n_cells - 1)
-        chosen = chosen.at[nxt].set(True)
-        return (min_dist, chosen, x[nxt]), x[nxt]
-
-    init = (jnp.full((n_cells,), jnp.inf, x.dtype), jnp.zeros((n_cells,), bool).at[first].set(True), x[first])
-    _, rest = jax.lax.scan(seed, init, jr.split(draw_key, n_clusters - 1))
-    centroids = jnp.concatenate([x[first][None, :], rest], axis=0)
-    return lloyd(x, centroids, n_iter=n_iter, tol=tol)
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------------

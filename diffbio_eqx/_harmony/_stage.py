@@ -16,6 +16,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
+from .._clustering._kmeans import kmeans_plus_plus, lloyd
 from .._core._loop import iterate
 from .._core._stage import AbstractStage
 from .._core._validate import check_batch_labels, check_embedding, check_n_clusters
@@ -31,7 +32,6 @@ from ._math import (
     cosine_normalize,
     default_n_clusters,
     harmony_objective_terms,
-    kmeans_plusplus,
     map_to_reference,
     moe_ridge_correct,
     per_level,
@@ -423,6 +423,16 @@ def _result(state: _State, trace, params: Harmony, n_batches: tuple[int, ...]) -
     )
 
 
+def initial_centroids(
+    x: Float[Array, "n_cells n_dims"], n_clusters: int, *, key: PRNGKeyArray, n_iter: int = 25, tol: float = 1e-6
+) -> Float[Array, "n_clusters n_dims"]:
+    """Harmony's initial centroids, as harmonypy and R harmony: plain k-means++ seeding (`kmeans_plus_plus` with
+    one trial) and up to `n_iter` Lloyd rounds (until the centroids move less than `tol`) on the cosine-normalised
+    cells; no gradient flows through them."""
+    z = jax.lax.stop_gradient(cosine_normalize(x))
+    return lloyd(z, kmeans_plus_plus(z, n_clusters, key=key, n_local_trials=1), n_iter=n_iter, tol=tol)
+
+
 def _check_values(
     x: Float[Array, "n_cells n_dims"], batch_labels: Int[Array, "n_cells n_covariates"], sigma: Float[Array, ""],
     n_batches: tuple[int, ...],
@@ -461,7 +471,7 @@ def harmony_core(
     )
     init_key, order_key, loop_key = jr.split(key, 3)
     if init_centroids is None:
-        init_centroids = kmeans_plusplus(cosine_normalize(x), shapes.n_clusters, key=init_key)
+        init_centroids = initial_centroids(x, shapes.n_clusters, key=init_key)
     centroids = cosine_normalize(init_centroids.astype(dtype))
     design = batch_design(batch_labels, n_batches, dtype, shapes.segments)
     data = _Data(x, design, jr.permutation(order_key, n_cells))
