@@ -1,6 +1,6 @@
 import importlib.metadata
 
-from . import datasets as datasets, io as io
+from . import datasets as datasets, io as io, pl as pl, pp as pp, tl as tl
 from ._ambient._stage import (
     AmbientProfileWarning as AmbientProfileWarning,
     AmbientRemoval as AmbientRemoval,

@@ -1,0 +1,241 @@
+"""Tools over AnnData, scanpy/scvi-tools-style: the VAE, Harmony, parametric UMAP, soft k-means and the whole
+pipeline.
+
+Each function reads an `anndata.AnnData`, writes its results into it under the keys of `diffbio_eqx.io`
+(`obsm["X_diffbio"]`, `obsm["X_diffbio_corrected"]`, `obsm["X_umap"]`, `obs["diffbio_cluster"]`,
+`layers["diffbio_normalized"]`, ...) and its settings under `uns["diffbio_<name>"]["params"]`, and returns what
+it fitted. A trained stage's model settings live in the module: pass a built module as `model` to change them (its
+shapes must fit the data), or None for the defaults. The AnnData object is updated in memory; a file it was read
+from is never written.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import anndata as ad
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import ArrayLike, PRNGKeyArray
+
+from ._clustering._stage import SoftKMeans, fit_soft_kmeans
+from ._harmony._math import HarmonyResult
+from ._harmony._stage import Harmony
+from ._pipeline import SingleCellPipeline, SingleCellPipelineConfig
+from ._umap._stage import ParametricUMAP, fit_umap
+from ._vae._stage import VAENormalizer, fit_vae, vae_transform
+from .io import CLUSTER_KEY, LAYER_KEYS, OBSM_KEYS, _batch_codes, fit_anndata, from_anndata, to_anndata
+from .pp import _check_adata, representation, settings_record
+
+
+#: The `obsm` keys Harmony's `use_rep=None` tries, in order (never an already corrected embedding).
+HARMONY_REPRESENTATIONS = ("X_diffbio", "X_pca")
+
+
+def _record(adata: ad.AnnData, name: str, params: dict[str, Any], **results: Any) -> None:
+    adata.uns[f"diffbio_{name}"] = {"params": settings_record(params),
+                                    **{key: np.asarray(value) for key, value in results.items()}}
+
+
+def vae(
+    adata: ad.AnnData,
+    model: VAENormalizer | None = None,
+    *,
+    batch_key: str | None = None,
+    layer: str | None = None,
+    key: PRNGKeyArray,
+    **fit_settings: Any,
+) -> VAENormalizer:
+    """Train scVI's VAE on the counts and write the latent space and the normalised expression.
+
+    **Arguments:**
+
+    - `adata`: cells x genes with raw counts in `X` (or `layers[layer]`).
+    - `model`: a `VAENormalizer` carrying the model settings (`latent_dim`, `hidden_dims`, likelihood, ...) for
+      the batches of `batch_key`; when it names its `genes`, they are matched by name in `adata.var_names` (genes
+      it lacks get NaN in `layers["diffbio_normalized"]`). None builds `VAENormalizer(n_vars, n_batches,
+      genes=var_names)`.
+    - `batch_key`: `obs` column with each cell's batch. (Keyword only argument.)
+    - `layer`: read counts from this layer instead of `X`.
+    - `key`: split in two: the first builds the default model (unused when `model` is given), the second trains.
+    - `fit_settings`: passed to `fit_vae` (`settings=TrainSettings(n_epochs=...)`, KL warm-up, ...).
+
+    **Returns:** the trained `VAENormalizer`. Writes `obsm["X_diffbio"]` (posterior means),
+    `layers["diffbio_normalized"]` and `uns["diffbio_vae"]` (`params`, `train_loss`, `validation_loss`).
+    """
+    genes = None if model is None else model.genes
+    arrays = from_anndata(_check_adata(adata), layer=layer, batch_key=batch_key, genes=genes)
+    init_key, fit_key = jr.split(key)
+    if model is None:
+        model = VAENormalizer(adata.n_vars, arrays.n_batches, genes=arrays.genes, key=init_key)
+    fitted = fit_vae(model, arrays.counts, arrays.batch_labels, key=fit_key, **fit_settings)
+    output = vae_transform(fitted.model, arrays.counts, arrays.batch_labels)
+    normalized = np.asarray(output.normalized)
+    if arrays.columns is not None:  # the model's genes, matched by name: back to the order of adata.var_names
+        normalized = np.full((adata.n_obs, adata.n_vars), np.nan, np.float32)
+        normalized[:, arrays.columns] = np.asarray(output.normalized)
+    to_anndata(adata, {"latent": output.latent, "normalized": normalized}, copy=False)
+    params = {"batch_key": batch_key, "layer": layer, "latent_dim": fitted.model.latent_dim,
+              "hidden_dims": fitted.model.hidden_dims, "likelihood": fitted.model.likelihood,
+              "batch_categories": arrays.batch_categories, **fit_settings}
+    _record(adata, "vae", params, train_loss=fitted.train_loss, validation_loss=fitted.validation_loss)
+    return fitted.model
+
+
+def _batch_labels(adata: ad.AnnData, batch_key: str | Sequence[str]) -> tuple[np.ndarray, list[list[str]]]:
+    keys = [batch_key] if isinstance(batch_key, str) else list(batch_key)
+    if not keys:
+        raise ValueError("batch_key: name at least one obs column")
+    codes, categories = zip(*(_batch_codes(adata, name) for name in keys))
+    labels = codes[0] if isinstance(batch_key, str) else np.stack(codes, axis=1)
+    return labels, [list(c) for c in categories]
+
+
+def harmony(
+    adata: ad.AnnData,
+    batch_key: str | Sequence[str],
+    model: Harmony | None = None,
+    *,
+    use_rep: str | None = None,
+    key: PRNGKeyArray,
+) -> HarmonyResult:
+    """Harmony batch correction of an embedding, written as `obsm["X_diffbio_corrected"]`.
+
+    **Arguments:**
+
+    - `adata`: the cells.
+    - `batch_key`: `obs` column(s) with each cell's batch; several columns correct for several covariates.
+    - `model`: a `Harmony` carrying the settings (`theta`, `n_clusters`, preset, ...); None: `Harmony()`.
+    - `use_rep`: the embedding to correct; None: the first of `obsm["X_diffbio"]`, `obsm["X_pca"]`.
+      (Keyword only argument.)
+    - `key`: PRNG key for Harmony's k-means++ initialisation and block shuffles.
+
+    **Returns:** the `HarmonyResult` (centroids, ridge coefficients and objective trace, for mapping new cells
+    with `map_to_reference`). Writes `obsm["X_diffbio_corrected"]` and `uns["diffbio_harmony"]` (`params`,
+    `objective`).
+    """
+    x, use_rep = representation(adata, use_rep, defaults=HARMONY_REPRESENTATIONS)
+    labels, categories = _batch_labels(adata, batch_key)
+    model = Harmony() if model is None else model
+    result = model.run(x, labels, key=key)
+    to_anndata(adata, {"corrected_embeddings": result.z_corr}, copy=False)
+    params = {"batch_key": [batch_key] if isinstance(batch_key, str) else list(batch_key), "use_rep": use_rep,
+              "n_clusters": int(result.centroids.shape[0]), "max_iter_harmony": model.max_iter_harmony,
+              "theta": np.ravel(model.theta).tolist(), "sigma": float(model.sigma),
+              "n_rounds": int(result.n_rounds), "converged": bool(result.converged)}
+    params["batch_categories"] = {name: c for name, c in zip(params["batch_key"], categories)}
+    _record(adata, "harmony", params, objective=result.objective)
+    return result
+
+
+def umap(
+    adata: ad.AnnData,
+    model: ParametricUMAP | None = None,
+    *,
+    use_rep: str | None = None,
+    key: PRNGKeyArray,
+    **fit_settings: Any,
+) -> ParametricUMAP:
+    """Train a parametric UMAP encoder on an embedding and write the 2-D embedding as `obsm["X_umap"]`.
+
+    **Arguments:**
+
+    - `adata`: the cells.
+    - `model`: a `ParametricUMAP` carrying the settings (`n_neighbors`, `min_dist`, encoder size, ...), for the
+      width of `use_rep`; None builds `ParametricUMAP(n_dims)`.
+    - `use_rep`: the embedding (see `pp.representation`; default the first of `X_diffbio_corrected`,
+      `X_diffbio`, `X_pca`), read in the encoder's float dtype. (Keyword only argument.)
+    - `key`: split in two: the first builds the default model (unused when `model` is given), the second trains.
+    - `fit_settings`: passed to `fit_umap` (`settings=TrainSettings(n_epochs=...)`, `prune_epochs`, ...).
+
+    **Returns:** the trained `ParametricUMAP` (its `embed` maps new cells). Writes `obsm["X_umap"]` and
+    `uns["diffbio_umap"]` (`params` with `a`, `b`, `n_neighbors`, `use_rep`; `train_loss`).
+    """
+    x, use_rep = representation(adata, use_rep)
+    init_key, fit_key = jr.split(key)
+    model = ParametricUMAP(x.shape[1], key=init_key) if model is None else model
+    x = x.astype(model.encoder.layers[0].weight.dtype)  # the encoder's precision
+    fitted = fit_umap(model, x, key=fit_key, **fit_settings)
+    to_anndata(adata, {"embeddings_2d": fitted.model.embed(x)}, copy=False)
+    params = {"use_rep": use_rep, "n_neighbors": fitted.model.n_neighbors, "a": float(fitted.model.a),
+              "b": float(fitted.model.b), **fit_settings}
+    _record(adata, "umap", params, train_loss=fitted.train_loss)
+    return fitted.model
+
+
+def soft_kmeans(
+    adata: ad.AnnData,
+    n_clusters: int,
+    *,
+    use_rep: str | None = None,
+    temperature: float = 1.0,
+    key: PRNGKeyArray,
+    **fit_settings: Any,
+) -> SoftKMeans:
+    """Soft k-means clustering of an embedding: cluster labels in `obs`, probabilities in `obsm`.
+
+    **Arguments:**
+
+    - `adata`: the cells.
+    - `n_clusters`: number of clusters, at most `n_obs`.
+    - `use_rep`: the embedding (see `pp.representation`). (Keyword only argument.)
+    - `temperature`: the stage's soft-assignment temperature, in squared-distance units.
+    - `key`: PRNG key for the k-means++ seeding.
+    - `fit_settings`: passed to `fit_soft_kmeans` (`n_iter`, `start_temperature`).
+
+    **Returns:** the fitted `SoftKMeans`. Writes `obs["diffbio_cluster"]` (categorical, the most probable
+    cluster), `obsm["diffbio_cluster_probabilities"]` and `uns["diffbio_soft_kmeans"]` (`params`, `objective`).
+    """
+    x, use_rep = representation(adata, use_rep)
+    stage = SoftKMeans(jnp.zeros((n_clusters, x.shape[1]), x.dtype), temperature=temperature)
+    fitted = fit_soft_kmeans(stage, x, key=key, **fit_settings)
+    to_anndata(adata, {"cluster_assignments": fitted.model(jnp.asarray(x))}, copy=False)
+    params = {"use_rep": use_rep, "n_clusters": n_clusters, "temperature": temperature, **fit_settings}
+    _record(adata, "soft_kmeans", params, objective=fitted.train_loss)
+    return fitted.model
+
+
+def pipeline(
+    adata: ad.AnnData,
+    *,
+    batch_key: str | None = None,
+    layer: str | None = None,
+    key: PRNGKeyArray,
+    config: SingleCellPipelineConfig | None = None,
+    ambient_profile: ArrayLike | None = None,
+    **fit_settings: Any,
+) -> SingleCellPipeline:
+    """Train the whole pipeline on the counts (`io.fit_anndata`) and write every result into `adata`.
+
+    **Arguments:**
+
+    - `adata`: cells x genes with raw counts in `X` (or `layers[layer]`).
+    - `batch_key`: `obs` column with each cell's batch. (Keyword only argument.)
+    - `layer`: read counts from this layer instead of `X`.
+    - `key`: PRNG key for building, training and running the pipeline (as `fit_anndata`).
+    - `config`: pipeline settings; `n_genes` and `n_batches` are taken from the data.
+    - `ambient_profile`: `(n_genes,)`, optional.
+    - `fit_settings`: passed to `fit_pipeline` (epochs, fine-tuning, ...).
+
+    **Returns:** the trained `SingleCellPipeline`. Writes what `io.to_anndata` writes (`obsm["X_diffbio"]`,
+    `obsm["X_diffbio_corrected"]`, `obsm["X_umap"]`, `obs["diffbio_cluster"]`, its probabilities and the layers
+    of the enabled stages) and `uns["diffbio_pipeline"]` (`params`: the config and fit settings; `curves`: the
+    training curves per stage, for `pl.training`).
+    """
+    annotated, fitted = fit_anndata(_check_adata(adata), batch_key=batch_key, layer=layer, key=key, config=config,
+                                    ambient_profile=ambient_profile, **fit_settings)
+    for name in (*OBSM_KEYS.values(), f"{CLUSTER_KEY}_probabilities"):
+        if name in annotated.obsm:
+            adata.obsm[name] = annotated.obsm[name]
+    for name in LAYER_KEYS.values():
+        if name in annotated.layers:
+            adata.layers[name] = annotated.layers[name]
+    if CLUSTER_KEY in annotated.obs:
+        adata.obs[CLUSTER_KEY] = annotated.obs[CLUSTER_KEY].array  # the categorical, not aligned on the index
+    params = {"batch_key": batch_key, "layer": layer, "config": fitted.pipeline.config.to_dict(), **fit_settings}
+    curves = {stage: {name: np.asarray(values) for name, values in stage_curves.items()}
+              for stage, stage_curves in fitted.curves.items()}
+    adata.uns["diffbio_pipeline"] = {"params": settings_record(params), "curves": curves}
+    if "diffbio_batch_categories" in annotated.uns:
+        adata.uns["diffbio_batch_categories"] = annotated.uns["diffbio_batch_categories"]
+    return fitted.pipeline
