@@ -61,6 +61,7 @@ def free_energy(
     Equals $\\sum_{ik} r_{ik} d_{ik} + T \\sum_{ik} r_{ik} \\log r_{ik}$ at the optimal responsibilities, and
     tends to `inertia` as $T \\to 0$.
     """
+    temperature = jnp.asarray(temperature)
     return -temperature * jnp.sum(jax.nn.logsumexp(-squared_distances(x, centroids) / temperature, axis=1))
 
 

@@ -19,7 +19,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 from .._clustering._kmeans import kmeans_plus_plus, lloyd
 from .._core._loop import iterate
 from .._core._stage import AbstractStage
-from .._core._validate import check_batch_labels, check_embedding, check_n_clusters
+from .._core._validate import _is_traced, check_batch_labels, check_embedding, check_n_clusters
 from ._math import (
     PRESETS,
     BatchDesign,
@@ -231,10 +231,6 @@ class _Shapes(NamedTuple):
     n_batches: tuple[int, ...]
     n_clusters: int
     segments: tuple[int, ...] | None  # level sizes of the first covariate, when the labels are concrete
-
-
-def _is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
 
 
 def _checked_embedding(x, *, field: str, n_dims: int | None = None) -> Array:
