@@ -8,9 +8,9 @@ timed, so the peer's timings exclude its JIT; ours include every compile (a fres
 diffbio_eqx: `fit_pipeline` (VAE normaliser 128 hidden / 50 latent with `vae_epochs` chosen for ~3e5 cell
 passes, at least 10 epochs; Harmony on the latent; soft k-means with as many clusters as simulated groups;
 parametric UMAP for ~3,000 optimiser steps, umap-learn's parametric default, on the graph of at most 20,000
-cells drawn at random, `fit_pipeline`'s default, after which the encoder embeds every cell) and then `run_pipeline` (inference of
-the trained pipeline on the same cells). Ambient removal is off by default because the scanpy workflow has no such
-step (`--ambient` switches it on).
+cells drawn at random, `fit_pipeline`'s default, after which the encoder embeds every cell) and then
+`run_pipeline` (inference of the trained pipeline on the same cells). Ambient removal is off by default because
+the scanpy workflow has no such step (`--ambient` switches it on).
 
 Both get the same counts as a SciPy CSR matrix (2,000 genes, 10 groups, 4 batches from `diffbio_eqx.simulate`).
 Each tool runs in its own process, so its peak memory (VmHWM) is its own. Quality: the adjusted Rand index of
@@ -191,6 +191,7 @@ def _run_ours(path: str, ambient: bool, queue) -> None:
         "infer_compile_seconds": max(infer_first - infer_steady, 0.0),
         "cells_per_s": n_cells / total, "ari": _ari(jax.device_get(labels), groups), "n_clusters": N_GROUPS,
         "vae_epochs": vae_epochs, "umap_epochs": umap_epochs, "ambient_removal": ambient,
+        "settings": fitted.pipeline.settings(),  # what ran, read from the trained stages
         "peak_rss_bytes": _common.process_peak_bytes(),
         "environment": _common.environment(),
     })
