@@ -26,6 +26,7 @@ from ._core._metrics import (
 )
 from ._core._neighbors import exact_knn
 from ._pipeline import (
+    FitSettings,
     PipelineFit,
     PipelineOutput,
     SingleCellPipelineConfig,
@@ -210,7 +211,7 @@ def _train(config: SingleCellPipelineConfig, arrays: io.AnnDataArrays, epochs: d
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)  # the pooled-profile warning is stated in the report
         started = time.perf_counter()
-        fitted = fit_pipeline(pipeline, data, key=fit_key, progress=progress, **epochs)
+        fitted = fit_pipeline(pipeline, data, key=fit_key, settings=FitSettings().replace(**epochs), progress=progress)
         train_seconds = time.perf_counter() - started
         started = time.perf_counter()
         jax.block_until_ready(run_pipeline(fitted.pipeline, data, key=run_key))

@@ -11,7 +11,7 @@ import jax.random as jr
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from jaxtyping import ArrayLike, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from ._core._checkpoint import atomic_path as atomic_path  # the one atomic writer, re-exported
 from ._core._validate import check_batch_labels, check_counts
@@ -25,7 +25,7 @@ class AnnDataArrays:
 
     def __init__(
         self,
-        counts: np.ndarray | sp.csr_matrix,
+        counts: np.ndarray | sp.csr_matrix | Array,
         batch_labels: np.ndarray | None,
         batch_categories: tuple[str, ...] | None,
         genes: tuple[str, ...],
@@ -116,14 +116,14 @@ def _batch_codes(adata: ad.AnnData, batch_key: str) -> tuple[np.ndarray, tuple[s
             f"batch_key: {batch_key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})"
         )
     column = adata.obs[batch_key]
-    if column.isna().any():
+    if bool(column.isna().any()):
         first = int(np.flatnonzero(column.isna().to_numpy())[0])
         raise ValueError(f"adata.obs[{batch_key!r}]: missing value at cell {first}")
     categorical = pd.Categorical(column)
-    codes = check_batch_labels(
+    codes = np.asarray(check_batch_labels(
         categorical.codes.astype(np.int32), adata.n_obs, n_batches=len(categorical.categories),
         field=f"adata.obs[{batch_key!r}]",
-    )
+    ))
     return codes, tuple(str(c) for c in categorical.categories)
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import pathlib
 import tomllib
 from collections.abc import Mapping
@@ -102,12 +103,12 @@ class SingleCellPipelineConfig:
         return cls(**values)
 
     @classmethod
-    def from_file(cls, path: str | pathlib.Path) -> "SingleCellPipelineConfig":
+    def from_file(cls, path: str | os.PathLike[str]) -> "SingleCellPipelineConfig":
         """Read a `.json` or `.toml` file of settings (a `[pipeline]` table in TOML, or top level)."""
         return cls.from_dict(cls.settings_in_file(path))
 
     @classmethod
-    def settings_in_file(cls, path: str | pathlib.Path) -> dict[str, Any]:
+    def settings_in_file(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Only the settings a `.json` or `.toml` file gives (checked against the config's fields), without the
         defaults, so they can override another set of settings."""
         source = pathlib.Path(path)

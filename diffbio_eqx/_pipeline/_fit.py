@@ -145,7 +145,7 @@ class _FitInputs:
 
 
 def _is_integer(value: Any, minimum: int) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value >= minimum)
 
 
 def _check_fit_settings(pipeline: SingleCellPipeline, n_cells: int, settings: FitSettings) -> None:
@@ -185,8 +185,9 @@ def _fit_inputs(
     if raw_counts is not None and pipeline.ambient_removal is not None:
         check_counts(raw_counts, field="raw_counts", allow_empty_cells=True, n_genes=pipeline.config.n_genes)
     if cell_type_labels is not None:
-        cell_type_labels = check_batch_labels(cell_type_labels, n_cells, n_batches=pipeline.config.n_clusters,
-                                              field="cell_type_labels")
+        n_types = pipeline.config.n_clusters
+        cell_type_labels = np.asarray(check_batch_labels(cell_type_labels, n_cells, n_batches=n_types,
+                                                         field="cell_type_labels"))
         if cell_type_labels.ndim != 1:
             raise ValueError(f"cell_type_labels: expected shape ({n_cells},), got {cell_type_labels.shape}")
     folder = None if checkpoint_dir is None else pathlib.Path(checkpoint_dir)

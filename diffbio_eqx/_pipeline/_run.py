@@ -9,6 +9,7 @@ from typing import Any
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse as sp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._ambient._stage import AmbientProfileWarning
@@ -37,9 +38,9 @@ def prepare_inputs(
         raise ValueError("data: missing 'counts'")
     config = pipeline.config
     counts = check_counts(data["counts"], n_genes=config.n_genes)
-    if hasattr(counts, "toarray") and not keep_sparse:
+    if isinstance(counts, sp.csr_matrix) and not keep_sparse:
         counts = counts.toarray()
-    n_cells = counts.shape[0]
+    n_cells = counts.shape[0]  # pyright: ignore[reportOptionalSubscript]  (scipy's stubs: shape may be None)
     profile = data.get("ambient_profile")
     if profile is None:
         if pipeline.ambient_removal is not None and warn_profile:
