@@ -5,35 +5,20 @@ and 2,000 genes is 8 GB per array. `simulate_sparse` draws the gene-level parame
 factors, batch factors, the per-gene BCV draw) and then the cells in fixed-size chunks, each from
 `fold_in(cell_key, chunk)`, converting each dense chunk to CSR before drawing the next. Memory is the CSR result
 plus one chunk. The gamma-Poisson draws use NumPy's samplers (seeded from the JAX key), which on CPU are an
-order of magnitude faster than `jax.random`'s for per-entry shapes. Ambient RNA and doublets are left out (use `simulate` for those at small scale).
+order of magnitude faster than `jax.random`'s for per-entry shapes. Ambient RNA and doublets are left out (use
+`simulate` for those at small scale).
 """
 
 import dataclasses
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import scipy.sparse as sp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from ._simulate import _float_dtype, _lognormal, _multiplicative_factors
-
-
-class GeneParameters(eqx.Module):
-    """The gene-level draws every chunk of `simulate_sparse` shares.
-
-    - `gene_mean`: `(n_genes,)` base means, `Gamma(mean_shape, mean_rate)`.
-    - `de_factors`: `(n_groups, n_genes)` multiplicative group effects (1 where a gene is not DE).
-    - `batch_factors`: `(n_batches, n_genes)` multiplicative batch effects (all 1 with one batch).
-    - `bcv_scale`: `(n_genes,)` Splatter's `sqrt(bcv_df / chi2(bcv_df))` per gene.
-    """
-
-    gene_mean: Float[Array, " n_genes"]
-    de_factors: Float[Array, "n_groups n_genes"]
-    batch_factors: Float[Array, "n_batches n_genes"]
-    bcv_scale: Float[Array, " n_genes"]
+from ._simulate import GeneParameters, SplatterSettings, cell_expectations, gene_parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,24 +39,11 @@ class SparseSimulation:
 
 
 def draw_gene_parameters(
-    key: PRNGKeyArray, *, n_genes: int, n_groups: int, n_batches: int,
-    de_prob: Float[ArrayLike, ""] = 0.1, de_down_prob: Float[ArrayLike, ""] = 0.5,
-    de_fac_loc: Float[ArrayLike, ""] = 0.6, de_fac_scale: Float[ArrayLike, ""] = 0.4,
-    batch_fac_loc: Float[ArrayLike, ""] = 0.0, batch_fac_scale: Float[ArrayLike, ""] = 0.15,
-    mean_shape: Float[ArrayLike, ""] = 0.6, mean_rate: Float[ArrayLike, ""] = 0.3, bcv_df: Float[ArrayLike, ""] = 60.0,
+    key: PRNGKeyArray, *, n_genes: int, n_groups: int, n_batches: int, **settings: Float[ArrayLike, ""]
 ) -> GeneParameters:
-    """Draw the gene-level parameters of the Splatter model (the same distributions as `simulate`)."""
-    dtype = _float_dtype()
-    as_float = lambda v: jnp.asarray(v, dtype=dtype)
-    mean_key, de_key, batch_key, bcv_key = jr.split(key, 4)
-    gene_mean = jr.gamma(mean_key, as_float(mean_shape), (n_genes,), dtype=dtype) / as_float(mean_rate)
-    de_factors = _multiplicative_factors(de_key, n_groups, n_genes, as_float(de_prob), as_float(de_down_prob),
-                                         as_float(de_fac_loc), as_float(de_fac_scale))
-    batch_factors = _lognormal(batch_key, as_float(batch_fac_loc), as_float(batch_fac_scale), (n_batches, n_genes))
-    batch_factors = batch_factors if n_batches > 1 else jnp.ones_like(batch_factors)
-    df = as_float(bcv_df)
-    chi2 = 2.0 * jr.gamma(bcv_key, df / 2.0, (n_genes,), dtype=dtype)
-    return GeneParameters(gene_mean, de_factors, batch_factors, jnp.sqrt(df / chi2))
+    """Draw the gene-level parameters of the Splatter model (`settings` by name as in `SplatterSettings`)."""
+    return gene_parameters(tuple(jr.split(key, 4)), SplatterSettings(**settings), n_genes=n_genes,
+                           n_groups=n_groups, n_batches=n_batches)
 
 
 @eqx.filter_jit
@@ -80,23 +52,8 @@ def cell_means(
     bcv_common: Float[Array, ""], *, n_cells: int,
 ) -> tuple[Float[Array, "n_cells n_genes"], Float[Array, "n_cells n_genes"], Int[Array, " n_cells"],
            Int[Array, " n_cells"], Float[Array, " n_cells"]]:
-    """Draw `n_cells` cells' labels and expected counts given the gene-level parameters.
-
-    Groups and batches are uniform, library sizes log-normal. **Returns:** `(means, gamma_shape, groups,
-    batches, library_size)`, where the counts are `Poisson(Gamma(gamma_shape, means / gamma_shape))` with
-    Splatter's BCV, `gamma_shape = 1 / bcv^2`.
-    """
-    n_groups, n_genes = genes.de_factors.shape
-    n_batches = genes.batch_factors.shape[0]
-    dtype = genes.gene_mean.dtype
-    group_key, batch_key, lib_key = jr.split(key, 3)
-    groups = jr.randint(group_key, (n_cells,), 0, n_groups)
-    batches = jr.randint(batch_key, (n_cells,), 0, n_batches)
-    library_size = _lognormal(lib_key, lib_loc, lib_scale, (n_cells,)).astype(dtype)
-    cell_gene_mean = genes.gene_mean[None, :] * genes.de_factors[groups] * genes.batch_factors[batches]
-    means = cell_gene_mean / jnp.sum(cell_gene_mean, axis=1, keepdims=True) * library_size[:, None]
-    bcv = (bcv_common + 1.0 / jnp.sqrt(jnp.maximum(means, 1e-8))) * genes.bcv_scale[None, :]
-    return means, 1.0 / bcv**2, groups, batches, library_size
+    """`cell_expectations` for one chunk of cells, its three keys split from `key`."""
+    return cell_expectations(tuple(jr.split(key, 3)), genes, lib_loc, lib_scale, bcv_common, n_cells=n_cells)
 
 
 def _gamma_poisson(seed: np.ndarray, means: np.ndarray, gamma_shape: np.ndarray) -> sp.csr_matrix:
@@ -128,8 +85,8 @@ def simulate_sparse(
 
     - `key`: PRNG key; the gene parameters come from one half, chunk `c` from `fold_in(other half, c)`.
     - `n_cells`, `n_genes`, `n_groups`, `n_batches`: sizes. (Keyword only arguments.)
-    - `lib_loc`, `lib_scale`: library sizes `exp(N(lib_loc, lib_scale))` (default about 1,100 counts a cell, a quarter of
-      the entries non-zero: 10x-like for 2,000 highly variable genes).
+    - `lib_loc`, `lib_scale`: library sizes `exp(N(lib_loc, lib_scale))` (default about 1,100 counts a cell, a quarter
+      of the entries non-zero: 10x-like for 2,000 highly variable genes).
     - `bcv_common`: Splatter's common biological coefficient of variation.
     - `chunk_size`: cells drawn per compiled call (bounds the dense working memory: about
       `10 * chunk_size * n_genes` floats).

@@ -7,6 +7,8 @@ drawn from a shared profile, with empty droplets holding ambient RNA only, as Ce
 (two cells in one droplet).
 """
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -64,39 +66,10 @@ def _multiplicative_factors(
     return jnp.where(affected, factor, 1.0)
 
 
-def simulate(
-    key: PRNGKeyArray,
-    *,
-    n_cells: int = 1000,
-    n_genes: int = 500,
-    n_groups: int = 5,
-    n_batches: int = 1,
-    de_prob: Float[ArrayLike, ""] = 0.1,
-    de_down_prob: Float[ArrayLike, ""] = 0.5,
-    de_fac_loc: Float[ArrayLike, ""] = 0.6,
-    de_fac_scale: Float[ArrayLike, ""] = 0.4,
-    batch_fac_loc: Float[ArrayLike, ""] = 0.0,
-    batch_fac_scale: Float[ArrayLike, ""] = 0.15,
-    mean_shape: Float[ArrayLike, ""] = 0.6,
-    mean_rate: Float[ArrayLike, ""] = 0.3,
-    lib_loc: Float[ArrayLike, ""] = 8.0,
-    lib_scale: Float[ArrayLike, ""] = 0.3,
-    bcv_common: Float[ArrayLike, ""] = 0.1,
-    bcv_df: Float[ArrayLike, ""] = 60.0,
-    contamination: Float[ArrayLike, ""] = 0.0,
-    ambient_model: str = "count",
-    ambient_log_scale: Float[ArrayLike, ""] = 0.2,
-    contamination_concentration: Float[ArrayLike, ""] = 30.0,
-    n_empty_droplets: int = 0,
-    ambient_profile: Float[ArrayLike, " n_genes"] | None = None,
-    doublet_rate: Float[ArrayLike, ""] = 0.0,
-) -> SimulatedData:
-    """Simulate gamma-Poisson counts with groups, batches, ambient RNA and doublets (Splatter-style).
+@dataclasses.dataclass(frozen=True)
+class SplatterSettings:
+    """The continuous settings of the Splatter model (each may be a traced scalar: jit- and vmap-able).
 
-    **Arguments:**
-
-    - `key`: a JAX PRNG key. Everything random comes from it, so `jax.vmap` over keys gives replicates.
-    - `n_cells`, `n_genes`, `n_groups`, `n_batches`: sizes (static; keyword only).
     - `de_prob`, `de_down_prob`, `de_fac_loc`, `de_fac_scale`: per group, each gene is differentially expressed
       with probability `de_prob`, by a factor `exp(N(de_fac_loc, de_fac_scale))`, inverted with `de_down_prob`.
     - `batch_fac_loc`, `batch_fac_scale`: every gene in every batch is scaled by `exp(N(loc, scale))`.
@@ -104,7 +77,147 @@ def simulate(
     - `lib_loc`, `lib_scale`: library sizes are `exp(N(lib_loc, lib_scale))`.
     - `bcv_common`, `bcv_df`: Splatter's biological coefficient of variation,
       `(bcv_common + 1/sqrt(mean)) * sqrt(bcv_df / chi2(bcv_df))`.
+    - `ambient_log_scale`, `contamination_concentration`: the spread of ambient totals (`"count"` model) and the
+      Beta concentration of ambient fractions (`"fraction"` model), see `simulate`.
+    """
+
+    de_prob: Float[ArrayLike, ""] = 0.1
+    de_down_prob: Float[ArrayLike, ""] = 0.5
+    de_fac_loc: Float[ArrayLike, ""] = 0.6
+    de_fac_scale: Float[ArrayLike, ""] = 0.4
+    batch_fac_loc: Float[ArrayLike, ""] = 0.0
+    batch_fac_scale: Float[ArrayLike, ""] = 0.15
+    mean_shape: Float[ArrayLike, ""] = 0.6
+    mean_rate: Float[ArrayLike, ""] = 0.3
+    lib_loc: Float[ArrayLike, ""] = 8.0
+    lib_scale: Float[ArrayLike, ""] = 0.3
+    bcv_common: Float[ArrayLike, ""] = 0.1
+    bcv_df: Float[ArrayLike, ""] = 60.0
+    ambient_log_scale: Float[ArrayLike, ""] = 0.2
+    contamination_concentration: Float[ArrayLike, ""] = 30.0
+
+    def scalar(self, name: str) -> Float[Array, ""]:
+        """The setting `name` as a scalar of the simulation's float dtype."""
+        return jnp.asarray(getattr(self, name), dtype=_float_dtype())
+
+
+class GeneParameters(eqx.Module):
+    """The gene-level draws of the Splatter model (shared by every cell; `simulate_sparse` draws them once).
+
+    - `gene_mean`: `(n_genes,)` base means, `Gamma(mean_shape, mean_rate)`.
+    - `de_factors`: `(n_groups, n_genes)` multiplicative group effects (1 where a gene is not DE).
+    - `batch_factors`: `(n_batches, n_genes)` multiplicative batch effects (all 1 with one batch).
+    - `bcv_scale`: `(n_genes,)` Splatter's `sqrt(bcv_df / chi2(bcv_df))` per gene.
+    """
+
+    gene_mean: Float[Array, " n_genes"]
+    de_factors: Float[Array, "n_groups n_genes"]
+    batch_factors: Float[Array, "n_batches n_genes"]
+    bcv_scale: Float[Array, " n_genes"]
+
+
+def gene_parameters(
+    keys: tuple[PRNGKeyArray, PRNGKeyArray, PRNGKeyArray, PRNGKeyArray], settings: SplatterSettings, *,
+    n_genes: int, n_groups: int, n_batches: int,
+) -> GeneParameters:
+    """Draw the gene-level parameters from `(mean, de, batch, bcv)` keys."""
+    mean_key, de_key, batch_key, bcv_key = keys
+    s = settings.scalar
+    dtype = _float_dtype()
+    gene_mean = jr.gamma(mean_key, s("mean_shape"), (n_genes,), dtype=dtype) / s("mean_rate")
+    de_factors = _multiplicative_factors(de_key, n_groups, n_genes, s("de_prob"), s("de_down_prob"),
+                                         s("de_fac_loc"), s("de_fac_scale"))
+    batch_factors = _lognormal(batch_key, s("batch_fac_loc"), s("batch_fac_scale"), (n_batches, n_genes))
+    batch_factors = batch_factors if n_batches > 1 else jnp.ones_like(batch_factors)
+    df = s("bcv_df")
+    chi2 = 2.0 * jr.gamma(bcv_key, df / 2.0, (n_genes,), dtype=dtype)
+    return GeneParameters(gene_mean, de_factors, batch_factors, jnp.sqrt(df / chi2))
+
+
+def cell_expectations(
+    keys: tuple[PRNGKeyArray, PRNGKeyArray, PRNGKeyArray], genes: GeneParameters, lib_loc: Float[Array, ""],
+    lib_scale: Float[Array, ""], bcv_common: Float[Array, ""], *, n_cells: int,
+) -> tuple[Float[Array, "n_cells n_genes"], Float[Array, "n_cells n_genes"], Int[Array, " n_cells"],
+           Int[Array, " n_cells"], Float[Array, " n_cells"]]:
+    """Draw `n_cells` cells' labels and expected counts from `(group, batch, library)` keys.
+
+    Groups and batches are uniform, library sizes log-normal. **Returns:** `(means, gamma_shape, groups,
+    batches, library_size)`, where the counts are `Poisson(Gamma(gamma_shape, means / gamma_shape))` with
+    Splatter's BCV, `gamma_shape = 1 / bcv^2`.
+    """
+    group_key, batch_key, lib_key = keys
+    n_groups, n_genes = genes.de_factors.shape
+    groups = jr.randint(group_key, (n_cells,), 0, n_groups)
+    batches = jr.randint(batch_key, (n_cells,), 0, genes.batch_factors.shape[0])
+    library_size = _lognormal(lib_key, lib_loc, lib_scale, (n_cells,)).astype(genes.gene_mean.dtype)
+    cell_gene_mean = genes.gene_mean[None, :] * genes.de_factors[groups] * genes.batch_factors[batches]
+    means = cell_gene_mean / jnp.sum(cell_gene_mean, axis=1, keepdims=True) * library_size[:, None]
+    bcv = (bcv_common + 1.0 / jnp.sqrt(jnp.maximum(means, 1e-8))) * genes.bcv_scale[None, :]
+    return means, 1.0 / bcv**2, groups, batches, library_size
+
+
+class _AmbientDraw(eqx.Module):
+    counts: Float[Array, "n_cells n_genes"]
+    empty_counts: Float[Array, "n_empty_droplets n_genes"]
+    profile: Float[Array, " n_genes"]
+
+
+def _ambient(
+    keys: tuple[PRNGKeyArray, PRNGKeyArray, PRNGKeyArray, PRNGKeyArray], true_counts: Float[Array, "n_cells n_genes"],
+    contamination: Float[Array, ""], ambient_profile: Float[ArrayLike, " n_genes"] | None,
+    settings: SplatterSettings, *, ambient_model: str, n_empty_droplets: int,
+) -> _AmbientDraw:
+    """Ambient RNA for each droplet and the empty droplets, from `(fraction, ambient, empty size, empty)` keys."""
+    fraction_key, ambient_key, empty_size_key, empty_key = keys
+    dtype = true_counts.dtype
+    if ambient_profile is None:  # what lysed cells release: the pooled expression
+        pooled = jnp.sum(true_counts, axis=0) + 1e-3
+        profile = pooled / jnp.sum(pooled)
+    else:
+        profile = jnp.asarray(ambient_profile, dtype=dtype)
+        profile = profile / jnp.sum(profile)
+    has_ambient = contamination > 0
+    safe_mean = jnp.clip(contamination, 1e-6, 0.95)
+    typical_ambient = safe_mean / (1.0 - safe_mean) * jnp.exp(settings.scalar("lib_loc"))
+    log_scale = settings.scalar("ambient_log_scale")
+    if ambient_model == "count":
+        ambient_total = _lognormal(fraction_key, jnp.log(typical_ambient), log_scale, (true_counts.shape[0],))
+    else:
+        concentration = settings.scalar("contamination_concentration")
+        target_fraction = jr.beta(fraction_key, safe_mean * concentration, (1.0 - safe_mean) * concentration,
+                                  (true_counts.shape[0],), dtype=dtype)
+        target_fraction = jnp.clip(target_fraction, 0.0, 0.95)
+        ambient_total = target_fraction / (1.0 - target_fraction) * jnp.sum(true_counts, axis=1)
+    ambient_total = jnp.where(has_ambient, ambient_total, 0.0)
+    ambient_counts = jr.poisson(ambient_key, ambient_total[:, None] * profile[None, :]).astype(dtype)
+    empty_total = _lognormal(empty_size_key, jnp.log(typical_ambient), log_scale, (n_empty_droplets,))
+    empty_total = jnp.where(has_ambient, empty_total, 0.0)
+    empty_counts = jr.poisson(empty_key, empty_total[:, None] * profile[None, :]).astype(dtype)
+    return _AmbientDraw(ambient_counts, empty_counts, profile)
+
+
+def _simulate(
+    key: PRNGKeyArray,
+    *,
+    n_cells: int = 1000,
+    n_genes: int = 500,
+    n_groups: int = 5,
+    n_batches: int = 1,
+    contamination: Float[ArrayLike, ""] = 0.0,
+    doublet_rate: Float[ArrayLike, ""] = 0.0,
+    ambient_model: str = "count",
+    n_empty_droplets: int = 0,
+    ambient_profile: Float[ArrayLike, " n_genes"] | None = None,
+    **settings: Float[ArrayLike, ""],
+) -> SimulatedData:
+    """Simulate gamma-Poisson counts with groups, batches, ambient RNA and doublets (Splatter-style).
+
+    **Arguments:**
+
+    - `key`: a JAX PRNG key. Everything random comes from it, so `jax.vmap` over keys gives replicates.
+    - `n_cells`, `n_genes`, `n_groups`, `n_batches`: sizes (static; keyword only).
     - `contamination`: typical ambient fraction of a droplet's counts (0 disables ambient RNA).
+    - `doublet_rate`: probability that a droplet holds a second, random cell.
     - `ambient_model`: how much ambient RNA each droplet gets (static; keyword only):
         - `"count"` (CellBender's model, the default): about the same number of ambient molecules in every
           droplet, whatever its cell's size: $d_n \\sim \\mathrm{LogNormal}(\\log d_0, s)$ with $s$ =
@@ -117,97 +230,46 @@ def simulate(
       with totals drawn as in the `"count"` model, returned as `empty_counts`.
     - `ambient_profile`: `(n_genes,)` profile of the ambient RNA; default: the pooled expression of all cells,
       which is what lysed cells release.
-    - `doublet_rate`: probability that a droplet holds a second, random cell.
+    - `settings`: the Splatter model's continuous settings by name, as in `SplatterSettings` (`de_prob`,
+      `batch_fac_scale`, `lib_loc`, `bcv_common`, ...); an unknown name is a `TypeError`.
 
     All continuous arguments may be traced, so the function is jit-able and vmappable over them and over keys.
 
     **Returns:** a `SimulatedData` record.
     """
-    dtype = _float_dtype()
-    as_float = lambda v: jnp.asarray(v, dtype=dtype)
+    if ambient_model not in ("count", "fraction"):
+        raise ValueError(f"ambient_model: must be 'count' or 'fraction', got {ambient_model!r}")
+    splatter = SplatterSettings(**settings)
     (
         mean_key, de_key, batch_fac_key, group_key, batch_key, lib_key, bcv_key, gamma_key, count_key,
         doublet_key, partner_key, fraction_key, ambient_key,
     ) = jr.split(key, 13)
     empty_size_key, empty_key = jr.split(jr.fold_in(key, 13))  # apart, so the other draws keep their keys
-    if ambient_model not in ("count", "fraction"):
-        raise ValueError(f"ambient_model: must be 'count' or 'fraction', got {ambient_model!r}")
-
-    gene_mean = jr.gamma(mean_key, as_float(mean_shape), (n_genes,), dtype=dtype) / as_float(mean_rate)
-    de_factors = _multiplicative_factors(
-        de_key, n_groups, n_genes, as_float(de_prob), as_float(de_down_prob), as_float(de_fac_loc),
-        as_float(de_fac_scale),
+    genes = gene_parameters((mean_key, de_key, batch_fac_key, bcv_key), splatter, n_genes=n_genes,
+                            n_groups=n_groups, n_batches=n_batches)
+    s = splatter.scalar
+    means, gamma_shape, groups, batches, library_size = cell_expectations(
+        (group_key, batch_key, lib_key), genes, s("lib_loc"), s("lib_scale"), s("bcv_common"), n_cells=n_cells
     )
-    batch_factors = _lognormal(batch_fac_key, as_float(batch_fac_loc), as_float(batch_fac_scale),
-                               (n_batches, n_genes))
-    batch_factors = batch_factors if n_batches > 1 else jnp.ones_like(batch_factors)
-
-    groups = jr.randint(group_key, (n_cells,), 0, n_groups)
-    batches = jr.randint(batch_key, (n_cells,), 0, n_batches)
-    library_size = _lognormal(lib_key, as_float(lib_loc), as_float(lib_scale), (n_cells,))
-
-    cell_gene_mean = gene_mean[None, :] * de_factors[groups] * batch_factors[batches]
-    proportions = cell_gene_mean / jnp.sum(cell_gene_mean, axis=1, keepdims=True)
-    means = proportions * library_size[:, None]
-
-    df = as_float(bcv_df)
-    chi2 = 2.0 * jr.gamma(bcv_key, df / 2.0, (n_genes,), dtype=dtype)
-    bcv = (as_float(bcv_common) + 1.0 / jnp.sqrt(jnp.maximum(means, 1e-8))) * jnp.sqrt(df / chi2)[None, :]
-    gamma_shape = 1.0 / bcv**2
-    rates = jr.gamma(gamma_key, gamma_shape, dtype=dtype) * means / gamma_shape
-    single_counts = jr.poisson(count_key, rates).astype(dtype)
-
-    is_doublet = jr.bernoulli(doublet_key, as_float(doublet_rate), (n_cells,))
+    rates = jr.gamma(gamma_key, gamma_shape, dtype=means.dtype) * means / gamma_shape
+    single_counts = jr.poisson(count_key, rates).astype(means.dtype)
+    is_doublet = jr.bernoulli(doublet_key, jnp.asarray(doublet_rate, means.dtype), (n_cells,))
     partner = jr.randint(partner_key, (n_cells,), 0, n_cells)
     true_counts = single_counts + jnp.where(is_doublet[:, None], single_counts[partner], 0.0)
-
-    if ambient_profile is None:
-        pooled = jnp.sum(true_counts, axis=0) + 1e-3
-        profile = pooled / jnp.sum(pooled)
-    else:
-        profile = jnp.asarray(ambient_profile, dtype=dtype)
-        profile = profile / jnp.sum(profile)
-    mean_fraction = as_float(contamination)
-    has_ambient = mean_fraction > 0
-    safe_mean = jnp.clip(mean_fraction, 1e-6, 0.95)
-    typical_ambient = safe_mean / (1.0 - safe_mean) * jnp.exp(as_float(lib_loc))
-
-    def ambient_totals(size_key: PRNGKeyArray, n: int) -> Float[Array, " n"]:
-        return _lognormal(size_key, jnp.log(typical_ambient), as_float(ambient_log_scale), (n,))
-
-    if ambient_model == "count":
-        ambient_total = ambient_totals(fraction_key, n_cells)
-    else:
-        concentration = as_float(contamination_concentration)
-        target_fraction = jr.beta(
-            fraction_key, safe_mean * concentration, (1.0 - safe_mean) * concentration, (n_cells,), dtype=dtype
-        )
-        target_fraction = jnp.clip(target_fraction, 0.0, 0.95)
-        ambient_total = target_fraction / (1.0 - target_fraction) * jnp.sum(true_counts, axis=1)
-    ambient_total = jnp.where(has_ambient, ambient_total, 0.0)
-    ambient_counts = jr.poisson(ambient_key, ambient_total[:, None] * profile[None, :]).astype(dtype)
-    empty_total = jnp.where(has_ambient, ambient_totals(empty_size_key, n_empty_droplets), 0.0)
-    empty_counts = jr.poisson(empty_key, empty_total[:, None] * profile[None, :]).astype(dtype)
-
-    counts = true_counts + ambient_counts
-    total = jnp.sum(counts, axis=1)
-    fraction = jnp.sum(ambient_counts, axis=1) / jnp.maximum(total, 1.0)
+    ambient = _ambient((fraction_key, ambient_key, empty_size_key, empty_key), true_counts,
+                       jnp.asarray(contamination, means.dtype), ambient_profile, splatter,
+                       ambient_model=ambient_model, n_empty_droplets=n_empty_droplets)
+    counts = true_counts + ambient.counts
+    fraction = jnp.sum(ambient.counts, axis=1) / jnp.maximum(jnp.sum(counts, axis=1), 1.0)
     return SimulatedData(
-        counts=counts,
-        true_counts=true_counts,
-        ambient_counts=ambient_counts,
-        empty_counts=empty_counts,
-        contamination_fraction=fraction,
-        ambient_profile=profile,
-        groups=groups,
-        batches=batches,
-        is_doublet=is_doublet,
-        library_size=library_size,
-        de_factors=de_factors,
-        batch_factors=batch_factors,
+        counts=counts, true_counts=true_counts, ambient_counts=ambient.counts, empty_counts=ambient.empty_counts,
+        contamination_fraction=fraction, ambient_profile=ambient.profile, groups=groups, batches=batches,
+        is_doublet=is_doublet, library_size=library_size, de_factors=genes.de_factors,
+        batch_factors=genes.batch_factors,
     )
 
 
 simulate = jax.jit(
-    simulate, static_argnames=("n_cells", "n_genes", "n_groups", "n_batches", "ambient_model", "n_empty_droplets")
+    _simulate, static_argnames=("n_cells", "n_genes", "n_groups", "n_batches", "ambient_model", "n_empty_droplets")
 )
+simulate.__doc__ = _simulate.__doc__
