@@ -272,7 +272,7 @@ class AmbientRemoval(AbstractTrainableStage):
         log_profile = safe_log_profile(profile)
         z_mean, z_log_variance, logit_f = self.encode(counts)
         sample = key is not None and not inference
-        z = reparameterize(z_mean, z_log_variance, key=key) if sample else z_mean
+        z = z_mean if key is None or inference else reparameterize(z_mean, z_log_variance, key=key)
         log_cell_profile = self.decode(z)
         log_total = log_library_size(counts)
         if self.n_refine_steps and not sample:

@@ -582,7 +582,7 @@ def _start(params: PyTree, settings: TrainSettings) -> TrainState:
     state = TrainState(params, settings.optimizer.init(params), empty, empty.copy(), 0, math.inf, -1, 0)
     path = settings.checkpoint_path
     if settings.resume and path is not None and pathlib.Path(path).exists():
-        state = eqx.tree_deserialise_leaves(path, state)
+        state = eqx.tree_deserialise_leaves(pathlib.Path(path), state)
         state = dataclasses.replace(state, train_loss=np.array(state.train_loss),
                                     validation_loss=np.array(state.validation_loss))
     if settings.hyperparameters:

@@ -476,9 +476,9 @@ class VAENormalizer(AbstractTrainableStage):
 
 
 def _unpack(batch: tuple[Array | None, ...]) -> tuple[Array, Array | None, Array | None]:
-    if not 1 <= len(batch) <= 3 or batch[0] is None:
-        raise ValueError(f"batch: expected (counts, batch_labels[, log_factorial]), got {len(batch)} entries")
     counts, batch_labels, log_factorial = (*batch, None, None)[:3]
+    if not 1 <= len(batch) <= 3 or counts is None:
+        raise ValueError(f"batch: expected (counts, batch_labels[, log_factorial]), got {len(batch)} entries")
     return counts, batch_labels, log_factorial
 
 
