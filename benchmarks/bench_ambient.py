@@ -171,7 +171,7 @@ def main(out_dir: str | os.PathLike[str] = pathlib.Path(__file__).parent / "resu
 
     results: dict[str, object] = {
         "stage": "ambient",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "backend": jax.default_backend(),
         "versions": {name: md.version(name) for name in ("jax", "equinox", "optax", "torch", "pyro-ppl", "cellbender")

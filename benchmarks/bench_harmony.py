@@ -90,9 +90,8 @@ def _status_kib(field: str) -> int:
 
 def _peak_worker(tool: str, n_cells: int) -> None:
     """Subprocess body: warm up, reset the high-water mark, run once, print the peak above the baseline."""
-    import gc
-
     import ctypes
+    import gc
 
     x, batches = make_data(n_cells)
     run = run_ours if tool == "ours" else run_harmonypy

@@ -183,7 +183,8 @@ def run_stage(stage: str, work: pathlib.Path, n_cells: int) -> dict:
         seconds = time.perf_counter() - started
         from sklearn.metrics import adjusted_rand_score
 
-        record.update(n_clusters=N_GROUPS, n_iter=100, ari_vs_simulated_groups=float(adjusted_rand_score(groups, labels)))
+        record.update(n_clusters=N_GROUPS, n_iter=100,
+                      ari_vs_simulated_groups=float(adjusted_rand_score(groups, labels)))
     else:
         raise ValueError(f"unknown stage {stage!r}")
     peak_gb = _status_gb("VmHWM")

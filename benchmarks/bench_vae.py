@@ -59,7 +59,6 @@ def _run_ours(path: str, n_epochs: int, queue) -> None:
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     import diffbio_eqx as dx
-
     import diffbio_eqx._vae._stage as vae_module
 
     # Per-epoch wall times: `fit` asks for the KL weight on the host at the start of every epoch (after the
@@ -268,7 +267,7 @@ def main(out_dir: str | os.PathLike[str] = "benchmarks/results", sizes=((5000, 2
 
     record = {
         "benchmark": "vae",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "backend": "cpu",

@@ -88,6 +88,7 @@ def bench_ensemble(n_cells: int, n_genes: int = 2000, n_epochs: int = 1, batch_s
     import numpy as np
 
     import diffbio_eqx as dx
+    from diffbio_eqx._core._train import scvi_optimizer
     from diffbio_eqx._vae._stage import log_factorial_per_cell
 
     counts_np, _, _ = _common.simulated_counts(n_cells, n_genes=n_genes)
@@ -98,7 +99,7 @@ def bench_ensemble(n_cells: int, n_genes: int = 2000, n_epochs: int = 1, batch_s
     spec = jtu.tree_map(eqx.is_inexact_array, models)
     spec = eqx.tree_at(lambda m: m.target_library_size, spec, replace=False)  # a setting, not a weight
     params, static = eqx.partition(models, spec)
-    optimizer = dx.scvi_optimizer()
+    optimizer = scvi_optimizer()
     n_steps = math.ceil(n_cells / batch_size)
     epoch = vae_epoch_fn(static, optimizer, n_steps, batch_size)
     keys = jr.split(jr.key(1), n_members)

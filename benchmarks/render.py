@@ -132,7 +132,8 @@ def targets(records: dict) -> list[dict[str, Any]]:
 
     gpu_row("Harmony on 1M cells x 50 PCs, 10 rounds, GPU", "< 1 s", "harmony",
             lambda c: max(c, key=lambda r: r["n_cells"]),
-            lambda r: (f"{r['steady_seconds']:.2f} s", r["steady_seconds"] < 1.0 if r["n_cells"] >= 1_000_000 else None))
+            lambda r: (f"{r['steady_seconds']:.2f} s",
+                       r["steady_seconds"] < 1.0 if r["n_cells"] >= 1_000_000 else None))
     gpu_row("VAE training throughput, GPU", ">= 300k cells/s", "vae_train",
             lambda c: max(c, key=lambda r: r["cells_per_s"]),
             lambda r: (f"{r['cells_per_s']:.3g} cells/s (batch {r.get('batch_size', 128)})", r["cells_per_s"] >= 3e5))
@@ -181,7 +182,8 @@ def pipeline_table(records: dict) -> list[str]:
                      f"{theirs['total_seconds']:.1f} s ({steps}); ARI {theirs['ari']:.3f}; "
                      f"{theirs['peak_rss_bytes'] / 1e9:.1f} GB",
                      f"{ours['total_seconds']:.1f} s = train {ours['fit_seconds']:.1f} ({stages}) + infer "
-                     f"{ours['infer_first_call_seconds']:.1f}; ARI {ours['ari']:.3f}; {ours['peak_rss_bytes'] / 1e9:.1f} GB",
+                     f"{ours['infer_first_call_seconds']:.1f}; ARI {ours['ari']:.3f}; "
+                     f"{ours['peak_rss_bytes'] / 1e9:.1f} GB",
                      f"{run['speedup_train_and_infer']:.2f}x", f"{ours['infer_seconds']:.2f} s "
                      f"({run['speedup_infer_only']:.0f}x)"])
     return _table(["cells", "backend", "scanpy pipeline", "diffbio_eqx (train + infer)", "speedup",
@@ -222,7 +224,8 @@ def peers_table(records: dict) -> list[str]:
                          f"umap-learn transform {s['umap_learn_transform_cells_per_s']:.3g} cells/s",
                          f"{s['embed_speedup']:.0f}x"])
             rows.append(["UMAP fit", _backend(rec), f"{s['n_cells']:,}", f"{s['ours_fit_s']:.1f} s",
-                         f"umap-learn {s['umap_learn_fit_s']:.1f} s", f"{s['ours_fit_s'] / s['umap_learn_fit_s']:.2f}x time"])
+                         f"umap-learn {s['umap_learn_fit_s']:.1f} s",
+                         f"{s['ours_fit_s'] / s['umap_learn_fit_s']:.2f}x time"])
     for _, rec in records.get("ambient", []):
         for run in rec.get("runs", []):
             ours, theirs = run["diffbio_eqx"], run.get("cellbender", {})
@@ -261,7 +264,8 @@ def _plot(records: dict, path: pathlib.Path) -> bool:
         series.setdefault(label, []).append((run["n_cells"], run["steady_seconds"]))
     for _, rec in records.get("harmony", []):
         for s in rec.get("sizes", []):
-            series.setdefault(f"peer: harmonypy ({_backend(rec)} host)", []).append((s["n_cells"], s["harmonypy_seconds"]))
+            label = f"peer: harmonypy ({_backend(rec)} host)"
+            series.setdefault(label, []).append((s["n_cells"], s["harmonypy_seconds"]))
     for run in runs_of(records, "pipeline"):
         backend = run.get("backend", "cpu")
         series.setdefault(f"ours: pipeline train+infer ({backend})", []).append(
@@ -274,7 +278,8 @@ def _plot(records: dict, path: pathlib.Path) -> bool:
             series.setdefault("peer: scvi-tools epoch (cpu)", []).append((n, n / run["scvi_tools"]["cells_per_s"]))
     for _, rec in records.get("umap", []):
         for s in rec.get("sizes", []):
-            series.setdefault(f"peer: umap-learn fit ({_backend(rec)} host)", []).append((s["n_cells"], s["umap_learn_fit_s"]))
+            label = f"peer: umap-learn fit ({_backend(rec)} host)"
+            series.setdefault(label, []).append((s["n_cells"], s["umap_learn_fit_s"]))
     families = {"harmony": "C0", "vae_train": "C1", "scvi": "C1", "vae_infer": "C5", "umap": "C2",
                 "pipeline train": "C3", "scanpy": "C3", "pipeline_infer": "C4", "kmeans": "C6"}
     for label, points in sorted(series.items()):

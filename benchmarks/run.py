@@ -99,7 +99,8 @@ def carry_over(old: dict, new: dict) -> dict:
                 continue
             for peer, value in entry.items():
                 fresh = measured[n].get(peer)
-                if isinstance(value, dict) and isinstance(fresh, dict) and "skipped" in fresh and "skipped" not in value:
+                skipped_now = isinstance(fresh, dict) and "skipped" in fresh
+                if isinstance(value, dict) and skipped_now and "skipped" not in value:
                     measured[n][peer] = {**value, "carried_over_from": value.get("carried_over_from", _date(old))}
         new[key].sort(key=lambda entry: entry.get("n_cells", 0) if isinstance(entry, dict) else 0)
     return new

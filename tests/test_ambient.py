@@ -11,7 +11,6 @@ the tests add droplets holding ambient RNA only, as many molecules as the cells'
 import functools
 import warnings
 
-import diffbio_eqx as dx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.stats
+from helpers import tree_allclose
+
+import diffbio_eqx as dx
+from diffbio_eqx._ambient import _stage as ambient_stage
 from diffbio_eqx._ambient._math import (
     ambient_count_log_likelihood,
     ambient_log_rates,
@@ -35,7 +38,6 @@ from diffbio_eqx._ambient._math import (
     round_cell_counts,
     safe_log_profile,
 )
-from helpers import tree_allclose
 
 
 N_CELLS, N_GENES, N_GROUPS = 600, 300, 4
@@ -74,7 +76,7 @@ def marker_data(level: float, seed: int = 1) -> dict[str, np.ndarray]:
 def fitted(level: float) -> tuple[dict[str, np.ndarray], dx.AmbientResult]:
     data = marker_data(level)
     if level > 0:  # CellBender's prior from the empty droplets (all of them: at 30% they overlap small cells)
-        count, log_scale = dx.estimate_ambient_count(data["empties"], max_total=np.inf)
+        count, log_scale = ambient_stage.estimate_ambient_count(data["empties"], max_total=np.inf)
     else:  # no ambient RNA, no empty droplets with counts: the Beta prior
         count, log_scale = None, 0.5
     stage = dx.AmbientRemoval(
@@ -372,7 +374,7 @@ def _raw_matrix(seed=0):
 
 def test_estimate_ambient_profile_from_empty_droplets():
     raw, data = _raw_matrix()
-    cutoff = dx.empty_droplet_threshold(np.asarray(raw.sum(1)).ravel())
+    cutoff = ambient_stage.empty_droplet_threshold(np.asarray(raw.sum(1)).ravel())
     totals = data["counts"].sum(1)
     assert cutoff < totals.min()  # every cell lies above the cutoff
     profile = dx.estimate_ambient_profile(raw)
@@ -391,13 +393,13 @@ def test_resolve_profile_says_which():
     counts = data["counts"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        given = dx.resolve_ambient_profile(counts, data["profile"])  # no warning
+        given = ambient_stage.resolve_ambient_profile(counts, data["profile"])  # no warning
     np.testing.assert_allclose(given, data["profile"], rtol=1e-5)
     with pytest.warns(dx.AmbientProfileWarning, match="empty droplets of raw_counts"):
-        from_raw = dx.resolve_ambient_profile(counts, raw_counts=raw)
+        from_raw = ambient_stage.resolve_ambient_profile(counts, raw_counts=raw)
     np.testing.assert_allclose(from_raw, dx.estimate_ambient_profile(raw), rtol=1e-6)
     with pytest.warns(dx.AmbientProfileWarning, match="pooled counts of the cells"):
-        pooled = dx.resolve_ambient_profile(counts)
+        pooled = ambient_stage.resolve_ambient_profile(counts)
     np.testing.assert_allclose(pooled, counts.sum(0) / counts.sum(), rtol=1e-5)
 
 
@@ -413,7 +415,7 @@ def test_fit_on_sparse_counts_with_profile_from_raw(tmp_path):
     assert result.train_loss.shape == (2,) and np.all(np.isfinite(result.train_loss))
     assert (tmp_path / "ambient.eqx").exists()
     # CellBender's prior from the empty droplets (about 40 molecules each), kept by the trained model
-    count, log_scale = dx.estimate_ambient_count(raw)
+    count, log_scale = ambient_stage.estimate_ambient_count(raw)
     assert 30 < count < 50 and 0.4 < log_scale < 0.9, (count, log_scale)
     np.testing.assert_allclose(float(result.model.prior_ambient_count), count, rtol=1e-6)
     assert float(stage.prior_ambient_count) == 0.0  # the input stage is untouched

@@ -5,13 +5,14 @@ import jax.random as jr
 import jaxtyping
 import numpy as np
 import pytest
+from helpers import log_normalized_pca
 from scipy.spatial.distance import cdist
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 import diffbio_eqx as dx
-
-from helpers import log_normalized_pca
+from diffbio_eqx._clustering import _kmeans as kmeans_math, _loss as clustering_loss
+from diffbio_eqx._core._geometry import squared_distances
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +30,11 @@ def _per_cell_scale(x):
 def test_squared_distances_matches_scipy(getkey):
     x = jr.normal(getkey(), (30, 4))
     y = jr.normal(getkey(), (7, 4))
-    d = dx.squared_distances(x, y)
+    d = squared_distances(x, y)
     assert d.shape == (30, 7)
     np.testing.assert_allclose(d, cdist(np.asarray(x), np.asarray(y), "sqeuclidean"), rtol=1e-10, atol=1e-12)
     with pytest.raises(jaxtyping.TypeCheckError):
-        dx.squared_distances(x, jr.normal(getkey(), (7, 3)))
+        squared_distances(x, jr.normal(getkey(), (7, 3)))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -41,28 +42,28 @@ def test_soft_assign_properties(seed):
     kx, kc, kp = jr.split(jr.key(seed), 3)
     x = jr.normal(kx, (50, 3))
     c = jr.normal(kc, (4, 3))
-    r = dx.soft_assign(x, c, 0.7)
+    r = kmeans_math.soft_assign(x, c, 0.7)
     assert r.shape == (50, 4)
     np.testing.assert_allclose(r.sum(1), 1.0, rtol=1e-12)
     assert bool(jnp.all(r >= 0))
     perm = jr.permutation(kp, 50)
-    np.testing.assert_allclose(dx.soft_assign(x[perm], c, 0.7), r[perm], rtol=1e-12)
+    np.testing.assert_allclose(kmeans_math.soft_assign(x[perm], c, 0.7), r[perm], rtol=1e-12)
     cluster_perm = jnp.array([2, 0, 3, 1])
-    np.testing.assert_allclose(dx.soft_assign(x, c[cluster_perm], 0.7), r[:, cluster_perm], rtol=1e-12)
+    np.testing.assert_allclose(kmeans_math.soft_assign(x, c[cluster_perm], 0.7), r[:, cluster_perm], rtol=1e-12)
     # Free energy: invariant to relabelling, and equal to its two-term form at the optimal responsibilities.
-    f = dx.free_energy(x, c, 0.7)
-    np.testing.assert_allclose(dx.free_energy(x, c[cluster_perm], 0.7), f, rtol=1e-12)
-    two_term = jnp.sum(r * dx.squared_distances(x, c)) + 0.7 * jnp.sum(r * jnp.log(r))
+    f = kmeans_math.free_energy(x, c, 0.7)
+    np.testing.assert_allclose(kmeans_math.free_energy(x, c[cluster_perm], 0.7), f, rtol=1e-12)
+    two_term = jnp.sum(r * squared_distances(x, c)) + 0.7 * jnp.sum(r * jnp.log(r))
     np.testing.assert_allclose(f, two_term, rtol=1e-10)
     # T -> 0 gives hard assignments and the inertia.
-    np.testing.assert_array_equal(jnp.argmax(dx.soft_assign(x, c, 1e-6), 1), dx.hard_assign(x, c))
-    np.testing.assert_allclose(dx.free_energy(x, c, 1e-9), dx.inertia(x, c), rtol=1e-6)
+    np.testing.assert_array_equal(jnp.argmax(kmeans_math.soft_assign(x, c, 1e-6), 1), kmeans_math.hard_assign(x, c))
+    np.testing.assert_allclose(kmeans_math.free_energy(x, c, 1e-9), kmeans_math.inertia(x, c), rtol=1e-6)
 
 
 def test_update_centroids_is_weighted_mean(getkey):
     x = jr.normal(getkey(), (40, 3))
     labels = jr.randint(getkey(), (40,), 0, 3)
-    c = dx.update_centroids(x, jax.nn.one_hot(labels, 3, dtype=x.dtype))
+    c = kmeans_math.update_centroids(x, jax.nn.one_hot(labels, 3, dtype=x.dtype))
     for k in range(3):
         np.testing.assert_allclose(c[k], x[labels == k].mean(0), rtol=1e-12)
 
@@ -75,7 +76,7 @@ def test_objective_trace_never_increases(simulated, seed):
     trace = np.asarray(result.objective)
     assert trace.shape == (30,)
     assert np.all(np.diff(trace) <= 1e-9 * np.abs(trace[1:]))
-    assert float(dx.free_energy(x, result.centroids, _per_cell_scale(x) * 0.3)) == pytest.approx(trace[-1])
+    assert float(kmeans_math.free_energy(x, result.centroids, _per_cell_scale(x) * 0.3)) == pytest.approx(trace[-1])
 
 
 def test_kmeans_plus_plus(simulated):
@@ -88,8 +89,8 @@ def test_kmeans_plus_plus(simulated):
         rows = np.argmin(cdist(np.asarray(init), xs), axis=1)
         np.testing.assert_array_equal(np.asarray(init), xs[rows])  # centroids are cells
         assert len(set(rows.tolist())) == 8
-        plus.append(float(dx.inertia(x, init)))
-        uniform.append(float(dx.inertia(x, x[jr.choice(jr.key(seed), 600, (8,), replace=False)])))
+        plus.append(float(kmeans_math.inertia(x, init)))
+        uniform.append(float(kmeans_math.inertia(x, x[jr.choice(jr.key(seed), 600, (8,), replace=False)])))
     assert np.mean(plus) < np.mean(uniform)
 
 
@@ -101,12 +102,12 @@ def test_low_temperature_matches_sklearn_inertia(simulated, seed):
         reference = KMeans(n_clusters, init=np.asarray(init), n_init=1, max_iter=300, tol=0).fit(np.asarray(x))
         temperature = _per_cell_scale(x) * 1e-3
         ours = dx.soft_kmeans(x, init, temperature, n_iter=100)
-        ratio = float(dx.inertia(x, ours.centroids)) / reference.inertia_
+        ratio = float(kmeans_math.inertia(x, ours.centroids)) / reference.inertia_
         assert ratio <= 1.01, ratio
         # Annealed from a moderate temperature, too.
-        schedule = dx.annealing_schedule(_per_cell_scale(x), temperature, 100, n_hold=25)
+        schedule = kmeans_math.annealing_schedule(_per_cell_scale(x), temperature, 100, n_hold=25)
         annealed = dx.soft_kmeans(x, init, schedule, n_iter=100)
-        assert float(dx.inertia(x, annealed.centroids)) / reference.inertia_ <= 1.01
+        assert float(kmeans_math.inertia(x, annealed.centroids)) / reference.inertia_ <= 1.01
 
 
 def test_stage_ari_against_simulated_groups(simulated):
@@ -157,7 +158,7 @@ def test_gradients_flow_to_centroids_and_temperature(simulated, getkey):
 
     @jax.jit
     def through(c, t):
-        return dx.free_energy(x, dx.soft_kmeans(x, c, t, n_iter=5, tol=0.0).centroids, t)
+        return kmeans_math.free_energy(x, dx.soft_kmeans(x, c, t, n_iter=5, tol=0.0).centroids, t)
 
     g_c, g_t = jax.grad(through, argnums=(0, 1))(init, stage.temperature)
     fd = _directional_fd(lambda c: through(c, stage.temperature), init, v)
@@ -227,13 +228,13 @@ def test_float32_flows_through():
         assert stage.loss((x,), key=jr.key(0))[0].dtype == jnp.float32
         init = dx.kmeans_plus_plus(x, 3, key=jr.key(1))
         reference = KMeans(3, init=np.asarray(init), n_init=1, max_iter=300, tol=0).fit(np.asarray(x))
-        assert float(dx.inertia(x, stage.centroids)) <= 1.01 * reference.inertia_
+        assert float(kmeans_math.inertia(x, stage.centroids)) <= 1.01 * reference.inertia_
 
 
 def test_clustering_compactness_loss_matches_formula(getkey):
     x = jr.normal(getkey(), (60, 3))
     c = jr.normal(getkey(), (4, 3))
-    loss, aux = dx.clustering_compactness_loss(x, c, 0.5, 0.3)
+    loss, aux = clustering_loss.clustering_compactness_loss(x, c, 0.5, 0.3)
     xs, cs = np.asarray(x), np.asarray(c)
     d = cdist(xs, cs, "sqeuclidean")
     r = np.exp(-d / 0.5)
@@ -248,13 +249,13 @@ def test_clustering_compactness_loss_matches_formula(getkey):
     module = dx.ClusteringCompactnessLoss(temperature=0.5, separation_weight=0.3)
     np.testing.assert_allclose(module(x, c)[0], loss, rtol=1e-12)
     # Scale-free, and spreading the centroids lowers the separation term.
-    np.testing.assert_allclose(dx.clustering_compactness_loss(3 * x, 3 * c, 4.5, 0.3)[0], loss, rtol=1e-10)
-    assert dx.clustering_compactness_loss(x, 2 * c, 0.5, 0.3)[1]["separation"] < aux["separation"]
-    assert float(dx.clustering_compactness_loss(x, c[:1], 0.5, 0.3)[1]["separation"]) == 0.0
+    np.testing.assert_allclose(clustering_loss.clustering_compactness_loss(3 * x, 3 * c, 4.5, 0.3)[0], loss, rtol=1e-10)
+    assert clustering_loss.clustering_compactness_loss(x, 2 * c, 0.5, 0.3)[1]["separation"] < aux["separation"]
+    assert float(clustering_loss.clustering_compactness_loss(x, c[:1], 0.5, 0.3)[1]["separation"]) == 0.0
     v = jr.normal(getkey(), c.shape)
     v = v / jnp.linalg.norm(v)
-    grad = jax.grad(lambda cc: dx.clustering_compactness_loss(x, cc, 0.5, 0.3)[0])(c)
-    fd = _directional_fd(lambda cc: dx.clustering_compactness_loss(x, cc, 0.5, 0.3)[0], c, v)
+    grad = jax.grad(lambda cc: clustering_loss.clustering_compactness_loss(x, cc, 0.5, 0.3)[0])(c)
+    fd = _directional_fd(lambda cc: clustering_loss.clustering_compactness_loss(x, cc, 0.5, 0.3)[0], c, v)
     np.testing.assert_allclose(jnp.vdot(grad, v), fd, rtol=1e-6)
 
 
@@ -275,10 +276,11 @@ def test_lloyd_matches_sklearn_from_the_same_start(simulated, seed):
     ours = lloyd(x, init, n_iter=300, tol=0.0)
     reference = KMeans(6, init=np.asarray(init), n_init=1, max_iter=300, tol=0, algorithm="lloyd").fit(np.asarray(x))
     np.testing.assert_allclose(ours, reference.cluster_centers_, rtol=1e-8, atol=1e-10)
-    np.testing.assert_array_equal(nearest_centroid(x, ours), dx.hard_assign(x, ours))
+    np.testing.assert_array_equal(nearest_centroid(x, ours), kmeans_math.hard_assign(x, ours))
     # A tolerance stops it early; one round is one Lloyd step.
     one = lloyd(x, init, n_iter=1)
-    np.testing.assert_allclose(one, dx.update_centroids(x, jax.nn.one_hot(dx.hard_assign(x, init), 6)), rtol=1e-12)
+    assigned = jax.nn.one_hot(kmeans_math.hard_assign(x, init), 6)
+    np.testing.assert_allclose(one, kmeans_math.update_centroids(x, assigned), rtol=1e-12)
 
 
 def _counting_step(state, x):

@@ -84,7 +84,8 @@ def test_scib_total_at_least_the_scanpy_harmonypy_baseline(pbmc):
     baseline.obsm["X_harmony"] = baseline.obsm["X_harmony"].astype(np.float32)
     baseline.obsm["X_pca"] = baseline.obsm["X_pca"].astype(np.float32)
     bench = Benchmarker(baseline, batch_key="batch", label_key="bulk_labels",
-                        embedding_obsm_keys=["X_harmony", "X_diffbio_corrected"], pre_integrated_embedding_obsm_key="X_pca",
+                        embedding_obsm_keys=["X_harmony", "X_diffbio_corrected"],
+                        pre_integrated_embedding_obsm_key="X_pca",
                         n_jobs=1)
     # scib-metrics is written for JAX's defaults (float32, standard promotion), not this suite's settings.
     with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):

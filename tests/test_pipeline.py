@@ -2,7 +2,6 @@ import dataclasses
 import json
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
@@ -14,16 +13,17 @@ from sklearn.metrics import adjusted_rand_score
 import diffbio_eqx as dbx
 import diffbio_eqx._umap._stage as umap_module
 from diffbio_eqx import (
+    PipelineLossWeights,
+    SingleCellPipeline,
+    SingleCellPipelineConfig,
     create_single_cell_pipeline,
     fit_pipeline,
     load_pipeline,
     pipeline_loss,
-    PipelineLossWeights,
     run_pipeline,
     save_pipeline,
-    SingleCellPipeline,
-    SingleCellPipelineConfig,
 )
+from diffbio_eqx._core._neighbors import exact_knn
 
 
 SMALL = dict(latent_dim=10, hidden_dims=(128,), umap_hidden_size=16, umap_depth=2, ambient_hidden_dim=32,
@@ -128,9 +128,9 @@ def test_training_recovers_groups_and_mixes_batches(trained):
     out = run_pipeline(fitted.pipeline, data, key=jr.key(3))
     clusters = np.argmax(np.asarray(out["cluster_assignments"]), axis=1)
     assert adjusted_rand_score(np.asarray(sim.groups), clusters) >= 0.8
-    indices, distances = dbx.exact_knn(out["corrected_embeddings"], out["corrected_embeddings"], 45)
+    indices, distances = exact_knn(out["corrected_embeddings"], out["corrected_embeddings"], 45)
     mixed = dbx.ilisi(indices, distances, data["batch_labels"])
-    indices, distances = dbx.exact_knn(out["latent"], out["latent"], 45)
+    indices, distances = exact_knn(out["latent"], out["latent"], 45)
     before = dbx.ilisi(indices, distances, data["batch_labels"])
     assert mixed >= before - 0.02
     assert set(fitted.curves) >= {"ambient_removal", "vae_normalizer", "batch_correction", "dim_reduction"}

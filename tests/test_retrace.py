@@ -92,8 +92,10 @@ def test_pipeline_hyperparameters_do_not_retrace(traced_once, with_reference):
 def test_sweep_pipeline_does_not_retrace_across_grids(traced_once):
     traced_once(_sweep, "_sweep_compiled")
     pipeline, data = _small_pipeline_and_data()
-    first = dx.sweep_pipeline(pipeline, data, key=jr.key(0), theta=np.array([0.0, 2.0]), temperature=np.array([0.5, 1.0]))
-    second = dx.sweep_pipeline(pipeline, data, key=jr.key(0), theta=np.array([1.0, 3.0]), temperature=np.array([0.25, 4.0]))
+    first = dx.sweep_pipeline(pipeline, data, key=jr.key(0), theta=np.array([0.0, 2.0]),
+                              temperature=np.array([0.5, 1.0]))
+    second = dx.sweep_pipeline(pipeline, data, key=jr.key(0), theta=np.array([1.0, 3.0]),
+                               temperature=np.array([0.25, 4.0]))
     assert first.cluster_assignments.shape == second.cluster_assignments.shape == (2, 2, 120, 3)
 
 

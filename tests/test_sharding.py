@@ -63,7 +63,8 @@ SCRIPT = textwrap.dedent(
         one = dx.fit_vae(vae, counts, batches, key=jr.key(2), settings=dx.TrainSettings(**settings))
         many = dx.fit_vae(vae, counts, batches, key=jr.key(2), settings=dx.TrainSettings(devices="all", **settings))
         out[f"vae_{name}_param_rel"] = max_relative(many.model, one.model, 1e-3)
-        out[f"vae_{name}_loss_rel"] = float(np.max(np.abs(np.asarray(many.train_loss) / np.asarray(one.train_loss) - 1)))
+        ratio = np.asarray(many.train_loss) / np.asarray(one.train_loss)
+        out[f"vae_{name}_loss_rel"] = float(np.max(np.abs(ratio - 1)))
         out[f"vae_{name}_validation_rel"] = float(np.max(np.abs(
             np.asarray(many.validation_loss) / np.asarray(one.validation_loss) - 1)))
         out[f"vae_{name}_loss_moved"] = float(one.train_loss[0] - one.train_loss[-1])

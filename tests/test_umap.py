@@ -1,6 +1,5 @@
 import warnings
 
-import diffbio_eqx as dx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -9,10 +8,14 @@ import jaxtyping
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from diffbio_eqx import datasets
 from helpers import log_normalized_pca
 from sklearn.manifold import trustworthiness
 from sklearn.neighbors import NearestNeighbors
+
+import diffbio_eqx as dx
+from diffbio_eqx import datasets
+from diffbio_eqx._core import _neighbors as neighbors
+from diffbio_eqx._umap import _graph as umap_graph_math
 
 
 @pytest.fixture(scope="module")
@@ -56,26 +59,26 @@ def knn_preservation(x, z, k=15, rows=None):
 
 def test_exact_knn_matches_sklearn(pbmc_pcs, getkey):
     x = jnp.asarray(pbmc_pcs)
-    indices, distances = dx.exact_knn(x, x, 15, block_size=64)  # 700 = 10 full blocks + a padded one
+    indices, distances = neighbors.exact_knn(x, x, 15, block_size=64)  # 700 = 10 full blocks + a padded one
     ref_indices, ref_distances = _sklearn_knn(pbmc_pcs)
     assert indices.shape == distances.shape == (700, 15)
     np.testing.assert_array_equal(indices, ref_indices)
     np.testing.assert_allclose(distances, ref_distances, rtol=1e-10, atol=1e-5)  # sklearn's self-distance ~1e-6
     queries = jr.normal(getkey(), (37, 50))
-    q_indices, q_distances = dx.exact_knn(queries, x, 5)
+    q_indices, q_distances = neighbors.exact_knn(queries, x, 5)
     ref_d, ref_i = NearestNeighbors(n_neighbors=5).fit(pbmc_pcs).kneighbors(np.asarray(queries))
     np.testing.assert_array_equal(q_indices, ref_i)
     np.testing.assert_allclose(q_distances, ref_d, rtol=1e-8)
     with pytest.raises(ValueError, match="n_neighbors"):
-        dx.exact_knn(queries, queries, 38)
+        neighbors.exact_knn(queries, queries, 38)
     with pytest.raises(jaxtyping.TypeCheckError):
-        dx.exact_knn(queries, x[:, :3], 5)
+        neighbors.exact_knn(queries, x[:, :3], 5)
 
 
 @pytest.mark.parametrize("spread,min_dist", [(1.0, 0.1), (1.0, 0.5), (2.0, 0.01), (0.5, 0.0), (1.5, 1.0)])
 def test_find_ab_params_matches_umap_learn(spread, min_dist):
     a_ref, b_ref = _import_umap().umap_.find_ab_params(spread, min_dist)
-    a, b = dx.find_ab_params(spread, min_dist)
+    a, b = umap_graph_math.find_ab_params(spread, min_dist)
     np.testing.assert_allclose([float(a), float(b)], [a_ref, b_ref], rtol=1e-4)
 
 
@@ -94,8 +97,8 @@ def test_fuzzy_simplicial_set_matches_umap_learn(
     x = {"pbmc": pbmc_pcs, "simulated": simulated_pcs[:800], "duplicates": None}[data]
     if x is None:  # repeated cells give zero distances (umap-learn's rho branches for few non-zero neighbours)
         x = np.repeat(simulated_pcs[:100], 3, axis=0)[:250]
-    indices, distances = dx.exact_knn(jnp.asarray(x), jnp.asarray(x), 15)
-    graph = dx.fuzzy_simplicial_set(
+    indices, distances = neighbors.exact_knn(jnp.asarray(x), jnp.asarray(x), 15)
+    graph = neighbors.fuzzy_simplicial_set(
         indices, distances, set_op_mix_ratio=set_op_mix_ratio, local_connectivity=local_connectivity
     )
     with warnings.catch_warnings():
@@ -119,15 +122,15 @@ def test_fuzzy_simplicial_set_matches_umap_learn(
 
 def test_smooth_knn_dist_calibrates_to_log2_k(simulated_pcs):
     x = jnp.asarray(simulated_pcs[:500])
-    _, distances = dx.exact_knn(x, x, 15)
-    sigma, rho = dx.smooth_knn_dist(distances, 15.0)
+    _, distances = neighbors.exact_knn(x, x, 15)
+    sigma, rho = neighbors.smooth_knn_dist(distances, 15.0)
     psum = jnp.sum(jnp.exp(-jnp.maximum(distances[:, 1:] - rho[:, None], 0) / sigma[:, None]), axis=1)
     np.testing.assert_allclose(psum, np.log2(15), atol=1e-4)
     np.testing.assert_allclose(rho, distances[:, 1])  # local_connectivity 1: nearest non-self neighbour
 
 
 def test_umap_loss_matches_formula(getkey):
-    a, b = dx.find_ab_params(1.0, 0.1)
+    a, b = umap_graph_math.find_ab_params(1.0, 0.1)
     head, tail = jr.normal(getkey(), (64, 2)), jr.normal(getkey(), (64, 2))
     negatives = jr.normal(getkey(), (64, 5, 2))
     loss, aux = dx.umap_loss(head, tail, negatives, a, b, eps=1e-3)
