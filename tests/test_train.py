@@ -9,8 +9,9 @@ import numpy as np
 import optax
 import pytest
 import scipy.sparse as sp
-from diffbio_eqx._core._train import TrainSettings, TrainState, fit, map_in_chunks, sparse_rows_from_csr, take_rows
 from helpers import tree_allclose, tree_identical
+
+from diffbio_eqx._core._train import TrainSettings, TrainState, fit, map_in_chunks, sparse_rows_from_csr, take_rows
 
 
 class _Linear(eqx.Module):

@@ -1,4 +1,3 @@
-import diffbio_eqx as dx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -9,15 +8,17 @@ import pytest
 import scipy.sparse as sp
 import scipy.special
 import scipy.stats
+from helpers import knn_batch_purity, log_normalized_pca, tree_allclose, tree_identical
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+import diffbio_eqx as dx
 from diffbio_eqx._vae._stage import (
     gaussian_kl,
     kl_warmup_weight,
     log_factorial_per_cell,
     vae_default_epochs,
 )
-from helpers import knn_batch_purity, log_normalized_pca, tree_allclose, tree_identical
-from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 
 F32 = jnp.float32

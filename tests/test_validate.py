@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from diffbio_eqx import (
+from diffbio_eqx._core._validate import (
+    NonIntegerCountsWarning,
     check_ambient_profile,
     check_batch_labels,
     check_counts,
     check_embedding,
     check_n_clusters,
-    NonIntegerCountsWarning,
 )
 
 
