@@ -171,8 +171,9 @@ def retrace_checks() -> dict:
     import numpy as np
 
     import diffbio_eqx as dx
-    from diffbio_eqx import _pipeline, _train
+    from diffbio_eqx._core import _train
     from diffbio_eqx._harmony import _stage as _harmony
+    from diffbio_eqx._pipeline import _run
 
     results = {}
     x, batches = _common.gaussian_embedding(500, n_dims=10, n_batches=3)
@@ -202,7 +203,7 @@ def retrace_checks() -> dict:
 
     for name, pipeline, inference in (("pipeline_harmony_run", base, False),
                                       ("pipeline_reference_mapping", with_reference, True)):
-        with _traced_once(_pipeline, "_run_compiled"):
+        with _traced_once(_run, "_run_compiled"):
             results[f"{name}_theta_temperature"] = _traces_ok(pipeline_values(pipeline, inference))
 
     vae = dx.VAENormalizer(100, hidden_dims=(16,), latent_dim=4, key=jr.key(0))
