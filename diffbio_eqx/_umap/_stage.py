@@ -2,6 +2,7 @@
 
 import dataclasses
 import warnings
+from typing import cast
 
 import equinox as eqx
 import jax
@@ -11,7 +12,7 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree
 
-from .._core._neighbors import FuzzyGraph, exact_knn, fuzzy_simplicial_set
+from .._core._neighbors import FuzzyGraph, neighbor_graph
 from .._core._stage import AbstractTrainableStage
 from .._core._train import TrainSettings, fit, shared_optimizer
 from .._core._validate import check_embedding
@@ -62,11 +63,13 @@ def umap_graph(
     local_connectivity: Float[ArrayLike, ""] = 1.0,
     block_size: int | None = None,
 ) -> FuzzyGraph:
-    """UMAP's fuzzy graph of `x` from its exact kNN (`exact_knn` then `fuzzy_simplicial_set`), under one jit."""
-    indices, distances = exact_knn(x, x, n_neighbors, block_size=block_size)
-    return fuzzy_simplicial_set(
-        indices, distances, set_op_mix_ratio=set_op_mix_ratio, local_connectivity=local_connectivity
+    """UMAP's fuzzy graph of `x`: the connectivities of the shared `neighbor_graph` (exact kNN, each cell its own
+    first neighbour, then `fuzzy_simplicial_set`), under one jit. `n_neighbors` is in `[2, n_cells - 1]`."""
+    graph = neighbor_graph(
+        x, n_neighbors, set_op_mix_ratio=set_op_mix_ratio, local_connectivity=local_connectivity,
+        block_size=block_size,
     )
+    return graph.connectivities
 
 
 class ParametricUMAP(AbstractTrainableStage):
@@ -150,7 +153,7 @@ class ParametricUMAP(AbstractTrainableStage):
 
     @property
     def n_features(self) -> int:
-        return self.encoder.in_size
+        return cast(int, self.encoder.in_size)  # built from an int `n_features`, never "scalar"
 
     def __call__(
         self, x: Float[Array, "n_cells n_features"], *, key: PRNGKeyArray | None = None, inference: bool = False
