@@ -3,6 +3,7 @@
 import importlib.metadata
 import pathlib
 import warnings
+from typing import cast
 
 import anndata as ad
 import numpy as np
@@ -67,8 +68,9 @@ def pbmc68k() -> ad.AnnData:
         # The file predates `obsp`; anndata warns while moving its neighbour graphs there.
         warnings.simplefilter("ignore", FutureWarning)
         source = ad.read_h5ad(path)
-    counts, _ = restore_pbmc68k_counts(source.raw.X, source.obs["n_counts"].to_numpy())
-    obs = source.obs.copy()
+    # Read into memory (not backed, not lazy): the raw layer is a SciPy matrix and `obs` a DataFrame.
+    counts, _ = restore_pbmc68k_counts(cast(sp.spmatrix, source.raw.X), source.obs["n_counts"].to_numpy())
+    obs = cast(pd.DataFrame, source.obs).copy()
     obs["bulk_labels"] = obs["bulk_labels"].astype("category")
     var = source.raw.var.copy()
     adata = ad.AnnData(X=counts, obs=obs, var=var)

@@ -12,7 +12,7 @@ which).
 """
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -162,6 +162,7 @@ class AmbientRemoval(AbstractTrainableStage):
         self.encoder = eqx.nn.Linear(self.n_genes, self.hidden_dim, dtype=dtype, key=k1)
         self.encoder_latent = eqx.nn.Linear(self.hidden_dim, 2 * self.latent_dim, dtype=dtype, key=k2)
         fraction_head = eqx.nn.Linear(self.hidden_dim, 1, dtype=dtype, key=k3)
+        assert fraction_head.bias is not None  # `use_bias=True` by default
         # Start every droplet at the prior's centre: the head gives the offset from it.
         self.encoder_fraction = eqx.tree_at(
             lambda layer: (layer.weight, layer.bias),
@@ -412,7 +413,9 @@ def estimate_ambient_profile(
     matrix = check_counts(raw_counts, field="raw_counts", allow_empty_cells=True)
     empty = _empty_droplets(_row_totals(matrix), max_total, knee_fraction, min_droplets)
     pooled = np.asarray(matrix[empty].sum(axis=0), dtype=np.float64).ravel()
-    return check_ambient_profile(pooled, matrix.shape[1], field="ambient profile of the empty droplets")
+    n_genes = cast(tuple[int, int], matrix.shape)[1]  # scipy infers a CSR shape as possibly None
+    # A host array is never a tracer, so the check returns NumPy.
+    return cast(np.ndarray, check_ambient_profile(pooled, n_genes, field="ambient profile of the empty droplets"))
 
 
 def estimate_ambient_count(
@@ -460,9 +463,10 @@ def resolve_ambient_profile(counts: Any, ambient_profile: Any = None, *, raw_cou
 
 
 def _resolve_profile(checked: Any, ambient_profile: Any, raw_counts: Any) -> np.ndarray:
-    n_genes = checked.shape[1]
+    n_genes = cast(tuple[int, int], checked.shape)[1]  # scipy infers a CSR shape as possibly None
+    # Profiles are resolved on the host: the checks below return NumPy (only a tracer would come back as one).
     if ambient_profile is not None:
-        return check_ambient_profile(ambient_profile, n_genes)
+        return cast(np.ndarray, check_ambient_profile(ambient_profile, n_genes))
     if raw_counts is not None:
         raw = check_counts(raw_counts, field="raw_counts", allow_empty_cells=True, n_genes=n_genes)
         totals = _row_totals(raw)
@@ -483,7 +487,7 @@ def _resolve_profile(checked: Any, ambient_profile: Any, raw_counts: Any) -> np.
         stacklevel=3,
     )
     pooled = np.asarray(checked.sum(axis=0), dtype=np.float64).ravel()
-    return check_ambient_profile(pooled, n_genes)
+    return cast(np.ndarray, check_ambient_profile(pooled, n_genes))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -560,7 +564,8 @@ def fit_ambient_removal(
         lambda s: (s.prior_contamination, s.prior_ambient_count, s.prior_log_scale), trainable, (False,) * 3
     )
     defaults = TrainSettings(
-        n_epochs=ambient_default_epochs(checked.shape[0]), batch_size=128, optimizer=shared_optimizer(),
+        n_epochs=ambient_default_epochs(cast(tuple[int, int], checked.shape)[0]),  # scipy: CSR shape maybe None
+        batch_size=128, optimizer=shared_optimizer(),
         hyperparameters={"learning_rate": 3e-3, "weight_decay": 1e-6, "eps": 0.01}, validation_fraction=0.0,
         description="ambient removal",
     )

@@ -138,11 +138,11 @@ def softmax_negative_binomial_log_likelihood(
 ) -> Float[Array, " n_cells"]:
     """Per-cell NB log-likelihood of scVI's decoder output, with a fused derivative; the VAE's training hot path.
 
-    The mean is $\mu = \ell \cdot \mathrm{softmax}(\text{logits})$ with library size $\ell$, and the value is
-    $\sum_g \log \mathrm{NB}(x_g; \mu_g, \theta_g)$ without the $-\log\Gamma(x_g + 1)$ terms, i.e.
+    The mean is $\\mu = \\ell \\cdot \\mathrm{softmax}(\\text{logits})$ with library size $\\ell$, and the value is
+    $\\sum_g \\log \\mathrm{NB}(x_g; \\mu_g, \\theta_g)$ without the $-\\log\\Gamma(x_g + 1)$ terms, i.e.
     `negative_binomial_log_prob_logspace(counts, log_softmax(logits) + log_library[:, None],
     log_inverse_dispersion, include_log_factorial=False).sum(-1)`. The hand-written JVP (linear in the tangents,
-    so reverse mode and higher derivatives work) shares the softmax, $\mu/\theta$ and $\mathrm{softplus}(d)$
+    so reverse mode and higher derivatives work) shares the softmax, $\\mu/\\theta$ and $\\mathrm{softplus}(d)$
     between value and derivative and skips derivatives of inputs that are not differentiated; on CPU it made a
     VAE training step about 15 % faster than differentiating the composition.
 
@@ -151,7 +151,7 @@ def softmax_negative_binomial_log_likelihood(
     - `counts`: `(n_cells, n_genes)` observed counts.
     - `logits`: `(n_cells, n_genes)` decoder outputs before the softmax over genes.
     - `log_library`: `(n_cells,)` log library sizes.
-    - `log_inverse_dispersion`: $\log\theta$, `(1, n_genes)` or `(n_cells, n_genes)`.
+    - `log_inverse_dispersion`: $\\log\\theta$, `(1, n_genes)` or `(n_cells, n_genes)`.
 
     **Returns:** `(n_cells,)` log-likelihoods up to the log-factorial constant.
     """

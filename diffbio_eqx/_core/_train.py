@@ -12,7 +12,7 @@ import math
 import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import equinox as eqx
 import jax
@@ -51,18 +51,19 @@ class SparseRows(eqx.Module):
         return (self.indptr.shape[0] - 1, self.n_columns)
 
 
-def sparse_rows_from_csr(matrix: sp.spmatrix, *, dtype: Any = None) -> SparseRows:
+def sparse_rows_from_csr(matrix: sp.spmatrix | sp.sparray, *, dtype: Any = None) -> SparseRows:
     """Convert a SciPy sparse matrix to `SparseRows` (host to device once; duplicates are summed).
 
     The device holds `nnz * (itemsize + 2)` bytes (4 with more than 32,767 columns) plus the row pointers.
     """
-    csr = matrix if sp.isspmatrix_csr(matrix) else sp.csr_matrix(matrix)
+    csr = matrix if isinstance(matrix, sp.csr_matrix) else sp.csr_matrix(matrix)
     if not csr.has_canonical_format:
         csr = csr.copy()
         csr.sum_duplicates()
-    n_rows, n_columns = csr.shape
+    n_rows, n_columns = cast(tuple[int, int], csr.shape)  # scipy infers shape as possibly None
     nnz = int(csr.nnz)
-    if nnz >= np.iinfo(np.int32).max and not jax.config.jax_enable_x64:
+    too_many = nnz >= np.iinfo(np.int32).max
+    if too_many and not jax.config.jax_enable_x64:  # pyright: ignore[reportAttributeAccessIssue]  (not in jax's stub)
         raise ValueError(f"counts: {nnz} non-zeros need 64-bit row pointers; enable jax_enable_x64")
     pointer_dtype = np.int32 if nnz < np.iinfo(np.int32).max else np.int64
     index_dtype = np.int16 if n_columns <= np.iinfo(np.int16).max else np.int32
@@ -157,7 +158,7 @@ def _host_rows(x: Any, start: int, size: int) -> Any:
         if start + size > n:
             wrap = x[np.arange(start + size - n) % n]
             rows = sp.vstack([rows, wrap], format="csr") if sp.issparse(x) else np.concatenate([rows, wrap])
-        return rows.toarray() if sp.issparse(rows) else rows
+        return rows if isinstance(rows, np.ndarray) else rows.toarray()
     return take_rows(x, jnp.arange(start, start + size) % n)
 
 
@@ -395,6 +396,8 @@ class _TunedJit:
     initialise. `__wrapped__` is `fn`, as for `eqx.filter_jit`.
     """
 
+    __wrapped__: Callable[..., Any]  # set by `ft.update_wrapper`
+
     def __init__(self, fn: Callable[..., Any]):
         ft.update_wrapper(self, fn)
         self._jitted: Callable[..., Any] | None = None
@@ -403,7 +406,7 @@ class _TunedJit:
         if self._jitted is None:
             options = tuned_compiler_options()
             # Without options, no `compiler_options` argument at all (older jax.jit does not take one).
-            jit_options = {"compiler_options": options} if options else {}
+            jit_options: dict[str, Any] = {"compiler_options": options} if options else {}
             self._jitted = eqx.filter_jit(self.__wrapped__, **jit_options)
         return self._jitted(*args, **kwargs)
 
@@ -469,8 +472,10 @@ class _Loop(eqx.Module):
         return int(self.split.validation_rows.shape[0])
 
     def epoch_context(self, epoch: int) -> PyTree:
-        per_epoch = callable(self.context) and not isinstance(self.context, eqx.Module)
-        return _replicate(self.context(epoch) if per_epoch else self.context, self.mesh)
+        context = self.context
+        if callable(context) and not isinstance(context, eqx.Module):
+            context = context(epoch)
+        return _replicate(context, self.mesh)
 
 
 def _take_batch(split: _Split, index: Int[Array, " batch_size"], cells: NamedSharding | None) -> tuple[Array, ...]:

@@ -8,9 +8,10 @@ the shape checks run and the numerics are the caller's responsibility.
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
+import jax.core
 import numpy as np
 import scipy.sparse as sp
 from jaxtyping import Array
@@ -131,7 +132,7 @@ def check_counts(
         source.data = _to_float32(source.data, field, lambda mask: _locate(source, mask))
         matrix = sp.csr_matrix(source, dtype=np.float32)
         values = matrix.data
-        shape = matrix.shape
+        shape = cast(tuple[int, int], matrix.shape)  # scipy infers shape as possibly None
     else:
         array = _as_numeric_array(counts, field)
         if array.ndim != 2:

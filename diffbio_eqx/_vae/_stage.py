@@ -14,7 +14,7 @@ import math
 import os
 import pathlib
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import equinox as eqx
 import jax
@@ -103,8 +103,9 @@ def log_factorial_per_cell(counts: Any, *, block_rows: int = 8192) -> np.ndarray
     if sp.issparse(counts):
         # Row blocks bound the float64 temporaries (at a million cells the whole `data` would be GBs).
         csr = sp.csr_matrix(counts)
-        totals = np.empty(csr.shape[0])
-        for start in range(0, csr.shape[0], block_rows):
+        n_rows = cast(tuple[int, int], csr.shape)[0]  # scipy infers shape as possibly None
+        totals = np.empty(n_rows)
+        for start in range(0, n_rows, block_rows):
             block = csr[start : start + block_rows]
             values = log_factorial(block.data)
             block_totals = sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape).sum(axis=1)
@@ -354,7 +355,8 @@ class VAENormalizer(AbstractTrainableStage):
             return value - log_factorial.astype(value.dtype)
         log_mean = jax.nn.log_softmax(logits, axis=-1) + log_library[:, None]
         return count_log_likelihood(
-            counts, log_mean, self._log_theta(batch_labels), zero_logits, self.likelihood, log_factorial
+            counts, log_mean, self._log_theta(batch_labels), zero_logits, cast(Likelihood, self.likelihood),
+            log_factorial,
         )
 
     def _log_theta(
@@ -509,9 +511,9 @@ class VAELoss(eqx.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _prepare(vae: VAENormalizer, counts: Any, batch_labels: Any) -> tuple[Any, np.ndarray]:
+def _prepare(vae: VAENormalizer, counts: Any, batch_labels: Any) -> tuple[Any, np.ndarray | Array]:
     checked = check_counts(counts, n_genes=vae.n_genes)
-    n_cells = checked.shape[0]
+    n_cells = cast(tuple[int, int], checked.shape)[0]  # scipy infers a CSR shape as possibly None
     if batch_labels is None:
         if vae.n_batches > 1:
             raise ValueError(f"batch_labels: the model has {vae.n_batches} batches; pass one label per cell")
