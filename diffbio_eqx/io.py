@@ -49,10 +49,22 @@ class AnnDataArrays:
         )
 
 
-def _gene_columns(var_names: Iterable[Any], genes: Iterable[str]) -> np.ndarray | None:
-    """Where each of `genes` sits in `var_names`, matched by name; None when `var_names` are `genes`, in order.
+def gene_columns(
+    var_names: Iterable[Any], genes: Iterable[Any], *, field: str = "adata.var_names", owner: str = "the pipeline's"
+) -> np.ndarray | None:
+    """Where each of `genes` sits in `var_names`, matched by name: the one gene matching of the faces
+    (`from_anndata(genes=)`, `run_anndata`, `dbx.tl.vae`'s model genes, `dbx.pp.ambient_removal`'s profile and raw
+    droplets).
 
-    Raises a `ValueError` naming the missing genes (the first few, and how many) when some are not in
+    **Arguments:**
+
+    - `var_names`: the names to look in (e.g. `adata.var_names`); extra names are ignored.
+    - `genes`: the names wanted, in the order wanted.
+    - `field`: what `var_names` are, for the error messages. (Keyword only argument.)
+    - `owner`: whose `genes` they are, for the error messages ("the pipeline's", "adata's").
+
+    **Returns:** an integer index array, `var_names[columns] == genes`; None when `var_names` are `genes`, in order.
+    Raises a `ValueError` naming the missing genes (how many, and the first few) when some are not in
     `var_names`, and one naming the repeated names when `var_names` are not unique.
     """
     names = pd.Index([str(name) for name in var_names])
@@ -61,18 +73,32 @@ def _gene_columns(var_names: Iterable[Any], genes: Iterable[str]) -> np.ndarray 
         return None
     if not names.is_unique:
         repeated = list(names[names.duplicated()].unique())
-        raise ValueError(f"adata.var_names: to match genes by name they must be unique; {len(repeated)} "
+        raise ValueError(f"{field}: to match genes by name they must be unique; {len(repeated)} "
                          f"repeated, e.g. {repeated[:5]}")
     columns = names.get_indexer(wanted)
     missing = [gene for gene, column in zip(wanted, columns) if column < 0]
     if missing:
-        raise ValueError(f"adata.var_names: {len(missing)} of the pipeline's {len(wanted)} genes are missing, "
-                         f"first {missing[:5]}; the new data needs every gene the pipeline was trained on")
+        raise ValueError(f"{field}: {len(missing)} of {owner} {len(wanted)} genes are missing, first {missing[:5]}")
     return columns
 
 
+def profile_by_gene(adata: ad.AnnData, profile: Any, *, field: str = "ambient_profile") -> Any:
+    """A per-gene profile given as a `pandas.Series` indexed by gene name, as an array in the order of
+    `adata.var_names` (extra genes left out; a `ValueError` names the missing ones); anything else as given."""
+    if not isinstance(profile, pd.Series):
+        return profile
+    columns = gene_columns(profile.index, adata.var_names, field=f"{field}.index", owner="adata's")
+    values = profile.to_numpy()
+    return values if columns is None else values[columns]
+
+
 def from_anndata(
-    adata: Any, *, layer: str | None = None, batch_key: str | None = None, genes: Iterable[str] | None = None
+    adata: Any,
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    genes: Iterable[str] | None = None,
+    genes_owner: str = "the pipeline's",
 ) -> AnnDataArrays:
     """Extract validated counts and batch codes from an AnnData.
 
@@ -81,8 +107,9 @@ def from_anndata(
     - `adata`: cells x genes.
     - `layer`: read counts from `adata.layers[layer]` instead of `adata.X`. (Keyword only argument.)
     - `batch_key`: an `obs` column holding the batch of each cell (any dtype; its categories become codes).
-    - `genes`: take these genes' columns, in this order, matched by name in `adata.var_names` (e.g. a trained
-      pipeline's `genes`); a `ValueError` names the missing ones. None: every column as it is.
+    - `genes`: take these genes' columns, in this order, matched by name in `adata.var_names` (`gene_columns`;
+      e.g. a trained pipeline's `genes`); a `ValueError` names the missing ones. None: every column as it is.
+    - `genes_owner`: whose `genes` they are, for that error ("the pipeline's", "the model's").
 
     **Returns:** an `AnnDataArrays` with `counts` (float32; CSR kept sparse when the input is sparse, so that
     only minibatches are ever densified), `batch_labels` (int32 codes, or None without `batch_key`),
@@ -99,7 +126,7 @@ def from_anndata(
     if matrix is None:
         raise ValueError(f"{field}: is empty (None)")
     genes = None if genes is None else [str(gene) for gene in genes]
-    columns = None if genes is None else _gene_columns(adata.var_names, genes)
+    columns = None if genes is None else gene_columns(adata.var_names, genes, owner=genes_owner)
     if columns is not None:
         matrix = matrix[:, columns]
     counts = check_counts(matrix, field=field)
@@ -221,14 +248,16 @@ def read_h5ad(path: str | os.PathLike[str]) -> ad.AnnData:
         ) from None
 
 
-def _pipeline_data(adata: ad.AnnData, arrays: AnnDataArrays, ambient_profile: ArrayLike | None) -> dict[str, Any]:
-    """The array functions' input dict; the profile, given in the order of `adata.var_names`, follows the
-    counts' columns."""
+def _pipeline_data(
+    adata: ad.AnnData, arrays: AnnDataArrays, ambient_profile: ArrayLike | pd.Series | None
+) -> dict[str, Any]:
+    """The array functions' input dict; the profile, in the order of `adata.var_names` (or a Series by gene
+    name), follows the counts' columns."""
     data: dict[str, Any] = {"counts": arrays.counts}
     if arrays.batch_labels is not None:
         data["batch_labels"] = arrays.batch_labels
     if ambient_profile is not None:
-        profile = np.asarray(ambient_profile)
+        profile = np.asarray(profile_by_gene(adata, ambient_profile))
         if arrays.columns is not None:
             if profile.shape != (adata.n_vars,):
                 raise ValueError(f"ambient_profile: expected one value per gene of adata, shape ({adata.n_vars},), "
@@ -245,7 +274,7 @@ def fit_anndata(
     layer: str | None = None,
     key: PRNGKeyArray,
     config: SingleCellPipelineConfig | None = None,
-    ambient_profile: ArrayLike | None = None,
+    ambient_profile: ArrayLike | pd.Series | None = None,
     **fit_settings: Any,
 ) -> tuple[Any, PipelineFit]:
     """Train a pipeline on an AnnData and write every result back under scanpy's conventions.
@@ -257,7 +286,8 @@ def fit_anndata(
     - `layer`: read counts from this layer instead of `X`.
     - `key`: PRNG key for building and training the pipeline.
     - `config`: pipeline settings; `n_genes` and `n_batches` are taken from the data.
-    - `ambient_profile`: `(n_genes,)`, optional.
+    - `ambient_profile`: `(n_genes,)` in the order of `adata.var_names`, or a `pandas.Series` indexed by gene
+      name (`profile_by_gene`); optional.
     - `fit_settings`: passed to `fit_pipeline` (epochs, `raw_counts`, fine-tuning, ...).
 
     **Returns:** `(annotated, fitted)`: a new AnnData with `obsm["X_diffbio"]`, `obsm["X_diffbio_corrected"]`,
@@ -286,7 +316,7 @@ def run_anndata(
     key: PRNGKeyArray,
     batch_key: str | None = None,
     layer: str | None = None,
-    ambient_profile: ArrayLike | None = None,
+    ambient_profile: ArrayLike | pd.Series | None = None,
     inference: bool = True,
 ) -> Any:
     """Run a trained pipeline on an AnnData, matching its genes by name, and return the annotated cells.
@@ -300,7 +330,8 @@ def run_anndata(
     - `key`: PRNG key, as in `run_pipeline`. (Keyword only argument.)
     - `batch_key`: `obs` column with each cell's batch; its categories must code the batches as in training.
     - `layer`: read counts from this layer instead of `X`.
-    - `ambient_profile`: `(adata.n_vars,)`, in the order of `adata.var_names`; optional.
+    - `ambient_profile`: `(adata.n_vars,)`, in the order of `adata.var_names`, or a `pandas.Series` indexed by
+      gene name; optional.
     - `inference`: as in `run_pipeline`.
 
     **Returns:** a new AnnData with the results under scanpy's conventions (see `to_anndata`). When `adata`'s

@@ -19,8 +19,9 @@ from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._ambient._stage import AmbientRemoval, fit_ambient_removal, remove_ambient, resolve_ambient_profile
 from ._core._neighbors import NeighborGraph, neighbor_graph
+from ._core._train import TrainSettings
 from ._core._validate import check_embedding
-from .io import from_anndata, to_anndata
+from .io import from_anndata, gene_columns, profile_by_gene, to_anndata
 
 
 #: The `obsm` keys `use_rep=None` looks for, in this order (the corrected latent first, then the VAE's, then PCA).
@@ -162,25 +163,31 @@ def neighbors(
     return graph
 
 
-def _by_gene(adata: ad.AnnData, profile: Any) -> Any:
-    """A profile given as a `pandas.Series` indexed by gene name, in the order of `adata.var_names`."""
-    if not isinstance(profile, pd.Series):
-        return profile
-    missing = adata.var_names.difference(profile.index)
-    if len(missing):
-        raise ValueError(f"ambient_profile: no value for {len(missing)} gene(s) of adata.var_names, e.g. "
-                         f"{list(missing[:5])}")
-    return profile.reindex(adata.var_names).to_numpy()
-
-
 def _raw_by_gene(adata: ad.AnnData, raw_counts: Any) -> Any:
     """Raw droplets given as an AnnData: its counts for the genes of `adata.var_names`, in that order."""
     if not isinstance(raw_counts, ad.AnnData):
         return raw_counts
-    missing = adata.var_names.difference(raw_counts.var_names)
-    if len(missing):
-        raise ValueError(f"raw_counts: lacks {len(missing)} gene(s) of adata.var_names, e.g. {list(missing[:5])}")
-    return raw_counts[:, adata.var_names].X
+    matrix = raw_counts.X
+    if matrix is None:
+        raise ValueError("raw_counts.X: is empty (None)")
+    columns = gene_columns(raw_counts.var_names, adata.var_names, field="raw_counts.var_names", owner="adata's")
+    return matrix if columns is None else matrix[:, columns]
+
+
+def _fit_keywords(fit_settings: Mapping[str, Any], fit_name: str) -> dict[str, Any]:
+    """The keywords a face passes on to `fit_name`, after refusing the loop's settings given flat: they go in
+    `settings=TrainSettings(...)`, as every `fit_<stage>` takes them."""
+    flat = sorted(set(fit_settings) & {field.name for field in dataclasses.fields(TrainSettings)})
+    if flat:
+        raise ValueError(f"{flat[0]}: {fit_name} takes the training loop's settings as "
+                         f"settings=TrainSettings({flat[0]}=...), not as keywords of their own")
+    return dict(fit_settings)
+
+
+def _record_settings(adata: ad.AnnData, name: str, params: Mapping[str, Any], **results: Any) -> None:
+    """Write `uns[name]`: `params` as `settings_record` keeps them, and each of `results` as a NumPy array."""
+    adata.uns[name] = {"params": settings_record(params),
+                       **{key: np.asarray(value) for key, value in results.items()}}
 
 
 def ambient_removal(
@@ -200,19 +207,21 @@ def ambient_removal(
     - `adata`: cells x genes with raw counts in `X` (or `layers[layer]`).
     - `model`: an `AmbientRemoval` carrying the model settings; None builds `AmbientRemoval(adata.n_vars)`.
     - `layer`: read counts from this layer instead of `X`. (Keyword only argument.)
-    - `ambient_profile`: `(n_genes,)`, or a `pandas.Series` indexed by gene name; None: from `raw_counts`' empty
-      droplets, else the cells' pooled counts (see `resolve_ambient_profile`, which warns which).
+    - `ambient_profile`: `(n_genes,)`, or a `pandas.Series` indexed by gene name (matched by `io.profile_by_gene`);
+      None: from `raw_counts`' empty droplets, else the cells' pooled counts (see `resolve_ambient_profile`,
+      which warns which).
     - `raw_counts`: the unfiltered droplets (a matrix with the genes of `adata`, or an AnnData matched by gene
       name): the profile and CellBender's prior on the ambient count.
     - `key`: split in two: the first builds the default model (unused when `model` is given), the second trains.
-    - `fit_settings`: passed to `fit_ambient_removal` (`n_epochs`, `batch_size`, `progress`, ...).
+    - `fit_settings`: passed to `fit_ambient_removal` (`settings=TrainSettings(n_epochs=...)`, `init_profile`).
 
     **Returns:** the trained `AmbientRemoval`. Writes `layers["diffbio_decontaminated"]` (posterior expected
     counts) and `uns["diffbio_ambient"]` (`params` and the per-epoch `train_loss`).
     """
+    fit_settings = _fit_keywords(fit_settings, "fit_ambient_removal")
     counts = from_anndata(_check_adata(adata), layer=layer).counts
     raw = _raw_by_gene(adata, raw_counts)
-    profile = resolve_ambient_profile(counts, _by_gene(adata, ambient_profile), raw_counts=raw)
+    profile = resolve_ambient_profile(counts, profile_by_gene(adata, ambient_profile), raw_counts=raw)
     init_key, fit_key = jr.split(key)
     model = AmbientRemoval(adata.n_vars, key=init_key) if model is None else model
     fitted = fit_ambient_removal(model, counts, profile, key=fit_key, raw_counts=raw, **fit_settings)
@@ -220,6 +229,5 @@ def ambient_removal(
     to_anndata(adata, {"decontaminated_counts": result.decontaminated_counts}, copy=False)
     params = {"layer": layer, "latent_dim": model.latent_dim, "hidden_dim": model.hidden_dim,
               "profile": "given" if ambient_profile is not None else "raw_counts" if raw is not None else "pooled"}
-    adata.uns[AMBIENT_KEY] = {"params": settings_record({**params, **fit_settings}),
-                              "train_loss": np.asarray(fitted.train_loss)}
+    _record_settings(adata, AMBIENT_KEY, {**params, **fit_settings}, train_loss=fitted.train_loss)
     return fitted.model

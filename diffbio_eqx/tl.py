@@ -16,6 +16,7 @@ import anndata as ad
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import pandas as pd
 from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._clustering._stage import SoftKMeans, fit_soft_kmeans
@@ -25,7 +26,7 @@ from ._pipeline import SingleCellPipeline, SingleCellPipelineConfig
 from ._umap._stage import ParametricUMAP, fit_umap
 from ._vae._stage import VAENormalizer, fit_vae, vae_transform
 from .io import CLUSTER_KEY, LAYER_KEYS, OBSM_KEYS, _batch_codes, fit_anndata, from_anndata, to_anndata
-from .pp import _check_adata, representation, settings_record
+from .pp import _check_adata, _fit_keywords, _record_settings, representation
 
 
 #: The `obsm` keys Harmony's `use_rep=None` tries, in order (never an already corrected embedding).
@@ -33,8 +34,7 @@ HARMONY_REPRESENTATIONS = ("X_diffbio", "X_pca")
 
 
 def _record(adata: ad.AnnData, name: str, params: dict[str, Any], **results: Any) -> None:
-    adata.uns[f"diffbio_{name}"] = {"params": settings_record(params),
-                                    **{key: np.asarray(value) for key, value in results.items()}}
+    _record_settings(adata, f"diffbio_{name}", params, **results)
 
 
 def vae(
@@ -63,8 +63,10 @@ def vae(
     **Returns:** the trained `VAENormalizer`. Writes `obsm["X_diffbio"]` (posterior means),
     `layers["diffbio_normalized"]` and `uns["diffbio_vae"]` (`params`, `train_loss`, `validation_loss`).
     """
+    fit_settings = _fit_keywords(fit_settings, "fit_vae")
     genes = None if model is None else model.genes
-    arrays = from_anndata(_check_adata(adata), layer=layer, batch_key=batch_key, genes=genes)
+    arrays = from_anndata(_check_adata(adata), layer=layer, batch_key=batch_key, genes=genes,
+                          genes_owner="the model's")
     init_key, fit_key = jr.split(key)
     if model is None:
         model = VAENormalizer(adata.n_vars, arrays.n_batches, genes=arrays.genes, key=init_key)
@@ -151,6 +153,7 @@ def umap(
     **Returns:** the trained `ParametricUMAP` (its `embed` maps new cells). Writes `obsm["X_umap"]` and
     `uns["diffbio_umap"]` (`params` with `a`, `b`, `n_neighbors`, `use_rep`; `train_loss`).
     """
+    fit_settings = _fit_keywords(fit_settings, "fit_umap")
     x, use_rep = representation(adata, use_rep)
     init_key, fit_key = jr.split(key)
     model = ParametricUMAP(x.shape[1], key=init_key) if model is None else model
@@ -202,7 +205,7 @@ def pipeline(
     layer: str | None = None,
     key: PRNGKeyArray,
     config: SingleCellPipelineConfig | None = None,
-    ambient_profile: ArrayLike | None = None,
+    ambient_profile: ArrayLike | pd.Series | None = None,
     **fit_settings: Any,
 ) -> SingleCellPipeline:
     """Train the whole pipeline on the counts (`io.fit_anndata`) and write every result into `adata`.
@@ -214,13 +217,14 @@ def pipeline(
     - `layer`: read counts from this layer instead of `X`.
     - `key`: PRNG key for building, training and running the pipeline (as `fit_anndata`).
     - `config`: pipeline settings; `n_genes` and `n_batches` are taken from the data.
-    - `ambient_profile`: `(n_genes,)`, optional.
+    - `ambient_profile`: `(n_genes,)`, or a `pandas.Series` indexed by gene name; optional.
     - `fit_settings`: passed to `fit_pipeline` (epochs, fine-tuning, ...).
 
     **Returns:** the trained `SingleCellPipeline`. Writes what `io.to_anndata` writes (`obsm["X_diffbio"]`,
     `obsm["X_diffbio_corrected"]`, `obsm["X_umap"]`, `obs["diffbio_cluster"]`, its probabilities and the layers
-    of the enabled stages) and `uns["diffbio_pipeline"]` (`params`: the config and fit settings; `curves`: the
-    training curves per stage, for `pl.training`).
+    of the enabled stages), `uns["diffbio_pipeline"]` (`params`: the config and fit settings; `curves`: the
+    training curves per stage, for `pl.training`) and, with `batch_key`, `uns["diffbio_batch_categories"]` (the
+    batch of each code).
     """
     annotated, fitted = fit_anndata(_check_adata(adata), batch_key=batch_key, layer=layer, key=key, config=config,
                                     ambient_profile=ambient_profile, **fit_settings)
@@ -235,7 +239,8 @@ def pipeline(
     params = {"batch_key": batch_key, "layer": layer, "config": fitted.pipeline.config.to_dict(), **fit_settings}
     curves = {stage: {name: np.asarray(values) for name, values in stage_curves.items()}
               for stage, stage_curves in fitted.curves.items()}
-    adata.uns["diffbio_pipeline"] = {"params": settings_record(params), "curves": curves}
+    _record_settings(adata, "diffbio_pipeline", params)
+    adata.uns["diffbio_pipeline"]["curves"] = curves
     if "diffbio_batch_categories" in annotated.uns:
         adata.uns["diffbio_batch_categories"] = annotated.uns["diffbio_batch_categories"]
     return fitted.pipeline

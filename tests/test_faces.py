@@ -1,8 +1,10 @@
-"""The scanpy-style faces `dbx.pp`, `dbx.tl`, `dbx.pl` over AnnData: keys written, settings in `uns`, the returned
-module equal to the array API's on the same input and key, the input file untouched, errors naming the field."""
+"""The scanpy-style faces `dbx.pp`, `dbx.tl`, `dbx.pl` over AnnData: keys written (and nothing else), settings in
+`uns`, the returned module equal to the array API's on the same input and key, the input file untouched, errors
+naming the field."""
 
 import hashlib
 import warnings
+from collections.abc import Mapping
 
 import anndata as ad
 import jax.numpy as jnp
@@ -39,9 +41,35 @@ def _adata(simulated) -> ad.AnnData:
     return adata
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        return isinstance(a, Mapping) and isinstance(b, Mapping) and a.keys() == b.keys() and all(
+            _same(a[name], b[name]) for name in a)
+    if sp.issparse(a) or sp.issparse(b):
+        return sp.issparse(a) and sp.issparse(b) and a.shape == b.shape and (a != b).nnz == 0
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+
+
+def _written(before: ad.AnnData, after: ad.AnnData) -> set[str]:
+    """What `after` added, changed or removed relative to `before`, as `"slot[key]"` (or `"X"`)."""
+    assert before.obs_names.equals(after.obs_names) and before.var_names.equals(after.var_names)
+    changed = set() if _same(before.X, after.X) else {"X"}
+    for slot in ("obs", "var"):
+        old, new = getattr(before, slot), getattr(after, slot)
+        changed |= {f"{slot}[{name!r}]" for name in set(old.columns) | set(new.columns)
+                    if name not in old or name not in new or not old[name].equals(new[name])}
+    for slot in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+        old, new = getattr(before, slot), getattr(after, slot)
+        changed |= {f"{slot}[{name!r}]" for name in set(old.keys()) | set(new.keys())
+                    if name not in old or name not in new or not _same(old[name], new[name])}
+    return changed
+
+
 def test_neighbors_writes_scanpy_keys_equal_to_scanpy(simulated):
     adata = _adata(simulated)
+    before = adata.copy()
     graph = dx.pp.neighbors(adata, n_neighbors=10)
+    assert _written(before, adata) == {"obsp['distances']", "obsp['connectivities']", "uns['neighbors']"}
     assert tree_identical(graph, dx.neighbor_graph(adata.obsm["X_pca"], 10))
     assert adata.uns["neighbors"]["params"]["use_rep"] == "X_pca"
     assert adata.uns["neighbors"]["params"]["n_neighbors"] == 10
@@ -67,6 +95,7 @@ def test_neighbors_writes_scanpy_keys_equal_to_scanpy(simulated):
 
 def test_ambient_removal_equals_the_array_api(simulated):
     adata = _adata(simulated)
+    before = adata.copy()
     profile = pd.Series(np.linspace(1.0, 2.0, 40), index=adata.var_names)[::-1]  # by name, in another order
     model = dx.pp.ambient_removal(adata, layer="counts", ambient_profile=profile, key=jr.key(1), settings=QUICK)
     init_key, fit_key = jr.split(jr.key(1))
@@ -79,15 +108,47 @@ def test_ambient_removal_equals_the_array_api(simulated):
     assert adata.uns["diffbio_ambient"]["params"]["layer"] == "counts"
     assert adata.uns["diffbio_ambient"]["params"]["settings"]["n_epochs"] == 2
     assert adata.uns["diffbio_ambient"]["train_loss"].shape == (2,)
+    assert _written(before, adata) == {"layers['diffbio_decontaminated']", "uns['diffbio_ambient']"}
+    written = adata.copy()
     with pytest.raises(ValueError, match="layer: 'raw'"):
         dx.pp.ambient_removal(adata, layer="raw", key=jr.key(1))
-    with pytest.raises(ValueError, match="ambient_profile: no value for 1 gene"):
+    with pytest.raises(ValueError, match=r"^ambient_profile.index: 1 of adata's 40 genes are missing, first "
+                                         r"\['gene39'\]"):
         dx.pp.ambient_removal(adata, ambient_profile=profile.iloc[1:], key=jr.key(1))
+    with pytest.raises(ValueError, match=r"^n_epochs: fit_ambient_removal takes the training loop's settings as "
+                                         r"settings=TrainSettings\(n_epochs=...\)"):
+        dx.pp.ambient_removal(adata, key=jr.key(1), n_epochs=2)
+    assert not _written(written, adata)  # refused calls write nothing
+
+
+def test_ambient_removal_matches_raw_droplets_by_gene_name(simulated):
+    adata = _adata(simulated)
+    counts = adata.X
+    profile = np.linspace(1.0, 2.0, 41)[:40] / np.linspace(1.0, 2.0, 41)[:40].sum()
+    sizes = np.exp(np.random.default_rng(0).normal(np.log(20.0), 0.5, 600))
+    empties = np.random.default_rng(1).poisson(sizes[:, None] * profile[None, :]).astype(np.float32)
+    raw = sp.csr_matrix(sp.vstack([counts, sp.csr_matrix(empties)]))
+    # The droplets name their genes in another order, with one more gene the cells lack.
+    order = np.arange(40)[::-1]
+    droplets = ad.AnnData(sp.hstack([raw[:, order], sp.csr_matrix(np.ones((raw.shape[0], 1), np.float32))]).tocsr(),
+                          var=pd.DataFrame(index=[*adata.var_names[order], "extra"]))
+    model = dx.pp.ambient_removal(adata, ambient_profile=profile, raw_counts=droplets, key=jr.key(9), settings=QUICK)
+    init_key, fit_key = jr.split(jr.key(9))
+    stage = dx.AmbientRemoval(40, key=init_key)
+    fitted = dx.fit_ambient_removal(stage, counts, profile, key=fit_key, raw_counts=raw, settings=QUICK)
+    assert float(fitted.model.prior_ambient_count) > 0  # the droplets gave CellBender's prior
+    assert tree_allclose(model, fitted.model)
+    assert adata.uns["diffbio_ambient"]["params"]["profile"] == "given"
+    with pytest.raises(ValueError, match=r"^raw_counts.var_names: 1 of adata's 40 genes are missing, first "
+                                         r"\['gene39'\]"):
+        dx.pp.ambient_removal(adata, raw_counts=droplets[:, 1:], key=jr.key(9), settings=QUICK)
 
 
 def test_vae_equals_the_array_api_and_matches_genes_by_name(simulated):
     adata = _adata(simulated)
+    before = adata.copy()
     model = dx.tl.vae(adata, batch_key="batch", key=jr.key(2), settings=QUICK)
+    assert _written(before, adata) == {"obsm['X_diffbio']", "layers['diffbio_normalized']", "uns['diffbio_vae']"}
     init_key, fit_key = jr.split(jr.key(2))
     counts, batches = adata.X, simulated[1].astype(np.int32)
     vae = dx.VAENormalizer(40, 2, genes=list(adata.var_names), key=init_key)
@@ -98,6 +159,7 @@ def test_vae_equals_the_array_api_and_matches_genes_by_name(simulated):
     np.testing.assert_allclose(adata.layers["diffbio_normalized"], output.normalized, rtol=1e-4, atol=1e-4)
     params = adata.uns["diffbio_vae"]["params"]
     assert params["batch_key"] == "batch" and params["batch_categories"] == ["b0", "b1"]
+    assert params["settings"]["n_epochs"] == 2 and adata.uns["diffbio_vae"]["train_loss"].shape == (2,)
     # A model that names its genes in another order reads them by name.
     reversed_genes = dx.VAENormalizer(40, 2, genes=list(adata.var_names[::-1]), key=init_key)
     dx.tl.vae(adata, reversed_genes, batch_key="batch", key=jr.key(2), settings=QUICK)
@@ -109,6 +171,11 @@ def test_vae_equals_the_array_api_and_matches_genes_by_name(simulated):
                                atol=1e-4)
     with pytest.raises(ValueError, match="batch_key: 'donor'"):
         dx.tl.vae(adata, batch_key="donor", key=jr.key(2))
+    with pytest.raises(ValueError, match=r"^batch_size: fit_vae takes the training loop's settings"):
+        dx.tl.vae(adata, key=jr.key(2), batch_size=32)
+    with pytest.raises(ValueError, match=r"^adata.var_names: 1 of the model's 41 genes are missing, first "
+                                         r"\['CD3E'\]"):
+        dx.tl.vae(adata, dx.VAENormalizer(41, 2, genes=[*adata.var_names, "CD3E"], key=init_key), key=jr.key(2))
 
 
 def test_harmony_umap_and_soft_kmeans_equal_the_array_api(simulated):
@@ -117,22 +184,32 @@ def test_harmony_umap_and_soft_kmeans_equal_the_array_api(simulated):
     x = adata.obsm["X_diffbio"]
     labels = simulated[1].astype(np.int32)
     settings = dx.Harmony(n_clusters=4, max_iter_harmony=3)
+    before = adata.copy()
     result = dx.tl.harmony(adata, "batch", settings, key=jr.key(3))
+    assert _written(before, adata) == {"obsm['X_diffbio_corrected']", "uns['diffbio_harmony']"}
     assert tree_identical(result, settings.run(x, labels, key=jr.key(3)))
     np.testing.assert_array_equal(adata.obsm["X_diffbio_corrected"], np.asarray(result.z_corr, np.float32))
     assert adata.uns["diffbio_harmony"]["params"]["use_rep"] == "X_diffbio"
     assert adata.uns["diffbio_harmony"]["params"]["n_clusters"] == 4
 
     umap = dx.ParametricUMAP(5, hidden_size=16, depth=2, key=jr.key(4))
+    before = adata.copy()
     model = dx.tl.umap(adata, umap, key=jr.key(5), settings=QUICK)
+    assert _written(before, adata) == {"obsm['X_umap']", "uns['diffbio_umap']"}
     corrected = adata.obsm["X_diffbio_corrected"]
     wide = corrected.astype(np.float64)  # the encoder's dtype under the tests' x64
     fitted = dx.fit_umap(umap, wide, key=jr.split(jr.key(5))[1], settings=QUICK)
     assert tree_identical(model, fitted.model)
     np.testing.assert_array_equal(adata.obsm["X_umap"], np.asarray(fitted.model.embed(wide), np.float32))
     assert adata.uns["diffbio_umap"]["params"]["use_rep"] == "X_diffbio_corrected"
+    assert adata.uns["diffbio_umap"]["params"]["settings"]["n_epochs"] == 2
+    with pytest.raises(ValueError, match=r"^progress: fit_umap takes the training loop's settings"):
+        dx.tl.umap(adata, umap, key=jr.key(5), progress=False)
 
+    before = adata.copy()
     clusters = dx.tl.soft_kmeans(adata, 3, key=jr.key(6), n_iter=20)
+    assert _written(before, adata) == {"obs['diffbio_cluster']", "obsm['diffbio_cluster_probabilities']",
+                                       "uns['diffbio_soft_kmeans']"}
     stage = dx.SoftKMeans(np.zeros((3, 5), np.float32))
     expected = dx.fit_soft_kmeans(stage, corrected, key=jr.key(6), n_iter=20).model
     assert tree_identical(clusters, expected)
@@ -152,8 +229,15 @@ def test_pipeline_writes_what_fit_anndata_writes(simulated):
                                          batch_correction_iterations=2)
     epochs = dict(ambient_epochs=1, vae_epochs=2, umap_epochs=1, clustering_iterations=5, progress=False)
     profile = simulated[0].sum(axis=0) / simulated[0].sum()
-    pipeline = dx.tl.pipeline(adata, batch_key="batch", key=jr.key(7), config=config, ambient_profile=profile,
+    by_name = pd.Series(profile, index=adata.var_names)[::-1]  # matched to adata.var_names by name
+    before = adata.copy()
+    pipeline = dx.tl.pipeline(adata, batch_key="batch", key=jr.key(7), config=config, ambient_profile=by_name,
                               **epochs)
+    assert _written(before, adata) == {
+        "obsm['X_diffbio']", "obsm['X_diffbio_corrected']", "obsm['X_umap']", "obsm['diffbio_cluster_probabilities']",
+        "layers['diffbio_normalized']", "layers['diffbio_decontaminated']", "obs['diffbio_cluster']",
+        "uns['diffbio_pipeline']", "uns['diffbio_batch_categories']",
+    }
     annotated, fitted = dx.fit_anndata(_adata(simulated), batch_key="batch", key=jr.key(7), config=config,
                                        ambient_profile=profile, **epochs)
     assert tree_identical(pipeline, fitted.pipeline)
