@@ -6,114 +6,21 @@ file it was read from is never written. Counts come from `adata.X` (`layer=None`
 are `adata.var_names`.
 """
 
-import dataclasses
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anndata as ad
 import jax.random as jr
-import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._ambient._stage import AmbientRemoval, fit_ambient_removal, remove_ambient, resolve_ambient_profile
 from ._core._neighbors import NeighborGraph, neighbor_graph
-from ._core._train import TrainSettings
-from ._core._validate import check_embedding
+from ._faces import check_adata, fit_keywords, graph_matrices, record_settings, representation
 from .io import from_anndata, gene_columns, profile_by_gene, to_anndata
 
 
-#: The `obsm` keys `use_rep=None` looks for, in this order (the corrected latent first, then the VAE's, then PCA).
-DEFAULT_REPRESENTATIONS = ("X_diffbio_corrected", "X_diffbio", "X_pca")
 #: Where `ambient_removal` records its settings.
 AMBIENT_KEY = "diffbio_ambient"
-
-
-def _check_adata(adata: Any) -> ad.AnnData:
-    if not isinstance(adata, ad.AnnData):
-        raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
-    return adata
-
-
-def representation(
-    adata: ad.AnnData, use_rep: str | None = None, *, defaults: Sequence[str] = DEFAULT_REPRESENTATIONS
-) -> tuple[np.ndarray, str]:
-    """The cells-by-dimensions matrix a face works on, and its name.
-
-    **Arguments:**
-
-    - `adata`: the cells.
-    - `use_rep`: an `obsm` key, or `"X"` for `adata.X` itself; None: the first of `defaults` that `adata.obsm`
-      holds.
-    - `defaults`: the keys `use_rep=None` tries, in order (`DEFAULT_REPRESENTATIONS`). (Keyword only argument.)
-
-    **Returns:** `(x, name)`: `x` a checked, finite float `(n_cells, n_dims)` array.
-    """
-    _check_adata(adata)
-    if use_rep is None:
-        found = [name for name in defaults if name in adata.obsm]
-        if not found:
-            raise ValueError(f"use_rep: none of {list(defaults)} is in adata.obsm (has "
-                             f"{sorted(adata.obsm.keys())}); pass use_rep= an obsm key or 'X'")
-        use_rep = found[0]
-    matrix: Any
-    if use_rep == "X":
-        matrix, field = adata.X, "adata.X"
-    elif use_rep in adata.obsm:
-        matrix, field = adata.obsm[use_rep], f"adata.obsm[{use_rep!r}]"
-    else:
-        raise ValueError(f"use_rep: {use_rep!r} is not in adata.obsm (has {sorted(adata.obsm.keys())})")
-    if matrix is None:
-        raise ValueError(f"{field}: is empty (None)")
-    if sp.issparse(matrix):
-        matrix = matrix.toarray()
-    x = np.asarray(check_embedding(np.asarray(matrix), field=field))
-    return x, use_rep
-
-
-def settings_record(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings that an h5ad file can hold, for `uns`: numbers, strings, booleans, lists of them, and mappings
-    and dataclasses (e.g. `TrainSettings`) of them, nested; None values and objects (arrays, optimisers) are left
-    out."""
-    record: dict[str, Any] = {}
-    for name, value in settings.items():
-        if isinstance(value, np.generic):
-            value = value.item()
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. `TrainSettings`
-            value = settings_record({field.name: getattr(value, field.name) for field in dataclasses.fields(value)})
-        if isinstance(value, Mapping):
-            value = settings_record(value)
-            if value:
-                record[name] = value
-        elif isinstance(value, (bool, int, float, str)):
-            record[name] = value
-        elif isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-            record[name] = list(value)
-    return record
-
-
-def graph_matrices(graph: NeighborGraph) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """A `NeighborGraph` as scanpy's two sparse matrices.
-
-    **Returns:** `(distances, connectivities)`, each a float32 `(n_cells, n_cells)` CSR matrix: `distances` holds
-    each cell's `n_neighbors - 1` nearest other cells (its own column left out, ties at distance 0 stored
-    explicitly, as scanpy does); `connectivities` the symmetric fuzzy-union weights, without zeros.
-    """
-    indices = np.asarray(graph.indices)[:, 1:]
-    n_cells, k = indices.shape
-    indptr = np.arange(0, n_cells * k + 1, k)
-    distances = sp.csr_matrix(
-        (np.asarray(graph.distances)[:, 1:].astype(np.float32).ravel(), indices.ravel(), indptr),
-        shape=(n_cells, n_cells),
-    )
-    c = graph.connectivities
-    connectivities = sp.csr_matrix(sp.coo_matrix(
-        (np.asarray(c.weights, dtype=np.float32), (np.asarray(c.heads), np.asarray(c.tails))),
-        shape=(n_cells, n_cells),
-    ))
-    connectivities.eliminate_zeros()
-    return distances, connectivities
 
 
 def neighbors(
@@ -174,22 +81,6 @@ def _raw_by_gene(adata: ad.AnnData, raw_counts: Any) -> Any:
     return matrix if columns is None else matrix[:, columns]
 
 
-def _fit_keywords(fit_settings: Mapping[str, Any], fit_name: str) -> dict[str, Any]:
-    """The keywords a face passes on to `fit_name`, after refusing the loop's settings given flat: they go in
-    `settings=TrainSettings(...)`, as every `fit_<stage>` takes them."""
-    flat = sorted(set(fit_settings) & {field.name for field in dataclasses.fields(TrainSettings)})
-    if flat:
-        raise ValueError(f"{flat[0]}: {fit_name} takes the training loop's settings as "
-                         f"settings=TrainSettings({flat[0]}=...), not as keywords of their own")
-    return dict(fit_settings)
-
-
-def _record_settings(adata: ad.AnnData, name: str, params: Mapping[str, Any], **results: Any) -> None:
-    """Write `uns[name]`: `params` as `settings_record` keeps them, and each of `results` as a NumPy array."""
-    adata.uns[name] = {"params": settings_record(params),
-                       **{key: np.asarray(value) for key, value in results.items()}}
-
-
 def ambient_removal(
     adata: ad.AnnData,
     model: AmbientRemoval | None = None,
@@ -218,8 +109,8 @@ def ambient_removal(
     **Returns:** the trained `AmbientRemoval`. Writes `layers["diffbio_decontaminated"]` (posterior expected
     counts) and `uns["diffbio_ambient"]` (`params` and the per-epoch `train_loss`).
     """
-    fit_settings = _fit_keywords(fit_settings, "fit_ambient_removal")
-    counts = from_anndata(_check_adata(adata), layer=layer).counts
+    fit_settings = fit_keywords(fit_settings, "fit_ambient_removal")
+    counts = from_anndata(check_adata(adata), layer=layer).counts
     raw = _raw_by_gene(adata, raw_counts)
     profile = resolve_ambient_profile(counts, profile_by_gene(adata, ambient_profile), raw_counts=raw)
     init_key, fit_key = jr.split(key)
@@ -229,5 +120,5 @@ def ambient_removal(
     to_anndata(adata, {"decontaminated_counts": result.decontaminated_counts}, copy=False)
     params = {"layer": layer, "latent_dim": model.latent_dim, "hidden_dim": model.hidden_dim,
               "profile": "given" if ambient_profile is not None else "raw_counts" if raw is not None else "pooled"}
-    _record_settings(adata, AMBIENT_KEY, {**params, **fit_settings}, train_loss=fitted.train_loss)
+    record_settings(adata, AMBIENT_KEY, {**params, **fit_settings}, train_loss=fitted.train_loss)
     return fitted.model

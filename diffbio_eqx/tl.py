@@ -20,13 +20,13 @@ import pandas as pd
 from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._clustering._stage import SoftKMeans, fit_soft_kmeans
+from ._faces import check_adata, fit_keywords, record_settings, representation
 from ._harmony._math import HarmonyResult
 from ._harmony._stage import Harmony
 from ._pipeline import SingleCellPipeline, SingleCellPipelineConfig
 from ._umap._stage import ParametricUMAP, fit_umap
 from ._vae._stage import VAENormalizer, fit_vae, vae_transform
 from .io import CLUSTER_KEY, LAYER_KEYS, OBSM_KEYS, _batch_codes, fit_anndata, from_anndata, to_anndata
-from .pp import _check_adata, _fit_keywords, _record_settings, representation
 
 
 #: The `obsm` keys Harmony's `use_rep=None` tries, in order (never an already corrected embedding).
@@ -34,7 +34,7 @@ HARMONY_REPRESENTATIONS = ("X_diffbio", "X_pca")
 
 
 def _record(adata: ad.AnnData, name: str, params: dict[str, Any], **results: Any) -> None:
-    _record_settings(adata, f"diffbio_{name}", params, **results)
+    record_settings(adata, f"diffbio_{name}", params, **results)
 
 
 def vae(
@@ -63,9 +63,9 @@ def vae(
     **Returns:** the trained `VAENormalizer`. Writes `obsm["X_diffbio"]` (posterior means),
     `layers["diffbio_normalized"]` and `uns["diffbio_vae"]` (`params`, `train_loss`, `validation_loss`).
     """
-    fit_settings = _fit_keywords(fit_settings, "fit_vae")
+    fit_settings = fit_keywords(fit_settings, "fit_vae")
     genes = None if model is None else model.genes
-    arrays = from_anndata(_check_adata(adata), layer=layer, batch_key=batch_key, genes=genes,
+    arrays = from_anndata(check_adata(adata), layer=layer, batch_key=batch_key, genes=genes,
                           genes_owner="the model's")
     init_key, fit_key = jr.split(key)
     if model is None:
@@ -145,7 +145,7 @@ def umap(
     - `adata`: the cells.
     - `model`: a `ParametricUMAP` carrying the settings (`n_neighbors`, `min_dist`, encoder size, ...), for the
       width of `use_rep`; None builds `ParametricUMAP(n_dims)`.
-    - `use_rep`: the embedding (see `pp.representation`; default the first of `X_diffbio_corrected`,
+    - `use_rep`: the embedding (see `diffbio_eqx._faces.representation`; default the first of `X_diffbio_corrected`,
       `X_diffbio`, `X_pca`), read in the encoder's float dtype. (Keyword only argument.)
     - `key`: split in two: the first builds the default model (unused when `model` is given), the second trains.
     - `fit_settings`: passed to `fit_umap` (`settings=TrainSettings(n_epochs=...)`, `prune_epochs`, ...).
@@ -153,7 +153,7 @@ def umap(
     **Returns:** the trained `ParametricUMAP` (its `embed` maps new cells). Writes `obsm["X_umap"]` and
     `uns["diffbio_umap"]` (`params` with `a`, `b`, `n_neighbors`, `use_rep`; `train_loss`).
     """
-    fit_settings = _fit_keywords(fit_settings, "fit_umap")
+    fit_settings = fit_keywords(fit_settings, "fit_umap")
     x, use_rep = representation(adata, use_rep)
     init_key, fit_key = jr.split(key)
     model = ParametricUMAP(x.shape[1], key=init_key) if model is None else model
@@ -181,7 +181,7 @@ def soft_kmeans(
 
     - `adata`: the cells.
     - `n_clusters`: number of clusters, at most `n_obs`.
-    - `use_rep`: the embedding (see `pp.representation`). (Keyword only argument.)
+    - `use_rep`: the embedding (see `diffbio_eqx._faces.representation`). (Keyword only argument.)
     - `temperature`: the stage's soft-assignment temperature, in squared-distance units.
     - `key`: PRNG key for the k-means++ seeding.
     - `fit_settings`: passed to `fit_soft_kmeans` (`n_iter`, `start_temperature`).
@@ -226,7 +226,7 @@ def pipeline(
     training curves per stage, for `pl.training`) and, with `batch_key`, `uns["diffbio_batch_categories"]` (the
     batch of each code).
     """
-    annotated, fitted = fit_anndata(_check_adata(adata), batch_key=batch_key, layer=layer, key=key, config=config,
+    annotated, fitted = fit_anndata(check_adata(adata), batch_key=batch_key, layer=layer, key=key, config=config,
                                     ambient_profile=ambient_profile, **fit_settings)
     for name in (*OBSM_KEYS.values(), f"{CLUSTER_KEY}_probabilities"):
         if name in annotated.obsm:
@@ -239,7 +239,7 @@ def pipeline(
     params = {"batch_key": batch_key, "layer": layer, "config": fitted.pipeline.config.to_dict(), **fit_settings}
     curves = {stage: {name: np.asarray(values) for name, values in stage_curves.items()}
               for stage, stage_curves in fitted.curves.items()}
-    _record_settings(adata, "diffbio_pipeline", params)
+    record_settings(adata, "diffbio_pipeline", params)
     adata.uns["diffbio_pipeline"]["curves"] = curves
     if "diffbio_batch_categories" in annotated.uns:
         adata.uns["diffbio_batch_categories"] = annotated.uns["diffbio_batch_categories"]

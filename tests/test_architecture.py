@@ -66,7 +66,7 @@ def test_the_import_contracts_hold():
     [
         ("_core/_geometry.py", "from .. import io  # an upward import", "Layers"),
         ("_vae/_stage.py", "from .._pipeline import _model  # a family importing the pipeline", "Layers"),
-        ("_vae/_stage.py", "from .._umap import _loss  # one family importing another", "independent"),
+        ("_vae/_stage.py", "from .._umap import _loss  # one family importing another", "Method families"),
     ],
 )
 def test_a_forbidden_import_breaks_a_contract(package_copy, module, line, broken):
@@ -76,8 +76,8 @@ def test_a_forbidden_import_breaks_a_contract(package_copy, module, line, broken
     finally:
         (package_copy / "diffbio_eqx" / module).write_text(original)
     assert result.returncode != 0
-    assert "1 kept, 1 broken" in result.stdout
-    assert broken in result.stdout.split("Broken contracts")[1]
+    broken_contracts = [line for line in result.stdout.splitlines() if " BROKEN" in line]
+    assert any(line.startswith(broken) for line in broken_contracts), result.stdout[-2000:]
 
 
 def _public_stage_classes() -> dict[str, type]:
