@@ -1,7 +1,7 @@
 """diffbio_eqx: differentiable single-cell RNA-seq workflows in pure JAX, built from immutable Equinox modules.
 
 This namespace holds the user-level API. The package is layered (ARCHITECTURE.md; import-linter keeps it so):
-`_core` (types, input checks, distributions, network blocks, the training loop, checkpoints, the neighbour graph,
+`_core` (input checks, distributions, network blocks, the training loop, checkpoints, the neighbour graph,
 metrics, the stage contract) at the bottom; one package per method family above it (`_ambient`, `_vae`,
 `_harmony`, `_umap`, `_clustering`); the pipeline (`_pipeline`) above them; and the faces at the top (`io`, `pp`,
 `tl`, `pl`, `datasets`, the simulators, the command line). Internals stay reachable from their modules.
