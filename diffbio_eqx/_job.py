@@ -12,9 +12,11 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import anndata as ad
 import jax
 import jax.random as jr
 import numpy as np
+import pandas as pd
 
 from . import datasets, io
 from ._core._metrics import (
@@ -25,6 +27,7 @@ from ._core._metrics import (
     silhouette_label,
 )
 from ._core._neighbors import exact_knn
+from ._core._validate import NonIntegerCountsWarning
 from ._pipeline import (
     FitSettings,
     PipelineFit,
@@ -88,7 +91,38 @@ def _staged_output(target: pathlib.Path) -> Iterator[pathlib.Path]:
     staging.rmdir()
 
 
-def _load(input_path: str | os.PathLike[str] | None, batch_key: str | None, label_key: str | None,
+@dataclasses.dataclass(frozen=True)
+class InputSettings:
+    """Where the job reads an h5ad file's counts and gene names (the command line's `--layer`, `--use-raw`,
+    `--gene-key` and `--allow-non-integer`).
+
+    - `layer`: read the counts from `layers[layer]` (scvi-tools' `layer="counts"`) instead of `X`.
+    - `use_raw`: read the counts from `.raw` (scanpy's convention).
+    - `gene_key`: a `var` column whose values name the genes (e.g. symbols instead of Ensembl IDs).
+    - `allow_non_integer`: run on a matrix that does not hold counts (non-integer values), saying so in the
+      report, instead of refusing it.
+    """
+
+    layer: str | None = None
+    use_raw: bool = False
+    gene_key: str | None = None
+    allow_non_integer: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loaded:
+    """The job's cells: the AnnData the results go into, its arrays, the known labels and the notes about them."""
+
+    adata: Any
+    arrays: io.AnnDataArrays
+    batch_key: str | None
+    label_key: str | None
+    labels: np.ndarray | None  # a string per cell, "(missing)" where unknown
+    known: np.ndarray | None  # which cells have a label
+    notes: tuple[str, ...]
+
+
+def _read(input_path: str | os.PathLike[str] | None, batch_key: str | None, label_key: str | None,
           seed: int) -> tuple[Any, str | None, str | None, list[str]]:
     notes = []
     if input_path is None:
@@ -108,17 +142,103 @@ def _load(input_path: str | os.PathLike[str] | None, batch_key: str | None, labe
     return adata, batch_key, label_key, notes
 
 
+def _counts_source(adata: Any, inputs: InputSettings) -> tuple[Any, bool, list[str]]:
+    """Check that the chosen matrix holds counts (refusing it, naming where counts are, unless
+    `allow_non_integer`); `.raw` with other genes than `X` becomes the AnnData the results go into."""
+    if inputs.layer is not None and inputs.use_raw:
+        raise ValueError("--layer and --use-raw: both name where the counts are; choose one")
+    if inputs.use_raw and adata.raw is None:
+        raise ValueError("--use-raw: the input has no .raw")
+    notes, use_raw = [], inputs.use_raw
+    if use_raw and not adata.raw.var_names.equals(adata.var_names):
+        adata, use_raw = adata.raw.to_adata(), False
+        notes.append(f"Counts from .raw, whose {adata.n_vars} genes differ from X's: the results are stored on "
+                     ".raw's genes (X, layers and .raw of the input are not in result.h5ad).")
+    elif inputs.use_raw or inputs.layer is not None:
+        notes.append(f"Counts from {'.raw' if inputs.use_raw else f'layers[{inputs.layer!r}]'}.")
+    message = io.not_counts(adata, layer=inputs.layer, use_raw=use_raw, flags=True)
+    if message is not None and not inputs.allow_non_integer:
+        raise ValueError(f"{message}; --allow-non-integer runs on these values anyway")
+    if message is not None:
+        notes.append(f"**Not raw counts** (run with --allow-non-integer): {message}. The count likelihoods "
+                     "(ambient model, VAE) expect raw counts; their results on these values are not meaningful.")
+    return adata, use_raw, notes
+
+
+def _name_genes(adata: Any, gene_key: str | None) -> list[str]:
+    """Name the genes by `var[gene_key]` (or keep `var_names`), made unique as scanpy's `var_names_make_unique`
+    does; changes `adata` (the job's own copy) in place and returns notes about it."""
+    if gene_key is None:
+        names = adata.var_names.astype(str)
+    else:
+        if gene_key not in adata.var.columns:
+            raise ValueError(f"--gene-key: {gene_key!r} is not a column of adata.var "
+                             f"(columns: {list(adata.var.columns)})")
+        column = adata.var[gene_key]
+        if bool(column.isna().any()):
+            missing = np.flatnonzero(column.isna().to_numpy())
+            raise ValueError(f"--gene-key: adata.var[{gene_key!r}] has {missing.size} missing value(s), first at "
+                             f"gene {int(missing[0])}")
+        names = pd.Index(column.astype(str).to_numpy())
+    repeated = list(names[names.duplicated()].unique())
+    notes = [] if gene_key is None else [f"Genes named by var[{gene_key!r}] (first: {', '.join(names[:5])})."]
+    if repeated:
+        notes.append(f"{len(repeated)} gene name(s) occur more than once (e.g. {', '.join(repeated[:5])}); made "
+                     "unique by appending -1, -2, ... (as scanpy's var_names_make_unique).")
+    if notes:
+        adata.var_names = ad.utils.make_index_unique(pd.Index(names))
+    return notes
+
+
+def _labels(adata: Any, label_key: str | None) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
+    """Each cell's label (a string; "(missing)" where `obs[label_key]` has none) and which cells have one."""
+    if label_key is None:
+        return None, None, []
+    column = adata.obs[label_key]
+    missing = column.isna().to_numpy()
+    if missing.all():
+        return None, None, [f"obs[{label_key!r}] has no values: no label scores."]
+    labels = np.where(missing, "(missing)", column.astype(str).to_numpy()).astype(object)
+    notes = [f"{int(missing.sum())} of {adata.n_obs} cells have no label in obs[{label_key!r}]; they are left out "
+             "of the label scores (ARI, NMI, cLISI, silhouette)."] if missing.any() else []
+    return labels, ~missing, notes
+
+
+def _load(input_path: str | os.PathLike[str] | None, batch_key: str | None, label_key: str | None, seed: int,
+          inputs: InputSettings) -> _Loaded:
+    """Read the cells, choose and check their counts, name their genes, read their batches and labels."""
+    adata, batch_key, label_key, notes = _read(input_path, batch_key, label_key, seed)
+    adata, use_raw, source_notes = _counts_source(adata, inputs)
+    notes += source_notes + _name_genes(adata, inputs.gene_key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonIntegerCountsWarning)  # refused above, or allowed and noted
+        arrays = io.from_anndata(adata, layer=inputs.layer, use_raw=use_raw, batch_key=batch_key)
+    arrays = io.AnnDataArrays(arrays.counts, arrays.batch_labels, arrays.batch_categories,
+                              tuple(str(name) for name in adata.var_names))
+    if batch_key is not None and arrays.n_batches == 1:
+        notes.append(f"obs[{batch_key!r}] has a single batch ({(arrays.batch_categories or ('',))[0]!r}): no batch "
+                     "correction (Harmony is off).")
+        arrays = io.AnnDataArrays(arrays.counts, None, None, arrays.genes)
+    labels, known, label_notes = _labels(adata, label_key)
+    return _Loaded(adata, arrays, batch_key, label_key, labels, known, (*notes, *label_notes))
+
+
 def _knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, x.shape[0])
     indices, distances = exact_knn(jax.numpy.asarray(x), jax.numpy.asarray(x), k)
     return np.asarray(indices), np.asarray(distances)
 
 
-def _integration_metrics(x: np.ndarray, batches: np.ndarray | None, labels: np.ndarray | None) -> dict[str, float]:
+def _integration_metrics(x: np.ndarray, batches: np.ndarray | None, labels: np.ndarray | None,
+                         known: np.ndarray | None = None) -> dict[str, float]:
+    """iLISI over every cell; cLISI and the label silhouette over the cells with a label (`known`)."""
     metrics: dict[str, float] = {}
     indices, distances = _knn(x, 90)
     if batches is not None and len(np.unique(batches)) > 1:
         metrics["iLISI"] = ilisi(indices, distances, batches)
+    if labels is not None and known is not None and not known.all():
+        x, labels = x[known], labels[known]
+        indices, distances = _knn(x, 90)
     if labels is not None:
         metrics["cLISI"] = clisi(indices, distances, labels)
         metrics["silhouette_label"] = silhouette_label(x, labels)
@@ -164,25 +284,32 @@ def run_job(
     seed: int = 0,
     progress: bool = True,
     epochs: dict[str, int] | None = None,
+    inputs: InputSettings | None = None,
 ) -> JobResult:
     """Train the pipeline on a dataset and write `result.h5ad`, `umap.png`, `training.png`, `report.md` and
     `pipeline.eqx` into `out_dir`. Without `input_path`, runs on `datasets.pbmc68k()` with a simulated two-batch
-    split. Nothing is written next to the input, and the input is never modified."""
+    split. `inputs` says where the counts and gene names are (`InputSettings`; default: counts in `X`, genes
+    `var_names`); a matrix that does not hold counts is refused before anything is written. Nothing is written
+    next to the input, and the input is never modified."""
     target = _check_output(out_dir, input_path)
-    adata, batch_key, label_key, data_notes = _load(input_path, batch_key, label_key, seed)
-    arrays = io.from_anndata(adata, batch_key=batch_key)
-    labels = None if label_key is None else adata.obs[label_key].astype(str).to_numpy()
-    config, config_notes = _settings(adata, arrays, None if labels is None else len(np.unique(labels)), config_path)
+    loaded = _load(input_path, batch_key, label_key, seed, inputs or InputSettings())
+    adata, arrays, batch_key, label_key, labels = (loaded.adata, loaded.arrays, loaded.batch_key, loaded.label_key,
+                                                   loaded.labels)
+    n_label_types = None if labels is None else len(np.unique(labels[loaded.known]))
+    config, config_notes = _settings(adata, arrays, n_label_types, config_path)
+    if batch_key is not None and arrays.batch_labels is None:  # one batch: nothing to correct
+        config = config.replace(enable_batch_correction=False)
     epochs, epoch_notes = _epochs(adata.n_obs, epochs)
     ambient_notes = (("No ambient profile was given: the pooled expression of the cells stands in for it.",)
                      if config.enable_ambient_removal else ())
-    notes = (*data_notes, *config_notes, *epoch_notes, *ambient_notes)
+    notes = (*loaded.notes, *config_notes, *epoch_notes, *ambient_notes)
     with _staged_output(target) as staging:
         trained = _train(config, arrays, epochs, seed=seed, progress=progress)
         result, files = _write_results(staging, adata, trained, notes=notes, seed=seed, input_path=input_path)
         panels = _panels(result, adata, batch_key, labels, label_key)
         files |= _write_figures(staging, trained, panels)
-        metrics, metric_rows = _quality(trained.output, arrays.batch_labels, labels, panels.get("cluster"))
+        metrics, metric_rows = _quality(trained.output, arrays.batch_labels, labels, panels.get("cluster"),
+                                        loaded.known)
         report = _report(trained, adata.n_obs, notes=notes, seed=seed, metrics=metrics, metric_rows=metric_rows,
                          files=[*files.values()])
         files["report"] = write_text(staging / "report.md", report)
@@ -257,16 +384,19 @@ def _write_figures(out: pathlib.Path, trained: _Trained, panels: dict[str, np.nd
 
 
 def _quality(output: PipelineOutput, batches: np.ndarray | None, labels: np.ndarray | None,
-             clusters: np.ndarray | None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+             clusters: np.ndarray | None, known: np.ndarray | None = None
+             ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The headline metrics (ARI and NMI of the clusters against known labels, integration scores of the corrected
-    embeddings) and a table of integration scores before and after Harmony."""
+    embeddings) and a table of integration scores before and after Harmony; label scores over the cells with a
+    label (`known`)."""
     metrics: dict[str, float] = {}
     if labels is not None and clusters is not None:
-        metrics["ARI (clusters vs labels)"] = adjusted_rand_index(labels, clusters)
-        metrics["NMI (clusters vs labels)"] = normalized_mutual_info(labels, clusters)
+        labelled = slice(None) if known is None else known
+        metrics["ARI (clusters vs labels)"] = adjusted_rand_index(labels[labelled], clusters[labelled])
+        metrics["NMI (clusters vs labels)"] = normalized_mutual_info(labels[labelled], clusters[labelled])
     rows = []
     for name, field in (("VAE latent (before Harmony)", "latent"), ("corrected embeddings", "corrected_embeddings")):
-        values = _integration_metrics(np.asarray(output[field]), batches, labels)
+        values = _integration_metrics(np.asarray(output[field]), batches, labels, known)
         rows.append({"embedding": name, **values})
         if field == "corrected_embeddings":
             metrics.update({f"{k} (corrected)": v for k, v in values.items()})

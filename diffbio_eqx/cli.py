@@ -4,7 +4,9 @@ import argparse
 import importlib.metadata
 import platform
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 
 _VERSIONED = ("diffbio_eqx", "jax", "jaxlib", "equinox", "optax", "jaxtyping", "beartype", "numpy", "scipy",
@@ -28,16 +30,22 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _run(arguments: argparse.Namespace) -> int:
-    from ._job import run_job
+    from ._job import InputSettings, run_job
 
     if arguments.input is None and arguments.batch_key is not None:
         raise ValueError("--batch-key: needs an INPUT file (the bundled example has a simulated 'batch' column)")
+    if arguments.input is None and (arguments.layer is not None or arguments.use_raw):
+        raise ValueError(f"{'--layer' if arguments.layer is not None else '--use-raw'}: needs an INPUT file (the "
+                         "bundled example holds its counts in X)")
+    inputs = InputSettings(layer=arguments.layer, use_raw=arguments.use_raw, gene_key=arguments.gene_key,
+                           allow_non_integer=arguments.allow_non_integer)
     epochs = {name: value for name, value in (("vae_epochs", arguments.vae_epochs),
                                                 ("ambient_epochs", arguments.ambient_epochs),
                                                 ("umap_epochs", arguments.umap_epochs)) if value is not None}
     result = run_job(
         arguments.input, batch_key=arguments.batch_key, label_key=arguments.label_key, out_dir=arguments.out,
         config_path=arguments.config, seed=arguments.seed, progress=not arguments.quiet, epochs=epochs,
+        inputs=inputs,
     )
     print(f"diffbio-eqx: results in {result.out_dir.resolve()}")
     for name, path in result.files.items():
@@ -74,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "two-batch split (the set has no real batches).",
     )
     run.add_argument("input", nargs="?", metavar="INPUT.h5ad", help="cells x genes raw counts (default: PBMC 68k)")
+    run.add_argument("--layer", metavar="NAME",
+                     help="read the counts from layers[NAME] (e.g. counts, scvi-tools' convention) instead of X")
+    run.add_argument("--use-raw", action="store_true", help="read the counts from .raw (scanpy's convention)")
+    run.add_argument("--allow-non-integer", action="store_true",
+                     help="run on a matrix that is not counts (e.g. log-normalised X), saying so in the report, "
+                          "instead of refusing it")
+    run.add_argument("--gene-key", metavar="K",
+                     help="var column naming the genes (e.g. symbols instead of Ensembl IDs; default var_names)")
     run.add_argument("--batch-key", metavar="K", help="obs column with each cell's batch")
     run.add_argument("--label-key", metavar="K", help="obs column with known cell types (for ARI/NMI in the report)")
     run.add_argument("--out", metavar="DIR", default="out", help="output folder (default: out)")
@@ -88,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """A warning as one line of the command's own, without Python's source path and line."""
+    del category, filename, lineno, line
+    print(f"diffbio-eqx: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
@@ -95,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return arguments.handler(arguments)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return arguments.handler(arguments)
     except ValueError as error:  # bad input or settings: the message names the field
         print(f"diffbio-eqx: error: {error}", file=sys.stderr)
         return 2

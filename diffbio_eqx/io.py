@@ -3,6 +3,7 @@ AnnData; atomic file writes."""
 
 import os
 import pathlib
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -14,7 +15,7 @@ import scipy.sparse as sp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from ._core._checkpoint import atomic_path as atomic_path  # the one atomic writer, re-exported
-from ._core._validate import check_batch_labels, check_counts
+from ._core._validate import NonIntegerCountsWarning, _scan_values, check_batch_labels, check_counts
 from ._pipeline import PipelineFit, SingleCellPipeline, SingleCellPipelineConfig, fit_pipeline, run_pipeline
 
 
@@ -92,10 +93,79 @@ def profile_by_gene(adata: ad.AnnData, profile: Any, *, field: str = "ambient_pr
     return values if columns is None else values[columns]
 
 
+def counts_matrix(adata: ad.AnnData, *, layer: str | None = None, use_raw: bool = False) -> tuple[Any, str, pd.Index]:
+    """The matrix that holds the counts, where it is (for messages) and its gene names: `adata.X`,
+    `adata.layers[layer]` or `adata.raw.X` (with `adata.raw.var_names`)."""
+    if layer is not None and use_raw:
+        raise ValueError(f"layer: {layer!r} and use_raw=True both name where the counts are; choose one")
+    if use_raw:
+        if adata.raw is None:
+            raise ValueError("use_raw: adata.raw is not set")
+        matrix, field, names = adata.raw.X, "adata.raw.X", adata.raw.var_names
+    elif layer is None:
+        matrix, field, names = adata.X, "adata.X", adata.var_names
+    else:
+        if layer not in adata.layers:
+            raise ValueError(f"layer: {layer!r} is not in adata.layers (has {sorted(adata.layers.keys())})")
+        matrix, field, names = adata.layers[layer], f"adata.layers[{layer!r}]", adata.var_names
+    if matrix is None:
+        raise ValueError(f"{field}: is empty (None)")
+    return matrix, field, names
+
+
+def _whole_numbers(matrix: Any) -> tuple[bool | None, float]:
+    """Whether a matrix holds whole numbers (what counts are), and its largest value; None when it holds no
+    numbers, or non-finite or negative ones (which `check_counts` names)."""
+    values = np.asarray(matrix.data if sp.issparse(matrix) else matrix)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.number) or np.iscomplexobj(values):
+        return None, 0.0
+    scan = _scan_values(np.ascontiguousarray(values, dtype=np.float32))
+    if not scan.finite_and_nonnegative:
+        return None, float("nan")
+    return not scan.non_integer, float(values.max())
+
+
+def count_sources(adata: ad.AnnData) -> list[tuple[str, dict[str, Any]]]:
+    """Where `adata` holds whole-number counts besides `X`: `layers["counts"]` (scvi-tools' convention), any
+    other layer, then `.raw` (scanpy's), as `(field, from_anndata keywords)` pairs."""
+    found = []
+    for name in sorted(adata.layers.keys(), key=lambda name: name != "counts"):
+        if _whole_numbers(adata.layers[name])[0] is True:
+            found.append((f"adata.layers[{name!r}]", {"layer": name}))
+    if adata.raw is not None and _whole_numbers(adata.raw.X)[0] is True:
+        found.append(("adata.raw", {"use_raw": True}))
+    return found
+
+
+def not_counts(adata: ad.AnnData, *, layer: str | None = None, use_raw: bool = False,
+               flags: bool = False) -> str | None:
+    """None when the chosen matrix holds whole numbers (counts; or values that `check_counts` refuses); else one
+    line saying it does not, whether its values look log-transformed, and where counts are instead (with the
+    argument, or with `flags` the command line's flag, that reads them)."""
+    matrix, field, _ = counts_matrix(adata, layer=layer, use_raw=use_raw)
+    whole, largest = _whole_numbers(matrix)
+    if whole is not False:
+        return None
+    looks = ", looks log-transformed" if largest < 30 or "log1p" in adata.uns else ""
+    message = f"{field}: holds non-integer values (largest {largest:.3g}{looks}), not raw counts"
+
+    def how(keywords: dict[str, Any]) -> str:
+        if flags:
+            return "--use-raw" if "use_raw" in keywords else f"--layer {keywords['layer']}"
+        return "use_raw=True" if "use_raw" in keywords else f"layer={keywords['layer']!r}"
+
+    sources = [(where, keywords) for where, keywords in count_sources(adata)
+               if keywords != ({"use_raw": True} if use_raw else {"layer": layer})]
+    if sources:
+        return message + "; counts are in " + " and ".join(f"{where} ({how(kw)})" for where, kw in sources)
+    return message + "; no layer or .raw holds counts either"
+
+
 def from_anndata(
     adata: Any,
     *,
     layer: str | None = None,
+    use_raw: bool = False,
     batch_key: str | None = None,
     genes: Iterable[str] | None = None,
     genes_owner: str = "the pipeline's",
@@ -105,32 +175,39 @@ def from_anndata(
     **Arguments:**
 
     - `adata`: cells x genes.
-    - `layer`: read counts from `adata.layers[layer]` instead of `adata.X`. (Keyword only argument.)
+    - `layer`: read counts from `adata.layers[layer]` instead of `adata.X` (e.g. `"counts"`, scvi-tools'
+      convention). (Keyword only argument.)
+    - `use_raw`: read counts from `adata.raw` (scanpy's convention), with its genes.
     - `batch_key`: an `obs` column holding the batch of each cell (any dtype; its categories become codes).
-    - `genes`: take these genes' columns, in this order, matched by name in `adata.var_names` (`gene_columns`;
+    - `genes`: take these genes' columns, in this order, matched by name in the counts' gene names (`gene_columns`;
       e.g. a trained pipeline's `genes`); a `ValueError` names the missing ones. None: every column as it is.
     - `genes_owner`: whose `genes` they are, for that error ("the pipeline's", "the model's").
 
     **Returns:** an `AnnDataArrays` with `counts` (float32; CSR kept sparse when the input is sparse, so that
     only minibatches are ever densified), `batch_labels` (int32 codes, or None without `batch_key`),
     `batch_categories` (the category of each code) and `genes` (the name of each column of `counts`).
+
+    Counts that are not whole numbers (e.g. log-normalised values in `X`) are accepted with one
+    `NonIntegerCountsWarning` that names the field and where counts are instead (`not_counts`).
     """
     if not isinstance(adata, ad.AnnData):
         raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
-    if layer is None:
-        matrix, field = adata.X, "adata.X"
-    else:
-        if layer not in adata.layers:
-            raise ValueError(f"layer: {layer!r} is not in adata.layers (has {sorted(adata.layers.keys())})")
-        matrix, field = adata.layers[layer], f"adata.layers[{layer!r}]"
-    if matrix is None:
-        raise ValueError(f"{field}: is empty (None)")
+    matrix, field, var_names = counts_matrix(adata, layer=layer, use_raw=use_raw)
     genes = None if genes is None else [str(gene) for gene in genes]
-    columns = None if genes is None else gene_columns(adata.var_names, genes, owner=genes_owner)
+    columns = None if genes is None else gene_columns(var_names, genes, owner=genes_owner)
     if columns is not None:
         matrix = matrix[:, columns]
-    counts = check_counts(matrix, field=field)
-    names = tuple(str(name) for name in (adata.var_names if genes is None else genes))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counts = check_counts(matrix, field=field)
+    for warning in caught:  # one warning, naming the field and where the counts are instead
+        if issubclass(warning.category, NonIntegerCountsWarning):
+            message = not_counts(adata, layer=layer, use_raw=use_raw) or str(warning.message)
+            warnings.warn(f"{message}; the count likelihoods expect raw (unnormalised) counts",
+                          NonIntegerCountsWarning, stacklevel=2)
+        else:
+            warnings.warn(warning.message, warning.category, stacklevel=2)
+    names = tuple(str(name) for name in (var_names if genes is None else genes))
     if batch_key is None:
         return AnnDataArrays(counts, None, None, names, columns)
     codes, categories = _batch_codes(adata, batch_key)

@@ -488,3 +488,22 @@ def test_cli_failure_while_writing_leaves_nothing_behind(capsys, h5ad, tmp_path,
     (out / "keep.txt").write_text("earlier results")
     _assert_cli_error(capsys, [h5ad, "--batch-key", "batch", "--out", out], r"OSError: .*No space left on device",
                       h5ad, out, out_before=["keep.txt"])
+
+
+def test_cli_where_the_counts_are_and_the_gene_names(capsys, h5ad, tmp_path):
+    """A missing layer, a missing `.raw`, a missing gene column and log-normalised `X`: named, nothing written."""
+    out = tmp_path / "out"
+    _assert_cli_error(capsys, [h5ad, "--layer", "counts", "--out", out],
+                      r"layer: 'counts' is not in adata.layers \(has \[\]\)", h5ad, out)
+    _assert_cli_error(capsys, [h5ad, "--use-raw", "--out", out], r"--use-raw: the input has no .raw", h5ad, out)
+    _assert_cli_error(capsys, [h5ad, "--gene-key", "symbol", "--out", out],
+                      r"--gene-key: 'symbol' is not a column of adata.var", h5ad, out)
+    adata = _adata()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X.log1p()
+    logged = tmp_path / "logged" / "cells.h5ad"
+    logged.parent.mkdir()
+    adata.write_h5ad(logged)
+    _assert_cli_error(capsys, [logged, "--out", out],
+                      r"adata.X: holds non-integer values \(largest .*, looks log-transformed\), not raw counts; "
+                      r"counts are in adata.layers\['counts'\] \(--layer counts\)", logged, out)

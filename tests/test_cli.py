@@ -24,3 +24,13 @@ def test_console_script_runs():
                                check=False)
     assert completed.returncode == 0, completed.stderr
     assert "jax backend" in completed.stdout
+
+
+def test_run_help_lists_the_input_flags(capsys):
+    try:
+        cli.main(["run", "--help"])
+    except SystemExit as exit:
+        assert exit.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--layer", "--use-raw", "--allow-non-integer", "--gene-key", "--batch-key", "--label-key"):
+        assert flag in out
