@@ -45,7 +45,7 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert float(jax.numpy.corrcoef(estimate, truth)[0, 1]) >= 0.6
     assert namespace["grid"]["cluster_assignments"].shape == (3, 2, 600, 4)
     # the pp/tl/pl example: every face wrote its keys, and its clusters recover the simulated groups (1.0 measured)
-    cells = namespace["cells"]
+    cells = namespace["demo"]
     assert {"X_diffbio", "X_diffbio_corrected", "X_umap", "diffbio_cluster_probabilities"} <= set(cells.obsm)
     assert {"distances", "connectivities"} <= set(cells.obsp) and "diffbio_normalized" in cells.layers
     assert namespace["face_ari"] >= 0.9
