@@ -207,3 +207,27 @@ def test_a_trained_pipeline_matches_new_data_by_gene_name(trained_on_anndata):
     with pytest.raises(ValueError, match=r"^adata.var_names: 1 of the pipeline's 30 genes are missing, first "
                                          r"\['gene7'\]"):
         dbx.run_anndata(pipeline, missing, batch_key="batch", key=jr.key(2))
+
+
+def test_where_the_counts_are():
+    """`counts_matrix` reads X, a layer or .raw; `count_sources` lists the layers (layers["counts"] first) and .raw
+    that hold whole numbers; `not_counts` names them for a matrix of non-integer values."""
+    adata = _adata()
+    counts = adata.X.copy()
+    adata.layers["scaled"] = counts * 0.5
+    adata.layers["umi"] = counts.copy()
+    adata.layers["counts"] = counts.copy()
+    adata.X = counts * 0.1
+    adata.raw = ad.AnnData(counts.copy(), var=adata.var)
+    assert io.count_sources(adata) == [("adata.layers['counts']", {"layer": "counts"}),
+                                       ("adata.layers['umi']", {"layer": "umi"}), ("adata.raw", {"use_raw": True})]
+    assert io.not_counts(adata, layer="umi") is None and io.not_counts(adata, use_raw=True) is None
+    message = io.not_counts(adata, layer="scaled", flags=True)
+    assert message is not None and message.startswith("adata.layers['scaled']: holds non-integer values (largest ")
+    assert message.endswith("counts are in adata.layers['counts'] (--layer counts) and adata.layers['umi'] "
+                            "(--layer umi) and adata.raw (--use-raw)")
+    assert io.counts_matrix(adata, use_raw=True)[1:] == ("adata.raw.X", adata.raw.var_names)
+    with pytest.raises(ValueError, match=r"^layer: 'umi' and use_raw=True both name where the counts are"):
+        io.counts_matrix(adata, layer="umi", use_raw=True)
+    with pytest.raises(ValueError, match=r"^use_raw: adata.raw is not set"):
+        io.counts_matrix(_adata(), use_raw=True)
