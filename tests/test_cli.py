@@ -34,3 +34,17 @@ def test_run_help_lists_the_input_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--layer", "--use-raw", "--allow-non-integer", "--gene-key", "--batch-key", "--label-key"):
         assert flag in out
+
+
+def test_warnings_print_as_one_line_without_a_source_path(capsys, monkeypatch):
+    import warnings
+
+    def warn(_):
+        warnings.warn("adata.X: holds non-integer values", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "_info", warn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main(["info"]) == 0
+    assert capsys.readouterr().err == "diffbio-eqx: warning: adata.X: holds non-integer values\n"
