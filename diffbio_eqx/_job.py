@@ -38,7 +38,7 @@ from ._pipeline import (
     run_pipeline,
     save_pipeline,
 )
-from ._report import markdown_table, plot_embedding, plot_training, write_text
+from ._report import markdown_table, package_versions, plot_embedding, plot_training, write_text
 from ._vae._stage import vae_default_epochs
 
 
@@ -446,5 +446,7 @@ def _report(trained: _Trained, n_cells: int, *, notes: tuple[str, ...], seed: in
             markdown_table(metric_rows),
             "",
         ]
+    lines += ["## Versions", "", f"Seed: {seed}.", "",
+              markdown_table([{"package": k, "version": v} for k, v in package_versions().items()]), ""]
     lines += ["## Files", ""] + [f"- `{path.name}`" for path in files] + ["- `report.md`", ""]
     return "\n".join(lines)

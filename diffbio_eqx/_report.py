@@ -1,5 +1,6 @@
 """Figures and the markdown report of the main job (matplotlib, Agg backend: no display needed)."""
 
+import importlib.metadata
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -8,6 +9,21 @@ import numpy as np
 
 from ._core._checkpoint import atomic_path
 from .pl import _draw_categories, _pyplot, _save_png, training
+
+
+# The packages whose versions `diffbio-eqx info` prints and the run report lists.
+VERSIONED = ("diffbio_eqx", "jax", "jaxlib", "equinox", "optax", "jaxtyping", "beartype", "numpy", "scipy", "anndata")
+
+
+def package_versions() -> dict[str, str]:
+    """The installed version of each package in `VERSIONED` ("not installed" where missing)."""
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def plot_embedding(

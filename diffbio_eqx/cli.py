@@ -9,19 +9,13 @@ from collections.abc import Sequence
 from typing import TextIO
 
 
-_VERSIONED = ("diffbio_eqx", "jax", "jaxlib", "equinox", "optax", "jaxtyping", "beartype", "numpy", "scipy",
-              "anndata")
-
-
 def _info(_: argparse.Namespace) -> int:
     import jax
 
+    from ._report import package_versions
+
     print(f"python {platform.python_version()} ({sys.executable})")
-    for name in _VERSIONED:
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            version = "not installed"
+    for name, version in package_versions().items():
         print(f"{name} {version}")
     print(f"jax backend: {jax.default_backend()}")
     for device in jax.devices():
@@ -99,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ambient-epochs", type=_positive_int,
                      help="ambient model epochs (default: 300 up to 20,000 cells)")
     run.add_argument("--umap-epochs", type=_positive_int, help="parametric UMAP epochs (default 30)")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress (otherwise bars on a terminal, plain lines when stderr is redirected)")
     run.set_defaults(handler=_run)
     return parser
 

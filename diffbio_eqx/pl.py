@@ -130,12 +130,16 @@ def umap(
     return axis
 
 
+_FEW_POINTS = 10  # curves with this many points or fewer are drawn with markers
+
+
 def training(curves: Mapping[str, Mapping[str, Any]], path: str | pathlib.Path | None = None) -> Any:
     """Loss curves, one panel per stage.
 
     **Arguments:**
 
-    - `curves`: `{stage: {curve name: per-epoch values}}` (non-finite values are skipped), e.g.
+    - `curves`: `{stage: {curve name: per-epoch values}}` (non-finite values are skipped; a curve of up to 10
+      points is drawn with markers, so a single point shows), e.g.
       `PipelineFit.curves` or `adata.uns["diffbio_pipeline"]["curves"]`.
     - `path`: write the figure there as PNG.
 
@@ -148,8 +152,8 @@ def training(curves: Mapping[str, Mapping[str, Any]], path: str | pathlib.Path |
         for name, values in stage_curves.items():
             values = np.asarray(values, dtype=float)
             epochs = np.flatnonzero(np.isfinite(values))
-            if epochs.size:
-                axis.plot(epochs + 1, values[epochs], label=name)
+            if epochs.size:  # markers on short curves: a single point (one Harmony round) has no line to see
+                axis.plot(epochs + 1, values[epochs], label=name, marker="o" if epochs.size <= _FEW_POINTS else "")
         axis.set_title(stage)
         axis.set_xlabel("round" if "objective" in stage_curves else "epoch")
         axis.set_ylabel("loss")

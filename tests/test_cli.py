@@ -48,3 +48,13 @@ def test_warnings_print_as_one_line_without_a_source_path(capsys, monkeypatch):
         warnings.simplefilter("always")
         assert cli.main(["info"]) == 0
     assert capsys.readouterr().err == "diffbio-eqx: warning: adata.X: holds non-integer values\n"
+
+
+def test_info_and_the_report_share_one_versions_list(capsys):
+    from diffbio_eqx._report import VERSIONED, package_versions
+
+    assert {"diffbio_eqx", "jax", "jaxlib", "equinox", "optax", "numpy", "anndata"} <= set(VERSIONED)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name, version in package_versions().items():
+        assert f"\n{name} {version}\n" in out

@@ -22,3 +22,16 @@ def test_markdown_table_and_text(tmp_path):
     assert markdown_table([]) == ""
     path = write_text(tmp_path / "report.md", table)
     assert path.read_text() == table
+
+
+def test_written_files_get_the_mode_of_a_plain_open(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        text = write_text(tmp_path / "report.md", "# report\n")
+        figure = plot_training(tmp_path / "training.png", {"harmony": {"objective": np.array([2.0])}})
+    finally:
+        os.umask(previous)
+    assert [stat.S_IMODE(path.stat().st_mode) for path in (text, figure)] == [0o644, 0o644]

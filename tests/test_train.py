@@ -202,3 +202,22 @@ def test_one_optimiser_object_per_setting():
     assert len({id(shared_optimizer()), id(shared_optimizer("adam")), id(shared_optimizer("adam", clip=4.0))}) == 3
     with pytest.raises((ValueError, jaxtyping.TypeCheckError), match="kind"):  # the hook's check comes first
         shared_optimizer("sgd")
+
+
+def test_progress_off_a_terminal_prints_plain_lines_and_the_same_model(getkey, capsys):
+    """stderr redirected (pytest's capture is no terminal): one line about every tenth epoch and the last, no
+    carriage returns; progress changes only the printing."""
+    x, y, _, model = _regression(getkey)
+    key = getkey()
+    settings = TrainSettings(n_epochs=25, batch_size=64, optimizer=optax.adam(0.05), validation_fraction=0.2,
+                             description="regression")
+    shown = fit(model, _regression_loss, (x, y), key=key, settings=settings)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"regression: epoch {e}/25" for e in (3, 6, 9, 12, 15, 18, 21,
+                                                                                            24, 25)]
+    assert all(", loss " in line and ", validation " in line for line in lines)
+    silent = fit(model, _regression_loss, (x, y), key=key, settings=dataclasses.replace(settings, progress=False))
+    assert capsys.readouterr().err == ""
+    assert tree_identical(shown.model, silent.model)

@@ -19,10 +19,17 @@ def temporary_path(path: str | os.PathLike[str]) -> pathlib.Path:
     return target.with_name(f".{target.name}.tmp")
 
 
+def plain_file_mode() -> int:
+    """The permission bits `open()` gives a new file: `0o666` less the process umask (`0o644` under umask 022)."""
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
     """Yield a temporary path beside `path`; on success flush it to disk and rename it over `path`, on failure
-    remove it.
+    remove it. The file gets the mode a plain `open()` would give it (`plain_file_mode`).
 
     The temporary name is fixed (`temporary_path`), so a file left by a writer that was killed is overwritten and
     renamed by the next write of the same target rather than piling up; one writer per target at a time.
@@ -44,6 +51,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
         yield temporary
         with open(temporary, "rb+") as written:  # on disk before the rename, so a crash never leaves it empty
             os.fsync(written.fileno())
+        os.chmod(temporary, plain_file_mode())  # a writer's private mode (e.g. 0600) is not the file's
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)

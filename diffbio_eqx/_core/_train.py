@@ -11,6 +11,7 @@ import functools as ft
 import math
 import os
 import pathlib
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast
 
@@ -293,7 +294,8 @@ class TrainSettings:
     - `checkpoint_path`: save the `TrainState` after every epoch (atomically).
     - `resume`: continue from `checkpoint_path` if it exists (the per-epoch `train_aux` of the epochs before the
       interruption is not kept, and `restore_best` only considers epochs after it).
-    - `progress`: show a tqdm bar over epochs with the current losses.
+    - `progress`: show the epochs with the current losses: a tqdm bar on a terminal (or in Jupyter), plain lines
+      on stderr when it is redirected (about every tenth epoch and the last).
     - `description`: the bar's label and the name in error messages (`fit`: `"training"`).
     - `devices`: train data-parallel over several devices: `"all"`, a sequence of devices, or a 1-D
       `jax.sharding.Mesh` with axis `"cells"` (see `data_mesh`). The data, model and optimiser state are
@@ -628,34 +630,63 @@ class _Run(eqx.Module):
     stopped_early: bool
 
 
+def _interactive() -> bool:
+    """Whether progress can redraw in place: stderr is a terminal, or a Jupyter kernel (tqdm draws a widget)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+class _Progress:
+    """A tqdm bar on a terminal; elsewhere (stderr redirected to a log) one plain line about every tenth of the
+    epochs and at the last one, so a log gets no carriage-return updates."""
+
+    def __init__(self, settings: TrainSettings, start: int):
+        assert settings.n_epochs is not None
+        self.label, self.n_epochs = settings.description or "training", settings.n_epochs
+        self.every = max(1, math.ceil(settings.n_epochs / 10))
+        self.bar: Any = None
+        if _interactive():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.n_epochs, initial=start, desc=settings.description, unit="epoch",
+                            leave=False)
+
+    def update(self, epoch: int, losses: Mapping[str, float], last: bool) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({name: f"{value:.4g}" for name, value in losses.items()})
+        elif last or (epoch + 1) % self.every == 0 or epoch + 1 == self.n_epochs:
+            shown = ", ".join(f"{name} {value:.4g}" for name, value in losses.items())
+            print(f"{self.label}: epoch {epoch + 1}/{self.n_epochs}, {shown}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _run_epochs(loop: _Loop, state: TrainState, settings: TrainSettings) -> _Run:
     assert settings.n_epochs is not None
     best_params, train_aux, stopped_early = state.params, {}, False
-    epochs: Any = range(state.next_epoch, settings.n_epochs)
-    bar = None
-    if settings.progress:
-        from tqdm.auto import tqdm
-
-        bar = epochs = tqdm(epochs, desc=settings.description, unit="epoch", leave=False)
-    for epoch in epochs:
+    progress = _Progress(settings, state.next_epoch) if settings.progress else None
+    for epoch in range(state.next_epoch, settings.n_epochs):
         state, aux, improved = _run_epoch(loop, state, epoch)
         if improved:
             best_params = state.params
         for name, value in aux.items():
             train_aux.setdefault(name, np.full(settings.n_epochs, np.nan))[epoch] = value
-        if bar is not None:
-            postfix = {"loss": f"{state.train_loss[epoch]:.4g}"}
-            if loop.n_validation:
-                postfix["validation"] = f"{state.validation_loss[epoch]:.4g}"
-            bar.set_postfix(postfix)
         if settings.checkpoint_path is not None:
             save_leaves(settings.checkpoint_path, state)
         patience = settings.early_stopping_patience
-        if patience is not None and loop.n_validation and state.epochs_without_improvement >= patience:
-            stopped_early = True
+        stopped_early = bool(patience is not None and loop.n_validation
+                             and state.epochs_without_improvement >= patience)
+        if progress is not None:
+            losses = {"loss": float(state.train_loss[epoch])}
+            if loop.n_validation:
+                losses["validation"] = float(state.validation_loss[epoch])
+            progress.update(epoch, losses, last=stopped_early)
+        if stopped_early:
             break
-    if bar is not None:
-        bar.close()
+    if progress is not None:
+        progress.close()
     return _Run(state, best_params, train_aux, stopped_early)
 
 
