@@ -177,8 +177,9 @@ def run_stage(stage: str, work: pathlib.Path, n_cells: int) -> dict:
         corrected, groups = np.load(work / "corrected.npy"), np.load(work / "groups.npy")
         load_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        clustering = dx.SoftKMeans.from_data(corrected, N_GROUPS, key=keys["clustering"],
-                                             temperature=config.clustering_temperature, n_iter=100)
+        start = dx.SoftKMeans(np.zeros((N_GROUPS, corrected.shape[1]), corrected.dtype),
+                              temperature=config.clustering_temperature)
+        clustering = dx.fit_soft_kmeans(start, corrected, key=keys["clustering"], n_iter=100).model
         labels = np.asarray(clustering.hard_assign(corrected))
         seconds = time.perf_counter() - started
         from sklearn.metrics import adjusted_rand_score

@@ -132,7 +132,8 @@ def _soft_kmeans(n_cells: int) -> dict:
 
     x, _ = _common.gaussian_embedding(n_cells, n_dims=N_DIMS)
     x = jnp.asarray(x)
-    return {"run": lambda: dx.SoftKMeans.from_data(x, 20, key=jr.key(0), n_iter=100).centroids, "cells": n_cells,
+    start = dx.SoftKMeans(jnp.zeros((20, x.shape[1]), x.dtype))
+    return {"run": lambda: dx.fit_soft_kmeans(start, x, key=jr.key(0), n_iter=100).model.centroids, "cells": n_cells,
             "setup": "k-means++ + 100 soft k-means iterations, 20 clusters"}
 
 

@@ -198,6 +198,16 @@ STAGE_CASES = [
      r"n_clusters: must be >= 1, got 0"),
     ("soft-kmeans-empty", lambda: dx.SoftKMeans.from_data(np.zeros((0, 4)), 2, key=jr.key(0)),
      r"x: empty matrix of shape \(0, 4\)"),
+    ("fit-soft-kmeans-n_clusters-above-n_cells",
+     lambda: dx.fit_soft_kmeans(dx.SoftKMeans(np.zeros((6, 4))), X[:5], key=jr.key(0)),
+     r"n_clusters: asked for 6 clusters but there are only 5 cells"),
+    ("fit-soft-kmeans-zero-clusters", lambda: dx.SoftKMeans(np.zeros((0, 4))),
+     r"centroids: expected shape \(n_clusters >= 1, n_dims\), got \(0, 4\)"),
+    ("fit-soft-kmeans-empty", lambda: dx.fit_soft_kmeans(dx.SoftKMeans(np.zeros((2, 4))), np.zeros((0, 4)),
+                                                         key=jr.key(0)),
+     r"x: empty matrix of shape \(0, 4\)"),
+    ("fit-soft-kmeans-wrong-dims", lambda: dx.fit_soft_kmeans(dx.SoftKMeans(np.zeros((2, 3))), X, key=jr.key(0)),
+     r"x: has 4 dimensions, expected 3"),
 ]
 
 
