@@ -1,0 +1,1 @@
+"""Archetypal analysis: PCHA-faithful archetypes with an amortised encoder for new cells."""

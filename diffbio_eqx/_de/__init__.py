@@ -1,0 +1,1 @@
+"""Differential expression: markers (rank_genes_groups-faithful), pseudobulk DESeq2, SwitchDE, differential distributions."""

@@ -1,0 +1,1 @@
+"""Imputation: MAGIC diffusion (magic-impute-faithful), a masked-gene transformer denoiser, molecular cross-validation."""

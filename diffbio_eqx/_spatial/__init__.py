@@ -1,0 +1,1 @@
+"""Spatial transcriptomics: STAGATE-style spatial domains and PASTE slice alignment (fused Gromov-Wasserstein through ott-jax)."""
