@@ -117,3 +117,34 @@ def add_simulated_batches(
         "the original data has no batches"
     )
     return out
+
+
+def ligand_receptor_pairs(name: str = "consensus") -> pd.DataFrame:
+    """A ligand-receptor resource from an installed `liana` (LIANA+ ships them in its package; nothing is downloaded).
+
+    Reads `liana/resource/omni_resource.csv` from the installed package without importing `liana`, and keeps the
+    rows of resource `name` (default LIANA's `"consensus"`, 4,620 pairs) as `liana.rs.select_resource(name)` does.
+
+    **Returns:** a DataFrame with columns `ligand` and `receptor` (complexes as subunits joined by `_`). Any such
+    table works as `resource=` of `tl.ligand_receptor`; without `liana` installed, this raises an `ImportError`
+    saying how to pass one.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("liana")
+    folder = None if spec is None or spec.origin is None else pathlib.Path(spec.origin).parent
+    path = None if folder is None else folder / "resource" / "omni_resource.csv"
+    if path is None or not path.exists():
+        raise ImportError(
+            "ligand_receptor_pairs: needs the `liana` package (pip install liana), which ships LIANA's resources; "
+            "or pass your own resource to tl.ligand_receptor(..., resource=table) as a pandas DataFrame with "
+            "'ligand' and 'receptor' columns of gene symbols (complex subunits joined by '_', e.g. 'ITGA4_ITGB1')"
+        )
+    table = pd.read_csv(path, index_col=False)
+    names = sorted(table["resource"].unique())
+    if name.lower() not in names:
+        raise ValueError(f"name: resource {name!r} is not in liana's file; choose from {names}")
+    table = table[table["resource"] == name.lower()]
+    out = table[["source_genesymbol", "target_genesymbol"]].rename(
+        columns={"source_genesymbol": "ligand", "target_genesymbol": "receptor"})
+    return pd.DataFrame(out).reset_index(drop=True)

@@ -1,1 +1,2 @@
-"""Cell-cell communication: CellPhoneDB- and CellChat-style ligand-receptor scoring (as LIANA runs them) and an NCEM-style spatial model."""
+"""Cell-cell communication: CellPhoneDB- and CellChat-style ligand-receptor scoring (as LIANA runs them) and an
+NCEM-style spatial model."""
