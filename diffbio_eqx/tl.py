@@ -244,3 +244,104 @@ def pipeline(
     if "diffbio_batch_categories" in annotated.uns:
         adata.uns["diffbio_batch_categories"] = annotated.uns["diffbio_batch_categories"]
     return fitted.pipeline
+
+
+# --- differential expression and archetypes (issue 22) ---
+def _marker_inputs(adata: ad.AnnData, groupby: str, groups: Any, reference: str, use_raw: bool | None,
+                   layer: str | None) -> tuple[np.ndarray, list[str], np.ndarray, bool, pd.Index]:
+    """The expression matrix (scanpy's choice of raw / layer / X), the compared group names and their masks."""
+    if groupby not in adata.obs:
+        raise ValueError(f"groupby: {groupby!r} is not a column of adata.obs")
+    labels = adata.obs[groupby].astype("category")
+    categories = [str(c) for c in labels.cat.categories]
+    names = categories if groups == "all" else [str(g) for g in groups]
+    if reference != "rest" and reference not in names:
+        names = [*names, reference]
+    unknown = [n for n in names if n not in categories]
+    if unknown:
+        raise ValueError(f"groups: {unknown[0]!r} is not a category of adata.obs[{groupby!r}] ({categories})")
+    values = labels.astype(str).to_numpy()
+    masks = np.stack([values == n for n in names])
+    small = [n for n, m in zip(names, masks) if m.sum() < 2]
+    if small:
+        raise ValueError(f"groups: {small[0]!r} has fewer than 2 cells in adata.obs[{groupby!r}]")
+    if use_raw is None:
+        use_raw = adata.raw is not None and layer is None
+    source = adata.raw if use_raw and adata.raw is not None else adata
+    matrix = adata.layers[layer] if layer is not None else source.X
+    x = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)  # a SciPy sparse matrix
+    if not np.all(np.isfinite(x)):
+        raise ValueError("X: rank_genes_groups needs finite expression values")
+    return x, names, masks, bool(use_raw and adata.raw is not None), source.var_names
+
+
+def rank_genes_groups(
+    adata: ad.AnnData,
+    groupby: str,
+    *,
+    groups: Sequence[str] | str = "all",
+    reference: str = "rest",
+    method: str = "t-test",
+    corr_method: str = "benjamini-hochberg",
+    tie_correct: bool = False,
+    use_raw: bool | None = None,
+    layer: str | None = None,
+    key_added: str | None = None,
+) -> None:
+    """Rank marker genes per group, as `scanpy.tl.rank_genes_groups` (same statistics, same `uns` layout).
+
+    **Arguments:**
+
+    - `adata`: log-normalised expression (`raw` if present and `use_raw` is not False, else `layer` or `X`).
+    - `groupby`: `obs` column of the groups.
+    - `groups`: the groups to score, or `"all"`.
+    - `reference`: `"rest"` (every other cell) or one group's name.
+    - `method`: `"t-test"` (Welch, scanpy's default), `"t-test_overestim_var"` or `"wilcoxon"`.
+    - `corr_method`: `"benjamini-hochberg"` or `"bonferroni"`.
+    - `tie_correct`: Wilcoxon tie correction.
+    - `use_raw`, `layer`: where the expression is read (as scanpy).
+    - `key_added`: `uns` key (default `"rank_genes_groups"`).
+
+    **Writes:** `uns[key_added]` with `params` and the record arrays `names`, `scores` (float32), `pvals`,
+    `pvals_adj`, `logfoldchanges` (float32), one field per group, genes sorted by score as scanpy sorts them;
+    `scanpy.pl.rank_genes_groups` and `scanpy.get.rank_genes_groups_df` read it.
+    """
+    from ._de._markers import rank_genes
+
+    if corr_method not in ("benjamini-hochberg", "bonferroni"):
+        raise ValueError(f"corr_method: {corr_method!r} is not 'benjamini-hochberg' or 'bonferroni'")
+    x, names, masks, used_raw, var_names = _marker_inputs(check_adata(adata), groupby, groups, reference, use_raw,
+                                                          layer)
+    keep = [i for i, n in enumerate(names) if reference == "rest" or n != reference]
+    tested = masks[keep]
+    rests = ~tested if reference == "rest" else np.repeat(masks[names.index(reference)][None], len(keep), axis=0)
+    base = adata.uns.get("log1p", {}).get("base")
+    log_base = jnp.asarray(1.0 if base is None else float(np.log(base)))
+    result = rank_genes(jnp.asarray(x), jnp.asarray(tested), jnp.asarray(rests), log_base, method=method,
+                        tie_correct=tie_correct)
+    pvals = np.asarray(result.pvals)
+    adjusted = (np.asarray(result.pvals_adj) if corr_method == "benjamini-hochberg"
+                else np.minimum(pvals * x.shape[1], 1.0))
+    columns = {"scores": np.asarray(result.scores), "pvals": pvals, "pvals_adj": adjusted,
+               "logfoldchanges": np.asarray(result.logfoldchanges)}
+    key_added = key_added or "rank_genes_groups"
+    adata.uns[key_added] = {"params": {"groupby": groupby, "reference": reference, "method": method,
+                                       "use_raw": used_raw, "layer": layer, "corr_method": corr_method}}
+    adata.uns[key_added].update(_marker_records([names[i] for i in keep], var_names, columns))
+
+
+def _marker_records(group_names: list[str], var_names: pd.Index, columns: dict[str, np.ndarray]) -> dict[str, Any]:
+    """scanpy's record arrays: per group, genes ordered by descending score (its argpartition + argsort)."""
+    n_genes = len(var_names)
+    dtypes = {"names": "O", "scores": "float32", "logfoldchanges": "float32", "pvals": "float64",
+              "pvals_adj": "float64"}
+    frames: dict[str, dict[str, np.ndarray]] = {name: {} for name in dtypes}
+    for g, group in enumerate(group_names):
+        scores = columns["scores"][g]
+        partition = np.argpartition(scores, -n_genes)[-n_genes:]
+        order = partition[np.argsort(scores[partition])[::-1]]
+        frames["names"][group] = np.asarray(var_names[order], dtype=object)
+        for name in ("scores", "pvals", "pvals_adj", "logfoldchanges"):
+            frames[name][group] = columns[name][g][order]
+    return {name: pd.DataFrame(frames[name]).to_records(index=False, column_dtypes=dtypes[name])
+            for name in ("names", "scores", "logfoldchanges", "pvals", "pvals_adj")}

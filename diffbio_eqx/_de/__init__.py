@@ -1,1 +1,2 @@
-"""Differential expression: markers (rank_genes_groups-faithful), pseudobulk DESeq2, SwitchDE, differential distributions."""
+"""Differential expression: markers (rank_genes_groups-faithful), pseudobulk DESeq2, SwitchDE and differential
+distributions."""

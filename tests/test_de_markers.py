@@ -1,0 +1,105 @@
+"""Markers: parity with `scanpy.tl.rank_genes_groups` on pbmc68k (Wilcoxon with and without tie correction,
+Welch's t-test, vs rest and vs a reference group), the `uns` layout scanpy's readers take, and the maths'
+building blocks against SciPy / statsmodels."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.stats as st
+from statsmodels.stats.multitest import multipletests
+
+import diffbio_eqx as dbx
+from diffbio_eqx._de._markers import benjamini_hochberg, midranks, welch_t_test
+
+
+@pytest.fixture(scope="module")
+def pbmc():
+    adata = dbx.datasets.pbmc68k()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    return adata
+
+
+def _compare(ours: dict, theirs: dict, var_names) -> None:
+    groups = theirs["scores"].dtype.names
+    assert ours["scores"].dtype.names == groups
+    for g in groups:
+        # the same gene order (scores tie only where both are equal)
+        ours_scores = np.asarray(ours["scores"][g], dtype=np.float64)
+        their_scores = np.asarray(theirs["scores"][g], dtype=np.float64)
+        np.testing.assert_allclose(ours_scores, their_scores, rtol=1e-6, atol=1e-6)
+        index = var_names.get_indexer(theirs["names"][g])
+        ours_index = var_names.get_indexer(ours["names"][g])
+        by_gene = np.empty(len(var_names)), np.empty(len(var_names))
+        for name in ("pvals", "pvals_adj", "logfoldchanges"):
+            by_gene[0][ours_index] = ours[name][g]
+            by_gene[1][index] = theirs[name][g]
+            np.testing.assert_allclose(by_gene[0], by_gene[1], rtol=1e-6, atol=1e-12 if name != "logfoldchanges"
+                                       else 1e-6, err_msg=f"{g} {name}")
+
+
+@pytest.mark.parametrize(
+    ("method", "tie_correct", "reference"),
+    [("wilcoxon", True, "rest"), ("wilcoxon", False, "rest"), ("t-test", False, "rest"),
+     ("wilcoxon", True, "CD14+ Monocyte"), ("t-test", False, "CD14+ Monocyte"),
+     ("t-test_overestim_var", False, "rest")],
+)
+def test_rank_genes_groups_equals_scanpy(pbmc, method, tie_correct, reference):
+    ours, theirs = pbmc.copy(), pbmc.copy()
+    dbx.tl.rank_genes_groups(ours, "bulk_labels", method=method, tie_correct=tie_correct, reference=reference)
+    with warnings.catch_warnings():  # scanpy divides 0 / 0 for genes constant in both groups
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sc.tl.rank_genes_groups(theirs, "bulk_labels", method=method, tie_correct=tie_correct, reference=reference)
+    _compare(ours.uns["rank_genes_groups"], theirs.uns["rank_genes_groups"], pbmc.var_names)
+    assert ours.uns["rank_genes_groups"]["params"] == theirs.uns["rank_genes_groups"]["params"]
+
+
+def test_scanpy_readers_take_our_output(pbmc):
+    adata = pbmc.copy()
+    dbx.tl.rank_genes_groups(adata, "bulk_labels", groups=["CD19+ B", "CD56+ NK"], method="wilcoxon")
+    table = sc.get.rank_genes_groups_df(adata, group="CD19+ B")
+    assert list(table.columns[:2]) == ["names", "scores"] and len(table) == pbmc.n_vars
+    assert table["names"].iloc[0] in {"CD79A", "CD79B", "MS4A1", "HLA-DQA1", "CD74", "HLA-DRA", "HLA-DQB1",
+                                      "TCL1A", "HLA-DPB1", "HLA-DPA1", "CD37"}
+    sc.pl.rank_genes_groups(adata, n_genes=3, show=False)
+
+
+def test_midranks_and_ties_equal_scipy():
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 6, 40).astype(np.float64)
+    used = rng.random(40) < 0.7
+    ranks, ties = midranks(jnp.asarray(values), jnp.asarray(used))
+    np.testing.assert_allclose(np.asarray(ranks)[used], st.rankdata(values[used]))
+    tc = 1.0 - np.sum(np.asarray(ties)[used] ** 2 - 1.0) / (used.sum() ** 3 - used.sum())
+    np.testing.assert_allclose(tc, st.tiecorrect(st.rankdata(values[used])))
+
+
+def test_welch_and_bh_equal_scipy_statsmodels():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0.0, 1.0, (30, 5)), rng.normal(0.3, 2.0, (17, 5))
+    t, p = welch_t_test(jnp.asarray(a.mean(0)), jnp.asarray(a.var(0, ddof=1)), jnp.asarray(30.0),
+                        jnp.asarray(b.mean(0)), jnp.asarray(b.var(0, ddof=1)), jnp.asarray(17.0))
+    ref = st.ttest_ind(a, b, equal_var=False)
+    np.testing.assert_allclose(np.asarray(t), ref.statistic, rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(p), ref.pvalue, rtol=1e-8)
+    pvals = rng.random(200) ** 3
+    np.testing.assert_allclose(np.asarray(benjamini_hochberg(jnp.asarray(pvals))),
+                               multipletests(pvals, method="fdr_bh")[1], rtol=1e-12)
+    grad = jax.grad(lambda m: welch_t_test(m, jnp.asarray(1.0), jnp.asarray(10.0), jnp.asarray(0.0),
+                                           jnp.asarray(1.0), jnp.asarray(10.0))[0])(jnp.asarray(0.5))
+    assert np.isfinite(float(grad)) and float(grad) > 0
+
+
+def test_bad_input_names_the_field(pbmc):
+    with pytest.raises(ValueError, match="groupby"):
+        dbx.tl.rank_genes_groups(pbmc.copy(), "no_such_column")
+    with pytest.raises(ValueError, match="groups"):
+        dbx.tl.rank_genes_groups(pbmc.copy(), "bulk_labels", groups=["not a group"])
+    with pytest.raises(ValueError, match="method"):
+        dbx.tl.rank_genes_groups(pbmc.copy(), "bulk_labels", method="logistic")
+    with pytest.raises(ValueError, match="corr_method"):
+        dbx.tl.rank_genes_groups(pbmc.copy(), "bulk_labels", corr_method="holm")
