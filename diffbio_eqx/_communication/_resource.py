@@ -6,7 +6,6 @@ its ligand and of its receptor is a gene of the data (with a non-zero column), a
 row of gene indices, so that the scorers take "the least expressed subunit" with one `min` over an axis.
 """
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -59,7 +58,7 @@ def _padded(units: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return index, mask
 
 
-def index_resource(resource: Any, var_names: Sequence[str], *, expressed: np.ndarray | None = None,
+def index_resource(resource: Any, var_names: Any, *, expressed: np.ndarray | None = None,
                    field: str = "resource") -> ResourceIndex:
     """Match `resource` to the data's genes `var_names` (LIANA's `filter_resource`).
 

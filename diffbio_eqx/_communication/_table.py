@@ -1,7 +1,6 @@
 """Host side of ligand-receptor scoring: checks, the resource match, one jitted call, a tidy table like LIANA's."""
 
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -43,7 +42,7 @@ def _dense_rows(x: Any, rows: np.ndarray, columns: np.ndarray | None = None) -> 
 
 
 def ligand_receptor_table(
-    x: Any, var_names: Sequence[str], groups: Any, resource: pd.DataFrame, *, method: Method = "cellphonedb",
+    x: Any, var_names: Any, groups: Any, resource: pd.DataFrame, *, method: Method = "cellphonedb",
     expr_prop: float = 0.1, min_cells: int = 5, n_perms: int = 1000, key: PRNGKeyArray | None = None,
     permutations: np.ndarray | None = None, kh: float = 0.5, chunk_size: int = 50, field: str = "groupby",
 ) -> pd.DataFrame:
