@@ -1,0 +1,165 @@
+"""Ligand-receptor scoring against LIANA and the GRN against scikit-learn's GENIE3 / GRNBoost2 regressors.
+
+- `lr`: pbmc68k (scanpy's PBMC 68k reduced, `bulk_labels`, log-normalised), and simulated data at the sizes
+  given (Splatter-style counts from `diffbio_eqx.simulate`, genes renamed to genes of LIANA's consensus resource,
+  log-normalised): our CellPhoneDB and CellChat (1,000 keyed permutations, vmapped) against `liana.mt.cellphonedb`
+  and `liana.mt.cellchat` (same resource, groups, permutation count); time (ours after compilation, compile
+  separately), agreement of means / probabilities and of p < 0.05 calls.
+- `grn`: `simulate_grn` (1,000 cells, 20 TFs, 200 targets, Hill-function regulation): our additive ridge GRN
+  against `GradientBoostingRegressor` with GRNBoost2's settings (arboreto `SGBM_KWARGS`: learning_rate 0.01,
+  n_estimators 5000 with arboreto's out-of-bag early-stopping monitor, window 25, max_features 0.1, subsample 0.9,
+  importances x n_estimators) and `RandomForestRegressor` with GENIE3's (`RF_KWARGS`: 1,000 trees,
+  max_features 'sqrt'), both with arboreto's seed 666: time and AUPRC (random = edge density).
+  It also writes `tests/data/communication_grn_reference.json` (the GBM AUPRC the test compares against, and a
+  fingerprint of the simulated data), because a 220-regression GBM run is too slow for the test suite.
+
+Writes `benchmarks/results/communication_grn.json`.
+Run: `python benchmarks/bench_communication_grn.py [lr|grn ...] [--sizes 10000 100000] [--rf-targets 40]`.
+"""
+
+import os
+
+
+os.environ.setdefault("EQX_ON_ERROR", "nan")
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+import warnings
+
+import numpy as np
+
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _common import ROOT, environment  # noqa: E402
+
+
+RESULTS = ROOT / "benchmarks" / "results" / "communication_grn.json"
+REFERENCE = ROOT / "tests" / "data" / "communication_grn_reference.json"
+GRN_SIM = {"n_cells": 1000, "n_tfs": 20, "n_targets": 200, "seed": 0}
+
+
+def lognorm(counts: np.ndarray) -> np.ndarray:
+    return np.log1p(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) * 1e4).astype(np.float32)
+
+
+def grn_inputs():
+    from diffbio_eqx._simulate._network import simulate_grn
+
+    sim = simulate_grn(**GRN_SIM)
+    x = lognorm(sim.counts)
+    n_tfs = len(sim.tf_names)
+    scored = np.ones_like(sim.adjacency)
+    scored[np.arange(n_tfs), np.arange(n_tfs)] = False  # a TF is never its own target
+    return sim, x, n_tfs, scored
+
+
+def fingerprint(counts: np.ndarray) -> list[float]:
+    return [float(counts.sum()), float(counts[0].sum()), float(counts[:, -1].sum())]
+
+
+class EarlyStopMonitor:
+    """arboreto's `EarlyStopMonitor`: stop when the mean out-of-bag improvement of the last 25 rounds is < 0."""
+
+    def __init__(self, window_length: int = 25):
+        self.window_length = window_length
+
+    def __call__(self, current_round, regressor, _):
+        if current_round >= self.window_length - 1:
+            low = max(0, current_round - self.window_length + 1)
+            return np.mean(regressor.oob_improvement_[low: current_round + 1]) < 0
+        return False
+
+
+def sklearn_importances(x: np.ndarray, n_tfs: int, kind: str, targets: np.ndarray) -> np.ndarray:
+    """arboreto's per-target regressions (`infer_partial_network`) with scikit-learn, as (n_tfs, n_genes)."""
+    from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+
+    out = np.zeros((n_tfs, x.shape[1]))
+    for target in targets:
+        cols = [i for i in range(n_tfs) if i != target]
+        if kind == "gbm":
+            model = GradientBoostingRegressor(random_state=666, learning_rate=0.01, n_estimators=5000,
+                                              max_features=0.1, subsample=0.9)
+            model.fit(x[:, cols], x[:, target], monitor=EarlyStopMonitor())
+            out[cols, target] = model.feature_importances_ * len(model.estimators_)
+        else:
+            model = RandomForestRegressor(random_state=666, n_estimators=1000, max_features="sqrt", n_jobs=1)
+            model.fit(x[:, cols], x[:, target])
+            out[cols, target] = model.feature_importances_
+    return out
+
+
+def run_grn(rf_targets: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from sklearn.metrics import average_precision_score
+
+    from diffbio_eqx._grn._regression import AdditiveGRN, grn_importances
+
+    sim, x, n_tfs, scored = grn_inputs()
+    own = jnp.asarray(np.r_[np.arange(n_tfs), -np.ones(x.shape[1] - n_tfs, dtype=int)].astype(np.int32))
+    stage, xt, xa = AdditiveGRN(), jnp.asarray(x[:, :n_tfs]), jnp.asarray(x)
+    start = time.perf_counter()
+    jax.block_until_ready(grn_importances(stage, xt, xa, own))
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        ours = np.asarray(jax.block_until_ready(grn_importances(stage, xt, xa, own)))
+        times.append(time.perf_counter() - start)
+    truth = sim.adjacency
+    auprc = lambda imp, cols=slice(None): float(average_precision_score(truth[:, cols][scored[:, cols]],  # noqa: E731
+                                                                        imp[:, cols][scored[:, cols]]))
+    start = time.perf_counter()
+    gbm = sklearn_importances(x, n_tfs, "gbm", np.arange(x.shape[1]))
+    gbm_s = time.perf_counter() - start
+    subset = np.arange(n_tfs, n_tfs + rf_targets)
+    start = time.perf_counter()
+    rf = sklearn_importances(x, n_tfs, "rf", subset)
+    rf_s = time.perf_counter() - start
+    result = {
+        "data": {**GRN_SIM, "n_genes": int(x.shape[1]), "n_true_edges": int(truth.sum()),
+                 "model": "SERGIO-style Hill regulation, simulate_grn"},
+        "random_auprc": float(truth[scored].mean()),
+        "ours": {"method": "additive ridge (hinge basis, 3 knots, ridge 1e-2)", "seconds": min(times),
+                 "compile_seconds": compile_s, "auprc": auprc(ours), "auprc_rf_subset": auprc(ours, subset)},
+        "gbm_grnboost2_settings": {"seconds": gbm_s, "auprc": auprc(gbm)},
+        "rf_genie3_settings": {"seconds_subset": rf_s, "n_targets_subset": rf_targets,
+                               "seconds_all_targets_extrapolated": rf_s * x.shape[1] / rf_targets,
+                               "auprc_subset": auprc(rf, subset)},
+    }
+    result["speedup_vs_gbm"] = gbm_s / min(times)
+    REFERENCE.parent.mkdir(parents=True, exist_ok=True)
+    REFERENCE.write_text(json.dumps({
+        "made_by": "python benchmarks/bench_communication_grn.py grn", "simulation": GRN_SIM,
+        "fingerprint": fingerprint(sim.counts), "gbm_grnboost2_auprc": result["gbm_grnboost2_settings"]["auprc"],
+        "random_auprc": result["random_auprc"]}, indent=1) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("parts", nargs="*", default=["lr", "grn"])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
+    parser.add_argument("--rf-targets", type=int, default=40)
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results["environment"] = environment("liana", "scikit-learn", "scanpy")
+    if "grn" in args.parts:
+        results["grn"] = run_grn(args.rf_targets)
+        print(json.dumps(results["grn"], indent=1))
+    if "lr" in args.parts:
+        from bench_communication_lr import run_lr  # noqa: PLC0415
+
+        results["lr"] = run_lr(args.sizes)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main()

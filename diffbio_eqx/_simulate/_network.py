@@ -1,0 +1,117 @@
+"""Ground truth for gene regulatory networks and for communication in space.
+
+- `simulate_grn`: expression from a known TF -> target network, as SERGIO (Dibaeinia & Sinha 2020) and BEELINE's
+  synthetic networks define it: each target's production rate is a basal rate plus a sum of Hill functions of its
+  regulators, $b + \\sum_j w_j h_j(x_j)$ with $h(x) = x^n / (K^n + x^n)$ (activation) or $K^n / (K^n + x^n)$
+  (repression); TF levels come from a few cell states (so TFs are correlated, as in real data); counts are
+  Poisson around the rates times a gene scale and a cell's library size.
+- `simulate_spatial_communication`: cells of a few types on a plane; each cell's expression is its type's
+  profile plus, when `neighbour_effect` is non-zero, an effect of each neighbouring type (sender -> receiver
+  interaction strengths, the quantity an NCEM-style model estimates).
+"""
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatedNetwork:
+    """A simulated expression matrix and the network that made it.
+
+    - `counts`: `(n_cells, n_genes)` Poisson counts; genes are the TFs first, then the targets.
+    - `gene_names`: `TF0..`, then `G0..`; `tf_names`: the TFs.
+    - `adjacency`: `(n_tfs, n_genes)` True where TF `i` regulates gene `j` (the truth for AUPRC).
+    - `sign`: `(n_tfs, n_genes)` +1 activation, -1 repression, 0 no edge.
+    - `states`: `(n_cells,)` the cell state behind each cell's TF levels.
+    """
+
+    counts: np.ndarray
+    gene_names: np.ndarray
+    tf_names: np.ndarray
+    adjacency: np.ndarray
+    sign: np.ndarray
+    states: np.ndarray
+
+
+def _hill(x: np.ndarray, k: np.ndarray, n: float, repress: np.ndarray) -> np.ndarray:
+    act = x**n / (k**n + x**n)
+    return np.where(repress, 1 - act, act)
+
+
+def simulate_grn(
+    *, n_cells: int = 1000, n_tfs: int = 20, n_targets: int = 200, max_regulators: int = 3, n_states: int = 6,
+    hill_n: float = 2.0, repression_prob: float = 0.3, library_size: float = 2000.0, seed: int = 0,
+) -> SimulatedNetwork:
+    """Counts from a random TF -> target network with Hill-function regulation (SERGIO's steady state).
+
+    Each target has 1 to `max_regulators` distinct TF regulators, weights `U(1, 3)`, half-saturation `K` the
+    TF's median level, Hill coefficient `hill_n`, and repression with probability `repression_prob`. TF levels
+    are `state mean x LogNormal(0, 0.5)` over `n_states` states with `LogNormal(0, 1)` means.
+    """
+    rng = np.random.default_rng(seed)
+    states = rng.integers(0, n_states, n_cells)
+    state_means = np.exp(rng.normal(0.0, 1.0, (n_states, n_tfs)))
+    tf_level = state_means[states] * np.exp(rng.normal(0.0, 0.5, (n_cells, n_tfs)))
+    n_genes = n_tfs + n_targets
+    adjacency = np.zeros((n_tfs, n_genes), dtype=bool)
+    sign = np.zeros((n_tfs, n_genes), dtype=np.int8)
+    rates = np.zeros((n_cells, n_genes))
+    rates[:, :n_tfs] = tf_level
+    k = np.median(tf_level, axis=0)
+    for target in range(n_tfs, n_genes):
+        regulators = rng.choice(n_tfs, rng.integers(1, max_regulators + 1), replace=False)
+        repress = rng.random(len(regulators)) < repression_prob
+        weights = rng.uniform(1.0, 3.0, len(regulators))
+        hills = _hill(tf_level[:, regulators], k[regulators], hill_n, repress)
+        rates[:, target] = 0.1 + hills @ weights
+        adjacency[regulators, target] = True
+        sign[regulators, target] = np.where(repress, -1, 1)
+    proportions = rates * np.exp(rng.normal(0.0, 0.5, n_genes))
+    proportions = proportions / proportions.sum(axis=1, keepdims=True)
+    library = library_size * np.exp(rng.normal(0.0, 0.2, (n_cells, 1)))
+    counts = rng.poisson(proportions * library).astype(np.float32)
+    names = np.array([f"TF{i}" for i in range(n_tfs)] + [f"G{i}" for i in range(n_targets)])
+    return SimulatedNetwork(counts, names, names[:n_tfs], adjacency, sign, states)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatedSpatialCommunication:
+    """Cells in space whose expression depends on their neighbours' types (or not).
+
+    - `counts`: `(n_cells, n_genes)` Poisson counts; `positions`: `(n_cells, 2)`; `cell_types`: `(n_cells,)`.
+    - `interaction`: `(n_types, n_types, n_genes)` the true log-scale effect of one neighbour of type `s` on a
+      receiver of type `t` (all zero when `neighbour_effect == 0`); `radius`: the neighbourhood radius used.
+    """
+
+    counts: np.ndarray
+    positions: np.ndarray
+    cell_types: np.ndarray
+    interaction: np.ndarray
+    radius: float
+
+
+def simulate_spatial_communication(
+    *, n_cells: int = 3000, n_types: int = 4, n_genes: int = 30, neighbour_effect: float = 0.4,
+    radius: float = 0.05, n_patches: int = 40, seed: int = 0,
+) -> SimulatedSpatialCommunication:
+    """Cell types in patches on the unit square; log-mean = type profile + sum over neighbours within `radius`
+    of `interaction[sender, receiver]`, with a sparse `interaction` scaled by `neighbour_effect` (0: no effect)."""
+    rng = np.random.default_rng(seed)
+    positions = rng.random((n_cells, 2))
+    centres, patch_type = rng.random((n_patches, 2)), rng.integers(0, n_types, n_patches)
+    nearest = np.argmin(((positions[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
+    mixed = rng.random(n_cells) < 0.3  # some cells of another type inside each patch, so neighbourhoods vary
+    cell_types = np.where(mixed, rng.integers(0, n_types, n_cells), patch_type[nearest])
+    profile = rng.normal(1.0, 0.7, (n_types, n_genes))
+    active = rng.random((n_types, n_types, n_genes)) < 0.2
+    interaction = neighbour_effect * active * rng.choice([-1.0, 1.0], active.shape)
+    neighbours = np.zeros((n_cells, n_types))
+    for i in range(n_cells):  # host-side simulator; n_cells x n_cells distances never stored
+        close = np.sum((positions - positions[i]) ** 2, axis=1) < radius**2
+        close[i] = False
+        neighbours[i] = np.bincount(cell_types[close], minlength=n_types)
+    share = neighbours / np.maximum(neighbours.sum(1, keepdims=True), 1)
+    log_mean = profile[cell_types] + np.einsum("cs,sct->ct", share, interaction[:, cell_types, :])
+    counts = rng.poisson(np.exp(log_mean)).astype(np.float32)
+    return SimulatedSpatialCommunication(counts, positions, cell_types, interaction, radius)
