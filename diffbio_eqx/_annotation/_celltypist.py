@@ -125,11 +125,12 @@ def fit_logistic(
         p, opt_state, _ = state
         value, grad = value_and_grad(p, state=opt_state)
         updates, opt_state = solver.update(grad, opt_state, p, value=value, grad=grad, value_fn=loss)
-        return (optax.apply_updates(p, updates), opt_state, _max_abs(grad)), None
+        return (cast(Any, optax.apply_updates(p, updates)), opt_state, _max_abs(grad)), None
 
     init = (params, solver.init(params), jnp.asarray(jnp.inf, x.dtype))
-    (params, _, _), _, n_steps = iterate(step, init, lambda s: s[2] <= tol, max_steps=max_steps, early_exit=True)
-    return params[0], params[1], n_steps
+    (final, _, _), _, n_steps = iterate(step, init, lambda s: s[2] <= tol, max_steps=max_steps, early_exit=True)
+    weights, intercept = cast(tuple[Array, Array], final)
+    return weights, intercept, n_steps
 
 
 def decision_scores(
@@ -209,7 +210,7 @@ class CellTypistModel(eqx.Module):
 
 def _host_log_normalized(counts: Any) -> np.ndarray:
     checked = check_counts(counts)
-    dense = checked.toarray() if sp.issparse(checked) else np.asarray(checked)
+    dense = cast(Any, checked).toarray() if sp.issparse(checked) else np.asarray(checked)
     dense = dense.astype(np.float64)
     library = np.maximum(dense.sum(axis=1, keepdims=True), 1.0)
     return np.log1p(dense * (TARGET_SUM / library))
