@@ -345,3 +345,76 @@ def _marker_records(group_names: list[str], var_names: pd.Index, columns: dict[s
             frames[name][group] = columns[name][g][order]
     return {name: pd.DataFrame(frames[name]).to_records(index=False, column_dtypes=dtypes[name])
             for name in ("names", "scores", "logfoldchanges", "pvals", "pvals_adj")}
+
+
+def _pseudobulk(adata: ad.AnnData, sample_key: str, condition_key: str, layer: str | None
+                ) -> tuple[np.ndarray, pd.Series]:
+    """Counts summed per sample, and each sample's condition (one per sample, else a ValueError)."""
+    for field in (sample_key, condition_key):
+        if field not in adata.obs:
+            raise ValueError(f"{'sample_key' if field == sample_key else 'condition_key'}: {field!r} is not a "
+                             "column of adata.obs")
+    samples = adata.obs[sample_key].astype(str).to_numpy()
+    names, codes = np.unique(samples, return_inverse=True)
+    matrix = adata.layers[layer] if layer is not None else adata.X
+    indicator = np.zeros((len(names), len(samples)))
+    indicator[codes, np.arange(len(samples))] = 1.0
+    summed = np.asarray(indicator @ matrix if not hasattr(matrix, "toarray") else (matrix.T @ indicator.T).T)
+    if np.any(summed < 0) or not np.all(np.isfinite(summed)) or np.any(summed != np.round(summed)):
+        raise ValueError("X: pseudobulk_de needs non-negative whole-number counts (use layer= for raw counts)")
+    per_sample = pd.DataFrame({"s": samples, "c": adata.obs[condition_key].astype(str).to_numpy()})
+    levels = per_sample.groupby("s")["c"].nunique()
+    if (levels > 1).any():
+        raise ValueError(f"condition_key: sample {levels.index[levels > 1][0]!r} holds more than one condition")
+    return summed, per_sample.groupby("s")["c"].first().loc[names]
+
+
+def pseudobulk_de(
+    adata: ad.AnnData,
+    sample_key: str,
+    condition_key: str,
+    *,
+    reference: str,
+    test: str,
+    layer: str | None = None,
+    key_added: str = "pseudobulk_de",
+) -> pd.DataFrame:
+    """Pseudobulk DESeq2 of `test` against `reference`, as pydeseq2 (`~condition`, Wald test, BH).
+
+    Counts are summed per sample; the design is an intercept plus one indicator per non-reference condition
+    (pydeseq2's treatment coding). See `diffbio_eqx._de._deseq2` for what matches pydeseq2 and what is left out
+    (Cooks outlier refit and flags, independent filtering).
+
+    **Arguments:**
+
+    - `adata`: raw counts in `X` or `layer`.
+    - `sample_key`, `condition_key`: `obs` columns of the replicate sample and of its condition.
+    - `reference`, `test`: the two conditions compared (log2 fold change of `test` over `reference`).
+    - `layer`: read counts from this layer. `key_added`: `uns` key of the table.
+
+    **Returns:** a table indexed by gene with pydeseq2's `results_df` columns `baseMean`, `log2FoldChange`,
+    `lfcSE`, `stat`, `pvalue`, `padj`; also stored in `uns[key_added]["results"]` with the size factors.
+    """
+    from ._de._deseq2 import deseq2
+
+    summed, conditions = _pseudobulk(check_adata(adata), sample_key, condition_key, layer)
+    levels = [reference] + sorted(set(conditions) - {reference})
+    for field, value in (("reference", reference), ("test", test)):
+        if value not in set(conditions):
+            raise ValueError(f"{field}: {value!r} is not a condition in adata.obs[{condition_key!r}]")
+    design = np.column_stack([np.ones(len(conditions))] + [(conditions == c).to_numpy(float) for c in levels[1:]])
+    if len(conditions) <= design.shape[1]:
+        raise ValueError(f"sample_key: {len(conditions)} samples leave no replicate for {design.shape[1]} design "
+                         "columns")
+    if not np.all(summed > 0, axis=0).any():
+        raise ValueError("X: every gene has a zero in some sample; median-of-ratios size factors need one without")
+    contrast = np.array([0.0] + [1.0 if c == test else 0.0 for c in levels[1:]])
+    linear_mu = len(np.unique(design, axis=0)) == design.shape[1]
+    result = deseq2(jnp.asarray(summed), jnp.asarray(design), jnp.asarray(contrast), linear_mu=linear_mu)
+    table = pd.DataFrame({name: np.asarray(getattr(result, field)) for name, field in (
+        ("baseMean", "base_mean"), ("log2FoldChange", "log2_fold_change"), ("lfcSE", "lfc_se"), ("stat", "stat"),
+        ("pvalue", "pvalue"), ("padj", "padj"))}, index=adata.var_names.copy())
+    adata.uns[key_added] = {"params": {"sample_key": sample_key, "condition_key": condition_key,
+                                       "reference": reference, "test": test},
+                            "results": table, "size_factors": np.asarray(result.size_factors)}
+    return table
