@@ -6,8 +6,8 @@
   (repression); TF levels come from a few cell states (so TFs are correlated, as in real data); counts are
   Poisson around the rates times a gene scale and a cell's library size.
 - `simulate_spatial_communication`: cells of a few types on a plane; each cell's expression is its type's
-  profile plus, when `neighbour_effect` is non-zero, an effect of each neighbouring type (sender -> receiver
-  interaction strengths, the quantity an NCEM-style model estimates).
+  profile plus, when `neighbour_effect` is non-zero, an effect of the types of its nearest cells (receiver x
+  sender interaction strengths, what an NCEM-style model estimates).
 """
 
 import dataclasses
@@ -80,38 +80,39 @@ class SimulatedSpatialCommunication:
     """Cells in space whose expression depends on their neighbours' types (or not).
 
     - `counts`: `(n_cells, n_genes)` Poisson counts; `positions`: `(n_cells, 2)`; `cell_types`: `(n_cells,)`.
-    - `interaction`: `(n_types, n_types, n_genes)` the true log-scale effect of one neighbour of type `s` on a
-      receiver of type `t` (all zero when `neighbour_effect == 0`); `radius`: the neighbourhood radius used.
+    - `interaction`: `(n_types, n_types, n_genes)` the true log-scale effect on a receiver of type `r` (first axis)
+      of its neighbourhood being all of sender type `s` (second axis); all zero when `neighbour_effect == 0`.
+    - `n_neighbors`: the neighbourhood size used (nearest cells, the cell itself not counted).
     """
 
     counts: np.ndarray
     positions: np.ndarray
     cell_types: np.ndarray
     interaction: np.ndarray
-    radius: float
+    n_neighbors: int
 
 
 def simulate_spatial_communication(
-    *, n_cells: int = 3000, n_types: int = 4, n_genes: int = 30, neighbour_effect: float = 0.4,
-    radius: float = 0.05, n_patches: int = 40, seed: int = 0,
+    *, n_cells: int = 3000, n_types: int = 4, n_genes: int = 30, neighbour_effect: float = 0.6,
+    n_neighbors: int = 10, n_patches: int = 40, seed: int = 0,
 ) -> SimulatedSpatialCommunication:
-    """Cell types in patches on the unit square; log-mean = type profile + sum over neighbours within `radius`
-    of `interaction[sender, receiver]`, with a sparse `interaction` scaled by `neighbour_effect` (0: no effect)."""
+    """Cell types in patches on the unit square (30 % of cells of a random type, so neighbourhoods vary); each
+    cell's log-mean is its type's profile plus $\\sum_s share_s \\cdot interaction[r, s]$ over the
+    shares of its `n_neighbors` nearest cells' types, with a sparse `interaction` (20 % of entries
+    `+-neighbour_effect`; 0 gives no neighbour effect at all); counts are Poisson."""
+    from scipy.spatial import KDTree
+
     rng = np.random.default_rng(seed)
     positions = rng.random((n_cells, 2))
     centres, patch_type = rng.random((n_patches, 2)), rng.integers(0, n_types, n_patches)
     nearest = np.argmin(((positions[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
-    mixed = rng.random(n_cells) < 0.3  # some cells of another type inside each patch, so neighbourhoods vary
+    mixed = rng.random(n_cells) < 0.3
     cell_types = np.where(mixed, rng.integers(0, n_types, n_cells), patch_type[nearest])
     profile = rng.normal(1.0, 0.7, (n_types, n_genes))
     active = rng.random((n_types, n_types, n_genes)) < 0.2
     interaction = neighbour_effect * active * rng.choice([-1.0, 1.0], active.shape)
-    neighbours = np.zeros((n_cells, n_types))
-    for i in range(n_cells):  # host-side simulator; n_cells x n_cells distances never stored
-        close = np.sum((positions - positions[i]) ** 2, axis=1) < radius**2
-        close[i] = False
-        neighbours[i] = np.bincount(cell_types[close], minlength=n_types)
-    share = neighbours / np.maximum(neighbours.sum(1, keepdims=True), 1)
-    log_mean = profile[cell_types] + np.einsum("cs,sct->ct", share, interaction[:, cell_types, :])
+    neighbours = np.asarray(KDTree(positions).query(positions, k=n_neighbors + 1)[1])
+    share = np.eye(n_types)[cell_types[neighbours[:, 1:]]].mean(axis=1)
+    log_mean = profile[cell_types] + np.einsum("cs,csg->cg", share, interaction[cell_types])
     counts = rng.poisson(np.exp(log_mean)).astype(np.float32)
-    return SimulatedSpatialCommunication(counts, positions, cell_types, interaction, radius)
+    return SimulatedSpatialCommunication(counts, positions, cell_types, interaction, n_neighbors)
