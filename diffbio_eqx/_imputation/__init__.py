@@ -1,1 +1,2 @@
-"""Imputation: MAGIC diffusion (magic-impute-faithful), a masked-gene transformer denoiser, molecular cross-validation."""
+"""Imputation: MAGIC diffusion (magic-impute-faithful), a masked-gene transformer denoiser, molecular
+cross-validation."""

@@ -1,0 +1,468 @@
+"""MAGIC (van Dijk et al. 2018) as `magic-impute` 3.0.0 runs it, with a sparse operator and chunked output.
+
+What `magic.MAGIC()` does with its defaults (read from `magic/magic.py` and `graphtools/graphs.py`,
+`graphtools/base.py`), and what the functions here reproduce:
+
+1. The input is the user's normalised matrix; the MAGIC tutorial (and `pp.magic` here) first scales every cell to
+   the median library size and takes the square root (`scprep.normalize.library_size_normalize`,
+   `scprep.transform.sqrt`): `library_size_normalize`.
+2. PCA to `n_pca = 100` components (none when there are at most 100 genes): `pca`.
+3. graphtools' `kNNGraph` with `knn = 5`, `knn_max = 3 * knn = 15`, `decay = 1`, `thresh = 1e-4`: each cell's
+   `knn_max + 1` nearest neighbours (itself included; with the defaults graphtools searches exactly
+   `min(6 * (knn + 1), knn_max + 1) = 16` of them), bandwidth the distance to its `(knn + 1)`-th neighbour
+   (itself first), affinities $\\exp(-(d / \\sigma_i)^{\\mathrm{decay}})$ (0/0 counts as 1), and entries below
+   `thresh` dropped: `magic_kernel`.
+4. Symmetrised with graphtools' default `kernel_symm="+"`, $K = (W + W^\\top) / 2$, and row-normalised (L1)
+   into the diffusion operator $P$: `diffusion_operator`, an edge list of `2 * n_cells * (knn_max + 1)` slots,
+   never an `n_cells x n_cells` matrix.
+5. `solver="exact"`: the imputed data is $P^t X$ on the genes, $t = 3$; with `t="auto"` MAGIC diffuses step by
+   step and stops one step after the Procrustes disparity between successive steps (on up to 500 random genes)
+   falls below 0.001, or at `t_max = 20`: `procrustes_disparity`, `select_t`.
+
+One difference: graphtools widens its search (up to `knn_max`, then a radius search) for rows whose whole search
+stays inside the threshold radius; it can keep more than `knn_max + 1` neighbours only when `6 * (knn + 1)` is
+below `knn_max + 1`, never with MAGIC's defaults. Here every row keeps `knn_max + 1`.
+"""
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import scipy.sparse as sp
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
+
+from .._core._neighbors import exact_knn
+from .._core._stage import AbstractStage
+from .._core._validate import check_counts, check_embedding
+
+
+#: MAGIC's Procrustes-disparity threshold and gene subsample size for `t="auto"` (`MAGIC._impute`).
+AUTO_T_THRESHOLD = 1e-3
+AUTO_T_MAX_GENES = 500
+
+
+def library_size_normalize(
+    counts: np.ndarray | sp.csr_matrix, *, rescale: float | Literal["median"] | None = "median"
+) -> tuple[np.ndarray | sp.csr_matrix, np.ndarray]:
+    """scprep's `library_size_normalize`: every cell scaled to the same total (the median one by default).
+
+    **Returns:** `(normalized, library_size)`; `normalized` is dense or CSR as the input, float32.
+    """
+    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    if rescale == "median":
+        target = float(np.median(library))
+    elif rescale is None:
+        target = 1.0
+    else:
+        target = float(rescale)
+    scale = (target / np.where(library > 0, library, 1.0)).astype(np.float32)
+    if sp.issparse(counts):
+        normalized = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+        normalized.data *= np.repeat(scale, np.diff(normalized.indptr))
+        return normalized, library
+    return (np.asarray(counts, dtype=np.float32) * scale[:, None]), library
+
+
+def _column_block(x: np.ndarray | sp.csr_matrix | Array, columns: np.ndarray) -> Array:
+    block = x[:, columns]
+    return jnp.asarray(block.toarray() if sp.issparse(block) else np.asarray(block), dtype=jnp.float32)
+
+
+def _row_block(x: np.ndarray | sp.csr_matrix, start: int, stop: int) -> Array:
+    block = x[start:stop]
+    return jnp.asarray(block.toarray() if sp.issparse(block) else np.asarray(block), dtype=jnp.float32)
+
+
+@jax.jit
+def _scatter_block(block: Float[Array, "n_block n_genes"], mean: Float[Array, " n_genes"]) -> Array:
+    centered = block - mean[None, :]
+    return centered.T @ centered
+
+
+def pca(
+    x: np.ndarray | sp.csr_matrix, n_components: int, *, block_rows: int = 8192
+) -> Float[Array, "n_cells n_components"]:
+    """Exact centred PCA scores (as `sklearn.decomposition.PCA` on dense data, up to each component's sign).
+
+    The gene covariance is accumulated over blocks of `block_rows` cells (no centred copy of `x`), so memory is
+    one block plus `n_genes ** 2`; the scores are `(x - mean) @ V` for the top `n_components` eigenvectors.
+    """
+    n_cells = x.shape[0]
+    mean = jnp.asarray(np.asarray(x.mean(axis=0), dtype=np.float64).ravel(), dtype=jnp.float32)
+    scatter = sum(
+        (_scatter_block(_row_block(x, s, s + block_rows), mean) for s in range(0, n_cells, block_rows)),
+        start=jnp.zeros((x.shape[1], x.shape[1]), jnp.float32),
+    )
+    _, vectors = jnp.linalg.eigh(scatter)
+    components = vectors[:, ::-1][:, :n_components]
+    scores = [(_row_block(x, s, s + block_rows) - mean[None, :]) @ components for s in range(0, n_cells, block_rows)]
+    return jnp.concatenate(scores)
+
+
+def magic_kernel(
+    knn_indices: Int[Array, "n_cells n_search"],
+    knn_distances: Float[Array, "n_cells n_search"],
+    *,
+    knn: int,
+    decay: Float[ArrayLike, ""] | None,
+    thresh: Float[ArrayLike, ""],
+) -> Float[Array, "n_cells n_search"]:
+    """graphtools' alpha-decay affinities $W_{ij} = \\exp(-(d_{ij} / d_{i,(knn)})^{\\mathrm{decay}})$, 0 below
+    `thresh`, on each cell's sorted neighbour list (column 0 the cell itself, so the bandwidth is column `knn`);
+    `decay=None`: graphtools' binary kNN graph (1 on the first `knn + 1` columns).
+    """
+    if decay is None:
+        columns = jnp.arange(knn_indices.shape[1])
+        return jnp.broadcast_to((columns <= knn).astype(knn_distances.dtype), knn_distances.shape)
+    bandwidth = knn_distances[:, knn][:, None]
+    weights = jnp.exp(-jnp.power(knn_distances / bandwidth, jnp.asarray(decay, knn_distances.dtype)))
+    weights = jnp.where(jnp.isnan(weights), 1.0, weights)
+    return jnp.where(weights >= jnp.asarray(thresh, weights.dtype), weights, 0.0)
+
+
+class DiffusionOperator(eqx.Module):
+    """MAGIC's row-stochastic operator $P = D^{-1} (W + W^\\top) / 2$ as an edge list.
+
+    - `heads`, `tails`: `(n_edges,)` row and column of each slot: `[0, n*s)` the kNN edges `(i, knn[i, j])`,
+      `[n*s, 2*n*s)` their transposes (`s` = neighbours searched per cell); repeated pairs add up.
+    - `weights`: `(n_edges,)` $P$'s entries, so `P @ x` is `segment_sum(weights * x[tails], heads)`.
+    """
+
+    heads: Int[Array, " n_edges"]
+    tails: Int[Array, " n_edges"]
+    weights: Float[Array, " n_edges"]
+
+    def matvec(self, x: Float[Array, "n_cells n_cols"]) -> Float[Array, "n_cells n_cols"]:
+        """`P @ x`."""
+        return jax.ops.segment_sum(self.weights[:, None] * x[self.tails], self.heads, num_segments=x.shape[0])
+
+
+def diffusion_operator(
+    knn_indices: Int[Array, "n_cells n_search"], kernel: Float[Array, "n_cells n_search"]
+) -> DiffusionOperator:
+    """Symmetrise the kernel as graphtools' `kernel_symm="+"`, $(W + W^\\top)/2$, and row-normalise it."""
+    n_cells = knn_indices.shape[0]
+    rows = jnp.broadcast_to(jnp.arange(n_cells, dtype=knn_indices.dtype)[:, None], knn_indices.shape).reshape(-1)
+    columns = knn_indices.reshape(-1)
+    heads = jnp.concatenate([rows, columns])
+    tails = jnp.concatenate([columns, rows])
+    half = jnp.concatenate([kernel.reshape(-1), kernel.reshape(-1)]) / 2
+    degree = jax.ops.segment_sum(half, heads, num_segments=n_cells)
+    return DiffusionOperator(heads, tails, half / degree[heads])
+
+
+def diffuse(operator: DiffusionOperator, x: Float[Array, "n_cells n_cols"], t: int) -> Float[Array, "n_cells n_cols"]:
+    """$P^t x$ by `t` sparse products (`lax.scan`)."""
+    return jax.lax.scan(lambda y, _: (operator.matvec(y), None), x, None, length=t)[0]
+
+
+def procrustes_disparity(a: Float[Array, "n_cells n_cols"], b: Float[Array, "n_cells n_cols"]) -> Float[Array, ""]:
+    """`scipy.spatial.procrustes(a, b)[2]`: both centred and scaled to unit Frobenius norm, `b` rotated onto `a`
+    and scaled; the disparity is $1 - S^2$ with $S$ the nuclear norm of $b^\top a$.
+
+    Computed as $e (2 - e)$ with $e = 1 - S = \lVert a - b R \rVert^2 / 2$ from the residual itself, so it keeps
+    its relative precision in float32 when it is small (MAGIC's threshold is 1e-3).
+    """
+
+    def standardize(m: Array) -> Array:
+        centered = m - jnp.mean(m, axis=0, keepdims=True)
+        return centered / jnp.linalg.norm(centered)
+
+    a, b = standardize(a), standardize(b)
+    u, _, vt = jnp.linalg.svd(b.T @ a, full_matrices=False)
+    residual = a - b @ (u @ vt)
+    e = jnp.sum(residual * residual) / 2
+    return e * (2 - e)
+
+
+@eqx.filter_jit
+def disparity_trace(
+    operator: DiffusionOperator, x: Float[Array, "n_cells n_cols"], t_max: int
+) -> Float[Array, " t_max"]:
+    """The disparity between diffusion steps `i - 1` and `i`, for `i = 1 .. t_max` (MAGIC's `error_vec`)."""
+
+    def step(prev: Array, _: None) -> tuple[Array, Array]:
+        new = operator.matvec(prev)
+        return new, procrustes_disparity(prev, new)
+
+    return jax.lax.scan(step, x, None, length=t_max)[1]
+
+
+def select_t(disparities: Float[ArrayLike, " t_max"], threshold: float = AUTO_T_THRESHOLD) -> int:
+    """MAGIC's `t="auto"`: one step after the first disparity below `threshold` (1-based), else `t_max`."""
+    below = np.flatnonzero(np.asarray(disparities) < threshold)
+    return int(below[0]) + 2 if below.size else int(np.shape(disparities)[0])
+
+
+@eqx.filter_jit
+def _operator_from_graph(
+    representation: Float[Array, "n_cells n_dims"], n_search: int, knn: int, decay: Array | None, thresh: Array
+) -> DiffusionOperator:
+    indices, distances = exact_knn(representation, representation, n_search)
+    kernel = magic_kernel(indices, distances, knn=knn, decay=decay, thresh=thresh)
+    return diffusion_operator(indices, kernel)
+
+
+def magic_operator(
+    representation: ArrayLike,
+    *,
+    knn: int = 5,
+    knn_max: int | None = None,
+    decay: float | None = 1.0,
+    thresh: float = 1e-4,
+) -> DiffusionOperator:
+    """MAGIC's diffusion operator on a cell representation (MAGIC's PCs, or any embedding).
+
+    **Arguments:** `representation` `(n_cells, n_dims)`; `knn` (5), `knn_max` (None: `3 * knn`), `decay` (1; None:
+    binary kNN), `thresh` (1e-4), all as `magic.MAGIC`. Exact kNN by blocks (`_core._neighbors.exact_knn`).
+    """
+    rep = jnp.asarray(check_embedding(representation, field="representation"), dtype=jnp.float32)
+    n_cells = rep.shape[0]
+    knn_max = 3 * knn if knn_max is None else knn_max
+    if not isinstance(knn, int) or not 1 <= knn < n_cells - 1:
+        raise ValueError(f"knn: must be an integer in [1, n_cells - 2] = [1, {n_cells - 2}], got {knn!r}")
+    if not isinstance(knn_max, int) or knn_max < knn:
+        raise ValueError(f"knn_max: must be an integer >= knn ({knn}), got {knn_max!r}")
+    if decay is not None and not decay > 0:
+        raise ValueError(f"decay: must be > 0 or None, got {decay!r}")
+    if not 0 <= thresh < 1:
+        raise ValueError(f"thresh: must be in [0, 1), got {thresh!r}")
+    n_search = min(knn_max + 1, n_cells)
+    return _operator_from_graph(rep, n_search, knn, None if decay is None else jnp.asarray(decay), jnp.asarray(thresh))
+
+
+_diffuse_jit = eqx.filter_jit(diffuse)
+
+
+def gene_block_size(n_edges: int, memory_budget: int = 2**25) -> int:
+    """Genes diffused together so that one step's gathered edge values hold at most `memory_budget` floats."""
+    return max(1, memory_budget // max(n_edges, 1))
+
+
+def impute(
+    operator: DiffusionOperator,
+    data: np.ndarray | sp.csr_matrix,
+    t: int,
+    *,
+    columns: Sequence[int] | np.ndarray | None = None,
+    block_size: int | None = None,
+) -> np.ndarray:
+    """$P^t X$ for the chosen `columns` (all by default), diffused one block of genes at a time.
+
+    Only one `(n_cells, block_size)` block and its edge gather are on the device at once; the result is written
+    into one float32 host array `(n_cells, n_columns)`.
+    """
+    columns_array = np.arange(data.shape[1]) if columns is None else np.asarray(columns, dtype=np.int64)
+    block = block_size or gene_block_size(int(operator.heads.shape[0]))
+    out = np.empty((data.shape[0], columns_array.size), dtype=np.float32)
+    for start in range(0, columns_array.size, block):
+        chosen = columns_array[start : start + block]
+        padded = np.concatenate([chosen, np.full(block - chosen.size, chosen[0])]) if chosen.size < block else chosen
+        out[:, start : start + chosen.size] = np.asarray(_diffuse_jit(operator, _column_block(data, padded), t))[
+            :, : chosen.size
+        ]
+    return out
+
+
+class MagicResult(eqx.Module):
+    """What `magic` returns.
+
+    - `imputed`: `(n_cells, n_chosen_genes)` the diffused data, float32 NumPy (the normalised, transformed scale
+      MAGIC returns).
+    - `t`: the diffusion time used; `disparities`: MAGIC's per-step Procrustes disparities when `t="auto"`.
+    - `operator`: the `DiffusionOperator`; `representation`: the PCs the graph was built on.
+    - `columns`: the gene columns imputed; `library_size`: each cell's total counts (None without normalising).
+    """
+
+    imputed: np.ndarray
+    t: int = eqx.field(static=True)
+    disparities: np.ndarray | None
+    operator: DiffusionOperator
+    representation: Array
+    columns: np.ndarray
+    library_size: np.ndarray | None
+
+
+class Magic(AbstractStage):
+    """MAGIC's settings, and MAGIC itself on a dense matrix under one jit (`Magic()(x)`).
+
+    Defaults are `magic.MAGIC()`'s: `knn=5`, `knn_max=3 * knn`, `decay=1` (None: binary kNN), `thresh=1e-4`
+    (array leaves), `t=3` or `"auto"` (with `t_max=20`), `n_pca=100`; `normalize` scales cells to the median
+    library size and takes the square root first (the MAGIC tutorial's preprocessing), False uses `x` as given.
+
+    Calling the stage runs everything on the device for a dense `x` (PCA, kNN, operator, diffusion; `t="auto"`
+    runs `t_max` masked steps). For large data use `magic`, which keeps the data on the host and diffuses a block
+    of genes at a time, or only the genes asked for.
+    """
+
+    decay: Float[Array, ""] | None
+    thresh: Float[Array, ""]
+    knn: int = eqx.field(static=True)
+    knn_max: int = eqx.field(static=True)
+    t: int | str = eqx.field(static=True)
+    t_max: int = eqx.field(static=True)
+    n_pca: int | None = eqx.field(static=True)
+    normalize: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        knn: int = 5,
+        knn_max: int | None = None,
+        decay: Float[ArrayLike, ""] | None = 1.0,
+        thresh: Float[ArrayLike, ""] = 1e-4,
+        t: int | Literal["auto"] = 3,
+        t_max: int = 20,
+        n_pca: int | None = 100,
+        normalize: bool = True,
+    ):
+        self.knn, self.knn_max = knn, 3 * knn if knn_max is None else knn_max
+        self.decay = None if decay is None else jnp.asarray(decay, jnp.float32)
+        self.thresh = jnp.asarray(thresh, jnp.float32)
+        self.t, self.t_max, self.n_pca, self.normalize = t, t_max, n_pca, normalize
+
+    def __check_init__(self):
+        if isinstance(self.t, bool) or not (self.t == "auto" or (isinstance(self.t, int) and self.t >= 1)):
+            raise ValueError(f"t: must be a positive integer or 'auto', got {self.t!r}")
+        if not isinstance(self.knn, int) or self.knn < 1:
+            raise ValueError(f"knn: must be a positive integer, got {self.knn!r}")
+        if not isinstance(self.knn_max, int) or self.knn_max < self.knn:
+            raise ValueError(f"knn_max: must be an integer >= knn ({self.knn}), got {self.knn_max!r}")
+        if not isinstance(self.t_max, int) or self.t_max < 1:
+            raise ValueError(f"t_max: must be a positive integer, got {self.t_max!r}")
+        if self.n_pca is not None and (not isinstance(self.n_pca, int) or self.n_pca < 1):
+            raise ValueError(f"n_pca: must be a positive integer or None, got {self.n_pca!r}")
+
+    def __call__(
+        self, x: Float[Array, "n_cells n_genes"], *, key: PRNGKeyArray | None = None, inference: bool = False
+    ) -> Float[Array, "n_cells n_genes"]:
+        del inference
+        if x.shape[0] <= self.knn + 1:
+            raise ValueError(f"knn: must be below n_cells - 1 = {x.shape[0] - 1}, got {self.knn}")
+        if self.t == "auto" and x.shape[1] > AUTO_T_MAX_GENES and key is None:
+            raise ValueError("key: t='auto' on more than 500 genes draws a gene subsample and needs a key")
+        x = eqx.error_if(x, jnp.any(x < 0) | ~jnp.all(jnp.isfinite(x)), "x: negative or non-finite values")
+        if self.normalize:
+            library = jnp.sum(x, axis=1, keepdims=True)
+            x = jnp.sqrt(x * (jnp.median(library) / jnp.where(library > 0, library, 1.0)))
+        rep = x if self.n_pca is None or x.shape[1] <= self.n_pca else _dense_pca(x, self.n_pca)
+        n_search = min(self.knn_max + 1, x.shape[0])
+        indices, distances = exact_knn(rep, rep, n_search)
+        operator = diffusion_operator(
+            indices, magic_kernel(indices, distances, knn=self.knn, decay=self.decay, thresh=self.thresh)
+        )
+        if self.t != "auto":
+            return diffuse(operator, x, int(self.t))
+        subset = x if x.shape[1] <= AUTO_T_MAX_GENES else x[:, _gene_subsample(key, x.shape[1])]
+        trace = disparity_trace(operator, subset, self.t_max)
+        below = trace < AUTO_T_THRESHOLD
+        t = jnp.where(jnp.any(below), jnp.argmax(below) + 2, self.t_max)
+
+        def step(y: Array, i: Int[Array, ""]) -> tuple[Array, None]:
+            return jnp.where(i < t, operator.matvec(y), y), None
+
+        return jax.lax.scan(step, x, jnp.arange(self.t_max + 1))[0]
+
+
+def _dense_pca(x: Float[Array, "n_cells n_genes"], n_components: int) -> Float[Array, "n_cells n_components"]:
+    centered = x - jnp.mean(x, axis=0, keepdims=True)
+    _, vectors = jnp.linalg.eigh(centered.T @ centered)
+    return centered @ vectors[:, ::-1][:, :n_components]
+
+
+def _gene_subsample(key: PRNGKeyArray | None, n_genes: int) -> Int[Array, " n_subsample"]:
+    if key is None:
+        raise ValueError("key: t='auto' on more than 500 genes draws a gene subsample and needs a key")
+    return jr.choice(key, n_genes, (AUTO_T_MAX_GENES,), replace=False)
+
+
+def _prepare(data: Any, normalize: bool) -> tuple[np.ndarray | sp.csr_matrix, np.ndarray | None]:
+    if normalize:
+        counts = check_counts(data, field="counts")
+        counts = counts if sp.issparse(counts) else np.asarray(counts)
+        normalized, library = library_size_normalize(counts)
+        if sp.issparse(normalized):
+            normalized.data = np.sqrt(normalized.data)
+            return normalized, library
+        return np.sqrt(normalized), library
+    if sp.issparse(data):
+        matrix = sp.csr_matrix(data, dtype=np.float32)
+        check_embedding(matrix.data[None, :] if matrix.nnz else np.zeros((1, 1)), field="data")
+        return matrix, None
+    return np.asarray(check_embedding(data, field="data"), dtype=np.float32), None
+
+
+def resolve_genes(genes: Sequence[str | int] | None, gene_names: Sequence[str] | None, n_genes: int) -> np.ndarray:
+    """Column indices of `genes` (names looked up in `gene_names`, or integer columns); None: all genes."""
+    if genes is None:
+        return np.arange(n_genes)
+    if isinstance(genes, str):
+        genes = [genes]
+    if all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) for g in genes):
+        bad = [int(g) for g in genes if not 0 <= int(g) < n_genes]
+        if bad:
+            raise ValueError(f"genes: column indices {bad[:10]} are outside [0, {n_genes})")
+        return np.asarray(genes, dtype=np.int64)
+    if gene_names is None:
+        raise ValueError("genes: gene names were given but the data has no gene_names to match them against")
+    lookup = {name: i for i, name in enumerate(gene_names)}
+    missing = [g for g in genes if g not in lookup]
+    if missing:
+        raise ValueError(f"genes: {len(missing)} not in the data, e.g. {missing[:10]}")
+    return np.asarray([lookup[g] for g in genes], dtype=np.int64)
+
+
+def magic(
+    data: Any,
+    settings: Magic | None = None,
+    *,
+    genes: Sequence[str | int] | None = None,
+    gene_names: Sequence[str] | None = None,
+    representation: ArrayLike | None = None,
+    key: PRNGKeyArray | None = None,
+    block_size: int | None = None,
+) -> MagicResult:
+    """MAGIC with `magic-impute`'s defaults and `solver="exact"`, memory-bounded: data stays on the host.
+
+    **Arguments:**
+
+    - `data`: `(n_cells, n_genes)` raw counts (dense or SciPy sparse) when `settings.normalize` (the default:
+      median library size, then square root), else the already normalised matrix.
+    - `settings`: a `Magic` carrying MAGIC's settings (None: `Magic()`, MAGIC's defaults).
+    - `genes`: names (matched in `gene_names`) or column indices to impute; None: all genes. (Keyword only.)
+    - `gene_names`: `(n_genes,)` names of the columns.
+    - `representation`: `(n_cells, n_dims)` cells to build the graph on (e.g. magic-impute's own PCs); None:
+      exact PCA to `settings.n_pca` components of the normalised data (no PCA with at most `n_pca` genes).
+    - `key`: draws MAGIC's 500-gene subsample for `t="auto"` (needed only then, with more than 500 genes).
+    - `block_size`: genes diffused together (default: keep one step's gather under 2**25 floats).
+
+    **Returns:** a `MagicResult`.
+    """
+    settings = Magic() if settings is None else settings
+    x, library = _prepare(data, settings.normalize)
+    n_cells, n_genes = x.shape
+    if settings.knn >= n_cells - 1:
+        raise ValueError(f"knn: must be below n_cells - 1 = {n_cells - 1}, got {settings.knn}")
+    columns = resolve_genes(genes, gene_names, n_genes)
+    if representation is None:
+        rep = x if settings.n_pca is None or n_genes <= settings.n_pca else pca(x, settings.n_pca)
+        rep = jnp.asarray(rep.toarray() if sp.issparse(rep) else rep)
+    else:
+        rep = jnp.asarray(check_embedding(representation, field="representation"), dtype=jnp.float32)
+        if rep.shape[0] != n_cells:
+            raise ValueError(f"representation: has {rep.shape[0]} rows but the data has {n_cells} cells")
+    decay = None if settings.decay is None else float(settings.decay)
+    operator = magic_operator(rep, knn=settings.knn, knn_max=settings.knn_max, decay=decay,
+                              thresh=float(settings.thresh))
+    disparities = None
+    t = settings.t
+    if t == "auto":
+        subset = np.arange(n_genes) if n_genes <= AUTO_T_MAX_GENES else np.asarray(_gene_subsample(key, n_genes))
+        disparities = np.asarray(disparity_trace(operator, _column_block(x, np.sort(subset)), settings.t_max))
+        t = select_t(disparities)
+    imputed = impute(operator, x, int(t), columns=columns, block_size=block_size)
+    return MagicResult(imputed, int(t), disparities, operator, rep, columns, library)
