@@ -34,6 +34,7 @@ from typing import Any, Literal, cast
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
 import optax
 import pandas as pd
@@ -43,6 +44,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from .._clustering._kmeans import kmeans_plus_plus, lloyd, nearest_centroid
 from .._core._checkpoint import read_header, save_leaves
 from .._core._loop import iterate
+from .._core._neighbors import neighbor_graph
 from .._core._train import map_in_chunks
 from .._core._validate import check_counts
 
@@ -162,6 +164,46 @@ def over_cluster(
     pcs = u[:, :n_comp] * s[:n_comp]
     centroids = lloyd(pcs, kmeans_plus_plus(pcs, n_clusters, key=key), n_iter=100)
     return nearest_centroid(pcs, centroids)
+
+
+def celltypist_resolution(n_cells: int) -> float:
+    """CellTypist's Leiden resolution for over-clustering: 5, 10, 15, 20, 25, 30 below 5k, 20k, 40k, 100k, 200k
+    cells and above."""
+    for limit, resolution in ((5_000, 5.0), (20_000, 10.0), (40_000, 15.0), (100_000, 20.0), (200_000, 25.0)):
+        if n_cells < limit:
+            return resolution
+    return 30.0
+
+
+def leiden_over_cluster(x: Any, *, resolution: float | None = None, seed: int = 0) -> np.ndarray:
+    """CellTypist's over-clustering: Leiden (igraph, `objective_function="modularity"`, `beta=0.01`,
+    `n_iterations=2`, as scanpy's `tl.leiden(flavor="igraph")` that CellTypist calls) on the 10-neighbour UMAP
+    connectivities (`neighbor_graph`, scanpy's `pp.neighbors(n_neighbors=10)`) of the first 50 principal
+    components of `x` (the scaled expression), at `celltypist_resolution` unless given. Needs the optional
+    `igraph` package."""
+    try:
+        import igraph
+    except ImportError:
+        raise ImportError("Leiden over-clustering needs igraph (`pip install igraph`); or use 'kmeans'") from None
+    import random
+
+    x = jnp.asarray(x)
+    centred = x - jnp.mean(x, axis=0)
+    n_comp = min(50, *x.shape)
+    u, s, _ = jnp.linalg.svd(centred, full_matrices=False)
+    graph = neighbor_graph(u[:, :n_comp] * s[:n_comp], min(10, x.shape[0] - 1))
+    c = graph.connectivities
+    weights = np.asarray(c.weights)
+    keep = weights > 0
+    edges = list(zip(np.asarray(c.heads)[keep].tolist(), np.asarray(c.tails)[keep].tolist()))
+    g = igraph.Graph(n=x.shape[0], edges=edges, directed=False)
+    g.es["weight"] = weights[keep].tolist()
+    random.seed(seed)
+    igraph.set_random_number_generator(random)
+    resolution = celltypist_resolution(x.shape[0]) if resolution is None else float(resolution)
+    part = g.community_leiden(objective_function="modularity", weights="weight", resolution=resolution,
+                              beta=0.01, n_iterations=2)
+    return np.asarray(part.membership, dtype=np.int32)
 
 
 def default_n_over_clusters(n_cells: int) -> int:
@@ -352,7 +394,7 @@ def predict_celltypist(
     genes: Sequence[str],
     *,
     majority_voting: bool = False,
-    over_clustering: Any = None,
+    over_clustering: Any = "kmeans",
     key: PRNGKeyArray | None = None,
     chunk_size: int = 8192,
 ) -> CellTypistPrediction:
@@ -366,9 +408,10 @@ def predict_celltypist(
     - `genes`: the query's gene names; the model's genes are matched by name (any order; missing ones are left out
       with a `MissingGenesWarning`).
     - `majority_voting`: also majority-vote over over-clusters. (Keyword only argument.)
-    - `over_clustering`: `(n_cells,)` over-cluster labels (e.g. Leiden); None: `over_cluster` with
-      `default_n_over_clusters` clusters (needs `key`).
-    - `key`: PRNG key for `over_cluster`.
+    - `over_clustering`: `(n_cells,)` over-cluster labels (e.g. scanpy's Leiden), `"leiden"`
+      (`leiden_over_cluster`, CellTypist's, needs igraph) or `"kmeans"` (`over_cluster` with
+      `default_n_over_clusters` clusters, pure JAX, needs `key`).
+    - `key`: PRNG key for `"kmeans"` (and the seed of `"leiden"`).
     - `chunk_size`: cells per compiled call.
 
     **Returns:** a `CellTypistPrediction`.
@@ -387,11 +430,17 @@ def predict_celltypist(
     labels = jnp.argmax(scores, axis=1)
     majority = clusters = None
     if majority_voting:
-        if over_clustering is None:
+        if isinstance(over_clustering, str):
+            if over_clustering not in ("kmeans", "leiden"):
+                raise ValueError(f"over_clustering: 'kmeans', 'leiden' or labels, got {over_clustering!r}")
             if key is None:
-                raise ValueError("key: majority voting without over_clustering needs a key for over_cluster")
+                raise ValueError("key: majority voting with computed over-clusters needs a key")
             scaled = map_in_chunks(_scaled_chunk, data, chunk_size=chunk_size, context=restricted)
-            clusters = over_cluster(scaled, n_clusters=default_n_over_clusters(n_cells), key=key)
+            if over_clustering == "leiden":
+                seed = int(jr.randint(key, (), 0, 2**31 - 1))
+                clusters = jnp.asarray(leiden_over_cluster(scaled, seed=seed))
+            else:
+                clusters = over_cluster(scaled, n_clusters=default_n_over_clusters(n_cells), key=key)
         else:
             codes = pd.factorize(pd.Series(np.asarray(over_clustering, dtype=object)).astype(str))[0]
             if len(codes) != n_cells:
