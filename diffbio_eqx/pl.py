@@ -130,6 +130,83 @@ def umap(
     return axis
 
 
+def spatial(adata: ad.AnnData, color: str | None = "spatial_domain", *, basis: str = "spatial", ax: Any = None,
+            path: str | pathlib.Path | None = None, title: str | None = None) -> Any:
+    """Spots in space (`obsm[basis]`, default `"spatial"`) coloured by an `obs` column (default the domains of
+    `dbx.tl.spatial_domains`) or a gene; equal axes. Arguments and return as `umap`."""
+    axis = umap(adata, color, basis=basis, ax=ax, title=title)
+    axis.set_aspect("equal")
+    if path is not None:
+        return _save_png(axis.figure, path, close=ax is None)
+    return axis
+
+
+def aligned_slices(slices: Sequence[ad.AnnData], *, basis: str = "spatial_aligned", ax: Any = None,
+                   path: str | pathlib.Path | None = None, title: str = "aligned slices") -> Any:
+    """The slices overlaid in their aligned coordinates (`obsm[basis]` from `dbx.tl.align_slices`), one colour per
+    slice. **Returns:** the `Axes`, or the written path when `path` is given."""
+    for i, s in enumerate(slices):
+        if not isinstance(s, ad.AnnData) or basis not in s.obsm:
+            raise ValueError(f"slices[{i}]: needs obsm[{basis!r}]; run dbx.tl.align_slices first")
+    created = ax is None
+    axis = _pyplot().subplots(figsize=(5.2, 4.8))[1] if created else ax
+    points = np.concatenate([np.asarray(s.obsm[basis])[:, :2] for s in slices])
+    labels = np.concatenate([np.full(s.n_obs, f"slice {i}") for i, s in enumerate(slices)])
+    _draw_categories(axis, points, labels, title, basis_label="aligned")
+    axis.set_aspect("equal")
+    if path is not None:
+        return _save_png(axis.figure, path, close=created)
+    return axis
+
+
+def ligand_receptor_dotplot(table: pd.DataFrame, *, top_n: int = 20, sources: Sequence[str] | None = None,
+                            targets: Sequence[str] | None = None, path: str | pathlib.Path | None = None) -> Any:
+    """Dot plot of the top interactions (LIANA's `li.pl.dotplot` layout): rows `ligand -> receptor`, columns
+    `source -> target`, colour the score, dot size `-log10(p-value)` (all dots one size without p-values).
+
+    **Arguments:**
+
+    - `table`: what `tl.ligand_receptor` returns (columns `source`, `target`, `ligand_complex`,
+      `receptor_complex`, `score`, `pvalue`).
+    - `top_n`: the interactions with the highest score, as (ligand, receptor) pairs. (Keyword only argument.)
+    - `sources`, `targets`: only these sender / receiver groups (LIANA's `source_labels`, `target_labels`).
+    - `path`: write the figure there as PNG.
+
+    **Returns:** the matplotlib `Figure`, or the written path when `path` is given.
+    """
+    missing = [c for c in ("source", "target", "ligand_complex", "receptor_complex", "score") if c not in table]
+    if missing or len(table) == 0:
+        raise ValueError(f"table: expected tl.ligand_receptor's non-empty table; missing columns {missing}")
+    keep = np.ones(len(table), dtype=bool)
+    if sources is not None:
+        keep &= table["source"].astype(str).isin([str(s) for s in sources]).to_numpy()
+    if targets is not None:
+        keep &= table["target"].astype(str).isin([str(t) for t in targets]).to_numpy()
+    if not keep.any():
+        raise ValueError(f"sources: no interaction from {sources} to {targets} in the table")
+    table = pd.DataFrame(table[keep]).reset_index(drop=True)
+    pair = table["ligand_complex"].astype(str) + " -> " + table["receptor_complex"].astype(str)
+    groups = table["source"].astype(str) + " -> " + table["target"].astype(str)
+    top = list(dict.fromkeys(pair[np.argsort(-table["score"].to_numpy(), kind="stable")]))[:top_n]
+    shown = table[pair.isin(top)]
+    rows = {name: i for i, name in enumerate(top)}
+    columns = {name: i for i, name in enumerate(sorted(set(groups[shown.index])))}
+    pvalues = np.asarray(shown["pvalue"], dtype=float) if "pvalue" in shown else np.full(len(shown), np.nan)
+    size = np.where(np.isfinite(pvalues), -np.log10(np.maximum(pvalues, 1e-3)) * 25 + 5, 30)
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(2 + 0.35 * len(columns), 1.5 + 0.3 * len(rows)))
+    dots = axis.scatter([columns[g] for g in groups[shown.index]], [rows[p] for p in pair[shown.index]], s=size,
+                        c=np.asarray(shown["score"], dtype=float), cmap="viridis")
+    axis.set_xticks(range(len(columns)), list(columns), rotation=90, fontsize=7)
+    axis.set_yticks(range(len(rows)), list(rows), fontsize=7)
+    axis.invert_yaxis()
+    figure.colorbar(dots, ax=axis, label="score")
+    axis.set_title("dot size: -log10(p-value)", fontsize=8)
+    if path is not None:
+        return _save_png(figure, path)
+    return figure
+
+
 _FEW_POINTS = 10  # curves with this many points or fewer are drawn with markers
 
 

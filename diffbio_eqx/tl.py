@@ -37,6 +37,136 @@ def _record(adata: ad.AnnData, name: str, params: dict[str, Any], **results: Any
     record_settings(adata, f"diffbio_{name}", params, **results)
 
 
+def _spatial_coordinates(adata: ad.AnnData, spatial_key: str, field: str = "adata") -> np.ndarray:
+    from ._spatial._domains import check_coordinates
+
+    if spatial_key not in adata.obsm:
+        raise ValueError(f"spatial_key: {field}.obsm has no {spatial_key!r} spatial coordinates (has "
+                         f"{sorted(adata.obsm.keys())})")
+    return check_coordinates(adata.obsm[spatial_key], adata.n_obs, f"{field}.obsm[{spatial_key!r}]")
+
+
+def _dense_counts(adata: ad.AnnData, layer: str | None) -> np.ndarray:
+    matrix = adata.layers[layer] if layer is not None else adata.X
+    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float64)
+
+
+def spatial_domains(
+    adata: ad.AnnData, n_domains: int, *, spatial_key: str = "spatial", layer: str | None = None,
+    n_neighbors: int = 6, radius: float | None = None, prune_key: str | None = None, prune_weight: float = 0.5,
+    n_epochs: int = 1000, smooth: bool = False, key_added: str = "spatial_domain", seed: int = 0,
+) -> None:
+    """STAGATE spatial domains: a graph attention autoencoder on the spatial graph, then a Gaussian mixture.
+
+    **Arguments:**
+
+    - `adata`: counts in `X` (or `layer`), coordinates in `obsm[spatial_key]`.
+    - `n_domains`: the number of domains (mclust's `num_cluster`).
+    - `n_neighbors` / `radius`: STAGATE's `k_cutoff` / `rad_cutoff` spatial graph.
+    - `prune_key`, `prune_weight`: cell-type-aware pruning from the pre-clusters in `obs[prune_key]` with STAGATE's
+      `alpha` (default 0.5; ignored without `prune_key`).
+    - `n_epochs`: full-batch epochs (STAGATE: 1000); `smooth`: majority vote over spatial neighbours.
+
+    Writes `obs[key_added]` (categorical), `obsm["X_stagate"]`, and `uns["diffbio_spatial_domains"]` (settings,
+    training loss).
+    """
+    from ._core._train import TrainSettings
+    from ._spatial._domains import spatial_domains as run_domains
+
+    check_adata(adata)
+    coordinates = _spatial_coordinates(adata, spatial_key)
+    pre_labels = None
+    if prune_key is not None:
+        if prune_key not in adata.obs:
+            raise ValueError(f"prune_key: {prune_key!r} is not a column of adata.obs")
+        pre_labels = adata.obs[prune_key].astype(str).to_numpy()
+    result = run_domains(_dense_counts(adata, layer), coordinates, n_domains, key=jr.key(seed),
+                         n_neighbors=n_neighbors, radius=radius, pre_labels=pre_labels,
+                         prune_weight=prune_weight if prune_key is not None else 0.0,
+                         settings=TrainSettings(n_epochs=n_epochs, progress=False), smooth=smooth)
+    adata.obs[key_added] = pd.Categorical(np.asarray(result.labels).astype(str))
+    adata.obsm["X_stagate"] = np.asarray(result.embedding, dtype=np.float32)
+    _record(adata, "spatial_domains", {"n_domains": n_domains, "spatial_key": spatial_key, "n_neighbors": n_neighbors,
+                                       "radius": radius, "prune_key": prune_key, "prune_weight": prune_weight,
+                                       "n_epochs": n_epochs, "smooth": smooth, "seed": seed},
+            train_loss=result.training.train_loss)
+
+
+def _top_k_plan(plan: np.ndarray, top_k: int) -> Any:
+    import scipy.sparse as sp
+
+    k = min(top_k, plan.shape[0])
+    rows = np.argpartition(-plan, k - 1, axis=0)[:k]  # the k heaviest rows of each column
+    columns = np.broadcast_to(np.arange(plan.shape[1]), rows.shape)
+    return sp.csr_matrix((plan[rows, columns].ravel(), (rows.ravel(), columns.ravel())), shape=plan.shape)
+
+
+def align_slices(
+    slices: Sequence[ad.AnnData], *, spatial_key: str = "spatial", layer: str | None = None, alpha: float = 0.1,
+    method: str = "pairwise", top_k: int = 5, key_added: str = "spatial_aligned", seed: int = 0,
+) -> list[Any]:
+    """PASTE alignment of several slices on their shared genes (matched by name).
+
+    **Arguments:**
+
+    - `slices`: AnnData slices with counts in `X` (or `layer`) and coordinates in `obsm[spatial_key]`.
+    - `alpha`: PASTE's spatial weight in (0, 1] (default 0.1).
+    - `method`: `"pairwise"` (PASTE's `pairwise_align` between consecutive slices, stacked onto slice 0 as
+      `stack_slices_pairwise`) or `"center"` (`center_align` with slice 0 as the reference, each slice stacked onto
+      the centre).
+    - `top_k`: plan entries kept per spot of the later slice.
+
+    Writes each slice's `obsm[key_added]` (coordinates in slice 0's frame) and, for slices 1.., `uns[key_added]`:
+    `plan` (sparse `(n_previous_or_center, n_this)`, top `top_k` per column), `rotation`, `translation` (onto the
+    previous slice, or the centre), `entropy`. **Returns:** the `AlignmentResult`s.
+    """
+    from ._spatial._center import center_align
+    from ._spatial._paste import check_alpha, pairwise_align
+
+    if len(slices) < 2:
+        raise ValueError(f"slices: need at least two AnnData slices, got {len(slices)}")
+    if method not in ("pairwise", "center"):
+        raise ValueError(f"method: must be 'pairwise' or 'center', got {method!r}")
+    check_alpha(alpha)
+    genes = slices[0].var_names
+    for s in slices[1:]:
+        genes = genes.intersection(s.var_names, sort=False)
+    if len(genes) == 0:
+        raise ValueError("slices: the slices share no genes (var_names); PASTE aligns on shared genes")
+    coordinates = [_spatial_coordinates(check_adata(s), spatial_key, f"slices[{i}]") for i, s in enumerate(slices)]
+    xs = [_dense_counts(s[:, genes], layer) for s in slices]
+    if method == "center":
+        out = center_align(xs, coordinates, key=jr.key(seed), alpha=alpha)
+        results = list(out.alignments)
+        aligned = [np.asarray(r.aligned_b) for r in results]
+    else:
+        results = [pairwise_align(xs[i - 1], xs[i], coordinates[i - 1], coordinates[i], alpha=alpha)
+                   for i in range(1, len(slices))]
+        aligned = [coordinates[0]]
+        for r in results:  # compose: slice i onto slice i-1, then on to slice 0
+            rotation, translation = np.asarray(r.rotation), np.asarray(r.translation)
+            previous = aligned[-1]
+            previous_rotation, previous_shift = _rigid_fit(coordinates[len(aligned) - 1], previous)
+            onto_previous = coordinates[len(aligned)] @ rotation.T + translation
+            aligned.append(onto_previous @ previous_rotation.T + previous_shift)
+    for i, s in enumerate(slices):
+        s.obsm[key_added] = np.asarray(aligned[i], dtype=np.float64)
+    for i, r in enumerate(results if method == "pairwise" else results[1:], start=1):
+        slices[i].uns[key_added] = {"plan": _top_k_plan(np.asarray(r.plan), top_k), "rotation": np.asarray(r.rotation),
+                                    "translation": np.asarray(r.translation), "entropy": float(r.entropy),
+                                    "params": {"alpha": alpha, "method": method, "top_k": top_k}}
+    return results
+
+
+def _rigid_fit(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rotation and shift taking `source` exactly onto `target` (two copies of one slice related rigidly)."""
+    ms, mt = source.mean(axis=0), target.mean(axis=0)
+    u, _, vt = np.linalg.svd((source - ms).T @ (target - mt))
+    d = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
+    rotation = vt.T @ np.diag([1.0, d]) @ u.T
+    return rotation, mt - ms @ rotation.T
+
+
 def vae(
     adata: ad.AnnData,
     model: VAENormalizer | None = None,
@@ -196,6 +326,108 @@ def soft_kmeans(
     params = {"use_rep": use_rep, "n_clusters": n_clusters, "temperature": temperature, **fit_settings}
     _record(adata, "soft_kmeans", params, objective=fitted.train_loss)
     return fitted.model
+
+
+def _expression(adata: ad.AnnData, layer: str | None, use_raw: bool | None) -> tuple[Any, pd.Index]:
+    """The log-normalised matrix a communication/GRN face reads: `layer`, `.raw` (default when present) or X."""
+    if layer is not None:
+        if use_raw:
+            raise ValueError("layer: give either layer or use_raw=True, not both")
+        if layer not in adata.layers:
+            raise ValueError(f"layer: {layer!r} is not in adata.layers ({list(adata.layers)})")
+        return adata.layers[layer], adata.var_names
+    if use_raw or (use_raw is None and adata.raw is not None):
+        if adata.raw is None:
+            raise ValueError("use_raw: adata.raw is not set")
+        return adata.raw.X, adata.raw.var_names
+    return adata.X, adata.var_names
+
+
+def ligand_receptor(
+    adata: ad.AnnData,
+    groupby: str,
+    *,
+    resource: pd.DataFrame | None = None,
+    method: str = "cellphonedb",
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    expr_prop: float = 0.1,
+    min_cells: int = 5,
+    n_perms: int = 1000,
+    key: PRNGKeyArray | None = None,
+    key_added: str = "ligand_receptor",
+) -> pd.DataFrame:
+    """Ligand-receptor scores between the groups of `obs[groupby]`, as LIANA runs CellPhoneDB or CellChat.
+
+    **Arguments:**
+
+    - `adata`: log-normalised expression (LIANA's input) in `layer`, `.raw` (used when present, LIANA's default)
+      or `X`.
+    - `groupby`: `obs` column of the cell groups; groups with fewer than `min_cells` cells are left out with a
+      warning naming `groupby`.
+    - `resource`: a table with `ligand` and `receptor` columns (complexes as `_`-joined subunits); default
+      `datasets.ligand_receptor_pairs()` (LIANA's consensus resource, read from an installed `liana`).
+    - `method`: `"cellphonedb"` (mean of the ligand and receptor means) or `"cellchat"` (Hill probability of the
+      trimeans, K_h 0.5).
+    - `expr_prop`: every subunit expressed in at least this fraction of its group's cells (LIANA's 0.1).
+    - `n_perms`: label permutations for the p-values (0: none); `key` their PRNG key (default `jr.key(1337)`,
+      LIANA's seed number; the draws are JAX's, not NumPy's).
+
+    **Returns:** LIANA's tidy table (`source`, `target`, `ligand_complex`, `receptor_complex`, the complexes'
+    values and expressed fractions, `lr_means`/`cellphone_pvals` or `lr_probs`/`cellchat_pvals`, and the same as
+    `score` and `pvalue`), sorted by score; also written to `uns[key_added]`, the settings to
+    `uns[f"{key_added}_params"]`.
+    """
+    from ._communication._table import ligand_receptor_table
+    from .datasets import ligand_receptor_pairs
+
+    check_adata(adata)
+    if groupby not in adata.obs:
+        raise ValueError(f"groupby: {groupby!r} is not a column of adata.obs")
+    if method not in ("cellphonedb", "cellchat"):
+        raise ValueError(f"method: expected 'cellphonedb' or 'cellchat', got {method!r}")
+    x, var_names = _expression(adata, layer, use_raw)
+    table = ligand_receptor_table(
+        x, var_names, adata.obs[groupby], ligand_receptor_pairs() if resource is None else resource,
+        method="cellchat" if method == "cellchat" else "cellphonedb", expr_prop=expr_prop, min_cells=min_cells,
+        n_perms=n_perms, key=jr.key(1337) if key is None and n_perms > 0 else key)
+    adata.uns[key_added] = table
+    adata.uns[f"{key_added}_params"] = {"groupby": groupby, "method": method, "expr_prop": expr_prop,
+                                        "min_cells": min_cells, "n_perms": n_perms, "layer": str(layer)}
+    return table
+
+
+def grn(
+    adata: ad.AnnData,
+    tfs: Sequence[str],
+    *,
+    targets: Sequence[str] | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    ridge: float = 1e-2,
+    n_knots: int = 3,
+    key_added: str = "grn",
+) -> pd.DataFrame:
+    """TF -> target network: every target regressed on the TFs at once (an additive ridge analogue of GENIE3).
+
+    **Arguments:**
+
+    - `adata`: log-normalised expression in `layer`, `.raw` (when present) or `X`.
+    - `tfs`: the transcription factors (names missing from the data are left out with a warning naming `tfs`).
+    - `targets`: genes to explain (default all genes).
+    - `ridge`, `n_knots`: the ridge penalty and the hinge knots per TF (see `AdditiveGRN`).
+
+    **Returns:** ranked edges `TF`, `target`, `importance` (arboreto's columns; importance = share of the
+    target's variance the TF's partial fit explains); also written to `uns[key_added]`.
+    """
+    from ._grn._table import grn_table
+
+    check_adata(adata)
+    x, var_names = _expression(adata, layer, use_raw)
+    table = grn_table(x, var_names, tfs, targets=targets, ridge=ridge, n_knots=n_knots)
+    adata.uns[key_added] = table
+    adata.uns[f"{key_added}_params"] = {"n_tfs": len(tfs), "ridge": ridge, "n_knots": n_knots, "layer": str(layer)}
+    return table
 
 
 def pipeline(
@@ -417,4 +649,45 @@ def pseudobulk_de(
     adata.uns[key_added] = {"params": {"sample_key": sample_key, "condition_key": condition_key,
                                        "reference": reference, "test": test},
                             "results": table, "size_factors": np.asarray(result.size_factors)}
+    return table
+
+
+def switch_de(
+    adata: ad.AnnData,
+    pseudotime_key: str = "dpt_pseudotime",
+    *,
+    layer: str | None = None,
+    zero_inflated: bool = False,
+    key_added: str = "switch_de",
+) -> pd.DataFrame:
+    """SwitchDE along pseudotime: a sigmoid per gene and its likelihood-ratio test (switchde's `testDE`).
+
+    **Arguments:**
+
+    - `adata`: log-normalised expression in `X` or `layer`.
+    - `pseudotime_key`: `obs` column of the pseudotime.
+    - `zero_inflated`: fit switchde's zero-inflated (dropout) model.
+    - `key_added`: prefix of the `var` columns and the `uns` key.
+
+    **Returns:** a table indexed by gene with switchde's columns `pval`, `qval`, `mu0`, `k`, `t0`; also written to
+    `var[f"{key_added}_{column}"]`, with the settings in `uns[key_added]`.
+    """
+    from ._de._switchde import switch_de as fit_switch
+
+    check_adata(adata)
+    if pseudotime_key not in adata.obs:
+        raise ValueError(f"pseudotime_key: {pseudotime_key!r} is not a column of adata.obs")
+    t = adata.obs[pseudotime_key].to_numpy(dtype=float)
+    matrix = adata.layers[layer] if layer is not None else adata.X
+    y = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
+    if not (np.all(np.isfinite(t)) and np.all(np.isfinite(y))):
+        raise ValueError(f"pseudotime_key: adata.obs[{pseudotime_key!r}] and the expression must be finite")
+    dtype = jnp.zeros(()).dtype
+    result = fit_switch(jnp.asarray(y, dtype=dtype), jnp.asarray(t, dtype=dtype), zero_inflated=zero_inflated)
+    table = pd.DataFrame({"pval": np.asarray(result.pvalue), "qval": np.asarray(result.qvalue),
+                          "mu0": np.asarray(result.mu0), "k": np.asarray(result.k), "t0": np.asarray(result.t0)},
+                         index=adata.var_names.copy())
+    for column in table.columns:
+        adata.var[f"{key_added}_{column}"] = table[column].to_numpy()
+    adata.uns[key_added] = {"params": {"pseudotime_key": pseudotime_key, "zero_inflated": zero_inflated}}
     return table

@@ -16,6 +16,7 @@ Random draws use NumPy's generator seeded from `seed` (host-side arrays, like `s
 """
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -88,7 +89,7 @@ def rotation_matrix(angle: float) -> np.ndarray:
 
 def make_tissue(
     *, width: float, height: float, n_genes: int = 200, n_domains: int = 5, layout: Layout = "layers",
-    n_markers: int = 8, marker_fold: float = 1.6, n_gradient_genes: int = 10, gradient_strength: float = 1.0,
+    n_markers: int = 8, marker_fold: float = 1.8, n_gradient_genes: int = 10, gradient_strength: float = 1.0,
     seed: int = 0,
 ) -> SpatialTissue:
     """Draw a tissue: base gene means, `n_markers` marker genes per domain (up by `marker_fold`), and
@@ -151,7 +152,7 @@ def expression(
 
 def simulate_spatial(
     n_spots: int = 1000, *, n_genes: int = 200, n_domains: int = 5, layout: Layout = "layers", grid: Grid = "hex",
-    marker_fold: float = 1.6, library_size: float = 1000.0, seed: int = 0,
+    marker_fold: float = 1.8, library_size: float = 1000.0, seed: int = 0,
 ) -> SpatialSlice:
     """One slice of about `n_spots` spots covering a whole square tissue (no rotation, no jitter)."""
     return simulate_spatial_slices(1, n_spots, n_genes=n_genes, n_domains=n_domains, layout=layout, grid=grid,
@@ -161,8 +162,8 @@ def simulate_spatial(
 
 def simulate_spatial_slices(
     n_slices: int = 2, n_spots: int = 1000, *, n_genes: int = 200, n_domains: int = 5, layout: Layout = "layers",
-    grid: Grid = "hex", marker_fold: float = 1.6, library_size: float = 1000.0,
-    rotations: tuple[float, ...] | None = None, translations: tuple[tuple[float, float], ...] | None = None,
+    grid: Grid = "hex", marker_fold: float = 1.8, library_size: float = 1000.0,
+    rotations: Sequence[float | int] | None = None, translations: Sequence[Sequence[float | int]] | None = None,
     jitter: float = 0.1, overlap: float = 1.0, seed: int = 0,
 ) -> list[SpatialSlice]:
     """`n_slices` slices of one tissue, each about `n_spots` spots on its own grid.

@@ -1,1 +1,2 @@
-"""Spatial transcriptomics: STAGATE-style spatial domains and PASTE slice alignment (fused Gromov-Wasserstein through ott-jax)."""
+"""Spatial transcriptomics: STAGATE-style spatial domains and PASTE slice alignment (fused Gromov-Wasserstein
+through ott-jax)."""

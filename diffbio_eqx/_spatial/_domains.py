@@ -1,0 +1,77 @@
+"""Spatial domains end to end on arrays (what `dbx.tl.spatial_domains` runs): STAGATE's preprocessing, graph,
+training, then a Gaussian mixture on the embedding (mclust's role), optionally smoothed over the spatial graph."""
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, ArrayLike, PRNGKeyArray
+
+from .._clustering._mixture_stage import GaussianMixture, fit_gaussian_mixture
+from .._core._train import FitResult, TrainSettings
+from ._stagate import STAGATE, SpatialGraph, fit_stagate, smooth_labels, spatial_graph
+
+
+class DomainResult(eqx.Module):
+    """What `spatial_domains` returns: `labels` `(n_spots,)`, `embedding` `(n_spots, latent)`, the responsibilities
+    of the mixture, the graph and the training record."""
+
+    labels: Array
+    embedding: Array
+    responsibilities: Array
+    graph: SpatialGraph
+    training: FitResult
+
+
+def log_normalize(counts: ArrayLike) -> np.ndarray:
+    """scanpy's `normalize_total` (to the median library size) then `log1p`."""
+    x = np.asarray(counts, dtype=np.float64)
+    library = x.sum(axis=1, keepdims=True)
+    return np.log1p(x / np.maximum(library, 1e-12) * np.median(library))
+
+
+def check_coordinates(coordinates: ArrayLike, n_spots: int, field: str) -> np.ndarray:
+    c = np.asarray(coordinates, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] != n_spots or c.shape[1] < 2:
+        raise ValueError(f"{field}: expected shape ({n_spots}, 2), got {c.shape}")
+    if not np.all(np.isfinite(c[:, :2])):
+        rows = np.flatnonzero(~np.isfinite(c[:, :2]).all(axis=1))[:10].tolist()
+        raise ValueError(f"{field}: contains NaN or infinite coordinates (rows {rows})")
+    return c[:, :2]
+
+
+def spatial_domains(
+    counts: ArrayLike, coordinates: ArrayLike, n_domains: int, *, key: PRNGKeyArray, n_neighbors: int = 6,
+    radius: float | None = None, pre_labels: ArrayLike | None = None, prune_weight: float = 0.0,
+    settings: TrainSettings | None = None, smooth: bool = False,
+) -> DomainResult:
+    """STAGATE domains: log-normalised counts, the spatial graph, the autoencoder, a Gaussian mixture.
+
+    **Arguments:**
+
+    - `counts`: `(n_spots, n_genes)` counts; `coordinates`: `(n_spots, 2)` positions.
+    - `n_domains`: mixture components. `key`: PRNG key (weights, mixture restarts). (Keyword only argument.)
+    - `n_neighbors`, `radius`: the graph (`spatial_graph`); `pre_labels`, `prune_weight`: cell-type-aware pruning
+      (STAGATE's `alpha`; `pre_labels` per spot, e.g. a pre-clustering).
+    - `settings`: the loop's `TrainSettings` (default: STAGATE's 1000 full-batch epochs).
+    - `smooth`: majority vote of labels over the spatial neighbours.
+    """
+    x = log_normalize(counts)
+    c = check_coordinates(coordinates, x.shape[0], "coordinates")
+    if not 2 <= n_domains < x.shape[0]:
+        raise ValueError(f"n_domains: must be in [2, n_spots), got {n_domains}")
+    if prune_weight and pre_labels is None:
+        raise ValueError("pre_labels: cell-type-aware pruning (prune_weight > 0) needs pre-cluster labels")
+    labels_in = None if pre_labels is None else np.unique(np.asarray(pre_labels), return_inverse=True)[1]
+    graph = spatial_graph(jnp.asarray(c), n_neighbors=n_neighbors, radius=radius, pre_labels=labels_in)
+    model_key, fit_key, mixture_key = jr.split(key, 3)
+    stage = STAGATE(x.shape[1], prune_weight=prune_weight, key=model_key)
+    xj = jnp.asarray(x, dtype=jnp.zeros(()).dtype)
+    training = fit_stagate(stage, xj, graph, key=fit_key, settings=settings)
+    z = training.model(xj, graph)
+    mixture = fit_gaussian_mixture(GaussianMixture(jnp.zeros((n_domains, z.shape[1]), z.dtype)), z,
+                                   key=mixture_key, init="kmeans").model
+    labels = mixture.hard_assign(z)
+    if smooth:
+        labels = smooth_labels(labels, graph, n_domains)
+    return DomainResult(labels, z, mixture(z), graph, training)
