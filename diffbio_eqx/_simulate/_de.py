@@ -83,14 +83,14 @@ def simulate_switch_genes(
     n_cells: int = 500,
     n_switch: int = 40,
     n_null: int = 40,
-    dropout: float = 0.0,
+    dropout_lambda: float = 0.0,
 ) -> SwitchData:
     """Switch genes whose mean follows switchde's sigmoid in a uniform pseudotime, and constant null genes.
 
     Switch genes: $\\mu_0 \\sim U(5, 20)$, $|k| \\sim U(8, 20)$ of random sign, $t_0 \\sim U(0.25, 0.75)$;
     counts are Gaussian around the mean with standard deviation $\\sqrt{\\mu}$ (switchde's model on
-    log-expression, `counts` is the expression it is given); with `dropout > 0` a fraction of entries is zeroed
-    (the zero-inflated model's data).
+    log-expression, `counts` is the expression it is given); with `dropout_lambda > 0` an entry $x$ is zeroed
+    with probability $e^{-\\lambda x^2}$ (switchde's zero-inflated model).
     """
     dtype = _float_dtype()
     keys = jr.split(key, 7)
@@ -103,7 +103,8 @@ def simulate_switch_genes(
     k = jnp.where(is_switch, k, 0.0)
     mean = 2.0 * mu0[None, :] / (1.0 + jnp.exp(-k[None, :] * (t[:, None] - t0[None, :])))
     y = mean + jnp.sqrt(mean) * jr.normal(keys[5], mean.shape, dtype)
-    y = jnp.where(jr.uniform(keys[6], mean.shape, dtype) < dropout, 0.0, y)
+    if dropout_lambda > 0:
+        y = jnp.where(jr.uniform(keys[6], mean.shape, dtype) < jnp.exp(-dropout_lambda * y**2), 0.0, y)
     return SwitchData(counts=y, pseudotime=t, mu0=mu0, k=k, t0=t0, is_switch=is_switch)
 
 
