@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import ArrayLike, PRNGKeyArray
 
+from ._annotation._annotate import Annotation, Reference, annotate_counts
 from ._clustering._stage import SoftKMeans, fit_soft_kmeans
 from ._faces import check_adata, fit_keywords, record_settings, representation
 from ._harmony._math import HarmonyResult
@@ -26,7 +27,7 @@ from ._harmony._stage import Harmony
 from ._pipeline import SingleCellPipeline, SingleCellPipelineConfig
 from ._umap._stage import ParametricUMAP, fit_umap
 from ._vae._stage import VAENormalizer, fit_vae, vae_transform
-from .io import CLUSTER_KEY, LAYER_KEYS, OBSM_KEYS, _batch_codes, fit_anndata, from_anndata, to_anndata
+from .io import CLUSTER_KEY, LAYER_KEYS, OBSM_KEYS, _batch_codes, counts_matrix, fit_anndata, from_anndata, to_anndata
 
 
 #: The `obsm` keys Harmony's `use_rep=None` tries, in order (never an already corrected embedding).
@@ -428,6 +429,62 @@ def grn(
     adata.uns[key_added] = table
     adata.uns[f"{key_added}_params"] = {"n_tfs": len(tfs), "ridge": ridge, "n_knots": n_knots, "layer": str(layer)}
     return table
+
+
+def annotate(
+    adata: ad.AnnData,
+    mode: str = "celltypist",
+    *,
+    reference: ad.AnnData | None = None,
+    label_key: str | None = None,
+    layer: str | None = None,
+    key: PRNGKeyArray,
+    **options: Any,
+) -> Annotation:
+    """Annotate cell types from a labelled reference (CellTypist-style or scANVI) or from marker genes
+    (CellAssign).
+
+    **Arguments:**
+
+    - `adata`: the query cells, raw counts in `X` (or `layers[layer]`).
+    - `mode`: `"celltypist"`, `"scanvi"` or `"cellassign"` (see `diffbio_eqx._annotation`).
+    - `reference`: labelled reference cells with raw counts in `X` (or `layers[layer]`); genes are matched by name.
+      (Keyword only argument.)
+    - `label_key`: the reference's `obs` column of cell types.
+    - `layer`: read counts of both from this layer instead of `X`.
+    - `key`: PRNG key.
+    - `options`: passed to the mode (`annotate_counts`): e.g. `majority_voting=True`, `markers={...}`,
+      `settings=TrainSettings(...)`.
+
+    **Returns:** the `Annotation` (with the fitted `model`). Writes `obs["cell_type"]` (categorical),
+    `obs["cell_type_confidence"]`, `obsm["cell_type_probabilities"]` (columns in `uns["cell_type"]["cell_types"]`)
+    and `uns["cell_type"]["params"]`.
+    """
+    check_adata(adata)
+    counts, _, genes = counts_matrix(adata, layer=layer)
+    ref = None
+    if mode != "cellassign":
+        if reference is None or label_key is None:
+            raise ValueError(f"reference: mode {mode!r} needs a labelled reference AnnData and its label_key")
+        check_adata(reference)
+        if label_key not in reference.obs:
+            raise ValueError(f"label_key: {label_key!r} is not in reference.obs (has {list(reference.obs.columns)})")
+        ref_counts, _, ref_genes = counts_matrix(reference, layer=layer)
+        labels = reference.obs[label_key].to_numpy(dtype=object)
+        keep = pd.notna(labels)
+        if mode == "celltypist" and not keep.all():
+            ref_counts, labels = ref_counts[np.flatnonzero(keep)], labels[keep]
+        ref = Reference(ref_counts, [str(g) for g in ref_genes], labels)
+    result = annotate_counts(counts, [str(g) for g in genes], mode=mode, reference=ref,  # type: ignore[arg-type]
+                             key=key, **options)
+    adata.obs["cell_type"] = pd.Categorical(result.labels, categories=list(result.cell_types))
+    adata.obs["cell_type_confidence"] = result.confidence
+    adata.obsm["cell_type_probabilities"] = result.probabilities
+    params = {"mode": mode, "label_key": label_key, "layer": layer,
+              **{name: value for name, value in options.items() if name != "markers"}}
+    record_settings(adata, "cell_type", params)
+    adata.uns["cell_type"]["cell_types"] = list(result.cell_types)
+    return result
 
 
 def pipeline(

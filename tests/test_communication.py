@@ -169,3 +169,17 @@ def test_bad_input_names_the_field(pbmc, resource):
         ligand_receptor_table(pbmc.X, pbmc.var_names, labels, resource.rename(columns={"ligand": "source"}))
     with pytest.raises(ValueError, match="groupby: has 3 labels"):
         ligand_receptor_table(pbmc.X, pbmc.var_names, labels[:3], resource)
+
+
+def test_faces_table_uns_and_dotplot(pbmc, resource, tmp_path):
+    adata = pbmc.copy()
+    table = dbx.tl.ligand_receptor(adata, "bulk_labels", resource=resource, n_perms=0)
+    direct = ligand_receptor_table(pbmc.X, pbmc.var_names, pbmc.obs["bulk_labels"], resource, n_perms=0)
+    pd.testing.assert_frame_equal(table, direct)
+    assert adata.uns["ligand_receptor"] is table and adata.uns["ligand_receptor_params"]["method"] == "cellphonedb"
+    for column in ["source", "target", "ligand_complex", "receptor_complex", "score", "pvalue"]:
+        assert column in table
+    written = dbx.pl.ligand_receptor_dotplot(table, top_n=5, sources=["Dendritic"], path=tmp_path / "dots.png")
+    assert written.stat().st_size > 0
+    with pytest.raises(ValueError, match="groupby: 'nope'"):
+        dbx.tl.ligand_receptor(adata, "nope", resource=resource)

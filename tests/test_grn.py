@@ -75,3 +75,17 @@ def test_bad_tfs_name_the_field(network):
         grn_table(x, sim.gene_names, "TF0")
     with pytest.raises(ValueError, match="targets: none"):
         grn_table(x, sim.gene_names, ["TF0"], targets=["nope"])
+
+
+def test_grn_face(network):
+    import anndata as ad
+    import pandas as pd
+
+    import diffbio_eqx as dbx
+
+    sim, x = network
+    adata = ad.AnnData(X=x[:, :60], var=pd.DataFrame(index=list(sim.gene_names[:60])))
+    table = dbx.tl.grn(adata, tfs=list(sim.tf_names))
+    assert list(table.columns) == ["TF", "target", "importance"] and adata.uns["grn"] is table
+    pd_direct = grn_table(x[:, :60], sim.gene_names[:60], list(sim.tf_names))
+    np.testing.assert_allclose(table["importance"], pd_direct["importance"])
