@@ -1,1 +1,2 @@
-"""Doublet detection: Scrublet (scanpy.pp.scrublet-faithful) and Solo (scvi-tools SOLO-faithful) on the package's VAE."""
+"""Doublet detection: Scrublet (faithful to scanpy.pp.scrublet) and Solo (faithful to scvi-tools SOLO) on the
+package's VAE."""

@@ -1,0 +1,123 @@
+"""Scrublet end to end on raw counts, as `scanpy.pp.scrublet` runs it: preparation (`_preprocess`), the JAX
+core (`_scrublet`), the threshold (`_threshold`), batch by batch when batches are given."""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import scipy.sparse as sp
+from jaxtyping import PRNGKeyArray
+
+from .._core._validate import _format_indices
+from ._preprocess import prepare_counts
+from ._scrublet import Scrublet, default_neighbors, scrublet_scores
+from ._threshold import automatic_threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class ScrubletSettings:
+    """Scrublet's settings, scanpy's defaults. `threshold=None`: automatic (`_threshold.automatic_threshold`);
+    `temperature > 0`: soft neighbour counts (differentiable variant); `parents`: given doublet parent pairs
+    (indices into the cells that pass `filter_cells(min_genes=3)`) instead of drawing them."""
+
+    sim_doublet_ratio: float = 2.0
+    expected_doublet_rate: float = 0.05
+    stdev_doublet_rate: float = 0.02
+    n_neighbors: int | None = None
+    n_prin_comps: int = 30
+    threshold: float | None = None
+    temperature: float = 0.0
+    parents: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ScrubletResult:
+    """Scrublet on one batch. `doublet_score`, `predicted_doublet`: `(n_cells,)` (NaN / False for cells scanpy's
+    `filter_cells(min_genes=3)` drops); `scores_sim`: the simulated doublets' scores; `threshold` and
+    `threshold_method` (`"user"`, `"minimum"` as Scrublet, or the `"otsu"` fallback); `parents`: `(n_sim, 2)`;
+    `n_neighbors` and `n_neighbors_adjusted`; `genes`: the highly variable genes' column indices;
+    `doublet_errors`: the scores' standard errors."""
+
+    doublet_score: np.ndarray
+    predicted_doublet: np.ndarray
+    doublet_errors: np.ndarray
+    scores_sim: np.ndarray
+    threshold: float
+    threshold_method: str
+    parents: np.ndarray
+    n_neighbors: int
+    n_neighbors_adjusted: int
+    genes: np.ndarray
+
+
+def check_scrublet_input(counts: Any, settings: ScrubletSettings, field: str = "counts") -> sp.csr_matrix:
+    """Bad input, named: empty or all-zero cells, a threshold outside [0, 1], rates outside (0, 1)."""
+    matrix: Any = sp.csr_matrix(counts)
+    if matrix.ndim != 2 or matrix.shape[0] < 2:
+        raise ValueError(f"{field}: needs at least 2 cells, got shape {matrix.shape}")
+    totals = np.asarray(matrix.sum(axis=1)).ravel()
+    if not np.all(np.isfinite(totals)) or np.any(matrix.data < 0):
+        raise ValueError(f"{field}: must be finite, non-negative raw counts")
+    if np.any(totals == 0):
+        raise ValueError(f"{field}: cells {_format_indices(np.flatnonzero(totals == 0))} have no counts "
+                         "(all zero); remove empty droplets first")
+    if settings.threshold is not None and not 0.0 <= settings.threshold <= 1.0:
+        raise ValueError(f"threshold: Scrublet's scores lie in [0, 1], got {settings.threshold}")
+    for name in ("expected_doublet_rate", "stdev_doublet_rate"):
+        if not 0.0 < getattr(settings, name) < 1.0:
+            raise ValueError(f"{name}: must be in (0, 1), got {getattr(settings, name)}")
+    if settings.sim_doublet_ratio <= 0:
+        raise ValueError(f"sim_doublet_ratio: must be > 0, got {settings.sim_doublet_ratio}")
+    return matrix
+
+
+def _check_neighbors(n_neighbors: int, n_obs: int, field: str) -> None:
+    if not 1 <= n_neighbors < n_obs:
+        raise ValueError(f"n_neighbors: {n_neighbors} needs more cells than neighbours, but {field} has "
+                         f"{n_obs} cells left after Scrublet's filter_cells(min_genes=3)")
+
+
+def run_scrublet(counts: Any, settings: ScrubletSettings = ScrubletSettings(), *, key: PRNGKeyArray,
+                 field: str = "counts") -> ScrubletResult:
+    """Scrublet on one sample of raw counts `(n_cells, n_genes)`; `key` draws the simulated doublets' parents."""
+    matrix: Any = check_scrublet_input(counts, settings, field)
+    seed = int(jr.randint(key, (), 0, 2**31 - 1))
+    parents = None if settings.parents is None else np.asarray(settings.parents)
+    prepared = prepare_counts(matrix, sim_doublet_ratio=settings.sim_doublet_ratio, seed=seed, parents=parents)
+    n_obs = prepared.obs.shape[0]
+    n_neighbors = default_neighbors(n_obs) if settings.n_neighbors is None else int(settings.n_neighbors)
+    _check_neighbors(n_neighbors, n_obs, field)
+    model = Scrublet(n_neighbors, n_prin_comps=settings.n_prin_comps,
+                     expected_doublet_rate=settings.expected_doublet_rate,
+                     stdev_doublet_rate=settings.stdev_doublet_rate, temperature=settings.temperature)
+    scores = scrublet_scores(model, jnp.asarray(prepared.obs), jnp.asarray(prepared.sim))
+    scores_obs, scores_sim = np.asarray(scores.scores_obs, np.float64), np.asarray(scores.scores_sim, np.float64)
+    if settings.threshold is None:
+        threshold, method = automatic_threshold(scores_sim)
+    else:
+        threshold, method = float(settings.threshold), "user"
+    score = np.full(matrix.shape[0], np.nan)
+    score[prepared.kept_cells] = scores_obs
+    errors = np.full(matrix.shape[0], np.nan)
+    errors[prepared.kept_cells] = np.asarray(scores.errors_obs, np.float64)
+    return ScrubletResult(score, np.nan_to_num(score, nan=-np.inf) > threshold, errors, scores_sim, threshold,
+                          method, prepared.parents, n_neighbors, scores.n_neighbors_adjusted, prepared.genes)
+
+
+def run_scrublet_batched(counts: Any, batches: np.ndarray, settings: ScrubletSettings = ScrubletSettings(), *,
+                         key: PRNGKeyArray) -> dict[Any, tuple[np.ndarray, ScrubletResult]]:
+    """Scrublet within each batch, as scanpy's `batch_key` does: `{batch: (cell_indices, result)}`."""
+    matrix: Any = sp.csr_matrix(counts)
+    labels, sizes = np.unique(batches, return_counts=True)
+    if np.any(sizes < 2):
+        raise ValueError(f"batch_key: batch {labels[sizes < 2][0]!r} has {int(sizes[sizes < 2][0])} cell; "
+                         "Scrublet scores each batch on its own and needs at least 2 cells per batch")
+    if settings.parents is not None:
+        raise ValueError("parents: given doublet parents are for a single batch, not with batch_key")
+    out = {}
+    for label, batch_key in zip(labels, jr.split(key, len(labels))):
+        cells = np.flatnonzero(batches == label)
+        out[label] = (cells, run_scrublet(matrix[cells], settings, key=batch_key, field=f"counts of batch {label!r}"))
+    return out

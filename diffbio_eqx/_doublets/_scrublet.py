@@ -1,0 +1,198 @@
+"""Scrublet's numerical core in JAX (Wolock, Lopez & Klein 2019; as `scanpy.pp.scrublet` runs it).
+
+Given observed cells and simulated doublets, both normalised to 1e6 over the highly variable genes:
+
+1. z-score every gene with the observed cells' mean and unbiased standard deviation (scanpy's `pipeline.zscore`);
+2. PCA with `n_prin_comps` components fitted on the observed cells (centred by their mean) and applied to both
+   (scanpy's `pipeline.pca`; here through the eigenvectors of the `(n_genes, n_genes)` covariance);
+3. the nearest neighbours of every observed and simulated cell in their union, with
+   `k_adj = round(k * (1 + n_sim / n_obs))` (exact, blocked: `diffbio_eqx._core._neighbors`; scanpy uses exact
+   search below 8192 points and pynndescent above). The count runs over the `k_adj - 1` nearest *other* points
+   (the point itself left out) with $n = k_{adj}$ in the score. That is what `scanpy.pp.scrublet` computes:
+   its kNN list has `k_adj` columns of which the first is the point itself only when no row of the graph begins
+   with its own index, and simulated doublets come in mirrored pairs (i, j), (j, i) that are exact duplicates,
+   so in practice the list is `k_adj - 1` other points (as with `use_approx_neighbors=True`, where scanpy drops
+   the first column). The original Scrublet counts `k_adj` other points;
+4. Scrublet's Bayesian score from the number $n_d$ of simulated neighbours among the $n = k_{adj}$: with
+   $q = (n_d + 1) / (n + 2)$, $r = n_{sim} / n_{obs}$ and $\\rho$ the expected doublet rate,
+   $$L = \\frac{q \\rho / r}{1 - \\rho - q (1 - \\rho - \\rho / r)},$$
+   and its standard error from $\\mathrm{se}_q = \\sqrt{q (1 - q) / (n + 3)}$ and `stdev_doublet_rate`.
+
+`soft_doublet_scores` is the differentiable variant: each candidate neighbour counts with weight
+$\\sigma((R_i - d_{ij}) / T)$, $R_i$ halfway between the $k_{adj}$-th and the next distance, so the counts (and
+the score) are smooth in the coordinates, the temperature and per-point doublet weights, and equal the hard ones
+as $T \\to 0$.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
+
+from .._core._neighbors import _blocked_knn
+from .._core._stage import AbstractStage
+
+
+def adjusted_neighbors(n_neighbors: int, n_obs: int, n_sim: int) -> int:
+    """Scrublet's `k_adj = round(k * (1 + n_sim / n_obs))`: neighbours in the union of observed and simulated."""
+    return round(n_neighbors * (1 + n_sim / float(n_obs)))
+
+
+def default_neighbors(n_obs: int) -> int:
+    """scanpy's default `n_neighbors = round(0.5 * sqrt(n_obs))`."""
+    return round(0.5 * float(n_obs) ** 0.5)
+
+
+def bayesian_doublet_score(
+    n_sim_neighbors: Float[Array, " n_points"],
+    n_neighbors: Float[ArrayLike, ""] | Float[Array, " n_points"],
+    sim_ratio: Float[ArrayLike, ""],
+    expected_doublet_rate: Float[ArrayLike, ""],
+    stdev_doublet_rate: Float[ArrayLike, ""],
+) -> tuple[Float[Array, " n_points"], Float[Array, " n_points"]]:
+    """Scrublet's doublet score $L$ and its standard error (module docstring, step 4; `_nearest_neighbor_classifier`).
+
+    **Arguments:** `n_sim_neighbors` ($n_d$, may be fractional), `n_neighbors` ($n$), `sim_ratio` ($r$),
+    `expected_doublet_rate` ($\\rho$), `stdev_doublet_rate`.
+
+    **Returns:** `(score, standard_error)`.
+    """
+    rho, r, n = expected_doublet_rate, sim_ratio, n_neighbors
+    q = (n_sim_neighbors + 1) / (n + 2)
+    denominator = 1 - rho - q * (1 - rho - rho / r)
+    score = q * rho / r / denominator
+    se_q = jnp.sqrt(q * (1 - q) / (n + 3))
+    error = q * rho / r / denominator**2 * jnp.sqrt((se_q / q * (1 - rho)) ** 2
+                                                     + (stdev_doublet_rate / rho * (1 - q)) ** 2)
+    return score, error
+
+
+def zscore_pca(
+    obs: Float[Array, "n_obs n_genes"], sim: Float[Array, "n_sim n_genes"], n_prin_comps: int
+) -> tuple[Float[Array, "n_obs n_pcs"], Float[Array, "n_sim n_pcs"]]:
+    """Steps 1-2: z-score with the observed cells' gene statistics, then PCA fitted on the observed cells.
+
+    Genes with zero variance among the observed cells are scaled by 1 instead of dividing by zero.
+    """
+    n_obs = obs.shape[0]
+    mean = jnp.mean(obs, axis=0, keepdims=True)
+    std = jnp.sqrt(jnp.sum((obs - mean) ** 2, axis=0, keepdims=True) / (n_obs - 1))
+    std = jnp.where(std > 0, std, 1.0)
+    z_obs, z_sim = (obs - mean) / std, (sim - mean) / std
+    center = jnp.mean(z_obs, axis=0, keepdims=True)
+    centred = z_obs - center
+    covariance = centred.T @ centred / (n_obs - 1)
+    _, vectors = jnp.linalg.eigh(covariance)
+    components = vectors[:, ::-1][:, :n_prin_comps]
+    return centred @ components, (z_sim - center) @ components
+
+
+def hard_neighbor_counts(
+    manifold: Float[Array, "n_points n_pcs"], is_sim: Bool[Array, " n_points"], k_adj: int
+) -> Float[Array, " n_points"]:
+    """Step 3: how many of each point's `k_adj - 1` nearest other points are simulated doublets."""
+    indices, _ = _blocked_knn(manifold, manifold, k_adj, None, self_first=True)
+    return jnp.sum(is_sim[indices[:, 1:]], axis=1).astype(manifold.dtype)
+
+
+def soft_neighbor_counts(
+    manifold: Float[Array, "n_points n_pcs"],
+    doublet_weight: Float[Array, " n_points"],
+    temperature: Float[ArrayLike, ""],
+    k_adj: int,
+    n_candidates: int,
+) -> tuple[Float[Array, " n_points"], Float[Array, " n_points"]]:
+    """Soft neighbour counts: `(sum_j w_ij * doublet_weight_j, 1 + sum_j w_ij)` over each point's
+    `n_candidates - 1` nearest other points, $w_{ij} = \\sigma((R_i - d_{ij}) / T)$ with $R_i$ halfway between
+    the `(k_adj - 1)`-th and `k_adj`-th of their distances (the `1 +` is the point itself, as $n = k_{adj}$ in
+    the hard score). The candidates are chosen without gradient; their distances are recomputed from
+    `manifold`, so gradients reach the coordinates, `temperature` and `doublet_weight`.
+    """
+    indices, _ = _blocked_knn(jax.lax.stop_gradient(manifold), jax.lax.stop_gradient(manifold), n_candidates,
+                              None, self_first=True)
+    indices = indices[:, 1:]
+    differences = manifold[:, None, :] - manifold[indices]
+    distances = jnp.sqrt(jnp.sum(differences * differences, axis=-1) + 1e-12)
+    radius = (distances[:, k_adj - 2:k_adj - 1] + distances[:, k_adj - 1:k_adj]) / 2
+    weights = jax.nn.sigmoid((radius - distances) / temperature)
+    return jnp.sum(weights * doublet_weight[indices], axis=1), 1 + jnp.sum(weights, axis=1)
+
+
+class ScrubletScores(eqx.Module):
+    """Scrublet's scores: `scores_obs`, `errors_obs` `(n_obs,)`, `scores_sim`, `errors_sim` `(n_sim,)`, the
+    PCA coordinates `manifold_obs`, `manifold_sim`, and `n_neighbors_adjusted` (`k_adj`)."""
+
+    scores_obs: Float[Array, " n_obs"]
+    errors_obs: Float[Array, " n_obs"]
+    scores_sim: Float[Array, " n_sim"]
+    errors_sim: Float[Array, " n_sim"]
+    manifold_obs: Float[Array, "n_obs n_pcs"]
+    manifold_sim: Float[Array, "n_sim n_pcs"]
+    n_neighbors_adjusted: int = eqx.field(static=True)
+
+
+class Scrublet(AbstractStage):
+    """Scrublet's doublet scores of observed cells against simulated doublets (module docstring, steps 1-4).
+
+    `temperature = 0` gives Scrublet's hard neighbour counts; a positive temperature the soft, differentiable
+    counts of `soft_neighbor_counts` (over `2 * k_adj` candidates), equal to the hard ones as it goes to 0.
+    """
+
+    expected_doublet_rate: Float[Array, ""]
+    stdev_doublet_rate: Float[Array, ""]
+    temperature: Float[Array, ""]
+    n_neighbors: int = eqx.field(static=True)
+    n_prin_comps: int = eqx.field(static=True)
+
+    def __init__(self, n_neighbors: int, *, n_prin_comps: int = 30,
+                 expected_doublet_rate: Float[ArrayLike, ""] = 0.05, stdev_doublet_rate: Float[ArrayLike, ""] = 0.02,
+                 temperature: Float[ArrayLike, ""] = 0.0):
+        """**Arguments:** `n_neighbors` ($k$ before Scrublet's adjustment), `n_prin_comps` (30),
+        `expected_doublet_rate` (0.05), `stdev_doublet_rate` (0.02), `temperature` (0: hard counts)."""
+        self.n_neighbors, self.n_prin_comps = int(n_neighbors), int(n_prin_comps)
+        self.expected_doublet_rate = jnp.asarray(expected_doublet_rate, dtype=float)
+        self.stdev_doublet_rate = jnp.asarray(stdev_doublet_rate, dtype=float)
+        self.temperature = jnp.asarray(temperature, dtype=float)
+
+    def __check_init__(self) -> None:
+        if self.n_neighbors < 1:
+            raise ValueError(f"n_neighbors: must be >= 1, got {self.n_neighbors}")
+        if self.n_prin_comps < 1:
+            raise ValueError(f"n_prin_comps: must be >= 1, got {self.n_prin_comps}")
+
+    def __call__(self, obs: Float[Array, "n_obs n_genes"], sim: Float[Array, "n_sim n_genes"], *,
+                 key: PRNGKeyArray | None = None, inference: bool = False) -> ScrubletScores:
+        """Score `obs` `(n_obs, n_genes)` against `sim` `(n_sim, n_genes)`, both normalised to 1e6 per cell."""
+        del key, inference
+        n_obs, n_sim = obs.shape[0], sim.shape[0]
+        k_adj = adjusted_neighbors(self.n_neighbors, n_obs, n_sim)
+        manifold_obs, manifold_sim = zscore_pca(obs, sim, min(self.n_prin_comps, obs.shape[1]))
+        manifold = jnp.concatenate([manifold_obs, manifold_sim])
+        is_sim = jnp.arange(n_obs + n_sim) >= n_obs
+        rho = eqx.error_if(self.expected_doublet_rate, (self.expected_doublet_rate <= 0)
+                           | (self.expected_doublet_rate >= 1), "expected_doublet_rate: must be in (0, 1)")
+        rho, stdev, temperature = (v.astype(obs.dtype) for v in (rho, self.stdev_doublet_rate, self.temperature))
+        n_candidates = min(2 * k_adj, n_obs + n_sim)
+        weight = is_sim.astype(manifold.dtype)
+
+        def hard(m: Array) -> tuple[Array, Array]:
+            return hard_neighbor_counts(m, is_sim, k_adj), jnp.full((n_obs + n_sim,), float(k_adj), m.dtype)
+
+        def soft(m: Array) -> tuple[Array, Array]:
+            return soft_neighbor_counts(m, weight, jnp.maximum(temperature, 1e-30), k_adj, n_candidates)
+
+        if n_candidates > k_adj >= 2:
+            n_d, n = jax.lax.cond(temperature > 0, soft, hard, manifold)
+        else:
+            n_d, n = hard(manifold)
+        score, error = bayesian_doublet_score(n_d, n, n_sim / n_obs, rho, stdev)
+        return ScrubletScores(score[:n_obs], error[:n_obs], score[n_obs:], error[n_obs:], manifold_obs,
+                              manifold_sim, k_adj)
+
+
+@eqx.filter_jit
+def scrublet_scores(scrublet: Scrublet, obs: Float[Array, "n_obs n_genes"], sim: Float[Array, "n_sim n_genes"]
+                    ) -> ScrubletScores:
+    """`scrublet(obs, sim)` under one `eqx.filter_jit` (the public entry point of the numerical core)."""
+    return scrublet(obs, sim)
+
