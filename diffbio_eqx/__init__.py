@@ -47,6 +47,17 @@ from ._core._train import FitResult as FitResult, TrainSettings as TrainSettings
 from ._core._validate import NonIntegerCountsWarning as NonIntegerCountsWarning
 from ._harmony._math import HarmonyResult as HarmonyResult, map_to_reference as map_to_reference
 from ._harmony._stage import Harmony as Harmony, harmony as harmony, harmony_transform as harmony_transform
+from ._imputation import (
+    Magic as Magic,
+    MagicResult as MagicResult,
+    MaskedGeneTransformer as MaskedGeneTransformer,
+    MCVResult as MCVResult,
+    denoise as denoise,
+    fit_masked_gene_transformer as fit_masked_gene_transformer,
+    magic as magic,
+    molecular_cross_validation as molecular_cross_validation,
+    split_molecules as split_molecules,
+)
 from ._pipeline import (
     FitSettings as FitSettings,
     HarmonyReference as HarmonyReference,

@@ -6,16 +6,26 @@ file it was read from is never written. Counts come from `adata.X` (`layer=None`
 are `adata.var_names`.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import anndata as ad
 import jax.random as jr
+import numpy as np
 import pandas as pd
 from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._ambient._stage import AmbientRemoval, fit_ambient_removal, remove_ambient, resolve_ambient_profile
 from ._core._neighbors import NeighborGraph, neighbor_graph
 from ._faces import check_adata, fit_keywords, graph_matrices, record_settings, representation
+from ._imputation import (
+    Magic,
+    MagicResult,
+    MaskedGeneTransformer,
+    denoise as denoise_counts,
+    fit_masked_gene_transformer,
+    magic as magic_impute,
+)
 from .io import from_anndata, gene_columns, profile_by_gene, to_anndata
 
 
@@ -121,4 +131,100 @@ def ambient_removal(
     params = {"layer": layer, "latent_dim": model.latent_dim, "hidden_dim": model.hidden_dim,
               "profile": "given" if ambient_profile is not None else "raw_counts" if raw is not None else "pooled"}
     record_settings(adata, AMBIENT_KEY, {**params, **fit_settings}, train_loss=fitted.train_loss)
+    return fitted.model
+
+
+#: Where `magic` and `denoise` record their settings.
+MAGIC_KEY = "diffbio_magic"
+DENOISE_KEY = "diffbio_denoise"
+
+
+def magic(
+    adata: ad.AnnData,
+    settings: Magic | None = None,
+    *,
+    layer: str | None = None,
+    genes: Sequence[str] | None = None,
+    key: PRNGKeyArray | None = None,
+    key_added: str = "magic",
+) -> MagicResult:
+    """MAGIC with magic-impute's defaults (`solver="exact"`), memory-bounded (see `diffbio_eqx._imputation.magic`).
+
+    **Arguments:**
+
+    - `adata`: cells x genes; counts in `X` (or `layers[layer]`) when `settings.normalize` (the default: median
+      library size, then square root, as the MAGIC tutorial), else the normalised matrix to diffuse.
+    - `settings`: a `Magic` with MAGIC's settings (`knn`, `knn_max`, `decay`, `t`, ...); None: `Magic()`.
+    - `layer`: read from this layer instead of `X`. (Keyword only argument.)
+    - `genes`: gene names to impute (all when None).
+    - `key`: draws MAGIC's 500-gene subsample for `t="auto"`.
+    - `key_added`: the name of the output.
+
+    **Returns:** the `MagicResult`. Writes `layers[key_added]` (all genes) or, with `genes`, `obsm["X_" +
+    key_added]` (those genes, in that order), and `uns["diffbio_magic"]` (`params`, the `t` used, the `genes`).
+    """
+    settings = Magic() if settings is None else settings
+    check_adata(adata)
+    if settings.normalize:
+        data = from_anndata(adata, layer=layer).counts
+    elif layer is not None and layer not in adata.layers:
+        raise ValueError(f"layer: {layer!r} is not in adata.layers (has {sorted(adata.layers.keys())})")
+    else:
+        data = adata.X if layer is None else adata.layers[layer]
+    result = magic_impute(data, settings, genes=genes, gene_names=[str(g) for g in adata.var_names], key=key)
+    if genes is None:
+        adata.layers[key_added] = result.imputed
+    else:
+        adata.obsm[f"X_{key_added}"] = result.imputed
+    params = {"layer": layer, "knn": settings.knn, "knn_max": settings.knn_max, "t": settings.t,
+              "decay": None if settings.decay is None else float(settings.decay), "thresh": float(settings.thresh),
+              "n_pca": settings.n_pca, "normalize": settings.normalize, "solver": "exact", "key_added": key_added}
+    record_settings(adata, MAGIC_KEY, params, t=result.t,
+                    genes=np.asarray(adata.var_names)[result.columns].astype(str))
+    return result
+
+
+def denoise(
+    adata: ad.AnnData,
+    model: MaskedGeneTransformer | None = None,
+    *,
+    layer: str | None = None,
+    key: PRNGKeyArray,
+    key_added: str = "denoised",
+    **fit_settings: Any,
+) -> MaskedGeneTransformer:
+    """Train the masked-gene transformer on the cells and write their denoised expected counts.
+
+    **Arguments:**
+
+    - `adata`: cells x genes with raw counts in `X` (or `layers[layer]`).
+    - `model`: a `MaskedGeneTransformer` (its `genes`, if set, are matched by name); None builds one for every
+      gene of `adata`.
+    - `layer`: read counts from this layer instead of `X`. (Keyword only argument.)
+    - `key`: split in two: the first builds the default model, the second trains.
+    - `key_added`: the layer written.
+    - `fit_settings`: passed to `fit_masked_gene_transformer` (`settings=TrainSettings(n_epochs=...)`).
+
+    **Returns:** the trained model. Writes `layers[key_added]` (expected counts; with a model built for a gene
+    subset, the other genes are NaN) and `uns["diffbio_denoise"]` (`params`, the per-epoch `train_loss`).
+    """
+    fit_settings = fit_keywords(fit_settings, "fit_masked_gene_transformer")
+    check_adata(adata)
+    genes = None if model is None else model.genes
+    arrays = from_anndata(adata, layer=layer, genes=genes, genes_owner="the model's")
+    init_key, fit_key = jr.split(key)
+    if model is None:
+        model = MaskedGeneTransformer(adata.n_vars, genes=[str(g) for g in adata.var_names], key=init_key)
+    fitted = fit_masked_gene_transformer(model, arrays.counts, key=fit_key, **fit_settings)
+    expected = denoise_counts(fitted.model, arrays.counts)
+    if genes is None:
+        adata.layers[key_added] = expected
+    else:
+        full = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+        full[:, gene_columns([str(g) for g in adata.var_names], list(genes))] = expected
+        adata.layers[key_added] = full
+    params = {"layer": layer, "n_genes": model.n_genes, "n_latents": model.latents.shape[0],
+              "dim": model.latents.shape[1], "n_heads": model.n_heads, "mask_rate": float(model.mask_rate),
+              "key_added": key_added}
+    record_settings(adata, DENOISE_KEY, {**params, **fit_settings}, train_loss=fitted.train_loss)
     return fitted.model
