@@ -49,6 +49,38 @@ def _run(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _annotate(arguments: argparse.Namespace) -> int:
+    import json
+    import pathlib
+
+    import jax.random as jr
+    import pandas as pd
+
+    from . import tl
+    from .io import read_h5ad, write_h5ad
+
+    query = read_h5ad(arguments.query)
+    reference = None if arguments.reference is None else read_h5ad(arguments.reference)
+    options: dict = {}
+    if arguments.markers is not None:
+        path = pathlib.Path(arguments.markers)
+        if not path.is_file():
+            raise ValueError(f"--markers: {str(path)!r} does not exist")
+        options["markers"] = (json.loads(path.read_text()) if path.suffix == ".json"
+                              else pd.read_csv(path, index_col=0))
+    if arguments.majority_voting:
+        options["majority_voting"] = True
+    out = pathlib.Path(arguments.out or pathlib.Path(arguments.query).with_suffix("").name + "_annotated.h5ad")
+    result = tl.annotate(query, arguments.mode, reference=reference, label_key=arguments.label_key,
+                         layer=arguments.layer, key=jr.key(arguments.seed), **options)
+    write_h5ad(query, out, input_path=arguments.query)
+    counts = pd.Series(result.labels).value_counts()
+    print(f"diffbio-eqx: {query.n_obs} cells annotated ({arguments.mode}) in {out.resolve()}")
+    for name, n in counts.items():
+        print(f"  {name}: {n}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -92,10 +124,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vae-epochs", type=_positive_int, help="VAE epochs (default: scVI's heuristic)")
     run.add_argument("--ambient-epochs", type=_positive_int,
                      help="ambient model epochs (default: 300 up to 20,000 cells)")
-    run.add_argument("--umap-epochs", type=_positive_int, help="parametric UMAP epochs (default 30)")
+    run.add_argument("--umap-epochs", type=_positive_int,
+                     help="parametric UMAP epochs (default: about 3,000 optimiser steps)")
     run.add_argument("--quiet", action="store_true",
                      help="no progress (otherwise bars on a terminal, plain lines when stderr is redirected)")
     run.set_defaults(handler=_run)
+    annotate = commands.add_parser(
+        "annotate", help="annotate cell types of QUERY.h5ad from a labelled reference or marker genes",
+        description="Write obs['cell_type'], obs['cell_type_confidence'] and obsm['cell_type_probabilities'] of "
+                    "QUERY (raw counts) to a new h5ad file: CellTypist-style logistic regression or scANVI trained on "
+                    "REF.h5ad's --label-key, or CellAssign with --markers.",
+    )
+    annotate.add_argument("query", metavar="QUERY.h5ad", help="cells x genes raw counts to annotate")
+    annotate.add_argument("--reference", metavar="REF.h5ad", help="labelled reference cells (raw counts)")
+    annotate.add_argument("--label-key", metavar="KEY", help="the reference's obs column of cell types")
+    annotate.add_argument("--mode", choices=("celltypist", "scanvi", "cellassign"), default="celltypist",
+                          help="annotator (default: celltypist)")
+    annotate.add_argument("--markers", metavar="FILE",
+                          help="cellassign: CSV of 0/1 (marker genes x cell types) or JSON {type: [genes]}")
+    annotate.add_argument("--majority-voting", action="store_true", help="celltypist: vote over over-clusters")
+    annotate.add_argument("--layer", metavar="NAME", help="read counts from layers[NAME] instead of X")
+    annotate.add_argument("--out", metavar="FILE", help="output h5ad (default: QUERY_annotated.h5ad here)")
+    annotate.add_argument("--seed", type=int, default=0, help="random seed")
+    annotate.set_defaults(handler=_annotate)
     return parser
 
 

@@ -470,7 +470,7 @@ def annotate(
         if label_key not in reference.obs:
             raise ValueError(f"label_key: {label_key!r} is not in reference.obs (has {list(reference.obs.columns)})")
         ref_counts, _, ref_genes = counts_matrix(reference, layer=layer)
-        labels = reference.obs[label_key].to_numpy(dtype=object)
+        labels = np.asarray(reference.obs[label_key], dtype=object)
         keep = pd.notna(labels)
         if mode == "celltypist" and not keep.all():
             ref_counts, labels = ref_counts[np.flatnonzero(keep)], labels[keep]
