@@ -103,7 +103,9 @@ def unbalanced_transport(cost: Float[Array, "n0 n1"], growth: Float[Array, " n0"
     problem = linear_problem.LinearProblem(geometry.Geometry(cost_matrix=cost, epsilon=eps), a=a, b=b,
                                            tau_a=tau_a, tau_b=tau_b)
     solver = sinkhorn.Sinkhorn(threshold=settings.threshold, max_iterations=max_iter)
-    out = solver(problem)
+    # ott-jax relies on NumPy's implicit rank and dtype promotion internally; allow them for its code only
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        out = solver(problem)
     return n0 * out.matrix, out.converged
 
 
@@ -164,11 +166,25 @@ def pull_back(tmap: Float[Array, "n0 n1"], population: Float[Array, " n1"]) -> F
 
 def interpolate(
     x0: Float[Array, "n0 n_dims"], x1: Float[Array, "n1 n_dims"], tmap: Float[Array, "n0 n1"],
-    fraction: Float[Array, ""] | float, *, size: int, key: PRNGKeyArray,
+    fraction: Float[Array, ""] | float, *, size: int, weighting: str = "wot", key: PRNGKeyArray,
 ) -> Float[Array, "size n_dims"]:
-    """wot's `interpolate_with_ot`: `size` pairs `(i, j)` drawn with probability proportional to
-    `tmap[i, j] / colsum_j ** (1 - fraction)`, each giving the point `(1 - fraction) x0[i] + fraction x1[j]`."""
-    weights = tmap / (jnp.sum(tmap, axis=0) ** (1.0 - fraction))[None, :]
+    """Cells at `fraction` of the way from `t0` to `t1`: `size` pairs `(i, j)` drawn from the transport map, each
+    giving the point `(1 - fraction) x0[i] + fraction x1[j]`.
+
+    `weighting` (static) picks the pair probabilities:
+
+    - `"wot"`: wot's `interpolate_with_ot`, proportional to `tmap[i, j] / colsum_j ** (1 - fraction)`;
+    - `"growth"`: proportional to `tmap[i, j] / rowsum_i ** (1 - fraction)`: cell `i`'s lineage has grown by
+      `rowsum_i ** fraction` at `fraction` of the interval (exponential growth), so the mixture of fates matches
+      the intermediate time. With wot's strong target marginal the column sums are nearly uniform, so wot's rule
+      gives the mixture of `t1`.
+    """
+    if weighting == "wot":
+        weights = tmap / (jnp.sum(tmap, axis=0) ** (1.0 - fraction))[None, :]
+    elif weighting == "growth":
+        weights = tmap / (jnp.sum(tmap, axis=1) ** (1.0 - fraction))[:, None]
+    else:
+        raise ValueError(f"weighting: expected 'wot' or 'growth', got {weighting!r}")
     flat = weights.reshape(-1)
     pairs: Int[Array, " size"] = jr.choice(key, flat.shape[0], (size,), p=flat / jnp.sum(flat))
     n1 = tmap.shape[1]
