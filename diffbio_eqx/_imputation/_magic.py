@@ -25,7 +25,7 @@ below `knn_max + 1`, never with MAGIC's defaults. Here every row keeps `knn_max 
 """
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import equinox as eqx
 import jax
@@ -67,12 +67,12 @@ def library_size_normalize(
     return (np.asarray(counts, dtype=np.float32) * scale[:, None]), library
 
 
-def _column_block(x: np.ndarray | sp.csr_matrix | Array, columns: np.ndarray) -> Array:
+def _column_block(x: Any, columns: np.ndarray) -> Array:
     block = x[:, columns]
     return jnp.asarray(block.toarray() if sp.issparse(block) else np.asarray(block), dtype=jnp.float32)
 
 
-def _row_block(x: np.ndarray | sp.csr_matrix, start: int, stop: int) -> Array:
+def _row_block(x: Any, start: int, stop: int) -> Array:
     block = x[start:stop]
     return jnp.asarray(block.toarray() if sp.issparse(block) else np.asarray(block), dtype=jnp.float32)
 
@@ -84,7 +84,7 @@ def _scatter_block(block: Float[Array, "n_block n_genes"], mean: Float[Array, " 
 
 
 def pca(
-    x: np.ndarray | sp.csr_matrix, n_components: int, *, block_rows: int = 8192
+    x: Any, n_components: int, *, block_rows: int = 8192
 ) -> Float[Array, "n_cells n_components"]:
     """Exact centred PCA scores (as `sklearn.decomposition.PCA` on dense data, up to each component's sign).
 
@@ -162,9 +162,9 @@ def diffuse(operator: DiffusionOperator, x: Float[Array, "n_cells n_cols"], t: i
 
 def procrustes_disparity(a: Float[Array, "n_cells n_cols"], b: Float[Array, "n_cells n_cols"]) -> Float[Array, ""]:
     """`scipy.spatial.procrustes(a, b)[2]`: both centred and scaled to unit Frobenius norm, `b` rotated onto `a`
-    and scaled; the disparity is $1 - S^2$ with $S$ the nuclear norm of $b^\top a$.
+    and scaled; the disparity is $1 - S^2$ with $S$ the nuclear norm of $b^\\top a$.
 
-    Computed as $e (2 - e)$ with $e = 1 - S = \lVert a - b R \rVert^2 / 2$ from the residual itself, so it keeps
+    Computed as $e (2 - e)$ with $e = 1 - S = \\lVert a - b R \\rVert^2 / 2$ from the residual itself, so it keeps
     its relative precision in float32 when it is small (MAGIC's threshold is 1e-3).
     """
 
@@ -245,7 +245,7 @@ def gene_block_size(n_edges: int, memory_budget: int = 2**25) -> int:
 
 def impute(
     operator: DiffusionOperator,
-    data: np.ndarray | sp.csr_matrix,
+    data: Any,
     t: int,
     *,
     columns: Sequence[int] | np.ndarray | None = None,
@@ -380,11 +380,12 @@ def _gene_subsample(key: PRNGKeyArray | None, n_genes: int) -> Int[Array, " n_su
     return jr.choice(key, n_genes, (AUTO_T_MAX_GENES,), replace=False)
 
 
-def _prepare(data: Any, normalize: bool) -> tuple[np.ndarray | sp.csr_matrix, np.ndarray | None]:
+def _prepare(data: Any, normalize: bool) -> tuple[Any, np.ndarray | None]:
     if normalize:
-        counts = check_counts(data, field="counts")
+        counts: Any = check_counts(data, field="counts")
         counts = counts if sp.issparse(counts) else np.asarray(counts)
         normalized, library = library_size_normalize(counts)
+        normalized = cast(Any, normalized)
         if sp.issparse(normalized):
             normalized.data = np.sqrt(normalized.data)
             return normalized, library
@@ -410,10 +411,10 @@ def resolve_genes(genes: Sequence[str | int] | None, gene_names: Sequence[str] |
     if gene_names is None:
         raise ValueError("genes: gene names were given but the data has no gene_names to match them against")
     lookup = {name: i for i, name in enumerate(gene_names)}
-    missing = [g for g in genes if g not in lookup]
+    missing = [g for g in genes if str(g) not in lookup]
     if missing:
         raise ValueError(f"genes: {len(missing)} not in the data, e.g. {missing[:10]}")
-    return np.asarray([lookup[g] for g in genes], dtype=np.int64)
+    return np.asarray([lookup[str(g)] for g in genes], dtype=np.int64)
 
 
 def magic(
@@ -450,7 +451,7 @@ def magic(
     columns = resolve_genes(genes, gene_names, n_genes)
     if representation is None:
         rep = x if settings.n_pca is None or n_genes <= settings.n_pca else pca(x, settings.n_pca)
-        rep = jnp.asarray(rep.toarray() if sp.issparse(rep) else rep)
+        rep = jnp.asarray(cast(Any, rep).toarray() if sp.issparse(rep) else rep)
     else:
         rep = jnp.asarray(check_embedding(representation, field="representation"), dtype=jnp.float32)
         if rep.shape[0] != n_cells:

@@ -19,7 +19,7 @@ any denoiser, `denoiser(train_counts) -> expected counts`, ours or another packa
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ def split_molecules(
     """`train ~ Binomial(counts, train_fraction)`, `test = counts - train` (sparse stays sparse, float32)."""
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction: must be in (0, 1), got {train_fraction!r}")
-    checked = check_counts(counts, field="counts", allow_empty_cells=True)
+    checked: Any = check_counts(counts, field="counts", allow_empty_cells=True)
     values = checked.data if sp.issparse(checked) else np.asarray(checked).ravel()
     drawn = np.asarray(jr.binomial(key, jnp.asarray(values), train_fraction), dtype=np.float32)
     drawn = np.minimum(drawn, values)
@@ -138,8 +138,8 @@ def molecular_cross_validation(
 
     **Returns:** an `MCVResult`.
     """
-    train, test = split_molecules(counts, key=key, train_fraction=train_fraction)
-    denoised = denoiser(train)
+    train, test = cast(tuple[Any, Any], split_molecules(counts, key=key, train_fraction=train_fraction))
+    denoised: Any = denoiser(train)
     if sp.issparse(denoised):
         denoised = sp.csr_matrix(denoised)
     else:
@@ -165,9 +165,9 @@ def magic_denoiser(settings: Magic | None = None, **magic_keywords: Any) -> Call
     chosen = dataclasses.replace(chosen, normalize=False)
 
     def denoise(train: Any) -> np.ndarray:
-        checked = check_counts(train, field="counts")
+        checked: Any = check_counts(train, field="counts")
         scaled, library = library_size_normalize(checked, rescale=None)
-        scaled = scaled.toarray() if sp.issparse(scaled) else scaled
+        scaled = cast(Any, scaled).toarray() if sp.issparse(scaled) else np.asarray(scaled)
         imputed = magic(np.sqrt(scaled), chosen, **magic_keywords).imputed
         return np.square(imputed) * library[:, None].astype(np.float32)
 
