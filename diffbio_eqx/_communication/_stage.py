@@ -16,6 +16,7 @@ from ._lr import (
     group_props,
     group_statistic,
     permutation_counts,
+    permuted_labels,
     soft_complex_min,
 )
 from ._resource import ResourceIndex
@@ -127,7 +128,7 @@ class LigandReceptor(AbstractStage):
         if permutations is None and (key is None or self.n_perms == 0):
             return result
         if permutations is not None:
-            source = permutations
+            source = jax.vmap(permuted_labels, in_axes=(None, 0))(labels, permutations)
         else:
             assert key is not None
             typed = key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jr.wrap_key_data(key)  # legacy key
