@@ -89,7 +89,7 @@ def rotation_matrix(angle: float) -> np.ndarray:
 
 def make_tissue(
     *, width: float, height: float, n_genes: int = 200, n_domains: int = 5, layout: Layout = "layers",
-    n_markers: int = 8, marker_fold: float = 1.8, n_gradient_genes: int = 10, gradient_strength: float = 1.0,
+    n_markers: int = 8, marker_fold: float = 1.8, n_gradient_genes: int = 10, gradient_strength: float = 0.5,
     seed: int = 0,
 ) -> SpatialTissue:
     """Draw a tissue: base gene means, `n_markers` marker genes per domain (up by `marker_fold`), and
@@ -152,17 +152,18 @@ def expression(
 
 def simulate_spatial(
     n_spots: int = 1000, *, n_genes: int = 200, n_domains: int = 5, layout: Layout = "layers", grid: Grid = "hex",
-    marker_fold: float = 1.8, library_size: float = 1000.0, seed: int = 0,
+    marker_fold: float = 1.8, library_size: float = 1000.0, gradient_strength: float = 0.5, seed: int = 0,
 ) -> SpatialSlice:
     """One slice of about `n_spots` spots covering a whole square tissue (no rotation, no jitter)."""
     return simulate_spatial_slices(1, n_spots, n_genes=n_genes, n_domains=n_domains, layout=layout, grid=grid,
-                                   marker_fold=marker_fold, library_size=library_size, rotations=(0.0,),
+                                   marker_fold=marker_fold, library_size=library_size,
+                                   gradient_strength=gradient_strength, rotations=(0.0,),
                                    translations=((0.0, 0.0),), jitter=0.0, overlap=1.0, seed=seed)[0]
 
 
 def simulate_spatial_slices(
     n_slices: int = 2, n_spots: int = 1000, *, n_genes: int = 200, n_domains: int = 5, layout: Layout = "layers",
-    grid: Grid = "hex", marker_fold: float = 1.8, library_size: float = 1000.0,
+    grid: Grid = "hex", marker_fold: float = 1.8, library_size: float = 1000.0, gradient_strength: float = 0.5,
     rotations: Sequence[float | int] | None = None, translations: Sequence[Sequence[float | int]] | None = None,
     jitter: float = 0.1, overlap: float = 1.0, seed: int = 0,
 ) -> list[SpatialSlice]:
@@ -183,7 +184,7 @@ def simulate_spatial_slices(
     window = side
     width = side if overlap == 1.0 else side * (1 + (1 - overlap) * (n_slices - 1))
     tissue = make_tissue(width=width, height=side, n_genes=n_genes, n_domains=n_domains, layout=layout,
-                         marker_fold=marker_fold, seed=int(rng.integers(2**31)))
+                         marker_fold=marker_fold, gradient_strength=gradient_strength, seed=int(rng.integers(2**31)))
     if rotations is None:
         rotations = (0.0, *np.deg2rad(rng.uniform(-30, 30, n_slices - 1)))
     if translations is None:

@@ -7,7 +7,13 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
-from .._clustering._mixture_stage import GaussianMixture, fit_gaussian_mixture
+from .._clustering._gmm import (
+    expectation_maximisation,
+    hard_labels,
+    mixture_responsibilities,
+    parameters_from_labels,
+)
+from .._clustering._kmeans import kmeans_plus_plus, lloyd, nearest_centroid
 from .._core._train import FitResult, TrainSettings
 from ._stagate import STAGATE, SpatialGraph, fit_stagate, smooth_labels, spatial_graph
 
@@ -69,9 +75,23 @@ def spatial_domains(
     xj = jnp.asarray(x, dtype=jnp.zeros(()).dtype)
     training = fit_stagate(stage, xj, graph, key=fit_key, settings=settings)
     z = training.model(xj, graph)
-    mixture = fit_gaussian_mixture(GaussianMixture(jnp.zeros((n_domains, z.shape[1]), z.dtype)), z,
-                                   key=mixture_key, init="kmeans").model
-    labels = mixture.hard_assign(z)
+    labels, responsibilities = gaussian_mixture_labels(z, n_domains, key=mixture_key)
     if smooth:
         labels = smooth_labels(labels, graph, n_domains)
-    return DomainResult(labels, z, mixture(z), graph, training)
+    return DomainResult(labels, z, responsibilities, graph, training)
+
+
+@eqx.filter_jit
+def _mixture_restart(z: Array, n_components: int, key: PRNGKeyArray):
+    centroids = lloyd(z, kmeans_plus_plus(z, n_components, key=key), n_iter=100)
+    start = parameters_from_labels(z, nearest_centroid(z, centroids), n_components)
+    return expectation_maximisation(z, start, n_iter=100)
+
+
+def gaussian_mixture_labels(z: Array, n_components: int, *, key: PRNGKeyArray, n_restarts: int = 3
+                            ) -> tuple[Array, Array]:
+    """mclust's role: a diagonal Gaussian mixture by EM from k-means (`_clustering`'s EM, scikit-learn's rules),
+    the best of `n_restarts` log-likelihoods. **Returns:** `(labels, responsibilities)`."""
+    fits = [_mixture_restart(z, n_components, k) for k in jr.split(key, n_restarts)]
+    best = max(fits, key=lambda fit: float(fit.log_likelihood[-1]))
+    return hard_labels(z, best.params), mixture_responsibilities(z, best.params)

@@ -28,7 +28,11 @@ The plan is dense `(n_a, n_b)`, as in PASTE (and the spatial distances inside th
 its top entries per spot.
 """
 
+import contextlib
+from collections.abc import Iterator
+
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 from ott.geometry import costs, geometry, pointcloud
@@ -111,13 +115,21 @@ def procrustes(
     return rotation, ta - tb @ rotation.T
 
 
+@contextlib.contextmanager
+def _ott_promotion() -> Iterator[None]:
+    """ott-jax relies on NumPy's rank and dtype promotion (the test suite raises on both)."""
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        yield
+
+
 def expression_plan(
     cost: Float[Array, "n_a n_b"], a: Float[Array, " n_a"], b: Float[Array, " n_b"], tau: float
 ) -> Float[Array, "n_a n_b"]:
     """The expression-only optimal transport plan (Sinkhorn on `cost`, epsilon 1 % of its standard deviation):
     the mirror descent's first plan."""
-    geom = geometry.Geometry(cost_matrix=cost, epsilon=0.01, relative_epsilon="std")
-    return sinkhorn.Sinkhorn()(LinearProblem(geom, a=a, b=b, tau_a=tau, tau_b=tau)).matrix
+    with _ott_promotion():
+        geom = geometry.Geometry(cost_matrix=cost, epsilon=0.01, relative_epsilon="std")
+        return sinkhorn.Sinkhorn()(LinearProblem(geom, a=a, b=b, tau_a=tau, tau_b=tau)).matrix
 
 
 def fused_gw_plan(
@@ -148,7 +160,8 @@ def fused_gw_plan(
     for epsilon in epsilons:  # a short, fixed schedule (each stage is ott's own scanned solver)
         solver = GromovWasserstein(sinkhorn.Sinkhorn(threshold=threshold), epsilon=epsilon, warm_start=tau == 1.0,
                                    initializer=QuadraticInitializer(init_coupling=plan), max_iterations=n_outer)
-        plan = solver(problem).matrix
+        with _ott_promotion():
+            plan = solver(problem).matrix
     return plan
 
 
