@@ -76,6 +76,7 @@ def fgw_objective(
     p, q = jnp.sum(plan, axis=1), jnp.sum(plan, axis=0)
     const = (da * da) @ p[:, None] + ((db * db) @ q)[None, :]
     quadratic = jnp.sum((const - 2 * da @ plan @ db.T) * plan)
+    alpha = jnp.asarray(alpha)
     return (1 - alpha) * jnp.sum(cost * plan) + alpha * quadratic
 
 
@@ -154,7 +155,8 @@ def fused_gw_plan(
     penalty = (1 - alpha) / (2 * alpha)
     problem = QuadraticProblem(
         pointcloud.PointCloud(ca, cost_fn=costs.Euclidean()), pointcloud.PointCloud(cb, cost_fn=costs.Euclidean()),
-        geometry.Geometry(cost_matrix=cost), fused_penalty=penalty, a=a, b=b, tau_a=tau, tau_b=tau,
+        geometry.Geometry(cost_matrix=cost), fused_penalty=penalty,  # pyright: ignore[reportArgumentType]
+        a=a, b=b, tau_a=tau, tau_b=tau,
     )
     plan = expression_plan(cost, a, b, tau)
     for epsilon in epsilons:  # a short, fixed schedule (each stage is ott's own scanned solver)
