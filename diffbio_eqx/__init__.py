@@ -24,7 +24,21 @@ from ._clustering._kmeans import (
     soft_kmeans as soft_kmeans,
 )
 from ._clustering._loss import ClusteringCompactnessLoss as ClusteringCompactnessLoss
+from ._clustering._mixture_stage import (
+    GaussianMixture as GaussianMixture,
+    fit_gaussian_mixture as fit_gaussian_mixture,
+    select_n_clusters as select_n_clusters,
+)
 from ._clustering._stage import SoftKMeans as SoftKMeans, fit_soft_kmeans as fit_soft_kmeans
+from ._communication import (
+    LigandReceptor as LigandReceptor,
+    LigandReceptorResult as LigandReceptorResult,
+    SpatialNCEM as SpatialNCEM,
+    fit_ncem as fit_ncem,
+    index_resource as index_resource,
+    ligand_receptor_table as ligand_receptor_table,
+    score_ligand_receptor as score_ligand_receptor,
+)
 from ._core._distributions import (
     negative_binomial_log_prob as negative_binomial_log_prob,
     poisson_log_prob as poisson_log_prob,
@@ -45,6 +59,11 @@ from ._core._neighbors import (
 )
 from ._core._train import FitResult as FitResult, TrainSettings as TrainSettings, fit as fit
 from ._core._validate import NonIntegerCountsWarning as NonIntegerCountsWarning
+from ._doublets._run import ScrubletSettings as ScrubletSettings
+from ._doublets._scrublet import Scrublet as Scrublet, ScrubletScores as ScrubletScores
+from ._doublets._solo import SoloClassifier as SoloClassifier
+from ._simulate._doublets import DoubletSimulation as DoubletSimulation, simulate_doublets as simulate_doublets
+from ._grn import AdditiveGRN as AdditiveGRN, grn_importances as grn_importances, grn_table as grn_table
 from ._harmony._math import HarmonyResult as HarmonyResult, map_to_reference as map_to_reference
 from ._harmony._stage import Harmony as Harmony, harmony as harmony, harmony_transform as harmony_transform
 from ._imputation import (
@@ -75,8 +94,34 @@ from ._pipeline import (
     save_pipeline as save_pipeline,
     sweep_pipeline as sweep_pipeline,
 )
+from ._simulate._network import (
+    SimulatedNetwork as SimulatedNetwork,
+    SimulatedSpatialCommunication as SimulatedSpatialCommunication,
+    simulate_grn as simulate_grn,
+    simulate_spatial_communication as simulate_spatial_communication,
+)
 from ._simulate._scale import SparseSimulation as SparseSimulation, simulate_sparse as simulate_sparse
 from ._simulate._simulate import SimulatedData as SimulatedData, simulate as simulate
+from ._simulate._trajectory import (
+    BranchingTrajectory as BranchingTrajectory,
+    TimeCourse as TimeCourse,
+    simulate_branching as simulate_branching,
+    simulate_time_course as simulate_time_course,
+)
+from ._trajectory import (
+    DiffusionMap as DiffusionMap,
+    DPTResult as DPTResult,
+    FateResult as FateResult,
+    OTSettings as OTSettings,
+    TransportMap as TransportMap,
+    compute_diffusion_map as compute_diffusion_map,
+    diffusion_pseudotime as diffusion_pseudotime,
+    find_terminal_states as find_terminal_states,
+    interpolate as interpolate,
+    pull_back as pull_back,
+    push_forward as push_forward,
+    transport_map as transport_map,
+)
 from ._umap._loss import umap_loss as umap_loss
 from ._umap._stage import ParametricUMAP as ParametricUMAP, UMAPFitResult as UMAPFitResult, fit_umap as fit_umap
 from ._vae._stage import (

@@ -210,6 +210,55 @@ def ligand_receptor_dotplot(table: pd.DataFrame, *, top_n: int = 20, sources: Se
 _FEW_POINTS = 10  # curves with this many points or fewer are drawn with markers
 
 
+def pseudotime(adata: ad.AnnData, key: str = "dpt_pseudotime", *, basis: str = "X_umap", ax: Any = None,
+               path: str | pathlib.Path | None = None) -> Any:
+    """Pseudotime (`obs[key]`, e.g. from `dbx.tl.dpt`) on the embedding `obsm[basis]`, the root marked; cells with
+    infinite pseudotime (outside the root's component) in grey. Returns the `Axes`, or the path when `path` is
+    given."""
+    if not isinstance(adata, ad.AnnData):
+        raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
+    if key not in adata.obs.columns:
+        raise ValueError(f"key: {key!r} is not in adata.obs; run dbx.tl.dpt first")
+    if basis not in adata.obsm:
+        raise ValueError(f"basis: {basis!r} is not in adata.obsm (has {sorted(adata.obsm.keys())})")
+    embedding = np.asarray(adata.obsm[basis])[:, :2]
+    values = adata.obs[key].to_numpy(dtype=np.float64)
+    finite = np.isfinite(values)
+    created = ax is None
+    axis = _pyplot().subplots(figsize=(5.2, 4.8))[1] if created else ax
+    axis.scatter(embedding[~finite, 0], embedding[~finite, 1], s=4, color="lightgrey", rasterized=True)
+    _draw_values(axis, embedding[finite], values[finite], key, basis.removeprefix("X_").upper())
+    if "iroot" in adata.uns:
+        root = int(adata.uns["iroot"])
+        axis.scatter(embedding[root, 0], embedding[root, 1], s=60, marker="*", color="red", label="root")
+        axis.legend(fontsize=6, frameon=False)
+    if path is not None:
+        return _save_png(axis.figure, path, close=created)
+    return axis
+
+
+def fate_probabilities(adata: ad.AnnData, *, basis: str = "X_umap", key: str = "fate_probabilities",
+                       path: str | pathlib.Path | None = None) -> Any:
+    """One panel per terminal state: each cell's probability (`obsm[key]`, names in `uns[key]["names"]`, from
+    `dbx.tl.fate_probabilities`) on the embedding `obsm[basis]`. Returns the figure, or the path when `path` is
+    given."""
+    if not isinstance(adata, ad.AnnData):
+        raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
+    if key not in adata.obsm or key not in adata.uns:
+        raise ValueError(f"key: {key!r} is not in adata.obsm and adata.uns; run dbx.tl.fate_probabilities first")
+    if basis not in adata.obsm:
+        raise ValueError(f"basis: {basis!r} is not in adata.obsm (has {sorted(adata.obsm.keys())})")
+    probabilities = np.asarray(adata.obsm[key])
+    names = list(adata.uns[key]["names"])
+    embedding = np.asarray(adata.obsm[basis])[:, :2]
+    figure, axes = _pyplot().subplots(1, len(names), figsize=(4.4 * len(names), 4.0), squeeze=False)
+    for k, (axis, name) in enumerate(zip(axes[0], names)):
+        _draw_values(axis, embedding, probabilities[:, k], f"fate: {name}", basis.removeprefix("X_").upper())
+    if path is not None:
+        return _save_png(figure, path)
+    return figure
+
+
 def training(curves: Mapping[str, Mapping[str, Any]], path: str | pathlib.Path | None = None) -> Any:
     """Loss curves, one panel per stage.
 
@@ -235,6 +284,45 @@ def training(curves: Mapping[str, Mapping[str, Any]], path: str | pathlib.Path |
         axis.set_xlabel("round" if "objective" in stage_curves else "epoch")
         axis.set_ylabel("loss")
         axis.legend(fontsize=7)
+    if path is not None:
+        return _save_png(figure, path)
+    return figure
+
+
+def scrublet_histogram(adata: ad.AnnData, path: str | pathlib.Path | None = None, *, log_scale: bool = True
+                       ) -> Any:
+    """Scrublet's score histograms (as `Scrublet.plot_histogram` and `scanpy.pl.scrublet_score_distribution`):
+    observed cells and simulated doublets side by side, the threshold as a vertical line; one row per batch
+    after `dbx.pp.scrublet(..., batch_key=...)`.
+
+    **Arguments:** `adata` after `dbx.pp.scrublet`; `path`: write the figure there as PNG; `log_scale`: log
+    y axis (Scrublet's default).
+
+    **Returns:** the matplotlib `Figure`, or the written path when `path` is given.
+    """
+    record = adata.uns.get("scrublet")
+    if record is None:
+        raise ValueError("adata.uns['scrublet']: missing; run dbx.pp.scrublet first")
+    if "batches" in record:
+        batch_key = record["batched_by"]
+        rows = [(str(name), adata.obs["doublet_score"].to_numpy()[adata.obs[batch_key].astype(str) == str(name)],
+                 batch) for name, batch in record["batches"].items()]
+    else:
+        rows = [("", adata.obs["doublet_score"].to_numpy(), record)]
+    plt = _pyplot()
+    figure, axes = plt.subplots(len(rows), 2, figsize=(8, 3 * len(rows)), squeeze=False)
+    for (name, observed, batch), pair in zip(rows, axes):
+        for axis, scores, title in ((pair[0], observed, "Observed transcriptomes"),
+                                    (pair[1], np.asarray(batch["doublet_scores_sim"]), "Simulated doublets")):
+            scores = np.asarray(scores, dtype=float)
+            axis.hist(scores[np.isfinite(scores)], bins=np.linspace(0, 1, 50), color="gray", linewidth=0)
+            if log_scale:
+                axis.set_yscale("log")
+            if batch.get("threshold") is not None:
+                axis.axvline(float(batch["threshold"]), color="black", linestyle="--")
+            axis.set_title(f"{title} {name}".strip())
+            axis.set_xlabel("Doublet score")
+            axis.set_ylabel("cells")
     if path is not None:
         return _save_png(figure, path)
     return figure

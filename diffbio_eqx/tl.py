@@ -21,10 +21,22 @@ from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._annotation._annotate import Annotation, Reference, annotate_counts
 from ._clustering._stage import SoftKMeans, fit_soft_kmeans
-from ._faces import check_adata, fit_keywords, record_settings, representation
+from ._faces import check_adata, fit_keywords, record_settings, representation, settings_record
 from ._harmony._math import HarmonyResult
 from ._harmony._stage import Harmony
 from ._pipeline import SingleCellPipeline, SingleCellPipelineConfig
+from ._trajectory import (
+    DiffusionMap,
+    DPTResult,
+    FateResult,
+    OTSettings,
+    TransportMap,
+    compute_diffusion_map,
+    diffusion_pseudotime,
+    fate_probabilities as _fate_probabilities,
+    find_terminal_states,
+    transport_maps as _transport_maps,
+)
 from ._umap._stage import ParametricUMAP, fit_umap
 from ._vae._stage import VAENormalizer, fit_vae, vae_transform
 from .io import CLUSTER_KEY, LAYER_KEYS, OBSM_KEYS, _batch_codes, counts_matrix, fit_anndata, from_anndata, to_anndata
@@ -166,6 +178,130 @@ def _rigid_fit(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.n
     d = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
     rotation = vt.T @ np.diag([1.0, d]) @ u.T
     return rotation, mt - ms @ rotation.T
+
+
+def _graph_from_adata(adata: ad.AnnData, neighbors_key: str) -> Any:
+    """The connectivities scanpy's tools read: `obsp[uns[neighbors_key]["connectivities_key"]]`."""
+    check_adata(adata)
+    if neighbors_key not in adata.uns:
+        raise ValueError(f"neighbors_key: {neighbors_key!r} is not in adata.uns; run dbx.pp.neighbors (or "
+                         "scanpy.pp.neighbors) first")
+    name = adata.uns[neighbors_key].get("connectivities_key", "connectivities")
+    if name not in adata.obsp:
+        raise ValueError(f"adata.obsp[{name!r}]: missing; run dbx.pp.neighbors first")
+    return adata.obsp[name]
+
+
+def diffmap(adata: ad.AnnData, n_comps: int = 15, *, neighbors_key: str = "neighbors",
+            key: PRNGKeyArray) -> DiffusionMap:
+    """scanpy's `tl.diffmap` on the neighbour graph (see `diffbio_eqx._trajectory`): writes `obsm["X_diffmap"]`
+    `(n_cells, n_comps)` and `uns["diffmap_evals"]`. `key` draws LOBPCG's start block. Returns the
+    `DiffusionMap`."""
+    result = compute_diffusion_map(_graph_from_adata(adata, neighbors_key), n_comps=n_comps, key=key)
+    adata.obsm["X_diffmap"] = np.asarray(result.eigenvectors)
+    adata.uns["diffmap_evals"] = np.asarray(result.eigenvalues)
+    return result
+
+
+def dpt(adata: ad.AnnData, n_dcs: int = 10, *, root: int | None = None, n_comps: int = 15,
+        neighbors_key: str = "neighbors", key: PRNGKeyArray) -> DPTResult:
+    """scanpy's `tl.dpt` (`n_branchings=0`): diffusion pseudotime from the root cell.
+
+    **Arguments:** `n_dcs` diffusion components (10); `root` the root cell's index (None: `uns["iroot"]`, as
+    scanpy); `n_comps` components computed (15, scanpy's `tl.diffmap`); `key` LOBPCG's start block.
+
+    **Returns:** the `DPTResult`. Writes `obs["dpt_pseudotime"]`, `obsm["X_diffmap"]`, `uns["diffmap_evals"]` and
+    `uns["iroot"]`.
+    """
+    graph = _graph_from_adata(adata, neighbors_key)
+    if root is None:
+        if "iroot" not in adata.uns:
+            raise ValueError("root: not given and adata.uns['iroot'] is not set; pass root= a cell index")
+        root = adata.uns["iroot"]
+    result = diffusion_pseudotime(graph, root, n_dcs=n_dcs, n_comps=n_comps, key=key)
+    adata.obs["dpt_pseudotime"] = np.asarray(result.pseudotime)
+    adata.obsm["X_diffmap"] = np.asarray(result.diffmap.eigenvectors)
+    adata.uns["diffmap_evals"] = np.asarray(result.diffmap.eigenvalues)
+    adata.uns["iroot"] = int(np.asarray(root))
+    return result
+
+
+def _terminal_from_obs(adata: ad.AnnData, column: str) -> dict[str, np.ndarray]:
+    if column not in adata.obs.columns:
+        raise ValueError(f"terminal_states: {column!r} is not a column of adata.obs")
+    values = adata.obs[column]
+    present = values.notna().to_numpy()
+    return {str(name): np.flatnonzero(present & (values.astype(str).to_numpy() == str(name)))
+            for name in pd.unique(values[present])}
+
+
+def fate_probabilities(adata: ad.AnnData, terminal_states: Any = None, *, n_states: int | None = None,
+                       pseudotime_key: str | None = "dpt_pseudotime", scheme: str = "hard", tol: float = 1e-6,
+                       neighbors_key: str = "neighbors") -> FateResult:
+    """CellRank's fate (absorption) probabilities on the neighbour graph.
+
+    **Arguments:**
+
+    - `terminal_states`: a mapping `name -> cell indices`, or an `obs` column naming each terminal cell's state
+      (missing values elsewhere, as CellRank's `obs["term_states_fwd"]`); None finds `n_states` of them at the
+      ends of `obs[pseudotime_key]` (`find_terminal_states`).
+    - `pseudotime_key`: an `obs` column; present, the transitions follow CellRank's `PseudotimeKernel`
+      (`scheme` "hard"/"soft"), None uses its `ConnectivityKernel`. (Keyword only argument.)
+    - `tol`: the iterative solver's relative tolerance.
+
+    **Returns:** the `FateResult`. Writes `obsm["fate_probabilities"]` `(n_cells, n_states)`,
+    `obs["fate_mean_time"]`, `obs["terminal_states"]` and `uns["fate_probabilities"]` (`names`, `params`).
+    """
+    graph = _graph_from_adata(adata, neighbors_key)
+    pseudotime = None
+    if pseudotime_key is not None:
+        if pseudotime_key not in adata.obs.columns:
+            raise ValueError(f"pseudotime_key: {pseudotime_key!r} is not in adata.obs; run dbx.tl.dpt first or pass "
+                             "pseudotime_key=None")
+        pseudotime = adata.obs[pseudotime_key].to_numpy(dtype=float)
+    if terminal_states is None:
+        if pseudotime is None or n_states is None:
+            raise ValueError("terminal_states: not given; pass them, or n_states= and a pseudotime to find them")
+        terminal_states = find_terminal_states(graph, pseudotime, n_states=n_states)
+    elif isinstance(terminal_states, str):
+        terminal_states = _terminal_from_obs(adata, terminal_states)
+    result = _fate_probabilities(graph, terminal_states, pseudotime=pseudotime, scheme=scheme, tol=tol)
+    adata.obsm["fate_probabilities"] = np.asarray(result.probabilities)
+    adata.obs["fate_mean_time"] = np.asarray(result.mean_time)
+    labels = np.asarray(result.terminal)
+    adata.obs["terminal_states"] = pd.Categorical.from_codes(labels, categories=list(result.names))
+    adata.uns["fate_probabilities"] = {"names": list(result.names), "params": settings_record(
+        {"pseudotime_key": pseudotime_key, "scheme": scheme, "tol": tol})}
+    return result
+
+
+def transport_maps(adata: ad.AnnData, time_key: str = "day", *, growth_key: str | None = None,
+                   layer: str | None = None, growth_iters: int = 1, settings: OTSettings | None = None,
+                   n_pcs: int = 30) -> dict[tuple[float, float], TransportMap]:
+    """wot's `OTModel.compute_all_transport_maps` over `X` (or `layers[layer]`), consecutive time points of
+    `obs[time_key]`, with the per-cell growth prior `obs[growth_key]` (ones when None); wot's defaults.
+
+    **Returns:** `{(t0, t1): TransportMap}`. Writes `obs["growth_rate_learned"]` (each cell's learned growth on
+    the map leaving its time point; NaN at the last) and `uns["transport_maps"]["params"]`.
+    """
+    check_adata(adata)
+    if time_key not in adata.obs.columns:
+        raise ValueError(f"time_key: {time_key!r} is not a column of adata.obs")
+    matrix: Any = adata.X if layer is None else adata.layers[layer]
+    matrix = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
+    time = adata.obs[time_key].to_numpy(dtype=float)
+    prior = None if growth_key is None else adata.obs[growth_key].to_numpy(dtype=float)
+    maps = _transport_maps(matrix, time, growth_prior=prior, settings=settings, n_pcs=n_pcs,
+                           growth_iters=growth_iters)
+    learned = np.full(adata.n_obs, np.nan)
+    for (t0, _), tmap in maps.items():
+        learned[time == t0] = np.asarray(tmap.growth[-1])
+    adata.obs["growth_rate_learned"] = learned
+    ot = OTSettings() if settings is None else settings
+    adata.uns["transport_maps"] = {"params": settings_record({
+        "time_key": time_key, "growth_key": growth_key, "layer": layer, "growth_iters": growth_iters,
+        "n_pcs": n_pcs, "epsilon": ot.epsilon, "lambda1": ot.lambda1, "lambda2": ot.lambda2})}
+    return maps
 
 
 def vae(
@@ -329,19 +465,18 @@ def soft_kmeans(
     return fitted.model
 
 
-def _expression(adata: ad.AnnData, layer: str | None, use_raw: bool | None) -> tuple[Any, pd.Index]:
-    """The log-normalised matrix a communication/GRN face reads: `layer`, `.raw` (default when present) or X."""
-    if layer is not None:
-        if use_raw:
-            raise ValueError("layer: give either layer or use_raw=True, not both")
-        if layer not in adata.layers:
-            raise ValueError(f"layer: {layer!r} is not in adata.layers ({list(adata.layers)})")
-        return adata.layers[layer], adata.var_names
-    if use_raw or (use_raw is None and adata.raw is not None):
+def _expression(adata: ad.AnnData, layer: str | None) -> tuple[Any, pd.Index]:
+    """The log-normalised matrix a communication/GRN face reads: `layer=None` `.raw` when present (LIANA's
+    `use_raw=True`) else X; `"X"` X; `"raw"` `.raw`; any other name that layer."""
+    if layer == "raw" or (layer is None and adata.raw is not None):
         if adata.raw is None:
-            raise ValueError("use_raw: adata.raw is not set")
+            raise ValueError("layer: 'raw' asked for, but adata.raw is not set")
         return adata.raw.X, adata.raw.var_names
-    return adata.X, adata.var_names
+    if layer is None or layer == "X":
+        return adata.X, adata.var_names
+    if layer not in adata.layers:
+        raise ValueError(f"layer: {layer!r} is not 'X', 'raw' or one of adata.layers ({list(adata.layers)})")
+    return adata.layers[layer], adata.var_names
 
 
 def ligand_receptor(
@@ -351,7 +486,6 @@ def ligand_receptor(
     resource: pd.DataFrame | None = None,
     method: str = "cellphonedb",
     layer: str | None = None,
-    use_raw: bool | None = None,
     expr_prop: float = 0.1,
     min_cells: int = 5,
     n_perms: int = 1000,
@@ -362,8 +496,8 @@ def ligand_receptor(
 
     **Arguments:**
 
-    - `adata`: log-normalised expression (LIANA's input) in `layer`, `.raw` (used when present, LIANA's default)
-      or `X`.
+    - `adata`: log-normalised expression (LIANA's input): `layer=None` reads `.raw` when present (LIANA's
+      default `use_raw=True`), else `X`; `layer="X"`, `"raw"` or a name in `layers` chooses.
     - `groupby`: `obs` column of the cell groups; groups with fewer than `min_cells` cells are left out with a
       warning naming `groupby`.
     - `resource`: a table with `ligand` and `receptor` columns (complexes as `_`-joined subunits); default
@@ -387,7 +521,7 @@ def ligand_receptor(
         raise ValueError(f"groupby: {groupby!r} is not a column of adata.obs")
     if method not in ("cellphonedb", "cellchat"):
         raise ValueError(f"method: expected 'cellphonedb' or 'cellchat', got {method!r}")
-    x, var_names = _expression(adata, layer, use_raw)
+    x, var_names = _expression(adata, layer)
     table = ligand_receptor_table(
         x, var_names, adata.obs[groupby], ligand_receptor_pairs() if resource is None else resource,
         method="cellchat" if method == "cellchat" else "cellphonedb", expr_prop=expr_prop, min_cells=min_cells,
@@ -404,7 +538,6 @@ def grn(
     *,
     targets: Sequence[str] | None = None,
     layer: str | None = None,
-    use_raw: bool | None = None,
     ridge: float = 1e-2,
     n_knots: int = 3,
     key_added: str = "grn",
@@ -413,7 +546,8 @@ def grn(
 
     **Arguments:**
 
-    - `adata`: log-normalised expression in `layer`, `.raw` (when present) or `X`.
+    - `adata`: log-normalised expression, chosen by `layer` as in `ligand_receptor` (`.raw` when present, else
+      `X`).
     - `tfs`: the transcription factors (names missing from the data are left out with a warning naming `tfs`).
     - `targets`: genes to explain (default all genes).
     - `ridge`, `n_knots`: the ridge penalty and the hinge knots per TF (see `AdditiveGRN`).
@@ -424,7 +558,7 @@ def grn(
     from ._grn._table import grn_table
 
     check_adata(adata)
-    x, var_names = _expression(adata, layer, use_raw)
+    x, var_names = _expression(adata, layer)
     table = grn_table(x, var_names, tfs, targets=targets, ridge=ridge, n_knots=n_knots)
     adata.uns[key_added] = table
     adata.uns[f"{key_added}_params"] = {"n_tfs": len(tfs), "ridge": ridge, "n_knots": n_knots, "layer": str(layer)}

@@ -175,3 +175,18 @@ def diffusion_pseudotime(
         raise ValueError(f"n_dcs: must be in [1, n_comps] = [1, {n_comps}], got {n_dcs}")
     warn_if_disconnected(_components(cells))
     return _dpt(cells, jnp.asarray(int(index)), int(n_dcs), int(n_comps), key)
+
+
+@eqx.filter_jit
+def _diffusion_map(graph: CellGraph, n_comps: int, key: PRNGKeyArray) -> DiffusionMap:
+    return diffusion_map(graph, n_comps=n_comps, key=key)
+
+
+def compute_diffusion_map(graph: object, *, n_comps: int = 15, key: PRNGKeyArray) -> DiffusionMap:
+    """scanpy's `tl.diffmap` on a neighbour graph (any form `diffusion_pseudotime` takes), under one jit; warns
+    when the graph is disconnected."""
+    cells = as_cell_graph(graph)
+    if not 1 <= n_comps < cells.n_cells:
+        raise ValueError(f"n_comps: must be in [1, n_cells - 1] = [1, {cells.n_cells - 1}], got {n_comps}")
+    warn_if_disconnected(_components(cells))
+    return _diffusion_map(cells, int(n_comps), key)
