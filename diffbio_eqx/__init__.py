@@ -102,11 +102,26 @@ from ._simulate._network import (
 )
 from ._simulate._scale import SparseSimulation as SparseSimulation, simulate_sparse as simulate_sparse
 from ._simulate._simulate import SimulatedData as SimulatedData, simulate as simulate
+from ._simulate._spatial import (
+    SpatialSlice as SpatialSlice,
+    simulate_spatial as simulate_spatial,
+    simulate_spatial_slices as simulate_spatial_slices,
+)
 from ._simulate._trajectory import (
     BranchingTrajectory as BranchingTrajectory,
     TimeCourse as TimeCourse,
     simulate_branching as simulate_branching,
     simulate_time_course as simulate_time_course,
+)
+from ._spatial import (
+    STAGATE as STAGATE,
+    AlignmentResult as AlignmentResult,
+    PasteAlignment as PasteAlignment,
+    center_align as center_align,
+    fit_stagate as fit_stagate,
+    mapping_accuracy as mapping_accuracy,
+    pairwise_align as pairwise_align,
+    spatial_graph as spatial_graph,
 )
 from ._trajectory import (
     DiffusionMap as DiffusionMap,
