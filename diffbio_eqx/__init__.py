@@ -62,7 +62,6 @@ from ._core._validate import NonIntegerCountsWarning as NonIntegerCountsWarning
 from ._doublets._run import ScrubletSettings as ScrubletSettings
 from ._doublets._scrublet import Scrublet as Scrublet, ScrubletScores as ScrubletScores
 from ._doublets._solo import SoloClassifier as SoloClassifier
-from ._simulate._doublets import DoubletSimulation as DoubletSimulation, simulate_doublets as simulate_doublets
 from ._grn import AdditiveGRN as AdditiveGRN, grn_importances as grn_importances, grn_table as grn_table
 from ._harmony._math import HarmonyResult as HarmonyResult, map_to_reference as map_to_reference
 from ._harmony._stage import Harmony as Harmony, harmony as harmony, harmony_transform as harmony_transform
@@ -94,6 +93,7 @@ from ._pipeline import (
     save_pipeline as save_pipeline,
     sweep_pipeline as sweep_pipeline,
 )
+from ._simulate._doublets import DoubletSimulation as DoubletSimulation, simulate_doublets as simulate_doublets
 from ._simulate._network import (
     SimulatedNetwork as SimulatedNetwork,
     SimulatedSpatialCommunication as SimulatedSpatialCommunication,

@@ -17,6 +17,15 @@ from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._ambient._stage import AmbientRemoval, fit_ambient_removal, remove_ambient, resolve_ambient_profile
 from ._core._neighbors import NeighborGraph, neighbor_graph
+from ._core._train import TrainSettings
+from ._doublets._run import (
+    ScrubletResult,
+    ScrubletSettings,
+    check_scrublet_input,
+    run_scrublet,
+    run_scrublet_batched,
+)
+from ._doublets._solo import SoloResult, run_solo
 from ._faces import check_adata, fit_keywords, graph_matrices, record_settings, representation
 from ._imputation import (
     Magic,
@@ -26,6 +35,7 @@ from ._imputation import (
     fit_masked_gene_transformer,
     magic as magic_impute,
 )
+from ._vae._stage import VAENormalizer, fit_vae
 from .io import from_anndata, gene_columns, profile_by_gene, to_anndata
 
 
@@ -228,3 +238,94 @@ def denoise(
               "key_added": key_added}
     record_settings(adata, DENOISE_KEY, {**params, **fit_settings}, train_loss=fitted.train_loss)
     return fitted.model
+
+
+def _scrublet_record(result: ScrubletResult, settings: ScrubletSettings, obs_names: Any) -> dict[str, Any]:
+    """`uns["scrublet"]` as scanpy writes it, plus the threshold method and the diffbio settings."""
+    parameters = {"expected_doublet_rate": settings.expected_doublet_rate,
+                  "sim_doublet_ratio": settings.sim_doublet_ratio, "n_neighbors": result.n_neighbors,
+                  "n_neighbors_adjusted": result.n_neighbors_adjusted,
+                  "stdev_doublet_rate": settings.stdev_doublet_rate,
+                  "n_prin_comps": settings.n_prin_comps, "temperature": settings.temperature}
+    kept = np.asarray(obs_names)[np.isfinite(result.doublet_score)]
+    return {"doublet_scores_sim": result.scores_sim, "doublet_parents": kept[result.parents],
+            "parameters": parameters, "threshold": result.threshold, "threshold_method": result.threshold_method}
+
+
+def scrublet(adata: ad.AnnData, *, key: PRNGKeyArray, batch_key: str | None = None, layer: str | None = None,
+             **settings: Any) -> None:
+    """Scrublet on raw counts, as `scanpy.pp.scrublet` (see `diffbio_eqx._doublets._scrublet`).
+
+    **Arguments:**
+
+    - `adata`: cells x genes, raw counts in `X` (or `layers[layer]`).
+    - `key`: draws the simulated doublets' parents (one key per batch is split from it). (Keyword only argument.)
+    - `batch_key`: an `obs` column; each batch is scored on its own, as scanpy does.
+    - `settings`: `ScrubletSettings` fields: `sim_doublet_ratio` (2), `expected_doublet_rate` (0.05),
+      `stdev_doublet_rate` (0.02), `n_neighbors` (round(0.5 sqrt(n))), `n_prin_comps` (30), `threshold` (None:
+      automatic, Scrublet's `threshold_minimum`, else the Otsu fallback; `uns["scrublet"]["threshold_method"]`
+      says which), `temperature` (0; > 0: soft counts).
+
+    Writes `obs["doublet_score"]`, `obs["predicted_doublet"]` and `uns["scrublet"]` (`doublet_scores_sim`,
+    `doublet_parents`, `parameters`, `threshold`, `threshold_method`; with `batch_key`: `batches` holding one such
+    record per batch, and `batched_by`), only once everything succeeded.
+    """
+    options = ScrubletSettings(**settings)
+    counts = from_anndata(check_adata(adata), layer=layer).counts
+    score = np.full(adata.n_obs, np.nan)
+    called = np.zeros(adata.n_obs, dtype=bool)
+    if batch_key is None:
+        result = run_scrublet(counts, options, key=key)
+        score, called, record = result.doublet_score, result.predicted_doublet, _scrublet_record(
+            result, options, adata.obs_names)
+    else:
+        if batch_key not in adata.obs:
+            raise ValueError(f"batch_key: {batch_key!r} is not a column of adata.obs")
+        runs = run_scrublet_batched(counts, adata.obs[batch_key].astype(str).to_numpy(), options, key=key)
+        record = {"batches": {}, "batched_by": batch_key}
+        for label, (cells, result) in runs.items():
+            score[cells], called[cells] = result.doublet_score, result.predicted_doublet
+            record["batches"][str(label)] = _scrublet_record(result, options, adata.obs_names[cells])
+    adata.obs["doublet_score"] = score
+    adata.obs["predicted_doublet"] = called
+    adata.uns["scrublet"] = record
+
+
+def solo(adata: ad.AnnData, vae: VAENormalizer | None = None, *, key: PRNGKeyArray, layer: str | None = None,
+         doublet_ratio: int = 2, settings: TrainSettings | None = None,
+         vae_settings: TrainSettings | None = None) -> SoloResult:
+    """Solo as scvi-tools' `SOLO.from_scvi_model` (see `diffbio_eqx._doublets._solo`).
+
+    **Arguments:**
+
+    - `adata`: cells x genes, raw counts in `X` (or `layers[layer]`).
+    - `vae`: a trained `VAENormalizer` on these genes (e.g. the pipeline's); None trains one with `fit_vae`'s
+      scvi-tools defaults (`vae_settings`). It stays frozen.
+    - `key`: split between the VAE (if trained here) and Solo. (Keyword only argument.)
+    - `doublet_ratio`: simulated doublets per cell (2); `settings`: the classifier's training (SOLO's defaults).
+
+    Writes `obs["doublet_score"]` (the doublet probability), `obs["predicted_doublet"]` (probability > 0.5, as
+    `SOLO.predict(soft=False)`) and `uns["solo"]` (`params`, `train_loss`, `validation_loss`,
+    `doublet_scores_sim`). **Returns:** the `SoloResult`.
+    """
+    counts = from_anndata(check_adata(adata), layer=layer).counts
+    check_scrublet_input(counts, ScrubletSettings())  # all-zero cells and the like, named
+    if doublet_ratio < 1:
+        raise ValueError(f"doublet_ratio: must be >= 1, got {doublet_ratio}")
+    vae_key, solo_key = jr.split(key)
+    if vae is None:
+        init_key, fit_key = jr.split(vae_key)
+        trained: VAENormalizer = fit_vae(VAENormalizer(adata.n_vars, key=init_key), counts, key=fit_key,
+                                         settings=vae_settings).model
+    elif vae.n_genes != adata.n_vars:
+        raise ValueError(f"vae: was trained on {vae.n_genes} genes, adata has {adata.n_vars}")
+    else:
+        trained = vae
+    result = run_solo(trained, counts, key=solo_key, doublet_ratio=doublet_ratio, settings=settings)
+    adata.obs["doublet_score"] = result.doublet_probability
+    adata.obs["predicted_doublet"] = result.doublet_probability > 0.5
+    record_settings(adata, "solo", {"layer": layer, "doublet_ratio": doublet_ratio,
+                                    "n_epochs_run": result.fit.n_epochs_run},
+                    train_loss=result.fit.train_loss, validation_loss=result.fit.validation_loss,
+                    doublet_scores_sim=result.doublet_probability_sim)
+    return result
