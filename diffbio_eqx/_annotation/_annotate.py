@@ -51,7 +51,7 @@ def _finish(probabilities: Any, cell_types: Sequence[str], model: Any, codes: An
     return Annotation(labels, confidence, probabilities, types, model)
 
 
-def _celltypist(counts: Any, genes: Sequence[str], reference: Reference, *, key: PRNGKeyArray,
+def _celltypist(counts: Any, genes: Any, reference: Reference, *, key: PRNGKeyArray,
                 options: dict[str, Any]) -> Annotation:
     train = {name: options.pop(name) for name in ("C", "multi_class", "feature_selection", "top_genes")
              if name in options}
@@ -61,7 +61,7 @@ def _celltypist(counts: Any, genes: Sequence[str], reference: Reference, *, key:
     return _finish(prediction.probabilities, model.cell_types, model, codes)
 
 
-def _scanvi(counts: Any, genes: Sequence[str], reference: Reference, *, key: PRNGKeyArray,
+def _scanvi(counts: Any, genes: Any, reference: Reference, *, key: PRNGKeyArray,
             options: dict[str, Any]) -> Annotation:
     """Reference and query together (the reference's genes, matched by name in the query), one batch each;
     the query's labels unknown."""
@@ -87,7 +87,7 @@ def _scanvi(counts: Any, genes: Sequence[str], reference: Reference, *, key: PRN
     return _finish(probabilities, types, fitted)
 
 
-def _cellassign(counts: Any, genes: Sequence[str], *, key: PRNGKeyArray, options: dict[str, Any]) -> Annotation:
+def _cellassign(counts: Any, genes: Any, *, key: PRNGKeyArray, options: dict[str, Any]) -> Annotation:
     markers = options.pop("markers", None)
     if markers is None:
         raise ValueError("markers: mode 'cellassign' needs a marker matrix (genes x cell types) or a dict of lists")
@@ -106,7 +106,7 @@ def _cellassign(counts: Any, genes: Sequence[str], *, key: PRNGKeyArray, options
 
 def annotate_counts(
     counts: Any,
-    genes: Sequence[str],
+    genes: Any,
     *,
     mode: Mode = "celltypist",
     reference: Reference | None = None,

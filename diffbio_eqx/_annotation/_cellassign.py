@@ -85,10 +85,11 @@ def type_log_likelihood(
     mu = jnp.exp(log_mu)
     spacing = model.basis_means[1] - model.basis_means[0]
     b = 1.0 / (2.0 * spacing**2)
-    a = jnp.exp(model.log_a)
-    phi = jnp.sum(a * jnp.exp(-b * (mu[..., None] - model.basis_means) ** 2), axis=-1) + LOWER_BOUND
+    a = jnp.exp(model.log_a)[None, None, None, :]
+    means = model.basis_means[None, None, None, :]
+    phi = jnp.sum(a * jnp.exp(-b * (mu[..., None] - means) ** 2), axis=-1) + LOWER_BOUND
     per_gene = scvi_negative_binomial_log_prob(counts[:, :, None], mu, phi)
-    return jnp.sum(per_gene, axis=1) + jax.nn.log_softmax(model.theta_logit)
+    return jnp.sum(per_gene, axis=1) + jax.nn.log_softmax(model.theta_logit)[None, :]
 
 
 def cellassign_prior(model: "CellAssign") -> Float[Array, ""]:
@@ -134,7 +135,7 @@ class CellAssign(eqx.Module):
         markers: Any,
         basis_means: Float[Array, " n_basis"],
         *,
-        genes: Sequence[str],
+        genes: Any,
         cell_types: Sequence[str],
         n_covariates: int = 0,
         key: PRNGKeyArray,
@@ -225,7 +226,7 @@ class CellAssignData(eqx.Module):
 
 def cellassign_data(
     counts: Any,
-    genes: Sequence[str],
+    genes: Any,
     markers: Any,
     *,
     size_factor: Any = None,

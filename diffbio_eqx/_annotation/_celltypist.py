@@ -75,7 +75,7 @@ def standardize(
     x: Float[Array, "n_cells n_genes"], mean: Float[Array, " n_genes"], scale: Float[Array, " n_genes"]
 ) -> Float[Array, "n_cells n_genes"]:
     """`StandardScaler.transform` then CellTypist's clip above at 10: $\\min((x - m) / s, 10)$."""
-    return jnp.minimum((x - mean) / scale, jnp.asarray(CLIP, x.dtype))
+    return jnp.minimum((x - mean[None, :]) / scale[None, :], jnp.asarray(CLIP, x.dtype))
 
 
 def logistic_objective(
@@ -89,7 +89,7 @@ def logistic_objective(
     (multinomial) or the sum over types of the binary logistic losses (one-vs-rest). The intercept is not
     penalised (scikit-learn's `LogisticRegression`, `SGDClassifier`)."""
     weights, intercept = params
-    scores = x @ weights.T + intercept
+    scores = x @ weights.T + intercept[None, :]
     if multi_class == "multinomial":
         data = -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(scores, axis=-1), axis=-1))
     else:
@@ -129,8 +129,11 @@ def fit_logistic(
         updates, opt_state = solver.update(grad, opt_state, p, value=value, grad=grad, value_fn=loss)
         return (cast(Any, optax.apply_updates(p, updates)), opt_state, _max_abs(grad)), None
 
-    init = (params, solver.init(params), jnp.asarray(jnp.inf, x.dtype))
-    (final, _, _), _, n_steps = iterate(step, init, lambda s: s[2] <= tol, max_steps=max_steps, early_exit=True)
+    # optax's L-BFGS line search mixes int32 and int64 counters under x64; keep JAX's standard promotion here.
+    with jax.numpy_dtype_promotion("standard"):
+        init = (params, solver.init(params), jnp.asarray(jnp.inf, x.dtype))
+        (final, _, _), _, n_steps = iterate(step, init, lambda s: s[2] <= tol, max_steps=max_steps,
+                                            early_exit=True)
     weights, intercept = cast(tuple[Array, Array], final)
     return weights, intercept, n_steps
 
@@ -139,7 +142,7 @@ def decision_scores(
     x: Float[Array, "n_cells n_genes"], weights: Float[Array, "n_types n_genes"], intercept: Float[Array, " n_types"]
 ) -> Float[Array, "n_cells n_types"]:
     """`LogisticRegression.decision_function`: $W x + b$."""
-    return x @ weights.T + intercept
+    return x @ weights.T + intercept[None, :]
 
 
 def majority_vote(
@@ -158,10 +161,10 @@ def over_cluster(
     """Over-clusters for majority voting: k-means (k-means++ seeding, up to 100 Lloyd rounds) on the first
     `n_components` principal components of `x` (the scaled expression). A JAX stand-in for CellTypist's Leiden
     over-clustering (see the module docstring)."""
-    centred = x - jnp.mean(x, axis=0)
+    centred = x - jnp.mean(x, axis=0, keepdims=True)
     n_comp = min(n_components, *x.shape)
     u, s, _ = jnp.linalg.svd(centred, full_matrices=False)
-    pcs = u[:, :n_comp] * s[:n_comp]
+    pcs = u[:, :n_comp] * s[None, :n_comp]
     centroids = lloyd(pcs, kmeans_plus_plus(pcs, n_clusters, key=key), n_iter=100)
     return nearest_centroid(pcs, centroids)
 
@@ -188,10 +191,10 @@ def leiden_over_cluster(x: Any, *, resolution: float | None = None, seed: int = 
     import random
 
     x = jnp.asarray(x)
-    centred = x - jnp.mean(x, axis=0)
+    centred = x - jnp.mean(x, axis=0, keepdims=True)
     n_comp = min(50, *x.shape)
     u, s, _ = jnp.linalg.svd(centred, full_matrices=False)
-    graph = neighbor_graph(u[:, :n_comp] * s[:n_comp], min(10, x.shape[0] - 1))
+    graph = neighbor_graph(u[:, :n_comp] * s[None, :n_comp], min(10, x.shape[0] - 1))
     c = graph.connectivities
     weights = np.asarray(c.weights)
     keep = weights > 0
@@ -277,7 +280,7 @@ def _float(x: Any) -> Array:
 def train_celltypist(
     counts: Any,
     labels: Any,
-    genes: Sequence[str],
+    genes: Any,
     *,
     C: float = 1.0,
     multi_class: MultiClass = "ovr",
@@ -330,7 +333,7 @@ def train_celltypist(
     return CellTypistModel(weights, intercept, _float(mean), _float(scale), tuple(names), types, multi_class)
 
 
-def query_columns(model_genes: Sequence[str], query_genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def query_columns(model_genes: Sequence[str], query_genes: Any) -> tuple[np.ndarray, np.ndarray]:
     """Match the model's genes by name in the query's: `(query_columns, model_columns)` of the shared genes, in
     the model's order. Warns (`MissingGenesWarning`) naming the model genes the query lacks and how many are used;
     raises when none is shared."""
@@ -377,7 +380,7 @@ def _scaled_chunk(batch: tuple[Array, Array], model: CellTypistModel) -> Array:
     return standardize(log_normalize(counts, library), model.mean, model.scale)
 
 
-def restrict_to_query(model: CellTypistModel, query_genes: Sequence[str]) -> tuple[CellTypistModel, np.ndarray]:
+def restrict_to_query(model: CellTypistModel, query_genes: Any) -> tuple[CellTypistModel, np.ndarray]:
     """The model on the genes the query has (CellTypist drops the others' coefficients) and where those genes sit
     in the query's columns."""
     columns, kept = query_columns(model.genes, query_genes)
@@ -391,7 +394,7 @@ def restrict_to_query(model: CellTypistModel, query_genes: Sequence[str]) -> tup
 def predict_celltypist(
     model: CellTypistModel,
     counts: Any,
-    genes: Sequence[str],
+    genes: Any,
     *,
     majority_voting: bool = False,
     over_clustering: Any = "kmeans",

@@ -161,7 +161,7 @@ class SCANVI(AbstractTrainableStage):
         log_probs = jax.nn.log_softmax(self.classify(z1, key=class_key, inference=inference), axis=-1)
         probs = jnp.exp(log_probs)
         reconstruction = reconstruction + gaussian_log_prob(z1, mean, log_var) + jnp.sum(probs * z1_unweighted.T, 1)
-        kl = jnp.sum(probs * kl_z2.T, axis=1) + jnp.sum(probs * (log_probs - self.log_y_prior), axis=1)
+        kl = jnp.sum(probs * kl_z2.T, axis=1) + jnp.sum(probs * (log_probs - self.log_y_prior[None, :]), axis=1)
         weight = jnp.asarray(kl_weight).astype(reconstruction.dtype)
         elbo_loss = jnp.mean(reconstruction + weight * kl)
         mean_ce, _ = vae.encode(counts, onehot, key=ce_key, inference=inference)
