@@ -76,7 +76,7 @@ def test_graph_attention_and_pruning():
     assert np.all(labels[neighbors][pruned] == np.repeat(labels[:, None], 7, axis=1)[pruned])
     assert pruned.sum() < pruned.size  # some cross-domain edges were pruned
     model = STAGATE(200, key=jr.key(0))
-    x = jnp.asarray(np.log1p(s.counts))
+    x = jnp.asarray(np.log1p(s.counts), dtype=model.w1.dtype)
     attention = attention_coefficients(x, model.w1 @ model.att_src, model.w1 @ model.att_dst, graph.neighbors,
                                        graph.pruned)
     np.testing.assert_allclose(attention.sum(axis=1), 1.0, rtol=1e-10)
