@@ -5,6 +5,7 @@ matrix-vector product is one gather and one `segment_sum`, so memory is `O(n_edg
 """
 
 import warnings
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -56,7 +57,7 @@ def as_cell_graph(graph: "CellGraph | NeighborGraph | FuzzyGraph | object") -> C
     import scipy.sparse as sp
 
     if sp.issparse(graph):
-        coo = sp.coo_matrix(graph)
+        coo: Any = sp.coo_matrix(graph)
         if coo.shape[0] != coo.shape[1]:
             raise ValueError(f"graph: expected a square cells x cells matrix, got shape {coo.shape}")
         if coo.nnz and (not np.all(np.isfinite(coo.data)) or np.any(coo.data < 0)):

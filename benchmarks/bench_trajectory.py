@@ -1,0 +1,166 @@
+"""Trajectories: our DPT vs `scanpy.tl.diffmap` + `scanpy.tl.dpt`, our absorption probabilities vs a direct SciPy
+sparse solve of the same system (CellRank is not installed here: its PETSc/SLEPc stack does not build), and our
+transport maps vs wot 1.0.8 (`OTModel`, default solver) per pair of time points.
+
+- `dpt`: `simulate_branching(n)` (50 genes), one scanpy `pp.neighbors` graph (15 neighbours, `use_rep="X"`)
+  shared by both; timed: scanpy `tl.diffmap` + `tl.dpt` vs `diffusion_pseudotime` (compiled first; LOBPCG).
+  Agreement: Spearman of the pseudotimes.
+- `fates`: the same graph, CellRank's connectivity kernel, the 30 highest-time cells of each true fate as terminal
+  states; ours (BiCGStab, tol 1e-6, compiled first) vs `scipy.sparse.linalg.spsolve` (SuperLU) of
+  `(I - Q) X = R`; agreement: max absolute difference of the probabilities.
+- `ot`: `simulate_time_course` with `n/2` cells at each of days 0 and 1 (60 genes), wot's defaults (local PCA 30,
+  epsilon 0.05, lambda1 1, lambda2 50, growth_iters 1); ours compiled first. Agreement: Pearson r of the maps.
+
+Everything runs in float64 (scanpy's eigsh, SciPy and wot do). Memory: each stage's peak resident set above its
+start (`_common.peak_since`), in this process, sizes ascending.
+
+Run: `python benchmarks/bench_trajectory.py [--dpt 10000] [--ot 2000 10000]` (merges into
+benchmarks/results/trajectory.json).
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+import warnings
+
+import numpy as np
+
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from _common import environment, merge_runs, peak_since, reset_peak, write_json  # noqa: E402
+
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "trajectory.json"
+
+
+def _measure(fn):
+    baseline = reset_peak()
+    start = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - start
+    return out, seconds, peak_since(baseline)["peak_bytes"]
+
+
+def bench_dpt_and_fates(n_cells: int) -> list[dict]:
+    import anndata as ad
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+    import scanpy as sc
+    import scipy.sparse as sp
+    import scipy.sparse.linalg as spl
+    from scipy.stats import spearmanr
+
+    from diffbio_eqx._simulate._trajectory import simulate_branching
+    from diffbio_eqx._trajectory import absorption, diffusion_pseudotime
+    from diffbio_eqx._trajectory._fate import connectivity_transitions
+    from diffbio_eqx._trajectory._graph import as_cell_graph
+
+    sim = simulate_branching(jr.key(0), n_cells)
+    adata = ad.AnnData(np.asarray(sim.x, np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.neighbors(adata, n_neighbors=15, use_rep="X")
+    adata.uns["iroot"] = 0
+    conn = adata.obsp["connectivities"]
+
+    def scanpy_run():
+        sc.tl.diffmap(adata)
+        sc.tl.dpt(adata)
+        return adata.obs["dpt_pseudotime"].to_numpy()
+
+    ref, t_ref, m_ref = _measure(scanpy_run)
+    diffusion_pseudotime(conn, 0, key=jr.key(0)).pseudotime.block_until_ready()  # compile
+    ours, t_ours, m_ours = _measure(lambda: np.asarray(diffusion_pseudotime(conn, 0, key=jr.key(0)).pseudotime))
+    truth = np.asarray(sim.pseudotime)
+    runs = [{"stage": "dpt", "n_cells": n_cells, "ours_seconds": t_ours, "reference_seconds": t_ref,
+             "speedup": t_ref / t_ours, "ours_peak_bytes": m_ours, "reference_peak_bytes": m_ref,
+             "spearman_vs_scanpy": float(spearmanr(ours, ref)[0]),
+             "spearman_vs_truth": float(spearmanr(ours, truth)[0]),
+             "scanpy_spearman_vs_truth": float(spearmanr(ref, truth)[0]), "reference": "scanpy tl.diffmap+tl.dpt"}]
+
+    fate = np.asarray(sim.fate)
+    terminal = np.full(n_cells, -1, np.int32)
+    for k in range(3):
+        cells = np.flatnonzero(fate == k)
+        terminal[cells[np.argsort(-truth[cells])[:30]]] = k
+    transitions = connectivity_transitions(as_cell_graph(conn))
+    solve = jax.jit(lambda t, labels: absorption(t, labels, n_states=3))
+    solve(transitions, jnp.asarray(terminal)).probabilities.block_until_ready()
+    result, t_ours, m_ours = _measure(lambda: jax.block_until_ready(solve(transitions, jnp.asarray(terminal))))
+    matrix = sp.csr_matrix((np.asarray(transitions.weights), (np.asarray(transitions.heads),
+                                                              np.asarray(transitions.tails))), shape=(n_cells,) * 2)
+    transient, absorbing = np.flatnonzero(terminal < 0), np.flatnonzero(terminal >= 0)
+
+    def scipy_run():
+        q = matrix[transient][:, transient]
+        r = matrix[transient][:, absorbing] @ np.eye(3)[terminal[absorbing]]
+        return spl.spsolve((sp.identity(len(transient)) - q).tocsc(), r)
+
+    expected, t_ref, m_ref = _measure(scipy_run)
+    past = np.asarray(sim.past_branch)
+    probabilities = np.asarray(result.probabilities)
+    runs.append({"stage": "fates", "n_cells": n_cells, "ours_seconds": t_ours, "reference_seconds": t_ref,
+                 "speedup": t_ref / t_ours, "ours_peak_bytes": m_ours, "reference_peak_bytes": m_ref,
+                 "max_abs_diff_vs_scipy": float(np.abs(probabilities[transient] - expected).max()),
+                 "fate_accuracy_past_branch": float(np.mean(probabilities[past].argmax(1) == fate[past])),
+                 "reference": "scipy.sparse.linalg.spsolve (SuperLU)"})
+    return runs
+
+
+def bench_ot(n_cells: int) -> dict:
+    import anndata as ad
+    import jax.numpy as jnp
+    import jax.random as jr
+    import pandas as pd
+    import wot
+    from scipy.stats import pearsonr
+
+    from diffbio_eqx._simulate._trajectory import simulate_time_course
+    from diffbio_eqx._trajectory import transport_maps
+
+    per_day = n_cells // 2
+    tc = simulate_time_course(jr.key(0), jnp.array([2.5, 1.0, 0.4]), n_days=2, n_cells_per_day=per_day,
+                              n_genes=60)
+    x, day = np.asarray(tc.x), np.asarray(tc.day)
+    adata = ad.AnnData(x, obs=pd.DataFrame({"day": day}, index=[f"c{i}" for i in range(len(day))]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = wot.ot.OTModel(adata, day_field="day")
+        ref, t_ref, m_ref = _measure(lambda: model.compute_transport_map(0, 1))
+    transport_maps(x, day)  # compile
+    ours, t_ours, m_ours = _measure(lambda: np.asarray(transport_maps(x, day)[(0.0, 1.0)].tmap))
+    rate = np.asarray(tc.growth_rate)[day == 0]
+    return {"stage": "ot", "n_cells": n_cells, "cells_per_time_point": per_day, "ours_seconds": t_ours,
+            "reference_seconds": t_ref, "speedup": t_ref / t_ours, "ours_peak_bytes": m_ours,
+            "reference_peak_bytes": m_ref,
+            "pearson_tmap_vs_wot": float(pearsonr(ours.ravel(), np.asarray(ref.X).ravel())[0]),
+            "growth_pearson_vs_truth": float(pearsonr(ours.sum(1), rate)[0]),
+            "reference": "wot 1.0.8 OTModel.compute_transport_map (duality-gap solver)"}
+
+
+def main() -> None:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # float64 as scanpy's eigsh, SciPy and wot
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dpt", type=int, nargs="*", default=[10_000])
+    parser.add_argument("--ot", type=int, nargs="*", default=[2_000, 10_000])
+    args = parser.parse_args()
+    runs = []
+    for n in sorted(args.dpt):
+        runs += bench_dpt_and_fates(n)
+        print(runs[-2], runs[-1], flush=True)
+    for n in sorted(args.ot):
+        runs.append(bench_ot(n))
+        print(runs[-1], flush=True)
+    record = {"environment": environment("scanpy", "wot", "ott-jax", "scipy"),
+              "runs": merge_runs(RESULTS, runs, ("stage", "n_cells"))}
+    write_json(RESULTS, record)
+
+
+if __name__ == "__main__":
+    main()
