@@ -180,5 +180,6 @@ def fit_stagate(stage: STAGATE, x: Float[ArrayLike, "n_spots n_genes"], graph: S
 def smooth_labels(labels: Int[ArrayLike, " n_spots"], graph: SpatialGraph, n_labels: int) -> Int[Array, " n_spots"]:
     """Majority vote of each spot's label among its spatial neighbours (itself included; ties to the lower label)."""
     labels = jnp.asarray(labels)
-    votes = jnp.sum(jax.nn.one_hot(labels[graph.neighbors], n_labels) * graph.mask[..., None], axis=1)
+    one_hot = jax.nn.one_hot(labels[graph.neighbors], n_labels)
+    votes = jnp.sum(jnp.where(graph.mask[..., None], one_hot, 0.0), axis=1)
     return jnp.argmax(votes, axis=1).astype(labels.dtype)
