@@ -882,3 +882,54 @@ def switch_de(
         adata.var[f"{key_added}_{column}"] = table[column].to_numpy()
     adata.uns[key_added] = {"params": {"pseudotime_key": pseudotime_key, "zero_inflated": zero_inflated}}
     return table
+
+
+def differential_distribution(
+    adata: ad.AnnData,
+    condition_key: str,
+    *,
+    first: str,
+    key: PRNGKeyArray,
+    layer: str | None = None,
+    n_permutations: int = 1000,
+    alpha: float = 0.05,
+    key_added: str = "differential_distribution",
+) -> pd.DataFrame:
+    """Differentially distributed genes between the `first` condition and the others: the KS statistic (SciPy's
+    `ks_2samp`), permutation p-values, BH q-values and scDD's pattern class (EE, DE, DP, DM, DB).
+
+    **Arguments:**
+
+    - `adata`: log-normalised expression in `X` or `layer`.
+    - `condition_key`: `obs` column of the condition; `first`: the level compared with all other cells.
+    - `key`: PRNG key for the permutations. `n_permutations`: per gene. `alpha`: FDR for calling a gene DD.
+    - `key_added`: `uns` key of the table.
+
+    **Returns:** a table indexed by gene: `statistic`, `pvalue`, `qvalue`, `pattern`, `n_modes_first`,
+    `n_modes_rest`; also in `uns[key_added]["results"]`.
+    """
+    from ._de._distribution import PATTERNS
+    from ._de._distribution import differential_distribution as fit_dd
+
+    check_adata(adata)
+    if condition_key not in adata.obs:
+        raise ValueError(f"condition_key: {condition_key!r} is not a column of adata.obs")
+    labels = adata.obs[condition_key].astype(str).to_numpy()
+    in_first = labels == str(first)
+    if in_first.sum() < 2 or (~in_first).sum() < 2:
+        raise ValueError(f"first: {first!r} must leave at least 2 cells on each side of adata.obs[{condition_key!r}]")
+    matrix = adata.layers[layer] if layer is not None else adata.X
+    x = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("X: differential_distribution needs finite expression values")
+    result = fit_dd(jnp.asarray(x, dtype=jnp.zeros(()).dtype), jnp.asarray(in_first), key=key,
+                    n_permutations=n_permutations, alpha=alpha)
+    modes = np.asarray(result.n_modes)
+    table = pd.DataFrame({"statistic": np.asarray(result.statistic), "pvalue": np.asarray(result.pvalue),
+                          "qvalue": np.asarray(result.qvalue),
+                          "pattern": pd.Categorical(np.asarray(PATTERNS)[np.asarray(result.pattern)],
+                                                    categories=list(PATTERNS)),
+                          "n_modes_first": modes[:, 0], "n_modes_rest": modes[:, 1]}, index=adata.var_names.copy())
+    adata.uns[key_added] = {"params": {"condition_key": condition_key, "first": str(first),
+                                       "n_permutations": n_permutations, "alpha": alpha}, "results": table}
+    return table

@@ -44,20 +44,21 @@ def _dense_rows(x: Any, rows: np.ndarray, columns: np.ndarray | None = None) -> 
 def ligand_receptor_table(
     x: Any, var_names: Any, groups: Any, resource: pd.DataFrame, *, method: Method = "cellphonedb",
     expr_prop: float = 0.1, min_cells: int = 5, n_perms: int = 1000, key: PRNGKeyArray | None = None,
-    permutations: np.ndarray | None = None, kh: float = 0.5, chunk_size: int = 50, field: str = "groupby",
+    permutations: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Score every (source, target, interaction) of `resource` on `x` (cells x genes, log-normalised).
 
-    Groups with fewer than `min_cells` cells are left out with a warning naming `field`; genes whose column is all
+    Groups with fewer than `min_cells` cells are left out with a warning naming `groupby`; genes whose column is all
     zero count as absent (as in LIANA). With `key` (or `permutations`, shape `(n_perms, n_kept_cells)`), p-values
     from the label permutations are added. **Returns** one row per interaction that passes `expr_prop`, sorted by
     score: `source`, `target`, `ligand`, `ligand_complex`, `receptor`, `receptor_complex`, the complexes' values
     and expressed fractions, LIANA's score and p-value columns (`lr_means`/`cellphone_pvals` or
-    `lr_probs`/`cellchat_pvals`), and the same as `score` and `pvalue`.
+    `lr_probs`/`cellchat_pvals`), and the same as `score` and `pvalue`. (CellChat's K_h is LIANA's 0.5 here;
+    build a `LigandReceptor` for other values.)
     """
     if not hasattr(x, "shape") or len(x.shape) != 2 or x.shape[1] != len(var_names):
         raise ValueError(f"x: expected a (n_cells, {len(var_names)}) matrix, got shape {getattr(x, 'shape', None)}")
-    labels = _check_groups(groups, x.shape[0], min_cells, field)
+    labels = _check_groups(groups, x.shape[0], min_cells, "groupby")
     codes = np.asarray(labels.codes)
     cells = np.flatnonzero(codes >= 0)
     values = x.data if sp.issparse(x) else np.asarray(x)
@@ -67,8 +68,7 @@ def ligand_receptor_table(
     index = index_resource(resource, var_names, expressed=expressed)
     dense = _dense_rows(x, cells, index.genes)
     x_max = float(x[cells].max()) if sp.issparse(x) else float(np.max(np.asarray(x)[cells]))
-    stage = LigandReceptor(index, len(labels.categories), method=method, expr_prop=expr_prop, kh=kh,
-                           n_perms=n_perms, chunk_size=chunk_size)
+    stage = LigandReceptor(index, len(labels.categories), method=method, expr_prop=expr_prop, n_perms=n_perms)
     result = score_ligand_receptor(
         stage, jnp.asarray(dense), jnp.asarray(codes[cells], dtype=jnp.int32), jnp.asarray(x_max, jnp.float32),
         key=key, permutations=None if permutations is None else jnp.asarray(permutations, dtype=jnp.int32))
