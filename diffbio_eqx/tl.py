@@ -67,7 +67,7 @@ def _dense_counts(adata: ad.AnnData, layer: str | None) -> np.ndarray:
 def spatial_domains(
     adata: ad.AnnData, n_domains: int, *, spatial_key: str = "spatial", layer: str | None = None,
     n_neighbors: int = 6, radius: float | None = None, prune_key: str | None = None, prune_weight: float = 0.5,
-    n_epochs: int = 1000, smooth: bool = False, key_added: str = "spatial_domain", seed: int = 0,
+    n_epochs: int = 1000, seed: int = 0,
 ) -> None:
     """STAGATE spatial domains: a graph attention autoencoder on the spatial graph, then a Gaussian mixture.
 
@@ -78,9 +78,10 @@ def spatial_domains(
     - `n_neighbors` / `radius`: STAGATE's `k_cutoff` / `rad_cutoff` spatial graph.
     - `prune_key`, `prune_weight`: cell-type-aware pruning from the pre-clusters in `obs[prune_key]` with STAGATE's
       `alpha` (default 0.5; ignored without `prune_key`).
-    - `n_epochs`: full-batch epochs (STAGATE: 1000); `smooth`: majority vote over spatial neighbours.
+    - `n_epochs`: full-batch epochs (STAGATE: 1000). (Majority-vote smoothing over neighbours:
+      `diffbio_eqx._spatial.spatial_domains(..., smooth=True)` on arrays.)
 
-    Writes `obs[key_added]` (categorical), `obsm["X_stagate"]`, and `uns["diffbio_spatial_domains"]` (settings,
+    Writes `obs["spatial_domain"]` (categorical), `obsm["X_stagate"]`, and `uns["diffbio_spatial_domains"]` (settings,
     training loss).
     """
     from ._core._train import TrainSettings
@@ -96,12 +97,12 @@ def spatial_domains(
     result = run_domains(_dense_counts(adata, layer), coordinates, n_domains, key=jr.key(seed),
                          n_neighbors=n_neighbors, radius=radius, pre_labels=pre_labels,
                          prune_weight=prune_weight if prune_key is not None else 0.0,
-                         settings=TrainSettings(n_epochs=n_epochs, progress=False), smooth=smooth)
-    adata.obs[key_added] = pd.Categorical(np.asarray(result.labels).astype(str))
+                         settings=TrainSettings(n_epochs=n_epochs, progress=False))
+    adata.obs["spatial_domain"] = pd.Categorical(np.asarray(result.labels).astype(str))
     adata.obsm["X_stagate"] = np.asarray(result.embedding, dtype=np.float32)
     _record(adata, "spatial_domains", {"n_domains": n_domains, "spatial_key": spatial_key, "n_neighbors": n_neighbors,
                                        "radius": radius, "prune_key": prune_key, "prune_weight": prune_weight,
-                                       "n_epochs": n_epochs, "smooth": smooth, "seed": seed},
+                                       "n_epochs": n_epochs, "seed": seed},
             train_loss=result.training.train_loss)
 
 

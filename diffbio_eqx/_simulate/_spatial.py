@@ -17,7 +17,7 @@ Random draws use NumPy's generator seeded from `seed` (host-side arrays, like `s
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -155,36 +155,38 @@ def simulate_spatial(
     marker_fold: float = 1.8, library_size: float = 1000.0, gradient_strength: float = 0.5, seed: int = 0,
 ) -> SpatialSlice:
     """One slice of about `n_spots` spots covering a whole square tissue (no rotation, no jitter)."""
-    return simulate_spatial_slices(1, n_spots, n_genes=n_genes, n_domains=n_domains, layout=layout, grid=grid,
+    return simulate_spatial_slices(1, n_spots, grid=grid, rotations=(0.0,), translations=((0.0, 0.0),), jitter=0.0,
+                                   overlap=1.0, seed=seed, n_genes=n_genes, n_domains=n_domains, layout=layout,
                                    marker_fold=marker_fold, library_size=library_size,
-                                   gradient_strength=gradient_strength, rotations=(0.0,),
-                                   translations=((0.0, 0.0),), jitter=0.0, overlap=1.0, seed=seed)[0]
+                                   gradient_strength=gradient_strength)[0]
 
 
 def simulate_spatial_slices(
-    n_slices: int = 2, n_spots: int = 1000, *, n_genes: int = 200, n_domains: int = 5, layout: Layout = "layers",
-    grid: Grid = "hex", marker_fold: float = 1.8, library_size: float = 1000.0, gradient_strength: float = 0.5,
-    rotations: Sequence[float | int] | None = None, translations: Sequence[Sequence[float | int]] | None = None,
-    jitter: float = 0.1, overlap: float = 1.0, seed: int = 0,
+    n_slices: int = 2, n_spots: int = 1000, *, grid: Grid = "hex", rotations: Sequence[float | int] | None = None,
+    translations: Sequence[Sequence[float | int]] | None = None, jitter: float = 0.1, overlap: float = 1.0,
+    seed: int = 0, **tissue: Any,
 ) -> list[SpatialSlice]:
     """`n_slices` slices of one tissue, each about `n_spots` spots on its own grid.
 
     **Arguments:**
 
+    - `grid`: `"hex"` (Visium-like), `"square"` or `"scatter"`.
     - `rotations`: radians per slice (default: 0 for the first, then uniform in [-30, 30] degrees).
     - `translations`: per slice (default: 0 for the first, then uniform in [-5, 5] spacings per axis).
     - `jitter`: standard deviation of each spot's displacement, in spot spacings.
     - `overlap`: share of the tissue width each slice covers; windows slide along x so consecutive slices
       overlap on `overlap` of their width (1: every slice covers the whole tissue).
+    - `tissue`: `make_tissue`'s settings (`n_genes` 200, `n_domains` 5, `layout` "layers", `marker_fold` 1.8,
+      `gradient_strength` 0.5, ...) and `library_size` (1000).
     """
+    library_size = float(tissue.pop("library_size", 1000.0))
     if not 0.0 < overlap <= 1.0:
         raise ValueError(f"overlap: must be in (0, 1], got {overlap}")
     rng = np.random.default_rng(seed)
     side = float(np.sqrt(n_spots * (np.sqrt(3) / 2 if grid == "hex" else 1.0)))
     window = side
     width = side if overlap == 1.0 else side * (1 + (1 - overlap) * (n_slices - 1))
-    tissue = make_tissue(width=width, height=side, n_genes=n_genes, n_domains=n_domains, layout=layout,
-                         marker_fold=marker_fold, gradient_strength=gradient_strength, seed=int(rng.integers(2**31)))
+    tissue_model = make_tissue(width=width, height=side, seed=int(rng.integers(2**31)), **tissue)
     if rotations is None:
         rotations = (0.0, *np.deg2rad(rng.uniform(-30, 30, n_slices - 1)))
     if translations is None:
@@ -196,8 +198,8 @@ def simulate_spatial_slices(
         offset = 0.0 if overlap == 1.0 else i * (1 - overlap) * window
         xy = grid_points(window, side, grid, rng) + np.array([offset, 0.0])
         xy = xy + jitter * rng.normal(size=xy.shape)
-        domains = tissue.domain_at(xy)
-        counts = expression(tissue, xy, domains, rng, library_size=library_size)
+        domains = tissue_model.domain_at(xy)
+        counts = expression(tissue_model, xy, domains, rng, library_size=library_size)
         angle, shift = float(rotations[i]), np.asarray(translations[i], dtype=np.float64)
         observed = xy @ rotation_matrix(angle).T + shift
         slices.append(SpatialSlice(counts, observed, xy, domains, angle, shift))

@@ -21,8 +21,9 @@ breaks the symmetry, and the entropic regularisation then decreases along `epsil
 (`QuadraticInitializer(init_coupling=...)`), so the plan sharpens without being trapped at the start. The test
 checks that the plan's entropy is far below the uniform plan's.
 
-**Partial overlap.** With `tau < 1` the marginals are relaxed (ott's unbalanced GW, Sejourne et al. 2021), so spots
-without a counterpart may carry less mass instead of being forced onto spots of the other slice.
+**Partial overlap** is not handled yet: with balanced marginals (PASTE's) a slice covering 70 % of the other is
+misaligned, as PASTE is; ott's unbalanced GW (`tau < 1`) gave NaN plans in our trials, so `PasteAlignment` refuses
+`tau != 1` until that is fixed and tested.
 
 The plan is dense `(n_a, n_b)`, as in PASTE (and the spatial distances inside the solver are `(n, n)`); faces keep
 its top entries per spot.
@@ -203,8 +204,10 @@ class PasteAlignment(eqx.Module):
             raise ValueError(f"epsilons: need at least one positive value, got {self.epsilons}")
         if self.n_outer < 1:
             raise ValueError(f"n_outer: must be >= 1, got {self.n_outer}")
-        if not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"tau: must be in (0, 1], got {self.tau}")
+        if self.tau != 1.0:
+            # ott-jax's unbalanced GW (tau < 1) returned NaN plans from this schedule in our trials (float32, 400
+            # spots, epsilons down to 1 or 0.003): refused until it is made to work and tested.
+            raise ValueError(f"tau: only balanced alignment (tau = 1, as PASTE) is supported, got {self.tau}")
 
     def __call__(
         self, xa: Float[Array, "n_a n_genes"], xb: Float[Array, "n_b n_genes"], ca: Float[Array, "n_a 2"],
