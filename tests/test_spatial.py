@@ -9,6 +9,7 @@ import pytest
 from diffbio_eqx._simulate._spatial import rotation_matrix, simulate_spatial, simulate_spatial_slices
 from diffbio_eqx._spatial._center import center_align
 from diffbio_eqx._spatial._paste import (
+    PasteAlignment,
     fgw_objective,
     kl_expression_cost,
     mapping_accuracy,
@@ -161,4 +162,6 @@ def test_alignment_bad_input():
         pairwise_align(a.counts, b.counts[:, :50], a.coordinates, b.coordinates)
     with pytest.raises(ValueError, match="coordinates"):
         pairwise_align(a.counts, b.counts, a.coordinates, b.coordinates[:, :1])
+    with pytest.raises(ValueError, match="tau"):
+        PasteAlignment(tau=0.5)
 
