@@ -108,7 +108,7 @@ def annotate_counts(
     counts: Any,
     genes: Any,
     *,
-    mode: Mode = "celltypist",
+    mode: str = "celltypist",
     reference: Reference | None = None,
     key: PRNGKeyArray,
     **options: Any,
