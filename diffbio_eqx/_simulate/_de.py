@@ -108,6 +108,38 @@ def simulate_switch_genes(
     return SwitchData(counts=y, pseudotime=t, mu0=mu0, k=k, t0=t0, is_switch=is_switch)
 
 
+class DistributionData(eqx.Module):
+    """`x` `(n_cells, n_genes)` expression; `first` `(n_cells,)` the first condition's cells; `pattern`
+    `(n_genes,)` the true class, an index into `("EE", "DE", "DP", "DM", "DB")`."""
+
+    x: Float[Array, "n_cells n_genes"]
+    first: Array
+    pattern: Int[Array, " n_genes"]
+
+
+def simulate_distributions(*, key: PRNGKeyArray, n_cells: int = 400, genes_per_pattern: int = 20) -> DistributionData:
+    """Two conditions of `n_cells / 2` cells; per gene a base level $m \\sim U(2, 6)$, unit-variance modes, and
+    the scDD class: EE N(m) in both; DE N(m) vs N(m + 3); DP modes m and m + 4 with weights 0.25/0.75 vs
+    0.75/0.25; DM N(m) vs half N(m), half N(m + 4); DB N(m + 2) vs half N(m), half N(m + 4)."""
+    dtype = _float_dtype()
+    n_genes = 5 * genes_per_pattern
+    k_base, k_noise, k_mode = jr.split(key, 3)
+    pattern = jnp.repeat(jnp.arange(5), genes_per_pattern)
+    base = jr.uniform(k_base, (n_genes,), dtype, 2.0, 6.0)
+    first = jnp.arange(n_cells) < n_cells // 2
+    u = jr.uniform(k_mode, (n_cells, n_genes), dtype)
+    f = first[:, None]
+    p = pattern[None, :]
+    upper_dp = jnp.where(f, u < 0.25, u < 0.75)
+    offset = jnp.select(
+        [p == 0, p == 1, p == 2, p == 3, p == 4],
+        [jnp.zeros_like(u), jnp.where(f, 0.0, 3.0), jnp.where(upper_dp, 4.0, 0.0),
+         jnp.where(f, 0.0, jnp.where(u < 0.5, 4.0, 0.0)), jnp.where(f, 2.0, jnp.where(u < 0.5, 4.0, 0.0))],
+    )
+    x = base[None, :] + offset + jr.normal(k_noise, (n_cells, n_genes), dtype)
+    return DistributionData(x=x, first=first, pattern=pattern)
+
+
 class ArchetypeData(eqx.Module):
     """`x` `(n_cells, n_dims)` = `weights @ archetypes` + noise; `archetypes` `(n_archetypes, n_dims)`;
     `weights` `(n_cells, n_archetypes)` on the simplex."""
