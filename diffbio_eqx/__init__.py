@@ -18,6 +18,29 @@ from ._ambient._stage import (
     fit_ambient_removal as fit_ambient_removal,
     remove_ambient as remove_ambient,
 )
+from ._annotation._cellassign import (
+    CellAssign as CellAssign,
+    cellassign_data as cellassign_data,
+    cellassign_probabilities as cellassign_probabilities,
+    fit_cellassign as fit_cellassign,
+    init_cellassign as init_cellassign,
+)
+from ._annotation._celltypist import (
+    CellTypistModel as CellTypistModel,
+    CellTypistPrediction as CellTypistPrediction,
+    MissingGenesWarning as MissingGenesWarning,
+    load_celltypist as load_celltypist,
+    predict_celltypist as predict_celltypist,
+    save_celltypist as save_celltypist,
+    train_celltypist as train_celltypist,
+)
+from ._annotation._scanvi import (
+    SCANVI as SCANVI,
+    fit_scanvi as fit_scanvi,
+    label_codes as label_codes,
+    scanvi_from_vae as scanvi_from_vae,
+    scanvi_probabilities as scanvi_probabilities,
+)
 from ._clustering._kmeans import (
     SoftKMeansResult as SoftKMeansResult,
     kmeans_plus_plus as kmeans_plus_plus,
