@@ -56,11 +56,11 @@ def _spatial_coordinates(adata: ad.AnnData, spatial_key: str, field: str = "adat
     if spatial_key not in adata.obsm:
         raise ValueError(f"spatial_key: {field}.obsm has no {spatial_key!r} spatial coordinates (has "
                          f"{sorted(adata.obsm.keys())})")
-    return check_coordinates(adata.obsm[spatial_key], adata.n_obs, f"{field}.obsm[{spatial_key!r}]")
+    return check_coordinates(np.asarray(adata.obsm[spatial_key]), adata.n_obs, f"{field}.obsm[{spatial_key!r}]")
 
 
 def _dense_counts(adata: ad.AnnData, layer: str | None) -> np.ndarray:
-    matrix = adata.layers[layer] if layer is not None else adata.X
+    matrix: Any = adata.layers[layer] if layer is not None else adata.X
     return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float64)
 
 
@@ -909,8 +909,7 @@ def differential_distribution(
     **Returns:** a table indexed by gene: `statistic`, `pvalue`, `qvalue`, `pattern`, `n_modes_first`,
     `n_modes_rest`; also in `uns[key_added]["results"]`.
     """
-    from ._de._distribution import PATTERNS
-    from ._de._distribution import differential_distribution as fit_dd
+    from ._de._distribution import PATTERNS, differential_distribution as fit_dd
 
     check_adata(adata)
     if condition_key not in adata.obs:
@@ -934,3 +933,37 @@ def differential_distribution(
     adata.uns[key_added] = {"params": {"condition_key": condition_key, "first": str(first),
                                        "n_permutations": n_permutations, "alpha": alpha}, "results": table}
     return table
+
+
+def archetypes(
+    adata: ad.AnnData,
+    n_archetypes: int,
+    *,
+    key: PRNGKeyArray,
+    use_rep: str | None = None,
+    max_iter: int = 500,
+    key_added: str = "archetypes",
+) -> None:
+    """Archetypal analysis by PCHA (py_pcha's algorithm, seeded) on a representation.
+
+    **Arguments:**
+
+    - `adata`: the cells. `n_archetypes`: how many archetypes.
+    - `key`: PRNG key of the furthest-sum start and the initial weights.
+    - `use_rep`: `obsm` key or `"X"` (default: the corrected latent, the VAE's, or PCA).
+    - `max_iter`: outer PCHA iterations at most. `key_added`: `obsm[f"X_{key_added}"]` and `uns[key_added]`.
+
+    **Writes:** `obsm[f"X_{key_added}"]` each cell's weights on the archetypes (rows on the simplex);
+    `uns[key_added]` with `archetypes` (in the representation's coordinates), `c` (each archetype's convex
+    weights over the cells), `variance_explained` and `params`.
+    """
+    from ._archetypes._pcha import pcha
+
+    x, rep = representation(check_adata(adata), use_rep)
+    if n_archetypes < 1 or n_archetypes > x.shape[0]:
+        raise ValueError(f"n_archetypes: {n_archetypes} must be between 1 and the number of cells ({x.shape[0]})")
+    result = pcha(jnp.asarray(x, dtype=jnp.zeros(()).dtype), n_archetypes, key=key, max_iter=max_iter)
+    adata.obsm[f"X_{key_added}"] = np.asarray(result.weights)
+    adata.uns[key_added] = {"params": {"n_archetypes": n_archetypes, "use_rep": rep, "max_iter": max_iter},
+                            "archetypes": np.asarray(result.archetypes), "c": np.asarray(result.c).T,
+                            "variance_explained": float(result.variance_explained)}

@@ -1,0 +1,68 @@
+"""Archetypal analysis: PCHA parity with py_pcha from the same initialisation (furthest-sum cells, variance
+explained), recovery of simulated archetypes, the face and bad input."""
+
+import anndata as ad
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+import diffbio_eqx as dbx
+from diffbio_eqx._archetypes._pcha import furthest_sum, pcha, pcha_from
+from diffbio_eqx._simulate._de import simulate_archetypes
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    return simulate_archetypes(key=jr.key(0), n_cells=400, n_dims=8, n_archetypes=3, concentration=0.3)
+
+
+def _py_pcha():
+    np.mat = np.asmatrix  # py_pcha 0.1.3 calls np.mat, removed in NumPy 2 (shim for the reference only)
+    from py_pcha import PCHA
+    from py_pcha.furthest_sum import furthest_sum as reference_furthest_sum
+
+    return PCHA, reference_furthest_sum
+
+
+def test_pcha_equals_py_pcha_from_the_same_initialisation(simulated):
+    pytest.importorskip("py_pcha")
+    reference, reference_furthest_sum = _py_pcha()
+    x = np.asarray(simulated.x)
+    for seed in (0, 1):
+        np.random.seed(seed)
+        _, _, _, _, theirs = reference(x.T, 3)
+        np.random.seed(seed)  # the same draws py_pcha made: its start cell, then its initial S
+        start = int(np.ceil(x.shape[0] * np.random.rand()))
+        s0 = -np.log(np.random.random((3, x.shape[0])))
+        assert list(np.asarray(furthest_sum(jnp.asarray(x.T), 3, jnp.asarray(start)))) == \
+            [int(i) for i in reference_furthest_sum(x.T, 3, [start])]
+        ours = pcha_from(jnp.asarray(x), jnp.asarray(start), jnp.asarray(s0))
+        assert abs(float(ours.variance_explained) - theirs) <= 0.005 * theirs
+
+
+def test_pcha_recovers_simulated_archetypes(simulated, getkey):
+    result = pcha(simulated.x, 3, key=getkey())
+    found, truth = np.asarray(result.archetypes), np.asarray(simulated.archetypes)
+    distances = np.linalg.norm(found[:, None] - truth[None], axis=2)
+    rows, cols = linear_sum_assignment(distances)
+    spread = np.sqrt(np.sum(np.var(np.asarray(simulated.x), axis=0)))
+    assert distances[rows, cols].max() < 0.1 * spread
+    weights = np.asarray(result.weights)
+    assert np.allclose(weights.sum(axis=1), 1.0) and weights.min() >= 0.0
+    c = np.asarray(result.c)
+    assert np.allclose(c.sum(axis=0), 1.0, atol=1e-9) and c.min() >= 0.0  # archetypes in the convex hull
+    assert float(result.variance_explained) > 0.99
+
+
+def test_archetypes_face(simulated, getkey):
+    adata = ad.AnnData(X=np.asarray(simulated.x, dtype=np.float32))
+    dbx.tl.archetypes(adata, 3, key=getkey(), use_rep="X")
+    assert adata.obsm["X_archetypes"].shape == (400, 3)
+    assert adata.uns["archetypes"]["archetypes"].shape == (3, 8)
+    assert adata.uns["archetypes"]["variance_explained"] > 0.99
+    with pytest.raises(ValueError, match="n_archetypes"):
+        dbx.tl.archetypes(adata, 0, key=getkey(), use_rep="X")
+    with pytest.raises(ValueError, match="n_archetypes"):
+        dbx.tl.archetypes(adata[:3].copy(), 4, key=getkey(), use_rep="X")
