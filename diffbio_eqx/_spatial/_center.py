@@ -7,6 +7,8 @@ changes by less than `threshold` (at most `max_iter` rounds). Each round's facto
 one (PASTE restarts it from the same random draw). Finally each slice is stacked onto the centre by Procrustes.
 """
 
+from collections.abc import Sequence
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -113,7 +115,7 @@ def _center(settings: PasteAlignment, xs, cs, reference: int, weights, key, max_
 
 
 def center_align(
-    xs: list[ArrayLike], coordinates: list[ArrayLike], *, key: PRNGKeyArray, reference: int = 0,
+    xs: Sequence[ArrayLike], coordinates: Sequence[ArrayLike], *, key: PRNGKeyArray, reference: int = 0,
     alpha: float = 0.1, weights: ArrayLike | None = None, n_components: int = 15, max_iter: int = 10,
     threshold: float = 0.001, settings: PasteAlignment | None = None,
 ) -> CenterResult:
