@@ -183,3 +183,19 @@ def test_faces_table_uns_and_dotplot(pbmc, resource, tmp_path):
     assert written.stat().st_size > 0
     with pytest.raises(ValueError, match="groupby: 'nope'"):
         dbx.tl.ligand_receptor(adata, "nope", resource=resource)
+
+
+def test_settings_are_array_leaves_vmap_equals_loop(getkey):
+    import equinox as eqx
+
+    x, labels, index = _toy(getkey)
+    stage = LigandReceptor(index, 3, method="cellchat")
+    settings = jnp.array([0.0, 0.3, 0.6], dtype=jnp.float32)
+    with_setting = lambda p: eqx.tree_at(lambda s: s.expr_prop, stage, p)  # noqa: E731
+    kept = jax.vmap(lambda p: with_setting(p)(x, labels).kept)(settings)
+    for i, p in enumerate(settings):
+        np.testing.assert_array_equal(kept[i], with_setting(p)(x, labels).kept)
+    assert kept[0].sum() > kept[2].sum()
+    kh = jax.vmap(lambda k: eqx.tree_at(lambda s: s.kh, stage, k)(x, labels).scores)(settings + 0.1)
+    np.testing.assert_allclose(kh[1], jax.jit(lambda s: s(x, labels).scores)(
+        eqx.tree_at(lambda s: s.kh, stage, settings[1] + 0.1)), rtol=1e-6)
