@@ -96,6 +96,7 @@ from ._imputation import (
     denoise as denoise,
     fit_masked_gene_transformer as fit_masked_gene_transformer,
     magic as magic,
+    magic_denoiser as magic_denoiser,
     molecular_cross_validation as molecular_cross_validation,
     split_molecules as split_molecules,
 )

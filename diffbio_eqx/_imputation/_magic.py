@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import scipy.sparse as sp
+from jax.experimental import sparse as jsparse
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from .._core._neighbors import exact_knn
@@ -125,20 +126,27 @@ def magic_kernel(
 
 
 class DiffusionOperator(eqx.Module):
-    """MAGIC's row-stochastic operator $P = D^{-1} (W + W^\\top) / 2$ as an edge list.
+    """MAGIC's row-stochastic operator $P = D^{-1} (W + W^\\top) / 2$ in compressed sparse rows.
 
-    - `heads`, `tails`: `(n_edges,)` row and column of each slot: `[0, n*s)` the kNN edges `(i, knn[i, j])`,
-      `[n*s, 2*n*s)` their transposes (`s` = neighbours searched per cell); repeated pairs add up.
-    - `weights`: `(n_edges,)` $P$'s entries, so `P @ x` is `segment_sum(weights * x[tails], heads)`.
+    - `heads`, `tails`: `(n_edges,)` row and column of each slot, sorted by row: the kNN edges `(i, knn[i, j])`
+      and their transposes, `n_edges = 2 * n_cells * s` (`s` = neighbours searched per cell); repeated pairs add
+      up.
+    - `weights`: `(n_edges,)` $P$'s entries; `indptr`: `(n_cells + 1,)` where each row's slots start.
+
+    `P @ x` is a `jax.experimental.sparse.BCSR` product (on CPU about ten times faster than a scatter-add
+    `segment_sum`, and differentiable and vmappable alike).
     """
 
     heads: Int[Array, " n_edges"]
     tails: Int[Array, " n_edges"]
     weights: Float[Array, " n_edges"]
+    indptr: Int[Array, " n_cells_plus_one"]
 
     def matvec(self, x: Float[Array, "n_cells n_cols"]) -> Float[Array, "n_cells n_cols"]:
         """`P @ x`."""
-        return jax.ops.segment_sum(self.weights[:, None] * x[self.tails], self.heads, num_segments=x.shape[0])
+        n_cells = self.indptr.shape[0] - 1
+        matrix = jsparse.BCSR((self.weights, self.tails, self.indptr), shape=(n_cells, n_cells))
+        return matrix @ x
 
 
 def diffusion_operator(
@@ -152,7 +160,11 @@ def diffusion_operator(
     tails = jnp.concatenate([columns, rows])
     half = jnp.concatenate([kernel.reshape(-1), kernel.reshape(-1)]) / 2
     degree = jax.ops.segment_sum(half, heads, num_segments=n_cells)
-    return DiffusionOperator(heads, tails, half / degree[heads])
+    order = jnp.argsort(heads, stable=True)
+    heads, tails, weights = heads[order], tails[order], (half / degree[heads])[order]
+    counts = jnp.bincount(heads, length=n_cells).astype(heads.dtype)
+    indptr = jnp.concatenate([jnp.zeros(1, heads.dtype), jnp.cumsum(counts).astype(heads.dtype)])
+    return DiffusionOperator(heads, tails, weights, indptr)
 
 
 def diffuse(operator: DiffusionOperator, x: Float[Array, "n_cells n_cols"], t: int) -> Float[Array, "n_cells n_cols"]:
@@ -238,9 +250,9 @@ def magic_operator(
 _diffuse_jit = eqx.filter_jit(diffuse)
 
 
-def gene_block_size(n_edges: int, memory_budget: int = 2**25) -> int:
-    """Genes diffused together so that one step's gathered edge values hold at most `memory_budget` floats."""
-    return max(1, memory_budget // max(n_edges, 1))
+def gene_block_size(n_cells: int, memory_budget: int = 2**26) -> int:
+    """Genes diffused together so that a block holds at most `memory_budget` floats (256 MiB in float32)."""
+    return max(1, memory_budget // max(n_cells, 1))
 
 
 def impute(
@@ -253,11 +265,11 @@ def impute(
 ) -> np.ndarray:
     """$P^t X$ for the chosen `columns` (all by default), diffused one block of genes at a time.
 
-    Only one `(n_cells, block_size)` block and its edge gather are on the device at once; the result is written
+    Only one `(n_cells, block_size)` block (and its product) is on the device at once; the result is written
     into one float32 host array `(n_cells, n_columns)`.
     """
     columns_array = np.arange(data.shape[1]) if columns is None else np.asarray(columns, dtype=np.int64)
-    block = block_size or gene_block_size(int(operator.heads.shape[0]))
+    block = block_size or gene_block_size(int(data.shape[0]))
     out = np.empty((data.shape[0], columns_array.size), dtype=np.float32)
     for start in range(0, columns_array.size, block):
         chosen = columns_array[start : start + block]
