@@ -2,8 +2,9 @@
 sparse solve of the same system (CellRank is not installed here: its PETSc/SLEPc stack does not build), and our
 transport maps vs wot 1.0.8 (`OTModel`, default solver) per pair of time points.
 
-- `dpt`: `simulate_branching(n)` (50 genes), one scanpy `pp.neighbors` graph (15 neighbours, `use_rep="X"`)
-  shared by both; timed: scanpy `tl.diffmap` + `tl.dpt` vs `diffusion_pseudotime` (compiled first; LOBPCG).
+- `dpt`: `simulate_branching(n)` (50 genes), one neighbour graph (15 neighbours: `dbx`'s exact kNN and UMAP
+  connectivities, written as scanpy's `obsp`/`uns["neighbors"]`) shared by both; timed: scanpy `tl.diffmap` +
+  `tl.dpt` vs `diffusion_pseudotime` (compiled first; LOBPCG).
   Agreement: Spearman of the pseudotimes.
 - `fates`: the same graph, CellRank's connectivity kernel, the 30 highest-time cells of each true fate as terminal
   states; ours (BiCGStab, tol 1e-6, compiled first) vs `scipy.sparse.linalg.spsolve` (SuperLU) of
@@ -54,6 +55,8 @@ def bench_dpt_and_fates(n_cells: int) -> list[dict]:
     import scipy.sparse.linalg as spl
     from scipy.stats import spearmanr
 
+    from diffbio_eqx._core._neighbors import neighbor_graph
+    from diffbio_eqx._faces import graph_matrices
     from diffbio_eqx._simulate._trajectory import simulate_branching
     from diffbio_eqx._trajectory import absorption, diffusion_pseudotime
     from diffbio_eqx._trajectory._fate import connectivity_transitions
@@ -61,9 +64,12 @@ def bench_dpt_and_fates(n_cells: int) -> list[dict]:
 
     sim = simulate_branching(jr.key(0), n_cells)
     adata = ad.AnnData(np.asarray(sim.x, np.float32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sc.pp.neighbors(adata, n_neighbors=15, use_rep="X")
+    # one graph for both: our exact kNN + UMAP connectivities in scanpy's layout (scanpy's own pp.neighbors goes
+    # through pynndescent above 4,096 cells, which fails on this SciPy's sparse arrays)
+    distances, connectivities = graph_matrices(neighbor_graph(sim.x, 15))
+    adata.obsp["distances"], adata.obsp["connectivities"] = distances, connectivities
+    adata.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances",
+                              "params": {"n_neighbors": 15, "method": "umap"}}
     adata.uns["iroot"] = 0
     conn = adata.obsp["connectivities"]
 
@@ -150,16 +156,18 @@ def main() -> None:
     parser.add_argument("--dpt", type=int, nargs="*", default=[10_000])
     parser.add_argument("--ot", type=int, nargs="*", default=[2_000, 10_000])
     args = parser.parse_args()
-    runs = []
+    env = environment("scanpy", "wot", "ott-jax", "scipy")
     for n in sorted(args.dpt):
-        runs += bench_dpt_and_fates(n)
-        print(runs[-2], runs[-1], flush=True)
+        _save(env, bench_dpt_and_fates(n))
     for n in sorted(args.ot):
-        runs.append(bench_ot(n))
-        print(runs[-1], flush=True)
-    record = {"environment": environment("scanpy", "wot", "ott-jax", "scipy"),
-              "runs": merge_runs(RESULTS, runs, ("stage", "n_cells"))}
-    write_json(RESULTS, record)
+        _save(env, [bench_ot(n)])
+
+
+def _save(env: dict, runs: list[dict]) -> None:
+    """Merge the runs into the JSON at once (a long session keeps what finished)."""
+    for run in runs:
+        print(run, flush=True)
+    write_json(RESULTS, {"environment": env, "runs": merge_runs(RESULTS, runs, ("stage", "n_cells"))})
 
 
 if __name__ == "__main__":
