@@ -144,7 +144,6 @@ def ligand_receptor_pairs(name: str = "consensus") -> pd.DataFrame:
     names = sorted(table["resource"].unique())
     if name.lower() not in names:
         raise ValueError(f"name: resource {name!r} is not in liana's file; choose from {names}")
-    table = table[table["resource"] == name.lower()]
-    out = table[["source_genesymbol", "target_genesymbol"]].rename(
-        columns={"source_genesymbol": "ligand", "target_genesymbol": "receptor"})
-    return pd.DataFrame(out).reset_index(drop=True)
+    rows = (table["resource"] == name.lower()).to_numpy()
+    return pd.DataFrame({"ligand": table["source_genesymbol"].to_numpy()[rows],
+                         "receptor": table["target_genesymbol"].to_numpy()[rows]})
