@@ -130,6 +130,53 @@ def umap(
     return axis
 
 
+def volcano(table: pd.DataFrame, *, lfc: str = "log2FoldChange", padj: str = "padj", alpha: float = 0.05,
+            min_lfc: float = 1.0, ax: Any = None, path: str | pathlib.Path | None = None) -> Any:
+    """Volcano plot of a DE table (e.g. `dbx.tl.pseudobulk_de`'s): log2 fold change against $-\\log_{10}$ adjusted
+    p-value; genes with `padj < alpha` and `|lfc| >= min_lfc` in colour. Returns the axis (or the saved path)."""
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 4))
+    x = table[lfc].to_numpy(dtype=float)
+    y = -np.log10(np.clip(table[padj].to_numpy(dtype=float), 1e-300, 1.0))
+    hit = (table[padj].to_numpy(dtype=float) < alpha) & (np.abs(x) >= min_lfc)
+    ax.scatter(x[~hit], y[~hit], s=4, color="lightgray", rasterized=True)
+    ax.scatter(x[hit], y[hit], s=6, color=np.where(x[hit] > 0, "firebrick", "steelblue"), rasterized=True)
+    ax.axhline(-np.log10(alpha), color="black", linestyle="--", linewidth=0.6)
+    ax.set_xlabel("log2 fold change")
+    ax.set_ylabel("-log10 adjusted p-value")
+    if path is not None:
+        return _save_png(ax.figure, path, close=True)
+    return ax
+
+
+def archetype_simplex(adata: ad.AnnData, color: str | None = None, *, key: str = "archetypes", ax: Any = None,
+                      path: str | pathlib.Path | None = None) -> Any:
+    """Cells in the archetypes' simplex (`dbx.tl.archetypes`): each cell at the weighted sum of the corners of a
+    regular polygon, one corner per archetype, coloured by an `obs` column."""
+    plt = _pyplot()
+    weights = np.asarray(adata.obsm[f"X_{key}"])
+    k = weights.shape[1]
+    angles = np.pi / 2 + 2 * np.pi * np.arange(k) / k
+    corners = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 4.5))
+    points = weights @ corners
+    if color is not None and color in adata.obs:
+        _draw_categories(ax, points, adata.obs[color].to_numpy(), f"Archetypes ({k})", basis_label="simplex")
+    else:
+        ax.scatter(points[:, 0], points[:, 1], s=4, color="gray", rasterized=True)
+        _style_embedding_axis(ax, f"Archetypes ({k})", "simplex")
+    ring = np.vstack([corners, corners[:1]])
+    ax.plot(ring[:, 0], ring[:, 1], color="black", linewidth=0.8)
+    for i, (cx, cy) in enumerate(corners):
+        ax.annotate(f"A{i + 1}", (cx, cy), textcoords="offset points", xytext=(6 * cx, 6 * cy), ha="center")
+    ax.set_aspect("equal")
+    if path is not None:
+        return _save_png(ax.figure, path, close=True)
+    return ax
+
+
 def spatial(adata: ad.AnnData, color: str | None = "spatial_domain", *, basis: str = "spatial", ax: Any = None,
             path: str | pathlib.Path | None = None, title: str | None = None) -> Any:
     """Spots in space (`obsm[basis]`, default `"spatial"`) coloured by an `obs` column (default the domains of

@@ -56,13 +56,29 @@ def test_pcha_recovers_simulated_archetypes(simulated, getkey):
     assert float(result.variance_explained) > 0.99
 
 
-def test_archetypes_face(simulated, getkey):
+def test_archetypes_face(simulated, getkey, tmp_path):
     adata = ad.AnnData(X=np.asarray(simulated.x, dtype=np.float32))
     dbx.tl.archetypes(adata, 3, key=getkey(), use_rep="X")
     assert adata.obsm["X_archetypes"].shape == (400, 3)
     assert adata.uns["archetypes"]["archetypes"].shape == (3, 8)
     assert adata.uns["archetypes"]["variance_explained"] > 0.99
+    adata.obs["kind"] = np.where(np.asarray(simulated.weights)[:, 0] > 0.5, "near A1", "other")
+    assert dbx.pl.archetype_simplex(adata, "kind", path=tmp_path / "simplex.png").stat().st_size > 0
     with pytest.raises(ValueError, match="n_archetypes"):
         dbx.tl.archetypes(adata, 0, key=getkey(), use_rep="X")
     with pytest.raises(ValueError, match="n_archetypes"):
         dbx.tl.archetypes(adata[:3].copy(), 4, key=getkey(), use_rep="X")
+
+
+def test_encoder_learns_pcha_weights(simulated, getkey):
+    from diffbio_eqx._archetypes._encoder import ArchetypeEncoder, fit_archetype_encoder
+    from diffbio_eqx._core._train import TrainSettings
+
+    result = pcha(simulated.x, 3, key=getkey())
+    encoder = ArchetypeEncoder(result.archetypes, key=getkey(), width=32)
+    fitted = fit_archetype_encoder(encoder, simulated.x, key=getkey(), settings=TrainSettings(n_epochs=150))
+    weights = np.asarray(fitted.model(simulated.x))
+    assert np.allclose(weights.sum(axis=1), 1.0)
+    assert float(fitted.train_loss[-1]) < 0.2 * float(fitted.train_loss[0])
+    assert np.median(np.abs(weights - np.asarray(result.weights)).sum(axis=1)) < 0.2
+    assert np.allclose(np.asarray(fitted.model.archetypes), np.asarray(result.archetypes))  # held fixed

@@ -81,6 +81,10 @@ def test_size_factors_and_loss_equal_pydeseq2(simulated, both):
     assert fit_alpha_mle is not None
 
 
+def test_volcano_plot(both, tmp_path):
+    assert dbx.pl.volcano(both[0], path=tmp_path / "volcano.png").stat().st_size > 0
+
+
 def test_pseudobulk_recovers_simulated_fold_changes(simulated, both):
     data, _ = simulated
     ours, _, _ = both
