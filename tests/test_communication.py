@@ -199,3 +199,15 @@ def test_settings_are_array_leaves_vmap_equals_loop(getkey):
     kh = jax.vmap(lambda k: eqx.tree_at(lambda s: s.kh, stage, k)(x, labels).scores)(settings + 0.1)
     np.testing.assert_allclose(kh[1], jax.jit(lambda s: s(x, labels).scores)(
         eqx.tree_at(lambda s: s.kh, stage, settings[1] + 0.1)), rtol=1e-6)
+
+
+def test_resource_without_liana_says_how_to_pass_one(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liana" else real(name, *a))
+    with pytest.raises(ImportError, match=r"pass your own resource to tl.ligand_receptor\(\.\.\., resource=table\)"):
+        dbx.datasets.ligand_receptor_pairs()
+    with pytest.raises(ValueError, match="name: resource 'nope'"):
+        monkeypatch.undo()
+        dbx.datasets.ligand_receptor_pairs("nope")
