@@ -35,8 +35,9 @@ import jax.tree_util as jtu
 import numpy as np
 import scipy.sparse as sp
 from jax.scipy.special import gammaln
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from .._core._stage import AbstractTrainableStage
 from .._core._train import FitResult, TrainSettings, fit, map_in_chunks, shared_optimizer
 from .._core._validate import check_counts
 
@@ -110,7 +111,7 @@ def cellassign_prior(model: "CellAssign") -> Float[Array, ""]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class CellAssign(eqx.Module):
+class CellAssign(AbstractTrainableStage):
     """CellAssign's parameters for a set of marker genes and cell types (see the module docstring).
 
     `model(counts, size_factor, design)` gives the type probabilities $\\gamma$ `(n_cells, n_types)`;
@@ -180,13 +181,13 @@ class CellAssign(eqx.Module):
         design: Float[Array, "n_cells n_covariates"],
         *,
         key: PRNGKeyArray | None = None,
-        inference: bool = True,
+        inference: bool = False,
     ) -> Float[Array, "n_cells n_types"]:
         del key, inference
         return jax.nn.softmax(type_log_likelihood(self, counts, size_factor, design), axis=-1)
 
     def loss(
-        self, batch: tuple[Array, Array, Array], /, *, key: PRNGKeyArray | None = None, n_obs: Float[Array, ""]
+        self, batch: tuple[Array, Array, Array], /, *, key: PRNGKeyArray, n_obs: Float[ArrayLike, ""] = 1.0
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
         """scvi-tools' loss: $\\mathrm{mean}_n \\sum_c \\gamma_{nc}(-p_{x,c}) + \\mathrm{prior} / N$ with
         $N$ = `n_obs`, the number of training cells."""

@@ -45,6 +45,7 @@ from .._clustering._kmeans import kmeans_plus_plus, lloyd, nearest_centroid
 from .._core._checkpoint import read_header, save_leaves
 from .._core._loop import iterate
 from .._core._neighbors import neighbor_graph
+from .._core._stage import AbstractStage
 from .._core._train import map_in_chunks
 from .._core._validate import check_counts
 
@@ -219,7 +220,7 @@ def default_n_over_clusters(n_cells: int) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class CellTypistModel(eqx.Module):
+class CellTypistModel(AbstractStage):
     """A trained CellTypist classifier: scaler, coefficients, its genes and cell types.
 
     `model(log_expression)` gives the decision scores `(n_cells, n_types)` of cells given as CellTypist's input
@@ -242,7 +243,7 @@ class CellTypistModel(eqx.Module):
             raise ValueError(f"multi_class: must be 'ovr' or 'multinomial', got {self.multi_class!r}")
 
     def __call__(
-        self, x: Float[Array, "n_cells n_genes"], *, key: PRNGKeyArray | None = None, inference: bool = True
+        self, x: Float[Array, "n_cells n_genes"], *, key: PRNGKeyArray | None = None, inference: bool = False
     ) -> Float[Array, "n_cells n_types"]:
         del key, inference
         return decision_scores(standardize(x, self.mean, self.scale), self.weights, self.intercept)
@@ -380,6 +381,46 @@ def _scaled_chunk(batch: tuple[Array, Array], model: CellTypistModel) -> Array:
     return standardize(log_normalize(counts, library), model.mean, model.scale)
 
 
+@eqx.filter_jit
+def _sparse_scores_chunk(
+    values: Float[Array, " n_slots"], columns: Int[Array, " n_slots"], rows: Int[Array, " n_slots"],
+    library: Float[Array, " n_rows"], model: CellTypistModel,
+) -> Float[Array, "n_rows n_types"]:
+    """Decision scores from the non-zeros only: a zero count scales to $z^0_g = -m_g / s_g$, so
+    $W z + b = \sum_{g: x_g > 0} W_{\cdot g} (z_g - z^0_g) + (W z^0 + b)$ (padding slots carry value 0)."""
+    scale = jnp.asarray(TARGET_SUM, values.dtype) / jnp.maximum(library, jnp.asarray(1.0, values.dtype))
+    z = jnp.minimum((jnp.log1p(values * scale[rows]) - model.mean[columns]) / model.scale[columns],
+                    jnp.asarray(CLIP, values.dtype))
+    zero = -model.mean / model.scale
+    delta = jnp.where(values > 0, z - zero[columns], 0.0)
+    per_slot = delta[:, None] * model.weights.T[columns]
+    base = decision_scores(zero[None, :], model.weights, model.intercept)
+    return jax.ops.segment_sum(per_slot, rows, num_segments=library.shape[0]) + base
+
+
+def _sparse_scores(model: CellTypistModel, csr: sp.csr_matrix, library: np.ndarray, chunk_size: int) -> Array:
+    """`_sparse_scores_chunk` over row chunks; non-zeros padded to a power of two (few compilations)."""
+    n_rows = cast(tuple[int, int], csr.shape)[0]
+    parts = []
+    for start in range(0, n_rows, chunk_size):
+        stop = min(start + chunk_size, n_rows)
+        block = csr[start:stop]
+        nnz = int(block.nnz)
+        slots = 1 << max(nnz, 1).bit_length()
+        values = np.zeros(slots, block.dtype)
+        values[:nnz] = block.data
+        columns = np.zeros(slots, np.int32)
+        columns[:nnz] = block.indices
+        rows = np.zeros(slots, np.int32)
+        rows[:nnz] = np.repeat(np.arange(stop - start, dtype=np.int32), np.diff(block.indptr))
+        lib = np.ones(chunk_size, library.dtype)
+        lib[: stop - start] = library[start:stop]
+        out = _sparse_scores_chunk(jnp.asarray(values), jnp.asarray(columns), jnp.asarray(rows), jnp.asarray(lib),
+                                   model)
+        parts.append(out[: stop - start])
+    return jnp.concatenate(parts, axis=0)
+
+
 def restrict_to_query(model: CellTypistModel, query_genes: Any) -> tuple[CellTypistModel, np.ndarray]:
     """The model on the genes the query has (CellTypist drops the others' coefficients) and where those genes sit
     in the query's columns."""
@@ -429,7 +470,10 @@ def predict_celltypist(
     selected = checked[:, columns]
     selected = selected.astype(dtype) if sp.issparse(selected) else np.asarray(selected, dtype=dtype)
     data = (selected, library.astype(dtype))
-    scores = map_in_chunks(_scores_chunk, data, chunk_size=chunk_size, context=restricted)
+    if sp.issparse(selected):
+        scores = _sparse_scores(restricted, sp.csr_matrix(selected), library.astype(dtype), chunk_size)
+    else:
+        scores = map_in_chunks(_scores_chunk, data, chunk_size=chunk_size, context=restricted)
     labels = jnp.argmax(scores, axis=1)
     majority = clusters = None
     if majority_voting:

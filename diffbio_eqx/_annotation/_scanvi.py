@@ -118,7 +118,7 @@ class SCANVI(AbstractTrainableStage):
 
     def __call__(
         self, counts: Float[Array, "n_cells n_genes"], batch_labels: Int[Array, " n_cells"] | None = None, *,
-        key: PRNGKeyArray | None = None, inference: bool = True,
+        key: PRNGKeyArray | None = None, inference: bool = False,
     ) -> Float[Array, "n_cells n_labels"]:
         del key, inference
         counts = counts.astype(self.vae.dtype)
