@@ -67,8 +67,11 @@ def _run_scanpy(counts):
     adata = ad.AnnData(counts.copy())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sc.pp.scrublet(adata, random_state=0, verbose=False)
-    return adata.obs["doublet_score"].to_numpy(), {"called_rate": float(adata.obs["predicted_doublet"].mean())}
+        # Exact sklearn neighbours: scanpy's default above 8192 points (pynndescent) fails in this environment
+        # (`csr_array` has no `getnnz` with the installed scipy), and exact search is what ours does too.
+        sc.pp.scrublet(adata, random_state=0, verbose=False, use_approx_neighbors=False)
+    return adata.obs["doublet_score"].to_numpy(), {"called_rate": float(adata.obs["predicted_doublet"].mean()),
+                                                   "use_approx_neighbors": False}
 
 
 def _run_solo(counts, vae_epochs: int):
@@ -124,6 +127,9 @@ def pbmc68k_rates() -> dict:
     from diffbio_eqx._doublets._run import ScrubletSettings, run_scrublet
 
     adata = dbx.datasets.pbmc68k()
+    # dbx.datasets.pbmc68k() returns a CSR matrix with unsorted column indices (flagged as such); scanpy's
+    # scrublet mishandles those (values land on other genes), so both tools get the sorted matrix.
+    adata.X.sort_indices()
     counts = adata.X
     theirs = adata.copy()
     with warnings.catch_warnings():

@@ -54,7 +54,8 @@ class ScrubletResult:
 
 def check_scrublet_input(counts: Any, settings: ScrubletSettings, field: str = "counts") -> sp.csr_matrix:
     """Bad input, named: empty or all-zero cells, a threshold outside [0, 1], rates outside (0, 1)."""
-    matrix: Any = sp.csr_matrix(counts)
+    # rebuilt through COO: sorted column indices and no duplicate entries, whatever flags the input carries
+    matrix: Any = sp.csr_matrix(sp.coo_matrix(counts))
     if matrix.ndim != 2 or matrix.shape[0] < 2:
         raise ValueError(f"{field}: needs at least 2 cells, got shape {matrix.shape}")
     totals = np.asarray(matrix.sum(axis=1)).ravel()
