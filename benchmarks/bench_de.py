@@ -35,7 +35,7 @@ import scipy.stats as st  # noqa: E402
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import environment, simulated_counts, write_json  # noqa: E402
+from _common import environment, merge_runs, simulated_counts, write_json  # noqa: E402
 
 
 def _twice(fn):
@@ -141,11 +141,11 @@ def bench_pcha(n_cells: int, n_archetypes: int = 5) -> dict:
 
     from diffbio_eqx._archetypes._pcha import pcha_from
 
-    counts, _, _ = simulated_counts(n_cells, n_genes=2000)
+    counts, _, _ = simulated_counts(n_cells, n_genes=2000, n_groups=5)
     logged = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
     centred = logged - logged.mean(axis=0)
     u, s, _ = np.linalg.svd(centred[:, np.argsort(-centred.var(axis=0))[:500]], full_matrices=False)
-    x = u[:, :20] * s[:20]
+    x = (u[:, :20] * s[:20]).astype(np.float64)
     np.random.seed(0)
     start = time.perf_counter()
     _, _, _, _, theirs = PCHA(x.T, n_archetypes)
@@ -155,8 +155,8 @@ def bench_pcha(n_cells: int, n_archetypes: int = 5) -> dict:
     s0 = -np.log(np.random.random((n_archetypes, n_cells)))
     fn = jax.jit(pcha_from)
     result, t_ours, compile_s = _twice(lambda: fn(jnp.asarray(x), jnp.asarray(first), jnp.asarray(s0)))
-    row = {"task": "pcha", "n_cells": n_cells, "n_dims": 20, "n_archetypes": n_archetypes, "ours_s": t_ours,
-           "compile_s": compile_s, "reference_s": t_ref, "speedup": t_ref / t_ours,
+    row = {"task": "pcha", "n_cells": n_cells, "n_genes": 2000, "n_dims": 20, "n_archetypes": n_archetypes,
+           "ours_s": t_ours, "compile_s": compile_s, "reference_s": t_ref, "speedup": t_ref / t_ours,
            "variance_explained": float(result.variance_explained), "reference_variance_explained": float(theirs),
            "n_iter": int(result.n_iter)}
     print(row, flush=True)
@@ -170,17 +170,13 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     parser.add_argument("--only", nargs="*", default=["markers", "pseudobulk", "ks", "pcha"])
     args = parser.parse_args()
-    runs = []
-    if "markers" in args.only:
-        runs += bench_markers(args.cells, args.genes)
-    if "pseudobulk" in args.only:
-        runs.append(bench_pseudobulk(args.cells, args.genes))
-    if "ks" in args.only:
-        runs.append(bench_ks(args.cells, args.genes))
-    if "pcha" in args.only:
-        runs.append(bench_pcha(args.cells))
-    write_json(args.out / "de.json", {"environment": environment("scanpy", "pydeseq2", "scipy", "py_pcha"),
-                                      "runs": runs})
+    path = args.out / "de.json"
+    sections = {"markers": lambda: bench_markers(args.cells, args.genes),
+                "pseudobulk": lambda: [bench_pseudobulk(args.cells, args.genes)],
+                "ks": lambda: [bench_ks(args.cells, args.genes)], "pcha": lambda: [bench_pcha(args.cells)]}
+    for name in args.only:  # written after each section, merged with the runs of other sizes already there
+        runs = merge_runs(path, sections[name](), ("task", "n_cells", "n_genes"))
+        write_json(path, {"environment": environment("scanpy", "pydeseq2", "scipy", "py_pcha"), "runs": runs})
 
 
 if __name__ == "__main__":

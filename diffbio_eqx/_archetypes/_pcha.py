@@ -132,6 +132,7 @@ def pcha_from(
 ) -> PCHAResult:
     """PCHA from a given furthest-sum start cell and initial S (unnormalised, e.g. `-log U`)."""
     xt = x.T
+    s0 = s0.astype(x.dtype)
     n_archetypes = s0.shape[0]
     c = jax.nn.one_hot(furthest_sum(xt, n_archetypes, start), x.shape[0], dtype=x.dtype).T
     sst = jnp.sum(x * x)
