@@ -12,7 +12,7 @@ Open Problems' normalised MSE, the Poisson loss, Batson's depth-matched MSE, and
   t 3, n_pca 100).
 - `vae`: `fit_vae` (scVI defaults; epochs for about 200,000 cell visits, 3 to 200) and its expected counts
   (`normalized / target library * library`).
-- `transformer`: `fit_masked_gene_transformer` (defaults; epochs for about 50,000 cell visits), `denoise`.
+- `transformer`: `fit_masked_gene_transformer` (defaults; epochs for about 20,000 cell visits), `denoise`.
 
 Datasets: `pbmc68k` (700 cells x 765 genes, restored counts), `sim10k` / `sim50k` (`simulate_sparse`, 2,000 genes,
 one batch). `--speed`: the transformer's training throughput on 2,000 genes (cells per second over timed epochs
@@ -91,7 +91,7 @@ def transformer_denoiser(train):
     from diffbio_eqx._core._train import TrainSettings
     from diffbio_eqx._imputation import MaskedGeneTransformer, denoise, fit_masked_gene_transformer
 
-    epochs = int(np.clip(round(50_000 / train.shape[0]), 2, 200))
+    epochs = int(np.clip(round(20_000 / train.shape[0]), 2, 200))
     model = MaskedGeneTransformer(train.shape[1], key=jr.key(0))
     fitted = fit_masked_gene_transformer(model, train, key=jr.key(1),
                                          settings=TrainSettings(n_epochs=epochs, progress=False))
