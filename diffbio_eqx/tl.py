@@ -742,7 +742,7 @@ def rank_genes_groups(
     base = adata.uns.get("log1p", {}).get("base")
     log_base = jnp.asarray(1.0 if base is None else float(np.log(base)))
     result = rank_genes(jnp.asarray(x), jnp.asarray(tested), jnp.asarray(rests), log_base, method=method,
-                        tie_correct=tie_correct)
+                        tie_correct=tie_correct, vs_rest=reference == "rest")
     pvals = np.asarray(result.pvals)
     adjusted = (np.asarray(result.pvals_adj) if corr_method == "benjamini-hochberg"
                 else np.minimum(pvals * x.shape[1], 1.0))

@@ -47,7 +47,11 @@ def rank_sum_z(
     """Wilcoxon rank-sum z-score of the `group` cells against the other `used` cells (scanpy's normal
     approximation, NaN set to 0)."""
     ranks, ties = midranks(values, used)
-    dtype = values.dtype
+    return _z_from_ranks(ranks, ties, group, used, tie_correct)
+
+
+def _z_from_ranks(ranks, ties, group, used, tie_correct: bool):
+    dtype = ranks.dtype
     n = jnp.sum(group & used).astype(dtype)
     n_used = jnp.sum(used).astype(dtype)
     m = n_used - n
@@ -133,8 +137,12 @@ class MarkerResult(eqx.Module):
     mean_rest: Float[Array, "n_groups n_genes"]
 
 
-def _wilcoxon_scores(x, groups, rests, tie_correct: bool, batch_size: int):
+def _wilcoxon_scores(x, groups, rests, tie_correct: bool, batch_size: int, vs_rest: bool):
     def per_gene(column):
+        if vs_rest:  # every comparison uses all cells: rank once per gene (scanpy does the same)
+            everyone = jnp.ones(column.shape, bool)
+            ranks, ties = midranks(column, everyone)
+            return jax.vmap(lambda g: _z_from_ranks(ranks, ties, g, everyone, tie_correct))(groups)
         return jax.vmap(lambda g, r: rank_sum_z(column, g, g | r, tie_correct))(groups, rests)
 
     return jax.lax.map(per_gene, x.T, batch_size=batch_size).T
@@ -149,6 +157,7 @@ def rank_genes(
     *,
     method: str = "t-test",
     tie_correct: bool = False,
+    vs_rest: bool = False,
     batch_size: int = 64,
 ) -> MarkerResult:
     """Score every gene for each group against its rest (scanpy's `rank_genes_groups` statistics, unsorted).
@@ -163,12 +172,14 @@ def rank_genes(
     - `log_base`: $\\ln b$ of the data's logarithm base (1 for natural log).
     - `method`: `"wilcoxon"`, `"t-test"` or `"t-test_overestim_var"`. (Keyword only, static.)
     - `tie_correct`: Wilcoxon tie correction (scanpy's default is off). (Keyword only, static.)
+    - `vs_rest`: every row of `rests` is the complement of `groups`' row (rank once per gene). (Keyword only,
+      static.)
     - `batch_size`: genes ranked at once (memory only). (Keyword only, static.)
     """
     mean_g, var_g, n_g = group_moments(x, groups)
     mean_r, var_r, n_r = group_moments(x, rests)
     if method == "wilcoxon":
-        scores = _wilcoxon_scores(x.astype(mean_g.dtype), groups, rests, tie_correct, batch_size)
+        scores = _wilcoxon_scores(x.astype(mean_g.dtype), groups, rests, tie_correct, batch_size, vs_rest)
         pvals = normal_two_sided(scores)
     elif method in ("t-test", "t-test_overestim_var"):
         n_other = n_g if method == "t-test_overestim_var" else n_r
