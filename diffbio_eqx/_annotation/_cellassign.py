@@ -56,8 +56,8 @@ DIRICHLET_CONCENTRATION = 1e-2
 
 
 def scvi_negative_binomial_log_prob(
-    x: Float[Array, "*shape"], mu: Float[Array, "*#shape"], theta: Float[Array, "*#shape"]
-) -> Float[Array, "*shape"]:
+    x: Float[Array, "..."], mu: Float[Array, "..."], theta: Float[Array, "..."]
+) -> Float[Array, "..."]:
     """scvi-tools' `log_nb_positive` (eps 1e-8): the NB log-probability with mean `mu`, inverse dispersion
     `theta`."""
     eps = jnp.asarray(NB_EPS, mu.dtype)
