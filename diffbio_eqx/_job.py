@@ -245,13 +245,14 @@ def _integration_metrics(x: np.ndarray, batches: np.ndarray | None, labels: np.n
     return metrics
 
 
-def _settings(adata: Any, arrays: io.AnnDataArrays, n_label_types: int | None,
+def _settings(adata: Any, arrays: io.AnnDataArrays,
               config_path: str | os.PathLike[str] | None) -> tuple[SingleCellPipelineConfig, tuple[str, ...]]:
     """The job's pipeline settings (sized to the data; a `--config` file overrides them) and a note about them."""
     settings: dict[str, Any] = {
         "n_genes": adata.n_vars,
         "n_batches": arrays.n_batches,
-        "n_clusters": n_label_types or 10,
+        # Chosen from the data (the most stable Leiden resolution): known labels are for scoring, not for fitting.
+        "n_clusters": None,
         # Harmony's own default K (min(round(N / 30), 100)) rather than a fixed 100 for any data size.
         "batch_correction_clusters": None,
         "latent_dim": 10,
@@ -295,8 +296,7 @@ def run_job(
     loaded = _load(input_path, batch_key, label_key, seed, inputs or InputSettings())
     adata, arrays, batch_key, label_key, labels = (loaded.adata, loaded.arrays, loaded.batch_key, loaded.label_key,
                                                    loaded.labels)
-    n_label_types = None if labels is None else len(np.unique(labels[loaded.known]))
-    config, config_notes = _settings(adata, arrays, n_label_types, config_path)
+    config, config_notes = _settings(adata, arrays, config_path)
     if batch_key is not None and arrays.batch_labels is None:  # one batch: nothing to correct
         config = config.replace(enable_batch_correction=False)
     epochs, epoch_notes = _epochs(adata.n_obs, epochs)

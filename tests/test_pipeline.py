@@ -59,7 +59,7 @@ def test_config_has_the_seed_defaults():
 
 
 def test_config_rejects_bad_settings(tmp_path):
-    with pytest.raises(ValueError, match="n_clusters: must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="n_clusters: must be a positive integer or None, got 0"):
         SingleCellPipelineConfig(n_clusters=0)
     with pytest.raises(ValueError, match="clustering_temperature: must be > 0"):
         SingleCellPipelineConfig(clustering_temperature=0.0)
@@ -75,7 +75,7 @@ def test_config_rejects_bad_settings(tmp_path):
 
 def test_stages_are_reachable_and_none_when_disabled():
     pipeline = create_single_cell_pipeline(n_genes=30, n_clusters=3, key=jr.key(0), **SMALL)
-    assert pipeline.clustering.centroids.shape == (3, 10)
+    assert pipeline.clustering.means.shape == (3, 10)
     assert isinstance(pipeline.vae_normalizer, dbx.VAENormalizer)
     off = create_single_cell_pipeline(n_genes=30, enable_ambient_removal=False, enable_batch_correction=False,
                                       enable_dim_reduction=False, enable_clustering=False, key=jr.key(0), **SMALL)

@@ -16,17 +16,23 @@ class SingleCellPipelineConfig:
     The first twelve fields and their defaults are the seed's:
 
     - `n_genes` (2000): genes in the count matrix.
-    - `n_clusters` (10): soft k-means clusters.
+    - `n_clusters` (10): clusters; None lets `fit_pipeline` choose them (`select_n_clusters`: Leiden's
+      communities of the corrected cells at their most stable resolution), and the fitted pipeline's config holds
+      the number chosen.
     - `latent_dim` (64): VAE latent dimension.
     - `hidden_dims` ((128, 64)): VAE encoder layer widths (the decoder mirrors them).
     - `umap_n_components` (2): dimension of the parametric UMAP embedding.
     - `batch_correction_clusters` (100): Harmony's K; `None` uses Harmony's `min(round(N / 30), 100)`.
     - `batch_correction_iterations` (10): Harmony's outer rounds (`max_iter_harmony`).
-    - `clustering_temperature` (1.0): soft k-means temperature, in squared-distance units.
+    - `clustering_temperature` (1.0): the clustering stage's temperature (soft k-means: in squared-distance units;
+      Gaussian mixture: of its E-step, 1 the posterior).
     - `enable_ambient_removal`, `enable_batch_correction`, `enable_dim_reduction`, `enable_clustering` (True).
 
     Then:
 
+    - `clustering_method` ("gmm"): `"gmm"` (a diagonal Gaussian mixture initialised from communities of the
+      neighbour graph: per-cluster weights and variances, for unbalanced cell types) or `"soft_kmeans"`
+      (k-means++ then soft k-means, the seed's).
     - `n_batches` (1): batch categories in `batch_labels`.
     - `likelihood` ("nb"): the VAE's count likelihood, `"nb"`, `"zinb"` or `"poisson"`.
     - `dropout_rate` (0.1), `use_layer_norm` (False): VAE encoder settings.
@@ -37,7 +43,7 @@ class SingleCellPipelineConfig:
     """
 
     n_genes: int = 2000
-    n_clusters: int = 10
+    n_clusters: int | None = 10
     latent_dim: int = 64
     hidden_dims: tuple[int, ...] = (128, 64)
     umap_n_components: int = 2
@@ -48,6 +54,7 @@ class SingleCellPipelineConfig:
     enable_batch_correction: bool = True
     enable_dim_reduction: bool = True
     enable_clustering: bool = True
+    clustering_method: Literal["gmm", "soft_kmeans"] = "gmm"
     n_batches: int = 1
     likelihood: Literal["nb", "zinb", "poisson"] = "nb"
     dropout_rate: float = 0.1
@@ -65,7 +72,7 @@ class SingleCellPipelineConfig:
     def __post_init__(self):
         object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
         positive = {
-            "n_genes": self.n_genes, "n_clusters": self.n_clusters, "latent_dim": self.latent_dim,
+            "n_genes": self.n_genes, "latent_dim": self.latent_dim,
             "umap_n_components": self.umap_n_components, "n_batches": self.n_batches,
             "batch_correction_iterations": self.batch_correction_iterations,
             "umap_n_neighbors": self.umap_n_neighbors,
@@ -73,6 +80,11 @@ class SingleCellPipelineConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.n_clusters is not None and (not isinstance(self.n_clusters, int) or isinstance(self.n_clusters, bool)
+                                            or self.n_clusters < 1):
+            raise ValueError(f"n_clusters: must be a positive integer or None, got {self.n_clusters!r}")
+        if self.clustering_method not in ("gmm", "soft_kmeans"):
+            raise ValueError(f"clustering_method: must be 'gmm' or 'soft_kmeans', got {self.clustering_method!r}")
         if not self.hidden_dims or min(self.hidden_dims) < 1:
             raise ValueError(f"hidden_dims: need at least one positive width, got {self.hidden_dims}")
         if self.batch_correction_clusters is not None and self.batch_correction_clusters < 1:

@@ -20,6 +20,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._ambient._stage import AmbientRemoval
+from .._clustering._mixture_stage import GaussianMixture
 from .._clustering._stage import SoftKMeans
 from .._harmony._math import HarmonyResult, map_to_reference
 from .._harmony._stage import Harmony
@@ -111,6 +112,25 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
     return jtu.tree_map(lambda leaf: leaf.astype(dtype) if eqx.is_inexact_array(leaf) else leaf, tree)
 
 
+def _placeholder_clustering(config: SingleCellPipelineConfig, dtype: Any,
+                            key: PRNGKeyArray) -> GaussianMixture | SoftKMeans:
+    shape = (config.n_clusters or 1, config.latent_dim)
+    temperature = jnp.asarray(config.clustering_temperature, dtype)
+    if config.clustering_method == "gmm":
+        return GaussianMixture(jr.normal(key, shape, dtype=dtype), temperature=temperature)
+    return SoftKMeans(jr.normal(key, shape, dtype=dtype), temperature=temperature)
+
+
+def with_config(pipeline: "SingleCellPipeline", config: SingleCellPipelineConfig) -> "SingleCellPipeline":
+    """The pipeline with another config (a static field, which `eqx.tree_at` cannot replace), e.g. the number of
+    clusters `fit_pipeline` chose."""
+    copy = object.__new__(type(pipeline))
+    for field in dataclasses.fields(pipeline):
+        object.__setattr__(copy, field.name, getattr(pipeline, field.name))
+    object.__setattr__(copy, "config", config)
+    return copy
+
+
 class SingleCellPipeline(eqx.Module):
     """Ambient removal, VAE normalisation, Harmony, parametric UMAP and soft k-means as one immutable module.
 
@@ -130,7 +150,7 @@ class SingleCellPipeline(eqx.Module):
     vae_normalizer: VAENormalizer
     batch_correction: Harmony | None
     dim_reduction: ParametricUMAP | None
-    clustering: SoftKMeans | None
+    clustering: GaussianMixture | SoftKMeans | None
     harmony_reference: HarmonyReference | None
     config: SingleCellPipelineConfig = eqx.field(static=True)
 
@@ -175,11 +195,10 @@ class SingleCellPipeline(eqx.Module):
         # float), so a float32 pipeline stays float32 with x64 on, and a saved pipeline loads under either setting.
         self.batch_correction, self.dim_reduction = _cast_floats((self.batch_correction, self.dim_reduction),
                                                                  float_dtype)
-        # Placeholder centroids until `fit_pipeline` initialises them by k-means++ on the corrected cells.
+        # Placeholder parameters until `fit_pipeline` fits the stage on the corrected cells (one cluster when the
+        # number is left to the fit, which then replaces the stage and the config's `n_clusters`).
         self.clustering = (
-            SoftKMeans(jr.normal(cluster_key, (config.n_clusters, config.latent_dim), dtype=float_dtype),
-                       temperature=jnp.asarray(config.clustering_temperature, float_dtype))
-            if config.enable_clustering else None
+            _placeholder_clustering(config, float_dtype, cluster_key) if config.enable_clustering else None
         )
         self.harmony_reference = None
 

@@ -54,7 +54,7 @@ def prepare_inputs(
     if labels.ndim != 1:
         raise ValueError(f"batch_labels: the pipeline takes one batch covariate, shape ({n_cells},)")
     if pipeline.clustering is not None:
-        check_n_clusters(n_cells, config.n_clusters)
+        check_n_clusters(n_cells, pipeline.clustering.n_clusters)
     dtype = pipeline.dtype
     host_counts = counts if keep_sparse else jnp.asarray(counts, dtype=dtype)
     return host_counts, jnp.asarray(profile, dtype=dtype), jnp.asarray(labels)

@@ -1,0 +1,118 @@
+"""Real-data quality of the main job (issue 24): `diffbio-eqx run` with default settings over several seeds on
+pbmc68k (simulated two-batch split), scored against `bulk_labels` and against umap-learn and scanpy + harmonypy.
+
+For each seed: the job's cluster ARI/NMI and number of clusters; the 15-NN preservation of the job's `X_umap`
+(share of each cell's 15 nearest neighbours in the corrected embedding that stay among its 15 nearest in 2-D)
+against umap-learn (default settings, `random_state=0`) on the same corrected embedding; with `--scib`, the
+scib-metrics totals of the corrected embedding and of scanpy (normalise, log1p, PCA 50) + harmonypy, in one
+Benchmarker call. Reference: scanpy's Leiden at resolution 1.0 on its PCA (0.507 in the issue).
+
+    python benchmarks/bench_quality.py --seeds 0 1 2 3 4 [--scib] [--from-dirs DIR ...]
+
+`--from-dirs` scores finished job folders (named run<seed>) instead of running the job. Writes
+benchmarks/results/quality.json.
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+from _common import ROOT, environment
+
+
+def _preservation(x: np.ndarray, z: np.ndarray, k: int = 15) -> float:
+    from sklearn.neighbors import NearestNeighbors
+
+    high = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x, return_distance=False)[:, 1:]
+    low = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z, return_distance=False)[:, 1:]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(high, low)]))
+
+
+def _scanpy_baseline(adata):
+    import harmonypy
+    import scanpy as sc
+
+    baseline = adata.copy()
+    baseline.X = baseline.X.astype(np.float32)
+    sc.pp.normalize_total(baseline, target_sum=1e4)
+    sc.pp.log1p(baseline)
+    sc.pp.pca(baseline, n_comps=50, random_state=0)
+    corrected = np.asarray(harmonypy.run_harmony(baseline.obsm["X_pca"], baseline.obs, "batch", random_state=0).Z_corr)
+    baseline.obsm["X_harmony"] = (corrected if corrected.shape[0] == baseline.n_obs else corrected.T).astype(np.float32)
+    baseline.obsm["X_pca"] = baseline.obsm["X_pca"].astype(np.float32)
+    return baseline
+
+
+def _scib_totals(adata) -> dict[str, float]:
+    from scib_metrics.benchmark import Benchmarker
+
+    baseline = _scanpy_baseline(adata)
+    baseline.obsm["X_diffbio_corrected"] = np.asarray(adata.obsm["X_diffbio_corrected"], np.float32)
+    bench = Benchmarker(baseline, batch_key="batch", label_key="bulk_labels",
+                        embedding_obsm_keys=["X_harmony", "X_diffbio_corrected"],
+                        pre_integrated_embedding_obsm_key="X_pca", n_jobs=1)
+    bench.benchmark()
+    results = bench.get_results(min_max_scale=False)
+    return {f"{row} {name}": float(results.loc[name, row]) for name in ("X_harmony", "X_diffbio_corrected")
+            for row in ("Total", "Batch correction", "Bio conservation")}
+
+
+def _score(folder: pathlib.Path, scib: bool) -> dict:
+    import anndata as ad
+    import umap
+
+    import diffbio_eqx as dbx
+
+    adata = ad.read_h5ad(folder / "result.h5ad")
+    labels = adata.obs["bulk_labels"].to_numpy()
+    clusters = adata.obs["diffbio_cluster"].to_numpy()
+    corrected = np.asarray(adata.obsm["X_diffbio_corrected"], np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = umap.UMAP(random_state=0).fit_transform(corrected)
+    ours, theirs = _preservation(corrected, np.asarray(adata.obsm["X_umap"])), _preservation(corrected, reference)
+    record = {"ari": dbx.adjusted_rand_index(labels, clusters), "nmi": dbx.normalized_mutual_info(labels, clusters),
+              "n_clusters": int(len(np.unique(clusters))), "umap_preservation": ours,
+              "umap_learn_preservation": theirs, "umap_preservation_ratio": ours / theirs}
+    return record | (_scib_totals(adata) if scib else {})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--scib", action="store_true", help="also the scib-metrics totals (slow)")
+    parser.add_argument("--from-dirs", type=pathlib.Path, default=None, help="folder holding run<seed> job outputs")
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality.json")
+    arguments = parser.parse_args()
+    work = arguments.from_dirs or pathlib.Path(ROOT / "benchmarks" / "results" / "quality_runs")
+    runs = {}
+    for seed in arguments.seeds:
+        folder = work / f"run{seed}"
+        seconds = None
+        if arguments.from_dirs is None:
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "diffbio_eqx.cli", "run", "--out", str(folder), "--seed",
+                            str(seed), "--quiet"], check=True)
+            seconds = time.perf_counter() - started
+        runs[seed] = _score(folder, arguments.scib) | {"job_seconds": seconds}
+        print(seed, runs[seed], flush=True)
+    aris = [run["ari"] for run in runs.values()]
+    ratios = [run["umap_preservation_ratio"] for run in runs.values()]
+    summary = {"ari_median": float(np.median(aris)), "ari_min": float(np.min(aris)),
+               "umap_preservation_ratio_median": float(np.median(ratios)),
+               "umap_preservation_ratio_min": float(np.min(ratios))}
+    record = {"benchmark": "quality", "dataset": "pbmc68k_reduced, simulated two-batch split (the job's default)",
+              "environment": environment("scanpy", "umap-learn", "harmonypy", "scib-metrics"),
+              "runs": runs, "summary": summary}
+    arguments.out.write_text(json.dumps(record, indent=1, default=float))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

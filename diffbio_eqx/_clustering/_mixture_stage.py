@@ -1,0 +1,278 @@
+"""The Gaussian mixture as a stage (`GaussianMixture`) and `fit_gaussian_mixture`: initialisation from communities
+of the shared neighbour graph (Leiden, which also proposes the number of clusters) or k-means++, several restarts
+chosen by log-likelihood, then EM.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
+
+from .._core._metrics import adjusted_rand_index
+from .._core._neighbors import neighbor_graph
+from .._core._stage import AbstractTrainableStage
+from .._core._train import FitResult
+from .._core._validate import check_embedding, check_n_clusters
+from ._communities import connectivity_matrix, leiden, leiden_with_k
+from ._gmm import (
+    REG_COVAR,
+    MixtureFit,
+    MixtureParameters,
+    component_log_densities,
+    expectation_maximisation,
+    hard_labels,
+    mixture_log_likelihood,
+    mixture_responsibilities,
+    parameters_from_labels,
+)
+from ._kmeans import kmeans_plus_plus, lloyd, nearest_centroid
+
+
+#: The initialisations `fit_gaussian_mixture` offers.
+MIXTURE_INITS = ("graph", "kmeans")
+
+
+class GaussianMixture(AbstractTrainableStage):
+    """Soft cluster assignments from a diagonal Gaussian mixture: $r_{ik} = \\mathrm{softmax}_k((\\log \\pi_k +
+    \\log \\mathcal{N}(x_i; \\mu_k, \\sigma^2_k)) / T)$, with per-cluster weights and variances, so clusters of very
+    different sizes and spreads are modelled as such (soft k-means assumes equal ones).
+
+    Weights (as logs), means, variances and the temperature are array leaves (differentiable, vmappable,
+    trainable); the number of components and dimensions are their shapes. Fit with `fit_gaussian_mixture`.
+    """
+
+    log_weights: Float[Array, " n_clusters"]
+    means: Float[Array, "n_clusters n_dims"]
+    variances: Float[Array, "n_clusters n_dims"]
+    temperature: Float[Array, ""]
+
+    def __init__(self, means: Float[ArrayLike, "n_clusters n_dims"], *,
+                 variances: ArrayLike | None = None,
+                 log_weights: ArrayLike | None = None,
+                 temperature: Float[ArrayLike, ""] = 1.0):
+        """**Arguments:**
+
+        - `means`: `(n_clusters, n_dims)` component means (their shape fixes the stage's).
+        - `variances`: per-component diagonal variances (default ones).
+        - `log_weights`: log mixing weights (default uniform).
+        - `temperature`: E-step temperature (1 is the posterior; below 1 sharper), must be > 0.
+        """
+        self.means = jnp.asarray(means)
+        n_clusters = self.means.shape[0]
+        self.variances = (jnp.ones_like(self.means) if variances is None
+                          else jnp.asarray(variances, dtype=self.means.dtype))
+        self.log_weights = (jnp.full((n_clusters,), -jnp.log(n_clusters), self.means.dtype) if log_weights is None
+                            else jnp.asarray(log_weights, dtype=self.means.dtype))
+        self.temperature = jnp.asarray(temperature, dtype=self.means.dtype)
+
+    def __check_init__(self):
+        if self.means.ndim != 2 or self.means.shape[0] < 1:
+            raise ValueError(f"means: expected shape (n_clusters >= 1, n_dims), got {self.means.shape}")
+        if self.variances.shape != self.means.shape:
+            raise ValueError(f"variances: expected shape {self.means.shape}, got {self.variances.shape}")
+        if self.log_weights.shape != (self.means.shape[0],):
+            raise ValueError(f"log_weights: expected shape ({self.means.shape[0]},), got {self.log_weights.shape}")
+
+    @property
+    def n_clusters(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def parameters(self) -> MixtureParameters:
+        return MixtureParameters(self.log_weights, self.means, self.variances)
+
+    def _checked_temperature(self) -> Float[Array, ""]:
+        return eqx.error_if(self.temperature, self.temperature <= 0, "temperature must be > 0")
+
+    def __call__(
+        self, x: Float[Array, "n_cells n_dims"], *, key: PRNGKeyArray | None = None, inference: bool = False
+    ) -> Float[Array, "n_cells n_clusters"]:
+        """Responsibilities of each cell for each component (rows on the simplex). `key`, `inference` ignored."""
+        del key, inference
+        return mixture_responsibilities(x, self.parameters, self._checked_temperature())
+
+    def hard_assign(self, x: Float[Array, "n_cells n_dims"]) -> Int[Array, " n_cells"]:
+        """Most probable component of each cell."""
+        return hard_labels(x, self.parameters)
+
+    def objective(self, x: Float[Array, "n_cells n_dims"]) -> Float[Array, ""]:
+        """The mean per-cell negative log-likelihood (lower is better, as the other stages' objectives)."""
+        return -mixture_log_likelihood(x, self.parameters)
+
+    def loss(self, batch: tuple[Float[Array, "n_cells n_dims"]], /, *,
+             key: PRNGKeyArray) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+        """The mean negative log-likelihood of the cells `batch = (x,)` at temperature 1 (deterministic: `key` is
+        ignored): what end-to-end fine-tuning pulls on, keeping clusters compact under their own variances."""
+        del key
+        (x,) = batch
+        log_joint = component_log_densities(x, self.parameters)
+        nll = -jnp.mean(jax.nn.logsumexp(log_joint, axis=1))
+        return nll, {"negative_log_likelihood": nll}
+
+
+@eqx.filter_jit
+def _em(x: Float[Array, "n_cells n_dims"], init: MixtureParameters, temperature: Float[Array, ""], *,
+        n_iter: int, tol: float, reg_covar: float) -> MixtureFit:
+    return expectation_maximisation(x, init, n_iter=n_iter, tol=tol, temperature=temperature, reg_covar=reg_covar)
+
+
+@eqx.filter_jit
+def _kmeans_labels(x: Float[Array, "n_cells n_dims"], n_clusters: int, key: PRNGKeyArray) -> Int[Array, " n_cells"]:
+    return nearest_centroid(x, lloyd(x, kmeans_plus_plus(x, n_clusters, key=key), n_iter=300, tol=1e-4))
+
+
+#: Leiden resolutions among which `select_n_clusters` picks the most stable partition.
+STABILITY_RESOLUTIONS = (0.25, 0.5, 0.75, 1.0, 1.5)
+#: At most this many cells (drawn at random) build the graph that initialises the mixture (exact kNN is O(n^2)).
+MAX_GRAPH_CELLS = 50_000
+
+
+def _graph_k(n_cells: int, n_neighbors: int) -> int:
+    """The graph's k, capped for tiny data (a kNN graph needs more cells than neighbours)."""
+    return max(min(n_neighbors, n_cells - 1), 2)
+
+
+def graph_communities(x: Float[ArrayLike, "n_cells n_dims"], n_clusters: int | None = None, *,
+                      seed: int = 0, n_neighbors: int = 15, resolution: float = 1.0) -> np.ndarray:
+    """Leiden communities of the `n_neighbors` graph of `x` (UMAP connectivities, as `scanpy.pp.neighbors` then
+    `scanpy.tl.leiden(flavor="igraph", n_iterations=2)`): at `resolution` when `n_clusters` is None, else at the
+    resolution that gives `n_clusters` (`leiden_with_k`)."""
+    adjacency = connectivity_matrix(neighbor_graph(x, _graph_k(np.shape(x)[0], n_neighbors)).connectivities)
+    if n_clusters is None:
+        return leiden(adjacency, resolution=resolution, seed=seed)
+    return leiden_with_k(adjacency, n_clusters, seed=seed)[0]
+
+
+def _mean_pairwise_ari(partitions: list[np.ndarray], subsets: list[np.ndarray]) -> float:
+    """Mean pairwise ARI on shared cells; NaN when every partition is one community (trivially reproducible)."""
+    if all(partition.max() == 0 for partition in partitions):
+        return float("nan")
+    scores = []
+    for i in range(len(partitions)):
+        for j in range(i + 1, len(partitions)):
+            _, left, right = np.intersect1d(subsets[i], subsets[j], return_indices=True)
+            scores.append(float(adjusted_rand_index(partitions[i][left], partitions[j][right])))
+    return float(np.mean(scores))
+
+
+def partition_stability(x: Float[ArrayLike, "n_cells n_dims"], *, seed: int = 0, n_neighbors: int = 15,
+                        resolutions: tuple[float, ...] = STABILITY_RESOLUTIONS, n_subsamples: int = 6,
+                        fraction: float = 0.8) -> dict[float, float]:
+    """How reproducible Leiden's partition is at each resolution: the mean pairwise ARI, on the cells they share,
+    of the partitions of `n_subsamples` random `fraction` subsamples (each its own graph and Leiden seed).
+
+    Clustering stability (Ben-Hur, Elisseeff & Guyon 2002; Lange et al. 2004): a resolution that splits real
+    groups is reproduced across subsamples; one that cuts through a continuum is not. A resolution at which every
+    subsample is one community scores NaN (no partition to reproduce).
+    """
+    n_cells = np.shape(x)[0]
+    rng = np.random.default_rng(seed)
+    subsets = [np.sort(rng.choice(n_cells, int(fraction * n_cells), replace=False)) for _ in range(n_subsamples)]
+    k = _graph_k(subsets[0].size, n_neighbors)
+    graphs = [connectivity_matrix(neighbor_graph(jnp.asarray(x)[subset], k).connectivities) for subset in subsets]
+    return {resolution: _mean_pairwise_ari(
+        [leiden(graph, resolution=resolution, seed=seed + i) for i, graph in enumerate(graphs)], subsets)
+        for resolution in resolutions}
+
+
+def _graph_cells(x: Array, seed: int) -> Array:
+    if x.shape[0] <= MAX_GRAPH_CELLS:
+        return x
+    return x[np.sort(np.random.default_rng(seed).choice(x.shape[0], MAX_GRAPH_CELLS, replace=False))]
+
+
+def select_n_clusters(x: Float[ArrayLike, "n_cells n_dims"], *, seed: int = 0, n_neighbors: int = 15,
+                      min_size: int = 10) -> tuple[int, dict[float, float]]:
+    """The number of clusters when the user gives none: Leiden's communities with at least `min_size` cells (the
+    mixture absorbs smaller ones) at the most stable resolution of `partition_stability`, on at most
+    `MAX_GRAPH_CELLS` cells.
+
+    **Returns:** `(n_clusters, stability by resolution)`.
+    """
+    cells = _graph_cells(jnp.asarray(x), seed)
+    if int(0.8 * cells.shape[0]) < 4:  # too few cells to partition
+        return 1, {}
+    stability = partition_stability(cells, seed=seed, n_neighbors=n_neighbors)
+    scored = {r: value for r, value in stability.items() if np.isfinite(value)}
+    if not scored:
+        return 1, stability
+    resolution = max(scored, key=lambda r: scored[r])
+    labels = graph_communities(cells, seed=seed, n_neighbors=n_neighbors, resolution=resolution)
+    return max(int(np.sum(np.bincount(labels) >= min_size)), 1), stability
+
+
+def _initial_parameters(x: Array, n_clusters: int, init: str, key: PRNGKeyArray,
+                        n_neighbors: int) -> MixtureParameters:
+    """One restart's start: the M-step on graph communities (the `n_clusters` largest; EM reassigns the rest) of
+    at most `MAX_GRAPH_CELLS` cells, or on k-means labels; k-means also when the graph finds too few."""
+    seed = int(jr.randint(key, (), 0, 2**31 - 1))
+    if init == "graph":
+        cells = _graph_cells(x, seed)
+        labels = graph_communities(cells, n_clusters, seed=seed, n_neighbors=n_neighbors)
+        sizes = np.bincount(labels)
+        if sizes.size >= n_clusters:
+            largest = np.argsort(-sizes, kind="stable")[:n_clusters]
+            remap = np.full(sizes.size, -1)
+            remap[largest] = np.arange(n_clusters)
+            return parameters_from_labels(cells, jnp.asarray(remap[labels]), n_clusters, REG_COVAR)
+    return parameters_from_labels(x, _kmeans_labels(x, n_clusters, key), n_clusters, REG_COVAR)
+
+
+def fit_gaussian_mixture(
+    stage: GaussianMixture | None,
+    x: Float[ArrayLike, "n_cells n_dims"],
+    *,
+    key: PRNGKeyArray,
+    init: str = "graph",
+    n_restarts: int = 3,
+    n_iter: int = 100,
+    tol: float = 1e-3,
+    n_neighbors: int = 15,
+) -> FitResult:
+    """Fit a `GaussianMixture` to `x`: `n_restarts` initialisations, EM from each, the best log-likelihood kept.
+
+    **Arguments:**
+
+    - `stage`: its `(n_clusters, n_dims)` means fix the shape and its temperature the E-step's (values unused);
+      None lets the data choose the number of clusters (`select_n_clusters`: Leiden's communities at the
+      most stable resolution) at temperature 1.
+    - `x`: `(n_cells, n_dims)` cells (e.g. corrected embeddings).
+    - `key`: PRNG key (restart seeds). (Keyword only argument.)
+    - `init`: `"graph"` (default: Leiden communities of the `n_neighbors` graph at the resolution giving
+      `n_clusters`, a different Leiden seed per restart) or `"kmeans"` (k-means++ then Lloyd, scikit-learn's).
+    - `n_restarts`, `n_iter`, `tol`: restarts (scikit-learn's `n_init`), EM steps and the log-likelihood gain
+      below which EM stops (scikit-learn's `max_iter` 100, `tol` 1e-3).
+    - `n_neighbors`: the graph's k (scanpy's 15).
+
+    **Returns:** a `FitResult`: `model` the fitted stage; `train_loss` the best restart's negative mean
+    log-likelihood per EM step; `train_aux` every restart's (`"restart_<i>"`); `n_epochs_run` its EM steps;
+    `stopped_early` whether EM converged.
+    """
+    if init not in MIXTURE_INITS:
+        raise ValueError(f"init: unknown initialisation {init!r}; choose one of {MIXTURE_INITS}")
+    if n_restarts < 1:
+        raise ValueError(f"n_restarts: must be >= 1, got {n_restarts}")
+    x = jnp.asarray(check_embedding(x, n_dims=None if stage is None else stage.means.shape[1]))
+    if stage is None:
+        n_clusters, _ = select_n_clusters(x, seed=int(jr.randint(key, (), 0, 2**31 - 1)), n_neighbors=n_neighbors)
+        stage = GaussianMixture(jnp.zeros((n_clusters, x.shape[1]), x.dtype))
+    check_n_clusters(x.shape[0], stage.n_clusters)
+    temperature = jnp.asarray(stage.temperature, x.dtype)
+    fits = []
+    for restart_key in jr.split(key, n_restarts):
+        start = _initial_parameters(x, stage.n_clusters, init, restart_key, n_neighbors)
+        fits.append(_em(x, start, temperature, n_iter=n_iter, tol=tol, reg_covar=REG_COVAR))
+    best = fits[int(np.argmax([float(fit.log_likelihood[-1]) for fit in fits]))]
+    params = best.params
+    return FitResult(
+        model=GaussianMixture(params.means, variances=params.variances, log_weights=params.log_weights,
+                              temperature=temperature),
+        train_loss=-best.log_likelihood,
+        validation_loss=jnp.full((n_iter,), jnp.nan, x.dtype),
+        train_aux={f"restart_{i}": -fit.log_likelihood for i, fit in enumerate(fits)},
+        n_epochs_run=int(best.n_steps),
+        best_epoch=max(int(best.n_steps) - 1, 0),
+        stopped_early=bool(best.converged),
+    )

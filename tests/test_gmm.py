@@ -1,0 +1,188 @@
+"""The Gaussian mixture clustering stage (issue 24): EM equal to scikit-learn's from the same start, Leiden
+communities equal to scanpy's, the number of clusters chosen by stability, unbalanced groups recovered (where soft
+k-means fails), jit / vmap / grad, and bad input named."""
+
+import anndata as ad
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+import diffbio_eqx as dbx
+from diffbio_eqx._clustering import _gmm
+from diffbio_eqx._clustering._communities import connectivity_matrix, leiden, leiden_with_k
+from diffbio_eqx._clustering._mixture_stage import partition_stability, select_n_clusters
+
+
+# Unbalanced groups: 20x between the largest and the smallest, different spreads.
+SIZES = [1000, 400, 200, 100, 50]
+
+
+@pytest.fixture(scope="module")
+def unbalanced():
+    x, y = make_blobs(SIZES, n_features=6, cluster_std=[1.0, 0.6, 1.5, 0.4, 0.8], center_box=(-7, 7),
+                      random_state=3)
+    return x.astype(np.float64), y
+
+
+def _sklearn_from(x, init: _gmm.MixtureParameters, n_iter: int) -> SkGaussianMixture:
+    reference = SkGaussianMixture(
+        len(init.log_weights), covariance_type="diag", max_iter=n_iter, tol=0.0, reg_covar=_gmm.REG_COVAR,
+        weights_init=np.exp(np.asarray(init.log_weights)), means_init=np.asarray(init.means),
+        precisions_init=1.0 / np.asarray(init.variances), random_state=0,
+    )
+    with pytest.warns(Warning):  # scikit-learn warns that tol=0 never "converged"
+        return reference.fit(x)
+
+
+def test_em_equals_scikit_learn_from_the_same_start(unbalanced):
+    x, y = unbalanced
+    xj = jnp.asarray(x)  # float64: the suite runs with x64 on (conftest)
+    init = _gmm.parameters_from_labels(xj, jnp.asarray(y), len(SIZES))
+    # Perturb the start so EM has work to do.
+    init = _gmm.MixtureParameters(init.log_weights, init.means + 0.5, init.variances * 2.0)
+    fit = _gmm.expectation_maximisation(xj, init, n_iter=8, tol=-1.0)
+    reference = _sklearn_from(x, init, 8)
+    np.testing.assert_allclose(fit.params.means, reference.means_, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(fit.params.variances, reference.covariances_, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(np.exp(fit.params.log_weights), reference.weights_, rtol=1e-9)
+    assert float(_gmm.mixture_log_likelihood(xj, fit.params)) == pytest.approx(reference.score(x), rel=1e-10)
+    assert float(_gmm.bayesian_information_criterion(xj, fit.params)) == pytest.approx(reference.bic(x),
+                                                                                        rel=1e-10)
+    np.testing.assert_array_equal(_gmm.hard_labels(xj, fit.params), reference.predict(x))
+    # Each EM step does not decrease the log-likelihood.
+    assert np.all(np.diff(np.asarray(fit.log_likelihood)) >= -1e-12)
+
+
+def test_leiden_communities_equal_scanpys():
+    import scanpy as sc
+
+    x = np.asarray(sc.datasets.pbmc68k_reduced().obsm["X_pca"][:, :20], np.float32)
+    graph = dbx.neighbor_graph(x, 15).connectivities
+    ours = leiden(connectivity_matrix(graph), resolution=0.8, seed=3)
+    reference = ad.AnnData(np.zeros((x.shape[0], 1), np.float32))
+    reference.obsp["connectivities"] = connectivity_matrix(graph)
+    reference.uns["neighbors"] = {"connectivities_key": "connectivities", "params": {"method": "umap"}}
+    sc.tl.leiden(reference, resolution=0.8, flavor="igraph", n_iterations=2, random_state=3)
+    assert dbx.adjusted_rand_index(reference.obs["leiden"].to_numpy(), ours) == 1.0
+    labels, resolution = leiden_with_k(connectivity_matrix(graph), 7, seed=3)
+    assert labels.max() + 1 == 7 and 0.01 < resolution < 10
+
+
+def test_the_mixture_recovers_unbalanced_groups_where_soft_kmeans_does_not(unbalanced):
+    x, y = unbalanced
+    x = jnp.asarray(x, jnp.float32)
+    stage = dbx.GaussianMixture(np.zeros((len(SIZES), x.shape[1]), np.float32))
+    fitted = dbx.fit_gaussian_mixture(stage, x, key=jr.key(0))
+    mixture_ari = dbx.adjusted_rand_index(y, np.asarray(fitted.model.hard_assign(x)))
+    kmeans = dbx.fit_soft_kmeans(dbx.SoftKMeans(np.zeros((len(SIZES), x.shape[1]), np.float32)), x, key=jr.key(0))
+    kmeans_ari = dbx.adjusted_rand_index(y, np.asarray(kmeans.model.hard_assign(x)))
+    assert mixture_ari >= 0.98
+    assert mixture_ari >= kmeans_ari
+    # Weights follow the group sizes.
+    np.testing.assert_allclose(np.sort(np.exp(np.asarray(fitted.model.log_weights))),
+                               np.sort(np.asarray(SIZES) / sum(SIZES)), atol=0.01)
+    # Restarts are chosen by log-likelihood.
+    finals = [float(curve[-1]) for name, curve in fitted.train_aux.items() if name.startswith("restart_")]
+    assert len(finals) == 3 and float(fitted.train_loss[-1]) == pytest.approx(min(finals))
+
+
+def test_the_number_of_clusters_is_chosen_by_stability(unbalanced):
+    x, y = unbalanced
+    x = jnp.asarray(x, jnp.float32)
+    n_clusters, stability = select_n_clusters(x, seed=0)
+    assert n_clusters == len(SIZES)
+    assert set(stability) == {0.25, 0.5, 0.75, 1.0, 1.5} and all(0 <= s <= 1 for s in stability.values())
+    assert max(stability.values()) >= 0.99
+    fitted = dbx.fit_gaussian_mixture(None, x, key=jr.key(1))
+    assert fitted.model.n_clusters == len(SIZES)
+    assert dbx.adjusted_rand_index(y, np.asarray(fitted.model.hard_assign(x))) >= 0.98
+    # On structureless data the partitions are not reproducible (one community at low resolution scores NaN).
+    noise = np.random.default_rng(0).normal(size=(600, 6)).astype(np.float32)
+    noise_stability = partition_stability(noise, seed=0)
+    assert np.nanmax(list(noise_stability.values())) < 0.6
+    assert np.isnan(noise_stability[0.25])
+
+
+def test_jit_vmap_over_temperature_and_grad(unbalanced):
+    x, y = unbalanced
+    x = jnp.asarray(x, jnp.float32)
+    stage = dbx.fit_gaussian_mixture(dbx.GaussianMixture(jnp.zeros((5, 6))), x, key=jr.key(0)).model
+    temperatures = jnp.asarray([0.25, 1.0, 4.0], jnp.float32)
+    resp = jax.vmap(lambda t: eqx_call(stage, x, t))(temperatures)
+    assert resp.shape == (3, x.shape[0], 5)
+    np.testing.assert_allclose(resp.sum(-1), 1.0, rtol=1e-5)
+    entropy = -(resp * jnp.log(jnp.clip(resp, 1e-30))).sum(-1).mean(-1)
+    assert entropy[0] <= entropy[1] <= entropy[2]
+    loss_grad = jax.grad(lambda s: s.loss((x,), key=jr.key(0))[0])(stage)
+    assert bool(jnp.all(jnp.isfinite(loss_grad.means))) and float(jnp.abs(loss_grad.means).max()) < 1e-2
+    # At the EM fixed point the likelihood's gradient in the means vanishes; moved away, it does not.
+    moved = jax.grad(lambda s: s.loss((x,), key=jr.key(0))[0])(
+        dbx.GaussianMixture(stage.means + 1.0, variances=stage.variances, log_weights=stage.log_weights))
+    assert float(jnp.abs(moved.means).max()) > 0.1
+
+
+def eqx_call(stage, x, temperature):
+    import equinox as eqx
+
+    return eqx.tree_at(lambda s: s.temperature, stage, temperature)(x)
+
+
+def test_bad_input_is_named():
+    x = np.random.default_rng(0).normal(size=(30, 3)).astype(np.float32)
+    stage = dbx.GaussianMixture(np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match="init: unknown initialisation 'random'"):
+        dbx.fit_gaussian_mixture(stage, x, key=jr.key(0), init="random")
+    with pytest.raises(ValueError, match="n_restarts: must be >= 1"):
+        dbx.fit_gaussian_mixture(stage, x, key=jr.key(0), n_restarts=0)
+    with pytest.raises(ValueError, match="n_clusters: asked for 40 clusters but there are only 30 cells"):
+        dbx.fit_gaussian_mixture(dbx.GaussianMixture(np.zeros((40, 3), np.float32)), x, key=jr.key(0))
+    with pytest.raises(ValueError, match="x: has 2 dimensions, expected 3"):
+        dbx.fit_gaussian_mixture(stage, x[:, :2], key=jr.key(0))
+    with pytest.raises(ValueError, match="variances: expected shape"):
+        dbx.GaussianMixture(np.zeros((4, 3)), variances=np.ones((3, 3)))
+    # Under the suite's type checking the Literal annotation refuses it first; without it, __post_init__ does.
+    with pytest.raises((TypeError, ValueError), match="clustering_method"):
+        dbx.SingleCellPipelineConfig(clustering_method="leiden")
+    with pytest.raises(ValueError, match="n_clusters: must be a positive integer or None"):
+        dbx.SingleCellPipelineConfig(n_clusters=0)
+
+
+@pytest.fixture(scope="module")
+def unbalanced_counts():
+    """Simulated counts with five groups whose sizes span 20x (800 ... 40 cells), two batches; 20 % DE genes
+    (Splatter's 10 % leaves the small groups inseparable at 300 genes)."""
+    sim = dbx.simulate(jr.key(5), n_cells=4000, n_genes=300, n_groups=5, n_batches=2, de_prob=0.2)
+    groups = np.asarray(sim.groups)
+    rng = np.random.default_rng(0)
+    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(groups == g), size, replace=False)
+                                   for g, size in enumerate([800, 320, 160, 80, 40])]))
+    return np.asarray(sim.counts)[keep], np.asarray(sim.batches)[keep], groups[keep]
+
+
+def test_the_pipeline_chooses_k_and_recovers_unbalanced_groups(unbalanced_counts, tmp_path):
+    counts, batches, groups = unbalanced_counts
+    config = dbx.SingleCellPipelineConfig(n_genes=counts.shape[1], n_clusters=None, n_batches=2, latent_dim=10,
+                                          hidden_dims=(128,), batch_correction_clusters=None,
+                                          enable_ambient_removal=False, enable_dim_reduction=False)
+    data = {"counts": counts, "batch_labels": batches}
+    fitted = dbx.fit_pipeline(dbx.SingleCellPipeline(config, key=jr.key(0)), data, key=jr.key(1),
+                              vae_epochs=60, progress=False)
+    pipeline = fitted.pipeline
+    assert isinstance(pipeline.clustering, dbx.GaussianMixture)
+    # The most stable Leiden resolution (0.25) merges the 40-cell group into the 80-cell one (modularity's
+    # resolution limit); the groups are still recovered at ARI >= 0.9.
+    assert pipeline.config.n_clusters == pipeline.clustering.n_clusters
+    assert pipeline.clustering.n_clusters in (4, 5)
+    out = dbx.run_pipeline(pipeline, data, key=jr.key(2))
+    labels = np.asarray(out["cluster_assignments"]).argmax(1)
+    assert dbx.adjusted_rand_index(groups, labels) >= 0.9
+    # The chosen number of clusters survives saving and loading.
+    dbx.save_pipeline(tmp_path / "p.eqx", pipeline)
+    loaded = dbx.load_pipeline(tmp_path / "p.eqx")
+    assert loaded.config.n_clusters == pipeline.clustering.n_clusters
+    np.testing.assert_array_equal(np.asarray(dbx.run_pipeline(loaded, data, key=jr.key(2))["cluster_assignments"]),
+                                  np.asarray(out["cluster_assignments"]))
