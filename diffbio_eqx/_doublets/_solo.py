@@ -59,7 +59,7 @@ class SoloClassifier(AbstractTrainableStage):
         self.dropout_rate = float(dropout_rate)
 
     def _normalize(self, h: Array, mean: Array, var: Array) -> Array:
-        return (h - mean) / jnp.sqrt(var + BATCH_NORM_EPS) * self.norm_scale + self.norm_shift
+        return (h - mean) / jnp.sqrt(var + BATCH_NORM_EPS) * self.norm_scale[None, :] + self.norm_shift[None, :]
 
     def __call__(self, features: Float[Array, "n_cells n_features"], *, key: PRNGKeyArray | None = None,
                  inference: bool = True) -> Float[Array, "n_cells 2"]:
@@ -80,9 +80,11 @@ class SoloClassifier(AbstractTrainableStage):
     def loss(self, batch: Any, /, *, key: PRNGKeyArray) -> tuple[Float[Array, ""], dict[str, Array]]:
         """Mean cross-entropy of the labels (0 singlet, 1 doublet) under training-mode logits."""
         features, labels = batch
+        labels = labels.astype(jnp.int32)
         logits = self(features, key=key, inference=False)
-        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32)))
-        return loss, {"accuracy": jnp.mean((jnp.argmax(logits, axis=1) == labels).astype(logits.dtype))}
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+        correct = jnp.argmax(logits, axis=1).astype(jnp.int32) == labels
+        return loss, {"accuracy": jnp.mean(correct.astype(logits.dtype))}
 
 
 def _classifier_loss(model: SoloClassifier, batch: tuple[Array, ...], context: None, *, key: PRNGKeyArray
