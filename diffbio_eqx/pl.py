@@ -269,7 +269,7 @@ def pseudotime(adata: ad.AnnData, key: str = "dpt_pseudotime", *, basis: str = "
     if basis not in adata.obsm:
         raise ValueError(f"basis: {basis!r} is not in adata.obsm (has {sorted(adata.obsm.keys())})")
     embedding = np.asarray(adata.obsm[basis])[:, :2]
-    values = adata.obs[key].to_numpy(dtype=np.float64)
+    values = np.asarray(adata.obs[key], dtype=np.float64)
     finite = np.isfinite(values)
     created = ax is None
     axis = _pyplot().subplots(figsize=(5.2, 4.8))[1] if created else ax

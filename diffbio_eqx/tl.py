@@ -259,7 +259,7 @@ def fate_probabilities(adata: ad.AnnData, terminal_states: Any = None, *, n_stat
         if pseudotime_key not in adata.obs.columns:
             raise ValueError(f"pseudotime_key: {pseudotime_key!r} is not in adata.obs; run dbx.tl.dpt first or pass "
                              "pseudotime_key=None")
-        pseudotime = adata.obs[pseudotime_key].to_numpy(dtype=float)
+        pseudotime = np.asarray(adata.obs[pseudotime_key], dtype=float)
     if terminal_states is None:
         if pseudotime is None or n_states is None:
             raise ValueError("terminal_states: not given; pass them, or n_states= and a pseudotime to find them")
@@ -290,8 +290,8 @@ def transport_maps(adata: ad.AnnData, time_key: str = "day", *, growth_key: str 
         raise ValueError(f"time_key: {time_key!r} is not a column of adata.obs")
     matrix: Any = adata.X if layer is None else adata.layers[layer]
     matrix = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
-    time = adata.obs[time_key].to_numpy(dtype=float)
-    prior = None if growth_key is None else adata.obs[growth_key].to_numpy(dtype=float)
+    time = np.asarray(adata.obs[time_key], dtype=float)
+    prior = None if growth_key is None else np.asarray(adata.obs[growth_key], dtype=float)
     maps = _transport_maps(matrix, time, growth_prior=prior, settings=settings, n_pcs=n_pcs,
                            growth_iters=growth_iters)
     learned = np.full(adata.n_obs, np.nan)
