@@ -59,9 +59,13 @@ def _spatial_coordinates(adata: ad.AnnData, spatial_key: str, field: str = "adat
     return check_coordinates(np.asarray(adata.obsm[spatial_key]), adata.n_obs, f"{field}.obsm[{spatial_key!r}]")
 
 
+def _dense(matrix: Any) -> np.ndarray:
+    """A dense NumPy copy of an AnnData matrix (SciPy sparse or dense), in its own dtype."""
+    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix)
+
+
 def _dense_counts(adata: ad.AnnData, layer: str | None) -> np.ndarray:
-    matrix: Any = adata.layers[layer] if layer is not None else adata.X
-    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float64)
+    return _dense(adata.layers[layer] if layer is not None else adata.X).astype(np.float64)
 
 
 def spatial_domains(
@@ -288,8 +292,7 @@ def transport_maps(adata: ad.AnnData, time_key: str = "day", *, growth_key: str 
     check_adata(adata)
     if time_key not in adata.obs.columns:
         raise ValueError(f"time_key: {time_key!r} is not a column of adata.obs")
-    matrix: Any = adata.X if layer is None else adata.layers[layer]
-    matrix = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
+    matrix = _dense(adata.X if layer is None else adata.layers[layer])
     time = np.asarray(adata.obs[time_key], dtype=float)
     prior = None if growth_key is None else np.asarray(adata.obs[growth_key], dtype=float)
     maps = _transport_maps(matrix, time, growth_prior=prior, settings=settings, n_pcs=n_pcs,
@@ -692,8 +695,7 @@ def _marker_inputs(adata: ad.AnnData, groupby: str, groups: Any, reference: str,
     if use_raw is None:
         use_raw = adata.raw is not None and layer is None
     source = adata.raw if use_raw and adata.raw is not None else adata
-    matrix = adata.layers[layer] if layer is not None else source.X
-    x = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)  # a SciPy sparse matrix
+    x = _dense(adata.layers[layer] if layer is not None else source.X)
     if not np.all(np.isfinite(x)):
         raise ValueError("X: rank_genes_groups needs finite expression values")
     return x, names, masks, bool(use_raw and adata.raw is not None), source.var_names
@@ -780,7 +782,7 @@ def _pseudobulk(adata: ad.AnnData, sample_key: str, condition_key: str, layer: s
                              "column of adata.obs")
     samples = adata.obs[sample_key].astype(str).to_numpy()
     names, codes = np.unique(samples, return_inverse=True)
-    matrix = adata.layers[layer] if layer is not None else adata.X
+    matrix: Any = adata.layers[layer] if layer is not None else adata.X
     indicator = np.zeros((len(names), len(samples)))
     indicator[codes, np.arange(len(samples))] = 1.0
     summed = np.asarray(indicator @ matrix if not hasattr(matrix, "toarray") else (matrix.T @ indicator.T).T)
@@ -788,8 +790,9 @@ def _pseudobulk(adata: ad.AnnData, sample_key: str, condition_key: str, layer: s
         raise ValueError("X: pseudobulk_de needs non-negative whole-number counts (use layer= for raw counts)")
     per_sample = pd.DataFrame({"s": samples, "c": adata.obs[condition_key].astype(str).to_numpy()})
     levels = per_sample.groupby("s")["c"].nunique()
-    if (levels > 1).any():
-        raise ValueError(f"condition_key: sample {levels.index[levels > 1][0]!r} holds more than one condition")
+    mixed = [sample for sample, count in levels.items() if count > 1]
+    if mixed:
+        raise ValueError(f"condition_key: sample {mixed[0]!r} holds more than one condition")
     return summed, per_sample.groupby("s")["c"].first().loc[names]
 
 
@@ -869,9 +872,8 @@ def switch_de(
     check_adata(adata)
     if pseudotime_key not in adata.obs:
         raise ValueError(f"pseudotime_key: {pseudotime_key!r} is not a column of adata.obs")
-    t = adata.obs[pseudotime_key].to_numpy(dtype=float)
-    matrix = adata.layers[layer] if layer is not None else adata.X
-    y = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
+    t = np.asarray(adata.obs[pseudotime_key], dtype=float)
+    y = _dense(adata.layers[layer] if layer is not None else adata.X)
     if not (np.all(np.isfinite(t)) and np.all(np.isfinite(y))):
         raise ValueError(f"pseudotime_key: adata.obs[{pseudotime_key!r}] and the expression must be finite")
     dtype = jnp.zeros(()).dtype
@@ -918,8 +920,7 @@ def differential_distribution(
     in_first = labels == str(first)
     if in_first.sum() < 2 or (~in_first).sum() < 2:
         raise ValueError(f"first: {first!r} must leave at least 2 cells on each side of adata.obs[{condition_key!r}]")
-    matrix = adata.layers[layer] if layer is not None else adata.X
-    x = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
+    x = _dense(adata.layers[layer] if layer is not None else adata.X)
     if not np.all(np.isfinite(x)):
         raise ValueError("X: differential_distribution needs finite expression values")
     result = fit_dd(jnp.asarray(x, dtype=jnp.zeros(()).dtype), jnp.asarray(in_first), key=key,

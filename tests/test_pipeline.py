@@ -331,6 +331,6 @@ def test_fit_settings_object_equals_the_keywords():
     by_object = fit_pipeline(pipeline, data, key=jr.key(1), progress=False,
                              settings=dbx.FitSettings(**(tiny | {"umap_epochs": 7})), umap_epochs=1)
     assert tree_identical(by_keywords.pipeline, by_object.pipeline)
-    assert set(by_keywords.curves) == set(by_object.curves) == set(by_object.seconds) - {"clustering"}
+    assert set(by_keywords.curves) == set(by_object.curves) == set(by_object.seconds)  # EM curve included
     with pytest.raises(ValueError, match=r"fit_pipeline: unknown setting\(s\) \['vae_epoch'\]"):
         fit_pipeline(pipeline, data, key=jr.key(1), vae_epoch=3)

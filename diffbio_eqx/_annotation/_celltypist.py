@@ -386,7 +386,7 @@ def _sparse_scores_chunk(
     values: Float[Array, " n_slots"], columns: Int[Array, " n_slots"], rows: Int[Array, " n_slots"],
     library: Float[Array, " n_rows"], model: CellTypistModel,
 ) -> Float[Array, "n_rows n_types"]:
-    """Decision scores from the non-zeros only: a zero count scales to $z^0_g = -m_g / s_g$, so
+    r"""Decision scores from the non-zeros only: a zero count scales to $z^0_g = -m_g / s_g$, so
     $W z + b = \sum_{g: x_g > 0} W_{\cdot g} (z_g - z^0_g) + (W z^0 + b)$ (padding slots carry value 0)."""
     scale = jnp.asarray(TARGET_SUM, values.dtype) / jnp.maximum(library, jnp.asarray(1.0, values.dtype))
     z = jnp.minimum((jnp.log1p(values * scale[rows]) - model.mean[columns]) / model.scale[columns],
