@@ -5,6 +5,7 @@ import json
 import pathlib
 
 import anndata as ad
+import jax
 import jax.random as jr
 import numpy as np
 import pytest
@@ -25,7 +26,8 @@ N_CELLS, N_GENES, VAE_EPOCHS = 1000, 500, 100
 
 @pytest.fixture(scope="module")
 def solo_run():
-    sim = simulate_doublets(jr.key(0), n_cells=N_CELLS, n_genes=N_GENES, n_groups=5, doublet_rate=0.1)
+    with jax.enable_x64(False):  # float32, as the reference script drew them
+        sim = simulate_doublets(jr.key(0), n_cells=N_CELLS, n_genes=N_GENES, n_groups=5, doublet_rate=0.1)
     adata = ad.AnnData(np.asarray(sim.counts, dtype=np.float32))
     result = pp.solo(adata, key=jr.key(1), vae_settings=TrainSettings(n_epochs=VAE_EPOCHS, progress=False),
                      settings=TrainSettings(progress=False))
