@@ -84,7 +84,7 @@ from ._core._train import FitResult as FitResult, TrainSettings as TrainSettings
 from ._core._validate import NonIntegerCountsWarning as NonIntegerCountsWarning
 from ._doublets._run import ScrubletSettings as ScrubletSettings
 from ._doublets._scrublet import Scrublet as Scrublet, ScrubletScores as ScrubletScores
-from ._doublets._solo import SoloClassifier as SoloClassifier
+from ._doublets._solo import SoloClassifier as SoloClassifier, fit_solo_classifier as fit_solo_classifier
 from ._grn import AdditiveGRN as AdditiveGRN, grn_importances as grn_importances, grn_table as grn_table
 from ._harmony._math import HarmonyResult as HarmonyResult, map_to_reference as map_to_reference
 from ._harmony._stage import Harmony as Harmony, harmony as harmony, harmony_transform as harmony_transform

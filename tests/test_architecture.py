@@ -31,6 +31,7 @@ FIT_FUNCTIONS = {
     "MaskedGeneTransformer": "fit_masked_gene_transformer",
     "STAGATE": "fit_stagate",
     "SpatialNCEM": "fit_ncem",
+    "SoloClassifier": "fit_solo_classifier",
 }
 MAX_LINES, MAX_ARGUMENTS = 80, 10
 

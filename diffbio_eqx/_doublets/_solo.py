@@ -62,8 +62,9 @@ class SoloClassifier(AbstractTrainableStage):
         return (h - mean) / jnp.sqrt(var + BATCH_NORM_EPS) * self.norm_scale[None, :] + self.norm_shift[None, :]
 
     def __call__(self, features: Float[Array, "n_cells n_features"], *, key: PRNGKeyArray | None = None,
-                 inference: bool = True) -> Float[Array, "n_cells 2"]:
-        """Logits; `inference=False` uses the minibatch's statistics and dropout (needs `key`)."""
+                 inference: bool = False) -> Float[Array, "n_cells 2"]:
+        """Logits; `inference=True` uses the population batch-norm statistics and no dropout, `inference=False`
+        (training, the stage contract's default) the minibatch's statistics and dropout (needs `key`)."""
         h = dense(features, self.hidden)
         if inference:
             h = self._normalize(h, self.norm_mean[None, :], self.norm_var[None, :])
@@ -131,6 +132,15 @@ def solo_training_settings(settings: TrainSettings | None) -> TrainSettings:
     return (settings or TrainSettings()).filled(defaults)
 
 
+def fit_solo_classifier(classifier: SoloClassifier, data: tuple[Array, Array], *, key: PRNGKeyArray,
+                        settings: TrainSettings | None = None) -> FitResult:
+    """Train Solo's classifier on `data = (features, labels)` (label 1: simulated doublet) on the shared loop with
+    SOLO's defaults (`solo_training_settings`); the returned model's batch-norm statistics are the population's
+    over all `features` (`with_population_statistics`)."""
+    fitted = fit(classifier, _classifier_loss, data, key=key, settings=solo_training_settings(settings))
+    return eqx.tree_at(lambda f: f.model, fitted, with_population_statistics(fitted.model, data[0]))
+
+
 def run_solo(vae: VAENormalizer, counts: Any, *, key: PRNGKeyArray, doublet_ratio: int = 2,
              settings: TrainSettings | None = None, parents: Int[Any, "n_sim 2"] | None = None) -> SoloResult:
     """Solo on raw `counts` `(n_cells, n_genes)` with a trained `vae` (steps 1-4 of the module docstring).
@@ -146,9 +156,8 @@ def run_solo(vae: VAENormalizer, counts: Any, *, key: PRNGKeyArray, doublet_rati
     doublets = sp.csr_matrix(matrix[parents[:, 0]] + matrix[parents[:, 1]])
     features = jnp.concatenate([solo_features(vae, matrix), solo_features(vae, doublets)])
     labels = jnp.concatenate([jnp.zeros(n_cells, jnp.int32), jnp.ones(parents.shape[0], jnp.int32)])
-    classifier = SoloClassifier(features.shape[1], key=init_key)
-    fitted = fit(classifier, _classifier_loss, (features, labels), key=fit_key,
-                 settings=solo_training_settings(settings))
-    model = with_population_statistics(fitted.model, features)
-    probability = np.asarray(jax.nn.softmax(model(features), axis=1)[:, 1], dtype=np.float64)
+    fitted = fit_solo_classifier(SoloClassifier(features.shape[1], key=init_key), (features, labels), key=fit_key,
+                                 settings=settings)
+    model = fitted.model
+    probability = np.asarray(jax.nn.softmax(model(features, inference=True), axis=1)[:, 1], dtype=np.float64)
     return SoloResult(probability[:n_cells], probability[n_cells:], model, fitted, parents)
