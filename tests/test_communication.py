@@ -5,6 +5,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import liana as li  # noqa: E402  (test extra: a missing reference fails, it does not skip)
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,7 +19,6 @@ from diffbio_eqx._communication._stage import LigandReceptor
 from diffbio_eqx._communication._table import ligand_receptor_table
 
 
-li = pytest.importorskip("liana")
 KEYS = ["source", "target", "ligand_complex", "receptor_complex"]
 
 

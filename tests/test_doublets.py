@@ -12,14 +12,12 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 from scipy.stats import spearmanr
+from skimage import filters as skimage_filters  # noqa: E402  (test extra; never skipped)
 from sklearn.metrics import average_precision_score
 
 from diffbio_eqx._doublets import _preprocess, _scrublet, _threshold
 from diffbio_eqx._doublets._run import ScrubletSettings, run_scrublet, run_scrublet_batched
 from diffbio_eqx._simulate._doublets import simulate_doublets
-
-
-skimage_filters = pytest.importorskip("skimage.filters")
 
 
 @pytest.fixture(scope="module")

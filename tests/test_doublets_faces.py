@@ -5,12 +5,10 @@ import anndata as ad
 import jax.random as jr
 import numpy as np
 import pytest
+import skimage  # noqa: E402, F401  (scanpy.pp.scrublet needs it; test extra, never skipped)
 
 from diffbio_eqx import pl, pp
 from diffbio_eqx._simulate._doublets import simulate_doublets
-
-
-pytest.importorskip("skimage")
 
 
 @pytest.fixture(scope="module")

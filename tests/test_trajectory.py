@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+import scanpy as sc  # noqa: E402  (test extra; never skipped)
 import scipy.sparse as sp
 import scipy.sparse.linalg as spl
 from scipy.stats import spearmanr
@@ -25,9 +26,6 @@ from diffbio_eqx._trajectory import (
 )
 from diffbio_eqx._trajectory._fate import connectivity_transitions, pseudotime_transitions
 from diffbio_eqx._trajectory._graph import as_cell_graph
-
-
-sc = pytest.importorskip("scanpy")
 
 
 def _scanpy_dpt(adata: ad.AnnData, root: int) -> ad.AnnData:

@@ -8,6 +8,7 @@ import jax.random as jr
 import numpy as np
 import pandas as pd
 import pytest
+import wot  # noqa: E402  (test extra; never skipped)
 from ott.geometry import pointcloud
 from ott.tools import sinkhorn_divergence
 from scipy.stats import pearsonr
@@ -22,9 +23,6 @@ from diffbio_eqx._trajectory import (
     transport_maps,
     wot_cost,
 )
-
-
-wot = pytest.importorskip("wot")
 
 
 @pytest.fixture(scope="module")
