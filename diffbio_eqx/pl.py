@@ -1,6 +1,8 @@
 """Figures over AnnData and training curves (matplotlib with the Agg backend: no display needed).
 
-`umap` draws an embedding coloured by an `obs` column or a gene; `training` draws loss curves per stage (e.g.
+`umap` draws an embedding coloured by an `obs` column or a gene (the operators add theirs: `scrublet_histogram`,
+`pseudotime`, `fate_probabilities`, `ligand_receptor_dotplot`, `spatial`, `aligned_slices`, `volcano`,
+`archetype_simplex`); `training` draws loss curves per stage (e.g.
 `uns["diffbio_pipeline"]["curves"]` from `dbx.tl.pipeline`, or `PipelineFit.curves`). Given `path`, a figure is
 written there as PNG (atomically) and the path is returned; otherwise the matplotlib object is returned.
 """

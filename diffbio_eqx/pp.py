@@ -1,4 +1,5 @@
-"""Preprocessing over AnnData, scanpy-style: the neighbour graph and ambient RNA removal.
+"""Preprocessing over AnnData, scanpy-style: the neighbour graph, ambient RNA removal, doublets (`scrublet`,
+`solo`) and imputation (`magic`, `denoise`).
 
 Each function reads an `anndata.AnnData`, writes its results into it under documented keys (and its settings
 under `uns`), and returns what it fitted (a module, or the graph). The AnnData object is updated in memory; a

@@ -1,5 +1,8 @@
-"""Tools over AnnData, scanpy/scvi-tools-style: the VAE, Harmony, parametric UMAP, soft k-means and the whole
-pipeline.
+"""Tools over AnnData, scanpy/scvi-tools-style: the VAE, Harmony, parametric UMAP, the Gaussian mixture and soft
+k-means, the whole pipeline; and the operators: annotation (`annotate`), trajectories (`diffmap`, `dpt`,
+`fate_probabilities`, `transport_maps`), communication and GRNs (`ligand_receptor`, `grn`), spatial
+(`spatial_domains`, `align_slices`), differential expression and archetypes (`rank_genes_groups`,
+`pseudobulk_de`, `switch_de`, `differential_distribution`, `archetypes`).
 
 Each function reads an `anndata.AnnData`, writes its results into it under the keys of `diffbio_eqx.io`
 (`obsm["X_diffbio"]`, `obsm["X_diffbio_corrected"]`, `obsm["X_umap"]`, `obs["diffbio_cluster"]`,
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import anndata as ad
+import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -20,6 +24,7 @@ import pandas as pd
 from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._annotation._annotate import Annotation, Reference, annotate_counts
+from ._clustering._mixture_stage import GaussianMixture, fit_gaussian_mixture
 from ._clustering._stage import SoftKMeans, fit_soft_kmeans
 from ._faces import check_adata, fit_keywords, record_settings, representation, settings_record
 from ._harmony._math import HarmonyResult
@@ -467,6 +472,43 @@ def soft_kmeans(
     params = {"use_rep": use_rep, "n_clusters": n_clusters, "temperature": temperature, **fit_settings}
     _record(adata, "soft_kmeans", params, objective=fitted.train_loss)
     return fitted.model
+
+
+def gaussian_mixture(
+    adata: ad.AnnData,
+    n_clusters: int | None = None,
+    *,
+    use_rep: str | None = None,
+    temperature: float = 1.0,
+    key: PRNGKeyArray,
+    **fit_settings: Any,
+) -> GaussianMixture:
+    """Gaussian-mixture clustering of an embedding (the pipeline's default clustering): labels in `obs`,
+    probabilities in `obsm`.
+
+    **Arguments:**
+
+    - `adata`: the cells.
+    - `n_clusters`: number of clusters, at most `n_obs`; None chooses it (`select_n_clusters`: Leiden's
+      communities at their most stable resolution).
+    - `use_rep`: the embedding (see `diffbio_eqx._faces.representation`). (Keyword only argument.)
+    - `temperature`: the E-step temperature (1: the posterior).
+    - `key`: PRNG key (restart seeds).
+    - `fit_settings`: passed to `fit_gaussian_mixture` (`init`, `n_restarts`, `n_iter`, `tol`, `n_neighbors`).
+
+    **Returns:** the fitted `GaussianMixture`. Writes `obs["diffbio_cluster"]` (categorical, the most probable
+    cluster), `obsm["diffbio_cluster_probabilities"]` and `uns["diffbio_gaussian_mixture"]` (`params`,
+    `objective`: the negative mean log-likelihood per EM step).
+    """
+    x, use_rep = representation(adata, use_rep)
+    stage = None if n_clusters is None else GaussianMixture(jnp.zeros((n_clusters, x.shape[1]), x.dtype),
+                                                            temperature=temperature)
+    fitted = fit_gaussian_mixture(stage, x, key=key, **fit_settings)
+    model = eqx.tree_at(lambda m: m.temperature, fitted.model, jnp.asarray(temperature, x.dtype))
+    to_anndata(adata, {"cluster_assignments": model(jnp.asarray(x))}, copy=False)
+    params = {"use_rep": use_rep, "n_clusters": model.n_clusters, "temperature": temperature, **fit_settings}
+    _record(adata, "gaussian_mixture", params, objective=fitted.train_loss)
+    return model
 
 
 def _expression(adata: ad.AnnData, layer: str | None) -> tuple[Any, pd.Index]:

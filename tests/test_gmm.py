@@ -186,3 +186,13 @@ def test_the_pipeline_chooses_k_and_recovers_unbalanced_groups(unbalanced_counts
     assert loaded.config.n_clusters == pipeline.clustering.n_clusters
     np.testing.assert_array_equal(np.asarray(dbx.run_pipeline(loaded, data, key=jr.key(2))["cluster_assignments"]),
                                   np.asarray(out["cluster_assignments"]))
+
+
+def test_the_face_writes_clusters_probabilities_and_settings(unbalanced):
+    x, y = unbalanced
+    adata = ad.AnnData(np.zeros((x.shape[0], 1), np.float32), obsm={"X_pca": x.astype(np.float32)})
+    model = dbx.tl.gaussian_mixture(adata, use_rep="X_pca", key=jr.key(0))
+    assert model.n_clusters == len(SIZES)
+    assert dbx.adjusted_rand_index(y, adata.obs["diffbio_cluster"].to_numpy()) >= 0.98
+    np.testing.assert_allclose(adata.obsm["diffbio_cluster_probabilities"].sum(1), 1.0, rtol=1e-5)
+    assert adata.uns["diffbio_gaussian_mixture"]["params"]["n_clusters"] == len(SIZES)

@@ -148,8 +148,9 @@ def test_labels_with_missing_values_are_left_out_of_the_label_scores(capsys, tmp
     report = (tmp_path / "out" / "report.md").read_text()
     assert "12 of 120 cells have no label in obs['cell_type']; they are left out of the label scores" in report
     assert "ARI (clusters vs labels)" in report and "nan" not in report.split("## Quality")[1].split("## Files")[0]
+    # The number of clusters is chosen from the data (labels only score), and the saved config holds it.
     pipeline = dx.load_pipeline(tmp_path / "out" / "pipeline.eqx")
-    assert pipeline.config.n_clusters == 3, "NaN is not counted as a label"
+    assert pipeline.config.n_clusters == pipeline.clustering.n_clusters >= 1
 
 
 def test_a_batch_column_with_one_category_runs_without_batch_correction(capsys, tmp_path):
