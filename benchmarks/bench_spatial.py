@@ -30,31 +30,12 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import ROOT, environment, merge_runs, peak_since, reset_peak, write_json  # noqa: E402
+from _references import paste_bio_pairwise  # noqa: E402
 
 
 RESULTS = ROOT / "benchmarks" / "results" / "spatial.json"
 
 
-def paste_bio_pairwise(xa, xb, ca, cb, alpha=0.1):
-    """paste-bio's pairwise_align with POT >= 0.9.5's sixth line-search argument dropped (as in the tests)."""
-    import anndata as ad
-    import ot
-    import paste
-
-    cg = ot.optim.cg
-
-    def cg_compat(a, b, m, reg, f, df, g0, line_search, **kwargs):
-        def search(cost, g, delta, mi, cost_g, *extra, **kw):
-            return line_search(cost, g, delta, mi, cost_g, **kw)
-        return cg(a, b, m, reg, f, df, g0, search, **kwargs)
-
-    sa, sb = ad.AnnData(np.asarray(xa, np.float64)), ad.AnnData(np.asarray(xb, np.float64))
-    sa.obsm["spatial"], sb.obsm["spatial"] = np.asarray(ca, np.float64), np.asarray(cb, np.float64)
-    ot.optim.cg = cg_compat
-    try:
-        return paste.pairwise_align(sa, sb, alpha=alpha, gpu_verbose=False)
-    finally:
-        ot.optim.cg = cg
 
 
 def _transform_errors(a, b, rotation, translation):

@@ -1,6 +1,9 @@
 """Spatial family (issue 21): the simulator's truth, PASTE alignment against paste-bio, STAGATE domains."""
 
 
+import pathlib
+import sys
+
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -18,27 +21,9 @@ from diffbio_eqx._spatial._paste import (
 )
 
 
-def paste_bio_pairwise(xa, xb, ca, cb, alpha=0.1):
-    """paste-bio 1.4.0's pairwise_align (its defaults) on arrays, with POT >= 0.9.5's extra line-search argument
-    dropped (paste-bio's inner line search takes five; newer `ot.optim.cg` passes six)."""
-    import anndata as ad
-    import ot
-    import paste
-
-    cg = ot.optim.cg
-
-    def cg_compat(a, b, m, reg, f, df, g0, line_search, **kwargs):
-        def search(cost, g, delta, mi, cost_g, *extra, **kw):
-            return line_search(cost, g, delta, mi, cost_g, **kw)
-        return cg(a, b, m, reg, f, df, g0, search, **kwargs)
-
-    sa, sb = ad.AnnData(np.asarray(xa, np.float64)), ad.AnnData(np.asarray(xb, np.float64))
-    sa.obsm["spatial"], sb.obsm["spatial"] = np.asarray(ca, np.float64), np.asarray(cb, np.float64)
-    ot.optim.cg = cg_compat
-    try:
-        return paste.pairwise_align(sa, sb, alpha=alpha, gpu_verbose=False)
-    finally:
-        ot.optim.cg = cg
+# paste-bio with POT >= 0.9.5 (one copy, shared with benchmarks/bench_spatial.py)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+from _references import paste_bio_pairwise  # noqa: E402
 
 
 # --- simulator ------------------------------------------------------------------------------------------------
