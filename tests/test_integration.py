@@ -35,7 +35,7 @@ def _reference_unbiased_mmd(x, y, bandwidths):
 
     def k(p, q):
         d = ((p[:, None, :] - q[None, :, :]) ** 2).sum(-1)
-        return sum(np.exp(-d / (2 * a)) for a in bandwidths)
+        return np.sum([np.exp(-d / (2 * a)) for a in bandwidths], axis=0)
 
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
     m, n = len(x), len(y)
@@ -74,7 +74,7 @@ def test_mmd_grows_with_the_shift(getkey):
     key = getkey()
     shifts = jnp.asarray([0.0, 0.25, 0.5, 1.0, 2.0])
     values = jax.vmap(lambda s: penalty(*_two_samples(key, 200, 50, s), BANDWIDTHS, n_batches=2))(shifts)
-    assert np.all(np.diff(np.asarray(values)) > 0)
+    assert bool(jnp.all(jnp.diff(values) > 0))
 
 
 def test_every_pair_counts_and_missing_batches_drop_out(getkey):
