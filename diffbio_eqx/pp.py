@@ -17,7 +17,7 @@ import pandas as pd
 from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._ambient._stage import AmbientRemoval, fit_ambient_removal, remove_ambient, resolve_ambient_profile
-from ._core._neighbors import NeighborGraph, neighbor_graph
+from ._core._neighbors import NeighborGraph, neighbor_graph, select_neighbor_method
 from ._core._train import TrainSettings
 from ._doublets._run import (
     ScrubletResult,
@@ -49,7 +49,7 @@ def neighbors(
     n_neighbors: int = 15,
     *,
     use_rep: str | None = None,
-    method: str = "exact",
+    method: str = "auto",
     key_added: str | None = None,
     set_op_mix_ratio: float = 1.0,
     local_connectivity: float = 1.0,
@@ -62,7 +62,9 @@ def neighbors(
     - `n_neighbors`: neighbours per cell, counting the cell itself (scanpy's convention and default, 15).
     - `use_rep`: the representation (see `representation`; default the first of `X_diffbio_corrected`,
       `X_diffbio`, `X_pca` present). (Keyword only argument.)
-    - `method`: the kNN backend of `neighbor_graph` (`"exact"`).
+    - `method`: the kNN backend of `neighbor_graph`: `"auto"` (exact below 8,192 cells as scanpy, then
+      pynndescent on CPU, approximate top-k on GPU/TPU), `"exact"`, `"pynndescent"` or `"approx_top_k"`;
+      `uns[...]["params"]["knn_method"]` records the one that ran.
     - `key_added`: as scanpy: None writes `obsp["distances"]`, `obsp["connectivities"]` and `uns["neighbors"]`;
       a name writes `obsp[name + "_distances"]`, `obsp[name + "_connectivities"]` and `uns[name]`.
     - `set_op_mix_ratio`, `local_connectivity`: see `fuzzy_simplicial_set`.
@@ -84,7 +86,9 @@ def neighbors(
         "distances_key": f"{prefix}distances",
         "params": {
             "n_neighbors": int(n_neighbors), "method": "umap", "metric": "euclidean", "random_state": 0,
-            "use_rep": use_rep, "knn_method": method, "set_op_mix_ratio": float(set_op_mix_ratio),
+            "use_rep": use_rep,
+            "knn_method": select_neighbor_method(graph.indices.shape[0]) if method == "auto" else method,
+            "set_op_mix_ratio": float(set_op_mix_ratio),
             "local_connectivity": float(local_connectivity),
         },
     }

@@ -1,5 +1,5 @@
 """The shared neighbour graph (`neighbor_graph`): exact kNN against brute force, blocks, connectivities against
-scanpy, bad input."""
+scanpy, the approximate backends (pynndescent's recall, approximate top-k, the automatic choice), bad input."""
 
 import warnings
 
@@ -11,7 +11,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from helpers import log_normalized_pca, tree_allclose
+from helpers import log_normalized_pca, tree_allclose, tree_identical
 
 import diffbio_eqx as dx
 from diffbio_eqx._core import _neighbors
@@ -139,8 +139,8 @@ def test_bad_input_names_the_field():
     for n_neighbors in (20, 25, 1, 0):
         with pytest.raises(ValueError, match="n_neighbors"):
             dx.neighbor_graph(x, n_neighbors)
-    with pytest.raises(ValueError, match="method"):
-        dx.neighbor_graph(x, 5, method="pynndescent")
+    with pytest.raises(ValueError, match="method: unknown kNN method 'faiss'"):
+        dx.neighbor_graph(x, 5, method="faiss")
     with pytest.raises(ValueError, match="block_size"):
         dx.neighbor_graph(x, 5, block_size=0)
     bad = x.copy()
@@ -152,3 +152,96 @@ def test_bad_input_names_the_field():
     # Inside the caller's jit the value check runs in the compiled graph.
     with pytest.raises((ValueError, RuntimeError), match="x: contains non-finite"):
         jax.jit(lambda v: dx.neighbor_graph(v, 5).distances)(jnp.asarray(bad))
+
+
+def _recall(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of each cell's exact k neighbours (itself included) that `found` lists."""
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, exact)]))
+
+
+def _clustered_pcs(n_cells: int, n_dims: int = 30, seed: int = 0) -> np.ndarray:
+    """Simulated PCs: 12 Gaussian groups of different spreads (what a kNN search meets in a PCA of cells)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=4.0, size=(12, n_dims))
+    groups = rng.integers(0, 12, n_cells)
+    scales = rng.uniform(0.5, 1.5, 12)[groups, None] / np.arange(1, n_dims + 1) ** 0.3
+    return (centres[groups] + scales * rng.normal(size=(n_cells, n_dims))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def approximate_graphs():
+    """pynndescent (its first call compiles numba, ~45-60 s: the only real pynndescent run of the suite) and the
+    exact graph of 3,000 simulated cells."""
+    x = _clustered_pcs(3000)
+    return x, dx.neighbor_graph(x, 15, method="pynndescent"), dx.neighbor_graph(x, 15, method="exact")
+
+
+def test_pynndescent_recall_against_exact(approximate_graphs):
+    x, approximate, exact = approximate_graphs
+    indices = np.asarray(approximate.indices)
+    np.testing.assert_array_equal(indices[:, 0], np.arange(x.shape[0]))  # each cell first in its own row
+    assert all(len(set(row)) == 15 for row in indices)
+    assert np.all(np.diff(np.asarray(approximate.distances, dtype=float), axis=1) >= 0)
+    assert _recall(indices, np.asarray(exact.indices)) >= 0.95
+    # Its distances are recomputed from x as the exact search does them.
+    direct = np.sqrt(np.sum((x[:, None, :] - x[indices]) ** 2, axis=-1))
+    np.testing.assert_allclose(approximate.distances, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_the_same_neighbours_give_the_same_graph_whatever_the_backend(monkeypatch):
+    """pynndescent's lists (here the exact ones, shuffled, with the cell itself somewhere in its row) go through
+    the same distances and connectivities as the exact search: the graphs are identical."""
+    x = _data(8, n_cells=150)
+    exact = dx.neighbor_graph(x, 10, method="exact")
+    shuffled = np.random.default_rng(0).permuted(np.asarray(exact.indices), axis=1)
+
+    def fake_pynndescent(data, n_neighbors, *, seed):
+        assert data.shape == x.shape and n_neighbors == 10 and seed == 0
+        return _neighbors._self_first(shuffled)[0]
+
+    monkeypatch.setattr(_neighbors, "pynndescent_knn", fake_pynndescent)
+    assert tree_identical(dx.neighbor_graph(x, 10, method="pynndescent"), exact)
+
+
+def test_self_first_repairs_rows():
+    found = np.asarray([[3, 0, 1], [1, 2, 0], [0, 1, 3], [-1, 2, 3]])  # self second, first, missing; unfilled
+    indices, unfilled = _neighbors._self_first(found)
+    np.testing.assert_array_equal(indices, [[0, 3, 1], [1, 2, 0], [2, 0, 1], [3, -1, 2]])
+    np.testing.assert_array_equal(unfilled, [False, False, False, True])
+
+
+def test_auto_picks_the_backend_by_size_and_device(monkeypatch):
+    small, large = _neighbors.EXACT_MAX_CELLS - 1, _neighbors.EXACT_MAX_CELLS
+    assert _neighbors.select_neighbor_method(small, backend="gpu") == "exact"
+    assert _neighbors.select_neighbor_method(large, backend="cpu") == "pynndescent"
+    assert _neighbors.select_neighbor_method(large, backend="cpu", traced=True) == "exact"
+    for accelerator in ("gpu", "tpu"):
+        assert _neighbors.select_neighbor_method(large, backend=accelerator) == "approx_top_k"
+        assert _neighbors.select_neighbor_method(large, backend=accelerator, traced=True) == "approx_top_k"
+    # neighbor_graph follows the choice: above the (lowered) cut, CPU cells go to pynndescent, traced ones not.
+    calls = []
+
+    def spy(data, n_neighbors, *, seed):
+        calls.append(data.shape)
+        return np.asarray(dx.neighbor_graph(data, n_neighbors, method="exact").indices)
+
+    monkeypatch.setattr(_neighbors, "pynndescent_knn", spy)
+    monkeypatch.setattr(_neighbors, "EXACT_MAX_CELLS", 100)
+    x = _data(9, n_cells=120)
+    expected = "approx_top_k" if jax.default_backend() in ("gpu", "tpu") else "pynndescent"
+    assert _neighbors.select_neighbor_method(120) == expected
+    auto = dx.neighbor_graph(x, 8)
+    assert calls == ([(120, 6)] if expected == "pynndescent" else [])
+    assert tree_identical(auto, dx.neighbor_graph(x, 8, method="exact"))
+    jax.jit(lambda v: dx.neighbor_graph(v, 8).indices)(jnp.asarray(x))
+    assert len(calls) == (1 if expected == "pynndescent" else 0)
+
+
+def test_forced_backends():
+    x = _clustered_pcs(600, n_dims=10, seed=1)
+    exact = np.asarray(dx.neighbor_graph(x, 15, method="exact").indices)
+    approximate = jax.jit(lambda v: dx.neighbor_graph(v, 15, method="approx_top_k"))(jnp.asarray(x))
+    np.testing.assert_array_equal(approximate.indices[:, 0], np.arange(600))
+    assert _recall(np.asarray(approximate.indices), exact) >= 0.95
+    with pytest.raises(ValueError, match="method: 'pynndescent' runs on host arrays"):
+        jax.jit(lambda v: dx.neighbor_graph(v, 15, method="pynndescent").indices)(jnp.asarray(x))

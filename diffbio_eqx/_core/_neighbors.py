@@ -6,29 +6,68 @@ memory-bounded blocks of query rows, and the fuzzy simplicial set is a fixed-siz
 (`2 * n_cells * n_neighbors` slots, unused ones carrying zero weight), so everything jits and the shapes depend
 only on `n_cells` and `n_neighbors`.
 
+Three kNN backends sit behind `neighbor_graph(method=...)`; whichever finds the neighbours, the distances are
+recomputed from `x` the same way and the same jitted `fuzzy_simplicial_set` follows, so equal neighbour lists
+give identical graphs:
+
+- `"exact"`: blocked brute force (`exact_knn`), O(n^2) work; what scanpy does below 8,192 cells (Euclidean).
+- `"pynndescent"`: nearest-neighbour descent (Dong et al. 2011) through the `pynndescent` package on the host,
+  outside jit, with umap-learn's and scanpy's settings (`n_trees = min(64, 5 + round(sqrt(n) / 20))`,
+  `n_iters = max(5, round(log2(n)))`, `max_candidates = 60`): the field's standard on CPU, what scanpy and
+  umap-learn use above that size. Chosen over faiss because it is what the reference tools run (same graph
+  quality by construction), it is pure Python + numba (no compiled wheels per platform), and it was already
+  installed with umap-learn and scanpy.
+- `"approx_top_k"`: the blocked search with `jax.lax.approx_max_k` (recall target 0.95) in place of the exact
+  top-k: the accelerators' approximate top-k (fast on TPU; XLA lowers it to an exact top-k on CPU and GPU), so it
+  jits and stays on the device.
+
+`"auto"` (the default) picks by size and device (`select_neighbor_method`).
+
 The connectivities are scanpy's default (`scanpy.pp.neighbors(method="umap")` writes them as
 `obsp["connectivities"]`); the numerics follow umap-learn 0.5 (`umap/umap_.py`: `smooth_knn_dist`,
 `compute_membership_strengths`, `fuzzy_simplicial_set`); the code is our own.
 """
 
+import math
 import numbers
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import jax.tree_util as jtu
-from jaxtyping import Array, ArrayLike, Bool, Float, Int
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from ._geometry import squared_distances
-from ._validate import check_embedding
+from ._validate import _is_traced, check_embedding
 
 
-#: The kNN backends `neighbor_graph` knows (an approximate one is planned for large data).
-NEIGHBOR_METHODS = ("exact",)
+#: The kNN backends `neighbor_graph` knows; `"auto"` picks one of the others (`select_neighbor_method`).
+NEIGHBOR_METHODS = ("auto", "exact", "pynndescent", "approx_top_k")
+
+#: `method="auto"` searches exactly below this many cells (scanpy's cut for Euclidean kNN: `n_obs < 8192`).
+EXACT_MAX_CELLS = 8192
+
+#: `jax.lax.approx_max_k`'s recall target for `method="approx_top_k"` (JAX's default).
+APPROX_RECALL_TARGET = 0.95
 
 # umap-learn's constants (umap/umap_.py).
 SMOOTH_K_TOLERANCE = 1e-5
 MIN_K_DIST_SCALE = 1e-3
+
+
+def _sorted_neighbors(
+    queries: Float[Array, "n_block n_dims"],
+    reference: Float[Array, "n_reference n_dims"],
+    indices: Int[Array, "n_block n_neighbors"],
+) -> tuple[Int[Array, "n_block n_neighbors"], Float[Array, "n_block n_neighbors"]]:
+    """The chosen neighbours' distances, computed directly (no cancellation error), and the rows re-sorted by
+    them (stable: a row's first column stays first among equal distances). Every backend ends here."""
+    differences = queries[:, None, :] - reference[indices]
+    distances = jnp.sqrt(jnp.sum(differences * differences, axis=-1))
+    order = jnp.argsort(distances, axis=1, stable=True)
+    return jnp.take_along_axis(indices, order, axis=1), jnp.take_along_axis(distances, order, axis=1)
 
 
 def _knn_block(
@@ -36,18 +75,18 @@ def _knn_block(
     reference: Float[Array, "n_reference n_dims"],
     n_neighbors: int,
     self_index: Int[Array, " n_block"] | None = None,
+    approximate: bool = False,
 ) -> tuple[Int[Array, "n_block n_neighbors"], Float[Array, "n_block n_neighbors"]]:
-    # Select with the one-matmul squared distances, then recompute the k chosen distances directly (no
-    # cancellation error) and re-sort them, so the distances are as exact as a direct difference.
+    # Select with the one-matmul squared distances, then recompute the k chosen distances directly and re-sort.
     scores = -squared_distances(queries, reference)
     if self_index is not None:  # a cell is its own first neighbour, even among exact duplicates
         columns = jnp.arange(reference.shape[0], dtype=self_index.dtype)
         scores = jnp.where(columns[None, :] == self_index[:, None], jnp.inf, scores)
-    _, indices = jax.lax.top_k(scores, n_neighbors)
-    differences = queries[:, None, :] - reference[indices]
-    distances = jnp.sqrt(jnp.sum(differences * differences, axis=-1))
-    order = jnp.argsort(distances, axis=1, stable=True)
-    return jnp.take_along_axis(indices, order, axis=1), jnp.take_along_axis(distances, order, axis=1)
+    if approximate:
+        _, indices = jax.lax.approx_max_k(scores, n_neighbors, recall_target=APPROX_RECALL_TARGET)
+    else:
+        _, indices = jax.lax.top_k(scores, n_neighbors)
+    return _sorted_neighbors(queries, reference, indices)
 
 
 def knn_block_size(n_reference: int, memory_budget: int = 2**24) -> int:
@@ -69,6 +108,7 @@ def _blocked_knn(
     n_neighbors: int,
     block_size: int | None,
     self_first: bool,
+    approximate: bool = False,
 ) -> tuple[Int[Array, "n_queries n_neighbors"], Float[Array, "n_queries n_neighbors"]]:
     n_queries, n_dims = queries.shape
     block = min(block_size or knn_block_size(reference.shape[0]), n_queries)
@@ -77,9 +117,11 @@ def _blocked_knn(
     blocks = padded.reshape(n_blocks, block, n_dims)
     if self_first:
         rows = jnp.arange(n_blocks * block, dtype=jnp.int32).reshape(n_blocks, block)
-        indices, distances = jax.lax.map(lambda b: _knn_block(b[0], reference, n_neighbors, b[1]), (blocks, rows))
+        indices, distances = jax.lax.map(
+            lambda b: _knn_block(b[0], reference, n_neighbors, b[1], approximate), (blocks, rows)
+        )
     else:
-        indices, distances = jax.lax.map(lambda b: _knn_block(b, reference, n_neighbors), blocks)
+        indices, distances = jax.lax.map(lambda b: _knn_block(b, reference, n_neighbors, None, approximate), blocks)
     return (
         indices.reshape(n_blocks * block, n_neighbors)[:n_queries],
         distances.reshape(n_blocks * block, n_neighbors)[:n_queries],
@@ -294,6 +336,18 @@ class NeighborGraph(eqx.Module):
     connectivities: FuzzyGraph
 
 
+def _connect(
+    indices: Int[Array, "n_cells n_neighbors"],
+    distances: Float[Array, "n_cells n_neighbors"],
+    set_op_mix_ratio: Float[Array, ""],
+    local_connectivity: Float[Array, ""],
+) -> NeighborGraph:
+    connectivities = fuzzy_simplicial_set(
+        indices, distances, set_op_mix_ratio=set_op_mix_ratio, local_connectivity=local_connectivity
+    )
+    return NeighborGraph(indices, distances, connectivities)
+
+
 @eqx.filter_jit
 def _exact_neighbor_graph(
     x: Float[Array, "n_cells n_dims"],
@@ -301,45 +355,150 @@ def _exact_neighbor_graph(
     set_op_mix_ratio: Float[Array, ""],
     local_connectivity: Float[Array, ""],
     block_size: int | None,
+    approximate: bool = False,
 ) -> NeighborGraph:
+    """The graph from the blocked search on the device: exact top-k, or `approx_max_k` with `approximate`."""
     x = eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x: contains non-finite values (NaN or inf)")
-    indices, distances = _blocked_knn(x, x, n_neighbors, block_size, self_first=True)
-    connectivities = fuzzy_simplicial_set(
-        indices, distances, set_op_mix_ratio=set_op_mix_ratio, local_connectivity=local_connectivity
+    indices, distances = _blocked_knn(x, x, n_neighbors, block_size, self_first=True, approximate=approximate)
+    return _connect(indices, distances, set_op_mix_ratio, local_connectivity)
+
+
+@eqx.filter_jit
+def _neighbor_graph_from_indices(
+    x: Float[Array, "n_cells n_dims"],
+    indices: Int[Array, "n_cells n_neighbors"],
+    set_op_mix_ratio: Float[Array, ""],
+    local_connectivity: Float[Array, ""],
+    block_size: int,
+) -> NeighborGraph:
+    """The graph from neighbour lists found elsewhere (each row starting with its cell): distances recomputed and
+    rows sorted as the blocked search does (`_sorted_neighbors`, in blocks of rows), then the same connectivities."""
+    n_cells, n_neighbors = indices.shape
+    block = min(block_size, n_cells)
+    n_blocks = -(-n_cells // block)
+    padding = n_blocks * block - n_cells
+    padded_x = jnp.concatenate([x, jnp.zeros((padding, x.shape[1]), x.dtype)]).reshape(n_blocks, block, -1)
+    padded_indices = jnp.concatenate([indices, jnp.zeros((padding, n_neighbors), indices.dtype)])
+    sorted_indices, distances = jax.lax.map(
+        lambda b: _sorted_neighbors(b[0], x, b[1]), (padded_x, padded_indices.reshape(n_blocks, block, n_neighbors))
     )
-    return NeighborGraph(indices, distances, connectivities)
+    sorted_indices = sorted_indices.reshape(-1, n_neighbors)[:n_cells]
+    distances = distances.reshape(-1, n_neighbors)[:n_cells]
+    return _connect(sorted_indices, distances, set_op_mix_ratio, local_connectivity)
 
 
 def _is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def select_neighbor_method(n_cells: int, *, backend: str | None = None, traced: bool = False) -> str:
+    """The kNN backend `neighbor_graph(method="auto")` uses.
+
+    - `"exact"` below `EXACT_MAX_CELLS` (8,192) cells, as scanpy (brute force is both exact and quick there);
+    - above it, `"approx_top_k"` on an accelerator (`backend` `"gpu"`, `"cuda"`, `"rocm"` or `"tpu"`), where the
+      blocked search runs at the chip's matmul speed and stays on the device;
+    - `"pynndescent"` on CPU, unless the cells are a JAX tracer (`traced`: the caller is inside `jit`, and
+      pynndescent needs host arrays), where `"exact"` is the only choice.
+
+    **Arguments:**
+
+    - `n_cells`: the number of cells.
+    - `backend`: JAX's backend name; default `jax.default_backend()`. (Keyword only argument.)
+    - `traced`: whether the cells are traced.
+    """
+    if n_cells < EXACT_MAX_CELLS:
+        return "exact"
+    backend = jax.default_backend() if backend is None else backend
+    if backend in ("gpu", "cuda", "rocm", "tpu"):
+        return "approx_top_k"
+    return "exact" if traced else "pynndescent"
+
+
+def pynndescent_settings(n_cells: int) -> dict[str, int]:
+    """umap-learn's NN-descent settings for `n_cells` (`umap_.nearest_neighbors`; scanpy copies them):
+    `n_trees = min(64, 5 + round(sqrt(n) / 20))`, `n_iters = max(5, round(log2(n)))`, `max_candidates = 60`."""
+    return {"n_trees": min(64, 5 + int(round(n_cells**0.5 / 20.0))),
+            "n_iters": max(5, int(round(math.log2(n_cells)))), "max_candidates": 60}
+
+
+def _self_first(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with each cell first and its other neighbours after, in their order (a cell missing from its own
+    row takes the place of its farthest neighbour); also the rows pynndescent left unfilled (index -1)."""
+    n_cells, n_neighbors = indices.shape
+    rows = np.arange(n_cells, dtype=indices.dtype)[:, None]
+    unfilled = np.any(indices < 0, axis=1)
+    is_self = indices == rows
+    others = np.take_along_axis(indices, np.argsort(is_self, axis=1, kind="stable"), axis=1)[:, : n_neighbors - 1]
+    return np.concatenate([rows, others], axis=1), unfilled
+
+
+def pynndescent_knn(x: np.ndarray, n_neighbors: int, *, seed: int = 0) -> np.ndarray:
+    """The approximate kNN of `x` among itself by pynndescent's `NNDescent`, with umap-learn's settings
+    (`pynndescent_settings`), on the host with all cores; each row starts with its own cell.
+
+    **Arguments:**
+
+    - `x`: `(n_cells, n_dims)` host array (run outside jit).
+    - `n_neighbors`: `k`, counting the cell itself.
+    - `seed`: pynndescent's `random_state` (its random projection trees). (Keyword only argument.)
+
+    **Returns:** `(n_cells, n_neighbors)` int32 indices, not yet sorted by distance.
+    """
+    from pynndescent import NNDescent  # imports numba (seconds): only when this backend runs
+
+    data = np.ascontiguousarray(x, dtype=np.float32)
+    settings = pynndescent_settings(x.shape[0])
+    search = NNDescent(data, n_neighbors=n_neighbors, metric="euclidean", random_state=seed, low_memory=True,
+                       n_jobs=-1, verbose=False, compressed=False, n_trees=settings["n_trees"],
+                       n_iters=settings["n_iters"], max_candidates=settings["max_candidates"])
+    graph = search.neighbor_graph
+    assert graph is not None  # built at construction for the indexed data
+    found = graph[0]
+    indices, unfilled = _self_first(np.asarray(found).astype(np.int32))
+    if np.any(unfilled):  # rows pynndescent could not fill (tiny or degenerate data): search them exactly
+        rows = np.flatnonzero(unfilled).astype(np.int32)
+        exact, _ = _knn_block(jnp.asarray(data[rows]), jnp.asarray(data), n_neighbors, jnp.asarray(rows))
+        indices[rows] = np.asarray(exact)
+    return indices
+
+
 def neighbor_graph(
     x: ArrayLike,
     n_neighbors: int = 15,
     *,
-    method: str = "exact",
+    method: str = "auto",
     set_op_mix_ratio: Float[ArrayLike, ""] = 1.0,
     local_connectivity: Float[ArrayLike, ""] = 1.0,
     block_size: int | None = None,
+    key: PRNGKeyArray | None = None,
 ) -> NeighborGraph:
-    """The kNN graph of `x` and its UMAP connectivities (scanpy's `pp.neighbors(method="umap")`), under one jit.
+    """The kNN graph of `x` and its UMAP connectivities (scanpy's `pp.neighbors(method="umap")`).
 
     **Arguments:**
 
     - `x`: `(n_cells, n_dims)` cells in some representation (PCs, a latent space); finite.
     - `n_neighbors`: `k` (static), counting the cell itself, in `[2, n_cells - 1]` (scanpy's default 15).
-    - `method`: the kNN backend; only `"exact"` (blocked brute force, `exact_knn`) for now. (Keyword only
-      argument.)
+    - `method`: the kNN backend (Keyword only argument.):
+        - `"auto"` (default): `select_neighbor_method`: exact below 8,192 cells, then `"approx_top_k"` on a GPU or
+          TPU and `"pynndescent"` on CPU (`"exact"` when `x` is traced on CPU);
+        - `"exact"`: blocked brute force (`exact_knn`) under one jit;
+        - `"pynndescent"`: NN-descent on the host with umap-learn's settings (`pynndescent_knn`), outside jit;
+          needs a concrete `x`;
+        - `"approx_top_k"`: the blocked search with `jax.lax.approx_max_k` (recall target 0.95) under one jit.
     - `set_op_mix_ratio`, `local_connectivity`: see `fuzzy_simplicial_set` (umap-learn's and scanpy's defaults
       1, 1); array leaves, so changing them does not compile again.
     - `block_size`: query rows per kNN block (static); bounds memory at `block_size * n_cells` distances.
+    - `key`: seeds pynndescent's random projection trees; None: a fixed seed, so results repeat. Unused by the
+      other backends.
 
-    **Returns:** a `NeighborGraph`. Ties are broken by cell index, and each cell comes first in its own row even
-    when other cells are exact duplicates of it.
+    **Returns:** a `NeighborGraph`. Whatever the backend, the distances are recomputed from `x` and each row sorted
+    by them, and the connectivities are the same jitted function of the neighbour lists: two backends that find
+    the same neighbours give the same graph. Ties are broken by cell index (exact search), and each cell comes
+    first in its own row even when other cells are exact duplicates of it.
     """
     if method not in NEIGHBOR_METHODS:
         raise ValueError(f"method: unknown kNN method {method!r}; choose one of {NEIGHBOR_METHODS}")
+    traced = _is_traced(x)
     x = jnp.asarray(check_embedding(x, field="x"))
     n_cells = x.shape[0]
     if not _is_integer(n_neighbors) or not 2 <= n_neighbors < n_cells:
@@ -349,7 +508,18 @@ def neighbor_graph(
         )
     if block_size is not None and (not _is_integer(block_size) or block_size < 1):
         raise ValueError(f"block_size: must be a positive integer or None, got {block_size!r}")
+    if method == "auto":
+        method = select_neighbor_method(n_cells, traced=traced)
+    mix, connectivity = jnp.asarray(set_op_mix_ratio), jnp.asarray(local_connectivity)
+    if method == "pynndescent":
+        if traced:
+            raise ValueError("method: 'pynndescent' runs on host arrays, outside jit; x is traced here (call "
+                             "neighbor_graph outside jit, or choose 'exact' or 'approx_top_k')")
+        seed = 0 if key is None else int(jr.randint(key, (), 0, 2**31 - 1))
+        indices = pynndescent_knn(np.asarray(x), int(n_neighbors), seed=seed)
+        block = knn_block_size(int(n_neighbors) * x.shape[1]) if block_size is None else int(block_size)
+        return _neighbor_graph_from_indices(x, jnp.asarray(indices), mix, connectivity, block)
     return _exact_neighbor_graph(
-        x, int(n_neighbors), jnp.asarray(set_op_mix_ratio), jnp.asarray(local_connectivity),
-        None if block_size is None else int(block_size),
+        x, int(n_neighbors), mix, connectivity, None if block_size is None else int(block_size),
+        approximate=method == "approx_top_k",
     )
