@@ -28,6 +28,17 @@ from ._core._metrics import (
 )
 from ._core._neighbors import exact_knn
 from ._core._validate import NonIntegerCountsWarning
+from ._job_steps import (
+    Annotator,
+    JobSteps,
+    StepsDone,
+    annotate,
+    call_doublets,
+    check_reference_genes,
+    check_steps,
+    filter_doublets,
+    impute,
+)
 from ._pipeline import (
     FitSettings,
     PipelineFit,
@@ -229,10 +240,20 @@ def _knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(indices), np.asarray(distances)
 
 
+#: The integration scores of the report are computed on at most this many cells (a random subsample above).
+METRIC_CELLS = 50_000
+
+
 def _integration_metrics(x: np.ndarray, batches: np.ndarray | None, labels: np.ndarray | None,
                          known: np.ndarray | None = None) -> dict[str, float]:
-    """iLISI over every cell; cLISI and the label silhouette over the cells with a label (`known`)."""
+    """iLISI over every cell; cLISI and the label silhouette over the cells with a label (`known`). Above
+    `METRIC_CELLS` cells, over that many drawn at random (seed 0): exact kNN and silhouettes are quadratic."""
     metrics: dict[str, float] = {}
+    if x.shape[0] > METRIC_CELLS:
+        chosen = np.sort(np.random.default_rng(0).choice(x.shape[0], METRIC_CELLS, replace=False))
+        x = x[chosen]
+        batches, labels = (None if v is None else v[chosen] for v in (batches, labels))
+        known = None if known is None else known[chosen]
     indices, distances = _knn(x, 90)
     if batches is not None and len(np.unique(batches)) > 1:
         metrics["iLISI"] = ilisi(indices, distances, batches)
@@ -275,6 +296,49 @@ def _epochs(n_cells: int, epochs: dict[str, int] | None) -> tuple[dict[str, int]
     return epochs, (f"VAE epochs: {epochs['vae_epochs']} (scVI's heuristic capped at 100).",)
 
 
+def _with_labels(loaded: _Loaded, label_key: str | None) -> _Loaded:
+    """`loaded` scored against its own `obs[label_key]` when it has that column and was read without it (a
+    reference's label key); otherwise unchanged."""
+    if label_key is None or label_key == loaded.label_key or label_key not in loaded.adata.obs.columns:
+        return loaded
+    labels, known, notes = _labels(loaded.adata, label_key)
+    return dataclasses.replace(loaded, label_key=label_key, labels=labels, known=known,
+                               notes=(*loaded.notes, *notes))
+
+
+def _keep(loaded: _Loaded, kept: np.ndarray) -> _Loaded:
+    """The cells `kept` (a boolean mask) of `loaded`: the AnnData (a copy), the arrays and the labels."""
+    rows = np.flatnonzero(kept)
+    arrays = loaded.arrays
+    subset = io.AnnDataArrays(arrays.counts[rows], None if arrays.batch_labels is None else arrays.batch_labels[rows],
+                              arrays.batch_categories, arrays.genes, arrays.columns)
+    return dataclasses.replace(loaded, adata=loaded.adata[rows].copy(), arrays=subset,
+                               labels=None if loaded.labels is None else loaded.labels[rows],
+                               known=None if loaded.known is None else loaded.known[rows])
+
+
+def _steps_before(out: pathlib.Path, loaded: _Loaded, config: SingleCellPipelineConfig, steps: JobSteps,
+                  annotator: Annotator | None, epochs: dict[str, int], *, seed: int, progress: bool
+                  ) -> tuple[_Loaded, StepsDone, dict[str, pathlib.Path]]:
+    """The optional steps before the pipeline (`_job_steps`): the doublet filter on every input cell (the cells
+    called doublets leave the job's cells), then MAGIC and the annotation of the kept cells, written into their
+    AnnData; returns the kept cells, what was done, and the files written (the doublet histogram)."""
+    done, arrays = StepsDone(), loaded.arrays
+    batches = (None if arrays.batch_labels is None or arrays.batch_categories is None
+               else np.asarray(arrays.batch_categories, dtype=object)[np.asarray(arrays.batch_labels)])
+    call = call_doublets(config.doublet_filter, arrays.counts, arrays.genes, loaded.adata.obs_names, batches,
+                         seed=seed, vae_epochs=epochs.get("vae_epochs"), solo_epochs=steps.solo_epochs,
+                         progress=progress)
+    files = filter_doublets(call, done, out)
+    if call is not None:
+        done.mark_doublets(loaded.adata)
+        loaded = _keep(loaded, call.kept)
+    impute(config.imputation, loaded.adata, loaded.arrays.counts, loaded.arrays.genes, done, seed=seed)
+    annotate(annotator, loaded.adata, loaded.arrays.counts, loaded.arrays.genes, done, labels=loaded.labels,
+             known=loaded.known, seed=seed, vae_epochs=epochs.get("vae_epochs"), progress=progress)
+    return loaded, done, files
+
+
 def run_job(
     input_path: str | os.PathLike[str] | None = None,
     *,
@@ -286,32 +350,48 @@ def run_job(
     progress: bool = True,
     epochs: dict[str, int] | None = None,
     inputs: InputSettings | None = None,
+    steps: JobSteps | None = None,
 ) -> JobResult:
     """Train the pipeline on a dataset and write `result.h5ad`, `umap.png`, `training.png`, `report.md` and
     `pipeline.eqx` into `out_dir`. Without `input_path`, runs on `datasets.pbmc68k()` with a simulated two-batch
     split. `inputs` says where the counts and gene names are (`InputSettings`; default: counts in `X`, genes
     `var_names`); a matrix that does not hold counts is refused before anything is written. Nothing is written
-    next to the input, and the input is never modified."""
+    next to the input, and the input is never modified. `steps` (`JobSteps`): a doublet filter before the
+    pipeline, MAGIC imputation, annotation from a labelled reference (whose labels are `label_key`)."""
     target = _check_output(out_dir, input_path)
-    loaded = _load(input_path, batch_key, label_key, seed, inputs or InputSettings())
+    steps = steps or JobSteps()
+    annotator = check_steps(steps, label_key)  # settings, reference and markers: before the cells are read
+    # With a reference, `label_key` names the reference's labels; the input's column of that name, if any, scores.
+    query_key = label_key if annotator is None or annotator.reference is None else None
+    loaded = _with_labels(_load(input_path, batch_key, query_key, seed, inputs or InputSettings()), label_key)
+    check_reference_genes(annotator, loaded.arrays.genes)
     adata, arrays, batch_key, label_key, labels = (loaded.adata, loaded.arrays, loaded.batch_key, loaded.label_key,
                                                    loaded.labels)
     config, config_notes = _settings(adata, arrays, config_path)
     if batch_key is not None and arrays.batch_labels is None:  # one batch: nothing to correct
         config = config.replace(enable_batch_correction=False)
+    config = config.replace(**{name: value for name, value in (("doublet_filter", steps.doublets),
+                                                               ("imputation", steps.impute)) if value is not None})
     epochs, epoch_notes = _epochs(adata.n_obs, epochs)
     ambient_notes = (("No ambient profile was given: the pooled expression of the cells stands in for it.",)
                      if config.enable_ambient_removal else ())
     notes = (*loaded.notes, *config_notes, *epoch_notes, *ambient_notes)
     with _staged_output(target) as staging:
+        loaded, done, step_files = _steps_before(staging, loaded, config, steps, annotator, epochs, seed=seed,
+                                                 progress=progress)
+        adata, arrays, labels = loaded.adata, loaded.arrays, loaded.labels
         trained = _train(config, arrays, epochs, seed=seed, progress=progress)
-        result, files = _write_results(staging, adata, trained, notes=notes, seed=seed, input_path=input_path)
+        result, files = _write_results(staging, adata, trained, notes=notes, seed=seed, input_path=input_path,
+                                       done=done)
         panels = _panels(result, adata, batch_key, labels, label_key)
-        files |= _write_figures(staging, trained, panels)
+        if "cell_type" in result.obs:
+            panels["cell_type (annotated)"] = result.obs["cell_type"].astype(str).to_numpy()
+        files |= _write_figures(staging, trained, panels) | step_files
         metrics, metric_rows = _quality(trained.output, arrays.batch_labels, labels, panels.get("cluster"),
                                         loaded.known)
+        metrics |= done.metrics
         report = _report(trained, adata.n_obs, notes=notes, seed=seed, metrics=metrics, metric_rows=metric_rows,
-                         files=[*files.values()])
+                         files=[*files.values()], done=done)
         files["report"] = write_text(staging / "report.md", report)
     return JobResult(target, {name: target / path.name for name, path in files.items()}, metrics)
 
@@ -321,7 +401,7 @@ class _Trained:
     """What the job's training and inference give the files and the report."""
 
     fitted: PipelineFit
-    output: PipelineOutput
+    output: PipelineOutput | io.ChunkedOutput
     train_seconds: float
     first_inference_seconds: float
     inference_seconds: float
@@ -341,21 +421,30 @@ def _train(config: SingleCellPipelineConfig, arrays: io.AnnDataArrays, epochs: d
         fitted = fit_pipeline(pipeline, data, key=fit_key, settings=FitSettings().replace(**epochs), progress=progress)
         train_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        jax.block_until_ready(run_pipeline(fitted.pipeline, data, key=run_key))
+        output = jax.block_until_ready(io.infer(fitted.pipeline, data, key=run_key))
         first_inference = time.perf_counter() - started
-        started = time.perf_counter()
-        output = jax.block_until_ready(run_pipeline(fitted.pipeline, data, key=run_key))
-        inference_seconds = time.perf_counter() - started
+        inference_seconds = float("nan")  # large data: one chunked pass (io.infer); its layers stream when written
+        if not isinstance(output, io.ChunkedOutput):
+            started = time.perf_counter()
+            output = jax.block_until_ready(run_pipeline(fitted.pipeline, data, key=run_key))
+            inference_seconds = time.perf_counter() - started
     return _Trained(fitted, output, train_seconds, first_inference, inference_seconds)
 
 
 def _write_results(out: pathlib.Path, adata: Any, trained: _Trained, *, notes: tuple[str, ...], seed: int,
-                   input_path: str | os.PathLike[str] | None) -> tuple[Any, dict[str, pathlib.Path]]:
-    """`result.h5ad` (the input annotated, with the settings that ran in `uns["diffbio"]`) and `pipeline.eqx`."""
+                   input_path: str | os.PathLike[str] | None, done: StepsDone | None = None
+                   ) -> tuple[Any, dict[str, pathlib.Path]]:
+    """`result.h5ad` (the input annotated, with the settings that ran in `uns["diffbio"]`) and `pipeline.eqx`.
+    After a doublet filter (`done`), the file holds every input cell (`StepsDone.expand`); the returned AnnData
+    holds the kept cells."""
     result = io.to_anndata(adata, trained.output)
     settings = {k: ("" if v is None else v) for k, v in trained.fitted.pipeline.settings().items()}
     result.uns["diffbio"] = {"config": settings, "seed": seed, "notes": list(notes)}
-    files = {"result": io.write_h5ad(result, out / "result.h5ad", input_path=input_path),
+    streamed = trained.output.stream if isinstance(trained.output, io.ChunkedOutput) else None
+    written = result
+    if done is not None:
+        written, streamed = done.expand(result), done.expand_stream(streamed)
+    files = {"result": io.write_h5ad(written, out / "result.h5ad", input_path=input_path, layers=streamed),
              "pipeline": save_pipeline(out / "pipeline.eqx", trained.fitted.pipeline)}
     return result, files
 
@@ -383,7 +472,7 @@ def _write_figures(out: pathlib.Path, trained: _Trained, panels: dict[str, np.nd
     return files
 
 
-def _quality(output: PipelineOutput, batches: np.ndarray | None, labels: np.ndarray | None,
+def _quality(output: PipelineOutput | io.ChunkedOutput, batches: np.ndarray | None, labels: np.ndarray | None,
              clusters: np.ndarray | None, known: np.ndarray | None = None
              ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The headline metrics (ARI and NMI of the clusters against known labels, integration scores of the corrected
@@ -414,8 +503,9 @@ def _stage_rows(trained: _Trained, n_cells: int) -> list[dict[str, Any]]:
 
 
 def _report(trained: _Trained, n_cells: int, *, notes: tuple[str, ...], seed: int, metrics: dict[str, float],
-            metric_rows: list[dict[str, Any]], files: list[pathlib.Path]) -> str:
-    """`report.md`: the data, the settings that ran, the time per stage, the quality, the files."""
+            metric_rows: list[dict[str, Any]], files: list[pathlib.Path], done: StepsDone | None = None) -> str:
+    """`report.md`: the data, the settings that ran, the time per stage, the quality, the optional steps
+    (doublets, imputation, annotation: `done`), the files."""
     settings = trained.fitted.pipeline.settings()
     lines = [
         "# diffbio_eqx run report",
@@ -431,7 +521,7 @@ def _report(trained: _Trained, n_cells: int, *, notes: tuple[str, ...], seed: in
         "",
         "## Time per stage",
         "",
-        markdown_table(_stage_rows(trained, n_cells)),
+        markdown_table([*([] if done is None else done.stage_rows), *_stage_rows(trained, n_cells)]),
         "",
     ]
     if metrics:
@@ -446,6 +536,7 @@ def _report(trained: _Trained, n_cells: int, *, notes: tuple[str, ...], seed: in
             markdown_table(metric_rows),
             "",
         ]
+    lines += [] if done is None else done.sections
     lines += ["## Versions", "", f"Seed: {seed}.", "",
               markdown_table([{"package": k, "version": v} for k, v in package_versions().items()]), ""]
     lines += ["## Files", ""] + [f"- `{path.name}`" for path in files] + ["- `report.md`", ""]

@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.metadata
+import pathlib
 import platform
 import sys
 import warnings
@@ -81,6 +82,44 @@ def _annotate(arguments: argparse.Namespace) -> int:
     return 0
 
 
+#: Environment variable naming the folder of JAX's persistent compilation cache (`none` turns it off).
+COMPILATION_CACHE_ENV = "DIFFBIO_EQX_COMPILATION_CACHE"
+
+
+def compilation_cache_dir(option: str | None = None) -> pathlib.Path | None:
+    """Where the command line keeps JAX's compiled programs: `--compilation-cache DIR`, else
+    `$DIFFBIO_EQX_COMPILATION_CACHE`, else `$XDG_CACHE_HOME/diffbio-eqx/jax` (`~/.cache/diffbio-eqx/jax`); None
+    when the option or the variable is `none`."""
+    import os
+
+    chosen = option if option is not None else os.environ.get(COMPILATION_CACHE_ENV)
+    if chosen is not None and chosen.strip().lower() in ("none", ""):
+        return None
+    if chosen is not None:
+        return pathlib.Path(chosen).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
+    return pathlib.Path(base) / "diffbio-eqx" / "jax"
+
+
+def enable_compilation_cache(option: str | None = None) -> pathlib.Path | None:
+    """Switch on JAX's persistent compilation cache in `compilation_cache_dir(option)` for every compile that
+    takes any time at all (JAX's default keeps only compiles over 1 s, which leaves most of a job's programs out),
+    so a second run of the same job loads its programs instead of compiling them. Returns the folder (None: off)."""
+    import jax
+
+    folder = compilation_cache_dir(option)
+    if folder is None:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--compilation-cache: cannot create {str(folder)!r} ({error})") from None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -89,6 +128,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _add_cache_flag(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--compilation-cache", metavar="DIR|none",
+                         help="folder of JAX's persistent compilation cache, so a second run compiles nothing "
+                              f"(default: ${COMPILATION_CACHE_ENV}, else $XDG_CACHE_HOME/diffbio-eqx/jax, i.e. "
+                              "~/.cache/diffbio-eqx/jax); none: off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="parametric UMAP epochs (default: about 3,000 optimiser steps)")
     run.add_argument("--quiet", action="store_true",
                      help="no progress (otherwise bars on a terminal, plain lines when stderr is redirected)")
+    _add_cache_flag(run)
     run.set_defaults(handler=_run)
     annotate = commands.add_parser(
         "annotate", help="annotate cell types of QUERY.h5ad from a labelled reference or marker genes",
@@ -146,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--layer", metavar="NAME", help="read counts from layers[NAME] instead of X")
     annotate.add_argument("--out", metavar="FILE", help="output h5ad (default: QUERY_annotated.h5ad here)")
     annotate.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_cache_flag(annotate)
     annotate.set_defaults(handler=_annotate)
     return parser
 
@@ -164,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if hasattr(arguments, "compilation_cache"):  # before anything compiles
+            enable_compilation_cache(arguments.compilation_cache)
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return arguments.handler(arguments)

@@ -16,7 +16,77 @@ from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from ._core._checkpoint import atomic_path as atomic_path  # the one atomic writer, re-exported
 from ._core._validate import NonIntegerCountsWarning, _scan_values, check_batch_labels, check_counts
-from ._pipeline import PipelineFit, SingleCellPipeline, SingleCellPipelineConfig, fit_pipeline, run_pipeline
+from ._pipeline import (
+    CELL_OUTPUTS,
+    PipelineFit,
+    SingleCellPipeline,
+    SingleCellPipelineConfig,
+    fit_pipeline,
+    pipeline_chunks,
+    run_pipeline,
+)
+
+
+#: Above this many count entries (n_cells x n_genes; 25,000 cells x 2,000 genes) the faces work chunk by chunk: an
+#: h5ad's sparse `X` is read a block of rows at a time into one float32 CSR matrix (`read_h5ad`), inference runs in
+#: chunks (`infer`), and the `(n_cells, n_genes)` layers are written to the file a chunk at a time (`write_h5ad`),
+#: so no dense `n_cells x n_genes` matrix is ever held. Below it, the whole-data paths run as before.
+CHUNKED_ABOVE = 50_000_000
+
+#: Rows per block when a matrix is read or a result written chunk by chunk (and cells per compiled inference call).
+CHUNK_ROWS = 8192
+
+
+def is_large(n_cells: int, n_genes: int) -> bool:
+    """Whether `n_cells x n_genes` counts go through the chunked paths (`CHUNKED_ABOVE`)."""
+    return int(n_cells) * int(n_genes) > CHUNKED_ABOVE
+
+
+def _is_backed_matrix(matrix: Any) -> bool:
+    """An on-disk matrix of a backed AnnData or `anndata.io.sparse_dataset` (not in memory)."""
+    import h5py
+
+    return isinstance(matrix, (ad.abc.CSRDataset, ad.abc.CSCDataset, h5py.Dataset))
+
+
+def read_matrix_in_chunks(matrix: Any, *, chunk_rows: int | None = None) -> sp.csr_matrix:
+    """An on-disk (or in-memory) cells x genes matrix as one float32 CSR matrix, read `chunk_rows` rows at a time.
+
+    The result is allocated once (from the row pointers) and filled block by block, so memory is the float32 CSR
+    plus one block: an int64/float64 file never exists as a whole in its own dtypes, and a dense on-disk matrix is
+    never whole in memory. Accepts an `anndata.io.sparse_dataset` / backed `X`, an `h5py.Dataset`, or any matrix
+    that slices by rows.
+    """
+    n_cells, n_genes = (int(n) for n in matrix.shape)
+    chunk_rows = CHUNK_ROWS if chunk_rows is None else chunk_rows
+    index_dtype = np.int32 if n_genes <= np.iinfo(np.int32).max else np.int64
+    blocks: list[sp.csr_matrix] = []
+    pointers = np.zeros(n_cells + 1, np.int64)
+    # First pass over the blocks' row pointers only for CSR on disk (cheap); else read each block once, keep it
+    # sparse in float32 (a dense block becomes CSR at once) and assemble.
+    group = getattr(matrix, "group", None)
+    if isinstance(matrix, ad.abc.CSRDataset) and group is not None and "indptr" in group:
+        pointers[:] = group["indptr"][...]
+        nnz = int(pointers[-1])
+        data = np.empty(nnz, np.float32)
+        indices = np.empty(nnz, index_dtype)
+        for start in range(0, n_cells, chunk_rows):
+            stop = min(start + chunk_rows, n_cells)
+            first, last = int(pointers[start]), int(pointers[stop])
+            data[first:last] = group["data"][first:last]
+            indices[first:last] = group["indices"][first:last]
+        if nnz >= np.iinfo(np.int32).max:
+            return sp.csr_matrix((data, indices, pointers), shape=(n_cells, n_genes))
+        return sp.csr_matrix((data, indices, pointers.astype(np.int32)), shape=(n_cells, n_genes))
+    for start in range(0, n_cells, chunk_rows):
+        block = matrix[start : min(start + chunk_rows, n_cells)]
+        block = sp.csr_matrix(block, dtype=np.float32)
+        blocks.append(block)
+        pointers[start + 1 : start + 1 + len(block.indptr) - 1] = np.diff(block.indptr)
+    np.cumsum(pointers, out=pointers)
+    data = np.concatenate([b.data for b in blocks]) if blocks else np.zeros(0, np.float32)
+    indices = np.concatenate([b.indices.astype(index_dtype) for b in blocks]) if blocks else np.zeros(0, index_dtype)
+    return sp.csr_matrix((data, indices, pointers), shape=(n_cells, n_genes))
 
 
 class AnnDataArrays:
@@ -193,6 +263,8 @@ def from_anndata(
     if not isinstance(adata, ad.AnnData):
         raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
     matrix, field, var_names = counts_matrix(adata, layer=layer, use_raw=use_raw)
+    if _is_backed_matrix(matrix):  # a backed AnnData: read a block of rows at a time, kept sparse
+        matrix = read_matrix_in_chunks(matrix)
     genes = None if genes is None else [str(gene) for gene in genes]
     columns = None if genes is None else gene_columns(var_names, genes, owner=genes_owner)
     if columns is not None:
@@ -266,7 +338,12 @@ def to_anndata(adata: ad.AnnData, result: Any, *, copy: bool = True) -> ad.AnnDa
       `layers["diffbio_normalized"]` and `decontaminated_counts` to `layers["diffbio_decontaminated"]`.
     - `copy`: write into a copy (default) instead of `adata` itself. (Keyword only argument.)
     """
-    out = adata.copy() if copy else adata
+    if adata.isbacked:  # the matrices stay in their file: the results go into a new AnnData of the annotations
+        out = _shallow_copy(adata, matrices=False)
+    elif copy:
+        out = _shallow_copy(adata) if is_large(adata.n_obs, adata.n_vars) else adata.copy()
+    else:
+        out = adata
     n_cells = out.n_obs
 
     def as_cells_array(name: str, value: Any) -> np.ndarray:
@@ -296,11 +373,109 @@ def to_anndata(adata: ad.AnnData, result: Any, *, copy: bool = True) -> ad.AnnDa
     return out
 
 
+def _shallow_copy(adata: ad.AnnData, *, matrices: bool = True) -> ad.AnnData:
+    """A new AnnData sharing the (large) matrices of `adata`, with its own annotations: `to_anndata` at scale
+    adds results without a second copy of millions of cells' counts (nothing writes into the shared matrices).
+    With `matrices=False` (a backed AnnData) `X`, `layers` and `.raw` are left out."""
+    import copy as copying
+
+    parts: dict[str, Any] = {
+        "X": adata.X if matrices else None, "obs": adata.obs.copy(), "var": adata.var.copy(),
+        "uns": copying.deepcopy(dict(adata.uns)), "obsm": dict(adata.obsm), "varm": dict(adata.varm),
+        "obsp": dict(adata.obsp), "varp": dict(adata.varp), "layers": dict(adata.layers) if matrices else None,
+        "raw": adata.raw if matrices else None,
+    }
+    return ad.AnnData(**parts)
+
+
+class ChunkedOutput(Mapping[str, Any]):
+    """What `infer` returns at scale: the per-cell outputs (`latent`, `corrected_embeddings`, `embeddings_2d`,
+    `cluster_assignments`) in memory, and the `(n_cells, n_genes)` ones (`normalized`, `decontaminated_counts`)
+    computed again chunk by chunk, only when they are written (`write_h5ad(..., layers=output.stream)`).
+
+    Reads like a `PipelineOutput` for the per-cell fields (`out["latent"]`); `out.get("normalized")` is None.
+    """
+
+    def __init__(self, cells: dict[str, np.ndarray], pipeline: SingleCellPipeline, data: Mapping[str, Any], *,
+                 key: PRNGKeyArray, gene_outputs: tuple[str, ...], chunk_size: int | None = None):
+        self.cells, self.pipeline, self.data, self.key = cells, pipeline, data, key
+        self.gene_outputs, self.chunk_size = gene_outputs, CHUNK_ROWS if chunk_size is None else chunk_size
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.cells[name]
+
+    def __iter__(self) -> Any:
+        return iter(self.cells)
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def stream(self) -> Iterable[tuple[int, dict[str, np.ndarray]]]:
+        """`(first_cell, {layer key: (chunk_cells, n_genes) float32})` for each chunk, in order."""
+        for start, chunk in pipeline_chunks(self.pipeline, self.data, key=self.key, chunk_size=self.chunk_size,
+                                            outputs=self.gene_outputs, warn_profile=False):
+            yield start, {LAYER_KEYS[name]: values.astype(np.float32) for name, values in chunk.items()}
+
+
+def infer(pipeline: SingleCellPipeline, data: Mapping[str, Any], *, key: PRNGKeyArray,
+          chunked: bool | None = None) -> Any:
+    """Run a trained pipeline's inference, chunk by chunk when the data are large.
+
+    **Arguments:**
+
+    - `pipeline`, `data`, `key`: as in `run_pipeline`.
+    - `chunked`: None (default) chooses by size: `is_large(n_cells, n_genes)` (`CHUNKED_ABOVE` count entries)
+      runs `pipeline_chunks` (a `ChunkedOutput`: per-cell outputs in memory, the `(n_cells, n_genes)` layers
+      streamed when written), below it `run_pipeline` on the whole data (a `PipelineOutput`). The chunked path
+      maps cells onto the stored Harmony reference; it equals the whole-data run with that reference.
+    """
+    counts = data["counts"]
+    n_cells, n_genes = (int(n) for n in counts.shape)
+    if chunked is None:
+        chunked = is_large(n_cells, n_genes) and not (
+            pipeline.batch_correction is not None and pipeline.harmony_reference is None)
+    if not chunked:
+        return run_pipeline(pipeline, data, key=key)
+    outputs = tuple(name for name in CELL_OUTPUTS)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    for _, chunk in pipeline_chunks(pipeline, data, key=key, chunk_size=CHUNK_ROWS, outputs=outputs):
+        for name, values in chunk.items():
+            parts[name].append(values)
+    cells = {name: np.concatenate(values) for name, values in parts.items()}
+    genes = ("normalized",) + (("decontaminated_counts",) if pipeline.ambient_removal is not None else ())
+    return ChunkedOutput(cells, pipeline, data, key=key, gene_outputs=genes)
+
+
+def _write_streamed_layers(path: pathlib.Path, n_cells: int, n_genes: int,
+                           chunks: Iterable[tuple[int, dict[str, np.ndarray]]]) -> None:
+    """Add dense float32 `layers` to a written h5ad file, one block of rows at a time (anndata's "array"
+    encoding, so `anndata.read_h5ad` reads them as any layer)."""
+    import h5py
+
+    with h5py.File(path, "r+") as file:
+        layers = file.require_group("layers")
+        if "encoding-type" not in layers.attrs:
+            layers.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        datasets: dict[str, Any] = {}
+        for start, chunk in chunks:
+            for name, values in chunk.items():
+                if name not in datasets:
+                    datasets[name] = layers.create_dataset(
+                        name, shape=(n_cells, n_genes), dtype=np.float32,
+                        chunks=(max(1, min(n_cells, (1 << 20) // max(n_genes, 1))), n_genes))
+                    datasets[name].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+                datasets[name][start : start + values.shape[0]] = values
+
+
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike[str], *,
-               input_path: str | os.PathLike[str] | None = None) -> pathlib.Path:
+               input_path: str | os.PathLike[str] | None = None,
+               layers: Any = None) -> pathlib.Path:
     """Write `adata` to `path` atomically (temporary file in the same folder, then rename).
 
     Refuses to overwrite `input_path` (the file the data was read from), so an input is never modified.
+    `layers`: a callable returning `(first_cell, {layer key: block})` pairs (`ChunkedOutput.stream`), whose
+    blocks are written into `layers` one at a time before the rename, so no whole `(n_cells, n_genes)` layer is
+    ever in memory.
     """
     target = pathlib.Path(path)
     if input_path is not None and pathlib.Path(input_path).exists() and target.exists():
@@ -308,15 +483,35 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike[str], *,
             raise ValueError(f"output: {str(target)!r} is the input file; choose another output path")
     with atomic_path(target) as temporary:
         adata.write_h5ad(temporary)
+        if layers is not None:
+            _write_streamed_layers(pathlib.Path(temporary), adata.n_obs, adata.n_vars, layers())
     return target
 
 
 def read_h5ad(path: str | os.PathLike[str]) -> ad.AnnData:
-    """Read an h5ad file fully into memory, with a clear error for a missing, corrupt or truncated file."""
+    """Read an h5ad file into memory, with a clear error for a missing, corrupt or truncated file.
+
+    A large file (`is_large`: more than `CHUNKED_ABOVE` entries in `X`) is opened in anndata's backed mode and its
+    `X` read a block of rows at a time into one float32 CSR matrix (`read_matrix_in_chunks`): never dense, and
+    never whole in the file's own (e.g. float64/int64) dtypes. The rest (`obs`, `var`, `obsm`, `layers`, ...) is
+    read as anndata reads it.
+    """
     source = pathlib.Path(path)
     if not source.is_file():
         raise ValueError(f"input: {str(source)!r} does not exist or is not a file")
     try:
+        backed = ad.read_h5ad(source, backed="r")
+        try:
+            if is_large(backed.n_obs, backed.n_vars) and backed.raw is None:
+                parts: dict[str, Any] = {
+                    "X": read_matrix_in_chunks(backed.X), "obs": backed.obs.copy(), "var": backed.var.copy(),
+                    "uns": dict(backed.uns), "obsm": dict(backed.obsm), "varm": dict(backed.varm),
+                    "obsp": dict(backed.obsp), "varp": dict(backed.varp),
+                    "layers": {name: backed.layers[name] for name in backed.layers.keys()},
+                }
+                return ad.AnnData(**parts)
+        finally:
+            backed.file.close()
         return ad.read_h5ad(source)
     except Exception as error:  # h5py/anndata raise many types for damaged files
         raise ValueError(
@@ -379,7 +574,7 @@ def fit_anndata(
     build_key, fit_key, run_key = jr.split(key, 3)
     pipeline = SingleCellPipeline(config, key=build_key, genes=arrays.genes)
     fitted = fit_pipeline(pipeline, data, key=fit_key, **fit_settings)
-    output = run_pipeline(fitted.pipeline, data, key=run_key)
+    output = infer(fitted.pipeline, data, key=run_key)
     annotated = to_anndata(adata, output)
     if arrays.batch_categories is not None:
         annotated.uns["diffbio_batch_categories"] = list(arrays.batch_categories)
@@ -416,7 +611,8 @@ def run_anndata(
     (`adata[:, pipeline.genes]`), so that the per-gene layers line up.
     """
     arrays = from_anndata(adata, layer=layer, batch_key=batch_key, genes=pipeline.genes)
-    output = run_pipeline(pipeline, _pipeline_data(adata, arrays, ambient_profile), key=key, inference=inference)
+    data = _pipeline_data(adata, arrays, ambient_profile)
+    output = (infer(pipeline, data, key=key) if inference else run_pipeline(pipeline, data, key=key, inference=False))
     cells = adata if arrays.columns is None else adata[:, list(arrays.genes)]
     annotated = to_anndata(cells, output)
     if arrays.batch_categories is not None:

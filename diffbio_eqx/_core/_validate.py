@@ -100,6 +100,12 @@ def _scan_values(values: np.ndarray) -> _ValueScan:
     return _ValueScan(good, non_integer, totals if good else None)
 
 
+def _checked_csr(counts: Any) -> bool:
+    """A float32 `csr_matrix` with int32/int64 indices in canonical form: what `check_counts` would return."""
+    return (isinstance(counts, sp.csr_matrix) and counts.dtype == np.float32
+            and counts.indices.dtype in (np.int32, np.int64) and bool(counts.has_canonical_format))
+
+
 def check_counts(
     counts: Any,
     *,
@@ -107,7 +113,8 @@ def check_counts(
     allow_empty_cells: bool = False,
     n_genes: int | None = None,
 ) -> np.ndarray | sp.csr_matrix | Array:
-    """Validate a count matrix and return it as float32, dense or CSR (a copy; the input is never modified).
+    """Validate a count matrix and return it as float32, dense or CSR (a copy, except a float32 canonical CSR
+    input, which is returned as it is; the input is never modified).
 
     **Arguments:**
 
@@ -127,10 +134,15 @@ def check_counts(
     if sp.issparse(counts):
         if counts.ndim != 2:
             raise ValueError(f"{field}: expected a 2-D matrix (n_cells, n_genes), got {counts.ndim}-D")
-        source = sp.csr_matrix(counts, copy=True)
-        _as_numeric_array(source.data, field)
-        source.data = _to_float32(source.data, field, lambda mask: _locate(source, mask))
-        matrix = sp.csr_matrix(source, dtype=np.float32)
+        if _checked_csr(counts):
+            # Already float32 CSR in canonical form (e.g. read by `io.read_counts`): not copied, so that a
+            # million-cell matrix is held once; nothing here or downstream writes into it.
+            matrix = counts
+        else:
+            source = sp.csr_matrix(counts, copy=True)
+            _as_numeric_array(source.data, field)
+            source.data = _to_float32(source.data, field, lambda mask: _locate(source, mask))
+            matrix = sp.csr_matrix(source, dtype=np.float32)
         values = matrix.data
         shape = cast(tuple[int, int], matrix.shape)  # scipy infers shape as possibly None
     else:

@@ -16,6 +16,8 @@ from ._model import (
     create_single_cell_pipeline as create_single_cell_pipeline,
 )
 from ._run import (
+    CELL_OUTPUTS as CELL_OUTPUTS,
+    pipeline_chunks as pipeline_chunks,
     prepare_inputs as prepare_inputs,
     run_pipeline as run_pipeline,
     run_pipeline_in_chunks as run_pipeline_in_chunks,

@@ -22,15 +22,16 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
+import scipy.sparse as sp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from .._ambient._stage import fit_ambient_removal, remove_ambient
 from .._clustering._mixture_stage import fit_gaussian_mixture
 from .._clustering._stage import SoftKMeans, fit_soft_kmeans
-from .._core._train import TrainSettings, fit, shared_optimizer
+from .._core._train import TrainSettings, fit, shared_optimizer, sparse_rows_from_csr
 from .._core._validate import NonIntegerCountsWarning, check_batch_labels, check_counts
 from .._umap import _stage as _umap_stage
-from .._vae._stage import fit_vae, vae_transform
+from .._vae._stage import fit_vae, vae_latent
 from ._loss import PipelineLossWeights, pipeline_loss
 from ._model import HarmonyReference, SingleCellPipeline, with_config
 from ._run import _check_harmony_clusters, prepare_inputs
@@ -46,8 +47,10 @@ class FitSettings:
     - `umap_epochs` (None): parametric UMAP epochs; None uses `fit_umap`'s default, the epochs closest to 3,000
       optimiser steps (30 epochs, the old default, kept 0.85x of umap-learn's 15-NN preservation on pbmc68k; the
       default keeps 0.99x).
-    - `umap_max_cells` (20,000): build the UMAP graph (exact kNN, O(n^2)) on at most this many cells drawn at
-      random; the trained encoder embeds every cell. None: always all cells.
+    - `umap_max_cells` (None): build the UMAP graph on at most this many cells drawn at random (the trained
+      encoder still embeds every cell). None, the default: all cells, the kNN backend chosen by size and device
+      (`neighbor_graph(method="auto")`: exact below 8,192 cells, then pynndescent on CPU, approximate top-k on
+      GPU/TPU).
     - `clustering_iterations` (100): EM steps of the Gaussian mixture (soft k-means iterations after k-means++).
     - `fine_tune_epochs` (0): epochs of end-to-end training on `pipeline_loss` after the stages.
     - `fine_tune_weights` (None): the `PipelineLossWeights` of the end-to-end loss (default weights if None).
@@ -57,7 +60,7 @@ class FitSettings:
     ambient_epochs: int | None = None
     vae_epochs: int | None = None
     umap_epochs: int | None = None
-    umap_max_cells: int | None = 20_000
+    umap_max_cells: int | None = None
     clustering_iterations: int = 100
     fine_tune_epochs: int = 0
     fine_tune_weights: PipelineLossWeights | None = None
@@ -130,7 +133,7 @@ class _StageKeys(NamedTuple):
 class _FitInputs:
     """The validated inputs every step reads (never changed by a step)."""
 
-    counts: np.ndarray
+    counts: np.ndarray | sp.csr_matrix  # float32 CSR kept sparse (rows densify one minibatch at a time)
     ambient_profile: Array
     batch_labels: Array
     raw_counts: Any
@@ -183,7 +186,9 @@ def _fit_inputs(
     raw_counts: Any, cell_type_labels: ArrayLike | None, checkpoint_dir: str | pathlib.Path | None, progress: bool,
 ) -> _FitInputs:
     """Validate everything `fit_pipeline` is given, before any training."""
-    counts, profile, labels = prepare_inputs(pipeline, data)
+    counts, profile, labels = prepare_inputs(pipeline, data, keep_sparse=True)
+    if not sp.issparse(counts):  # dense counts as before, in the pipeline's dtype
+        counts = np.asarray(counts, dtype=pipeline.dtype)
     n_cells = counts.shape[0]
     _check_fit_settings(pipeline, n_cells, settings)
     if raw_counts is not None and pipeline.ambient_removal is not None:
@@ -198,7 +203,7 @@ def _fit_inputs(
         if cell_type_labels.ndim != 1:
             raise ValueError(f"cell_type_labels: expected shape ({n_cells},), got {cell_type_labels.shape}")
     folder = None if checkpoint_dir is None else pathlib.Path(checkpoint_dir)
-    return _FitInputs(np.asarray(counts), profile, labels, raw_counts, cell_type_labels, settings,
+    return _FitInputs(counts, profile, labels, raw_counts, cell_type_labels, settings,
                       _StageKeys(*jr.split(key, 6)), folder, progress)
 
 
@@ -240,12 +245,33 @@ def _decontaminated_counts_are_expected() -> Iterator[None]:
         yield
 
 
-def _decontaminated(pipeline: SingleCellPipeline, inputs: _FitInputs) -> np.ndarray:
-    """The counts the VAE trains on: after ambient removal when it is on."""
+#: Cells per compiled call when `fit_pipeline` maps all cells chunk by chunk (the decontaminated counts of sparse
+#: input, the latent of every cell): only this many cells' counts are ever dense.
+CHUNK_CELLS = 8192
+
+
+def _decontaminated(pipeline: SingleCellPipeline, inputs: _FitInputs) -> np.ndarray | sp.csr_matrix:
+    """The counts the VAE trains on: after ambient removal when it is on. Sparse counts stay sparse: the
+    decontaminated counts lie in `[0, counts]`, so they share the counts' non-zero pattern (and index arrays), and
+    only one chunk of cells is ever dense."""
     if pipeline.ambient_removal is None:
         return inputs.counts
-    result = remove_ambient(pipeline.ambient_removal, inputs.counts, np.asarray(inputs.ambient_profile))
-    return np.asarray(result.decontaminated_counts)
+    profile = np.asarray(inputs.ambient_profile)
+    if not sp.issparse(inputs.counts):
+        return np.asarray(remove_ambient(pipeline.ambient_removal, inputs.counts, profile).decontaminated_counts)
+    counts = sp.csr_matrix(inputs.counts)
+    n_cells = int(counts.shape[0])  # pyright: ignore[reportOptionalSubscript]  (scipy's stubs)
+    values = np.empty_like(counts.data)
+    for start in range(0, n_cells, CHUNK_CELLS):
+        rows: Any = counts[start : start + CHUNK_CELLS]
+        # Whole chunks keep one compiled shape: the last one is padded by repeating rows, then trimmed.
+        padded = rows if rows.shape[0] == min(CHUNK_CELLS, n_cells) else sp.vstack(
+            [rows, counts[: CHUNK_CELLS - rows.shape[0]]], format="csr")
+        dense = np.asarray(remove_ambient(pipeline.ambient_removal, padded, profile,
+                                          chunk_size=CHUNK_CELLS).decontaminated_counts)
+        row_of = np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))
+        values[counts.indptr[start] : counts.indptr[start + rows.shape[0]]] = dense[row_of, rows.indices]
+    return sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape)
 
 
 def _train_ambient(pipeline: SingleCellPipeline, record: _FitRecord,
@@ -265,7 +291,7 @@ def _train_ambient(pipeline: SingleCellPipeline, record: _FitRecord,
 
 
 def _train_vae(pipeline: SingleCellPipeline, record: _FitRecord, inputs: _FitInputs,
-               x: np.ndarray) -> tuple[SingleCellPipeline, _FitRecord]:
+               x: Any) -> tuple[SingleCellPipeline, _FitRecord]:
     """Step 2: the VAE on the decontaminated counts `x`."""
     if "vae_normalizer" in record.done:
         return pipeline, record
@@ -282,11 +308,11 @@ def _train_vae(pipeline: SingleCellPipeline, record: _FitRecord, inputs: _FitInp
 
 
 def _fit_harmony(pipeline: SingleCellPipeline, record: _FitRecord, inputs: _FitInputs,
-                 x: np.ndarray) -> tuple[SingleCellPipeline, _FitRecord, Array]:
+                 x: Any) -> tuple[SingleCellPipeline, _FitRecord, Array]:
     """Step 3: Harmony on the whole latent of `x`; its centroids and ridge coefficients become the reference.
     Returns the corrected latent too (the latent itself when batch correction is off)."""
     with _decontaminated_counts_are_expected():
-        latent = vae_transform(pipeline.vae_normalizer, x, np.asarray(inputs.batch_labels)).latent
+        latent = vae_latent(pipeline.vae_normalizer, x, np.asarray(inputs.batch_labels), chunk_size=CHUNK_CELLS)
     if pipeline.batch_correction is None:
         return pipeline, record, latent
     started = time.perf_counter()
@@ -358,13 +384,16 @@ def _fine_tune(pipeline: SingleCellPipeline, record: _FitRecord,
     settings, types = inputs.settings, inputs.cell_type_labels
     weights = PipelineLossWeights() if settings.fine_tune_weights is None else settings.fine_tune_weights
     if types is None:
-        types = np.zeros(inputs.counts.shape[0], np.int32)
+        types = np.zeros(inputs.batch_labels.shape[0], np.int32)
         weights = eqx.tree_at(lambda w: w.supervised, weights, jnp.zeros((), weights.supervised.dtype))
     # Adam with its learning rate in the state (one shared object: the compiled epoch is reused across calls).
     loop = TrainSettings(n_epochs=settings.fine_tune_epochs, batch_size=settings.batch_size,
                          optimizer=shared_optimizer("adam"), hyperparameters={"learning_rate": settings.learning_rate},
                          progress=inputs.progress, description="end-to-end")
-    fitted = fit(pipeline, _fine_tune_loss, (inputs.counts, np.asarray(inputs.batch_labels), types),
+    counts: Any = inputs.counts
+    if sp.issparse(counts):  # on the device once, in the pipeline's dtype, densified a minibatch at a time
+        counts = sparse_rows_from_csr(counts, dtype=pipeline.dtype)
+    fitted = fit(pipeline, _fine_tune_loss, (counts, np.asarray(inputs.batch_labels), types),
                  key=inputs.keys.fine_tune, settings=loop,
                  context=(weights, inputs.ambient_profile, jnp.ones((), pipeline.dtype)),
                  trainable=_trainable_filter(pipeline))
@@ -374,14 +403,14 @@ def _fine_tune(pipeline: SingleCellPipeline, record: _FitRecord,
 
 def _train_umap(pipeline: SingleCellPipeline, record: _FitRecord, inputs: _FitInputs,
                 corrected: Array) -> tuple[SingleCellPipeline, _FitRecord]:
-    """Step 6: the parametric UMAP encoder on the corrected latent; the graph is built on at most
-    `umap_max_cells` cells, and the encoder embeds every cell."""
+    """Step 6: the parametric UMAP encoder on the corrected latent; the graph is built on all cells (or at most
+    `umap_max_cells`), and the encoder embeds every cell."""
     if pipeline.dim_reduction is None or "dim_reduction" in record.done:
         return pipeline, record
     started = time.perf_counter()
     max_cells, graph_cells = inputs.settings.umap_max_cells, corrected
     if max_cells is not None and corrected.shape[0] > max_cells:
-        # The exact kNN graph costs O(n^2): train the encoder on a random subsample; it embeds every cell.
+        # Asked for: train the encoder on a random subsample; it embeds every cell.
         chosen = jr.choice(jr.fold_in(inputs.keys.umap, 1), corrected.shape[0], (max_cells,), replace=False)
         graph_cells = corrected[jnp.sort(chosen)]
     loop = TrainSettings(n_epochs=inputs.settings.umap_epochs, progress=inputs.progress)
@@ -415,9 +444,9 @@ def fit_pipeline(
     5. Optionally `fine_tune_epochs` of end-to-end training of all stages on `pipeline_loss` (with the
        supervised cell-type cross-entropy when `cell_type_labels` are given and `fine_tune_weights.supervised`
        is non-zero), after which Harmony and the clustering are refitted on the new latent.
-    6. The parametric UMAP encoder on the corrected latent: its fuzzy graph (exact kNN, O(n^2)) is built on at
-       most `umap_max_cells` cells drawn at random (all of them up to 20,000 by default; None: always all), and
-       the trained encoder embeds every cell, as parametric UMAP is meant to.
+    6. The parametric UMAP encoder on the corrected latent: its fuzzy graph is built on every cell (exact kNN
+       below 8,192 cells, approximate above: pynndescent on CPU, approximate top-k on GPU/TPU), or on at most
+       `umap_max_cells` drawn at random when that is set, and the trained encoder embeds every cell.
 
     **Arguments:**
 

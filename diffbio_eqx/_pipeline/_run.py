@@ -3,7 +3,7 @@ number of cells."""
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._ambient._stage import AmbientProfileWarning
-from .._core._train import map_in_chunks
+from .._core._train import _host_rows, map_in_chunks
 from .._core._validate import check_ambient_profile, check_batch_labels, check_counts, check_n_clusters
 from ._model import PipelineOutput, SingleCellPipeline
 
@@ -113,6 +113,44 @@ def _run_chunk(batch: tuple[Array, Array], context: tuple[Any, ...]) -> dict[str
     return {name: output[name] for name in names}
 
 
+def _check_chunked(pipeline: SingleCellPipeline, outputs: tuple[str, ...]) -> None:
+    if pipeline.batch_correction is not None and pipeline.harmony_reference is None:
+        raise ValueError("pipeline: batch correction is on but there is no harmony_reference to map cells onto; "
+                         "train with fit_pipeline, or use run_pipeline (Harmony on the whole dataset)")
+    known = [f.name for f in dataclasses.fields(PipelineOutput)]
+    unknown = [name for name in outputs if name not in known]
+    if unknown or not outputs:
+        raise ValueError(f"outputs: unknown or empty {unknown or list(outputs)}; choose from {known}")
+    if "decontaminated_counts" in outputs and pipeline.ambient_removal is None:
+        raise ValueError("outputs: 'decontaminated_counts' needs ambient removal to be enabled")
+
+
+def pipeline_chunks(
+    pipeline: SingleCellPipeline,
+    data: Mapping[str, Any],
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 4096,
+    outputs: tuple[str, ...] = CELL_OUTPUTS,
+    warn_profile: bool = True,
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """`run_pipeline_in_chunks` as a stream: yields `(first_cell, {name: host array of the chunk's cells})`, one
+    chunk at a time, so that `(n_cells, n_genes)` outputs can be written to a file as they come and are never
+    whole in memory. Same arguments and numbers as `run_pipeline_in_chunks` (one compiled shape: the last chunk
+    is padded and trimmed); `warn_profile=False` drops the warning about a missing ambient profile (for a second
+    pass over the same data)."""
+    _check_chunked(pipeline, tuple(outputs))
+    counts, profile, labels = prepare_inputs(pipeline, data, keep_sparse=True, warn_profile=warn_profile)
+    labels = np.asarray(labels)
+    n_cells = counts.shape[0]
+    size = max(1, min(chunk_size, n_cells))
+    for start in range(0, n_cells, size):
+        batch = (jnp.asarray(_host_rows(counts, start, size)), jnp.asarray(_host_rows(labels, start, size)))
+        output = _run_chunk(batch, (pipeline, profile, key, tuple(outputs)))
+        keep = min(size, n_cells - start)
+        yield start, {name: np.asarray(value[:keep]) for name, value in output.items()}
+
+
 def run_pipeline_in_chunks(
     pipeline: SingleCellPipeline,
     data: Mapping[str, Any],
@@ -142,15 +180,7 @@ def run_pipeline_in_chunks(
 
     **Returns:** a dict from output name to array.
     """
-    if pipeline.batch_correction is not None and pipeline.harmony_reference is None:
-        raise ValueError("pipeline: batch correction is on but there is no harmony_reference to map cells onto; "
-                         "train with fit_pipeline, or use run_pipeline (Harmony on the whole dataset)")
-    known = [f.name for f in dataclasses.fields(PipelineOutput)]
-    unknown = [name for name in outputs if name not in known]
-    if unknown or not outputs:
-        raise ValueError(f"outputs: unknown or empty {unknown or list(outputs)}; choose from {known}")
-    if "decontaminated_counts" in outputs and pipeline.ambient_removal is None:
-        raise ValueError("outputs: 'decontaminated_counts' needs ambient removal to be enabled")
+    _check_chunked(pipeline, tuple(outputs))
     counts, profile, labels = prepare_inputs(pipeline, data, keep_sparse=True)
     return map_in_chunks(_run_chunk, (counts, np.asarray(labels)), chunk_size=chunk_size,
                          context=(pipeline, profile, key, tuple(outputs)), devices=devices)

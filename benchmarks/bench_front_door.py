@@ -1,0 +1,214 @@
+"""`diffbio-eqx run` through the front door at 10k, 100k and 1M cells x 2,000 genes: wall time and peak memory.
+
+Typical printout: see `benchmarks/results/front_door.json` and the README rows "Front door (diffbio-eqx run)".
+
+1. A simulated h5ad per size (Splatter-like counts, `simulate_sparse`'s generator: 10 groups, 2 batches, about a
+   quarter of the entries non-zero) is written chunk by chunk (5,000 cells at a time) straight into the file's CSR
+   arrays with h5py, so no size is ever whole in memory while it is written.
+2. `diffbio-eqx run FILE --batch-key batch --label-key group` runs in a child process (`/usr/bin/time -v`, whose
+   "Maximum resident set size" is the child's peak RSS), twice on the same file into two folders: the first and
+   the second run (the second can reuse a compilation cache where one is on).
+3. Each run's outputs are checked: `result.h5ad` with `obsm` `X_diffbio`, `X_diffbio_corrected`, `X_umap`,
+   `obs["diffbio_cluster"]` and the `layers`, `umap.png`, `training.png`, `report.md`, `pipeline.eqx`.
+
+The epochs are fixed small (`--ambient-epochs 1 --vae-epochs 1 --umap-epochs 2` unless given): this measures what
+the front door costs (reading, a pass of each stage, chunked inference and writing) as the cells grow, not the
+model's quality (the job's defaults train longer: scVI's heuristic, about 3,000 UMAP steps).
+
+Run: `python benchmarks/bench_front_door.py --sizes 10000 100000 [--sizes 1000000] [--work DIR]`; results are merged
+into `benchmarks/results/front_door.json` by size.
+"""
+
+import os
+
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from _common import environment, merge_runs, write_json  # noqa: E402
+
+
+N_GENES = 2000
+N_GROUPS = 10
+N_BATCHES = 2
+WRITE_CHUNK = 5000
+EPOCHS = ("--ambient-epochs", "1", "--vae-epochs", "1", "--umap-epochs", "2")
+OUTPUTS = ("result.h5ad", "pipeline.eqx", "umap.png", "training.png", "report.md")
+
+
+def write_h5ad(path: pathlib.Path, n_cells: int, *, seed: int = 0, chunk: int = WRITE_CHUNK) -> dict:
+    """Simulate `n_cells` x 2,000 counts chunk by chunk into an h5ad's CSR `X` (float32 counts, int32 indices,
+    int64 row pointers), with `obs["batch"]` and `obs["group"]`; returns the file's figures."""
+    import anndata as ad
+    import h5py
+    import jax.numpy as jnp
+    import jax.random as jr
+    import numpy as np
+    import pandas as pd
+
+    from diffbio_eqx._simulate._scale import _gamma_poisson, cell_means, draw_gene_parameters
+
+    started = time.perf_counter()
+    gene_key, cell_key = jr.split(jr.key(seed))
+    genes = draw_gene_parameters(gene_key, n_genes=N_GENES, n_groups=N_GROUPS, n_batches=N_BATCHES)
+    dtype = genes.gene_mean.dtype
+    scalars = tuple(jnp.asarray(v, dtype=dtype) for v in (7.0, 0.3, 0.1))  # simulate_sparse's defaults
+    groups, batches = np.empty(n_cells, np.int32), np.empty(n_cells, np.int32)
+    partial = path.with_suffix(".partial")
+    with h5py.File(partial, "w") as file:
+        x = file.create_group("X")
+        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (n_cells, N_GENES)})
+        data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 20,))
+        indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
+        indptr = x.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
+        indptr[0] = 0
+        nnz = 0
+        for index, start in enumerate(range(0, n_cells, chunk)):
+            size = min(chunk, n_cells - start)
+            chunk_key = jr.fold_in(cell_key, index)
+            means, shape, chunk_groups, chunk_batches, _ = cell_means(chunk_key, genes, *scalars, n_cells=size)
+            seed_words = np.asarray(jr.key_data(jr.fold_in(chunk_key, 1)), dtype=np.uint32)
+            block = _gamma_poisson(seed_words, np.asarray(means), np.asarray(shape))
+            data.resize((nnz + block.nnz,))
+            indices.resize((nnz + block.nnz,))
+            data[nnz:] = block.data
+            indices[nnz:] = block.indices.astype(np.int32)
+            indptr[start + 1 : start + size + 1] = block.indptr[1:].astype(np.int64) + nnz
+            nnz += block.nnz
+            groups[start : start + size] = np.asarray(chunk_groups)
+            batches[start : start + size] = np.asarray(chunk_batches)
+        obs = pd.DataFrame({"batch": pd.Categorical([f"batch{b}" for b in batches]),
+                            "group": pd.Categorical([f"group{g}" for g in groups])},
+                           index=pd.Index([f"cell{i}" for i in range(n_cells)]))
+        var = pd.DataFrame(index=pd.Index([f"gene{j}" for j in range(N_GENES)]))
+        ad.io.write_elem(file, "obs", obs)
+        ad.io.write_elem(file, "var", var)
+        for name in ("uns", "obsm", "varm", "obsp", "varp", "layers"):
+            ad.io.write_elem(file, name, {})
+        file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    partial.rename(path)
+    return {"n_cells": n_cells, "n_genes": N_GENES, "nnz": int(nnz), "density": nnz / (n_cells * N_GENES),
+            "file_gb": path.stat().st_size / 1e9, "write_seconds": time.perf_counter() - started}
+
+
+def _time_v(stderr: str, label: str) -> str:
+    match = re.search(rf"{re.escape(label)}: (.+)", stderr)
+    return match.group(1).strip() if match else ""
+
+
+def run_job(source: pathlib.Path, out: pathlib.Path, *, epochs: tuple[str, ...], timeout: float) -> dict:
+    """`diffbio-eqx run` in a child under `/usr/bin/time -v`: wall seconds, peak RSS, and the outputs written."""
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "diffbio_eqx.cli", "run", str(source), "--batch-key",
+               "batch", "--label-key", "group", "--out", str(out), "--quiet", *epochs]
+    started = time.perf_counter()
+    try:
+        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        code, stderr, stdout = run.returncode, run.stderr, run.stdout
+    except subprocess.TimeoutExpired as expired:
+        code, stdout = "timeout", (expired.stdout or b"").decode() if isinstance(expired.stdout, bytes) else ""
+        stderr = (expired.stderr or b"").decode() if isinstance(expired.stderr, bytes) else str(expired.stderr or "")
+    seconds = time.perf_counter() - started
+    peak_kb = _time_v(stderr, "Maximum resident set size (kbytes)")
+    record = {"returncode": code, "wall_seconds": seconds,
+              "peak_rss_gb": int(peak_kb) * 1024 / 1e9 if peak_kb else None,
+              "user_seconds": float(_time_v(stderr, "User time (seconds)") or "nan"),
+              "system_seconds": float(_time_v(stderr, "System time (seconds)") or "nan"),
+              "outputs": {name: (out / name).is_file() for name in OUTPUTS}}
+    if code != 0:
+        record["stderr_tail"] = stderr[-3000:]
+        record["stdout_tail"] = stdout[-1000:]
+        return record
+    record.update(_check_result(out / "result.h5ad"))
+    report = (out / "report.md").read_text()
+    record["stage_seconds"] = _stage_seconds(report)
+    return record
+
+
+def _check_result(path: pathlib.Path) -> dict:
+    """What `result.h5ad` holds, read in backed mode (the layers are not loaded)."""
+    import anndata as ad
+
+    result = ad.read_h5ad(path, backed="r")
+    try:
+        return {"result_obsm": {key: list(result.obsm[key].shape) for key in result.obsm.keys()},
+                "result_layers": sorted(result.layers.keys()) if result.layers is not None else [],
+                "result_clusters": int(result.obs["diffbio_cluster"].nunique()) if "diffbio_cluster" in result.obs
+                else None,
+                "result_gb": path.stat().st_size / 1e9}
+    finally:
+        result.file.close()
+
+
+def _stage_seconds(report: str) -> dict[str, float]:
+    """The report's "Time per stage" table as `{stage: seconds}`."""
+    rows = {}
+    section = report.split("## Time per stage", 1)[-1].split("\n## ", 1)[0]
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0] not in ("stage", "") and not set(cells[0]) <= set("-: "):
+            try:
+                rows[cells[0]] = float(cells[1])
+            except ValueError:
+                continue
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "front_door_runs"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "front_door.json"))
+    parser.add_argument("--runs", type=int, default=2, help="runs per size (first, second, ...)")
+    parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per run")
+    parser.add_argument("--epochs", nargs="*", default=list(EPOCHS),
+                        help="epoch flags passed to diffbio-eqx run (default: %(default)s)")
+    parser.add_argument("--keep", action="store_true", help="keep the simulated files and the runs' folders")
+    args = parser.parse_args()
+    work = pathlib.Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(args.out)
+    for n_cells in args.sizes:
+        source = work / f"cells_{n_cells}.h5ad"
+        figures = None
+        if not source.is_file():
+            figures = write_h5ad(source, n_cells)
+            print(f"{n_cells} cells: wrote {source} ({figures['file_gb']:.2f} GB, {figures['nnz']} non-zeros) in "
+                  f"{figures['write_seconds']:.0f} s", flush=True)
+        runs = []
+        for index in range(args.runs):
+            folder = work / f"out_{n_cells}_{index}"
+            record = run_job(source, folder, epochs=tuple(args.epochs), timeout=args.timeout)
+            record["run"] = "first" if index == 0 else ("second" if index == 1 else f"run {index + 1}")
+            runs.append(record)
+            peak = record["peak_rss_gb"]
+            print(f"{n_cells} cells, {record['run']} run: exit {record['returncode']}, {record['wall_seconds']:.0f} s, "
+                  f"peak RSS {peak if peak is None else round(peak, 2)} GB", flush=True)
+            if record["returncode"] != 0:
+                print(record.get("stderr_tail", ""), flush=True)
+                break
+        entry = {"n_cells": n_cells, "n_genes": N_GENES, "epochs": list(args.epochs), "input": figures or {
+            "file_gb": source.stat().st_size / 1e9}, "runs": runs}
+        if runs and runs[0].get("peak_rss_gb"):
+            entry["peak_rss_gb_per_million_cells"] = runs[0]["peak_rss_gb"] / n_cells * 1e6
+        merged = merge_runs(out, [entry], ("n_cells",))
+        write_json(out, {"environment": environment("anndata", "scipy"), "command": "diffbio-eqx run FILE "
+                         "--batch-key batch --label-key group " + " ".join(args.epochs), "runs": merged})
+        if not args.keep:
+            for index in range(args.runs):
+                for name in ("result.h5ad",):
+                    (work / f"out_{n_cells}_{index}" / name).unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
