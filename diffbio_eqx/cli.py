@@ -26,6 +26,7 @@ def _info(_: argparse.Namespace) -> int:
 
 def _run(arguments: argparse.Namespace) -> int:
     from ._job import InputSettings, run_job
+    from ._job_steps import JobSteps
 
     if arguments.input is None and arguments.batch_key is not None:
         raise ValueError("--batch-key: needs an INPUT file (the bundled example has a simulated 'batch' column)")
@@ -41,6 +42,9 @@ def _run(arguments: argparse.Namespace) -> int:
         arguments.input, batch_key=arguments.batch_key, label_key=arguments.label_key, out_dir=arguments.out,
         config_path=arguments.config, seed=arguments.seed, progress=not arguments.quiet, epochs=epochs,
         inputs=inputs,
+        steps=JobSteps(doublets=arguments.doublets, impute=arguments.impute, reference=arguments.reference,
+                       annotation_mode=arguments.annotation_mode, markers=arguments.markers,
+                       solo_epochs=arguments.solo_epochs),
     )
     print(f"diffbio-eqx: results in {result.out_dir.resolve()}")
     for name, path in result.files.items():
@@ -175,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true",
                      help="no progress (otherwise bars on a terminal, plain lines when stderr is redirected)")
     _add_cache_flag(run)
+    run.add_argument("--doublets", metavar="METHOD",
+                     help="scrublet|solo|none: call doublets on every cell first and fit the pipeline on the others "
+                          "(default: the config's doublet_filter, none)")
+    run.add_argument("--solo-epochs", type=_positive_int,
+                     help="Solo classifier's most epochs (default: SOLO's 400, with early stopping)")
+    run.add_argument("--impute", metavar="METHOD",
+                     help="magic|none: write MAGIC's imputed expression as layers['magic'] (default: the config's "
+                          "imputation, none; the VAE still models the counts)")
+    run.add_argument("--reference", metavar="REF.h5ad",
+                     help="annotate the cells from this labelled reference (raw counts in X; labels in its "
+                          "obs[--label-key]): obs['cell_type'], obs['cell_type_confidence']")
+    run.add_argument("--annotation-mode", metavar="MODE",
+                     help="celltypist|scanvi|cellassign (default with --reference: celltypist)")
+    run.add_argument("--markers", metavar="FILE",
+                     help="cellassign: CSV of 0/1 (marker genes x cell types) or JSON {type: [genes]}")
     run.set_defaults(handler=_run)
     annotate = commands.add_parser(
         "annotate", help="annotate cell types of QUERY.h5ad from a labelled reference or marker genes",

@@ -40,6 +40,10 @@ class SingleCellPipelineConfig:
     - `harmony_theta` (2.0), `harmony_sigma` (0.1), `harmony_preset` ("harmony2"): Harmony settings.
     - `umap_n_neighbors` (15), `umap_min_dist` (0.1), `umap_hidden_size` (100), `umap_depth` (3): parametric
       UMAP settings (umap-learn's defaults).
+    - `doublet_filter` ("none"): `"scrublet"` or `"solo"` call doublets on every input cell before the other
+      stages, and the main job (`diffbio-eqx run --doublets`) fits the pipeline on the other cells.
+    - `imputation` ("none"): `"magic"`: the main job (`--impute`) writes MAGIC's imputed expression of the cells
+      as `layers["magic"]` of its result (the VAE still models the counts).
     """
 
     n_genes: int = 2000
@@ -68,6 +72,8 @@ class SingleCellPipelineConfig:
     umap_min_dist: float = 0.1
     umap_hidden_size: int = 100
     umap_depth: int = 3
+    doublet_filter: Literal["scrublet", "solo", "none"] = "none"
+    imputation: Literal["magic", "none"] = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
@@ -93,6 +99,10 @@ class SingleCellPipelineConfig:
             raise ValueError(f"clustering_temperature: must be > 0, got {self.clustering_temperature}")
         if self.likelihood not in ("nb", "zinb", "poisson"):
             raise ValueError(f"likelihood: must be 'nb', 'zinb' or 'poisson', got {self.likelihood!r}")
+        if self.doublet_filter not in ("scrublet", "solo", "none"):
+            raise ValueError(f"doublet_filter: must be 'scrublet', 'solo' or 'none', got {self.doublet_filter!r}")
+        if self.imputation not in ("magic", "none"):
+            raise ValueError(f"imputation: must be 'magic' or 'none', got {self.imputation!r}")
         if self.harmony_preset not in ("harmony2", "classic"):
             raise ValueError(f"harmony_preset: must be 'harmony2' or 'classic', got {self.harmony_preset!r}")
 

@@ -1,0 +1,128 @@
+"""The main job's optional steps (`diffbio-eqx run --doublets --impute --reference`): a doublet filter before the
+pipeline, MAGIC written as a layer, annotation from a labelled reference; and their bad input, refused before any
+numerical work with nothing written.
+
+One small job runs every step at once (the pipeline is cut to the VAE and soft k-means, so it compiles quickly);
+the steps' results are compared with the faces (`pp.scrublet`, `pp.magic`, `tl.annotate`) run on the same cells
+with the same keys."""
+
+import json
+import pathlib
+
+import anndata as ad
+import jax.random as jr
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from diffbio_eqx import cli, pp, tl
+from diffbio_eqx._simulate._doublets import simulate_doublets
+
+
+SEED = 1
+N_QUERY, N_REFERENCE = 170, 120
+EPOCHS = ["--vae-epochs", "2", "--quiet", "--seed", str(SEED)]
+# The pipeline cut to what the steps need: the VAE and soft k-means (the other stages have their own tests).
+SMALL = {"enable_ambient_removal": False, "enable_batch_correction": False, "enable_dim_reduction": False,
+         "n_clusters": 3, "clustering_method": "soft_kmeans", "latent_dim": 5, "hidden_dims": [32]}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """Query droplets with heterotypic doublets (the doublet simulator), a labelled reference of singlets from
+    the same simulation, and the small pipeline config."""
+    folder = tmp_path_factory.mktemp("steps")
+    sim = simulate_doublets(jr.key(0), n_cells=N_QUERY + N_REFERENCE, n_genes=60, n_groups=3, doublet_rate=0.12,
+                            heterotypic_only=True)
+    counts, groups, truth = np.asarray(sim.counts, np.float32), np.asarray(sim.groups), np.asarray(sim.is_doublet)
+    genes = pd.DataFrame(index=pd.Index([f"gene{j}" for j in range(counts.shape[1])]))
+    query = slice(0, N_QUERY)
+    obs = pd.DataFrame({"group": pd.Categorical([f"t{g}" for g in groups[query]]), "doublet": truth[query]},
+                       index=pd.Index([f"cell{i}" for i in range(N_QUERY)]))
+    ad.AnnData(sp.csr_matrix(counts[query]), obs=obs, var=genes).write_h5ad(folder / "query.h5ad")
+    reference = N_QUERY + np.flatnonzero(~truth[N_QUERY:])  # its singlets
+    ref_obs = pd.DataFrame({"label": pd.Categorical([f"t{g}" for g in groups[reference]])},
+                           index=pd.Index([f"ref{i}" for i in range(reference.size)]))
+    ad.AnnData(sp.csr_matrix(counts[reference]), obs=ref_obs, var=genes).write_h5ad(folder / "reference.h5ad")
+    (folder / "small.json").write_text(json.dumps(SMALL))
+    return {"query": folder / "query.h5ad", "reference": folder / "reference.h5ad", "config": folder / "small.json",
+            "folder": folder}
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = cli.main(["run", *map(str, argv), *EPOCHS])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def job(files) -> pathlib.Path:
+    """One job with every step: Scrublet, MAGIC and CellTypist-mode annotation from the reference, whose labels
+    are obs['label'] (the query's own column of that name does not exist: no label scores)."""
+    out = files["folder"] / "out"
+    code = cli.main(["run", str(files["query"]), "--config", str(files["config"]), "--doublets", "scrublet",
+                     "--impute", "magic", "--reference", str(files["reference"]), "--label-key", "label",
+                     "--out", str(out), *EPOCHS])
+    assert code == 0
+    return out
+
+
+def test_doublet_filter_scores_every_cell_and_fits_the_others(files, job):
+    result = ad.read_h5ad(job / "result.h5ad")
+    query = ad.read_h5ad(files["query"])
+    assert list(result.obs_names) == list(query.obs_names), "every input cell, in order"
+    # The call is dbx.pp.scrublet's on the same counts with the job's key.
+    expected = query.copy()
+    pp.scrublet(expected, key=jr.fold_in(jr.key(SEED), 15))
+    np.testing.assert_array_equal(result.obs["doublet_score"], expected.obs["doublet_score"])
+    np.testing.assert_array_equal(result.obs["predicted_doublet"], expected.obs["predicted_doublet"])
+    called = np.asarray(result.obs["predicted_doublet"], dtype=bool)
+    assert 0 < called.sum() < called.size
+    truth = np.asarray(result.obs["doublet"], dtype=bool)
+    assert truth[called].mean() > 2 * truth.mean(), "the called cells are enriched in the simulated doublets"
+    # The pipeline's results exist for the kept cells only; the left-out cells' are missing.
+    latent = result.obsm["X_diffbio"]
+    assert np.isfinite(latent[~called]).all() and np.isnan(latent[called]).all()
+    assert result.obs["diffbio_cluster"].isna().to_numpy().tolist() == called.tolist()
+    assert np.isnan(result.layers["diffbio_normalized"][called]).all()
+    assert result.uns["scrublet"]["threshold_method"] in ("minimum", "otsu")
+    report = (job / "report.md").read_text()
+    rate = f"{called.sum()} called doublets ({100 * called.mean():.1f} %)"
+    assert "## Doublets" in report and rate in report, report
+    table = report.split("## Doublets")[1].split("## ")[0]
+    counts = [int(line.split("|")[2]) for line in table.splitlines() if line.startswith("| 0.")]
+    assert len(counts) == 10 and sum(counts) == called.size, "the histogram counts every cell once"
+    assert (job / "doublets.png").stat().st_size > 0 and "doublet filter (scrublet)" in report
+
+
+def test_magic_layer_of_the_kept_cells(files, job):
+    result = ad.read_h5ad(job / "result.h5ad")
+    kept = ~np.asarray(result.obs["predicted_doublet"], dtype=bool)
+    expected = ad.read_h5ad(files["query"])[kept].copy()
+    magic = pp.magic(expected, key=jr.fold_in(jr.key(SEED), 16))
+    np.testing.assert_allclose(result.layers["magic"][kept], expected.layers["magic"], rtol=1e-6)
+    assert np.isnan(result.layers["magic"][~kept]).all()
+    assert result.uns["diffbio_magic"]["t"] == magic.t
+    # The counts the VAE models are untouched: X is the input's.
+    assert abs(sp.csr_matrix(result.X) - sp.csr_matrix(ad.read_h5ad(files["query"]).X)).sum() == 0
+    assert "## Imputation" in (job / "report.md").read_text()
+
+
+def test_annotation_from_the_reference(files, job):
+    result = ad.read_h5ad(job / "result.h5ad")
+    kept = ~np.asarray(result.obs["predicted_doublet"], dtype=bool)
+    expected = ad.read_h5ad(files["query"])[kept].copy()
+    tl.annotate(expected, "celltypist", reference=ad.read_h5ad(files["reference"]), label_key="label",
+                key=jr.fold_in(jr.key(SEED), 18))
+    predicted = result.obs["cell_type"]
+    assert predicted.isna().to_numpy().tolist() == (~kept).tolist()
+    assert predicted[kept].astype(str).tolist() == expected.obs["cell_type"].astype(str).tolist()
+    np.testing.assert_allclose(result.obs["cell_type_confidence"][kept], expected.obs["cell_type_confidence"])
+    singlets = kept & ~np.asarray(result.obs["doublet"], dtype=bool)
+    true_types = ad.read_h5ad(files["query"]).obs["group"].astype(str).to_numpy()
+    accuracy = np.mean(np.asarray(predicted[singlets].astype(str)) == true_types[singlets])
+    assert accuracy >= 0.9, accuracy
+    report = (job / "report.md").read_text()
+    assert "## Annotation" in report
+    n_reference = ad.read_h5ad(files["reference"]).n_obs
+    assert f"Mode celltypist from a reference of {n_reference} cells labelled by obs['label']" in report
