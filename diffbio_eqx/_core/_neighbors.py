@@ -446,7 +446,9 @@ def pynndescent_knn(x: np.ndarray, n_neighbors: int, *, seed: int = 0) -> np.nda
     """
     from pynndescent import NNDescent  # imports numba (seconds): only when this backend runs
 
-    data = np.ascontiguousarray(x, dtype=np.float32)
+    # A writable copy: numba compiles read-only arrays (what np.asarray of a JAX array gives) as another type,
+    # which would compile pynndescent a second time in a process that already ran it on writable ones.
+    data = np.array(x, dtype=np.float32, order="C", copy=True)
     settings = pynndescent_settings(x.shape[0])
     search = NNDescent(data, n_neighbors=n_neighbors, metric="euclidean", random_state=seed, low_memory=True,
                        n_jobs=-1, verbose=False, compressed=False, n_trees=settings["n_trees"],
