@@ -106,7 +106,8 @@ def doublet_histogram(method: str, score: np.ndarray, scores_sim: np.ndarray, ca
         "## Doublets",
         "",
         f"{name} on all {n_cells} input cells: **{n_called} called doublets ({100 * n_called / max(n_cells, 1):.1f} "
-        f"%)**, threshold {thresholds} ({threshold_method}). They are left out of every stage below; "
+        f"%)**, threshold {thresholds} ({threshold_method}). They are left out of every stage of the pipeline and "
+        "of the imputation and annotation; "
         "`result.h5ad` keeps all input cells, with `obs['doublet_score']` and `obs['predicted_doublet']`, and the "
         "pipeline's results missing (NaN) for the cells left out.",
         "",

@@ -17,6 +17,8 @@ import pytest
 import scipy.sparse as sp
 
 from diffbio_eqx import cli, pp, tl
+from diffbio_eqx._core._train import TrainSettings
+from diffbio_eqx._job_steps import DoubletCall, StepsDone, call_doublets, filter_doublets
 from diffbio_eqx._simulate._doublets import simulate_doublets
 
 
@@ -38,7 +40,10 @@ def files(tmp_path_factory) -> dict[str, pathlib.Path]:
     counts, groups, truth = np.asarray(sim.counts, np.float32), np.asarray(sim.groups), np.asarray(sim.is_doublet)
     genes = pd.DataFrame(index=pd.Index([f"gene{j}" for j in range(counts.shape[1])]))
     query = slice(0, N_QUERY)
-    obs = pd.DataFrame({"group": pd.Categorical([f"t{g}" for g in groups[query]]), "doublet": truth[query]},
+    names = np.array([f"t{g}" for g in groups[query]], dtype=object)
+    # The query's own labels under the reference's label key: the singlets' groups, none for the doublets.
+    obs = pd.DataFrame({"group": pd.Categorical(names), "doublet": truth[query],
+                        "label": pd.Categorical(pd.Series(names).where(~truth[query]))},
                        index=pd.Index([f"cell{i}" for i in range(N_QUERY)]))
     ad.AnnData(sp.csr_matrix(counts[query]), obs=obs, var=genes).write_h5ad(folder / "query.h5ad")
     reference = N_QUERY + np.flatnonzero(~truth[N_QUERY:])  # its singlets
@@ -58,7 +63,7 @@ def _run(capsys, *argv) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def job(files) -> pathlib.Path:
     """One job with every step: Scrublet, MAGIC and CellTypist-mode annotation from the reference, whose labels
-    are obs['label'] (the query's own column of that name does not exist: no label scores)."""
+    are obs['label'] (the query's own column of that name scores the clusters and the annotation)."""
     out = files["folder"] / "out"
     code = cli.main(["run", str(files["query"]), "--config", str(files["config"]), "--doublets", "scrublet",
                      "--impute", "magic", "--reference", str(files["reference"]), "--label-key", "label",
@@ -124,5 +129,97 @@ def test_annotation_from_the_reference(files, job):
     assert accuracy >= 0.9, accuracy
     report = (job / "report.md").read_text()
     assert "## Annotation" in report
+    assert f"Agreement with the input's own labels (the share of labelled cells given their label): " \
+           f"{accuracy:.3f}." in report, "the query's labels (its singlets) score the annotation"
+    assert "ARI (clusters vs labels)" in report
     n_reference = ad.read_h5ad(files["reference"]).n_obs
     assert f"Mode celltypist from a reference of {n_reference} cells labelled by obs['label']" in report
+
+
+# --- bad input: a clear error naming the flag, before any numerical work, nothing written -------------------------
+@pytest.fixture
+def no_numerical_work(monkeypatch):
+    """Make the steps and the training fail loudly if the job reaches them."""
+    from diffbio_eqx import _job
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("numerical work started before the bad input was refused")
+
+    monkeypatch.setattr(_job, "_steps_before", refuse)
+    monkeypatch.setattr(_job, "_train", refuse)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--doublets", "doubletfinder"], "--doublets: must be one of scrublet, solo, none, got 'doubletfinder'"),
+    (["--impute", "knn"], "--impute: must be one of magic, none, got 'knn'"),
+    (["--reference", "{reference}"], "--label-key: --reference needs the reference's obs column of cell types"),
+    (["--reference", "{reference}", "--label-key", "group"], "--label-key: 'group' is not a column of the "
+                                                              "reference's obs"),
+    (["--reference", "{reference}", "--label-key", "label", "--annotation-mode", "svm"],
+     "--annotation-mode: must be one of celltypist, cellassign, scanvi, got 'svm'"),
+    (["--reference", "{folder}/missing.h5ad", "--label-key", "label"], "--reference: "),
+    (["--annotation-mode", "scanvi"], "--annotation-mode: 'scanvi' needs --reference and --label-key"),
+    (["--reference", "{reference}", "--label-key", "label", "--annotation-mode", "cellassign"],
+     "--markers: annotation mode 'cellassign' needs marker genes"),
+    (["--reference", "{reference}", "--label-key", "label", "--markers", "{folder}/markers.json"],
+     "--markers: only for --annotation-mode cellassign"),
+    (["--config", "{folder}/bad_config.json"], "doublet_filter: must be 'scrublet', 'solo' or 'none', got 'scrubble'"),
+    (["--reference", "{folder}/other_genes.h5ad", "--label-key", "label"], "--reference: none of its 60 genes is "
+                                                                            "among the input's 60"),
+])
+def test_bad_step_settings_are_refused_naming_the_flag(capsys, files, tmp_path, no_numerical_work, flags, message):
+    folder = files["folder"]
+    if not (folder / "bad_config.json").exists():
+        (folder / "bad_config.json").write_text(json.dumps({**SMALL, "doublet_filter": "scrubble"}))
+        (folder / "markers.json").write_text(json.dumps({"t0": ["gene0"], "t1": ["gene1"]}))
+        other = ad.read_h5ad(files["reference"])
+        other.var_names = [f"other{j}" for j in range(other.n_vars)]
+        other.write_h5ad(folder / "other_genes.h5ad")
+    flags = [flag.format(reference=files["reference"], folder=folder) for flag in flags]
+    code, err = _run(capsys, files["query"], *flags, "--out", tmp_path / "out")
+    assert code == 2, err
+    assert err.startswith("diffbio-eqx: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists(), "nothing is written"
+
+
+# --- Solo, and the result of a chunked (streamed) run, at the level of the steps ----------------------------------
+def test_solo_call_is_the_faces_and_reports_its_histogram(files, tmp_path):
+    query = ad.read_h5ad(files["query"])
+    call = call_doublets("solo", query.X, tuple(query.var_names), query.obs_names, None, seed=SEED, vae_epochs=2,
+                         solo_epochs=3, progress=False)
+    assert call is not None
+    expected = query.copy()
+    pp.solo(expected, key=jr.fold_in(jr.key(SEED), 15), vae_settings=TrainSettings(n_epochs=2, progress=False),
+            settings=TrainSettings(n_epochs=3, progress=False))
+    np.testing.assert_array_equal(call.score, expected.obs["doublet_score"])
+    np.testing.assert_array_equal(call.called, call.score > 0.5)
+    assert call.scores_sim.shape == (2 * N_QUERY,)
+    done = StepsDone()
+    files_written = filter_doublets(call, done, tmp_path)
+    assert files_written["doublets"].stat().st_size > 0
+    section = "\n".join(done.sections)
+    assert f"Solo (as scvi-tools SOLO) on all {N_QUERY} input cells: **{int(call.called.sum())} called" in section
+    assert "threshold 0.5 (probability > 0.5" in section
+    assert done.metrics["doublet rate called"] == pytest.approx(call.called.mean())
+
+
+def test_streamed_layers_are_written_at_every_input_cells_rows(tmp_path):
+    """A chunked run's layers (blocks of the kept cells' rows) land on the kept cells' rows of the full file; the
+    cells left out get NaN rows."""
+    called = np.array([False, True, False, False, True, True, False, False])
+    call = DoubletCall("scrublet", np.zeros(8), called, np.zeros(4), {"": 0.5}, "user", "scrublet", {}, 0.0,
+                       ad.AnnData(np.zeros((8, 1), np.float32)))
+    done = StepsDone(doublets=call)
+    kept_values = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+
+    def stream():
+        yield 0, {"diffbio_normalized": kept_values[:3]}
+        yield 3, {"diffbio_normalized": kept_values[3:]}
+
+    full = np.zeros((8, 3), np.float32)
+    for start, chunk in done.expand_stream(stream)():
+        block = chunk["diffbio_normalized"]
+        full[start:start + block.shape[0]] = block
+    np.testing.assert_array_equal(full[~called], kept_values)
+    assert np.isnan(full[called]).all()

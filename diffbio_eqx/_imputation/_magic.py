@@ -269,7 +269,8 @@ def impute(
     into one float32 host array `(n_cells, n_columns)`.
     """
     columns_array = np.arange(data.shape[1]) if columns is None else np.asarray(columns, dtype=np.int64)
-    block = block_size or gene_block_size(int(data.shape[0]))
+    # Never wider than the columns asked for: small data would otherwise pad one block to the memory budget.
+    block = min(block_size or gene_block_size(int(data.shape[0])), max(int(columns_array.size), 1))
     out = np.empty((data.shape[0], columns_array.size), dtype=np.float32)
     for start in range(0, columns_array.size, block):
         chosen = columns_array[start : start + block]

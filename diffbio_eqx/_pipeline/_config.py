@@ -72,8 +72,10 @@ class SingleCellPipelineConfig:
     umap_min_dist: float = 0.1
     umap_hidden_size: int = 100
     umap_depth: int = 3
-    doublet_filter: Literal["scrublet", "solo", "none"] = "none"
-    imputation: Literal["magic", "none"] = "none"
+    # Plain str (checked in __post_init__): a bad value gets the ValueError naming the field, with or without
+    # the runtime type-checking hook.
+    doublet_filter: str = "none"
+    imputation: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
