@@ -171,8 +171,8 @@ def _clustered_pcs(n_cells: int, n_dims: int = 30, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def approximate_graphs():
     """pynndescent (its first call compiles numba, ~45-60 s: the only real pynndescent run of the suite) and the
-    exact graph of 3,000 simulated cells."""
-    x = _clustered_pcs(3000)
+    exact graph of 2,000 simulated cells."""
+    x = _clustered_pcs(2000)
     return x, dx.neighbor_graph(x, 15, method="pynndescent"), dx.neighbor_graph(x, 15, method="exact")
 
 
@@ -238,10 +238,10 @@ def test_auto_picks_the_backend_by_size_and_device(monkeypatch):
 
 
 def test_forced_backends():
-    x = _clustered_pcs(600, n_dims=10, seed=1)
+    x = _clustered_pcs(300, n_dims=10, seed=1)
     exact = np.asarray(dx.neighbor_graph(x, 15, method="exact").indices)
     approximate = jax.jit(lambda v: dx.neighbor_graph(v, 15, method="approx_top_k"))(jnp.asarray(x))
-    np.testing.assert_array_equal(approximate.indices[:, 0], np.arange(600))
+    np.testing.assert_array_equal(approximate.indices[:, 0], np.arange(300))
     assert _recall(np.asarray(approximate.indices), exact) >= 0.95
     with pytest.raises(ValueError, match="method: 'pynndescent' runs on host arrays"):
         jax.jit(lambda v: dx.neighbor_graph(v, 15, method="pynndescent").indices)(jnp.asarray(x))
