@@ -6,14 +6,20 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import pytest
 from jax.test_util import check_grads
 
+from diffbio_eqx._core._train import TrainSettings
+from diffbio_eqx._integration._adversarial import BatchCritic, batch_wasserstein, fit_adversarial_vae, gradient_penalty
+from diffbio_eqx._integration._common import corrected_expression
 from diffbio_eqx._integration._mmd import (
     TRVAE_BANDWIDTHS,
     batch_mmd_penalty,
     multiscale_rbf_kernel,
     pairwise_batch_mmd,
 )
+from diffbio_eqx._integration._mmd_vae import fit_mmd_vae
+from diffbio_eqx._vae._stage import VAENormalizer, vae_latent, vae_transform
 
 
 BANDWIDTHS = jnp.asarray(TRVAE_BANDWIDTHS)
@@ -101,3 +107,99 @@ def test_mmd_gradients(getkey):
     vmapped = jax.vmap(lambda b: penalty(x, labels, b, n_batches=2))(sets)
     looped = jnp.stack([penalty(x, labels, b, n_batches=2) for b in sets])
     np.testing.assert_allclose(vmapped, looped, rtol=1e-12)
+
+
+# ---- the adversarial critic's pure functions ---------------------------------------------------------------------
+
+
+def test_batch_wasserstein_weights_batches_equally():
+    scores = jnp.asarray([[1.0, 0.0, 5.0], [3.0, 1.0, 5.0], [0.0, 2.0, 1.0], [0.0, 4.0, 7.0], [1.0, 1.0, 1.0]])
+    labels = jnp.asarray([0, 0, 1, 1, 1], jnp.int32)  # batch 2 absent
+    # head 0: mean over batch 0 (2.0) minus batch 1's mean (1/3); head 1: batch 1 (7/3) minus batch 0 (0.5).
+    expected = (2.0 - 1.0 / 3.0) + (7.0 / 3.0 - 0.5)
+    np.testing.assert_allclose(batch_wasserstein(scores, labels), expected, rtol=1e-12)
+    # Unbalanced sizes do not change it: the same per-batch means from duplicated rows.
+    doubled = jnp.concatenate([scores, scores[2:]])
+    np.testing.assert_allclose(batch_wasserstein(doubled, jnp.concatenate([labels, labels[2:]])), expected,
+                               rtol=1e-12)
+
+
+def test_gradient_penalty_matches_per_head_gradients(getkey):
+    critic = BatchCritic(3, 3, hidden_dims=(8,), key=getkey())
+    z, key = jr.normal(getkey(), (6, 3)), getkey()
+    perm_key, eps_key = jr.split(key)
+    eps = jr.uniform(eps_key, (6, 1), dtype=z.dtype)
+    points = eps * z + (1 - eps) * z[jr.permutation(perm_key, 6)]
+    norms = np.array([[np.linalg.norm(jax.grad(lambda v, b=b: critic(v[None])[0, b])(p)) for b in range(3)]
+                      for p in points])
+    np.testing.assert_allclose(gradient_penalty(critic, z, key=key), np.mean((norms - 1) ** 2), rtol=1e-8)
+
+
+# ---- training the correctors (tiny data, shared) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shifted():
+    """150 cells of three types in two unbalanced batches (100 and 50) with a strong gene-wise batch effect."""
+    rng = np.random.default_rng(0)
+    labels = (np.arange(150) % 3 == 0).astype(np.int32)
+    types = rng.integers(0, 3, 150)
+    profile, effect = rng.gamma(1.0, 1.0, (3, 40)), np.exp(rng.normal(0.0, 0.8, (2, 40)))
+    return rng.poisson(profile[types] * effect[labels] * 5).astype(np.float64), labels
+
+
+def _vae(n_genes, key):
+    return VAENormalizer(n_genes, 2, hidden_dims=(16,), latent_dim=4, key=key)
+
+
+def _latent_mmd(vae, counts, labels):
+    z = vae_latent(vae, counts, labels)
+    return float(batch_mmd_penalty(z, jnp.asarray(labels), BANDWIDTHS, n_batches=2))
+
+
+def test_mmd_vae_lowers_the_batch_discrepancy_and_decodes_into_a_reference(shifted):
+    counts, labels = shifted
+    settings = TrainSettings(n_epochs=15, batch_size=64, progress=False, validation_fraction=0.0)
+    # beta = 0 is the plain VAE's objective (and the same compiled epoch: the weight is a traced context value)
+    plain = fit_mmd_vae(_vae(40, jr.key(0)), counts, labels, key=jr.key(1), settings=settings, beta=0.0).model
+    fitted = fit_mmd_vae(_vae(40, jr.key(0)), counts, labels, key=jr.key(1), settings=settings, beta=50.0)
+    assert np.all(np.isfinite(np.asarray(fitted.train_aux["mmd"])))
+    assert _latent_mmd(fitted.model, counts, labels) < 0.5 * _latent_mmd(plain, counts, labels)
+    both = [corrected_expression(fitted.model, counts, labels, reference_batch=b) for b in (0, 1)]
+    own = vae_transform(fitted.model, counts, labels).normalized
+    assert both[0].shape == counts.shape
+    np.testing.assert_allclose(np.where(labels[:, None] == 0, both[0], both[1]), own, rtol=1e-5)
+    assert not np.allclose(both[0], both[1])  # the decoder is conditioned on the batch
+
+
+def test_adversarial_training_is_stable_over_twenty_keys(shifted):
+    counts, labels = shifted
+    settings = TrainSettings(n_epochs=3, batch_size=64, progress=False)
+    worst, finite = 0.0, True
+    for seed in range(20):
+        fitted = fit_adversarial_vae(_vae(40, jr.key(seed)), counts, labels, key=jr.key(100 + seed),
+                                     settings=settings, adversarial_weight=10.0, n_epochs_adversarial_warmup=0,
+                                     n_critic=2)
+        aux = {name: np.asarray(values) for name, values in fitted.fit.train_aux.items()}
+        finite &= bool(np.all(np.isfinite(np.asarray(fitted.fit.train_loss))))
+        finite &= all(bool(np.all(np.isfinite(values))) for values in aux.values())
+        worst = max(worst, float(np.max(aux["critic_loss_abs_max"])))
+    assert finite
+    assert worst < 20.0
+
+
+def test_bad_input_names_the_field(shifted):
+    counts, labels = shifted
+    one_batch = VAENormalizer(40, 1, hidden_dims=(8,), latent_dim=2, key=jr.key(0))
+    with pytest.raises(ValueError, match="vae"):
+        fit_mmd_vae(one_batch, counts, None, key=jr.key(0))
+    with pytest.raises(ValueError, match="batch_labels"):
+        fit_mmd_vae(_vae(40, jr.key(0)), counts, None, key=jr.key(0))
+    with pytest.raises(ValueError, match="mmd_on"):
+        fit_mmd_vae(_vae(40, jr.key(0)), counts, labels, key=jr.key(0), mmd_on="z")
+    with pytest.raises(ValueError, match="beta"):
+        fit_mmd_vae(_vae(40, jr.key(0)), counts, labels, key=jr.key(0), beta=-1.0)
+    with pytest.raises(ValueError, match="n_critic"):
+        fit_adversarial_vae(_vae(40, jr.key(0)), counts, labels, key=jr.key(0), n_critic=0)
+    with pytest.raises(ValueError, match="reference_batch"):
+        corrected_expression(_vae(40, jr.key(0)), counts, labels, reference_batch=2)

@@ -2,7 +2,7 @@
 of batches, on the latent draw or on the decoder's first layer, trained on the shared loop (`fit`)."""
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -64,7 +64,7 @@ def fit_mmd_vae(
     key: PRNGKeyArray,
     settings: TrainSettings | None = None,
     beta: float = 1.0,
-    mmd_on: MMDOn = "latent",
+    mmd_on: str = "latent",
     bandwidths: Sequence[float] = TRVAE_BANDWIDTHS,
     n_epochs_kl_warmup: int | None = None,
     n_epochs_mmd_warmup: int = 0,
@@ -89,6 +89,8 @@ def fit_mmd_vae(
     """
     if not beta >= 0:
         raise ValueError(f"beta: must be >= 0, got {beta}")
+    if mmd_on not in ("latent", "decoder"):
+        raise ValueError(f"mmd_on: must be 'latent' or 'decoder', got {mmd_on!r}")
     data, settings = prepare_training(vae, counts, batch_labels, settings, "MMD VAE")
     assert settings.n_epochs is not None
     warmup = min(400, settings.n_epochs) if n_epochs_kl_warmup is None else int(n_epochs_kl_warmup)
@@ -99,6 +101,6 @@ def fit_mmd_vae(
                 "mmd_weight": jnp.asarray(linear_warmup(epoch, n_epochs_mmd_warmup, beta), dtype=dtype)}
 
     trainable = vae_trainable(vae)
-    return fit(vae, MMDVAELoss(bandwidths=jnp.asarray(bandwidths, dtype=dtype), mmd_on=mmd_on), data, key=key,
-               settings=settings, context=context, trainable=trainable)
+    loss = MMDVAELoss(bandwidths=jnp.asarray(bandwidths, dtype=dtype), mmd_on=cast(MMDOn, mmd_on))
+    return fit(vae, loss, data, key=key, settings=settings, context=context, trainable=trainable)
 
