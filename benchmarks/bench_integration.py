@@ -202,7 +202,7 @@ def plot(results: dict, path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--cells", type=int, default=1200)
     parser.add_argument("--genes", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=60)
