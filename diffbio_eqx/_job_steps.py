@@ -323,6 +323,7 @@ def annotate(annotator: Annotator | None, adata: ad.AnnData, counts: Any, genes:
     options: dict[str, Any] = {}
     if annotator.mode == "cellassign":
         options["markers"] = annotator.markers
+        options["settings"] = TrainSettings(progress=progress)
     elif annotator.mode == "scanvi":
         options["vae_settings"] = TrainSettings(n_epochs=vae_epochs, progress=progress)
         options["settings"] = TrainSettings(progress=progress)

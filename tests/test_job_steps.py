@@ -18,7 +18,15 @@ import scipy.sparse as sp
 
 from diffbio_eqx import cli, pp, tl
 from diffbio_eqx._core._train import TrainSettings
-from diffbio_eqx._job_steps import DoubletCall, StepsDone, call_doublets, filter_doublets
+from diffbio_eqx._job_steps import (
+    DoubletCall,
+    JobSteps,
+    StepsDone,
+    annotate,
+    call_doublets,
+    check_steps,
+    filter_doublets,
+)
 from diffbio_eqx._simulate._doublets import simulate_doublets
 
 
@@ -223,3 +231,73 @@ def test_streamed_layers_are_written_at_every_input_cells_rows(tmp_path):
         full[start:start + block.shape[0]] = block
     np.testing.assert_array_equal(full[~called], kept_values)
     assert np.isnan(full[called]).all()
+
+
+def test_scrublet_within_batches_and_its_histogram(files, tmp_path):
+    query = ad.read_h5ad(files["query"])
+    batches = np.where(np.arange(query.n_obs) % 2 == 0, "a", "b").astype(object)
+    call = call_doublets("scrublet", query.X, tuple(query.var_names), query.obs_names, batches, seed=SEED,
+                         vae_epochs=None, solo_epochs=None, progress=False)
+    assert call is not None
+    expected = query.copy()
+    expected.obs["batch"] = batches
+    pp.scrublet(expected, key=jr.fold_in(jr.key(SEED), 15), batch_key="batch")
+    np.testing.assert_array_equal(call.score, expected.obs["doublet_score"])
+    assert set(call.thresholds) == {"a", "b"}
+    done = StepsDone()
+    assert filter_doublets(call, done, tmp_path)["doublets"].stat().st_size > 0
+    assert "threshold a: " in "\n".join(done.sections)
+
+
+def test_cellassign_from_markers(files, tmp_path):
+    """`--annotation-mode cellassign --markers FILE` (no reference): the markers (of the simulated groups: their
+    most over-expressed genes) are read from the file and annotate the cells as `dbx.tl.annotate` does."""
+    query = ad.read_h5ad(files["query"])
+    singlets = ~np.asarray(query.obs["doublet"], dtype=bool)
+    counts = sp.csr_matrix(query.X).toarray()[singlets]
+    types = np.asarray(query.obs["group"].astype(str))[singlets]
+    scaled = counts / counts.sum(axis=1, keepdims=True)
+    means = {t: scaled[types == t].mean(axis=0) for t in sorted(set(types))}
+    markers = {t: [str(query.var_names[j]) for j in np.argsort(-(m / np.mean(list(means.values()), axis=0)))[:3]]
+               for t, m in means.items()}
+    (tmp_path / "markers.json").write_text(json.dumps(markers))
+    annotator = check_steps(JobSteps(annotation_mode="cellassign", markers=tmp_path / "markers.json"), None)
+    assert annotator is not None and annotator.reference is None
+    done, cells = StepsDone(), query[singlets].copy()
+    annotate(annotator, cells, cells.X, tuple(cells.var_names), done, labels=None, known=None, seed=SEED,
+             vae_epochs=None, progress=False)
+    expected = query[singlets].copy()
+    tl.annotate(expected, "cellassign", markers=markers, key=jr.fold_in(jr.key(SEED), 18),
+                settings=TrainSettings(progress=False))
+    assert cells.obs["cell_type"].astype(str).tolist() == expected.obs["cell_type"].astype(str).tolist()
+    probabilities = cells.obsm["cell_type_probabilities"]
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert set(cells.uns["cell_type"]["cell_types"]) >= set(markers)
+    assert "Mode cellassign from marker genes (CellAssign)" in "\n".join(done.sections)
+
+
+def test_scanvi_mode_trains_its_vae_for_the_jobs_epochs(files, monkeypatch):
+    """The wiring of `--annotation-mode scanvi` (scANVI itself is tested in test_annotation.py; too slow to train
+    here): the reference and its label key reach `tl.annotate`, and its VAE trains for the job's VAE epochs."""
+    from diffbio_eqx import _job_steps
+
+    seen = {}
+
+    def fake_annotate(cells, mode, *, reference, label_key, key, **options):
+        seen.update(mode=mode, reference=reference, label_key=label_key, **options)
+        cells.obs["cell_type"] = pd.Categorical(["t0"] * cells.n_obs)
+        cells.obs["cell_type_confidence"] = np.ones(cells.n_obs)
+        cells.obsm["cell_type_probabilities"] = np.ones((cells.n_obs, 1))
+        cells.uns["cell_type"] = {"cell_types": ["t0"]}
+
+    monkeypatch.setattr(_job_steps.tl, "annotate", fake_annotate)
+    annotator = check_steps(JobSteps(reference=files["reference"], annotation_mode="scanvi"), "label")
+    assert annotator is not None
+    cells = ad.read_h5ad(files["query"])
+    done = StepsDone()
+    annotate(annotator, cells, cells.X, tuple(cells.var_names), done, labels=None, known=None, seed=SEED,
+             vae_epochs=7, progress=False)
+    assert seen["mode"] == "scanvi" and seen["label_key"] == "label"
+    assert seen["reference"].n_obs == ad.read_h5ad(files["reference"]).n_obs
+    assert seen["vae_settings"].n_epochs == 7
+    assert "Mode scanvi from a reference" in "\n".join(done.sections)
