@@ -249,48 +249,49 @@ def test_scrublet_within_batches_and_its_histogram(files, tmp_path):
     assert "threshold a: " in "\n".join(done.sections)
 
 
-def test_cellassign_from_markers(files, tmp_path):
-    """`--annotation-mode cellassign --markers FILE` (no reference): the markers (of the simulated groups: their
-    most over-expressed genes) are read from the file and annotate the cells as `dbx.tl.annotate` does."""
-    query = ad.read_h5ad(files["query"])
-    singlets = ~np.asarray(query.obs["doublet"], dtype=bool)
-    counts = sp.csr_matrix(query.X).toarray()[singlets]
-    types = np.asarray(query.obs["group"].astype(str))[singlets]
-    scaled = counts / counts.sum(axis=1, keepdims=True)
-    means = {t: scaled[types == t].mean(axis=0) for t in sorted(set(types))}
-    markers = {t: [str(query.var_names[j]) for j in np.argsort(-(m / np.mean(list(means.values()), axis=0)))[:3]]
-               for t, m in means.items()}
-    (tmp_path / "markers.json").write_text(json.dumps(markers))
-    annotator = check_steps(JobSteps(annotation_mode="cellassign", markers=tmp_path / "markers.json"), None)
-    assert annotator is not None and annotator.reference is None
-    done, cells = StepsDone(), query[singlets].copy()
-    annotate(annotator, cells, cells.X, tuple(cells.var_names), done, labels=None, known=None, seed=SEED,
-             vae_epochs=None, progress=False)
-    expected = query[singlets].copy()
-    tl.annotate(expected, "cellassign", markers=markers, key=jr.fold_in(jr.key(SEED), 18),
-                settings=TrainSettings(progress=False))
-    assert cells.obs["cell_type"].astype(str).tolist() == expected.obs["cell_type"].astype(str).tolist()
-    probabilities = cells.obsm["cell_type_probabilities"]
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    assert set(cells.uns["cell_type"]["cell_types"]) >= set(markers)
-    assert "Mode cellassign from marker genes (CellAssign)" in "\n".join(done.sections)
-
-
-def test_scanvi_mode_trains_its_vae_for_the_jobs_epochs(files, monkeypatch):
-    """The wiring of `--annotation-mode scanvi` (scANVI itself is tested in test_annotation.py; too slow to train
-    here): the reference and its label key reach `tl.annotate`, and its VAE trains for the job's VAE epochs."""
+@pytest.fixture
+def seen(monkeypatch) -> dict:
+    """`tl.annotate` replaced by a stand-in that records what the step passes it (the wiring; the annotators
+    themselves are tested in test_annotation.py, and too slow to train here)."""
     from diffbio_eqx import _job_steps
 
-    seen = {}
+    record: dict = {}
 
     def fake_annotate(cells, mode, *, reference, label_key, key, **options):
-        seen.update(mode=mode, reference=reference, label_key=label_key, **options)
+        record.update(mode=mode, reference=reference, label_key=label_key, **options)
         cells.obs["cell_type"] = pd.Categorical(["t0"] * cells.n_obs)
         cells.obs["cell_type_confidence"] = np.ones(cells.n_obs)
         cells.obsm["cell_type_probabilities"] = np.ones((cells.n_obs, 1))
         cells.uns["cell_type"] = {"cell_types": ["t0"]}
 
     monkeypatch.setattr(_job_steps.tl, "annotate", fake_annotate)
+    return record
+
+
+def test_cellassign_reads_its_markers_file(files, tmp_path, seen):
+    """`--annotation-mode cellassign --markers FILE` (no reference): the markers reach `tl.annotate`, from JSON or
+    from a CSV of 0/1 (marker genes x cell types)."""
+    markers = {"t0": ["gene1", "gene2"], "t1": ["gene3"]}
+    (tmp_path / "markers.json").write_text(json.dumps(markers))
+    matrix = pd.DataFrame([[1, 0], [1, 0], [0, 1]], index=pd.Index(["gene1", "gene2", "gene3"]),
+                          columns=pd.Index(["t0", "t1"]))
+    matrix.to_csv(tmp_path / "markers.csv")
+    cells = ad.read_h5ad(files["query"])
+    for path in (tmp_path / "markers.json", tmp_path / "markers.csv"):
+        annotator = check_steps(JobSteps(annotation_mode="cellassign", markers=path), None)
+        assert annotator is not None and annotator.reference is None
+        done = StepsDone()
+        annotate(annotator, cells, cells.X, tuple(cells.var_names), done, labels=None, known=None, seed=SEED,
+                 vae_epochs=None, progress=False)
+        assert seen["mode"] == "cellassign" and seen["reference"] is None
+        given = seen["markers"]
+        assert given == markers if path.suffix == ".json" else given.equals(matrix)
+        assert "Mode cellassign from marker genes (CellAssign)" in "\n".join(done.sections)
+
+
+def test_scanvi_mode_trains_its_vae_for_the_jobs_epochs(files, seen):
+    """The wiring of `--annotation-mode scanvi`: the reference and its label key reach `tl.annotate`, and its VAE
+    trains for the job's VAE epochs."""
     annotator = check_steps(JobSteps(reference=files["reference"], annotation_mode="scanvi"), "label")
     assert annotator is not None
     cells = ad.read_h5ad(files["query"])
