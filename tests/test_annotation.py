@@ -191,6 +191,7 @@ def test_cellassign_recovers_simulated_groups(held_out_batch):
     assert np.mean(predicted[batches == 1] == labels[batches == 1]) >= 0.95
 
 
+@pytest.mark.slow  # trains CellAssign / scANVI for scvi-tools' default epochs (make test-slow)
 def test_cellassign_on_pbmc68k_matches_scvi_tools(pbmc, reference_outputs):
     adata, labels = pbmc
     markers = marker_matrix(PBMC68K_MARKERS)
@@ -203,6 +204,7 @@ def test_cellassign_on_pbmc68k_matches_scvi_tools(pbmc, reference_outputs):
     assert np.mean(accuracies) >= np.mean(reference_outputs["cellassign_accuracy"]) - 0.02, accuracies
 
 
+@pytest.mark.slow  # trains CellAssign / scANVI for scvi-tools' default epochs (make test-slow)
 def test_scanvi_transfers_labels_to_a_held_out_batch(held_out_batch):
     counts, labels, batches, _ = held_out_batch
     types = sorted(set(labels))
@@ -217,6 +219,7 @@ def test_scanvi_transfers_labels_to_a_held_out_batch(held_out_batch):
     assert np.mean(predicted[batches == 1] == labels[batches == 1]) >= 0.95
 
 
+@pytest.mark.slow  # trains CellAssign / scANVI for scvi-tools' default epochs (make test-slow)
 def test_scanvi_on_pbmc68k_matches_scvi_tools(pbmc, reference_outputs):
     adata, labels = pbmc
     types = sorted(set(labels))
