@@ -44,6 +44,13 @@ class SingleCellPipelineConfig:
       stages, and the main job (`diffbio-eqx run --doublets`) fits the pipeline on the other cells.
     - `imputation` ("none"): `"magic"`: the main job (`--impute`) writes MAGIC's imputed expression of the cells
       as `layers["magic"]` of its result (the VAE still models the counts).
+    - `batch_correction` ("harmony"): the batch corrector when `enable_batch_correction` is on: `"harmony"`
+      (Harmony on the VAE latent, new cells mapped onto its reference), `"mmd"` (trVAE's MMD penalty between
+      every pair of batches while the VAE trains, `fit_mmd_vae`) or `"adversarial"` (a WGAN-GP batch critic on
+      the latent while the VAE trains, `fit_adversarial_vae`); for the last two the corrected embedding is the
+      VAE's latent itself, so new cells need nothing more. None switches batch correction off (sets
+      `enable_batch_correction` to False). `batch_correction_method` is the corrector in force (None when off).
+    - `mmd_beta` (1.0), `adversarial_weight` (1.0): the MMD weight (trVAE's `beta`) and the adversarial weight.
     """
 
     n_genes: int = 2000
@@ -76,8 +83,19 @@ class SingleCellPipelineConfig:
     # the runtime type-checking hook.
     doublet_filter: str = "none"
     imputation: str = "none"
+    batch_correction: str | None = "harmony"
+    mmd_beta: float = 1.0
+    adversarial_weight: float = 1.0
 
     def __post_init__(self):
+        if self.batch_correction not in ("harmony", "mmd", "adversarial", None):
+            raise ValueError("batch_correction: must be 'harmony', 'mmd', 'adversarial' or None, got "
+                             f"{self.batch_correction!r}")
+        if self.batch_correction is None:
+            object.__setattr__(self, "enable_batch_correction", False)
+        for name in ("mmd_beta", "adversarial_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
         positive = {
             "n_genes": self.n_genes, "latent_dim": self.latent_dim,
@@ -107,6 +125,11 @@ class SingleCellPipelineConfig:
             raise ValueError(f"imputation: must be 'magic' or 'none', got {self.imputation!r}")
         if self.harmony_preset not in ("harmony2", "classic"):
             raise ValueError(f"harmony_preset: must be 'harmony2' or 'classic', got {self.harmony_preset!r}")
+
+    @property
+    def batch_correction_method(self) -> str | None:
+        """The batch corrector in force: `batch_correction` when `enable_batch_correction` is on, else None."""
+        return self.batch_correction if self.enable_batch_correction else None
 
     def replace(self, **changes: Any) -> "SingleCellPipelineConfig":
         return dataclasses.replace(self, **changes)

@@ -30,6 +30,8 @@ from .._clustering._mixture_stage import fit_gaussian_mixture
 from .._clustering._stage import SoftKMeans, fit_soft_kmeans
 from .._core._train import TrainSettings, fit, shared_optimizer, sparse_rows_from_csr
 from .._core._validate import NonIntegerCountsWarning, check_batch_labels, check_counts
+from .._integration._adversarial import fit_adversarial_vae
+from .._integration._mmd_vae import fit_mmd_vae
 from .._umap import _stage as _umap_stage
 from .._vae._stage import fit_vae, vae_latent
 from ._loss import PipelineLossWeights, pipeline_loss
@@ -290,6 +292,22 @@ def _train_ambient(pipeline: SingleCellPipeline, record: _FitRecord,
     return pipeline, _checkpoint(pipeline, record, "ambient_removal", inputs)
 
 
+def _fit_vae_with_correction(pipeline: SingleCellPipeline, x: Any, batch_labels: np.ndarray, *,
+                             key: PRNGKeyArray, settings: TrainSettings) -> Any:
+    """`fit_vae`, or with `batch_correction="mmd"` / `"adversarial"` (and several batches) the VAE trained with
+    trVAE's MMD penalty (`fit_mmd_vae`) or against a WGAN-GP batch critic (`fit_adversarial_vae`)."""
+    config, vae = pipeline.config, pipeline.vae_normalizer
+    method = config.batch_correction_method if vae.n_batches > 1 else None
+    if method == "mmd":
+        return fit_mmd_vae(vae, x, batch_labels, key=key, settings=settings, beta=config.mmd_beta)
+    if method == "adversarial":
+        # No per-epoch checkpoints inside the adversarial loop (the pipeline's stage checkpoint still follows it).
+        settings = dataclasses.replace(settings, checkpoint_path=None, resume=False)
+        return fit_adversarial_vae(vae, x, batch_labels, key=key, settings=settings,
+                                   adversarial_weight=config.adversarial_weight).fit
+    return fit_vae(vae, x, batch_labels, key=key, settings=settings)
+
+
 def _train_vae(pipeline: SingleCellPipeline, record: _FitRecord, inputs: _FitInputs,
                x: Any) -> tuple[SingleCellPipeline, _FitRecord]:
     """Step 2: the VAE on the decontaminated counts `x`."""
@@ -300,8 +318,8 @@ def _train_vae(pipeline: SingleCellPipeline, record: _FitRecord, inputs: _FitInp
         settings = TrainSettings(n_epochs=inputs.settings.vae_epochs, batch_size=inputs.settings.batch_size,
                                  hyperparameters={"learning_rate": inputs.settings.learning_rate},
                                  progress=inputs.progress, **inputs.stage_checkpoint("vae"))
-        fitted = fit_vae(pipeline.vae_normalizer, x, np.asarray(inputs.batch_labels), key=inputs.keys.vae,
-                         settings=settings)
+        fitted = _fit_vae_with_correction(pipeline, x, np.asarray(inputs.batch_labels), key=inputs.keys.vae,
+                                          settings=settings)
     pipeline = eqx.tree_at(lambda p: p.vae_normalizer, pipeline, fitted.model)
     record = record.timed("vae_normalizer", started, _loss_curves(fitted))
     return pipeline, _checkpoint(pipeline, record, "vae_normalizer", inputs)

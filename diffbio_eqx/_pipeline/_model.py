@@ -183,7 +183,7 @@ class SingleCellPipeline(eqx.Module):
                     sigma=jnp.asarray(config.harmony_sigma, float_dtype),
                     n_clusters=config.batch_correction_clusters,
                     max_iter_harmony=config.batch_correction_iterations, n_batches=config.n_batches)
-            if config.enable_batch_correction else None
+            if config.batch_correction_method == "harmony" else None  # MMD and adversarial live in the VAE's training
         )
         self.dim_reduction = (
             ParametricUMAP(config.latent_dim, n_components=config.umap_n_components,
