@@ -121,6 +121,9 @@ def check_steps(steps: JobSteps, label_key: str | None) -> Annotator | None:
                              f"columns: {list(reference.obs.columns)})")
         if not bool(np.asarray(reference.obs[label_key].notna()).any()):
             raise ValueError(f"--label-key: the reference's obs[{label_key!r}] has no values")
+        message = io.not_counts(reference)
+        if message is not None:
+            raise ValueError(f"--reference: {message}; the reference needs raw counts in X")
     markers = None if steps.markers is None else _read_markers(steps.markers)
     return Annotator(mode, reference, label_key if reference is not None else None, markers)
 

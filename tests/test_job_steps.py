@@ -174,6 +174,8 @@ def no_numerical_work(monkeypatch):
     (["--config", "{folder}/bad_config.json"], "doublet_filter: must be 'scrublet', 'solo' or 'none', got 'scrubble'"),
     (["--reference", "{folder}/other_genes.h5ad", "--label-key", "label"], "--reference: none of its 60 genes is "
                                                                             "among the input's 60"),
+    (["--reference", "{folder}/log_reference.h5ad", "--label-key", "label"], "--reference: adata.X: holds "
+                                                                              "non-integer values"),
 ])
 def test_bad_step_settings_are_refused_naming_the_flag(capsys, files, tmp_path, no_numerical_work, flags, message):
     folder = files["folder"]
@@ -183,6 +185,9 @@ def test_bad_step_settings_are_refused_naming_the_flag(capsys, files, tmp_path, 
         other = ad.read_h5ad(files["reference"])
         other.var_names = [f"other{j}" for j in range(other.n_vars)]
         other.write_h5ad(folder / "other_genes.h5ad")
+        logged = ad.read_h5ad(files["reference"])
+        logged.X = sp.csr_matrix(np.log1p(sp.csr_matrix(logged.X).toarray()))
+        logged.write_h5ad(folder / "log_reference.h5ad")
     flags = [flag.format(reference=files["reference"], folder=folder) for flag in flags]
     code, err = _run(capsys, files["query"], *flags, "--out", tmp_path / "out")
     assert code == 2, err
