@@ -44,6 +44,9 @@ class SingleCellPipelineConfig:
       stages, and the main job (`diffbio-eqx run --doublets`) fits the pipeline on the other cells.
     - `imputation` ("none"): `"magic"`: the main job (`--impute`) writes MAGIC's imputed expression of the cells
       as `layers["magic"]` of its result (the VAE still models the counts).
+
+    These two are steps of the main job around the pipeline (`diffbio_eqx._job_steps`): `fit_pipeline`,
+    `run_pipeline` and `tl.pipeline` take the cells they are given and ignore them.
     - `batch_correction` ("harmony"): the batch corrector when `enable_batch_correction` is on: `"harmony"`
       (Harmony on the VAE latent, new cells mapped onto its reference), `"mmd"` (trVAE's MMD penalty between
       every pair of batches while the VAE trains, `fit_mmd_vae`) or `"adversarial"` (a WGAN-GP batch critic on
