@@ -307,3 +307,11 @@ def test_scanvi_mode_trains_its_vae_for_the_jobs_epochs(files, seen):
     assert seen["reference"].n_obs == ad.read_h5ad(files["reference"]).n_obs
     assert seen["vae_settings"].n_epochs == 7
     assert "Mode scanvi from a reference" in "\n".join(done.sections)
+
+
+def test_run_help_lists_the_step_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--doublets", "--solo-epochs", "--impute", "--reference", "--annotation-mode", "--markers"):
+        assert flag in out
