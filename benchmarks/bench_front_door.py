@@ -5,9 +5,9 @@ Typical printout: see `benchmarks/results/front_door.json` and the README rows "
 1. A simulated h5ad per size (Splatter-like counts, `simulate_sparse`'s generator: 10 groups, 2 batches, about a
    quarter of the entries non-zero) is written chunk by chunk (5,000 cells at a time) straight into the file's CSR
    arrays with h5py, so no size is ever whole in memory while it is written.
-2. `diffbio-eqx run FILE --batch-key batch --label-key group` runs in a child process (`/usr/bin/time -v`, whose
-   "Maximum resident set size" is the child's peak RSS), twice on the same file into two folders: the first and
-   the second run (the second can reuse a compilation cache where one is on).
+2. `diffbio-eqx run FILE --batch-key batch --label-key group` runs in a child process under `/usr/bin/time -v`
+   (its "Maximum resident set size" is the child's peak RSS; the job's VmHWM is also sampled every 5 s), twice on
+   the same file into two folders: the first and the second run (the second reuses the compilation cache).
 3. Each run's outputs are checked: `result.h5ad` with `obsm` `X_diffbio`, `X_diffbio_corrected`, `X_umap`,
    `obs["diffbio_cluster"]` and the `layers`, `umap.png`, `training.png`, `report.md`, `pipeline.eqx`.
 
@@ -25,6 +25,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
+import json
 import pathlib
 import re
 import subprocess
@@ -102,32 +103,86 @@ def write_h5ad(path: pathlib.Path, n_cells: int, *, seed: int = 0, chunk: int = 
             "file_gb": path.stat().st_size / 1e9, "write_seconds": time.perf_counter() - started}
 
 
+def _file_figures(path: pathlib.Path) -> dict:
+    """The figures of an h5ad written earlier by `write_h5ad` (its write time is not known any more)."""
+    import h5py
+
+    with h5py.File(path, "r") as file:
+        n_cells, n_genes = (int(n) for n in file["X"].attrs["shape"])
+        nnz = int(file["X"]["indptr"][-1])
+    return {"n_cells": n_cells, "n_genes": n_genes, "nnz": nnz, "density": nnz / (n_cells * n_genes),
+            "file_gb": path.stat().st_size / 1e9}
+
+
 def _time_v(stderr: str, label: str) -> str:
     match = re.search(rf"{re.escape(label)}: (.+)", stderr)
     return match.group(1).strip() if match else ""
 
 
-def run_job(source: pathlib.Path, out: pathlib.Path, *, epochs: tuple[str, ...], timeout: float) -> dict:
-    """`diffbio-eqx run` in a child under `/usr/bin/time -v`: wall seconds, peak RSS, and the outputs written."""
-    command = ["/usr/bin/time", "-v", sys.executable, "-m", "diffbio_eqx.cli", "run", str(source), "--batch-key",
-               "batch", "--label-key", "group", "--out", str(out), "--quiet", *epochs]
-    started = time.perf_counter()
+def _descendant_status(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (GB) of the deepest descendant of `pid` (the job under `/usr/bin/time`), or {}."""
+    current = pid
+    for _ in range(4):
+        children = pathlib.Path(f"/proc/{current}/task/{current}/children")
+        try:
+            found = children.read_text().split()
+        except OSError:
+            break
+        if not found:
+            break
+        current = int(found[0])
     try:
-        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        code, stderr, stdout = run.returncode, run.stderr, run.stdout
-    except subprocess.TimeoutExpired as expired:
-        code, stdout = "timeout", (expired.stdout or b"").decode() if isinstance(expired.stdout, bytes) else ""
-        stderr = (expired.stderr or b"").decode() if isinstance(expired.stderr, bytes) else str(expired.stderr or "")
+        lines = pathlib.Path(f"/proc/{current}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    values = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            values[name] = float(rest.split()[0]) * 1024 / 1e9
+    return values
+
+
+def run_job(source: pathlib.Path, out: pathlib.Path, *, epochs: tuple[str, ...], timeout: float) -> dict:
+    """`diffbio-eqx run` in a child under `/usr/bin/time -v`: wall seconds, peak RSS, and the outputs written.
+
+    The child's stderr (progress lines, then `time -v`'s figures) goes to `out`'s sibling `.log` file, and every
+    5 s the job's VmHWM is sampled into a `.progress.json` beside it, so a run stopped by `timeout` still leaves
+    its peak memory so far and how far it got.
+    """
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "diffbio_eqx.cli", "run", str(source), "--batch-key",
+               "batch", "--label-key", "group", "--out", str(out), *epochs]
+    log = out.with_name(out.name + ".log")
+    progress = out.with_name(out.name + ".progress.json")
+    started = time.perf_counter()
+    sampled: dict[str, float] = {"peak_rss_gb_sampled": 0.0}
+    with open(log, "w") as stderr_file:
+        child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr_file)
+        code: int | str | None = None
+        while code is None:
+            try:
+                code = child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                status = _descendant_status(child.pid)
+                if status:
+                    sampled["peak_rss_gb_sampled"] = max(sampled["peak_rss_gb_sampled"], status.get("VmHWM", 0.0))
+                    sampled["rss_gb_last"] = status.get("VmRSS", 0.0)
+                sampled["elapsed_seconds"] = time.perf_counter() - started
+                progress.write_text(json.dumps(sampled))
+                if time.perf_counter() - started > timeout:
+                    child.kill()
+                    child.wait()
+                    code = "timeout"
     seconds = time.perf_counter() - started
+    stderr = log.read_text()
     peak_kb = _time_v(stderr, "Maximum resident set size (kbytes)")
     record = {"returncode": code, "wall_seconds": seconds,
-              "peak_rss_gb": int(peak_kb) * 1024 / 1e9 if peak_kb else None,
+              "peak_rss_gb": int(peak_kb) * 1024 / 1e9 if peak_kb else None, **sampled,
               "user_seconds": float(_time_v(stderr, "User time (seconds)") or "nan"),
               "system_seconds": float(_time_v(stderr, "System time (seconds)") or "nan"),
               "outputs": {name: (out / name).is_file() for name in OUTPUTS}}
     if code != 0:
         record["stderr_tail"] = stderr[-3000:]
-        record["stdout_tail"] = stdout[-1000:]
         return record
     record.update(_check_result(out / "result.h5ad"))
     report = (out / "report.md").read_text()
@@ -197,8 +252,8 @@ def main() -> None:
             if record["returncode"] != 0:
                 print(record.get("stderr_tail", ""), flush=True)
                 break
-        entry = {"n_cells": n_cells, "n_genes": N_GENES, "epochs": list(args.epochs), "input": figures or {
-            "file_gb": source.stat().st_size / 1e9}, "runs": runs}
+        entry = {"n_cells": n_cells, "n_genes": N_GENES, "epochs": list(args.epochs),
+                 "input": figures or _file_figures(source), "runs": runs}
         if runs and runs[0].get("peak_rss_gb"):
             entry["peak_rss_gb_per_million_cells"] = runs[0]["peak_rss_gb"] / n_cells * 1e6
         merged = merge_runs(out, [entry], ("n_cells",))

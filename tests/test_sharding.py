@@ -1,4 +1,5 @@
-"""Several devices: data-parallel training and chunked inference over a `jax.sharding` mesh equal one device.
+"""Several devices: data-parallel training and chunked inference over a `jax.sharding` mesh equal one device, with
+the training data split along cells (each device holds a quarter of the rows, read from the arrays' shardings).
 
 XLA's host platform is split into 4 CPU devices with `XLA_FLAGS=--xla_force_host_platform_device_count=4`, which
 must be set before JAX initialises its backends, so the work runs in a subprocess. The subprocess runs under the
@@ -52,6 +53,16 @@ SCRIPT = textwrap.dedent(
 
     def device_count(tree):
         return min(len(leaf.sharding.device_set) for leaf in jtu.tree_leaves(eqx.filter(tree, eqx.is_array)))
+
+    # Every array `fit` trains on goes through `shard_rows`: record what it placed, to read the shardings.
+    from diffbio_eqx._core import _train
+    placed = []
+    original_shard_rows = _train.shard_rows
+    def spy(rows, mesh):
+        result = original_shard_rows(rows, mesh)
+        placed.append(result)
+        return result
+    _train.shard_rows = spy
 
     sim = dx.simulate_sparse(jr.key(0), n_cells=640, n_genes=120, n_groups=3, n_batches=2, chunk_size=300)
     counts, batches = sim.counts, sim.batches
@@ -113,6 +124,25 @@ SCRIPT = textwrap.dedent(
         out[f"pipeline_{name}_sharded_rel"] = max_relative(many[name], one[name], 1e-3)
         out[f"pipeline_{name}_whole_rel"] = max_relative(one[name], whole[name], 1e-3)
 
+    # 5. The training data are split along cells: each device holds a quarter of the rows (from the shardings of
+    # what `fit` trained on: the CSR runs of section 1, then dense counts here), and the sharded fit of dense
+    # counts equals the one-device fit too.
+    settings = dict(n_epochs=1, batch_size=64, progress=False)
+    vae = dx.VAENormalizer(120, 2, hidden_dims=(16,), latent_dim=4, key=jr.key(7))
+    dense_counts = np.asarray(counts.toarray(), np.float64)
+    one = dx.fit_vae(vae, dense_counts, batches, key=jr.key(8), settings=dx.TrainSettings(**settings))
+    many = dx.fit_vae(vae, dense_counts, batches, key=jr.key(8), settings=dx.TrainSettings(devices="all", **settings))
+    _train.shard_rows = original_shard_rows
+    out["dense_sharded_param_rel"] = max_relative(many.model, one.model, 1e-3)
+    shares = []
+    for tree in placed:
+        for leaf in jtu.tree_leaves(eqx.filter(tree, eqx.is_array)):
+            rows = [shard.data.shape[0] for shard in leaf.addressable_shards]
+            shares.append({"rows": int(leaf.shape[0]), "per_device": rows,
+                           "devices": sorted({shard.device.id for shard in leaf.addressable_shards}),
+                           "spec": str(leaf.sharding.spec)})
+    out["data_shares"] = shares
+
     # 4. A minibatch that does not split evenly over the devices is refused.
     try:
         dx.fit_vae(vae64, counts, batches, key=jr.key(2),
@@ -134,7 +164,7 @@ def measured(tmp_path_factory):
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("JAX_PLATFORMS", None)
     run = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=1500)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, f"subprocess failed:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
     return json.loads(lines[-1][len("RESULT "):])
@@ -175,6 +205,22 @@ def test_pipeline_inference_sharded_equals_unsharded_and_whole(measured, name):
     assert measured[f"pipeline_{name}_sharded_rel"] < 1e-12
     # Chunked (one device) against the one-call whole-data run: the same per-cell maths, other batch shapes.
     assert measured[f"pipeline_{name}_whole_rel"] < 1e-9
+
+
+def test_training_data_is_split_along_cells(measured):
+    # CSR counts (`SparseRows`: non-zeros, their columns, row pointers) and batch codes of the sharded VAE fits, then
+    # dense counts and batch codes: every array is split in four equal shares, one per device.
+    shares = measured["data_shares"]
+    assert len(shares) >= 4 + 2
+    for share in shares:
+        assert share["devices"] == [0, 1, 2, 3], share
+        assert share["per_device"] == [share["rows"] // 4] * 4, share
+        assert "('cells'" in share["spec"], share
+    # 640 cells, 120 genes: each device holds 160 rows of the dense counts (and 160 or 161 row pointers of the CSR)
+    assert {"rows": 640, "per_device": [160] * 4} in [{k: s[k] for k in ("rows", "per_device")} for s in shares]
+    assert any(share["rows"] == 644 and share["per_device"] == [161] * 4 for share in shares)
+    # float64: the split data give the one-device fit (measured 0 to a few ulps)
+    assert measured["dense_sharded_param_rel"] < 1e-10
 
 
 def test_uneven_minibatch_is_refused(measured):

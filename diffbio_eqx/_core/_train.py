@@ -137,11 +137,83 @@ def data_mesh(devices: Devices) -> jax.sharding.Mesh | None:
     return jax.sharding.Mesh(np.array(devices), (CELLS_AXIS,))
 
 
-def _replicate(tree: PyTree, mesh: jax.sharding.Mesh | None) -> PyTree:
+def _replicate(tree: PyTree, mesh: jax.sharding.Mesh | None, *, keep_sharded: bool = False) -> PyTree:
+    """Every array of `tree` on every device of the mesh; with `keep_sharded`, arrays already split over the
+    mesh's cells axis (`shard_rows`) stay split."""
     if mesh is None:
         return tree
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jtu.tree_map(lambda leaf: jax.device_put(leaf, replicated) if eqx.is_array(leaf) else leaf, tree)
+
+    def place(leaf: Any) -> Any:
+        if not eqx.is_array(leaf):
+            return leaf
+        sharding = getattr(leaf, "sharding", None)
+        if keep_sharded and isinstance(sharding, NamedSharding) and sharding.mesh == mesh and sharding.spec and \
+                sharding.spec[0] == CELLS_AXIS:
+            return leaf
+        return jax.device_put(leaf, replicated)
+
+    return jtu.tree_map(place, tree)
+
+
+def _pad_rows(x: Array, multiple: int) -> Array:
+    """`x` with zero rows appended up to a multiple of `multiple` rows (never read: indices stay below the end)."""
+    pad = (-x.shape[0]) % multiple
+    return x if pad == 0 else jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+
+
+def shard_rows(rows: DeviceRows, mesh: jax.sharding.Mesh | None) -> DeviceRows:
+    """Split cells-major data along its first axis over the mesh's `"cells"` axis: each device holds its share of
+    the rows (a `1 / n_devices` slice), not a copy of the whole.
+
+    A dense array is padded with zero rows to a multiple of the number of devices; `SparseRows` has its row
+    pointers split by rows and its non-zeros (`data`, `indices`) split evenly by position, each padded likewise.
+    The padding is never read (row indices stay below `n_rows`, non-zero positions below each row's end), so
+    `take_rows` gives what it gives unsharded; under `jit`, XLA turns the gather from the split rows into a
+    per-device gather and a sum across devices. None: returned as it is.
+    """
+    if mesh is None:
+        return rows
+    cells = NamedSharding(mesh, PartitionSpec(CELLS_AXIS))
+    place = lambda x: jax.device_put(_pad_rows(x, mesh.size), cells)
+    if isinstance(rows, SparseRows):
+        return SparseRows(place(rows.data), place(rows.indices), place(rows.indptr), rows.n_columns, rows.max_nnz)
+    return place(rows)
+
+
+def _gather_sharded(values: Array, index: Array, mesh: Any) -> Array:
+    """`values[index]` for `values` split by rows over the mesh's cells axis (`shard_rows`) and `index` the same on
+    every device: each device takes the rows it holds (zeros for the others) and a `psum` adds the shares, so
+    every value comes from the one device that holds it (exact) and no device ever holds all of `values`."""
+
+    def local(shard: Array, wanted: Array) -> Array:
+        n_local = shard.shape[0]
+        offset = (jax.lax.axis_index(CELLS_AXIS) * n_local).astype(wanted.dtype)
+        here = wanted - offset
+        inside = (here >= 0) & (here < n_local)
+        got = shard[jnp.clip(here, 0, n_local - 1)]
+        inside = inside.reshape(inside.shape + (1,) * (got.ndim - inside.ndim))
+        return jax.lax.psum(jnp.where(inside, got, jnp.zeros((), got.dtype)), CELLS_AXIS)
+
+    spread = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(CELLS_AXIS), PartitionSpec()),
+                           out_specs=PartitionSpec())
+    return spread(values, index)
+
+
+def take_rows_sharded(rows: DeviceRows, index: Int[Array, " n_index"], mesh: Any) -> Array:
+    """`take_rows` on data split over the mesh by `shard_rows`: the same dense rows, gathered device by device
+    (`_gather_sharded`) instead of from a whole copy."""
+    if isinstance(rows, SparseRows):
+        start = _gather_sharded(rows.indptr, index, mesh)
+        stop = _gather_sharded(rows.indptr, index + 1, mesh)
+        positions = start[:, None] + jnp.arange(rows.max_nnz, dtype=start.dtype)[None, :]
+        inside = positions < stop[:, None]
+        positions = jnp.where(inside, positions, 0)
+        values = jnp.where(inside, _gather_sharded(rows.data, positions, mesh), 0)
+        columns = _gather_sharded(rows.indices, positions, mesh).astype(jnp.int32)
+        dense = jnp.zeros((index.shape[0], rows.n_columns), dtype=values.dtype)
+        return dense.at[jnp.arange(index.shape[0])[:, None], columns].add(values)
+    return _gather_sharded(rows, index, mesh)
 
 
 def _shard_cells(tree: PyTree, sharding: NamedSharding | None) -> PyTree:
@@ -298,9 +370,10 @@ class TrainSettings:
       on stderr when it is redirected (about every tenth epoch and the last).
     - `description`: the bar's label and the name in error messages (`fit`: `"training"`).
     - `devices`: train data-parallel over several devices: `"all"`, a sequence of devices, or a 1-D
-      `jax.sharding.Mesh` with axis `"cells"` (see `data_mesh`). The data, model and optimiser state are
-      replicated on every device, each minibatch is split along its cells (`NamedSharding`), and XLA inserts
-      the all-reduce of the gradients. `batch_size` must be a multiple of the number of devices. The result
+      `jax.sharding.Mesh` with axis `"cells"` (see `data_mesh`). The data are split along cells over the
+      devices, each holding its share of the rows (`shard_rows`); the model and optimiser state are replicated
+      on every device, each minibatch is split along its cells (`NamedSharding`), and XLA inserts the
+      all-reduce of the gradients. `batch_size` must be a multiple of the number of devices. The result
       equals the one-device run up to the order of floating-point sums. None: the default device.
     """
 
@@ -481,8 +554,11 @@ class _Loop(eqx.Module):
 
 
 def _take_batch(split: _Split, index: Int[Array, " batch_size"], cells: NamedSharding | None) -> tuple[Array, ...]:
-    # With a mesh, each device gathers its share of the minibatch.
-    return _shard_cells(tuple(take_rows(d, _shard_cells(index, cells)) for d in split.arrays), cells)
+    # With a mesh, the data are split by rows (`shard_rows`): each device gathers the minibatch rows it holds, the
+    # shares are summed across devices (one device holds each row), and the minibatch is split along its cells.
+    if cells is None:
+        return tuple(take_rows(d, index) for d in split.arrays)
+    return _shard_cells(tuple(take_rows_sharded(d, index, cells.mesh) for d in split.arrays), cells)
 
 
 @tuned_jit
@@ -730,7 +806,10 @@ def fit(
     params, static = eqx.partition(model, trainable)
     state = _start(params, settings)
     start_epoch = state.next_epoch
-    split, static, params, opt_state = _replicate((split, static, state.params, state.opt_state), mesh)
+    # The data is split along cells over the devices (each holds its share); the rest is replicated.
+    split = dataclasses.replace(split, arrays=tuple(shard_rows(d, mesh) for d in split.arrays)) if mesh else split
+    split, static, params, opt_state = _replicate((split, static, state.params, state.opt_state), mesh,
+                                                  keep_sharded=True)
     state = dataclasses.replace(state, params=params, opt_state=opt_state)
     run = _run_epochs(_Loop(static, split, steps, context, loop_key, mesh), state, settings)
     state = run.state
