@@ -1,12 +1,14 @@
 """Parametric UMAP (diffbio_eqx) against umap-learn, side by side in one run.
 
 For each size: exact kNN (ours, blocked brute force in JAX) against pynndescent (umap-learn's approximate kNN)
-and scikit-learn's exact search; the full fit (graph + training) against `umap.UMAP().fit`; embedding
+and scikit-learn's exact search; the full fit (graph + training; the graph with `neighbor_graph`'s automatic
+backend, pynndescent above 8,192 cells on CPU) against `umap.UMAP().fit`; embedding
 quality (15-NN preservation and trustworthiness on a subsample, both tools); and the throughput of embedding new
 cells (our `embed` against umap-learn's `transform`). Compile times are reported separately. Writes
 `benchmarks/results/umap.json`.
 
-Run: `python benchmarks/bench_umap.py` (sizes 10k and 50k, plus a kNN-only run at 100k).
+Run: `python benchmarks/bench_umap.py` (sizes 10k and 50k, plus a kNN-only run at 100k). `bench_knn.py` compares
+the kNN backends at 100k and the fit at 50k and 200k on PC-like data with neighbourhood structure.
 """
 
 import os
