@@ -41,7 +41,7 @@ def _run(arguments: argparse.Namespace) -> int:
     result = run_job(
         arguments.input, batch_key=arguments.batch_key, label_key=arguments.label_key, out_dir=arguments.out,
         config_path=arguments.config, seed=arguments.seed, progress=not arguments.quiet, epochs=epochs,
-        inputs=inputs,
+        inputs=inputs, batch_correction=arguments.batch_correction,
         steps=JobSteps(doublets=arguments.doublets, impute=arguments.impute, reference=arguments.reference,
                        annotation_mode=arguments.annotation_mode, markers=arguments.markers,
                        solo_epochs=arguments.solo_epochs),
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gene-key", metavar="K",
                      help="var column naming the genes (e.g. symbols instead of Ensembl IDs; default var_names)")
     run.add_argument("--batch-key", metavar="K", help="obs column with each cell's batch")
+    run.add_argument("--batch-correction", choices=("harmony", "mmd", "adversarial", "none"),
+                     help="batch corrector: Harmony on the VAE latent, trVAE's MMD or a WGAN-GP critic while the "
+                          "VAE trains, or none (default: the config's, harmony)")
     run.add_argument("--label-key", metavar="K", help="obs column with known cell types (for ARI/NMI in the report)")
     run.add_argument("--out", metavar="DIR", default="out", help="output folder (default: out)")
     run.add_argument("--config", metavar="FILE", help="JSON or TOML file of SingleCellPipelineConfig settings")

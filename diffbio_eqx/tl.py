@@ -1010,3 +1010,84 @@ def archetypes(
     adata.uns[key_added] = {"params": {"n_archetypes": n_archetypes, "use_rep": rep, "max_iter": max_iter},
                             "archetypes": np.asarray(result.archetypes), "c": np.asarray(result.c).T,
                             "variance_explained": float(result.variance_explained)}
+
+
+def integrate(
+    adata: ad.AnnData,
+    method: str = "mmd",
+    *,
+    batch_key: str,
+    key: PRNGKeyArray,
+    model: VAENormalizer | None = None,
+    reference_batch: str | int = 0,
+    layer: str | None = None,
+    use_rep: str | None = None,
+    **fit_settings: Any,
+) -> Any:
+    """Batch correction by `method`, written as `obsm["X_diffbio_corrected"]`.
+
+    - `"harmony"`: Harmony on an existing embedding (`use_rep`; default `obsm["X_diffbio"]`, else `X_pca`),
+      as `harmony`.
+    - `"mmd"`: scVI's VAE trained on the counts with trVAE's MMD penalty between every pair of batches
+      (`fit_mmd_vae`); `fit_settings` go to it (`beta=`, `mmd_on=`, `settings=TrainSettings(...)`, ...).
+    - `"adversarial"`: the VAE trained against a WGAN-GP batch critic on its latent (`fit_adversarial_vae`;
+      `adversarial_weight=`, `n_critic=`, ...).
+
+    For the trained correctors the corrected embedding is the latent (posterior means), and
+    `layers["diffbio_corrected"]` holds every cell's expression decoded into `reference_batch` (a category of
+    `batch_key` or its code). `uns["diffbio_integrate"]` records the settings and the loss curve.
+
+    **Arguments:**
+
+    - `adata`: cells x genes with raw counts in `X` (or `layers[layer]`).
+    - `method`: `"harmony"`, `"mmd"` or `"adversarial"`.
+    - `batch_key`: `obs` column with each cell's batch. (Keyword only argument.)
+    - `key`: PRNG key.
+    - `model`: a `VAENormalizer` carrying the settings (None: `VAENormalizer(n_vars, n_batches)`).
+    - `reference_batch`, `layer`, `use_rep`: see above.
+
+    **Returns:** the trained `VAENormalizer` (`"mmd"`, `"adversarial"`) or the `HarmonyResult`.
+    """
+    from ._integration._adversarial import fit_adversarial_vae
+    from ._integration._common import corrected_expression
+    from ._integration._mmd_vae import fit_mmd_vae
+
+    if method == "harmony":
+        if fit_settings:
+            raise ValueError(f"fit_settings: method='harmony' takes none, got {sorted(fit_settings)}")
+        return harmony(adata, batch_key, use_rep=use_rep, key=key)
+    if method not in ("mmd", "adversarial"):
+        raise ValueError(f"method: must be 'harmony', 'mmd' or 'adversarial', got {method!r}")
+    genes = None if model is None else model.genes
+    arrays = from_anndata(check_adata(adata), layer=layer, batch_key=batch_key, genes=genes,
+                          genes_owner="the model's")
+    categories = list(arrays.batch_categories or ())
+    if arrays.batch_labels is None or len(categories) < 2:
+        raise ValueError(f"batch_key: {batch_key!r} must hold at least two batches")
+    if isinstance(reference_batch, str):
+        if reference_batch not in categories:
+            raise ValueError(f"reference_batch: {reference_batch!r} is not a category of {batch_key!r}")
+        reference = categories.index(reference_batch)
+    else:
+        reference = int(reference_batch)
+    init_key, fit_key = jr.split(key)
+    if model is None:
+        model = VAENormalizer(adata.n_vars, len(categories), genes=arrays.genes, key=init_key)
+    if method == "mmd":
+        fitted = fit_mmd_vae(model, arrays.counts, arrays.batch_labels, key=fit_key, **fit_settings)
+    else:
+        fitted = fit_adversarial_vae(model, arrays.counts, arrays.batch_labels, key=fit_key, **fit_settings).fit
+    trained = fitted.model
+    output = vae_transform(trained, arrays.counts, arrays.batch_labels)
+    corrected = np.asarray(corrected_expression(trained, arrays.counts, arrays.batch_labels,
+                                                reference_batch=reference))
+    if arrays.columns is not None:
+        full = np.full((adata.n_obs, adata.n_vars), np.nan, np.float32)
+        full[:, arrays.columns] = corrected
+        corrected = full
+    to_anndata(adata, {"corrected_embeddings": output.latent}, copy=False)
+    adata.layers["diffbio_corrected"] = corrected
+    params = {"method": method, "batch_key": batch_key, "layer": layer, "reference_batch": categories[reference],
+              "batch_categories": categories, **{k: v for k, v in fit_settings.items() if k != "settings"}}
+    _record(adata, "integrate", params, train_loss=fitted.train_loss)
+    return trained
