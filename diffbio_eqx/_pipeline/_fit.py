@@ -38,6 +38,7 @@ from ._loss import PipelineLossWeights, pipeline_loss
 from ._model import HarmonyReference, SingleCellPipeline, with_config
 from ._run import _check_harmony_clusters, prepare_inputs
 from ._serialise import _read_pipeline, _write_pipeline
+from ._supervised import clustering_from_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +201,14 @@ def _fit_inputs(
         if n_types is None:
             raise ValueError("cell_type_labels: supervised fine-tuning needs n_clusters given (one per cell type), "
                              "not None")
-        cell_type_labels = np.asarray(check_batch_labels(cell_type_labels, n_cells, n_batches=n_types,
-                                                         field="cell_type_labels"))
+        # -1 marks an unlabelled cell (semi-supervised: held-out cells still train the VAE, not the cross-entropy)
+        given = np.asarray(cell_type_labels)
+        unlabelled = (given == -1) if given.dtype.kind in "iu" else np.zeros(given.shape, bool)
+        cell_type_labels = np.asarray(check_batch_labels(np.where(unlabelled, 0, given), n_cells,
+                                                         n_batches=n_types, field="cell_type_labels"))
+        cell_type_labels = np.where(unlabelled, -1, cell_type_labels).astype(np.int32)
+        if unlabelled.all():
+            raise ValueError("cell_type_labels: every cell is unlabelled (-1); label some or pass None")
         if cell_type_labels.ndim != 1:
             raise ValueError(f"cell_type_labels: expected shape ({n_cells},), got {cell_type_labels.shape}")
     folder = None if checkpoint_dir is None else pathlib.Path(checkpoint_dir)
@@ -350,6 +357,9 @@ def _fit_clustering(pipeline: SingleCellPipeline, record: _FitRecord, inputs: _F
         return pipeline, record
     started = time.perf_counter()
     key, n_iter = inputs.keys.clustering, inputs.settings.clustering_iterations
+    if _supervised(inputs) and inputs.cell_type_labels is not None:  # cluster k = type k, on the labelled cells
+        model = clustering_from_labels(pipeline.clustering, corrected, inputs.cell_type_labels)
+        return eqx.tree_at(lambda p: p.clustering, pipeline, model), record.timed("clustering", started)
     if isinstance(pipeline.clustering, SoftKMeans):
         fitted = fit_soft_kmeans(pipeline.clustering, corrected, key=key, n_iter=n_iter)
         return eqx.tree_at(lambda p: p.clustering, pipeline, fitted.model), record.timed("clustering", started)
@@ -362,6 +372,13 @@ def _fit_clustering(pipeline: SingleCellPipeline, record: _FitRecord, inputs: _F
     pipeline = eqx.tree_at(lambda p: p.clustering, pipeline, model)
     curve = np.asarray(fitted.train_loss)[: max(fitted.n_epochs_run, 1)]
     return pipeline, record.timed("clustering", started, {"objective": curve})
+
+
+def _supervised(inputs: _FitInputs) -> bool:
+    """Supervised fine-tuning: cell types given, fine-tuning asked for, a non-zero supervised weight."""
+    weights = inputs.settings.fine_tune_weights
+    return (inputs.cell_type_labels is not None and inputs.settings.fine_tune_epochs > 0
+            and weights is not None and float(weights.supervised) != 0.0)
 
 
 def _trainable_filter(pipeline: SingleCellPipeline) -> SingleCellPipeline:
@@ -494,6 +511,7 @@ def fit_pipeline(
         pipeline, record = _fine_tune(pipeline, record, inputs)
         x = _decontaminated(pipeline, inputs)
         pipeline, record, corrected = _fit_harmony(pipeline, record, inputs, x)
-        pipeline, record = _fit_clustering(pipeline, record, inputs, corrected)
+        if not _supervised(inputs):  # supervised: the tuned clusters are the cell types; a refit would lose that
+            pipeline, record = _fit_clustering(pipeline, record, inputs, corrected)
     pipeline, record = _train_umap(pipeline, record, inputs, corrected)
     return PipelineFit(pipeline, {stage: dict(c) for stage, c in record.curves.items()}, dict(record.seconds))

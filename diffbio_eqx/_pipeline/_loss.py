@@ -30,9 +30,12 @@ class PipelineLossWeights(eqx.Module):
 def cell_type_cross_entropy(
     assignments: Float[Array, "n_cells n_clusters"], cell_type_labels: Int[Array, " n_cells"]
 ) -> Float[Array, ""]:
-    """Supervised loss: mean cross-entropy of soft cluster assignments against one-hot cell-type labels."""
-    onehot = jax.nn.one_hot(cell_type_labels, assignments.shape[1], dtype=assignments.dtype)
-    return -jnp.mean(jnp.sum(onehot * jnp.log(jnp.clip(assignments, jnp.finfo(assignments.dtype).tiny)), axis=1))
+    """Supervised loss: mean cross-entropy of soft cluster assignments against one-hot cell-type labels, over the
+    labelled cells (a label of -1 marks an unlabelled cell, which adds nothing; 0 when none is labelled)."""
+    onehot = jax.nn.one_hot(cell_type_labels, assignments.shape[1], dtype=assignments.dtype)  # -1: a zero row
+    per_cell = -jnp.sum(onehot * jnp.log(jnp.clip(assignments, jnp.finfo(assignments.dtype).tiny)), axis=1)
+    n_labelled = jnp.sum(cell_type_labels >= 0)
+    return jnp.sum(per_cell) / jnp.maximum(n_labelled, 1).astype(assignments.dtype)
 
 
 def umap_graph_loss(
