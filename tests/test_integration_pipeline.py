@@ -1,5 +1,7 @@
 """The MMD and adversarial correctors inside the pipeline: fit, run, chunked projection of new cells, sweep, save."""
 
+from typing import Any
+
 import jax.random as jr
 import numpy as np
 import pytest
@@ -8,8 +10,8 @@ import diffbio_eqx as dbx
 from diffbio_eqx import SingleCellPipelineConfig, create_single_cell_pipeline, fit_pipeline, run_pipeline
 
 
-TINY = dict(n_genes=60, n_clusters=3, n_batches=2, latent_dim=4, hidden_dims=(16,), enable_ambient_removal=False,
-            enable_dim_reduction=False, enable_clustering=False)
+TINY: dict[str, Any] = dict(n_genes=60, n_clusters=3, n_batches=2, latent_dim=4, hidden_dims=(16,),
+                            enable_ambient_removal=False, enable_dim_reduction=False, enable_clustering=False)
 
 
 def test_config_batch_correction_choices():
@@ -62,7 +64,7 @@ def test_tl_integrate_writes_the_corrected_embedding_and_expression():
     counts = rng.poisson(rng.gamma(1.0, 1.0, (1, 30)) * np.exp(rng.normal(0, 0.5, (2, 30)))[batches] * 4)
     adata = ad.AnnData(counts.astype(np.float32),
                        obs=pd.DataFrame({"batch": pd.Categorical(np.where(batches == 0, "a", "b"))},
-                                        index=[f"c{i}" for i in range(120)]))
+                                        index=pd.Index([f"c{i}" for i in range(120)])))
     model = VAENormalizer(30, 2, hidden_dims=(8,), latent_dim=3, key=jr.key(0))
     trained = dbx.tl.integrate(adata, "mmd", batch_key="batch", key=jr.key(1), model=model, reference_batch="b",
                                settings=TrainSettings(n_epochs=2, progress=False), beta=5.0)
