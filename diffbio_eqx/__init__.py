@@ -100,6 +100,15 @@ from ._imputation import (
     molecular_cross_validation as molecular_cross_validation,
     split_molecules as split_molecules,
 )
+from ._integration import (
+    AdversarialFit as AdversarialFit,
+    BatchCritic as BatchCritic,
+    MMDVAELoss as MMDVAELoss,
+    batch_mmd_penalty as batch_mmd_penalty,
+    corrected_expression as corrected_expression,
+    fit_adversarial_vae as fit_adversarial_vae,
+    fit_mmd_vae as fit_mmd_vae,
+)
 from ._pipeline import (
     FitSettings as FitSettings,
     HarmonyReference as HarmonyReference,
