@@ -188,7 +188,7 @@ def call_doublets(method: str, counts: Any, genes: tuple[str, ...], obs_names: A
                 settings=TrainSettings(n_epochs=solo_epochs, progress=progress))
         record = cells.uns["solo"]
         scores_sim = np.asarray(record["doublet_scores_sim"], float)
-        thresholds, threshold_method = {"": 0.5}, "probability > 0.5 (SOLO.predict(soft=False))"
+        thresholds, threshold_method = {"": 0.5}, "SOLO.predict(soft=False): doublet probability above it"
     seconds = time.perf_counter() - started
     return DoubletCall(method, np.asarray(cells.obs["doublet_score"], dtype=float),
                        np.asarray(cells.obs["predicted_doublet"], dtype=bool), scores_sim, thresholds, threshold_method,

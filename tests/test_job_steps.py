@@ -213,7 +213,7 @@ def test_solo_call_is_the_faces_and_reports_its_histogram(files, tmp_path):
     assert files_written["doublets"].stat().st_size > 0
     section = "\n".join(done.sections)
     assert f"Solo (as scvi-tools SOLO) on all {N_QUERY} input cells: **{int(call.called.sum())} called" in section
-    assert "threshold 0.5 (probability > 0.5" in section
+    assert "threshold 0.5 (SOLO.predict(soft=False): doublet probability above it)" in section
     assert done.metrics["doublet rate called"] == pytest.approx(call.called.mean())
 
 
