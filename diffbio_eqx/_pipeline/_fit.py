@@ -490,7 +490,12 @@ def fit_pipeline(
     - `settings`: a `FitSettings` (epochs per stage, `batch_size`, `learning_rate`, fine-tuning); its fields may
       also be given one by one as keyword arguments (`vae_epochs=200`), which replace those of `settings`.
     - `raw_counts`: the unfiltered matrix for the ambient model's prior, optional.
-    - `cell_type_labels`: `(n_cells,)` codes in `[0, n_clusters)` for supervised fine-tuning, optional.
+    - `cell_type_labels`: `(n_cells,)` codes in `[0, n_clusters)` for supervised fine-tuning, optional; -1 marks
+      an unlabelled cell (it trains the unsupervised losses only: semi-supervised, e.g. held-out cells). With
+      labels, `fine_tune_epochs > 0` and a non-zero `fine_tune_weights.supervised`, the clustering stage starts
+      with cluster k on the labelled cells of type k (their mean, variances and share) instead of being fitted
+      unsupervised, and is not refitted after fine-tuning, so `argmax(cluster_assignments)` predicts the type
+      (a refit would renumber the clusters). `benchmarks/study_end_to_end.py` measures what this buys.
     - `progress`: show a bar per stage.
     - `checkpoint_dir`: save the pipeline after every trained stage (and the ambient and VAE training after
       every epoch), and resume from there when called again with the same arguments: the result is identical to
