@@ -197,6 +197,7 @@ def test_bad_step_settings_are_refused_naming_the_flag(capsys, files, tmp_path, 
 
 
 # --- Solo, and the result of a chunked (streamed) run, at the level of the steps ----------------------------------
+@pytest.mark.slow  # trains a VAE and Solo's classifier (make test-slow)
 def test_solo_call_is_the_faces_and_reports_its_histogram(files, tmp_path):
     query = ad.read_h5ad(files["query"])
     call = call_doublets("solo", query.X, tuple(query.var_names), query.obs_names, None, seed=SEED, vae_epochs=2,
