@@ -123,6 +123,53 @@ def test_pipeline_entry_points_name_the_field(name, data, call, settings, messag
         np.testing.assert_array_equal(np.asarray(v.toarray() if sp.issparse(v) else v), snapshot[k])
 
 
+# Every numerical entry point `fit_pipeline` and `run_pipeline` reach: the stage trainers, Harmony, ambient removal,
+# the VAE encoder, the UMAP trainer, the generic training loop and the compiled pipeline.
+_FIT_ENTRY_POINTS = ("fit_ambient_removal", "remove_ambient", "fit_vae", "fit_adversarial_vae", "fit_mmd_vae",
+                     "vae_latent", "fit_soft_kmeans", "fit_gaussian_mixture", "fit")
+
+
+class _TrainingStarted(Exception):
+    pass
+
+
+@pytest.fixture
+def training_forbidden(monkeypatch):
+    """Replace every numerical entry point with one that raises `_TrainingStarted` (not a ValueError)."""
+    from diffbio_eqx._harmony import _stage as harmony_stage
+    from diffbio_eqx._pipeline import _fit as fit_module, _run as run_module
+    from diffbio_eqx._umap import _stage as umap_stage
+
+    def forbidden(name):
+        def fail(*args, **kwargs):
+            raise _TrainingStarted(name)
+        return fail
+
+    for name in _FIT_ENTRY_POINTS:
+        monkeypatch.setattr(fit_module, name, forbidden(name))
+    monkeypatch.setattr(umap_stage, "fit_umap", forbidden("fit_umap"))
+    monkeypatch.setattr(harmony_stage.Harmony, "run", forbidden("Harmony.run"))
+    monkeypatch.setattr(run_module, "_run_compiled", forbidden("_run_compiled"))
+
+
+@pytest.mark.parametrize("name, data, call, settings, message", PIPELINE_CASES, ids=[c[0] for c in PIPELINE_CASES])
+def test_bad_input_is_refused_before_any_training(training_forbidden, name, data, call, settings, message):
+    """The same cases with every trainer patched to fail: the ValueError comes first, so no numerical work ran."""
+    with pytest.raises(ValueError, match=f"^{message}"):
+        if call == "run":
+            dx.run_pipeline(PIPELINE, data, key=jr.key(0))
+        else:
+            dx.fit_pipeline(PIPELINE, data, key=jr.key(0), **(TINY_FIT | settings))
+
+
+def test_training_forbidden_reaches_the_trainers_on_good_input(training_forbidden):
+    """Control for the test above: valid input does reach the patched trainers."""
+    with pytest.raises(_TrainingStarted, match="fit_ambient_removal"):
+        dx.fit_pipeline(PIPELINE, DATA, key=jr.key(0), **TINY_FIT)
+    with pytest.raises(_TrainingStarted, match="_run_compiled"):
+        dx.run_pipeline(PIPELINE, DATA, key=jr.key(0))
+
+
 def test_too_many_clusters_for_the_cells_fails_before_training():
     wide = dx.create_single_cell_pipeline(n_genes=N_GENES, n_clusters=100, n_batches=2, key=jr.key(0), **SMALL)
     with pytest.raises(ValueError, match=r"^n_clusters: asked for 100 clusters but there are only 60 cells"):

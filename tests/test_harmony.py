@@ -1,6 +1,7 @@
 """Harmony: pure functions, parity with harmonypy 2.1, properties, transformations and error paths."""
 
 import logging
+import os
 import warnings
 
 import equinox as eqx
@@ -59,7 +60,11 @@ def lisi_scores(x, batches, cell_types, k: int = 90) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def pbmc3500():
     if not PBMC3500.exists():
-        pytest.skip("shared pbmc_3500 data not present")
+        # R harmony's output on pbmc_3500 lives outside the repository (../shared/data); CI must have it.
+        message = f"R harmony's pbmc_3500 reference not found at {PBMC3500}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (CI is set: parity with R must run there)")
+        pytest.skip(message)
     x = pd.read_csv(PBMC3500 / "pbmc_3500_pcs.tsv.gz", sep="\t").to_numpy(np.float64)
     meta = pd.read_csv(PBMC3500 / "pbmc_3500_meta.tsv.gz", sep="\t")
     labels = pd.factorize(meta["donor"], sort=True)[0].astype(np.int32)
@@ -272,28 +277,75 @@ def test_objective_terms_formula(small, getkey):
 # Parity with harmonypy 2.1
 
 
-def assert_parity_same_init(x, labels, preset, key):
-    """Ours and harmonypy 2.1 with one preset, both starting from harmonypy's initial centroids."""
+# Both sides start from harmonypy's initial centroids, but each shuffles the cells into blocks with its own random
+# stream (harmonypy's C++ generator vs JAX), so the outputs cannot agree to rounding: a few cells near cluster
+# boundaries move by up to 2% of a PC's range (as much between two of our own runs with different keys), so the
+# largest difference cannot be held to 1e-3 of the spread. What the stream leaves, measured over 4-6 keys on
+# pbmc_3500 and the pbmc68k split with both presets: per-PC Pearson r >= 0.99999, root-mean-square difference
+# 0.0022-0.0046 of the PC's standard deviation, largest difference 0.005-0.021 of its range. Wrong settings land
+# outside: the other preset r 0.955 / 0.989; sigma 0.11 instead of 0.1 r 0.9996-0.9999 and RMS 0.015-0.029;
+# theta 2.5 instead of 2 RMS 0.0072-0.024 (theta 1.8 is caught on pbmc_3500 only: RMS 0.0063-0.011 there).
+PARITY_MIN_R = 0.9999
+PARITY_MAX_RMS_OF_STD = 0.006
+PARITY_MAX_DIFF_OF_RANGE = 0.04
+
+
+def parity_figures(ours, theirs) -> tuple[float, float, float]:
+    """Per PC, the worst of: Pearson r, RMS difference / std(theirs), max |ours - theirs| / range(theirs)."""
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    diff = np.abs(ours - theirs)
+    rms = np.sqrt(np.mean(diff**2, axis=0)) / np.std(theirs, axis=0)
+    largest = diff.max(axis=0) / np.ptp(theirs, axis=0)
+    return float(per_pc_pearson(ours, theirs).min()), float(rms.max()), float(largest.max())
+
+
+def assert_parity(ours, theirs, *, max_rms=PARITY_MAX_RMS_OF_STD, max_diff=PARITY_MAX_DIFF_OF_RANGE):
+    r, rms, largest = parity_figures(ours, theirs)
+    assert r >= PARITY_MIN_R and rms <= max_rms and largest <= max_diff, (r, rms, largest)
+
+
+def run_harmonypy_preset(x, labels, preset):
     settings = H.PRESETS[preset]
-    init = harmonypy_init(x, labels, H.default_n_clusters(len(x)))
-    theirs = run_harmonypy(
+    return run_harmonypy(
         x, labels, lamb=settings.lamb, max_iter_kmeans=settings.max_iter_kmeans,
         epsilon_cluster=settings.epsilon_cluster, epsilon_harmony=settings.epsilon_harmony,
     )
+
+
+def assert_parity_same_init(x, labels, preset, key):
+    """Ours and harmonypy 2.1 with one preset, both starting from harmonypy's initial centroids."""
+    init = harmonypy_init(x, labels, H.default_n_clusters(len(x)))
+    theirs = run_harmonypy_preset(x, labels, preset)
     ours = dbx.harmony(x, labels, key=key, preset=preset, init_centroids=init)
-    r = per_pc_pearson(ours.z_corr, theirs.Z_corr)
-    assert r.min() >= 0.99, r  # measured: >= 0.99999 on both data sets and presets
+    assert_parity(ours.z_corr, theirs.Z_corr)
     assert abs(int(ours.n_rounds) - len(theirs.kmeans_rounds)) <= 1
     np.testing.assert_allclose(ours.initial_objective, theirs.objective_harmony[0], rtol=1e-5)
     return ours
+
+
+# R harmony's own output (classic settings) on pbmc_3500: harmonypy reaches r 0.99630, ours 0.99631; the Harmony 2
+# preset 0.954. (Largest differences are 0.27 of the range for harmonypy as for ours: a few cells, not parity.)
+R_MIN_R = 0.996
 
 
 @pytest.mark.parametrize("preset", ["harmony2", "classic"])
 def test_parity_pbmc3500_same_init(pbmc3500, preset, getkey):
     x, labels, reference = pbmc3500
     ours = assert_parity_same_init(x, labels, preset, getkey())
-    if preset == "classic":  # R harmony's own output (classic settings); harmonypy reaches 0.996
-        assert per_pc_pearson(ours.z_corr, reference).min() >= 0.99
+    if preset == "classic":
+        assert per_pc_pearson(ours.z_corr, reference).min() >= R_MIN_R
+
+
+def test_wrong_preset_is_far_from_harmonypy(pbmc3500, getkey):
+    """Negative control: our Harmony 2 preset against harmonypy and R with the classic settings fails parity widely."""
+    x, labels, reference = pbmc3500
+    init = harmonypy_init(x, labels, H.default_n_clusters(len(x)))
+    theirs = run_harmonypy_preset(x, labels, "classic")
+    wrong = dbx.harmony(x, labels, key=getkey(), preset="harmony2", init_centroids=init).z_corr
+    r, rms, largest = parity_figures(wrong, theirs.Z_corr)
+    # measured: r 0.955, RMS 0.3 of the std, largest difference 0.157 of the range
+    assert r < 0.97 and rms > 20 * PARITY_MAX_RMS_OF_STD and largest > 2 * PARITY_MAX_DIFF_OF_RANGE, (r, rms, largest)
+    assert per_pc_pearson(wrong, reference).min() < R_MIN_R - 0.03  # measured: 0.954
 
 
 def test_parity_pbmc3500_two_covariates(pbmc3500, getkey):
@@ -303,7 +355,9 @@ def test_parity_pbmc3500_two_covariates(pbmc3500, getkey):
     init = harmonypy_init(x, both, 100)
     theirs = run_harmonypy(x, both, theta=[2.0, 1.0])
     ours = dbx.harmony(x, both, key=getkey(), theta=jnp.array([2.0, 1.0]), init_centroids=init)
-    assert per_pc_pearson(ours.z_corr, theirs.Z_corr).min() >= 0.99
+    # Two covariates move more cells across blocks: measured over 4 keys r >= 0.99996, RMS 0.0044-0.0084 of the
+    # std, largest difference 0.015-0.061 of the range (theta [2, 2] instead: RMS 0.0059-0.016, up to 0.11).
+    assert_parity(ours.z_corr, theirs.Z_corr, max_rms=0.012, max_diff=0.08)
 
 
 @pytest.mark.parametrize("preset", ["harmony2", "classic"])
