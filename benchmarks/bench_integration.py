@@ -9,7 +9,7 @@ the purity of the missing type's neighbourhoods (share of each of its cells' 15 
 embedding, that are of its type). Speed: seconds per epoch of each corrector against the plain VAE on the same
 data (3,000 cells x 2,000 genes, a second, compiled run of three epochs).
 
-    python benchmarks/bench_integration.py [--cells 1200] [--epochs 60] [--seed 0] [--quick]
+    python benchmarks/bench_integration.py [--cells 1000] [--epochs 60] [--seed 0] [--quick]
 
 Writes benchmarks/results/integration.json and benchmarks/results/integration.png.
 """
@@ -203,7 +203,7 @@ def plot(results: dict, path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--cells", type=int, default=1200)
+    parser.add_argument("--cells", type=int, default=1000)
     parser.add_argument("--genes", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
@@ -236,17 +236,21 @@ def main() -> int:
                                         for m, s in scores.items()}), flush=True)
         if "missing_type_purity" in record:
             print("  missing-type purity", {m: round(v, 3) for m, v in record["missing_type_purity"].items()})
+        _write(arguments, options, results, None)  # after every data set, so a cut-short run keeps what it did
     # Speed on the pipeline's default gene count (2000 genes, 3000 cells): the per-step cost that matters.
     timing = speed(simulated(3, 3000, 2000, arguments.seed), 3, arguments.seed, options)
     print("speed", timing, flush=True)
+    _write(arguments, options, results, timing)
+    return 0
+
+
+def _write(arguments: argparse.Namespace, options: dict, results: dict, timing: dict | None) -> None:
     record = {"benchmark": "integration", "settings": vars(arguments) | {"options": options},
               "environment": environment("scanpy", "harmonypy", "scib-metrics"), "results": results,
               "speed": timing}
-    path = ROOT / "benchmarks" / "results" / "integration.json" if arguments.out is None else arguments.out
-    with open(path, "w") as handle:
+    with open(arguments.out, "w") as handle:
         json.dump(record, handle, indent=1)
-    plot(results, str(path).replace(".json", ".png"))
-    return 0
+    plot(results, str(arguments.out).replace(".json", ".png"))
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def test_every_pair_counts_and_missing_batches_drop_out(getkey):
 def test_mmd_gradients(getkey):
     x, labels = _two_samples(getkey(), 12, 7, shift=0.5, dims=3)
     loss = jax.jit(lambda z: penalty(jnp.asarray(z), labels, BANDWIDTHS[6:14], n_batches=2))
-    check_grads(loss, (x,), order=2, modes=("rev",), atol=1e-5, rtol=1e-5)
+    check_grads(loss, (x,), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
     # and the bandwidths (a continuous setting): vmap over them agrees with a loop
     sets = jnp.stack([BANDWIDTHS[6:14], 2.0 * BANDWIDTHS[6:14]])
     vmapped = jax.vmap(lambda b: penalty(x, labels, b, n_batches=2))(sets)
@@ -130,8 +130,10 @@ def test_gradient_penalty_matches_per_head_gradients(getkey):
     perm_key, eps_key = jr.split(key)
     eps = jr.uniform(eps_key, (6, 1), dtype=z.dtype)
     points = eps * z + (1 - eps) * z[jr.permutation(perm_key, 6)]
-    norms = np.array([[np.linalg.norm(jax.grad(lambda v, b=b: critic(v[None])[0, b])(p)) for b in range(3)]
-                      for p in points])
+    # reverse mode, one head at a time (the implementation takes forward-mode Jacobians of all heads)
+    per_head = jax.jit(jax.vmap(jax.vmap(jax.grad(lambda v, b: critic(v[None])[0, b]), in_axes=(0, None)),
+                                in_axes=(None, 0), out_axes=1))
+    norms = np.linalg.norm(np.asarray(per_head(points, jnp.arange(3))), axis=-1)
     np.testing.assert_allclose(gradient_penalty(critic, z, key=key), np.mean((norms - 1) ** 2), rtol=1e-8)
 
 
@@ -159,7 +161,7 @@ def _latent_mmd(vae, counts, labels):
 
 def test_mmd_vae_lowers_the_batch_discrepancy_and_decodes_into_a_reference(shifted):
     counts, labels = shifted
-    settings = TrainSettings(n_epochs=15, batch_size=64, progress=False, validation_fraction=0.0)
+    settings = TrainSettings(n_epochs=12, batch_size=64, progress=False, validation_fraction=0.0)
     # beta = 0 is the plain VAE's objective (and the same compiled epoch: the weight is a traced context value)
     plain = fit_mmd_vae(_vae(40, jr.key(0)), counts, labels, key=jr.key(1), settings=settings, beta=0.0).model
     fitted = fit_mmd_vae(_vae(40, jr.key(0)), counts, labels, key=jr.key(1), settings=settings, beta=50.0)
@@ -174,7 +176,7 @@ def test_mmd_vae_lowers_the_batch_discrepancy_and_decodes_into_a_reference(shift
 
 def test_adversarial_training_is_stable_over_twenty_keys(shifted):
     counts, labels = shifted
-    settings = TrainSettings(n_epochs=3, batch_size=64, progress=False)
+    settings = TrainSettings(n_epochs=2, batch_size=64, progress=False)
     worst, finite = 0.0, True
     for seed in range(20):
         fitted = fit_adversarial_vae(_vae(40, jr.key(seed)), counts, labels, key=jr.key(100 + seed),
@@ -203,3 +205,26 @@ def test_bad_input_names_the_field(shifted):
         fit_adversarial_vae(_vae(40, jr.key(0)), counts, labels, key=jr.key(0), n_critic=0)
     with pytest.raises(ValueError, match="reference_batch"):
         corrected_expression(_vae(40, jr.key(0)), counts, labels, reference_batch=2)
+
+
+def test_tl_integrate_writes_the_corrected_embedding_and_expression(shifted):
+    import anndata as ad
+    import pandas as pd
+
+    import diffbio_eqx as dbx
+
+    counts, labels = shifted  # the shapes and settings of the MMD test above: its compiled epoch is reused
+    adata = ad.AnnData(counts.astype(np.float32),
+                       obs=pd.DataFrame({"batch": pd.Categorical(np.where(labels == 0, "a", "b"))},
+                                        index=pd.Index([f"c{i}" for i in range(len(labels))])))
+    settings = TrainSettings(n_epochs=2, batch_size=64, progress=False, validation_fraction=0.0)
+    trained = dbx.tl.integrate(adata, "mmd", batch_key="batch", key=jr.key(1), model=_vae(40, jr.key(0)),
+                               reference_batch="b", settings=settings, beta=5.0)
+    assert adata.obsm["X_diffbio_corrected"].shape == (len(labels), 4)
+    assert adata.layers["diffbio_corrected"].shape == counts.shape
+    assert adata.uns["diffbio_integrate"]["params"]["reference_batch"] == "b"
+    assert trained.n_batches == 2
+    with pytest.raises(ValueError, match="method"):
+        dbx.tl.integrate(adata, "scvi", batch_key="batch", key=jr.key(1))
+    with pytest.raises(ValueError, match="reference_batch"):
+        dbx.tl.integrate(adata, "mmd", batch_key="batch", key=jr.key(1), reference_batch="z")

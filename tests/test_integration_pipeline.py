@@ -51,28 +51,3 @@ def test_pipeline_with_a_trained_corrector(method, tmp_path):
     dbx.save_pipeline(tmp_path / "p.eqx", trained)
     assert dbx.load_pipeline(tmp_path / "p.eqx").config == trained.config
 
-
-def test_tl_integrate_writes_the_corrected_embedding_and_expression():
-    import anndata as ad
-    import pandas as pd
-
-    from diffbio_eqx._core._train import TrainSettings
-    from diffbio_eqx._vae._stage import VAENormalizer
-
-    rng = np.random.default_rng(1)
-    batches = np.arange(120) % 2
-    counts = rng.poisson(rng.gamma(1.0, 1.0, (1, 30)) * np.exp(rng.normal(0, 0.5, (2, 30)))[batches] * 4)
-    adata = ad.AnnData(counts.astype(np.float32),
-                       obs=pd.DataFrame({"batch": pd.Categorical(np.where(batches == 0, "a", "b"))},
-                                        index=pd.Index([f"c{i}" for i in range(120)])))
-    model = VAENormalizer(30, 2, hidden_dims=(8,), latent_dim=3, key=jr.key(0))
-    trained = dbx.tl.integrate(adata, "mmd", batch_key="batch", key=jr.key(1), model=model, reference_batch="b",
-                               settings=TrainSettings(n_epochs=2, progress=False), beta=5.0)
-    assert adata.obsm["X_diffbio_corrected"].shape == (120, 3)
-    assert adata.layers["diffbio_corrected"].shape == (120, 30)
-    assert adata.uns["diffbio_integrate"]["params"]["reference_batch"] == "b"
-    assert trained.n_batches == 2
-    with pytest.raises(ValueError, match="method"):
-        dbx.tl.integrate(adata, "scvi", batch_key="batch", key=jr.key(1))
-    with pytest.raises(ValueError, match="reference_batch"):
-        dbx.tl.integrate(adata, "mmd", batch_key="batch", key=jr.key(1), model=model, reference_batch="z")
