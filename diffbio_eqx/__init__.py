@@ -120,6 +120,7 @@ from ._pipeline import (
     create_single_cell_pipeline as create_single_cell_pipeline,
     fit_pipeline as fit_pipeline,
     load_pipeline as load_pipeline,
+    pipeline_chunks as pipeline_chunks,
     pipeline_loss as pipeline_loss,
     run_pipeline as run_pipeline,
     run_pipeline_in_chunks as run_pipeline_in_chunks,

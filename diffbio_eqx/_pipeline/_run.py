@@ -94,6 +94,9 @@ def run_pipeline(
 
     Inputs are validated on the host first (a `ValueError` names the field and the problem); the numerics are
     one `eqx.filter_jit`-compiled function, compiled once per input shape and reused across parameter values.
+    The whole dataset is dense in this one call (SciPy sparse counts are densified): for large data use
+    `run_pipeline_in_chunks` / `pipeline_chunks`, which `io.infer` (and so `fit_anndata`, `run_anndata` and
+    `diffbio-eqx run`) choose automatically above `io.CHUNKED_ABOVE` count entries.
     """
     counts, profile, labels = prepare_inputs(pipeline, data)
     if not inference or pipeline.harmony_reference is None:
