@@ -1,6 +1,8 @@
 """End-to-end training recipes: the masked supervised loss, the supervised start of the clusters, the soft gene
 gate, and (slow) whether the supervised recipe beats logistic regression on the frozen stage-wise latent."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -79,7 +81,7 @@ def test_supervised_recipe_beats_logistic_regression_on_the_frozen_latent():
                                                hidden_dims=(128,), batch_correction_clusters=None,
                                                enable_ambient_removal=False, enable_dim_reduction=False)
 
-    settings = dict(vae_epochs=40, progress=False)
+    settings: dict[str, Any] = dict(vae_epochs=40, progress=False)
     staged = dbx.fit_pipeline(pipeline(), data, key=jr.key(2), **settings).pipeline
     latent = np.asarray(dbx.run_pipeline(staged, data, key=jr.key(3)).corrected_embeddings)
     baseline = LogisticRegression(max_iter=1000).fit(latent[train], groups[train]).score(latent[~train], groups[~train])
