@@ -7,10 +7,10 @@ against umap-learn (default settings, `random_state=0`) on the same corrected em
 scib-metrics totals of the corrected embedding and of scanpy (normalise, log1p, PCA 50) + harmonypy, in one
 Benchmarker call. Reference: scanpy's Leiden at resolution 1.0 on its PCA (0.507 in the issue).
 
-    python benchmarks/bench_quality.py --seeds 0 1 2 3 4 [--scib] [--from-dirs DIR ...]
+    python benchmarks/bench_quality.py --seeds 0 1 2 3 4 [--scib] [--from-dirs DIR ...] [--job-args "..."]
 
-`--from-dirs` scores finished job folders (named run<seed>) instead of running the job. Writes
-benchmarks/results/quality.json.
+`--from-dirs` scores finished job folders (named run<seed>) instead of running the job; `--job-args` adds
+options to each `diffbio-eqx run` (e.g. "--vae-epochs 200"). Writes benchmarks/results/quality.json.
 """
 
 import argparse
@@ -87,9 +87,12 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--scib", action="store_true", help="also the scib-metrics totals (slow)")
     parser.add_argument("--from-dirs", type=pathlib.Path, default=None, help="folder holding run<seed> job outputs")
+    parser.add_argument("--job-args", default="", help="more options for each diffbio-eqx run")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality.json")
+    parser.add_argument("--work", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality_runs",
+                        help="folder for the job outputs")
     arguments = parser.parse_args()
-    work = arguments.from_dirs or pathlib.Path(ROOT / "benchmarks" / "results" / "quality_runs")
+    work = arguments.from_dirs or arguments.work
     runs = {}
     for seed in arguments.seeds:
         folder = work / f"run{seed}"
@@ -97,7 +100,7 @@ def main() -> int:
         if arguments.from_dirs is None:
             started = time.perf_counter()
             subprocess.run([sys.executable, "-m", "diffbio_eqx.cli", "run", "--out", str(folder), "--seed",
-                            str(seed), "--quiet"], check=True)
+                            str(seed), "--quiet", *arguments.job_args.split()], check=True)
             seconds = time.perf_counter() - started
         runs[seed] = _score(folder, arguments.scib) | {"job_seconds": seconds}
         print(seed, runs[seed], flush=True)
@@ -107,6 +110,7 @@ def main() -> int:
                "umap_preservation_ratio_median": float(np.median(ratios)),
                "umap_preservation_ratio_min": float(np.min(ratios))}
     record = {"benchmark": "quality", "dataset": "pbmc68k_reduced, simulated two-batch split (the job's default)",
+              "job_args": arguments.job_args,
               "environment": environment("scanpy", "umap-learn", "harmonypy", "scib-metrics"),
               "runs": runs, "summary": summary}
     arguments.out.write_text(json.dumps(record, indent=1, default=float))

@@ -1,0 +1,124 @@
+"""Choose the main job's integration settings on simulated data, never on pbmc68k's labels (issue 24, part 3).
+
+Simulated counts shaped like pbmc68k_reduced (700 cells x 765 genes, 10 unbalanced groups, two batches with
+Splatter's batch factors) are fitted with the job's settings (`diffbio_eqx._job._settings`: latent 10, one hidden
+layer of 128, Harmony's own K, scVI's epoch heuristic capped at 100) and with one change at a time: latent size,
+Harmony's theta, VAE epochs and the KL warm-up. UMAP and clustering are off: they do not touch the corrected
+embedding. Each seed's embeddings, and scanpy + harmonypy on the same counts, are scored in one scib-metrics
+Benchmarker call (label key: the simulated groups).
+
+    python benchmarks/select_integration_settings.py --seeds 0 1 [--candidates base latent_30 ...]
+
+Writes benchmarks/results/integration_settings.json: per seed and candidate, the scib totals, and per candidate
+the mean total minus harmonypy's.
+"""
+
+import argparse
+import json
+import pathlib
+import time
+import warnings
+
+import numpy as np
+from _common import ROOT, environment
+
+
+# One change at a time from the job's settings; each entry: (config changes, fit_pipeline setting changes).
+CANDIDATES: dict[str, tuple[dict, dict]] = {
+    "base": ({}, {}),
+    "latent_20": ({"latent_dim": 20}, {}),
+    "latent_30": ({"latent_dim": 30}, {}),
+    "theta_1": ({"harmony_theta": 1.0}, {}),
+    "theta_4": ({"harmony_theta": 4.0}, {}),
+    "classic": ({"harmony_preset": "classic"}, {}),
+    "epochs_200": ({}, {"vae_epochs": 200}),
+    "epochs_50": ({}, {"vae_epochs": 50}),
+    "epochs_400": ({}, {"vae_epochs": 400}),  # scVI's heuristic uncapped (700 cells)
+}
+
+
+def simulated(seed: int):
+    import anndata as ad
+    import jax.random as jr
+    import pandas as pd
+
+    import diffbio_eqx as dbx
+
+    sim = dbx.simulate(jr.key(seed), n_cells=700, n_genes=765, n_groups=10, n_batches=2, contamination=0.05,
+                       batch_fac_scale=0.3)
+    groups = np.asarray(sim.groups)
+    adata = ad.AnnData(np.asarray(sim.counts, np.float32),
+                       obs=pd.DataFrame({"batch": [f"batch{b}" for b in np.asarray(sim.batches)],
+                                         "group": pd.Categorical([f"g{g}" for g in groups])}))
+    adata.obs_names = [f"cell{i}" for i in range(adata.n_obs)]
+    adata.var_names = [f"gene{j}" for j in range(adata.n_vars)]
+    return adata
+
+
+def corrected_embedding(adata, config_changes: dict, fit_changes: dict, seed: int) -> np.ndarray:
+    import jax.random as jr
+
+    import diffbio_eqx as dbx
+    from diffbio_eqx import _job, io
+
+    arrays = io.from_anndata(adata, batch_key="batch")
+    config, _ = _job._settings(adata, arrays, None)
+    config = config.replace(enable_dim_reduction=False, enable_clustering=False, **config_changes)
+    epochs, _ = _job._epochs(adata.n_obs, dict(fit_changes))
+    annotated, _ = dbx.fit_anndata(adata, batch_key="batch", key=jr.key(seed), config=config, progress=False,
+                                   **epochs)
+    return np.asarray(annotated.obsm["X_diffbio_corrected"], np.float32)
+
+
+def score(adata, embeddings: dict[str, np.ndarray], label_key: str) -> dict[str, dict[str, float]]:
+    from bench_quality import _scanpy_baseline
+    from scib_metrics.benchmark import Benchmarker
+
+    baseline = _scanpy_baseline(adata)
+    for name, embedding in embeddings.items():
+        baseline.obsm[name] = embedding
+    bench = Benchmarker(baseline, batch_key="batch", label_key=label_key,
+                        embedding_obsm_keys=["X_harmony", *embeddings], pre_integrated_embedding_obsm_key="X_pca",
+                        n_jobs=1)
+    bench.benchmark()
+    results = bench.get_results(min_max_scale=False)
+    return {name: {row: float(results.loc[name, row]) for row in ("Total", "Batch correction", "Bio conservation")}
+            for name in ["X_harmony", *embeddings]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--out", type=pathlib.Path,
+                        default=ROOT / "benchmarks" / "results" / "integration_settings.json")
+    arguments = parser.parse_args()
+    runs = {}
+    for seed in arguments.seeds:
+        adata = simulated(seed)
+        embeddings, seconds = {}, {}
+        for name in arguments.candidates:
+            started = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                embeddings[name] = corrected_embedding(adata, *CANDIDATES[name], seed=seed)
+            seconds[name] = time.perf_counter() - started
+            print(seed, name, f"{seconds[name]:.0f} s", flush=True)
+        runs[seed] = {"scores": score(adata, embeddings, "group"), "fit_seconds": seconds}
+        print(seed, json.dumps(runs[seed]["scores"]), flush=True)
+    gain = {name: float(np.mean([run["scores"][name]["Total"] - run["scores"]["X_harmony"]["Total"]
+                                 for run in runs.values()])) for name in arguments.candidates}
+    record = {"benchmark": "integration settings on simulated data (issue 24 part 3)",
+              "data": "dbx.simulate: 700 cells x 765 genes, 10 groups, 2 batches, batch_fac_scale 0.3, "
+                      "contamination 0.05",
+              "candidates": {name: {"config": CANDIDATES[name][0], "fit": CANDIDATES[name][1]}
+                             for name in arguments.candidates},
+              "environment": environment("scanpy", "harmonypy", "scib-metrics"),
+              "runs": runs, "mean_total_minus_harmonypy": gain}
+    arguments.out.write_text(json.dumps(record, indent=1))
+    print(json.dumps(gain, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
