@@ -103,6 +103,7 @@ from ._imputation import (
 from ._integration import (
     AdversarialFit as AdversarialFit,
     BatchCritic as BatchCritic,
+    CriticSettings as CriticSettings,
     MMDVAELoss as MMDVAELoss,
     batch_mmd_penalty as batch_mmd_penalty,
     corrected_expression as corrected_expression,

@@ -351,16 +351,14 @@ def run_job(
     epochs: dict[str, int] | None = None,
     inputs: InputSettings | None = None,
     steps: JobSteps | None = None,
-    batch_correction: str | None = None,
 ) -> JobResult:
     """Train the pipeline on a dataset and write `result.h5ad`, `umap.png`, `training.png`, `report.md` and
     `pipeline.eqx` into `out_dir`. Without `input_path`, runs on `datasets.pbmc68k()` with a simulated two-batch
     split. `inputs` says where the counts and gene names are (`InputSettings`; default: counts in `X`, genes
     `var_names`); a matrix that does not hold counts is refused before anything is written. Nothing is written
     next to the input, and the input is never modified. `steps` (`JobSteps`): a doublet filter before the
-    pipeline, MAGIC imputation, annotation from a labelled reference (whose labels are `label_key`).
-    `batch_correction` (`"harmony"`, `"mmd"`, `"adversarial"` or `"none"`; None: the config's) chooses the batch
-    corrector over the config file's."""
+    pipeline, MAGIC imputation, annotation from a labelled reference (whose labels are `label_key`), and the
+    batch corrector over the config's."""
     target = _check_output(out_dir, input_path)
     steps = steps or JobSteps()
     annotator = check_steps(steps, label_key)  # settings, reference and markers: before the cells are read
@@ -371,6 +369,7 @@ def run_job(
     adata, arrays, batch_key, label_key, labels = (loaded.adata, loaded.arrays, loaded.batch_key, loaded.label_key,
                                                    loaded.labels)
     config, config_notes = _settings(adata, arrays, config_path)
+    batch_correction = steps.batch_correction
     if batch_correction is not None:  # --batch-correction overrides the config file
         if batch_correction not in ("harmony", "mmd", "adversarial", "none"):
             raise ValueError(f"batch_correction: must be 'harmony', 'mmd', 'adversarial' or 'none', "

@@ -49,6 +49,8 @@ class JobSteps:
     - `annotation_mode`: `"celltypist"` (the default with a reference), `"scanvi"` or `"cellassign"`.
     - `markers`: for `"cellassign"`: a CSV (marker genes x cell types, 0/1) or JSON (`{type: [genes]}`) file.
     - `solo_epochs`: the most epochs of Solo's classifier (default: SOLO's 400, with early stopping).
+    - `batch_correction`: `"harmony"`, `"mmd"`, `"adversarial"` or `"none"` (`--batch-correction`); None: the
+      config's `batch_correction` (default `"harmony"`).
     """
 
     doublets: str | None = None
@@ -57,6 +59,7 @@ class JobSteps:
     annotation_mode: str | None = None
     markers: str | os.PathLike[str] | None = None
     solo_epochs: int | None = None
+    batch_correction: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

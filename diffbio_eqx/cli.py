@@ -41,10 +41,10 @@ def _run(arguments: argparse.Namespace) -> int:
     result = run_job(
         arguments.input, batch_key=arguments.batch_key, label_key=arguments.label_key, out_dir=arguments.out,
         config_path=arguments.config, seed=arguments.seed, progress=not arguments.quiet, epochs=epochs,
-        inputs=inputs, batch_correction=arguments.batch_correction,
+        inputs=inputs,
         steps=JobSteps(doublets=arguments.doublets, impute=arguments.impute, reference=arguments.reference,
                        annotation_mode=arguments.annotation_mode, markers=arguments.markers,
-                       solo_epochs=arguments.solo_epochs),
+                       solo_epochs=arguments.solo_epochs, batch_correction=arguments.batch_correction),
     )
     print(f"diffbio-eqx: results in {result.out_dir.resolve()}")
     for name, path in result.files.items():

@@ -1031,7 +1031,7 @@ def integrate(
     - `"mmd"`: scVI's VAE trained on the counts with trVAE's MMD penalty between every pair of batches
       (`fit_mmd_vae`); `fit_settings` go to it (`beta=`, `mmd_on=`, `settings=TrainSettings(...)`, ...).
     - `"adversarial"`: the VAE trained against a WGAN-GP batch critic on its latent (`fit_adversarial_vae`;
-      `adversarial_weight=`, `n_critic=`, ...).
+      `adversarial_weight=`, `critic=CriticSettings(...)`, ...).
 
     For the trained correctors the corrected embedding is the latent (posterior means), and
     `layers["diffbio_corrected"]` holds every cell's expression decoded into `reference_batch` (a category of

@@ -10,7 +10,13 @@ import pytest
 from jax.test_util import check_grads
 
 from diffbio_eqx._core._train import TrainSettings
-from diffbio_eqx._integration._adversarial import BatchCritic, batch_wasserstein, fit_adversarial_vae, gradient_penalty
+from diffbio_eqx._integration._adversarial import (
+    BatchCritic,
+    CriticSettings,
+    batch_wasserstein,
+    fit_adversarial_vae,
+    gradient_penalty,
+)
 from diffbio_eqx._integration._common import corrected_expression
 from diffbio_eqx._integration._mmd import (
     TRVAE_BANDWIDTHS,
@@ -181,7 +187,7 @@ def test_adversarial_training_is_stable_over_twenty_keys(shifted):
     for seed in range(20):
         fitted = fit_adversarial_vae(_vae(40, jr.key(seed)), counts, labels, key=jr.key(100 + seed),
                                      settings=settings, adversarial_weight=10.0, n_epochs_adversarial_warmup=0,
-                                     n_critic=2)
+                                     critic=CriticSettings(n_critic=2))
         aux = {name: np.asarray(values) for name, values in fitted.fit.train_aux.items()}
         finite &= bool(np.all(np.isfinite(np.asarray(fitted.fit.train_loss))))
         finite &= all(bool(np.all(np.isfinite(values))) for values in aux.values())
@@ -202,7 +208,7 @@ def test_bad_input_names_the_field(shifted):
     with pytest.raises(ValueError, match="beta"):
         fit_mmd_vae(_vae(40, jr.key(0)), counts, labels, key=jr.key(0), beta=-1.0)
     with pytest.raises(ValueError, match="n_critic"):
-        fit_adversarial_vae(_vae(40, jr.key(0)), counts, labels, key=jr.key(0), n_critic=0)
+        fit_adversarial_vae(_vae(40, jr.key(0)), counts, labels, key=jr.key(0), critic=CriticSettings(n_critic=0))
     with pytest.raises(ValueError, match="reference_batch"):
         corrected_expression(_vae(40, jr.key(0)), counts, labels, reference_batch=2)
 

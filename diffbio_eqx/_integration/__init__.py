@@ -3,6 +3,7 @@
 from ._adversarial import (
     AdversarialFit as AdversarialFit,
     BatchCritic as BatchCritic,
+    CriticSettings as CriticSettings,
     batch_wasserstein as batch_wasserstein,
     fit_adversarial_vae as fit_adversarial_vae,
     gradient_penalty as gradient_penalty,

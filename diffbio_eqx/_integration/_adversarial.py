@@ -25,6 +25,7 @@ gradient pulls back $\\partial \\mathcal{L}_{VAE} / \\partial z$ under the *upda
 forward pass. So critic and encoder alternate, without a second encoder pass.
 """
 
+import dataclasses
 import math
 import sys
 from typing import Any
@@ -222,6 +223,29 @@ class AdversarialFit(eqx.Module):
 _CRITIC_OPTIMIZER = optax.inject_hyperparams(optax.adam, hyperparam_dtype=jnp.float32)(1e-3, b1=0.5, b2=0.9)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CriticSettings:
+    """The critic of `fit_adversarial_vae`.
+
+    - `penalty_weight`: the gradient penalty's $\\lambda$ (Gulrajani et al.: 10).
+    - `n_critic`: critic steps per VAE step (Gulrajani et al.: 5).
+    - `hidden_dims`: the critic's hidden layers.
+    - `learning_rate`: its Adam step (Adam with $\\beta = (0.5, 0.9)$).
+    """
+
+    penalty_weight: float = 10.0
+    n_critic: int = 5
+    hidden_dims: tuple[int, ...] = (64, 64)
+    learning_rate: float = 1e-3
+
+    def __post_init__(self):
+        if not (isinstance(self.n_critic, int) and self.n_critic >= 1):
+            raise ValueError(f"n_critic: must be an integer >= 1, got {self.n_critic!r}")
+        for name in ("penalty_weight", "learning_rate"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+
+
 def fit_adversarial_vae(
     vae: VAENormalizer,
     counts: Any,
@@ -231,10 +255,7 @@ def fit_adversarial_vae(
     settings: TrainSettings | None = None,
     adversarial_weight: float = 1.0,
     n_epochs_adversarial_warmup: int | None = None,
-    penalty_weight: float = 10.0,
-    n_critic: int = 5,
-    critic_hidden_dims: tuple[int, ...] = (64, 64),
-    critic_learning_rate: float = 1e-3,
+    critic: CriticSettings = CriticSettings(),
     n_epochs_kl_warmup: int | None = None,
 ) -> AdversarialFit:
     """Train a `VAENormalizer` against a batch critic with a gradient penalty (see the module docstring).
@@ -245,24 +266,17 @@ def fit_adversarial_vae(
     - `counts`: `(n_cells, n_genes)` raw counts, dense or SciPy sparse.
     - `batch_labels`: `(n_cells,)` integer batch codes.
     - `key`: PRNG key (critic initialisation, minibatches, posterior draws). (Keyword only argument.)
-    - `settings`: `TrainSettings`: `n_epochs`, `batch_size`, `optimizer` and `hyperparameters` apply, with
-      `fit_vae`'s defaults; every cell trains (no validation split, checkpoints or devices).
+    - `settings`: `TrainSettings`: `n_epochs`, `batch_size`, `optimizer`, `hyperparameters` and `progress` apply,
+      with `fit_vae`'s defaults; every cell trains (no validation split, checkpoints or devices).
     - `adversarial_weight`: the encoder's adversarial weight $w$ once warmed up.
     - `n_epochs_adversarial_warmup`: $w_t$ rises linearly from 0 over these epochs (None: a quarter of the run).
-    - `penalty_weight`: the gradient penalty's $\\lambda$ (Gulrajani et al.: 10).
-    - `n_critic`: critic steps per VAE step (Gulrajani et al.: 5).
-    - `critic_hidden_dims`, `critic_learning_rate`: the critic's layers and Adam step (Adam with
-      $\\beta = (0.5, 0.9)$).
+    - `critic`: the critic's `CriticSettings` (gradient penalty, steps per VAE step, layers, learning rate).
     - `n_epochs_kl_warmup`: as `fit_vae`'s.
 
     **Returns:** an `AdversarialFit`.
     """
-    if n_critic < 1:
-        raise ValueError(f"n_critic: must be >= 1, got {n_critic}")
-    for name, value in (("adversarial_weight", adversarial_weight), ("penalty_weight", penalty_weight),
-                        ("critic_learning_rate", critic_learning_rate)):
-        if not value >= 0:
-            raise ValueError(f"{name}: must be >= 0, got {value}")
+    if not adversarial_weight >= 0:
+        raise ValueError(f"adversarial_weight: must be >= 0, got {adversarial_weight}")
     data, settings = prepare_training(vae, counts, batch_labels, settings, "adversarial VAE")
     for name in ("checkpoint_path", "devices"):
         if getattr(settings, name) is not None:
@@ -272,40 +286,28 @@ def fit_adversarial_vae(
     kl_warmup = min(400, n_epochs) if n_epochs_kl_warmup is None else int(n_epochs_kl_warmup)
     adv_warmup = max(1, n_epochs // 4) if n_epochs_adversarial_warmup is None else int(n_epochs_adversarial_warmup)
     init_key, loop_key = jr.split(key)
-    critic = BatchCritic(vae.latent_dim, vae.n_batches, hidden_dims=critic_hidden_dims, dtype=vae.dtype,
-                         key=init_key)
+    model = BatchCritic(vae.latent_dim, vae.n_batches, hidden_dims=critic.hidden_dims, dtype=vae.dtype, key=init_key)
     params, static = eqx.partition(vae, vae_trainable(vae))
-    critic_params, critic_static = eqx.partition(critic, eqx.is_inexact_array)
+    critic_params, critic_static = eqx.partition(model, eqx.is_inexact_array)
     opt_state = settings.optimizer.init(params)
     if settings.hyperparameters:
         opt_state = set_hyperparameters(opt_state, settings.hyperparameters)
     critic_opt_state = set_hyperparameters(_CRITIC_OPTIMIZER.init(critic_params),
-                                           {"learning_rate": critic_learning_rate})
+                                           {"learning_rate": critic.learning_rate})
     arrays = tuple(to_device_rows(d) for d in data)
     n_rows = int(arrays[0].shape[0])
     batch_size = min(settings.batch_size, n_rows)
     steps = _AdversarialSteps(settings.optimizer, _CRITIC_OPTIMIZER, math.ceil(n_rows / batch_size), batch_size,
-                              int(n_critic))
+                              int(critic.n_critic))
     state = _AdversarialState(params, critic_params, opt_state, critic_opt_state)
-    train_loss = np.full(n_epochs, np.nan)
-    train_aux: dict[str, np.ndarray] = {}
-    every = max(1, math.ceil(n_epochs / 10))
-    for epoch in range(n_epochs):
-        context = {
-            "kl_weight": jnp.asarray(kl_warmup_weight(epoch, kl_warmup), vae.dtype),
-            "adversarial_weight": jnp.asarray(linear_warmup(epoch, adv_warmup, adversarial_weight), vae.dtype),
-            "penalty_weight": jnp.asarray(penalty_weight, vae.dtype),
-        }
-        state, loss, aux = _adversarial_epoch(state, static, critic_static, arrays, context,
-                                              jr.fold_in(loop_key, epoch), steps=steps)
-        train_loss[epoch] = float(loss)
-        for name, value in aux.items():
-            train_aux.setdefault(name, np.full(n_epochs, np.nan))[epoch] = float(value)
-        if not np.isfinite(train_loss[epoch]):
-            raise FloatingPointError(f"{settings.description}: the training loss became non-finite at epoch {epoch}")
-        if settings.progress and ((epoch + 1) % every == 0 or epoch + 1 == n_epochs):
-            print(f"{settings.description}: epoch {epoch + 1}/{n_epochs}, loss {train_loss[epoch]:.4g}, "
-                  f"critic {train_aux['critic_loss'][epoch]:.4g}", file=sys.stderr, flush=True)
+
+    def context(epoch: int) -> dict[str, Array]:
+        return {"kl_weight": jnp.asarray(kl_warmup_weight(epoch, kl_warmup), vae.dtype),
+                "adversarial_weight": jnp.asarray(linear_warmup(epoch, adv_warmup, adversarial_weight), vae.dtype),
+                "penalty_weight": jnp.asarray(critic.penalty_weight, vae.dtype)}
+
+    state, train_loss, train_aux = _run_adversarial_epochs(state, (static, critic_static), arrays, context,
+                                                           loop_key, steps, settings)
     result = FitResult(
         model=eqx.combine(state.params, static),
         train_loss=jnp.asarray(train_loss),
@@ -317,3 +319,26 @@ def fit_adversarial_vae(
     )
     return AdversarialFit(result, eqx.combine(state.critic_params, critic_static))
 
+
+def _run_adversarial_epochs(
+    state: _AdversarialState, statics: tuple[PyTree, PyTree], arrays: tuple[DeviceRows, ...],
+    context: Any, key: PRNGKeyArray, steps: _AdversarialSteps, settings: TrainSettings,
+) -> tuple[_AdversarialState, np.ndarray, dict[str, np.ndarray]]:
+    """The epoch loop: epoch `e` draws from `fold_in(key, e)`; a plain progress line about every tenth epoch."""
+    assert settings.n_epochs is not None
+    n_epochs = settings.n_epochs
+    train_loss = np.full(n_epochs, np.nan)
+    train_aux: dict[str, np.ndarray] = {}
+    every = max(1, math.ceil(n_epochs / 10))
+    for epoch in range(n_epochs):
+        state, loss, aux = _adversarial_epoch(state, *statics, arrays, context(epoch), jr.fold_in(key, epoch),
+                                              steps=steps)
+        train_loss[epoch] = float(loss)
+        for name, value in aux.items():
+            train_aux.setdefault(name, np.full(n_epochs, np.nan))[epoch] = float(value)
+        if not np.isfinite(train_loss[epoch]):
+            raise FloatingPointError(f"{settings.description}: the training loss became non-finite at epoch {epoch}")
+        if settings.progress and ((epoch + 1) % every == 0 or epoch + 1 == n_epochs):
+            print(f"{settings.description}: epoch {epoch + 1}/{n_epochs}, loss {train_loss[epoch]:.4g}, "
+                  f"critic {train_aux['critic_loss'][epoch]:.4g}", file=sys.stderr, flush=True)
+    return state, train_loss, train_aux
