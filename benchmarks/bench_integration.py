@@ -208,6 +208,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="only the 3-batch simulation, no pbmc68k")
+    parser.add_argument("--sets", nargs="+", choices=("sim3", "sim6", "pbmc"), default=None,
+                        help="the data sets to run (default: all three; --quick: sim3)")
     parser.add_argument("--mmd-beta", type=float, default=1.0)
     parser.add_argument("--mmd-on", default="latent")
     parser.add_argument("--adversarial-weight", type=float, default=1.0)
@@ -215,9 +217,11 @@ def main() -> int:
     arguments = parser.parse_args()
     options = {"mmd": {"beta": arguments.mmd_beta, "mmd_on": arguments.mmd_on},
                "adversarial": {"adversarial_weight": arguments.adversarial_weight}}
-    sets = [simulated(3, arguments.cells, arguments.genes, arguments.seed)]
-    if not arguments.quick:
-        sets += [simulated(6, arguments.cells, arguments.genes, arguments.seed), pbmc(arguments.seed)]
+    chosen = arguments.sets or (["sim3"] if arguments.quick else ["sim3", "sim6", "pbmc"])
+    makers = {"sim3": lambda: simulated(3, arguments.cells, arguments.genes, arguments.seed),
+              "sim6": lambda: simulated(6, arguments.cells, arguments.genes, arguments.seed),
+              "pbmc": lambda: pbmc(arguments.seed)}
+    sets = [makers[name]() for name in chosen]
     results = {}
     for data in sets:
         started = time.perf_counter()
