@@ -212,9 +212,11 @@ def test_self_first_repairs_rows():
 
 def test_auto_picks_the_backend_by_size_and_device(monkeypatch):
     small, large = _neighbors.EXACT_MAX_CELLS - 1, _neighbors.EXACT_MAX_CELLS
+    huge = _neighbors.PYNNDESCENT_MIN_CELLS
     assert _neighbors.select_neighbor_method(small, backend="gpu") == "exact"
-    assert _neighbors.select_neighbor_method(large, backend="cpu") == "pynndescent"
-    assert _neighbors.select_neighbor_method(large, backend="cpu", traced=True) == "exact"
+    assert _neighbors.select_neighbor_method(huge - 1, backend="cpu") == "exact"
+    assert _neighbors.select_neighbor_method(huge, backend="cpu") == "pynndescent"
+    assert _neighbors.select_neighbor_method(huge, backend="cpu", traced=True) == "exact"
     for accelerator in ("gpu", "tpu"):
         assert _neighbors.select_neighbor_method(large, backend=accelerator) == "approx_top_k"
         assert _neighbors.select_neighbor_method(large, backend=accelerator, traced=True) == "approx_top_k"
@@ -227,6 +229,7 @@ def test_auto_picks_the_backend_by_size_and_device(monkeypatch):
 
     monkeypatch.setattr(_neighbors, "pynndescent_knn", spy)
     monkeypatch.setattr(_neighbors, "EXACT_MAX_CELLS", 100)
+    monkeypatch.setattr(_neighbors, "PYNNDESCENT_MIN_CELLS", 110)
     x = _data(9, n_cells=120)
     expected = "approx_top_k" if jax.default_backend() in ("gpu", "tpu") else "pynndescent"
     assert _neighbors.select_neighbor_method(120) == expected

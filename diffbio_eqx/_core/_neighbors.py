@@ -21,7 +21,9 @@ give identical graphs:
   top-k: the accelerators' approximate top-k (fast on TPU; XLA lowers it to an exact top-k on CPU and GPU), so it
   jits and stays on the device.
 
-`"auto"` (the default) picks by size and device (`select_neighbor_method`).
+`"auto"` (the default) picks by size and device (`select_neighbor_method`): exact below 8,192 cells, then
+approximate top-k on GPU/TPU; on CPU exact up to 100,000 cells (pynndescent's per-process numba compile costs
+more below that), pynndescent above.
 
 The connectivities are scanpy's default (`scanpy.pp.neighbors(method="umap")` writes them as
 `obsp["connectivities"]`); the numerics follow umap-learn 0.5 (`umap/umap_.py`: `smooth_knn_dist`,
@@ -48,6 +50,12 @@ NEIGHBOR_METHODS = ("auto", "exact", "pynndescent", "approx_top_k")
 
 #: `method="auto"` searches exactly below this many cells (scanpy's cut for Euclidean kNN: `n_obs < 8192`).
 EXACT_MAX_CELLS = 8192
+
+#: On CPU, `method="auto"` keeps the exact search up to this many cells and uses pynndescent from here on:
+#: pynndescent's numba code compiles on its first call in every process (45-60 s on a 2-core machine; numba's disk
+#: cache keeps only part of it), which the exact search repays only around 100k cells (exact 50k: ~8 s, 100k:
+#: ~55 s; pynndescent 50k: ~5 s, 100k: ~12 s, each plus that compile).
+PYNNDESCENT_MIN_CELLS = 100_000
 
 #: `jax.lax.approx_max_k`'s recall target for `method="approx_top_k"` (JAX's default).
 APPROX_RECALL_TARGET = 0.95
@@ -397,8 +405,10 @@ def select_neighbor_method(n_cells: int, *, backend: str | None = None, traced: 
     - `"exact"` below `EXACT_MAX_CELLS` (8,192) cells, as scanpy (brute force is both exact and quick there);
     - above it, `"approx_top_k"` on an accelerator (`backend` `"gpu"`, `"cuda"`, `"rocm"` or `"tpu"`), where the
       blocked search runs at the chip's matmul speed and stays on the device;
-    - `"pynndescent"` on CPU, unless the cells are a JAX tracer (`traced`: the caller is inside `jit`, and
-      pynndescent needs host arrays), where `"exact"` is the only choice.
+    - on CPU, `"exact"` below `PYNNDESCENT_MIN_CELLS` (100,000: pynndescent's numba compile, paid on its first
+      call in every process, outweighs the quadratic search below that) and `"pynndescent"` from there on,
+      unless the cells are a JAX tracer (`traced`: the caller is inside `jit`, and pynndescent needs host
+      arrays), where `"exact"` is the only choice.
 
     **Arguments:**
 
@@ -411,7 +421,7 @@ def select_neighbor_method(n_cells: int, *, backend: str | None = None, traced: 
     backend = jax.default_backend() if backend is None else backend
     if backend in ("gpu", "cuda", "rocm", "tpu"):
         return "approx_top_k"
-    return "exact" if traced else "pynndescent"
+    return "exact" if traced or n_cells < PYNNDESCENT_MIN_CELLS else "pynndescent"
 
 
 def pynndescent_settings(n_cells: int) -> dict[str, int]:
@@ -482,7 +492,7 @@ def neighbor_graph(
     - `n_neighbors`: `k` (static), counting the cell itself, in `[2, n_cells - 1]` (scanpy's default 15).
     - `method`: the kNN backend (Keyword only argument.):
         - `"auto"` (default): `select_neighbor_method`: exact below 8,192 cells, then `"approx_top_k"` on a GPU or
-          TPU and `"pynndescent"` on CPU (`"exact"` when `x` is traced on CPU);
+          TPU; on CPU exact up to 100,000 cells and `"pynndescent"` above (`"exact"` when `x` is traced);
         - `"exact"`: blocked brute force (`exact_knn`) under one jit;
         - `"pynndescent"`: NN-descent on the host with umap-learn's settings (`pynndescent_knn`), outside jit;
           needs a concrete `x`;

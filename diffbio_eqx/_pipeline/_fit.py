@@ -52,8 +52,8 @@ class FitSettings:
       default keeps 0.99x).
     - `umap_max_cells` (None): build the UMAP graph on at most this many cells drawn at random (the trained
       encoder still embeds every cell). None, the default: all cells, the kNN backend chosen by size and device
-      (`neighbor_graph(method="auto")`: exact below 8,192 cells, then pynndescent on CPU, approximate top-k on
-      GPU/TPU).
+      (`neighbor_graph(method="auto")`: exact below 8,192 cells, then approximate top-k on GPU/TPU; on CPU exact
+      up to 100,000 cells, pynndescent above).
     - `clustering_iterations` (100): EM steps of the Gaussian mixture (soft k-means iterations after k-means++).
     - `fine_tune_epochs` (0): epochs of end-to-end training on `pipeline_loss` after the stages.
     - `fine_tune_weights` (None): the `PipelineLossWeights` of the end-to-end loss (default weights if None).
@@ -480,8 +480,9 @@ def fit_pipeline(
        supervised cell-type cross-entropy when `cell_type_labels` are given and `fine_tune_weights.supervised`
        is non-zero), after which Harmony and the clustering are refitted on the new latent.
     6. The parametric UMAP encoder on the corrected latent: its fuzzy graph is built on every cell (exact kNN
-       below 8,192 cells, approximate above: pynndescent on CPU, approximate top-k on GPU/TPU), or on at most
-       `umap_max_cells` drawn at random when that is set, and the trained encoder embeds every cell.
+       up to 100,000 cells on CPU and 8,192 on GPU/TPU, approximate above: pynndescent on CPU, approximate top-k
+       on GPU/TPU), or on at most `umap_max_cells` drawn at random when that is set, and the trained encoder
+       embeds every cell.
 
     **Arguments:**
 
