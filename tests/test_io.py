@@ -19,13 +19,15 @@ def _adata(n_cells=6, n_genes=4, sparse=True):
 
 def test_from_anndata_keeps_sparse_and_codes_batches():
     adata = _adata()
+    before = adata.X.copy()
     arrays = io.from_anndata(adata, batch_key="sample")
     assert sp.issparse(arrays.counts)
     np.testing.assert_array_equal(arrays.counts.toarray(), adata.X.toarray())
     assert arrays.batch_categories == ("a", "b", "c")
     np.testing.assert_array_equal(arrays.batch_labels, [1, 0, 1, 2, 0, 1])
     assert arrays.n_batches == 3
-    assert arrays.counts is not adata.X
+    # A float32 CSR X may be shared rather than copied (issue 23: no copy of a canonical matrix); it is not modified.
+    np.testing.assert_array_equal(adata.X.toarray(), before.toarray())
 
 
 def test_from_anndata_reads_a_layer():
@@ -124,16 +126,32 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
 
 
 def test_unwritable_or_missing_output_folder(tmp_path):
+    """Outputs that cannot be written fail with a clear message and leave everything as it was, for root too (CI
+    runs as root, and root ignores permission bits, so the cases below are ones no user can write)."""
     with pytest.raises(ValueError, match="output: folder .* does not exist"):
         io.write_h5ad(_adata(), tmp_path / "nowhere" / "out.h5ad")
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(b"kept")
+    with pytest.raises(ValueError, match="output: folder .*a_file' does not exist"):  # its parent is a file
+        io.write_h5ad(_adata(), a_file / "out.h5ad")
+    folder = tmp_path / "out.h5ad"  # the target is a folder: no file can be renamed over it
+    folder.mkdir()
+    (folder / "inside").write_bytes(b"kept")
+    with pytest.raises(ValueError, match="output: .*out.h5ad' is a folder; give the path of a file"):
+        io.write_h5ad(_adata(), folder)
+    assert a_file.read_bytes() == b"kept" and (folder / "inside").read_bytes() == b"kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "out.h5ad"]  # no temporary left behind
+    # Permission bits: a read-only folder is refused by a user they bind; root may write there, and does.
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        if os.access(locked, os.W_OK):  # root ignores permissions
-            pytest.skip("running as a user who can write anywhere")
-        with pytest.raises(ValueError, match="output: folder .* is not writable"):
-            io.write_h5ad(_adata(), locked / "out.h5ad")
+        if os.access(locked, os.W_OK):
+            assert os.geteuid() == 0, "a writable 0o500 folder for a user other than root"
+            assert io.write_h5ad(_adata(), locked / "out.h5ad").is_file()
+        else:
+            with pytest.raises(ValueError, match="output: folder .* is not writable"):
+                io.write_h5ad(_adata(), locked / "out.h5ad")
     finally:
         locked.chmod(0o700)
 

@@ -46,6 +46,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
         raise ValueError(f"output: folder {str(directory)!r} does not exist")
     if not os.access(directory, os.W_OK):
         raise ValueError(f"output: folder {str(directory)!r} is not writable")
+    if target.is_dir():  # a file is never renamed over a folder, not even by root
+        raise ValueError(f"output: {str(target)!r} is a folder; give the path of a file to write")
     temporary = temporary_path(target)
     try:
         yield temporary
