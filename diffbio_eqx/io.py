@@ -265,6 +265,10 @@ def from_anndata(
     matrix, field, var_names = counts_matrix(adata, layer=layer, use_raw=use_raw)
     if _is_backed_matrix(matrix):  # a backed AnnData: read a block of rows at a time, kept sparse
         matrix = read_matrix_in_chunks(matrix)
+    elif sp.issparse(matrix) and not is_large(*matrix.shape):
+        # `check_counts` keeps a float32 CSR as it is; below the chunked size the counts are the caller's own copy
+        # (at scale they are shared with the AnnData, which nothing here writes into).
+        matrix = sp.csr_matrix(matrix, copy=True)
     genes = None if genes is None else [str(gene) for gene in genes]
     columns = None if genes is None else gene_columns(var_names, genes, owner=genes_owner)
     if columns is not None:
