@@ -27,9 +27,11 @@ lint: $(BIN)/python
 # training runs and the quality figures over several seeds; `make test-slow` runs only those; CI runs both.
 # One process per test file, two at a time: long-lived processes that compiled hundreds of XLA programs
 # occasionally segfaulted inside XLA compilation; a larger stack is cheap insurance for deep compiles. The
-# processes share one JAX compilation cache, emptied first so a run costs what it costs on a fresh machine.
+# processes share one JAX compilation cache (the command line's too, instead of the user's folder), emptied
+# first so a run costs what it costs on a fresh machine.
 TEST_CACHE := $(CURDIR)/.cache/jax-tests
 PYTEST := JAX_COMPILATION_CACHE_DIR=$(TEST_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.3 \
+	DIFFBIO_EQX_COMPILATION_CACHE=$(TEST_CACHE) \
 	$(BIN)/python -m pytest -q -rs -p no:cacheprovider $(PYTEST_ARGS)
 
 test: lint
