@@ -176,6 +176,7 @@ def approximate_graphs():
     return x, dx.neighbor_graph(x, 15, method="pynndescent"), dx.neighbor_graph(x, 15, method="exact")
 
 
+@pytest.mark.slow  # pynndescent's numba compile, about a minute (make test-slow)
 def test_pynndescent_recall_against_exact(approximate_graphs):
     x, approximate, exact = approximate_graphs
     indices = np.asarray(approximate.indices)
