@@ -310,7 +310,10 @@ def machines(records: dict) -> list[str]:
     seen = {}
     for stem, items in records.items():
         for _, rec in items:
-            for run in rec.get("runs", [rec]):
+            runs = rec.get("runs", [rec]) if isinstance(rec, dict) else []
+            for run in runs if isinstance(runs, list) else [rec]:
+                if not isinstance(run, dict):  # some records list run names or paths, not run records
+                    run = {}
                 env = run.get("environment") or rec.get("environment") or {}
                 if not env:
                     continue
