@@ -549,8 +549,13 @@ def test_default_data_contamination_level(level, with_empties):
     )
     print(f"default data {level} (empties {with_empties}): mean fraction {estimate:.4f} vs {truth:.4f}, "
           f"removed {removed:.4f}; k-means ARI raw {ari_raw:.3f} decontaminated {ari_clean:.3f}")
-    assert abs(estimate - truth) <= 0.03 or estimate <= 2 * truth, (estimate, truth)
     assert removed <= 2 * truth, (removed, truth)
-    if with_empties:  # CellBender's prior sets the level: within 0.04 of the truth
-        assert abs(estimate - truth) <= 0.04, (estimate, truth)
     assert ari_clean >= ari_raw - 0.05, (ari_raw, ari_clean)
+    if with_empties:
+        # CellBender's prior from the empty droplets sets the level, so removal is expected: measured fraction
+        # 0.039 / 0.091 and removed 0.036 / 0.083 of the counts for a truth of 0.050 / 0.100 (0.72x / 0.83x).
+        assert abs(estimate - truth) <= 0.04, (estimate, truth)
+        assert removed >= 0.6 * truth, (removed, truth)
+    # Without empty droplets the fraction's prior has its mode at 0 (see `AmbientRemoval`) and this data does not
+    # move it (measured fraction 0.0004 / 0.0003, removed 0.0003 of the counts): no removal is expected there, so
+    # that case tests only over-removal and clustering, and the lower bounds are the empties case's.
