@@ -50,6 +50,7 @@ from sklearn.metrics import accuracy_score, adjusted_rand_score, f1_score, norma
 from sklearn.neighbors import NearestNeighbors
 
 import diffbio_eqx as dbx
+from diffbio_eqx._core._train import TrainSettings
 from diffbio_eqx._pipeline._supervised import GatedClassifier, fit_gated_classifier
 from diffbio_eqx._pipeline._sweep import _sweep_compiled
 
@@ -208,7 +209,8 @@ def run_split(data: dict, split: int, epochs: dict, verbose: bool) -> dict:
         started = time.perf_counter()
         model = GatedClassifier(base.vae_normalizer, n_types, key=jr.fold_in(key, 7), gate=gate)
         fitted = fit_gated_classifier(model, data["counts"], data["batches"], np.where(train, labels, -1),
-                                      key=jr.fold_in(key, 8), n_epochs=epochs["fine_tune"],
+                                      key=jr.fold_in(key, 8),
+                                      settings=TrainSettings(n_epochs=epochs["fine_tune"], progress=False),
                                       supervised_weight=epochs["supervised_weight"])
         seconds = base_seconds + time.perf_counter() - started
         model = fitted.model

@@ -131,15 +131,16 @@ def gated_classifier_loss(model: GatedClassifier, batch: tuple[Array, Array, Arr
 
 def fit_gated_classifier(
     model: GatedClassifier, counts: Any, batch_labels: Any, cell_type_labels: Any, *, key: PRNGKeyArray,
-    n_epochs: int, learning_rate: float = 1e-3, batch_size: int = 128, supervised_weight: float = 10.0,
-    l0_weight: float = 1.0, progress: bool = False,
+    settings: TrainSettings, supervised_weight: float = 10.0, l0_weight: float = 1.0,
 ) -> FitResult:
-    """Train the gate, the VAE and the head together on `gated_classifier_loss` (labels of -1: unlabelled)."""
-    if not (isinstance(n_epochs, int) and n_epochs >= 1):
-        raise ValueError(f"n_epochs: must be a positive integer, got {n_epochs!r}")
+    """Train the gate, the VAE and the head together on `gated_classifier_loss` (labels of -1: unlabelled).
+
+    `settings` needs `n_epochs`; the rest defaults to the shared loop's (batch 128, learning rate 1e-3)."""
+    if not (isinstance(settings.n_epochs, int) and settings.n_epochs >= 1):
+        raise ValueError(f"settings.n_epochs: must be a positive integer, got {settings.n_epochs!r}")
     dtype = model.vae.dtype
-    settings = TrainSettings(n_epochs=n_epochs, batch_size=batch_size, progress=progress,
-                             hyperparameters={"learning_rate": learning_rate}, description="gated classifier")
+    settings = settings.filled(TrainSettings(batch_size=128, hyperparameters={"learning_rate": 1e-3},
+                                             description="gated classifier"))
     trainable = jax.tree_util.tree_map(eqx.is_inexact_array, model)
     trainable = eqx.tree_at(lambda m: m.vae.target_library_size, trainable, False)
     return fit(model, gated_classifier_loss,
