@@ -132,7 +132,10 @@ def test_training_recovers_groups_and_mixes_batches(trained):
     mixed = dbx.ilisi(indices, distances, data["batch_labels"])
     indices, distances = exact_knn(out["latent"], out["latent"], 45)
     before = dbx.ilisi(indices, distances, data["batch_labels"])
-    assert mixed >= before - 0.02
+    # Harmony must improve batch mixing, not merely keep it: the simulated batches scale every gene by
+    # exp(N(0, 0.15)), which the VAE latent keeps in part. Measured iLISI 0.845 -> 0.856 here (and 0.804 -> 0.887
+    # with batch_fac_scale=0.5).
+    assert mixed >= before + 0.005, (before, mixed)
     assert set(fitted.curves) >= {"ambient_removal", "vae_normalizer", "batch_correction", "dim_reduction"}
     assert fitted.curves["vae_normalizer"]["train"][-1] < fitted.curves["vae_normalizer"]["train"][0]
 
