@@ -79,6 +79,7 @@ def jobs(simulated, tmp_path_factory):
     return folder, widest
 
 
+@pytest.mark.slow  # two whole jobs through the chunked path (make test-slow)
 def test_backed_h5ad_runs_without_densifying(jobs):
     folder, widest = jobs
     # Nothing wider than a chunk of cells (CHUNK = 64 of the 300) is ever dense: reading, decontamination, the
@@ -94,6 +95,7 @@ def test_backed_h5ad_runs_without_densifying(jobs):
         assert (folder / "chunked" / name).is_file()
 
 
+@pytest.mark.slow  # two whole jobs through the chunked path (make test-slow)
 def test_sparse_chunked_job_equals_dense_whole_data_job(jobs):
     """Training on CSR (minibatches densified on the device, decontaminated counts kept sparse) equals training on
     the dense matrix; chunked inference with the stored Harmony reference equals the whole-data call."""
