@@ -30,7 +30,7 @@ lint: $(BIN)/python
 # processes share one JAX compilation cache (the command line's too, instead of the user's folder), emptied
 # first so a run costs what it costs on a fresh machine.
 TEST_CACHE := $(CURDIR)/.cache/jax-tests
-PYTEST := JAX_COMPILATION_CACHE_DIR=$(TEST_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.3 \
+PYTEST := env JAX_COMPILATION_CACHE_DIR=$(TEST_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.3 \
 	DIFFBIO_EQX_COMPILATION_CACHE=$(TEST_CACHE) \
 	$(BIN)/python -m pytest -q -rs -p no:cacheprovider $(PYTEST_ARGS)
 
