@@ -194,13 +194,11 @@ def test_supervised_fine_tuning_lowers_the_cell_type_loss():
     data, sim = _data(seed=6, n_cells=300, n_genes=60)
     pipeline = create_single_cell_pipeline(n_genes=60, n_clusters=4, n_batches=2, key=jr.key(7), **SMALL)
     groups = np.asarray(sim.groups)
-    base = fit_pipeline(pipeline, data, key=jr.key(8), **FAST_FIT)
     tuned = fit_pipeline(pipeline, data, key=jr.key(8), fine_tune_epochs=5, cell_type_labels=groups,
                          fine_tune_weights=PipelineLossWeights(supervised=10.0), **FAST_FIT)
     assert "end_to_end" in tuned.curves
     curve = tuned.curves["end_to_end"]["train"]
     assert np.all(np.isfinite(curve)) and curve[-1] < curve[0]
-    del base
 
 
 def test_vmapped_study_equals_the_loop(trained):
