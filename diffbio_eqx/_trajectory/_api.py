@@ -71,7 +71,7 @@ def fate_probabilities(
       cell's state and -1 for the others (see `find_terminal_states` to find them).
     - `pseudotime`: `(n_cells,)`; given, the transitions are CellRank's `PseudotimeKernel` (`scheme` "hard" or
       "soft"), else its `ConnectivityKernel`. (Keyword only argument.)
-    - `tol`: BiCGStab's relative residual tolerance (1e-6).
+    - `tol`: the relative tolerance on the preconditioned residual of the GMRES solves (1e-6, CellRank's).
 
     **Returns:** a `FateResult`. Raises a `ValueError` naming `terminal_states` when a state is not reachable or
     some cells reach none; warns when the graph is disconnected.
