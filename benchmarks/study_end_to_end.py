@@ -214,8 +214,8 @@ def run_split(data: dict, split: int, epochs: dict, verbose: bool) -> dict:
                                       supervised_weight=epochs["supervised_weight"])
         seconds = base_seconds + time.perf_counter() - started
         model = fitted.model
-        logits, (latent, _, _) = model.logits(jnp.asarray(data["counts"]), jnp.asarray(data["batches"]))
-        predicted = np.asarray(logits).argmax(1)
+        latent = model.latent(data["counts"], data["batches"])
+        predicted = np.asarray(model.predict(data["counts"], data["batches"]))
         results[name] = scores(predicted, predicted, np.asarray(latent), data, test, seconds)
         if gate:
             results[name]["open_gates"] = int(np.sum(np.asarray(model.gate()) > 0))

@@ -11,8 +11,15 @@ import pytest
 
 import diffbio_eqx as dbx
 from diffbio_eqx._clustering._mixture_stage import GaussianMixture
+from diffbio_eqx._core._train import TrainSettings
 from diffbio_eqx._pipeline._loss import cell_type_cross_entropy
-from diffbio_eqx._pipeline._supervised import SoftGeneGate, clustering_from_labels
+from diffbio_eqx._pipeline._supervised import (
+    GatedClassifier,
+    SoftGeneGate,
+    clustering_from_labels,
+    fit_gated_classifier,
+    gated_classifier_loss,
+)
 
 
 def test_unlabelled_cells_add_nothing_to_the_cross_entropy():
@@ -61,6 +68,29 @@ def test_hard_concrete_gate():
     assert np.all(np.asarray(closing.log_alpha) > 0)  # the L0 penalty pushes every log_alpha down
     with pytest.raises(ValueError, match="initial_open"):
         SoftGeneGate(5, initial_open=1.0)
+
+
+def test_gated_classifier_shares_the_vae_elbo_and_learns_the_labels():
+    """Without a gate the classifier's ELBO term is the VAE's own validation loss (one implementation of the
+    terms), its cross-entropy ignores unlabelled cells, and a short fit predicts held-out cells well."""
+    sim = dbx.simulate(jr.key(2), n_cells=300, n_genes=60, n_groups=3, n_batches=2, de_prob=0.3, lib_loc=7.0)
+    counts, batches, groups = (np.asarray(sim.counts, np.float32), np.asarray(sim.batches), np.asarray(sim.groups))
+    vae = dbx.VAENormalizer(60, latent_dim=5, n_batches=2, key=jr.key(3))
+    model = GatedClassifier(vae, 3, key=jr.key(4), gate=False)
+    batch = (jnp.asarray(counts), jnp.asarray(batches), jnp.full(300, -1))
+    loss, aux = gated_classifier_loss(model, batch, (jnp.asarray(10.0), jnp.asarray(1.0)), key=jr.key(5))  # type: ignore[arg-type]
+    _, vae_key = jr.split(jr.key(5))
+    _, vae_aux = vae.loss(batch[:2], key=vae_key, inference=True)
+    np.testing.assert_allclose(float(aux["elbo"]), -float(vae_aux["elbo"]), rtol=1e-5)
+    assert float(aux["cross_entropy"]) == 0.0 and float(aux["open_share"]) == 0.0
+    assert float(loss) == pytest.approx(float(aux["elbo"]))
+    train = np.random.default_rng(0).random(300) < 0.5
+    fitted = fit_gated_classifier(GatedClassifier(vae, 3, key=jr.key(4)), counts, batches,
+                                  np.where(train, groups, -1), key=jr.key(6),
+                                  settings=TrainSettings(n_epochs=100, batch_size=64, progress=False))
+    predicted = np.asarray(fitted.model.predict(counts, batches))
+    assert np.mean(predicted[~train] == groups[~train]) > 0.95  # logistic regression on log1p: 1.0
+    assert fitted.model.latent(counts, batches).shape == (300, 5)
 
 
 @pytest.mark.slow

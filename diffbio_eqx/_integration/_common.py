@@ -6,50 +6,26 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._core._distributions import reparameterize
 from .._core._nn import dense, layer_norm
 from .._core._train import TrainSettings, shared_optimizer
 from .._vae._stage import (
     VAENormalizer,
+    VAETerms,
     _prepare,
-    gaussian_kl,
     log_factorial_per_cell,
     vae_default_epochs,
     vae_transform,
 )
 
 
-class VAETerms(eqx.Module):
-    """One minibatch through the VAE: the per-cell loss terms and the points a batch penalty acts on.
-
-    - `reconstruction`, `kl`: `(n_cells,)` negative log-likelihood and KL divergence.
-    - `z`: `(n_cells, latent_dim)` the reparameterised posterior draw (trVAE's `z1`).
-    - `onehot`: `(n_cells, n_batches)` the batch one-hot the decoder was given (None with one batch).
-    """
-
-    reconstruction: Float[Array, " n_cells"]
-    kl: Float[Array, " n_cells"]
-    z: Float[Array, "n_cells latent_dim"]
-    onehot: Float[Array, "n_cells n_batches"] | None
-
-
 def vae_terms(
     vae: VAENormalizer, batch: tuple[Array, ...], *, key: PRNGKeyArray, inference: bool = False
 ) -> VAETerms:
-    """`VAENormalizer.loss`'s terms for `batch = (counts, batch_labels[, log_factorial])`, keeping `z`."""
-    counts, labels = batch[0], batch[1]
-    log_factorial = batch[2] if len(batch) > 2 else None
-    counts = counts.astype(vae.dtype)
-    onehot = vae._batch_onehot(labels, counts.shape[0])
-    dropout_key, sample_key = jr.split(key)
-    mean, log_variance = vae.encode(counts, onehot, key=dropout_key, inference=inference)
-    z = reparameterize(mean, log_variance, key=sample_key)
-    reconstruction = -vae._reconstruction_log_likelihood(counts, z, onehot, labels, log_factorial)
-    return VAETerms(reconstruction, gaussian_kl(mean, log_variance), z, onehot)
+    """`VAENormalizer.terms` for `batch = (counts, batch_labels[, log_factorial])`."""
+    return vae.terms(batch, key=key, inference=inference)
 
 
 def first_decoder_layer(

@@ -22,9 +22,8 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from .._clustering._mixture_stage import GaussianMixture
 from .._clustering._stage import SoftKMeans
-from .._core._distributions import reparameterize
 from .._core._train import FitResult, TrainSettings, fit
-from .._vae._stage import VAENormalizer, gaussian_kl
+from .._vae._stage import VAENormalizer
 
 
 _BETA, _GAMMA, _ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -93,18 +92,22 @@ class GatedClassifier(eqx.Module):
         self.gate = SoftGeneGate(vae.n_genes, dtype=vae.dtype) if gate else None
         self.head = eqx.nn.Linear(vae.latent_dim, n_types, key=key, dtype=vae.dtype)
 
-    def logits(self, counts: Float[Array, "n_cells n_genes"], batch_labels: Int[Array, " n_cells"], *,
-               key: PRNGKeyArray | None = None) -> tuple[Float[Array, "n_cells n_types"], Any]:
-        """Cell-type logits from the gated counts (drawn gates with a key, the inference gate without)."""
-        gated = counts if self.gate is None else counts * self.gate(key=key)
-        onehot = self.vae._batch_onehot(batch_labels, counts.shape[0])
-        mean, log_variance = self.vae.encode(gated, onehot, inference=True)
-        return jax.vmap(self.head)(mean), (mean, log_variance, onehot)
+    def gated(self, counts: Float[Array, "n_cells n_genes"], *,
+              key: PRNGKeyArray | None = None) -> Float[Array, "n_cells n_genes"]:
+        """The counts the encoder reads: gated by drawn gates with a key, by the inference gate without."""
+        return counts if self.gate is None else counts * self.gate(key=key)[None, :]
+
+    def latent(self, counts: Float[ArrayLike, "n_cells n_genes"],
+               batch_labels: Int[ArrayLike, " n_cells"]) -> Float[Array, "n_cells latent_dim"]:
+        """The posterior mean of the gated counts, with the inference gate (what the head reads)."""
+        counts = jnp.asarray(counts, self.vae.dtype)
+        onehot = self.vae._batch_onehot(jnp.asarray(batch_labels), counts.shape[0])
+        mean, _ = self.vae.encode(self.gated(counts), onehot, inference=True)
+        return mean
 
     def predict(self, counts: Float[ArrayLike, "n_cells n_genes"],
                 batch_labels: Int[ArrayLike, " n_cells"]) -> Int[Array, " n_cells"]:
-        logits, _ = self.logits(jnp.asarray(counts, self.vae.dtype), jnp.asarray(batch_labels))
-        return jnp.argmax(logits, axis=1)
+        return jnp.argmax(jax.vmap(self.head)(self.latent(counts, batch_labels)), axis=1)
 
 
 def gated_classifier_loss(model: GatedClassifier, batch: tuple[Array, Array, Array], context: tuple[Array, Array],
@@ -114,12 +117,11 @@ def gated_classifier_loss(model: GatedClassifier, batch: tuple[Array, Array, Arr
     `l0_weight` x the expected fraction of open gates."""
     supervised_weight, l0_weight = context
     counts, batch_labels, labels = batch
-    gate_key, sample_key = jr.split(key)
-    vae = model.vae
-    logits, (mean, log_variance, onehot) = model.logits(counts, batch_labels, key=gate_key)
-    z = reparameterize(mean, log_variance, key=sample_key)
-    reconstruction = -vae._reconstruction_log_likelihood(counts, z, onehot, batch_labels, None)
-    elbo_loss = jnp.mean(reconstruction + gaussian_kl(mean, log_variance))
+    gate_key, vae_key = jr.split(key)
+    terms = model.vae.terms((counts, batch_labels), key=vae_key, inference=True,
+                            encoder_counts=model.gated(counts, key=gate_key))
+    logits = jax.vmap(model.head)(terms.mean)
+    elbo_loss = jnp.mean(terms.reconstruction + terms.kl)
     onehot_types = jax.nn.one_hot(labels, logits.shape[1], dtype=logits.dtype)
     per_cell = -jnp.sum(onehot_types * jax.nn.log_softmax(logits, axis=1), axis=1)
     cross_entropy = jnp.sum(per_cell) / jnp.maximum(jnp.sum(labels >= 0), 1).astype(logits.dtype)

@@ -162,6 +162,22 @@ class VAEOutput(eqx.Module):
         return getattr(self, name)
 
 
+class VAETerms(eqx.Module):
+    """One minibatch through the VAE: the per-cell terms of the negative ELBO and what penalties act on.
+
+    - `reconstruction`, `kl`: `(n_cells,)` negative log-likelihood and KL divergence.
+    - `mean`: `(n_cells, latent_dim)` the posterior mean (what a classifier head reads).
+    - `z`: `(n_cells, latent_dim)` the reparameterised posterior draw (trVAE's `z1`).
+    - `onehot`: `(n_cells, n_batches)` the batch one-hot the decoder was given (None with one batch).
+    """
+
+    reconstruction: Float[Array, " n_cells"]
+    kl: Float[Array, " n_cells"]
+    mean: Float[Array, "n_cells latent_dim"]
+    z: Float[Array, "n_cells latent_dim"]
+    onehot: Float[Array, "n_cells n_batches"] | None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VAEOptions:
     """scVI's further model options for `VAENormalizer(options=...)` (scvi-tools' names and defaults).
@@ -448,23 +464,45 @@ class VAENormalizer(AbstractTrainableStage):
         **Returns:** `(loss, aux)` where `aux` has the per-cell means `reconstruction` (negative
         log-likelihood), `kl` and `elbo` (with weight one).
         """
+        terms = self.terms(batch, key=key, inference=inference)
+        weight = jnp.asarray(kl_weight).astype(self.dtype)
+        loss = jnp.mean(terms.reconstruction + weight * terms.kl)
+        aux = {
+            "reconstruction": jnp.mean(terms.reconstruction),
+            "kl": jnp.mean(terms.kl),
+            "elbo": -jnp.mean(terms.reconstruction + terms.kl),
+        }
+        return loss, aux
+
+    def terms(
+        self,
+        batch: tuple[Array | None, ...],
+        /,
+        *,
+        key: PRNGKeyArray,
+        inference: bool = False,
+        encoder_counts: Float[Array, "n_cells n_genes"] | None = None,
+    ) -> VAETerms:
+        """The per-cell terms of `loss` (one reparameterised draw per cell), for losses that add to the ELBO.
+
+        **Arguments:**
+
+        - `batch`, `key`, `inference`: as in `loss`.
+        - `encoder_counts`: what the encoder reads instead of the counts (e.g. gated counts); the decoder
+          still reconstructs the counts.
+
+        **Returns:** a `VAETerms`.
+        """
         counts, batch_labels, log_factorial = _unpack(batch)
         self._check(counts, batch_labels)
         counts = counts.astype(self.dtype)
         onehot = self._batch_onehot(batch_labels, counts.shape[0])
         dropout_key, sample_key = jr.split(key)
-        mean, log_variance = self.encode(counts, onehot, key=dropout_key, inference=inference)
+        encoder_input = counts if encoder_counts is None else encoder_counts.astype(self.dtype)
+        mean, log_variance = self.encode(encoder_input, onehot, key=dropout_key, inference=inference)
         z = reparameterize(mean, log_variance, key=sample_key)
         reconstruction = -self._reconstruction_log_likelihood(counts, z, onehot, batch_labels, log_factorial)
-        kl = gaussian_kl(mean, log_variance)
-        weight = jnp.asarray(kl_weight).astype(self.dtype)
-        loss = jnp.mean(reconstruction + weight * kl)
-        aux = {
-            "reconstruction": jnp.mean(reconstruction),
-            "kl": jnp.mean(kl),
-            "elbo": -jnp.mean(reconstruction + kl),
-        }
-        return loss, aux
+        return VAETerms(reconstruction, gaussian_kl(mean, log_variance), mean, z, onehot)
 
     def heldout_log_likelihood(
         self, counts: Float[Array, "n_cells n_genes"], batch_labels: Int[Array, " n_cells"] | None = None
