@@ -147,6 +147,8 @@ def test_alignment_bad_input():
         pairwise_align(a.counts, b.counts[:, :50], a.coordinates, b.coordinates)
     with pytest.raises(ValueError, match="coordinates"):
         pairwise_align(a.counts, b.counts, a.coordinates, b.coordinates[:, :1])
-    with pytest.raises(ValueError, match="tau"):
-        PasteAlignment(tau=0.5)
+    with pytest.raises(ValueError, match="overlap"):
+        PasteAlignment(overlap=1.5)
+    with pytest.raises(ValueError, match="overlap"):
+        PasteAlignment(overlap=0.0)
 

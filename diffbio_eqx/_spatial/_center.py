@@ -81,7 +81,7 @@ def _center_round(settings: PasteAlignment, w, h, xs, cs, center, weights):
     for x, c in zip(xs, cs):
         cost = kl_expression_cost(expression, x)
         plan = fused_gw_plan(cost, center, c, settings.alpha, epsilons=settings.epsilons, n_outer=settings.n_outer,
-                             tau=settings.tau)
+                             overlap=settings.overlap, rank=settings.rank)
         plans.append(plan)
         objectives.append(fgw_objective(plan, cost, center, c, settings.alpha))
     target = center.shape[0] * sum(wt * (p @ x) for wt, p, x in zip(weights, plans, xs))
