@@ -29,6 +29,51 @@ MEMORY_METHOD_GPU = (
 )
 
 
+def error_mode() -> str:
+    """Equinox's runtime-check mode of this process (`EQX_ON_ERROR`, read once when equinox is imported): "raise",
+    equinox's default and what users run, or "nan", which skips the checks' host callbacks."""
+    return os.environ.get("EQX_ON_ERROR", "raise")
+
+
+def ratio_summary(peer: Iterable[float], ours: Iterable[float]) -> dict[str, Any]:
+    """`peer / ours` per interleaved repeat (above 1: ours is faster), with the median and the range."""
+    ratios = [float(p) / float(o) for p, o in zip(peer, ours, strict=True)]
+    return {"median": median(ratios), "min": min(ratios), "max": max(ratios), "n_repeats": len(ratios),
+            "per_repeat": ratios}
+
+
+def median(values: Iterable[float]) -> float:
+    ordered = sorted(float(v) for v in values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def in_subprocess(target: Callable[..., None], *args: Any, env: dict[str, str] | None = None) -> dict:
+    """Run `target(*args, queue)` in a spawned process (its own peak memory; `env` set before it starts, so
+    `EQX_ON_ERROR` and `XLA_FLAGS` apply) and return what it put on the queue. A child that dies fails loudly."""
+    import multiprocessing
+
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        process = context.Process(target=target, args=(*args, queue))
+        process.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    try:
+        while True:
+            try:
+                return queue.get(timeout=5)
+            except Exception:
+                if not process.is_alive():
+                    raise RuntimeError(f"{target.__name__}: child process exited with {process.exitcode}") from None
+    finally:
+        process.join()
+
+
 def versions(*names: str) -> dict[str, str]:
     found = {}
     for name in ("jax", "jaxlib", "equinox", "optax", "numpy", *names):
@@ -46,6 +91,7 @@ def environment(*packages: str) -> dict[str, Any]:
     device = jax.devices()[0]
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "error_mode": error_mode(),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor(),

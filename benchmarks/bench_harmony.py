@@ -7,6 +7,10 @@ resident set just before it (after a warm-up run, with the kernel's high-water m
 /proc/self/clear_refs), scaled to a million cells. The sweep compares one vmapped call over 16 theta values
 with a Python loop of 16 calls of one compiled function.
 
+Timed rounds alternate between the tools (`repeats` of them); `ratio` is the median of the per-round time ratios
+(ours / harmonypy), `time_ratio` holds its range; `agreement_median_pc_r` is the quality beside it. The process
+runs in equinox's default error mode unless `EQX_ON_ERROR` says otherwise (recorded as `error_mode`).
+
 Usage: `python benchmarks/bench_harmony.py [--sizes 10000 100000] [--out benchmarks/results]`.
 
 Typical printout (2 CPU cores shared with other jobs, load average ~10, x86-64, jax 0.10.2 CPU, float32; the
@@ -19,20 +23,20 @@ Typical printout (2 CPU cores shared with other jobs, load average ~10, x86-64, 
     16-theta sweep at 10000 cells: vmap 11.92 s, loop of compiled calls 9.96 s (vmap/loop 1.20), max |diff| 1.1e-05
 """
 
-import os
-
-
-os.environ.setdefault("EQX_ON_ERROR", "nan")
-
 import argparse
 import datetime
 import json
 import logging
+import os
 import pathlib
 import platform
 import subprocess
 import sys
 import time
+
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common  # noqa: E402
 
 
 N_DIMS = 50
@@ -152,6 +156,17 @@ def _best(fn, repeats: int) -> tuple[float, list[float]]:
     return min(times), times
 
 
+def _agreement(ours, theirs) -> float:
+    """Median over PCs of the Pearson r between our corrected embedding and harmonypy's (different k-means++
+    draws, so below the 0.9999 of the same-start parity test)."""
+    import numpy as np
+
+    a = np.asarray(ours, np.float64)
+    b = np.asarray(theirs, np.float64)
+    b = b.T if b.shape != a.shape else b
+    return float(np.median([np.corrcoef(a[:, j], b[:, j])[0, 1] for j in range(a.shape[1])]))
+
+
 def bench_size(n_cells: int, repeats: int) -> dict:
     x, batches = make_data(n_cells)
     start = time.perf_counter()
@@ -160,22 +175,26 @@ def bench_size(n_cells: int, repeats: int) -> dict:
     assert int(first.n_rounds) == MAX_ITER_HARMONY
     theirs = run_harmonypy(x, batches)
     assert list(theirs.kmeans_rounds) == [MAX_ITER_KMEANS] * MAX_ITER_HARMONY, theirs.kmeans_rounds
-    # Interleave the two tools so that load from other processes hits both alike.
+    # Interleave the two tools so that load from other processes hits both alike; every ratio is per round.
     ours_times, theirs_times = [], []
     for i in range(repeats):
         ours_times.append(_best(lambda: run_ours(x, batches, seed=i + 1), 1)[0])
         theirs_times.append(_best(lambda: run_harmonypy(x, batches, seed=i + 1), 1)[0])
+    time_ratio = _common.ratio_summary(ours_times, theirs_times)
     record = {
         "n_cells": n_cells,
         "n_dims": N_DIMS,
         "n_batches": N_BATCHES,
         "n_clusters": int(first.centroids.shape[0]),
-        "ours_seconds": min(ours_times),
-        "harmonypy_seconds": min(theirs_times),
-        "ratio": min(ours_times) / min(theirs_times),
+        "ours_seconds": _common.median(ours_times),
+        "harmonypy_seconds": _common.median(theirs_times),
+        "ratio": time_ratio["median"],
+        "time_ratio": time_ratio,
         "ours_all_seconds": ours_times,
         "harmonypy_all_seconds": theirs_times,
-        "ours_compile_seconds": first_call - min(ours_times),
+        "ours_compile_seconds": max(first_call - _common.median(ours_times), 0.0),
+        "agreement_median_pc_r": _agreement(first.z_corr, theirs.Z_corr),
+        "error_mode": _common.error_mode(),
     }
     for tool in ("ours", "harmonypy"):
         record[f"{tool}_memory"] = measure_peak(tool, n_cells)
@@ -239,6 +258,7 @@ def _environment() -> dict:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "dtype": "float32 (ours), float32 internally (harmonypy C++)",
+        "error_mode": _common.error_mode(),
         "versions": versions,
     }
 
@@ -247,7 +267,7 @@ def main(out_dir: str = "benchmarks/results", sizes=(10_000, 100_000), repeats: 
          sweep_cells: int = 10_000, n_thetas: int = 16) -> dict:
     results = {"environment": _environment(), "sizes": [], "sweep": None}
     for n_cells in sizes:
-        record = bench_size(n_cells, repeats if n_cells <= 20_000 else max(1, repeats - 1))
+        record = bench_size(n_cells, repeats)
         results["sizes"].append(record)
         print(
             f"n_cells={n_cells}: harmonypy {record['harmonypy_seconds']:.2f} s, ours {record['ours_seconds']:.2f} s "

@@ -22,12 +22,8 @@ Typical printout (2-core CPU, shared machine; see benchmarks/results/knn.json fo
 Results are merged into `benchmarks/results/knn.json` (one record per (part, n_cells, method)).
 """
 
-import os
-
-
-os.environ.setdefault("EQX_ON_ERROR", "nan")
-
 import json
+import os
 import pathlib
 import sys
 import time

@@ -26,7 +26,6 @@ Run: `python benchmarks/bench_scale.py [--n-cells 1000000] [--out benchmarks/res
 import os
 
 
-os.environ.setdefault("EQX_ON_ERROR", "nan")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse

@@ -35,14 +35,10 @@ checks, which took vae_infer from 8.9e3 and pipeline_infer from 1.13e4 cells/s):
     pipeline_infer   n=  100000: compile   0.8 s, steady 3.128 s, 3.2e+04 cells/s, peak +3459 MB
 """
 
-import os
-
-
-os.environ.setdefault("EQX_ON_ERROR", "nan")
-
 import argparse
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys

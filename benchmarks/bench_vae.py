@@ -1,20 +1,20 @@
 """VAE training speed and held-out likelihood: diffbio_eqx `VAENormalizer` vs scvi-tools `SCVI`, side by side.
 
-Typical printout (shared 2-core x86 VM, CPU only, jax 0.10.2, torch 2.13.0+cpu, scvi-tools 1.4.2, other jobs
-loading the cores; the ratio moved between 3.2x and 5.9x over runs with that load):
-
-    5000 cells x 2000 genes, 20 epochs: ours 30955 cells/s (7.64 epochs/s, compile 3.6 s, peak 833 MB),
-    scvi-tools 5203 cells/s (steady 5203; 1.28 epochs/s, peak 858 MB); ratio 5.9x (vs steady 5.9x; median epoch
-    7.0x; best epoch 7.0x); held-out NB log-lik/cell ours -2561.85 vs -2564.28 (relative gap +0.09 %)
-
 Both models get the same architecture (1 hidden layer of 128, latent 10, negative binomial, gene dispersion,
 encoder dropout 0.1, no batch norm), the same optimiser (AdamW, lr 1e-3, eps 0.01, weight decay 1e-6), batch size
 128, the same epochs and KL warm-up, the same training cells (each holds out 10 % of them and computes its
 validation ELBO every epoch) and are scored on the same held-out test cells: the NB log-likelihood with z at the
-posterior mean. Each tool runs in its own subprocess so that peak memory (VmHWM) is its own. Our compile time is
-measured separately. Each tool gets its faster thread setting on the machine (torch 1 or 2 threads; XLA's pool or
-one thread), since oversubscribed threads on a loaded machine slowed torch up to ~8x.
-Run: `python benchmarks/bench_vae.py [n_cells n_genes n_epochs]`.
+posterior mean.
+
+The same treatment for both (issue 27): each training run is a fresh process (its peak memory, VmHWM, is its
+own) with each library's default threads, and nothing is warmed up, so
+- `end_to_end` is `train()` / `fit_vae` from the call to the trained model, our XLA compile included;
+- `steady` is the median epoch time (the first epoch, which holds our compile, is in the median like any other;
+  `compile_seconds` reports it apart: our first epoch minus our median epoch).
+The tools run interleaved, `repeats` rounds of (ours, scvi-tools, ours with `EQX_ON_ERROR=nan`), and every ratio is
+quoted as the median over the rounds with its range. Ours runs in equinox's default error mode (`raise`, what
+users run: its count checks add host callbacks); the `nan` runs report what those checks cost.
+Run: `python benchmarks/bench_vae.py [n_cells n_genes n_epochs [repeats]]`.
 
 scvi-tools 1.4.2 imports its JAX code whenever jax and optax are importable, and then fails without flax; the
 scvi-tools subprocess therefore hides optax (`sys.modules["optax"] = None`) before importing scvi.
@@ -23,18 +23,16 @@ scvi-tools subprocess therefore hides optax (`sys.modules["optax"] = None`) befo
 import os
 
 
-os.environ.setdefault("EQX_ON_ERROR", "nan")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import dataclasses
-import datetime
-import json
-import multiprocessing
 import pathlib
-import platform
 import resource
 import sys
 import time
+
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common  # noqa: E402
 
 
 def _rss_mb() -> float:
@@ -75,15 +73,9 @@ def _run_ours(path: str, n_epochs: int, queue) -> None:
     baseline = _rss_mb()
     vae = dx.VAENormalizer(train.shape[1], hidden_dims=(128,), latent_dim=10, likelihood="nb",
                            options=dx.VAEOptions(dispersion="gene"), dropout_rate=0.1, key=jr.key(0))
-    settings = dx.TrainSettings(batch_size=128, validation_fraction=0.1, progress=False)
-    kwargs = dict(key=jr.key(1), n_epochs_kl_warmup=n_epochs)
+    settings = dx.TrainSettings(batch_size=128, validation_fraction=0.1, progress=False, n_epochs=n_epochs)
     start = time.perf_counter()
-    # compiles the epoch and validation steps
-    dx.fit_vae(vae, train, settings=dataclasses.replace(settings, n_epochs=1), **kwargs)
-    first = time.perf_counter() - start
-    stamps.clear()
-    start = time.perf_counter()
-    result = dx.fit_vae(vae, train, settings=dataclasses.replace(settings, n_epochs=n_epochs), **kwargs)
+    result = dx.fit_vae(vae, train, settings=settings, key=jr.key(1), n_epochs_kl_warmup=n_epochs)
     jax.block_until_ready(result.model)
     seconds = time.perf_counter() - start
     epoch_seconds = np.diff(np.asarray(stamps + [time.perf_counter()]))
@@ -92,7 +84,8 @@ def _run_ours(path: str, n_epochs: int, queue) -> None:
     queue.put({
         "tool": "diffbio_eqx",
         "train_seconds": seconds,
-        "compile_seconds": max(first - seconds / n_epochs, 0.0),
+        "compile_seconds": max(float(epoch_seconds[0] - np.median(epoch_seconds)), 0.0),
+        "error_mode": os.environ.get("EQX_ON_ERROR", "raise"),
         "epochs_per_s": n_epochs / seconds,
         "cells_per_s": n_train * n_epochs / seconds,
         "median_epoch_seconds": float(np.median(epoch_seconds)),
@@ -130,16 +123,8 @@ def _run_scvi(path: str, n_epochs: int, torch_threads: int | None, queue) -> Non
         def on_train_epoch_end(self, trainer, pl_module):
             self.times.append(time.perf_counter())
 
-    probe_seconds = {}
-    if torch_threads is None:
-        # Give scvi-tools its faster thread count on this machine: 3 epochs with each, time the last two.
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            probe = EpochTimes()
-            scvi.model.SCVI(adata, **architecture).train(max_epochs=3, batch_size=128, callbacks=[probe], **quiet)
-            probe_seconds[threads] = (probe.times[-1] - probe.times[0]) / 2
-        torch_threads = min(probe_seconds, key=probe_seconds.get)
-    torch.set_num_threads(torch_threads)
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
 
     scvi.settings.seed = 0
     model = scvi.model.SCVI(adata, **architecture)
@@ -178,38 +163,35 @@ def _run_scvi(path: str, n_epochs: int, torch_threads: int | None, queue) -> Non
         "peak_rss_mb": _rss_mb(),
         "rss_before_model_mb": baseline,
         "torch_threads": torch.get_num_threads(),
-        "thread_probe_epoch_seconds": probe_seconds,
         "versions": {"scvi-tools": scvi.__version__, "torch": torch.__version__},
     })
 
 
-def _in_subprocess(target, *args, env: dict[str, str] | None = None) -> dict:
-    saved = dict(os.environ)
-    os.environ.update(env or {})  # a spawned child reads the environment at start (XLA_FLAGS before jax loads)
-    try:
-        context = multiprocessing.get_context("spawn")
-        queue = context.Queue()
-        process = context.Process(target=target, args=(*args, queue))
-        process.start()
-        result = queue.get()
-        process.join()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return result
+def _median_of(runs: list[dict], field: str) -> float:
+    return _common.median(run[field] for run in runs)
 
 
-_XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+def _compare(ours: list[dict], theirs: list[dict], ours_nan: list[dict]) -> dict:
+    """Interleaved rounds -> the ratios (median and range over rounds) and the medians of each tool's figures."""
+    return {
+        "end_to_end_speedup": _common.ratio_summary([r["train_seconds"] for r in theirs],
+                                                    [r["train_seconds"] for r in ours]),
+        "steady_epoch_speedup": _common.ratio_summary([r["median_epoch_seconds"] for r in theirs],
+                                                      [r["median_epoch_seconds"] for r in ours]),
+        "nan_mode_speedup_over_raise": _common.ratio_summary([r["train_seconds"] for r in ours],
+                                                             [r["train_seconds"] for r in ours_nan]),
+        "nan_mode_steady_speedup_over_raise": _common.ratio_summary([r["median_epoch_seconds"] for r in ours],
+                                                                    [r["median_epoch_seconds"] for r in ours_nan]),
+        "heldout_loglik_relative_gap": (_median_of(ours, "heldout_nb_loglik_per_cell")
+                                        - _median_of(theirs, "heldout_nb_loglik_per_cell"))
+        / abs(_median_of(theirs, "heldout_nb_loglik_per_cell")),
+    }
 
 
-def main(out_dir: str | os.PathLike[str] = "benchmarks/results", sizes=((5000, 2000, 20),),
+def main(out_dir: str | os.PathLike[str] = "benchmarks/results", sizes=((5000, 2000, 20),), repeats: int = 3,
          torch_threads: int | None = None) -> dict:
-    """Benchmark each `(n_cells, n_genes, n_epochs)` in `sizes`; write `<out_dir>/vae.json`.
-
-    `torch_threads`: threads for scvi-tools' torch; None (default) times 1 and 2 threads for three epochs each
-    and keeps the faster. On the shared 2-core machine this was written on, torch's own default (2 threads) ran
-    scvi-tools up to ~8x slower than 1 thread when other jobs loaded the cores.
-    """
+    """Benchmark each `(n_cells, n_genes, n_epochs)` in `sizes` over `repeats` interleaved rounds; write
+    `<out_dir>/vae.json`. `torch_threads`: None keeps torch's default, as XLA keeps its own."""
     import jax.random as jr
     import numpy as np
 
@@ -227,60 +209,43 @@ def main(out_dir: str | os.PathLike[str] = "benchmarks/results", sizes=((5000, 2
         n_test = counts.shape[0] // 10
         path = out / f".vae_data_{n_cells}_{n_genes}.npz"
         np.savez(path, train=counts[order[n_test:]], test=counts[order[:n_test]])
-        # Each tool gets its faster thread setting: XLA's default pool and a single thread (before and after
-        # scvi-tools, which also brackets it in time on a machine whose load changes), torch probes 1 and 2.
-        ours_runs = [_in_subprocess(_run_ours, str(path), n_epochs)]
-        theirs = _in_subprocess(_run_scvi, str(path), n_epochs, torch_threads)
-        ours_runs.append(_in_subprocess(_run_ours, str(path), n_epochs, env={"XLA_FLAGS": _XLA_ONE_THREAD}))
-        ours_runs[0]["xla_threads"], ours_runs[1]["xla_threads"] = "default", "1"
-        ours = max(ours_runs, key=lambda r: r["cells_per_s"])
-        ours["all_thread_settings"] = [
-            {k: r[k] for k in ("xla_threads", "cells_per_s", "median_epoch_seconds", "min_epoch_seconds")}
-            for r in ours_runs
-        ]
-        path.unlink()
+        ours, theirs, ours_nan = [], [], []
+        try:
+            for _ in range(repeats):
+                ours.append(_common.in_subprocess(_run_ours, str(path), n_epochs, env={"EQX_ON_ERROR": "raise"}))
+                theirs.append(_common.in_subprocess(_run_scvi, str(path), n_epochs, torch_threads))
+                ours_nan.append(_common.in_subprocess(_run_ours, str(path), n_epochs, env={"EQX_ON_ERROR": "nan"}))
+        finally:
+            path.unlink()
         run = {
             "n_cells": int(counts.shape[0]), "n_genes": n_genes, "n_epochs": n_epochs,
-            "n_train_cells": int(counts.shape[0] - n_test), "n_test_cells": int(n_test),
-            "diffbio_eqx": ours, "scvi_tools": theirs,
-            "cells_per_s_ratio": ours["cells_per_s"] / theirs["cells_per_s"],
-            "steady_cells_per_s_ratio": ours["cells_per_s"] / theirs["steady_cells_per_s"],
-            "best_epoch_cells_per_s_ratio": ours["best_epoch_cells_per_s"] / theirs["best_epoch_cells_per_s"],
-            "median_epoch_time_ratio": theirs["median_epoch_seconds"] / ours["median_epoch_seconds"],
-            "heldout_loglik_relative_gap": (ours["heldout_nb_loglik_per_cell"] - theirs["heldout_nb_loglik_per_cell"])
-            / abs(theirs["heldout_nb_loglik_per_cell"]),
+            "n_train_cells": int(counts.shape[0] - n_test), "n_test_cells": int(n_test), "error_mode": "raise",
+            "diffbio_eqx": ours, "scvi_tools": theirs, "diffbio_eqx_nan_mode": ours_nan,
+            **_compare(ours, theirs, ours_nan),
         }
         runs.append(run)
+        e2e, steady = run["end_to_end_speedup"], run["steady_epoch_speedup"]
         print(
-            f"{n_cells} cells x {n_genes} genes, {n_epochs} epochs: ours {ours['cells_per_s']:.0f} cells/s "
-            f"({ours['epochs_per_s']:.2f} epochs/s, compile {ours['compile_seconds']:.1f} s, "
-            f"peak {ours['peak_rss_mb']:.0f} MB), scvi-tools {theirs['cells_per_s']:.0f} cells/s "
-            f"(steady {theirs['steady_cells_per_s']:.0f}; {theirs['epochs_per_s']:.2f} epochs/s, "
-            f"peak {theirs['peak_rss_mb']:.0f} MB); ratio {run['cells_per_s_ratio']:.1f}x "
-            f"(vs steady {run['steady_cells_per_s_ratio']:.1f}x; median epoch {run['median_epoch_time_ratio']:.1f}x; "
-            f"best epoch {run['best_epoch_cells_per_s_ratio']:.1f}x); held-out NB log-lik/cell ours "
-            f"{ours['heldout_nb_loglik_per_cell']:.2f} vs {theirs['heldout_nb_loglik_per_cell']:.2f} "
+            f"{n_cells} cells x {n_genes} genes, {n_epochs} epochs, {repeats} interleaved rounds: end to end "
+            f"{e2e['median']:.1f}x (range {e2e['min']:.1f}-{e2e['max']:.1f}; ours "
+            f"{_median_of(ours, 'train_seconds'):.1f} s incl. compile {_median_of(ours, 'compile_seconds'):.1f} s, "
+            f"scvi-tools {_median_of(theirs, 'train_seconds'):.1f} s), steady epoch {steady['median']:.1f}x "
+            f"(range {steady['min']:.1f}-{steady['max']:.1f}); nan mode vs raise "
+            f"{run['nan_mode_speedup_over_raise']['median']:.2f}x; held-out NB log-lik/cell ours "
+            f"{_median_of(ours, 'heldout_nb_loglik_per_cell'):.2f} vs "
+            f"{_median_of(theirs, 'heldout_nb_loglik_per_cell'):.2f} "
             f"(relative gap {100 * run['heldout_loglik_relative_gap']:+.2f} %)",
             flush=True,
         )
-    import jax
-
-    record = {
-        "benchmark": "vae",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "python": platform.python_version()},
-        "backend": "cpu",
-        "torch_threads": torch_threads,
-        "jax_version": jax.__version__,
-        "runs": runs,
-    }
-    (out / "vae.json").write_text(json.dumps(record, indent=2))
+    record = {"benchmark": "vae", "environment": _common.environment("scvi-tools", "torch"), "torch_threads":
+              torch_threads, "runs": runs}
+    _common.write_json(out / "vae.json", record)
     return record
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4:
-        main(sizes=((int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])),))
+    if len(sys.argv) >= 4:
+        main(sizes=((int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])),),
+             repeats=int(sys.argv[4]) if len(sys.argv) > 4 else 3)
     else:
         main()

@@ -31,7 +31,7 @@ OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/gpu.log"
 : > "$LOG"
 
-export EQX_ON_ERROR=nan
+export EQX_ON_ERROR=${EQX_ON_ERROR:-raise}     # equinox's default, what users run (issue 27)
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}            # fail loudly rather than benchmark the CPU by mistake
 # Parents and per-stage child processes share the GPU: allocate on demand instead of each process grabbing 75%.
 export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
