@@ -2,6 +2,7 @@
 
 import functools as ft
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -16,6 +17,8 @@ from diffbio_eqx._integration._adversarial import (
     batch_wasserstein,
     fit_adversarial_vae,
     gradient_penalty,
+    input_jacobian,
+    penalty_of_jacobian,
 )
 from diffbio_eqx._integration._common import corrected_expression
 from diffbio_eqx._integration._mmd import (
@@ -136,11 +139,26 @@ def test_gradient_penalty_matches_per_head_gradients(getkey):
     perm_key, eps_key = jr.split(key)
     eps = jr.uniform(eps_key, (6, 1), dtype=z.dtype)
     points = eps * z + (1 - eps) * z[jr.permutation(perm_key, 6)]
-    # reverse mode, one head at a time (the implementation takes forward-mode Jacobians of all heads)
+    # reverse mode, one head at a time (the implementation writes the ReLU MLP's Jacobian out)
     per_head = jax.jit(jax.vmap(jax.vmap(jax.grad(lambda v, b: critic(v[None])[0, b]), in_axes=(0, None)),
                                 in_axes=(None, 0), out_axes=1))
     norms = np.linalg.norm(np.asarray(per_head(points, jnp.arange(3))), axis=-1)
     np.testing.assert_allclose(gradient_penalty(critic, z, key=key), np.mean((norms - 1) ** 2), rtol=1e-8)
+
+
+def test_written_out_jacobian_and_its_parameter_gradient_match_autodiff(getkey):
+    """`input_jacobian` against `jax.jacfwd`, and the penalty's gradient in the critic's weights (what the critic
+    step uses) against differentiating the `jacfwd` penalty: two and three hidden layers, 2 and 5 heads."""
+    for hidden, n_batches in (((8, 8), 2), ((16, 8, 4), 5)):
+        critic = BatchCritic(4, n_batches, hidden_dims=hidden, key=getkey())
+        points = jr.normal(getkey(), (7, 4))
+        autodiff = jax.vmap(jax.jacfwd(lambda v, c=critic: c(v[None])[0]))(points)
+        np.testing.assert_allclose(input_jacobian(critic, points), autodiff, rtol=1e-5, atol=1e-7)
+        ours = eqx.filter_grad(lambda c: penalty_of_jacobian(input_jacobian(c, points)))(critic)
+        reference = eqx.filter_grad(
+            lambda c: penalty_of_jacobian(jax.vmap(jax.jacfwd(lambda v: c(v[None])[0]))(points)))(critic)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ---- training the correctors (tiny data, shared) -----------------------------------------------------------------

@@ -107,18 +107,55 @@ def batch_wasserstein(
     return jnp.sum(jnp.where(valid, jnp.diagonal(means) - rest, 0.0))
 
 
+def interpolates(z: Float[Array, "n_cells latent_dim"], *, key: PRNGKeyArray) -> Float[Array, "n_cells latent_dim"]:
+    """WGAN-GP's random interpolates $\\hat z_i = \\epsilon_i z_i + (1 - \\epsilon_i) z_{\\pi(i)}$, $\\epsilon_i \\sim
+    U(0, 1)$, $\\pi$ a random permutation (each cell paired with another cell of the minibatch)."""
+    perm_key, eps_key = jr.split(key)
+    partner = z[jr.permutation(perm_key, z.shape[0])]
+    eps = jr.uniform(eps_key, (z.shape[0], 1), dtype=z.dtype)
+    return eps * z + (1.0 - eps) * partner
+
+
+def input_jacobian(
+    critic: BatchCritic, points: Float[Array, "n_points latent_dim"]
+) -> Float[Array, "n_points n_batches latent_dim"]:
+    """The gradient $\\nabla f_b(\\hat z)$ of every head at each point, written out for the ReLU MLP:
+    $\\nabla f_b(\\hat z)^\\top = w_b^\\top D_L W_L \\cdots D_1 W_1$ with $D_l = \\mathrm{diag}(\\mathbb{1}[h_l > 0])$
+    (ReLU's derivative at 0 taken as 0, as JAX's). The same numbers as `jax.vmap(jax.jacfwd(critic))`, but
+    accumulated from the heads backwards ($B$ rows per point instead of `latent_dim` tangents) as plain matrix
+    products, so the critic's gradient through the penalty is a first-order derivative of this expression, about
+    half the cost of differentiating `jacfwd` (measured on the training step)."""
+    n_points = points.shape[0]
+    h, masks = points, []
+    for layer in critic.body.layers:
+        pre = dense(h, layer)
+        masks.append((pre > 0).astype(pre.dtype))
+        h = jax.nn.relu(pre)
+    rows = critic.head.weight[None] * masks[-1][:, None, :]  # (n_points, n_batches, width_L)
+    for layer, mask in zip(reversed(critic.body.layers[1:]), reversed(masks[:-1])):
+        rows = _rows_times(rows, layer.weight) * mask[:, None, :]
+    return _rows_times(rows, critic.body.layers[0].weight).reshape(n_points, critic.n_batches, -1)
+
+
+def _rows_times(rows: Float[Array, "n b k"], matrix: Float[Array, "k m"]) -> Float[Array, "n b m"]:
+    """`rows @ matrix` as one matrix product over the flattened leading axes."""
+    n, b, k = rows.shape
+    return (rows.reshape(n * b, k) @ matrix).reshape(n, b, matrix.shape[1])
+
+
+def penalty_of_jacobian(jacobian: Float[Array, "n_points n_batches latent_dim"]) -> Float[Array, ""]:
+    """$\\frac{1}{nB}\\sum_{i,b}(\\|\\nabla f_b(\\hat z_i)\\| - 1)^2$ from the per-head gradients."""
+    norms = jnp.sqrt(jnp.sum(jacobian**2, axis=-1) + jnp.finfo(jacobian.dtype).tiny)
+    return jnp.mean((norms - 1.0) ** 2)
+
+
 def gradient_penalty(
     critic: BatchCritic, z: Float[Array, "n_cells latent_dim"], *, key: PRNGKeyArray
 ) -> Float[Array, ""]:
     """WGAN-GP's penalty $\\frac{1}{nB}\\sum_{i,b}(\\|\\nabla f_b(\\hat z_i)\\| - 1)^2$ at random interpolates
-    $\\hat z_i = \\epsilon_i z_i + (1 - \\epsilon_i) z_{\\pi(i)}$ ($\\pi$ a random permutation)."""
-    perm_key, eps_key = jr.split(key)
-    partner = z[jr.permutation(perm_key, z.shape[0])]
-    eps = jr.uniform(eps_key, (z.shape[0], 1), dtype=z.dtype)
-    points = eps * z + (1.0 - eps) * partner
-    jacobian = jax.vmap(jax.jacfwd(lambda v: critic(v[None, :])[0]))(points)  # (n_cells, n_batches, latent_dim)
-    norms = jnp.sqrt(jnp.sum(jacobian**2, axis=-1) + jnp.finfo(z.dtype).tiny)
-    return jnp.mean((norms - 1.0) ** 2)
+    $\\hat z_i = \\epsilon_i z_i + (1 - \\epsilon_i) z_{\\pi(i)}$ ($\\pi$ a random permutation), one per cell (the
+    whole minibatch, as Gulrajani et al.'s implementation)."""
+    return penalty_of_jacobian(input_jacobian(critic, interpolates(z, key=key)))
 
 
 def critic_loss(
