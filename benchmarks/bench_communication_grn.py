@@ -151,8 +151,10 @@ def pbmc_inputs():
     return adata
 
 
-def simulated_inputs(n_cells: int, resource, n_genes: int = 400, n_groups: int = 10):
-    """Splatter-style counts with genes renamed to genes of the resource, log-normalised, groups as labels."""
+def simulated_inputs(n_cells: int, resource, n_genes: int = 2000, n_groups: int = 10):
+    """Splatter-style counts (`simulate_sparse`: 10x-like depth, about a quarter of the entries non-zero) whose
+    genes are every gene of the resource (1,876 for the consensus) plus decoys, in random order, log-normalised;
+    the simulated groups are the labels."""
     import anndata as ad
     import jax.random as jr
     import pandas as pd
@@ -160,12 +162,17 @@ def simulated_inputs(n_cells: int, resource, n_genes: int = 400, n_groups: int =
 
     import diffbio_eqx as dbx
 
-    sim = dbx.simulate(jr.key(0), n_cells=n_cells, n_genes=n_genes, n_groups=n_groups)
+    sim = dbx.simulate_sparse(jr.key(0), n_cells=n_cells, n_genes=n_genes, n_groups=n_groups)
     genes = sorted({u for c in pd.concat([resource["ligand"], resource["receptor"]]) for u in c.split("_")})
-    names = np.random.default_rng(0).choice(genes, n_genes, replace=False)
-    x = sp.csr_matrix(lognorm(np.asarray(sim.counts)))
-    obs = pd.DataFrame({"group": pd.Categorical([f"g{g}" for g in np.asarray(sim.groups)])})
-    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=names))
+    names = np.array((genes + [f"DECOY{i}" for i in range(max(0, n_genes - len(genes)))])[:n_genes], dtype=object)
+    names = names[np.random.default_rng(0).permutation(n_genes)]
+    counts = sim.counts
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    x = sp.csr_matrix(sp.diags((1e4 / np.maximum(totals, 1)).astype(np.float32)) @ counts)
+    x.data = np.log1p(x.data).astype(np.float32)
+    obs = pd.DataFrame({"group": pd.Categorical([f"g{g}" for g in sim.groups])},
+                       index=pd.Index([f"c{i}" for i in range(n_cells)]))
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(names, dtype=str)))
 
 
 def _liana_run(adata, method: str, n_perms: int, resource, groupby: str):

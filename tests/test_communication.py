@@ -13,9 +13,9 @@ import scipy.sparse as sp
 from scipy.stats import spearmanr
 
 import diffbio_eqx as dbx
-from diffbio_eqx._communication._lr import group_trimeans
+from diffbio_eqx._communication._lr import chunk_labels, group_trimeans
 from diffbio_eqx._communication._resource import index_resource
-from diffbio_eqx._communication._stage import LigandReceptor
+from diffbio_eqx._communication._stage import LigandReceptor, score_ligand_receptor
 from diffbio_eqx._communication._table import ligand_receptor_table
 
 
@@ -146,13 +146,30 @@ def eqx_tree_temperature(stage, t):
 
 
 def test_keyed_pvalues_chunking_and_null(getkey):
-    """Chunk size changes nothing; under a null (labels unrelated to x) p-values are near uniform."""
+    """A keyed chunk shares two shuffles (`chunk_labels`): the same key and chunk size reproduce the p-values
+    exactly, other chunk sizes agree within Monte-Carlo error; under a null p-values are near uniform."""
     x, labels, index = _toy(getkey, n_cells=300)
     key = getkey()
-    a = LigandReceptor(index, 3, n_perms=200, chunk_size=7)(x, labels, key=key)
-    b = LigandReceptor(index, 3, n_perms=200, chunk_size=200)(x, labels, key=key)
-    np.testing.assert_array_equal(a.pvalues, b.pvalues)
+    a = score_ligand_receptor(LigandReceptor(index, 3, n_perms=400, chunk_size=7), x, labels, key=key)
+    again = score_ligand_receptor(LigandReceptor(index, 3, n_perms=400, chunk_size=7), x, labels, key=key)
+    np.testing.assert_array_equal(a.pvalues, again.pvalues)
+    b = score_ligand_receptor(LigandReceptor(index, 3, n_perms=400, chunk_size=400), x, labels, key=key)
+    assert 0 < np.max(np.abs(a.pvalues - b.pvalues)) <= 0.12  # sd of a difference of two 400-draw estimates <= 0.035
     assert 0.2 < float(jnp.mean(a.pvalues)) < 0.8
+
+
+def test_chunk_permutations_are_each_uniform_and_distinct(getkey):
+    """Every row of `chunk_labels` is a uniformly random permutation (all 120 orders of 5 cells equally often,
+    chi-square), rows of one chunk differ, and a row's label counts are the labels'."""
+    from scipy.stats import chisquare
+
+    draw = jax.jit(lambda keys, key: (jax.vmap(lambda k: chunk_labels(k, jnp.arange(5), 6))(keys),
+                                      chunk_labels(key, jnp.arange(1000) % 7, 50)))
+    rows, big = draw(jr.split(getkey(), 2000), getkey())
+    orders, counts = np.unique(np.asarray(rows).reshape(-1, 5), axis=0, return_counts=True)
+    assert len(orders) == 120 and chisquare(counts).pvalue > 1e-3
+    assert len(np.unique(np.asarray(big), axis=0)) == 50
+    np.testing.assert_array_equal(np.sort(np.asarray(big), axis=1), np.sort(np.arange(1000) % 7)[None].repeat(50, 0))
 
 
 def test_bad_input_names_the_field(pbmc, resource):

@@ -50,8 +50,8 @@ class LigandReceptor(AbstractStage):
 
     Called on `x` (cells x entity genes, the resource's genes in `ResourceIndex.genes` order, log-normalised as
     LIANA expects) and integer group labels, it returns a `LigandReceptorResult`; with a `key` it adds p-values
-    from `n_perms` label permutations (vmapped in chunks of `chunk_size`). `soft_scores` is the differentiable
-    version. Settings `expr_prop`, `kh` and `temperature` are array leaves.
+    from `n_perms` label permutations (in chunks of `chunk_size`, one matrix product each). `soft_scores` is the
+    differentiable version. Settings `expr_prop`, `kh` and `temperature` are array leaves.
     """
 
     ligand_units: Int[Array, "n_interactions n_units"]
@@ -79,7 +79,8 @@ class LigandReceptor(AbstractStage):
         - `kh`: CellChat's Hill constant (0.5).
         - `n_perms`: label permutations for the p-values (LIANA's 1,000).
         - `temperature`: of the soft score (`soft_scores`).
-        - `chunk_size`: permutations per vmapped chunk (memory ~ `chunk_size x n_cells x n_entities`).
+        - `chunk_size`: permutations per chunk (memory ~ `chunk_size x n_cells x n_groups`); a keyed chunk draws its
+          permutations from two shuffles (`chunk_labels`), so keyed p-values depend on it (not on anything else).
         """
         if method not in ("cellphonedb", "cellchat"):
             raise ValueError(f"method: expected 'cellphonedb' or 'cellchat', got {method!r}")
@@ -127,21 +128,22 @@ class LigandReceptor(AbstractStage):
         result = self._observed(x, labels, sizes)
         if permutations is None and (key is None or self.n_perms == 0):
             return result
+        n_perms = self.n_perms if permutations is None else permutations.shape[0]
+        chunk = min(self.chunk_size, n_perms)
+        n_chunks = -(-n_perms // chunk)
         if permutations is not None:
+            pad = n_chunks * chunk - n_perms
             source = jax.vmap(permuted_labels, in_axes=(None, 0))(labels, permutations)
+            source = jnp.concatenate([source, source[:pad]]) if pad else source
+            source = source.reshape(n_chunks, chunk, source.shape[1])
         else:
             assert key is not None
             typed = key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jr.wrap_key_data(key)  # legacy key
-            source = jr.split(typed, self.n_perms)
-        n_perms = source.shape[0]
-        chunk = min(self.chunk_size, n_perms)
-        n_chunks = -(-n_perms // chunk)
-        pad = n_chunks * chunk - n_perms
-        source = jnp.concatenate([source, source[:pad]]) if pad else source
+            source = jr.split(typed, n_chunks)
         valid = (jnp.arange(n_chunks * chunk) < n_perms).reshape(n_chunks, chunk)
         counts = permutation_counts(
-            x, labels, sizes, result.ligand_gene, result.receptor_gene, result.scores,
-            source.reshape(n_chunks, chunk, *source.shape[1:]), valid, self.method, self.kh.astype(x.dtype))
+            x, labels, sizes, result.ligand_gene, result.receptor_gene, result.scores, source, valid, self.method,
+            self.kh.astype(x.dtype))
         return eqx.tree_at(lambda r: r.pvalues, result, counts.astype(x.dtype) / n_perms)
 
     def soft_scores(self, x: Float[Array, "n_cells n_entities"], membership: Float[Array, "n_cells n_groups"]
