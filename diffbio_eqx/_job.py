@@ -374,8 +374,8 @@ def run_job(
         if batch_correction not in ("harmony", "mmd", "adversarial", "none"):
             raise ValueError(f"batch_correction: must be 'harmony', 'mmd', 'adversarial' or 'none', "
                              f"got {batch_correction!r}")
-        config = config.replace(batch_correction=None if batch_correction == "none" else batch_correction,
-                                enable_batch_correction=batch_correction != "none")
+        config = config.replace(**({"enable_batch_correction": False} if batch_correction == "none" else
+                                   {"batch_correction": batch_correction, "enable_batch_correction": True}))
     if batch_key is not None and arrays.batch_labels is None:  # one batch: nothing to correct
         config = config.replace(enable_batch_correction=False)
     config = config.replace(**{name: value for name, value in (("doublet_filter", steps.doublets),

@@ -16,8 +16,8 @@ TINY: dict[str, Any] = dict(n_genes=60, n_clusters=3, n_batches=2, latent_dim=4,
 
 def test_config_batch_correction_choices():
     assert SingleCellPipelineConfig().batch_correction_method == "harmony"
-    off = SingleCellPipelineConfig(batch_correction=None)
-    assert not off.enable_batch_correction and off.batch_correction_method is None
+    with pytest.raises(ValueError, match="enable_batch_correction=False"):
+        SingleCellPipelineConfig(batch_correction="none")  # one switch turns correction off: enable_*
     assert SingleCellPipelineConfig(batch_correction="mmd", enable_batch_correction=False).batch_correction_method \
         is None
     with pytest.raises(ValueError, match="batch_correction"):

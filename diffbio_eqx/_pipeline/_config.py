@@ -51,8 +51,8 @@ class SingleCellPipelineConfig:
       (Harmony on the VAE latent, new cells mapped onto its reference), `"mmd"` (trVAE's MMD penalty between
       every pair of batches while the VAE trains, `fit_mmd_vae`) or `"adversarial"` (a WGAN-GP batch critic on
       the latent while the VAE trains, `fit_adversarial_vae`); for the last two the corrected embedding is the
-      VAE's latent itself, so new cells need nothing more. None switches batch correction off (sets
-      `enable_batch_correction` to False). `batch_correction_method` is the corrector in force (None when off).
+      VAE's latent itself, so new cells need nothing more. `enable_batch_correction=False` switches batch
+      correction off (the one switch); `batch_correction_method` is the corrector in force (None when off).
     - `mmd_beta` (1.0), `adversarial_weight` (1.0): the MMD weight (trVAE's `beta`) and the adversarial weight.
     """
 
@@ -86,16 +86,14 @@ class SingleCellPipelineConfig:
     # the runtime type-checking hook.
     doublet_filter: str = "none"
     imputation: str = "none"
-    batch_correction: str | None = "harmony"
+    batch_correction: str = "harmony"
     mmd_beta: float = 1.0
     adversarial_weight: float = 1.0
 
     def __post_init__(self):
-        if self.batch_correction not in ("harmony", "mmd", "adversarial", None):
-            raise ValueError("batch_correction: must be 'harmony', 'mmd', 'adversarial' or None, got "
-                             f"{self.batch_correction!r}")
-        if self.batch_correction is None:
-            object.__setattr__(self, "enable_batch_correction", False)
+        if self.batch_correction not in ("harmony", "mmd", "adversarial"):
+            raise ValueError("batch_correction: must be 'harmony', 'mmd' or 'adversarial' (to switch batch "
+                             f"correction off, set enable_batch_correction=False), got {self.batch_correction!r}")
         for name in ("mmd_beta", "adversarial_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
