@@ -23,6 +23,7 @@ from diffbio_eqx._trajectory import (
     transport_maps,
     wot_cost,
 )
+from diffbio_eqx._trajectory._transport import median
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,24 @@ def test_transport_map_matches_wot_on_same_cost(course):
     ours = np.asarray(transport_map(x0, x1, jnp.asarray(growth), jnp.asarray(1.0), OTSettings()).tmap)
     assert pearsonr(ours.ravel(), expected.ravel())[0] >= 0.99
     np.testing.assert_allclose(ours.sum(axis=1), expected.sum(axis=1), rtol=1e-3)
+
+
+def test_kernel_mode_and_momentum_reach_the_log_domain_fixed_point(course):
+    x, day, _, _ = course
+    x0, x1 = jnp.asarray(x[day == 0]), jnp.asarray(x[day == 1])
+    growth, dt = jnp.ones(x0.shape[0]), jnp.asarray(1.0)
+    fast = transport_map(x0, x1, growth, dt, OTSettings())  # kernel mode, over-relaxation 1.8
+    plain = transport_map(x0, x1, growth, dt, OTSettings(lse_mode=True, momentum=1.0))  # ott's default Sinkhorn
+    assert bool(np.all(np.asarray(fast.converged)))
+    np.testing.assert_allclose(np.asarray(fast.tmap), np.asarray(plain.tmap), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 1000, 1001])
+def test_median_is_numpy_median(n):
+    values = np.abs(np.random.default_rng(n).normal(size=(n, 1)))
+    values[0] = 0.0
+    assert float(median(jnp.asarray(values))) == np.median(values)
+    assert float(median(jnp.asarray(values, jnp.float32))) == np.median(values.astype(np.float32))
 
 
 def test_transport_maps_match_wot_model(course, maps):
@@ -126,3 +145,5 @@ def test_transport_bad_input(course):
         transport_maps(x, day, pairs=[(1.0, 0.0)])
     with pytest.raises(ValueError, match="epsilon: must be a positive number"):
         OTSettings(epsilon=0.0)
+    with pytest.raises(ValueError, match=r"momentum: must be in \[1, 2\)"):
+        OTSettings(momentum=2.5)
