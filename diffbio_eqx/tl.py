@@ -846,13 +846,18 @@ def pseudobulk_de(
     reference: str,
     test: str,
     layer: str | None = None,
+    refit_cooks: bool = True,
+    cooks_filter: bool = True,
+    independent_filter: bool = True,
+    alpha: float = 0.05,
     key_added: str = "pseudobulk_de",
 ) -> pd.DataFrame:
     """Pseudobulk DESeq2 of `test` against `reference`, as pydeseq2 (`~condition`, Wald test, BH).
 
     Counts are summed per sample; the design is an intercept plus one indicator per non-reference condition
-    (pydeseq2's treatment coding). See `diffbio_eqx._de._deseq2` for what matches pydeseq2 and what is left out
-    (Cooks outlier refit and flags, independent filtering).
+    (pydeseq2's treatment coding). See `diffbio_eqx._de._deseq2` for each step as pydeseq2 runs it, with its
+    defaults: Cook's outliers replaced and refitted in conditions of 7 or more samples, p-values of remaining
+    outliers NaN, independent filtering on `baseMean` at `alpha`.
 
     **Arguments:**
 
@@ -860,6 +865,8 @@ def pseudobulk_de(
     - `sample_key`, `condition_key`: `obs` columns of the replicate sample and of its condition.
     - `reference`, `test`: the two conditions compared (log2 fold change of `test` over `reference`).
     - `layer`: read counts from this layer. `key_added`: `uns` key of the table.
+    - `refit_cooks`, `cooks_filter`, `independent_filter`, `alpha`: as `pydeseq2`'s `DeseqDataSet(refit_cooks)`
+      and `DeseqStats(alpha, cooks_filter, independent_filter)`.
 
     **Returns:** a table indexed by gene with pydeseq2's `results_df` columns `baseMean`, `log2FoldChange`,
     `lfcSE`, `stat`, `pvalue`, `padj`; also stored in `uns[key_added]["results"]` with the size factors.
@@ -879,12 +886,16 @@ def pseudobulk_de(
         raise ValueError("X: every gene has a zero in some sample; median-of-ratios size factors need one without")
     contrast = np.array([0.0] + [1.0 if c == test else 0.0 for c in levels[1:]])
     linear_mu = len(np.unique(design, axis=0)) == design.shape[1]
-    result = deseq2(jnp.asarray(summed), jnp.asarray(design), jnp.asarray(contrast), linear_mu=linear_mu)
+    result = deseq2(jnp.asarray(summed), jnp.asarray(design), jnp.asarray(contrast), linear_mu=linear_mu,
+                    refit_cooks=refit_cooks, cooks_filter=cooks_filter, independent_filter=independent_filter,
+                    alpha=alpha)
     table = pd.DataFrame({name: np.asarray(getattr(result, field)) for name, field in (
         ("baseMean", "base_mean"), ("log2FoldChange", "log2_fold_change"), ("lfcSE", "lfc_se"), ("stat", "stat"),
         ("pvalue", "pvalue"), ("padj", "padj"))}, index=adata.var_names.copy())
     adata.uns[key_added] = {"params": {"sample_key": sample_key, "condition_key": condition_key,
-                                       "reference": reference, "test": test},
+                                       "reference": reference, "test": test, "refit_cooks": refit_cooks,
+                                       "cooks_filter": cooks_filter, "independent_filter": independent_filter,
+                                       "alpha": alpha},
                             "results": table, "size_factors": np.asarray(result.size_factors)}
     return table
 

@@ -24,15 +24,27 @@ The steps and their defaults follow `pydeseq2.dds.DeseqDataSet.deseq2` and `pyde
    deviance changes by less than $10^{-8}$ relatively), the **Wald test** of a contrast
    ($\\mathrm{SE}^2 = c^\\top H M H c$, $H = (M + 10^{-6} I)^{-1}$, $M = X^\\top W X$) and **Benjamini-Hochberg**.
 
-Not done here: pydeseq2's Cooks-distance outlier refit and flagging (it only replaces counts with 7 or more
-replicates per condition) and the independent filtering of `DeseqStats(independent_filter=True)`; compare with
-`cooks_filter=False, independent_filter=False` (and `refit_cooks=False`).
+7. **Cook's distances** $D = \\frac{(y - \\mu)^2}{(\\mu + \\alpha_\\text{rob}\\mu^2)\\,p}\\,\\frac{h}{(1-h)^2}$ with
+   the GLM's hat diagonals $h$ and pydeseq2's trimmed-moment dispersion $\\alpha_\\text{rob}$ (floored at 0.04);
+   the cutoff is the 0.99 quantile of $F(p, m - p)$.
+8. **Outlier refit** (`refit_cooks=True`, pydeseq2's `refit`): in samples whose design row has at least
+   `min_replicates = 7` replicates, counts above the cutoff become $\\lfloor s_j \\cdot \\mathrm{trim}_{0.2}(y/s)
+   \\rfloor$, and the genes with a replaced count are refitted (gene-wise and MAP dispersions, LFCs) with the
+   same size factors, trend and prior; genes all zero after replacement get LFC 0 and p-value 1.
+9. **Cook's filter** (`cooks_filter=True`): p-values of genes with a Cook's distance above the cutoff in a sample
+   of a design row with 3 or more replicates (refitted genes: only in non-replaceable samples) become NaN, unless 3
+   or more samples count more than the sample of largest distance.
+10. **Independent filtering** (`independent_filter=True`, `DeseqStats._independent_filtering`): BH over the genes
+   with `baseMean` at least each of 50 quantiles from the share of zero means to 0.95; pydeseq2's lowess
+   (`frac=1/5`, 3 robust passes) of the rejections at `alpha` against the quantile; the first quantile whose
+   rejections exceed the lowess maximum minus the residuals' RMS (the lowest if at most 10 rejections).
 """
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.scipy.special as jsp
+import numpy as np
 from jaxtyping import Array, Bool, Float
 
 
@@ -270,6 +282,141 @@ def wald_test(
     return 2.0 * jsp.ndtr(-jnp.abs(stat)), stat, se
 
 
+def hat_diagonals(
+    beta: Float[Array, " n_vars"], sf: Float[Array, " n_samples"], design: Float[Array, "n_samples n_vars"],
+    disp: Float[Array, ""],
+) -> Float[Array, " n_samples"]:
+    """pydeseq2's `irls_solver` leverages: $\\mathrm{diag}(W^{1/2} X (X^\\top W X + 10^{-6} I)^{-1} X^\\top W^{1/2})$
+    at the fitted (floored) means."""
+    mu = jnp.maximum(sf * jnp.exp(design @ beta), MIN_MU)
+    w = mu / (1.0 + mu * disp)
+    inv = jnp.linalg.inv((design.T * w[None, :]) @ design + 1e-6 * jnp.eye(design.shape[1], dtype=mu.dtype))
+    return jnp.einsum("ij,jk,ik->i", design, inv, design) * w
+
+
+def _replicates(design: Float[Array, "n_samples n_vars"]) -> Float[Array, " n_samples"]:
+    """How many samples share each sample's design row (pydeseq2's `n_or_more_replicates` counts)."""
+    return jnp.sum(jnp.all(design[:, None, :] == design[None, :, :], axis=-1), axis=1)
+
+
+def _masked_trimmed_mean(values: Float[Array, "n_samples n_genes"], mask: Bool[Array, " n_samples"],
+                         proportion: Float[Array, ""]) -> Float[Array, " n_genes"]:
+    """pydeseq2's `trimmed_mean(values[mask], trim=proportion, axis=0)` (cut $\\lfloor n\\,p \\rfloor$ each end)."""
+    n = jnp.sum(mask)
+    s = jnp.sort(jnp.where(mask[:, None], values, jnp.inf), axis=0)
+    cut = jnp.floor(n.astype(values.dtype) * proportion).astype(n.dtype)
+    idx = jnp.arange(values.shape[0])
+    keep = ((idx >= cut) & (idx < n - cut))[:, None]
+    return jnp.sum(jnp.where(keep, s, 0.0), axis=0) / jnp.sum(keep).astype(values.dtype)
+
+
+def robust_dispersions(normed: Float[Array, "n_samples n_genes"], design: Float[Array, "n_samples n_vars"]
+                       ) -> Float[Array, " n_genes"]:
+    """pydeseq2's `robust_method_of_moments_disp`: $\\max((v - m)/m^2, 0.04)$ with $v$ the largest trimmed variance
+    over the design rows with 3 or more replicates (`trimmed_cell_variance`; all samples with `trimmed_variance`
+    when there is none) and $m$ the mean."""
+    same = jnp.all(design[:, None, :] == design[None, :, :], axis=-1)
+    dtype = normed.dtype
+    n_rep = jnp.sum(same, axis=1).astype(dtype)
+    bin_ = jnp.where(n_rep >= 23.5, 2, jnp.where(n_rep >= 3.5, 1, 0))
+    ratio = jnp.asarray([1 / 3, 1 / 4, 1 / 8], dtype)[bin_]
+    scale = jnp.asarray([2.04, 1.86, 1.51], dtype)[bin_]
+
+    def cell(member, r, c):  # the trimmed variance of one sample's design row
+        centre = _masked_trimmed_mean(normed, member, r)
+        return c * _masked_trimmed_mean((normed - centre[None, :]) ** 2, member, r)
+
+    per_cell = jax.vmap(cell)(same, ratio, scale)
+    three = n_rep >= 3
+    everyone = jnp.ones(normed.shape[0], bool)
+    overall = cell(everyone, jnp.asarray(0.125, dtype), jnp.asarray(1.51, dtype))
+    v = jnp.where(jnp.any(three), jnp.max(jnp.where(three[:, None], per_cell, -jnp.inf), axis=0), overall)
+    m = jnp.mean(normed, axis=0)
+    return jnp.maximum((v - m) / m**2, 0.04)
+
+
+def cooks_distances(
+    counts: Float[Array, "n_samples n_genes"], sf: Float[Array, " n_samples"], design: Float[Array, "n_samples n_vars"],
+    beta: Float[Array, "n_genes n_vars"], disp: Float[Array, " n_genes"],
+) -> Float[Array, "n_samples n_genes"]:
+    """pydeseq2's `calculate_cooks`: $(y - \\mu)^2 / ((\\mu + \\alpha_\\text{rob}\\mu^2) p) \\cdot h / (1 - h)^2$ with
+    the unfloored GLM means $\\mu = s e^{X\\beta}$."""
+    mu = sf[:, None] * jnp.exp(design @ beta.T)
+    h = jax.vmap(lambda b, a: hat_diagonals(b, sf, design, a), out_axes=1)(beta, disp)
+    robust = robust_dispersions(counts / sf[:, None], design)
+    return (counts - mu) ** 2 / (mu + robust[None, :] * mu**2) / design.shape[1] * h / (1.0 - h) ** 2
+
+
+def lowess(features: Float[Array, " n"], targets: Float[Array, " n"], frac: float = 2.0 / 3.0, n_iter: int = 3
+           ) -> Float[Array, " n"]:
+    """pydeseq2's `utils.lowess` (robust locally weighted linear regression, tricube weights, bisquare
+    robustness from the median absolute residual), as it computes it."""
+    n = features.shape[0]
+    r = int(np.ceil(frac * n))
+    h = jnp.maximum(jnp.sort(jnp.abs(features[None, :] - features[:, None]), axis=1)[:, r], 1e-12)
+    w = jnp.clip(jnp.abs(jnp.nan_to_num((features[:, None] - features[None, :]) / h[None, :])), 0.0, 1.0)
+    w = (1.0 - w**3) ** 3
+
+    def fit(i, delta):
+        weights = delta * w[:, i]
+        b = jnp.stack([jnp.sum(weights * targets), jnp.sum(weights * targets * features)])
+        a = jnp.stack([jnp.stack([jnp.sum(weights), jnp.sum(weights * features)]),
+                       jnp.stack([jnp.sum(weights * features), jnp.sum(weights * features**2)])])
+        coef = jnp.linalg.lstsq(a, b)[0]
+        return coef[0] + coef[1] * features[i]
+
+    def robust_pass(delta, _):
+        yest = jax.vmap(fit, in_axes=(0, None))(jnp.arange(n), delta)
+        residuals = targets - yest
+        s = jnp.median(jnp.abs(residuals))
+        d = jnp.where(s == 0, (jnp.abs(residuals) > 0).astype(targets.dtype),
+                      jnp.clip(residuals / (6.0 * jnp.where(s == 0, 1.0, s)), -1.0, 1.0))
+        return (1.0 - d**2) ** 2, yest
+
+    _, fits = jax.lax.scan(robust_pass, jnp.ones(n, targets.dtype), length=n_iter)
+    return fits[-1]
+
+
+def independent_filtering(
+    pvalue: Float[Array, " n_genes"], base_mean: Float[Array, " n_genes"], alpha: float = 0.05
+) -> Float[Array, " n_genes"]:
+    """pydeseq2's `DeseqStats._independent_filtering`: adjusted p-values after dropping the genes whose
+    `base_mean` is below the chosen quantile (NaN for them)."""
+    dtype = pvalue.dtype
+    lower = jnp.mean(base_mean == 0)
+    upper = jnp.where(lower < 0.95, 0.95, 1.0)
+    theta = jnp.linspace(lower.astype(dtype), upper.astype(dtype), 50)
+    cutoffs = jnp.quantile(base_mean, theta)
+    valid = ~jnp.isnan(pvalue)
+    adjusted = jax.vmap(lambda c: masked_benjamini_hochberg(jnp.where((base_mean >= c) & valid, pvalue, jnp.nan)))(
+        cutoffs)
+    num_rej = jnp.sum(adjusted < alpha, axis=1).astype(dtype)
+    smooth = lowess(theta, num_rej, frac=1 / 5)
+    positive = num_rej > 0
+    rms = jnp.sqrt(jnp.sum(jnp.where(positive, (num_rej - smooth) ** 2, 0.0)) / jnp.sum(positive).astype(dtype))
+    above = num_rej > jnp.max(smooth) - rms
+    j = jnp.where((jnp.max(num_rej) <= 10) | ~jnp.any(above), 0, jnp.argmax(above))
+    return adjusted[j]
+
+
+def _genewise(safe, sf, design, linear_mu: bool):
+    """Rough dispersions, the means they start from, gene-wise dispersions (steps 2-3)."""
+    normed = safe / sf[:, None]
+    rough = rough_dispersions(normed, design, sf)
+    if linear_mu:
+        mu_hat = jnp.maximum(sf[:, None] * (design @ _least_squares(design, normed)), MIN_MU)
+    else:
+        mu_hat = jax.vmap(lambda y, a: irls(y, sf, design, a)[1], out_axes=1)(safe.T, rough)
+    return mu_hat, _dispersion_fits(safe, design, mu_hat, jnp.log(rough))
+
+
+def _map_and_lfc(safe, sf, design, mu_hat, gw, fitted, prior_var, squared_logres):
+    """MAP dispersions (gene-wise kept above the trend by 2 MAD) and the NB GLM coefficients (steps 5-6)."""
+    map_disp = _dispersion_fits(safe, design, mu_hat, jnp.log(fitted), prior=(jnp.log(fitted), prior_var))
+    disp = jnp.where(jnp.log(gw) > jnp.log(fitted) + 2.0 * jnp.sqrt(squared_logres), gw, map_disp)
+    return disp, jax.vmap(lambda y, a: irls(y, sf, design, a)[0])(safe.T, disp)
+
+
 @eqx.filter_jit
 def deseq2(
     counts: Float[Array, "n_samples n_genes"],
@@ -277,9 +424,14 @@ def deseq2(
     contrast: Float[Array, " n_vars"],
     *,
     linear_mu: bool,
+    refit_cooks: bool = True,
+    cooks_filter: bool = True,
+    independent_filter: bool = True,
+    alpha: float = 0.05,
+    min_replicates: int = 7,
 ) -> DESeq2Result:
-    """DESeq2 on a samples-by-genes count matrix, as pydeseq2 with `refit_cooks=False` and `DeseqStats(...,
-    cooks_filter=False, independent_filter=False)`.
+    """DESeq2 on a samples-by-genes count matrix, as pydeseq2's `DeseqDataSet(..., refit_cooks)` then
+    `DeseqStats(..., alpha, cooks_filter, independent_filter)` (Wald test of `contrast`); pydeseq2's defaults.
 
     **Arguments:**
 
@@ -287,34 +439,65 @@ def deseq2(
     - `design`: the design matrix (intercept column included), full column rank, more rows than columns.
     - `contrast`: the contrast vector over the design's columns.
     - `linear_mu`: the design has as many distinct rows as columns (pydeseq2 then starts from a linear
-      regression, else from an IRLS fit). (Keyword only, static.)
+      regression, else from an IRLS fit). (Keyword only, static, as all below.)
+    - `refit_cooks`: replace Cook's outliers in design rows with `min_replicates` or more samples and refit.
+    - `cooks_filter`: NaN p-values for genes with a remaining Cook's outlier.
+    - `independent_filter`: filter on the mean of normalised counts to maximise rejections at `alpha` (else BH over
+      all tested genes).
     """
+    import scipy.stats  # the F quantile of the static shape, once at trace time
+
     n_samples, n_vars = design.shape
+    cutoff = float(scipy.stats.f.ppf(0.99, n_vars, n_samples - n_vars))
     sf = size_factors(counts)
-    normed = counts / sf[:, None]
-    base_mean = jnp.mean(normed, axis=0)
+    base_mean = jnp.mean(counts / sf[:, None], axis=0)
     nonzero = jnp.any(counts > 0, axis=0)
     safe = jnp.where(nonzero[None, :], counts, 1.0)  # all-zero genes are fitted on ones, then reported as NaN
-    normed_safe = safe / sf[:, None]
-    rough = rough_dispersions(normed_safe, design, sf)
-    if linear_mu:
-        mu_hat = jnp.maximum(sf[:, None] * (design @ _least_squares(design, normed_safe)), MIN_MU)
-    else:
-        mu_hat = jax.vmap(lambda y, a: irls(y, sf, design, a)[1], out_axes=1)(safe.T, rough)
-    gw = _dispersion_fits(safe, design, mu_hat, jnp.log(rough))
+    mu_hat, gw = _genewise(safe, sf, design, linear_mu)
     fitted, squared_logres, prior_var, trend = _shrunk_dispersions(
         gw, jnp.where(nonzero, base_mean, 1.0), nonzero, n_samples, n_vars)
-    map_disp = _dispersion_fits(safe, design, mu_hat, jnp.log(fitted), prior=(jnp.log(fitted), prior_var))
-    disp = jnp.where(jnp.log(gw) > jnp.log(fitted) + 2.0 * jnp.sqrt(squared_logres), gw, map_disp)
-    beta = jax.vmap(lambda y, a: irls(y, sf, design, a)[0])(safe.T, disp)
+    disp, beta = _map_and_lfc(safe, sf, design, mu_hat, gw, fitted, prior_var, squared_logres)
+    cooks = jnp.where(nonzero[None, :], cooks_distances(safe, sf, design, beta, disp), jnp.nan)
+    n_rep = _replicates(design)
+    replaceable = n_rep >= min_replicates
+    new_zero = refitted = jnp.zeros_like(nonzero)
+    if refit_cooks:
+        outliers = cooks > cutoff
+        replaced = jnp.any(outliers, axis=0) & jnp.any(replaceable)
+        trimmed = _masked_trimmed_mean(counts / sf[:, None], jnp.ones(n_samples, bool), jnp.asarray(0.2, sf.dtype))
+        replacement = jnp.floor(trimmed[None, :] * sf[:, None])
+        new_counts = jnp.where(replaced[None, :] & replaceable[:, None] & outliers, replacement, counts)
+        new_zero = replaced & jnp.all(new_counts == 0, axis=0)
+        refitted = replaced & ~new_zero
+        new_safe = jnp.where(refitted[None, :], new_counts, safe)
+        new_mean = jnp.mean(new_counts / sf[:, None], axis=0)
+
+        def refit(_):  # pydeseq2's `_refit_without_outliers`: the trend and prior variance are kept
+            r_mu_hat, r_gw = _genewise(new_safe, sf, design, linear_mu)
+            r_fitted = trend[0] + trend[1] / jnp.where(refitted, new_mean, 1.0)
+            r_disp, r_beta = _map_and_lfc(new_safe, sf, design, r_mu_hat, r_gw, r_fitted, prior_var, squared_logres)
+            return (jnp.where(refitted, r_gw, gw), jnp.where(refitted, r_fitted, fitted),
+                    jnp.where(refitted, r_disp, disp), jnp.where(refitted[:, None], r_beta, beta))
+
+        gw, fitted, disp, beta = jax.lax.cond(jnp.any(refitted), refit, lambda _: (gw, fitted, disp, beta), None)
+        beta = jnp.where(new_zero[:, None], 0.0, beta)
+        base_mean = jnp.where(refitted, new_mean, jnp.where(new_zero, 0.0, base_mean))
     mu = sf[None, :] * jnp.exp(beta @ design.T)
     pvalue, stat, se = jax.vmap(lambda b, m, a: wald_test(b, m, design, a, contrast))(beta, mu, disp)
+    pvalue, stat, se = (jnp.where(new_zero, fill, v) for v, fill in ((pvalue, 1.0), (stat, 0.0), (se, 0.0)))
     nan = jnp.asarray(jnp.nan, counts.dtype)
     hide = lambda v: jnp.where(nonzero, v, nan)
     pvalue = hide(pvalue)
+    if cooks_filter:  # pydeseq2's `cooks_outlier`: distances of refitted genes in replaceable samples count 0
+        flagged = jnp.where(refitted[None, :] & replaceable[:, None], 0.0, cooks)
+        outlier = jnp.any((n_rep >= 3)[:, None] & (flagged > cutoff), axis=0)
+        top = jnp.take_along_axis(counts, jnp.argmax(jnp.where(jnp.isnan(cooks), -jnp.inf, cooks), axis=0)[None], 0)
+        outlier = outlier & (jnp.sum(counts > top, axis=0) < 3)
+        pvalue = jnp.where(outlier, nan, pvalue)
+    padj = independent_filtering(pvalue, base_mean, alpha) if independent_filter else masked_benjamini_hochberg(pvalue)
     return DESeq2Result(
         base_mean=base_mean, log2_fold_change=hide(beta @ contrast / jnp.log(2.0)), lfc_se=hide(se / jnp.log(2.0)),
-        stat=hide(stat), pvalue=pvalue, padj=masked_benjamini_hochberg(pvalue), genewise_dispersions=hide(gw),
+        stat=hide(stat), pvalue=pvalue, padj=padj, genewise_dispersions=hide(gw),
         fitted_dispersions=hide(fitted), dispersions=hide(disp), coefficients=jnp.where(nonzero[:, None], beta, nan),
         size_factors=sf, trend=trend, prior_disp_var=prior_var,
     )

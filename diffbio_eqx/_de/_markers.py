@@ -14,8 +14,10 @@ Faithful to scanpy 1.x (`scanpy/tools/_rank_genes_groups.py`):
   the log-scale means.
 - **Benjamini-Hochberg** adjusted p-values (statsmodels' `fdr_bh`).
 
-The mid-ranks come from two `searchsorted` calls on the sorted column (rank = #smaller + (#equal + 1) / 2), and the
-tie sum from the same counts ($\\sum_i (t_i^2 - 1) = \\sum_{\\text{ties}} (t^3 - t)$), so nothing is
+Against the rest, one sort per gene carries each cell's group: in sorted order a cell's mid-rank is the mean of the
+first and last positions of its value (+1), the rank sums are segment sums over the groups and the tie sum is
+$\\sum_i (t_i^2 - 1) = \\sum_{\\text{ties}} (t^3 - t)$. Against a reference group the mid-ranks come from two
+`searchsorted` calls on the sorted column (rank = #smaller + (#equal + 1) / 2). Nothing is
 $n_\\text{cells} \\times n_\\text{cells}$.
 """
 
@@ -23,7 +25,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.scipy.special as jsp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 
 def midranks(
@@ -137,15 +139,45 @@ class MarkerResult(eqx.Module):
     mean_rest: Float[Array, "n_groups n_genes"]
 
 
-def _wilcoxon_scores(x, groups, rests, tie_correct: bool, batch_size: int, vs_rest: bool):
-    def per_gene(column):
-        if vs_rest:  # every comparison uses all cells: rank once per gene (scanpy does the same)
-            everyone = jnp.ones(column.shape, bool)
-            ranks, ties = midranks(column, everyone)
-            return jax.vmap(lambda g: _z_from_ranks(ranks, ties, g, everyone, tie_correct))(groups)
+def sorted_rank_sums(
+    values: Float[Array, " n_cells"], labels: Int[Array, " n_cells"], n_labels: int, dtype
+) -> tuple[Float[Array, " n_labels"], Float[Array, ""]]:
+    """Sums of the mid-ranks of `values` (among all cells) per label in `[0, n_labels)` (cells with label
+    `n_labels` rank but count in no sum), and the tie sum $\\sum_i (t_i^2 - 1)$, from one sort carrying the
+    labels: in sorted order a cell's mid-rank is $(f + l)/2 + 1$ with $f$, $l$ the first and last positions of its
+    value."""
+    s, lab = jax.lax.sort((values, labels), num_keys=1)
+    n = values.shape[0]
+    idx = jnp.arange(n)
+    change = s[1:] != s[:-1]
+    first = jax.lax.cummax(jnp.where(jnp.concatenate([jnp.ones(1, bool), change]), idx, 0))
+    last = jax.lax.cummin(jnp.where(jnp.concatenate([change, jnp.ones(1, bool)]), idx, n), reverse=True)
+    ranks = (first + last).astype(dtype) / 2.0 + 1.0
+    ties = (last - first + 1).astype(dtype)
+    return jax.ops.segment_sum(ranks, lab, num_segments=n_labels + 1)[:n_labels], jnp.sum(ties**2 - 1.0)
+
+
+def _wilcoxon_scores(x, groups, rests, tie_correct: bool, batch_size: int, vs_rest: bool, dtype):
+    if vs_rest:  # every comparison ranks all cells: one sort per gene carrying each cell's group
+        n_groups, n_cells = groups.shape
+        labels = jnp.where(jnp.any(groups, axis=0), jnp.argmax(groups, axis=0), n_groups).astype(jnp.int32)
+        n = jnp.sum(groups, axis=1).astype(dtype)
+        total = jnp.asarray(n_cells, dtype)
+        m = total - n
+
+        def per_gene(column):
+            sums, tie_term = sorted_rank_sums(column, labels, n_groups, dtype)
+            coef = 1.0 - tie_term / (total**3 - total) if tie_correct else jnp.ones((), dtype)
+            z = (sums - n * (total + 1.0) / 2.0) / jnp.sqrt(coef * n * m * (total + 1.0) / 12.0)
+            return jnp.where(jnp.isnan(z), 0.0, z)
+
+        return jax.lax.map(per_gene, x.T, batch_size=batch_size).T
+
+    def per_pair(column):
+        column = column.astype(dtype)
         return jax.vmap(lambda g, r: rank_sum_z(column, g, g | r, tie_correct))(groups, rests)
 
-    return jax.lax.map(per_gene, x.T, batch_size=batch_size).T
+    return jax.lax.map(per_pair, x.T, batch_size=batch_size).T
 
 
 @eqx.filter_jit
@@ -172,14 +204,14 @@ def rank_genes(
     - `log_base`: $\\ln b$ of the data's logarithm base (1 for natural log).
     - `method`: `"wilcoxon"`, `"t-test"` or `"t-test_overestim_var"`. (Keyword only, static.)
     - `tie_correct`: Wilcoxon tie correction (scanpy's default is off). (Keyword only, static.)
-    - `vs_rest`: every row of `rests` is the complement of `groups`' row (rank once per gene). (Keyword only,
-      static.)
+    - `vs_rest`: every row of `rests` is the complement of `groups`' row and the groups are disjoint (rank once
+      per gene, in `x`'s own dtype: its order and ties are those of the float64 values). (Keyword only, static.)
     - `batch_size`: genes ranked at once (memory only). (Keyword only, static.)
     """
     mean_g, var_g, n_g = group_moments(x, groups)
     mean_r, var_r, n_r = group_moments(x, rests)
     if method == "wilcoxon":
-        scores = _wilcoxon_scores(x.astype(mean_g.dtype), groups, rests, tie_correct, batch_size, vs_rest)
+        scores = _wilcoxon_scores(x, groups, rests, tie_correct, batch_size, vs_rest, mean_g.dtype)
         pvals = normal_two_sided(scores)
     elif method in ("t-test", "t-test_overestim_var"):
         n_other = n_g if method == "t-test_overestim_var" else n_r
