@@ -14,7 +14,8 @@
   fingerprint of the simulated data), because a 220-regression GBM run is too slow for the test suite.
 
 Writes `benchmarks/results/communication_grn.json`.
-Run: `python benchmarks/bench_communication_grn.py [lr|grn ...] [--sizes 10000 100000] [--rf-targets 40]`.
+Run: `python benchmarks/bench_communication_grn.py [lr|grn ...] [--sizes 10000 100000] [--rf-targets 40]
+[--liana-perms-small 1000] [--liana-perms-large 10 30] [--no-pbmc]`.
 """
 
 import os
@@ -185,8 +186,16 @@ def _liana_run(adata, method: str, n_perms: int, resource, groupby: str):
     return copy.uns["r"], time.perf_counter() - start
 
 
-def compare_lr(adata, groupby: str, method: str, resource, liana_perms: int) -> dict:
-    """Ours (1,000 keyed permutations; compile timed apart) against LIANA on one dataset."""
+def compare_lr(adata, groupby: str, method: str, resource, liana_perms: tuple[int, ...]) -> dict:
+    """Ours (1,000 keyed permutations; compile timed apart) against LIANA on one dataset, timed side by side.
+
+    LIANA runs with each permutation count in `liana_perms`; with one count of 1,000 its time is measured, with two
+    smaller counts `a < b` its time for 1,000 is the straight line through both (fixed cost plus `1000 - b` more
+    permutations at the measured marginal cost per permutation), marked `liana_time_extrapolated`. Agreement is
+    against LIANA's run with the most permutations.
+    """
+    import os
+
     import jax.random as jr
     from scipy.stats import spearmanr
 
@@ -194,42 +203,61 @@ def compare_lr(adata, groupby: str, method: str, resource, liana_perms: int) -> 
 
     run = lambda: ligand_receptor_table(adata.X, adata.var_names, adata.obs[groupby], resource,  # noqa: E731
                                         method=method, key=jr.key(0), n_perms=1000)
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     run()
     first = time.perf_counter() - start
     start = time.perf_counter()
     ours = run()
     ours_s = time.perf_counter() - start
-    ref, liana_s = _liana_run(adata, method, liana_perms, resource, groupby)
+    liana_times = {}
+    for perms in liana_perms:
+        ref, liana_times[perms] = _liana_run(adata, method, perms, resource, groupby)
+    top = max(liana_perms)
+    if len(liana_perms) == 1:
+        liana_1000 = liana_times[top] * 1000 / top
+    else:
+        low = min(liana_perms)
+        per_perm = (liana_times[top] - liana_times[low]) / (top - low)
+        liana_1000 = liana_times[top] + (1000 - top) * per_perm
     keys = ["source", "target", "ligand_complex", "receptor_complex"]
     merged = ref.merge(ours, on=keys, suffixes=("_liana", ""))
     score, pval = ("lr_means", "cellphone_pvals") if method == "cellphonedb" else ("lr_probs", "cellchat_pvals")
-    scale = 1000 / liana_perms
     return {
-        "n_cells": int(adata.n_obs), "n_interactions_ours": len(ours), "n_interactions_liana": len(ref),
+        "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "n_groups": int(adata.obs[groupby].nunique()),
+        "n_interactions_ours": len(ours), "n_interactions_liana": len(ref),
         "n_matched": len(merged), "ours_seconds_1000_perms": ours_s, "ours_compile_seconds": first - ours_s,
-        "liana_perms": liana_perms, "liana_seconds": liana_s,
-        "liana_seconds_1000_perms": liana_s * scale, "liana_time_extrapolated": liana_perms != 1000,
-        "speedup": liana_s * scale / ours_s,
+        "liana_seconds_by_perms": {str(k): v for k, v in liana_times.items()},
+        "liana_seconds_1000_perms": liana_1000, "liana_time_extrapolated": liana_perms != (1000,),
+        "speedup": liana_1000 / ours_s, "load_average_at_start": load, "load_average_at_end": os.getloadavg()[0],
         "max_abs_score_diff": float(np.max(np.abs(merged[score] - merged[score + "_liana"]))),
         "score_spearman": float(spearmanr(merged[score], merged[score + "_liana"]).statistic),
+        "agreement_against_liana_perms": top,
         "p_call_agreement": float(np.mean((merged[pval] < 0.05) == (merged[pval + "_liana"] < 0.05))),
         "max_abs_p_diff_independent_draws": float(np.max(np.abs(merged[pval] - merged[pval + "_liana"]))),
     }
 
 
-def run_lr(sizes: list[int], liana_perms_large: int) -> dict:
+def run_lr(sizes: list[int], liana_perms: dict[str, tuple[int, ...]], pbmc: bool, out: dict, save) -> dict:
+    """Fills `out` (the `lr` results) one dataset at a time, calling `save()` after each."""
+    import resource as rusage
+
     import diffbio_eqx as dbx
 
     resource = dbx.datasets.ligand_receptor_pairs()
-    out = {"pbmc68k": {m: compare_lr(pbmc_inputs(), "bulk_labels", m, resource, 1000)
-                       for m in ("cellphonedb", "cellchat")}}
-    print(json.dumps(out, indent=1), flush=True)
+    if pbmc:
+        out["pbmc68k"] = {m: compare_lr(pbmc_inputs(), "bulk_labels", m, resource, (1000,))
+                          for m in ("cellphonedb", "cellchat")}
+        print(json.dumps(out["pbmc68k"], indent=1), flush=True)
+        save()
     for n_cells in sizes:
         adata = simulated_inputs(n_cells, resource)
-        perms = 1000 if n_cells <= 20_000 else liana_perms_large
+        perms = liana_perms["small"] if n_cells <= 20_000 else liana_perms["large"]
         out[f"simulated_{n_cells}"] = {"cellphonedb": compare_lr(adata, "group", "cellphonedb", resource, perms)}
+        out[f"simulated_{n_cells}"]["cellphonedb"]["peak_rss_gb_process"] = (
+            rusage.getrusage(rusage.RUSAGE_SELF).ru_maxrss / 2**20)
         print(json.dumps(out[f"simulated_{n_cells}"], indent=1), flush=True)
+        save()
     return out
 
 
@@ -238,19 +266,27 @@ def main() -> None:
     parser.add_argument("parts", nargs="*", default=["lr", "grn"])
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--rf-targets", type=int, default=40)
-    parser.add_argument("--liana-perms-large", type=int, default=100,
-                        help="LIANA's permutations above 20k cells (its time is scaled to 1,000 and marked so)")
+    parser.add_argument("--liana-perms-small", type=int, nargs="+", default=[1000],
+                        help="LIANA's permutation counts up to 20k cells (two counts: its 1,000 is extrapolated)")
+    parser.add_argument("--liana-perms-large", type=int, nargs="+", default=[10, 30],
+                        help="LIANA's permutation counts above 20k cells (two counts: its 1,000 is extrapolated)")
+    parser.add_argument("--no-pbmc", action="store_true", help="leave the pbmc68k rows as they are")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results["environment"] = environment("liana", "scikit-learn", "scanpy")
+
+    def save() -> None:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+
     if "grn" in args.parts:
         results["grn"] = run_grn(args.rf_targets)
         print(json.dumps(results["grn"], indent=1))
+        save()
     if "lr" in args.parts:
-        results["lr"] = run_lr(args.sizes, args.liana_perms_large)
-        print(json.dumps(results["lr"], indent=1))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        perms = {"small": tuple(args.liana_perms_small), "large": tuple(args.liana_perms_large)}
+        results["lr"] = results.get("lr", {})
+        run_lr(args.sizes, perms, not args.no_pbmc, results["lr"], save)
 
 
 if __name__ == "__main__":

@@ -102,9 +102,13 @@ class LigandReceptor(AbstractStage):
         stat = group_statistic(x, labels, sizes, self.method)
         lig, lig_gene = complex_min(stat, self.ligand_units)
         rec, rec_gene = complex_min(stat, self.receptor_units)
-        lig_pmin, _ = complex_min(props, self.ligand_units)
-        rec_pmin, _ = complex_min(props, self.receptor_units)
-        kept = jnp.minimum(lig_pmin[:, None, :], rec_pmin[None, :, :]) >= self.expr_prop.astype(x.dtype)
+        # LIANA's float64 `props >= expr_prop` as whole cell counts: a fraction on the boundary (95 of 950 cells at
+        # 0.1) is kept, which a float32 quotient (XLA may divide by multiplying with the reciprocal) can miss.
+        expressing = onehot.T @ (x != 0).astype(x.dtype)  # exact integers below 2^24 cells
+        need = self.expr_prop.astype(x.dtype) * sizes.astype(x.dtype) * (1 - 1e-6)
+        lig_ok = complex_min(expressing, self.ligand_units)[0] >= need[:, None]
+        rec_ok = complex_min(expressing, self.receptor_units)[0] >= need[:, None]
+        kept = lig_ok[:, None, :] & rec_ok[None, :, :]
         scores = combine(lig, rec, self.method, self.kh.astype(x.dtype))
         if self.method == "cellphonedb":  # LIANA's zero mask: no score where a complex is absent
             scores = jnp.where((lig[:, None, :] == 0) | (rec[None, :, :] == 0), 0, scores)
