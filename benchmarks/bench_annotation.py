@@ -143,18 +143,166 @@ def simulated(n_cells: int) -> dict:
     return run
 
 
-def predict_throughput(n_cells: int) -> dict:
+def celltypist_model(model: "ct.CellTypistModel"):
+    """A `celltypist.models.Model` holding our fitted coefficients and scaler (celltypist.train fails on
+    scikit-learn >= 1.8): a fitted-state `LogisticRegression` and `StandardScaler`, as `celltypist.train` saves."""
+    from celltypist.models import Model
+    from sklearn.preprocessing import StandardScaler
+
+    clf = LogisticRegression(C=1.0)
+    clf.coef_ = np.asarray(model.weights, np.float64)
+    clf.intercept_ = np.asarray(model.intercept, np.float64)
+    clf.classes_ = np.asarray(model.cell_types, dtype=object)
+    clf.n_features_in_ = len(model.genes)
+    clf.features = np.asarray(model.genes, dtype=object)
+    scaler = StandardScaler()
+    scaler.mean_ = np.asarray(model.mean, np.float64)
+    scaler.scale_ = np.asarray(model.scale, np.float64)
+    scaler.var_ = scaler.scale_**2
+    scaler.n_features_in_ = len(model.genes)
+    return Model(clf, scaler, {"details": "diffbio_eqx coefficients"})
+
+
+def celltypist_reference(model, query, genes, over_clusters) -> dict:
+    """celltypist.annotate on the same query: scanpy's normalize_total(1e4) + log1p (its input), then
+    `annotate(majority_voting=False)` and `annotate(majority_voting=True, over_clustering=given)`, timed."""
+    import anndata
+    import celltypist
+    import scanpy as sc
+
+    reference = celltypist_model(model)
+    out = {}
+    for voting in (False, True):
+        start = time.perf_counter()
+        adata = anndata.AnnData(X=query.copy())
+        adata.var_names = list(genes)
+        sc.pp.normalize_total(adata, target_sum=1e4)
+        sc.pp.log1p(adata)
+        result = celltypist.annotate(adata, model=reference, majority_voting=voting,
+                                     over_clustering=over_clusters if voting else None)
+        labels = result.predicted_labels["majority_voting" if voting else "predicted_labels"].astype(str).to_numpy()
+        seconds = time.perf_counter() - start
+        out["majority_voting" if voting else "plain"] = {"seconds": round(seconds, 2),
+                                                         "cells_per_minute": round(query.shape[0] / seconds * 60)}
+        out["labels_majority" if voting else "labels"] = labels
+        del adata, result
+    return out
+
+
+def predict_throughput(n_cells: int, n_repeats: int, with_celltypist: bool) -> dict:
+    """CellTypist-mode prediction on `n_cells` sparse simulated cells x 2,000 genes (a simulated block of
+    `n_cells / n_repeats` cells stacked `n_repeats` times, as simulating 1M cells takes long), after compilation:
+    plain (CellTypist's default, `majority_voting=False`) and with majority voting over given over-clusters (each
+    simulated group cut at random into 30: CellTypist's Leiden over-clustering is not part of prediction speed).
+    With `with_celltypist`, celltypist.annotate on the same query and model, and the agreement of the labels."""
+    import scipy.sparse as sp
+
     train = dbx.simulate_sparse(jr.key(1), n_cells=2000, n_genes=2000, n_groups=10, n_batches=1)
     genes = [f"g{i}" for i in range(2000)]
     model = ct.train_celltypist(train.counts, [f"type{g}" for g in train.groups], genes)
-    query = dbx.simulate_sparse(jr.key(2), n_cells=n_cells, n_genes=2000, n_groups=10, n_batches=1).counts
+    block = dbx.simulate_sparse(jr.key(2), n_cells=n_cells // n_repeats, n_genes=2000, n_groups=10, n_batches=1)
+    query = sp.vstack([block.counts] * n_repeats, format="csr") if n_repeats > 1 else block.counts
+    groups = np.tile(np.asarray(block.groups), n_repeats)
+    over_clusters = groups * 30 + np.random.default_rng(0).integers(0, 30, len(groups))
     ct.predict_celltypist(model, query[:20_000], genes)  # compile
+    run: dict = {"n_cells": n_cells, "n_genes": 2000, "nnz_per_cell": round(query.nnz / n_cells, 1),
+                 "model_genes": len(model.genes)}
     start = time.perf_counter()
-    prediction = ct.predict_celltypist(model, query, genes, chunk_size=20_000)
-    np.asarray(prediction.labels)
+    prediction = ct.predict_celltypist(model, query, genes)
+    ours = np.asarray(model.cell_types)[np.asarray(prediction.labels)]
     seconds = time.perf_counter() - start
-    run = {"n_cells": n_cells, "n_genes": 2000, "seconds": round(seconds, 2),
-           "cells_per_minute": round(n_cells / seconds * 60)}
+    run["ours"] = {"plain": {"seconds": round(seconds, 2), "cells_per_minute": round(n_cells / seconds * 60)}}
+    start = time.perf_counter()
+    voted = ct.predict_celltypist(model, query, genes, majority_voting=True, over_clustering=over_clusters)
+    ours_majority = np.asarray(model.cell_types)[np.asarray(voted.majority)]
+    seconds = time.perf_counter() - start
+    run["ours"]["majority_voting"] = {"seconds": round(seconds, 2), "cells_per_minute": round(n_cells / seconds * 60)}
+    run["ours"]["accuracy"] = float(np.mean(ours == np.asarray([f"type{g}" for g in groups])))
+    print(json.dumps(run), flush=True)
+    if with_celltypist:
+        theirs = celltypist_reference(model, query, genes, over_clusters)
+        run["agreement_with_celltypist"] = float(np.mean(theirs.pop("labels") == ours))
+        run["agreement_with_celltypist_majority"] = float(np.mean(theirs.pop("labels_majority") == ours_majority))
+        run["celltypist"] = theirs
+        run["speedup"] = round(run["ours"]["plain"]["cells_per_minute"] / theirs["plain"]["cells_per_minute"], 2)
+    print(json.dumps(run), flush=True)
+    return run
+
+
+def scanvi_data(name: str):
+    """`(counts, labels)`: pbmc68k_reduced (bulk_labels) or `dbx.simulate_sparse` (2,000 genes, 10 groups)."""
+    if name == "pbmc68k":
+        adata = dbx.datasets.pbmc68k()
+        return adata.X, adata.obs["bulk_labels"].astype(str).to_numpy()
+    n_cells = int(name)
+    sim = dbx.simulate_sparse(jr.key(3), n_cells=n_cells, n_genes=2000, n_groups=10, n_batches=1)
+    return sim.counts, np.asarray([f"type{g}" for g in sim.groups])
+
+
+def scanvi_speed_ours(counts, labels, known, epochs: int, batch_size: int) -> dict:
+    """Our scANVI phase (from a VAE trained one epoch): a first call compiles, the second is timed."""
+    types = sorted(set(labels))
+    vae = fit_vae(VAENormalizer(counts.shape[1], key=jr.key(0)), counts, key=jr.key(1),
+                  settings=TrainSettings(n_epochs=1, progress=False))
+    model = scanvi_from_vae(vae.model, types, key=jr.key(2))
+    codes = label_codes(known, types)
+    settings = TrainSettings(n_epochs=epochs, batch_size=batch_size, progress=False)
+    start = time.perf_counter()
+    fit_scanvi(model, counts, None, codes, key=jr.key(3), settings=settings)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    fitted = fit_scanvi(model, counts, None, codes, key=jr.key(4), settings=settings)
+    seconds = time.perf_counter() - start
+    predicted = np.asarray(types)[np.asarray(scanvi_probabilities(fitted.model, counts)).argmax(1)]
+    hidden = np.asarray([k is None for k in known])
+    return {"seconds": round(seconds, 2), "seconds_with_compile": round(first, 2),
+            "cells_per_second": round(len(labels) * epochs / seconds, 1),
+            "cells_per_second_with_compile": round(len(labels) * epochs / first, 1),
+            "accuracy_hidden": float(np.mean(predicted[hidden] == labels[hidden]))}
+
+
+def scanvi_speed_scvi(counts, labels, known, epochs: int, batch_size: int) -> dict:
+    """scvi-tools' `SCANVI.from_scvi_model` then `train(max_epochs, batch_size)` (SCVI trained one epoch first);
+    the `train` call is timed."""
+    import anndata
+    import pandas as pd
+    import torch
+    from make_annotation_reference import import_scvi
+
+    torch.set_num_threads(1)  # on this shared 2-core machine torch with 2 threads ran 10x slower (82 vs 764 cells/s)
+    scvi = import_scvi()
+    scvi.settings.seed = 0
+    data = anndata.AnnData(X=counts.copy())
+    data.obs["labels"] = pd.Categorical([("Unknown" if k is None else k) for k in known])
+    scvi.model.SCVI.setup_anndata(data, labels_key="labels")
+    vae = scvi.model.SCVI(data)
+    vae.train(max_epochs=1, batch_size=batch_size, enable_progress_bar=False)
+    model = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category="Unknown")
+    start = time.perf_counter()
+    model.train(max_epochs=epochs, batch_size=batch_size, enable_progress_bar=False)
+    seconds = time.perf_counter() - start
+    predicted = np.asarray(model.predict(data))
+    hidden = np.asarray([k is None for k in known])
+    return {"seconds": round(seconds, 2), "cells_per_second": round(len(labels) * epochs / seconds, 1),
+            "accuracy_hidden": float(np.mean(predicted[hidden] == labels[hidden]))}
+
+
+def scanvi_speed(name: str, epochs: int, batch_size: int, with_scvi: bool) -> dict:
+    """scANVI training throughput, ours and scvi-tools' SCANVI side by side on the same data, labels of a random
+    half hidden, the same epochs and batch size (both with a 10 % validation split); cells/s = cells x epochs /
+    seconds of the scANVI phase."""
+    counts, labels = scanvi_data(name)
+    known = labels.astype(object).copy()
+    known[annotation_split(len(labels), 0)] = None
+    run: dict = {"data": name, "n_cells": len(labels), "n_genes": int(counts.shape[1]), "epochs": epochs,
+                 "batch_size": batch_size, "ours": scanvi_speed_ours(counts, labels, known, epochs, batch_size)}
+    print(json.dumps(run), flush=True)
+    if with_scvi:
+        run["scvi_tools_scanvi"] = scanvi_speed_scvi(counts, labels, known, epochs, batch_size)
+        run["speedup_cells_per_second"] = round(run["ours"]["cells_per_second"]
+                                                / run["scvi_tools_scanvi"]["cells_per_second"], 2)
+        run["speedup_with_compile"] = round(run["ours"]["cells_per_second_with_compile"]
+                                            / run["scvi_tools_scanvi"]["cells_per_second"], 2)
     print(json.dumps(run), flush=True)
     return run
 
@@ -162,23 +310,39 @@ def predict_throughput(n_cells: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sim-cells", type=int, default=10_000)
-    parser.add_argument("--predict-cells", type=int, default=200_000)
-    parser.add_argument("--scvi", action="store_true", help="also run scvi-tools' SCANVI and CellAssign")
+    parser.add_argument("--predict-cells", default="100000,1000000",
+                        help="comma-separated query sizes for the prediction throughput ('' to skip)")
+    parser.add_argument("--predict-block", type=int, default=100_000, help="simulated cells stacked to that size")
+    parser.add_argument("--scanvi-speed", default="pbmc68k:10,10000:2,100000:2",
+                        help="comma-separated DATA:EPOCHS for the scANVI throughput ('' to skip)")
+    parser.add_argument("--scvi", action="store_true",
+                        help="also run scvi-tools (SCANVI, CellAssign) and celltypist.annotate beside ours")
     parser.add_argument("--skip-pbmc", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true", help="only the speed parts")
+    parser.add_argument("--out", default="annotation.json", help="file name under benchmarks/results/")
     arguments = parser.parse_args()
-    result = {"environment": environment("scikit-learn", "scvi-tools"), "command": " ".join(sys.argv)}
-    result["predict_throughput"] = predict_throughput(arguments.predict_cells)
-    result["simulated"] = simulated(arguments.sim_cells)
-    if not arguments.skip_pbmc:
-        result["pbmc68k"] = pbmc68k(arguments.scvi)
-    reference = ROOT / "tests" / "data" / "annotation_reference.npz"
-    if reference.exists():
-        stored = np.load(reference)
-        result["scvi_tools_reference_pbmc68k"] = {
-            "scanvi_accuracy": stored["scanvi_accuracy"].tolist(),
-            "cellassign_accuracy": stored["cellassign_accuracy"].tolist(),
-            "made_by": "benchmarks/make_annotation_reference.py (scvi-tools defaults)"}
-    out = ROOT / "benchmarks" / "results" / "annotation.json"
+    result = {"environment": environment("scikit-learn", "scvi-tools", "celltypist", "torch"),
+              "command": " ".join(sys.argv)}
+    if arguments.predict_cells:
+        result["predict_throughput"] = [
+            predict_throughput(int(n), max(1, int(n) // arguments.predict_block), arguments.scvi)
+            for n in arguments.predict_cells.split(",")]
+    if arguments.scanvi_speed:
+        result["scanvi_throughput"] = [
+            scanvi_speed(item.split(":")[0], int(item.split(":")[1]), 128, arguments.scvi)
+            for item in arguments.scanvi_speed.split(",")]
+    if not arguments.skip_accuracy:
+        result["simulated"] = simulated(arguments.sim_cells)
+        if not arguments.skip_pbmc:
+            result["pbmc68k"] = pbmc68k(arguments.scvi)
+        reference = ROOT / "tests" / "data" / "annotation_reference.npz"
+        if reference.exists():
+            stored = np.load(reference)
+            result["scvi_tools_reference_pbmc68k"] = {
+                "scanvi_accuracy": stored["scanvi_accuracy"].tolist(),
+                "cellassign_accuracy": stored["cellassign_accuracy"].tolist(),
+                "made_by": "benchmarks/make_annotation_reference.py (scvi-tools defaults)"}
+    out = ROOT / "benchmarks" / "results" / arguments.out
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -11,6 +11,7 @@ import jax.random as jr
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 from annotation_markers import PBMC68K_MARKERS, annotation_split, marker_matrix
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
@@ -126,6 +127,10 @@ def test_celltypist_genes_matched_by_name(pbmc, tmp_path):
     shuffled = ct.predict_celltypist(model, query[:, order], genes[order])
     np.testing.assert_array_equal(base.labels, shuffled.labels)
     np.testing.assert_allclose(base.scores, shuffled.scores, rtol=1e-5, atol=1e-5)
+    # sparse or dense, in chunks that do not divide the cells: the same scores
+    assert sp.issparse(query)
+    chunked = ct.predict_celltypist(model, query.toarray()[:, order], genes[order], chunk_size=64)
+    np.testing.assert_allclose(chunked.scores, base.scores, rtol=1e-5, atol=1e-5)
     drop = np.arange(10)
     with pytest.warns(ct.MissingGenesWarning, match=rf"10 of the model's {len(model.genes)} genes are missing.*"
                       rf"{genes[0]}.*predicting with the {len(model.genes) - 10} genes"):

@@ -370,55 +370,37 @@ class CellTypistPrediction(eqx.Module):
 
 
 @eqx.filter_jit
-def _scores_chunk(batch: tuple[Array, Array], model: CellTypistModel) -> Array:
-    counts, library = batch
-    return model(log_normalize(counts, library))
-
-
-@eqx.filter_jit
 def _scaled_chunk(batch: tuple[Array, Array], model: CellTypistModel) -> Array:
     counts, library = batch
     return standardize(log_normalize(counts, library), model.mean, model.scale)
 
 
 @eqx.filter_jit
-def _sparse_scores_chunk(
-    values: Float[Array, " n_slots"], columns: Int[Array, " n_slots"], rows: Int[Array, " n_slots"],
-    library: Float[Array, " n_rows"], model: CellTypistModel,
+def _query_scores_chunk(
+    batch: tuple[Float[Array, "n_rows n_query_genes"]], context: tuple[CellTypistModel, Int[Array, " n_genes"] | None]
 ) -> Float[Array, "n_rows n_types"]:
-    r"""Decision scores from the non-zeros only: a zero count scales to $z^0_g = -m_g / s_g$, so
-    $W z + b = \sum_{g: x_g > 0} W_{\cdot g} (z_g - z^0_g) + (W z^0 + b)$ (padding slots carry value 0)."""
-    scale = jnp.asarray(TARGET_SUM, values.dtype) / jnp.maximum(library, jnp.asarray(1.0, values.dtype))
-    z = jnp.minimum((jnp.log1p(values * scale[rows]) - model.mean[columns]) / model.scale[columns],
-                    jnp.asarray(CLIP, values.dtype))
-    zero = -model.mean / model.scale
-    delta = jnp.where(values > 0, z - zero[columns], 0.0)
-    per_slot = delta[:, None] * model.weights.T[columns]
-    base = decision_scores(zero[None, :], model.weights, model.intercept)
-    return jax.ops.segment_sum(per_slot, rows, num_segments=library.shape[0]) + base
+    """Decision scores of a chunk of query counts on all of the query's genes: each cell's library over all of
+    them, then the model's genes (`columns` of the query, or all of them in order when None)."""
+    (counts,), (model, columns) = batch, context
+    counts = counts.astype(model.weights.dtype)
+    library = jnp.sum(counts, axis=1)
+    return model(log_normalize(counts if columns is None else counts[:, columns], library))
 
 
-def _sparse_scores(model: CellTypistModel, csr: sp.csr_matrix, library: np.ndarray, chunk_size: int) -> Array:
-    """`_sparse_scores_chunk` over row chunks; non-zeros padded to a power of two (few compilations)."""
-    n_rows = cast(tuple[int, int], csr.shape)[0]
-    parts = []
-    for start in range(0, n_rows, chunk_size):
-        stop = min(start + chunk_size, n_rows)
-        block = csr[start:stop]
-        nnz = int(block.nnz)
-        slots = 1 << max(nnz, 1).bit_length()
-        values = np.zeros(slots, block.dtype)
-        values[:nnz] = block.data
-        columns = np.zeros(slots, np.int32)
-        columns[:nnz] = block.indices
-        rows = np.zeros(slots, np.int32)
-        rows[:nnz] = np.repeat(np.arange(stop - start, dtype=np.int32), np.diff(block.indptr))
-        lib = np.ones(chunk_size, library.dtype)
-        lib[: stop - start] = library[start:stop]
-        out = _sparse_scores_chunk(jnp.asarray(values), jnp.asarray(columns), jnp.asarray(rows), jnp.asarray(lib),
-                                   model)
-        parts.append(out[: stop - start])
-    return jnp.concatenate(parts, axis=0)
+def _query_scores(model: CellTypistModel, counts: Any, columns: np.ndarray, chunk_size: int) -> Array:
+    """`_query_scores_chunk` over row chunks of the query (`map_in_chunks`: one compiled shape, a sparse query
+    densified one chunk at a time on the host, never the whole matrix; the query's columns are not copied)."""
+    identity = len(columns) == counts.shape[1] and bool(np.all(columns == np.arange(len(columns))))
+    context = (model, None if identity else jnp.asarray(columns, jnp.int32))
+    return map_in_chunks(_query_scores_chunk, (counts,), chunk_size=chunk_size, context=context)
+
+
+def _dense_data(checked: Any, columns: np.ndarray, dtype: np.dtype) -> tuple[Any, np.ndarray]:
+    """The model's columns of the counts (sparse stays sparse; `map_in_chunks` densifies a chunk at a time) and
+    each cell's library over all of its genes."""
+    library = np.asarray(checked.sum(axis=1)).ravel().astype(dtype)
+    selected = checked[:, columns]
+    return (selected.astype(dtype) if sp.issparse(selected) else np.asarray(selected, dtype=dtype)), library
 
 
 def restrict_to_query(model: CellTypistModel, query_genes: Any) -> tuple[CellTypistModel, np.ndarray]:
@@ -440,7 +422,7 @@ def predict_celltypist(
     majority_voting: bool = False,
     over_clustering: Any = "kmeans",
     key: PRNGKeyArray | None = None,
-    chunk_size: int = 8192,
+    chunk_size: int = 2048,
 ) -> CellTypistPrediction:
     """Annotate query cells from raw counts (`celltypist.annotate`).
 
@@ -456,7 +438,8 @@ def predict_celltypist(
       (`leiden_over_cluster`, CellTypist's, needs igraph) or `"kmeans"` (`over_cluster` with
       `default_n_over_clusters` clusters, pure JAX, needs `key`).
     - `key`: PRNG key for `"kmeans"` (and the seed of `"leiden"`).
-    - `chunk_size`: cells per compiled call.
+    - `chunk_size`: cells per compiled call (2,048: a sparse query's chunk, densified on the host, stays in cache;
+      larger chunks were slower on CPU).
 
     **Returns:** a `CellTypistPrediction`.
     """
@@ -465,15 +448,8 @@ def predict_celltypist(
     if len(genes) != n_genes:
         raise ValueError(f"genes: {len(genes)} names for {n_genes} columns of counts")
     restricted, columns = restrict_to_query(model, genes)
-    library = np.asarray(checked.sum(axis=1)).ravel().astype(np.float64)
     dtype = np.dtype(restricted.weights.dtype)
-    selected = checked[:, columns]
-    selected = selected.astype(dtype) if sp.issparse(selected) else np.asarray(selected, dtype=dtype)
-    data = (selected, library.astype(dtype))
-    if sp.issparse(selected):
-        scores = _sparse_scores(restricted, sp.csr_matrix(selected), library.astype(dtype), chunk_size)
-    else:
-        scores = map_in_chunks(_scores_chunk, data, chunk_size=chunk_size, context=restricted)
+    scores = _query_scores(restricted, checked, columns, chunk_size)
     labels = jnp.argmax(scores, axis=1)
     majority = clusters = None
     if majority_voting:
@@ -482,14 +458,18 @@ def predict_celltypist(
                 raise ValueError(f"over_clustering: 'kmeans', 'leiden' or labels, got {over_clustering!r}")
             if key is None:
                 raise ValueError("key: majority voting with computed over-clusters needs a key")
-            scaled = map_in_chunks(_scaled_chunk, data, chunk_size=chunk_size, context=restricted)
+            scaled = map_in_chunks(_scaled_chunk, _dense_data(checked, columns, dtype), chunk_size=chunk_size,
+                                   context=restricted)
             if over_clustering == "leiden":
                 seed = int(jr.randint(key, (), 0, 2**31 - 1))
                 clusters = jnp.asarray(leiden_over_cluster(scaled, seed=seed))
             else:
                 clusters = over_cluster(scaled, n_clusters=default_n_over_clusters(n_cells), key=key)
         else:
-            codes = pd.factorize(pd.Series(np.asarray(over_clustering, dtype=object)).astype(str))[0]
+            given = np.asarray(over_clustering)
+            if given.dtype.kind not in "iub":  # names: factorised as strings (integer labels as they are)
+                given = pd.Series(given.astype(object)).astype(str).to_numpy()
+            codes = pd.factorize(given)[0]
             if len(codes) != n_cells:
                 raise ValueError(f"over_clustering: {len(codes)} labels for {n_cells} cells")
             clusters = jnp.asarray(codes.astype(np.int32))
