@@ -123,3 +123,42 @@ def test_pseudobulk_bad_input(simulated):
     logged.X = np.log1p(logged.X)
     with pytest.raises(ValueError, match="whole-number"):
         dbx.tl.pseudobulk_de(logged, "sample", "condition", reference="control", test="treated")
+
+
+@pytest.mark.slow
+def test_pseudobulk_defaults_match_pydeseq2_with_outliers():
+    """pydeseq2's defaults on both sides (Cook's refit, Cook's filter, independent filtering): 7 control samples
+    (replaceable) and 5 treated ones (flagged, not replaced), outlier counts injected in both."""
+    from pydeseq2.dds import DeseqDataSet
+    from pydeseq2.ds import DeseqStats
+
+    data = simulate_conditions(key=jr.key(5), n_genes=300, n_samples=14, cells_per_sample=30)
+    counts = np.array(jax.ops.segment_sum(data.counts, data.sample, num_segments=14))[:12]
+    rng = np.random.default_rng(0)
+    genes, samples = rng.choice(300, 20, replace=False), rng.integers(0, 12, 20)
+    counts[samples, genes] = counts[samples, genes] * 10 + 50
+    counts[:, :3] = 0  # all-zero genes stay NaN
+    conditions = np.array(["control"] * 7 + ["treated"] * 5)
+    names = [f"s{i}" for i in range(12)]
+    adata = ad.AnnData(X=counts.astype(np.float32))
+    adata.obs["sample"], adata.obs["condition"] = names, conditions
+    adata.var_names = [f"g{i}" for i in range(300)]
+    ours = dbx.tl.pseudobulk_de(adata, "sample", "condition", reference="control", test="treated")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dds = DeseqDataSet(counts=pd.DataFrame(counts.astype(int), index=names, columns=adata.var_names),
+                           metadata=pd.DataFrame({"condition": conditions}, index=names), design="~condition",
+                           quiet=True, n_cpus=1)
+        dds.deseq2()
+        stats = DeseqStats(dds, contrast=["condition", "treated", "control"], quiet=True, n_cpus=1)
+        stats.summary()
+    theirs = stats.results_df
+    assert dds.var["refitted"].sum() > 0 and dds.cooks_outlier().sum() > 0  # both rules are exercised
+    for column in ("pvalue", "padj"):  # the same genes flagged (Cook's) and filtered (independent filtering)
+        assert np.array_equal(ours[column].isna().to_numpy(), theirs[column].isna().to_numpy()), column
+    tested = theirs["pvalue"].notna().to_numpy()
+    lfc_r = np.corrcoef(ours["log2FoldChange"][tested], theirs["log2FoldChange"][tested])[0, 1]
+    p_rho = st.spearmanr(ours["pvalue"][tested], theirs["pvalue"][tested])[0]
+    calls = (ours["padj"].fillna(1.0) < 0.05).to_numpy() != (theirs["padj"].fillna(1.0) < 0.05).to_numpy()
+    assert lfc_r >= 0.99 and p_rho >= 0.98 and calls.mean() <= 0.02, (lfc_r, p_rho, calls.mean())
+    np.testing.assert_allclose(ours["baseMean"], theirs["baseMean"], rtol=1e-10)  # refitted means included

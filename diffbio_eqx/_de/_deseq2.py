@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.special as jsp
 import numpy as np
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 
 MIN_DISP, MAX_DISP, MIN_MU = 1e-8, 10.0, 0.5
@@ -294,7 +294,7 @@ def hat_diagonals(
     return jnp.einsum("ij,jk,ik->i", design, inv, design) * w
 
 
-def _replicates(design: Float[Array, "n_samples n_vars"]) -> Float[Array, " n_samples"]:
+def _replicates(design: Float[Array, "n_samples n_vars"]) -> Int[Array, " n_samples"]:
     """How many samples share each sample's design row (pydeseq2's `n_or_more_replicates` counts)."""
     return jnp.sum(jnp.all(design[:, None, :] == design[None, :, :], axis=-1), axis=1)
 
