@@ -3,9 +3,10 @@
 - markers: `dbx.tl.rank_genes_groups` vs `scanpy.tl.rank_genes_groups` (Wilcoxon with tie correction, t-test),
   10 groups vs rest on log1p(normalize_total) of simulated counts; agreement = max |score difference| / max
   |score| and max relative p-value difference.
-- pseudobulk: `deseq2` vs pydeseq2 (`refit_cooks=False`, `cooks_filter=False`, `independent_filter=False`) on
-  8 simulated replicate samples summed from the cells; agreement = Pearson r of log2 fold changes, Spearman of
-  p-values, share of genes whose FDR-0.05 call differs.
+- pseudobulk: `deseq2` vs pydeseq2, both at pydeseq2's defaults (Cook's refit, Cook's filter, independent
+  filtering), on 16 simulated replicate samples (8 per condition, so outliers are replaced) summed from the cells,
+  with outlier counts injected in 5 % of genes; agreement = Pearson r of log2 fold changes, Spearman of p-values,
+  share of genes whose FDR-0.05 call differs, genes whose p-value / padj NaN (Cook's flag / filtered) differs.
 - KS: our vmapped `ks_statistic` over genes vs a loop of `scipy.stats.ks_2samp`; agreement = genes whose
   statistic differs (exact comparison).
 - PCHA: ours vs py_pcha (np.mat shimmed here) from the same initialisation on a 20-dim PCA of the cells with 5
@@ -48,7 +49,7 @@ def _twice(fn):
     return out, second, max(first - second, 0.0)
 
 
-def bench_markers(n_cells: int, n_genes: int) -> list[dict]:
+def bench_markers(n_cells: int, n_genes: int, methods=("wilcoxon", "t-test")) -> list[dict]:
     import anndata as ad
     import scanpy as sc
 
@@ -60,7 +61,7 @@ def bench_markers(n_cells: int, n_genes: int) -> list[dict]:
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     rows = []
-    for method in ("wilcoxon", "t-test"):
+    for method in methods:
         ours, theirs = adata.copy(), adata.copy()
         _, t_ours, compile_s = _twice(lambda: dbx.tl.rank_genes_groups(ours, "group", method=method, tie_correct=True))
         start = time.perf_counter()
@@ -87,32 +88,42 @@ def bench_pseudobulk(n_cells: int, n_genes: int) -> dict:
     from diffbio_eqx._de._deseq2 import deseq2
     from diffbio_eqx._simulate._de import simulate_conditions
 
-    data = simulate_conditions(key=jr.key(0), n_genes=n_genes, n_samples=8, cells_per_sample=n_cells // 8)
-    counts = np.asarray(jax.ops.segment_sum(data.counts, data.sample, num_segments=8))
-    design = np.column_stack([np.ones(8), np.arange(8) >= 4]).astype(float)
+    n_samples = 16
+    data = simulate_conditions(key=jr.key(0), n_genes=n_genes, n_samples=n_samples,
+                               cells_per_sample=n_cells // n_samples)
+    counts = np.array(jax.ops.segment_sum(data.counts, data.sample, num_segments=n_samples))
+    rng = np.random.default_rng(0)
+    genes, samples = rng.choice(n_genes, n_genes // 20, replace=False), rng.integers(0, n_samples, n_genes // 20)
+    counts[samples, genes] = counts[samples, genes] * 10 + 50  # outliers for Cook's distance
+    design = np.column_stack([np.ones(n_samples), np.arange(n_samples) >= n_samples // 2]).astype(float)
     result, t_ours, compile_s = _twice(lambda: deseq2(jnp.asarray(counts), jnp.asarray(design),
                                                       jnp.asarray([0.0, 1.0]), linear_mu=True))
-    names = [f"s{i}" for i in range(8)]
+    names = [f"s{i}" for i in range(n_samples)]
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dds = DeseqDataSet(counts=pd.DataFrame(counts.astype(int), index=names,
                                                columns=[f"g{i}" for i in range(n_genes)]),
-                           metadata=pd.DataFrame({"condition": ["a"] * 4 + ["b"] * 4}, index=names),
-                           design="~condition", refit_cooks=False, quiet=True, n_cpus=1)
+                           metadata=pd.DataFrame({"condition": ["a"] * (n_samples // 2) + ["b"] * (n_samples // 2)},
+                                                 index=names),
+                           design="~condition", quiet=True, n_cpus=1)
         dds.deseq2()
-        stats = DeseqStats(dds, contrast=["condition", "b", "a"], cooks_filter=False, independent_filter=False,
-                           quiet=True, n_cpus=1)
+        stats = DeseqStats(dds, contrast=["condition", "b", "a"], quiet=True, n_cpus=1)
         stats.summary()
     t_ref = time.perf_counter() - start
     res = stats.results_df
-    ok = res["pvalue"].notna().to_numpy()
+    ok = res["pvalue"].notna().to_numpy() & ~np.isnan(np.asarray(result.pvalue))
     lfc, p, padj = (np.asarray(v)[ok] for v in (result.log2_fold_change, result.pvalue, result.padj))
-    row = {"task": "pseudobulk_deseq2", "n_cells": n_cells, "n_genes": n_genes, "n_samples": 8, "ours_s": t_ours,
+    row = {"task": "pseudobulk_deseq2", "n_cells": n_cells, "n_genes": n_genes, "n_samples": n_samples,
+           "defaults": "refit_cooks, cooks_filter, independent_filter", "ours_s": t_ours,
+           "genes_refitted": int(dds.var["refitted"].sum()), "cooks_flagged": int(dds.cooks_outlier().sum()),
+           "pvalue_nan_differs": int(np.sum(np.isnan(np.asarray(result.pvalue)) != res["pvalue"].isna().to_numpy())),
+           "padj_nan_differs": int(np.sum(np.isnan(np.asarray(result.padj)) != res["padj"].isna().to_numpy())),
            "compile_s": compile_s, "reference_s": t_ref, "speedup": t_ref / t_ours,
            "lfc_pearson": float(np.corrcoef(lfc, res["log2FoldChange"].to_numpy()[ok])[0, 1]),
            "pvalue_spearman": float(st.spearmanr(p, res["pvalue"].to_numpy()[ok])[0]),
-           "fdr05_call_disagreement": float(np.mean((padj < 0.05) != (res["padj"].to_numpy()[ok] < 0.05)))}
+           "fdr05_call_disagreement": float(np.mean((np.nan_to_num(padj, nan=1.0) < 0.05)
+                                                   != (res["padj"].fillna(1.0).to_numpy()[ok] < 0.05)))}
     print(row, flush=True)
     return row
 
@@ -169,9 +180,10 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=2000)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     parser.add_argument("--only", nargs="*", default=["markers", "pseudobulk", "ks", "pcha"])
+    parser.add_argument("--marker-methods", nargs="*", default=["wilcoxon", "t-test"])
     args = parser.parse_args()
     path = args.out / "de.json"
-    sections = {"markers": lambda: bench_markers(args.cells, args.genes),
+    sections = {"markers": lambda: bench_markers(args.cells, args.genes, args.marker_methods),
                 "pseudobulk": lambda: [bench_pseudobulk(args.cells, args.genes)],
                 "ks": lambda: [bench_ks(args.cells, args.genes)], "pcha": lambda: [bench_pcha(args.cells)]}
     for name in args.only:  # written after each section, merged with the runs of other sizes already there

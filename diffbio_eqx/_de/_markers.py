@@ -113,8 +113,13 @@ def group_moments(
     dtype = jnp.zeros(()).dtype
     w = masks.astype(dtype)
     n = jnp.sum(w, axis=1)
-    mean = (w @ x.astype(dtype)) / n[:, None]
-    var = (w @ (x * x).astype(dtype)) / n[:, None] - mean**2
+
+    def sums(column):  # blocks of genes: x is never copied whole into the wider dtype
+        return w @ column.astype(dtype), w @ (column * column).astype(dtype)
+
+    first, second = jax.lax.map(sums, x.T, batch_size=256)
+    mean = first.T / n[:, None]
+    var = second.T / n[:, None] - mean**2
     var = jnp.where((n != 1.0)[:, None], var * (n / jnp.maximum(n - 1.0, 1.0))[:, None], var)
     return mean, var, n
 
