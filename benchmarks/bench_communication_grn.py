@@ -335,13 +335,15 @@ def main() -> None:
                         help="LIANA's permutation counts above 20k cells (two counts: its 1,000 is extrapolated; "
                              "one negative count -k: only LIANA's permutation step, k permutations, a lower bound)")
     parser.add_argument("--no-pbmc", action="store_true", help="leave the pbmc68k rows as they are")
+    parser.add_argument("--out", default=RESULTS.name, help="results file name under benchmarks/results")
     args = parser.parse_args()
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    path = RESULTS.parent / args.out
+    results = json.loads(path.read_text()) if path.is_file() else {}
     results["environment"] = environment("liana", "scikit-learn", "scanpy")
 
     def save() -> None:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
 
     if "grn" in args.parts:
         results["grn"] = run_grn(args.rf_targets)
