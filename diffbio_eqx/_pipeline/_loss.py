@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from .._integration._mmd_vae import MMDVAELoss
 from .._umap._stage import ParametricUMAP, umap_graph
 from ._model import SingleCellPipeline
 
@@ -65,11 +66,12 @@ def pipeline_loss(
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """The weighted sum of every enabled stage's loss along the forward path, for end-to-end training.
 
-    Ambient ELBO on the counts; VAE negative ELBO on the decontaminated counts; soft k-means compactness of the
-    corrected latent; UMAP cross-entropy of the encoder on the fuzzy graph of these cells' corrected latent;
-    and, with `cell_type_labels` and a non-zero `weights.supervised`, the cross-entropy of the cluster
-    assignments against the labels. Gradients reach every trainable stage (Harmony's `theta`/`sigma` too when no
-    reference is stored and Harmony runs on the batch).
+    Ambient ELBO on the counts; VAE negative ELBO on the decontaminated counts (with `batch_correction="mmd"`
+    plus `mmd_beta` times trVAE's MMD between the batches' latent draws, `aux["mmd"]`, as the VAE trained);
+    soft k-means compactness of the corrected latent; UMAP cross-entropy of the encoder on the fuzzy graph of
+    these cells' corrected latent; and, with `cell_type_labels` and a non-zero `weights.supervised`, the
+    cross-entropy of the cluster assignments against the labels. Gradients reach every trainable stage
+    (Harmony's `theta`/`sigma` too when no reference is stored and Harmony runs on the batch).
     """
     weights = PipelineLossWeights() if weights is None else weights
     ambient_key, vae_key, harmony_key, umap_key = jr.split(key, 4)
@@ -82,7 +84,16 @@ def pipeline_loss(
         x = pipeline.ambient_removal(counts, ambient_profile, inference=True).decontaminated_counts
         total = total + weights.ambient.astype(dtype) * ambient_loss
         aux["ambient"] = ambient_loss
-    vae_loss, _ = pipeline.vae_normalizer.loss((x, batch_labels), key=vae_key, kl_weight=kl_weight)
+    if pipeline.config.batch_correction_method == "mmd" and pipeline.vae_normalizer.n_batches > 1:
+        # The VAE keeps its corrector's objective: ELBO + mmd_beta x trVAE's MMD on the latent draw (as
+        # fit_mmd_vae). The adversarial corrector's critic is not part of the pipeline (README: fine-tuning).
+        vae_loss, vae_aux = MMDVAELoss()(
+            pipeline.vae_normalizer, (x, batch_labels),
+            {"kl_weight": jnp.asarray(kl_weight, dtype), "mmd_weight": jnp.asarray(pipeline.config.mmd_beta, dtype)},
+            key=vae_key)
+        aux["mmd"] = vae_aux["mmd"]
+    else:
+        vae_loss, _ = pipeline.vae_normalizer.loss((x, batch_labels), key=vae_key, kl_weight=kl_weight)
     total = total + weights.vae.astype(dtype) * vae_loss
     aux["vae"] = vae_loss
     latent = pipeline.vae_normalizer(x, batch_labels, inference=True).latent
