@@ -383,7 +383,7 @@ def _query_scores_chunk(
 ) -> Float[Array, "n_rows n_types"]:
     """Decision scores of a chunk of query counts on all of the query's genes, with the model laid out on them
     (`_on_query_genes`): each cell's library over all of them, then `model(log_normalize(x, library))` written for
-    speed on CPU. XLA's log1p is not vectorised there (12x slower than log), and $10^4 x / \ell \ge 10^4 / \ell$
+    speed on CPU. XLA's log1p is not vectorised there (12x slower than log), and $10^4 x / \\ell \\ge 10^4 / \\ell$
     where $x > 0$, far from where log(1 + y) loses precision; zeros go through the constant $W z^0 + b$ with
     $z^0 = -m / s$."""
     (counts,), (weights, intercept, mean, scale) = batch, context
