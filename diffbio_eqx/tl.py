@@ -126,7 +126,7 @@ def _top_k_plan(plan: np.ndarray, top_k: int) -> Any:
 
 def align_slices(
     slices: Sequence[ad.AnnData], *, spatial_key: str = "spatial", layer: str | None = None, alpha: float = 0.1,
-    method: str = "pairwise", top_k: int = 5, key_added: str = "spatial_aligned", seed: int = 0,
+    method: str = "pairwise", top_k: int = 5, key_added: str = "spatial_aligned", seed: int = 0, overlap: float = 1.0,
 ) -> list[Any]:
     """PASTE alignment of several slices on their shared genes (matched by name).
 
@@ -138,19 +138,21 @@ def align_slices(
       `stack_slices_pairwise`) or `"center"` (`center_align` with slice 0 as the reference, each slice stacked onto
       the centre).
     - `top_k`: plan entries kept per spot of the later slice.
+    - `overlap`: PASTE2's `s`, the share of each slice's mass aligned (1: PASTE; below 1: partial alignment).
 
     Writes each slice's `obsm[key_added]` (coordinates in slice 0's frame) and, for slices 1.., `uns[key_added]`:
     `plan` (sparse `(n_previous_or_center, n_this)`, top `top_k` per column), `rotation`, `translation` (onto the
     previous slice, or the centre), `entropy`. **Returns:** the `AlignmentResult`s.
     """
     from ._spatial._center import center_align
-    from ._spatial._paste import check_alpha, pairwise_align
+    from ._spatial._paste import PasteAlignment, check_alpha, pairwise_align
 
     if len(slices) < 2:
         raise ValueError(f"slices: need at least two AnnData slices, got {len(slices)}")
     if method not in ("pairwise", "center"):
         raise ValueError(f"method: must be 'pairwise' or 'center', got {method!r}")
     check_alpha(alpha)
+    settings = PasteAlignment(alpha, overlap=overlap)
     genes = slices[0].var_names
     for s in slices[1:]:
         genes = genes.intersection(s.var_names, sort=False)
@@ -159,11 +161,11 @@ def align_slices(
     coordinates = [_spatial_coordinates(check_adata(s), spatial_key, f"slices[{i}]") for i, s in enumerate(slices)]
     xs = [_dense_counts(s[:, genes], layer) for s in slices]
     if method == "center":
-        out = center_align(xs, coordinates, key=jr.key(seed), alpha=alpha)
+        out = center_align(xs, coordinates, key=jr.key(seed), alpha=alpha, settings=settings)
         results = list(out.alignments)
         aligned = [np.asarray(r.aligned_b) for r in results]
     else:
-        results = [pairwise_align(xs[i - 1], xs[i], coordinates[i - 1], coordinates[i], alpha=alpha)
+        results = [pairwise_align(xs[i - 1], xs[i], coordinates[i - 1], coordinates[i], settings=settings)
                    for i in range(1, len(slices))]
         aligned = [coordinates[0]]
         for r in results:  # compose: slice i onto slice i-1, then on to slice 0

@@ -124,5 +124,7 @@ def test_spatial_faces_bad_input():
         tl.align_slices([first, other])
     with pytest.raises(ValueError, match="alpha"):
         tl.align_slices([first, second], alpha=2.0)
+    with pytest.raises(ValueError, match="overlap"):
+        tl.align_slices([first, second], overlap=1.5)
     with pytest.raises(ValueError, match="spatial_key"):
         tl.align_slices([first, missing])
