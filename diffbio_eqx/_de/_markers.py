@@ -160,7 +160,8 @@ def _sort_with_labels(values: Float[Array, " n"], labels: Int[Array, " n"]) -> t
     if keys.dtype == jnp.int32 and jnp.zeros((), jnp.int64).dtype == jnp.int64:
         packed = jnp.sort((keys.astype(jnp.int64) << 32) | labels.astype(jnp.int64))
         return packed >> 32, (packed & 0xFFFFFFFF).astype(labels.dtype)
-    return jax.lax.sort((keys, labels), num_keys=1)
+    sorted_keys, sorted_labels = jax.lax.sort((keys, labels), num_keys=1)
+    return sorted_keys, sorted_labels
 
 
 def sorted_rank_sums(
