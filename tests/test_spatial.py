@@ -23,7 +23,7 @@ from diffbio_eqx._spatial._paste import (
 
 # paste-bio with POT >= 0.9.5 (one copy, shared with benchmarks/bench_spatial.py)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-from _references import paste_bio_pairwise  # noqa: E402
+from _references import paste_bio_pairwise  # noqa: E402  # pyright: ignore[reportMissingImports]
 
 
 # --- simulator ------------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_procrustes_matches_paste(getkey):
     cb = (ca + 0.05 * np.asarray(jr.normal(getkey(), (30, 2)))) @ rotation_matrix(0.4).T + np.array([3.0, -1.0])
     plan = np.eye(30) / 30 + 0.001
     plan /= plan.sum()
-    x, y = generalized_procrustes_analysis(ca, cb, plan)
+    x, y = generalized_procrustes_analysis(ca, cb, plan)[:2]
     rotation, translation = procrustes(jnp.asarray(ca), jnp.asarray(cb), jnp.asarray(plan))
     t_a = plan.sum(1) @ ca
     np.testing.assert_allclose(cb @ np.asarray(rotation).T + np.asarray(translation) - t_a, y, atol=1e-10)
@@ -167,11 +167,12 @@ def _paste2_partial(a, b, s: float, alpha: float = 0.1):
     m = kl_divergence_backend(np.asarray(a.counts, np.float64) + 0.01, np.asarray(b.counts, np.float64) + 0.01)
     d = []
     for c in (a.coordinates, b.coordinates):
-        dist = ot.dist(c, c, metric="euclidean")
+        dist = np.asarray(ot.dist(c, c, metric="euclidean"))
         d.append(dist / dist[dist > 0].min() / (dist / dist[dist > 0].min()).max() * m.max())
     pa, pb = np.full(len(d[0]), 1.0 / len(d[0])), np.full(len(d[1]), 1.0 / len(d[1]))
-    return ot.gromov.partial_fused_gromov_wasserstein(m, d[0], d[1], pa, pb, m=s, alpha=alpha,
+    plan = ot.gromov.partial_fused_gromov_wasserstein(m, d[0], d[1], pa, pb, m=s, alpha=alpha,
                                                       loss_fun="square_loss")
+    return np.asarray(plan)
 
 
 @pytest.mark.slow  # 116 s under load (compiling the partial solver's scans)
