@@ -104,24 +104,37 @@ def benjamini_hochberg(pvals: Float[Array, " n"]) -> Float[Array, " n"]:
     return jnp.zeros_like(pvals).at[order].set(adjusted)
 
 
+def _moments_from_sums(first, second, n):
+    mean = first / n[:, None]
+    var = second / n[:, None] - mean**2
+    var = jnp.where((n != 1.0)[:, None], var * (n / jnp.maximum(n - 1.0, 1.0))[:, None], var)
+    return mean, var, n
+
+
 def group_moments(
-    x: Float[Array, "n_cells n_genes"], masks: Bool[Array, "n_groups n_cells"]
-) -> tuple[Float[Array, "n_groups n_genes"], Float[Array, "n_groups n_genes"], Float[Array, " n_groups"]]:
+    x: Float[Array, "n_cells n_genes"], masks: Bool[Array, "n_groups n_cells"], *, complements: bool = False
+) -> tuple[Float[Array, "n_rows n_genes"], Float[Array, "n_rows n_genes"], Float[Array, " n_rows"]]:
     """Means, unbiased variances (scanpy's `_get_mean_var`: $E[x^2] - E[x]^2$ times $n/(n-1)$) and sizes of the
     cells in each mask, accumulated in the default float dtype; the squares are taken in `x`'s own dtype first,
-    as scanpy squares float32 data in float32."""
+    as scanpy squares float32 data in float32. With `complements` also those of each mask's complement (from the
+    column totals minus the mask's sums, the same pass over `x`), appended after the masks' rows."""
     dtype = jnp.zeros(()).dtype
     w = masks.astype(dtype)
     n = jnp.sum(w, axis=1)
+    if complements:
+        w = jnp.concatenate([w, jnp.ones((1, w.shape[1]), dtype)])
 
     def sums(column):  # blocks of genes: x is never copied whole into the wider dtype
         return w @ column.astype(dtype), w @ (column * column).astype(dtype)
 
     first, second = jax.lax.map(sums, x.T, batch_size=256)
-    mean = first.T / n[:, None]
-    var = second.T / n[:, None] - mean**2
-    var = jnp.where((n != 1.0)[:, None], var * (n / jnp.maximum(n - 1.0, 1.0))[:, None], var)
-    return mean, var, n
+    first, second = first.T, second.T
+    if complements:
+        total = jnp.asarray(masks.shape[1], dtype)
+        first = jnp.concatenate([first[:-1], first[-1:] - first[:-1]])
+        second = jnp.concatenate([second[:-1], second[-1:] - second[:-1]])
+        n = jnp.concatenate([n, total - n])
+    return _moments_from_sums(first, second, n)
 
 
 def log_fold_changes(
@@ -233,8 +246,14 @@ def rank_genes(
       per gene, in `x`'s own dtype: its order and ties are those of the float64 values). (Keyword only, static.)
     - `batch_size`: genes ranked at once (memory only). (Keyword only, static.)
     """
-    mean_g, var_g, n_g = group_moments(x, groups)
-    mean_r, var_r, n_r = group_moments(x, rests)
+    if vs_rest:  # one pass: the rests' sums are the totals minus the groups'
+        n_groups = groups.shape[0]
+        mean, var, n = group_moments(x, groups, complements=True)
+        mean_g, var_g, n_g, mean_r, var_r, n_r = (mean[:n_groups], var[:n_groups], n[:n_groups], mean[n_groups:],
+                                                  var[n_groups:], n[n_groups:])
+    else:
+        mean_g, var_g, n_g = group_moments(x, groups)
+        mean_r, var_r, n_r = group_moments(x, rests)
     if method == "wilcoxon":
         scores = _wilcoxon_scores(x, groups, rests, tie_correct, batch_size, vs_rest, mean_g.dtype)
         pvals = normal_two_sided(scores)
