@@ -189,7 +189,8 @@ def main(out_dir: str | os.PathLike[str] = pathlib.Path(__file__).parent / "resu
     for n in sizes:
         data = make_droplets(n, n_empty=n)
         ours = run_diffbio(data)
-        print(f"diffbio_eqx  n={n}: " + ", ".join(f"{k} {v:.4g}" for k, v in ours.items()), flush=True)
+        print(f"diffbio_eqx  n={n}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in ours.items()), flush=True)
         theirs = run_cellbender(data) if cellbender else {"skipped": "cellbender=False"}
         print(f"cellbender   n={n}: {theirs}", flush=True)
         results["runs"].append({"n_cells": n, "diffbio_eqx": ours, "cellbender": theirs})

@@ -101,7 +101,8 @@ def _harmony_row(records: dict) -> dict[str, Any]:
         f"{s['ratio']:.2f}x{_spread(s.get('time_ratio'))} ({s['ours_seconds']:.2f} s vs {s['harmonypy_seconds']:.2f} s)"
         + ("" if s["n_cells"] == 100_000 else f" at {s['n_cells']} cells"),
         s["ratio"] <= 1.0 if s["n_cells"] == 100_000 else None,
-        f"harmony.json, {str(s.get('carried_over_from', _date(rec)))[:10]}", quality, s.get("error_mode") or _mode(rec))
+        f"harmony.json, {str(s.get('carried_over_from', _date(rec)))[:10]}", quality,
+        s.get("error_mode", "nan (before issue 27)"))
 
 
 def _vae_row(records: dict) -> dict[str, Any] | None:
