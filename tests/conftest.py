@@ -34,7 +34,7 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"XLA compile {_compile_seconds['compiled']:.0f} s; the shared compilation cache saved "
             # JAX reports compile time minus retrieval time per hit: negative when reading was slower.
-            f"{_compile_seconds['saved']:+.0f} s".replace("-0 s", "0 s")
+            + (f"{round(_compile_seconds['saved']):+d} s" if round(_compile_seconds["saved"]) else "0 s")
         )
 
 
