@@ -82,6 +82,7 @@ from ._core._neighbors import (
 )
 from ._core._train import FitResult as FitResult, TrainSettings as TrainSettings, fit as fit
 from ._core._validate import NonIntegerCountsWarning as NonIntegerCountsWarning
+from ._de._deseq2 import DESeq2Options as DESeq2Options
 from ._doublets._run import ScrubletSettings as ScrubletSettings
 from ._doublets._scrublet import Scrublet as Scrublet, ScrubletScores as ScrubletScores
 from ._doublets._solo import SoloClassifier as SoloClassifier, fit_solo_classifier as fit_solo_classifier

@@ -12,6 +12,7 @@ shapes must fit the data), or None for the defaults. The AnnData object is updat
 from is never written.
 """
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from jaxtyping import ArrayLike, PRNGKeyArray
 from ._annotation._annotate import Annotation, Reference, annotate_counts
 from ._clustering._mixture_stage import GaussianMixture, fit_gaussian_mixture
 from ._clustering._stage import SoftKMeans, fit_soft_kmeans
+from ._de._deseq2 import DESeq2Options
 from ._faces import check_adata, fit_keywords, record_settings, representation, settings_record
 from ._harmony._math import HarmonyResult
 from ._harmony._stage import Harmony
@@ -848,10 +850,7 @@ def pseudobulk_de(
     reference: str,
     test: str,
     layer: str | None = None,
-    refit_cooks: bool = True,
-    cooks_filter: bool = True,
-    independent_filter: bool = True,
-    alpha: float = 0.05,
+    options: DESeq2Options | None = None,
     key_added: str = "pseudobulk_de",
 ) -> pd.DataFrame:
     """Pseudobulk DESeq2 of `test` against `reference`, as pydeseq2 (`~condition`, Wald test, BH).
@@ -867,8 +866,8 @@ def pseudobulk_de(
     - `sample_key`, `condition_key`: `obs` columns of the replicate sample and of its condition.
     - `reference`, `test`: the two conditions compared (log2 fold change of `test` over `reference`).
     - `layer`: read counts from this layer. `key_added`: `uns` key of the table.
-    - `refit_cooks`, `cooks_filter`, `independent_filter`, `alpha`: as `pydeseq2`'s `DeseqDataSet(refit_cooks)`
-      and `DeseqStats(alpha, cooks_filter, independent_filter)`.
+    - `options`: a `DESeq2Options` (`refit_cooks`, `cooks_filter`, `independent_filter`, `alpha`,
+      `min_replicates`, as pydeseq2's `DeseqDataSet` and `DeseqStats`); None: pydeseq2's defaults.
 
     **Returns:** a table indexed by gene with pydeseq2's `results_df` columns `baseMean`, `log2FoldChange`,
     `lfcSE`, `stat`, `pvalue`, `padj`; also stored in `uns[key_added]["results"]` with the size factors.
@@ -888,16 +887,14 @@ def pseudobulk_de(
         raise ValueError("X: every gene has a zero in some sample; median-of-ratios size factors need one without")
     contrast = np.array([0.0] + [1.0 if c == test else 0.0 for c in levels[1:]])
     linear_mu = len(np.unique(design, axis=0)) == design.shape[1]
+    options = DESeq2Options() if options is None else options
     result = deseq2(jnp.asarray(summed), jnp.asarray(design), jnp.asarray(contrast), linear_mu=linear_mu,
-                    refit_cooks=refit_cooks, cooks_filter=cooks_filter, independent_filter=independent_filter,
-                    alpha=alpha)
+                    options=options)
     table = pd.DataFrame({name: np.asarray(getattr(result, field)) for name, field in (
         ("baseMean", "base_mean"), ("log2FoldChange", "log2_fold_change"), ("lfcSE", "lfc_se"), ("stat", "stat"),
         ("pvalue", "pvalue"), ("padj", "padj"))}, index=adata.var_names.copy())
     adata.uns[key_added] = {"params": {"sample_key": sample_key, "condition_key": condition_key,
-                                       "reference": reference, "test": test, "refit_cooks": refit_cooks,
-                                       "cooks_filter": cooks_filter, "independent_filter": independent_filter,
-                                       "alpha": alpha},
+                                       "reference": reference, "test": test, **dataclasses.asdict(options)},
                             "results": table, "size_factors": np.asarray(result.size_factors)}
     return table
 

@@ -36,8 +36,9 @@ def both(simulated):
     from pydeseq2.ds import DeseqStats
 
     data, adata = simulated
-    ours = dbx.tl.pseudobulk_de(adata, "sample", "condition", reference="control", test="treated", refit_cooks=False,
-                                cooks_filter=False, independent_filter=False)
+    ours = dbx.tl.pseudobulk_de(adata, "sample", "condition", reference="control", test="treated",
+                                options=dbx.DESeq2Options(refit_cooks=False, cooks_filter=False,
+                                                          independent_filter=False))
     counts = jax.ops.segment_sum(data.counts, data.sample, num_segments=N_SAMPLES)
     names = [f"s{i}" for i in range(N_SAMPLES)]
     metadata = pd.DataFrame({"condition": ["control"] * 4 + ["treated"] * 4}, index=names)

@@ -40,6 +40,8 @@ The steps and their defaults follow `pydeseq2.dds.DeseqDataSet.deseq2` and `pyde
    rejections exceed the lowess maximum minus the residuals' RMS (the lowest if at most 10 rejections).
 """
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -417,6 +419,34 @@ def _map_and_lfc(safe, sf, design, mu_hat, gw, fitted, prior_var, squared_logres
     return disp, jax.vmap(lambda y, a: irls(y, sf, design, a)[0])(safe.T, disp)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DESeq2Options:
+    """pydeseq2's switches, with its defaults (`DeseqDataSet(refit_cooks, min_replicates)`,
+    `DeseqStats(alpha, cooks_filter, independent_filter)`).
+
+    - `refit_cooks` (True): replace Cook's outliers in design rows with `min_replicates` (7) or more samples and
+      refit those genes.
+    - `cooks_filter` (True): NaN p-values for genes with a remaining Cook's outlier.
+    - `independent_filter` (True): filter on the mean of normalised counts to maximise rejections at `alpha`
+      (0.05); off: BH over all tested genes.
+    """
+
+    refit_cooks: bool = True
+    cooks_filter: bool = True
+    independent_filter: bool = True
+    alpha: float = 0.05
+    min_replicates: int = 7
+
+
+def _cooks_outliers(counts, cooks, refitted, replaceable, n_rep, cutoff) -> Bool[Array, " n_genes"]:
+    """pydeseq2's `cooks_outlier`: a remaining Cook's distance above the cutoff in a row with 3 or more samples
+    (refitted genes count 0 in replaceable rows), unless 3 or more samples have more counts than the outlier."""
+    flagged = jnp.where(refitted[None, :] & replaceable[:, None], 0.0, cooks)
+    outlier = jnp.any((n_rep >= 3)[:, None] & (flagged > cutoff), axis=0)
+    top = jnp.take_along_axis(counts, jnp.argmax(jnp.where(jnp.isnan(cooks), -jnp.inf, cooks), axis=0)[None], 0)
+    return outlier & (jnp.sum(counts > top, axis=0) < 3)
+
+
 @eqx.filter_jit
 def deseq2(
     counts: Float[Array, "n_samples n_genes"],
@@ -424,14 +454,10 @@ def deseq2(
     contrast: Float[Array, " n_vars"],
     *,
     linear_mu: bool,
-    refit_cooks: bool = True,
-    cooks_filter: bool = True,
-    independent_filter: bool = True,
-    alpha: float = 0.05,
-    min_replicates: int = 7,
+    options: DESeq2Options = DESeq2Options(),
 ) -> DESeq2Result:
-    """DESeq2 on a samples-by-genes count matrix, as pydeseq2's `DeseqDataSet(..., refit_cooks)` then
-    `DeseqStats(..., alpha, cooks_filter, independent_filter)` (Wald test of `contrast`); pydeseq2's defaults.
+    """DESeq2 on a samples-by-genes count matrix, as pydeseq2's `DeseqDataSet` then `DeseqStats` (Wald test of
+    `contrast`), with `options` (`DESeq2Options`: pydeseq2's defaults).
 
     **Arguments:**
 
@@ -439,11 +465,7 @@ def deseq2(
     - `design`: the design matrix (intercept column included), full column rank, more rows than columns.
     - `contrast`: the contrast vector over the design's columns.
     - `linear_mu`: the design has as many distinct rows as columns (pydeseq2 then starts from a linear
-      regression, else from an IRLS fit). (Keyword only, static, as all below.)
-    - `refit_cooks`: replace Cook's outliers in design rows with `min_replicates` or more samples and refit.
-    - `cooks_filter`: NaN p-values for genes with a remaining Cook's outlier.
-    - `independent_filter`: filter on the mean of normalised counts to maximise rejections at `alpha` (else BH over
-      all tested genes).
+      regression, else from an IRLS fit). (Keyword only, static, as `options`.)
     """
     import scipy.stats  # the F quantile of the static shape, once at trace time
 
@@ -459,9 +481,9 @@ def deseq2(
     disp, beta = _map_and_lfc(safe, sf, design, mu_hat, gw, fitted, prior_var, squared_logres)
     cooks = jnp.where(nonzero[None, :], cooks_distances(safe, sf, design, beta, disp), jnp.nan)
     n_rep = _replicates(design)
-    replaceable = n_rep >= min_replicates
+    replaceable = n_rep >= options.min_replicates
     new_zero = refitted = jnp.zeros_like(nonzero)
-    if refit_cooks:
+    if options.refit_cooks:
         outliers = cooks > cutoff
         replaced = jnp.any(outliers, axis=0) & jnp.any(replaceable)
         trimmed = _masked_trimmed_mean(counts / sf[:, None], jnp.ones(n_samples, bool), jnp.asarray(0.2, sf.dtype))
@@ -488,13 +510,10 @@ def deseq2(
     nan = jnp.asarray(jnp.nan, counts.dtype)
     hide = lambda v: jnp.where(nonzero, v, nan)
     pvalue = hide(pvalue)
-    if cooks_filter:  # pydeseq2's `cooks_outlier`: distances of refitted genes in replaceable samples count 0
-        flagged = jnp.where(refitted[None, :] & replaceable[:, None], 0.0, cooks)
-        outlier = jnp.any((n_rep >= 3)[:, None] & (flagged > cutoff), axis=0)
-        top = jnp.take_along_axis(counts, jnp.argmax(jnp.where(jnp.isnan(cooks), -jnp.inf, cooks), axis=0)[None], 0)
-        outlier = outlier & (jnp.sum(counts > top, axis=0) < 3)
-        pvalue = jnp.where(outlier, nan, pvalue)
-    padj = independent_filtering(pvalue, base_mean, alpha) if independent_filter else masked_benjamini_hochberg(pvalue)
+    if options.cooks_filter:
+        pvalue = jnp.where(_cooks_outliers(counts, cooks, refitted, replaceable, n_rep, cutoff), nan, pvalue)
+    padj = (independent_filtering(pvalue, base_mean, options.alpha) if options.independent_filter
+            else masked_benjamini_hochberg(pvalue))
     return DESeq2Result(
         base_mean=base_mean, log2_fold_change=hide(beta @ contrast / jnp.log(2.0)), lfc_se=hide(se / jnp.log(2.0)),
         stat=hide(stat), pvalue=pvalue, padj=padj, genewise_dispersions=hide(gw),
