@@ -113,14 +113,14 @@ def shuffled_labels(key: PRNGKeyArray, labels: Int[Array, " n_cells"]) -> Int[Ar
 def chunk_labels(key: PRNGKeyArray, labels: Int[Array, " n_cells"], size: int) -> Int[Array, "size n_cells"]:
     """`size` permutations of `labels`, each exactly uniformly distributed, from two sorts instead of `size`.
 
-    Row $j$ is $L[(\tau_i + r_j) \bmod n]_i$: $L$ the labels in uniformly random order, $\tau$ an independent
+    Row $j$ is $L[(\\tau_i + r_j) \\bmod n]_i$: $L$ the labels in uniformly random order, $\\tau$ an independent
     uniform permutation of the cells and $r_j$ distinct offsets (one in each of `size` strata of $[0, n)$). For
-    fixed $\tau, r_j$ the map $i \mapsto \tau_i + r_j$ is a fixed permutation, so each row is a uniform
-    permutation of the labels and a count of permuted scores $\ge$ the observed one is an unbiased p-value, as
-    with independent permutations. Two rows differ by $\tau^{-1} s_\Delta \tau$ (a shift by $\Delta = r_k - r_j$
-    conjugated by the uniform $\tau$, independent of the first row): a random fixed-point-free permutation, so
+    fixed $\\tau, r_j$ the map $i \\mapsto \\tau_i + r_j$ is a fixed permutation, so each row is a uniform
+    permutation of the labels and a count of permuted scores $\\ge$ the observed one is an unbiased p-value, as
+    with independent permutations. Two rows differ by $\\tau^{-1} s_\\Delta \\tau$ (a shift by $\\Delta = r_k - r_j$
+    conjugated by the uniform $\\tau$, independent of the first row): a random fixed-point-free permutation, so
     the pairs behave as independent draws do (their statistics share only $O(n^{-1/2})$ chance alignment).
-    Sorting is the cost of a shuffle on CPU ($O(n \log n)$ comparisons, about five times the group sums of
+    Sorting is the cost of a shuffle on CPU ($O(n \\log n)$ comparisons, about five times the group sums of
     200 genes at 100k cells); this pays it twice per chunk instead of once per permutation.
     """
     n = labels.shape[0]

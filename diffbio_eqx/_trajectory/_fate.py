@@ -13,18 +13,18 @@ instead biases `K` towards increasing pseudotime before row normalisation (no de
 **Absorption.** With the terminal-state cells absorbing and the others transient, the fate probabilities solve
 $(I - Q) X = R$ ($Q$ the transient block, $R$ the transient-to-terminal block summed per terminal state), and the
 mean times to absorption $(I - Q) m = 1$. We solve the equivalent full system $(I - P) x = b$ with
-$P = \mathrm{diag}(t)\, T$ ($t$ the transient indicator; absorbing rows reduce to $x_i = b_i$), one column at a
+$P = \\mathrm{diag}(t)\\, T$ ($t$ the transient indicator; absorbing rows reduce to $x_i = b_i$), one column at a
 time, on the sparse operator, never a dense matrix.
 
 **Solver and tolerance, as CellRank.** CellRank's default (`compute_fate_probabilities(solver="gmres",
 use_petsc=True, tol=1e-6)`, `_utils/_linear_solver.py`) is PETSc's KSP GMRES (restart 30) with PETSc's default
 left preconditioner (ILU(0) on one process); PETSc stops when the *preconditioned* residual has decreased by
-`rtol = tol` relative to the preconditioned right-hand side, $\|M^{-1}(b - A x)\| \leq
-\mathrm{tol}\,\|M^{-1} b\|$, per column. An unpreconditioned relative residual of 1e-6 is not enough for
-1e-5 accuracy: the mean absorption times reach thousands of steps, so $\|(I - P)^{-1}\|$ does too (SciPy's GMRES
+`rtol = tol` relative to the preconditioned right-hand side, $\\|M^{-1}(b - A x)\\| \\leq
+\\mathrm{tol}\\,\\|M^{-1} b\\|$, per column. An unpreconditioned relative residual of 1e-6 is not enough for
+1e-5 accuracy: the mean absorption times reach thousands of steps, so $\\|(I - P)^{-1}\\|$ does too (SciPy's GMRES
 on a 10k-cell graph at `rtol` 1e-6: 1.7e-4 max error; with an ILU(0)-like `spilu` preconditioner, still 1.5e-4).
 ILU(0) is a sequential triangular factorisation; we precondition instead with the truncated Neumann series of
-$(I - P)^{-1}$, $M^{-1} = \sum_{k=0}^{p} P^k$ (`degree` $p$ = 16 walk steps, matrix-vector products only), so
+$(I - P)^{-1}$, $M^{-1} = \\sum_{k=0}^{p} P^k$ (`degree` $p$ = 16 walk steps, matrix-vector products only), so
 the left-preconditioned operator is $M^{-1}(I - P) = I - P^{p+1}$, and solve
 $(I - P^{p+1}) x = M^{-1} b$ with restarted GMRES (`jax.scipy.sparse.linalg.gmres`, restart 30) to the relative
 tolerance `tol` on that preconditioned residual. The preconditioned operator's condition number is about
@@ -94,8 +94,9 @@ class Absorption(eqx.Module):
     - `probabilities`: `(n_cells, n_states)`; row `i` is the probability that the walk from `i` is absorbed in each
       terminal state (CellRank's fate probabilities; terminal cells have probability 1 for their own state).
     - `mean_time`: `(n_cells,)` expected number of steps to absorption (0 on terminal cells).
-    - `residual`: `(n_states + 1,)` relative preconditioned residual norms $\|M^{-1}(b - A x)\| / \|M^{-1} b\|$ of the
-      solves (fates, then the times); the solver stops when each is below `tol`.
+    - `residual`: `(n_states + 1,)` relative preconditioned residual norms
+      $\\|M^{-1}(b - A x)\\| / \\|M^{-1} b\\|$ of the solves (fates, then the times); the solver stops when each
+      is below `tol`.
     """
 
     probabilities: Float[Array, "n_cells n_states"]
