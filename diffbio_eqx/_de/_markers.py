@@ -112,29 +112,66 @@ def _moments_from_sums(first, second, n):
 
 
 def group_moments(
-    x: Float[Array, "n_cells n_genes"], masks: Bool[Array, "n_groups n_cells"], *, complements: bool = False
-) -> tuple[Float[Array, "n_rows n_genes"], Float[Array, "n_rows n_genes"], Float[Array, " n_rows"]]:
+    x: Float[Array, "n_cells n_genes"], masks: Bool[Array, "n_groups n_cells"]
+) -> tuple[Float[Array, "n_groups n_genes"], Float[Array, "n_groups n_genes"], Float[Array, " n_groups"]]:
     """Means, unbiased variances (scanpy's `_get_mean_var`: $E[x^2] - E[x]^2$ times $n/(n-1)$) and sizes of the
-    cells in each mask, accumulated in the default float dtype; the squares are taken in `x`'s own dtype first,
-    as scanpy squares float32 data in float32. With `complements` also those of each mask's complement (from the
-    column totals minus the mask's sums, the same pass over `x`), appended after the masks' rows."""
+    cells in each (possibly overlapping) mask, accumulated in the default float dtype; the squares are taken in
+    `x`'s own dtype first, as scanpy squares float32 data in float32."""
     dtype = jnp.zeros(()).dtype
     w = masks.astype(dtype)
-    n = jnp.sum(w, axis=1)
-    if complements:
-        w = jnp.concatenate([w, jnp.ones((1, w.shape[1]), dtype)])
 
     def sums(column):  # blocks of genes: x is never copied whole into the wider dtype
         return w @ column.astype(dtype), w @ (column * column).astype(dtype)
 
     first, second = jax.lax.map(sums, x.T, batch_size=256)
-    first, second = first.T, second.T
-    if complements:
-        total = jnp.asarray(masks.shape[1], dtype)
-        first = jnp.concatenate([first[:-1], first[-1:] - first[:-1]])
-        second = jnp.concatenate([second[:-1], second[-1:] - second[:-1]])
-        n = jnp.concatenate([n, total - n])
-    return _moments_from_sums(first, second, n)
+    return _moments_from_sums(first.T, second.T, jnp.sum(w, axis=1))
+
+
+def _label_blocks(labels: Int[Array, " n_cells"], n_labels: int, block: int) -> tuple[Array, Array]:
+    """Cells grouped by label into blocks of `block` rows, each block holding one label's cells: the row indices
+    (`n_cells` pads a block) and each block's label (`n_labels` for unused blocks)."""
+    n_cells = labels.shape[0]
+    counts = jnp.bincount(labels, length=n_labels)
+    blocks_per_label = (counts + block - 1) // block
+    block_end = jnp.cumsum(blocks_per_label)
+    ids = jnp.arange(n_cells // block + n_labels)  # enough blocks for any split of the cells
+    block_label = jnp.searchsorted(block_end, ids, side="right")
+    label = jnp.minimum(block_label, n_labels - 1)
+    position = (ids - (block_end - blocks_per_label)[label])[:, None] * block + jnp.arange(block)[None]
+    valid = (block_label < n_labels)[:, None] & (position < counts[label][:, None])
+    order = jnp.argsort(labels, stable=True)
+    start = (jnp.cumsum(counts) - counts)[label][:, None]
+    rows = jnp.where(valid, order[jnp.clip(start + position, 0, n_cells - 1)], n_cells)
+    return rows, block_label
+
+
+def label_moments(
+    x: Float[Array, "n_cells n_genes"], labels: Int[Array, " n_cells"], n_labels: int, *, block: int = 128
+) -> tuple[Float[Array, "n_rows n_genes"], Float[Array, "n_rows n_genes"], Float[Array, " n_rows"]]:
+    """`group_moments` of the disjoint groups `labels == l` for `l` in `[0, n_labels)` (cells labelled otherwise
+    belong to none), then of each group's complement (all other cells), from one pass over `x`.
+
+    The cells are gathered label by label in blocks of `block` rows; each block is summed along the cells in the
+    default float dtype (so the work is one addition per value and group, not one per value, group and mask as a
+    mask matmul), the blocks' sums are added per label and each complement is the column totals minus its
+    group's sums.
+    """
+    dtype = jnp.zeros(()).dtype
+    labels = jnp.where((labels >= 0) & (labels < n_labels), labels, n_labels)
+    rows, block_label = _label_blocks(labels, n_labels + 1, block)
+
+    def sums(index):
+        values = x.at[index].get(mode="fill", fill_value=0)
+        return jnp.sum(values.astype(dtype), axis=0), jnp.sum((values * values).astype(dtype), axis=0)
+
+    first, second = jax.lax.map(sums, rows, batch_size=max(1, 1024 // block))
+    one_hot = (block_label[None] == jnp.arange(n_labels + 1, dtype=block_label.dtype)[:, None]).astype(dtype)
+    first, second = one_hot @ first, one_hot @ second  # (n_labels + 1, n_genes): the last row, unlabelled cells
+    total_first, total_second = jnp.sum(first, axis=0, keepdims=True), jnp.sum(second, axis=0, keepdims=True)
+    n = jnp.bincount(labels, length=n_labels + 1)[:n_labels].astype(dtype)
+    first = jnp.concatenate([first[:n_labels], total_first - first[:n_labels]])
+    second = jnp.concatenate([second[:n_labels], total_second - second[:n_labels]])
+    return _moments_from_sums(first, second, jnp.concatenate([n, x.shape[0] - n]))
 
 
 def log_fold_changes(
@@ -195,10 +232,15 @@ def sorted_rank_sums(
     return jax.ops.segment_sum(ranks, lab, num_segments=n_labels + 1)[:n_labels], jnp.sum(ties**2 - 1.0)
 
 
+def _labels_of(groups: Bool[Array, "n_groups n_cells"]) -> Int[Array, " n_cells"]:
+    """Each cell's group among disjoint `groups`, `n_groups` for a cell in none."""
+    return jnp.where(jnp.any(groups, axis=0), jnp.argmax(groups, axis=0), groups.shape[0]).astype(jnp.int32)
+
+
 def _wilcoxon_scores(x, groups, rests, tie_correct: bool, batch_size: int, vs_rest: bool, dtype):
     if vs_rest:  # every comparison ranks all cells: one sort per gene carrying each cell's group
         n_groups, n_cells = groups.shape
-        labels = jnp.where(jnp.any(groups, axis=0), jnp.argmax(groups, axis=0), n_groups).astype(jnp.int32)
+        labels = _labels_of(groups)
         n = jnp.sum(groups, axis=1).astype(dtype)
         total = jnp.asarray(n_cells, dtype)
         m = total - n
@@ -248,7 +290,7 @@ def rank_genes(
     """
     if vs_rest:  # one pass: the rests' sums are the totals minus the groups'
         n_groups = groups.shape[0]
-        mean, var, n = group_moments(x, groups, complements=True)
+        mean, var, n = label_moments(x, _labels_of(groups), n_groups)
         mean_g, var_g, n_g, mean_r, var_r, n_r = (mean[:n_groups], var[:n_groups], n[:n_groups], mean[n_groups:],
                                                   var[n_groups:], n[n_groups:])
     else:
