@@ -11,6 +11,14 @@ Benchmarker call. Reference: scanpy's Leiden at resolution 1.0 on its PCA (0.507
 
 `--from-dirs` scores finished job folders (named run<seed>) instead of running the job; `--job-args` adds
 options to each `diffbio-eqx run` (e.g. "--vae-epochs 200"). Writes benchmarks/results/quality.json.
+
+    python benchmarks/bench_quality.py --diagnose --from-dirs benchmarks/results/quality_runs --seeds 0 1 2 3 4
+
+`--diagnose` asks why a seed's cluster ARI drops, on each job's own corrected embedding (the clustering step is
+the last one to touch it): the mixture's ARI at every k from 5 to 12 with the job's 3 restarts and with 10
+(restarts chosen by log-likelihood, each k's best log-likelihood beside it), Leiden's ARI at each resolution of
+the stability grid, and the number of clusters `select_n_clusters` proposes under 6 selection seeds (its
+resolution and the mixture's ARI there). Writes benchmarks/results/quality_diagnosis.json.
 """
 
 import argparse
@@ -82,17 +90,70 @@ def _score(folder: pathlib.Path, scib: bool) -> dict:
     return record | (_scib_totals(adata) if scib else {})
 
 
+def _mixture_by_k(x: np.ndarray, labels: np.ndarray, seed: int, n_restarts: int) -> dict[int, dict[str, float]]:
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    import diffbio_eqx as dbx
+
+    scores = {}
+    for k in range(5, 13):
+        fitted = dbx.fit_gaussian_mixture(dbx.GaussianMixture(jnp.zeros((k, x.shape[1]), jnp.float32)), x,
+                                          key=jr.key(seed), n_restarts=n_restarts)
+        clusters = np.asarray(fitted.model.hard_assign(jnp.asarray(x)))
+        scores[k] = {"ari": float(dbx.adjusted_rand_index(labels, clusters)),
+                     "log_likelihood": float(-fitted.train_loss[max(fitted.n_epochs_run, 1) - 1])}
+    return scores
+
+
+def _diagnose(folder: pathlib.Path, seed: int) -> dict:
+    """Why a seed's ARI is what it is: the mixture's ARI by k, Leiden's by resolution, the k the rule proposes."""
+    import anndata as ad
+    import jax.numpy as jnp
+
+    import diffbio_eqx as dbx
+    from diffbio_eqx._clustering._communities import connectivity_matrix, leiden
+    from diffbio_eqx._clustering._mixture_stage import STABILITY_RESOLUTIONS, partition_stability
+    from diffbio_eqx._core._neighbors import neighbor_graph
+
+    adata = ad.read_h5ad(folder / "result.h5ad")
+    labels = adata.obs["bulk_labels"].to_numpy()
+    x = np.asarray(adata.obsm["X_diffbio_corrected"], np.float32)
+    by_k = {restarts: _mixture_by_k(x, labels, seed, restarts) for restarts in (3, 10)}
+    adjacency = connectivity_matrix(neighbor_graph(jnp.asarray(x), 15).connectivities)
+    leiden_ari, picks = {}, []
+    for resolution in STABILITY_RESOLUTIONS:
+        communities = leiden(adjacency, resolution=resolution, seed=0)
+        leiden_ari[resolution] = {"ari": float(dbx.adjusted_rand_index(labels, communities)),
+                                  "n_communities": int(communities.max()) + 1}
+    for selection_seed in range(6):
+        stability = partition_stability(x, seed=selection_seed)
+        chosen = max(stability, key=lambda r: stability[r])
+        k = int(np.sum(np.bincount(leiden(adjacency, resolution=chosen, seed=selection_seed)) >= 10))
+        picks.append({"selection_seed": selection_seed, "stability": stability, "resolution": chosen, "k": k,
+                      "mixture_ari": by_k[3].get(k, {}).get("ari")})
+    return {"job_clusters": int(adata.obs["diffbio_cluster"].nunique()), "mixture_by_k_3_restarts": by_k[3],
+            "mixture_by_k_10_restarts": by_k[10], "leiden_by_resolution": leiden_ari, "k_proposed": picks}
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--scib", action="store_true", help="also the scib-metrics totals (slow)")
     parser.add_argument("--from-dirs", type=pathlib.Path, default=None, help="folder holding run<seed> job outputs")
     parser.add_argument("--job-args", default="", help="more options for each diffbio-eqx run")
+    parser.add_argument("--diagnose", action="store_true", help="why a seed's ARI drops (needs --from-dirs)")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     parser.add_argument("--work", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality_runs",
                         help="folder for the job outputs")
     arguments = parser.parse_args()
     work = arguments.from_dirs or arguments.work
+    if arguments.diagnose:
+        if arguments.from_dirs is None:
+            parser.error("--diagnose reads finished jobs: give --from-dirs")
+        default = arguments.out.name == "quality.json"
+        return _write_diagnosis(work, arguments.seeds,
+                                arguments.out.with_name("quality_diagnosis.json") if default else arguments.out)
     runs = {}
     for seed in arguments.seeds:
         folder = work / f"run{seed}"
@@ -115,6 +176,21 @@ def main() -> int:
               "runs": runs, "summary": summary}
     arguments.out.write_text(json.dumps(record, indent=1, default=float))
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _write_diagnosis(work: pathlib.Path, seeds: list[int], out: pathlib.Path) -> int:
+    diagnosis = {}
+    for seed in seeds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            diagnosis[seed] = _diagnose(work / f"run{seed}", seed)
+        print(seed, json.dumps({k: round(v["ari"], 3) for k, v in diagnosis[seed]["mixture_by_k_3_restarts"].items()}),
+              [(p["k"], p["resolution"]) for p in diagnosis[seed]["k_proposed"]], flush=True)
+    record = {"benchmark": "quality diagnosis (issue 24): the clustering step on each job's corrected embedding",
+              "dataset": "pbmc68k_reduced, simulated two-batch split; labels bulk_labels (scoring only)",
+              "environment": environment("scanpy"), "runs": diagnosis}
+    out.write_text(json.dumps(record, indent=1, default=float))
     return 0
 
 
