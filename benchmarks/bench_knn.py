@@ -35,7 +35,7 @@ import numpy as np
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import environment, merge_runs, write_json  # noqa: E402
+from _common import environment, merge_runs, ratio_summary, write_json  # noqa: E402
 
 
 #: Where the records are merged (BENCH_KNN_OUT overrides, e.g. to run parts side by side and merge after).
@@ -108,6 +108,33 @@ def bench_knn(n_cells: int) -> list[dict]:
     return runs
 
 
+def bench_ivf(n_cells: int, rounds: int = 3) -> list[dict]:
+    """`method="ivf"` (the inverted-file search in JAX) against `method="exact"`, whole graphs, interleaved over
+    `rounds` rounds in one process: the first round's calls include each method's JAX compiles, the later rounds
+    reuse them; the ratio is exact's seconds over ours per round (median and range)."""
+    import diffbio_eqx as dx
+
+    x = simulated_pcs(n_cells)
+    exact_s, ivf_s = [], []
+    for _ in range(rounds):
+        exact, seconds = _timed(lambda: dx.neighbor_graph(x, K, method="exact"))
+        exact_s.append(seconds)
+        approximate, seconds = _timed(lambda: dx.neighbor_graph(x, K, method="ivf"))
+        ivf_s.append(seconds)
+        print(json.dumps({"exact_s": exact_s[-1], "ivf_s": ivf_s[-1]}), flush=True)
+    indices = np.asarray(approximate.indices)
+    from diffbio_eqx._core import _neighbors
+
+    run = {"part": "knn", "n_cells": n_cells, "n_dims": x.shape[1], "method": "ivf", "graph_s": ivf_s,
+           "exact_graph_s": exact_s, "speedup_vs_exact": ratio_summary(exact_s, ivf_s),
+           "recall_at_15": recall(indices, np.asarray(exact.indices)),
+           "self_first": bool(np.all(indices[:, 0] == np.arange(n_cells))),
+           "n_lists": _neighbors.ivf_n_lists(n_cells), "n_probe": _neighbors.IVF_N_PROBE,
+           "note": "round 1 includes each method's JAX compiles (ours: the k-means and the search + connectivities)"}
+    print(json.dumps(run), flush=True)
+    return [run]
+
+
 def preservation(x: np.ndarray, z: np.ndarray, rows: np.ndarray) -> float:
     from sklearn.neighbors import NearestNeighbors
 
@@ -153,8 +180,9 @@ def bench_umap(n_cells: int) -> dict:
 
 def main(argv: list[str]) -> None:
     part = argv[0] if argv else "knn"
-    sizes = [int(s) for s in argv[1].split(",")] if len(argv) > 1 else ([100_000] if part == "knn" else [50_000])
-    runs = [row for n in sizes for row in (bench_knn(n) if part == "knn" else [bench_umap(n)])]
+    sizes = [int(s) for s in argv[1].split(",")] if len(argv) > 1 else ([50_000] if part == "umap" else [100_000])
+    bench = {"knn": bench_knn, "ivf": bench_ivf, "umap": lambda n: [bench_umap(n)]}[part]
+    runs = [row for n in sizes for row in bench(n)]
     record = {"environment": environment("pynndescent", "umap-learn", "scikit-learn"),
               "runs": merge_runs(RESULTS, runs, ("part", "n_cells", "method"))}
     write_json(RESULTS, record)

@@ -63,8 +63,8 @@ def neighbors(
     - `use_rep`: the representation (see `representation`; default the first of `X_diffbio_corrected`,
       `X_diffbio`, `X_pca` present). (Keyword only argument.)
     - `method`: the kNN backend of `neighbor_graph`: `"auto"` (exact below 8,192 cells as scanpy, then
-      approximate top-k on GPU/TPU; on CPU exact up to 100,000 cells, pynndescent above), `"exact"`,
-      `"pynndescent"` or `"approx_top_k"`;
+      approximate top-k on GPU/TPU; on CPU exact below 20,000 cells, the inverted-file search above), `"exact"`,
+      `"ivf"`, `"pynndescent"` or `"approx_top_k"`;
       `uns[...]["params"]["knn_method"]` records the one that ran.
     - `key_added`: as scanpy: None writes `obsp["distances"]`, `obsp["connectivities"]` and `uns["neighbors"]`;
       a name writes `obsp[name + "_distances"]`, `obsp[name + "_connectivities"]` and `uns[name]`.

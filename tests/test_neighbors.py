@@ -213,32 +213,32 @@ def test_self_first_repairs_rows():
 
 def test_auto_picks_the_backend_by_size_and_device(monkeypatch):
     small, large = _neighbors.EXACT_MAX_CELLS - 1, _neighbors.EXACT_MAX_CELLS
-    huge = _neighbors.PYNNDESCENT_MIN_CELLS
+    huge = _neighbors.IVF_MIN_CELLS
     assert _neighbors.select_neighbor_method(small, backend="gpu") == "exact"
     assert _neighbors.select_neighbor_method(huge - 1, backend="cpu") == "exact"
-    assert _neighbors.select_neighbor_method(huge, backend="cpu") == "pynndescent"
+    assert _neighbors.select_neighbor_method(huge, backend="cpu") == "ivf"
     assert _neighbors.select_neighbor_method(huge, backend="cpu", traced=True) == "exact"
     for accelerator in ("gpu", "tpu"):
         assert _neighbors.select_neighbor_method(large, backend=accelerator) == "approx_top_k"
         assert _neighbors.select_neighbor_method(large, backend=accelerator, traced=True) == "approx_top_k"
-    # neighbor_graph follows the choice: above the (lowered) cut, CPU cells go to pynndescent, traced ones not.
+    # neighbor_graph follows the choice: above the (lowered) cut, CPU cells go to the IVF, traced ones not.
     calls = []
 
-    def spy(data, n_neighbors, *, seed):
+    def spy(data, n_neighbors, *, key, **settings):
         calls.append(data.shape)
-        return np.asarray(dx.neighbor_graph(data, n_neighbors, method="exact").indices)
+        return dx.neighbor_graph(data, n_neighbors, method="exact")
 
-    monkeypatch.setattr(_neighbors, "pynndescent_knn", spy)
+    monkeypatch.setattr(_neighbors, "ivf_neighbor_graph", spy)
     monkeypatch.setattr(_neighbors, "EXACT_MAX_CELLS", 100)
-    monkeypatch.setattr(_neighbors, "PYNNDESCENT_MIN_CELLS", 110)
+    monkeypatch.setattr(_neighbors, "IVF_MIN_CELLS", 110)
     x = _data(9, n_cells=120)
-    expected = "approx_top_k" if jax.default_backend() in ("gpu", "tpu") else "pynndescent"
+    expected = "approx_top_k" if jax.default_backend() in ("gpu", "tpu") else "ivf"
     assert _neighbors.select_neighbor_method(120) == expected
     auto = dx.neighbor_graph(x, 8)
-    assert calls == ([(120, 6)] if expected == "pynndescent" else [])
+    assert calls == ([(120, 6)] if expected == "ivf" else [])
     assert tree_identical(auto, dx.neighbor_graph(x, 8, method="exact"))
     jax.jit(lambda v: dx.neighbor_graph(v, 8).indices)(jnp.asarray(x))
-    assert len(calls) == (1 if expected == "pynndescent" else 0)
+    assert len(calls) == (1 if expected == "ivf" else 0)
 
 
 def test_forced_backends():
@@ -249,3 +249,48 @@ def test_forced_backends():
     assert _recall(np.asarray(approximate.indices), exact) >= 0.95
     with pytest.raises(ValueError, match="method: 'pynndescent' runs on host arrays"):
         jax.jit(lambda v: dx.neighbor_graph(v, 15, method="pynndescent").indices)(jnp.asarray(x))
+    with pytest.raises(ValueError, match="method: 'ivf' reads its lists' sizes back to the host"):
+        jax.jit(lambda v: dx.neighbor_graph(v, 15, method="ivf").indices)(jnp.asarray(x))
+
+
+@pytest.fixture(scope="module")
+def ivf_graphs():
+    """The IVF graph (defaults: 55 lists, 16 probed) and the exact one of 3,000 simulated cells."""
+    x = _clustered_pcs(3000)
+    return x, dx.neighbor_graph(x, 15, method="ivf"), dx.neighbor_graph(x, 15, method="exact")
+
+
+def _check_rows(x: np.ndarray, graph: dx.NeighborGraph) -> np.ndarray:
+    indices = np.asarray(graph.indices)
+    np.testing.assert_array_equal(indices[:, 0], np.arange(x.shape[0]))  # each cell first in its own row
+    assert all(len(set(row)) == indices.shape[1] for row in indices)  # no cell twice
+    assert np.all(np.diff(np.asarray(graph.distances, dtype=float), axis=1) >= 0)
+    direct = np.sqrt(np.sum((x[:, None, :] - x[indices]) ** 2, axis=-1))
+    np.testing.assert_allclose(graph.distances, direct, rtol=1e-5, atol=1e-5)
+    return indices
+
+
+def test_ivf_recall_against_exact(ivf_graphs):
+    x, approximate, exact = ivf_graphs
+    exact_indices = np.asarray(exact.indices)
+    assert _recall(_check_rows(x, approximate), exact_indices) >= 0.95
+    # The connectivities are the same function of the lists: where the rows agree, so do sigma and rho.
+    same = np.all(np.asarray(approximate.indices) == exact_indices, axis=1)
+    assert same.mean() > 0.8
+    np.testing.assert_allclose(np.asarray(approximate.connectivities.sigma)[same],
+                               np.asarray(exact.connectivities.sigma)[same], rtol=1e-5)
+
+
+def test_ivf_probing_every_list_is_exact():
+    x = _data(10, n_cells=200)
+    exact = dx.neighbor_graph(x, 12, method="exact")
+    every = _neighbors.ivf_neighbor_graph(jnp.asarray(x), 12, key=jr.key(0), n_lists=8, n_probe=8)
+    np.testing.assert_array_equal(every.indices, exact.indices)
+    assert tree_allclose(every, exact, rtol=1e-5, atol=1e-6)
+    # 100 lists of ~2 cells and 1 probe: too few cells for 12 neighbours, so each list probes its nearest lists
+    # until it has them; every row still holds distinct cells, itself first, and most true neighbours.
+    coarse = _neighbors.ivf_neighbor_graph(jnp.asarray(x), 12, key=jr.key(1), n_lists=100, n_probe=1)
+    assert _recall(_check_rows(x, coarse), np.asarray(exact.indices)) >= 0.3
+    for bad in ({"n_probe": 9}, {"n_probe": 0}, {"n_lists": 0}, {"n_lists": 201}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _neighbors.ivf_neighbor_graph(jnp.asarray(x), 12, key=jr.key(0), **{"n_lists": 8, **bad})

@@ -11,6 +11,9 @@ recomputed from `x` the same way and the same jitted `fuzzy_simplicial_set` foll
 give identical graphs:
 
 - `"exact"`: blocked brute force (`exact_knn`), O(n^2) work; what scanpy does below 8,192 cells (Euclidean).
+- `"ivf"`: an inverted-file index in JAX (`ivf_neighbor_graph`; faiss's `IndexIVFFlat`): k-means into
+  `sqrt(n)` lists, each cell compared exactly with the cells of the 16 lists nearest its own, O(n^1.5) work; runs
+  on any device with no compile outside XLA's (recall@15 0.99+ on 100k simulated PCs).
 - `"pynndescent"`: nearest-neighbour descent (Dong et al. 2011) through the `pynndescent` package on the host,
   outside jit, with umap-learn's and scanpy's settings (`n_trees = min(64, 5 + round(sqrt(n) / 20))`,
   `n_iters = max(5, round(log2(n)))`, `max_candidates = 60`): the field's standard on CPU, what scanpy and
@@ -22,8 +25,8 @@ give identical graphs:
   jits and stays on the device.
 
 `"auto"` (the default) picks by size and device (`select_neighbor_method`): exact below 8,192 cells, then
-approximate top-k on GPU/TPU; on CPU exact up to 100,000 cells (pynndescent's per-process numba compile costs
-more below that), pynndescent above.
+approximate top-k on GPU/TPU; on CPU exact below 20,000 cells and the IVF above. pynndescent is never picked
+automatically (its numba code compiles for 45-60 s in every new process) but can be forced.
 
 The connectivities are scanpy's default (`scanpy.pp.neighbors(method="umap")` writes them as
 `obsp["connectivities"]`); the numerics follow umap-learn 0.5 (`umap/umap_.py`: `smooth_knn_dist`,
@@ -46,16 +49,15 @@ from ._validate import _is_traced, check_embedding
 
 
 #: The kNN backends `neighbor_graph` knows; `"auto"` picks one of the others (`select_neighbor_method`).
-NEIGHBOR_METHODS = ("auto", "exact", "pynndescent", "approx_top_k")
+NEIGHBOR_METHODS = ("auto", "exact", "ivf", "pynndescent", "approx_top_k")
 
 #: `method="auto"` searches exactly below this many cells (scanpy's cut for Euclidean kNN: `n_obs < 8192`).
 EXACT_MAX_CELLS = 8192
 
-#: On CPU, `method="auto"` keeps the exact search up to this many cells and uses pynndescent from here on:
-#: pynndescent's numba code compiles on its first call in every process (45-60 s on a 2-core machine; numba's disk
-#: cache keeps only part of it), which the exact search repays only around 100k cells (exact 50k: ~8 s, 100k:
-#: ~55 s; pynndescent 50k: ~5 s, 100k: ~12 s, each plus that compile).
-PYNNDESCENT_MIN_CELLS = 100_000
+#: On CPU, `method="auto"` keeps the exact search below this many cells and uses the inverted-file search
+#: (`"ivf"`) from here on: below it the exact search's quadratic work costs about what the IVF's k-means and its
+#: extra JAX compiles cost (2-core CPU: 30k cells exact 26 s, IVF 18 s with its compiles, 3 s without).
+IVF_MIN_CELLS = 20_000
 
 #: `jax.lax.approx_max_k`'s recall target for `method="approx_top_k"` (JAX's default).
 APPROX_RECALL_TARGET = 0.95
@@ -395,6 +397,186 @@ def _neighbor_graph_from_indices(
     return _connect(sorted_indices, distances, set_op_mix_ratio, local_connectivity)
 
 
+#: `method="ivf"`: lists probed per query (the nearest centroids to the query's own list's, that list first).
+IVF_N_PROBE = 16
+#: `method="ivf"`: query rows per search step (the cells of one list, taken this many at a time).
+IVF_QUERY_CHUNK = 64
+#: `method="ivf"`: k-means runs on this many cells per list (at most all cells), for this many Lloyd steps.
+IVF_SAMPLE_PER_LIST = 40
+IVF_KMEANS_STEPS = 10
+
+
+def ivf_n_lists(n_cells: int) -> int:
+    """The number of inverted lists for `n_cells`: `round(sqrt(n_cells))`, faiss's rule of thumb (Jegou et al.)."""
+    return max(1, int(round(math.sqrt(n_cells))))
+
+
+@eqx.filter_jit
+def _ivf_partition(
+    x: Float[Array, "n_cells n_dims"], key: PRNGKeyArray, n_lists: int, n_sample: int, n_steps: int
+) -> tuple[Float[Array, "n_lists n_dims"], Int[Array, " n_cells"], Int[Array, " n_lists"]]:
+    """Coarse k-means (Lloyd from `n_lists` random cells of a random sample of `n_sample` cells; an empty list
+    keeps its centroid), then every cell's nearest centroid (in blocks) and the list sizes."""
+    sample = x[jr.choice(key, x.shape[0], (n_sample,), replace=False)]
+
+    def lloyd(centroids: Array, _: None) -> tuple[Array, None]:
+        nearest = jnp.argmin(squared_distances(sample, centroids), axis=1)
+        sums = jax.ops.segment_sum(sample, nearest, n_lists)
+        counts = jax.ops.segment_sum(jnp.ones(n_sample, x.dtype), nearest, n_lists)
+        return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], centroids), None
+
+    centroids, _ = jax.lax.scan(lloyd, sample[:n_lists], None, length=n_steps)
+    block = knn_block_size(n_lists)
+    n_blocks = -(-x.shape[0] // block)
+    padded = jnp.concatenate([x, jnp.zeros((n_blocks * block - x.shape[0], x.shape[1]), x.dtype)])
+    nearest = jax.lax.map(lambda b: jnp.argmin(squared_distances(b, centroids), axis=1).astype(jnp.int32),
+                          padded.reshape(n_blocks, block, -1))
+    assignment = nearest.reshape(-1)[: x.shape[0]]
+    return centroids, assignment, jnp.bincount(assignment, length=n_lists).astype(jnp.int32)
+
+
+class _IVFIndex(eqx.Module):
+    """The cells sorted by list (`order`: sorted position -> cell), each list's `start` and `size` in that order,
+    and each list's probe order (`probes`: its nearest lists by centroid, itself first)."""
+
+    sorted_x: Float[Array, "n_cells n_dims"]
+    order: Int[Array, " n_cells"]
+    starts: Int[Array, " n_lists"]
+    sizes: Int[Array, " n_lists"]
+    probes: Int[Array, "n_lists n_probe"]
+
+
+def _ivf_probes(centroids: np.ndarray, sizes: np.ndarray, n_probe: int, n_neighbors: int) -> np.ndarray:
+    """Each list's `n_probe` nearest lists by centroid distance, itself first (host, `n_lists^2`); more probes
+    where needed so that every list's probed lists hold at least `n_neighbors` cells."""
+    c = centroids.astype(np.float64)
+    distances = np.sum(c * c, axis=1)[:, None] + np.sum(c * c, axis=1)[None, :] - 2 * c @ c.T
+    np.fill_diagonal(distances, -np.inf)
+    ranked = np.argsort(distances, axis=1, kind="stable")
+    held = np.cumsum(sizes[ranked], axis=1)
+    needed = int(np.max(np.argmax(held >= n_neighbors, axis=1))) + 1  # the cells number at least n_neighbors
+    return ranked[:, : max(n_probe, needed)].astype(np.int32)
+
+
+def _ivf_chunk(
+    index: _IVFIndex, chunk: Int[Array, ""], chunk_ends: Int[Array, " n_lists"], n_neighbors: int, n_rows: int,
+    n_candidates: int,
+) -> tuple[Int[Array, " n_rows"], Int[Array, "n_rows n_neighbors"], Float[Array, "n_rows n_neighbors"]]:
+    """One step: up to `n_rows` cells of one list against the first `n_candidates` cells of its probed lists.
+    Returns the queries' sorted positions (`n_cells` for padding rows), their neighbours' sorted positions and
+    distances."""
+    n_cells, n_lists = index.order.shape[0], index.sizes.shape[0]
+    n_chunks_of = -(-index.sizes // n_rows)
+    own = jnp.searchsorted(chunk_ends, chunk, side="right", method="compare_all").astype(jnp.int32)
+    real = own < n_lists
+    own = jnp.minimum(own, n_lists - 1)
+    local = (chunk - (chunk_ends[own] - n_chunks_of[own])) * n_rows + jnp.arange(n_rows, dtype=jnp.int32)
+    rows = jnp.clip(index.starts[own] + local, 0, n_cells - 1)
+    probed = index.probes[own]
+    probed_ends = jnp.cumsum(index.sizes[probed], dtype=jnp.int32)
+    slot = jnp.arange(n_candidates, dtype=jnp.int32)
+    which = jnp.searchsorted(probed_ends, slot, side="right", method="compare_all").astype(jnp.int32)
+    filled = which < probed.shape[0]
+    which = jnp.minimum(which, probed.shape[0] - 1)
+    start_of = index.starts[probed[which]] - (probed_ends[which] - index.sizes[probed[which]])
+    candidates = jnp.clip(start_of + slot, 0, n_cells - 1)
+    queries = index.sorted_x[rows]
+    scores = jnp.where(filled[None, :], -squared_distances(queries, index.sorted_x[candidates]), -jnp.inf)
+    is_self = (candidates[None, :] == rows[:, None]) & filled[None, :]
+    scores = jnp.where(is_self, jnp.inf, scores)  # each cell first in its own row
+    _, best = jax.lax.top_k(scores, n_neighbors)
+    neighbours, distances = _sorted_neighbors(queries, index.sorted_x, candidates[best])
+    return jnp.where(real & (local < index.sizes[own]), rows, n_cells), neighbours, distances
+
+
+@eqx.filter_jit
+def _ivf_neighbor_graph(
+    x: Float[Array, "n_cells n_dims"],
+    assignment: Int[Array, " n_cells"],
+    sizes: Int[Array, " n_lists"],
+    probes: Int[Array, "n_lists n_probe"],
+    set_op_mix_ratio: Float[Array, ""],
+    local_connectivity: Float[Array, ""],
+    shape: tuple[int, int, int],
+) -> NeighborGraph:
+    """The graph from the inverted-file search; `shape` is `(n_neighbors, rows per step, candidates per step)`,
+    all static."""
+    n_neighbors, n_rows, n_candidates = shape
+    n_cells = x.shape[0]
+    order = jnp.argsort(assignment, stable=True).astype(jnp.int32)
+    index = _IVFIndex(x[order], order, jnp.cumsum(sizes, dtype=jnp.int32) - sizes, sizes, probes)
+    chunk_ends = jnp.cumsum(-(-sizes // n_rows), dtype=jnp.int32)
+    n_chunks = n_cells // n_rows + sizes.shape[0]  # sum over lists of ceil(size / n_rows), at most
+    rows, neighbours, distances = jax.lax.map(
+        lambda c: _ivf_chunk(index, c, chunk_ends, n_neighbors, n_rows, n_candidates),
+        jnp.arange(n_chunks, dtype=jnp.int32),
+    )
+    # Back from sorted positions to cells: row r of the output is cell order[r]'s.
+    cells = jnp.where(rows < n_cells, index.order[jnp.minimum(rows, n_cells - 1)], n_cells).reshape(-1)
+    indices = jnp.zeros((n_cells, n_neighbors), jnp.int32).at[cells].set(
+        index.order[neighbours.reshape(-1, n_neighbors)], mode="drop")
+    distances = jnp.zeros((n_cells, n_neighbors), x.dtype).at[cells].set(
+        distances.reshape(-1, n_neighbors), mode="drop")
+    return _connect(indices, distances, set_op_mix_ratio, local_connectivity)
+
+
+def ivf_neighbor_graph(
+    x: Float[Array, "n_cells n_dims"],
+    n_neighbors: int,
+    *,
+    key: PRNGKeyArray,
+    n_probe: int = IVF_N_PROBE,
+    n_lists: int | None = None,
+    set_op_mix_ratio: Float[ArrayLike, ""] = 1.0,
+    local_connectivity: Float[ArrayLike, ""] = 1.0,
+) -> NeighborGraph:
+    """The approximate kNN graph by an inverted-file index (IVF; Jegou, Douze & Schmid 2011, faiss's `IndexIVFFlat`),
+    in JAX: jits, runs on any device, no compile outside XLA's.
+
+    1. Partition: coarse k-means into `n_lists` lists (default `ivf_n_lists`: `round(sqrt(n_cells))`), fitted by
+       `IVF_KMEANS_STEPS` Lloyd steps on `IVF_SAMPLE_PER_LIST` cells per list; every cell joins its nearest
+       centroid's list.
+    2. Search: the cells of each list, `IVF_QUERY_CHUNK` at a time, are compared exactly (one matrix product and
+       a top-k) with every cell of the `n_probe` lists whose centroids are nearest their own list's (their own
+       first), at most `n_probe * ceil(n_cells / n_lists)` candidates and never fewer than the largest list, so a
+       cell's own list is always searched in full and each cell comes first in its own row.
+
+    Work is about `n_probe / n_lists` of the exact search's. The sizes of the lists fix the candidate budget, so
+    the partition is read back to the host between the two jitted steps: call it outside jit.
+
+    **Arguments:**
+
+    - `x`: `(n_cells, n_dims)` concrete cells, finite.
+    - `n_neighbors`: `k`, counting the cell itself.
+    - `key`: draws the k-means sample and its starting centroids. (Keyword only argument.)
+    - `n_probe`: lists searched per cell (default 16); `n_probe = n_lists` is the exact search.
+    - `n_lists`: the number of lists.
+    - `set_op_mix_ratio`, `local_connectivity`: see `fuzzy_simplicial_set`.
+
+    **Returns:** a `NeighborGraph`, rows sorted by distance (recomputed from `x` as every backend does).
+    """
+    x = jnp.asarray(x)
+    n_cells = x.shape[0]
+    n_lists = ivf_n_lists(n_cells) if n_lists is None else n_lists
+    if not _is_integer(n_lists) or not 1 <= n_lists <= n_cells:
+        raise ValueError(f"n_lists: must be an integer in [1, n_cells = {n_cells}], got {n_lists!r}")
+    if not _is_integer(n_probe) or not 1 <= n_probe <= n_lists:
+        raise ValueError(f"n_probe: must be an integer in [1, n_lists = {n_lists}], got {n_probe!r}")
+    x = eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x: contains non-finite values (NaN or inf)")
+    n_sample = min(n_cells, IVF_SAMPLE_PER_LIST * n_lists)
+    centroids, assignment, sizes = _ivf_partition(x, key, int(n_lists), n_sample, IVF_KMEANS_STEPS)
+    host_sizes = np.asarray(sizes)
+    probes = _ivf_probes(np.asarray(centroids), host_sizes, int(n_probe), int(n_neighbors))
+    largest = int(host_sizes.max())
+    n_rows = min(IVF_QUERY_CHUNK, largest)
+    n_candidates = min(n_cells, max(largest, int(np.max(np.sum(host_sizes[probes], axis=1))) if probes.shape[1]
+                                    > n_probe else 0, int(n_probe) * -(-n_cells // int(n_lists))))
+    return _ivf_neighbor_graph(
+        x, assignment, sizes, jnp.asarray(probes), jnp.asarray(set_op_mix_ratio), jnp.asarray(local_connectivity),
+        (int(n_neighbors), n_rows, n_candidates),
+    )
+
+
 def _is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -405,10 +587,9 @@ def select_neighbor_method(n_cells: int, *, backend: str | None = None, traced: 
     - `"exact"` below `EXACT_MAX_CELLS` (8,192) cells, as scanpy (brute force is both exact and quick there);
     - above it, `"approx_top_k"` on an accelerator (`backend` `"gpu"`, `"cuda"`, `"rocm"` or `"tpu"`), where the
       blocked search runs at the chip's matmul speed and stays on the device;
-    - on CPU, `"exact"` below `PYNNDESCENT_MIN_CELLS` (100,000: pynndescent's numba compile, paid on its first
-      call in every process, outweighs the quadratic search below that) and `"pynndescent"` from there on,
-      unless the cells are a JAX tracer (`traced`: the caller is inside `jit`, and pynndescent needs host
-      arrays), where `"exact"` is the only choice.
+    - on CPU, `"exact"` below `IVF_MIN_CELLS` (20,000: below that the IVF's k-means and compiles cost about
+      what they save) and `"ivf"` from there on, unless the cells are a JAX tracer (`traced`: the caller is
+      inside `jit`, and the IVF reads its lists' sizes back to the host), where `"exact"` is the only choice.
 
     **Arguments:**
 
@@ -421,7 +602,7 @@ def select_neighbor_method(n_cells: int, *, backend: str | None = None, traced: 
     backend = jax.default_backend() if backend is None else backend
     if backend in ("gpu", "cuda", "rocm", "tpu"):
         return "approx_top_k"
-    return "exact" if traced or n_cells < PYNNDESCENT_MIN_CELLS else "pynndescent"
+    return "exact" if traced or n_cells < IVF_MIN_CELLS else "ivf"
 
 
 def pynndescent_settings(n_cells: int) -> dict[str, int]:
@@ -492,16 +673,17 @@ def neighbor_graph(
     - `n_neighbors`: `k` (static), counting the cell itself, in `[2, n_cells - 1]` (scanpy's default 15).
     - `method`: the kNN backend (Keyword only argument.):
         - `"auto"` (default): `select_neighbor_method`: exact below 8,192 cells, then `"approx_top_k"` on a GPU or
-          TPU; on CPU exact up to 100,000 cells and `"pynndescent"` above (`"exact"` when `x` is traced);
+          TPU; on CPU exact below 20,000 cells and `"ivf"` above (`"exact"` when `x` is traced);
         - `"exact"`: blocked brute force (`exact_knn`) under one jit;
+        - `"ivf"`: the inverted-file search in JAX with its defaults (`ivf_neighbor_graph`); needs a concrete `x`;
         - `"pynndescent"`: NN-descent on the host with umap-learn's settings (`pynndescent_knn`), outside jit;
           needs a concrete `x`;
         - `"approx_top_k"`: the blocked search with `jax.lax.approx_max_k` (recall target 0.95) under one jit.
     - `set_op_mix_ratio`, `local_connectivity`: see `fuzzy_simplicial_set` (umap-learn's and scanpy's defaults
       1, 1); array leaves, so changing them does not compile again.
     - `block_size`: query rows per kNN block (static); bounds memory at `block_size * n_cells` distances.
-    - `key`: seeds pynndescent's random projection trees; None: a fixed seed, so results repeat. Unused by the
-      other backends.
+    - `key`: seeds pynndescent's random projection trees and the IVF's k-means; None: a fixed seed, so results
+      repeat. Unused by the other backends.
 
     **Returns:** a `NeighborGraph`. Whatever the backend, the distances are recomputed from `x` and each row sorted
     by them, and the connectivities are the same jitted function of the neighbour lists: two backends that find
@@ -523,6 +705,12 @@ def neighbor_graph(
     if method == "auto":
         method = select_neighbor_method(n_cells, traced=traced)
     mix, connectivity = jnp.asarray(set_op_mix_ratio), jnp.asarray(local_connectivity)
+    if method == "ivf":
+        if traced:
+            raise ValueError("method: 'ivf' reads its lists' sizes back to the host; x is traced here (call "
+                             "neighbor_graph outside jit, or choose 'exact' or 'approx_top_k')")
+        return ivf_neighbor_graph(x, int(n_neighbors), key=jr.key(0) if key is None else key,
+                                  set_op_mix_ratio=mix, local_connectivity=connectivity)
     if method == "pynndescent":
         if traced:
             raise ValueError("method: 'pynndescent' runs on host arrays, outside jit; x is traced here (call "

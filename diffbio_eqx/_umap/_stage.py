@@ -66,8 +66,8 @@ def umap_graph(
     """UMAP's fuzzy graph of `x`: the connectivities of the shared `neighbor_graph` (kNN with each cell its own
     first neighbour, then `fuzzy_simplicial_set`) on every cell. `n_neighbors` is in `[2, n_cells - 1]`;
     `knn_method` is `neighbor_graph`'s `method` (`"auto"`: exact below 8,192 cells, then JAX's approximate top-k
-    on an accelerator; on CPU exact up to 100,000 cells, pynndescent above). Works inside jit too (traced cells on
-    CPU are searched exactly)."""
+    on an accelerator; on CPU exact below 20,000 cells, the inverted-file search `"ivf"` above). Works inside
+    jit too (traced cells on CPU are searched exactly)."""
     graph = neighbor_graph(
         x, n_neighbors, method=knn_method, set_op_mix_ratio=set_op_mix_ratio, local_connectivity=local_connectivity,
         block_size=block_size,
@@ -289,7 +289,8 @@ def fit_umap(
       with its epoch count; default umap-learn's count (`umap_default_epochs`: 500 up to 10,000 cells, 200
       above).
     - `knn_method`: the kNN backend of the graph (`neighbor_graph`'s `method`; `"auto"`: exact below 8,192 cells,
-      then JAX's approximate top-k on GPU/TPU; on CPU exact up to 100,000 cells, pynndescent above).
+      then JAX's approximate top-k on GPU/TPU; on CPU exact below 20,000 cells, the inverted-file search `"ivf"`
+      above).
 
     **Returns:** a `UMAPFitResult`.
     """
