@@ -4,21 +4,26 @@
     .venv/bin/python benchmarks/bench_doublets.py --sizes 2000 --tools solo scvi_solo
     .venv/bin/python benchmarks/bench_doublets.py --sizes 700 --tools pbmc68k   # called rates on pbmc68k
 
-Data: `simulate_doublets(jr.key(0), n_cells=n, n_genes=2000, n_groups=8, doublet_rate=0.1)` (10 % doublets, about
-1/8 of them homotypic). Each (tool, size) runs in its own child process; time is wall-clock of one call from raw
-counts to scores (ours: the first call, compile included, and a second, steady-state call), cells/s from the
-steady-state time, peak memory as `_common.peak_since` measures it, AUPRC and AUROC of the scores against the
-simulated doublet flags (all doublets, and heterotypic ones against singlets). Solo's times include training the
-VAE (ours: `fit_vae`; scvi-tools: `SCVI.train`), both for `--vae-epochs` epochs, then SOLO with its defaults.
+Data: `_simulated(n)`: `2n` singlets from `simulate_sparse` (8 groups, 2,000 genes, chunked: the dense
+`simulate_doublets` needs over 13 GB at 20k cells), droplet `i` singlet `i` plus, with probability 0.1, a random
+singlet of the other half (about 1/8 of the doublets homotypic). `--rounds` rounds (default 3), each running every
+tool once in its own child process, in turn (interleaved); time is wall-clock of one call from raw counts to
+scores (ours: the first call, compile included, and a second, steady-state call), cells/s from the steady-state
+time, the ratio peer / ours per round (median and range, `_common.ratio_summary`), peak memory as
+`_common.peak_since` measures it, AUPRC and AUROC of the scores against the simulated doublet flags (all
+doublets, and heterotypic ones against singlets). Solo's times include training the VAE (ours: `fit_vae`;
+scvi-tools: `SCVI.train`), both for `--vae-epochs` epochs, then SOLO with its defaults.
 Results merge into benchmarks/results/doublets.json (keyed by tool, size and backend).
 """
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
 import time
+from typing import Any
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -29,13 +34,40 @@ RESULTS = _common.ROOT / "benchmarks" / "results" / "doublets.json"
 
 
 def _data(n_cells: int):
+    """`_simulated(n_cells)`, cached in the system's temporary folder (the 20k simulation takes a minute)."""
+    import tempfile
+
+    import numpy as np
+    import scipy.sparse as sp
+
+    path = pathlib.Path(tempfile.gettempdir()) / f"diffbio_bench_doublets_{n_cells}"
+    if not path.with_suffix(".npz").exists():
+        counts, truth, homotypic = _simulated(n_cells)
+        sp.save_npz(path.with_suffix(".counts.npz"), counts)
+        np.savez(path.with_suffix(".npz"), truth=truth, homotypic=homotypic)
+    flags = np.load(path.with_suffix(".npz"))
+    return sp.load_npz(path.with_suffix(".counts.npz")).astype(np.float32), flags["truth"], flags["homotypic"]
+
+
+def _simulated(n_cells: int):
+    """`n_cells` droplets, 10 % doublets, from `simulate_sparse` (chunked, so 100k cells fit in memory; the dense
+    `simulate_doublets` needs over 13 GB at 20k): `2 * n_cells` singlets, droplet `i` is singlet `i` plus, for a
+    doublet, a random singlet of the other half (as `simulate_doublets` pairs them); homotypic when both share a
+    group. Returns `(counts CSR float32, is_doublet, is_homotypic)`."""
     import jax.random as jr
     import numpy as np
+    import scipy.sparse as sp
 
-    from diffbio_eqx._simulate._doublets import simulate_doublets
+    from diffbio_eqx._simulate._scale import simulate_sparse
 
-    sim = simulate_doublets(jr.key(0), n_cells=n_cells, n_genes=2000, n_groups=8, doublet_rate=0.1)
-    return np.asarray(sim.counts, dtype=np.float32), np.asarray(sim.is_doublet), np.asarray(sim.is_homotypic)
+    base = simulate_sparse(jr.key(0), n_cells=2 * n_cells, n_genes=2000, n_groups=8, n_batches=1, lib_loc=8.0)
+    rng = np.random.default_rng(0)
+    is_doublet = rng.random(n_cells) < 0.1
+    partner = n_cells + rng.integers(0, n_cells, n_cells)
+    second = sp.diags(is_doublet.astype(np.float32)) @ base.counts[partner]
+    counts = sp.csr_matrix(base.counts[:n_cells] + second, dtype=np.float32)
+    homotypic = is_doublet & (base.groups[:n_cells] == base.groups[partner])
+    return counts, is_doublet, homotypic
 
 
 def _quality(scores, truth, homotypic) -> dict:
@@ -129,8 +161,8 @@ def pbmc68k_rates() -> dict:
     adata = dbx.datasets.pbmc68k()
     # dbx.datasets.pbmc68k() returns a CSR matrix with unsorted column indices (flagged as such); scanpy's
     # scrublet mishandles those (values land on other genes), so both tools get the sorted matrix.
-    adata.X.sort_indices()
-    counts = adata.X
+    counts: Any = adata.X
+    counts.sort_indices()
     theirs = adata.copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -138,8 +170,6 @@ def pbmc68k_rates() -> dict:
     ours = run_scrublet(counts, key=jr.key(0))
     same = run_scrublet(counts, ScrubletSettings(parents=theirs.uns["scrublet"]["doublet_parents"]), key=jr.key(0))
     scanpy_scores = theirs.obs["doublet_score"].to_numpy()
-    from scipy.stats import spearmanr
-
     return {"tool": "pbmc68k", "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars),
             "scanpy_called_rate": float(theirs.obs["predicted_doublet"].mean()),
             "scanpy_threshold": float(theirs.uns["scrublet"].get("threshold", np.nan)),
@@ -147,8 +177,15 @@ def pbmc68k_rates() -> dict:
             "ours_threshold_method": ours.threshold_method,
             "ours_same_doublets_called_rate": float(same.predicted_doublet.mean()),
             "ours_same_doublets_threshold": same.threshold,
-            "spearman_same_doublets": float(spearmanr(scanpy_scores, same.doublet_score).statistic),
-            "spearman_own_doublets": float(spearmanr(scanpy_scores, ours.doublet_score).statistic)}
+            "spearman_same_doublets": _spearman(scanpy_scores, same.doublet_score),
+            "spearman_own_doublets": _spearman(scanpy_scores, ours.doublet_score)}
+
+
+def _spearman(a: Any, b: Any) -> float:
+    from scipy.stats import spearmanr
+
+    result: Any = spearmanr(a, b)
+    return float(result[0])
 
 
 def peak_since(baseline: dict) -> dict:
@@ -160,28 +197,66 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
     parser.add_argument("--tools", nargs="+", default=["scrublet", "scanpy"])
     parser.add_argument("--vae-epochs", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--one", nargs=2, metavar=("TOOL", "N_CELLS"))
     args = parser.parse_args()
     if args.one:
         record = pbmc68k_rates() if args.one[0] == "pbmc68k" else one(args.one[0], int(args.one[1]), args.vae_epochs)
         print("RESULT " + json.dumps(record))
         return
-    runs = []
-    for n_cells in sorted(args.sizes):
-        for tool in args.tools:
-            out = subprocess.run([sys.executable, __file__, "--one", tool, str(n_cells), "--vae-epochs",
-                                  str(args.vae_epochs)], capture_output=True, text=True, check=False)
-            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-            if not lines:
-                print(out.stderr[-2000:], file=sys.stderr)
-                continue
-            record = json.loads(lines[-1][len("RESULT "):])
-            record["backend"] = _common.environment()["backend"]
-            print(json.dumps(record))
-            runs.append(record)
+    runs = [record for n_cells in sorted(args.sizes)
+            for record in interleaved(n_cells, args.tools, args.rounds, args.vae_epochs)]
     env = _common.environment("scanpy", "scvi-tools", "torch", "scikit-image")
     _common.write_json(RESULTS, {"environment": env,
                                  "runs": _common.merge_runs(RESULTS, runs, ("tool", "n_cells", "backend"))})
+
+
+#: Which reference each of our tools is timed against.
+PEERS = {"scrublet": "scanpy", "solo": "scvi_solo"}
+
+
+def _child(tool: str, n_cells: int, vae_epochs: int) -> dict | None:
+    out = subprocess.run([sys.executable, __file__, "--one", tool, str(n_cells), "--vae-epochs", str(vae_epochs)],
+                         capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        print(out.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def interleaved(n_cells: int, tools: list[str], rounds: int, vae_epochs: int) -> list[dict]:
+    """`rounds` rounds, each running every tool once in its own child process, in turn; one record per tool (the
+    median round's, with every round's seconds and peak) and, for each of ours with its peer, the time ratio
+    (peer / ours per round: median and range) and the machine's load average before and after."""
+    load_before = os.getloadavg()
+    per_tool: dict[str, list[dict]] = {tool: [] for tool in tools}
+    for _ in range(rounds):
+        for tool in tools:
+            record = _child(tool, n_cells, vae_epochs)
+            if record is not None:
+                print(json.dumps(record), flush=True)
+                per_tool[tool].append(record)
+    load_after = os.getloadavg()
+    out = []
+    for tool, records in per_tool.items():
+        if not records:
+            continue
+        seconds = [r.get("seconds", 0.0) for r in records]  # the pbmc68k record has no time
+        chosen = dict(sorted(records, key=lambda r: r.get("seconds", 0.0))[len(records) // 2])
+        chosen.update(seconds_rounds=seconds, peak_bytes_rounds=[r.get("peak_bytes") for r in records],
+                      backend=_common.environment()["backend"], n_rounds=len(records),
+                      load_average_before=list(load_before), load_average_after=list(load_after))
+        if tool == "scrublet":
+            chosen["first_call_seconds_rounds"] = [r["first_call_seconds"] for r in records]
+        peer = PEERS.get(tool)
+        if peer in per_tool and len(per_tool[peer]) == len(records):
+            chosen["time_ratio_vs_" + peer] = _common.ratio_summary([r["seconds"] for r in per_tool[peer]], seconds)
+            if tool == "scrublet":
+                chosen["time_ratio_vs_scanpy_first_call"] = _common.ratio_summary(
+                    [r["seconds"] for r in per_tool[peer]], chosen["first_call_seconds_rounds"])
+        out.append(chosen)
+    return out
 
 
 if __name__ == "__main__":

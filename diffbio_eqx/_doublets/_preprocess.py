@@ -4,12 +4,13 @@
 1. `filter_genes(min_cells=3)`, then `filter_cells(min_genes=3)`;
 2. `normalize_total` (to the median of the non-zero totals), `log1p` on a copy, `highly_variable_genes` (flavor
    `"seurat"`: mean in (0.0125, 3), normalised dispersion in (0.5, inf), 20 mean bins), keep those genes;
-3. simulate doublets from the raw counts of the kept genes (random pairs of observed cells, `sim_doublet_ratio`
-   times the number of cells);
-4. `normalize_total(target_sum=1e6)` of observed and simulated cells over the kept genes.
+3. draw the simulated doublets' parent pairs (random pairs of observed cells, `sim_doublet_ratio` times the
+   number of cells).
 
-This is data preparation (sparse, host, NumPy/SciPy/pandas), like reading a file; the numerical core
-(z-scoring, PCA, kNN, the Bayesian score) is JAX in `_scrublet.py`.
+This is data preparation (sparse, host, NumPy/SciPy/pandas, each step one pass over the stored entries), like
+reading a file. The rest runs in one jit (`_scrublet.scrublet_from_counts`): the doublets' raw counts (the sum of
+their parents'), `normalize_total(target_sum=1e6)` of observed and simulated cells over the kept genes, then the
+numerical core (z-scoring, PCA, kNN, the Bayesian score).
 """
 
 import dataclasses
@@ -26,41 +27,49 @@ HVG_MIN_MEAN, HVG_MAX_MEAN, HVG_MIN_DISP, HVG_N_BINS = 0.0125, 3.0, 0.5, 20
 
 @dataclasses.dataclass(frozen=True)
 class PreparedCounts:
-    """Observed and simulated cells, normalised to 1e6 over the kept genes, ready for the JAX core.
+    """Observed cells' raw counts over the kept genes and the simulated doublets' parents, ready for the JAX core.
 
-    - `obs`: `(n_kept_cells, n_hvg)` float32, dense.
-    - `sim`: `(n_sim, n_hvg)` float32, dense.
+    - `raw`: `(n_kept_cells, n_hvg)` float32, dense raw counts of the highly variable genes.
     - `kept_cells`: `(n_cells,)` bool, the cells that passed `filter_cells(min_genes=3)`.
     - `genes`: indices (into the input's genes) of the highly variable genes used.
     - `parents`: `(n_sim, 2)` indices (into the kept cells) of each simulated doublet's parents.
     """
 
-    obs: np.ndarray
-    sim: np.ndarray
+    raw: np.ndarray
     kept_cells: np.ndarray
     genes: np.ndarray
     parents: np.ndarray
 
 
+def _row_ids(x: Any) -> np.ndarray:
+    return np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+
+
+def _row_sums(x: Any) -> np.ndarray:
+    return np.bincount(_row_ids(x), weights=x.data, minlength=x.shape[0])
+
+
 def _mean_var(x: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and unbiased variances (scanpy's `_get_mean_var`, R convention)."""
+    """Column means and unbiased variances (scanpy's `_get_mean_var`, R convention), float64."""
     n = x.shape[0]
-    mean = np.asarray(x.mean(axis=0), dtype=np.float64).ravel()
-    mean_sq = np.asarray(x.multiply(x).mean(axis=0), dtype=np.float64).ravel()
+    data = x.data.astype(np.float64)
+    mean = np.bincount(x.indices, weights=data, minlength=x.shape[1]) / n
+    mean_sq = np.bincount(x.indices, weights=data * data, minlength=x.shape[1]) / n
     var = mean_sq - mean**2
     return mean, var * (n / (n - 1)) if n > 1 else var
 
 
 def _scale_rows(x: Any, target: np.ndarray | float) -> sp.csr_matrix:
     """`normalize_total`: each row scaled to `target` (rows summing to zero are left at zero)."""
-    totals = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+    totals = _row_sums(x)
     totals = totals + (totals == 0)
-    return sp.csr_matrix(sp.diags(np.asarray(target / totals)) @ x)
+    scale = np.broadcast_to(np.asarray(target / totals, dtype=np.float64), (x.shape[0],))
+    return sp.csr_matrix((x.data * np.repeat(scale, np.diff(x.indptr)), x.indices, x.indptr), shape=x.shape)
 
 
-def median_normalized(x: sp.csr_matrix) -> sp.csr_matrix:
+def median_normalized(x: Any) -> sp.csr_matrix:
     """`scanpy.pp.normalize_total(target_sum=None)`: rows scaled to the median of the non-zero totals."""
-    totals = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+    totals = _row_sums(x)
     return _scale_rows(x, float(np.median(totals[totals > 0])))
 
 
@@ -92,11 +101,15 @@ def highly_variable_seurat(normalized: sp.csr_matrix) -> np.ndarray:
 
 
 def filter_counts(counts: Any) -> tuple[Any, np.ndarray, np.ndarray]:
-    """scanpy's `filter_genes(min_cells=3)` then `filter_cells(min_genes=3)`: `(kept, cell_mask, gene_index)`."""
-    genes = np.flatnonzero(np.asarray((counts > 0).sum(axis=0)).ravel() >= 3)
-    by_gene = counts[:, genes]
-    cells = np.asarray((by_gene > 0).sum(axis=1)).ravel() >= 3
-    return sp.csr_matrix(by_gene[cells]), cells, genes
+    """scanpy's `filter_genes(min_cells=3)` then `filter_cells(min_genes=3)`: `(kept, cell_mask, gene_index)`.
+
+    `counts`: CSR without explicit zeros or repeated entries (`_run.check_scrublet_input` makes it so)."""
+    matrix: Any = sp.csr_matrix(counts)
+    keep_gene = np.bincount(matrix.indices, minlength=matrix.shape[1]) >= 3
+    genes = np.flatnonzero(keep_gene)
+    cells = np.bincount(_row_ids(matrix), weights=keep_gene[matrix.indices], minlength=matrix.shape[0]) >= 3
+    kept = matrix[cells] if genes.size == matrix.shape[1] else matrix[cells][:, genes]
+    return sp.csr_matrix(kept), cells, genes
 
 
 def doublet_pairs(n_cells: int, n_sim: int, rng: np.random.Generator) -> np.ndarray:
@@ -110,11 +123,11 @@ def doublet_pairs(n_cells: int, n_sim: int, rng: np.random.Generator) -> np.ndar
 
 def prepare_counts(counts: Any, *, sim_doublet_ratio: float, seed: int, parents: np.ndarray | None = None,
                    ) -> PreparedCounts:
-    """Steps 1-4 of the module docstring on one batch of raw counts.
+    """Steps 1-3 of the module docstring on one batch of raw counts.
 
     **Arguments:**
 
-    - `counts`: `(n_cells, n_genes)` raw counts (dense or sparse).
+    - `counts`: `(n_cells, n_genes)` raw counts, CSR without explicit zeros or repeated entries.
     - `sim_doublet_ratio`: simulated doublets per observed cell (`int(n_kept * ratio)` are drawn).
     - `seed`: seeds NumPy's generator for the pairs. (Keyword only argument.)
     - `parents`: `(n_sim, 2)` given parent pairs (indices into the kept cells) instead of drawing them, e.g. to
@@ -122,11 +135,8 @@ def prepare_counts(counts: Any, *, sim_doublet_ratio: float, seed: int, parents:
     """
     kept: Any
     kept, cells, genes = filter_counts(sp.csr_matrix(counts, dtype=np.float64))
-    hvg = highly_variable_seurat(median_normalized(kept))
-    raw: Any = sp.csr_matrix(kept[:, np.flatnonzero(hvg)])
+    hvg = np.flatnonzero(highly_variable_seurat(median_normalized(kept)))
+    raw = kept[:, hvg].toarray().astype(np.float32)
     if parents is None:
         parents = doublet_pairs(raw.shape[0], int(raw.shape[0] * sim_doublet_ratio), np.random.default_rng(seed))
-    sim = raw[parents[:, 0]] + raw[parents[:, 1]]
-    obs = _scale_rows(raw, 1e6).toarray().astype(np.float32)
-    sim_norm = _scale_rows(sp.csr_matrix(sim), 1e6).toarray().astype(np.float32)
-    return PreparedCounts(obs, sim_norm, cells, genes[np.flatnonzero(hvg)], np.asarray(parents))
+    return PreparedCounts(raw, cells, genes[hvg], np.asarray(parents))

@@ -12,7 +12,7 @@ from jaxtyping import PRNGKeyArray
 
 from .._core._validate import _format_indices
 from ._preprocess import prepare_counts
-from ._scrublet import Scrublet, default_neighbors, scrublet_scores
+from ._scrublet import Scrublet, default_neighbors, scrublet_from_counts
 from ._threshold import automatic_threshold
 
 
@@ -54,8 +54,12 @@ class ScrubletResult:
 
 def check_scrublet_input(counts: Any, settings: ScrubletSettings, field: str = "counts") -> sp.csr_matrix:
     """Bad input, named: empty or all-zero cells, a threshold outside [0, 1], rates outside (0, 1)."""
-    # rebuilt through COO: sorted column indices and no duplicate entries, whatever flags the input carries
-    matrix: Any = sp.csr_matrix(sp.coo_matrix(counts))
+    # a copy with sorted column indices, no repeated entries and no stored zeros, whatever flags the input carries
+    matrix: Any = sp.csr_matrix(counts, copy=True)
+    if matrix.ndim == 2:
+        matrix.has_sorted_indices = False  # makes sum_duplicates sort the indices instead of trusting the flag
+        matrix.sum_duplicates()
+        matrix.eliminate_zeros()
     if matrix.ndim != 2 or matrix.shape[0] < 2:
         raise ValueError(f"{field}: needs at least 2 cells, got shape {matrix.shape}")
     totals = np.asarray(matrix.sum(axis=1)).ravel()
@@ -87,13 +91,13 @@ def run_scrublet(counts: Any, settings: ScrubletSettings = ScrubletSettings(), *
     seed = int(jr.randint(key, (), 0, 2**31 - 1))
     parents = None if settings.parents is None else np.asarray(settings.parents)
     prepared = prepare_counts(matrix, sim_doublet_ratio=settings.sim_doublet_ratio, seed=seed, parents=parents)
-    n_obs = prepared.obs.shape[0]
+    n_obs = prepared.raw.shape[0]
     n_neighbors = default_neighbors(n_obs) if settings.n_neighbors is None else int(settings.n_neighbors)
     _check_neighbors(n_neighbors, n_obs, field)
     model = Scrublet(n_neighbors, n_prin_comps=settings.n_prin_comps,
                      expected_doublet_rate=settings.expected_doublet_rate,
                      stdev_doublet_rate=settings.stdev_doublet_rate, temperature=settings.temperature)
-    scores = scrublet_scores(model, jnp.asarray(prepared.obs), jnp.asarray(prepared.sim))
+    scores = scrublet_from_counts(model, jnp.asarray(prepared.raw), jnp.asarray(prepared.parents, jnp.int32))
     scores_obs, scores_sim = np.asarray(scores.scores_obs, np.float64), np.asarray(scores.scores_sim, np.float64)
     if settings.threshold is None:
         threshold, method = automatic_threshold(scores_sim)

@@ -6,13 +6,14 @@ Given observed cells and simulated doublets, both normalised to 1e6 over the hig
 2. PCA with `n_prin_comps` components fitted on the observed cells (centred by their mean) and applied to both
    (scanpy's `pipeline.pca`; here through the eigenvectors of the `(n_genes, n_genes)` covariance);
 3. the nearest neighbours of every observed and simulated cell in their union, with
-   `k_adj = round(k * (1 + n_sim / n_obs))` (exact, blocked: `diffbio_eqx._core._neighbors`; scanpy uses exact
-   search below 8192 points and pynndescent above). The count runs over the `k_adj - 1` nearest *other* points
-   (the point itself left out) with $n = k_{adj}$ in the score. That is what `scanpy.pp.scrublet` computes:
-   its kNN list has `k_adj` columns of which the first is the point itself only when no row of the graph begins
-   with its own index, and simulated doublets come in mirrored pairs (i, j), (j, i) that are exact duplicates,
-   so in practice the list is `k_adj - 1` other points (as with `use_approx_neighbors=True`, where scanpy drops
-   the first column). The original Scrublet counts `k_adj` other points;
+   `k_adj = round(k * (1 + n_sim / n_obs))` (exact, blocked, the top-k in groups: `hard_neighbor_counts`;
+   scanpy uses exact search below 8192 points and pynndescent above). The count runs over the `k_adj - 1`
+   nearest *other* points (the point itself left out) with $n = k_{adj}$ in the score. That is what
+   `scanpy.pp.scrublet` computes: its kNN list has `k_adj` columns of which the first is the point itself
+   only when no row of the graph begins with its own index, and simulated doublets come in mirrored pairs
+   (i, j), (j, i) that are exact duplicates, so in practice the list is `k_adj - 1` other points (as with
+   `use_approx_neighbors=True`, where scanpy drops the first column). The original Scrublet counts `k_adj`
+   other points;
 4. Scrublet's Bayesian score from the number $n_d$ of simulated neighbours among the $n = k_{adj}$: with
    $q = (n_d + 1) / (n + 2)$, $r = n_{sim} / n_{obs}$ and $\\rho$ the expected doublet rate,
    $$L = \\frac{q \\rho / r}{1 - \\rho - q (1 - \\rho - \\rho / r)},$$
@@ -27,8 +28,9 @@ as $T \\to 0$.
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
+from .._core._geometry import squared_distances
 from .._core._neighbors import _blocked_knn
 from .._core._stage import AbstractStage
 
@@ -87,12 +89,49 @@ def zscore_pca(
     return centred @ components, (z_sim - center) @ components
 
 
+#: Exact kNN in groups (`hard_neighbor_counts`): reference points per group and query rows per block.
+KNN_GROUP, KNN_BLOCK = 32, 256
+
+
+def _grouped_block(queries: Array, rows: Array, manifold: Array, is_sim: Array, k: int, group: int) -> Array:
+    """Simulated points among the `k - 1` nearest others of one block of query rows, exactly.
+
+    The `k` nearest (the point itself included, forced first) lie in the `k` groups of `group` consecutive
+    reference points with the smallest minima (those `k` minima are `k` points at most the `k`-th of them), so
+    the top-k runs over the group minima and then over those groups' points: `k * (1 + group)` elements a row
+    instead of `n_points`. Groups are taken in index order, so ties break by index as one top-k over the row.
+    """
+    n_points, n_block = manifold.shape[0], queries.shape[0]
+    n_groups = -(-n_points // group)
+    scores = -squared_distances(queries, manifold)
+    scores = jnp.where(jnp.arange(n_points, dtype=jnp.int32)[None, :] == rows[:, None], jnp.inf, scores)
+    scores = jnp.concatenate([scores, jnp.full((n_block, n_groups * group - n_points), -jnp.inf, scores.dtype)],
+                             axis=1).reshape(n_block, n_groups, group)
+    _, groups = jax.lax.top_k(jnp.max(scores, axis=2), k)
+    groups = jnp.sort(groups, axis=1)
+    candidates = jnp.take_along_axis(scores, groups[:, :, None], axis=1).reshape(n_block, k * group)
+    _, position = jax.lax.top_k(candidates, k)
+    indices = (jnp.take_along_axis(groups, position // group, axis=1) * group + position % group).astype(jnp.int32)
+    sim = jnp.concatenate([is_sim, jnp.zeros(n_groups * group - n_points, bool)])
+    return jnp.sum(sim[indices] & (indices != rows[:, None]), axis=1)
+
+
 def hard_neighbor_counts(
     manifold: Float[Array, "n_points n_pcs"], is_sim: Bool[Array, " n_points"], k_adj: int
 ) -> Float[Array, " n_points"]:
-    """Step 3: how many of each point's `k_adj - 1` nearest other points are simulated doublets."""
-    indices, _ = _blocked_knn(manifold, manifold, k_adj, None, self_first=True)
-    return jnp.sum(is_sim[indices[:, 1:]], axis=1).astype(manifold.dtype)
+    """Step 3: how many of each point's `k_adj - 1` nearest other points are simulated doublets (exact, blocked:
+    `KNN_BLOCK` query rows at a time against all points, `_grouped_block`; never an `n x n` matrix)."""
+    n_points = manifold.shape[0]
+    if k_adj * KNN_GROUP * 2 > n_points:  # too few points for groups to pay: one top-k over the whole row
+        indices, _ = _blocked_knn(manifold, manifold, k_adj, None, self_first=True)
+        return jnp.sum(is_sim[indices[:, 1:]], axis=1).astype(manifold.dtype)
+    block = min(KNN_BLOCK, n_points)
+    n_blocks = -(-n_points // block)
+    padded = jnp.concatenate([manifold, jnp.zeros((n_blocks * block - n_points, manifold.shape[1]), manifold.dtype)])
+    rows = jnp.arange(n_blocks * block, dtype=jnp.int32).reshape(n_blocks, block)
+    counts = jax.lax.map(lambda b: _grouped_block(b[0], b[1], manifold, is_sim, k_adj, KNN_GROUP),
+                         (padded.reshape(n_blocks, block, -1), rows))
+    return counts.reshape(-1)[:n_points].astype(manifold.dtype)
 
 
 def soft_neighbor_counts(
@@ -196,3 +235,18 @@ def scrublet_scores(scrublet: Scrublet, obs: Float[Array, "n_obs n_genes"], sim:
     """`scrublet(obs, sim)` under one `eqx.filter_jit` (the public entry point of the numerical core)."""
     return scrublet(obs, sim)
 
+
+
+@eqx.filter_jit
+def scrublet_from_counts(scrublet: Scrublet, raw: Float[Array, "n_obs n_genes"], parents: Int[Array, "n_sim 2"]
+                         ) -> ScrubletScores:
+    """Scrublet from the observed cells' raw counts over the kept genes, in one jit: the simulated doublets' counts
+    (each the sum of its two `parents`' rows), `normalize_total(target_sum=1e6)` of every cell, then `scrublet`."""
+    sim = raw[parents[:, 0]] + raw[parents[:, 1]]
+    return scrublet(normalize_total(raw), normalize_total(sim))
+
+
+def normalize_total(counts: Float[Array, "n_cells n_genes"], target: float = 1e6) -> Float[Array, "n_cells n_genes"]:
+    """Each row scaled to sum to `target` (scanpy's `normalize_total`; a row of zeros stays zero)."""
+    totals = jnp.sum(counts, axis=1, keepdims=True)
+    return counts * (target / jnp.where(totals > 0, totals, 1.0))
