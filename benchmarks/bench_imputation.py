@@ -91,7 +91,7 @@ def transformer_denoiser(train):
     from diffbio_eqx._core._train import TrainSettings
     from diffbio_eqx._imputation import MaskedGeneTransformer, denoise, fit_masked_gene_transformer
 
-    epochs = int(np.clip(round(20_000 / train.shape[0]), 2, 200))
+    epochs = int(np.clip(round(100_000 / train.shape[0]), 2, 200))
     model = MaskedGeneTransformer(train.shape[1], key=jr.key(0))
     fitted = fit_masked_gene_transformer(model, train, key=jr.key(1),
                                          settings=TrainSettings(n_epochs=epochs, progress=False))
