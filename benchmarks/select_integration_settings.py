@@ -9,6 +9,7 @@ Benchmarker call (label key: the simulated groups).
 
     python benchmarks/select_integration_settings.py --seeds 0 1 [--candidates base latent_30 ...]
     python benchmarks/select_integration_settings.py --batches job --seeds 0 1 --candidates base epochs_200
+    python benchmarks/select_integration_settings.py --batches pbmc_vae --seeds 0 1 --candidates base epochs_200
 
 Writes benchmarks/results/integration_settings.json: per seed and candidate, the scib totals, and per candidate
 the mean total minus harmonypy's. `--batches job` (written to integration_settings_job_batches.json) simulates
@@ -16,7 +17,12 @@ the groups in one batch and then splits the cells into two batches exactly as th
 (`datasets.add_simulated_batches`: a random split, gene-wise effects exp(N(0, 0.4)) by Poisson resampling of
 batch 1's counts), so the batch effect the settings are chosen on is the one they are scored on, instead of
 Splatter's batch factors (`batch_fac_scale` 0.3 applied to both batches' means, which harmonypy corrects much
-less well than pbmc68k's split: 0.41 vs 0.73).
+less well than pbmc68k's split: 0.41 vs 0.73). `--batches pbmc_vae` (integration_settings_pbmc_vae.json) also
+takes the biology from pbmc68k without its labels: a VAE (the job's latent 10, hidden 128, 100 epochs) is fitted
+to pbmc68k's counts, every cell's counts are redrawn from it (a posterior draw of its latent, decoded, times its
+own library size, negative binomial with the fitted dispersions), the groups to score against are Leiden's
+communities (resolution 1.0, scanpy's) of the posterior means, and the cells are then split as the job splits
+pbmc68k.
 """
 
 import argparse
@@ -44,6 +50,40 @@ CANDIDATES: dict[str, tuple[dict, dict]] = {
 }
 
 
+DATA_NOTES = {
+    "splatter": "dbx.simulate: 700 cells x 765 genes, 10 groups, 2 batches, batch_fac_scale 0.3, contamination 0.05",
+    "job": "dbx.simulate: 700 cells x 765 genes, 10 groups, one batch, contamination 0.05; then "
+           "datasets.add_simulated_batches(seed=seed): the job's two-batch split of pbmc68k",
+    "pbmc_vae": "pbmc68k's counts redrawn from a VAE fitted to them (latent 10, 100 epochs); groups: Leiden "
+                "(resolution 1.0) of its posterior means; then datasets.add_simulated_batches(seed=seed)",
+}
+
+
+def pbmc_vae_counts(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts redrawn from a VAE fitted to pbmc68k (no labels used) and the generator's own groups."""
+    import jax.numpy as jnp
+    import jax.random as jr
+    import scipy.sparse as sp
+
+    import diffbio_eqx as dbx
+    from diffbio_eqx import datasets
+    from diffbio_eqx._clustering._communities import connectivity_matrix, leiden
+    from diffbio_eqx._core._neighbors import neighbor_graph
+
+    counts = np.asarray(sp.csr_matrix(datasets.pbmc68k().X).toarray(), np.float32)
+    vae = dbx.VAENormalizer(counts.shape[1], latent_dim=10, hidden_dims=(128,), key=jr.key(1000 + seed))
+    vae = dbx.fit_vae(vae, counts, key=jr.key(2000 + seed),
+                      settings=dbx.TrainSettings(n_epochs=100, progress=False)).model
+    out = vae(jnp.asarray(counts), key=jr.key(3000 + seed), inference=True)
+    mean = np.asarray(out.normalized, np.float64) / float(vae.target_library_size) * counts.sum(1, keepdims=True)
+    assert vae.log_inverse_dispersion is not None
+    theta = np.exp(np.asarray(vae.log_inverse_dispersion[0], np.float64))
+    rng = np.random.default_rng(seed)
+    redrawn = rng.poisson(rng.gamma(theta, mean / theta)).astype(np.float32)
+    graph = neighbor_graph(jnp.asarray(out.latent), 15).connectivities
+    return redrawn, leiden(connectivity_matrix(graph), resolution=1.0, seed=seed)
+
+
 def simulated(seed: int, batches: str = "splatter"):
     """700 x 765 simulated counts, 10 groups, two batches: Splatter's batch factors (`"splatter"`) or the job's
     split of pbmc68k (`"job"`: one-batch counts, then `datasets.add_simulated_batches` with the job's seed)."""
@@ -55,15 +95,18 @@ def simulated(seed: int, batches: str = "splatter"):
     import diffbio_eqx as dbx
     from diffbio_eqx import datasets
 
-    job = batches == "job"
-    sim = dbx.simulate(jr.key(seed), n_cells=700, n_genes=765, n_groups=10, n_batches=1 if job else 2,
-                       contamination=0.05, batch_fac_scale=0.3)
-    groups = np.asarray(sim.groups)
-    obs = pd.DataFrame({"group": pd.Categorical([f"g{g}" for g in groups])})
-    if not job:
-        obs["batch"] = [f"batch{b}" for b in np.asarray(sim.batches)]
-    adata = ad.AnnData(sp.csr_matrix(np.asarray(sim.counts, np.float32)) if job else np.asarray(sim.counts, np.float32),
-                       obs=obs)
+    job = batches != "splatter"
+    if batches == "pbmc_vae":
+        counts, groups = pbmc_vae_counts(seed)
+        obs = pd.DataFrame({"group": pd.Categorical([f"g{g}" for g in groups])})
+    else:
+        sim = dbx.simulate(jr.key(seed), n_cells=700, n_genes=765, n_groups=10, n_batches=1 if job else 2,
+                           contamination=0.05, batch_fac_scale=0.3)
+        counts, groups = np.asarray(sim.counts, np.float32), np.asarray(sim.groups)
+        obs = pd.DataFrame({"group": pd.Categorical([f"g{g}" for g in groups])})
+        if not job:
+            obs["batch"] = [f"batch{b}" for b in np.asarray(sim.batches)]
+    adata = ad.AnnData(sp.csr_matrix(counts) if job else counts, obs=obs)
     adata.obs_names = [f"cell{i}" for i in range(adata.n_obs)]
     adata.var_names = [f"gene{j}" for j in range(adata.n_vars)]
     if job:
@@ -107,11 +150,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
-    parser.add_argument("--batches", choices=("splatter", "job"), default="splatter",
-                        help="the simulated batch effect: Splatter's factors, or the job's split of pbmc68k")
+    parser.add_argument("--batches", choices=("splatter", "job", "pbmc_vae"), default="splatter",
+                        help="Splatter's batch factors, the job's split of pbmc68k, or that split of counts "
+                             "redrawn from a VAE fitted to pbmc68k")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     arguments = parser.parse_args()
-    suffix = "" if arguments.batches == "splatter" else "_job_batches"
+    suffix = {"splatter": "", "job": "_job_batches", "pbmc_vae": "_pbmc_vae"}[arguments.batches]
     out = arguments.out or ROOT / "benchmarks" / "results" / f"integration_settings{suffix}.json"
     runs = {}
     for seed in arguments.seeds:
@@ -129,10 +173,7 @@ def main() -> int:
     gain = {name: float(np.mean([run["scores"][name]["Total"] - run["scores"]["X_harmony"]["Total"]
                                  for run in runs.values()])) for name in arguments.candidates}
     record = {"benchmark": "integration settings on simulated data (issue 24 part 3)",
-              "data": ("dbx.simulate: 700 cells x 765 genes, 10 groups, 2 batches, batch_fac_scale 0.3, "
-                       "contamination 0.05" if arguments.batches == "splatter" else
-                       "dbx.simulate: 700 cells x 765 genes, 10 groups, one batch, contamination 0.05; then "
-                       "datasets.add_simulated_batches(seed=seed): the job's two-batch split of pbmc68k"),
+              "data": DATA_NOTES[arguments.batches],
               "candidates": {name: {"config": CANDIDATES[name][0], "fit": CANDIDATES[name][1]}
                              for name in arguments.candidates},
               "environment": environment("scanpy", "harmonypy", "scib-metrics"),
