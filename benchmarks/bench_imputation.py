@@ -12,7 +12,8 @@ Open Problems' normalised MSE, the Poisson loss, Batson's depth-matched MSE, and
   t 3, n_pca 100).
 - `vae`: `fit_vae` (scVI defaults; epochs for about 200,000 cell visits, 3 to 200) and its expected counts
   (`normalized / target library * library`).
-- `transformer`: `fit_masked_gene_transformer` (defaults; epochs for about 20,000 cell visits), `denoise`.
+- `transformer`: `fit_masked_gene_transformer` (defaults; epochs for about 100,000 cell visits, 2 to 200),
+  `denoise`.
 
 Datasets: `pbmc68k` (700 cells x 765 genes, restored counts), `sim10k` / `sim50k` (`simulate_sparse`, 2,000 genes,
 one batch). `--speed`: the transformer's training throughput on 2,000 genes (cells per second over timed epochs
@@ -145,7 +146,8 @@ def speed(n_cells: int = 4096, n_genes: int = 2000, n_epochs: int = 3) -> dict:
     seconds = time.perf_counter() - start
     return {"dataset": f"speed{n_genes}", "method": "transformer-speed", "n_cells": n_cells, "n_genes": n_genes,
             "n_epochs": n_epochs, "seconds": seconds, "cells_per_second": n_cells * n_epochs / seconds,
-            "batch_size": 128, "dim": 32, "n_latents": 16}
+            "batch_size": 128, "dim": int(model.latents.shape[1]), "n_latents": int(model.latents.shape[0]),
+            "load_average": list(os.getloadavg())}
 
 
 def main() -> None:

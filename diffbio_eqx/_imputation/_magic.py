@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import scipy.linalg
 import scipy.sparse as sp
 from jax.experimental import sparse as jsparse
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
@@ -98,8 +99,13 @@ def pca(
         (_scatter_block(_row_block(x, s, s + block_rows), mean) for s in range(0, n_cells, block_rows)),
         start=jnp.zeros((x.shape[1], x.shape[1]), jnp.float32),
     )
-    _, vectors = jnp.linalg.eigh(scatter)
-    components = vectors[:, ::-1][:, :n_components]
+    # Only the top `n_components` eigenpairs, by LAPACK's MRRR driver (`?syevr` with an index range): exact as a
+    # full `eigh`, which on 2,000 genes cost ~2.5x longer here and dominated MAGIC's run time at 10,000 cells.
+    n_genes = int(scatter.shape[0])
+    _, vectors = scipy.linalg.eigh(
+        np.asarray(scatter), subset_by_index=[n_genes - n_components, n_genes - 1], driver="evr"
+    )
+    components = jnp.asarray(np.ascontiguousarray(vectors[:, ::-1]), dtype=jnp.float32)
     scores = [(_row_block(x, s, s + block_rows) - mean[None, :]) @ components for s in range(0, n_cells, block_rows)]
     return jnp.concatenate(scores)
 

@@ -167,8 +167,12 @@ def magic_denoiser(settings: Magic | None = None, **magic_keywords: Any) -> Call
     def denoise(train: Any) -> np.ndarray:
         checked: Any = check_counts(train, field="counts")
         scaled, library = library_size_normalize(checked, rescale=None)
-        scaled = cast(Any, scaled).toarray() if sp.issparse(scaled) else np.asarray(scaled)
-        imputed = magic(np.sqrt(scaled), chosen, **magic_keywords).imputed
+        if sp.issparse(scaled):  # stays sparse: MAGIC densifies one block of cells or genes at a time
+            rooted: Any = scaled  # a fresh copy from library_size_normalize
+            rooted.data = np.sqrt(rooted.data)
+        else:
+            rooted = np.sqrt(np.asarray(scaled))
+        imputed = magic(rooted, chosen, **magic_keywords).imputed
         return np.square(imputed) * library[:, None].astype(np.float32)
 
     return denoise
