@@ -237,7 +237,11 @@ def interleaved(n_cells: int, tools: list[str], rounds: int, vae_epochs: int) ->
             if record is not None:
                 print(json.dumps(record), flush=True)
                 per_tool[tool].append(record)
-    load_after = os.getloadavg()
+    return summarize(per_tool, list(load_before), list(os.getloadavg()))
+
+
+def summarize(per_tool: dict[str, list[dict]], load_before: list[float], load_after: list[float]) -> list[dict]:
+    """One record per tool from its rounds' records (`interleaved`)."""
     out = []
     for tool, records in per_tool.items():
         if not records:
@@ -246,15 +250,17 @@ def interleaved(n_cells: int, tools: list[str], rounds: int, vae_epochs: int) ->
         chosen = dict(sorted(records, key=lambda r: r.get("seconds", 0.0))[len(records) // 2])
         chosen.update(seconds_rounds=seconds, peak_bytes_rounds=[r.get("peak_bytes") for r in records],
                       backend=_common.environment()["backend"], n_rounds=len(records),
-                      load_average_before=list(load_before), load_average_after=list(load_after))
+                      load_average_before=load_before, load_average_after=load_after)
         if tool == "scrublet":
             chosen["first_call_seconds_rounds"] = [r["first_call_seconds"] for r in records]
         peer = PEERS.get(tool)
-        if peer in per_tool and len(per_tool[peer]) == len(records):
-            chosen["time_ratio_vs_" + peer] = _common.ratio_summary([r["seconds"] for r in per_tool[peer]], seconds)
+        paired = min(len(records), len(per_tool.get(peer or "", [])))  # the rounds where both ran
+        if peer is not None and paired:
+            theirs = [r["seconds"] for r in per_tool[peer][:paired]]
+            chosen["time_ratio_vs_" + peer] = _common.ratio_summary(theirs, seconds[:paired])
             if tool == "scrublet":
                 chosen["time_ratio_vs_scanpy_first_call"] = _common.ratio_summary(
-                    [r["seconds"] for r in per_tool[peer]], chosen["first_call_seconds_rounds"])
+                    theirs, chosen["first_call_seconds_rounds"][:paired])
         out.append(chosen)
     return out
 
