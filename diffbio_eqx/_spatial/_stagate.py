@@ -39,12 +39,13 @@ class SpatialGraph(eqx.Module):
     """Each spot's neighbours as a fixed-width table (itself first).
 
     - `neighbors`: `(n_spots, n_slots)` spot indices; `mask`: which slots are edges (radius graphs leave some
-      empty); `pruned`: the cell-type-aware mask (edges within a pre-cluster; equal to `mask` without one).
+      empty); `pruned`: the cell-type-aware mask (edges within a pre-cluster), `None` without a pre-clustering
+      (the pruned graph is then the graph itself, and the network attends over it once).
     """
 
     neighbors: Int[Array, "n_spots n_slots"]
     mask: Bool[Array, "n_spots n_slots"]
-    pruned: Bool[Array, "n_spots n_slots"]
+    pruned: Bool[Array, "n_spots n_slots"] | None = None
 
 
 def spatial_graph(
@@ -59,7 +60,7 @@ def spatial_graph(
     neighbors, distances = exact_knn(c, c, k)
     mask = jnp.ones_like(neighbors, dtype=bool) if radius is None else distances <= radius
     mask = mask.at[:, 0].set(True)
-    pruned = mask
+    pruned = None
     if pre_labels is not None:
         labels = jnp.asarray(pre_labels)
         pruned = mask & (labels[neighbors] == labels[:, None])
@@ -108,16 +109,19 @@ class STAGATE(AbstractTrainableStage):
         self.att_src, self.att_dst = _glorot(k3, (hidden, 1))[:, 0], _glorot(k4, (hidden, 1))[:, 0]
         self.prune_weight = jnp.asarray(prune_weight, dtype=jnp.zeros(()).dtype)
 
-    def _attend(self, x: Array, graph: SpatialGraph) -> tuple[Array, Array]:
+    def _attend(self, x: Array, graph: SpatialGraph) -> tuple[Array, Array | None]:
         # The logits a . (x W1) are x . (W1 a): no (n_spots, n_hidden) gather is needed.
         src, dst = self.w1 @ self.att_src, self.w1 @ self.att_dst
         full = attention_coefficients(x, src, dst, graph.neighbors, graph.mask)
-        pruned = attention_coefficients(x, src, dst, graph.neighbors, graph.pruned)
-        return full, pruned
+        if graph.pruned is None:  # no pre-clustering: the pruned graph is the graph, one pass instead of two
+            return full, None
+        return full, attention_coefficients(x, src, dst, graph.neighbors, graph.pruned)
 
-    def _mix(self, h: Array, attention: tuple[Array, Array], graph: SpatialGraph) -> Array:
+    def _mix(self, h: Array, attention: tuple[Array, Array | None], graph: SpatialGraph) -> Array:
         full, pruned = attention
-        w = self.prune_weight
+        if pruned is None:
+            return aggregate(h, full, graph.neighbors)
+        w = jax.lax.stop_gradient(self.prune_weight)  # STAGATE's `alpha` is a setting, not a trained weight
         return (1 - w) * aggregate(h, full, graph.neighbors) + w * aggregate(h, pruned, graph.neighbors)
 
     def encode_decode(self, x: Float[Array, "n_spots n_genes"], graph: SpatialGraph
