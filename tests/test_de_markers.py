@@ -13,7 +13,7 @@ import scipy.stats as st
 from statsmodels.stats.multitest import multipletests
 
 import diffbio_eqx as dbx
-from diffbio_eqx._de._markers import benjamini_hochberg, midranks, welch_t_test
+from diffbio_eqx._de._markers import benjamini_hochberg, group_moments, label_moments, midranks, welch_t_test
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,33 @@ def test_midranks_and_ties_equal_scipy():
     np.testing.assert_allclose(np.asarray(ranks)[used], st.rankdata(values[used]))
     tc = 1.0 - np.sum(np.asarray(ties)[used] ** 2 - 1.0) / (used.sum() ** 3 - used.sum())
     np.testing.assert_allclose(tc, st.tiecorrect(st.rankdata(values[used])))
+
+
+def test_label_moments_equal_numpy_float64():
+    """The blocked one-pass group moments (groups of 0, 1, 2 and many cells, cells in no group, sizes not a
+    multiple of the block) equal NumPy's float64 means and unbiased variances of the float32 squares, and the
+    mask products'."""
+    rng = np.random.default_rng(2)
+    x = np.log1p(rng.poisson(0.7, (203, 7)) * 3.0).astype(np.float32)
+    labels = np.concatenate([np.full(150, 0), [1], np.full(2, 3), rng.integers(0, 6, 50)]).astype(np.int32)
+    rng.shuffle(labels)  # label 2 may be empty, 4 and 5 are outside the 4 groups
+    moments = jax.jit(label_moments, static_argnums=2, static_argnames="block")
+    mean, var, n = (np.asarray(v) for v in moments(jnp.asarray(x), jnp.asarray(labels), 4, block=16))
+    for g in range(4):
+        for row, cells in ((g, labels == g), (4 + g, labels != g)):
+            assert n[row] == cells.sum()
+            if cells.sum() == 0:
+                continue
+            expected_mean = x[cells].mean(axis=0, dtype=np.float64)
+            expected_var = (x[cells] * x[cells]).mean(axis=0, dtype=np.float64) - expected_mean**2
+            if cells.sum() > 1:
+                expected_var = expected_var * cells.sum() / (cells.sum() - 1)
+            np.testing.assert_allclose(mean[row], expected_mean, rtol=1e-13, atol=1e-15)
+            np.testing.assert_allclose(var[row], expected_var, rtol=1e-11, atol=1e-13)
+    masks = np.stack([labels == g for g in range(4)])
+    products = jax.jit(group_moments)(jnp.asarray(x), jnp.asarray(np.concatenate([masks, ~masks])))
+    for ours, theirs in zip((mean, var, n), products, strict=True):
+        np.testing.assert_allclose(ours, np.asarray(theirs), rtol=1e-11, atol=1e-13)
 
 
 def test_welch_and_bh_equal_scipy_statsmodels():
