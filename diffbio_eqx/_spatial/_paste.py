@@ -21,8 +21,15 @@ spot's distance to the slice's centre of mass; on slices whose geometry is nearl
 is then (nearly) the product plan again and Frank-Wolfe stops there, returning the uniform plan (PASTE on 5 of 9
 DLPFC pairs). Here the first plan is the expression-only optimal transport (Sinkhorn on $M$ alone), which already
 breaks the symmetry, and the entropic regularisation then decreases along `epsilons` (default 10, 1, 0.1, 0.01,
-0.003 in the cost's units, 4 linearisations each), so the plan sharpens without being trapped at the start. The
-test checks that the plan's entropy is far below the uniform plan's.
+0.003 in the cost's units, up to 4 linearisations each), so the plan sharpens without being trapped at the start.
+A stage ends early once a warm-started Sinkhorn meets its tolerance at its first check (the plan is a fixed point at
+that epsilon; paste-bio's Frank-Wolfe likewise stops when its objective stops moving). The test checks that the
+plan's entropy is far below the uniform plan's.
+
+**Why not ott's `GromovWasserstein`.** It fixes epsilon per call and runs each call's first Sinkhorn from zero
+potentials, so a schedule of chained calls restarts cold at every stage (on the 2,058-spot pair 19.1 CPU-s against
+5.1 for this loop; 8.1 with the last potentials folded into the first linearisation's cost), and with low-rank
+distances its `apply_square_cost` rebuilds the `(n, n)` matrix from the factors at every step.
 
 **Partial overlap** follows PASTE2 (Liu et al. 2023, `partial_pairwise_align`, whose solver POT ships as
 `partial_fused_gromov_wasserstein`): `overlap` (PASTE2's `s`) is the mass moved between the slices; the rest of each
