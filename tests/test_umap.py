@@ -165,6 +165,9 @@ def test_parametric_umap_stage_contract(getkey):
         dx.ParametricUMAP(8, key=getkey(), n_neighbors=1)
     fitted = dx.fit_umap(model, x, key=getkey(), settings=dx.TrainSettings(n_epochs=2, batch_size=64, progress=False))
     assert fitted.train_loss.shape == (2,)
+    np.testing.assert_array_equal(fitted.embedding, fitted.model.embed(x))  # no refinement by default
+    with pytest.raises(ValueError, match="refine_steps"):
+        dx.fit_umap(model, x, key=getkey(), refine_steps=-1)
     assert bool(jnp.all(jnp.isfinite(fitted.train_loss)))
     # Only the encoder trains: a, b and the graph settings are untouched.
     assert float(fitted.model.a) == float(model.a) and float(fitted.model.b) == float(model.b)
@@ -244,3 +247,22 @@ def test_embedding_quality_pbmc68k(pbmc_pcs):
 @pytest.mark.slow
 def test_embedding_quality_simulated(simulated_pcs):
     assert_close_to_umap_learn(simulated_pcs, n_epochs=50)
+
+
+@pytest.mark.slow  # two encoder fits and the refinement's compile: ~30 s on a quiet machine
+def test_refinement_improves_the_fit_cells_and_leaves_the_encoder(simulated_pcs):
+    """`refine_steps` moves the training cells' own coordinates by non-parametric UMAP from the encoder's output:
+    a short (3-epoch) encoder fit leaves room, and the refined map keeps more of each cell's 15 neighbours; the
+    encoder (what embeds new cells) is the same with or without refinement."""
+    x = jnp.asarray(simulated_pcs)
+    model = dx.ParametricUMAP(x.shape[1], key=jr.key(0))
+    settings = dx.TrainSettings(n_epochs=3, batch_size=512, progress=False)
+    plain = dx.fit_umap(model, x, key=jr.key(1), settings=settings)
+    refined = dx.fit_umap(model, x, key=jr.key(1), settings=settings, graph=plain.graph, refine_steps=300)
+    assert bool(eqx.tree_equal(plain.model, refined.model))
+    np.testing.assert_array_equal(plain.embedding, plain.model.embed(x))
+    assert refined.embedding.shape == (x.shape[0], 2) and bool(jnp.all(jnp.isfinite(refined.embedding)))
+    before = knn_preservation(simulated_pcs, np.asarray(plain.embedding))
+    after = knn_preservation(simulated_pcs, np.asarray(refined.embedding))
+    print({"encoder": before, "refined": after})
+    assert after >= before + 0.02
