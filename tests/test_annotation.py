@@ -24,7 +24,13 @@ from diffbio_eqx._annotation._cellassign import (
     fit_cellassign,
     init_cellassign,
 )
-from diffbio_eqx._annotation._scanvi import fit_scanvi, label_codes, scanvi_from_vae, scanvi_probabilities
+from diffbio_eqx._annotation._scanvi import (
+    fit_scanvi,
+    label_codes,
+    scanvi_from_vae,
+    scanvi_probabilities,
+    with_population_statistics,
+)
 from diffbio_eqx._core._train import TrainSettings
 from diffbio_eqx._vae._stage import VAENormalizer, fit_vae
 
@@ -240,6 +246,23 @@ def test_scanvi_on_pbmc68k_matches_scvi_tools(pbmc, reference_outputs):
         predicted = np.asarray(types)[np.asarray(scanvi_probabilities(fitted.model, adata.X)).argmax(1)]
         accuracies.append(np.mean(predicted[hidden] == labels[hidden]))
     assert np.mean(accuracies) >= np.mean(reference_outputs["scanvi_accuracy"]) - 0.02, accuracies
+
+
+@pytest.mark.slow  # 66 s at load average 22 (compiles of the VAE encoder and classifier), over the fast set's budget
+def test_scanvi_classifier_normalises_by_the_minibatch_in_training_and_by_the_population_after():
+    """scvi-tools' classifier has batch normalisation: in training the minibatch's statistics, at prediction the
+    population statistics `with_population_statistics` stores (what torch's running averages estimate). On the
+    same cells, without dropout, both give the same logits; the unset statistics (0, 1) do not."""
+    counts = np.random.default_rng(0).poisson(3.0, (64, 30)).astype(np.float32)
+    vae = VAENormalizer(30, key=jr.key(0))
+    model = scanvi_from_vae(vae, ["a", "b", "c"], key=jr.key(1))
+    mean, _ = vae.encode(jnp.asarray(counts, vae.dtype), None, inference=True)
+    in_training = np.asarray(model.classify(mean, inference=True, batch_statistics=True))
+    fitted = with_population_statistics(model, counts)
+    np.testing.assert_allclose(np.asarray(fitted.classify(mean, inference=True)), in_training, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.asarray(model.classify(mean, inference=True)), in_training, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(scanvi_probabilities(fitted, counts)),
+                               np.exp(in_training) / np.exp(in_training).sum(1, keepdims=True), rtol=1e-4, atol=1e-6)
 
 
 def test_annotate_face_and_cli(pbmc, tmp_path):

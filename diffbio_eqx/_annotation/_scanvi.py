@@ -2,8 +2,9 @@
 
 Generative model: $y \\sim \\mathrm{Cat}(\\pi)$ (uniform), $z_2 \\sim N(0, I)$, $z_1 \\mid z_2, y \\sim
 N(\\mu(z_2, y), \\sigma^2(z_2, y))$, $x \\mid z_1 \\sim$ the VAE's decoder (`VAENormalizer`). Inference:
-$q(z_1 \\mid x)$ the VAE's encoder, $q(y \\mid z_1)$ a classifier (one hidden layer of 128, ReLU, dropout 0.1),
-$q(z_2 \\mid z_1, y)$ an encoder with the label one-hot as covariate.
+$q(z_1 \\mid x)$ the VAE's encoder, $q(y \\mid z_1)$ a classifier (scvi-tools' `Classifier`: one hidden layer of
+128 with batch normalisation, ReLU, dropout 0.1), $q(z_2 \\mid z_1, y)$ an encoder with the label one-hot as
+covariate.
 
 Loss per minibatch (scvi-tools' `SCANVAE.loss`): for every cell, $y$ is marginalised with $q(y \\mid z_1)$,
 
@@ -11,15 +12,26 @@ $$-\\log p(x \\mid z_1) + \\log q(z_1 \\mid x) + \\sum_y q(y \\mid z_1)\\big[-\\
 + w\\,\\mathrm{KL}(q(z_2 \\mid z_1, y) \\| N(0, I))\\big] + w\\,\\mathrm{KL}(q(y \\mid z_1) \\| \\pi),$$
 
 averaged over cells, plus `classification_ratio` (50) times the cross-entropy of the classifier on the posterior
-means of the labelled cells. Differences from scvi-tools, on purpose: the labelled cells' cross-entropy is taken on
-the labelled cells of the same minibatch (scvi-tools draws a second, labelled minibatch each step), no batch
-normalisation (as the package's VAE). `scanvi_from_vae` starts from a trained `VAENormalizer` as
-`SCANVI.from_scvi_model` does (encoder, decoder and dispersions copied; the new parts fresh), and `fit_scanvi`
-trains with `SCANVI.train`'s defaults after pre-training: `min(10, max(2, round(e / 3)))` epochs for the VAE's
-heuristic `e`, batch 128, AdamW (1e-3, eps 0.01, weight decay 1e-6), 10 % validation, the KL weight rising over
-400 epochs from 0.
+means of a second minibatch of labelled cells, drawn each step from the labelled training cells as scvi-tools'
+`SemiSupervisedDataLoader` does (here with replacement; scvi-tools cycles through them shuffled).
+
+The classifier's batch normalisation (scvi-tools' `FCLayers`, eps 1e-3) normalises with the minibatch's statistics
+in training, as torch's does. torch keeps running averages (momentum 0.01) for prediction; this loop keeps no
+mutable state, so `fit_scanvi` computes the population statistics of the training cells' posterior means after
+training instead (the "precise" statistics that the running averages approximate). Without it, the classifier
+learns several times slower from a VAE trained briefly: after one VAE epoch and two scANVI epochs on 10,000
+simulated cells, 0.78 of the hidden labels right without it, 0.97 with it (scvi-tools 0.976). Differences from
+scvi-tools, on purpose: no batch normalisation in the VAE (as the package's VAE) nor in the $z_2$ networks.
+
+`scanvi_from_vae` starts from a trained `VAENormalizer` as `SCANVI.from_scvi_model` does (encoder, decoder and
+dispersions copied; the new parts fresh), and `fit_scanvi` trains with `SCANVI.train`'s defaults after
+pre-training: `min(10, max(2, round(e / 3)))` epochs for the VAE's heuristic `e`, batch 128, AdamW (1e-3, eps
+0.01, weight decay 1e-6), 10 % of the labelled and of the unlabelled cells held out (scvi-tools'
+`SemiSupervisedDataSplitter`; like scvi-tools without early stopping, their loss is not computed), the KL weight
+rising over 400 epochs from 0.
 """
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any, cast
@@ -30,12 +42,22 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
+import scipy.sparse as sp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from .._core._distributions import reparameterize
 from .._core._nn import CovariateMLP, dense
 from .._core._stage import AbstractTrainableStage
-from .._core._train import FitResult, TrainSettings, fit, map_in_chunks, shared_optimizer
+from .._core._train import (
+    FitResult,
+    SparseRows,
+    TrainSettings,
+    fit,
+    map_in_chunks,
+    shared_optimizer,
+    take_rows,
+    to_device_rows,
+)
 from .._vae._stage import (
     VAENormalizer,
     _prepare,
@@ -47,6 +69,7 @@ from .._vae._stage import (
 
 
 _VAR_EPS = 1e-4
+_BATCH_NORM_EPS = 1e-3  # torch's BatchNorm1d in scvi-tools' FCLayers (eps=0.001)
 
 
 def gaussian_log_prob(
@@ -54,6 +77,44 @@ def gaussian_log_prob(
 ) -> Float[Array, " *shape"]:
     """$\\sum_k \\log N(x_k; m_k, e^{v_k})$."""
     return jnp.sum(-0.5 * ((x - mean) ** 2 * jnp.exp(-log_variance) + log_variance + math.log(2 * math.pi)), -1)
+
+
+class LabelClassifier(eqx.Module):
+    """scvi-tools' `Classifier` with one hidden layer: `Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear`, giving
+    logits.
+
+    In training the batch normalisation uses the minibatch's mean and (biased) variance; with `inference=True` the
+    stored population `mean` and `variance` (set by `with_population_statistics`; 0 and 1 before, as torch's
+    running statistics start), unless `batch_statistics=True`. `scale` and `shift` are its affine parameters.
+    """
+
+    hidden: eqx.nn.Linear
+    scale: Float[Array, " n_hidden"]
+    shift: Float[Array, " n_hidden"]
+    mean: Float[Array, " n_hidden"]
+    variance: Float[Array, " n_hidden"]
+    dropout: eqx.nn.Dropout
+    head: eqx.nn.Linear
+
+    def __init__(self, n_in: int, n_hidden: int, n_labels: int, *, dropout_rate: float, dtype: Any,
+                 key: PRNGKeyArray):
+        hidden_key, head_key = jr.split(key)
+        self.hidden = eqx.nn.Linear(n_in, n_hidden, dtype=dtype, key=hidden_key)
+        self.scale, self.shift = jnp.ones((n_hidden,), dtype), jnp.zeros((n_hidden,), dtype)
+        self.mean, self.variance = jnp.zeros((n_hidden,), dtype), jnp.ones((n_hidden,), dtype)
+        self.dropout = eqx.nn.Dropout(dropout_rate)
+        self.head = eqx.nn.Linear(n_hidden, n_labels, dtype=dtype, key=head_key)
+
+    def __call__(self, z: Float[Array, "n_cells n_in"], *, key: PRNGKeyArray | None = None,
+                 inference: bool | None = None, batch_statistics: bool | None = None
+                 ) -> Float[Array, "n_cells n_labels"]:
+        inference = self.dropout.inference if inference is None else inference
+        batch_statistics = not inference if batch_statistics is None else batch_statistics
+        h = dense(z, self.hidden)
+        mean, variance = (jnp.mean(h, 0), jnp.var(h, 0)) if batch_statistics else (self.mean, self.variance)
+        factor = jax.lax.rsqrt(variance + _BATCH_NORM_EPS) * self.scale
+        h = (h - mean[None, :]) * factor[None, :] + self.shift[None, :]
+        return dense(self.dropout(jax.nn.relu(h), key=key, inference=inference), self.head)
 
 
 class SCANVI(AbstractTrainableStage):
@@ -65,8 +126,7 @@ class SCANVI(AbstractTrainableStage):
     """
 
     vae: VAENormalizer
-    classifier: CovariateMLP
-    classifier_head: eqx.nn.Linear
+    classifier: LabelClassifier
     encoder_z2: CovariateMLP
     z2_mean_head: eqx.nn.Linear
     z2_log_variance_head: eqx.nn.Linear
@@ -92,17 +152,17 @@ class SCANVI(AbstractTrainableStage):
         n_labels, latent, dtype = len(cell_types), vae.latent_dim, vae.dtype
         if n_labels < 2:
             raise ValueError(f"cell_types: need at least two, got {list(cell_types)}")
-        keys = jr.split(key, 8)
+        keys = jr.split(key, 7)
         self.vae = vae
-        self.classifier = CovariateMLP(latent, (n_hidden,), dropout_rate=dropout_rate, dtype=dtype, key=keys[0])
-        self.classifier_head = eqx.nn.Linear(n_hidden, n_labels, dtype=dtype, key=keys[1])
+        self.classifier = LabelClassifier(latent, n_hidden, n_labels, dropout_rate=dropout_rate, dtype=dtype,
+                                          key=keys[0])
         self.encoder_z2 = CovariateMLP(latent, (n_hidden,), n_labels, dropout_rate=dropout_rate, dtype=dtype,
-                                       key=keys[2])
-        self.z2_mean_head = eqx.nn.Linear(n_hidden, latent, dtype=dtype, key=keys[3])
-        self.z2_log_variance_head = eqx.nn.Linear(n_hidden, latent, dtype=dtype, key=keys[4])
-        self.decoder_z1 = CovariateMLP(latent, (n_hidden,), n_labels, dtype=dtype, key=keys[5])
-        self.z1_mean_head = eqx.nn.Linear(n_hidden, latent, dtype=dtype, key=keys[6])
-        self.z1_log_variance_head = eqx.nn.Linear(n_hidden, latent, dtype=dtype, key=keys[7])
+                                       key=keys[1])
+        self.z2_mean_head = eqx.nn.Linear(n_hidden, latent, dtype=dtype, key=keys[2])
+        self.z2_log_variance_head = eqx.nn.Linear(n_hidden, latent, dtype=dtype, key=keys[3])
+        self.decoder_z1 = CovariateMLP(latent, (n_hidden,), n_labels, dtype=dtype, key=keys[4])
+        self.z1_mean_head = eqx.nn.Linear(n_hidden, latent, dtype=dtype, key=keys[5])
+        self.z1_log_variance_head = eqx.nn.Linear(n_hidden, latent, dtype=dtype, key=keys[6])
         self.log_y_prior = jnp.full((n_labels,), -math.log(n_labels), dtype)
         self.classification_ratio = jnp.asarray(classification_ratio, dtype)
         self.cell_types = tuple(str(c) for c in cell_types)
@@ -112,9 +172,10 @@ class SCANVI(AbstractTrainableStage):
         return len(self.cell_types)
 
     def classify(self, z1: Float[Array, "n_cells latent_dim"], *, key: PRNGKeyArray | None = None,
-                 inference: bool | None = None) -> Float[Array, "n_cells n_labels"]:
-        """The classifier's logits $\\log q(y \\mid z_1)$ up to a constant."""
-        return dense(self.classifier(z1, key=key, inference=inference), self.classifier_head)
+                 inference: bool | None = None, batch_statistics: bool | None = None
+                 ) -> Float[Array, "n_cells n_labels"]:
+        """The classifier's logits $\\log q(y \\mid z_1)$ up to a constant (`LabelClassifier`)."""
+        return self.classifier(z1, key=key, inference=inference, batch_statistics=batch_statistics)
 
     def __call__(
         self, counts: Float[Array, "n_cells n_genes"], batch_labels: Int[Array, " n_cells"] | None = None, *,
@@ -142,44 +203,68 @@ class SCANVI(AbstractTrainableStage):
         unweighted = -gaussian_log_prob(z1s, z1_mean, z1_log_var)
         return unweighted.reshape(n_labels, n_cells), gaussian_kl(mean2, log_var2).reshape(n_labels, n_cells)
 
+    def _cross_entropy(self, mean: Array, labels: Array, *, key: PRNGKeyArray, inference: bool) -> Array:
+        """Mean cross-entropy of the classifier at the posterior means `mean` over the cells with `labels` >= 0."""
+        logits = jax.nn.log_softmax(self.classify(mean, key=key, inference=inference, batch_statistics=True), -1)
+        known = labels >= 0
+        picked = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[:, None], axis=1)[:, 0]
+        n_known = jnp.maximum(jnp.sum(known), 1).astype(logits.dtype)
+        return -jnp.sum(jnp.where(known, picked, 0.0)) / n_known
+
     def loss(
         self, batch: tuple[Array, ...], /, *, key: PRNGKeyArray, kl_weight: Float[ArrayLike, ""] = 1.0,
-        inference: bool = False,
+        inference: bool = False, labelled: tuple[Array, Array, Array] | None = None,
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
         """scvi-tools' `SCANVAE.loss` (see the module docstring); `batch` is `(counts, batch_labels, labels[,
-        log_factorial])` with `labels` -1 where unknown."""
+        log_factorial])` with `labels` -1 where unknown. `labelled`: the labelled minibatch `(counts, batch_labels,
+        labels)` of the cross-entropy; None takes the labelled cells of `batch`. The classifier's batch
+        normalisation uses the minibatches' statistics, also with `inference=True` (validation)."""
         counts, batch_labels, labels = batch[0], batch[1], batch[2]
         log_factorial = batch[3] if len(batch) > 3 else None
         vae = self.vae
-        counts = counts.astype(vae.dtype)
-        onehot = vae._batch_onehot(batch_labels, counts.shape[0])
+        n_cells = counts.shape[0]
+        if labelled is None:
+            labelled = (counts, batch_labels, labels)
+        # One encoder pass over both minibatches (each row draws its own dropout mask, as two passes would).
+        both = jnp.concatenate([counts, labelled[0].astype(counts.dtype)]).astype(vae.dtype)
+        both_batches = jnp.concatenate([batch_labels, labelled[1].astype(batch_labels.dtype)])
         encode_key, sample_key, label_key, class_key, ce_key = jr.split(key, 5)
-        mean, log_var = vae.encode(counts, onehot, key=encode_key, inference=inference)
+        means, log_vars = vae.encode(both, vae._batch_onehot(both_batches, both.shape[0]), key=encode_key,
+                                     inference=inference)
+        mean, log_var = means[:n_cells], log_vars[:n_cells]
+        counts = both[:n_cells]
         z1 = reparameterize(mean, log_var, key=sample_key)
+        onehot = vae._batch_onehot(batch_labels, n_cells)
         reconstruction = -vae._reconstruction_log_likelihood(counts, z1, onehot, batch_labels, log_factorial)
         z1_unweighted, kl_z2 = self._label_terms(z1, key=label_key, inference=inference)
-        log_probs = jax.nn.log_softmax(self.classify(z1, key=class_key, inference=inference), axis=-1)
+        logits = self.classify(z1, key=class_key, inference=inference, batch_statistics=True)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
         probs = jnp.exp(log_probs)
         reconstruction = reconstruction + gaussian_log_prob(z1, mean, log_var) + jnp.sum(probs * z1_unweighted.T, 1)
         kl = jnp.sum(probs * kl_z2.T, axis=1) + jnp.sum(probs * (log_probs - self.log_y_prior[None, :]), axis=1)
         weight = jnp.asarray(kl_weight).astype(reconstruction.dtype)
         elbo_loss = jnp.mean(reconstruction + weight * kl)
-        mean_ce, _ = vae.encode(counts, onehot, key=ce_key, inference=inference)
-        logits = jax.nn.log_softmax(self.classify(mean_ce, key=ce_key, inference=inference), axis=-1)
-        known = labels >= 0
-        picked = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[:, None], axis=1)[:, 0]
-        n_known = jnp.maximum(jnp.sum(known), 1).astype(logits.dtype)
-        cross_entropy = -jnp.sum(jnp.where(known, picked, 0.0)) / n_known
+        cross_entropy = self._cross_entropy(means[n_cells:], labelled[2], key=ce_key, inference=inference)
         loss = elbo_loss + self.classification_ratio * cross_entropy
         return loss, {"elbo_loss": elbo_loss, "classification_loss": cross_entropy}
 
 
 class _SCANVILoss(eqx.Module):
-    def __call__(self, model: SCANVI, batch: tuple[Array, ...], context: dict[str, Array], *,
+    """The loop's loss: in training, a labelled minibatch of `batch_size` cells drawn (with replacement) from
+    `context["labelled"]` each step; in validation, the validation minibatch's own labelled cells."""
+
+    batch_size: int = eqx.field(static=True)
+
+    def __call__(self, model: SCANVI, batch: tuple[Array, ...], context: dict[str, Any], *,
                  key: PRNGKeyArray) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
         validation = bool(model.vae.encoder.dropout.inference)
-        kl_weight = jnp.ones((), context["kl_weight"].dtype) if validation else context["kl_weight"]
-        return model.loss(batch, key=key, kl_weight=kl_weight, inference=validation)
+        if validation:
+            return model.loss(batch, key=key, kl_weight=jnp.ones((), context["kl_weight"].dtype), inference=True)
+        draw_key, key = jr.split(key)
+        pool = context["labelled"]
+        index = jr.randint(draw_key, (self.batch_size,), 0, pool[2].shape[0])
+        labelled = cast(tuple[Array, Array, Array], tuple(take_rows(part, index) for part in pool))
+        return model.loss(batch, key=key, kl_weight=context["kl_weight"], labelled=labelled)
 
 
 def scanvi_from_vae(vae: VAENormalizer, cell_types: Sequence[str], *, key: PRNGKeyArray) -> SCANVI:
@@ -194,11 +279,66 @@ def label_codes(labels: Any, cell_types: Sequence[str]) -> np.ndarray:
     return np.asarray([index.get(str(v), -1) if v == v and v is not None else -1 for v in labels], np.int32)
 
 
+def _held_in_rows(codes: np.ndarray, validation_fraction: float, key: PRNGKeyArray) -> np.ndarray:
+    """The training rows (sorted) of scvi-tools' `SemiSupervisedDataSplitter`: of the labelled and of the
+    unlabelled cells each, `ceil((1 - validation_fraction) * n)` drawn at random."""
+    kept = []
+    for part, part_key in zip((np.flatnonzero(codes >= 0), np.flatnonzero(codes < 0)), jr.split(key), strict=True):
+        n_train = math.ceil((1.0 - validation_fraction) * part.size)
+        kept.append(part[np.asarray(jr.permutation(part_key, part.size))[:n_train]])
+    return np.sort(np.concatenate(kept))
+
+
+def _take_host_rows(x: Any, rows: np.ndarray) -> Any:
+    """Rows of dense or CSR counts (CSR by a mask over its non-zeros: several times faster than SciPy's row
+    indexing at 100k cells)."""
+    if not sp.issparse(x):
+        return x[rows]
+    csr = cast(sp.csr_matrix, x)
+    n_rows, n_columns = cast(tuple[int, int], csr.shape)  # scipy infers shape as possibly None
+    lengths = np.diff(csr.indptr)
+    keep = np.zeros(n_rows, bool)
+    keep[rows] = True
+    values = np.repeat(keep, lengths)
+    indptr = np.concatenate([[0], np.cumsum(lengths[rows])]).astype(csr.indptr.dtype)
+    out = sp.csr_matrix((csr.data[values], csr.indices[values], indptr), shape=(rows.size, n_columns))
+    out.has_canonical_format = csr.has_canonical_format
+    return out
+
+
+def _device_rows(x: Any, max_nnz: int, n_slots: int) -> Any:
+    """`to_device_rows`, with sparse rows gathered `max_nnz` slots wide and the non-zeros padded to `n_slots`: a
+    subset of a matrix's rows (whichever held-out split) then compiles the same epoch as any other."""
+    rows = to_device_rows(x)
+    if not isinstance(rows, SparseRows):
+        return rows
+    pad = max(n_slots - rows.data.shape[0], 0)
+    return SparseRows(jnp.pad(rows.data, (0, pad)), jnp.pad(rows.indices, (0, pad)), rows.indptr, rows.n_columns,
+                      max_nnz)
+
+
+def _log_factorial_rows(counts: Any) -> np.ndarray:
+    """$\\sum_g \\log x_g!$ per cell of CSR counts of whole numbers by a table and one reduction over the rows'
+    non-zeros (`log_factorial_per_cell` otherwise)."""
+    if not sp.issparse(counts):
+        return log_factorial_per_cell(counts)
+    csr = cast(sp.csr_matrix, counts)
+    n_rows = cast(tuple[int, int], csr.shape)[0]  # scipy infers shape as possibly None
+    top = float(csr.data.max(initial=0.0))
+    whole = csr.data.astype(np.int64)
+    if top > 1e6 or not np.array_equal(whole, csr.data):
+        return log_factorial_per_cell(counts)
+    table = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, int(top) + 1, dtype=np.float64)))])
+    rows = np.repeat(np.arange(n_rows), np.diff(csr.indptr))
+    return np.bincount(rows, weights=table[whole], minlength=n_rows)
+
+
 def fit_scanvi(
     model: SCANVI, counts: Any, batch_labels: Any, labels: Any, *, key: PRNGKeyArray,
     settings: TrainSettings | None = None, n_epochs_kl_warmup: int = 400,
 ) -> FitResult:
-    """Train scANVI on the shared loop with `SCANVI.train`'s defaults after pre-training (module docstring).
+    """Train scANVI on the shared loop with `SCANVI.train`'s defaults after pre-training (module docstring), then
+    set the classifier's population statistics (`with_population_statistics`, on the training cells).
 
     **Arguments:**
 
@@ -207,7 +347,9 @@ def fit_scanvi(
       for one batch).
     - `labels`: `(n_cells,)` integer codes into `model.cell_types`, -1 for unlabelled cells (`label_codes`).
     - `key`: PRNG key. (Keyword only argument.)
-    - `settings`: the loop's settings (None fields take the defaults above).
+    - `settings`: the loop's settings (None fields take the defaults above). The held-out cells' loss is computed
+      each epoch only with `early_stopping_patience` or `restore_best` (then the loop holds them out, and the
+      labelled minibatches are drawn from all labelled cells).
     - `n_epochs_kl_warmup`: epochs of the linear KL warm-up from 0 (scvi-tools: 400).
     """
     checked, batches = _prepare(model.vae, counts, batch_labels)
@@ -224,24 +366,58 @@ def fit_scanvi(
         description="scANVI",
     )
     settings = (TrainSettings() if settings is None else settings).filled(defaults)
+    split_key, key = jr.split(key)
+    rows = np.arange(n_cells)
+    assert settings.validation_fraction is not None and settings.batch_size is not None
+    batch_size = settings.batch_size
+    if settings.early_stopping_patience is None and not settings.restore_best:
+        rows = _held_in_rows(codes, settings.validation_fraction, split_key)
+        settings = dataclasses.replace(settings, validation_fraction=0.0)
+    train_counts, train_batches, train_codes = _take_host_rows(checked, rows), batches[rows], codes[rows]
+    lengths = np.diff(checked.indptr) if sp.issparse(checked) else np.zeros(n_cells, np.int64)
+    max_nnz = max(256, -(-int(lengths.max(initial=1)) // 256) * 256)
+    pool_rows = np.flatnonzero(train_codes >= 0)
+    pool = (_device_rows(_take_host_rows(train_counts, pool_rows), max_nnz, int(lengths[codes >= 0].sum())),
+            jnp.asarray(train_batches[pool_rows]), jnp.asarray(train_codes[pool_rows]))
+    dtype = model.vae.dtype
 
-    def context(epoch: int) -> dict[str, Array]:
-        return {"kl_weight": jnp.asarray(kl_warmup_weight(epoch, n_epochs_kl_warmup), dtype=model.vae.dtype)}
+    def context(epoch: int) -> dict[str, Any]:
+        return {"kl_weight": jnp.asarray(kl_warmup_weight(epoch, n_epochs_kl_warmup), dtype=dtype),
+                "labelled": pool}
 
     trainable = jtu.tree_map(eqx.is_inexact_array, model)
-    trainable = eqx.tree_at(lambda m: (m.vae.target_library_size, m.log_y_prior, m.classification_ratio),
-                            trainable, replace=(False, False, False))
-    data = (checked, batches, codes, log_factorial_per_cell(checked).astype(jnp.dtype(model.vae.dtype)))
-    return fit(model, _SCANVILoss(), data, key=key, settings=settings, context=context, trainable=trainable)
+    trainable = eqx.tree_at(
+        lambda m: (m.vae.target_library_size, m.log_y_prior, m.classification_ratio, m.classifier.mean,
+                   m.classifier.variance),
+        trainable, replace=(False,) * 5)
+    data = (_device_rows(train_counts, max_nnz, int(lengths.sum())), train_batches, train_codes,
+            _log_factorial_rows(train_counts).astype(jnp.dtype(dtype)))
+    loss = _SCANVILoss(min(batch_size, pool_rows.size))
+    result = fit(model, loss, data, key=key, settings=settings, context=context, trainable=trainable)
+    fitted = with_population_statistics(result.model, train_counts, train_batches)
+    return eqx.tree_at(lambda r: r.model, result, fitted)
 
 
 @eqx.filter_jit
-def _predict_chunk(batch: tuple[Array, Array], model: SCANVI) -> Array:
-    return model(batch[0], batch[1])
+def _predict_chunk(batch: tuple[Array, Array], model: SCANVI) -> tuple[Array, Array]:
+    """The classifier's pre-normalisation activations and $q(y \\mid z_1)$ at the posterior means of a chunk."""
+    counts = batch[0].astype(model.vae.dtype)
+    mean, _ = model.vae.encode(counts, model.vae._batch_onehot(batch[1], counts.shape[0]), inference=True)
+    return dense(mean, model.classifier.hidden), jax.nn.softmax(model.classify(mean, inference=True), axis=-1)
+
+
+def with_population_statistics(model: SCANVI, counts: Any, batch_labels: Any = None, *, chunk_size: int = 4096
+                               ) -> SCANVI:
+    """`model` with its classifier's batch-normalisation statistics set to the mean and variance of its hidden
+    layer over `counts`' posterior means (what torch's running averages estimate)."""
+    checked, batches = _prepare(model.vae, counts, batch_labels)
+    hidden, _ = map_in_chunks(_predict_chunk, (checked, batches), chunk_size=chunk_size, context=model)
+    return eqx.tree_at(lambda m: (m.classifier.mean, m.classifier.variance), model,
+                       (jnp.mean(hidden, 0), jnp.var(hidden, 0)))
 
 
 def scanvi_probabilities(model: SCANVI, counts: Any, batch_labels: Any = None, *, chunk_size: int = 4096
                          ) -> Float[Array, "n_cells n_labels"]:
     """$q(y \\mid z_1)$ at the posterior mean, for any number of cells, in chunks (`predict(soft=True)`)."""
     checked, batches = _prepare(model.vae, counts, batch_labels)
-    return cast(Array, map_in_chunks(_predict_chunk, (checked, batches), chunk_size=chunk_size, context=model))
+    return cast(Array, map_in_chunks(_predict_chunk, (checked, batches), chunk_size=chunk_size, context=model)[1])
