@@ -110,9 +110,18 @@ def bench_pseudobulk(n_cells: int, n_genes: int) -> dict:
     from diffbio_eqx._simulate._de import simulate_conditions
 
     n_samples = 16
-    data = simulate_conditions(key=jr.key(0), n_genes=n_genes, n_samples=n_samples,
-                               cells_per_sample=n_cells // n_samples)
-    counts = np.array(jax.ops.segment_sum(data.counts, data.sample, num_segments=n_samples))
+    # above 20M cell x gene values the cells are drawn in gene blocks (independent keys; genes are independent in
+    # the model, libraries too apart from their sum) and summed per block: the cell-level draw of 100k cells x
+    # 2,000 genes at once peaked at 16 GB
+    n_blocks = next(b for b in range(max(1, -(-n_cells * n_genes // (2 * 10**7))), n_genes + 1) if n_genes % b == 0)
+    blocks = []
+    for i in range(n_blocks):
+        data = simulate_conditions(key=jr.key(0) if n_blocks == 1 else jr.fold_in(jr.key(0), i),
+                                   n_genes=n_genes // n_blocks, n_samples=n_samples,
+                                   cells_per_sample=n_cells // n_samples)
+        blocks.append(np.array(jax.ops.segment_sum(data.counts, data.sample, num_segments=n_samples)))
+        del data
+    counts = np.concatenate(blocks, axis=1)
     rng = np.random.default_rng(0)
     genes, samples = rng.choice(n_genes, n_genes // 20, replace=False), rng.integers(0, n_samples, n_genes // 20)
     counts[samples, genes] = counts[samples, genes] * 10 + 50  # outliers for Cook's distance
@@ -137,7 +146,7 @@ def bench_pseudobulk(n_cells: int, n_genes: int) -> dict:
     ok = res["pvalue"].notna().to_numpy() & ~np.isnan(np.asarray(result.pvalue))
     lfc, p, padj = (np.asarray(v)[ok] for v in (result.log2_fold_change, result.pvalue, result.padj))
     row = {"task": "pseudobulk_deseq2", "n_cells": n_cells, "n_genes": n_genes, "n_samples": n_samples,
-           "defaults": "refit_cooks, cooks_filter, independent_filter", **timing,
+           "simulated_gene_blocks": n_blocks, "defaults": "refit_cooks, cooks_filter, independent_filter", **timing,
            "genes_refitted": int(dds.var["refitted"].sum()), "cooks_flagged": int(dds.cooks_outlier().sum()),
            "pvalue_nan_differs": int(np.sum(np.isnan(np.asarray(result.pvalue)) != res["pvalue"].isna().to_numpy())),
            "padj_nan_differs": int(np.sum(np.isnan(np.asarray(result.padj)) != res["padj"].isna().to_numpy())),
@@ -155,11 +164,16 @@ def bench_ks(n_cells: int, n_genes: int) -> dict:
     rng = np.random.default_rng(0)
     x = np.round(rng.gamma(1.0, 2.0, (n_cells, n_genes)), 1)  # ties, as in expression data
     first = np.arange(n_cells) < n_cells // 3
-    fn = jax.jit(jax.vmap(ks_statistic, in_axes=(1, None)))
+    # genes in blocks of `batch` (all at once up to 20M values): the vmapped sort's temporaries stay ~1 GB
+    batch = next(b for b in range(min(n_genes, max(1, 2 * 10**7 // n_cells)), 0, -1) if n_genes % b == 0)
+    block = jax.vmap(ks_statistic, in_axes=(1, None))
+    fn = jax.jit(lambda v, f: jax.lax.map(
+        lambda start: block(jax.lax.dynamic_slice_in_dim(v, start, batch, axis=1), f),
+        jnp.arange(0, n_genes, batch)).reshape(-1))
     ours, theirs, timing = _interleaved(
         lambda: fn(jnp.asarray(x), jnp.asarray(first)),
         lambda: np.array([st.ks_2samp(x[first, g], x[~first, g]).statistic for g in range(n_genes)]))
-    row = {"task": "ks_statistic", "n_cells": n_cells, "n_genes": n_genes, **timing,
+    row = {"task": "ks_statistic", "n_cells": n_cells, "n_genes": n_genes, "gene_batch": batch, **timing,
            "genes_not_exactly_equal": int(np.sum(np.asarray(ours) != theirs))}
     print(row, flush=True)
     return row
