@@ -15,6 +15,7 @@ import equinox as eqx
 import jax.random as jr
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 from _jobs import digest
 
@@ -41,6 +42,9 @@ def run_jobs(tmp_path: pathlib.Path, *jobs: tuple[str, ...]) -> list[dict[str, s
     return results
 
 
+# Slow (about 2 min): the whole pipeline and command-line test below, in the quick suite, covers the same
+# promise end to end; this one says which stage broke it.
+@pytest.mark.slow
 def test_every_stage_is_bitwise_reproducible_across_processes(tmp_path):
     """Each stage's own entry point (`fit_ambient_removal`/`remove_ambient`, `fit_vae`/`vae_transform`, `harmony`,
     `ParametricUMAP.fit`/`embed`, `fit_soft_kmeans`): trained leaves, losses and outputs."""

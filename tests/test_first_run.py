@@ -14,6 +14,7 @@ import anndata as ad
 import jax.random as jr
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 
 import diffbio_eqx as dx
@@ -62,6 +63,7 @@ def test_a_redirected_run_logs_plain_lines_writes_0644_files_and_reports_version
     assert f"| diffbio_eqx | {importlib.metadata.version('diffbio_eqx')} |" in report
 
 
+@pytest.mark.slow  # a whole run of the job (about 50 s); the redirected-run test above covers the log's form
 def test_quiet_prints_no_progress(tmp_path, capsys):
     from diffbio_eqx import cli
 
