@@ -14,6 +14,7 @@
 #   3. harmony: ours on the GPU vs harmonypy (CPU) at 100k cells
 #   4. pipeline: the scanpy pipeline (CPU) vs ours (GPU) at 100k cells
 #   5. umap: embedding new cells vs umap-learn's transform
+#   6. study: issue 26's vmapped grid (one compiled call vs a Python loop) -> end_to_end.json
 # Then benchmarks/render.py writes OUT_DIR/summary.md and OUT_DIR/scaling.png. To put GPU figures in the README,
 # copy OUT_DIR under benchmarks/results/ and run `python benchmarks/render.py` (it reads subfolders too).
 #
@@ -67,5 +68,7 @@ step vmap 75 "${SUITE[@]}" vmap
 step harmony 60 "${SUITE[@]}" harmony
 step pipeline 90 "${SUITE[@]}" pipeline
 step umap 60 "${SUITE[@]}" umap
+# issue 26's vmapped study (theta x temperature x 8 seeds in one call vs a Python loop); no datasets, grid only
+step study 60 "$PYTHON" "$HERE/study_end_to_end.py" --datasets none --out "$OUT/end_to_end.json"
 "$PYTHON" "$HERE/render.py" --results "$OUT" --no-readme 2>&1 | tee -a "$LOG"
 echo "gpu.sh: done in ${SECONDS} s; results in $OUT" | tee -a "$LOG"
