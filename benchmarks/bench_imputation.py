@@ -15,12 +15,21 @@ Open Problems' normalised MSE, the Poisson loss, Batson's depth-matched MSE, and
 - `transformer`: `fit_masked_gene_transformer` (defaults; epochs for about 100,000 cell visits, 2 to 200),
   `denoise`.
 
-Datasets: `pbmc68k` (700 cells x 765 genes, restored counts), `sim10k` / `sim50k` (`simulate_sparse`, 2,000 genes,
-one batch). `--speed`: the transformer's training throughput on 2,000 genes (cells per second over timed epochs
-after one compiling epoch).
+Datasets: `pbmc68k` (700 cells x 765 genes, restored counts), `sim10k` / `sim20k` / `sim50k` (`simulate_sparse`,
+2,000 genes, one batch). `--speed`: the transformer's training throughput on 2,000 genes (cells per second over
+timed epochs after one compiling epoch). `--rounds N`: the (dataset, method) jobs run N times, interleaved (round 1
+of every method, then round 2, ...), each in a fresh process; the record keeps every round and a summary with the
+median and range of magic-impute's time over ours (`ratio_summary`), per dataset. Each worker runs under
+`--timeout` seconds. Our MAGIC uses `Magic()`'s `knn_method="auto"`: the exact kNN below 20,000 cells, the
+inverted-file search (`ivf_neighbor_graph`) from there on; magic-impute's graphtools runs scikit-learn's
+`NearestNeighbors(algorithm="auto")`, brute force on 100 PCs (exact). magic-impute gets `n_jobs=-1` (both
+cores, as JAX uses).
+
+`--agreement N`: our MAGIC with the exact kNN against the IVF on N simulated cells (same PCs): the median (and
+5th percentile) over genes of the Pearson r between the two imputed matrices, and each side's time.
 
 Run: `python benchmarks/bench_imputation.py [--datasets pbmc68k sim10k] [--methods magic magic-impute vae
-transformer] [--speed]` (merges into benchmarks/results/imputation.json).
+transformer] [--rounds 3] [--speed] [--agreement 20000]` (merges into benchmarks/results/imputation.json).
 """
 
 import argparse
@@ -37,12 +46,22 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from _common import environment, merge_runs, peak_since, reset_peak, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    environment,
+    merge_runs,
+    peak_since,
+    process_peak_bytes,
+    ratio_summary,
+    reset_peak,
+    write_json,
+)
 
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "imputation.json"
-DATASETS = {"pbmc68k": 700, "sim10k": 10_000, "sim50k": 50_000}
+DATASETS = {"pbmc68k": 700, "sim10k": 10_000, "sim20k": 20_000, "sim50k": 50_000}
 METHODS = ("magic", "magic-impute", "vae", "transformer")
+#: Simulated counts are drawn once and kept here (BENCH_IMPUTATION_CACHE overrides).
+CACHE = pathlib.Path(os.environ.get("BENCH_IMPUTATION_CACHE", "/tmp/diffbio_bench_imputation"))
 
 
 def load(dataset: str):
@@ -55,10 +74,16 @@ def load(dataset: str):
         from diffbio_eqx.datasets import pbmc68k
 
         return sp.csr_matrix(pbmc68k().X, dtype=np.float32)
+    cached = CACHE / f"{dataset}.npz"
+    if cached.is_file():  # the same simulated counts for every worker, drawn once
+        return sp.csr_matrix(sp.load_npz(cached), dtype=np.float32)
     sim = dx.simulate_sparse(jr.key(0), n_cells=DATASETS[dataset], n_genes=2000, n_batches=1, lib_loc=7.0)
     counts = sim.counts
     keep = np.asarray(counts.sum(axis=1)).ravel() > 0
-    return sp.csr_matrix(counts[keep], dtype=np.float32)
+    counts = sp.csr_matrix(counts[keep], dtype=np.float32)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sp.save_npz(cached, counts)
+    return counts
 
 
 def magic_impute_denoiser(train):
@@ -67,7 +92,8 @@ def magic_impute_denoiser(train):
     from diffbio_eqx._imputation._magic import library_size_normalize
 
     scaled, library = library_size_normalize(train, rescale=None)
-    operator = magic.MAGIC(knn=5, knn_max=15, decay=1, t=3, n_pca=100, solver="exact", random_state=0, verbose=0)
+    operator = magic.MAGIC(knn=5, knn_max=15, decay=1, t=3, n_pca=100, solver="exact", random_state=0, verbose=0,
+                           n_jobs=-1)
     imputed = operator.fit_transform(np.sqrt(scaled.toarray()).astype(np.float64))
     return np.square(imputed) * library[:, None]
 
@@ -99,10 +125,14 @@ def transformer_denoiser(train):
     return denoise(fitted.model, train)
 
 
-def worker(dataset: str, method: str) -> dict:
+def worker(dataset: str, method: str, *, scores_too: bool = True, warmup: bool = True) -> dict:
+    """One (dataset, method) run. `warmup`: our MAGIC is called once before the timed call (its compiles), and the
+    figures are the steady-state call's; without it the timed call includes the compiles. `scores_too`: the
+    denoiser runs on the training half and is scored (MCV); without it, it runs on all the counts, timed only."""
     import jax.random as jr
 
     from diffbio_eqx._imputation import magic_denoiser, molecular_cross_validation
+    from diffbio_eqx._imputation._magic import Magic, resolve_knn_method
 
     counts = load(dataset)
     denoisers = {"magic": magic_denoiser(), "magic-impute": magic_impute_denoiser, "vae": vae_denoiser,
@@ -110,7 +140,7 @@ def worker(dataset: str, method: str) -> dict:
     timing = {}
 
     def timed(train):
-        if method == "magic":  # a first call compiles; the figures are a second, steady-state call's
+        if method == "magic" and warmup:  # a first call compiles; the figures are a second, steady-state call's
             start = time.perf_counter()
             denoisers[method](train)
             timing["seconds_first_call"] = time.perf_counter() - start
@@ -119,14 +149,53 @@ def worker(dataset: str, method: str) -> dict:
         out = denoisers[method](train)
         timing["seconds"] = time.perf_counter() - start
         timing.update(peak_since(baseline))
+        if method == "magic" and not warmup:
+            timing["seconds_first_call"] = timing["seconds"]
         return out
 
+    extra: dict = {"knn_method": resolve_knn_method(Magic().knn_method, counts.shape[0])} if method == "magic" else {}
+    extra["warmup"] = warmup and method == "magic"
+    common = {"dataset": dataset, "method": method, "n_cells": counts.shape[0], "n_genes": counts.shape[1]}
+    if not scores_too:
+        timed(counts)
+        return {**common, "scored": False, "load_average": list(os.getloadavg()), **timing, **extra,
+                "process_peak_bytes": process_peak_bytes()}
     scores = molecular_cross_validation(counts, timed, key=jr.key(0))
-    return {"dataset": dataset, "method": method, "n_cells": counts.shape[0], "n_genes": counts.shape[1],
-            "load_average": list(os.getloadavg()), **timing,
-            "mse": scores.mse, "poisson": scores.poisson, "matched_mse": scores.matched_mse,
-            "baseline_mse": scores.baseline_mse, "baseline_poisson": scores.baseline_poisson,
-            "baseline_matched_mse": scores.baseline_matched_mse}
+    return {**common, "load_average": list(os.getloadavg()), **timing, **extra,
+            "process_peak_bytes": process_peak_bytes(), "mse": scores.mse, "poisson": scores.poisson,
+            "matched_mse": scores.matched_mse,
+            "expected_mse": scores.expected_mse, "baseline_mse": scores.baseline_mse,
+            "baseline_poisson": scores.baseline_poisson, "baseline_matched_mse": scores.baseline_matched_mse,
+            "baseline_expected_mse": scores.baseline_expected_mse}
+
+
+def agreement(n_cells: int) -> dict:
+    """Our MAGIC with the exact kNN and with the IVF on the same simulated cells and PCs: per-gene Pearson r."""
+    import jax.random as jr
+
+    import diffbio_eqx as dx
+    from diffbio_eqx._imputation._magic import Magic, magic
+
+    counts = dx.simulate_sparse(jr.key(0), n_cells=n_cells, n_genes=2000, n_batches=1, lib_loc=7.0).counts
+    counts = counts[np.asarray(counts.sum(axis=1)).ravel() > 0]
+    runs = {}
+    for method in ("ivf", "exact", "ivf"):  # the first IVF call compiles; the second is timed
+        start = time.perf_counter()
+        runs[method] = magic(counts, Magic(knn_method=method))
+        seconds = time.perf_counter() - start
+        runs[method + "_seconds"] = seconds
+    a, b = runs["exact"].imputed.astype(np.float64), runs["ivf"].imputed.astype(np.float64)
+    a, b = a - a.mean(0), b - b.mean(0)
+    varying = ((a * a).sum(0) > 0) & ((b * b).sum(0) > 0)  # genes with no counts stay constant (r undefined)
+    a, b = a[:, varying], b[:, varying]
+    r = (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    exact_rows = np.asarray(runs["exact"].operator.tails)
+    return {"dataset": f"sim{n_cells // 1000}k", "method": "magic-ivf-vs-exact", "n_cells": int(counts.shape[0]),
+            "n_genes": int(counts.shape[1]), "n_genes_varying": int(varying.sum()),
+            "median_gene_r": float(np.median(r)),
+            "gene_r_5th_percentile": float(np.quantile(r, 0.05)), "min_gene_r": float(np.min(r)),
+            "exact_seconds": runs["exact_seconds"], "ivf_seconds": runs["ivf_seconds"],
+            "n_edges": int(exact_rows.size), "load_average": list(os.getloadavg())}
 
 
 def speed(n_cells: int = 4096, n_genes: int = 2000, n_epochs: int = 3) -> dict:
@@ -150,30 +219,77 @@ def speed(n_cells: int = 4096, n_genes: int = 2000, n_epochs: int = 3) -> dict:
             "load_average": list(os.getloadavg())}
 
 
+def run_worker(dataset: str, method: str, timeout: float, flags: list[str]) -> dict | None:
+    try:
+        done = subprocess.run([sys.executable, __file__, "--worker", dataset, method, *flags], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{dataset} {method}: over the {timeout:.0f} s timeout", flush=True)
+        return None
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        print(f"{dataset} {method}: failed\n{done.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def summaries(runs: list[dict]) -> list[dict]:
+    """Per dataset with interleaved rounds of both MAGICs: magic-impute's time over ours, median and range."""
+    out = []
+    for dataset in sorted({r["dataset"] for r in runs if "round" in r}):
+        ours = {r["round"]: r for r in runs if r["dataset"] == dataset and r["method"] == "magic" and "round" in r}
+        theirs = {r["round"]: r for r in runs
+                  if r["dataset"] == dataset and r["method"] == "magic-impute" and "round" in r}
+        rounds = sorted(set(ours) & set(theirs))
+        if not rounds:
+            continue
+        peer = [theirs[i]["seconds"] for i in rounds]
+        out.append({"dataset": dataset, "method": "magic-vs-magic-impute", "rounds": rounds,
+                    "speed_ratio": ratio_summary(peer, [ours[i]["seconds"] for i in rounds]),
+                    "speed_ratio_with_compile": ratio_summary(peer, [ours[i]["seconds_first_call"] for i in rounds]),
+                    "peak_bytes_ours": [ours[i]["peak_bytes"] for i in rounds],
+                    "peak_bytes_theirs": [theirs[i]["peak_bytes"] for i in rounds],
+                    "process_peak_bytes_ours": [ours[i].get("process_peak_bytes") for i in rounds],
+                    "process_peak_bytes_theirs": [theirs[i].get("process_peak_bytes") for i in rounds]})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="*", default=["pbmc68k", "sim10k"], choices=list(DATASETS))
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--speed", action="store_true")
+    parser.add_argument("--agreement", type=int, default=0, metavar="N_CELLS")
+    parser.add_argument("--no-scores", action="store_true", help="time the denoisers on all counts, no MCV")
+    parser.add_argument("--no-warmup", action="store_true", help="time our MAGIC's first call (compiles included)")
     parser.add_argument("--worker", nargs=2, metavar=("DATASET", "METHOD"))
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(speed() if args.worker[1] == "speed" else worker(*args.worker)))
+        dataset, method = args.worker
+        result = speed() if method == "speed" else agreement(int(dataset)) if method == "agreement" else worker(
+            dataset, method, scores_too=not args.no_scores, warmup=not args.no_warmup)
+        print("RESULT " + json.dumps(result))
         return
-    jobs = [(d, m) for d in args.datasets for m in args.methods] + ([("speed", "speed")] if args.speed else [])
+    jobs = [(str(args.agreement), "agreement")] if args.agreement else []
+    for i in range(args.rounds):
+        jobs += [(d, m, i + 1) for d in args.datasets for m in args.methods]  # type: ignore[misc]
+    jobs += [("speed", "speed")] if args.speed else []
     runs = []
-    for dataset, method in jobs:
-        done = subprocess.run([sys.executable, __file__, "--worker", dataset, method], capture_output=True,
-                              text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if not lines:
-            print(f"{dataset} {method}: failed\n{done.stderr[-2000:]}", flush=True)
+    for job in jobs:
+        flags = (["--no-scores"] if args.no_scores else []) + (["--no-warmup"] if args.no_warmup else [])
+        run = run_worker(job[0], job[1], args.timeout, flags)
+        if run is None:
             continue
-        run = json.loads(lines[-1][len("RESULT "):])
+        if args.rounds > 1 and len(job) == 3:
+            run["round"] = job[2]
         print(json.dumps(run), flush=True)
         runs.append(run)
+        merged = merge_runs(RESULTS, runs, ("dataset", "method", "round"))
+        merged = [r for r in merged if r["method"] != "magic-vs-magic-impute"]
         record = {"environment": environment("magic-impute", "graphtools", "scikit-learn"),
-                  "runs": merge_runs(RESULTS, runs, ("dataset", "method"))}
+                  "runs": merged + summaries(merged)}
         write_json(RESULTS, record)
 
 
