@@ -143,7 +143,8 @@ def _descendant_status(pid: int) -> dict[str, float]:
     return values
 
 
-def run_job(source: pathlib.Path, out: pathlib.Path, *, epochs: tuple[str, ...], timeout: float) -> dict:
+def run_job(source: pathlib.Path, out: pathlib.Path, *, epochs: tuple[str, ...], timeout: float,
+            extra: tuple[str, ...] = ()) -> dict:
     """`diffbio-eqx run` in a child under `/usr/bin/time -v`: wall seconds, peak RSS, and the outputs written.
 
     The child's stderr (progress lines, then `time -v`'s figures) goes to `out`'s sibling `.log` file, and every
@@ -151,7 +152,7 @@ def run_job(source: pathlib.Path, out: pathlib.Path, *, epochs: tuple[str, ...],
     its peak memory so far and how far it got.
     """
     command = ["/usr/bin/time", "-v", sys.executable, "-m", "diffbio_eqx.cli", "run", str(source), "--batch-key",
-               "batch", "--label-key", "group", "--out", str(out), *epochs]
+               "batch", "--label-key", "group", "--out", str(out), *epochs, *extra]
     log = out.with_name(out.name + ".log")
     progress = out.with_name(out.name + ".progress.json")
     started = time.perf_counter()
@@ -219,7 +220,85 @@ def _stage_seconds(report: str) -> dict[str, float]:
     return rows
 
 
+def scanpy_child(source: str, out: str) -> None:
+    """The scanpy workflow bench_pipeline times (normalise, log1p, 50 PCs, harmonypy, neighbours, UMAP, Leiden) as
+    a user's script runs it: read the h5ad, run the steps, write the result; prints its steps' seconds as JSON.
+    Run in a fresh process (`--scanpy-child FILE OUT`), so its imports and numba's JIT count as ours do."""
+    import anndata as ad
+    import numpy as np
+    from bench_pipeline import _ari, _scanpy_steps
+
+    started = time.perf_counter()
+    adata = ad.read_h5ad(source)
+    read = time.perf_counter() - started
+    steps, result = _scanpy_steps(adata.X, adata.obs["batch"].to_numpy())
+    result.write_h5ad(out)
+    leiden = result.obs["leiden"].astype(int).to_numpy()
+    print(json.dumps({"read_seconds": read, "steps_seconds": steps, "steps_total_seconds": sum(steps.values()),
+                      "ari": _ari(leiden, adata.obs["group"].astype(str).to_numpy()),
+                      "n_clusters": int(np.max(leiden) + 1)}))
+
+
+def _scanpy_run(source: pathlib.Path, out: pathlib.Path, timeout: float) -> dict:
+    """`scanpy_child` in a fresh process: its wall seconds (start to exit) and what it printed."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--scanpy-child", str(source),
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        return {"returncode": done.returncode, "wall_seconds": seconds, "stderr_tail": done.stderr[-3000:]}
+    return {"returncode": 0, "wall_seconds": seconds, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def warm_start(n_cells: int, work: pathlib.Path, rounds: int, timeout: float) -> dict:
+    """Issue 23's warm-start figure: per round, `diffbio-eqx run` (the job's default epochs) twice on the same file
+    with a compilation cache folder new to the round (first run: cold; second: the cache the first wrote), then
+    the scanpy workflow in a fresh process (`scanpy_child`); `rounds` interleaved rounds, ratios per round."""
+    import shutil
+
+    from _common import median, ratio_summary
+
+    source = work / f"cells_{n_cells}.h5ad"
+    figures = write_h5ad(source, n_cells) if not source.is_file() else _file_figures(source)
+    rounds_out = []
+    for index in range(rounds):
+        cache = work / f"cache_{n_cells}_{index}"
+        shutil.rmtree(cache, ignore_errors=True)
+        record: dict = {}
+        for run in ("first", "second"):
+            folder = work / f"warm_{n_cells}_{index}_{run}"
+            shutil.rmtree(folder, ignore_errors=True)
+            record[run] = run_job(source, folder, epochs=(), timeout=timeout,
+                                  extra=("--compilation-cache", str(cache)))
+            record[run]["cache_entries_after"] = sum(1 for _ in cache.glob("*")) if cache.is_dir() else 0
+            shutil.rmtree(folder, ignore_errors=True)
+        record["scanpy"] = _scanpy_run(source, work / f"scanpy_{n_cells}_{index}.h5ad", timeout)
+        (work / f"scanpy_{n_cells}_{index}.h5ad").unlink(missing_ok=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        print(json.dumps({"round": index, **{run: record[run]["wall_seconds"] for run in ("first", "second")},
+                          "second_stages": record["second"].get("stage_seconds"),
+                          "scanpy": record["scanpy"]["wall_seconds"],
+                          "scanpy_steps": record["scanpy"].get("steps_seconds")}), flush=True)
+        rounds_out.append(record)
+    wall = lambda run: [r[run]["wall_seconds"] for r in rounds_out]  # noqa: E731
+    scanpy_steps = [r["scanpy"].get("steps_total_seconds", float("nan")) for r in rounds_out]
+    return {"n_cells": n_cells, "n_genes": N_GENES, "input": figures, "rounds": rounds_out,
+            "first_over_second": ratio_summary(wall("first"), wall("second")),
+            "second_over_scanpy_process": ratio_summary(wall("second"), wall("scanpy")),
+            "second_over_scanpy_steps": ratio_summary(wall("second"), scanpy_steps),
+            "first_seconds_median": median(wall("first")), "second_seconds_median": median(wall("second")),
+            "scanpy_process_seconds_median": median(wall("scanpy")),
+            "note": "first/second: `diffbio-eqx run FILE --batch-key batch --label-key group` with the job's default "
+                    "epochs, wall seconds of the process; scanpy_process: a fresh process reading the h5ad, running "
+                    "the workflow and writing the result (imports and numba's JIT included, as ours includes its "
+                    "imports); scanpy_steps: the workflow's steps only. Ratios above 1 mean the first named is "
+                    "slower."}
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--scanpy-child":
+        scanpy_child(sys.argv[2], sys.argv[3])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "front_door_runs"))
@@ -229,10 +308,21 @@ def main() -> None:
     parser.add_argument("--epochs", nargs="*", default=list(EPOCHS),
                         help="epoch flags passed to diffbio-eqx run (default: %(default)s)")
     parser.add_argument("--keep", action="store_true", help="keep the simulated files and the runs' folders")
+    parser.add_argument("--warm-start", type=int, default=None, metavar="N_CELLS",
+                        help="only the warm-start comparison at N_CELLS (first vs second run vs scanpy, interleaved)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the warm-start comparison")
     args = parser.parse_args()
     work = pathlib.Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = pathlib.Path(args.out)
+    if args.warm_start is not None:
+        entry = warm_start(args.warm_start, work, args.rounds, args.timeout)
+        previous = json.loads(out.read_text()) if out.is_file() else {}
+        previous["warm_start"] = [r for r in previous.get("warm_start", []) if r["n_cells"] != args.warm_start]
+        previous["warm_start"] = sorted([*previous["warm_start"], entry], key=lambda r: r["n_cells"])
+        previous["warm_start_environment"] = environment("anndata", "scipy", "scanpy", "harmonypy", "umap-learn")
+        write_json(out, previous)
+        return
     for n_cells in args.sizes:
         source = work / f"cells_{n_cells}.h5ad"
         figures = None
@@ -257,8 +347,10 @@ def main() -> None:
         if runs and runs[0].get("peak_rss_gb"):
             entry["peak_rss_gb_per_million_cells"] = runs[0]["peak_rss_gb"] / n_cells * 1e6
         merged = merge_runs(out, [entry], ("n_cells",))
+        kept = {k: v for k, v in (json.loads(out.read_text()) if out.is_file() else {}).items()
+                if k.startswith("warm_start")}  # the warm-start comparison's records stay
         write_json(out, {"environment": environment("anndata", "scipy"), "command": "diffbio-eqx run FILE "
-                         "--batch-key batch --label-key group " + " ".join(args.epochs), "runs": merged})
+                         "--batch-key batch --label-key group " + " ".join(args.epochs), "runs": merged, **kept})
         if not args.keep:
             for index in range(args.runs):
                 for name in ("result.h5ad",):

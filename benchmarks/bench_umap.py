@@ -11,7 +11,9 @@ equinox's default error mode unless `EQX_ON_ERROR` says otherwise (recorded as `
 `benchmarks/results/umap.json`.
 
 Run: `python benchmarks/bench_umap.py` (sizes 10k and 50k, plus a kNN-only run at 100k). `bench_knn.py` compares
-the kNN backends at 100k and the fit at 50k and 200k on PC-like data with neighbourhood structure.
+the kNN backends at 100k and the fit at 50k and 200k on PC-like data with neighbourhood structure;
+`python benchmarks/bench_umap.py refine 200000 [rounds]` times `fit_umap(refine_steps=1000)` against umap-learn on
+that same data (`bench_refine`, merged into `umap.json`'s `"refine"` list).
 """
 
 import datetime
@@ -170,6 +172,71 @@ def bench_size(n_cells: int, *, n_steps: int, n_new: int = 2000, n_transform: in
     return out
 
 
+def bench_refine(n_cells: int, *, rounds: int = 3, refine_steps: int = 1000) -> dict:
+    """`fit_umap` with its defaults plus `refine_steps` of refinement (`refine_batch_size(n_cells)` edges a step)
+    against `umap.UMAP(random_state=0).fit`, on `bench_knn`'s simulated PCs (50 dims, 20 groups; the data of the
+    earlier `bench_knn.py umap` records), interleaved over `rounds` rounds in one process after a first call of
+    ours (its JAX compiles; umap-learn's and pynndescent's numba code is compiled on 5,000 cells before). 15-NN
+    preservation on 2,000 random cells: ours after the first call (printed at once) and after the last round,
+    umap-learn's after each round. Ratios: our seconds over umap-learn's per round."""
+    import bench_knn
+
+    import diffbio_eqx as dx
+    from diffbio_eqx._umap._stage import refine_batch_size
+
+    umap = _umap_learn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        umap.UMAP(n_epochs=20, random_state=0).fit(bench_knn.simulated_pcs(5000, seed=1))
+    x = bench_knn.simulated_pcs(n_cells)
+    rows = np.random.default_rng(0).choice(n_cells, size=2000, replace=False)
+    model = dx.ParametricUMAP(x.shape[1], key=jr.key(0))
+    settings = dx.TrainSettings(progress=False)
+
+    def ours():
+        return dx.fit_umap(model, x, key=jr.key(1), settings=settings, refine_steps=refine_steps)
+
+    out: dict = {"n_cells": n_cells, "n_dims": int(x.shape[1]), "refine_steps": refine_steps,
+                 "refine_batch_size": refine_batch_size(n_cells), "ours_fit_s": [], "umap_learn_fit_s": [],
+                 "umap_learn_knn_preservation_all": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted, out["ours_first_call_s"] = _timed(ours)
+        out["ours_first_knn_preservation"] = bench_knn.preservation(x, np.asarray(fitted.embedding), rows)
+        print(json.dumps({k: v for k, v in out.items() if not isinstance(v, list)}), flush=True)
+        for _ in range(rounds):
+            fitted, seconds = _timed(ours)
+            out["ours_fit_s"].append(seconds)
+            reference, seconds = _timed(lambda: umap.UMAP(random_state=0).fit(x))
+            out["umap_learn_fit_s"].append(seconds)
+            out["umap_learn_knn_preservation_all"].append(
+                bench_knn.preservation(x, np.asarray(reference.embedding_), rows))
+            print(json.dumps({"ours_s": out["ours_fit_s"][-1], "umap_learn_s": seconds,
+                              "umap_learn_knn_preservation": out["umap_learn_knn_preservation_all"][-1]}), flush=True)
+    out["ours_knn_preservation"] = bench_knn.preservation(x, np.asarray(fitted.embedding), rows)
+    out["ours_encoder_knn_preservation"] = bench_knn.preservation(x, np.asarray(fitted.model.embed(x)), rows)
+    out["umap_learn_knn_preservation"] = _common.median(out["umap_learn_knn_preservation_all"])
+    out["preservation_ratio"] = out["ours_knn_preservation"] / out["umap_learn_knn_preservation"]
+    out["time_ratio"] = _common.ratio_summary(out["ours_fit_s"], out["umap_learn_fit_s"])  # ours / theirs
+    out["time_ratio_first_call"] = out["ours_first_call_s"] / min(out["umap_learn_fit_s"])
+    out["environment"] = _common.environment("umap-learn", "pynndescent", "scikit-learn")
+    out["error_mode"] = _common.error_mode()
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main_refine(n_cells: int, rounds: int, out_dir: str | os.PathLike[str] = "benchmarks/results") -> dict:
+    """`bench_refine` at `n_cells`, merged into `umap.json`'s `"refine"` list by size."""
+    row = bench_refine(n_cells, rounds=rounds)
+    path = pathlib.Path(out_dir) / "umap.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["refine"] = [r for r in results.get("refine", []) if r["n_cells"] != n_cells] + [row]
+    results["refine"].sort(key=lambda r: r["n_cells"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    return row
+
+
 def main(out_dir: str | os.PathLike[str] = "benchmarks/results", sizes=(10_000, 50_000), knn_only_sizes=(100_000,),
          n_steps: int = 3000, repeats: int = 3) -> dict:
     import importlib.metadata as md
@@ -207,5 +274,8 @@ def main(out_dir: str | os.PathLike[str] = "benchmarks/results", sizes=(10_000, 
 
 
 if __name__ == "__main__":
-    sizes = tuple(int(s) for s in sys.argv[1].split(",")) if len(sys.argv) > 1 else (10_000, 50_000)
-    main(sizes=sizes)
+    if len(sys.argv) > 1 and sys.argv[1] == "refine":  # python benchmarks/bench_umap.py refine 200000 [rounds]
+        main_refine(int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 3)
+    else:
+        sizes = tuple(int(s) for s in sys.argv[1].split(",")) if len(sys.argv) > 1 else (10_000, 50_000)
+        main(sizes=sizes)

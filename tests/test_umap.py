@@ -249,6 +249,21 @@ def test_embedding_quality_simulated(simulated_pcs):
     assert_close_to_umap_learn(simulated_pcs, n_epochs=50)
 
 
+def test_refinement_batch_grows_with_the_cells_above_50k():
+    """Edges per refinement step: 16,384 up to 50,000 cells (the size the default was measured at), then in
+    proportion to the cells, in multiples of 4,096, so each cell gets as many edge and negative touches per Adam
+    step at 200k as at 50k."""
+    from diffbio_eqx._umap._stage import refine_batch_size
+
+    assert refine_batch_size(1_500) == refine_batch_size(50_000) == 16_384
+    assert refine_batch_size(200_000) == 65_536
+    assert refine_batch_size(1_000_000) == 327_680
+    size = refine_batch_size(60_000)
+    assert size % 4096 == 0 and 16_384 * 60_000 / 50_000 <= size < 16_384 * 60_000 / 50_000 + 4096
+    sizes = [refine_batch_size(n) for n in range(40_000, 400_000, 7_919)]
+    assert sizes == sorted(sizes)
+
+
 @pytest.mark.slow  # two encoder fits and the refinement's compile: ~30 s on a quiet machine
 def test_refinement_improves_the_fit_cells_and_leaves_the_encoder(simulated_pcs):
     """`refine_steps` moves the training cells' own coordinates by non-parametric UMAP from the encoder's output:

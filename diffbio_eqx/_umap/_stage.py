@@ -23,10 +23,29 @@ from ._loss import umap_loss
 #: Optimiser steps `fit_umap` aims for when `n_epochs` is not given.
 DEFAULT_N_STEPS = 3000
 
-#: `fit_umap(refine_steps=...)`: edges per refinement step, and Adam's learning rate (in embedding units, decayed
-#: linearly to 0 over the steps).
+#: `fit_umap(refine_steps=...)`: edges per refinement step up to `REFINE_BATCH_CELLS` cells, and Adam's learning
+#: rate (in embedding units, decayed linearly to 0 over the steps).
 REFINE_BATCH_SIZE = 16384
 REFINE_LEARNING_RATE = 0.05
+#: Above this many cells the edges per refinement step grow in proportion to the cells (`refine_batch_size`).
+REFINE_BATCH_CELLS = 50_000
+
+
+def refine_batch_size(n_cells: int) -> int:
+    """Edges drawn per refinement step for `n_cells` cells: `REFINE_BATCH_SIZE` (16,384) up to
+    `REFINE_BATCH_CELLS` (50,000) cells, then in proportion to the cells (rounded up to a multiple of 4,096, so
+    nearby sizes share a compiled program), i.e. about one edge per three cells per step.
+
+    Why in proportion: Adam moves every coordinate by about the learning rate per step, whatever its gradient's
+    size, so what a step gives each cell is the signal of the edges and negatives that touch it. With a fixed
+    batch, each cell is touched ~7 * 16,384 / n times per step (2.3 at 50k, 0.57 at 200k: most steps move a
+    cell on momentum alone). umap-learn scales its work with the graph the same way: an epoch visits every edge
+    (`epochs_per_sample`), so its cost per epoch grows with the cells while the number of epochs is fixed
+    (200 above 10,000 cells)."""
+    if n_cells <= REFINE_BATCH_CELLS:
+        return REFINE_BATCH_SIZE
+    scaled = -(-REFINE_BATCH_SIZE * n_cells // REFINE_BATCH_CELLS)
+    return -(-scaled // 4096) * 4096
 
 
 class UMAPFitResult(eqx.Module):
@@ -276,11 +295,12 @@ def _refine_embedding(
     edges: tuple[Int[Array, " n_edges"], Int[Array, " n_edges"], Float[Array, " n_edges"]],
     key: PRNGKeyArray,
     n_steps: int,
+    batch_size: int,
 ) -> Float[Array, "n_cells n_components"]:
     """Non-parametric UMAP from `z`: the coordinates themselves are optimised on the same loss as the encoder
-    (`umap_loss`), `n_steps` Adam steps of `REFINE_BATCH_SIZE` edges drawn in proportion to their weight, each
-    with `negative_sample_rate` negatives drawn uniformly from all cells (umap-learn's edge and negative
-    sampling; Adam on all coordinates at once instead of its sequential per-edge SGD)."""
+    (`umap_loss`), `n_steps` Adam steps of `batch_size` edges (`refine_batch_size`) drawn in proportion to their
+    weight, each with `negative_sample_rate` negatives drawn uniformly from all cells (umap-learn's edge and
+    negative sampling; Adam on all coordinates at once instead of its sequential per-edge SGD)."""
     heads, tails, weights = edges
     n_cells, rate = z.shape[0], umap.negative_sample_rate
     optimizer = optax.adam(optax.linear_schedule(REFINE_LEARNING_RATE, 0.0, n_steps))
@@ -295,9 +315,9 @@ def _refine_embedding(
     def step(carry: tuple[Array, optax.OptState], step_key: PRNGKeyArray) -> tuple[tuple[Array, optax.OptState], None]:
         coordinates, state = carry
         edge_key, negative_key = jr.split(step_key)
-        drawn = jr.uniform(edge_key, (REFINE_BATCH_SIZE,), cumulative.dtype) * cumulative[-1]
+        drawn = jr.uniform(edge_key, (batch_size,), cumulative.dtype) * cumulative[-1]
         edge = jnp.minimum(jnp.searchsorted(cumulative, drawn, side="right"), heads.shape[0] - 1)
-        negative = jr.randint(negative_key, (REFINE_BATCH_SIZE, rate), 0, n_cells, dtype=heads.dtype)
+        negative = jr.randint(negative_key, (batch_size, rate), 0, n_cells, dtype=heads.dtype)
         gradient = jax.grad(loss)(coordinates, heads[edge], tails[edge], negative)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
             updates, state = optimizer.update(gradient, state, coordinates)
@@ -340,8 +360,9 @@ def fit_umap(
       above).
     - `refine_steps`: after training, refine the training cells' own coordinates (`UMAPFitResult.embedding`)
       from the encoder's output by non-parametric UMAP on the same graph and loss (`refine_steps` Adam steps of
-      16,384 edges with their negatives; 1,000 is a good value); new cells still go through the encoder. 0 (the
-      default): the encoder's output.
+      `refine_batch_size(n_cells)` edges with their negatives: 16,384 up to 50,000 cells, then in proportion to
+      the cells; 1,000 is a good value); new cells still go through the encoder. 0 (the default): the encoder's
+      output.
 
     **Returns:** a `UMAPFitResult`.
     """
@@ -367,5 +388,6 @@ def fit_umap(
     embedding = result.model.embed(x)
     if refine_steps:
         edges = (graph.heads, graph.tails, weights.astype(embedding.dtype))
-        embedding = _refine_embedding(result.model, embedding, edges, jr.fold_in(key, 1), refine_steps)
+        embedding = _refine_embedding(result.model, embedding, edges, jr.fold_in(key, 1), refine_steps,
+                                      refine_batch_size(x.shape[0]))
     return UMAPFitResult(result.model, graph, result.train_loss, embedding)
