@@ -19,6 +19,15 @@ the last one to touch it): the mixture's ARI at every k from 5 to 12 with the jo
 (restarts chosen by log-likelihood, each k's best log-likelihood beside it), Leiden's ARI at each resolution of
 the stability grid, and the number of clusters `select_n_clusters` proposes under 6 selection seeds (its
 resolution and the mixture's ARI there). Writes benchmarks/results/quality_diagnosis.json.
+
+    python benchmarks/bench_quality.py --k-rule-sim --seeds 0 1 2 3
+
+`--k-rule-sim` chooses the rule for the number of clusters on simulated data, not on `bulk_labels`: for each seed,
+pbmc68k's counts redrawn from a VAE fitted to them (`select_integration_settings.py --batches pbmc_vae`: no labels;
+the groups are Leiden's communities at resolution 1.0 of the generator's latent) and split into two batches as
+the job splits pbmc68k, the job's corrected embedding, then under 3 selection seeds the k each rule proposes
+(`stable_resolution`: the most stable resolution, or the finest within one jackknife standard error of it) and
+the mixture's ARI against the simulated groups there. Writes benchmarks/results/quality_k_rule_sim.json.
 """
 
 import argparse
@@ -136,6 +145,72 @@ def _diagnose(folder: pathlib.Path, seed: int) -> dict:
             "mixture_by_k_10_restarts": by_k[10], "leiden_by_resolution": leiden_ari, "k_proposed": picks}
 
 
+def _k_rule_on_simulation(seed: int) -> dict:
+    """The k each selection rule proposes on one pbmc_vae simulation, and the mixture's ARI there."""
+    import jax.numpy as jnp
+    import jax.random as jr
+    from select_integration_settings import corrected_embedding, simulated
+
+    import diffbio_eqx as dbx
+    from diffbio_eqx._clustering._mixture_stage import (
+        STABILITY_RESOLUTIONS,
+        _pair_mean,
+        _stability_matrices,
+        graph_communities,
+        stable_resolution,
+    )
+
+    adata = simulated(seed, "pbmc_vae")
+    groups = adata.obs["group"].to_numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = corrected_embedding(adata, {}, {}, seed=seed)
+    aris: dict[int, float] = {}
+
+    def mixture_ari(k: int) -> float:
+        if k not in aris:
+            fitted = dbx.fit_gaussian_mixture(dbx.GaussianMixture(jnp.zeros((k, x.shape[1]), jnp.float32)), x,
+                                              key=jr.key(seed))
+            aris[k] = float(dbx.adjusted_rand_index(groups, np.asarray(fitted.model.hard_assign(jnp.asarray(x)))))
+        return aris[k]
+
+    picks = []
+    for selection_seed in range(3):
+        matrices = _stability_matrices(x, seed=selection_seed, n_neighbors=15, resolutions=STABILITY_RESOLUTIONS,
+                                       n_subsamples=6, fraction=0.8)
+        pick: dict = {"selection_seed": selection_seed,
+                      "stability": {r: _pair_mean(m) for r, m in matrices.items()}}
+        for rule in ("none", "finer"):
+            resolution = stable_resolution(matrices, tie_break=rule)
+            assert resolution is not None
+            communities = graph_communities(x, seed=selection_seed, resolution=resolution)
+            k = int(np.sum(np.bincount(communities) >= 10))
+            pick[rule] = {"resolution": resolution, "k": k, "mixture_ari": mixture_ari(k)}
+        picks.append(pick)
+        print(seed, selection_seed, {rule: pick[rule] for rule in ("none", "finer")}, flush=True)
+    for k in range(5, 13):
+        mixture_ari(k)
+    return {"n_groups": int(len(np.unique(groups))), "picks": picks,
+            "mixture_ari_by_k": {k: aris[k] for k in sorted(aris)}}
+
+
+def _write_k_rule_sim(seeds: list[int], out: pathlib.Path) -> int:
+    runs = {seed: _k_rule_on_simulation(seed) for seed in seeds}
+    summary = {rule: [pick[rule]["mixture_ari"] for run in runs.values() for pick in run["picks"]]
+               for rule in ("none", "finer")}
+    summary = {rule: {"median": float(np.median(v)), "min": float(np.min(v)), "mean": float(np.mean(v))}
+               for rule, v in summary.items()}
+    record = {"benchmark": "the rule for the number of clusters on simulated data (issue 24)",
+              "data": "pbmc68k's counts redrawn from a VAE fitted to them (select_integration_settings.py "
+                      "--batches pbmc_vae); groups: Leiden (resolution 1.0) of the generator's latent",
+              "rules": {"none": "the most stable resolution",
+                        "finer": "the finest resolution within one jackknife standard error of the most stable"},
+              "environment": environment("scanpy"), "runs": runs, "summary": summary}
+    out.write_text(json.dumps(record, indent=1, default=float))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -143,11 +218,16 @@ def main() -> int:
     parser.add_argument("--from-dirs", type=pathlib.Path, default=None, help="folder holding run<seed> job outputs")
     parser.add_argument("--job-args", default="", help="more options for each diffbio-eqx run")
     parser.add_argument("--diagnose", action="store_true", help="why a seed's ARI drops (needs --from-dirs)")
+    parser.add_argument("--k-rule-sim", action="store_true", help="compare the k rules on simulated data")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     parser.add_argument("--work", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality_runs",
                         help="folder for the job outputs")
     arguments = parser.parse_args()
     work = arguments.from_dirs or arguments.work
+    if arguments.k_rule_sim:
+        default = arguments.out.name == "quality.json"
+        return _write_k_rule_sim(arguments.seeds,
+                                 arguments.out.with_name("quality_k_rule_sim.json") if default else arguments.out)
     if arguments.diagnose:
         if arguments.from_dirs is None:
             parser.error("--diagnose reads finished jobs: give --from-dirs")

@@ -14,7 +14,12 @@ from sklearn.mixture import GaussianMixture as SkGaussianMixture
 import diffbio_eqx as dbx
 from diffbio_eqx._clustering import _gmm
 from diffbio_eqx._clustering._communities import connectivity_matrix, leiden, leiden_with_k
-from diffbio_eqx._clustering._mixture_stage import partition_stability, select_n_clusters
+from diffbio_eqx._clustering._mixture_stage import (
+    _jackknife_error,
+    partition_stability,
+    select_n_clusters,
+    stable_resolution,
+)
 
 
 # Unbalanced groups: 20x between the largest and the smallest, different spreads.
@@ -105,6 +110,34 @@ def test_the_number_of_clusters_is_chosen_by_stability(unbalanced):
     noise_stability = partition_stability(noise, seed=0)
     assert np.nanmax(list(noise_stability.values())) < 0.6
     assert np.isnan(noise_stability[0.25])
+
+
+def _pairwise(values: np.ndarray) -> np.ndarray:
+    """A symmetric pairwise matrix (NaN diagonal) from its upper triangle, row by row."""
+    n = int((1 + np.sqrt(1 + 8 * values.size)) / 2)
+    matrix = np.full((n, n), np.nan)
+    matrix[np.triu_indices(n, 1)] = values
+    matrix.T[np.triu_indices(n, 1)] = values
+    return matrix
+
+
+def test_a_stability_tie_goes_to_the_finer_resolution():
+    rng = np.random.default_rng(0)
+    coarse = _pairwise(0.97 + 0.02 * rng.standard_normal(15))
+    # The jackknife error equals the spread of the explicit leave-one-subsample-out means.
+    left_out = np.array([np.nanmean(np.delete(np.delete(coarse, i, 0), i, 1)) for i in range(6)])
+    assert _jackknife_error(coarse) == pytest.approx(np.sqrt(5 / 6 * np.sum((left_out - np.mean(left_out)) ** 2)))
+    gap = _pairwise(0.002 + 0.05 * rng.standard_normal(15))
+    assert 0 < np.nanmean(gap) < _jackknife_error(gap)
+    tied = coarse - gap  # lower by less than the error of the difference
+    worse = coarse - 0.1  # lower, with no error at all
+    flat = np.full((6, 6), np.nan)  # one community in every subsample
+    assert stable_resolution({0.25: coarse, 0.5: tied, 1.0: worse, 1.5: flat}) == 0.5
+    assert stable_resolution({0.25: coarse, 0.5: tied, 1.0: worse}, tie_break="none") == 0.25
+    assert stable_resolution({0.25: coarse, 1.0: worse}) == 0.25
+    assert stable_resolution({0.25: flat}) is None
+    with pytest.raises(ValueError, match="tie_break"):
+        stable_resolution({0.25: coarse}, tie_break="coarser")
 
 
 def test_jit_vmap_over_temperature_and_grad(unbalanced):

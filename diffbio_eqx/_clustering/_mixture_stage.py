@@ -145,16 +145,49 @@ def graph_communities(x: Float[ArrayLike, "n_cells n_dims"], n_clusters: int | N
     return leiden_with_k(adjacency, n_clusters, seed=seed)[0]
 
 
-def _mean_pairwise_ari(partitions: list[np.ndarray], subsets: list[np.ndarray]) -> float:
-    """Mean pairwise ARI on shared cells; NaN when every partition is one community (trivially reproducible)."""
+def _pairwise_ari(partitions: list[np.ndarray], subsets: list[np.ndarray]) -> np.ndarray:
+    """`(n, n)` ARIs of every pair of partitions on the cells they share (NaN diagonal); all NaN when every
+    partition is one community (trivially reproducible)."""
+    n = len(partitions)
+    matrix = np.full((n, n), np.nan)
     if all(partition.max() == 0 for partition in partitions):
-        return float("nan")
-    scores = []
-    for i in range(len(partitions)):
-        for j in range(i + 1, len(partitions)):
+        return matrix
+    for i in range(n):
+        for j in range(i + 1, n):
             _, left, right = np.intersect1d(subsets[i], subsets[j], return_indices=True)
-            scores.append(float(adjusted_rand_index(partitions[i][left], partitions[j][right])))
-    return float(np.mean(scores))
+            matrix[i, j] = matrix[j, i] = float(adjusted_rand_index(partitions[i][left], partitions[j][right]))
+    return matrix
+
+
+def _pair_mean(matrix: np.ndarray) -> float:
+    """The mean over the pairs (upper triangle) of a pairwise matrix."""
+    return float(np.mean(matrix[np.triu_indices(matrix.shape[0], 1)]))
+
+
+def _jackknife_error(matrix: np.ndarray) -> float:
+    """Jackknife standard error of the mean pairwise value (a U-statistic over subsamples): the spread of the
+    means left when each subsample and its pairs are dropped, $\\sqrt{\\frac{n-1}{n} \\sum_i (\\theta_{(i)} -
+    \\bar\\theta)^2}$."""
+    n = matrix.shape[0]
+    if n < 3:  # leaving one out leaves no pair
+        return 0.0
+    total = np.nansum(matrix) / 2.0
+    left_out = (total - np.nansum(matrix, axis=1)) / ((n - 1) * (n - 2) / 2.0)
+    return float(np.sqrt((n - 1) / n * np.sum((left_out - left_out.mean()) ** 2)))
+
+
+def _stability_matrices(x: Float[ArrayLike, "n_cells n_dims"], *, seed: int, n_neighbors: int,
+                        resolutions: tuple[float, ...], n_subsamples: int,
+                        fraction: float) -> dict[float, np.ndarray]:
+    """Per resolution, the pairwise ARIs of Leiden's partitions of `n_subsamples` random `fraction` subsamples."""
+    n_cells = np.shape(x)[0]
+    rng = np.random.default_rng(seed)
+    subsets = [np.sort(rng.choice(n_cells, int(fraction * n_cells), replace=False)) for _ in range(n_subsamples)]
+    k = _graph_k(subsets[0].size, n_neighbors)
+    graphs = [connectivity_matrix(neighbor_graph(jnp.asarray(x)[subset], k).connectivities) for subset in subsets]
+    return {resolution: _pairwise_ari(
+        [leiden(graph, resolution=resolution, seed=seed + i) for i, graph in enumerate(graphs)], subsets)
+        for resolution in resolutions}
 
 
 def partition_stability(x: Float[ArrayLike, "n_cells n_dims"], *, seed: int = 0, n_neighbors: int = 15,
@@ -167,14 +200,33 @@ def partition_stability(x: Float[ArrayLike, "n_cells n_dims"], *, seed: int = 0,
     groups is reproduced across subsamples; one that cuts through a continuum is not. A resolution at which every
     subsample is one community scores NaN (no partition to reproduce).
     """
-    n_cells = np.shape(x)[0]
-    rng = np.random.default_rng(seed)
-    subsets = [np.sort(rng.choice(n_cells, int(fraction * n_cells), replace=False)) for _ in range(n_subsamples)]
-    k = _graph_k(subsets[0].size, n_neighbors)
-    graphs = [connectivity_matrix(neighbor_graph(jnp.asarray(x)[subset], k).connectivities) for subset in subsets]
-    return {resolution: _mean_pairwise_ari(
-        [leiden(graph, resolution=resolution, seed=seed + i) for i, graph in enumerate(graphs)], subsets)
-        for resolution in resolutions}
+    matrices = _stability_matrices(x, seed=seed, n_neighbors=n_neighbors, resolutions=resolutions,
+                                   n_subsamples=n_subsamples, fraction=fraction)
+    return {resolution: _pair_mean(matrix) for resolution, matrix in matrices.items()}
+
+
+def stable_resolution(matrices: dict[float, np.ndarray], *, tie_break: str = "finer") -> float | None:
+    """The resolution `select_n_clusters` uses, from `_stability_matrices`: the most stable one (`tie_break=
+    "none"`), or (`"finer"`, the default) the finest resolution whose stability is within one jackknife standard
+    error of the most stable one's (the error of their paired difference over the same subsamples).
+
+    Why the finer one on a tie: Ben-Hur, Elisseeff & Guyon (2002) take the largest number of clusters before the
+    subsample agreement drops away from its high plateau, not the single most stable one, because a coarser
+    partition has fewer boundaries whose cells can flip between subsamples and so agrees more without being more
+    right; a difference within its own Monte-Carlo error is no drop. None when no resolution gives more than one
+    community.
+    """
+    if tie_break not in ("finer", "none"):
+        raise ValueError(f"tie_break: expected 'finer' or 'none', got {tie_break!r}")
+    scored = {r: _pair_mean(m) for r, m in matrices.items() if np.isfinite(_pair_mean(m))}
+    if not scored:
+        return None
+    best = max(scored, key=lambda r: scored[r])
+    if tie_break == "none":
+        return best
+    tied = [r for r in scored
+            if scored[best] - scored[r] <= _jackknife_error(matrices[best] - matrices[r])]
+    return max(tied)
 
 
 def _graph_cells(x: Array, seed: int) -> Array:
@@ -184,21 +236,23 @@ def _graph_cells(x: Array, seed: int) -> Array:
 
 
 def select_n_clusters(x: Float[ArrayLike, "n_cells n_dims"], *, seed: int = 0, n_neighbors: int = 15,
-                      min_size: int = 10) -> tuple[int, dict[float, float]]:
+                      min_size: int = 10, n_subsamples: int = 6) -> tuple[int, dict[float, float]]:
     """The number of clusters when the user gives none: Leiden's communities with at least `min_size` cells (the
-    mixture absorbs smaller ones) at the most stable resolution of `partition_stability`, on at most
-    `MAX_GRAPH_CELLS` cells.
+    mixture absorbs smaller ones) at the resolution `stable_resolution` picks from the stability of
+    `n_subsamples` subsamples (`partition_stability`; the finest resolution within one jackknife standard error
+    of the most stable), on at most `MAX_GRAPH_CELLS` cells.
 
     **Returns:** `(n_clusters, stability by resolution)`.
     """
     cells = _graph_cells(jnp.asarray(x), seed)
     if int(0.8 * cells.shape[0]) < 4:  # too few cells to partition
         return 1, {}
-    stability = partition_stability(cells, seed=seed, n_neighbors=n_neighbors)
-    scored = {r: value for r, value in stability.items() if np.isfinite(value)}
-    if not scored:
+    matrices = _stability_matrices(cells, seed=seed, n_neighbors=n_neighbors, resolutions=STABILITY_RESOLUTIONS,
+                                   n_subsamples=n_subsamples, fraction=0.8)
+    stability = {resolution: _pair_mean(matrix) for resolution, matrix in matrices.items()}
+    resolution = stable_resolution(matrices)
+    if resolution is None:
         return 1, stability
-    resolution = max(scored, key=lambda r: scored[r])
     labels = graph_communities(cells, seed=seed, n_neighbors=n_neighbors, resolution=resolution)
     return max(int(np.sum(np.bincount(labels) >= min_size)), 1), stability
 
