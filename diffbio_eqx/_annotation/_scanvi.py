@@ -49,14 +49,15 @@ from .._core._distributions import reparameterize
 from .._core._nn import CovariateMLP, dense
 from .._core._stage import AbstractTrainableStage
 from .._core._train import (
+    DeviceRows,
     FitResult,
-    SparseRows,
     TrainSettings,
     fit,
     map_in_chunks,
     shared_optimizer,
     take_rows,
     to_device_rows,
+    tuned_jit,
 )
 from .._vae._stage import (
     VAENormalizer,
@@ -249,22 +250,39 @@ class SCANVI(AbstractTrainableStage):
         return loss, {"elbo_loss": elbo_loss, "classification_loss": cross_entropy}
 
 
+class _Cells(eqx.Module):
+    """The whole data set on the device, read by row numbers: counts (`SparseRows` or dense), batch codes, label
+    codes (-1: unlabelled) and per-cell log-factorials."""
+
+    counts: DeviceRows
+    batch_labels: Int[Array, " n_cells"]
+    labels: Int[Array, " n_cells"]
+    log_factorial: Float[Array, " n_cells"]
+
+    def take(self, rows: Int[Array, " n_rows"]) -> tuple[Array, Array, Array, Array]:
+        return (take_rows(self.counts, rows), self.batch_labels[rows], self.labels[rows], self.log_factorial[rows])
+
+
 class _SCANVILoss(eqx.Module):
-    """The loop's loss: in training, a labelled minibatch of `batch_size` cells drawn (with replacement) from
-    `context["labelled"]` each step; in validation, the validation minibatch's own labelled cells."""
+    """The loop's loss. The loop's data are row numbers into `context["cells"]` (a `_Cells`), so the training
+    cells are never copied on the host. In training, a labelled minibatch of `batch_size` cells is drawn (with
+    replacement) from the row numbers `context["labelled"]` each step; in validation, the validation
+    minibatch's own labelled cells."""
 
     batch_size: int = eqx.field(static=True)
 
     def __call__(self, model: SCANVI, batch: tuple[Array, ...], context: dict[str, Any], *,
                  key: PRNGKeyArray) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+        cells: _Cells = context["cells"]
+        minibatch = cells.take(batch[0])
         validation = bool(model.vae.encoder.dropout.inference)
         if validation:
-            return model.loss(batch, key=key, kl_weight=jnp.ones((), context["kl_weight"].dtype), inference=True)
+            return model.loss(minibatch, key=key, kl_weight=jnp.ones((), context["kl_weight"].dtype),
+                              inference=True)
         draw_key, key = jr.split(key)
         pool = context["labelled"]
-        index = jr.randint(draw_key, (self.batch_size,), 0, pool[2].shape[0])
-        labelled = cast(tuple[Array, Array, Array], tuple(take_rows(part, index) for part in pool))
-        return model.loss(batch, key=key, kl_weight=context["kl_weight"], labelled=labelled)
+        labelled = cells.take(pool[jr.randint(draw_key, (self.batch_size,), 0, pool.shape[0])])[:3]
+        return model.loss(minibatch, key=key, kl_weight=context["kl_weight"], labelled=labelled)
 
 
 def scanvi_from_vae(vae: VAENormalizer, cell_types: Sequence[str], *, key: PRNGKeyArray) -> SCANVI:
@@ -289,48 +307,21 @@ def _held_in_rows(codes: np.ndarray, validation_fraction: float, key: PRNGKeyArr
     return np.sort(np.concatenate(kept))
 
 
-def _take_host_rows(x: Any, rows: np.ndarray) -> Any:
-    """Rows of dense or CSR counts (CSR by a mask over its non-zeros: several times faster than SciPy's row
-    indexing at 100k cells)."""
-    if not sp.issparse(x):
-        return x[rows]
-    csr = cast(sp.csr_matrix, x)
-    n_rows, n_columns = cast(tuple[int, int], csr.shape)  # scipy infers shape as possibly None
-    lengths = np.diff(csr.indptr)
-    keep = np.zeros(n_rows, bool)
-    keep[rows] = True
-    values = np.repeat(keep, lengths)
-    indptr = np.concatenate([[0], np.cumsum(lengths[rows])]).astype(csr.indptr.dtype)
-    out = sp.csr_matrix((csr.data[values], csr.indices[values], indptr), shape=(rows.size, n_columns))
-    out.has_canonical_format = csr.has_canonical_format
-    return out
-
-
-def _device_rows(x: Any, max_nnz: int, n_slots: int) -> Any:
-    """`to_device_rows`, with sparse rows gathered `max_nnz` slots wide and the non-zeros padded to `n_slots`: a
-    subset of a matrix's rows (whichever held-out split) then compiles the same epoch as any other."""
-    rows = to_device_rows(x)
-    if not isinstance(rows, SparseRows):
-        return rows
-    pad = max(n_slots - rows.data.shape[0], 0)
-    return SparseRows(jnp.pad(rows.data, (0, pad)), jnp.pad(rows.indices, (0, pad)), rows.indptr, rows.n_columns,
-                      max_nnz)
-
-
 def _log_factorial_rows(counts: Any) -> np.ndarray:
-    """$\\sum_g \\log x_g!$ per cell of CSR counts of whole numbers by a table and one reduction over the rows'
-    non-zeros (`log_factorial_per_cell` otherwise)."""
+    """$\\sum_g \\log x_g!$ per cell of CSR counts of whole numbers by a table and one reduction per row over
+    the rows' non-zeros (`log_factorial_per_cell` otherwise)."""
     if not sp.issparse(counts):
         return log_factorial_per_cell(counts)
     csr = cast(sp.csr_matrix, counts)
-    n_rows = cast(tuple[int, int], csr.shape)[0]  # scipy infers shape as possibly None
     top = float(csr.data.max(initial=0.0))
-    whole = csr.data.astype(np.int64)
-    if top > 1e6 or not np.array_equal(whole, csr.data):
+    whole = csr.data.astype(np.int32) if top <= 1e6 else None
+    if whole is None or not np.array_equal(whole, csr.data):
         return log_factorial_per_cell(counts)
     table = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, int(top) + 1, dtype=np.float64)))])
-    rows = np.repeat(np.arange(n_rows), np.diff(csr.indptr))
-    return np.bincount(rows, weights=table[whole], minlength=n_rows)
+    values = np.append(table[whole], 0.0)  # reduceat reads one past the last row's start
+    lengths = np.diff(csr.indptr)
+    starts = np.minimum(csr.indptr[:-1], values.size - 1)
+    return np.where(lengths > 0, np.add.reduceat(values, starts), 0.0)
 
 
 def fit_scanvi(
@@ -338,7 +329,7 @@ def fit_scanvi(
     settings: TrainSettings | None = None, n_epochs_kl_warmup: int = 400,
 ) -> FitResult:
     """Train scANVI on the shared loop with `SCANVI.train`'s defaults after pre-training (module docstring), then
-    set the classifier's population statistics (`with_population_statistics`, on the training cells).
+    set the classifier's population statistics (as `with_population_statistics`, on the training cells).
 
     **Arguments:**
 
@@ -367,57 +358,93 @@ def fit_scanvi(
     )
     settings = (TrainSettings() if settings is None else settings).filled(defaults)
     split_key, key = jr.split(key)
-    rows = np.arange(n_cells)
+    rows = np.arange(n_cells, dtype=np.int32)
     assert settings.validation_fraction is not None and settings.batch_size is not None
     batch_size = settings.batch_size
     if settings.early_stopping_patience is None and not settings.restore_best:
-        rows = _held_in_rows(codes, settings.validation_fraction, split_key)
+        rows = _held_in_rows(codes, settings.validation_fraction, split_key).astype(np.int32)
         settings = dataclasses.replace(settings, validation_fraction=0.0)
-    train_counts, train_batches, train_codes = _take_host_rows(checked, rows), batches[rows], codes[rows]
-    lengths = np.diff(checked.indptr) if sp.issparse(checked) else np.zeros(n_cells, np.int64)
-    max_nnz = max(256, -(-int(lengths.max(initial=1)) // 256) * 256)
-    pool_rows = np.flatnonzero(train_codes >= 0)
-    pool = (_device_rows(_take_host_rows(train_counts, pool_rows), max_nnz, int(lengths[codes >= 0].sum())),
-            jnp.asarray(train_batches[pool_rows]), jnp.asarray(train_codes[pool_rows]))
     dtype = model.vae.dtype
+    # The whole matrix goes to the device once; the loop's data are row numbers into it (no host copies).
+    cells = _Cells(to_device_rows(checked), jnp.asarray(batches), jnp.asarray(codes),
+                   jnp.asarray(_log_factorial_rows(checked), dtype=dtype))
+    pool = jnp.asarray(rows[codes[rows] >= 0])
 
     def context(epoch: int) -> dict[str, Any]:
         return {"kl_weight": jnp.asarray(kl_warmup_weight(epoch, n_epochs_kl_warmup), dtype=dtype),
-                "labelled": pool}
+                "labelled": pool, "cells": cells}
 
     trainable = jtu.tree_map(eqx.is_inexact_array, model)
     trainable = eqx.tree_at(
         lambda m: (m.vae.target_library_size, m.log_y_prior, m.classification_ratio, m.classifier.mean,
                    m.classifier.variance),
         trainable, replace=(False,) * 5)
-    data = (_device_rows(train_counts, max_nnz, int(lengths.sum())), train_batches, train_codes,
-            _log_factorial_rows(train_counts).astype(jnp.dtype(dtype)))
-    loss = _SCANVILoss(min(batch_size, pool_rows.size))
-    result = fit(model, loss, data, key=key, settings=settings, context=context, trainable=trainable)
-    fitted = with_population_statistics(result.model, train_counts, train_batches)
+    loss = _SCANVILoss(min(batch_size, int(pool.shape[0])))
+    result = fit(model, loss, (rows,), key=key, settings=settings, context=context, trainable=trainable)
+    fitted = _set_population_statistics(result.model, cells, jnp.asarray(rows))
     return eqx.tree_at(lambda r: r.model, result, fitted)
 
 
 @eqx.filter_jit
-def _predict_chunk(batch: tuple[Array, Array], model: SCANVI) -> tuple[Array, Array]:
-    """The classifier's pre-normalisation activations and $q(y \\mid z_1)$ at the posterior means of a chunk."""
+def _predict_chunk(batch: tuple[Array, Array], model: SCANVI) -> Array:
+    """$q(y \\mid z_1)$ at the posterior means of a chunk."""
     counts = batch[0].astype(model.vae.dtype)
     mean, _ = model.vae.encode(counts, model.vae._batch_onehot(batch[1], counts.shape[0]), inference=True)
-    return dense(mean, model.classifier.hidden), jax.nn.softmax(model.classify(mean, inference=True), axis=-1)
+    return jax.nn.softmax(model.classify(mean, inference=True), axis=-1)
 
 
-def with_population_statistics(model: SCANVI, counts: Any, batch_labels: Any = None, *, chunk_size: int = 4096
+@tuned_jit
+def _hidden_moments(model: SCANVI, cells: _Cells, rows: Int[Array, " n_rows"], *, chunk_size: int
+                    ) -> tuple[Float[Array, " n_hidden"], Float[Array, " n_hidden"]]:
+    """Mean and (biased) variance over `rows` of the classifier's hidden layer before its normalisation, at the
+    posterior means: chunk by chunk on the device, the chunks' moments merged as Chan et al. (1979)."""
+    n_rows = rows.shape[0]
+    n_chunks = -(-n_rows // chunk_size)
+    order = jnp.resize(rows, (n_chunks * chunk_size,)).reshape(n_chunks, chunk_size)
+    valid = (jnp.arange(n_chunks * chunk_size) < n_rows).reshape(n_chunks, chunk_size)
+    width = model.classifier.hidden.out_features
+    dtype = model.vae.dtype
+
+    def merge(carry, inputs):
+        count, mean, m2 = carry
+        index, inside = inputs
+        counts, batch_labels = take_rows(cells.counts, index).astype(dtype), cells.batch_labels[index]
+        latent, _ = model.vae.encode(counts, model.vae._batch_onehot(batch_labels, chunk_size), inference=True)
+        hidden = dense(latent, model.classifier.hidden)
+        weight = inside.astype(dtype)[:, None]
+        n_chunk = jnp.sum(weight)
+        chunk_mean = jnp.sum(hidden * weight, 0) / n_chunk
+        chunk_m2 = jnp.sum((hidden - chunk_mean) ** 2 * weight, 0)
+        total = count + n_chunk
+        delta = chunk_mean - mean
+        mean = mean + delta * n_chunk / total
+        m2 = m2 + chunk_m2 + delta**2 * count * n_chunk / total
+        return (total, mean, m2), None
+
+    zeros = jnp.zeros((width,), dtype)
+    (count, mean, m2), _ = jax.lax.scan(merge, (jnp.zeros((), dtype), zeros, zeros), (order, valid))
+    return mean, m2 / count
+
+
+def _set_population_statistics(model: SCANVI, cells: _Cells, rows: Int[Array, " n_rows"], chunk_size: int = 2048
+                               ) -> SCANVI:
+    moments = _hidden_moments(model, cells, rows, chunk_size=min(chunk_size, int(rows.shape[0])))
+    return eqx.tree_at(lambda m: (m.classifier.mean, m.classifier.variance), model, moments)
+
+
+def with_population_statistics(model: SCANVI, counts: Any, batch_labels: Any = None, *, chunk_size: int = 2048
                                ) -> SCANVI:
     """`model` with its classifier's batch-normalisation statistics set to the mean and variance of its hidden
     layer over `counts`' posterior means (what torch's running averages estimate)."""
     checked, batches = _prepare(model.vae, counts, batch_labels)
-    hidden, _ = map_in_chunks(_predict_chunk, (checked, batches), chunk_size=chunk_size, context=model)
-    return eqx.tree_at(lambda m: (m.classifier.mean, m.classifier.variance), model,
-                       (jnp.mean(hidden, 0), jnp.var(hidden, 0)))
+    n_cells = checked.shape[0]
+    cells = _Cells(to_device_rows(checked), jnp.asarray(batches), jnp.full((n_cells,), -1, jnp.int32),
+                   jnp.zeros((n_cells,), model.vae.dtype))
+    return _set_population_statistics(model, cells, jnp.arange(n_cells, dtype=jnp.int32), chunk_size)
 
 
 def scanvi_probabilities(model: SCANVI, counts: Any, batch_labels: Any = None, *, chunk_size: int = 4096
                          ) -> Float[Array, "n_cells n_labels"]:
     """$q(y \\mid z_1)$ at the posterior mean, for any number of cells, in chunks (`predict(soft=True)`)."""
     checked, batches = _prepare(model.vae, counts, batch_labels)
-    return cast(Array, map_in_chunks(_predict_chunk, (checked, batches), chunk_size=chunk_size, context=model)[1])
+    return cast(Array, map_in_chunks(_predict_chunk, (checked, batches), chunk_size=chunk_size, context=model))
