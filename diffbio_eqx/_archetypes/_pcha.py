@@ -18,6 +18,8 @@ and its start index `ceil(n * rand)` can fall off the end); arrays not `np.matri
 reordered (py_pcha's final sort keys on the component index, reversing the order).
 """
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -49,65 +51,92 @@ def _sse(sst, xct_x_or_xc, cross, gram, sst_mat):
     return sst - 2.0 * jnp.sum(xct_x_or_xc * cross) + jnp.sum(gram * sst_mat)
 
 
-def _line_search(propose, sse_old, mu):
-    """py_pcha's step rule: halve `mu` until `propose(mu)` does not raise the SSE by more than 1e-9 relatively,
-    then grow it by 1.2 (at most 60 halvings)."""
+def _add(terms: list) -> Array:
+    return functools.reduce(jnp.add, terms)
+
+
+def _line_search(sse_at, sse_old, mu):
+    """py_pcha's step rule on the step size alone: halve `mu` until the proposal's SSE (`sse_at(mu)` returns it and
+    small by-products) does not exceed `sse_old` by more than 1e-9 relatively (at most 60 halvings). Returns the
+    accepted step, its SSE and by-products; the next step size is the accepted one times 1.2."""
     def cond(state):
         _, sse, _, n = state
         return ~(sse <= sse_old * (1.0 + 1e-9)) & (n < 60)
 
     def body(state):
-        _, _, step, n = state
+        step, _, _, n = state
         step = step / 2.0
-        value, sse = propose(step)
-        return value, sse, step, n + 1
+        sse, aux = sse_at(step)
+        return step, sse, aux, n + 1
 
-    value, sse = propose(mu)
-    value, sse, mu, _ = jax.lax.while_loop(cond, body, (value, sse, mu, jnp.asarray(0)))
-    return value, sse, mu * 1.2
+    sse, aux = sse_at(mu)
+    step, sse, aux, _ = jax.lax.while_loop(cond, body, (mu, sse, aux, jnp.asarray(0)))
+    return step, sse, aux
+
+
+def _s_step(s, xct_x, ct_xt_xc, scale, m) -> list[Array]:
+    """The rows of S after one projected-gradient step of size `m`: py_pcha's
+    $g = (C^\\top X^\\top X C S - (XC)^\\top X) / (\\mathrm{SST}/n)$ less its simplex component per cell, clipped at 0,
+    each cell renormalised. Written row by row (k is small) so that XLA fuses it with its consumer into one pass
+    over the cells, with no matrix product."""
+    k = s.shape[0]
+    rows = [s[i] for i in range(k)]
+    g = [(_add([ct_xt_xc[i, j] * rows[j] for j in range(k)]) - xct_x[i]) / scale for i in range(k)]
+    along = _add([g[i] * rows[i] for i in range(k)])
+    u = [jnp.maximum(rows[i] - (g[i] - along) * m, 0.0) for i in range(k)]
+    total = _add(u)
+    return [ui / total for ui in u]
+
+
+def _s_sse(rows: list[Array], xct_x, ct_xt_xc, sst):
+    """SSE of S's rows: $\\mathrm{SST} + \\sum_n (s_n^\\top C^\\top X^\\top X C s_n - 2 ((XC)^\\top X)_n \\cdot s_n)$,
+    py_pcha's $\\mathrm{SST} - 2\\langle (XC)^\\top X, S\\rangle + \\langle C^\\top X^\\top X C, SS^\\top\\rangle$
+    summed per cell (one fused reduction)."""
+    k = len(rows)
+    per_cell = _add([rows[i] * (_add([ct_xt_xc[i, j] * rows[j] for j in range(k)]) - 2.0 * xct_x[i])
+                     for i in range(k)])
+    return sst + jnp.sum(per_cell)
 
 
 def s_update(s, xct_x, ct_xt_xc, mu, sst, sse, n_steps: int):
-    """`n_steps` projected-gradient steps on S (py_pcha's `S_update`)."""
-    n_cells = s.shape[1]
+    """`n_steps` projected-gradient steps on S `(k, n_cells)` (py_pcha's `S_update`). Each line-search trial is
+    one fused pass (the SSE); S itself is formed once per step, at the accepted step size."""
+    scale = sst / s.shape[1]
 
     def step(state, _):
         s, sse, mu = state
-        g = (ct_xt_xc @ s - xct_x) / (sst / n_cells)
-        g = g - jnp.sum(g * s, axis=0, keepdims=True)
-
-        def propose(m):
-            new = jnp.maximum(s - g * m, 0.0)
-            new = new / jnp.sum(new, axis=0, keepdims=True)
-            return new, _sse(sst, xct_x, new, ct_xt_xc, new @ new.T)
-
-        s, sse, mu = _line_search(propose, sse, mu)
-        return (s, sse, mu), None
+        sse_at = lambda m: (_s_sse(_s_step(s, xct_x, ct_xt_xc, scale, m), xct_x, ct_xt_xc, sst), ())
+        m, sse, _ = _line_search(sse_at, sse, mu)
+        return (jnp.stack(_s_step(s, xct_x, ct_xt_xc, scale, m)), sse, m * 1.2), None
 
     return jax.lax.scan(step, (s, sse, mu), length=n_steps)[0]
 
 
-def c_update(x, xst, c, sst_mat, mu, sst, sse, n_steps: int):
-    """`n_steps` projected-gradient steps on C (py_pcha's `C_update` with `delta = 0`)."""
-    xt_xst = x.T @ xst
-    eps = jnp.finfo(x.dtype).eps
+def c_update(xt, xst, c, xc, sst_mat, mu, sst, sse, n_steps: int):
+    """`n_steps` projected-gradient steps on C, held as `(k, n_cells)` (py_pcha's `C_update` with `delta = 0`),
+    carrying $XC$ `(n_dims, k)` from step to step as py_pcha does. The gradient
+    $(X^\\top X C SS^\\top - X^\\top X S^\\top)/\\mathrm{SST}$ is $X^\\top r$ with
+    $r = (XC\\,SS^\\top - XS^\\top)/\\mathrm{SST}$ (one product with $X$),
+    and its simplex component $\\sum_n g \\circ C$ is $r \\cdot XC$ per archetype (no pass)."""
+    eps = jnp.finfo(xt.dtype).eps
 
     def step(state, _):
-        c, sse, mu = state
-        xc = x @ c
-        g = (x.T @ (xc @ sst_mat) - xt_xst) / sst
-        g = g - jnp.sum(g * c, axis=0, keepdims=True)
+        c, xc, sse, mu = state
+        r = (xc @ sst_mat - xst) / sst
+        g = r.T @ xt - jnp.sum(r * xc, axis=0)[:, None]
 
         def propose(m):
-            new = jnp.maximum(c - m * g, 0.0)
-            new = new / (jnp.sum(new, axis=0, keepdims=True) + eps)
-            xc_new = x @ new
-            return new, _sse(sst, xc_new, xst, xc_new.T @ xc_new, sst_mat)
+            u = jnp.maximum(c - m * g, 0.0)
+            return u / (jnp.sum(u, axis=1, keepdims=True) + eps)
 
-        c, sse, mu = _line_search(propose, sse, mu)
-        return (c, sse, mu), None
+        def sse_at(m):
+            xc_new = xt @ propose(m).T
+            return _sse(sst, xc_new, xst, xc_new.T @ xc_new, sst_mat), xc_new
 
-    return jax.lax.scan(step, (c, sse, mu), length=n_steps)[0]
+        m, sse, xc = _line_search(sse_at, sse, mu)
+        return (propose(m), xc, sse, m * 1.2), None
+
+    return jax.lax.scan(step, (c, xc, sse, mu), length=n_steps)[0]
 
 
 class PCHAResult(eqx.Module):
@@ -134,29 +163,29 @@ def pcha_from(
     xt = x.T
     s0 = s0.astype(x.dtype)
     n_archetypes = s0.shape[0]
-    c = jax.nn.one_hot(furthest_sum(xt, n_archetypes, start), x.shape[0], dtype=x.dtype).T
+    chosen = furthest_sum(xt, n_archetypes, start)
+    c = jax.nn.one_hot(chosen, x.shape[0], dtype=x.dtype)
+    xc = xt[:, chosen]
     sst = jnp.sum(x * x)
     s = s0 / jnp.sum(s0, axis=0, keepdims=True)
-    xc = xt @ c
     xct_x, ct_xt_xc = xc.T @ xt, xc.T @ xc
     sse = _sse(sst, xct_x, s, ct_xt_xc, s @ s.T)
     one = jnp.ones((), x.dtype)
     s, sse, mu_s = s_update(s, xct_x, ct_xt_xc, one, sst, sse, 25)
 
     def cond(state):
-        _, _, sse, d_sse, _, _, it = state
+        sse, d_sse, it = state[3], state[4], state[7]
         return (jnp.abs(d_sse) >= conv_crit * jnp.abs(sse)) & (it < max_iter) & ((sst - sse) / sst < 0.9999)
 
     def body(state):
-        c, s, sse, _, mu_c, mu_s, it = state
-        c, sse_c, mu_c = c_update(xt, xt @ s.T, c, s @ s.T, mu_c, sst, sse, 10)
-        xc = xt @ c
+        c, xc, s, sse, _, mu_c, mu_s, it = state
+        c, xc, sse_c, mu_c = c_update(xt, xt @ s.T, c, xc, s @ s.T, mu_c, sst, sse, 10)
         s, sse_s, mu_s = s_update(s, xc.T @ xt, xc.T @ xc, mu_s, sst, sse_c, 10)
-        return c, s, sse_s, sse - sse_s, mu_c, mu_s, it + 1
+        return c, xc, s, sse_s, sse - sse_s, mu_c, mu_s, it + 1
 
-    init = (c, s, sse, jnp.asarray(jnp.inf, x.dtype), one, mu_s, jnp.asarray(0))
-    c, s, sse, _, _, _, it = jax.lax.while_loop(cond, body, init)
-    return PCHAResult(archetypes=c.T @ x, weights=s.T, c=c, sse=sse, variance_explained=(sst - sse) / sst,
+    init = (c, xc, s, sse, jnp.asarray(jnp.inf, x.dtype), one, mu_s, jnp.asarray(0))
+    c, xc, s, sse, _, _, _, it = jax.lax.while_loop(cond, body, init)
+    return PCHAResult(archetypes=c @ x, weights=s.T, c=c.T, sse=sse, variance_explained=(sst - sse) / sst,
                       n_iter=it)
 
 
