@@ -15,12 +15,19 @@ the geometric series $\\sum_{t \\geq 1} \\lambda^t$ over the non-stationary comp
 cannot be summed and enter unweighted, exactly as scanpy does. Cells outside the root's connected component get
 `inf`; pseudotime is the distance divided by its largest finite value.
 
-The eigenproblem is solved with LOBPCG (`jax.experimental.sparse.linalg.lobpcg_standard`) on the sparse operator
-(a `segment_sum` matvec, memory `O(n_edges + n_cells * n_comps)`); only tiny graphs (`5 * n_comps >= n_cells`,
-where LOBPCG is not defined) use a dense `eigh`. scanpy uses ARPACK (`eigsh`, "LM"): the top eigenvalues of
-$T_s$ are the ones of largest magnitude unless the graph is nearly bipartite, which a kNN graph is not.
+The eigenproblem is solved by Chebyshev-filtered subspace iteration (Zhou & Saad 2007; `filtered_subspace_eigh`)
+on the sparse operator: a block of `n_comps + guard` vectors is multiplied by a Chebyshev polynomial of $T_s$
+that damps the spectrum below the block's smallest Ritz value (the spectrum lies in $[-1, 1]$ and the top
+eigenvalue is 1), then orthonormalised and projected (Rayleigh-Ritz), until the residuals are below `tol`.
+Products go through the padded-row layout (`PaddedGraph`: gathers, no scatter; a `CellGraph` works too, by
+`segment_sum`), the filter's in float32 by default and the Rayleigh-Ritz step's in the graph's dtype; memory is
+`O(n_edges + n_cells * n_block)`. Only tiny graphs (`5 * n_comps >= n_cells`) use a dense `eigh`. scanpy uses
+ARPACK (`eigsh`, "LM"): the top eigenvalues of $T_s$ are the ones of largest magnitude unless the graph is
+nearly bipartite, which a kNN graph is not.
 """
 
+import functools as ft
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -28,10 +35,22 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jax.experimental.sparse.linalg import lobpcg_standard
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from ._graph import CellGraph, as_cell_graph, connected_components, matvec, row_sums, warn_if_disconnected
+from ._graph import (
+    CellGraph,
+    PaddedGraph,
+    as_padded_graph,
+    connected_components,
+    matvec,
+    padded_components,
+    padded_matvec,
+    padded_row_sums,
+    row_sums,
+    scale_entries,
+    scale_padded,
+    warn_if_disconnected,
+)
 
 
 #: scanpy's cut between the (near-)stationary components and the others (`_get_dpt_row`, float32 precision).
@@ -40,12 +59,20 @@ STATIONARY_THRESHOLD = 0.9994
 
 def diffusion_operator(graph: CellGraph, *, density_normalize: bool = True) -> CellGraph:
     """scanpy's `transitions_sym`: $Z^{-1} D^{-1} K D^{-1} Z^{-1}$ on the same edges as `graph` (the kernel `K`)."""
-    w = graph.weights
     if density_normalize:
-        density = row_sums(graph)  # K is symmetric: row sums are scanpy's column sums
-        w = w / (density[graph.heads] * density[graph.tails])
-    z = jnp.sqrt(jax.ops.segment_sum(w, graph.heads, num_segments=graph.n_cells))
-    return CellGraph(graph.heads, graph.tails, w / (z[graph.heads] * z[graph.tails]), graph.n_cells)
+        inverse = 1 / row_sums(graph)  # K is symmetric: row sums are scanpy's column sums
+        graph = scale_entries(graph, inverse, inverse)
+    inverse = 1 / jnp.sqrt(row_sums(graph))
+    return scale_entries(graph, inverse, inverse)
+
+
+def padded_diffusion_operator(graph: PaddedGraph, *, density_normalize: bool = True) -> PaddedGraph:
+    """`diffusion_operator` for a `PaddedGraph` kernel (same slots)."""
+    if density_normalize:
+        inverse = 1 / padded_row_sums(graph)
+        graph = scale_padded(graph, inverse, inverse)
+    inverse = 1 / jnp.sqrt(padded_row_sums(graph))
+    return scale_padded(graph, inverse, inverse)
 
 
 class DiffusionMap(eqx.Module):
@@ -54,12 +81,34 @@ class DiffusionMap(eqx.Module):
     - `eigenvalues`: `(n_comps,)`; scanpy's `uns["diffmap_evals"]`.
     - `eigenvectors`: `(n_cells, n_comps)`; scanpy's `obsm["X_diffmap"]` (each column's sign fixed so that its
       entries sum to a non-negative number; scanpy leaves ARPACK's arbitrary signs).
-    - `n_iter`: LOBPCG iterations (0 for the dense solve).
+    - `n_iter`: filtered subspace iterations (0 for the dense solve); each applies the operator `degree + 1`
+      times to the block.
+    - `residual`: the largest residual norm $\\|T_s \\psi_k - \\lambda_k \\psi_k\\|$ of the `n_comps` pairs.
     """
 
     eigenvalues: Float[Array, " n_comps"]
     eigenvectors: Float[Array, "n_cells n_comps"]
     n_iter: Int[Array, ""]
+    residual: Float[Array, ""]
+
+
+class EigenSettings(eqx.Module):
+    """The filtered subspace iteration's settings (all static; see `filtered_subspace_eigh`).
+
+    - `guard`: extra block columns beyond `n_comps` (they widen the gap the filter damps; default 8).
+    - `degree`: Chebyshev degree per iteration (default 16).
+    - `max_iter`: iteration cap (default 200).
+    - `tol`: stop once every wanted residual norm is at most `tol` (unit eigenvectors; default 1e-6), or at most
+      10 epsilon of the filter's dtype when that is larger (a float32 filter cannot go below ~1.5e-7).
+    - `filter_dtype`: dtype of the filter's products ("float32" default: half the memory traffic; the
+      Rayleigh-Ritz step, its product and the residuals stay in the operator's dtype), or None for the operator's.
+    """
+
+    guard: int = eqx.field(static=True, default=8)
+    degree: int = eqx.field(static=True, default=16)
+    max_iter: int = eqx.field(static=True, default=200)
+    tol: float = eqx.field(static=True, default=1e-6)
+    filter_dtype: str | None = eqx.field(static=True, default="float32")
 
 
 def _dense_operator(operator: CellGraph) -> Float[Array, "n_cells n_cells"]:
@@ -67,39 +116,152 @@ def _dense_operator(operator: CellGraph) -> Float[Array, "n_cells n_cells"]:
     return jnp.zeros((n, n), operator.weights.dtype).at[operator.heads, operator.tails].add(operator.weights)
 
 
+def chebyshev_filter(
+    apply: Callable[[Array], Array], x: Float[Array, "n_cells n_block"], *, degree: int,
+    lower: Float[ArrayLike, ""], cut: Float[ArrayLike, ""], top: Float[ArrayLike, ""],
+) -> Float[Array, "n_cells n_block"]:
+    """$p(A) x$ for the degree-`degree` Chebyshev polynomial of the first kind mapped onto `[lower, cut]` (where it
+    stays within $\\pm 1 / |T(t_{top})|$) and scaled to $p(\\mathrm{top}) = 1$: components above `cut` grow
+    relative to the ones in `[lower, cut]` (Zhou & Saad 2007, the scaled three-term recurrence)."""
+    lower, cut, top = (jnp.asarray(value, x.dtype) for value in (lower, cut, top))
+    half = (cut - lower) / 2
+    centre = (cut + lower) / 2
+    sigma1 = half / (top - centre)
+    y = (apply(x) - centre * x) * (sigma1 / half)
+
+    def step(carry: tuple[Array, Array, Array], _: None) -> tuple[tuple[Array, Array, Array], None]:
+        previous, current, sigma = carry
+        sigma2 = jnp.asarray(1 / (2 / sigma1 - sigma))
+        following = (apply(current) - centre * current) * (2 * sigma2 / half) - (sigma * sigma2) * previous
+        return (current, following, sigma2), None
+
+    (_, y, _), _ = jax.lax.scan(step, (x, y, sigma1), length=degree - 1)
+    return y
+
+
+class _SubspaceState(eqx.Module):
+    x: Float[Array, "n_cells n_block"]
+    values: Float[Array, " n_block"]
+    residual: Float[Array, ""]
+    n_iter: Int[Array, ""]
+
+
+def orthonormalize(y: Float[Array, "n_cells n_block"]) -> Float[Array, "n_cells n_block"]:
+    """An orthonormal basis of the columns of `y` by SVQB twice (Stathopoulos & Wu 2002: unit columns, then the
+    eigendecomposition of the Gram matrix; directions below epsilon times the largest are dropped as zero
+    columns): two `n x b` Gram products and a `b x b` `eigh` each (XLA's Householder QR on CPU is ~100x slower)."""
+    for _ in range(2):
+        norms = jnp.linalg.norm(y, axis=0)
+        y = y / jnp.where(norms > 0, norms, 1)[None, :]
+        values, vectors = jnp.linalg.eigh(y.T @ y)
+        floor = jnp.finfo(y.dtype).eps * jnp.max(values)
+        y = y @ (vectors * jnp.where(values > floor, 1 / jnp.sqrt(jnp.maximum(values, floor)), 0)[None, :])
+    return y
+
+
+def _rayleigh_ritz(apply: Callable[[Array], Array], y: Float[Array, "n_cells n_block"], n_wanted: int,
+                   n_iter: Int[Array, ""]) -> _SubspaceState:
+    q = orthonormalize(y)
+    aq = apply(q)
+    h = q.T @ aq
+    values, vectors = jnp.linalg.eigh((h + h.T) / 2)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    x, ax = q @ vectors, aq @ vectors
+    residuals = jnp.linalg.norm(ax[:, :n_wanted] - x[:, :n_wanted] * values[None, :n_wanted], axis=0)
+    return _SubspaceState(x, values, jnp.max(residuals), n_iter)
+
+
+def filtered_subspace_eigh(
+    apply: Callable[[Array], Array], start: Float[Array, "n_cells n_block"], n_wanted: int, *,
+    settings: EigenSettings, filter_apply: Callable[[Array], Array] | None = None,
+) -> _SubspaceState:
+    """The top `n_wanted` eigenpairs of a symmetric operator with spectrum in `[-1, 1]` (a normalised diffusion
+    operator, top eigenvalue 1) by Chebyshev-filtered subspace iteration (Zhou & Saad 2007): filter the block
+    with the degree-`settings.degree` Chebyshev polynomial damping `[-1, c]`, `c` the smallest Ritz value of the
+    block, then Rayleigh-Ritz; until the wanted residual norms are at most `settings.tol`.
+
+    `filter_apply` (default `apply`) is the operator the filter uses (e.g. a float32 copy); the Rayleigh-Ritz step
+    uses `apply`."""
+    filter_apply = apply if filter_apply is None else filter_apply
+    dtype = start.dtype
+    low = jnp.asarray(-1.0, dtype)
+
+    def body(state: _SubspaceState) -> _SubspaceState:
+        cut = jnp.clip(state.values[-1], low + 1e-3, 1 - 1e-7)
+        x = state.x.astype(settings.filter_dtype) if settings.filter_dtype else state.x
+        y = chebyshev_filter(filter_apply, x, degree=settings.degree, lower=low.astype(x.dtype),
+                             cut=cut.astype(x.dtype), top=jnp.asarray(1, x.dtype))
+        return _rayleigh_ritz(apply, y.astype(dtype), n_wanted, state.n_iter + 1)
+
+    tol = max(settings.tol, 10 * float(jnp.finfo(settings.filter_dtype or dtype).eps))
+
+    def unfinished(state: _SubspaceState) -> Array:
+        return (state.n_iter < settings.max_iter) & (state.residual > tol)
+
+    return jax.lax.while_loop(unfinished, body, _rayleigh_ritz(apply, start, n_wanted, jnp.asarray(0)))
+
+
 def diffusion_map(
-    graph: CellGraph, *, n_comps: int = 15, density_normalize: bool = True, max_iter: int = 500,
-    key: PRNGKeyArray,
+    graph: CellGraph | PaddedGraph, *, n_comps: int = 15, density_normalize: bool = True,
+    settings: EigenSettings = EigenSettings(), key: PRNGKeyArray,
 ) -> DiffusionMap:
     """The diffusion map of a symmetric kernel graph (pure; see the module docstring).
 
     **Arguments:**
 
-    - `graph`: the kernel `K` (symmetric non-negative weights), e.g. the UMAP connectivities.
+    - `graph`: the kernel `K` (symmetric non-negative weights), e.g. the UMAP connectivities, as an edge list
+      (`CellGraph`) or padded rows (`PaddedGraph`, from `padded_rows`: faster products).
     - `n_comps`: number of eigenpairs (static; scanpy's `tl.diffmap` default 15, at most `n_cells - 1`).
       (Keyword only argument.)
     - `density_normalize`: scanpy's Coifman-Lafon density normalisation (default True, as scanpy).
-    - `max_iter`: LOBPCG's iteration cap (static).
-    - `key`: draws LOBPCG's random start block (scanpy draws ARPACK's start vector with `random_state=0`).
+    - `settings`: the eigensolver's `EigenSettings`.
+    - `key`: draws the random start block (scanpy draws ARPACK's start vector with `random_state=0`).
 
     **Returns:** a `DiffusionMap`.
     """
-    operator = diffusion_operator(graph, density_normalize=density_normalize)
-    n = operator.n_cells
-    if 5 * n_comps < n:
-        start = jr.normal(key, (n, n_comps), operator.weights.dtype)
-        # LOBPCG stops when every residual is below tol * 10 * n * (|lambda| + |Av|); 1e-9 (or the float epsilon
-        # when coarser) keeps the DPT distances within ~1e-5 of ARPACK's at a third of the iterations of eps
-        tol = max(1e-9, float(jnp.finfo(operator.weights.dtype).eps))
-        values, vectors, n_iter = lobpcg_standard(lambda v: matvec(operator, v), start, m=max_iter, tol=tol)
-    else:  # LOBPCG needs 5 * k < n: tiny graphs only
-        values, vectors = jnp.linalg.eigh(_dense_operator(operator))
+    if isinstance(graph, PaddedGraph):
+        padded = padded_diffusion_operator(graph, density_normalize=density_normalize)
+        n = padded.indices.shape[0]
+        operator: PaddedGraph | CellGraph = padded
+        apply = ft.partial(padded_matvec, padded)
+        filter_apply = ft.partial(padded_matvec, _cast(padded, settings.filter_dtype))
+    else:
+        operator = diffusion_operator(graph, density_normalize=density_normalize)
+        n = operator.n_cells
+        apply = ft.partial(matvec, operator)
+        filter_apply = ft.partial(matvec, _cast(operator, settings.filter_dtype))
+    n_block = n_comps + settings.guard
+    if 5 * n_comps < n and 2 * n_block <= n:
+        start = jr.normal(key, (n, n_block), jnp.result_type(float))
+        state = filtered_subspace_eigh(apply, start, n_comps, settings=settings, filter_apply=filter_apply)
+        values, vectors = state.values[:n_comps], state.x[:, :n_comps]
+        n_iter, residual = state.n_iter, state.residual
+    else:  # tiny graphs: a dense eigh
+        dense = _dense_operator(operator if isinstance(operator, CellGraph) else _padded_edges(operator))
+        values, vectors = jnp.linalg.eigh(dense)
         values, vectors = values[::-1][:n_comps], vectors[:, ::-1][:, :n_comps]
-        n_iter = jnp.asarray(0)
+        n_iter, residual = jnp.asarray(0), jnp.asarray(0.0, values.dtype)
     order = jnp.argsort(-values)
     values, vectors = values[order], vectors[:, order]
     signs = jnp.where(jnp.sum(vectors, axis=0) < 0, -1.0, 1.0).astype(vectors.dtype)
-    return DiffusionMap(values, vectors * signs[None, :], jnp.asarray(n_iter))
+    return DiffusionMap(values, vectors * signs[None, :], jnp.asarray(n_iter), residual)
+
+
+def _cast(graph: Any, dtype: str | None) -> Any:
+    """`graph` (a `PaddedGraph` or `CellGraph`) with its weights in `dtype` (None: unchanged)."""
+    if dtype is None:
+        return graph
+    if isinstance(graph, CellGraph):
+        return CellGraph(graph.heads, graph.tails, graph.weights.astype(dtype), graph.n_cells)
+    return PaddedGraph(graph.indices, graph.weights.astype(dtype), _cast(graph.overflow, dtype))
+
+
+def _padded_edges(graph: PaddedGraph) -> CellGraph:
+    n, width = graph.indices.shape
+    heads = jnp.repeat(jnp.arange(n, dtype=graph.indices.dtype), width)
+    over = graph.overflow
+    return CellGraph(jnp.concatenate([heads, over.heads]), jnp.concatenate([graph.indices.ravel(), over.tails]),
+                     jnp.concatenate([graph.weights.ravel(), over.weights]), n)
 
 
 def dpt_distances(
@@ -136,37 +298,41 @@ class DPTResult(eqx.Module):
 
 
 @eqx.filter_jit
-def _dpt(graph: CellGraph, root: Int[Array, ""], n_dcs: int, n_comps: int, key: PRNGKeyArray) -> DPTResult:
-    diffmap = diffusion_map(graph, n_comps=n_comps, key=key)
-    components = connected_components(graph)
+def _dpt(graph: PaddedGraph, components: Int[Array, " n_cells"], root: Int[Array, ""], n_dcs: int, n_comps: int,
+         settings: EigenSettings, key: PRNGKeyArray) -> DPTResult:
+    diffmap = diffusion_map(graph, n_comps=n_comps, settings=settings, key=key)
     distances = dpt_distances(diffmap.eigenvalues[:n_dcs], diffmap.eigenvectors[:, :n_dcs], root, components)
     return DPTResult(dpt_pseudotime(distances), diffmap, components)
 
 
 @eqx.filter_jit
-def _components(graph: CellGraph) -> Int[Array, " n_cells"]:
+def _components(graph: CellGraph | PaddedGraph) -> Int[Array, " n_cells"]:
+    if isinstance(graph, PaddedGraph):
+        return padded_components(graph)
     return connected_components(graph)
 
 
 def diffusion_pseudotime(
-    graph: object, root: Any, *, n_dcs: int = 10, n_comps: int = 15, key: PRNGKeyArray,
+    graph: object, root: Any, *, n_dcs: int = 10, n_comps: int = 15, settings: EigenSettings = EigenSettings(),
+    key: PRNGKeyArray,
 ) -> DPTResult:
     """scanpy's `tl.diffmap` + `tl.dpt` (`n_branchings=0`) on a neighbour graph, under one jit.
 
     **Arguments:**
 
     - `graph`: a `NeighborGraph` (its connectivities are the kernel), a `FuzzyGraph`, a `CellGraph`, or a SciPy
-      sparse matrix such as scanpy's `obsp["connectivities"]`.
+      sparse matrix such as scanpy's `obsp["connectivities"]` (symmetric; it is laid out as padded rows once).
     - `root`: index of the root cell (scanpy's `uns["iroot"]`).
     - `n_dcs`: diffusion components in the distance (scanpy's `tl.dpt` default 10). (Keyword only argument.)
     - `n_comps`: components computed (scanpy's `tl.diffmap` default 15); `n_dcs <= n_comps`.
-    - `key`: LOBPCG's start block.
+    - `settings`: the eigensolver's `EigenSettings`.
+    - `key`: the eigensolver's random start block.
 
     **Returns:** a `DPTResult`. Warns (`DisconnectedGraphWarning`, naming the components) when the graph is
     disconnected; cells outside the root's component then get pseudotime `inf`, as in scanpy.
     """
-    cells = as_cell_graph(graph)
-    n = cells.n_cells
+    cells = as_padded_graph(graph)
+    n = cells.indices.shape[0]
     index = np.asarray(root)
     if index.shape != () or not np.issubdtype(index.dtype, np.integer):
         raise ValueError(f"root: expected an integer cell index, got {root!r}")
@@ -176,20 +342,23 @@ def diffusion_pseudotime(
         raise ValueError(f"n_comps: must be in [1, n_cells - 1] = [1, {n - 1}], got {n_comps}")
     if not 1 <= n_dcs <= n_comps:
         raise ValueError(f"n_dcs: must be in [1, n_comps] = [1, {n_comps}], got {n_dcs}")
-    warn_if_disconnected(_components(cells))
-    return _dpt(cells, jnp.asarray(int(index)), int(n_dcs), int(n_comps), key)
+    components = _components(cells)
+    warn_if_disconnected(components)
+    return _dpt(cells, components, jnp.asarray(int(index)), int(n_dcs), int(n_comps), settings, key)
 
 
 @eqx.filter_jit
-def _diffusion_map(graph: CellGraph, n_comps: int, key: PRNGKeyArray) -> DiffusionMap:
-    return diffusion_map(graph, n_comps=n_comps, key=key)
+def _diffusion_map(graph: PaddedGraph, n_comps: int, settings: EigenSettings, key: PRNGKeyArray) -> DiffusionMap:
+    return diffusion_map(graph, n_comps=n_comps, settings=settings, key=key)
 
 
-def compute_diffusion_map(graph: object, *, n_comps: int = 15, key: PRNGKeyArray) -> DiffusionMap:
+def compute_diffusion_map(graph: object, *, n_comps: int = 15, settings: EigenSettings = EigenSettings(),
+                          key: PRNGKeyArray) -> DiffusionMap:
     """scanpy's `tl.diffmap` on a neighbour graph (any form `diffusion_pseudotime` takes), under one jit; warns
     when the graph is disconnected."""
-    cells = as_cell_graph(graph)
-    if not 1 <= n_comps < cells.n_cells:
-        raise ValueError(f"n_comps: must be in [1, n_cells - 1] = [1, {cells.n_cells - 1}], got {n_comps}")
+    cells = as_padded_graph(graph)
+    n = cells.indices.shape[0]
+    if not 1 <= n_comps < n:
+        raise ValueError(f"n_comps: must be in [1, n_cells - 1] = [1, {n - 1}], got {n_comps}")
     warn_if_disconnected(_components(cells))
-    return _diffusion_map(cells, int(n_comps), key)
+    return _diffusion_map(cells, int(n_comps), settings, key)

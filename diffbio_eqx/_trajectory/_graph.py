@@ -1,7 +1,9 @@
 """A weighted cell graph as an edge list, and the sparse operations the trajectory operators share.
 
 Nothing here builds an `n_cells x n_cells` matrix: a matrix is its non-zeros `(heads, tails, weights)`, and a
-matrix-vector product is one gather and one `segment_sum`, so memory is `O(n_edges)`.
+matrix-vector product is one gather and one `segment_sum`, so memory is `O(n_edges)`. For repeated products with
+one matrix (the diffusion map's eigensolver), `PaddedGraph` holds the same non-zeros as padded rows: a product is
+then a gather and a sum over a fixed number of slots per row, with no scatter.
 """
 
 import warnings
@@ -45,6 +47,129 @@ def row_sums(graph: CellGraph) -> Float[Array, " n_cells"]:
     return jax.ops.segment_sum(graph.weights, graph.heads, num_segments=graph.n_cells)
 
 
+def scale_entries(graph: CellGraph, left: Float[Array, " n_cells"], right: Float[Array, " n_cells"]) -> CellGraph:
+    """`diag(left) W diag(right)` on the same edges."""
+    return CellGraph(graph.heads, graph.tails, graph.weights * left[graph.heads] * right[graph.tails], graph.n_cells)
+
+
+class PaddedGraph(eqx.Module):
+    """A sparse `(n_cells, n_cells)` matrix in the hybrid ELL + COO layout (Bell & Garland 2009): each row's first
+    `width` non-zeros as padded rows, entry `(i, indices[i, s])` = `weights[i, s]` (unused slots point at row `i`
+    itself with weight 0), and the non-zeros of the few longer rows beyond their first `width` in `overflow`.
+
+    A product is `sum_s weights[:, s] * v[indices[:, s]]` (gathers only) plus the small overflow's `segment_sum`.
+    """
+
+    indices: Int[Array, "n_cells width"]
+    weights: Float[Array, "n_cells width"]
+    overflow: CellGraph
+
+
+#: `padded_rows`' default width: this quantile of the row lengths (the longer rows spill into the overflow list).
+PADDED_WIDTH_QUANTILE = 0.95
+
+
+def padded_rows(graph: CellGraph, *, width: int | None = None) -> PaddedGraph:
+    """The non-zeros of `graph` (a concrete `CellGraph`, outside jit) as a `PaddedGraph`; zero weights are dropped.
+
+    `width` (default: the `PADDED_WIDTH_QUANTILE` quantile of the row lengths, at least 1) fixes the padded rows;
+    entries beyond it go to the overflow edge list."""
+    import scipy.sparse as sp
+
+    n = graph.n_cells
+    weights = np.asarray(graph.weights)
+    keep = weights != 0
+    matrix: Any = sp.csr_matrix((weights[keep], (np.asarray(graph.heads)[keep], np.asarray(graph.tails)[keep])),
+                                shape=(n, n))
+    return _csr_padded(matrix, width, weights.dtype)
+
+
+def _csr_padded(matrix: Any, width: int | None, dtype: Any) -> PaddedGraph:
+    n = matrix.shape[0]
+    lengths = np.diff(matrix.indptr)
+    if width is None:
+        width = max(1, int(np.ceil(np.quantile(lengths, PADDED_WIDTH_QUANTILE)))) if n else 1
+    rows = np.repeat(np.arange(n, dtype=np.int32), lengths)
+    slot = np.arange(matrix.nnz) - np.repeat(matrix.indptr[:-1], lengths)
+    inside = slot < width
+    indices = np.repeat(np.arange(n, dtype=np.int32)[:, None], width, axis=1)
+    values = np.zeros((n, width), dtype)
+    indices[rows[inside], slot[inside]] = matrix.indices[inside]
+    values[rows[inside], slot[inside]] = matrix.data[inside]
+    overflow = CellGraph(jnp.asarray(rows[~inside]), jnp.asarray(matrix.indices[~inside].astype(np.int32)),
+                         jnp.asarray(matrix.data[~inside].astype(dtype)), n)
+    return PaddedGraph(jnp.asarray(indices), jnp.asarray(values), overflow)
+
+
+def padded_matvec(graph: PaddedGraph, v: Float[Array, " n_cells *batch"]) -> Float[Array, " n_cells *batch"]:
+    """`W @ v` for the `PaddedGraph` `W`: one gather per slot (no scatter) plus the overflow's `segment_sum`."""
+    w = graph.weights.astype(v.dtype)
+    total = jnp.zeros_like(v)
+    for s in range(w.shape[1]):  # static width: XLA fuses the slots' gathers into one loop
+        total = total + w[:, s].reshape((-1,) + (1,) * (v.ndim - 1)) * v[graph.indices[:, s]]
+    overflow = graph.overflow
+    if overflow.weights.shape[0]:
+        extra = overflow.weights.astype(v.dtype).reshape(overflow.weights.shape + (1,) * (v.ndim - 1))
+        total = total + jax.ops.segment_sum(extra * v[overflow.tails], overflow.heads, num_segments=v.shape[0],
+                                            indices_are_sorted=True)
+    return total
+
+
+def padded_row_sums(graph: PaddedGraph) -> Float[Array, " n_cells"]:
+    """`W @ 1` for a `PaddedGraph`."""
+    return jnp.sum(graph.weights, axis=1) + row_sums(graph.overflow)
+
+
+def scale_padded(graph: PaddedGraph, left: Float[Array, " n_cells"], right: Float[Array, " n_cells"]
+                 ) -> PaddedGraph:
+    """`diag(left) W diag(right)` on the same slots."""
+    weights = graph.weights * left[:, None] * right[graph.indices]
+    return PaddedGraph(graph.indices, weights, scale_entries(graph.overflow, left, right))
+
+
+def padded_components(graph: PaddedGraph) -> Int[Array, " n_cells"]:
+    """`connected_components` of a `PaddedGraph` holding a symmetric matrix (each row lists all of its cell's
+    neighbours, so minima over rows suffice: gathers only)."""
+    n = graph.indices.shape[0]
+    live = graph.weights > 0
+    over = graph.overflow
+    big = jnp.asarray(n, graph.indices.dtype)
+
+    def step(labels: Int[Array, " n_cells"]) -> Int[Array, " n_cells"]:
+        via_rows = jnp.min(jnp.where(live, labels[graph.indices], big), axis=1)
+        via_overflow = jax.ops.segment_min(jnp.where(over.weights > 0, labels[over.tails], big), over.heads,
+                                           num_segments=n, indices_are_sorted=True)
+        labels = jnp.minimum(labels, jnp.minimum(via_rows, via_overflow))
+        return labels[labels]  # pointer jumping
+
+    def body(carry: tuple[Int[Array, " n_cells"], Int[Array, " n_cells"]]) -> tuple[Array, Array]:
+        return carry[1], step(carry[1])
+
+    start = jnp.arange(n, dtype=graph.indices.dtype)
+    return jax.lax.while_loop(lambda c: jnp.any(c[0] != c[1]), body, (start, step(start)))[1]
+
+
+def as_padded_graph(graph: "CellGraph | NeighborGraph | FuzzyGraph | object") -> PaddedGraph:
+    """`padded_rows(as_cell_graph(graph))`; a SciPy matrix's rows are read directly (checked as `as_cell_graph`
+    checks them)."""
+    import scipy.sparse as sp
+
+    if not sp.issparse(graph):
+        return padded_rows(as_cell_graph(graph))
+    matrix: Any = sp.csr_matrix(graph)
+    _check_scipy(matrix)
+    matrix = sp.csr_matrix(matrix, dtype=jnp.zeros(()).dtype)
+    matrix.eliminate_zeros()
+    return _csr_padded(matrix, None, matrix.dtype)
+
+
+def _check_scipy(matrix: Any) -> None:
+    if matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"graph: expected a square cells x cells matrix, got shape {matrix.shape}")
+    if matrix.nnz and (not np.all(np.isfinite(matrix.data)) or np.any(matrix.data < 0)):
+        raise ValueError("graph: weights must be finite and non-negative")
+
+
 def as_cell_graph(graph: "CellGraph | NeighborGraph | FuzzyGraph | object") -> CellGraph:
     """A `CellGraph` from our `NeighborGraph` / `FuzzyGraph` (its connectivities), a SciPy sparse matrix (e.g.
     scanpy's `obsp["connectivities"]`) or a `CellGraph`."""
@@ -58,10 +183,7 @@ def as_cell_graph(graph: "CellGraph | NeighborGraph | FuzzyGraph | object") -> C
 
     if sp.issparse(graph):
         coo: Any = sp.coo_matrix(graph)
-        if coo.shape[0] != coo.shape[1]:
-            raise ValueError(f"graph: expected a square cells x cells matrix, got shape {coo.shape}")
-        if coo.nnz and (not np.all(np.isfinite(coo.data)) or np.any(coo.data < 0)):
-            raise ValueError("graph: weights must be finite and non-negative")
+        _check_scipy(coo)
         dtype = jnp.zeros(()).dtype
         return CellGraph(jnp.asarray(coo.row, jnp.int32), jnp.asarray(coo.col, jnp.int32),
                          jnp.asarray(coo.data, dtype), int(coo.shape[0]))
