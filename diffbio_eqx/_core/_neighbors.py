@@ -366,9 +366,13 @@ def _exact_neighbor_graph(
     local_connectivity: Float[Array, ""],
     block_size: int | None,
     approximate: bool = False,
+    check: bool = True,
 ) -> NeighborGraph:
-    """The graph from the blocked search on the device: exact top-k, or `approx_max_k` with `approximate`."""
-    x = eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x: contains non-finite values (NaN or inf)")
+    """The graph from the blocked search on the device: exact top-k, or `approx_max_k` with `approximate`.
+    `check` (static): test `x`'s values in the compiled graph, for a traced `x` (a concrete one was checked on the
+    host); `eqx.error_if`'s host callback keeps a program out of JAX's persistent compilation cache."""
+    if check:
+        x = eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x: contains non-finite values (NaN or inf)")
     indices, distances = _blocked_knn(x, x, n_neighbors, block_size, self_first=True, approximate=approximate)
     return _connect(indices, distances, set_op_mix_ratio, local_connectivity)
 
@@ -721,5 +725,5 @@ def neighbor_graph(
         return _neighbor_graph_from_indices(x, jnp.asarray(indices), mix, connectivity, block)
     return _exact_neighbor_graph(
         x, int(n_neighbors), mix, connectivity, None if block_size is None else int(block_size),
-        approximate=method == "approx_top_k",
+        approximate=method == "approx_top_k", check=traced,
     )
