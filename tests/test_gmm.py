@@ -121,7 +121,7 @@ def _pairwise(values: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def test_a_stability_tie_goes_to_the_finer_resolution():
+def test_stable_resolution_and_its_finer_tie_break():
     rng = np.random.default_rng(0)
     coarse = _pairwise(0.97 + 0.02 * rng.standard_normal(15))
     # The jackknife error equals the spread of the explicit leave-one-subsample-out means.
@@ -132,10 +132,10 @@ def test_a_stability_tie_goes_to_the_finer_resolution():
     tied = coarse - gap  # lower by less than the error of the difference
     worse = coarse - 0.1  # lower, with no error at all
     flat = np.full((6, 6), np.nan)  # one community in every subsample
-    assert stable_resolution({0.25: coarse, 0.5: tied, 1.0: worse, 1.5: flat}) == 0.5
-    assert stable_resolution({0.25: coarse, 0.5: tied, 1.0: worse}, tie_break="none") == 0.25
-    assert stable_resolution({0.25: coarse, 1.0: worse}) == 0.25
-    assert stable_resolution({0.25: flat}) is None
+    assert stable_resolution({0.25: coarse, 0.5: tied, 1.0: worse, 1.5: flat}, tie_break="finer") == 0.5
+    assert stable_resolution({0.25: coarse, 0.5: tied, 1.0: worse}) == 0.25  # default: the most stable
+    assert stable_resolution({0.25: coarse, 1.0: worse}, tie_break="finer") == 0.25
+    assert stable_resolution({0.25: flat}, tie_break="finer") is None
     with pytest.raises(ValueError, match="tie_break"):
         stable_resolution({0.25: coarse}, tie_break="coarser")
 
