@@ -662,8 +662,13 @@ def vae_transform(
 
 @tuned_jit
 def _latent_chunk(batch: tuple[Array, Array], vae: VAENormalizer) -> Float[Array, "n_cells latent_dim"]:
+    # `vae(counts, labels, inference=True).latent` (the posterior means) without `__call__`'s in-graph value check:
+    # `vae_latent` checked the counts on the host, and the check's host callback would keep this program out of
+    # JAX's persistent compilation cache (a second `diffbio-eqx run` compiled it again).
     counts, labels = batch
-    return vae(counts, labels, inference=True).latent  # the decoder is dead code here and compiled away
+    counts = counts.astype(vae.dtype)
+    mean, _ = vae.encode(counts, vae._batch_onehot(labels, counts.shape[0]), inference=True)
+    return mean
 
 
 def vae_latent(
