@@ -20,8 +20,8 @@ transport maps vs wot 1.0.8 (`OTModel`, default solver) per pair of time points.
 Everything runs in float64 (scanpy's eigsh, SciPy and wot do). Memory: each stage's peak resident set above its
 start (`_common.peak_since`), in this process, sizes ascending.
 
-Run: `python benchmarks/bench_trajectory.py [--dpt 10000] [--ot 2000 10000] [--rounds 3] [--no-fates]` (merges
-into benchmarks/results/trajectory.json).
+Run: `python benchmarks/bench_trajectory.py [--dpt 10000] [--ot 2000 10000] [--rounds 3] [--no-fates]
+[--graph-cache DIR]` (merges into benchmarks/results/trajectory.json).
 """
 
 import argparse
@@ -50,9 +50,10 @@ def _measure(fn):
     return out, seconds, peak_since(baseline)["peak_bytes"]
 
 
-def _branching_adata(n_cells: int):
+def _branching_adata(n_cells: int, cache: pathlib.Path | None = None):
     import anndata as ad
     import jax.random as jr
+    import scipy.sparse as sp
 
     from diffbio_eqx._core._neighbors import neighbor_graph
     from diffbio_eqx._faces import graph_matrices
@@ -62,7 +63,19 @@ def _branching_adata(n_cells: int):
     adata = ad.AnnData(np.asarray(sim.x, np.float32))
     # one graph for both, built once (not timed): our IVF kNN + UMAP connectivities in scanpy's layout (scanpy's
     # own pp.neighbors goes through pynndescent above 4,096 cells, which fails on this SciPy's sparse arrays)
-    distances, connectivities = graph_matrices(neighbor_graph(sim.x, 15, method="ivf"))
+    cached = None if cache is None else cache / f"conn_{n_cells}.npz"
+    if cached is not None and cached.is_file():  # the same graph, built earlier by this function (IVF is slow here)
+        connectivities = sp.load_npz(cached).tocsr()
+        distances_file = cache / f"dist_{n_cells}.npz"
+        # scanpy's diffmap/dpt read only the connectivities (the distances only fix `knn`): an older cache without
+        # them stands in the connectivities' pattern
+        distances = sp.load_npz(distances_file).tocsr() if distances_file.is_file() else connectivities.copy()
+    else:
+        distances, connectivities = graph_matrices(neighbor_graph(sim.x, 15, method="ivf"))
+        if cached is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            sp.save_npz(cached, connectivities)
+            sp.save_npz(cache / f"dist_{n_cells}.npz", distances)
     adata.obsp["distances"], adata.obsp["connectivities"] = distances, connectivities
     adata.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances",
                               "params": {"n_neighbors": 15, "method": "umap"}}
@@ -196,10 +209,12 @@ def main() -> None:
     parser.add_argument("--ot", type=int, nargs="*", default=[2_000, 10_000])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved DPT rounds")
     parser.add_argument("--no-fates", action="store_true", help="DPT only at the --dpt sizes")
+    parser.add_argument("--graph-cache", type=pathlib.Path, default=None,
+                        help="reuse (or save) the IVF graph as DIR/conn_<n>.npz (untimed either way)")
     args = parser.parse_args()
     env = environment("scanpy", "wot", "ott-jax", "scipy")
     for n in sorted(args.dpt):
-        sim, adata = _branching_adata(n)
+        sim, adata = _branching_adata(n, args.graph_cache)
         _save(env, [bench_dpt(sim, adata, args.rounds)])
         if not args.no_fates:
             _save(env, [bench_fates(sim, adata)])

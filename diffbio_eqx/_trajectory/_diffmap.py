@@ -241,6 +241,8 @@ def diffusion_map(
         values, vectors = jnp.linalg.eigh(dense)
         values, vectors = values[::-1][:n_comps], vectors[:, ::-1][:, :n_comps]
         n_iter, residual = jnp.asarray(0), jnp.asarray(0.0, values.dtype)
+    if isinstance(operator, PaddedGraph):  # rows back to cells
+        vectors = jnp.zeros_like(vectors).at[operator.order].set(vectors)
     order = jnp.argsort(-values)
     values, vectors = values[order], vectors[:, order]
     signs = jnp.where(jnp.sum(vectors, axis=0) < 0, -1.0, 1.0).astype(vectors.dtype)
@@ -253,7 +255,7 @@ def _cast(graph: Any, dtype: str | None) -> Any:
         return graph
     if isinstance(graph, CellGraph):
         return CellGraph(graph.heads, graph.tails, graph.weights.astype(dtype), graph.n_cells)
-    return PaddedGraph(graph.indices, graph.weights.astype(dtype), _cast(graph.overflow, dtype))
+    return PaddedGraph(graph.indices, graph.weights.astype(dtype), _cast(graph.overflow, dtype), graph.order)
 
 
 def _padded_edges(graph: PaddedGraph) -> CellGraph:

@@ -58,22 +58,27 @@ class PaddedGraph(eqx.Module):
     itself with weight 0), and the non-zeros of the few longer rows beyond their first `width` in `overflow`.
 
     A product is `sum_s weights[:, s] * v[indices[:, s]]` (gathers only) plus the small overflow's `segment_sum`.
+    The rows may be a permutation of the cells (`order[r]` is the cell in row `r`; `padded_rows(reorder=True)`
+    picks the reverse Cuthill-McKee order, which keeps each row's neighbours close in memory): products then act
+    on vectors in that order.
     """
 
     indices: Int[Array, "n_cells width"]
     weights: Float[Array, "n_cells width"]
     overflow: CellGraph
+    order: Int[Array, " n_cells"]
 
 
 #: `padded_rows`' default width: this quantile of the row lengths (the longer rows spill into the overflow list).
 PADDED_WIDTH_QUANTILE = 0.95
 
 
-def padded_rows(graph: CellGraph, *, width: int | None = None) -> PaddedGraph:
+def padded_rows(graph: CellGraph, *, width: int | None = None, reorder: bool = False) -> PaddedGraph:
     """The non-zeros of `graph` (a concrete `CellGraph`, outside jit) as a `PaddedGraph`; zero weights are dropped.
 
     `width` (default: the `PADDED_WIDTH_QUANTILE` quantile of the row lengths, at least 1) fixes the padded rows;
-    entries beyond it go to the overflow edge list."""
+    entries beyond it go to the overflow edge list. `reorder`: lay the rows out in SciPy's reverse Cuthill-McKee
+    order of the (symmetric) graph."""
     import scipy.sparse as sp
 
     n = graph.n_cells
@@ -81,11 +86,20 @@ def padded_rows(graph: CellGraph, *, width: int | None = None) -> PaddedGraph:
     keep = weights != 0
     matrix: Any = sp.csr_matrix((weights[keep], (np.asarray(graph.heads)[keep], np.asarray(graph.tails)[keep])),
                                 shape=(n, n))
-    return _csr_padded(matrix, width, weights.dtype)
+    return _csr_padded(matrix, width, weights.dtype, reorder)
 
 
-def _csr_padded(matrix: Any, width: int | None, dtype: Any) -> PaddedGraph:
+def _csr_padded(matrix: Any, width: int | None, dtype: Any, reorder: bool) -> PaddedGraph:
     n = matrix.shape[0]
+    order = np.arange(n, dtype=np.int32)
+    if reorder and n:
+        from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+        order = reverse_cuthill_mckee(matrix, symmetric_mode=True).astype(np.int32)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(n, dtype=np.int32)
+        matrix = matrix[order]  # rows in the new order; columns relabelled below (their order within a row is free)
+        matrix.indices = inverse[matrix.indices]
     lengths = np.diff(matrix.indptr)
     if width is None:
         width = max(1, int(np.ceil(np.quantile(lengths, PADDED_WIDTH_QUANTILE)))) if n else 1
@@ -98,7 +112,7 @@ def _csr_padded(matrix: Any, width: int | None, dtype: Any) -> PaddedGraph:
     values[rows[inside], slot[inside]] = matrix.data[inside]
     overflow = CellGraph(jnp.asarray(rows[~inside]), jnp.asarray(matrix.indices[~inside].astype(np.int32)),
                          jnp.asarray(matrix.data[~inside].astype(dtype)), n)
-    return PaddedGraph(jnp.asarray(indices), jnp.asarray(values), overflow)
+    return PaddedGraph(jnp.asarray(indices), jnp.asarray(values), overflow, jnp.asarray(order))
 
 
 def padded_matvec(graph: PaddedGraph, v: Float[Array, " n_cells *batch"]) -> Float[Array, " n_cells *batch"]:
@@ -124,12 +138,13 @@ def scale_padded(graph: PaddedGraph, left: Float[Array, " n_cells"], right: Floa
                  ) -> PaddedGraph:
     """`diag(left) W diag(right)` on the same slots."""
     weights = graph.weights * left[:, None] * right[graph.indices]
-    return PaddedGraph(graph.indices, weights, scale_entries(graph.overflow, left, right))
+    return PaddedGraph(graph.indices, weights, scale_entries(graph.overflow, left, right), graph.order)
 
 
 def padded_components(graph: PaddedGraph) -> Int[Array, " n_cells"]:
     """`connected_components` of a `PaddedGraph` holding a symmetric matrix (each row lists all of its cell's
-    neighbours, so minima over rows suffice: gathers only)."""
+    neighbours, so minima over rows suffice: gathers only); labels per cell (not per row), each the smallest cell
+    index in its component."""
     n = graph.indices.shape[0]
     live = graph.weights > 0
     over = graph.overflow
@@ -146,21 +161,24 @@ def padded_components(graph: PaddedGraph) -> Int[Array, " n_cells"]:
         return carry[1], step(carry[1])
 
     start = jnp.arange(n, dtype=graph.indices.dtype)
-    return jax.lax.while_loop(lambda c: jnp.any(c[0] != c[1]), body, (start, step(start)))[1]
+    rows = jax.lax.while_loop(lambda c: jnp.any(c[0] != c[1]), body, (start, step(start)))[1]
+    smallest = jax.ops.segment_min(graph.order, rows, num_segments=n)  # smallest cell index per component
+    return jnp.zeros_like(rows).at[graph.order].set(smallest[rows])
 
 
-def as_padded_graph(graph: "CellGraph | NeighborGraph | FuzzyGraph | object") -> PaddedGraph:
-    """`padded_rows(as_cell_graph(graph))`; a SciPy matrix's rows are read directly (checked as `as_cell_graph`
-    checks them)."""
+def as_padded_graph(graph: "CellGraph | NeighborGraph | FuzzyGraph | object", *, reorder: bool = True
+                    ) -> PaddedGraph:
+    """`padded_rows(as_cell_graph(graph), reorder=reorder)`; a SciPy matrix's rows are read directly (checked as
+    `as_cell_graph` checks them)."""
     import scipy.sparse as sp
 
     if not sp.issparse(graph):
-        return padded_rows(as_cell_graph(graph))
+        return padded_rows(as_cell_graph(graph), reorder=reorder)
     matrix: Any = sp.csr_matrix(graph)
     _check_scipy(matrix)
     matrix = sp.csr_matrix(matrix, dtype=jnp.zeros(()).dtype)
     matrix.eliminate_zeros()
-    return _csr_padded(matrix, None, matrix.dtype)
+    return _csr_padded(matrix, None, matrix.dtype, reorder)
 
 
 def _check_scipy(matrix: Any) -> None:
