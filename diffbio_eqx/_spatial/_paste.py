@@ -14,7 +14,8 @@ et al. 2016) whose linear steps are ott-jax's `Sinkhorn`: each linearisation
 PASTE's objective) is solved from the previous step's dual potentials, which after the first stage converge in a
 few Sinkhorn iterations. The cross term `D_A T D_B` of the gradient (two `n^3` products per step) goes through a
 rank-128 factorisation of each slice's distance matrix (`distance_factors`, `n^2 r` per step); `rank=0` keeps the
-exact distances. The reported objective is always exact.
+exact distances. The reported objective goes through the same factorisation (`fgw_objective(..., cross=...)`; exact
+with `rank=0`, or `fgw_objective` without `cross`).
 
 **The uniform-plan failure and the schedule that avoids it.** From the product plan the GW gradient only sees each
 spot's distance to the slice's centre of mass; on slices whose geometry is nearly symmetric, the first linear step
@@ -46,7 +47,7 @@ its top entries per spot.
 
 import contextlib
 import functools as ft
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import equinox as eqx
 import jax
@@ -54,12 +55,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 from ott.geometry import geometry
 from ott.problems.linear.linear_problem import LinearProblem
-from ott.solvers.linear import sinkhorn
+from ott.solvers.linear import acceleration, sinkhorn
 
 
 #: The entropic regularisation at each stage of the mirror descent, in the linearised cost's units (squared spot
 #: spacings times mass): from 10, where Sinkhorn converges in a few iterations, to 0.003, a near one-to-one plan.
 EPSILONS = (10.0, 1.0, 0.1, 0.01, 0.003)
+
+#: The Sinkhorn iteration from which ott's adaptive momentum (Lehmann et al. 2021) over-relaxes the updates.
+MOMENTUM_START = 6
 
 #: PASTE's pseudo-count before normalising expression for the KL cost (`paste.PASTE.pairwise_align`).
 PSEUDOCOUNT = 0.01
@@ -86,14 +90,19 @@ def euclidean_distances(points: Float[Array, "n 2"]) -> Float[Array, "n n"]:
 
 def fgw_objective(
     plan: Float[Array, "n_a n_b"], cost: Float[Array, "n_a n_b"], ca: Float[Array, "n_a 2"],
-    cb: Float[Array, "n_b 2"], alpha: Float[ArrayLike, ""],
+    cb: Float[Array, "n_b 2"], alpha: Float[ArrayLike, ""], *, cross: Callable[[Array], Array] | None = None,
 ) -> Float[Array, ""]:
     """PASTE's objective $(1-\\alpha)\\langle M,\\pi\\rangle + \\alpha \\sum (D^A_{ik}-D^B_{jl})^2 \\pi_{ij}\\pi_{kl}$
-    (POT's `gwloss` with the square loss, as `paste-bio` reports `fgw_dist`)."""
+    (POT's `gwloss` with the square loss, as `paste-bio` reports `fgw_dist`).
+
+    `cross`: the cross term's `plan -> D_A plan D_B` (`gw_cross`: the solver's factorisation costs `n^2 rank`
+    instead of two `n^3` products; on the 2,058-spot pair the exact objective took 1.7 CPU-s, the whole solver
+    3.3); `None`: exact."""
     da, db = euclidean_distances(ca), euclidean_distances(cb)
     p, q = jnp.sum(plan, axis=1), jnp.sum(plan, axis=0)
     const = (da * da) @ p[:, None] + ((db * db) @ q)[None, :]
-    quadratic = jnp.sum((const - 2 * da @ plan @ db.T) * plan)
+    cross = gw_cross(ca, cb, 0) if cross is None else cross
+    quadratic = jnp.sum((const - 2 * cross(plan)) * plan)
     alpha = jnp.asarray(alpha)
     return (1 - alpha) * jnp.sum(cost * plan) + alpha * quadratic
 
@@ -154,6 +163,19 @@ def distance_factors(points: Float[Array, "n 2"], rank: int) -> tuple[Float[Arra
     return q, q.T @ d @ q
 
 
+def gw_cross(
+    ca: Float[Array, "n_a 2"], cb: Float[Array, "n_b 2"], rank: int
+) -> Callable[[Float[Array, "n_a n_b"]], Float[Array, "n_a n_b"]]:
+    """The GW gradient's cross term `plan -> D_A plan D_B`: through `distance_factors` of rank `rank` (`n^2 rank`
+    work per plan instead of two `n^3` products) when both slices have more than `2 rank` spots, else exact
+    (`rank=0`: always exact)."""
+    if rank and min(ca.shape[0], cb.shape[0]) > 2 * rank:
+        (qa, core_a), (qb, core_b) = distance_factors(ca, rank), distance_factors(cb, rank)
+        return lambda plan: qa @ (core_a @ (qa.T @ plan @ qb) @ core_b) @ qb.T
+    da, db = euclidean_distances(ca), euclidean_distances(cb)
+    return lambda plan: da @ plan @ db
+
+
 def _extend(cost: Float[Array, "n_a n_b"]) -> Float[Array, "n_a+1 n_b+1"]:
     """PASTE2's dummy point: one extra row and column at cost 0; dummy to dummy forbidden (a cost far above the
     others), so that exactly the overlap's mass moves between real spots."""
@@ -164,7 +186,7 @@ def _extend(cost: Float[Array, "n_a n_b"]) -> Float[Array, "n_a+1 n_b+1"]:
 def fused_gw_plan(
     cost: Float[Array, "n_a n_b"], ca: Float[Array, "n_a 2"], cb: Float[Array, "n_b 2"],
     alpha: Float[Array, ""], *, epsilons: tuple[float, ...], n_outer: int, overlap: float = 1.0, rank: int = 128,
-    threshold: float = 1e-2,
+    threshold: float = 1e-2, cross: Callable[[Array], Array] | None = None,
 ) -> Float[Array, "n_a n_b"]:
     """PASTE's (overlap 1) or PASTE2's partial (overlap < 1) fused GW plan by entropic mirror descent (Peyre et al.
     2016) whose linear steps are ott-jax's `Sinkhorn`, along an epsilon schedule (see the module docstring).
@@ -185,6 +207,7 @@ def fused_gw_plan(
     - `rank`: the cross term `D_A T D_B` (two `n^3` products) through `distance_factors` of this rank (`n^2 rank`);
       0, or a slice of at most `2 rank` spots, keeps the exact distances.
     - `threshold`: Sinkhorn's marginal error tolerance.
+    - `cross`: `gw_cross(ca, cb, rank)` when the caller already has it (then `rank` is not used).
     """
     n_a, n_b = cost.shape
     dtype = cost.dtype
@@ -201,14 +224,13 @@ def fused_gw_plan(
     scale_b = jnp.max(cost) / jnp.max(db) if partial else jnp.ones((), dtype)
     da, db = da * scale_a, db * scale_b
     da2, db2 = da * da, db * db
-    if rank and min(n_a, n_b) > 2 * rank:
-        (qa, core_a), (qb, core_b) = distance_factors(ca, rank), distance_factors(cb, rank)
-        core_a, core_b = core_a * scale_a, core_b * scale_b
-        cross = lambda plan: qa @ (core_a @ (qa.T @ plan @ qb) @ core_b) @ qb.T
-    else:
-        cross = lambda plan: da @ plan @ db
+    unscaled = gw_cross(ca, cb, rank) if cross is None else cross
+    scale = scale_a * scale_b
     penalty = (1 - alpha) / (2 * alpha)
-    solver = sinkhorn.Sinkhorn(threshold=threshold, inner_iterations=2)
+    # Lehmann et al.'s adaptive over-relaxation from the 6th iteration (ott's `Momentum(start=6)`): on the 2,058-spot
+    # pair 160 Sinkhorn iterations in all instead of 218, same accuracy (0.9845 vs 0.9851) and transform.
+    solver = sinkhorn.Sinkhorn(threshold=threshold, inner_iterations=2,
+                               momentum=acceleration.Momentum(start=MOMENTUM_START, value=1.0))
 
     def solve(linear, epsilon, init):
         with _ott_promotion():
@@ -219,7 +241,7 @@ def fused_gw_plan(
 
     def linearise_and_solve(plan, duals, epsilon):
         linear = (da2 @ jnp.sum(plan, axis=1))[:, None] + (db2 @ jnp.sum(plan, axis=0))[None, :] \
-            - 2 * cross(plan) + penalty * cost
+            - 2 * scale * unscaled(plan) + penalty * cost
         return solve(linear, epsilon, duals)
 
     # The first plan: expression-only OT (epsilon 10 % of the cost's standard deviation; 1 % for the partial
@@ -290,11 +312,12 @@ class PasteAlignment(eqx.Module):
     ) -> AlignmentResult:
         alpha = eqx.error_if(self.alpha, (self.alpha <= 0) | (self.alpha > 1), "alpha: must be in (0, 1]")
         cost = kl_expression_cost(xa, xb)
+        cross = gw_cross(ca, cb, self.rank)
         plan = fused_gw_plan(cost, ca, cb, alpha, epsilons=self.epsilons, n_outer=self.n_outer,
-                             overlap=self.overlap, rank=self.rank)
+                             overlap=self.overlap, cross=cross)
         rotation, translation = procrustes(ca, cb, plan)
         return AlignmentResult(plan, rotation, translation, cb @ rotation.T + translation[None, :],
-                               fgw_objective(plan, cost, ca, cb, alpha), plan_entropy(plan))
+                               fgw_objective(plan, cost, ca, cb, alpha, cross=cross), plan_entropy(plan))
 
 
 @eqx.filter_jit
