@@ -25,7 +25,14 @@ from diffbio_eqx._trajectory import (
     find_terminal_states,
 )
 from diffbio_eqx._trajectory._fate import connectivity_transitions, pseudotime_transitions
-from diffbio_eqx._trajectory._graph import as_cell_graph
+from diffbio_eqx._trajectory._graph import (
+    as_cell_graph,
+    connected_components,
+    matvec,
+    padded_components,
+    padded_matvec,
+    padded_rows,
+)
 
 
 def _scanpy_dpt(adata: ad.AnnData, root: int) -> ad.AnnData:
@@ -111,6 +118,21 @@ def test_disconnected_graph_warns_and_gives_inf():
     pseudotime = np.asarray(result.pseudotime)
     assert np.all(np.isfinite(pseudotime[:60])) and np.all(np.isinf(pseudotime[60:]))
     assert pseudotime.max(where=np.isfinite(pseudotime), initial=0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("reorder", [False, True])
+def test_padded_rows_match_the_edge_list(reorder):
+    """The padded-row layout (narrow rows, so many entries overflow; reordered or not) gives the same products, row
+    sums and component labels as the edge list it came from."""
+    graph = as_cell_graph(neighbor_graph(_two_blobs(), 10))
+    padded = padded_rows(graph, width=4, reorder=reorder)
+    assert padded.overflow.weights.shape[0] > 0
+    order = np.asarray(padded.order)
+    v = jr.normal(jr.key(0), (graph.n_cells, 3))
+    ours = np.zeros((graph.n_cells, 3))
+    ours[order] = np.asarray(padded_matvec(padded, v[order]))
+    np.testing.assert_allclose(ours, np.asarray(matvec(graph, v)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.asarray(padded_components(padded)), np.asarray(connected_components(graph)))
 
 
 def _scipy_absorption(transitions: CellGraph, terminal: np.ndarray, n_states: int):
