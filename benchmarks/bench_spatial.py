@@ -13,6 +13,8 @@
 Writes `benchmarks/results/spatial.json`.
 Run: `python benchmarks/bench_spatial.py [align] [domains] [--sizes 1000 5000] [--paste-max 1000] [--epochs 300]
 [--rounds 3]` (ours in equinox's default error mode, `raise`).
+STAGATE's training throughput alone, one line: `python benchmarks/bench_spatial.py domains --train-only --sizes 5000`
+(prints wall spots/s beside spot-epochs per CPU-second and the load average).
 """
 
 import argparse
@@ -164,6 +166,37 @@ def bench_domains(n: int, epochs: int) -> dict:
     return {"task": "domains", "n_spots": len(s.domains), "ours": ours, **_baselines(s)}
 
 
+def bench_train(n: int, epochs: int) -> dict:
+    """STAGATE training alone (`--train-only`): the loop compiled by a first run, then timed (wall and CPU-seconds
+    of this process side by side); prints the throughput on one line."""
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    from diffbio_eqx._core._train import TrainSettings
+    from diffbio_eqx._simulate._spatial import simulate_spatial
+    from diffbio_eqx._spatial._domains import log_normalize
+    from diffbio_eqx._spatial._stagate import STAGATE, fit_stagate, spatial_graph
+
+    s = simulate_spatial(n, seed=0)
+    x = jnp.asarray(log_normalize(s.counts), jnp.float32)
+    graph = spatial_graph(jnp.asarray(s.coordinates))
+    settings = TrainSettings(n_epochs=epochs, progress=False)
+    run = lambda: fit_stagate(STAGATE(x.shape[1], key=jr.key(0)), x, graph, key=jr.key(1), settings=settings)
+    run()
+    load = os.getloadavg()
+    cpu_start, start = time.process_time(), time.perf_counter()
+    run()
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    spots = len(s.domains)
+    record = {"task": "domains_train", "n_spots": spots, "epochs": epochs, "train_seconds": wall,
+              "train_cpu_seconds": cpu, "spot_epochs_per_second": spots * epochs / wall,
+              "spot_epochs_per_cpu_second": spots * epochs / cpu, "load_average_before": load}
+    print(f"STAGATE training, {spots} spots x {epochs} epochs: {spots * epochs / wall:,.0f} spots/s wall "
+          f"({wall:.1f} s), {spots * epochs / cpu:,.0f} per CPU-second ({cpu:.1f} CPU-s); load average before "
+          f"{load[0]:.1f}, after {os.getloadavg()[0]:.1f}", flush=True)
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("tasks", nargs="*", default=["align", "domains"])
@@ -171,13 +204,17 @@ def main() -> None:
     parser.add_argument("--paste-max", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the alignment comparison")
+    parser.add_argument("--train-only", action="store_true", help="domains: time STAGATE's training alone")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     runs = []
     for n in args.sizes:
         for task in args.tasks:
             load_before = os.getloadavg()
-            record = bench_align(n, args.paste_max, args.rounds) if task == "align" else bench_domains(n, args.epochs)
+            if task == "align":
+                record = bench_align(n, args.paste_max, args.rounds)
+            else:
+                record = bench_train(n, args.epochs) if args.train_only else bench_domains(n, args.epochs)
             record["size"] = n
             record["load_average"] = {"before": load_before, "after": os.getloadavg()}
             print(record, flush=True)
