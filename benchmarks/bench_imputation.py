@@ -20,8 +20,8 @@ Datasets: `pbmc68k` (700 cells x 765 genes, restored counts), `sim10k` / `sim20k
 timed epochs after one compiling epoch). `--rounds N`: the (dataset, method) jobs run N times, interleaved (round 1
 of every method, then round 2, ...), each in a fresh process; the record keeps every round and a summary with the
 median and range of magic-impute's time over ours (`ratio_summary`), per dataset. Each worker runs under
-`--timeout` seconds. Our MAGIC uses `Magic()`'s `knn_method="auto"`: the exact kNN below 20,000 cells, the
-inverted-file search (`ivf_neighbor_graph`) from there on; magic-impute's graphtools runs scikit-learn's
+`--timeout` seconds. `magic` is our MAGIC with its default exact kNN, `magic-ivf` the same with the
+inverted-file search (`Magic(knn_method="ivf")`, `ivf_neighbor_graph`); magic-impute's graphtools runs scikit-learn's
 `NearestNeighbors(algorithm="auto")`, brute force on 100 PCs (exact). magic-impute gets `n_jobs=-1` (both
 cores, as JAX uses).
 
