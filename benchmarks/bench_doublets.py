@@ -3,6 +3,13 @@
     .venv/bin/python benchmarks/bench_doublets.py --sizes 5000 20000 --tools scrublet scanpy
     .venv/bin/python benchmarks/bench_doublets.py --sizes 2000 --tools solo scvi_solo
     .venv/bin/python benchmarks/bench_doublets.py --sizes 700 --tools pbmc68k   # called rates on pbmc68k
+    .venv/bin/python benchmarks/bench_doublets.py --sizes 5000 20000 --tools ivf_vs_exact --rounds 1
+    .venv/bin/python benchmarks/bench_doublets.py --sizes 20000 --tools scrublet scanpy scanpy_default
+
+Tools: `scrublet` (ours, default settings: the IVF kNN from 15,000 points), `scanpy` (`scanpy.pp.scrublet` with
+exact sklearn neighbours, `use_approx_neighbors=False`), `scanpy_default` (its defaults: pynndescent above 8,192
+points, run through `_scanpy_getnnz_shim` and, like ours, timed on a second call after a first one on 3,000 cells
+that compiles numba), `solo`, `scvi_solo`, `ivf_vs_exact` (ours with the IVF against ours exact on the same doublets).
 
 Data: `_simulated(n)`: `2n` singlets from `simulate_sparse` (8 groups, 2,000 genes, chunked: the dense
 `simulate_doublets` needs over 13 GB at 20k cells), droplet `i` singlet `i` plus, with probability 0.1, a random
@@ -87,7 +94,7 @@ def _run_scrublet(counts):
 
     result = run_scrublet(counts, key=jr.key(0))
     return result.doublet_score, {"called_rate": float(result.predicted_doublet.mean()),
-                                  "threshold_method": result.threshold_method}
+                                  "threshold_method": result.threshold_method, "knn_method": result.knn_method}
 
 
 def _run_scanpy(counts):
@@ -104,6 +111,73 @@ def _run_scanpy(counts):
         sc.pp.scrublet(adata, random_state=0, verbose=False, use_approx_neighbors=False)
     return adata.obs["doublet_score"].to_numpy(), {"called_rate": float(adata.obs["predicted_doublet"].mean()),
                                                    "use_approx_neighbors": False}
+
+
+def _scanpy_getnnz_shim() -> None:
+    """scanpy 1.11.5's default kNN above 8,192 points (pynndescent's transformer) returns a `csr_array`, and
+    scanpy then calls `getnnz`, which SciPy 1.17's sparse arrays no longer have: this hands scanpy's
+    `_ind_dist_shortcut` the same entries as a `csr_matrix`. A compatibility fix, not a change of its search."""
+    import scanpy.neighbors._common as common
+    import scipy.sparse as sp
+
+    original = common._ind_dist_shortcut
+    if getattr(original, "shimmed", False):
+        return
+
+    def shortcut(d):
+        return original(sp.csr_matrix(d))
+
+    shortcut.shimmed = True  # type: ignore[attr-defined]
+    common._ind_dist_shortcut = shortcut
+
+
+def _run_scanpy_default(counts):
+    """`scanpy.pp.scrublet` with its defaults: exact below 8,192 points, pynndescent above (`_scanpy_getnnz_shim`)."""
+    import warnings
+
+    import anndata as ad
+    import scanpy as sc
+
+    _scanpy_getnnz_shim()
+    adata = ad.AnnData(counts.copy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.scrublet(adata, random_state=0, verbose=False)
+    return adata.obs["doublet_score"].to_numpy(), {"called_rate": float(adata.obs["predicted_doublet"].mean()),
+                                                   "use_approx_neighbors": None}
+
+
+def ivf_vs_exact(n_cells: int) -> dict:
+    """Our Scrublet with the IVF and with the exact kNN on the same droplets and the same simulated doublets (same
+    key): score Spearman, share of identical scores, AUPRC of each, called-doublet agreement, first-call times."""
+    import jax.random as jr
+    import numpy as np
+
+    from diffbio_eqx._doublets._run import ScrubletSettings, run_scrublet
+
+    counts, truth, homotypic = _data(n_cells)
+    results, seconds = {}, {}
+    for method in ("ivf", "exact"):
+        start = time.perf_counter()
+        results[method] = run_scrublet(counts, ScrubletSettings(knn_method=method), key=jr.key(0))
+        seconds[method] = time.perf_counter() - start
+    ivf, exact = results["ivf"], results["exact"]
+    # The scores take one value per neighbour count; rounding drops the last-bit differences of two jits, which
+    # would otherwise break their many ties at random.
+    ivf_score, exact_score = np.round(ivf.doublet_score, 6), np.round(exact.doublet_score, 6)
+    quality = {method: _quality(r.doublet_score, truth, homotypic) for method, r in results.items()}
+    return {"tool": "scrublet_ivf_vs_exact", "n_cells": n_cells, "n_points": int(ivf.parents.shape[0]
+                                                                             + np.isfinite(ivf.doublet_score).sum()),
+            "k_adj": ivf.n_neighbors_adjusted, "spearman": _spearman(ivf_score, exact_score),
+            "identical_score_share": float(np.mean(ivf_score == exact_score)),
+            "identical_sim_score_share": float(np.mean(np.round(ivf.scores_sim, 6) == np.round(exact.scores_sim, 6))),
+            "called_agreement": float(np.mean(ivf.predicted_doublet == exact.predicted_doublet)),
+            "called_rate": {"ivf": float(ivf.predicted_doublet.mean()), "exact": float(exact.predicted_doublet.mean())},
+            "threshold": {"ivf": ivf.threshold, "exact": exact.threshold},
+            "auprc": {m: q["auprc"] for m, q in quality.items()},
+            "auprc_difference": quality["ivf"]["auprc"] - quality["exact"]["auprc"],
+            "auroc": {m: q["auroc"] for m, q in quality.items()},
+            "first_call_seconds_with_compile": seconds, "load_average": list(os.getloadavg())}
 
 
 def _run_solo(counts, vae_epochs: int):
@@ -130,13 +204,17 @@ def _run_scvi_solo(counts, vae_epochs: int):
 def one(tool: str, n_cells: int, vae_epochs: int) -> dict:
     """One (tool, size) measurement in this process."""
     counts, truth, homotypic = _data(n_cells)
-    run = {"scrublet": _run_scrublet, "scanpy": _run_scanpy,
+    run = {"scrublet": _run_scrublet, "scanpy": _run_scanpy, "scanpy_default": _run_scanpy_default,
            "solo": lambda c: _run_solo(c, vae_epochs), "scvi_solo": lambda c: _run_scvi_solo(c, vae_epochs)}[tool]
     record: dict = {"tool": tool, "n_cells": n_cells, "n_genes": counts.shape[1]}
-    if tool == "scrublet":
+    if tool in WARMED:
+        # scanpy_default's first call compiles pynndescent's numba code on 3,000 cells (9,000 points, above its
+        # 8,192-point cut); ours runs its first call, compilation included, on the data itself
+        warm = counts[:SCANPY_WARMUP_CELLS] if tool == "scanpy_default" else counts
         start = time.perf_counter()
-        run(counts)
+        run(warm)
         record["first_call_seconds"] = time.perf_counter() - start
+        record["first_call_cells"] = warm.shape[0]
     baseline = _common.reset_peak()
     start = time.perf_counter()
     scores, info = run(counts)
@@ -201,18 +279,28 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("TOOL", "N_CELLS"))
     args = parser.parse_args()
     if args.one:
-        record = pbmc68k_rates() if args.one[0] == "pbmc68k" else one(args.one[0], int(args.one[1]), args.vae_epochs)
+        tool, n_cells = args.one[0], int(args.one[1])
+        special = {"pbmc68k": pbmc68k_rates, "ivf_vs_exact": lambda: ivf_vs_exact(n_cells)}
+        record = special[tool]() if tool in special else one(tool, n_cells, args.vae_epochs)
         print("RESULT " + json.dumps(record))
         return
-    runs = [record for n_cells in sorted(args.sizes)
-            for record in interleaved(n_cells, args.tools, args.rounds, args.vae_epochs)]
+    for n_cells in sorted(args.sizes):
+        interleaved(n_cells, args.tools, args.rounds, args.vae_epochs)
+
+
+def save(runs: list[dict]) -> None:
+    """Merge `runs` into benchmarks/results/doublets.json (keyed by tool, size and backend)."""
     env = _common.environment("scanpy", "scvi-tools", "torch", "scikit-image")
     _common.write_json(RESULTS, {"environment": env,
                                  "runs": _common.merge_runs(RESULTS, runs, ("tool", "n_cells", "backend"))})
 
 
-#: Which reference each of our tools is timed against.
-PEERS = {"scrublet": "scanpy", "solo": "scvi_solo"}
+#: Which references each of our tools is timed against.
+PEERS = {"scrublet": ("scanpy", "scanpy_default"), "solo": ("scvi_solo",)}
+#: Cells of scanpy_default's warm-up call (numba's compilation of pynndescent).
+SCANPY_WARMUP_CELLS = 3000
+#: Tools timed on a second call in the same process after a first one (compilation: JAX's, pynndescent's numba).
+WARMED = ("scrublet", "scanpy_default")
 
 
 def _child(tool: str, n_cells: int, vae_epochs: int) -> dict | None:
@@ -227,17 +315,21 @@ def _child(tool: str, n_cells: int, vae_epochs: int) -> dict | None:
 
 def interleaved(n_cells: int, tools: list[str], rounds: int, vae_epochs: int) -> list[dict]:
     """`rounds` rounds, each running every tool once in its own child process, in turn; one record per tool (the
-    median round's, with every round's seconds and peak) and, for each of ours with its peer, the time ratio
-    (peer / ours per round: median and range) and the machine's load average before and after."""
+    median round's, with every round's seconds and peak) and, for each of ours with its peers, the time ratio
+    (peer / ours per round: median and range) and the machine's load average before and after. The summary so
+    far is saved after every round (`save`), so a run cut short keeps its finished rounds."""
     load_before = os.getloadavg()
     per_tool: dict[str, list[dict]] = {tool: [] for tool in tools}
+    summary: list[dict] = []
     for _ in range(rounds):
         for tool in tools:
             record = _child(tool, n_cells, vae_epochs)
             if record is not None:
                 print(json.dumps(record), flush=True)
                 per_tool[tool].append(record)
-    return summarize(per_tool, list(load_before), list(os.getloadavg()))
+        summary = summarize(per_tool, list(load_before), list(os.getloadavg()))
+        save(summary)
+    return summary
 
 
 def summarize(per_tool: dict[str, list[dict]], load_before: list[float], load_after: list[float]) -> list[dict]:
@@ -251,14 +343,15 @@ def summarize(per_tool: dict[str, list[dict]], load_before: list[float], load_af
         chosen.update(seconds_rounds=seconds, peak_bytes_rounds=[r.get("peak_bytes") for r in records],
                       backend=_common.environment()["backend"], n_rounds=len(records),
                       load_average_before=load_before, load_average_after=load_after)
-        if tool == "scrublet":
+        if tool in WARMED:
             chosen["first_call_seconds_rounds"] = [r["first_call_seconds"] for r in records]
-        peer = PEERS.get(tool)
-        paired = min(len(records), len(per_tool.get(peer or "", [])))  # the rounds where both ran
-        if peer is not None and paired:
+        for peer in PEERS.get(tool, ()):
+            paired = min(len(records), len(per_tool.get(peer, [])))  # the rounds where both ran
+            if not paired:
+                continue
             theirs = [r["seconds"] for r in per_tool[peer][:paired]]
             chosen["time_ratio_vs_" + peer] = _common.ratio_summary(theirs, seconds[:paired])
-            if tool == "scrublet":
+            if tool == "scrublet" and peer == "scanpy":  # exact sklearn: nothing to compile, one call
                 chosen["time_ratio_vs_scanpy_first_call"] = _common.ratio_summary(
                     theirs, chosen["first_call_seconds_rounds"][:paired])
         out.append(chosen)

@@ -252,7 +252,8 @@ def _scrublet_record(result: ScrubletResult, settings: ScrubletSettings, obs_nam
                   "sim_doublet_ratio": settings.sim_doublet_ratio, "n_neighbors": result.n_neighbors,
                   "n_neighbors_adjusted": result.n_neighbors_adjusted,
                   "stdev_doublet_rate": settings.stdev_doublet_rate,
-                  "n_prin_comps": settings.n_prin_comps, "temperature": settings.temperature}
+                  "n_prin_comps": settings.n_prin_comps, "temperature": settings.temperature,
+                  "knn_method": result.knn_method}
     kept = np.asarray(obs_names)[np.isfinite(result.doublet_score)]
     return {"doublet_scores_sim": result.scores_sim, "doublet_parents": kept[result.parents],
             "parameters": parameters, "threshold": result.threshold, "threshold_method": result.threshold_method}
@@ -270,7 +271,8 @@ def scrublet(adata: ad.AnnData, *, key: PRNGKeyArray, batch_key: str | None = No
     - `settings`: `ScrubletSettings` fields: `sim_doublet_ratio` (2), `expected_doublet_rate` (0.05),
       `stdev_doublet_rate` (0.02), `n_neighbors` (round(0.5 sqrt(n))), `n_prin_comps` (30), `threshold` (None:
       automatic, Scrublet's `threshold_minimum`, else the Otsu fallback; `uns["scrublet"]["threshold_method"]`
-      says which), `temperature` (0; > 0: soft counts).
+      says which), `temperature` (0; > 0: soft counts), `knn_method` (`"auto"`: exact below 50,000 observed +
+      simulated cells, the inverted-file search above; `"exact"`, `"ivf"`; `parameters` records the one used).
 
     Writes `obs["doublet_score"]`, `obs["predicted_doublet"]` and `uns["scrublet"]` (`doublet_scores_sim`,
     `doublet_parents`, `parameters`, `threshold`, `threshold_method`; with `batch_key`: `batches` holding one such

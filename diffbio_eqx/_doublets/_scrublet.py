@@ -6,8 +6,9 @@ Given observed cells and simulated doublets, both normalised to 1e6 over the hig
 2. PCA with `n_prin_comps` components fitted on the observed cells (centred by their mean) and applied to both
    (scanpy's `pipeline.pca`; here through the eigenvectors of the `(n_genes, n_genes)` covariance);
 3. the nearest neighbours of every observed and simulated cell in their union, with
-   `k_adj = round(k * (1 + n_sim / n_obs))` (exact, blocked, the top-k in groups: `hard_neighbor_counts`;
-   scanpy uses exact search below 8192 points and pynndescent above). The count runs over the `k_adj - 1`
+   `k_adj = round(k * (1 + n_sim / n_obs))` (exact, blocked, the top-k in groups: `hard_neighbor_counts`; from
+   `_ivf.SCRUBLET_IVF_MIN_POINTS` points the inverted-file search of `_ivf` instead, outside this jit; scanpy
+   uses exact search below 8192 points and pynndescent above). The count runs over the `k_adj - 1`
    nearest *other* points (the point itself left out) with $n = k_{adj}$ in the score. That is what
    `scanpy.pp.scrublet` computes: its kNN list has `k_adj` columns of which the first is the point itself
    only when no row of the graph begins with its own index, and simulated doublets come in mirrored pairs
@@ -208,9 +209,7 @@ class Scrublet(AbstractStage):
         manifold_obs, manifold_sim = zscore_pca(obs, sim, min(self.n_prin_comps, obs.shape[1]))
         manifold = jnp.concatenate([manifold_obs, manifold_sim])
         is_sim = jnp.arange(n_obs + n_sim) >= n_obs
-        rho = eqx.error_if(self.expected_doublet_rate, (self.expected_doublet_rate <= 0)
-                           | (self.expected_doublet_rate >= 1), "expected_doublet_rate: must be in (0, 1)")
-        rho, stdev, temperature = (v.astype(obs.dtype) for v in (rho, self.stdev_doublet_rate, self.temperature))
+        temperature = self.temperature.astype(obs.dtype)
         n_candidates = min(2 * k_adj, n_obs + n_sim)
         weight = is_sim.astype(manifold.dtype)
 
@@ -224,9 +223,20 @@ class Scrublet(AbstractStage):
             n_d, n = jax.lax.cond(temperature > 0, soft, hard, manifold)
         else:
             n_d, n = hard(manifold)
-        score, error = bayesian_doublet_score(n_d, n, n_sim / n_obs, rho, stdev)
+        return self.from_neighbor_counts(n_d, n, manifold_obs, manifold_sim)
+
+    def from_neighbor_counts(self, n_sim_neighbors: Float[Array, " n_points"],
+                             n_neighbors: Float[Array, " n_points"], manifold_obs: Float[Array, "n_obs n_pcs"],
+                             manifold_sim: Float[Array, "n_sim n_pcs"]) -> ScrubletScores:
+        """Step 4 alone: the scores from each point's simulated-neighbour count $n_d$ and $n$ (observed points
+        first, then simulated), however the neighbours were found (`__call__`, or the IVF search of `_ivf`)."""
+        n_obs, n_sim = manifold_obs.shape[0], manifold_sim.shape[0]
+        rho = eqx.error_if(self.expected_doublet_rate, (self.expected_doublet_rate <= 0)
+                           | (self.expected_doublet_rate >= 1), "expected_doublet_rate: must be in (0, 1)")
+        rho, stdev = (v.astype(manifold_obs.dtype) for v in (rho, self.stdev_doublet_rate))
+        score, error = bayesian_doublet_score(n_sim_neighbors, n_neighbors, n_sim / n_obs, rho, stdev)
         return ScrubletScores(score[:n_obs], error[:n_obs], score[n_obs:], error[n_obs:], manifold_obs,
-                              manifold_sim, k_adj)
+                              manifold_sim, adjusted_neighbors(self.n_neighbors, n_obs, n_sim))
 
 
 @eqx.filter_jit
@@ -244,6 +254,25 @@ def scrublet_from_counts(scrublet: Scrublet, raw: Float[Array, "n_obs n_genes"],
     (each the sum of its two `parents`' rows), `normalize_total(target_sum=1e6)` of every cell, then `scrublet`."""
     sim = raw[parents[:, 0]] + raw[parents[:, 1]]
     return scrublet(normalize_total(raw), normalize_total(sim))
+
+
+@eqx.filter_jit
+def scrublet_manifold(scrublet: Scrublet, raw: Float[Array, "n_obs n_genes"], parents: Int[Array, "n_sim 2"]
+                      ) -> tuple[Float[Array, "n_obs n_pcs"], Float[Array, "n_sim n_pcs"]]:
+    """Steps 1-2 of `scrublet_from_counts` alone (the doublets' counts, normalisation, z-scores, PCA): the PCA
+    coordinates of the observed and simulated cells, for a kNN search outside this jit (`_ivf`)."""
+    sim = raw[parents[:, 0]] + raw[parents[:, 1]]
+    return zscore_pca(normalize_total(raw), normalize_total(sim), min(scrublet.n_prin_comps, raw.shape[1]))
+
+
+@eqx.filter_jit
+def scrublet_from_neighbor_counts(scrublet: Scrublet, n_sim_neighbors: Float[Array, " n_points"],
+                                  manifold_obs: Float[Array, "n_obs n_pcs"], manifold_sim: Float[Array, "n_sim n_pcs"]
+                                  ) -> ScrubletScores:
+    """Step 4 from hard counts over the `k_adj - 1` nearest others (`n = k_adj`), under one jit."""
+    k_adj = adjusted_neighbors(scrublet.n_neighbors, manifold_obs.shape[0], manifold_sim.shape[0])
+    n = jnp.full(n_sim_neighbors.shape, float(k_adj), n_sim_neighbors.dtype)
+    return scrublet.from_neighbor_counts(n_sim_neighbors, n, manifold_obs, manifold_sim)
 
 
 def normalize_total(counts: Float[Array, "n_cells n_genes"], target: float = 1e6) -> Float[Array, "n_cells n_genes"]:
