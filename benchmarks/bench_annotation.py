@@ -34,8 +34,10 @@ Parts:
   one epoch, each in its own process, interleaved over `--rounds` (3); ours called twice per process: the first call
   compiles (reported as `seconds_with_compile` and `compile_seconds`), the second is timed after compilation;
   accuracy on the hidden labels beside every time; ratios as median and range (`_common.ratio_summary`); ours in
-  equinox's default error mode (`raise`). `--torch-threads` sets torch's threads (default: torch's own, as XLA
-  keeps its own); on the loaded 2-core machine torch on two threads ran several times slower than on one.
+  equinox's default error mode (`raise`). Each timed call also records its process CPU seconds (all threads;
+  `speedup_cpu_seconds`), a figure less at the mercy of the shared machine's load than the wall clock.
+  `--torch-threads` sets torch's threads (default: torch's own, as XLA keeps its own); on the loaded 2-core machine
+  torch on two threads ran several times slower than on one.
 - `pbmc68k`: scanpy's pbmc68k_reduced (700 cells, 765 genes, 10 bulk_labels types), labels of a random half hidden
   (three splits, tests/annotation_markers.py `annotation_split`); CellTypist mode and scikit-learn's
   `OneVsRestClassifier(LogisticRegression(C=1))` on the same features (CellTypist's), scANVI mode (VAE with its
