@@ -209,7 +209,7 @@ def _graph_from_adata(adata: ad.AnnData, neighbors_key: str) -> Any:
 def diffmap(adata: ad.AnnData, n_comps: int = 15, *, neighbors_key: str = "neighbors",
             key: PRNGKeyArray) -> DiffusionMap:
     """scanpy's `tl.diffmap` on the neighbour graph (see `diffbio_eqx._trajectory`): writes `obsm["X_diffmap"]`
-    `(n_cells, n_comps)` and `uns["diffmap_evals"]`. `key` draws LOBPCG's start block. Returns the
+    `(n_cells, n_comps)` and `uns["diffmap_evals"]`. `key` draws the eigensolver's start block. Returns the
     `DiffusionMap`."""
     result = compute_diffusion_map(_graph_from_adata(adata, neighbors_key), n_comps=n_comps, key=key)
     adata.obsm["X_diffmap"] = np.asarray(result.eigenvectors)
@@ -222,7 +222,7 @@ def dpt(adata: ad.AnnData, n_dcs: int = 10, *, root: int | None = None, n_comps:
     """scanpy's `tl.dpt` (`n_branchings=0`): diffusion pseudotime from the root cell.
 
     **Arguments:** `n_dcs` diffusion components (10); `root` the root cell's index (None: `uns["iroot"]`, as
-    scanpy); `n_comps` components computed (15, scanpy's `tl.diffmap`); `key` LOBPCG's start block.
+    scanpy); `n_comps` components computed (15, scanpy's `tl.diffmap`); `key` the eigensolver's start block.
 
     **Returns:** the `DPTResult`. Writes `obs["dpt_pseudotime"]`, `obsm["X_diffmap"]`, `uns["diffmap_evals"]` and
     `uns["iroot"]`.

@@ -9,6 +9,7 @@ from ._api import (
 from ._diffmap import (
     DiffusionMap as DiffusionMap,
     DPTResult as DPTResult,
+    EigenSettings as EigenSettings,
     compute_diffusion_map as compute_diffusion_map,
     diffusion_map as diffusion_map,
     diffusion_pseudotime as diffusion_pseudotime,
