@@ -414,7 +414,7 @@ def _hidden_moments(model: SCANVI, cells: _Cells, rows: Int[Array, " n_rows"], *
         weight = inside.astype(dtype)[:, None]
         n_chunk = jnp.sum(weight)
         chunk_mean = jnp.sum(hidden * weight, 0) / n_chunk
-        chunk_m2 = jnp.sum((hidden - chunk_mean) ** 2 * weight, 0)
+        chunk_m2 = jnp.sum((hidden - chunk_mean[None, :]) ** 2 * weight, 0)
         total = count + n_chunk
         delta = chunk_mean - mean
         mean = mean + delta * n_chunk / total
