@@ -228,9 +228,10 @@ def fused_gw_plan(
     scale = scale_a * scale_b
     penalty = (1 - alpha) / (2 * alpha)
     # Lehmann et al.'s adaptive over-relaxation from the 6th iteration (ott's `Momentum(start=6)`): on the 2,058-spot
-    # pair 160 Sinkhorn iterations in all instead of 218, same accuracy (0.9845 vs 0.9851) and transform.
-    solver = sinkhorn.Sinkhorn(threshold=threshold, inner_iterations=2,
-                               momentum=acceleration.Momentum(start=MOMENTUM_START, value=1.0))
+    # pair 160 Sinkhorn iterations in all instead of 218, same accuracy (0.9845 vs 0.9851) and transform. Not in
+    # the partial problem: there the plan's mass missed `overlap` by more than 1 % (test_partial_alignment_vs_paste2).
+    momentum = None if partial else acceleration.Momentum(start=MOMENTUM_START, value=1.0)
+    solver = sinkhorn.Sinkhorn(threshold=threshold, inner_iterations=2, momentum=momentum)
 
     def solve(linear, epsilon, init):
         with _ott_promotion():
