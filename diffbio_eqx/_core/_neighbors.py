@@ -507,10 +507,7 @@ def _ivf_neighbor_graph(
     all static."""
     n_neighbors, n_rows, n_candidates = shape
     n_cells = x.shape[0]
-    order = jnp.argsort(assignment, stable=True).astype(jnp.int32)
-    index = _IVFIndex(x[order], order, jnp.cumsum(sizes, dtype=jnp.int32) - sizes, sizes, probes)
-    chunk_ends = jnp.cumsum(-(-sizes // n_rows), dtype=jnp.int32)
-    n_chunks = n_cells // n_rows + sizes.shape[0]  # sum over lists of ceil(size / n_rows), at most
+    index, chunk_ends, n_chunks = _ivf_sorted_index(x, assignment, sizes, probes, n_rows)
     rows, neighbours, distances = jax.lax.map(
         lambda c: _ivf_chunk(index, c, chunk_ends, n_neighbors, n_rows, n_candidates),
         jnp.arange(n_chunks, dtype=jnp.int32),
@@ -567,18 +564,44 @@ def ivf_neighbor_graph(
     if not _is_integer(n_probe) or not 1 <= n_probe <= n_lists:
         raise ValueError(f"n_probe: must be an integer in [1, n_lists = {n_lists}], got {n_probe!r}")
     x = eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x: contains non-finite values (NaN or inf)")
-    n_sample = min(n_cells, IVF_SAMPLE_PER_LIST * n_lists)
-    centroids, assignment, sizes = _ivf_partition(x, key, int(n_lists), n_sample, IVF_KMEANS_STEPS)
-    host_sizes = np.asarray(sizes)
-    probes = _ivf_probes(np.asarray(centroids), host_sizes, int(n_probe), int(n_neighbors))
-    largest = int(host_sizes.max())
-    n_rows = min(IVF_QUERY_CHUNK, largest)
-    n_candidates = min(n_cells, max(largest, int(np.max(np.sum(host_sizes[probes], axis=1))) if probes.shape[1]
-                                    > n_probe else 0, int(n_probe) * -(-n_cells // int(n_lists))))
+    assignment, sizes, probes, n_rows, n_candidates = _ivf_plan(x, key, int(n_lists), int(n_probe),
+                                                                int(n_neighbors))
     return _ivf_neighbor_graph(
-        x, assignment, sizes, jnp.asarray(probes), jnp.asarray(set_op_mix_ratio), jnp.asarray(local_connectivity),
+        x, assignment, sizes, probes, jnp.asarray(set_op_mix_ratio), jnp.asarray(local_connectivity),
         (int(n_neighbors), n_rows, n_candidates),
     )
+
+
+def _ivf_plan(
+    x: Float[Array, "n_cells n_dims"], key: PRNGKeyArray, n_lists: int, n_probe: int, n_neighbors: int,
+    quantum: int = 1,
+) -> tuple[Int[Array, " n_cells"], Int[Array, " n_lists"], Int[Array, "n_lists n_probe"], int, int]:
+    """Partition `x`, pick each list's probes and size the search on the host: `(assignment, sizes, probes,
+    rows per step, candidates per step)`. The candidates are at least the largest list and `n_probe` average
+    lists, and every probed cell where more probes were needed to reach `n_neighbors`; rounded up to a multiple
+    of `quantum` (so data of similar size can share one compilation), at most `n_cells`."""
+    n_cells = x.shape[0]
+    n_sample = min(n_cells, IVF_SAMPLE_PER_LIST * n_lists)
+    centroids, assignment, sizes = _ivf_partition(x, key, n_lists, n_sample, IVF_KMEANS_STEPS)
+    host_sizes = np.asarray(sizes)
+    probes = _ivf_probes(np.asarray(centroids), host_sizes, n_probe, n_neighbors)
+    largest = int(host_sizes.max())
+    needed = int(np.max(np.sum(host_sizes[probes], axis=1))) if probes.shape[1] > n_probe else 0
+    n_candidates = max(largest, needed, n_probe * -(-n_cells // n_lists))
+    n_candidates = min(n_cells, -(-n_candidates // quantum) * quantum)
+    return assignment, sizes, jnp.asarray(probes), min(IVF_QUERY_CHUNK, largest), n_candidates
+
+
+def _ivf_sorted_index(
+    x: Float[Array, "n_cells n_dims"], assignment: Int[Array, " n_cells"], sizes: Int[Array, " n_lists"],
+    probes: Int[Array, "n_lists n_probe"], n_rows: int,
+) -> tuple[_IVFIndex, Int[Array, " n_lists"], int]:
+    """The index with the cells sorted by list, each list's last step, and the number of steps of `n_rows`
+    query rows (the sum over lists of `ceil(size / n_rows)`, at most)."""
+    order = jnp.argsort(assignment, stable=True).astype(jnp.int32)
+    index = _IVFIndex(x[order], order, jnp.cumsum(sizes, dtype=jnp.int32) - sizes, sizes, probes)
+    chunk_ends = jnp.cumsum(-(-sizes // n_rows), dtype=jnp.int32)
+    return index, chunk_ends, x.shape[0] // n_rows + sizes.shape[0]
 
 
 def _is_integer(value: object) -> bool:

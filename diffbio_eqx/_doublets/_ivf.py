@@ -10,7 +10,7 @@ blocked search (`_scrublet.hard_neighbor_counts`) gives way to the IVF: the poin
 nearest its own list's (its own list in full; a quarter of the lists by default, `IVF_PROBE_FRACTION`, at least
 16). The index is built over all observed and simulated points and every one of them is a query (the simulated
 points' scores set the threshold), so the query set is the indexed set and `_neighbors`' partition, probe order and
-search step (`_ivf_partition`, `_ivf_probes`, `_ivf_chunk`) are reused as they are; only the end differs: each step
+search step (`_ivf_plan`, `_ivf_sorted_index`, `_ivf_chunk`) are reused as they are; only the end differs: each step
 keeps the number of simulated points among its rows' `k_adj - 1` nearest others, not the neighbour lists, and no
 fuzzy graph is built. Scores from the IVF's counts are compared with the exact ones in
 benchmarks/results/doublets.json (`scrublet_ivf_vs_exact`).
@@ -21,20 +21,9 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from .._core._neighbors import (
-    IVF_KMEANS_STEPS,
-    IVF_N_PROBE,
-    IVF_QUERY_CHUNK,
-    IVF_SAMPLE_PER_LIST,
-    _ivf_chunk,
-    _ivf_partition,
-    _ivf_probes,
-    _IVFIndex,
-    ivf_n_lists,
-)
+from .._core._neighbors import IVF_N_PROBE, _ivf_chunk, _ivf_plan, _ivf_sorted_index, ivf_n_lists
 
 
 #: `knn_method="auto"`: Scrublet searches its observed + simulated points exactly below this many points and by the
@@ -97,18 +86,9 @@ def ivf_neighbor_counts(
         raise ValueError(f"k_adj: must be in [1, {n_points}] (the number of points), got {k_adj}")
     n_lists = ivf_n_lists(n_points)
     n_probe = probe_count(n_lists, IVF_PROBE_FRACTION) if n_probe is None else min(int(n_probe), n_lists)
-    n_sample = min(n_points, IVF_SAMPLE_PER_LIST * n_lists)
-    centroids, assignment, sizes = _ivf_partition(manifold, key, n_lists, n_sample, IVF_KMEANS_STEPS)
-    host_sizes = np.asarray(sizes)
-    probes = _ivf_probes(np.asarray(centroids), host_sizes, n_probe, int(k_adj))
-    largest = int(host_sizes.max())
-    # As ivf_neighbor_graph: at least the largest list and n_probe average lists; every probed cell where more
-    # probes were needed to reach k_adj.
-    needed = int(np.max(np.sum(host_sizes[probes], axis=1))) if probes.shape[1] > n_probe else 0
-    n_candidates = max(largest, needed, n_probe * -(-n_points // n_lists))
-    n_candidates = min(n_points, -(-n_candidates // CANDIDATE_QUANTUM) * CANDIDATE_QUANTUM)
-    shape = (int(k_adj), min(IVF_QUERY_CHUNK, largest), n_candidates)
-    return _ivf_counts(manifold, jnp.asarray(is_sim), assignment, sizes, jnp.asarray(probes), shape)
+    assignment, sizes, probes, n_rows, n_candidates = _ivf_plan(manifold, key, n_lists, n_probe, int(k_adj),
+                                                                CANDIDATE_QUANTUM)
+    return _ivf_counts(manifold, jnp.asarray(is_sim), assignment, sizes, probes, (int(k_adj), n_rows, n_candidates))
 
 
 @eqx.filter_jit
@@ -124,11 +104,8 @@ def _ivf_counts(
     nearest, the row itself left out; `shape` is `(k_adj, rows per step, candidates per step)`, all static."""
     k_adj, n_rows, n_candidates = shape
     n_points = manifold.shape[0]
-    order = jnp.argsort(assignment, stable=True).astype(jnp.int32)
-    index = _IVFIndex(manifold[order], order, jnp.cumsum(sizes, dtype=jnp.int32) - sizes, sizes, probes)
-    chunk_ends = jnp.cumsum(-(-sizes // n_rows), dtype=jnp.int32)
-    n_chunks = n_points // n_rows + sizes.shape[0]  # sum over lists of ceil(size / n_rows), at most
-    sorted_sim = is_sim[order]
+    index, chunk_ends, n_chunks = _ivf_sorted_index(manifold, assignment, sizes, probes, n_rows)
+    sorted_sim = is_sim[index.order]
 
     def count(chunk: Array) -> tuple[Array, Array]:
         rows, neighbours, _ = _ivf_chunk(index, chunk, chunk_ends, k_adj, n_rows, n_candidates)
@@ -137,6 +114,6 @@ def _ivf_counts(
 
     rows, counts = jax.lax.map(count, jnp.arange(n_chunks, dtype=jnp.int32))
     rows = rows.reshape(-1)
-    points = jnp.where(rows < n_points, order[jnp.minimum(rows, n_points - 1)], n_points)
+    points = jnp.where(rows < n_points, index.order[jnp.minimum(rows, n_points - 1)], n_points)
     return jnp.zeros(n_points, manifold.dtype).at[points].set(counts.reshape(-1).astype(manifold.dtype),
                                                                mode="drop")
