@@ -49,6 +49,8 @@ import jax.scipy.special as jsp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from .._core._loop import iterate
+
 
 MIN_DISP, MAX_DISP, MIN_MU = 1e-8, 10.0, 0.5
 _GRID = 96
@@ -72,6 +74,16 @@ def nb_nll(
         -logbinom + (counts + inv) * jnp.log(inv + mu) - counts * jnp.log(mu))
 
 
+def _logdet_spd(m: Float[Array, "p p"]) -> Float[Array, ""]:
+    """$\\log\\det m$ of a symmetric positive definite matrix: in closed form up to 2 x 2 (the usual pseudobulk
+    designs; XLA's batched LU of tiny matrices cost most of the dispersion fits), else by Cholesky."""
+    if m.shape[0] == 1:
+        return jnp.log(m[0, 0])
+    if m.shape[0] == 2:
+        return jnp.log(m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0])
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(m))))
+
+
 def dispersion_loss(
     log_alpha: Float[Array, ""],
     counts: Float[Array, " n_samples"],
@@ -83,7 +95,7 @@ def dispersion_loss(
     `(centre, variance)` for MAP), as pydeseq2's `fit_alpha_mle` loss."""
     alpha = jnp.exp(log_alpha)
     w = mu / (1.0 + mu * alpha)
-    loss = nb_nll(counts, mu, alpha) + 0.5 * jnp.linalg.slogdet((design.T * w[None, :]) @ design)[1]
+    loss = nb_nll(counts, mu, alpha) + 0.5 * _logdet_spd((design.T * w[None, :]) @ design)
     if prior is not None:
         loss = loss + (log_alpha - prior[0]) ** 2 / (2.0 * prior[1])
     return loss
@@ -108,13 +120,17 @@ def minimise_log_dispersion(loss, start: Float[Array, ""]) -> Float[Array, ""]:
     step = grid[1] - grid[0]
     left, right = jnp.maximum(grid[best] - step, lo), jnp.minimum(grid[best] + step, hi)
 
-    def newton(x, _):
+    def newton(state, _):
+        x, _ = state
         g, h = grad(x), hess(x)
         target = jnp.clip(jnp.where(h > 0, x - g / h, x - jnp.sign(g) * step / 4.0), left, right)
         better = loss(target) <= loss(x)
-        return jnp.where(better, target, 0.5 * (x + target)), None
+        new = jnp.where(better, target, 0.5 * (x + target))
+        return (new, jnp.abs(new - x)), None
 
-    x = jax.lax.scan(newton, grid[best], length=30)[0]
+    # up to 30 steps, stopping once a step moves log(alpha) by at most 1e-12 (Newton's fixed point, to rounding)
+    start_state = (grid[best], jnp.asarray(jnp.inf, dtype))
+    (x, _), _, _ = iterate(newton, start_state, lambda s: s[1] <= 1e-12, max_steps=30, early_exit=True)
     return jnp.where(stuck, x0, jnp.where(loss(x) <= values[best], x, grid[best]))
 
 
@@ -154,18 +170,16 @@ def irls(
         return jnp.maximum(sf * jnp.exp(design @ beta), MIN_MU)
 
     def step(state, _):
-        beta, dev, done = state
+        beta, dev, _ = state
         mu = mean(beta)
         w = mu / (1.0 + mu * disp)
         z = jnp.log(mu / sf) + (counts - mu) / mu
         new = jnp.clip(jnp.linalg.solve((design.T * w[None, :]) @ design + ridge, design.T @ (w * z)), -30.0, 30.0)
         new_dev = -2.0 * nb_nll(counts, mean(new), disp)
-        converged = jnp.abs(new_dev - dev) / (jnp.abs(new_dev) + 0.1) <= beta_tol
-        beta = jnp.where(done, beta, new)
-        return (beta, jnp.where(done, dev, new_dev), done | converged), None
+        return (new, new_dev, jnp.abs(new_dev - dev) / (jnp.abs(new_dev) + 0.1) <= beta_tol), None
 
     init = (beta0, jnp.asarray(1000.0, counts.dtype), jnp.asarray(False))
-    beta = jax.lax.scan(step, init, length=max_iter)[0][0]
+    (beta, _, _), _, _ = iterate(step, init, lambda s: s[2], max_steps=max_iter, early_exit=True)
     return beta, mean(beta)
 
 
