@@ -71,6 +71,10 @@ from .._vae._stage import (
 
 _VAR_EPS = 1e-4
 _BATCH_NORM_EPS = 1e-3  # torch's BatchNorm1d in scvi-tools' FCLayers (eps=0.001)
+# Training cells whose posterior means give the classifier's population statistics after `fit_scanvi` (all of them
+# up to this many, else a random sample): torch's running averages (momentum 0.01) weigh about the last 100
+# minibatches, 12,800 cells.
+_POPULATION_SAMPLE = 16_384
 
 
 def gaussian_log_prob(
@@ -78,6 +82,56 @@ def gaussian_log_prob(
 ) -> Float[Array, " *shape"]:
     """$\\sum_k \\log N(x_k; m_k, e^{v_k})$."""
     return jnp.sum(-0.5 * ((x - mean) ** 2 * jnp.exp(-log_variance) + log_variance + math.log(2 * math.pi)), -1)
+
+
+def dropout16(x: Float[Array, "*shape"], rate: float, *, key: PRNGKeyArray) -> Float[Array, "*shape"]:
+    """Inverted dropout with 16-bit uniforms: each 32-bit random word gives the masks of two entries (half the
+    threefry evaluations of `eqx.nn.Dropout`, which draws a float per entry). An entry is dropped when its 16 bits
+    are below `round(rate * 2**16)`, so the drop probability is `rate` to within 2**-17 (0.1: 0.100006), and the
+    kept entries are scaled by the inverse of the exact keep probability (the expectation is unbiased)."""
+    threshold = round(rate * 65536)
+    if threshold == 0:
+        return x
+    n_words = -(-x.size // 2)
+    words = jr.bits(key, (n_words,), jnp.uint32)
+    halves = jnp.concatenate([words & 0xFFFF, words >> 16])[: x.size].reshape(x.shape)
+    keep = 1.0 - threshold / 65536
+    return jnp.where(halves >= threshold, x * (1.0 / keep), jnp.zeros((), x.dtype))
+
+
+def _dense(x: Float[Array, "*rows n_in"], layer: eqx.nn.Linear) -> Float[Array, "*rows n_out"]:
+    """`dense` for inputs of any rank (the bias broadcast explicitly)."""
+    y = x @ layer.weight.T
+    return y if layer.bias is None else y + layer.bias.reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def _label_layer(layer: eqx.nn.Linear, x: Float[Array, "#n_labels n_cells n_in"]
+                 ) -> Float[Array, "n_labels n_cells n_out"]:
+    """`layer([x, onehot(y)])` for every label `y` (the covariate columns last, as `CovariateMLP` concatenates
+    them): the product with `x`'s columns once per row of `x` (a leading axis of 1 is shared by all labels) plus
+    the weights' column of label `y` and the bias."""
+    n_in = x.shape[-1]
+    shared = x @ layer.weight[:, :n_in].T
+    per_label = layer.weight[:, n_in:].T
+    if layer.bias is not None:
+        per_label = per_label + layer.bias[None, :]
+    return shared + per_label[:, None, :]
+
+
+def _label_network(mlp: CovariateMLP, x: Float[Array, "#n_labels n_cells n_in"], n_labels: int, *,
+                   key: PRNGKeyArray | None, inference: bool | None) -> Float[Array, "n_labels n_cells n_out"]:
+    """`mlp(x, onehot(y))` for every label `y` at once (the label one-hot as covariates of the first layer only),
+    with `_label_layer` as its first layer; dropout by `dropout16`."""
+    if mlp.n_covariates != n_labels or mlp.inject_all_layers or mlp.use_layer_norm:
+        raise ValueError("mlp: expected the label one-hot as covariates of the first layer only, no layer norm")
+    inference = mlp.dropout.inference if inference is None else inference
+    keys = (None,) * len(mlp.layers) if key is None or inference else tuple(jr.split(key, len(mlp.layers)))
+    h = x
+    for i, (layer, layer_key) in enumerate(zip(mlp.layers, keys, strict=True)):
+        h = jax.nn.relu(_label_layer(layer, h) if i == 0 else _dense(h, layer))
+        if layer_key is not None:
+            h = dropout16(h, float(mlp.dropout.p), key=layer_key)
+    return h
 
 
 class LabelClassifier(eqx.Module):
@@ -115,7 +169,12 @@ class LabelClassifier(eqx.Module):
         mean, variance = (jnp.mean(h, 0), jnp.var(h, 0)) if batch_statistics else (self.mean, self.variance)
         factor = jax.lax.rsqrt(variance + _BATCH_NORM_EPS) * self.scale
         h = (h - mean[None, :]) * factor[None, :] + self.shift[None, :]
-        return dense(self.dropout(jax.nn.relu(h), key=key, inference=inference), self.head)
+        h = jax.nn.relu(h)
+        if not inference:
+            if key is None:
+                raise ValueError("key: the classifier's dropout needs a key in training")
+            h = dropout16(h, float(self.dropout.p), key=key)
+        return dense(h, self.head)
 
 
 class SCANVI(AbstractTrainableStage):
@@ -190,19 +249,20 @@ class SCANVI(AbstractTrainableStage):
 
     def _label_terms(self, z1: Array, *, key: PRNGKeyArray, inference: bool | None) -> tuple[Array, Array]:
         """Per label and cell: $-\\log p(z_1 \\mid z_2, y)$ and $\\mathrm{KL}(q(z_2 \\mid z_1, y) \\| N(0, I))$,
-        each `(n_labels, n_cells)`."""
-        n_cells, n_labels = z1.shape[0], self.n_labels
-        ys = jnp.repeat(jnp.eye(n_labels, dtype=z1.dtype), n_cells, axis=0)
-        z1s = jnp.tile(z1, (n_labels, 1))
+        each `(n_labels, n_cells)`.
+
+        scvi-tools feeds the networks `[z_1, \\mathrm{onehot}(y)]` for every (label, cell) pair. Their first layers
+        are split accordingly (`_label_layer`): the $z$ part is one product per cell (the encoder's: over the
+        cells, not over all pairs) and the one-hot part a column of the weights per label, broadcast."""
         dropout_key, sample_key = jr.split(key)
-        h = self.encoder_z2(z1s, ys, key=dropout_key, inference=inference)
-        mean2 = dense(h, self.z2_mean_head)
-        log_var2 = jnp.logaddexp(dense(h, self.z2_log_variance_head), math.log(_VAR_EPS))
+        h = _label_network(self.encoder_z2, z1[None, :, :], self.n_labels, key=dropout_key, inference=inference)
+        mean2 = _dense(h, self.z2_mean_head)
+        log_var2 = jnp.logaddexp(_dense(h, self.z2_log_variance_head), math.log(_VAR_EPS))
         z2 = reparameterize(mean2, log_var2, key=sample_key)
-        g = self.decoder_z1(z2, ys, inference=True)
-        z1_mean, z1_log_var = dense(g, self.z1_mean_head), dense(g, self.z1_log_variance_head)
-        unweighted = -gaussian_log_prob(z1s, z1_mean, z1_log_var)
-        return unweighted.reshape(n_labels, n_cells), gaussian_kl(mean2, log_var2).reshape(n_labels, n_cells)
+        g = _label_network(self.decoder_z1, z2, self.n_labels, key=None, inference=True)
+        z1_mean, z1_log_var = _dense(g, self.z1_mean_head), _dense(g, self.z1_log_variance_head)
+        unweighted = -gaussian_log_prob(jnp.broadcast_to(z1[None, :, :], z1_mean.shape), z1_mean, z1_log_var)
+        return unweighted, gaussian_kl(mean2, log_var2)
 
     def _cross_entropy(self, mean: Array, labels: Array, *, key: PRNGKeyArray, inference: bool) -> Array:
         """Mean cross-entropy of the classifier at the posterior means `mean` over the cells with `labels` >= 0."""
@@ -222,18 +282,28 @@ class SCANVI(AbstractTrainableStage):
         normalisation uses the minibatches' statistics, also with `inference=True` (validation)."""
         counts, batch_labels, labels = batch[0], batch[1], batch[2]
         log_factorial = batch[3] if len(batch) > 3 else None
-        vae = self.vae
-        n_cells = counts.shape[0]
         if labelled is None:
             labelled = (counts, batch_labels, labels)
         # One encoder pass over both minibatches (each row draws its own dropout mask, as two passes would).
-        both = jnp.concatenate([counts, labelled[0].astype(counts.dtype)]).astype(vae.dtype)
+        both = jnp.concatenate([counts, labelled[0].astype(counts.dtype)])
         both_batches = jnp.concatenate([batch_labels, labelled[1].astype(batch_labels.dtype)])
+        return self._loss(both, both_batches, labelled[2], log_factorial, key=key, kl_weight=kl_weight,
+                          inference=inference)
+
+    def _loss(
+        self, both: Array, both_batches: Array, labels: Array, log_factorial: Array | None, *, key: PRNGKeyArray,
+        kl_weight: Float[ArrayLike, ""], inference: bool,
+    ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+        """`loss` on the two minibatches stacked: `both` holds the ELBO's cells then the labelled cells, `labels`
+        the latter's labels (so `both.shape[0] - labels.shape[0]` cells in the ELBO)."""
+        vae = self.vae
+        both = both.astype(vae.dtype)
+        n_cells = both.shape[0] - labels.shape[0]
         encode_key, sample_key, label_key, class_key, ce_key = jr.split(key, 5)
         means, log_vars = vae.encode(both, vae._batch_onehot(both_batches, both.shape[0]), key=encode_key,
                                      inference=inference)
         mean, log_var = means[:n_cells], log_vars[:n_cells]
-        counts = both[:n_cells]
+        counts, batch_labels = both[:n_cells], both_batches[:n_cells]
         z1 = reparameterize(mean, log_var, key=sample_key)
         onehot = vae._batch_onehot(batch_labels, n_cells)
         reconstruction = -vae._reconstruction_log_likelihood(counts, z1, onehot, batch_labels, log_factorial)
@@ -245,7 +315,7 @@ class SCANVI(AbstractTrainableStage):
         kl = jnp.sum(probs * kl_z2.T, axis=1) + jnp.sum(probs * (log_probs - self.log_y_prior[None, :]), axis=1)
         weight = jnp.asarray(kl_weight).astype(reconstruction.dtype)
         elbo_loss = jnp.mean(reconstruction + weight * kl)
-        cross_entropy = self._cross_entropy(means[n_cells:], labelled[2], key=ce_key, inference=inference)
+        cross_entropy = self._cross_entropy(means[n_cells:], labels, key=ce_key, inference=inference)
         loss = elbo_loss + self.classification_ratio * cross_entropy
         return loss, {"elbo_loss": elbo_loss, "classification_loss": cross_entropy}
 
@@ -274,15 +344,18 @@ class _SCANVILoss(eqx.Module):
     def __call__(self, model: SCANVI, batch: tuple[Array, ...], context: dict[str, Any], *,
                  key: PRNGKeyArray) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
         cells: _Cells = context["cells"]
-        minibatch = cells.take(batch[0])
         validation = bool(model.vae.encoder.dropout.inference)
         if validation:
-            return model.loss(minibatch, key=key, kl_weight=jnp.ones((), context["kl_weight"].dtype),
+            return model.loss(cells.take(batch[0]), key=key, kl_weight=jnp.ones((), context["kl_weight"].dtype),
                               inference=True)
         draw_key, key = jr.split(key)
         pool = context["labelled"]
-        labelled = cells.take(pool[jr.randint(draw_key, (self.batch_size,), 0, pool.shape[0])])[:3]
-        return model.loss(minibatch, key=key, kl_weight=context["kl_weight"], labelled=labelled)
+        # The ELBO's minibatch and the labelled one gathered as one block of rows.
+        rows = jnp.concatenate([batch[0], pool[jr.randint(draw_key, (self.batch_size,), 0, pool.shape[0])]])
+        both, both_batches, labels, log_factorial = cells.take(rows)
+        n_cells = batch[0].shape[0]
+        return model._loss(both, both_batches, labels[n_cells:], log_factorial[:n_cells], key=key,
+                           kl_weight=context["kl_weight"], inference=False)
 
 
 def scanvi_from_vae(vae: VAENormalizer, cell_types: Sequence[str], *, key: PRNGKeyArray) -> SCANVI:
@@ -307,21 +380,33 @@ def _held_in_rows(codes: np.ndarray, validation_fraction: float, key: PRNGKeyArr
     return np.sort(np.concatenate(kept))
 
 
-def _log_factorial_rows(counts: Any) -> np.ndarray:
+def _log_factorial_rows(counts: Any, *, block_nnz: int = 1 << 20) -> np.ndarray:
     """$\\sum_g \\log x_g!$ per cell of CSR counts of whole numbers by a table and one reduction per row over
-    the rows' non-zeros (`log_factorial_per_cell` otherwise)."""
+    the rows' non-zeros (`log_factorial_per_cell` otherwise), by blocks of rows of about `block_nnz` non-zeros:
+    whole-matrix temporaries (at 100k cells, 50M non-zeros: 200 MB of integers, 400 MB of float64 values) took
+    several CPU seconds in page faults alone, the blocks' buffers are reused."""
     if not sp.issparse(counts):
         return log_factorial_per_cell(counts)
     csr = cast(sp.csr_matrix, counts)
     top = float(csr.data.max(initial=0.0))
-    whole = csr.data.astype(np.int32) if top <= 1e6 else None
-    if whole is None or not np.array_equal(whole, csr.data):
+    if top > 1e6:
         return log_factorial_per_cell(counts)
     table = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, int(top) + 1, dtype=np.float64)))])
-    values = np.append(table[whole], 0.0)  # reduceat reads one past the last row's start
-    lengths = np.diff(csr.indptr)
-    starts = np.minimum(csr.indptr[:-1], values.size - 1)
-    return np.where(lengths > 0, np.add.reduceat(values, starts), 0.0)
+    indptr = np.asarray(csr.indptr, np.int64)
+    n_rows = indptr.size - 1
+    totals = np.zeros(n_rows)
+    rows_per_block = max(1, block_nnz * n_rows // max(int(indptr[-1]), 1))
+    for start in range(0, n_rows, rows_per_block):
+        stop = min(n_rows, start + rows_per_block)
+        data = csr.data[indptr[start] : indptr[stop]]
+        whole = data.astype(np.int32)
+        if not np.array_equal(whole, data):
+            return log_factorial_per_cell(counts)
+        values = np.append(table[whole], 0.0)  # reduceat reads one past the last row's start
+        starts = np.minimum(indptr[start:stop] - indptr[start], values.size - 1)
+        lengths = np.diff(indptr[start : stop + 1])
+        totals[start:stop] = np.where(lengths > 0, np.add.reduceat(values, starts), 0.0)
+    return totals
 
 
 def fit_scanvi(
@@ -381,7 +466,11 @@ def fit_scanvi(
         trainable, replace=(False,) * 5)
     loss = _SCANVILoss(min(batch_size, int(pool.shape[0])))
     result = fit(model, loss, (rows,), key=key, settings=settings, context=context, trainable=trainable)
-    fitted = _set_population_statistics(result.model, cells, jnp.asarray(rows))
+    sample = rows
+    if rows.size > _POPULATION_SAMPLE:  # a random sample of the training cells (the split's key, folded)
+        drawn = jr.choice(jr.fold_in(split_key, 1), rows.size, (_POPULATION_SAMPLE,), replace=False)
+        sample = np.sort(rows[np.asarray(drawn)])
+    fitted = _set_population_statistics(result.model, cells, jnp.asarray(sample))
     return eqx.tree_at(lambda r: r.model, result, fitted)
 
 
