@@ -70,8 +70,29 @@ def test_magic_parity_same_pca(pbmc_sqrt, reference):
 
 def test_magic_own_pca_close_to_reference(pbmc_sqrt, reference):
     x, _ = pbmc_sqrt
-    ours = magic(x, Magic(normalize=False))  # our exact PCA instead of magic-impute's randomized one
+    ours = magic(x, Magic(normalize=False))  # our randomized PCA (the same algorithm, our own random draw)
     assert _median_gene_r(ours.imputed, reference[1]) >= 0.99
+
+
+def test_randomized_pca_is_scikit_learns(pbmc_sqrt):
+    from scipy.linalg import lu
+    from sklearn.decomposition import PCA
+
+    m = np.random.default_rng(0).normal(size=(300, 40)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(_magic_module._lu_normalize(jnp.asarray(m))), lu(m, permute_l=True)[0],
+                               rtol=1e-4, atol=1e-4)
+    x = pbmc_sqrt[0][:, :400]  # 700 cells x 400 genes: not transposed (700 x 765 is, and is covered below)
+    for data in (x, x[:, :300].T.copy()):  # cells >= genes, and fewer cells than genes (scikit-learn transposes)
+        ours = np.asarray(_magic_module.randomized_pca(data.astype(np.float32), 20, key=jr.key(3)))
+        exact = PCA(20, svd_solver="full").fit_transform(data)
+        theirs = PCA(20, svd_solver="randomized", random_state=0).fit_transform(data)
+        # The leading components are the exact ones up to sign, as scikit-learn's randomized ones are.
+        for got in (ours, theirs):
+            r = np.abs(np.sum(got * exact, axis=0)) / np.linalg.norm(got, axis=0) / np.linalg.norm(exact, axis=0)
+            assert np.all(r[:10] > 0.999), r
+        np.testing.assert_allclose(np.linalg.norm(ours, axis=0), np.linalg.norm(theirs, axis=0), rtol=2e-2)
+    with pytest.raises(ValueError, match="^power_iteration_normalizer:"):
+        _magic_module.randomized_pca(x, 5, key=jr.key(0), power_iteration_normalizer="Cholesky")
 
 
 def test_magic_genes_subset_and_counts_path(pbmc_sqrt):
@@ -187,8 +208,8 @@ def test_magic_ivf_search_agrees_with_exact(monkeypatch):
     rep = (rng.normal(scale=3.0, size=(8, 10))[rng.integers(0, 8, 700)] + rng.normal(size=(700, 10))).astype(np.float32)
     data = np.exp(rep[:, :5] @ rng.normal(size=(5, 30)) / 4 + rng.normal(scale=0.5, size=(700, 30))).astype(np.float32)
     calls = []
-    searched = _magic_module.ivf_neighbor_graph
-    monkeypatch.setattr(_magic_module, "ivf_neighbor_graph", lambda *a, **k: calls.append(a[1]) or searched(*a, **k))
+    searched = _magic_module.ivf_knn
+    monkeypatch.setattr(_magic_module, "ivf_knn", lambda *a, **k: calls.append(a[1]) or searched(*a, **k))
     exact = magic(data, Magic(normalize=False, knn_method="exact"), representation=rep)
     assert not calls
     ivf = magic(data, Magic(normalize=False, knn_method="ivf"), representation=rep)

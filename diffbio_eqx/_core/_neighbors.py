@@ -11,7 +11,7 @@ recomputed from `x` the same way and the same jitted `fuzzy_simplicial_set` foll
 give identical graphs:
 
 - `"exact"`: blocked brute force (`exact_knn`), O(n^2) work; what scanpy does below 8,192 cells (Euclidean).
-- `"ivf"`: an inverted-file index in JAX (`ivf_neighbor_graph`; faiss's `IndexIVFFlat`): k-means into
+- `"ivf"`: an inverted-file index in JAX (`ivf_knn`, `ivf_neighbor_graph`; faiss's `IndexIVFFlat`): k-means into
   `sqrt(n)` lists, each cell compared exactly with the cells of the 16 lists nearest its own, O(n^1.5) work; runs
   on any device with no compile outside XLA's (recall@15 0.99+ on 100k simulated PCs).
 - `"pynndescent"`: nearest-neighbour descent (Dong et al. 2011) through the `pynndescent` package on the host,
@@ -494,17 +494,15 @@ def _ivf_chunk(
 
 
 @eqx.filter_jit
-def _ivf_neighbor_graph(
+def _ivf_search(
     x: Float[Array, "n_cells n_dims"],
     assignment: Int[Array, " n_cells"],
     sizes: Int[Array, " n_lists"],
     probes: Int[Array, "n_lists n_probe"],
-    set_op_mix_ratio: Float[Array, ""],
-    local_connectivity: Float[Array, ""],
     shape: tuple[int, int, int],
-) -> NeighborGraph:
-    """The graph from the inverted-file search; `shape` is `(n_neighbors, rows per step, candidates per step)`,
-    all static."""
+) -> tuple[Int[Array, "n_cells n_neighbors"], Float[Array, "n_cells n_neighbors"]]:
+    """The inverted-file search's `(indices, distances)`; `shape` is `(n_neighbors, rows per step, candidates per
+    step)`, all static."""
     n_neighbors, n_rows, n_candidates = shape
     n_cells = x.shape[0]
     index, chunk_ends, n_chunks = _ivf_sorted_index(x, assignment, sizes, probes, n_rows)
@@ -518,7 +516,10 @@ def _ivf_neighbor_graph(
         index.order[neighbours.reshape(-1, n_neighbors)], mode="drop")
     distances = jnp.zeros((n_cells, n_neighbors), x.dtype).at[cells].set(
         distances.reshape(-1, n_neighbors), mode="drop")
-    return _connect(indices, distances, set_op_mix_ratio, local_connectivity)
+    return indices, distances
+
+
+_connect_jit = eqx.filter_jit(_connect)
 
 
 def ivf_neighbor_graph(
@@ -531,8 +532,25 @@ def ivf_neighbor_graph(
     set_op_mix_ratio: Float[ArrayLike, ""] = 1.0,
     local_connectivity: Float[ArrayLike, ""] = 1.0,
 ) -> NeighborGraph:
-    """The approximate kNN graph by an inverted-file index (IVF; Jegou, Douze & Schmid 2011, faiss's `IndexIVFFlat`),
-    in JAX: jits, runs on any device, no compile outside XLA's.
+    """The approximate kNN graph: the inverted-file search (`ivf_knn`, same arguments), then UMAP's fuzzy
+    simplicial set on it (`set_op_mix_ratio`, `local_connectivity`: see `fuzzy_simplicial_set`).
+
+    **Returns:** a `NeighborGraph`, rows sorted by distance (recomputed from `x` as every backend does).
+    """
+    indices, distances = ivf_knn(x, n_neighbors, key=key, n_probe=n_probe, n_lists=n_lists)
+    return _connect_jit(indices, distances, jnp.asarray(set_op_mix_ratio), jnp.asarray(local_connectivity))
+
+
+def ivf_knn(
+    x: Float[Array, "n_cells n_dims"],
+    n_neighbors: int,
+    *,
+    key: PRNGKeyArray,
+    n_probe: int = IVF_N_PROBE,
+    n_lists: int | None = None,
+) -> tuple[Int[Array, "n_cells n_neighbors"], Float[Array, "n_cells n_neighbors"]]:
+    """Each cell's approximate `n_neighbors` nearest cells by an inverted-file index (IVF; Jegou, Douze & Schmid
+    2011, faiss's `IndexIVFFlat`), in JAX: jits, runs on any device, no compile outside XLA's.
 
     1. Partition: coarse k-means into `n_lists` lists (default `ivf_n_lists`: `round(sqrt(n_cells))`), fitted by
        `IVF_KMEANS_STEPS` Lloyd steps on `IVF_SAMPLE_PER_LIST` cells per list; every cell joins its nearest
@@ -552,9 +570,9 @@ def ivf_neighbor_graph(
     - `key`: draws the k-means sample and its starting centroids. (Keyword only argument.)
     - `n_probe`: lists searched per cell (default 16); `n_probe = n_lists` is the exact search.
     - `n_lists`: the number of lists.
-    - `set_op_mix_ratio`, `local_connectivity`: see `fuzzy_simplicial_set`.
 
-    **Returns:** a `NeighborGraph`, rows sorted by distance (recomputed from `x` as every backend does).
+    **Returns:** `(indices, distances)`, each `(n_cells, n_neighbors)`, rows sorted by distance (recomputed from
+    `x` as every backend does), column 0 the cell itself. `ivf_neighbor_graph` adds UMAP's connectivities.
     """
     x = jnp.asarray(x)
     n_cells = x.shape[0]
@@ -566,10 +584,7 @@ def ivf_neighbor_graph(
     x = eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x: contains non-finite values (NaN or inf)")
     assignment, sizes, probes, n_rows, n_candidates = _ivf_plan(x, key, int(n_lists), int(n_probe),
                                                                 int(n_neighbors))
-    return _ivf_neighbor_graph(
-        x, assignment, sizes, probes, jnp.asarray(set_op_mix_ratio), jnp.asarray(local_connectivity),
-        (int(n_neighbors), n_rows, n_candidates),
-    )
+    return _ivf_search(x, assignment, sizes, probes, (int(n_neighbors), n_rows, n_candidates))
 
 
 def _ivf_plan(

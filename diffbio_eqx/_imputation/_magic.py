@@ -6,7 +6,12 @@ What `magic.MAGIC()` does with its defaults (read from `magic/magic.py` and `gra
 1. The input is the user's normalised matrix; the MAGIC tutorial (and `pp.magic` here) first scales every cell to
    the median library size and takes the square root (`scprep.normalize.library_size_normalize`,
    `scprep.transform.sqrt`): `library_size_normalize`.
-2. PCA to `n_pca = 100` components (none when there are at most 100 genes): `pca`.
+2. PCA to `n_pca = 100` components (none when there are at most 100 genes). graphtools fits scikit-learn's
+   `PCA(n_pca, svd_solver="randomized")` on dense data (`Data._reduce_data`): a randomized range finder with
+   10 oversamples, 7 power iterations normalised by LU, and a small SVD: `randomized_pca`, the same algorithm with
+   the same settings (only the random draw differs). On sparse input graphtools runs an uncentred
+   `TruncatedSVD` instead; here the PCA is centred whatever the input's format, so dense and sparse counts give
+   the same result.
 3. graphtools' `kNNGraph` with `knn = 5`, `knn_max = 3 * knn = 15`, `decay = 1`, `thresh = 1e-4`: each cell's
    `knn_max + 1` nearest neighbours (itself included; with the defaults graphtools searches exactly
    `min(6 * (knn + 1), knn_max + 1) = 16` of them), bandwidth the distance to its `(knn + 1)`-th neighbour
@@ -26,12 +31,13 @@ below `knn_max + 1`, never with MAGIC's defaults. Here every row keeps `knn_max 
 The search: graphtools fits scikit-learn's `NearestNeighbors(algorithm="auto")` on the PCs, which is brute force
 above 15 dimensions (so exact and O(n^2) on 100 PCs). `magic` does the same by default (`knn_method="exact"`).
 `knn_method="ivf"` (or `"auto"`: the IVF from 20,000 cells on CPU) uses the shared inverted-file search
-(`_core._neighbors.ivf_neighbor_graph`, O(n^1.5)) instead: faster at scale, but approximate, and MAGIC's output
+(`_core._neighbors.ivf_knn`, O(n^1.5)) instead: faster at scale, but approximate, and MAGIC's output
 moves with its misses: on 20,000 simulated cells (100 PCs, 16 of 141 lists probed) its recall@16 was 0.945 and
 the imputed genes correlated with the exact search's at median r 0.962 (0.985 with 64 probes;
 `bench_imputation.py --agreement`), so it is not the default.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
@@ -40,12 +46,11 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-import scipy.linalg
 import scipy.sparse as sp
 from jax.experimental import sparse as jsparse
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._core._neighbors import exact_knn, ivf_neighbor_graph, select_neighbor_method
+from .._core._neighbors import exact_knn, ivf_knn, select_neighbor_method
 from .._core._stage import AbstractStage
 from .._core._validate import check_counts, check_embedding
 
@@ -77,7 +82,17 @@ def library_size_normalize(
     return (np.asarray(counts, dtype=np.float32) * scale[:, None]), library
 
 
+#: `magic` holds the data as one dense float32 array on the device when it has at most this many values (1 GiB;
+#: 100,000 cells x 2,000 genes is 0.8 GiB), so the PCA's products and the diffusion's gene blocks read it there;
+#: above it the data stay on the host (dense or sparse) and are densified a block of cells or genes at a time.
+DEVICE_DATA_BUDGET = 2**28
+#: Cells per block when the data are densified or multiplied from the host.
+HOST_BLOCK_ROWS = 8192
+
+
 def _column_block(x: Any, columns: np.ndarray) -> Array:
+    if isinstance(x, jax.Array):
+        return x[:, jnp.asarray(columns)]
     block = x[:, columns]
     return jnp.asarray(block.toarray() if sp.issparse(block) else np.asarray(block), dtype=jnp.float32)
 
@@ -87,35 +102,116 @@ def _row_block(x: Any, start: int, stop: int) -> Array:
     return jnp.asarray(block.toarray() if sp.issparse(block) else np.asarray(block), dtype=jnp.float32)
 
 
-@jax.jit
-def _scatter_block(block: Float[Array, "n_block n_genes"], mean: Float[Array, " n_genes"]) -> Array:
-    centered = block - mean[None, :]
-    return centered.T @ centered
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_rows(dense: Array, block: Array, start: Int[Array, ""]) -> Array:
+    return jax.lax.dynamic_update_slice(dense, block, (start, jnp.zeros((), start.dtype)))
 
 
-def pca(
-    x: Any, n_components: int, *, block_rows: int = 8192
+def on_device(x: Any, budget: int = DEVICE_DATA_BUDGET) -> Any:
+    """`x` (host, dense or sparse) as a dense float32 device array if it has at most `budget` values (filled a
+    block of cells at a time, so no dense host copy is made), else `x` unchanged."""
+    n_cells, n_genes = x.shape
+    if isinstance(x, jax.Array) or n_cells * n_genes > budget:
+        return x
+    if not sp.issparse(x):
+        return jnp.asarray(x, dtype=jnp.float32)
+    dense = jnp.zeros((n_cells, n_genes), jnp.float32)
+    for start in range(0, n_cells, HOST_BLOCK_ROWS):
+        dense = _put_rows(dense, _row_block(x, start, start + HOST_BLOCK_ROWS), jnp.asarray(start, jnp.int32))
+    return dense
+
+
+def _times(x: Any, q: Array) -> Array:
+    """`x @ q` for a device array or, a block of cells at a time, a host matrix."""
+    if isinstance(x, jax.Array):
+        return x @ q
+    return jnp.concatenate([_row_block(x, s, s + HOST_BLOCK_ROWS) @ q for s in range(0, x.shape[0], HOST_BLOCK_ROWS)])
+
+
+def _times_transposed(x: Any, p: Array) -> Array:
+    """`x.T @ p` for a device array or, a block of cells at a time, a host matrix."""
+    if isinstance(x, jax.Array):
+        return x.T @ p
+    blocks = range(0, x.shape[0], HOST_BLOCK_ROWS)
+    return sum((_row_block(x, s, s + HOST_BLOCK_ROWS).T @ p[s : s + HOST_BLOCK_ROWS] for s in blocks),
+               start=jnp.zeros((x.shape[1], p.shape[1]), p.dtype))
+
+
+def _column_mean(x: Any) -> Float[Array, " n_genes"]:
+    if isinstance(x, jax.Array):
+        return jnp.mean(x, axis=0)
+    return jnp.asarray(np.asarray(x.mean(axis=0, dtype=np.float64)).ravel(), dtype=jnp.float32)
+
+
+def _lu_normalize(m: Float[Array, "n k"]) -> Float[Array, "n k_min"]:
+    """SciPy's `lu(m, permute_l=True)[0]` (the row-permuted unit lower factor), without the `n x n` permutation
+    matrix `jax.scipy.linalg.lu` builds for it."""
+    lu, _, permutation = jax.lax.linalg.lu(m)
+    k = min(m.shape)
+    lower = jnp.tril(lu, -1)[:, :k] + jnp.eye(m.shape[0], k, dtype=m.dtype)
+    return jnp.zeros_like(lower).at[permutation].set(lower)
+
+
+def _power_normalizer(name: str, n_iter: int) -> Any:
+    """scikit-learn's `power_iteration_normalizer`: `"auto"` is `"none"` for at most 2 iterations, else `"LU"`."""
+    if name == "auto":
+        name = "none" if n_iter <= 2 else "LU"
+    if name == "LU":
+        return _lu_normalize
+    if name == "QR":
+        return lambda m: jnp.linalg.qr(m)[0]
+    if name == "none":
+        return lambda m: m
+    raise ValueError(f"power_iteration_normalizer: must be 'auto', 'LU', 'QR' or 'none', got {name!r}")
+
+
+def randomized_pca(
+    x: Any,
+    n_components: int,
+    *,
+    key: PRNGKeyArray,
+    n_oversamples: int = 10,
+    n_iter: int | Literal["auto"] = "auto",
+    power_iteration_normalizer: str = "auto",
 ) -> Float[Array, "n_cells n_components"]:
-    """Exact centred PCA scores (as `sklearn.decomposition.PCA` on dense data, up to each component's sign).
+    """Centred PCA scores as `sklearn.decomposition.PCA(n_components, svd_solver="randomized")` computes them,
+    which is what magic-impute runs (graphtools' `Data._reduce_data` on dense input), up to the random draw.
 
-    The gene covariance is accumulated over blocks of `block_rows` cells (no centred copy of `x`), so memory is
-    one block plus `n_genes ** 2`; the scores are `(x - mean) @ V` for the top `n_components` eigenvectors.
+    scikit-learn's `_randomized_svd` (Halko, Martinsson & Tropp 2011) with its defaults: `n_components +
+    n_oversamples` Gaussian probes; `n_iter` power iterations (`"auto"`: 7 when `n_components < 0.1 * min(n_cells,
+    n_genes)`, else 4), each normalised by `power_iteration_normalizer` (`"auto"`: LU beyond 2 iterations); on the
+    transposed matrix when there are fewer cells than genes; then a QR, the small SVD, the signs fixed as
+    `svd_flip(u_based_decision=False)`, and the scores `(x - mean) @ components.T` (`PCA.transform`).
+
+    `x` is a device array or a host matrix (dense or sparse, read a block of cells at a time); it is never centred
+    in memory: the column means are subtracted from each product. `key` draws the probes.
     """
-    n_cells = x.shape[0]
-    mean = jnp.asarray(np.asarray(x.mean(axis=0), dtype=np.float64).ravel(), dtype=jnp.float32)
-    scatter = sum(
-        (_scatter_block(_row_block(x, s, s + block_rows), mean) for s in range(0, n_cells, block_rows)),
-        start=jnp.zeros((x.shape[1], x.shape[1]), jnp.float32),
-    )
-    # Only the top `n_components` eigenpairs, by LAPACK's MRRR driver (`?syevr` with an index range): exact as a
-    # full `eigh`, which on 2,000 genes cost ~2.5x longer here and dominated MAGIC's run time at 10,000 cells.
-    n_genes = int(scatter.shape[0])
-    _, vectors = scipy.linalg.eigh(
-        np.asarray(scatter), subset_by_index=[n_genes - n_components, n_genes - 1], driver="evr"
-    )
-    components = jnp.asarray(np.ascontiguousarray(vectors[:, ::-1]), dtype=jnp.float32)
-    scores = [(_row_block(x, s, s + block_rows) - mean[None, :]) @ components for s in range(0, n_cells, block_rows)]
-    return jnp.concatenate(scores)
+    n_cells, n_genes = x.shape
+    mean = _column_mean(x)
+
+    def forward(q: Array) -> Array:  # (x - mean) @ q
+        return _times(x, q) - (mean @ q)[None, :]
+
+    def backward(p: Array) -> Array:  # (x - mean).T @ p
+        return _times_transposed(x, p) - mean[:, None] * jnp.sum(p, axis=0)[None, :]
+
+    if n_iter == "auto":
+        n_iter = 7 if n_components < 0.1 * min(n_cells, n_genes) else 4
+    transpose = n_cells < n_genes
+    apply, apply_transposed = (backward, forward) if transpose else (forward, backward)
+    normalize = _power_normalizer(power_iteration_normalizer, n_iter)
+    q = jr.normal(key, (n_cells if transpose else n_genes, n_components + n_oversamples), jnp.float32)
+    for _ in range(n_iter):
+        q = normalize(apply_transposed(normalize(apply(q))))
+    q = jnp.linalg.qr(apply(q))[0]
+    u_hat, _, vt = jnp.linalg.svd(apply_transposed(q).T, full_matrices=False)
+    components = (q @ u_hat)[:, :n_components].T if transpose else vt[:n_components]
+    largest = jnp.argmax(jnp.abs(components), axis=1)
+    signs = jnp.sign(components[jnp.arange(components.shape[0]), largest])
+    return forward((components * signs[:, None]).T)
+
+
+_randomized_pca_jit = eqx.filter_jit(randomized_pca)
 
 
 def magic_kernel(
@@ -271,7 +367,7 @@ def magic_operator(
     binary kNN), `thresh` (1e-4), all as `magic.MAGIC`; `knn_method`: `"exact"` (default: blocked brute force,
     `_core._neighbors.exact_knn`, what magic-impute's graphtools runs on 100 PCs: scikit-learn's
     `NearestNeighbors(algorithm="auto")` chooses brute force above 15 dimensions), `"ivf"` (the shared
-    inverted-file search, `ivf_neighbor_graph`: O(n^1.5) instead of O(n^2), approximate; see the module notes)
+    inverted-file search, `ivf_knn`: O(n^1.5) instead of O(n^2), approximate; see the module notes)
     or `"auto"` (`resolve_knn_method`); `key` seeds the IVF's k-means (None: a fixed seed).
     """
     rep = jnp.asarray(check_embedding(representation, field="representation"), dtype=jnp.float32)
@@ -289,8 +385,8 @@ def magic_operator(
     n_search = min(knn_max + 1, n_cells)
     decay_leaf = None if decay is None else jnp.asarray(decay)
     if method == "ivf":
-        graph = ivf_neighbor_graph(rep, n_search, key=jr.key(0) if key is None else key)
-        return _operator_from_neighbors(graph.indices, graph.distances, knn, decay_leaf, jnp.asarray(thresh))
+        indices, distances = ivf_knn(rep, n_search, key=jr.key(0) if key is None else key)
+        return _operator_from_neighbors(indices, distances, knn, decay_leaf, jnp.asarray(thresh))
     return _operator_from_graph(rep, n_search, knn, decay_leaf, jnp.asarray(thresh))
 
 
@@ -417,7 +513,10 @@ class Magic(AbstractStage):
         if self.normalize:
             library = jnp.sum(x, axis=1, keepdims=True)
             x = jnp.sqrt(x * (jnp.median(library) / jnp.where(library > 0, library, 1.0)))
-        rep = x if self.n_pca is None or x.shape[1] <= self.n_pca else _dense_pca(x, self.n_pca)
+        if self.n_pca is not None and x.shape[1] > self.n_pca:
+            rep = randomized_pca(x, self.n_pca, key=_pca_key(key))
+        else:
+            rep = x
         n_search = min(self.knn_max + 1, x.shape[0])
         indices, distances = exact_knn(rep, rep, n_search)
         operator = diffusion_operator(
@@ -436,10 +535,10 @@ class Magic(AbstractStage):
         return jax.lax.scan(step, x, jnp.arange(self.t_max + 1))[0]
 
 
-def _dense_pca(x: Float[Array, "n_cells n_genes"], n_components: int) -> Float[Array, "n_cells n_components"]:
-    centered = x - jnp.mean(x, axis=0, keepdims=True)
-    _, vectors = jnp.linalg.eigh(centered.T @ centered)
-    return centered @ vectors[:, ::-1][:, :n_components]
+def _pca_key(key: PRNGKeyArray | None) -> PRNGKeyArray:
+    """The PCA's probes: `key` folded with 2, or a fixed key (magic-impute's default `random_state=None` draws
+    anew on every run; a fixed default keeps ours reproducible)."""
+    return jr.key(0) if key is None else jr.fold_in(key, 2)
 
 
 def _gene_subsample(key: PRNGKeyArray | None, n_genes: int) -> Int[Array, " n_subsample"]:
@@ -495,7 +594,8 @@ def magic(
     key: PRNGKeyArray | None = None,
     block_size: int | None = None,
 ) -> MagicResult:
-    """MAGIC with `magic-impute`'s defaults and `solver="exact"`, memory-bounded: data stays on the host.
+    """MAGIC with `magic-impute`'s defaults and `solver="exact"`, memory-bounded: the data are held once, dense
+    float32 on the device when they have at most `DEVICE_DATA_BUDGET` values (else on the host, read in blocks).
 
     **Arguments:**
 
@@ -505,9 +605,11 @@ def magic(
     - `genes`: names (matched in `gene_names`) or column indices to impute; None: all genes. (Keyword only.)
     - `gene_names`: `(n_genes,)` names of the columns.
     - `representation`: `(n_cells, n_dims)` cells to build the graph on (e.g. magic-impute's own PCs); None:
-      exact PCA to `settings.n_pca` components of the normalised data (no PCA with at most `n_pca` genes).
+      the randomized PCA (`randomized_pca`) to `settings.n_pca` components of the normalised data (no PCA with at
+      most `n_pca` genes).
     - `key`: draws MAGIC's 500-gene subsample for `t="auto"` (needed only then, with more than 500 genes); folded
-      with 1, it also seeds the inverted-file search's k-means when `settings.knn_method` picks it (None: fixed).
+      with 1, it also seeds the inverted-file search's k-means when `settings.knn_method` picks it, and folded with
+      2 the PCA's random probes (None: fixed keys).
     - `block_size`: genes diffused together (default: keep one step's gather under 2**25 floats).
 
     **Returns:** a `MagicResult`.
@@ -518,9 +620,14 @@ def magic(
     if settings.knn >= n_cells - 1:
         raise ValueError(f"knn: must be below n_cells - 1 = {n_cells - 1}, got {settings.knn}")
     columns = resolve_genes(genes, gene_names, n_genes)
+    x = on_device(x)
     if representation is None:
-        rep = x if settings.n_pca is None or n_genes <= settings.n_pca else pca(x, settings.n_pca)
-        rep = jnp.asarray(cast(Any, rep).toarray() if sp.issparse(rep) else rep)
+        if settings.n_pca is not None and n_genes > settings.n_pca:  # one compiled program when x is on the device
+            pca_of = _randomized_pca_jit if isinstance(x, jax.Array) else randomized_pca
+            rep = pca_of(x, settings.n_pca, key=_pca_key(key))
+        else:
+            rep = x
+        rep = jnp.asarray(cast(Any, rep).toarray() if sp.issparse(rep) else rep, dtype=jnp.float32)
     else:
         rep = jnp.asarray(check_embedding(representation, field="representation"), dtype=jnp.float32)
         if rep.shape[0] != n_cells:
