@@ -28,6 +28,7 @@ import argparse
 import json
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -250,10 +251,14 @@ def _scanpy_run(source: pathlib.Path, out: pathlib.Path, timeout: float) -> dict
     return {"returncode": 0, "wall_seconds": seconds, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
-def warm_start(n_cells: int, work: pathlib.Path, rounds: int, timeout: float) -> dict:
-    """Issue 23's warm-start figure: per round, `diffbio-eqx run` (the job's default epochs) twice on the same file
-    with a compilation cache folder new to the round (first run: cold; second: the cache the first wrote), then
-    the scanpy workflow in a fresh process (`scanpy_child`); `rounds` interleaved rounds, ratios per round."""
+def warm_start(n_cells: int, work: pathlib.Path, rounds: int, timeout: float, *, scanpy: bool = True,
+               extra: tuple[str, ...] = ()) -> dict:
+    """Issue 23's warm-start figure: per round, `diffbio-eqx run` (the job's default epochs, plus `extra` flags)
+    twice on the same file with a compilation cache folder new to the round (first run: cold; second: the cache the
+    first wrote), then (unless not `scanpy`) the scanpy workflow in a fresh process (`scanpy_child`); `rounds`
+    interleaved rounds, ratios per round, in wall and in CPU seconds (user + system, less sensitive to the machine's
+    load). `cache_entries_after` counts the cache folder's entries after each run: JAX writes an entry for each
+    program it compiles, so the second run's new entries are the programs it compiled again."""
     import shutil
 
     from _common import median, ratio_summary
@@ -269,30 +274,45 @@ def warm_start(n_cells: int, work: pathlib.Path, rounds: int, timeout: float) ->
             folder = work / f"warm_{n_cells}_{index}_{run}"
             shutil.rmtree(folder, ignore_errors=True)
             record[run] = run_job(source, folder, epochs=(), timeout=timeout,
-                                  extra=("--compilation-cache", str(cache)))
+                                  extra=("--compilation-cache", str(cache), *extra))
             record[run]["cache_entries_after"] = sum(1 for _ in cache.glob("*")) if cache.is_dir() else 0
             shutil.rmtree(folder, ignore_errors=True)
-        record["scanpy"] = _scanpy_run(source, work / f"scanpy_{n_cells}_{index}.h5ad", timeout)
-        (work / f"scanpy_{n_cells}_{index}.h5ad").unlink(missing_ok=True)
+        if scanpy:
+            record["scanpy"] = _scanpy_run(source, work / f"scanpy_{n_cells}_{index}.h5ad", timeout)
+            (work / f"scanpy_{n_cells}_{index}.h5ad").unlink(missing_ok=True)
         shutil.rmtree(cache, ignore_errors=True)
         print(json.dumps({"round": index, **{run: record[run]["wall_seconds"] for run in ("first", "second")},
+                          **{f"{run}_cpu": _cpu_seconds(record[run]) for run in ("first", "second")},
+                          "new_cache_entries_second": record["second"]["cache_entries_after"]
+                          - record["first"]["cache_entries_after"],
                           "second_stages": record["second"].get("stage_seconds"),
-                          "scanpy": record["scanpy"]["wall_seconds"],
-                          "scanpy_steps": record["scanpy"].get("steps_seconds")}), flush=True)
+                          "scanpy": record.get("scanpy", {}).get("wall_seconds"),
+                          "scanpy_steps": record.get("scanpy", {}).get("steps_seconds")}), flush=True)
         rounds_out.append(record)
     wall = lambda run: [r[run]["wall_seconds"] for r in rounds_out]  # noqa: E731
-    scanpy_steps = [r["scanpy"].get("steps_total_seconds", float("nan")) for r in rounds_out]
-    return {"n_cells": n_cells, "n_genes": N_GENES, "input": figures, "rounds": rounds_out,
-            "first_over_second": ratio_summary(wall("first"), wall("second")),
-            "second_over_scanpy_process": ratio_summary(wall("second"), wall("scanpy")),
-            "second_over_scanpy_steps": ratio_summary(wall("second"), scanpy_steps),
-            "first_seconds_median": median(wall("first")), "second_seconds_median": median(wall("second")),
-            "scanpy_process_seconds_median": median(wall("scanpy")),
+    cpu = lambda run: [_cpu_seconds(r[run]) for r in rounds_out]  # noqa: E731
+    entry = {"n_cells": n_cells, "n_genes": N_GENES, "input": figures, "extra_flags": list(extra),
+             "rounds": rounds_out,
+             "first_over_second": ratio_summary(wall("first"), wall("second")),
+             "first_over_second_cpu": ratio_summary(cpu("first"), cpu("second")),
+             "first_seconds_median": median(wall("first")), "second_seconds_median": median(wall("second")),
+             "first_cpu_seconds_median": median(cpu("first")), "second_cpu_seconds_median": median(cpu("second"))}
+    if scanpy:
+        scanpy_steps = [r["scanpy"].get("steps_total_seconds", float("nan")) for r in rounds_out]
+        entry |= {"second_over_scanpy_process": ratio_summary(wall("second"), wall("scanpy")),
+                  "second_over_scanpy_steps": ratio_summary(wall("second"), scanpy_steps),
+                  "scanpy_process_seconds_median": median(wall("scanpy"))}
+    return {**entry,
             "note": "first/second: `diffbio-eqx run FILE --batch-key batch --label-key group` with the job's default "
                     "epochs, wall seconds of the process; scanpy_process: a fresh process reading the h5ad, running "
                     "the workflow and writing the result (imports and numba's JIT included, as ours includes its "
                     "imports); scanpy_steps: the workflow's steps only. Ratios above 1 mean the first named is "
                     "slower."}
+
+
+def _cpu_seconds(record: dict) -> float:
+    """User plus system CPU seconds of a run (`/usr/bin/time -v`)."""
+    return record.get("user_seconds", float("nan")) + record.get("system_seconds", float("nan"))
 
 
 def main() -> None:
@@ -311,12 +331,17 @@ def main() -> None:
     parser.add_argument("--warm-start", type=int, default=None, metavar="N_CELLS",
                         help="only the warm-start comparison at N_CELLS (first vs second run vs scanpy, interleaved)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the warm-start comparison")
+    parser.add_argument("--no-scanpy", action="store_true",
+                        help="warm start: time only our first and second runs (not the scanpy workflow)")
+    parser.add_argument("--job-flags", default="",
+                        help="warm start: extra flags for diffbio-eqx run, one string (e.g. '--vae-epochs 50')")
     args = parser.parse_args()
     work = pathlib.Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = pathlib.Path(args.out)
     if args.warm_start is not None:
-        entry = warm_start(args.warm_start, work, args.rounds, args.timeout)
+        entry = warm_start(args.warm_start, work, args.rounds, args.timeout, scanpy=not args.no_scanpy,
+                           extra=tuple(shlex.split(args.job_flags)))
         previous = json.loads(out.read_text()) if out.is_file() else {}
         previous["warm_start"] = [r for r in previous.get("warm_start", []) if r["n_cells"] != args.warm_start]
         previous["warm_start"] = sorted([*previous["warm_start"], entry], key=lambda r: r["n_cells"])

@@ -332,6 +332,15 @@ def test_float32_flows_through():
     assert jnp.all(jnp.isfinite(grads.decoder_out.weight))
 
 
+def test_default_epochs_follow_cellbender_with_a_floor_of_steps():
+    # CellBender's 150 epochs; at least 1,500 minibatch steps on small sets (at most 300 epochs); 6 million cell
+    # passes on large ones.
+    expected = {600: 300, 1000: 188, 2000: 150, 5000: 150, 20_000: 150, 40_000: 150, 100_000: 60, 1_000_000: 6}
+    assert {n: ambient_stage.ambient_default_epochs(n) for n in expected} == expected
+    assert ambient_stage.ambient_default_epochs(600, batch_size=32) == 150  # 19 steps an epoch
+    assert ambient_stage.ambient_default_epochs(1) == 300 and ambient_stage.ambient_default_epochs(10**9) == 1
+
+
 def test_bad_input():
     stage, counts, profile = _small_stage_and_data()
     with pytest.raises(ValueError, match="counts: expected shape"):
@@ -348,6 +357,15 @@ def test_bad_input():
         dx.remove_ambient(stage, np.where(np.arange(40) == 3, -1.0, np_counts), np_profile)
     with pytest.raises(ValueError, match="all zeros"):
         dx.remove_ambient(stage, np_counts, np.zeros(40))
+    # the prior's settings too, before the compiled (and so check-free) training and inference programs
+    wide = eqx.tree_at(lambda s: s.prior_contamination, stage, jnp.asarray(0.6, stage.dtype))
+    with pytest.raises(ValueError, match=r"prior_contamination: must be in \(0, 0.5\)"):
+        dx.remove_ambient(wide, np_counts, np_profile)
+    flat = eqx.tree_at(lambda s: s.prior_log_scale, stage, jnp.asarray(0.0, stage.dtype))
+    with pytest.raises(ValueError, match="prior_log_scale: must be > 0"):
+        dx.fit_ambient_removal(flat, np_counts, np_profile, key=jr.key(0), settings=ONE_EPOCH)
+    with pytest.raises((ValueError, RuntimeError), match="prior_contamination"):
+        _call(wide, counts, profile)  # a direct call keeps its in-program check
     with pytest.raises(ValueError, match="one value per gene"):
         dx.fit_ambient_removal(stage, np_counts, np_profile[:10], key=jr.key(0), settings=ONE_EPOCH)
     with pytest.raises(ValueError, match="genes but the model"):

@@ -83,7 +83,11 @@ class GaussianMixture(AbstractTrainableStage):
     def parameters(self) -> MixtureParameters:
         return MixtureParameters(self.log_weights, self.means, self.variances)
 
-    def _checked_temperature(self) -> Float[Array, ""]:
+    def _checked_temperature(self, check: bool = True) -> Float[Array, ""]:
+        # `check=False` (static): the caller checked the temperature on the host (the in-program check's host
+        # callback keeps a program out of JAX's persistent compilation cache).
+        if not check:
+            return self.temperature
         return eqx.error_if(self.temperature, self.temperature <= 0, "temperature must be > 0")
 
     def __call__(
@@ -91,7 +95,10 @@ class GaussianMixture(AbstractTrainableStage):
     ) -> Float[Array, "n_cells n_clusters"]:
         """Responsibilities of each cell for each component (rows on the simplex). `key`, `inference` ignored."""
         del key, inference
-        return mixture_responsibilities(x, self.parameters, self._checked_temperature())
+        return self._assign(x)
+
+    def _assign(self, x: Float[Array, "n_cells n_dims"], *, check: bool = True) -> Float[Array, "n_cells n_clusters"]:
+        return mixture_responsibilities(x, self.parameters, self._checked_temperature(check))
 
     def hard_assign(self, x: Float[Array, "n_cells n_dims"]) -> Int[Array, " n_cells"]:
         """Most probable component of each cell."""

@@ -85,7 +85,11 @@ class SoftKMeans(AbstractTrainableStage):
         stage = cls(jnp.zeros((n_clusters, x.shape[1]), x.dtype), temperature=jnp.asarray(temperature, x.dtype))
         return fit_soft_kmeans(stage, x, key=key, start_temperature=start_temperature, n_iter=n_iter).model
 
-    def _checked_temperature(self) -> Float[Array, ""]:
+    def _checked_temperature(self, check: bool = True) -> Float[Array, ""]:
+        # `check=False` (static): the caller checked the temperature on the host (the in-program check's host
+        # callback keeps a program out of JAX's persistent compilation cache).
+        if not check:
+            return self.temperature
         return eqx.error_if(self.temperature, self.temperature <= 0, "temperature must be > 0")
 
     def __call__(
@@ -93,7 +97,10 @@ class SoftKMeans(AbstractTrainableStage):
     ) -> Float[Array, "n_cells n_clusters"]:
         """Responsibilities of each cell for each cluster (rows on the simplex). `key`, `inference` are ignored."""
         del key, inference
-        return soft_assign(x, self.centroids, self._checked_temperature())
+        return self._assign(x)
+
+    def _assign(self, x: Float[Array, "n_cells n_dims"], *, check: bool = True) -> Float[Array, "n_cells n_clusters"]:
+        return soft_assign(x, self.centroids, self._checked_temperature(check))
 
     def hard_assign(self, x: Float[Array, "n_cells n_dims"]) -> Int[Array, " n_cells"]:
         """Nearest-centroid labels."""

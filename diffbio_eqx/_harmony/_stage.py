@@ -161,12 +161,15 @@ class Harmony(AbstractStage):
         !!! info
             Compiled with `eqx.filter_jit`; continuous settings are traced arrays, so changing theta, sigma, lamb,
             alpha or the tolerances never recompiles, and `jax.vmap` over them (or over keys) works. The boundary
-            checks read concrete data; under your own `jit`/`vmap` only shapes are checked here and NaN input or
-            labels out of range raise through `eqx.error_if`.
+            checks read concrete data on the host; under your own `jit`/`vmap` only shapes are checked here and NaN
+            input, labels out of range or sigma <= 0 raise through `eqx.error_if` in the program (left out when the
+            host checked everything: its host callback would keep the program out of JAX's persistent cache).
         """
         x, labels, init_centroids, shapes = _prepare(self, x, batch_labels, init_centroids)
+        check = not _host_checked_sigma(self.sigma) or _is_traced(x) or _is_traced(labels)
         settings = jtu.tree_map(lambda leaf: jnp.asarray(leaf, x.dtype), self)
-        return _harmony_jit(settings, x, labels, init_centroids, key=key, shapes=shapes, early_exit=inference)
+        return _harmony_jit(settings, x, labels, init_centroids, key=key, shapes=shapes, early_exit=inference,
+                            check=check)
 
     def __call__(
         self,
@@ -250,6 +253,15 @@ def _checked_labels(labels, n_cells: int, n_batches, *, field: str) -> Array:
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"{field}: expected integer codes, got dtype {labels.dtype}")
     return labels if labels.ndim == 2 else labels[:, None]
+
+
+def _host_checked_sigma(sigma: Any) -> bool:
+    """True when `sigma` is concrete and was checked here (> 0, else a `ValueError`); False when it is traced."""
+    if _is_traced(sigma):
+        return False
+    if not float(sigma) > 0:
+        raise ValueError(f"sigma: must be > 0, got {float(sigma)}")
+    return True
 
 
 def _resolve_n_batches(n_batches: int | tuple[int, ...] | None, labels: Array) -> tuple[int, ...]:
@@ -451,19 +463,21 @@ def harmony_core(
     key: PRNGKeyArray,
     shapes: _Shapes,
     early_exit: bool = False,
+    check: bool = True,
 ) -> HarmonyResult:
     """The traced body of `Harmony.run` (no input validation beyond `eqx.error_if` value checks; call it inside
     your own `jit`/`vmap` when you have already checked the data). `params`' float leaves are arrays of `x`'s
     dtype; `shapes` holds the levels per covariate, the number of clusters and (static, from concrete labels)
-    the level sizes of the first covariate."""
+    the level sizes of the first covariate. `check` (static): the in-program value checks (`Harmony.run` leaves
+    them out when it checked concrete inputs on the host)."""
     dtype = x.dtype
     n_cells = x.shape[0]
     n_batches = shapes.n_batches
+    sigma = _check_values(x, batch_labels, params.sigma, n_batches) if check else params.sigma
     params = eqx.tree_at(
         lambda p: (p.theta, p.sigma, p.lamb),
         params,
-        (per_level(params.theta, n_batches), _check_values(x, batch_labels, params.sigma, n_batches),
-         per_level(params.lamb, n_batches)),
+        (per_level(params.theta, n_batches), sigma, per_level(params.lamb, n_batches)),
     )
     init_key, order_key, loop_key = jr.split(key, 3)
     if init_centroids is None:

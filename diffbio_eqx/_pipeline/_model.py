@@ -22,6 +22,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from .._ambient._stage import AmbientRemoval
 from .._clustering._mixture_stage import GaussianMixture
 from .._clustering._stage import SoftKMeans
+from .._core._validate import _is_traced
 from .._harmony._math import HarmonyResult, map_to_reference
 from .._harmony._stage import Harmony
 from .._umap._stage import ParametricUMAP
@@ -243,23 +244,56 @@ class SingleCellPipeline(eqx.Module):
         inference: bool = True,
     ) -> PipelineOutput:
         """Run every enabled stage on already validated arrays (see `run_pipeline` for the checked entry point)."""
+        return self._forward(counts, ambient_profile, batch_labels, key=key, inference=inference)
+
+    def _forward(
+        self,
+        counts: Float[Array, "n_cells n_genes"],
+        ambient_profile: Float[Array, " n_genes"],
+        batch_labels: Int[Array, " n_cells"],
+        *,
+        key: PRNGKeyArray,
+        inference: bool = True,
+        check: bool = True,
+    ) -> PipelineOutput:
+        """`__call__`; `check=False` (static) leaves out the stages' in-program value checks of the inputs and the
+        settings, for callers that checked them on the host (`run_pipeline`): their host callbacks would keep the
+        program out of JAX's persistent compilation cache. Harmony run here (no reference) keeps its own checks."""
         ambient_key, vae_key, harmony_key = jr.split(key, 3)
         decontaminated = None
         x = counts
         if self.ambient_removal is not None:
-            result = self.ambient_removal(counts, ambient_profile, key=ambient_key, inference=inference)
+            result = self.ambient_removal._forward(counts, ambient_profile, key=ambient_key, inference=inference,
+                                                   integer=False, check=check)
             decontaminated = result.decontaminated_counts
             x = decontaminated
-        vae_out = self.vae_normalizer(x, batch_labels, key=None if inference else vae_key, inference=inference)
+        vae_out = self.vae_normalizer._forward(x, batch_labels, key=None if inference else vae_key,
+                                               inference=inference, check=check)
         latent = vae_out.latent
         corrected = self.correct(latent, batch_labels, key=harmony_key, inference=inference)
         embeddings_2d = corrected if self.dim_reduction is None else self.dim_reduction(corrected)
-        assignments = corrected if self.clustering is None else self.clustering(corrected)
+        assignments = corrected if self.clustering is None else self.clustering._assign(corrected, check=check)
         return PipelineOutput(
             counts=counts, ambient_profile=ambient_profile, batch_labels=batch_labels,
             decontaminated_counts=decontaminated, normalized=vae_out.normalized, latent=latent,
             corrected_embeddings=corrected, embeddings_2d=embeddings_2d, cluster_assignments=assignments,
         )
+
+    def check_settings(self) -> bool:
+        """Test on the host the settings that the stages' in-program checks test (`_forward(check=False)` leaves
+        those out): the ambient prior and the clustering temperature; a `ValueError` names the field. Returns
+        False (testing nothing) when one of them is traced (inside `jit`/`vmap`): the program must check them."""
+        temperature = None if self.clustering is None else self.clustering.temperature
+        prior = () if self.ambient_removal is None else (self.ambient_removal.prior_contamination,
+                                                         self.ambient_removal.prior_log_scale,
+                                                         self.ambient_removal.prior_ambient_count)
+        if any(_is_traced(leaf) for leaf in (temperature, *prior)):
+            return False
+        if self.ambient_removal is not None:
+            self.ambient_removal.check_prior()
+        if temperature is not None and not float(temperature) > 0:
+            raise ValueError(f"clustering temperature: must be > 0, got {float(temperature)}")
+        return True
 
     def correct(
         self, latent: Float[Array, "n_cells latent_dim"], batch_labels: Int[Array, " n_cells"], *,

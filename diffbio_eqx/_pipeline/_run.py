@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._ambient._stage import AmbientProfileWarning
 from .._core._train import _host_rows, map_in_chunks
-from .._core._validate import check_ambient_profile, check_batch_labels, check_counts, check_n_clusters
+from .._core._validate import _is_traced, check_ambient_profile, check_batch_labels, check_counts, check_n_clusters
 from ._model import PipelineOutput, SingleCellPipeline
 
 
@@ -71,9 +71,19 @@ def _check_harmony_clusters(pipeline: SingleCellPipeline, n_cells: int) -> None:
 @eqx.filter_jit
 def _run_compiled(
     pipeline: SingleCellPipeline, counts: Float[Array, "n_cells n_genes"], ambient_profile: Float[Array, " n_genes"],
-    batch_labels: Int[Array, " n_cells"], key: PRNGKeyArray, inference: bool,
+    batch_labels: Int[Array, " n_cells"], key: PRNGKeyArray, inference: bool, check: bool = True,
 ) -> PipelineOutput:
-    return pipeline(counts, ambient_profile, batch_labels, key=key, inference=inference)
+    # `check` (static) False: `run_pipeline` checked the inputs and the settings on the host, so the program has no
+    # in-program checks, whose host callbacks would keep it out of JAX's persistent compilation cache.
+    return pipeline._forward(counts, ambient_profile, batch_labels, key=key, inference=inference, check=check)
+
+
+def _checked_on_host(pipeline: SingleCellPipeline, *arrays: Any) -> bool:
+    """Whether the host has checked all that the stages' in-program checks test: the inputs (`prepare_inputs`
+    checks concrete ones) and the settings (`check_settings`); False when any of them is traced."""
+    if any(_is_traced(array) for array in arrays):
+        return False
+    return pipeline.check_settings()
 
 
 def run_pipeline(
@@ -99,9 +109,10 @@ def run_pipeline(
     `diffbio-eqx run`) choose automatically above `io.CHUNKED_ABOVE` count entries.
     """
     counts, profile, labels = prepare_inputs(pipeline, data)
+    checked = _checked_on_host(pipeline, counts, profile, labels)
     if not inference or pipeline.harmony_reference is None:
         _check_harmony_clusters(pipeline, counts.shape[0])
-    return _run_compiled(pipeline, counts, profile, labels, key, inference)
+    return _run_compiled(pipeline, counts, profile, labels, key, inference, not checked)
 
 
 #: The per-cell outputs `run_pipeline_in_chunks` returns by default (the `(n_cells, n_genes)` ones are left out).
@@ -110,9 +121,11 @@ CELL_OUTPUTS = ("latent", "corrected_embeddings", "embeddings_2d", "cluster_assi
 
 @eqx.filter_jit
 def _run_chunk(batch: tuple[Array, Array], context: tuple[Any, ...]) -> dict[str, Array]:
-    pipeline, ambient_profile, key, names = context
+    pipeline, ambient_profile, key, names, check = context
     counts, labels = batch
-    output = pipeline(counts.astype(pipeline.dtype), ambient_profile, labels, key=key, inference=True)
+    # `check` (static) False: the callers checked the inputs and the settings on the host (see `_run_compiled`).
+    output = pipeline._forward(counts.astype(pipeline.dtype), ambient_profile, labels, key=key, inference=True,
+                               check=check)
     return {name: output[name] for name in names}
 
 
@@ -144,12 +157,13 @@ def pipeline_chunks(
     pass over the same data)."""
     _check_chunked(pipeline, tuple(outputs))
     counts, profile, labels = prepare_inputs(pipeline, data, keep_sparse=True, warn_profile=warn_profile)
+    check = not _checked_on_host(pipeline, profile)
     labels = np.asarray(labels)
     n_cells = counts.shape[0]
     size = max(1, min(chunk_size, n_cells))
     for start in range(0, n_cells, size):
         batch = (jnp.asarray(_host_rows(counts, start, size)), jnp.asarray(_host_rows(labels, start, size)))
-        output = _run_chunk(batch, (pipeline, profile, key, tuple(outputs)))
+        output = _run_chunk(batch, (pipeline, profile, key, tuple(outputs), check))
         keep = min(size, n_cells - start)
         yield start, {name: np.asarray(value[:keep]) for name, value in output.items()}
 
@@ -185,5 +199,6 @@ def run_pipeline_in_chunks(
     """
     _check_chunked(pipeline, tuple(outputs))
     counts, profile, labels = prepare_inputs(pipeline, data, keep_sparse=True)
+    check = not _checked_on_host(pipeline, profile)
     return map_in_chunks(_run_chunk, (counts, np.asarray(labels)), chunk_size=chunk_size,
-                         context=(pipeline, profile, key, tuple(outputs)), devices=devices)
+                         context=(pipeline, profile, key, tuple(outputs), check), devices=devices)

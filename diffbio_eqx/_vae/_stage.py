@@ -416,10 +416,20 @@ class VAENormalizer(AbstractTrainableStage):
 
         **Returns:** a `VAEOutput`.
         """
+        return self._forward(counts, batch_labels, key=key, inference=inference, transform_batch=transform_batch)
+
+    def _forward(
+        self, counts: Float[Array, "n_cells n_genes"], batch_labels: Int[Array, " n_cells"] | None = None, *,
+        key: PRNGKeyArray | None = None, inference: bool = False, transform_batch: Int[ArrayLike, ""] | None = None,
+        check: bool = True,
+    ) -> VAEOutput:
+        """`__call__`; `check=False` (static) leaves out the in-program value check of the counts, for callers that
+        checked them on the host (the check's host callback keeps a program out of JAX's persistent cache)."""
         self._check(counts, batch_labels)
         counts = counts.astype(self.dtype)
-        counts = eqx.error_if(counts, jnp.any(counts < 0) | ~jnp.all(jnp.isfinite(counts)),
-                              "counts: must be finite and >= 0")
+        if check:
+            counts = eqx.error_if(counts, jnp.any(counts < 0) | ~jnp.all(jnp.isfinite(counts)),
+                                  "counts: must be finite and >= 0")
         n_cells = counts.shape[0]
         onehot = self._batch_onehot(batch_labels, n_cells)
         dropout_key = sample_key = None
