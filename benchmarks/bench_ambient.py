@@ -43,7 +43,7 @@ from diffbio_eqx._ambient._stage import ambient_default_epochs  # noqa: E402
 N_GENES, N_GROUPS, LEVEL = 300, 4, 0.1
 # CellBender runs ~15-30 s per epoch on 1 000-2 000 droplets on the shared 2-core CPU, so its 150 default epochs
 # would take about an hour here; it gets fewer (its per-epoch speed is reported, and its accuracy is at these
-# epochs). diffbio_eqx uses its default (`ambient_default_epochs`: 150 epochs, up to 300 below 2,000 cells).
+# epochs). diffbio_eqx uses its default (`ambient_default_epochs`: 150 epochs, up to 300 below 1,400 cells).
 CELLBENDER_EPOCHS = 50
 
 

@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
     run.add_argument("--vae-epochs", type=_positive_int, help="VAE epochs (default: scVI's heuristic)")
     run.add_argument("--ambient-epochs", type=_positive_int,
-                     help="ambient model epochs (default: CellBender's 150; up to 300 below 2,000 cells)")
+                     help="ambient model epochs (default: CellBender's 150; up to 300 below 1,400 cells)")
     run.add_argument("--umap-epochs", type=_positive_int,
                      help="parametric UMAP epochs (default: about 3,000 optimiser steps)")
     run.add_argument("--quiet", action="store_true",

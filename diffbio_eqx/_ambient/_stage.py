@@ -541,15 +541,16 @@ def _resolve_profile(checked: Any, ambient_profile: Any, raw_counts: Any) -> np.
 #: ... training for more than 300 epochs is too much").
 CELLBENDER_EPOCHS = 150
 #: The fewest optimiser steps the ambient model gets (see `ambient_default_epochs`).
-AMBIENT_MIN_STEPS = 1500
+AMBIENT_MIN_STEPS = 1800
 
 
 def ambient_default_epochs(n_cells: int, batch_size: int = 128) -> int:
     """Epochs for `fit_ambient_removal`: CellBender's 150, more on small sets (up to 300, so that training takes
-    at least 1,500 minibatch steps), fewer on large ones (6 million cell passes, scvi-tools' heuristic scaled):
-    `min(round(20000 / n_cells * 300), min(300, max(150, ceil(1500 / steps_per_epoch))))`, at least 1.
+    at least 1,800 minibatch steps), fewer on large ones (6 million cell passes, scvi-tools' heuristic scaled):
+    `min(round(20000 / n_cells * 300), min(300, max(150, ceil(1800 / steps_per_epoch))))`, at least 1.
 
-    600 cells: 300; 1,000: 188; 2,000 to 40,000: 150; 100,000: 60; 1,000,000: 6. CellBender trains 150 epochs
+    Up to 768 cells: 300 (unchanged: the quality tests' 600 cells and the bundled 700-cell job, 1,500-1,800
+    steps); 1,000: 225; 2,000 to 40,000: 150; 100,000: 60; 1,000,000: 6. CellBender trains 150 epochs
     whatever the size and calls more than 300 too many (over-fitting). Steps matter more than epochs on small
     sets: the decoder starts at the pooled profile, which contains every type's markers, and must learn to drop
     the genes a type does not express before the fraction can claim their counts (at 600 cells, 50 epochs (250
@@ -589,7 +590,7 @@ def fit_ambient_removal(
       `ambient_profile` is None) and, when the stage has no `prior_ambient_count` yet, CellBender's prior on the
       ambient count per droplet (`estimate_ambient_count`), which the returned model keeps.
     - `settings`: the loop's `TrainSettings`; what is left at None takes these defaults: `n_epochs`
-      `ambient_default_epochs(n_cells, batch_size)` (CellBender's 150; up to 300 below 2,000 cells), `batch_size`
+      `ambient_default_epochs(n_cells, batch_size)` (CellBender's 150; up to 300 below 1,400 cells), `batch_size`
       128, AdamW (`shared_optimizer()`) with `hyperparameters` `{"learning_rate": 3e-3, "weight_decay": 1e-6,
       "eps": 0.01}` (given ones replace these), no validation split (with one, the validation loss is the negative
       ELBO).
