@@ -335,7 +335,8 @@ def test_float32_flows_through():
 def test_default_epochs_follow_cellbender_with_a_floor_of_steps():
     # CellBender's 150 epochs; at least 1,800 minibatch steps on small sets (at most 300 epochs); 6 million cell
     # passes on large ones.
-    expected = {600: 300, 768: 300, 1000: 225, 2000: 150, 5000: 150, 20_000: 150, 40_000: 150, 100_000: 60, 1_000_000: 6}
+    expected = {600: 300, 768: 300, 1000: 225, 2000: 150, 5000: 150, 20_000: 150, 40_000: 150, 100_000: 60,
+                1_000_000: 6}
     assert {n: ambient_stage.ambient_default_epochs(n) for n in expected} == expected
     assert ambient_stage.ambient_default_epochs(600, batch_size=32) == 150  # 19 steps an epoch
     assert ambient_stage.ambient_default_epochs(1) == 300 and ambient_stage.ambient_default_epochs(10**9) == 1
