@@ -15,7 +15,7 @@ from scipy.stats import rankdata, spearmanr
 from skimage import filters as skimage_filters  # noqa: E402  (test extra; never skipped)
 from sklearn.metrics import average_precision_score
 
-from diffbio_eqx._doublets import _ivf, _preprocess, _scrublet, _threshold
+from diffbio_eqx._doublets import _counts, _ivf, _preprocess, _scrublet, _threshold
 from diffbio_eqx._doublets._run import ScrubletSettings, run_scrublet, run_scrublet_batched
 from diffbio_eqx._simulate._doublets import simulate_doublets
 
@@ -237,6 +237,24 @@ def test_a_batch_with_one_cell_is_refused(droplets):
     batches = np.asarray(["a"] * 1199 + ["b"])
     with pytest.raises(ValueError, match="batch_key"):
         run_scrublet_batched(droplets[0], batches, key=jr.key(0))
+
+
+def test_counting_search_equals_sorting_each_row_ties_included(getkey):
+    # 2,400 points, k_adj 30: the counting search of _counts (not the top-k path). 400 points are exact copies:
+    # 200 observed points copied as simulated ones (ties across the classes, broken by index as a top-k over the
+    # row and sklearn keep the lower index) and 200 simulated points copied as simulated ones.
+    base = jr.normal(getkey(), (2000, 6))
+    manifold = jnp.concatenate([base, base[:200], base[1500:1700]])
+    is_sim = np.arange(2400) >= 800
+    points = np.asarray(manifold, np.float64)
+    distances = np.sum((points[:, None, :] - points[None, :, :]) ** 2, axis=-1)
+    np.fill_diagonal(distances, np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(2400), distances.shape), distances), axis=1)[:, :29]
+    expected = is_sim[order].sum(axis=1)
+    counts = _counts.threshold_neighbor_counts(manifold, jnp.asarray(is_sim), 30)
+    np.testing.assert_array_equal(counts, expected)
+    with pytest.raises(ValueError, match="k_adj"):
+        _counts.threshold_neighbor_counts(manifold, jnp.asarray(is_sim), 100)
 
 
 def test_ivf_counts_equal_exact_when_every_list_is_probed(getkey):

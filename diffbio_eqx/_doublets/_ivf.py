@@ -27,13 +27,13 @@ from .._core._neighbors import IVF_N_PROBE, _ivf_chunk, _ivf_plan, _ivf_sorted_i
 
 
 #: `knn_method="auto"`: Scrublet searches its observed + simulated points exactly below this many points and by the
-#: IVF from here on (16,667 cells at `sim_doublet_ratio` 2). Measured on the benchmark's droplets (2-core CPU, load
-#: average about 20): at 60,000 points and `k_adj` 213 the exact counts took 187 s (first call), the IVF with 64 of
-#: 245 lists 87-89 s (AUPRC 0.809 against 0.818, 80 % of counts identical) and with 32 lists 43 s (AUPRC 0.785,
-#: 37 % identical). Scrublet's manifold is 30 z-scored PCs, mostly noise within a cell type, and its `k_adj` is
-#: large, so each point's neighbours spread over many lists: the IVF needs a quarter of the lists, not 16, and
-#: pays about 2x, not the 10x+ it pays for a 15-NN graph.
-SCRUBLET_IVF_MIN_POINTS = 50_000
+#: IVF from here on. Scrublet's manifold is 30 z-scored PCs, mostly noise within a cell type, and its `k_adj` is
+#: large, so each point's neighbours spread over many lists: the IVF needs a quarter of the lists (AUPRC 0.806 vs
+#: 0.816 exact at 20,000 cells), so its work grows as `n^2 / 4`, like the exact search's `n^2`. Since the exact
+#: counts stopped using a top-k over each row (`_counts`), they cost no more than the IVF's: at 60,000 points and
+#: `k_adj` 213, 9.1-9.4 CPU-seconds exact against 10.3 for the IVF (second calls, 2-core CPU at load 15-18). So
+#: `"auto"` searches exactly up to a million points; the IVF stays available (`knn_method="ivf"`).
+SCRUBLET_IVF_MIN_POINTS = 1_000_000
 
 #: `ScrubletSettings.ivf_probe_fraction`'s default: the share of the lists each point searches (at least 16).
 IVF_PROBE_FRACTION = 0.25

@@ -6,7 +6,8 @@ Given observed cells and simulated doublets, both normalised to 1e6 over the hig
 2. PCA with `n_prin_comps` components fitted on the observed cells (centred by their mean) and applied to both
    (scanpy's `pipeline.pca`; here through the eigenvectors of the `(n_genes, n_genes)` covariance);
 3. the nearest neighbours of every observed and simulated cell in their union, with
-   `k_adj = round(k * (1 + n_sim / n_obs))` (exact, blocked, the top-k in groups: `hard_neighbor_counts`; from
+   `k_adj = round(k * (1 + n_sim / n_obs))` (exact, blocked, counting instead of a top-k over each row:
+   `hard_neighbor_counts`, `_counts`; from
    `_ivf.SCRUBLET_IVF_MIN_POINTS` points the inverted-file search of `_ivf` instead, outside this jit; scanpy
    uses exact search below 8192 points and pynndescent above). The count runs over the `k_adj - 1`
    nearest *other* points (the point itself left out) with $n = k_{adj}$ in the score. That is what
@@ -31,9 +32,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
-from .._core._geometry import squared_distances
 from .._core._neighbors import _blocked_knn
 from .._core._stage import AbstractStage
+from ._counts import GROUP, threshold_neighbor_counts
 
 
 def adjusted_neighbors(n_neighbors: int, n_obs: int, n_sim: int) -> int:
@@ -90,49 +91,22 @@ def zscore_pca(
     return centred @ components, (z_sim - center) @ components
 
 
-#: Exact kNN in groups (`hard_neighbor_counts`): reference points per group and query rows per block.
-KNN_GROUP, KNN_BLOCK = 32, 256
-
-
-def _grouped_block(queries: Array, rows: Array, manifold: Array, is_sim: Array, k: int, group: int) -> Array:
-    """Simulated points among the `k - 1` nearest others of one block of query rows, exactly.
-
-    The `k` nearest (the point itself included, forced first) lie in the `k` groups of `group` consecutive
-    reference points with the smallest minima (those `k` minima are `k` points at most the `k`-th of them), so
-    the top-k runs over the group minima and then over those groups' points: `k * (1 + group)` elements a row
-    instead of `n_points`. Groups are taken in index order, so ties break by index as one top-k over the row.
-    """
-    n_points, n_block = manifold.shape[0], queries.shape[0]
-    n_groups = -(-n_points // group)
-    scores = -squared_distances(queries, manifold)
-    scores = jnp.where(jnp.arange(n_points, dtype=jnp.int32)[None, :] == rows[:, None], jnp.inf, scores)
-    scores = jnp.concatenate([scores, jnp.full((n_block, n_groups * group - n_points), -jnp.inf, scores.dtype)],
-                             axis=1).reshape(n_block, n_groups, group)
-    _, groups = jax.lax.top_k(jnp.max(scores, axis=2), k)
-    groups = jnp.sort(groups, axis=1)
-    candidates = jnp.take_along_axis(scores, groups[:, :, None], axis=1).reshape(n_block, k * group)
-    _, position = jax.lax.top_k(candidates, k)
-    indices = (jnp.take_along_axis(groups, position // group, axis=1) * group + position % group).astype(jnp.int32)
-    sim = jnp.concatenate([is_sim, jnp.zeros(n_groups * group - n_points, bool)])
-    return jnp.sum(sim[indices] & (indices != rows[:, None]), axis=1)
+#: Exact kNN: below `KNN_GROUP * 2 * k_adj` points, one top-k over each whole row; from there the counting search
+#: of `_counts` (groups of `_counts.GROUP` points).
+KNN_GROUP = GROUP
 
 
 def hard_neighbor_counts(
     manifold: Float[Array, "n_points n_pcs"], is_sim: Bool[Array, " n_points"], k_adj: int
 ) -> Float[Array, " n_points"]:
-    """Step 3: how many of each point's `k_adj - 1` nearest other points are simulated doublets (exact, blocked:
-    `KNN_BLOCK` query rows at a time against all points, `_grouped_block`; never an `n x n` matrix)."""
+    """Step 3: how many of each point's `k_adj - 1` nearest other points are simulated doublets, exactly (ties in
+    index order), blocked: never an `n x n` matrix. Small sets: one top-k per row; larger ones: the group minima
+    and counting search of `_counts.threshold_neighbor_counts`, which needs no top-k over whole rows."""
     n_points = manifold.shape[0]
     if k_adj * KNN_GROUP * 2 > n_points:  # too few points for groups to pay: one top-k over the whole row
         indices, _ = _blocked_knn(manifold, manifold, k_adj, None, self_first=True)
         return jnp.sum(is_sim[indices[:, 1:]], axis=1).astype(manifold.dtype)
-    block = min(KNN_BLOCK, n_points)
-    n_blocks = -(-n_points // block)
-    padded = jnp.concatenate([manifold, jnp.zeros((n_blocks * block - n_points, manifold.shape[1]), manifold.dtype)])
-    rows = jnp.arange(n_blocks * block, dtype=jnp.int32).reshape(n_blocks, block)
-    counts = jax.lax.map(lambda b: _grouped_block(b[0], b[1], manifold, is_sim, k_adj, KNN_GROUP),
-                         (padded.reshape(n_blocks, block, -1), rows))
-    return counts.reshape(-1)[:n_points].astype(manifold.dtype)
+    return threshold_neighbor_counts(manifold, is_sim, k_adj).astype(manifold.dtype)
 
 
 def soft_neighbor_counts(
