@@ -50,7 +50,7 @@ import scipy.sparse as sp
 from jax.experimental import sparse as jsparse
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._core._neighbors import exact_knn, ivf_knn, select_neighbor_method
+from .._core._neighbors import exact_knn, ivf_knn, knn_block_size, select_neighbor_method
 from .._core._stage import AbstractStage
 from .._core._validate import check_counts, check_embedding
 
@@ -88,6 +88,8 @@ def library_size_normalize(
 DEVICE_DATA_BUDGET = 2**28
 #: Cells per block when the data are densified or multiplied from the host.
 HOST_BLOCK_ROWS = 8192
+#: The exact kNN search's block of query rows holds at most this many distances.
+KNN_BLOCK_BUDGET = 2**23
 
 
 def _column_block(x: Any, columns: np.ndarray) -> Array:
@@ -324,7 +326,10 @@ def select_t(disparities: Float[ArrayLike, " t_max"], threshold: float = AUTO_T_
 def _operator_from_graph(
     representation: Float[Array, "n_cells n_dims"], n_search: int, knn: int, decay: Array | None, thresh: Array
 ) -> DiffusionOperator:
-    indices, distances = exact_knn(representation, representation, n_search)
+    # Blocks of at most 2**23 distances (32 MiB, about the L3 cache): on 30,000 cells x 100 PCs, 256-row blocks
+    # took 3.3 CPU-s against 5.9 for the 2**24-distance default's 512 rows (one round, load ~19).
+    block = knn_block_size(representation.shape[0], KNN_BLOCK_BUDGET)
+    indices, distances = exact_knn(representation, representation, n_search, block_size=block)
     return _operator_from_neighbors(indices, distances, knn, decay, thresh)
 
 
