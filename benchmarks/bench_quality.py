@@ -28,6 +28,15 @@ the groups are Leiden's communities at resolution 1.0 of the generator's latent)
 the job splits pbmc68k, the job's corrected embedding, then under 3 selection seeds the k each rule proposes
 (`stable_resolution`: the most stable resolution, or the finest within one jackknife standard error of it) and
 the mixture's ARI against the simulated groups there. Writes benchmarks/results/quality_k_rule_sim.json.
+
+    python benchmarks/bench_quality.py --start-sim --seeds 0 1 2 3 [--from-dirs benchmarks/results/quality_runs]
+
+`--start-sim` chooses where the mixture starts and how far EM runs when k is chosen, on simulated data with true
+groups: Splatter's 10 groups split into two batches as the job splits pbmc68k (one per seed) and the unbalanced
+groups of tests/test_gmm.py, each corrected by the pipeline; at the k the stability rule picks, the ARI of Leiden's
+partition, of EM from it after 0, 3, 10 and 100 steps, and of the earlier fit (3 starts from Leiden at the
+resolution giving k, EM to convergence). With `--from-dirs` the jobs' pbmc68k embeddings are scored too (against
+`bulk_labels`, reported, not used to choose). Writes benchmarks/results/quality_start_sim.json.
 """
 
 import argparse
@@ -211,6 +220,95 @@ def _write_k_rule_sim(seeds: list[int], out: pathlib.Path) -> int:
     return 0
 
 
+def _unbalanced_embedding() -> tuple[np.ndarray, np.ndarray]:
+    """tests/test_gmm.py's unbalanced counts (five groups, 800 ... 40 cells, two batches; x64 as the suite runs
+    them), corrected by the pipeline without clustering (60 VAE epochs, as the test), and their groups."""
+    import jax
+    import jax.random as jr
+
+    import diffbio_eqx as dbx
+
+    with jax.enable_x64(True):
+        sim = dbx.simulate(jr.key(5), n_cells=4000, n_genes=300, n_groups=5, n_batches=2, de_prob=0.2)
+        groups, rng = np.asarray(sim.groups), np.random.default_rng(0)
+        keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(groups == g), size, replace=False)
+                                       for g, size in enumerate([800, 320, 160, 80, 40])]))
+        data = {"counts": np.asarray(sim.counts)[keep], "batch_labels": np.asarray(sim.batches)[keep]}
+        config = dbx.SingleCellPipelineConfig(n_genes=300, n_clusters=None, n_batches=2, latent_dim=10,
+                                              hidden_dims=(128,), batch_correction_clusters=None,
+                                              enable_ambient_removal=False, enable_dim_reduction=False,
+                                              enable_clustering=False)
+        fitted = dbx.fit_pipeline(dbx.SingleCellPipeline(config, key=jr.key(0)), data, key=jr.key(1),
+                                  vae_epochs=60, progress=False)
+        corrected = dbx.run_pipeline(fitted.pipeline, data, key=jr.key(2))["corrected_embeddings"]
+    return np.asarray(corrected, np.float32), groups[keep]
+
+
+def _start_variants(x: np.ndarray, truth: np.ndarray, key) -> dict:
+    """ARI against `truth` of the mixture's starts at the k the stability rule chooses: Leiden's partition at the
+    most stable resolution itself, EM from it for 0 (the M-step only), 3, 10 and 100 steps, and the fit before
+    issue 24's change (3 starts from Leiden at the resolution giving k, EM to convergence, best likelihood)."""
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    import diffbio_eqx as dbx
+    from diffbio_eqx._clustering._gmm import REG_COVAR, hard_labels, parameters_from_labels
+    from diffbio_eqx._clustering._mixture_stage import _em, _graph_cells, _stable_communities
+
+    xj, seed = jnp.asarray(x), int(jr.randint(key, (), 0, 2**31 - 1))
+    ari = lambda labels: float(dbx.adjusted_rand_index(truth, np.asarray(labels)))
+    labels, stability = _stable_communities(_graph_cells(xj, seed), seed=seed, n_neighbors=15, min_size=10,
+                                            n_subsamples=6, tie_break="none")
+    assert labels is not None
+    k = int(labels.max()) + 1
+    start = parameters_from_labels(xj, jnp.asarray(labels), k, REG_COVAR)
+    record = {"stability": stability, "k": k, "leiden": ari(labels), "em_0": ari(hard_labels(xj, start))}
+    for steps in (3, 10, 100):
+        fit = _em(xj, start, jnp.asarray(1.0, xj.dtype), n_iter=steps, tol=1e-3, reg_covar=REG_COVAR)
+        record[f"em_{steps}"] = ari(hard_labels(xj, fit.params))
+    before = dbx.fit_gaussian_mixture(dbx.GaussianMixture(jnp.zeros((k, x.shape[1]), xj.dtype)), xj, key=key)
+    return record | {"before": ari(before.model.hard_assign(xj))}
+
+
+def _write_start_sim(seeds: list[int], out: pathlib.Path, pbmc_dirs: pathlib.Path | None) -> int:
+    """`--start-sim`: the mixture's start and EM steps chosen on simulated data (Splatter groups split as the job
+    splits pbmc68k, and the unbalanced groups of tests/test_gmm.py); pbmc68k's job embeddings reported too."""
+    import jax.random as jr
+    from select_integration_settings import corrected_embedding, simulated
+
+    runs: dict[str, dict] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in seeds:
+            adata = simulated(seed, "job")
+            runs[f"splatter_{seed}"] = _start_variants(corrected_embedding(adata, {}, {}, seed=seed),
+                                                       adata.obs["group"].to_numpy(), jr.key(seed))
+            print(seed, runs[f"splatter_{seed}"], flush=True)
+        runs["unbalanced"] = _start_variants(*_unbalanced_embedding(), jr.key(1))
+        print(runs["unbalanced"], flush=True)
+        for folder in sorted(pbmc_dirs.glob("run*")) if pbmc_dirs is not None else []:
+            import anndata as ad
+
+            adata = ad.read_h5ad(folder / "result.h5ad")
+            runs[f"pbmc68k_{folder.name}"] = _start_variants(
+                np.asarray(adata.obsm["X_diffbio_corrected"], np.float32), adata.obs["bulk_labels"].to_numpy(),
+                jr.key(int(folder.name.removeprefix("run"))))
+    variants = ("leiden", "em_0", "em_3", "em_10", "em_100", "before")
+    simulated_runs = [run for name, run in runs.items() if not name.startswith("pbmc68k")]
+    summary = {v: float(np.mean([run[v] for run in simulated_runs])) for v in variants}
+    record = {"benchmark": "the mixture's start and EM steps when k is chosen, on simulated data (issue 24)",
+              "data": {"splatter": DATA_NOTE_JOB, "unbalanced": "tests/test_gmm.py's unbalanced counts",
+                       "pbmc68k": "the job's corrected embeddings, scored against bulk_labels (reported, not used)"},
+              "environment": environment("scanpy"), "runs": runs, "mean_ari_simulated": summary}
+    out.write_text(json.dumps(record, indent=1, default=float))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+DATA_NOTE_JOB = ("dbx.simulate 700 cells x 765 genes, 10 groups, one batch, then the job's two-batch split "
+                 "(select_integration_settings.simulated(seed, 'job')), corrected with the job's settings")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -219,6 +317,7 @@ def main() -> int:
     parser.add_argument("--job-args", default="", help="more options for each diffbio-eqx run")
     parser.add_argument("--diagnose", action="store_true", help="why a seed's ARI drops (needs --from-dirs)")
     parser.add_argument("--k-rule-sim", action="store_true", help="compare the k rules on simulated data")
+    parser.add_argument("--start-sim", action="store_true", help="choose the mixture's start on simulated data")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     parser.add_argument("--work", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality_runs",
                         help="folder for the job outputs")
@@ -228,6 +327,10 @@ def main() -> int:
         default = arguments.out.name == "quality.json"
         return _write_k_rule_sim(arguments.seeds,
                                  arguments.out.with_name("quality_k_rule_sim.json") if default else arguments.out)
+    if arguments.start_sim:
+        default = arguments.out.name == "quality.json"
+        return _write_start_sim(arguments.seeds, arguments.out.with_name("quality_start_sim.json") if default
+                                else arguments.out, arguments.from_dirs)
     if arguments.diagnose:
         if arguments.from_dirs is None:
             parser.error("--diagnose reads finished jobs: give --from-dirs")

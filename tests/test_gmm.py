@@ -15,7 +15,9 @@ import diffbio_eqx as dbx
 from diffbio_eqx._clustering import _gmm
 from diffbio_eqx._clustering._communities import connectivity_matrix, leiden, leiden_with_k
 from diffbio_eqx._clustering._mixture_stage import (
+    STABLE_EM_STEPS,
     _jackknife_error,
+    _stable_communities,
     partition_stability,
     select_n_clusters,
     stable_resolution,
@@ -105,6 +107,15 @@ def test_the_number_of_clusters_is_chosen_by_stability(unbalanced):
     fitted = dbx.fit_gaussian_mixture(None, x, key=jr.key(1))
     assert fitted.model.n_clusters == len(SIZES)
     assert dbx.adjusted_rand_index(y, np.asarray(fitted.model.hard_assign(x))) >= 0.98
+    # With k chosen, the fit is one start (the stable communities' M-step) and at most STABLE_EM_STEPS EM steps.
+    assert list(fitted.train_aux) == ["restart_0"] and 1 <= fitted.n_epochs_run <= STABLE_EM_STEPS
+    seed = int(jr.randint(jr.key(1), (), 0, 2**31 - 1))
+    communities, _ = _stable_communities(x, seed=seed, n_neighbors=15, min_size=10, n_subsamples=6,
+                                         tie_break="none")
+    assert communities is not None and int(communities.max()) + 1 == len(SIZES)
+    start = _gmm.parameters_from_labels(x, jnp.asarray(communities), len(SIZES))
+    np.testing.assert_array_equal(np.asarray(fitted.model.hard_assign(x)), np.asarray(_gmm.hard_labels(
+        x, _gmm.expectation_maximisation(x, start, n_iter=STABLE_EM_STEPS).params)))
     # On structureless data the partitions are not reproducible (one community at low resolution scores NaN).
     noise = np.random.default_rng(0).normal(size=(600, 6)).astype(np.float32)
     noise_stability = partition_stability(noise, seed=0)

@@ -245,6 +245,31 @@ def _graph_cells(x: Array, seed: int) -> Array:
     return x[np.sort(np.random.default_rng(seed).choice(x.shape[0], MAX_GRAPH_CELLS, replace=False))]
 
 
+def _stable_communities(cells: Array, *, seed: int, n_neighbors: int, min_size: int, n_subsamples: int,
+                        tie_break: str) -> tuple[np.ndarray | None, dict[float, float]]:
+    """Leiden's communities of `cells` at the resolution `stable_resolution` picks, those under `min_size` cells
+    marked -1 and the rest numbered 0.. by size (largest first); None when there is no partition to choose.
+
+    **Returns:** `(labels or None, stability by resolution)`.
+    """
+    if int(0.8 * cells.shape[0]) < 4:  # too few cells to partition
+        return None, {}
+    matrices = _stability_matrices(cells, seed=seed, n_neighbors=n_neighbors, resolutions=STABILITY_RESOLUTIONS,
+                                   n_subsamples=n_subsamples, fraction=0.8)
+    stability = {resolution: _pair_mean(matrix) for resolution, matrix in matrices.items()}
+    resolution = stable_resolution(matrices, tie_break=tie_break)
+    if resolution is None:
+        return None, stability
+    labels = graph_communities(cells, seed=seed, n_neighbors=n_neighbors, resolution=resolution)
+    sizes = np.bincount(labels)
+    kept = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] >= min_size]
+    if not kept:
+        return None, stability
+    remap = np.full(sizes.size, -1)
+    remap[kept] = np.arange(len(kept))
+    return remap[labels], stability
+
+
 def select_n_clusters(x: Float[ArrayLike, "n_cells n_dims"], *, seed: int = 0, n_neighbors: int = 15,
                       min_size: int = 10, n_subsamples: int = 6,
                       tie_break: str = "none") -> tuple[int, dict[float, float]]:
@@ -255,17 +280,25 @@ def select_n_clusters(x: Float[ArrayLike, "n_cells n_dims"], *, seed: int = 0, n
 
     **Returns:** `(n_clusters, stability by resolution)`.
     """
-    cells = _graph_cells(jnp.asarray(x), seed)
-    if int(0.8 * cells.shape[0]) < 4:  # too few cells to partition
-        return 1, {}
-    matrices = _stability_matrices(cells, seed=seed, n_neighbors=n_neighbors, resolutions=STABILITY_RESOLUTIONS,
-                                   n_subsamples=n_subsamples, fraction=0.8)
-    stability = {resolution: _pair_mean(matrix) for resolution, matrix in matrices.items()}
-    resolution = stable_resolution(matrices, tie_break=tie_break)
-    if resolution is None:
-        return 1, stability
-    labels = graph_communities(cells, seed=seed, n_neighbors=n_neighbors, resolution=resolution)
-    return max(int(np.sum(np.bincount(labels) >= min_size)), 1), stability
+    labels, stability = _stable_communities(_graph_cells(jnp.asarray(x), seed), seed=seed, n_neighbors=n_neighbors,
+                                            min_size=min_size, n_subsamples=n_subsamples, tie_break=tie_break)
+    return (1 if labels is None else int(labels.max()) + 1), stability
+
+
+#: EM steps from the stable partition when the data choose the number of clusters (`fit_gaussian_mixture` with
+#: `stage=None`). Chosen on simulated data (issue 24; `bench_quality.py --start-sim`), not on pbmc68k's labels.
+STABLE_EM_STEPS = 3
+
+
+def _stable_start(x: Array, *, seed: int, n_neighbors: int) -> MixtureParameters | None:
+    """The M-step on the communities `select_n_clusters` counts (the partition whose reproducibility chose k; its
+    communities under 10 cells left to EM), on at most `MAX_GRAPH_CELLS` cells; None when there is no partition."""
+    cells = _graph_cells(x, seed)
+    labels, _ = _stable_communities(cells, seed=seed, n_neighbors=n_neighbors, min_size=10, n_subsamples=6,
+                                    tie_break="none")
+    if labels is None:
+        return None
+    return parameters_from_labels(cells, jnp.asarray(labels), int(labels.max()) + 1, REG_COVAR)
 
 
 def _initial_parameters(x: Array, n_clusters: int, init: str, key: PRNGKeyArray,
@@ -302,7 +335,11 @@ def fit_gaussian_mixture(
 
     - `stage`: its `(n_clusters, n_dims)` means fix the shape and its temperature the E-step's (values unused);
       None lets the data choose the number of clusters (`select_n_clusters`: Leiden's communities at the
-      most stable resolution) at temperature 1.
+      most stable resolution) at temperature 1, and then the fit starts from those communities themselves (the
+      M-step on them: the partition whose reproducibility chose k) and runs at most `STABLE_EM_STEPS` (3) EM
+      steps from it, with no restarts (`init` and `n_restarts` apply when k is given). Why few steps: the
+      diagonal Gaussians are a misspecified model of cell types in a VAE latent, so EM to convergence trades
+      the stable partition for a likelier but different one (issue 24, `bench_quality.py --start-sim`).
     - `x`: `(n_cells, n_dims)` cells (e.g. corrected embeddings).
     - `key`: PRNG key (restart seeds). (Keyword only argument.)
     - `init`: `"graph"` (default: Leiden communities of the `n_neighbors` graph at the resolution giving
@@ -320,15 +357,19 @@ def fit_gaussian_mixture(
     if n_restarts < 1:
         raise ValueError(f"n_restarts: must be >= 1, got {n_restarts}")
     x = jnp.asarray(check_embedding(x, n_dims=None if stage is None else stage.means.shape[1]))
+    stable = None
     if stage is None:
-        n_clusters, _ = select_n_clusters(x, seed=int(jr.randint(key, (), 0, 2**31 - 1)), n_neighbors=n_neighbors)
+        stable = _stable_start(x, seed=int(jr.randint(key, (), 0, 2**31 - 1)), n_neighbors=n_neighbors)
+        n_clusters = 1 if stable is None else stable.means.shape[0]
         stage = GaussianMixture(jnp.zeros((n_clusters, x.shape[1]), x.dtype))
     check_n_clusters(x.shape[0], stage.n_clusters)
     temperature = jnp.asarray(stage.temperature, x.dtype)
-    fits = []
-    for restart_key in jr.split(key, n_restarts):
-        start = _initial_parameters(x, stage.n_clusters, init, restart_key, n_neighbors)
-        fits.append(_em(x, start, temperature, n_iter=n_iter, tol=tol, reg_covar=REG_COVAR))
+    if stable is not None:  # one start, the stable partition, and a few EM steps from it
+        n_iter = min(n_iter, STABLE_EM_STEPS)
+        fits = [_em(x, stable, temperature, n_iter=n_iter, tol=tol, reg_covar=REG_COVAR)]
+    else:
+        fits = [_em(x, _initial_parameters(x, stage.n_clusters, init, restart_key, n_neighbors), temperature,
+                    n_iter=n_iter, tol=tol, reg_covar=REG_COVAR) for restart_key in jr.split(key, n_restarts)]
     best = fits[int(np.argmax([float(fit.log_likelihood[-1]) for fit in fits]))]
     params = best.params
     return FitResult(
