@@ -69,6 +69,8 @@ MOMENTUM_START = 6
 #: first check ends its stage.
 INNER_ITERATIONS = 2
 
+# Balanced linear steps in ott's kernel mode (`_sinkhorn_solve`); False: the log domain throughout (read at trace
+# time; kept to compare the two: on the 2,058-spot pair 2.15-2.33 against 2.25-2.68 CPU-s, same plan).
 _KERNEL_MODE = True
 
 #: PASTE's pseudo-count before normalising expression for the KL cost (`paste.PASTE.pairwise_align`).
