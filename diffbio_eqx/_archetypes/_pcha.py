@@ -47,8 +47,8 @@ def furthest_sum(x: Float[Array, "n_dims n_cells"], n_archetypes: int, start: In
     return jnp.stack(chosen)
 
 
-CAPACITY = 8192  # cells gathered for a C line search when C is sparse (see `c_update_bounded`)
-BLOCK = 32  # cells are gathered in runs of BLOCK consecutive cells (a cheaper compaction than cell by cell)
+CAPACITY = 2048  # cells gathered for a C line search when C is sparse (see `c_update_bounded`)
+BLOCK = 1  # cells are gathered in runs of BLOCK consecutive cells (32 left steps dense at 100k: too few runs)
 
 
 def _sse(sst, xct_x_or_xc, cross, gram, sst_mat):
