@@ -100,7 +100,7 @@ def _ivf_counts(
     probes: Int[Array, "n_lists n_probe"],
     shape: tuple[int, int, int],
 ) -> Float[Array, " n_points"]:
-    """The search of `_neighbors._ivf_neighbor_graph`, keeping per query row the simulated points among its `k_adj`
+    """The search of `_neighbors._ivf_search`, keeping per query row the simulated points among its `k_adj`
     nearest, the row itself left out; `shape` is `(k_adj, rows per step, candidates per step)`, all static."""
     k_adj, n_rows, n_candidates = shape
     n_points = manifold.shape[0]
