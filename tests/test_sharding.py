@@ -23,6 +23,10 @@ import textwrap
 import pytest
 
 
+# Slow (about 95 s of one process: a subprocess that compiles the sharded programs for 4 forced devices): the quick
+# suite is at its 30-minute budget on 2 cores, and CI runs the slow suite too.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
