@@ -68,11 +68,18 @@ def ambient_count_log_likelihood(
     log_cell_rate: Float[Array, "n_cells n_genes"],
     log_ambient_rate: Float[Array, "n_cells n_genes"],
     log_inverse_dispersion: Float[Array, " n_genes"],
+    log_factorial: Float[Array, " n_cells"] | None = None,
 ) -> Float[Array, " n_cells"]:
-    """Per-cell $\\sum_g \\log\\mathrm{NB}(x_{ng}; \\mu_{ng} + \\lambda_{ng}, \\theta_g)$."""
+    """Per-cell $\\sum_g \\log\\mathrm{NB}(x_{ng}; \\mu_{ng} + \\lambda_{ng}, \\theta_g)$.
+
+    `log_factorial`, if given, is each cell's precomputed $\\sum_g \\log\\Gamma(x_{ng} + 1)$ (a constant of the
+    data, `log_factorial_per_cell`): the same value without one `lgamma` per count in the training step.
+    """
     log_mean = jnp.logaddexp(log_cell_rate, log_ambient_rate)
-    per_gene = negative_binomial_log_prob_logspace(counts, log_mean, log_inverse_dispersion[None, :])
-    return jnp.sum(per_gene, axis=-1)
+    per_gene = negative_binomial_log_prob_logspace(counts, log_mean, log_inverse_dispersion[None, :],
+                                                   include_log_factorial=log_factorial is None)
+    total = jnp.sum(per_gene, axis=-1)
+    return total if log_factorial is None else total - log_factorial.astype(total.dtype)
 
 
 def cell_share(

@@ -27,6 +27,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from .._core._checkpoint import read_header, save_leaves
 from .._core._distributions import (
+    log_factorial_per_cell,
     log_library_size,
     negative_binomial_log_prob_logspace,
     poisson_log_prob_logspace,
@@ -83,40 +84,6 @@ def count_log_likelihood(
         per_gene = poisson_log_prob_logspace(counts, log_mean, **options)
     total = jnp.sum(per_gene, axis=-1)
     return total if log_factorial is None else total - log_factorial.astype(total.dtype)
-
-
-def log_factorial_per_cell(counts: Any, *, block_rows: int = 8192) -> np.ndarray:
-    """Host-side $\\sum_g \\log\\Gamma(x_g + 1)$ per cell for dense or SciPy sparse counts (float64).
-
-    Whole-number counts go through a table of $\\log k!$ (fast); other values through `scipy.special.gammaln`.
-    """
-    import scipy.sparse as sp
-    import scipy.special
-
-    def log_factorial(values: np.ndarray) -> np.ndarray:
-        top = float(values.max(initial=0.0))
-        if top <= 1e6 and np.array_equal(values, np.floor(values)):
-            table = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, int(top) + 1, dtype=np.float64)))])
-            return table[values.astype(np.int64)]
-        return scipy.special.gammaln(values.astype(np.float64) + 1.0)
-
-    if sp.issparse(counts):
-        # Row blocks bound the float64 temporaries (at a million cells the whole `data` would be GBs).
-        csr = sp.csr_matrix(counts)
-        n_rows = cast(tuple[int, int], csr.shape)[0]  # scipy infers shape as possibly None
-        totals = np.empty(n_rows)
-        for start in range(0, n_rows, block_rows):
-            block = csr[start : start + block_rows]
-            values = log_factorial(block.data)
-            block_totals = sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape).sum(axis=1)
-            totals[start : start + block.shape[0]] = np.asarray(block_totals).ravel()
-        return totals
-    dense = np.asarray(counts)
-    # By blocks of rows too: the table lookup holds int64 indices and float64 values per entry, which for a whole
-    # 100k x 2,000 matrix is 3.2 GB of temporaries (the peak memory of `fit_vae` on such data).
-    rows = max(1, 2**22 // max(dense.shape[1] if dense.ndim == 2 else 1, 1))
-    return np.concatenate([log_factorial(dense[i : i + rows]).sum(axis=1) for i in range(0, dense.shape[0], rows)]
-                          or [np.zeros(0)])
 
 
 def kl_warmup_weight(
