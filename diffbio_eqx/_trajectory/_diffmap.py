@@ -20,7 +20,7 @@ on the sparse operator: a block of `n_comps + guard` vectors (rounded up to a mu
 Chebyshev polynomial of $T_s$ that damps the spectrum below the block's smallest Ritz value (the spectrum lies in
 $[-1, 1]$ and the top eigenvalue is 1), then orthonormalised and projected (Rayleigh-Ritz), until the residuals
 are below `tol`.
-Products go through the padded-row layout (`PaddedGraph`: gathers, and a scatter of the few long rows' tail rows;
+Products go through the padded-row layout (`PaddedGraph`: gathers, and a scatter of the long rows' tail rows;
 a `CellGraph` works too, by `segment_sum`); the filter and the iterations' Rayleigh-Ritz steps run in float32 by
 default, the final Rayleigh-Ritz step in the graph's dtype; memory is
 `O(n_edges + n_cells * n_block)`. Only tiny graphs (`5 * n_comps >= n_cells`) use a dense `eigh`. scanpy uses
@@ -45,8 +45,9 @@ from ._graph import (
     TailRows,
     as_padded_graph,
     connected_components,
+    host_components,
+    host_csr,
     matvec,
-    padded_components,
     padded_matvec,
     padded_row_sums,
     row_sums,
@@ -84,8 +85,8 @@ class DiffusionMap(eqx.Module):
     - `eigenvalues`: `(n_comps,)`; scanpy's `uns["diffmap_evals"]`.
     - `eigenvectors`: `(n_cells, n_comps)`; scanpy's `obsm["X_diffmap"]` (each column's sign fixed so that its
       entries sum to a non-negative number; scanpy leaves ARPACK's arbitrary signs).
-    - `n_iter`: filtered subspace iterations (0 for the dense solve); each applies the operator `degree + 1`
-      times to the block.
+    - `n_iter`: filtered subspace iterations (0 for the dense solve); each applies the operator at most
+      `degree + 1` times to the block.
     - `residual`: the largest residual norm $\\|T_s \\psi_k - \\lambda_k \\psi_k\\|$ of the `n_comps` pairs.
     """
 
@@ -101,7 +102,8 @@ class EigenSettings(eqx.Module):
     - `guard`: extra block columns beyond `n_comps` (they widen the gap the filter damps; default 8); the block is
       then rounded up to a multiple of 8 columns (XLA vectorises 8 float32 lanes: a 24-column product costs about
       60 % of a 23-column one).
-    - `degree`: Chebyshev degree per iteration (default 16).
+    - `degree`: Chebyshev degree per iteration (default 16; the last iterations use fewer where the observed
+      convergence rate reaches `tol` sooner).
     - `max_iter`: iteration cap (default 200).
     - `tol`: stop once every wanted residual norm is at most `tol` (unit eigenvectors; default 1e-5: eigenvalues
       then agree with ARPACK's to ~1e-8), or at most
@@ -124,26 +126,26 @@ def _dense_operator(operator: CellGraph) -> Float[Array, "n_cells n_cells"]:
 
 
 def chebyshev_filter(
-    apply: Callable[[Array], Array], x: Float[Array, "n_cells n_block"], *, degree: int,
+    apply: Callable[[Array], Array], x: Float[Array, "n_cells n_block"], *, degree: int | Int[Array, ""],
     lower: Float[ArrayLike, ""], cut: Float[ArrayLike, ""], top: Float[ArrayLike, ""],
 ) -> Float[Array, "n_cells n_block"]:
     """$p(A) x$ for the degree-`degree` Chebyshev polynomial of the first kind mapped onto `[lower, cut]` (where it
     stays within $\\pm 1 / |T(t_{top})|$) and scaled to $p(\\mathrm{top}) = 1$: components above `cut` grow
-    relative to the ones in `[lower, cut]` (Zhou & Saad 2007, the scaled three-term recurrence)."""
+    relative to the ones in `[lower, cut]` (Zhou & Saad 2007, the scaled three-term recurrence). `degree` >= 1 may
+    be traced."""
     lower, cut, top = (jnp.asarray(value, x.dtype) for value in (lower, cut, top))
     half = (cut - lower) / 2
     centre = (cut + lower) / 2
     sigma1 = half / (top - centre)
     y = (apply(x) - centre * x) * (sigma1 / half)
 
-    def step(carry: tuple[Array, Array, Array], _: None) -> tuple[tuple[Array, Array, Array], None]:
+    def step(_: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
         previous, current, sigma = carry
         sigma2 = jnp.asarray(1 / (2 / sigma1 - sigma))
         following = (apply(current) - centre * current) * (2 * sigma2 / half) - (sigma * sigma2) * previous
-        return (current, following, sigma2), None
+        return current, following, sigma2
 
-    (_, y, _), _ = jax.lax.scan(step, (x, y, sigma1), length=degree - 1)
-    return y
+    return jax.lax.fori_loop(0, degree - 1, step, (x, y, sigma1))[1]
 
 
 class _SubspaceState(eqx.Module):
@@ -151,6 +153,16 @@ class _SubspaceState(eqx.Module):
     values: Float[Array, " n_block"]
     residual: Float[Array, ""]
     n_iter: Int[Array, ""]
+
+
+def _next_degree(residual: Float[Array, ""], previous: Float[Array, ""], degree: Int[Array, ""], tol: float,
+                 most: int) -> Int[Array, ""]:
+    """The next filter's degree: `most`, or fewer where the last filter's observed rate (the log of its residual
+    drop over its `degree`) reaches `tol` sooner, with one product to spare (the rate only grows as the cut
+    approaches the unwanted spectrum, so the estimate errs long); saves most of the last iteration's overshoot."""
+    rate = jnp.log(previous / residual) / degree
+    needed = jnp.log(residual / tol) / jnp.maximum(rate, 1e-3) + 1
+    return jnp.clip(jnp.ceil(needed), 2, most).astype(degree.dtype)
 
 
 def orthonormalize(y: Float[Array, "n_cells n_block"]) -> Float[Array, "n_cells n_block"]:
@@ -184,8 +196,9 @@ def filtered_subspace_eigh(
 ) -> _SubspaceState:
     """The top `n_wanted` eigenpairs of a symmetric operator with spectrum in `[-1, 1]` (a normalised diffusion
     operator, top eigenvalue 1) by Chebyshev-filtered subspace iteration (Zhou & Saad 2007): filter the block
-    with the degree-`settings.degree` Chebyshev polynomial damping `[-1, c]`, `c` the smallest Ritz value of the
-    block, then Rayleigh-Ritz; until the wanted residual norms are at most `settings.tol`.
+    with the degree-`settings.degree` (fewer near the end: `_next_degree`) Chebyshev polynomial damping `[-1, c]`,
+    `c` the smallest Ritz value of the block, then Rayleigh-Ritz; until the wanted residual norms are at most
+    `settings.tol`.
 
     `filter_apply` (default `apply`) is the operator the filter and the iterations' Rayleigh-Ritz steps use (e.g. a
     float32 copy, in `settings.filter_dtype`); the final Rayleigh-Ritz step, which gives the eigenpairs and the
@@ -195,19 +208,20 @@ def filtered_subspace_eigh(
     work = jnp.dtype(settings.filter_dtype or dtype)
     low = jnp.asarray(-1.0, work)
 
-    def body(state: _SubspaceState) -> _SubspaceState:
-        cut = jnp.clip(state.values[-1], low + 1e-3, 1 - 1e-7)
-        y = chebyshev_filter(filter_apply, state.x, degree=settings.degree, lower=low, cut=cut,
-                             top=jnp.asarray(1, work))
-        return _rayleigh_ritz(filter_apply, y, n_wanted, state.n_iter + 1)
-
     tol = max(settings.tol, 10 * float(jnp.finfo(work).eps))
 
-    def unfinished(state: _SubspaceState) -> Array:
-        return (state.n_iter < settings.max_iter) & (state.residual > tol)
+    def body(carry: tuple[_SubspaceState, Array]) -> tuple[_SubspaceState, Array]:
+        state, degree = carry  # `degree`: the next filter's
+        cut = jnp.clip(state.values[-1], low + 1e-3, 1 - 1e-7)
+        y = chebyshev_filter(filter_apply, state.x, degree=degree, lower=low, cut=cut, top=jnp.asarray(1, work))
+        new = _rayleigh_ritz(filter_apply, y, n_wanted, state.n_iter + 1)
+        return new, _next_degree(new.residual, state.residual, degree, tol, settings.degree)
 
-    state = jax.lax.while_loop(unfinished, body, _rayleigh_ritz(filter_apply, start.astype(work), n_wanted,
-                                                                jnp.asarray(0)))
+    def unfinished(carry: tuple[_SubspaceState, Array]) -> Array:
+        return (carry[0].n_iter < settings.max_iter) & (carry[0].residual > tol)
+
+    first = _rayleigh_ritz(filter_apply, start.astype(work), n_wanted, jnp.asarray(0))
+    state, _ = jax.lax.while_loop(unfinished, body, (first, jnp.asarray(settings.degree)))
     # the iterations' Rayleigh-Ritz steps run in the filter's dtype; the last one in the operator's
     return _rayleigh_ritz(apply, state.x.astype(dtype), n_wanted, state.n_iter)
 
@@ -322,9 +336,7 @@ def _dpt(graph: PaddedGraph, components: Int[Array, " n_cells"], root: Int[Array
 
 
 @eqx.filter_jit
-def _components(graph: CellGraph | PaddedGraph) -> Int[Array, " n_cells"]:
-    if isinstance(graph, PaddedGraph):
-        return padded_components(graph)
+def _components(graph: CellGraph) -> Int[Array, " n_cells"]:
     return connected_components(graph)
 
 
@@ -347,7 +359,8 @@ def diffusion_pseudotime(
     **Returns:** a `DPTResult`. Warns (`DisconnectedGraphWarning`, naming the components) when the graph is
     disconnected; cells outside the root's component then get pseudotime `inf`, as in scanpy.
     """
-    cells = as_padded_graph(graph)
+    matrix = host_csr(graph)
+    cells = as_padded_graph(matrix)
     n = cells.indices.shape[0]
     index = np.asarray(root)
     if index.shape != () or not np.issubdtype(index.dtype, np.integer):
@@ -358,9 +371,9 @@ def diffusion_pseudotime(
         raise ValueError(f"n_comps: must be in [1, n_cells - 1] = [1, {n - 1}], got {n_comps}")
     if not 1 <= n_dcs <= n_comps:
         raise ValueError(f"n_dcs: must be in [1, n_comps] = [1, {n_comps}], got {n_dcs}")
-    components = _components(cells)
+    components = host_components(matrix)
     warn_if_disconnected(components)
-    return _dpt(cells, components, jnp.asarray(int(index)), int(n_dcs), int(n_comps), settings, key)
+    return _dpt(cells, jnp.asarray(components), jnp.asarray(int(index)), int(n_dcs), int(n_comps), settings, key)
 
 
 @eqx.filter_jit
@@ -372,9 +385,10 @@ def compute_diffusion_map(graph: object, *, n_comps: int = 15, settings: EigenSe
                           key: PRNGKeyArray) -> DiffusionMap:
     """scanpy's `tl.diffmap` on a neighbour graph (any form `diffusion_pseudotime` takes), under one jit; warns
     when the graph is disconnected."""
-    cells = as_padded_graph(graph)
+    matrix = host_csr(graph)
+    cells = as_padded_graph(matrix)
     n = cells.indices.shape[0]
     if not 1 <= n_comps < n:
         raise ValueError(f"n_comps: must be in [1, n_cells - 1] = [1, {n - 1}], got {n_comps}")
-    warn_if_disconnected(_components(cells))
+    warn_if_disconnected(host_components(matrix))
     return _diffusion_map(cells, int(n_comps), settings, key)

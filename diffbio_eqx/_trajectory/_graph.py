@@ -66,10 +66,10 @@ class TailRows(eqx.Module):
 class PaddedGraph(eqx.Module):
     """A sparse `(n_cells, n_cells)` matrix as padded rows (ELL, Bell & Garland 2009): each row's first `width`
     non-zeros, entry `(i, indices[i, s])` = `weights[i, s]` (unused slots point at row `i` itself with weight 0),
-    and the rest of the few longer rows cut into tail rows of the same width (`overflow`, a `TailRows`).
+    and the rest of the longer rows cut into tail rows of the same width (`overflow`, a `TailRows`).
 
     A product is `sum_s weights[:, s] * v[indices[:, s]]` (gathers only) plus the tail rows' products added to
-    their owners (a scatter of a few rows, not of single entries). The rows may be a permutation of the cells
+    their owners (a scatter of whole rows, not of single entries). The rows may be a permutation of the cells
     (`order[r]` is the cell in row `r`; `padded_rows(reorder=True)` picks the reverse Cuthill-McKee order, which
     keeps each row's neighbours close in memory): products then act on vectors in that order.
     """
@@ -80,8 +80,10 @@ class PaddedGraph(eqx.Module):
     order: Int[Array, " n_cells"]
 
 
-#: `padded_rows`' default width: this quantile of the row lengths (the longer rows spill into tail rows).
-PADDED_WIDTH_QUANTILE = 0.95
+#: `padded_rows`' default width: this quantile of the row lengths (the longer rows spill into tail rows). UMAP
+#: rows are skewed (100k cells, 15 neighbours: median 18, 95 % 41, max 200 non-zeros): 0.75 pads 1.4 slots per
+#: non-zero where 0.95 pads 2.0, and a product runs ~22 % faster despite 5x the tail rows.
+PADDED_WIDTH_QUANTILE = 0.75
 
 
 def padded_rows(graph: CellGraph, *, width: int | None = None, reorder: bool = False) -> PaddedGraph:
@@ -90,14 +92,18 @@ def padded_rows(graph: CellGraph, *, width: int | None = None, reorder: bool = F
     `width` (default: the `PADDED_WIDTH_QUANTILE` quantile of the row lengths, at least 1) fixes the padded rows;
     entries beyond it go to tail rows. `reorder`: lay the rows out in SciPy's reverse Cuthill-McKee order of the
     (symmetric) graph."""
+    matrix = _edge_csr(graph)
+    return _csr_padded(matrix, width, matrix.dtype, reorder)
+
+
+def _edge_csr(graph: CellGraph) -> Any:
     import scipy.sparse as sp
 
     n = graph.n_cells
     weights = np.asarray(graph.weights)
     keep = weights != 0
-    matrix: Any = sp.csr_matrix((weights[keep], (np.asarray(graph.heads)[keep], np.asarray(graph.tails)[keep])),
-                                shape=(n, n))
-    return _csr_padded(matrix, width, weights.dtype, reorder)
+    return sp.csr_matrix((weights[keep], (np.asarray(graph.heads)[keep], np.asarray(graph.tails)[keep])),
+                         shape=(n, n))
 
 
 def _csr_padded(matrix: Any, width: int | None, dtype: Any, reorder: bool) -> PaddedGraph:
@@ -168,38 +174,35 @@ def scale_padded(graph: PaddedGraph, left: Float[Array, " n_cells"], right: Floa
     return PaddedGraph(graph.indices, weights, tail, graph.order)
 
 
-def padded_components(graph: PaddedGraph) -> Int[Array, " n_cells"]:
-    """`connected_components` of a `PaddedGraph` holding a symmetric matrix (each row lists all of its cell's
-    neighbours, so minima over rows suffice: gathers only); labels per cell (not per row), each the smallest cell
-    index in its component."""
-    n = graph.indices.shape[0]
-    live = graph.weights > 0
-    over = graph.overflow
-    big = jnp.asarray(n, graph.indices.dtype)
-
-    def neighbour_min(labels: Int[Array, " n_cells"]) -> Int[Array, " n_cells"]:
-        via_rows = jnp.min(jnp.where(live, labels[graph.indices], big), axis=1)
-        via_tail = jnp.min(jnp.where(over.weights > 0, labels[over.indices], big), axis=1)
-        return via_rows.at[over.owners].min(via_tail, indices_are_sorted=True)
-
-    rows = propagate_min_labels(neighbour_min, n, graph.indices.dtype)
-    smallest = jax.ops.segment_min(graph.order, rows, num_segments=n)  # smallest cell index per component
-    return jnp.zeros_like(rows).at[graph.order].set(smallest[rows])
-
-
-def as_padded_graph(graph: "CellGraph | NeighborGraph | FuzzyGraph | object", *, reorder: bool = True
-                    ) -> PaddedGraph:
-    """`padded_rows(as_cell_graph(graph), reorder=reorder)`; a SciPy matrix's rows are read directly (checked as
-    `as_cell_graph` checks them)."""
+def host_csr(graph: "CellGraph | NeighborGraph | FuzzyGraph | object") -> Any:
+    """The kernel of `graph` (any form `as_cell_graph` takes, checked as it checks them) as a SciPy CSR matrix on
+    the host, zero weights dropped; a SciPy matrix's rows are read directly."""
     import scipy.sparse as sp
 
     if not sp.issparse(graph):
-        return padded_rows(as_cell_graph(graph), reorder=reorder)
+        return _edge_csr(as_cell_graph(graph))
     matrix: Any = sp.csr_matrix(graph)
     _check_scipy(matrix)
     matrix = sp.csr_matrix(matrix, dtype=jnp.zeros(()).dtype)
     matrix.eliminate_zeros()
+    return matrix
+
+
+def as_padded_graph(matrix: Any, *, reorder: bool = True) -> PaddedGraph:
+    """The `host_csr` matrix `matrix` as a `PaddedGraph` (default width; reverse Cuthill-McKee rows when
+    `reorder`)."""
     return _csr_padded(matrix, None, matrix.dtype, reorder)
+
+
+def host_components(matrix: Any) -> Int[np.ndarray, " n_cells"]:
+    """Connected-component labels of the graph of a symmetric `host_csr` matrix, each the smallest cell index of its
+    component: SciPy's strongly connected components, which for a symmetric matrix are the connected ones (the
+    undirected search would first add the transpose; JAX's label propagation takes ~5x longer at 100k cells)."""
+    from scipy.sparse.csgraph import connected_components
+
+    _, labels = connected_components(matrix, directed=True, connection="strong")
+    _, first = np.unique(labels, return_index=True)
+    return first[labels].astype(np.int32)
 
 
 def _check_scipy(matrix: Any) -> None:
