@@ -37,6 +37,16 @@ groups of tests/test_gmm.py, each corrected by the pipeline; at the k the stabil
 partition, of EM from it after 0, 3, 10 and 100 steps, and of the earlier fit (3 starts from Leiden at the
 resolution giving k, EM to convergence). With `--from-dirs` the jobs' pbmc68k embeddings are scored too (against
 `bulk_labels`, reported, not used to choose). Writes benchmarks/results/quality_start_sim.json.
+
+    python benchmarks/bench_quality.py --tie-sim --seeds 0 1 [--from-dirs benchmarks/results/quality_runs]
+
+`--tie-sim` chooses the tie tolerance of `stable_resolution` (`STABILITY_TOLERANCE`) on simulated data: the
+unbalanced groups of tests/test_gmm.py and pbmc68k's counts redrawn from a VAE (`--batches pbmc_vae`, one per
+seed), each corrected by the pipeline; under 3 selection seeds, for each tolerance the resolution the finer rule
+picks (the finest within the tolerance or one jackknife standard error of the most stable), its k, and the ARI
+of the mixture fitted as `fit_gaussian_mixture(None, ...)` fits it (3 EM steps from that partition). With
+`--from-dirs` the jobs' pbmc68k embeddings are scored too (reported, not used to choose). Writes
+benchmarks/results/quality_tie_sim.json.
 """
 
 import argparse
@@ -305,6 +315,81 @@ def _write_start_sim(seeds: list[int], out: pathlib.Path, pbmc_dirs: pathlib.Pat
     return 0
 
 
+TIE_TOLERANCES = (0.0, 0.01, 0.02, 0.03, 0.05)
+
+
+def _tie_variants(x: np.ndarray, truth: np.ndarray, selection_seed: int) -> dict:
+    """For each tolerance, the resolution `stable_resolution` picks (finer rule), its k and the mixture's ARI."""
+    import jax.numpy as jnp
+
+    import diffbio_eqx as dbx
+    from diffbio_eqx._clustering._gmm import REG_COVAR, hard_labels, parameters_from_labels
+    from diffbio_eqx._clustering._mixture_stage import (
+        STABILITY_RESOLUTIONS,
+        STABLE_EM_STEPS,
+        _em,
+        _pair_mean,
+        _stability_matrices,
+        graph_communities,
+        stable_resolution,
+    )
+
+    xj = jnp.asarray(x)
+    matrices = _stability_matrices(xj, seed=selection_seed, n_neighbors=15, resolutions=STABILITY_RESOLUTIONS,
+                                   n_subsamples=6, fraction=0.8)
+    fits: dict[float, tuple[int, float]] = {}
+    record: dict = {"selection_seed": selection_seed, "stability": {r: _pair_mean(m) for r, m in matrices.items()}}
+    for tolerance in TIE_TOLERANCES:
+        resolution = stable_resolution(matrices, tie_break="finer", tolerance=tolerance)
+        assert resolution is not None
+        if resolution not in fits:  # as _stable_communities: communities under 10 cells left to EM
+            labels = graph_communities(xj, seed=selection_seed, resolution=resolution)
+            sizes = np.bincount(labels)
+            kept = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] >= 10]
+            remap = np.full(sizes.size, -1)
+            remap[kept] = np.arange(len(kept))
+            start = parameters_from_labels(xj, jnp.asarray(remap[labels]), len(kept), REG_COVAR)
+            fit = _em(xj, start, jnp.asarray(1.0, xj.dtype), n_iter=STABLE_EM_STEPS, tol=1e-3, reg_covar=REG_COVAR)
+            clusters = np.asarray(hard_labels(xj, fit.params))
+            fits[resolution] = (len(kept), float(dbx.adjusted_rand_index(truth, clusters)))
+        record[str(tolerance)] = {"resolution": resolution, "k": fits[resolution][0], "ari": fits[resolution][1]}
+    return record
+
+
+def _write_tie_sim(seeds: list[int], out: pathlib.Path, pbmc_dirs: pathlib.Path | None) -> int:
+    """`--tie-sim`: the tie tolerance chosen on simulated data; pbmc68k's job embeddings reported too."""
+    from select_integration_settings import corrected_embedding, simulated
+
+    cases: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cases["unbalanced"] = _unbalanced_embedding()
+        for seed in seeds:
+            adata = simulated(seed, "pbmc_vae")
+            cases[f"pbmc_vae_{seed}"] = (corrected_embedding(adata, {}, {}, seed=seed),
+                                         adata.obs["group"].to_numpy())
+        for folder in sorted(pbmc_dirs.glob("run*")) if pbmc_dirs is not None else []:
+            import anndata as ad
+
+            adata = ad.read_h5ad(folder / "result.h5ad")
+            cases[f"pbmc68k_{folder.name}"] = (np.asarray(adata.obsm["X_diffbio_corrected"], np.float32),
+                                               adata.obs["bulk_labels"].to_numpy())
+        runs = {name: [_tie_variants(x, truth, selection_seed) for selection_seed in range(3)]
+                for name, (x, truth) in cases.items()}
+    simulated_aris = {str(t): [pick[str(t)]["ari"] for name, picks in runs.items() if not name.startswith("pbmc68k")
+                               for pick in picks] for t in TIE_TOLERANCES}
+    summary = {t: {"mean": float(np.mean(v)), "min": float(np.min(v))} for t, v in simulated_aris.items()}
+    record = {"benchmark": "the tie tolerance of the stability rule for k, on simulated data (issue 24)",
+              "data": {"unbalanced": "tests/test_gmm.py's unbalanced counts", "pbmc_vae": DATA_NOTE_VAE,
+                       "pbmc68k": "the jobs' corrected embeddings, scored against bulk_labels (reported, not used)"},
+              "environment": environment("scanpy"), "runs": runs, "simulated_ari_by_tolerance": summary}
+    out.write_text(json.dumps(record, indent=1, default=float))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+DATA_NOTE_VAE = ("pbmc68k's counts redrawn from a VAE fitted to them (select_integration_settings.simulated(seed, "
+                 "'pbmc_vae')); groups: Leiden (resolution 1.0) of the generator's latent")
 DATA_NOTE_JOB = ("dbx.simulate 700 cells x 765 genes, 10 groups, one batch, then the job's two-batch split "
                  "(select_integration_settings.simulated(seed, 'job')), corrected with the job's settings")
 
@@ -318,6 +403,7 @@ def main() -> int:
     parser.add_argument("--diagnose", action="store_true", help="why a seed's ARI drops (needs --from-dirs)")
     parser.add_argument("--k-rule-sim", action="store_true", help="compare the k rules on simulated data")
     parser.add_argument("--start-sim", action="store_true", help="choose the mixture's start on simulated data")
+    parser.add_argument("--tie-sim", action="store_true", help="choose the stability tie tolerance on simulations")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     parser.add_argument("--work", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality_runs",
                         help="folder for the job outputs")
@@ -331,6 +417,10 @@ def main() -> int:
         default = arguments.out.name == "quality.json"
         return _write_start_sim(arguments.seeds, arguments.out.with_name("quality_start_sim.json") if default
                                 else arguments.out, arguments.from_dirs)
+    if arguments.tie_sim:
+        default = arguments.out.name == "quality.json"
+        return _write_tie_sim(arguments.seeds, arguments.out.with_name("quality_tie_sim.json") if default
+                              else arguments.out, arguments.from_dirs)
     if arguments.diagnose:
         if arguments.from_dirs is None:
             parser.error("--diagnose reads finished jobs: give --from-dirs")

@@ -145,6 +145,9 @@ def test_stable_resolution_and_its_finer_tie_break():
     flat = np.full((6, 6), np.nan)  # one community in every subsample
     assert stable_resolution({0.25: coarse, 0.5: tied, 1.0: worse, 1.5: flat}, tie_break="finer") == 0.5
     assert stable_resolution({0.25: coarse, 0.5: tied, 1.0: worse}) == 0.25  # default: the most stable
+    near = coarse - 0.02  # lower by more than its error (none) but less than a 0.03 tolerance
+    assert stable_resolution({0.25: coarse, 0.75: near, 1.0: worse}, tie_break="finer") == 0.25
+    assert stable_resolution({0.25: coarse, 0.75: near, 1.0: worse}, tie_break="finer", tolerance=0.03) == 0.75
     assert stable_resolution({0.25: coarse, 1.0: worse}, tie_break="finer") == 0.25
     assert stable_resolution({0.25: flat}, tie_break="finer") is None
     with pytest.raises(ValueError, match="tie_break"):

@@ -130,7 +130,7 @@ def _kmeans_labels(x: Float[Array, "n_cells n_dims"], n_clusters: int, key: PRNG
     return nearest_centroid(x, lloyd(x, kmeans_plus_plus(x, n_clusters, key=key), n_iter=300, tol=1e-4))
 
 
-#: Leiden resolutions among which `select_n_clusters` picks the most stable partition.
+#: Leiden resolutions among which `select_n_clusters` picks a stable partition (`stable_resolution`).
 STABILITY_RESOLUTIONS = (0.25, 0.5, 0.75, 1.0, 1.5)
 #: At most this many cells (drawn at random) build the graph that initialises the mixture (exact kNN is O(n^2)).
 MAX_GRAPH_CELLS = 50_000
@@ -212,18 +212,23 @@ def partition_stability(x: Float[ArrayLike, "n_cells n_dims"], *, seed: int = 0,
     return {resolution: _pair_mean(matrix) for resolution, matrix in matrices.items()}
 
 
-def stable_resolution(matrices: dict[float, np.ndarray], *, tie_break: str = "none") -> float | None:
+def stable_resolution(matrices: dict[float, np.ndarray], *, tie_break: str = "none",
+                      tolerance: float = 0.0) -> float | None:
     """The resolution `select_n_clusters` uses, from `_stability_matrices`: the most stable one (`tie_break=
     "none"`, the default), or (`"finer"`) the finest resolution whose stability is within one jackknife standard
-    error of the most stable one's (the error of their paired difference over the same subsamples).
+    error of the most stable one's (the error of their paired difference over the same subsamples) or within
+    `tolerance` (ARI), whichever is larger.
 
     Why the finer one on a tie: Ben-Hur, Elisseeff & Guyon (2002) take the largest number of clusters before the
     subsample agreement drops away from its high plateau, not the single most stable one, because a coarser
     partition has fewer boundaries whose cells can flip between subsamples and so agrees more without being more
-    right; a difference within its own Monte-Carlo error is no drop. Measured (issue 24): on pbmc68k's counts
+    right; a difference within its own Monte-Carlo error is no drop. `tolerance` states a size for that
+    coarseness bias (the standard error alone shrinks with more subsamples; the bias does not); its value is to
+    be chosen on simulated data (`bench_quality.py --tie-sim`). Measured (issue 24): on pbmc68k's counts
     redrawn from a VAE, `"finer"` never scored lower (mixture ARI min 0.541 vs 0.475 over 12 draws), but on
     pbmc68k itself it lowered the main job's median ARI against `bulk_labels` (0.497 vs 0.514, seed 2 going to
-    k = 11) and did not lift seed 4 (k = 8 still: its lead exceeded the error), so the default stays `"none"`.
+    k = 11) and did not lift seed 4, so the default stays `"none"`; on pbmc68k every rule tried is decided by
+    gaps of 0.003-0.02 ARI in stability (`quality_tie_rules.json`).
     None when no resolution gives more than one community.
     """
     if tie_break not in ("finer", "none"):
@@ -235,7 +240,7 @@ def stable_resolution(matrices: dict[float, np.ndarray], *, tie_break: str = "no
     if tie_break == "none":
         return best
     tied = [r for r in scored
-            if scored[best] - scored[r] <= _jackknife_error(matrices[best] - matrices[r])]
+            if scored[best] - scored[r] <= max(tolerance, _jackknife_error(matrices[best] - matrices[r]))]
     return max(tied)
 
 
@@ -335,11 +340,12 @@ def fit_gaussian_mixture(
 
     - `stage`: its `(n_clusters, n_dims)` means fix the shape and its temperature the E-step's (values unused);
       None lets the data choose the number of clusters (`select_n_clusters`: Leiden's communities at the
-      most stable resolution) at temperature 1, and then the fit starts from those communities themselves (the
-      M-step on them: the partition whose reproducibility chose k) and runs at most `STABLE_EM_STEPS` (3) EM
-      steps from it, with no restarts (`init` and `n_restarts` apply when k is given). Why few steps: the
-      diagonal Gaussians are a misspecified model of cell types in a VAE latent, so EM to convergence trades
-      the stable partition for a likelier but different one (issue 24, `bench_quality.py --start-sim`).
+      resolution `stable_resolution` picks) at temperature 1, and then the fit starts from those communities
+      themselves (the M-step on them: the partition whose reproducibility chose k) and runs at most
+      `STABLE_EM_STEPS` (3) EM steps from it, with no restarts (`init` and `n_restarts` apply when k is given).
+      Why few steps: the diagonal Gaussians are a misspecified model of cell types in a VAE latent, so EM to
+      convergence trades the stable partition for a likelier but different one (issue 24,
+      `bench_quality.py --start-sim`).
     - `x`: `(n_cells, n_dims)` cells (e.g. corrected embeddings).
     - `key`: PRNG key (restart seeds). (Keyword only argument.)
     - `init`: `"graph"` (default: Leiden communities of the `n_neighbors` graph at the resolution giving
