@@ -80,20 +80,54 @@ def _sorted_neighbors(
     return jnp.take_along_axis(indices, order, axis=1), jnp.take_along_axis(distances, order, axis=1)
 
 
+#: Reference points per group in the two-stage exact top-k (`_grouped_top_k`).
+KNN_GROUP = 32
+
+
+def _grouped_top_k(scores: Float[Array, "n_block n_reference"], k: int) -> Int[Array, "n_block k"]:
+    """`jax.lax.top_k(scores, k)[1]`, the same indices, without a top-k over whole rows (XLA's CPU top-k sorts
+    each row). The columns form contiguous groups of `KNN_GROUP`; the `k` groups with the largest maxima hold
+    every one of the `k` largest scores (fewer than `k` groups hold a score above the `k`-th, and among groups tied
+    at it the lower-indexed win, as lower columns win ties in `top_k`), so a top-k over the group maxima and one
+    over those groups' `k * KNN_GROUP` columns, kept in column order, give the same result."""
+    n_block, n = scores.shape
+    n_groups = -(-n // KNN_GROUP)
+    padded = jnp.pad(scores, ((0, 0), (0, n_groups * KNN_GROUP - n)), constant_values=-jnp.inf)
+    grouped = padded.reshape(n_block, n_groups, KNN_GROUP)
+    groups = jnp.sort(jax.lax.top_k(jnp.max(grouped, axis=2), k)[1], axis=1)  # column order
+    candidates = jnp.take_along_axis(grouped, groups[:, :, None], axis=1).reshape(n_block, k * KNN_GROUP)
+    chosen = jax.lax.top_k(candidates, k)[1]
+    return jnp.take_along_axis(groups, chosen // KNN_GROUP, axis=1) * KNN_GROUP + chosen % KNN_GROUP
+
+
+def _knn_scores(
+    queries: Float[Array, "n_block n_dims"], reference: Float[Array, "n_reference n_dims"], fast: bool
+) -> Float[Array, "n_block n_reference"]:
+    """Scores whose row order is nearest first: `-|q - r|^2` from one product, clipped at 0; `fast`: `2 q.r -
+    |r|^2` (`|q|^2` less that), the same ranking up to rounding, about 2.5x cheaper on CPU (XLA's fused loop with
+    both norms broadcast is slow); either way the chosen neighbours' distances are recomputed exactly after."""
+    if fast:
+        return 2 * (queries @ reference.T) - jnp.sum(reference * reference, axis=1)[None, :]
+    return -squared_distances(queries, reference)
+
+
 def _knn_block(
     queries: Float[Array, "n_block n_dims"],
     reference: Float[Array, "n_reference n_dims"],
     n_neighbors: int,
     self_index: Int[Array, " n_block"] | None = None,
     approximate: bool = False,
+    fast: bool = False,
 ) -> tuple[Int[Array, "n_block n_neighbors"], Float[Array, "n_block n_neighbors"]]:
-    # Select with the one-matmul squared distances, then recompute the k chosen distances directly and re-sort.
-    scores = -squared_distances(queries, reference)
+    # Select with the one-matmul scores, then recompute the k chosen distances directly and re-sort.
+    scores = _knn_scores(queries, reference, fast)
     if self_index is not None:  # a cell is its own first neighbour, even among exact duplicates
         columns = jnp.arange(reference.shape[0], dtype=self_index.dtype)
         scores = jnp.where(columns[None, :] == self_index[:, None], jnp.inf, scores)
     if approximate:
         _, indices = jax.lax.approx_max_k(scores, n_neighbors, recall_target=APPROX_RECALL_TARGET)
+    elif reference.shape[0] >= 4 * n_neighbors * KNN_GROUP:
+        indices = _grouped_top_k(scores, n_neighbors)
     else:
         _, indices = jax.lax.top_k(scores, n_neighbors)
     return _sorted_neighbors(queries, reference, indices)
@@ -119,6 +153,7 @@ def _blocked_knn(
     block_size: int | None,
     self_first: bool,
     approximate: bool = False,
+    fast: bool = False,
 ) -> tuple[Int[Array, "n_queries n_neighbors"], Float[Array, "n_queries n_neighbors"]]:
     n_queries, n_dims = queries.shape
     block = min(block_size or knn_block_size(reference.shape[0]), n_queries)
@@ -128,10 +163,11 @@ def _blocked_knn(
     if self_first:
         rows = jnp.arange(n_blocks * block, dtype=jnp.int32).reshape(n_blocks, block)
         indices, distances = jax.lax.map(
-            lambda b: _knn_block(b[0], reference, n_neighbors, b[1], approximate), (blocks, rows)
+            lambda b: _knn_block(b[0], reference, n_neighbors, b[1], approximate, fast), (blocks, rows)
         )
     else:
-        indices, distances = jax.lax.map(lambda b: _knn_block(b, reference, n_neighbors, None, approximate), blocks)
+        indices, distances = jax.lax.map(
+            lambda b: _knn_block(b, reference, n_neighbors, None, approximate, fast), blocks)
     return (
         indices.reshape(n_blocks * block, n_neighbors)[:n_queries],
         distances.reshape(n_blocks * block, n_neighbors)[:n_queries],
@@ -144,6 +180,7 @@ def exact_knn(
     n_neighbors: int,
     *,
     block_size: int | None = None,
+    fast: bool = False,
 ) -> tuple[Int[Array, "n_queries n_neighbors"], Float[Array, "n_queries n_neighbors"]]:
     """Exact Euclidean k nearest neighbours by blocked brute force.
 
@@ -159,12 +196,14 @@ def exact_knn(
       cells are duplicated).
     - `n_neighbors`: `k` (static), at most `n_reference`.
     - `block_size`: query rows per block (static); default keeps a block under 2**24 distances.
+    - `fast`: rank candidates by `2 q.r - |r|^2` instead of the clipped squared distance (`_knn_scores`): the
+      same neighbours but where two lie within float32 rounding of each other, about twice as fast on CPU.
 
     **Returns:** `(indices, distances)`, each `(n_queries, n_neighbors)`, sorted by increasing distance (ties in
     index order).
     """
     _check_knn_shapes(queries, reference, n_neighbors)
-    return _blocked_knn(queries, reference, n_neighbors, block_size, self_first=False)
+    return _blocked_knn(queries, reference, n_neighbors, block_size, self_first=False, fast=fast)
 
 
 def _local_rho(

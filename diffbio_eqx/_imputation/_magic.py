@@ -329,7 +329,7 @@ def _operator_from_graph(
     # Blocks of at most 2**23 distances (32 MiB, about the L3 cache): on 30,000 cells x 100 PCs, 256-row blocks
     # took 3.3 CPU-s against 5.9 for the 2**24-distance default's 512 rows (one round, load ~19).
     block = knn_block_size(representation.shape[0], KNN_BLOCK_BUDGET)
-    indices, distances = exact_knn(representation, representation, n_search, block_size=block)
+    indices, distances = exact_knn(representation, representation, n_search, block_size=block, fast=True)
     return _operator_from_neighbors(indices, distances, knn, decay, thresh)
 
 
@@ -526,7 +526,7 @@ class Magic(AbstractStage):
         else:
             rep = x
         n_search = min(self.knn_max + 1, x.shape[0])
-        indices, distances = exact_knn(rep, rep, n_search)
+        indices, distances = exact_knn(rep, rep, n_search, fast=True)
         operator = diffusion_operator(
             indices, magic_kernel(indices, distances, knn=self.knn, decay=self.decay, thresh=self.thresh)
         )
