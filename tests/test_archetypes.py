@@ -42,19 +42,6 @@ def test_pcha_equals_py_pcha_from_the_same_initialisation(simulated):
         assert abs(float(ours.variance_explained) - theirs) <= 0.005 * theirs
 
 
-def test_pcha_bounded_c_steps_equal_steps_on_all_cells(simulated):
-    """With a capacity below the number of cells, C steps gather only the cells that can move (the bound on the
-    gradient, the support); the iterates must be those of the steps on all cells, to rounding."""
-    x, start = jnp.asarray(simulated.x), jnp.asarray(7)
-    s0 = -jnp.log(jr.uniform(jr.key(1), (3, x.shape[0])))
-    on_all = pcha_from(x, start, s0, capacity=x.shape[0])
-    bounded = pcha_from(x, start, s0, capacity=24)
-    assert int(bounded.n_iter) == int(on_all.n_iter)
-    assert abs(float(bounded.variance_explained) - float(on_all.variance_explained)) <= 1e-9
-    assert np.allclose(np.asarray(bounded.c), np.asarray(on_all.c), atol=1e-6)
-    assert np.allclose(np.asarray(bounded.weights), np.asarray(on_all.weights), atol=1e-6)
-
-
 def test_pcha_recovers_simulated_archetypes(simulated, getkey):
     result = pcha(simulated.x, 3, key=getkey())
     found, truth = np.asarray(result.archetypes), np.asarray(simulated.archetypes)
