@@ -94,15 +94,22 @@ def to_device_rows(x: Any, *, dtype: Any = None) -> DeviceRows:
 
 
 def take_rows(rows: DeviceRows, index: Int[Array, " n_index"]) -> Array:
-    """Gather rows as a dense array (densifying `SparseRows` on the fly)."""
+    """Gather rows as a dense array (densifying `SparseRows` on the fly).
+
+    Each row's non-zeros are read as one contiguous window of `max_nnz` slots (a slice per row, about 4x cheaper
+    on CPU than gathering slot by slot), moved back to end at the last slot for the last rows; the slots outside
+    the row are masked to zero."""
     if isinstance(rows, SparseRows):
         start = rows.indptr[index]
         stop = rows.indptr[index + 1]
-        positions = start[:, None] + jnp.arange(rows.max_nnz, dtype=start.dtype)[None, :]
-        inside = positions < stop[:, None]
-        positions = jnp.where(inside, positions, 0)
-        values = jnp.where(inside, rows.data[positions], 0)
-        columns = rows.indices[positions].astype(jnp.int32)
+        first = jnp.clip(start, 0, rows.data.shape[0] - rows.max_nnz)
+        window = jax.vmap(lambda s, a: jax.lax.dynamic_slice(a, (s,), (rows.max_nnz,)), in_axes=(0, None))
+        positions = first[:, None] + jnp.arange(rows.max_nnz, dtype=start.dtype)[None, :]
+        inside = (positions >= start[:, None]) & (positions < stop[:, None])
+        # The barrier keeps XLA from fusing the windows into their consumers as a gather per slot (what they replace).
+        data, indices = jax.lax.optimization_barrier((window(first, rows.data), window(first, rows.indices)))
+        values = jnp.where(inside, data, 0)
+        columns = indices.astype(jnp.int32)
         dense = jnp.zeros((index.shape[0], rows.n_columns), dtype=values.dtype)
         return dense.at[jnp.arange(index.shape[0])[:, None], columns].add(values)
     return rows[index]
