@@ -83,7 +83,9 @@ def _search(keys: Int[Array, "n_block n_candidates"], k: Int[Array, " n_block"],
 
 class _Layout(NamedTuple):
     """The reference points, transposed, `(width, n_groups * GROUP)`: rows `[r, |r|^2, 0...]` (padding: points at
-    distance `FAR`), so that point `j + i * n_groups` is member `i` of group `j`; and their simulated flags."""
+    distance `FAR`), column `j * GROUP + i` holding point `j + i * n_groups`, member `i` of group `j` (a group's
+    members side by side, so that gathering a group reads one contiguous run); and their simulated flags, in the
+    same order."""
 
     points: Float[Array, "width n_padded"]
     is_sim: Bool[Array, " n_padded"]
@@ -105,8 +107,9 @@ def _layout(manifold: Float[Array, "n_points n_pcs"], is_sim: Bool[Array, " n_po
                                  jnp.ones((n_points, 1), manifold.dtype),
                                  jnp.zeros((n_points, width - n_pcs - 2), manifold.dtype)], axis=1)
     padding = jnp.zeros((n_padded - n_points, width), manifold.dtype).at[:, n_pcs].set(FAR)
-    return _Layout(jnp.concatenate([augmented, padding]).T, jnp.concatenate([is_sim, jnp.zeros(n_padded - n_points,
-                                                                                              bool)]))
+    points = jnp.concatenate([augmented, padding]).reshape(GROUP, n_groups, width).transpose(1, 0, 2)
+    flags = jnp.concatenate([is_sim, jnp.zeros(n_padded - n_points, bool)]).reshape(GROUP, n_groups).T
+    return _Layout(points.reshape(n_padded, width).T, flags.reshape(n_padded))
 
 
 def _compact(mask: Bool[Array, "n_block n"], n_slots: int) -> Int[Array, "n_block n_slots"]:
@@ -135,9 +138,10 @@ def _block(queries: Float[Array, "n_block n_pcs"], rows: Int[Array, " n_block"],
     augmented = jnp.concatenate([-2 * queries, jnp.ones((n_block, 1), queries.dtype),
                                  jnp.sum(queries * queries, axis=1, keepdims=True),
                                  jnp.zeros((n_block, layout.points.shape[0] - n_pcs - 2), queries.dtype)], axis=1)
-    distances = (augmented @ layout.points).at[jnp.arange(n_block), rows].set(-SELF)
-    distances = distances.reshape(n_block, GROUP, n_groups)
-    minima = _sortable(jnp.min(distances, axis=1))
+    columns = (rows % n_groups) * GROUP + rows // n_groups
+    distances = (augmented @ layout.points).at[jnp.arange(n_block), columns].set(-SELF)
+    distances = distances.reshape(n_block, n_groups, GROUP)
+    minima = _sortable(jnp.min(distances, axis=2))
     lowest = jnp.full((n_block,), _sortable(jnp.asarray(-2 * SELF, queries.dtype)))
     top = jnp.max(minima, axis=1)
     # the group minimum of rank `guess` (about `k` points at most it) and of rank `k` (at least `k` points)
@@ -146,17 +150,17 @@ def _block(queries: Float[Array, "n_block n_pcs"], rows: Int[Array, " n_block"],
     _, bound, _, c_bound = _search(minima, jnp.full((n_block,), k, jnp.int32), near, top, near + 1)
     groups = _compact(minima <= bound[:, None], n_slots)
     safe = jnp.minimum(groups, n_groups - 1)
-    candidates = jnp.where((groups < n_groups)[:, None, :],
-                           _sortable(jnp.take_along_axis(distances, safe[:, None, :], axis=2)),
+    candidates = jnp.where((groups < n_groups)[:, :, None],
+                           _sortable(jnp.take_along_axis(distances, safe[:, :, None], axis=1)),
                            jnp.iinfo(minima.dtype).max).reshape(n_block, -1)
     lo, hi, c_lo, c_hi = _search(candidates, jnp.full((n_block,), k, jnp.int32), lowest, bound, near)
-    sim = layout.is_sim.reshape(GROUP, n_groups)[:, safe].transpose(1, 0, 2).reshape(n_block, -1)
+    sim = layout.is_sim.reshape(n_groups, GROUP)[safe].reshape(n_block, -1)
     counts = jnp.sum(sim & (candidates <= hi[:, None]), axis=1, dtype=jnp.int32)
     tied = c_hi > k
 
     def break_ties(counts: Array) -> Array:
         # the `k - c_lo` lowest-index points among those at the k-th distance, found by a search over indices
-        index = (jnp.arange(GROUP, dtype=jnp.int32)[None, :, None] * n_groups + safe[:, None, :]).reshape(n_block, -1)
+        index = (jnp.arange(GROUP, dtype=jnp.int32)[None, None, :] * n_groups + safe[:, :, None]).reshape(n_block, -1)
         at = candidates == hi[:, None]
         keys = jnp.where(at, index, jnp.iinfo(jnp.int32).max)
         _, last, _, _ = _search(keys, jnp.where(tied, k - c_lo, 1), jnp.full((n_block,), -1, jnp.int32),
@@ -166,7 +170,7 @@ def _block(queries: Float[Array, "n_block n_pcs"], rows: Int[Array, " n_block"],
         return jnp.where(tied, jnp.sum(sim & kept, axis=1, dtype=jnp.int32), counts)
 
     counts = jax.lax.cond(jnp.any(tied), break_ties, lambda c: c, counts)
-    return counts - layout.is_sim[rows].astype(jnp.int32)
+    return counts - layout.is_sim[columns].astype(jnp.int32)
 
 
 #: Groups kept beyond the `k_adj` with the smallest minima, where several groups tie at the bound.

@@ -8,9 +8,9 @@
    number of cells).
 
 This is data preparation (sparse, host, NumPy/SciPy/pandas, each step one pass over the stored entries), like
-reading a file. The rest runs in one jit (`_scrublet.scrublet_from_counts`): the doublets' raw counts (the sum of
-their parents'), `normalize_total(target_sum=1e6)` of observed and simulated cells over the kept genes, then the
-numerical core (z-scoring, PCA, kNN, the Bayesian score).
+reading a file. The rest runs in one jit (`_scrublet.scrublet_from_counts`): `normalize_total(target_sum=1e6)` of
+the observed cells over the kept genes, the numerical core (z-scoring, PCA, the simulated doublets' coordinates from
+their parents', kNN, the Bayesian score).
 """
 
 import dataclasses

@@ -4,7 +4,9 @@ Given observed cells and simulated doublets, both normalised to 1e6 over the hig
 
 1. z-score every gene with the observed cells' mean and unbiased standard deviation (scanpy's `pipeline.zscore`);
 2. PCA with `n_prin_comps` components fitted on the observed cells (centred by their mean) and applied to both
-   (scanpy's `pipeline.pca`; here through the eigenvectors of the `(n_genes, n_genes)` covariance);
+   (scanpy's `pipeline.pca`; here through the eigenvectors of the `(n_genes, n_genes)` covariance). From raw
+   counts (`scrublet_manifold`), a simulated doublet's coordinates are its parents' weighted by their shares of
+   its total (`doublet_manifold`): exactly what normalising, z-scoring and projecting its counts gives;
 3. the nearest neighbours of every observed and simulated cell in their union, with
    `k_adj = round(k * (1 + n_sim / n_obs))` (exact, blocked, counting instead of a top-k over each row:
    `hard_neighbor_counts`, `_counts`; from
@@ -78,17 +80,57 @@ def zscore_pca(
 
     Genes with zero variance among the observed cells are scaled by 1 instead of dividing by zero.
     """
+    fit = _zscore_pca_fit(obs, n_prin_comps)
+    return _project(obs, *fit), _project(sim, *fit)
+
+
+def _zscore_pca_fit(obs: Float[Array, "n_obs n_genes"], n_prin_comps: int) -> tuple[
+        Float[Array, "1 n_genes"], Float[Array, "1 n_genes"], Float[Array, "1 n_genes"], Float[Array, "n_genes n_pcs"]]:
+    """The observed cells' gene means and standard deviations, the z-scores' mean and the top components."""
     n_obs = obs.shape[0]
     mean = jnp.mean(obs, axis=0, keepdims=True)
     std = jnp.sqrt(jnp.sum((obs - mean) ** 2, axis=0, keepdims=True) / (n_obs - 1))
     std = jnp.where(std > 0, std, 1.0)
-    z_obs, z_sim = (obs - mean) / std, (sim - mean) / std
+    z_obs = (obs - mean) / std
     center = jnp.mean(z_obs, axis=0, keepdims=True)
     centred = z_obs - center
     covariance = centred.T @ centred / (n_obs - 1)
     _, vectors = jnp.linalg.eigh(covariance)
-    components = vectors[:, ::-1][:, :n_prin_comps]
-    return centred @ components, (z_sim - center) @ components
+    return mean, std, center, vectors[:, ::-1][:, :n_prin_comps]
+
+
+def _project(x: Float[Array, "n_cells n_genes"], mean: Float[Array, "1 n_genes"], std: Float[Array, "1 n_genes"],
+             center: Float[Array, "1 n_genes"], components: Float[Array, "n_genes n_pcs"]
+             ) -> Float[Array, "n_cells n_pcs"]:
+    return ((x - mean) / std - center) @ components
+
+
+def parent_shares(raw: Float[Array, "n_obs n_genes"], parents: Int[Array, "n_sim 2"]) -> Float[Array, "n_sim 2"]:
+    """Each simulated doublet's parents' shares of its total count, $w_a = L_a / (L_a + L_b)$ (one half each where
+    both totals are 0: any shares summing to 1 give the same doublet, see `doublet_manifold`)."""
+    totals = jnp.sum(raw, axis=1)[parents]
+    pair = jnp.sum(totals, axis=1, keepdims=True)
+    return jnp.where(pair > 0, totals / jnp.where(pair > 0, pair, 1.0), 0.5)
+
+
+def doublet_manifold(manifold_obs: Float[Array, "n_obs n_pcs"], parents: Int[Array, "n_sim 2"],
+                     shares: Float[Array, "n_sim 2"]) -> Float[Array, "n_sim n_pcs"]:
+    """The simulated doublets' PCA coordinates from their parents', without the doublets' counts:
+    $w_a \\, \\mathrm{pc}_a + w_b \\, \\mathrm{pc}_b$ with `shares` $w$ (`parent_shares`).
+
+    Exact, not an approximation, for scanpy's defaults: a doublet's counts are its parents' summed
+    (`synthetic_doublet_umi_subsampling=1`), over the same genes, and `normalize_total(target_sum=1e6)` by its own
+    total $L_a + L_b$ makes it $w_a n_a + w_b n_b$ of the parents' normalised rows $n$; no log
+    (`log_transform=False`), and the z-scoring (`mean_center`, `normalize_variance`, no clipping) and the PCA
+    fitted on the observed cells are affine maps, which keep a combination whose weights sum to 1. Only rounding
+    differs from projecting the doublets' counts; a mirrored pair (a, b), (b, a) stays bitwise identical, and a
+    cell paired with itself lands exactly on the cell.
+    """
+    # the lower index first, so that a mirrored pair rounds alike (a fused multiply-add is not commutative)
+    first = parents[:, :1] <= parents[:, 1:]
+    lo, hi = jnp.where(first, parents, parents[:, ::-1]).T
+    w_lo, w_hi = jnp.where(first, shares, shares[:, ::-1]).T
+    return w_lo[:, None] * manifold_obs[lo] + w_hi[:, None] * manifold_obs[hi]
 
 
 #: Exact kNN: below `KNN_GROUP * 2 * k_adj` points, one top-k over each whole row; from there the counting search
@@ -178,12 +220,17 @@ class Scrublet(AbstractStage):
                  key: PRNGKeyArray | None = None, inference: bool = False) -> ScrubletScores:
         """Score `obs` `(n_obs, n_genes)` against `sim` `(n_sim, n_genes)`, both normalised to 1e6 per cell."""
         del key, inference
-        n_obs, n_sim = obs.shape[0], sim.shape[0]
-        k_adj = adjusted_neighbors(self.n_neighbors, n_obs, n_sim)
         manifold_obs, manifold_sim = zscore_pca(obs, sim, min(self.n_prin_comps, obs.shape[1]))
+        return self.from_manifold(manifold_obs, manifold_sim)
+
+    def from_manifold(self, manifold_obs: Float[Array, "n_obs n_pcs"], manifold_sim: Float[Array, "n_sim n_pcs"]
+                      ) -> ScrubletScores:
+        """Steps 3-4 alone: the neighbour counts and the scores from the PCA coordinates."""
+        n_obs, n_sim = manifold_obs.shape[0], manifold_sim.shape[0]
+        k_adj = adjusted_neighbors(self.n_neighbors, n_obs, n_sim)
         manifold = jnp.concatenate([manifold_obs, manifold_sim])
         is_sim = jnp.arange(n_obs + n_sim) >= n_obs
-        temperature = self.temperature.astype(obs.dtype)
+        temperature = self.temperature.astype(manifold.dtype)
         n_candidates = min(2 * k_adj, n_obs + n_sim)
         weight = is_sim.astype(manifold.dtype)
 
@@ -224,19 +271,21 @@ def scrublet_scores(scrublet: Scrublet, obs: Float[Array, "n_obs n_genes"], sim:
 @eqx.filter_jit
 def scrublet_from_counts(scrublet: Scrublet, raw: Float[Array, "n_obs n_genes"], parents: Int[Array, "n_sim 2"]
                          ) -> ScrubletScores:
-    """Scrublet from the observed cells' raw counts over the kept genes, in one jit: the simulated doublets' counts
-    (each the sum of its two `parents`' rows), `normalize_total(target_sum=1e6)` of every cell, then `scrublet`."""
-    sim = raw[parents[:, 0]] + raw[parents[:, 1]]
-    return scrublet(normalize_total(raw), normalize_total(sim))
+    """Scrublet from the observed cells' raw counts over the kept genes, in one jit: `scrublet_manifold`, then
+    steps 3-4 (`Scrublet.from_manifold`)."""
+    return scrublet.from_manifold(*scrublet_manifold(scrublet, raw, parents))
 
 
 @eqx.filter_jit
 def scrublet_manifold(scrublet: Scrublet, raw: Float[Array, "n_obs n_genes"], parents: Int[Array, "n_sim 2"]
                       ) -> tuple[Float[Array, "n_obs n_pcs"], Float[Array, "n_sim n_pcs"]]:
-    """Steps 1-2 of `scrublet_from_counts` alone (the doublets' counts, normalisation, z-scores, PCA): the PCA
-    coordinates of the observed and simulated cells, for a kNN search outside this jit (`_ivf`)."""
-    sim = raw[parents[:, 0]] + raw[parents[:, 1]]
-    return zscore_pca(normalize_total(raw), normalize_total(sim), min(scrublet.n_prin_comps, raw.shape[1]))
+    """Steps 1-2 from raw counts: the PCA coordinates of the observed cells (`normalize_total(target_sum=1e6)`,
+    z-scores, PCA) and of the simulated doublets (each the sum of its two `parents`' rows), the latter from their
+    parents' coordinates (`doublet_manifold`: what normalising and projecting their counts gives, without the
+    `(n_sim, n_genes)` matrix); for a kNN search outside this jit (`_ivf`)."""
+    obs = normalize_total(raw)
+    manifold_obs = _project(obs, *_zscore_pca_fit(obs, min(scrublet.n_prin_comps, raw.shape[1])))
+    return manifold_obs, doublet_manifold(manifold_obs, parents, parent_shares(raw, parents))
 
 
 @eqx.filter_jit
