@@ -183,7 +183,7 @@ def bench_pcha(n_cells: int, n_archetypes: int = 5) -> dict:
     np.mat = np.asmatrix  # py_pcha 0.1.3 needs it under NumPy 2 (shim for the reference only)
     from py_pcha import PCHA
 
-    from diffbio_eqx._archetypes._pcha import XLA_OPTIONS, pcha_from
+    from diffbio_eqx._archetypes._pcha import pcha_from, supported_xla_options
 
     counts, _, _ = simulated_counts(n_cells, n_genes=2000, n_groups=5)
     logged = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
@@ -193,7 +193,7 @@ def bench_pcha(n_cells: int, n_archetypes: int = 5) -> dict:
     np.random.seed(0)  # py_pcha's draws, taken in its order, as our initialisation
     first = int(np.ceil(n_cells * np.random.rand()))
     s0 = -np.log(np.random.random((n_archetypes, n_cells)))
-    fn = jax.jit(pcha_from, compiler_options=XLA_OPTIONS)  # as `pcha` compiles it
+    fn = jax.jit(pcha_from, compiler_options=supported_xla_options())  # as `pcha` compiles it
 
     def reference():
         np.random.seed(0)

@@ -207,7 +207,25 @@ def pcha_from(
 XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_experimental_xnn_fusion_type": ""}
 
 
-@functools.partial(jax.jit, static_argnames=("n_archetypes", "conv_crit", "max_iter"), compiler_options=XLA_OPTIONS)
+@functools.cache
+def supported_xla_options() -> dict[str, str]:
+    """`XLA_OPTIONS` on a CPU backend whose XLA knows them (they are experimental: other jaxlib releases may not),
+    else none; checked once by compiling a one-operation program with them."""
+    if jax.default_backend() != "cpu":
+        return {}
+    try:
+        jax.jit(jnp.negative, compiler_options=XLA_OPTIONS).lower(jnp.zeros(())).compile()
+    except Exception:  # an unknown option is rejected at compilation, by a jaxlib-specific error type
+        return {}
+    return XLA_OPTIONS
+
+
+@functools.cache
+def _compiled_pcha():
+    return jax.jit(_pcha, static_argnames=("n_archetypes", "conv_crit", "max_iter"),
+                   compiler_options=supported_xla_options())
+
+
 def pcha(
     x: Float[Array, "n_cells n_dims"], n_archetypes: int, *, key: PRNGKeyArray, conv_crit: float = 1e-6,
     max_iter: int = 500,
@@ -221,6 +239,12 @@ def pcha(
     - `key`: PRNG key of the initialisation. (Keyword only argument.)
     - `conv_crit`, `max_iter`: py_pcha's stopping rule (static).
     """
+    return _compiled_pcha()(x, n_archetypes, key=key, conv_crit=conv_crit, max_iter=max_iter)
+
+
+def _pcha(
+    x: Float[Array, "n_cells n_dims"], n_archetypes: int, *, key: PRNGKeyArray, conv_crit: float, max_iter: int,
+) -> PCHAResult:
     k_start, k_s = jr.split(key)
     start = jr.randint(k_start, (), 0, x.shape[0])
     s0 = -jnp.log(jr.uniform(k_s, (n_archetypes, x.shape[0]), x.dtype, minval=jnp.finfo(x.dtype).tiny))
