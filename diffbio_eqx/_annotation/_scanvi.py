@@ -47,7 +47,7 @@ import scipy.sparse as sp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from .._core._distributions import reparameterize
-from .._core._nn import CovariateMLP, dense, layer_norm
+from .._core._nn import CovariateMLP, dense
 from .._core._stage import AbstractTrainableStage
 from .._core._train import (
     DeviceRows,
@@ -354,52 +354,12 @@ def _with_log_counts(cells: _Cells) -> _Cells:
     return dataclasses.replace(cells, log_counts=log_counts)
 
 
-@jax.custom_vjp
-def _data_dense(x: Float[Array, "n_cells n_in"], weight: Float[Array, "n_out n_in"], bias: Float[Array, " n_out"]
-                ) -> Float[Array, "n_cells n_out"]:
-    """`x @ weight.T + bias`, whose weight gradient `g.T @ x` is taken with `g.T` materialised: XLA's CPU backend
-    hands that (n_out, n_cells) x (n_cells, n_in) product to YNNPACK, whereas autodiff's product contracting both
-    operands' first axes went to its generic dot at about twice the time (the encoder's first layer: 256 x 2,000
-    cells x genes, the largest product of the scANVI step)."""
-    return x @ weight.T + bias[None, :]
-
-
-def _data_dense_forward(x, weight, bias):
-    return _data_dense(x, weight, bias), (x, weight)
-
-
-def _data_dense_backward(residuals, g):
-    x, weight = residuals
-    return g @ weight, jax.lax.optimization_barrier(g.T) @ x, jnp.sum(g, axis=0)
-
-
-_data_dense.defvjp(_data_dense_forward, _data_dense_backward)
-
-
-def _encoder_hidden(mlp: CovariateMLP, x: Array, covariates: Array | None, *, key: PRNGKeyArray | None,
-                    inference: bool | None) -> Array:
-    """`mlp(x, covariates, key=key, inference=inference)` (same keys, same operations) with its first layer by
-    `_data_dense` (reverse mode only: the loop differentiates the loss in the parameters)."""
-    keys = (None,) * len(mlp.layers) if key is None else tuple(jr.split(key, len(mlp.layers)))
-    h = x
-    for i, (layer, layer_key) in enumerate(zip(mlp.layers, keys, strict=True)):
-        if covariates is not None and (i == 0 or mlp.inject_all_layers):
-            h = jnp.concatenate([h, covariates.astype(h.dtype)], axis=-1)
-        if i == 0 and layer.bias is not None:
-            h = _data_dense(h, layer.weight, layer.bias)
-        else:
-            h = dense(h, layer)
-        h = jax.nn.relu(layer_norm(h) if mlp.use_layer_norm else h)
-        h = mlp.dropout(h, key=layer_key, inference=inference)
-    return h
-
-
 def _encode_log(vae: VAENormalizer, log_counts: Array, batch_labels: Array, *, key: PRNGKeyArray | None,
                 inference: bool | None) -> tuple[Array, Array]:
     """`vae.encode` from `log1p(counts)` already taken (the VAE's encoder reads `log1p` of the counts)."""
     onehot = vae._batch_onehot(batch_labels, log_counts.shape[0])
-    h = _encoder_hidden(vae.encoder, log_counts, onehot if vae.encode_covariates else None, key=key,
-                        inference=inference)
+    h = vae.encoder(log_counts, onehot if vae.encode_covariates else None, key=key, inference=inference,
+                    reverse_only=True)
     return dense(h, vae.mean_head), jnp.logaddexp(dense(h, vae.log_variance_head), math.log(_VAR_EPS))
 
 
