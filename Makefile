@@ -25,24 +25,28 @@ lint: $(BIN)/python
 
 # `make test` (the quick suite, under 30 min on 2 cores) leaves out tests marked slow: the reference tools'
 # training runs and the quality figures over several seeds; `make test-slow` runs only those; CI runs both.
-# One process per test file, two at a time: long-lived processes that compiled hundreds of XLA programs
-# occasionally segfaulted inside XLA compilation; a larger stack is cheap insurance for deep compiles. The
-# processes share one JAX compilation cache (the command line's too, instead of the user's folder), emptied
-# first so a run costs what it costs on a fresh machine.
+# Test files run four to a process, two processes at a time: each process pays ~20 CPU-s to start (imports, and
+# jaxtyping instrumenting every function of the package), and processes that ran for the whole suite occasionally
+# segfaulted inside XLA compilation; a larger stack is cheap insurance for deep compiles. The processes share one
+# JAX compilation cache (the command line's too, instead of the user's folder), emptied first so a run costs what
+# it costs on a fresh machine. The quick suite compiles thousands of programs and runs most of them a few times:
+# XLA's backend optimisation costs more there than it saves (about a quarter of the CPU time of the pipeline
+# tests), so it is off for them; the slow suite (quality figures, long training runs) compiles as users do.
 TEST_CACHE := $(CURDIR)/.cache/jax-tests
 PYTEST := env JAX_COMPILATION_CACHE_DIR=$(TEST_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.3 \
 	DIFFBIO_EQX_COMPILATION_CACHE=$(TEST_CACHE) \
 	$(BIN)/python -m pytest -q -rs -p no:cacheprovider $(PYTEST_ARGS)
+QUICK_XLA_FLAGS := $(XLA_FLAGS) --xla_backend_optimization_level=0
 
 test: lint
 	rm -rf $(TEST_CACHE)
 	ulimit -s unlimited 2>/dev/null || ulimit -s 65536 2>/dev/null || true; \
-	ls tests/test_*.py | xargs -P 2 -n 1 $(PYTEST) -m "not slow"
+	ls tests/test_*.py | XLA_FLAGS="$(QUICK_XLA_FLAGS)" xargs -P 2 -n 4 $(PYTEST) -m "not slow"
 
 test-slow: lint
 	rm -rf $(TEST_CACHE)
 	ulimit -s unlimited 2>/dev/null || ulimit -s 65536 2>/dev/null || true; \
-	grep -l "mark.slow" tests/test_*.py | xargs -P 2 -n 1 $(PYTEST) -m slow
+	grep -l "mark.slow" tests/test_*.py | xargs -P 2 -n 4 $(PYTEST) -m slow
 
 # CPU suite at quick sizes (< 20 min on 2 cores), then summary.md, scaling.png and the README's Performance section.
 # `make bench BENCH_ARGS=--full` for the recorded sizes; on a GPU machine: `benchmarks/gpu.sh OUT_DIR`.
