@@ -27,6 +27,11 @@ def _regression_loss(model, batch, context, *, key):
     return loss, {"mse": loss}
 
 
+#: One optimiser object for the tests that train the same regression: the optimiser is a static argument of the
+#: compiled epoch, so a new `optax.adam(0.05)` per test would compile the epoch again.
+_ADAM = optax.adam(0.05)
+
+
 def _regression(getkey, n=512, d=6):
     x = jr.normal(getkey(), (n, d))
     true_weight = jr.normal(getkey(), (d,))
@@ -37,7 +42,7 @@ def _regression(getkey, n=512, d=6):
 
 def test_fit_recovers_linear_regression(getkey):
     x, y, true_weight, model = _regression(getkey)
-    settings = TrainSettings(n_epochs=60, batch_size=64, optimizer=optax.adam(0.05), validation_fraction=0.2,
+    settings = TrainSettings(n_epochs=60, batch_size=64, optimizer=_ADAM, validation_fraction=0.2,
                              progress=False)
     result = fit(model, _regression_loss, (x, y), key=getkey(), settings=settings)
     np.testing.assert_allclose(result.model.weight, true_weight, atol=0.02)
@@ -83,15 +88,17 @@ def test_same_key_same_result_and_resume_is_identical(getkey, tmp_path):
     np.testing.assert_array_equal(resumed.train_loss, full.train_loss)
 
 
-def test_sparse_rows_densify_exactly(getkey):
-    dense = np.asarray(jr.poisson(getkey(), 0.3, (50, 20)), dtype=np.float32)
+def test_sparse_rows_densify_exactly():
+    # NumPy draws: `jr.poisson` run eagerly compiles its sampler for this one shape
+    dense = np.random.default_rng(0).poisson(0.3, (50, 20)).astype(np.float32)
     rows = sparse_rows_from_csr(sp.csr_matrix(dense))
     index = jnp.array([3, 0, 49, 3])
-    np.testing.assert_array_equal(take_rows(rows, index), dense[np.array([3, 0, 49, 3])])
+    # compiled, as the training loop runs it (eagerly, each of its operations would compile on its own)
+    np.testing.assert_array_equal(eqx.filter_jit(take_rows)(rows, index), dense[np.array([3, 0, 49, 3])])
 
 
 def test_sparse_and_dense_training_agree(getkey):
-    counts = np.asarray(jr.poisson(getkey(), 1.0, (200, 8)), dtype=np.float64)
+    counts = np.random.default_rng(1).poisson(1.0, (200, 8)).astype(np.float64)
     target = counts @ np.arange(8.0)
     model = _Linear(jnp.zeros(8), jnp.zeros(()))
     kwargs = dict(key=getkey(), settings=TrainSettings(n_epochs=5, batch_size=40, optimizer=optax.sgd(1e-3),
@@ -209,7 +216,7 @@ def test_progress_off_a_terminal_prints_plain_lines_and_the_same_model(getkey, c
     carriage returns; progress changes only the printing."""
     x, y, _, model = _regression(getkey)
     key = getkey()
-    settings = TrainSettings(n_epochs=25, batch_size=64, optimizer=optax.adam(0.05), validation_fraction=0.2,
+    settings = TrainSettings(n_epochs=25, batch_size=64, optimizer=_ADAM, validation_fraction=0.2,
                              description="regression")
     shown = fit(model, _regression_loss, (x, y), key=key, settings=settings)
     err = capsys.readouterr().err
