@@ -139,8 +139,9 @@ def test_float32_inputs_stay_float32_with_x64_on():
     assert out.latent.dtype == jnp.float32 and out.normalized.dtype == jnp.float32
 
 
-def test_a_float32_pipeline_saved_without_x64_loads_with_x64_and_back(tmp_path):
-    config = dx.SingleCellPipelineConfig(n_genes=20, n_clusters=2, **SMALL)
+def test_a_float32_pipeline_saved_without_x64_loads_with_x64_and_back(tmp_path, wide):
+    # The configuration of the pipeline tests above: building it compiles nothing new.
+    config = dx.SingleCellPipelineConfig(n_genes=wide[0].shape[1], n_clusters=3, **SMALL)
     with jax.enable_x64(False):
         saved = dx.save_pipeline(tmp_path / "float32.eqx", dx.SingleCellPipeline(config, key=jr.key(0)))
     loaded = dx.load_pipeline(saved)  # this session runs with x64 on
