@@ -18,6 +18,12 @@ def simulated():
     return simulate_archetypes(key=jr.key(0), n_cells=400, n_dims=8, n_archetypes=3, concentration=0.3)
 
 
+@pytest.fixture(scope="module")
+def fitted(simulated):
+    """PCHA with the first key `getkey` gives: fitted once, for the recovery and the encoder tests."""
+    return pcha(simulated.x, 3, key=jr.split(jr.key(0), 1000)[0])
+
+
 def _py_pcha():
     np.mat = np.asmatrix  # py_pcha 0.1.3 calls np.mat, removed in NumPy 2 (shim for the reference only)
     from py_pcha import PCHA
@@ -42,8 +48,8 @@ def test_pcha_equals_py_pcha_from_the_same_initialisation(simulated):
         assert abs(float(ours.variance_explained) - theirs) <= 0.005 * theirs
 
 
-def test_pcha_recovers_simulated_archetypes(simulated, getkey):
-    result = pcha(simulated.x, 3, key=getkey())
+def test_pcha_recovers_simulated_archetypes(simulated, fitted):
+    result = fitted
     found, truth = np.asarray(result.archetypes), np.asarray(simulated.archetypes)
     distances = np.linalg.norm(found[:, None] - truth[None], axis=2)
     rows, cols = linear_sum_assignment(distances)
@@ -70,11 +76,12 @@ def test_archetypes_face(simulated, getkey, tmp_path):
         dbx.tl.archetypes(adata[:3].copy(), 4, key=getkey(), use_rep="X")
 
 
-def test_encoder_learns_pcha_weights(simulated, getkey):
+def test_encoder_learns_pcha_weights(simulated, fitted, getkey):
     from diffbio_eqx._archetypes._encoder import ArchetypeEncoder, fit_archetype_encoder
     from diffbio_eqx._core._train import TrainSettings
 
-    result = pcha(simulated.x, 3, key=getkey())
+    result = fitted
+    getkey()  # the key `fitted` used: the encoder's keys as before
     encoder = ArchetypeEncoder(result.archetypes, key=getkey(), width=32)
     fitted = fit_archetype_encoder(encoder, simulated.x, key=getkey(), settings=TrainSettings(n_epochs=150))
     weights = np.asarray(fitted.model(simulated.x))

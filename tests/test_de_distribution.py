@@ -38,40 +38,43 @@ def test_ks_statistic_equals_scipy_on_100_pairs():
         assert ours == st.ks_2samp(a, b).statistic, (i, ours, st.ks_2samp(a, b).statistic)
     large = rng.normal(size=(10_050,)), rng.normal(size=(20,))  # SciPy's asymptotic branch: D unsnapped
     values = np.concatenate(large)
-    assert float(ks_statistic(jnp.asarray(values), jnp.asarray(np.arange(values.size) < 10_050))) == \
+    assert float(statistic(jnp.asarray(values), jnp.asarray(np.arange(values.size) < 10_050))) == \
         st.ks_2samp(*large).statistic
 
 
 def test_division_rounds_as_numpy():
+    divide = jax.jit(correctly_rounded_divide)  # as the library runs it: inside a compiled program
     for n in (3, 29, 31, 97, 1000):
         counts = np.arange(n + 1, dtype=np.float64)
-        assert np.array_equal(np.asarray(correctly_rounded_divide(jnp.asarray(counts), jnp.asarray(float(n)))),
-                              counts / n)
+        assert np.array_equal(np.asarray(divide(jnp.asarray(counts), jnp.asarray(float(n)))), counts / n)
 
 
 def test_smooth_ks_tends_to_ks_and_has_gradients():
     rng = np.random.default_rng(1)
     values = jnp.asarray(rng.normal(size=80))
-    first = jnp.arange(80) < 35
-    exact = float(ks_statistic(values, first))
-    smooth = float(smooth_ks_statistic(values, first, jnp.asarray(1e-4), jnp.asarray(1e-4)))
+    first = jnp.asarray(np.arange(80) < 35)
+    # compiled programs, not one compilation per eager operation
+    exact = float(jax.jit(ks_statistic)(values, first))
+    smooth_ks = jax.jit(smooth_ks_statistic)  # bandwidth and temperature traced: one compilation for both calls
+    smooth = float(smooth_ks(values, first, jnp.asarray(1e-4), jnp.asarray(1e-4)))
     assert abs(smooth - exact) < 0.02
-    grad = jax.grad(lambda v: smooth_ks_statistic(v, first, jnp.asarray(0.2), jnp.asarray(0.05)))(values)
+    grad = jax.jit(jax.grad(lambda v: smooth_ks_statistic(v, first, jnp.asarray(0.2), jnp.asarray(0.05))))(values)
     assert np.all(np.isfinite(np.asarray(grad))) and np.any(np.asarray(grad) != 0)
-    by_bandwidth = jax.vmap(lambda h: smooth_ks_statistic(values, first, h, jnp.asarray(0.05)))(
+    by_bandwidth = jax.jit(jax.vmap(lambda h: smooth_ks_statistic(values, first, h, jnp.asarray(0.05))))(
         jnp.asarray([0.01, 0.1, 1.0]))
     assert by_bandwidth.shape == (3,)
 
 
 def test_permutation_pvalues(getkey):
     rng = np.random.default_rng(2)
-    same = jnp.asarray(rng.normal(size=200))
-    first = jnp.arange(200) < 100
-    _, p_null = ks_permutation_test(same, first, key=getkey(), n_permutations=500)
-    shifted = same + jnp.where(first, 1.0, 0.0)
-    stat, p_shift = ks_permutation_test(shifted, first, key=getkey(), n_permutations=500)
+    same = rng.normal(size=200)
+    first = jnp.asarray(np.arange(200) < 100)
+    test = jax.jit(ks_permutation_test, static_argnames="n_permutations")  # one compilation for both calls
+    _, p_null = test(jnp.asarray(same), first, key=getkey(), n_permutations=500)
+    shifted = jnp.asarray(same + np.where(np.arange(200) < 100, 1.0, 0.0))
+    stat, p_shift = test(shifted, first, key=getkey(), n_permutations=500)
     assert float(p_null) > 0.01 and float(p_shift) == pytest.approx(1 / 501)
-    assert float(stat) == float(ks_statistic(shifted, first))
+    assert float(stat) == float(jax.jit(ks_statistic)(shifted, first))
 
 
 @pytest.fixture(scope="module")
