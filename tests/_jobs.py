@@ -2,7 +2,8 @@
 
 `python -c "import _jobs; _jobs.main()" JOB OUT.json [ARGS]` (with `tests/` on the path) runs JOB with JAX's defaults
 (float32, no type-checking hook: what users get) and writes a JSON object of SHA-256 digests of every output array
-and trained leaf, so two processes can be compared bit for bit.
+and trained leaf, so two processes can be compared bit for bit. `JOB OUT.json [ARGS] + JOB OUT.json [ARGS] ...` runs
+several jobs one after the other in the one process.
 """
 
 import hashlib
@@ -175,9 +176,13 @@ JOBS = {"stages": stages, "vae_training": vae_training, "pipeline_training": pip
 
 
 def main() -> None:
-    job, out, *args = sys.argv[1:]
-    result = JOBS[job](*[int(a) if a.isdigit() else a for a in args])
-    pathlib.Path(out).write_text(json.dumps(result, indent=1))
+    """`JOB OUT [ARGS] [+ JOB OUT [ARGS] ...]`: each job in turn, in this one process (one interpreter start)."""
+    argv = sys.argv[1:]
+    while argv:
+        end = argv.index("+") if "+" in argv else len(argv)
+        (job, out, *args), argv = argv[:end], argv[end + 1:]
+        result = JOBS[job](*[int(a) if a.isdigit() else a for a in args])
+        pathlib.Path(out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,15 +25,15 @@ JOB = "import sys; sys.path.insert(0, 'tests'); import _jobs; _jobs.main()"
 KILLED = 3  # the exit status of a job that `tests/_jobs.py` ends on purpose (`os._exit(3)`)
 
 
-def start(out: pathlib.Path, job: str, *args: str) -> subprocess.Popen:
-    """Start a job in a fresh process. The processes of one test share a persistent XLA compilation cache (the
-    uninterrupted run fills it), so the killed and resumed runs execute the very programs the uninterrupted run
-    compiled, as a resumed run on the same machine would; that fresh compilations give the same bits is
-    `test_determinism.py`'s subject."""
-    cache = out.parent / "xla-cache"
+def start(cache: pathlib.Path, *jobs: tuple[str | pathlib.Path, ...]) -> subprocess.Popen:
+    """Start jobs (`(job, out, *args)`, run one after the other) in a fresh process. The processes of this file
+    share a persistent XLA compilation cache (the uninterrupted runs fill it), so the killed and resumed runs execute
+    the very programs the uninterrupted runs compiled, as a resumed run on the same machine would; that fresh
+    compilations give the same bits is `test_determinism.py`'s subject."""
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return subprocess.Popen([sys.executable, "-c", JOB, job, str(out), *args], cwd=ROOT, stdout=subprocess.PIPE,
+    argv = [str(arg) for i, job in enumerate(jobs) for arg in ((("+",) if i else ()) + job)]
+    return subprocess.Popen([sys.executable, "-c", JOB, *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -42,13 +42,24 @@ def finish(process: subprocess.Popen, expected: int = 0) -> None:
     assert process.returncode == expected, stderr[-3000:]
 
 
-def test_vae_training_killed_and_resumed_in_a_new_process_is_bitwise_identical(tmp_path):
+@pytest.fixture(scope="module")
+def full(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """The uninterrupted VAE and pipeline runs, one after the other in one fresh process (one interpreter start);
+    they fill the compilation cache that the killed and resumed processes of both tests read."""
+    folder = tmp_path_factory.mktemp("full")
+    runs = {"cache": folder / "xla-cache", "vae": folder / "vae.json", "pipeline": folder / "pipeline.json"}
+    finish(start(runs["cache"], ("vae_training", runs["vae"], "full", folder),
+                 ("pipeline_training", runs["pipeline"], "full", folder)))
+    return runs
+
+
+def test_vae_training_killed_and_resumed_in_a_new_process_is_bitwise_identical(tmp_path, full):
     stopped, killed = tmp_path / "stopped", tmp_path / "killed"
     stopped.mkdir()
     killed.mkdir()
-    finish(start(tmp_path / "full.json", "vae_training", "full", str(tmp_path)))
-    runs = [start(tmp_path / "never.json", "vae_training", "stop-after-3", str(stopped)),
-            start(tmp_path / "never.json", "vae_training", "kill-in-write-4", str(killed))]
+    cache = full["cache"]
+    runs = [start(cache, ("vae_training", tmp_path / "never.json", "stop-after-3", stopped)),
+            start(cache, ("vae_training", tmp_path / "never.json", "kill-in-write-4", killed))]
     finish(runs[0], KILLED)
     finish(runs[1], KILLED)
     # Killed half way through writing epoch 4's checkpoint: the half-written bytes are in the temporary file
@@ -56,25 +67,24 @@ def test_vae_training_killed_and_resumed_in_a_new_process_is_bitwise_identical(t
     partial = killed / ".vae.training.eqx.tmp"
     assert partial.is_file() and 0 < partial.stat().st_size < (killed / "vae.training.eqx").stat().st_size
     assert not (tmp_path / "never.json").exists()
-    resumed = [start(tmp_path / f"{folder.name}.json", "vae_training", "resume", str(folder))
-               for folder in (stopped, killed)]
-    for process in resumed:
-        finish(process)
-    full = json.loads((tmp_path / "full.json").read_text())
-    assert json.loads((tmp_path / "stopped.json").read_text()) == full
-    assert json.loads((tmp_path / "killed.json").read_text()) == full
+    # Both resume in one fresh process (each from its own checkpoint only), one after the other.
+    finish(start(cache, *[("vae_training", tmp_path / f"{folder.name}.json", "resume", folder)
+                          for folder in (stopped, killed)]))
+    expected = json.loads(full["vae"].read_text())
+    assert json.loads((tmp_path / "stopped.json").read_text()) == expected
+    assert json.loads((tmp_path / "killed.json").read_text()) == expected
     assert sorted(p.name for p in killed.iterdir()) == ["vae.training.eqx"], "the stale temporary file is gone"
 
 
-def test_pipeline_training_killed_and_resumed_in_a_new_process_is_bitwise_identical(tmp_path):
+def test_pipeline_training_killed_and_resumed_in_a_new_process_is_bitwise_identical(tmp_path, full):
     folder = tmp_path / "checkpoints"
-    finish(start(tmp_path / "full.json", "pipeline_training", "full", str(tmp_path)))
-    finish(start(tmp_path / "never.json", "pipeline_training", "stop-before-umap", str(folder)), KILLED)
+    cache = full["cache"]
+    finish(start(cache, ("pipeline_training", tmp_path / "never.json", "stop-before-umap", folder)), KILLED)
     assert sorted(p.name for p in folder.iterdir()) == ["ambient.training.eqx", "pipeline.eqx", "vae.training.eqx"]
     header = json.loads((folder / "pipeline.eqx").open("rb").readline())
     assert header["progress"]["done"] == ["ambient_removal", "vae_normalizer"]
-    finish(start(tmp_path / "resumed.json", "pipeline_training", "resume", str(folder)))
-    assert json.loads((tmp_path / "resumed.json").read_text()) == json.loads((tmp_path / "full.json").read_text())
+    finish(start(cache, ("pipeline_training", tmp_path / "resumed.json", "resume", folder)))
+    assert json.loads((tmp_path / "resumed.json").read_text()) == json.loads(full["pipeline"].read_text())
 
 
 def _fail_on_write(monkeypatch, n: int) -> None:
