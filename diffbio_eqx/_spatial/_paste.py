@@ -330,9 +330,11 @@ def fused_gw_plan(
     # The first plan: expression-only OT (epsilon 10 % of the cost's standard deviation; 1 % for the partial
     # problem), against PASTE's uniform plan. The first stage blurs it anyway: it only has to break the symmetry.
     plan, duals, _ = solve(cost, (0.01 if partial else 0.1) * jnp.std(cost), (jnp.zeros_like(a), jnp.zeros_like(b)))
-    for epsilon in epsilons:  # a short schedule; each stage one scan of up to `n_outer` linearisations
 
-        def step(carry, _, epsilon=epsilon):
+    def stage(carry, epsilon):
+        # A short schedule, scanned (one compiled stage, not one per epsilon); each stage one scan of up to
+        # `n_outer` linearisations.
+        def step(carry, _):
             # Convergence check (paste-bio's Frank-Wolfe stops when the objective stops moving): once a warm-started
             # Sinkhorn meets its tolerance within its first check, the plan is a fixed point at this epsilon and
             # the stage's remaining linearisations are skipped.
@@ -342,7 +344,10 @@ def fused_gw_plan(
                 ft.partial(linearise_and_solve, epsilon=epsilon), plan, duals)
             return (plan, duals, done | (n_iters <= INNER_ITERATIONS)), None
 
-        plan, duals, _ = jax.lax.scan(step, (plan, duals, jnp.zeros((), bool)), length=n_outer)[0]
+        plan, duals, _ = jax.lax.scan(step, (*carry, jnp.zeros((), bool)), length=n_outer)[0]
+        return (plan, duals), None
+
+    (plan, _), _ = jax.lax.scan(stage, (plan, duals), jnp.asarray(epsilons, dtype))
     return plan
 
 
