@@ -8,6 +8,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from .._clustering._gmm import (
+    MixtureParameters,
     expectation_maximisation,
     hard_labels,
     mixture_responsibilities,
@@ -74,11 +75,21 @@ def spatial_domains(
     stage = STAGATE(x.shape[1], prune_weight=prune_weight, key=model_key)
     xj = jnp.asarray(x, dtype=jnp.zeros(()).dtype)
     training = fit_stagate(stage, xj, graph, key=fit_key, settings=settings)
-    z = training.model(xj, graph)
+    z = _embed(training.model, xj, graph)
     labels, responsibilities = gaussian_mixture_labels(z, n_domains, key=mixture_key)
     if smooth:
         labels = smooth_labels(labels, graph, n_domains)
     return DomainResult(labels, z, responsibilities, graph, training)
+
+
+@eqx.filter_jit
+def _embed(model: STAGATE, x: Array, graph: SpatialGraph) -> Array:
+    return model(x, graph)  # one program (the decoder pruned), not one compilation per eager operation
+
+
+@eqx.filter_jit
+def _labels_and_responsibilities(z: Array, params: MixtureParameters) -> tuple[Array, Array]:
+    return hard_labels(z, params), mixture_responsibilities(z, params)
 
 
 @eqx.filter_jit
@@ -94,4 +105,4 @@ def gaussian_mixture_labels(z: Array, n_components: int, *, key: PRNGKeyArray, n
     the best of `n_restarts` log-likelihoods. **Returns:** `(labels, responsibilities)`."""
     fits = [_mixture_restart(z, n_components, k) for k in jr.split(key, n_restarts)]
     best = max(fits, key=lambda fit: float(fit.log_likelihood[-1]))
-    return hard_labels(z, best.params), mixture_responsibilities(z, best.params)
+    return _labels_and_responsibilities(z, best.params)
