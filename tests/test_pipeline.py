@@ -245,7 +245,7 @@ def test_umap_encoder_trained_on_a_subsample_embeds_every_cell(trained):
 
 
 def test_replace_of_config_keeps_it_hashable():
-    config = SingleCellPipelineConfig(n_genes=10)
+    config = SingleCellPipelineConfig(n_genes=30)
     assert hash(config.replace(n_clusters=4)) != hash(config)
     assert dataclasses.is_dataclass(config)
     assert isinstance(SingleCellPipeline(config.replace(**SMALL), key=jr.key(0)), eqx.Module)
@@ -299,13 +299,14 @@ def test_interrupted_training_resumes_to_the_same_pipeline(tmp_path, monkeypatch
 def test_settings_are_read_from_the_stages(tmp_path):
     """The config says how the pipeline was built; `settings()` says what runs, after `eqx.tree_at` too, and the
     saved file's header carries those settings."""
-    pipeline = create_single_cell_pipeline(n_genes=20, n_clusters=3, harmony_theta=1.0, key=jr.key(0), **SMALL)
+    # 30 genes and 3 clusters, as the other tests that only build pipelines: their initialisers compile once
+    pipeline = create_single_cell_pipeline(n_genes=30, n_clusters=3, harmony_theta=1.0, key=jr.key(0), **SMALL)
     assert pipeline.settings()["harmony_theta"] == 1.0
     changed = eqx.tree_at(lambda p: (p.batch_correction.theta, p.clustering.temperature), pipeline,
                           (jnp.asarray(3.5, pipeline.dtype), jnp.asarray(0.25, pipeline.dtype)))
     settings = changed.settings()
     assert settings["harmony_theta"] == 3.5 and settings["clustering_temperature"] == 0.25
-    assert settings["n_genes"] == 20 and settings["harmony_sigma"] == changed.config.harmony_sigma
+    assert settings["n_genes"] == 30 and settings["harmony_sigma"] == changed.config.harmony_sigma
     assert {"harmony_lamb", "umap_a", "vae_target_library_size"} <= set(settings)
     path = save_pipeline(tmp_path / "pipeline.eqx", changed)
     header = json.loads(path.open("rb").readline())
@@ -314,17 +315,17 @@ def test_settings_are_read_from_the_stages(tmp_path):
 
 
 def test_genes_are_kept_and_saved(tmp_path):
-    genes = [f"gene{j}" for j in range(20)]
-    pipeline = create_single_cell_pipeline(n_genes=20, n_clusters=3, genes=genes, key=jr.key(0), **SMALL)
+    genes = [f"gene{j}" for j in range(30)]
+    pipeline = create_single_cell_pipeline(n_genes=30, n_clusters=3, genes=genes, key=jr.key(0), **SMALL)
     assert pipeline.genes == tuple(genes)
     loaded = load_pipeline(save_pipeline(tmp_path / "pipeline.eqx", pipeline))
     assert loaded.genes == tuple(genes) and tree_identical(loaded, pipeline)
     assert load_pipeline(save_pipeline(tmp_path / "none.eqx", SingleCellPipeline(pipeline.config, key=jr.key(0)))
                          ).genes is None
-    with pytest.raises(ValueError, match="genes: 19 names for a model of 20 genes"):
-        create_single_cell_pipeline(n_genes=20, genes=genes[:19], key=jr.key(0), **SMALL)
+    with pytest.raises(ValueError, match="genes: 29 names for a model of 30 genes"):
+        create_single_cell_pipeline(n_genes=30, genes=genes[:29], key=jr.key(0), **SMALL)
     with pytest.raises(ValueError, match=r"genes: names must be unique; 1 repeated, e.g. \['gene0'\]"):
-        create_single_cell_pipeline(n_genes=20, genes=["gene0", *genes[:19]], key=jr.key(0), **SMALL)
+        create_single_cell_pipeline(n_genes=30, genes=["gene0", *genes[:29]], key=jr.key(0), **SMALL)
 
 
 def test_fit_settings_object_equals_the_keywords():
