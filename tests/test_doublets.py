@@ -144,18 +144,22 @@ def test_scrublet_module_soft_limit_and_gradient(getkey):
     np.testing.assert_allclose(cold.scores_obs, hard.scores_obs, atol=1e-6)
     assert hard.n_neighbors_adjusted == 15
 
+    @jax.jit  # one program, not op by op (each eager op at a new shape compiles its own)
     def loss(temperature, rho):
         model = _scrublet.Scrublet(5, n_prin_comps=4, temperature=temperature, expected_doublet_rate=rho)
         return jnp.sum(model(obs, sim).scores_obs)
 
-    g_t, g_rho = jax.grad(loss, argnums=(0, 1))(jnp.asarray(0.5), jnp.asarray(0.05))
+    t, rho = jnp.asarray(0.5), jnp.asarray(0.05)
+    g_t, g_rho = jax.jit(jax.grad(loss, argnums=(0, 1)))(t, rho)
     eps = 1e-5
-    fd_t = (loss(0.5 + eps, 0.05) - loss(0.5 - eps, 0.05)) / (2 * eps)
-    fd_rho = (loss(0.5, 0.05 + eps) - loss(0.5, 0.05 - eps)) / (2 * eps)
+    fd_t = (loss(t + eps, rho) - loss(t - eps, rho)) / (2 * eps)
+    fd_rho = (loss(t, rho + eps) - loss(t, rho - eps)) / (2 * eps)
     np.testing.assert_allclose(g_t, fd_t, rtol=1e-4)
     np.testing.assert_allclose(g_rho, fd_rho, rtol=1e-6)
     temps = jnp.asarray([0.2, 0.5, 1.0])
-    swept = jax.vmap(lambda t: _scrublet.Scrublet(5, n_prin_comps=4, temperature=t)(obs, sim).scores_obs)(temps)
+    swept = jax.jit(jax.vmap(lambda t: _scrublet.Scrublet(5, n_prin_comps=4, temperature=t)(obs, sim).scores_obs))(
+        temps
+    )
     assert swept.shape == (3, 120)
     np.testing.assert_allclose(swept[1], _scrublet.Scrublet(5, n_prin_comps=4, temperature=0.5)(obs, sim).scores_obs,
                                rtol=1e-10)
@@ -186,7 +190,9 @@ def test_heterotypic_doublets_are_found():
 
 
 def test_simulated_truth_flags():
-    sim = simulate_doublets(jr.key(2), n_cells=4000, n_genes=50, n_groups=4, doublet_rate=0.2)
+    # The sizes and settings of `droplets` and of `test_heterotypic_doublets_are_found` (the rate is traced): the
+    # simulator's two programs compile once for the file.
+    sim = simulate_doublets(jr.key(2), n_cells=1200, n_genes=800, n_groups=5, doublet_rate=0.2)
     is_doublet, het, hom = (np.asarray(a) for a in (sim.is_doublet, sim.is_heterotypic, sim.is_homotypic))
     assert abs(is_doublet.mean() - 0.2) < 0.03
     np.testing.assert_array_equal(het | hom, is_doublet)
@@ -194,8 +200,8 @@ def test_simulated_truth_flags():
     assert 0.1 < hom.sum() / is_doublet.sum() < 0.45  # about 1 / n_groups
     parents = np.asarray(sim.parents)
     np.testing.assert_array_equal(parents[:, 0] == parents[:, 1], ~is_doublet)
-    only_het = simulate_doublets(jr.key(2), n_cells=500, n_genes=50, n_groups=4, doublet_rate=0.3,
-                                 heterotypic_only=True)
+    only_het = simulate_doublets(jr.key(2), n_cells=1500, n_genes=800, n_groups=4, doublet_rate=0.3,
+                                 heterotypic_only=True, de_prob=0.2)
     np.testing.assert_array_equal(np.asarray(only_het.is_heterotypic), np.asarray(only_het.is_doublet))
 
 
