@@ -536,15 +536,24 @@ def test_cli_failure_while_writing_leaves_nothing_behind(capsys, h5ad, tmp_path,
     appear in the output folder."""
     import diffbio_eqx._job as job
 
-    def broken_plot(*args, **kwargs):
+    staged = []
+
+    def broken_plot(path, *args, **kwargs):
+        staged.extend(sorted(p.name for p in pathlib.Path(path).parent.iterdir()))
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(job, "plot_training", broken_plot)
+    # The pipeline cut to the VAE and soft k-means (few programs to compile): what is checked is the output folder.
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps({"enable_ambient_removal": False, "enable_batch_correction": False,
+                                  "enable_dim_reduction": False, "n_clusters": 3, "clustering_method": "soft_kmeans",
+                                  "latent_dim": 4, "hidden_dims": [16]}))
     out = tmp_path / "existing"
     out.mkdir()
     (out / "keep.txt").write_text("earlier results")
-    _assert_cli_error(capsys, [h5ad, "--batch-key", "batch", "--out", out], r"OSError: .*No space left on device",
-                      h5ad, out, out_before=["keep.txt"])
+    _assert_cli_error(capsys, [h5ad, "--batch-key", "batch", "--config", config, "--out", out],
+                      r"OSError: .*No space left on device", h5ad, out, out_before=["keep.txt"])
+    assert {"result.h5ad", "pipeline.eqx"} <= set(staged), "the plot failed after the results were written"
 
 
 def test_cli_where_the_counts_are_and_the_gene_names(capsys, h5ad, tmp_path):
