@@ -1,9 +1,11 @@
 """Harmony: pure functions, parity with harmonypy 2.1, properties, transformations and error paths."""
 
+import hashlib
 import logging
 import os
 import pathlib
 import warnings
+from typing import Any
 
 import equinox as eqx
 import harmonypy  # noqa: E402  (test extra: a missing reference fails, it does not skip)
@@ -30,9 +32,23 @@ PBMC3500 = pathlib.Path(__file__).parent / "data" / "harmonypy_pbmc3500"
 # Data and reference runs
 
 
+_HARMONYPY_RUNS = {}
+
+
 def run_harmonypy(x, labels, **kwargs):
-    """harmonypy 2.1 on cells-major `x` with integer labels `(n_cells,)` or `(n_cells, n_covariates)`."""
+    """harmonypy 2.1 on cells-major `x` with integer labels `(n_cells,)` or `(n_cells, n_covariates)`.
+
+    Deterministic (a fixed `random_state`), so each run is made once per module and its result shared."""
     labels = np.asarray(labels).reshape(len(x), -1)
+    x = np.asarray(x, np.float64)
+    run = (hashlib.sha1(x.tobytes()).hexdigest(), x.shape, hashlib.sha1(labels.tobytes()).hexdigest(),
+           labels.shape, repr(sorted(kwargs.items())))
+    if run not in _HARMONYPY_RUNS:
+        _HARMONYPY_RUNS[run] = _run_harmonypy(x, labels, **kwargs)
+    return _HARMONYPY_RUNS[run]
+
+
+def _run_harmonypy(x, labels, **kwargs):
     meta = pd.DataFrame({f"c{j}": labels[:, j].astype(str) for j in range(labels.shape[1])})
     kwargs.setdefault("verbose", False)
     return harmonypy.run_harmony(np.asarray(x, np.float64), meta, list(meta.columns), **kwargs)
@@ -89,6 +105,11 @@ def pbmc68k_split():
     pcs = log_normalized_pca(counts * factors[batches], n_components=20)
     cell_types = pd.factorize(adata.obs["bulk_labels"], sort=True)[0]
     return pcs, batches, cell_types
+
+
+# The settings most tests on `small` run with: one compiled program serves them (the early-exit test needs more
+# clustering rounds than the default 4 to show the clustering loop stopping early).
+SMALL: dict[str, Any] = dict(n_clusters=6, max_iter_kmeans=8)
 
 
 @pytest.fixture(scope="module")
@@ -477,7 +498,7 @@ def test_correction_removes_batch_effect(small, getkey):
     from helpers import knn_batch_purity
 
     x, batches, groups = small
-    result = dbx.harmony(x, batches, key=getkey(), n_clusters=6)
+    result = dbx.harmony(x, batches, key=getkey(), **SMALL)
     assert knn_batch_purity(x, batches) > 0.9
     assert knn_batch_purity(np.asarray(result.z_corr), batches) < 0.65
     assert knn_batch_purity(np.asarray(result.z_corr), groups) > 0.95
@@ -486,8 +507,8 @@ def test_correction_removes_batch_effect(small, getkey):
 def test_early_exit_matches_scan(small, getkey):
     x, batches, _ = small
     key = getkey()
-    scan = dbx.harmony(x, batches, key=key, n_clusters=6, max_iter_kmeans=8)
-    fast = dbx.harmony(x, batches, key=key, n_clusters=6, max_iter_kmeans=8, early_exit=True)
+    scan = dbx.harmony(x, batches, key=key, **SMALL)
+    fast = dbx.harmony(x, batches, key=key, early_exit=True, **SMALL)
     assert int(scan.kmeans_rounds[0]) < 8  # the clustering loop stops early too
     assert 1 < int(scan.n_rounds) < 10 and bool(scan.converged)
     assert tree_allclose(scan, fast, rtol=1e-10, atol=1e-12)
@@ -497,9 +518,11 @@ def test_float32_flows_from_inputs(small, getkey):
     x, batches, _ = small
     key = getkey()
     init = np.asarray(x[:6])
-    want = dbx.harmony(x, batches, key=key, n_clusters=6, init_centroids=init)
+    # The settings of `test_permuting_cells_permutes_output` (one block): the float64 run reuses its program.
+    kwargs: dict[str, Any] = dict(n_clusters=6, block_size=1.0, init_centroids=init)
+    want = dbx.harmony(x, batches, key=key, **kwargs)
     with jax.enable_x64(False):
-        got = dbx.harmony(x.astype(np.float32), batches, key=key, n_clusters=6, init_centroids=init)
+        got = dbx.harmony(x.astype(np.float32), batches, key=key, **kwargs)
         assert got.z_corr.dtype == jnp.float32 and got.r.dtype == jnp.float32
     assert per_pc_pearson(got.z_corr, want.z_corr).min() > 0.999
 
@@ -509,14 +532,14 @@ def test_transform_corrects_held_out_cells(small, getkey):
     from helpers import knn_batch_purity
 
     train = np.arange(len(x)) % 5 != 0
-    result = dbx.harmony(x[train], batches[train], key=getkey(), n_clusters=6)
+    result = dbx.harmony(x[train], batches[train], key=getkey(), **SMALL)
     held_out = dbx.harmony_transform(result, x[~train], batches[~train])
     assert held_out.shape == (int((~train).sum()), 8)
     # Held-out cells land among the corrected reference cells of their group, whatever their batch.
     combined = np.concatenate([np.asarray(result.z_corr), np.asarray(held_out)])
     combined_batches = np.concatenate([batches[train], batches[~train]])
     assert knn_batch_purity(combined, combined_batches) < 0.65
-    full = dbx.harmony(x, batches, key=getkey(), n_clusters=6)
+    full = dbx.harmony(x, batches, key=getkey(), **SMALL)
     assert per_pc_pearson(held_out, np.asarray(full.z_corr)[~train]).min() > 0.95
     # On the training cells, the stored coefficients with their final R give back z_corr exactly.
     phi = H.batch_onehot(jnp.asarray(batches[train])[:, None], (2,), jnp.float64)
@@ -537,8 +560,7 @@ def test_vmap_sweep_equals_loop(small, getkey):
     keys = jr.split(getkey(), 3)
 
     def run(theta, sigma, lamb, key):
-        return dbx.harmony(x, batches, key=key, theta=theta, sigma=sigma, lamb=lamb, n_clusters=6,
-                           n_batches=2).z_corr
+        return dbx.harmony(x, batches, key=key, theta=theta, sigma=sigma, lamb=lamb, n_batches=2, **SMALL).z_corr
 
     swept = eqx.filter_jit(jax.vmap(run))(thetas, sigmas, lambs, keys)
     assert swept.shape == (3, 300, 8)
@@ -559,13 +581,15 @@ def test_no_recompile_across_theta(small, getkey):
     for theta in (0.5, 1.0, 3.0):
         run(dbx.Harmony(theta=theta, n_clusters=6, n_batches=2), jnp.asarray(x), jnp.asarray(batches), key)
 
-    @eqx.filter_jit
-    @eqx.debug.assert_max_traces(max_traces=1)
-    def run_fn(theta, x, batches, key):
-        return dbx.harmony(x, batches, key=key, theta=theta, n_clusters=6, n_batches=2).z_corr
-
     for theta in (0.5, 1.0, 3.0):
-        run_fn(jnp.asarray(theta), jnp.asarray(x), jnp.asarray(batches), key)
+        _traced_harmony(jnp.asarray(x), jnp.asarray(batches), key, jnp.asarray(theta), jnp.asarray(0.1))
+
+
+@eqx.filter_jit
+@eqx.debug.assert_max_traces(max_traces=1)
+def _traced_harmony(x, batches, key, theta, sigma):
+    """Harmony with traced data and settings (the no-recompile and in-program check tests share its program)."""
+    return dbx.harmony(x, batches, key=key, theta=theta, sigma=sigma, n_clusters=6, n_batches=2).z_corr
 
 
 def test_gradient_matches_central_differences(getkey):
@@ -583,16 +607,19 @@ def test_gradient_matches_central_differences(getkey):
                              epsilon_harmony=-jnp.inf, init_centroids=init)
         return jnp.sum(result.z_corr * weights) + result.objective[-1]
 
-    loss = jax.jit(loss)
-    theta = jnp.asarray(1.5)
-    grad_x, grad_theta = jax.grad(loss, argnums=(0, 1))(x0, theta)
+    # One program gives the loss and its gradient (the differences read its value at nearby points).
+    value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    loss_at = lambda x, theta: float(value_and_grad(jnp.asarray(x), jnp.asarray(theta))[0])
+    theta = 1.5
+    _, (grad_x, grad_theta) = value_and_grad(x0, jnp.asarray(theta))
     assert np.all(np.isfinite(grad_x)) and np.isfinite(grad_theta)
-    v = jr.normal(getkey(), x0.shape)
-    v = v / jnp.linalg.norm(v)
+    v = np.asarray(jr.normal(getkey(), x0.shape))
+    v = v / np.linalg.norm(v)
     eps = 1e-5
-    fd_x = (loss(x0 + eps * v, theta) - loss(x0 - eps * v, theta)) / (2 * eps)
-    np.testing.assert_allclose(jnp.vdot(grad_x, v), fd_x, rtol=1e-5)
-    fd_theta = (loss(x0, theta + eps) - loss(x0, theta - eps)) / (2 * eps)
+    x0 = np.asarray(x0)
+    fd_x = (loss_at(x0 + eps * v, theta) - loss_at(x0 - eps * v, theta)) / (2 * eps)
+    np.testing.assert_allclose(np.vdot(np.asarray(grad_x), v), fd_x, rtol=1e-5)
+    fd_theta = (loss_at(x0, theta + eps) - loss_at(x0, theta - eps)) / (2 * eps)
     np.testing.assert_allclose(grad_theta, fd_theta, rtol=1e-5)
     assert abs(float(grad_theta)) > 1e-6
 
@@ -600,16 +627,16 @@ def test_gradient_matches_central_differences(getkey):
 def test_stage_matches_function_and_vmaps(small, getkey):
     x, batches, _ = small
     key = getkey()
-    stage = dbx.Harmony(theta=1.0, n_clusters=6)
+    stage = dbx.Harmony(theta=1.0, **SMALL)
     np.testing.assert_allclose(
-        stage(x, batches, key=key), dbx.harmony(x, batches, key=key, theta=1.0, n_clusters=6).z_corr, rtol=0
+        stage(x, batches, key=key), dbx.harmony(x, batches, key=key, theta=1.0, **SMALL).z_corr, rtol=0
     )
     result = stage.run(x, batches, key=key)
     assert result.objective.shape == (stage.max_iter_harmony,) and result.initial_objective.shape == ()
-    stages = eqx.filter_vmap(lambda t: dbx.Harmony(theta=t, n_clusters=6, n_batches=2))(jnp.array([0.0, 2.0]))
+    stages = eqx.filter_vmap(lambda t: dbx.Harmony(theta=t, n_batches=2, **SMALL))(jnp.array([0.0, 2.0]))
     outs = eqx.filter_vmap(lambda s: s(jnp.asarray(x), jnp.asarray(batches), key=key),
                            in_axes=(eqx.if_array(0),))(stages)
-    np.testing.assert_allclose(outs[1], stage.__class__(theta=2.0, n_clusters=6)(x, batches, key=key),
+    np.testing.assert_allclose(outs[1], stage.__class__(theta=2.0, **SMALL)(x, batches, key=key),
                                rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="key"):
         stage(x, batches)
@@ -646,13 +673,13 @@ def test_bad_input_errors(small, getkey):
     with pytest.raises(ValueError, match="n_batches"):
         jax.jit(lambda x, b: dbx.harmony(x, b, key=key, n_clusters=6).z_corr)(x, batches)
     # Under jit the value checks are eqx.error_if.
-    run = jax.jit(lambda x, b, s: dbx.harmony(x, b, key=key, n_clusters=6, n_batches=2, sigma=s).z_corr)
+    run = lambda x, b, s: _traced_harmony(jnp.asarray(x), jnp.asarray(b), key, jnp.asarray(2.0), jnp.asarray(s))
     with pytest.raises((ValueError, RuntimeError), match="NaN"):
-        run(jnp.asarray(bad), jnp.asarray(batches), 0.1)
+        run(bad, batches, 0.1)
     with pytest.raises((ValueError, RuntimeError), match="out of range"):
-        run(jnp.asarray(x), jnp.asarray(batches) + 1, 0.1)
+        run(x, batches + 1, 0.1)
     with pytest.raises((ValueError, RuntimeError), match="sigma"):
-        run(jnp.asarray(x), jnp.asarray(batches), -0.1)
+        run(x, batches, -0.1)
     with pytest.raises(ValueError, match="transform|new_x|dimensions"):
-        result = dbx.harmony(x, batches, key=key, n_clusters=6)
+        result = dbx.harmony(x, batches, key=key, **SMALL)
         dbx.harmony_transform(result, x[:, :3], batches)
