@@ -77,19 +77,19 @@ def test_unbiased_mmd_matches_textbook_estimator(getkey):
 def test_mmd_near_zero_for_unbalanced_samples_of_one_distribution():
     # Unbiased: the mean over draws is zero (a biased V-statistic would sit at a positive offset that grows
     # as the small batch shrinks).
-    values = jax.vmap(lambda k: penalty(*_two_samples(k, 200, 20), BANDWIDTHS, n_batches=2))(
-        jr.split(jr.key(1), 8))
-    assert abs(float(jnp.mean(values))) < 0.02
-    shifted = jax.vmap(lambda k: penalty(*_two_samples(k, 200, 20, 1.0), BANDWIDTHS, n_batches=2))(
-        jr.split(jr.key(2), 8))
-    assert float(jnp.min(shifted)) > 10 * abs(float(jnp.mean(values)))
+    draws = jax.jit(jax.vmap(lambda k, shift: penalty(*_two_samples(k, 200, 20, shift), BANDWIDTHS, n_batches=2),
+                             in_axes=(0, None)))
+    values = np.asarray(draws(jr.split(jr.key(1), 8), 0.0))
+    assert abs(float(np.mean(values))) < 0.02
+    shifted = np.asarray(draws(jr.split(jr.key(2), 8), 1.0))
+    assert float(np.min(shifted)) > 10 * abs(float(np.mean(values)))
 
 
 def test_mmd_grows_with_the_shift(getkey):
     key = getkey()
     shifts = jnp.asarray([0.0, 0.25, 0.5, 1.0, 2.0])
-    values = jax.vmap(lambda s: penalty(*_two_samples(key, 200, 50, s), BANDWIDTHS, n_batches=2))(shifts)
-    assert bool(jnp.all(jnp.diff(values) > 0))
+    values = jax.jit(jax.vmap(lambda s: penalty(*_two_samples(key, 200, 50, s), BANDWIDTHS, n_batches=2)))(shifts)
+    assert np.all(np.diff(np.asarray(values)) > 0)
 
 
 def test_every_pair_counts_and_missing_batches_drop_out(getkey):
@@ -112,8 +112,8 @@ def test_mmd_gradients(getkey):
     loss = jax.jit(lambda z: penalty(jnp.asarray(z), labels, BANDWIDTHS[6:14], n_batches=2))
     check_grads(loss, (x,), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
     # and the bandwidths (a continuous setting): vmap over them agrees with a loop
-    sets = jnp.stack([BANDWIDTHS[6:14], 2.0 * BANDWIDTHS[6:14]])
-    vmapped = jax.vmap(lambda b: penalty(x, labels, b, n_batches=2))(sets)
+    sets = jnp.asarray(np.stack([TRVAE_BANDWIDTHS[6:14], 2.0 * np.asarray(TRVAE_BANDWIDTHS[6:14])]))
+    vmapped = jax.jit(jax.vmap(lambda b: penalty(x, labels, b, n_batches=2)))(sets)
     looped = jnp.stack([penalty(x, labels, b, n_batches=2) for b in sets])
     np.testing.assert_allclose(vmapped, looped, rtol=1e-12)
 
@@ -137,13 +137,15 @@ def test_gradient_penalty_matches_per_head_gradients(getkey):
     critic = BatchCritic(3, 3, hidden_dims=(8,), key=getkey())
     z, key = jr.normal(getkey(), (6, 3)), getkey()
     perm_key, eps_key = jr.split(key)
-    eps = jr.uniform(eps_key, (6, 1), dtype=z.dtype)
-    points = eps * z + (1 - eps) * z[jr.permutation(perm_key, 6)]
+    eps = np.asarray(jr.uniform(eps_key, (6, 1), dtype=z.dtype))
+    zs = np.asarray(z)
+    points = jnp.asarray(eps * zs + (1 - eps) * zs[np.asarray(jr.permutation(perm_key, 6))])
     # reverse mode, one head at a time (the implementation writes the ReLU MLP's Jacobian out)
     per_head = jax.jit(jax.vmap(jax.vmap(jax.grad(lambda v, b: critic(v[None])[0, b]), in_axes=(0, None)),
                                 in_axes=(None, 0), out_axes=1))
     norms = np.linalg.norm(np.asarray(per_head(points, jnp.arange(3))), axis=-1)
-    np.testing.assert_allclose(gradient_penalty(critic, z, key=key), np.mean((norms - 1) ** 2), rtol=1e-8)
+    np.testing.assert_allclose(eqx.filter_jit(gradient_penalty)(critic, z, key=key), np.mean((norms - 1) ** 2),
+                               rtol=1e-8)
 
 
 def test_written_out_jacobian_and_its_parameter_gradient_match_autodiff(getkey):
@@ -152,11 +154,12 @@ def test_written_out_jacobian_and_its_parameter_gradient_match_autodiff(getkey):
     for hidden, n_batches in (((8, 8), 2), ((16, 8, 4), 5)):
         critic = BatchCritic(4, n_batches, hidden_dims=hidden, key=getkey())
         points = jr.normal(getkey(), (7, 4))
-        autodiff = jax.vmap(jax.jacfwd(lambda v, c=critic: c(v[None])[0]))(points)
-        np.testing.assert_allclose(input_jacobian(critic, points), autodiff, rtol=1e-5, atol=1e-7)
-        ours = eqx.filter_grad(lambda c: penalty_of_jacobian(input_jacobian(c, points)))(critic)
-        reference = eqx.filter_grad(
-            lambda c: penalty_of_jacobian(jax.vmap(jax.jacfwd(lambda v: c(v[None])[0]))(points)))(critic)
+        # Each side in one jit: eager, every operation of the Jacobians and their gradients compiles on its own.
+        autodiff = eqx.filter_jit(lambda c, p: jax.vmap(jax.jacfwd(lambda v: c(v[None])[0]))(p))(critic, points)
+        np.testing.assert_allclose(eqx.filter_jit(input_jacobian)(critic, points), autodiff, rtol=1e-5, atol=1e-7)
+        ours = eqx.filter_jit(eqx.filter_grad(lambda c: penalty_of_jacobian(input_jacobian(c, points))))(critic)
+        reference = eqx.filter_jit(eqx.filter_grad(
+            lambda c: penalty_of_jacobian(jax.vmap(jax.jacfwd(lambda v: c(v[None])[0]))(points))))(critic)
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
