@@ -46,7 +46,10 @@ def test_solo_auprc_at_least_scvi_tools(solo_run):
     settings = json.loads(str(reference["settings"]))
     assert (settings["n_cells"], settings["n_genes"], settings["scvi_epochs"]) == (N_CELLS, N_GENES, VAE_EPOCHS)
     adata, _, truth = solo_run
-    np.testing.assert_allclose(adata.X.sum(), reference["counts_sum"], rtol=1e-6)  # the reference's droplets
+    # The reference's droplets. The sampler's draws move with XLA's float rounding, which follows its backend
+    # optimisation level (`make test` turns it off): 6 of the 3.56 M counts differ there; a different simulation
+    # would differ by far more.
+    np.testing.assert_allclose(adata.X.sum(), reference["counts_sum"], rtol=1e-5)
     np.testing.assert_array_equal(truth, reference["truth"])
     ours = average_precision_score(truth, adata.obs["doublet_score"])
     assert ours >= float(reference["auprc"]) - 0.02, (ours, float(reference["auprc"]))
