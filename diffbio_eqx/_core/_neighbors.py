@@ -111,6 +111,26 @@ def _knn_scores(
     return -squared_distances(queries, reference)
 
 
+#: `fast` scores come from one product of augmented rows, `[q, 1, 0...] . [2 r, -|r|^2, 0...]`, whose width is
+#: padded to a multiple of this (no pass over the scores after the product: 0.9x the search's CPU at 50,000 x 100).
+FAST_SCORE_WIDTH_QUANTUM = 8
+
+
+def _fast_score_rows(
+    queries: Float[Array, "n_queries n_dims"], reference: Float[Array, "n_reference n_dims"]
+) -> tuple[Float[Array, "n_queries n_wide"], Float[Array, "n_reference n_wide"]]:
+    """Rows whose products are the `fast` scores: `[q, 1, 0...] . [2 r, -|r|^2, 0...] = 2 q.r - |r|^2`."""
+    n_dims = queries.shape[1]
+    pad = -(n_dims + 1) % FAST_SCORE_WIDTH_QUANTUM
+    norms = jnp.sum(reference * reference, axis=1, keepdims=True)
+    wide_queries = jnp.concatenate(
+        [queries, jnp.ones((queries.shape[0], 1), queries.dtype), jnp.zeros((queries.shape[0], pad), queries.dtype)],
+        axis=1)
+    wide_reference = jnp.concatenate(
+        [2 * reference, -norms, jnp.zeros((reference.shape[0], pad), reference.dtype)], axis=1)
+    return wide_queries, wide_reference
+
+
 def _knn_block(
     queries: Float[Array, "n_block n_dims"],
     reference: Float[Array, "n_reference n_dims"],
@@ -118,9 +138,11 @@ def _knn_block(
     self_index: Int[Array, " n_block"] | None = None,
     approximate: bool = False,
     fast: bool = False,
+    wide: tuple[Float[Array, "n_block n_wide"], Float[Array, "n_reference n_wide"]] | None = None,
 ) -> tuple[Int[Array, "n_block n_neighbors"], Float[Array, "n_block n_neighbors"]]:
-    # Select with the one-matmul scores, then recompute the k chosen distances directly and re-sort.
-    scores = _knn_scores(queries, reference, fast)
+    # Select with the one-matmul scores, then recompute the k chosen distances directly and re-sort. `wide`: the
+    # block's and the reference's `_fast_score_rows`, whose product is the fast scores.
+    scores = wide[0] @ wide[1].T if wide is not None else _knn_scores(queries, reference, fast)
     if self_index is not None:  # a cell is its own first neighbour, even among exact duplicates
         columns = jnp.arange(reference.shape[0], dtype=self_index.dtype)
         scores = jnp.where(columns[None, :] == self_index[:, None], jnp.inf, scores)
@@ -160,7 +182,13 @@ def _blocked_knn(
     n_blocks = -(-n_queries // block)
     padded = jnp.concatenate([queries, jnp.zeros((n_blocks * block - n_queries, n_dims), dtype=queries.dtype)])
     blocks = padded.reshape(n_blocks, block, n_dims)
-    if self_first:
+    if fast and not self_first:  # the scores straight out of one product (`_fast_score_rows`)
+        wide_queries, wide_reference = _fast_score_rows(blocks.reshape(n_blocks * block, n_dims), reference)
+        wide_blocks = wide_queries.reshape(n_blocks, block, -1)
+        indices, distances = jax.lax.map(
+            lambda b: _knn_block(b[0], reference, n_neighbors, None, approximate, fast, (b[1], wide_reference)),
+            (blocks, wide_blocks))
+    elif self_first:
         rows = jnp.arange(n_blocks * block, dtype=jnp.int32).reshape(n_blocks, block)
         indices, distances = jax.lax.map(
             lambda b: _knn_block(b[0], reference, n_neighbors, b[1], approximate, fast), (blocks, rows)
@@ -197,7 +225,8 @@ def exact_knn(
     - `n_neighbors`: `k` (static), at most `n_reference`.
     - `block_size`: query rows per block (static); default keeps a block under 2**24 distances.
     - `fast`: rank candidates by `2 q.r - |r|^2` instead of the clipped squared distance (`_knn_scores`): the
-      same neighbours but where two lie within float32 rounding of each other, about twice as fast on CPU.
+      same neighbours but where two lie within float32 rounding of each other, about twice as fast on CPU (the
+      scores come straight out of one product of augmented rows, `_fast_score_rows`).
 
     **Returns:** `(indices, distances)`, each `(n_queries, n_neighbors)`, sorted by increasing distance (ties in
     index order).
