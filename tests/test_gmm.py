@@ -110,8 +110,7 @@ def test_the_number_of_clusters_is_chosen_by_stability(unbalanced):
     # With k chosen, the fit is one start (the stable communities' M-step) and at most STABLE_EM_STEPS EM steps.
     assert list(fitted.train_aux) == ["restart_0"] and 1 <= fitted.n_epochs_run <= STABLE_EM_STEPS
     seed = int(jr.randint(jr.key(1), (), 0, 2**31 - 1))
-    communities, _ = _stable_communities(x, seed=seed, n_neighbors=15, min_size=10, n_subsamples=6,
-                                         tie_break="none")
+    communities, _ = _stable_communities(x, seed=seed, n_neighbors=15, min_size=10, n_subsamples=6)
     assert communities is not None and int(communities.max()) + 1 == len(SIZES)
     start = _gmm.parameters_from_labels(x, jnp.asarray(communities), len(SIZES))
     np.testing.assert_array_equal(np.asarray(fitted.model.hard_assign(x)), np.asarray(_gmm.hard_labels(
@@ -143,13 +142,19 @@ def test_stable_resolution_and_its_finer_tie_break():
     tied = coarse - gap  # lower by less than the error of the difference
     worse = coarse - 0.1  # lower, with no error at all
     flat = np.full((6, 6), np.nan)  # one community in every subsample
-    assert stable_resolution({0.25: coarse, 0.5: tied, 1.0: worse, 1.5: flat}, tie_break="finer") == 0.5
-    assert stable_resolution({0.25: coarse, 0.5: tied, 1.0: worse}) == 0.25  # default: the most stable
+    finer = {"tie_break": "finer", "tolerance": 0.0}  # within one standard error only
+    assert stable_resolution({0.25: coarse, 0.5: tied, 1.0: worse, 1.5: flat}, **finer) == 0.5
     near = coarse - 0.02  # lower by more than its error (none) but less than a 0.03 tolerance
-    assert stable_resolution({0.25: coarse, 0.75: near, 1.0: worse}, tie_break="finer") == 0.25
+    assert stable_resolution({0.25: coarse, 0.75: near, 1.0: worse}, **finer) == 0.25
     assert stable_resolution({0.25: coarse, 0.75: near, 1.0: worse}, tie_break="finer", tolerance=0.03) == 0.75
-    assert stable_resolution({0.25: coarse, 1.0: worse}, tie_break="finer") == 0.25
-    assert stable_resolution({0.25: flat}, tie_break="finer") is None
+    assert stable_resolution({0.25: coarse, 1.0: worse}, **finer) == 0.25
+    assert stable_resolution({0.25: flat}, **finer) is None
+    # The default: the most stable (`STABILITY_TIE_BREAK`); a tolerance alone ignores the standard error.
+    assert stable_resolution({0.25: coarse, 0.5: tied, 1.0: worse}) == 0.25
+    half_gap = float(np.nanmean(gap)) / 2
+    assert stable_resolution({0.25: coarse, 0.5: tied}, tie_break="finer", tolerance=half_gap) == 0.5
+    assert stable_resolution({0.25: coarse, 0.5: tied}, tie_break="finer", tolerance=half_gap,
+                             standard_error=False) == 0.25
     with pytest.raises(ValueError, match="tie_break"):
         stable_resolution({0.25: coarse}, tie_break="coarser")
 

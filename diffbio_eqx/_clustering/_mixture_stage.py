@@ -134,6 +134,14 @@ def _kmeans_labels(x: Float[Array, "n_cells n_dims"], n_clusters: int, key: PRNG
 STABILITY_RESOLUTIONS = (0.25, 0.5, 0.75, 1.0, 1.5)
 #: At most this many cells (drawn at random) build the graph that initialises the mixture (exact kNN is O(n^2)).
 MAX_GRAPH_CELLS = 50_000
+#: How `stable_resolution` breaks near-ties in stability when k is chosen: the most stable resolution. The finer
+#: rule within max(tolerance, one jackknife standard error) was measured and not adopted (issue 24): on simulated
+#: groups its best tolerance is 0.15 (`bench_quality.py --tie-sim`, `quality_tie_sim.json`: mean ARI 0.532 vs
+#: 0.467), but on pbmc68k it chose 11-14 clusters and dropped the job's median ARI to 0.392
+#: (`quality_tie_tol015.json`), so the simulations' groups do not carry over to real cell types here.
+STABILITY_TIE_BREAK = "none"
+#: The tolerance of the finer rule (`tie_break="finer"`): 0, within one jackknife standard error only.
+STABILITY_TOLERANCE = 0.0
 
 
 def _graph_k(n_cells: int, n_neighbors: int) -> int:
@@ -212,12 +220,12 @@ def partition_stability(x: Float[ArrayLike, "n_cells n_dims"], *, seed: int = 0,
     return {resolution: _pair_mean(matrix) for resolution, matrix in matrices.items()}
 
 
-def stable_resolution(matrices: dict[float, np.ndarray], *, tie_break: str = "none",
-                      tolerance: float = 0.0) -> float | None:
+def stable_resolution(matrices: dict[float, np.ndarray], *, tie_break: str = STABILITY_TIE_BREAK,
+                      tolerance: float = STABILITY_TOLERANCE, standard_error: bool = True) -> float | None:
     """The resolution `select_n_clusters` uses, from `_stability_matrices`: the most stable one (`tie_break=
     "none"`, the default), or (`"finer"`) the finest resolution whose stability is within one jackknife standard
     error of the most stable one's (the error of their paired difference over the same subsamples) or within
-    `tolerance` (ARI), whichever is larger.
+    `tolerance` (ARI), whichever is larger (`standard_error=False`: within `tolerance` alone).
 
     Why the finer one on a tie: Ben-Hur, Elisseeff & Guyon (2002) take the largest number of clusters before the
     subsample agreement drops away from its high plateau, not the single most stable one, because a coarser
@@ -227,8 +235,9 @@ def stable_resolution(matrices: dict[float, np.ndarray], *, tie_break: str = "no
     be chosen on simulated data (`bench_quality.py --tie-sim`). Measured (issue 24): on pbmc68k's counts
     redrawn from a VAE, `"finer"` never scored lower (mixture ARI min 0.541 vs 0.475 over 12 draws), but on
     pbmc68k itself it lowered the main job's median ARI against `bulk_labels` (0.497 vs 0.514, seed 2 going to
-    k = 11) and did not lift seed 4, so the default stays `"none"`; on pbmc68k every rule tried is decided by
-    gaps of 0.003-0.02 ARI in stability (`quality_tie_rules.json`).
+    k = 11) and did not lift seed 4; the tolerance the simulations choose (0.15) lowered it to 0.392 (k = 11-14).
+    So the default stays `"none"` (`STABILITY_TIE_BREAK`); on pbmc68k every rule tried is decided by gaps of
+    0.003-0.02 ARI in stability (`quality_tie_rules.json`).
     None when no resolution gives more than one community.
     """
     if tie_break not in ("finer", "none"):
@@ -239,8 +248,8 @@ def stable_resolution(matrices: dict[float, np.ndarray], *, tie_break: str = "no
     best = max(scored, key=lambda r: scored[r])
     if tie_break == "none":
         return best
-    tied = [r for r in scored
-            if scored[best] - scored[r] <= max(tolerance, _jackknife_error(matrices[best] - matrices[r]))]
+    tied = [r for r in scored if scored[best] - scored[r] <= max(
+        tolerance, _jackknife_error(matrices[best] - matrices[r]) if standard_error else 0.0)]
     return max(tied)
 
 
@@ -251,7 +260,8 @@ def _graph_cells(x: Array, seed: int) -> Array:
 
 
 def _stable_communities(cells: Array, *, seed: int, n_neighbors: int, min_size: int, n_subsamples: int,
-                        tie_break: str) -> tuple[np.ndarray | None, dict[float, float]]:
+                        tie_break: str = STABILITY_TIE_BREAK, tolerance: float = STABILITY_TOLERANCE
+                        ) -> tuple[np.ndarray | None, dict[float, float]]:
     """Leiden's communities of `cells` at the resolution `stable_resolution` picks, those under `min_size` cells
     marked -1 and the rest numbered 0.. by size (largest first); None when there is no partition to choose.
 
@@ -262,7 +272,7 @@ def _stable_communities(cells: Array, *, seed: int, n_neighbors: int, min_size: 
     matrices = _stability_matrices(cells, seed=seed, n_neighbors=n_neighbors, resolutions=STABILITY_RESOLUTIONS,
                                    n_subsamples=n_subsamples, fraction=0.8)
     stability = {resolution: _pair_mean(matrix) for resolution, matrix in matrices.items()}
-    resolution = stable_resolution(matrices, tie_break=tie_break)
+    resolution = stable_resolution(matrices, tie_break=tie_break, tolerance=tolerance)
     if resolution is None:
         return None, stability
     labels = graph_communities(cells, seed=seed, n_neighbors=n_neighbors, resolution=resolution)
@@ -276,8 +286,8 @@ def _stable_communities(cells: Array, *, seed: int, n_neighbors: int, min_size: 
 
 
 def select_n_clusters(x: Float[ArrayLike, "n_cells n_dims"], *, seed: int = 0, n_neighbors: int = 15,
-                      min_size: int = 10, n_subsamples: int = 6,
-                      tie_break: str = "none") -> tuple[int, dict[float, float]]:
+                      min_size: int = 10, n_subsamples: int = 6, tie_break: str = STABILITY_TIE_BREAK,
+                      tolerance: float = STABILITY_TOLERANCE) -> tuple[int, dict[float, float]]:
     """The number of clusters when the user gives none: Leiden's communities with at least `min_size` cells (the
     mixture absorbs smaller ones) at the resolution `stable_resolution` picks from the stability of
     `n_subsamples` subsamples (`partition_stability`): the most stable, or with `tie_break="finer"` the finest
@@ -286,7 +296,8 @@ def select_n_clusters(x: Float[ArrayLike, "n_cells n_dims"], *, seed: int = 0, n
     **Returns:** `(n_clusters, stability by resolution)`.
     """
     labels, stability = _stable_communities(_graph_cells(jnp.asarray(x), seed), seed=seed, n_neighbors=n_neighbors,
-                                            min_size=min_size, n_subsamples=n_subsamples, tie_break=tie_break)
+                                            min_size=min_size, n_subsamples=n_subsamples, tie_break=tie_break,
+                                            tolerance=tolerance)
     return (1 if labels is None else int(labels.max()) + 1), stability
 
 
@@ -299,8 +310,7 @@ def _stable_start(x: Array, *, seed: int, n_neighbors: int) -> MixtureParameters
     """The M-step on the communities `select_n_clusters` counts (the partition whose reproducibility chose k; its
     communities under 10 cells left to EM), on at most `MAX_GRAPH_CELLS` cells; None when there is no partition."""
     cells = _graph_cells(x, seed)
-    labels, _ = _stable_communities(cells, seed=seed, n_neighbors=n_neighbors, min_size=10, n_subsamples=6,
-                                    tie_break="none")
+    labels, _ = _stable_communities(cells, seed=seed, n_neighbors=n_neighbors, min_size=10, n_subsamples=6)
     if labels is None:
         return None
     return parameters_from_labels(cells, jnp.asarray(labels), int(labels.max()) + 1, REG_COVAR)
