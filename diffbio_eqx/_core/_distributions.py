@@ -21,11 +21,12 @@ from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.scipy.special import gammaln, xlogy
 from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._random import normal
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -354,4 +355,4 @@ def reparameterize(
     mean: Float[Array, "n_cells latent_dim"], log_variance: Float[Array, "n_cells latent_dim"], *, key: PRNGKeyArray
 ) -> Float[Array, "n_cells latent_dim"]:
     """A reparameterised draw $z = m + \\sqrt{v}\\,\\epsilon$, $\\epsilon \\sim N(0, I)$ (in `mean`'s dtype)."""
-    return mean + jnp.exp(0.5 * log_variance) * jr.normal(key, mean.shape, dtype=mean.dtype)
+    return mean + jnp.exp(0.5 * log_variance) * normal(key, mean.shape, dtype=mean.dtype)

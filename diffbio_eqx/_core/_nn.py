@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._random import bernoulli
+
 
 def dense(x: Float[Array, "n_cells n_in"], layer: eqx.nn.Linear) -> Float[Array, "n_cells n_out"]:
     """Apply an `eqx.nn.Linear` to a whole minibatch as one matrix product."""
@@ -39,6 +41,21 @@ def _dense_reverse_backward(residuals, g):
 
 
 dense_reverse.defvjp(_dense_reverse_forward, _dense_reverse_backward)
+
+
+def dropout(
+    layer: eqx.nn.Dropout, x: Float[Array, "*shape"], *, key: PRNGKeyArray | None, inference: bool | None
+) -> Float[Array, "*shape"]:
+    """`layer(x, key=key, inference=inference)` for an `eqx.nn.Dropout`, the same values, its mask drawn by
+    `_random.bernoulli` (the threefry hash unrolled: a fused kernel on CPU instead of a loop)."""
+    if inference is None:
+        inference = layer.inference
+    if inference or (isinstance(layer.p, (int, float)) and layer.p == 0):
+        return x
+    if key is None:
+        raise RuntimeError("Dropout requires a key when running in non-deterministic mode.")
+    q = 1 - jax.lax.stop_gradient(layer.p)
+    return jnp.where(bernoulli(key, q, x.shape), x / q, 0)
 
 
 def layer_norm(x: Float[Array, "n_cells n_features"], eps: float = 1e-5) -> Float[Array, "n_cells n_features"]:
@@ -145,5 +162,5 @@ class CovariateMLP(eqx.Module):
             if self.use_layer_norm:
                 h = layer_norm(h)
             h = jax.nn.relu(h)
-            h = self.dropout(h, key=layer_key, inference=inference)
+            h = dropout(self.dropout, h, key=layer_key, inference=inference)
         return h
