@@ -25,13 +25,17 @@ from diffbio_eqx._annotation._cellassign import (
     init_cellassign,
 )
 from diffbio_eqx._annotation._scanvi import (
+    _Cells,
+    _compact_counts,
+    _device_cells,
+    _with_log_counts,
     fit_scanvi,
     label_codes,
     scanvi_from_vae,
     scanvi_probabilities,
     with_population_statistics,
 )
-from diffbio_eqx._core._train import TrainSettings
+from diffbio_eqx._core._train import TrainSettings, to_device_rows
 from diffbio_eqx._vae._stage import VAENormalizer, fit_vae
 
 
@@ -263,6 +267,31 @@ def test_scanvi_classifier_normalises_by_the_minibatch_in_training_and_by_the_po
     assert not np.allclose(np.asarray(model.classify(mean, inference=True)), in_training, atol=1e-3)
     np.testing.assert_allclose(np.asarray(scanvi_probabilities(fitted, counts)),
                                np.exp(in_training) / np.exp(in_training).sum(1, keepdims=True), rtol=1e-4, atol=1e-6)
+
+
+def test_scanvi_compact_counts_read_as_the_sparse_rows():
+    """Whole-number counts held dense as uint8/uint16 give the minibatches (counts and log1p) of the sparse rows
+    with their log1p copy, bit for bit; other counts, or counts too sparse to gain memory, stay sparse."""
+    dense = np.random.default_rng(0).poisson(0.6, (50, 40)).astype(np.float32)
+    dense[0, 0] = 300.0  # above 255: uint16
+    csr = sp.csr_matrix(dense)
+    compact = _compact_counts(csr)
+    assert compact is not None and compact.dtype == np.uint16 and np.array_equal(compact, dense)
+    assert _compact_counts(sp.csr_matrix(np.minimum(dense, 255))).dtype == np.uint8
+    assert _compact_counts(dense).dtype == np.uint16  # dense input
+    codes, log_factorial = np.zeros(50, np.int32), np.zeros(50)
+    held = _device_cells(csr, codes, codes, log_factorial, jnp.float32)
+    sparse = _with_log_counts(_Cells(to_device_rows(csr), jnp.asarray(codes), jnp.asarray(codes),
+                                     jnp.asarray(log_factorial, jnp.float32)))
+    assert held.value_dtype == jnp.float32 and sparse.value_dtype is None
+    rows = jnp.asarray([3, 0, 49, 7, 3])
+    for ours, theirs in zip((*held.take(rows), held.take_log(rows)), (*sparse.take(rows), sparse.take_log(rows)),
+                            strict=True):
+        assert np.asarray(ours).dtype == np.asarray(theirs).dtype
+        assert np.asarray(ours).tobytes() == np.asarray(theirs).tobytes()
+    assert _compact_counts(csr * 0.5) is None  # not whole numbers
+    assert _compact_counts(sp.csr_matrix(dense * 300.0)) is None  # 90,000 does not fit 16 bits
+    assert _compact_counts(sp.csr_matrix(np.where(np.arange(40) == 0, dense, 0.0))) is None  # 2.5 % non-zeros
 
 
 def test_annotate_face_and_cli(pbmc, tmp_path):
