@@ -47,6 +47,14 @@ CANDIDATES: dict[str, tuple[dict, dict]] = {
     "epochs_200": ({}, {"vae_epochs": 200}),
     "epochs_50": ({}, {"vae_epochs": 50}),
     "epochs_400": ({}, {"vae_epochs": 400}),  # scVI's heuristic uncapped (700 cells)
+    "no_ambient": ({"enable_ambient_removal": False}, {}),
+    "hidden_256": ({"hidden_dims": (256,)}, {}),
+    "two_layers": ({"hidden_dims": (128, 128)}, {}),  # scVI's default depth is one layer; scANVI's atlas use two
+    "zinb": ({"likelihood": "zinb"}, {}),
+    "layer_norm": ({"use_layer_norm": True}, {}),
+    "sigma_0.2": ({"harmony_sigma": 0.2}, {}),
+    "mmd": ({"batch_correction": "mmd"}, {}),
+    "adversarial": ({"batch_correction": "adversarial"}, {}),
 }
 
 
