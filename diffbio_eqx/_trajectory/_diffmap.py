@@ -48,6 +48,7 @@ from ._graph import (
     host_components,
     host_csr,
     matvec,
+    padded_affine,
     padded_matvec,
     padded_row_sums,
     row_sums,
@@ -125,24 +126,43 @@ def _dense_operator(operator: CellGraph) -> Float[Array, "n_cells n_cells"]:
     return jnp.zeros((n, n), operator.weights.dtype).at[operator.heads, operator.tails].add(operator.weights)
 
 
+#: `affine(v, scale, shift)` = `scale * (A @ v) + shift` for an operator `A` (None: scale 1, shift 0), so that an
+#: implementation can fuse the axpy into the product (`padded_affine`).
+Affine = Callable[[Array, Any, Any], Array]
+
+
+def affine_of(apply: Callable[[Array], Array]) -> Affine:
+    """The `Affine` form of a plain product `apply(v) = A @ v` (the axpy unfused)."""
+
+    def affine(v: Array, scale: Any, shift: Any) -> Array:
+        out = apply(v)
+        out = out if scale is None else scale * out
+        return out if shift is None else out + shift
+
+    return affine
+
+
 def chebyshev_filter(
-    apply: Callable[[Array], Array], x: Float[Array, "n_cells n_block"], *, degree: int | Int[Array, ""],
+    affine: Affine, x: Float[Array, "n_cells n_block"], *, degree: int | Int[Array, ""],
     lower: Float[ArrayLike, ""], cut: Float[ArrayLike, ""], top: Float[ArrayLike, ""],
 ) -> Float[Array, "n_cells n_block"]:
     """$p(A) x$ for the degree-`degree` Chebyshev polynomial of the first kind mapped onto `[lower, cut]` (where it
     stays within $\\pm 1 / |T(t_{top})|$) and scaled to $p(\\mathrm{top}) = 1$: components above `cut` grow
-    relative to the ones in `[lower, cut]` (Zhou & Saad 2007, the scaled three-term recurrence). `degree` >= 1 may
-    be traced."""
+    relative to the ones in `[lower, cut]` (Zhou & Saad 2007, the scaled three-term recurrence). `affine` is the
+    operator in `Affine` form: each step is one call, $a A y_k - a c\\, y_k - \\sigma\\sigma' y_{k-1}$, so a
+    fused implementation reads the block once per step. `degree` >= 1 may be traced."""
     lower, cut, top = (jnp.asarray(value, x.dtype) for value in (lower, cut, top))
     half = (cut - lower) / 2
     centre = (cut + lower) / 2
     sigma1 = half / (top - centre)
-    y = (apply(x) - centre * x) * (sigma1 / half)
+    first = sigma1 / half
+    y = affine(x, first, -(first * centre) * x)
 
     def step(_: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
         previous, current, sigma = carry
         sigma2 = jnp.asarray(1 / (2 / sigma1 - sigma))
-        following = (apply(current) - centre * current) * (2 * sigma2 / half) - (sigma * sigma2) * previous
+        scale = 2 * sigma2 / half
+        following = affine(current, scale, -(scale * centre) * current - (sigma * sigma2) * previous)
         return current, following, sigma2
 
     return jax.lax.fori_loop(0, degree - 1, step, (x, y, sigma1))[1]
@@ -192,7 +212,7 @@ def _rayleigh_ritz(apply: Callable[[Array], Array], y: Float[Array, "n_cells n_b
 
 def filtered_subspace_eigh(
     apply: Callable[[Array], Array], start: Float[Array, "n_cells n_block"], n_wanted: int, *,
-    settings: EigenSettings, filter_apply: Callable[[Array], Array] | None = None,
+    settings: EigenSettings, filter_affine: Affine | None = None,
 ) -> _SubspaceState:
     """The top `n_wanted` eigenpairs of a symmetric operator with spectrum in `[-1, 1]` (a normalised diffusion
     operator, top eigenvalue 1) by Chebyshev-filtered subspace iteration (Zhou & Saad 2007): filter the block
@@ -200,10 +220,15 @@ def filtered_subspace_eigh(
     `c` the smallest Ritz value of the block, then Rayleigh-Ritz; until the wanted residual norms are at most
     `settings.tol`.
 
-    `filter_apply` (default `apply`) is the operator the filter and the iterations' Rayleigh-Ritz steps use (e.g. a
-    float32 copy, in `settings.filter_dtype`); the final Rayleigh-Ritz step, which gives the eigenpairs and the
-    residual, uses `apply`."""
-    filter_apply = apply if filter_apply is None else filter_apply
+    `filter_affine` (default `apply`'s `affine_of`) is the operator, in `Affine` form, that the filter and the
+    iterations' Rayleigh-Ritz steps use (e.g. a float32 copy, in `settings.filter_dtype`); the final Rayleigh-Ritz
+    step, which gives the eigenpairs and the residual, uses `apply` on the top `n_wanted` Ritz vectors (rounded up
+    to 8 columns, at most the block)."""
+    filter_affine = affine_of(apply) if filter_affine is None else filter_affine
+
+    def filter_apply(v: Array) -> Array:
+        return filter_affine(v, None, None)
+
     dtype = start.dtype
     work = jnp.dtype(settings.filter_dtype or dtype)
     low = jnp.asarray(-1.0, work)
@@ -213,7 +238,7 @@ def filtered_subspace_eigh(
     def body(carry: tuple[_SubspaceState, Array]) -> tuple[_SubspaceState, Array]:
         state, degree = carry  # `degree`: the next filter's
         cut = jnp.clip(state.values[-1], low + 1e-3, 1 - 1e-7)
-        y = chebyshev_filter(filter_apply, state.x, degree=degree, lower=low, cut=cut, top=jnp.asarray(1, work))
+        y = chebyshev_filter(filter_affine, state.x, degree=degree, lower=low, cut=cut, top=jnp.asarray(1, work))
         new = _rayleigh_ritz(filter_apply, y, n_wanted, state.n_iter + 1)
         return new, _next_degree(new.residual, state.residual, degree, tol, settings.degree)
 
@@ -222,8 +247,10 @@ def filtered_subspace_eigh(
 
     first = _rayleigh_ritz(filter_apply, start.astype(work), n_wanted, jnp.asarray(0))
     state, _ = jax.lax.while_loop(unfinished, body, (first, jnp.asarray(settings.degree)))
-    # the iterations' Rayleigh-Ritz steps run in the filter's dtype; the last one in the operator's
-    return _rayleigh_ritz(apply, state.x.astype(dtype), n_wanted, state.n_iter)
+    # the iterations' Rayleigh-Ritz steps run in the filter's dtype; the last one in the operator's, on the wanted
+    # Ritz vectors only (the guard columns only widened the filter's gap)
+    n_final = min(-(-n_wanted // 8) * 8, start.shape[1])
+    return _rayleigh_ritz(apply, state.x[:, :n_final].astype(dtype), n_wanted, state.n_iter)
 
 
 def diffusion_map(
@@ -249,16 +276,16 @@ def diffusion_map(
         n = padded.indices.shape[0]
         operator: PaddedGraph | CellGraph = padded
         apply = ft.partial(padded_matvec, padded)
-        filter_apply = ft.partial(padded_matvec, _cast(padded, settings.filter_dtype))
+        filter_affine: Affine = ft.partial(padded_affine, _cast(padded, settings.filter_dtype))
     else:
         operator = diffusion_operator(graph, density_normalize=density_normalize)
         n = operator.n_cells
         apply = ft.partial(matvec, operator)
-        filter_apply = ft.partial(matvec, _cast(operator, settings.filter_dtype))
+        filter_affine = affine_of(ft.partial(matvec, _cast(operator, settings.filter_dtype)))
     n_block = -(-(n_comps + settings.guard) // 8) * 8
     if 5 * n_comps < n and 2 * n_block <= n:
         start = jr.normal(key, (n, n_block), jnp.result_type(float))
-        state = filtered_subspace_eigh(apply, start, n_comps, settings=settings, filter_apply=filter_apply)
+        state = filtered_subspace_eigh(apply, start, n_comps, settings=settings, filter_affine=filter_affine)
         values, vectors = state.values[:n_comps], state.x[:, :n_comps]
         n_iter, residual = state.n_iter, state.residual
     else:  # tiny graphs: a dense eigh
