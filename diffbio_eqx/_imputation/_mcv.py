@@ -244,7 +244,9 @@ def magic_denoiser(settings: Magic | None = None, **magic_keywords: Any) -> Call
             rooted.data = np.sqrt(rooted.data)
         else:
             rooted = np.sqrt(np.asarray(scaled))
-        imputed = magic(rooted, chosen, **magic_keywords).imputed
-        return np.square(imputed) * library[:, None].astype(np.float32)
+        imputed = magic(rooted, chosen, **magic_keywords).imputed  # a fresh host array: squared and scaled in place
+        np.square(imputed, out=imputed)
+        imputed *= library[:, None].astype(np.float32)
+        return imputed
 
     return denoise
