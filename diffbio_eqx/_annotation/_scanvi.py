@@ -96,8 +96,9 @@ def dropout16(x: Float[Array, "*shape"], rate: float, *, key: PRNGKeyArray) -> F
     if threshold == 0:
         return x
     n_words = -(-x.size // 2)
-    # The barrier keeps XLA from fusing the hash into the halves' concatenation, which hashed every word twice.
-    words = jax.lax.optimization_barrier(bits(key, (n_words,), jnp.uint32))
+    # XLA's CPU compiler fuses the (unrolled) hash into the halves' concatenation, so each word is hashed once per
+    # half (an optimisation barrier does not stop it: the CPU pipeline removes barriers before fusion).
+    words = bits(key, (n_words,), jnp.uint32)
     halves = jnp.concatenate([words & 0xFFFF, words >> 16])[: x.size].reshape(x.shape)
     keep = 1.0 - threshold / 65536
     return jnp.where(halves >= threshold, x * (1.0 / keep), jnp.zeros((), x.dtype))
