@@ -1,8 +1,9 @@
 """Choose the main job's integration settings on simulated data, never on pbmc68k's labels (issue 24, part 3).
 
 Simulated counts shaped like pbmc68k_reduced (700 cells x 765 genes, 10 unbalanced groups, two batches with
-Splatter's batch factors) are fitted with the job's settings (`diffbio_eqx._job._settings`: latent 10, one hidden
-layer of 128, Harmony's own K, scVI's epoch heuristic capped at 100) and with one change at a time: latent size,
+Splatter's batch factors) are fitted with the job's settings (`diffbio_eqx._job._settings`: latent 10, two hidden
+layers of 128 (one layer until 2026-12-03: `base` in the results written before then, `one_layer` after), Harmony's
+own K, scVI's epoch heuristic capped at 100) and with one change at a time: latent size,
 Harmony's theta, VAE epochs and the KL warm-up. UMAP and clustering are off: they do not touch the corrected
 embedding. Each seed's embeddings, and scanpy + harmonypy on the same counts, are scored in one scib-metrics
 Benchmarker call (label key: the simulated groups).
@@ -49,7 +50,8 @@ CANDIDATES: dict[str, tuple[dict, dict]] = {
     "epochs_400": ({}, {"vae_epochs": 400}),  # scVI's heuristic uncapped (700 cells)
     "no_ambient": ({"enable_ambient_removal": False}, {}),
     "hidden_256": ({"hidden_dims": (256,)}, {}),
-    "two_layers": ({"hidden_dims": (128, 128)}, {}),  # scVI's default depth is one layer; scANVI's atlas use two
+    "two_layers": ({"hidden_dims": (128, 128)}, {}),  # the job's default since 2026-12-03 (was one layer)
+    "one_layer": ({"hidden_dims": (128,)}, {}),  # scVI's default depth; the job's until 2026-12-03
     "zinb": ({"likelihood": "zinb"}, {}),
     "layer_norm": ({"use_layer_norm": True}, {}),
     "sigma_0.2": ({"harmony_sigma": 0.2}, {}),

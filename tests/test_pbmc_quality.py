@@ -36,7 +36,7 @@ def ours(adata):
     corrected = {}
     for seed in SEEDS:
         pipeline = dbx.create_single_cell_pipeline(
-            n_genes=adata.n_vars, n_clusters=10, n_batches=2, latent_dim=10, hidden_dims=(128,),
+            n_genes=adata.n_vars, n_clusters=10, n_batches=2, latent_dim=10, hidden_dims=(128, 128),  # the job's
             batch_correction_clusters=None, key=jr.key(3 * seed),
         )
         with warnings.catch_warnings():
@@ -93,11 +93,14 @@ def _soft_kmeans_best_ari(corrected, labels: np.ndarray, seed: int) -> float:
     return max(scores)
 
 
-# Measured (CPU, seeds 0-2): best ARI ours 0.616, 0.624, 0.638 vs scanpy Leiden's 0.532, so ours must be ahead by
-# ARI_MARGIN; scib total ours 0.7329, 0.7356, 0.7311 vs scanpy + harmonypy's 0.7299: on par (+0.001 to +0.006),
-# not ahead by a margin worth claiming, so the test holds the median within SCIB_TOLERANCE below it.
+# Measured (CPU, seeds 0-2, two hidden layers as the main job since 2026-12-03, AMD EPYC): best ARI ours 0.604,
+# 0.611, 0.629 vs scanpy Leiden's 0.532, so ours must be ahead by ARI_MARGIN; scib total ours 0.7420, 0.7527,
+# 0.7552 vs scanpy + harmonypy's 0.7299 (+0.012, +0.023, +0.025; with one hidden layer it was +0.001 to +0.006).
+# Issue 24 asks for +0.02 (met by the median here and by the main job over 5 seeds, +0.026, README); the test
+# holds SCIB_MARGIN, 0.005 below it, because float rounding differs between CPUs and moves these totals by a few
+# thousandths.
 ARI_MARGIN = 0.05
-SCIB_TOLERANCE = 0.005
+SCIB_MARGIN = 0.015
 
 
 @pytest.mark.slow
@@ -128,4 +131,4 @@ def test_scib_total_median_over_seeds_vs_scanpy_harmonypy(ours, baseline):
     mine = [float(total[f"X_diffbio_{seed}"]) for seed in SEEDS]
     theirs = float(total["X_harmony"])
     print(f"scib total, ours per seed {SEEDS}: {np.round(mine, 4)}; scanpy + harmonypy {theirs:.4f}")
-    assert np.median(mine) >= theirs - SCIB_TOLERANCE, (mine, theirs)
+    assert np.median(mine) >= theirs + SCIB_MARGIN, (mine, theirs)
