@@ -150,11 +150,14 @@ def _row_products(indices: Int[Array, "n_rows width"], weights: Float[Array, "n_
     # the slots' indices are in range by construction (`padded_rows`): gathers without clamping or wrapping of
     # negative indices (~10 % of a product's CPU time at 100k cells)
     shape = (-1,) + (1,) * (v.ndim - 1)
-    total = None
-    for s in range(weights.shape[1]):  # static width: XLA fuses the slots' gathers into one loop
+
+    def term(s: int) -> Array:
         rows = v.at[indices[:, s]].get(mode="promise_in_bounds", wrap_negative_indices=False)
-        term = weights[:, s].reshape(shape) * rows
-        total = term if total is None else total + term
+        return weights[:, s].reshape(shape) * rows
+
+    total = term(0)
+    for s in range(1, weights.shape[1]):  # static width: XLA fuses the slots' gathers into one loop
+        total = total + term(s)
     return total
 
 
@@ -170,15 +173,15 @@ def padded_affine(graph: PaddedGraph, v: Float[Array, " n_cells *batch"], scale:
     """`scale * (W @ v) + shift` (None: 1 and 0) for the `PaddedGraph` `W`, the axpy fused into the product's
     gather loop (the tail rows are scaled and added last): a Chebyshev filter step then costs one product, not a
     product plus passes over the block (~25 % of a step at 100k cells, 24 float32 columns)."""
-    total = _row_products(graph.indices, graph.weights.astype(v.dtype), v)
+    total: Array = _row_products(graph.indices, graph.weights.astype(v.dtype), v)
     if scale is not None:
-        total = scale * total
+        total = jnp.asarray(scale) * total
     if shift is not None:
         total = total + shift
     tail = graph.overflow
     if tail.weights.shape[0]:
         extra = _row_products(tail.indices, tail.weights.astype(v.dtype), v)
-        extra = extra if scale is None else scale * extra
+        extra = extra if scale is None else jnp.asarray(scale) * extra
         total = total.at[tail.owners].add(extra, indices_are_sorted=True, mode="promise_in_bounds")
     return total
 
