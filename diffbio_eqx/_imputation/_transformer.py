@@ -4,7 +4,7 @@ Each cell is a set of `n_genes` tokens, token $g$ = gene embedding $E_g$ + value
 `log1p(10^4 x / library)` times a learned vector, plus a learned "expressed" vector when $x > 0$). Every cell hides
 its own genes in training (about `mask_rate` of them): a hidden token carries a learned mask vector instead of its
 value. The model is trained to predict the hidden counts with a negative binomial likelihood (mean
-$\ell_c \exp(o_{cg})$ with library size $\ell_c$, a dispersion per gene), on the shared training loop
+$\\ell_c \\exp(o_{cg})$ with library size $\\ell_c$, a dispersion per gene), on the shared training loop
 (`_core._train.fit`, one jitted `lax.scan` per epoch).
 
 **Attention cost.** Full self-attention over genes costs $O(G^2)$ per cell (4 million pairs per head for 2,000
