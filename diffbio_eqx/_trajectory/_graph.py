@@ -260,23 +260,46 @@ def as_cell_graph(graph: "CellGraph | NeighborGraph | FuzzyGraph | object") -> C
                      f"got {type(graph).__name__}")
 
 
+def until_unchanged(step: Callable[[Array], Array], start: Array) -> Array:
+    """`step` applied from `start` until it changes nothing (a `while_loop`; `step` must reach a fixed point)."""
+
+    def body(carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        return carry[1], step(carry[1])
+
+    def changed(carry: tuple[Array, Array]) -> Array:
+        return jnp.any(carry[0] != carry[1])
+
+    return jax.lax.while_loop(changed, body, (start, step(start)))[1]
+
+
 def propagate_min_labels(neighbour_min: Callable[[Array], Array], n: int, dtype: Any) -> Int[Array, " n"]:
-    """Min-label propagation with pointer jumping, a `while_loop` until nothing changes: every vertex ends with the
-    smallest vertex index of its connected component. `neighbour_min(labels)[i]` is the smallest label over vertex
-    `i`'s neighbours (`n` where it has none); the graph must be undirected (each edge seen from both ends)."""
+    """Min-label propagation with pointer jumping until nothing changes: every vertex ends with the smallest vertex
+    index of its connected component. `neighbour_min(labels)[i]` is the smallest label over vertex `i`'s neighbours
+    (`n` where it has none); the graph must be undirected (each edge seen from both ends)."""
 
     def step(labels: Int[Array, " n"]) -> Int[Array, " n"]:
         labels = jnp.minimum(labels, neighbour_min(labels))
         return labels[labels]  # pointer jumping
 
-    def body(carry: tuple[Int[Array, " n"], Int[Array, " n"]]) -> tuple[Array, Array]:
-        return carry[1], step(carry[1])
+    return until_unchanged(step, jnp.arange(n, dtype=dtype))
 
-    def changed(carry: tuple[Int[Array, " n"], Int[Array, " n"]]) -> Array:
-        return jnp.any(carry[0] != carry[1])
 
-    start = jnp.arange(n, dtype=dtype)
-    return jax.lax.while_loop(changed, body, (start, step(start)))[1]
+def nearest_seed_labels(graph: PaddedGraph, n_seeds: int) -> Int[Array, " n_cells"]:
+    """The graph's Voronoi cells: each row labelled with its nearest seed in hops along the padded rows' slots
+    (breadth-first spreading of the labels, ties to the larger label), so every label's rows are connected. Seed `k`
+    is row `k * (n // n_seeds)` (spread along the graph when the rows are in reverse Cuthill-McKee order); rows that
+    no seed reaches get `n_seeds` (a component without a seed; the tail rows' entries are not followed, as their
+    scatter would cost three times the rest, so a row reached only through them too). `0 < n_seeds <= n_cells`."""
+    n = graph.indices.shape[0]
+    stride = n // n_seeds
+    rows = jnp.arange(n, dtype=graph.indices.dtype)
+
+    def spread(labels: Int[Array, " n_cells"]) -> Int[Array, " n_cells"]:
+        return jnp.where(labels < 0, jnp.max(labels[graph.indices], axis=1), labels)
+
+    seeds = jnp.where((rows % stride == 0) & (rows < stride * n_seeds), rows // stride, -1)
+    labels = until_unchanged(spread, seeds)
+    return jnp.where(labels < 0, n_seeds, labels)
 
 
 def connected_components(graph: CellGraph) -> Int[Array, " n_cells"]:
