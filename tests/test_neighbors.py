@@ -67,9 +67,11 @@ def test_exact_knn_of_queries_against_a_reference_equals_brute_force(getkey):
     np.testing.assert_allclose(distances, np.take_along_axis(direct, expected, axis=1), rtol=1e-12)
 
 
-@pytest.mark.parametrize("n_dims", [6, 7, 100])  # augmented score rows of width 8 (padded), 8 (none), 104
-def test_fast_exact_knn_equals_brute_force(getkey, n_dims):
-    reference = np.random.default_rng(5).normal(size=(300, n_dims))
+# Augmented score rows of width 8 (padded), 8 (none), 104; 1,201 reference cells: the grouped top-k, whose last
+# group of 32 is completed by never-chosen reference rows.
+@pytest.mark.parametrize("n_dims,n_reference", [(6, 300), (7, 300), (100, 300), (6, 1201)])
+def test_fast_exact_knn_equals_brute_force(getkey, n_dims, n_reference):
+    reference = np.random.default_rng(5).normal(size=(n_reference, n_dims))
     queries = np.asarray(jr.normal(getkey(), (41, n_dims)))
     indices, distances = exact_knn(jnp.asarray(queries), jnp.asarray(reference), 9, block_size=8, fast=True)
     direct = np.sqrt(np.sum((queries[:, None, :] - reference[None, :, :]) ** 2, axis=-1))

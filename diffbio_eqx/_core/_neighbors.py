@@ -118,8 +118,11 @@ FAST_SCORE_WIDTH_QUANTUM = 8
 
 def _fast_score_rows(
     queries: Float[Array, "n_queries n_dims"], reference: Float[Array, "n_reference n_dims"]
-) -> tuple[Float[Array, "n_queries n_wide"], Float[Array, "n_reference n_wide"]]:
-    """Rows whose products are the `fast` scores: `[q, 1, 0...] . [2 r, -|r|^2, 0...] = 2 q.r - |r|^2`."""
+) -> tuple[Float[Array, "n_queries n_wide"], Float[Array, "n_columns n_wide"]]:
+    """Rows whose products are the `fast` scores: `[q, 1, 0...] . [2 r, -|r|^2, 0...] = 2 q.r - |r|^2`. The
+    reference gets `[0, -inf, 0...]` rows up to a multiple of `KNN_GROUP` (`n_columns`): their scores are `-inf`,
+    never chosen, and `_grouped_top_k` then needs no padded copy of the scores (on 50,000 x 50,000, padding the
+    ragged last group cost 0.27x the search's CPU)."""
     n_dims = queries.shape[1]
     pad = -(n_dims + 1) % FAST_SCORE_WIDTH_QUANTUM
     norms = jnp.sum(reference * reference, axis=1, keepdims=True)
@@ -128,7 +131,9 @@ def _fast_score_rows(
         axis=1)
     wide_reference = jnp.concatenate(
         [2 * reference, -norms, jnp.zeros((reference.shape[0], pad), reference.dtype)], axis=1)
-    return wide_queries, wide_reference
+    n_extra = -reference.shape[0] % KNN_GROUP
+    never = jnp.zeros((n_extra, wide_reference.shape[1]), reference.dtype).at[:, n_dims].set(-jnp.inf)
+    return wide_queries, jnp.concatenate([wide_reference, never])
 
 
 def _knn_block(
@@ -138,7 +143,7 @@ def _knn_block(
     self_index: Int[Array, " n_block"] | None = None,
     approximate: bool = False,
     fast: bool = False,
-    wide: tuple[Float[Array, "n_block n_wide"], Float[Array, "n_reference n_wide"]] | None = None,
+    wide: tuple[Float[Array, "n_block n_wide"], Float[Array, "n_columns n_wide"]] | None = None,
 ) -> tuple[Int[Array, "n_block n_neighbors"], Float[Array, "n_block n_neighbors"]]:
     # Select with the one-matmul scores, then recompute the k chosen distances directly and re-sort. `wide`: the
     # block's and the reference's `_fast_score_rows`, whose product is the fast scores.
