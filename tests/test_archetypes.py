@@ -48,6 +48,19 @@ def test_pcha_equals_py_pcha_from_the_same_initialisation(simulated):
         assert abs(float(ours.variance_explained) - theirs) <= 0.005 * theirs
 
 
+def test_c_steps_on_candidate_cells_equal_steps_on_all_cells():
+    """C steps restricted to the `Candidates` cells (capacity 60 of 600; on Gaussian data most of the 600 steps
+    run restricted) give PCHA's result on all cells."""
+    x = jr.normal(jr.key(5), (600, 8))
+    s0 = -jnp.log(jr.uniform(jr.key(3), (4, 600), minval=1e-12))
+    restricted = pcha_from(x, jnp.asarray(7), s0, capacity=60, max_iter=60)
+    dense = pcha_from(x, jnp.asarray(7), s0, capacity=0, max_iter=60)
+    assert int(restricted.n_iter) == int(dense.n_iter) == 60
+    assert abs(float(restricted.variance_explained) - float(dense.variance_explained)) < 1e-9
+    np.testing.assert_allclose(restricted.c, dense.c, atol=1e-8)
+    np.testing.assert_allclose(restricted.weights, dense.weights, atol=1e-8)
+
+
 def test_pcha_recovers_simulated_archetypes(simulated, fitted):
     result = fitted
     found, truth = np.asarray(result.archetypes), np.asarray(simulated.archetypes)

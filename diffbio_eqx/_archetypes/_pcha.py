@@ -24,7 +24,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 
 def furthest_sum(x: Float[Array, "n_dims n_cells"], n_archetypes: int, start: Int[Array, ""]) -> Int[Array, " k"]:
@@ -70,49 +70,53 @@ def _line_search(sse_at, sse_old, mu):
         return step, sse, aux, n + 1
 
     sse, aux = sse_at(mu)
-    step, sse, aux, _ = jax.lax.while_loop(cond, body, (mu, sse, aux, jnp.asarray(0)))
+    state = (mu, sse, aux, jnp.asarray(0))
+    # the loop only when the first trial fails (most are accepted): XLA copies the loop's operands
+    step, sse, aux, _ = jax.lax.cond(cond(state), lambda: jax.lax.while_loop(cond, body, state), lambda: state)
     return step, sse, aux
 
 
-def _s_step(rows, xct_x, ct_xt_xc, scale, m) -> list[Array]:
-    """The rows of S after one projected-gradient step of size `m`: py_pcha's
-    $g = (C^\\top X^\\top X C S - (XC)^\\top X) / (\\mathrm{SST}/n)$ less its simplex component per cell, clipped at 0,
-    each cell renormalised. Written row by row (k is small; each row its own array) so that XLA fuses it with its
-    consumer into one vectorised pass over the cells, with no matrix product."""
+def _s_direction(rows, b, a, inv_scale) -> list[Array]:
+    """py_pcha's S gradient $g = (C^\\top X^\\top X C S - (XC)^\\top X) / (\\mathrm{SST}/n)$ less its simplex
+    component per cell, row by row."""
     k = len(rows)
-    g = [(_add([ct_xt_xc[i, j] * rows[j] for j in range(k)]) - xct_x[i]) / scale for i in range(k)]
+    g = [(_add([a[i, j] * rows[j] for j in range(k)]) - b[i]) * inv_scale for i in range(k)]
     along = _add([g[i] * rows[i] for i in range(k)])
-    u = [jnp.maximum(rows[i] - (g[i] - along) * m, 0.0) for i in range(k)]
-    total = _add(u)
-    return [ui / total for ui in u]
+    return [gi - along for gi in g]
 
 
-def _s_sse(rows: list[Array], xct_x, ct_xt_xc, sst):
-    """SSE of S's rows: $\\mathrm{SST} + \\sum_n (s_n^\\top C^\\top X^\\top X C s_n - 2 ((XC)^\\top X)_n \\cdot s_n)$,
+def _s_proposal(rows, b, a, inv_scale, m) -> tuple[list[Array], Array]:
+    """The unnormalised rows $\\max(S - m\\,d, 0)$ of a step of size `m` along `_s_direction`, and their sum
+    per cell."""
+    u = [jnp.maximum(r - d * m, 0.0) for r, d in zip(rows, _s_direction(rows, b, a, inv_scale))]
+    return u, _add(u)
+
+
+def _s_sse(rows, b, a, inv_scale, sst, m) -> Array:
+    """SSE after a step of size `m`: with $s = u / \\sum u$ per cell,
+    $\\mathrm{SST} + \\sum_n (s^\\top A s - 2 b_n \\cdot s)$ ($A = C^\\top X^\\top X C$, $b = (XC)^\\top X$),
     py_pcha's $\\mathrm{SST} - 2\\langle (XC)^\\top X, S\\rangle + \\langle C^\\top X^\\top X C, SS^\\top\\rangle$
-    summed per cell (one fused reduction)."""
-    k = len(rows)
-    per_cell = _add([rows[i] * (_add([ct_xt_xc[i, j] * rows[j] for j in range(k)]) - 2.0 * xct_x[i])
-                     for i in range(k)])
-    return sst + jnp.sum(per_cell)
+    summed per cell as $(u^\\top A u - 2 t\\, b \\cdot u) / t^2$: a
+    reduction over the cells with no output rows, so that XLA makes one pass of it."""
+    u, total = _s_proposal(rows, b, a, inv_scale, m)
+    k = len(u)
+    quad = _add([u[i] * (_add([a[i, j] * u[j] for j in range(k)]) - 2.0 * total * b[i]) for i in range(k)])
+    return sst + jnp.sum(quad / (total * total))
 
 
 def s_update(s, xct_x, ct_xt_xc, mu, sst, sse, n_steps: int):
     """`n_steps` projected-gradient steps on S `(k, n_cells)` (py_pcha's `S_update`). S is held as k separate
     rows (XLA CPU's fusions with a stacked `(k, n)` output or row slices of it ran 3-10x slower); each
-    line-search trial is one fused pass that forms the proposal's rows and their SSE."""
-    scale = sst / s.shape[1]
+    line-search trial is one reduction over the cells, and the rows are formed once per step, at the accepted
+    step size."""
+    inv_scale = s.shape[1] / sst
     b = [xct_x[i] for i in range(s.shape[0])]
 
     def step(state, _):
         rows, sse, mu = state
-
-        def sse_at(m):
-            new = _s_step(list(rows), b, ct_xt_xc, scale, m)
-            return _s_sse(new, b, ct_xt_xc, sst), tuple(new)
-
-        m, sse, rows = _line_search(sse_at, sse, mu)
-        return (rows, sse, m * 1.2), None
+        m, sse, _ = _line_search(lambda m: (_s_sse(list(rows), b, ct_xt_xc, inv_scale, sst, m), ()), sse, mu)
+        u, total = _s_proposal(list(rows), b, ct_xt_xc, inv_scale, m)
+        return (tuple(ui / total for ui in u), sse, m * 1.2), None
 
     rows, sse, mu = jax.lax.scan(step, (tuple(s[i] for i in range(s.shape[0])), sse, mu), length=n_steps)[0]
     return jnp.stack(rows), sse, mu
@@ -121,35 +125,110 @@ def s_update(s, xct_x, ct_xt_xc, mu, sst, sse, n_steps: int):
 def _c_line_search(xt, c, g, xst, sst_mat, mu, sst, sse):
     """py_pcha's line search on C `(k, m)` over the columns `xt` `(n_dims, m)` it weighs, along the gradient `g`:
     the proposal $\\max(C - \\mu g, 0)$ with each archetype's weights renormalised (plus eps, as py_pcha), its
-    archetypes $XC$ one product per trial. Returns the accepted C, its $XC$, SSE and the next step size."""
+    archetypes $XC$ one product per trial (of the unnormalised proposal, then divided by its column sums).
+    Returns the accepted C, its $XC$, SSE and the next step size."""
     eps = jnp.finfo(xt.dtype).eps
 
-    def propose(m):
-        u = jnp.maximum(c - m * g, 0.0)
-        return u / (jnp.sum(u, axis=1, keepdims=True) + eps)
-
     def sse_at(m):
-        xc_new = xt @ propose(m).T
+        u = jnp.maximum(c - m * g, 0.0)
+        xc_new = (xt @ u.T) / (jnp.sum(u, axis=1) + eps)[None, :]
         return _sse(sst, xc_new, xst, xc_new.T @ xc_new, sst_mat), xc_new
 
     m, sse, xc = _line_search(sse_at, sse, mu)
-    return propose(m), xc, sse, m * 1.2
+    u = jnp.maximum(c - m * g, 0.0)
+    return u / (jnp.sum(u, axis=1, keepdims=True) + eps), xc, sse, m * 1.2
 
 
-def c_update(xt, xst, c, xc, sst_mat, mu, sst, sse, n_steps: int):
+class Candidates(eqx.Module):
+    """The cells a C step can move while the residual directions $r$ stay near `r0`: C's gradient is
+    $g_{in} = r_i \\cdot x_n - t_i$ ($t_i = r_i \\cdot (XC)_i$), so by Cauchy-Schwarz a cell outside `idx` (all with
+    $g^0_{in} \\ge \\theta (1 + \\|x_n\\|)$ for every archetype $i$ and $C_{in} = 0$) keeps $g_{in} \\ge 0$, hence
+    $C_{in} = 0$ after the step, while $\\|r_i - r^0_i\\| \\le \\theta$ and $t_i - t^0_i \\le \\theta$. `idx` is padded
+    with `n_cells` and marked in `inside`; `fits` is False when the cells that can move at `r0` outnumber the
+    capacity."""
+
+    idx: Int[Array, " capacity"]
+    inside: Bool[Array, " n_cells"]
+    r0: Float[Array, "n_dims k"]
+    t0: Float[Array, " k"]
+    theta: Float[Array, ""]
+    fits: Bool[Array, ""]
+
+
+def no_candidates(n_cells: int, n_dims: int, k: int, capacity: int, dtype) -> Candidates:
+    """Candidates that never hold (the first C step computes the gradient on all cells)."""
+    return Candidates(idx=jnp.full(capacity, n_cells), inside=jnp.zeros(n_cells, bool),
+                      r0=jnp.zeros((n_dims, k), dtype), t0=jnp.zeros(k, dtype),
+                      theta=jnp.zeros((), dtype), fits=jnp.asarray(False))
+
+
+def candidates(g, c, r, t, norms, capacity: int, stride: int = 16) -> Candidates:
+    """`Candidates` at the residual `r` (gradient `g` `(k, n_cells)`): the cells with $C_{in} > 0$ or
+    $\\min_i g_{in} / (1 + \\|x_n\\|) < \\theta$, $\\theta$ set by 30 bisections on every `stride`-th cell to keep
+    about three quarters of the capacity (`fits` False if the cells exceed it)."""
+    n = g.shape[1]
+    score = jnp.where(jnp.any(c > 0, axis=0), -jnp.inf, jnp.min(g, axis=0) / (1.0 + norms))
+    sample = score[::stride]
+    within = lambda th: jnp.sum(sample < th) * stride <= capacity * 3 // 4
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2.0
+        return jnp.where(within(mid), mid, lo), jnp.where(within(mid), hi, mid)
+
+    zero = jnp.zeros((), g.dtype)
+    theta = jax.lax.fori_loop(0, 30, bisect, (zero, jnp.maximum(jnp.max(sample), zero)))[0]
+    mask = score < theta
+    fits = (theta > 0) & (jnp.sum(mask) <= capacity)
+    idx = jax.lax.cond(fits, lambda: jnp.nonzero(mask, size=capacity, fill_value=n)[0],
+                       lambda: jnp.full(capacity, n))
+    return Candidates(idx=idx, inside=mask, r0=r, t0=t, theta=theta, fits=fits)
+
+
+def _c_step(xt, norms, xst, c, xc, sst_mat, mu, sst, sse, cand: Candidates):
+    """One C step (py_pcha's), its line search on the candidate cells only while `cand` holds by its bound. Else
+    the gradient on all cells: if it is positive outside the candidates, they still hold, with the bound taken
+    afresh at this residual (no new selection); if not, they are chosen anew (or the step runs on all cells)."""
+    n, capacity = xt.shape[1], cand.idx.shape[0]
+    r = (xc @ sst_mat - xst) / sst
+    t = jnp.sum(r * xc, axis=0)
+    drift = jnp.maximum(jnp.max(jnp.sqrt(jnp.sum((r - cand.r0) ** 2, axis=0))), jnp.max(t - cand.t0))
+    take = lambda a, cand: a.at[:, cand.idx].get(mode="fill", fill_value=0)
+
+    def on_candidates(cand, g_k):
+        valid = (cand.idx < n)[None, :]
+        ck, xc_new, sse_new, mu_new = _c_line_search(take(xt, cand), jnp.where(valid, take(c, cand), 0.0),
+                                                     jnp.where(valid, g_k, 0.0), xst, sst_mat, mu, sst, sse)
+        return c.at[:, cand.idx].set(ck, mode="drop"), xc_new, sse_new, mu_new, cand
+
+    def on_all():
+        g = r.T @ xt - t[:, None]
+        theta = jnp.min(jnp.where(cand.inside, jnp.inf, jnp.min(g, axis=0) / (1.0 + norms)))
+        held = Candidates(idx=cand.idx, inside=cand.inside, r0=r, t0=t, theta=theta, fits=cand.fits)
+
+        def anew():
+            new = candidates(g, c, r, t, norms, capacity)
+            return jax.lax.cond(new.fits, lambda: on_candidates(new, take(g, new)),
+                                lambda: (*_c_line_search(xt, c, g, xst, sst_mat, mu, sst, sse), new))
+
+        return jax.lax.cond(cand.fits & (theta > 0), lambda: on_candidates(held, take(g, held)), anew)
+
+    return jax.lax.cond(cand.fits & (drift <= cand.theta),
+                        lambda: on_candidates(cand, r.T @ take(xt, cand) - t[:, None]), on_all)
+
+
+def c_update(xt, norms, xst, c, xc, sst_mat, mu, sst, sse, cand: Candidates, n_steps: int):
     """`n_steps` projected-gradient steps on C, held as `(k, n_cells)` (py_pcha's `C_update` with `delta = 0`),
     carrying $XC$ `(n_dims, k)` from step to step as py_pcha does. The gradient
-    $(X^\\top X C SS^\\top - X^\\top X S^\\top)/\\mathrm{SST}$ is $X^\\top r$ with
-    $r = (XC\\,SS^\\top - XS^\\top)/\\mathrm{SST}$ (one product with $X$),
-    and its simplex component $\\sum_n g \\circ C$ is $r \\cdot XC$ per archetype (no pass)."""
+    $(X^\\top X C SS^\\top - X^\\top X S^\\top)/\\mathrm{SST}$ is $X^\\top r - t$ with
+    $r = (XC\\,SS^\\top - XS^\\top)/\\mathrm{SST}$ and its simplex component $t = r \\cdot XC$ per archetype;
+    it is formed on the `Candidates` cells only while they hold (`_c_step`)."""
 
     def step(state, _):
-        c, xc, sse, mu = state
-        r = (xc @ sst_mat - xst) / sst
-        g = r.T @ xt - jnp.sum(r * xc, axis=0)[:, None]
-        return _c_line_search(xt, c, g, xst, sst_mat, mu, sst, sse), None
+        c, xc, sse, mu, cand = state
+        return _c_step(xt, norms, xst, c, xc, sst_mat, mu, sst, sse, cand), None
 
-    return jax.lax.scan(step, (c, xc, sse, mu), length=n_steps)[0]
+    return jax.lax.scan(step, (c, xc, sse, mu, cand), length=n_steps)[0]
 
 
 class PCHAResult(eqx.Module):
@@ -171,8 +250,11 @@ def pcha_from(
     *,
     conv_crit: float = 1e-6,
     max_iter: int = 500,
+    capacity: int | None = None,
 ) -> PCHAResult:
-    """PCHA from a given furthest-sum start cell and initial S (unnormalised, e.g. `-log U`)."""
+    """PCHA from a given furthest-sum start cell and initial S (unnormalised, e.g. `-log U`). `capacity`
+    (static): how many cells the C steps may restrict themselves to (`Candidates`; default `n_cells / 16`, at
+    least 512); 0 runs every C step on all cells."""
     xt = x.T
     s0 = s0.astype(x.dtype)
     n_archetypes = s0.shape[0]
@@ -185,19 +267,23 @@ def pcha_from(
     sse = _sse(sst, xct_x, s, ct_xt_xc, s @ s.T)
     one = jnp.ones((), x.dtype)
     s, sse, mu_s = s_update(s, xct_x, ct_xt_xc, one, sst, sse, 25)
+    norms = jnp.sqrt(jnp.sum(x * x, axis=1))
+    n_cells, n_dims = x.shape
+    capacity = min(n_cells, max(512, n_cells // 16)) if capacity is None else capacity
+    cand = no_candidates(n_cells, n_dims, n_archetypes, capacity, x.dtype)
 
     def cond(state):
         sse, d_sse, it = state[3], state[4], state[7]
         return (jnp.abs(d_sse) >= conv_crit * jnp.abs(sse)) & (it < max_iter) & ((sst - sse) / sst < 0.9999)
 
     def body(state):
-        c, xc, s, sse, _, mu_c, mu_s, it = state
-        c, xc, sse_c, mu_c = c_update(xt, xt @ s.T, c, xc, s @ s.T, mu_c, sst, sse, 10)
+        c, xc, s, sse, _, mu_c, mu_s, it, cand = state
+        c, xc, sse_c, mu_c, cand = c_update(xt, norms, xt @ s.T, c, xc, s @ s.T, mu_c, sst, sse, cand, 10)
         s, sse_s, mu_s = s_update(s, xc.T @ xt, xc.T @ xc, mu_s, sst, sse_c, 10)
-        return c, xc, s, sse_s, sse - sse_s, mu_c, mu_s, it + 1
+        return c, xc, s, sse_s, sse - sse_s, mu_c, mu_s, it + 1, cand
 
-    init = (c, xc, s, sse, jnp.asarray(jnp.inf, x.dtype), one, mu_s, jnp.asarray(0))
-    c, xc, s, sse, _, _, _, it = jax.lax.while_loop(cond, body, init)
+    init = (c, xc, s, sse, jnp.asarray(jnp.inf, x.dtype), one, mu_s, jnp.asarray(0), cand)
+    c, xc, s, sse, _, _, _, it, _ = jax.lax.while_loop(cond, body, init)
     return PCHAResult(archetypes=c @ x, weights=s.T, c=c.T, sse=sse, variance_explained=(sst - sse) / sst,
                       n_iter=it)
 
