@@ -105,21 +105,20 @@ def _s_sse(rows, b, a, inv_scale, sst, m) -> Array:
 
 
 def s_update(s, xct_x, ct_xt_xc, mu, sst, sse, n_steps: int):
-    """`n_steps` projected-gradient steps on S `(k, n_cells)` (py_pcha's `S_update`). S is held as k separate
-    rows (XLA CPU's fusions with a stacked `(k, n)` output or row slices of it ran 3-10x slower); each
-    line-search trial is one reduction over the cells, and the rows are formed once per step, at the accepted
-    step size."""
+    """`n_steps` projected-gradient steps on S `(k, n_cells)` (py_pcha's `S_update`), written on its k rows:
+    each line-search trial is one reduction over the cells with no output, and S is formed once per step, at the
+    accepted step size, as one stacked array (carrying k separate rows instead made XLA copy them every step)."""
     inv_scale = s.shape[1] / sst
     b = [xct_x[i] for i in range(s.shape[0])]
 
     def step(state, _):
-        rows, sse, mu = state
-        m, sse, _ = _line_search(lambda m: (_s_sse(list(rows), b, ct_xt_xc, inv_scale, sst, m), ()), sse, mu)
-        u, total = _s_proposal(list(rows), b, ct_xt_xc, inv_scale, m)
-        return (tuple(ui / total for ui in u), sse, m * 1.2), None
+        s, sse, mu = state
+        rows = [s[i] for i in range(s.shape[0])]
+        m, sse, _ = _line_search(lambda m: (_s_sse(rows, b, ct_xt_xc, inv_scale, sst, m), ()), sse, mu)
+        u, total = _s_proposal(rows, b, ct_xt_xc, inv_scale, m)
+        return (jnp.stack(u) / total[None, :], sse, m * 1.2), None
 
-    rows, sse, mu = jax.lax.scan(step, (tuple(s[i] for i in range(s.shape[0])), sse, mu), length=n_steps)[0]
-    return jnp.stack(rows), sse, mu
+    return jax.lax.scan(step, (s, sse, mu), length=n_steps)[0]
 
 
 def _c_line_search(xt, c, g, xst, sst_mat, mu, sst, sse):
