@@ -90,7 +90,7 @@ DEVICE_DATA_BUDGET = 2**28
 #: Cells per block when the data are densified or multiplied from the host.
 HOST_BLOCK_ROWS = 8192
 #: The exact kNN search's block of query rows holds at most this many distances.
-KNN_BLOCK_BUDGET = 2**23
+KNN_BLOCK_BUDGET = 2**24
 
 
 def _column_block(x: Any, columns: np.ndarray) -> Array:
@@ -411,8 +411,9 @@ def select_t(disparities: Float[ArrayLike, " t_max"], threshold: float = AUTO_T_
 def _operator_from_graph(
     representation: Float[Array, "n_cells n_dims"], n_search: int, knn: int, decay: Array | None, thresh: Array
 ) -> DiffusionOperator:
-    # Blocks of at most 2**23 distances (32 MiB, about the L3 cache): on 30,000 cells x 100 PCs, 256-row blocks
-    # took 3.3 CPU-s against 5.9 for the 2**24-distance default's 512 rows (one round, load ~19).
+    # Blocks of at most 2**24 distances (64 MiB): on 50,000 cells x 100 PCs, with the scores' width a multiple of
+    # KNN_GROUP (no padded copy), 335-row blocks took 7.6-7.9 CPU-s against 7.9-8.5 for 167 rows and 9.5 for 83
+    # (two rounds, load ~4.5). With the padded copy, 256 rows had beaten 512 at 30,000 cells.
     block = knn_block_size(representation.shape[0], KNN_BLOCK_BUDGET)
     indices, distances = exact_knn(representation, representation, n_search, block_size=block, fast=True)
     return _operator_from_neighbors(indices, distances, knn, decay, thresh)
