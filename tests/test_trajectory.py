@@ -20,17 +20,21 @@ from diffbio_eqx._trajectory import (
     CellGraph,
     DisconnectedGraphWarning,
     absorption,
+    compute_diffusion_map,
     diffusion_pseudotime,
     fate_probabilities,
     find_terminal_states,
 )
+from diffbio_eqx._trajectory._diffmap import COARSE_SEEDS
 from diffbio_eqx._trajectory._fate import connectivity_transitions, pseudotime_transitions
 from diffbio_eqx._trajectory._graph import (
     as_cell_graph,
+    as_padded_graph,
     connected_components,
     host_components,
     host_csr,
     matvec,
+    nearest_seed_labels,
     padded_matvec,
     padded_rows,
 )
@@ -234,3 +238,23 @@ def test_unreachable_terminal_states():
     with pytest.warns(DisconnectedGraphWarning):
         with pytest.raises(ValueError, match="terminal_states: state 'b' is not reachable"):
             fate_probabilities(graph, {"a": [0, 1], "b": np.arange(60, 100)})
+
+
+def test_diffusion_map_finds_a_component_without_a_seed():
+    """The coarse start's Voronoi cells miss a small component (no seed falls in it); the start's random part still
+    spans it, so the eigenvalues (1 once per component) equal ARPACK's."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(4000, 5)), rng.normal(size=(12, 5)) + 100.0,
+                        rng.normal(size=(13, 5)) - 100.0])
+    graph = neighbor_graph(x, 10)
+    padded = as_padded_graph(host_csr(graph))
+    assert np.any(np.asarray(nearest_seed_labels(padded, COARSE_SEEDS)) == COARSE_SEEDS)
+    with pytest.warns(DisconnectedGraphWarning):
+        ours = compute_diffusion_map(graph, key=jr.key(0))
+    kernel = host_csr(graph)
+    inverse = sp.diags(1 / np.asarray(kernel.sum(axis=1)).ravel())
+    kernel = inverse @ kernel @ inverse
+    root = sp.diags(1 / np.sqrt(np.asarray(kernel.sum(axis=1)).ravel()))
+    reference = np.sort(spl.eigsh((root @ kernel @ root).tocsr(), k=15, which="LA", tol=1e-12)[0])[::-1]
+    np.testing.assert_allclose(np.asarray(ours.eigenvalues), reference, atol=1e-7)
+    assert float(ours.residual) <= 1e-5
