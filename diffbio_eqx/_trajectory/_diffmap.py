@@ -151,12 +151,13 @@ def affine_of(apply: Callable[[Array], Array]) -> Affine:
 def chebyshev_filter(
     affine: Affine, x: Float[Array, "n_cells n_block"], *, degree: int | Int[Array, ""],
     lower: Float[ArrayLike, ""], cut: Float[ArrayLike, ""], top: Float[ArrayLike, ""],
-) -> Float[Array, "n_cells n_block"]:
+) -> tuple[Float[Array, "n_cells n_block"], Float[Array, "n_cells n_block"]]:
     """$p(A) x$ for the degree-`degree` Chebyshev polynomial of the first kind mapped onto `[lower, cut]` (where it
     stays within $\\pm 1 / |T(t_{top})|$) and scaled to $p(\\mathrm{top}) = 1$: components above `cut` grow
     relative to the ones in `[lower, cut]` (Zhou & Saad 2007, the scaled three-term recurrence). `affine` is the
     operator in `Affine` form: each step is one call, $a A y_k - a c\\, y_k - \\sigma\\sigma' y_{k-1}$, so a
-    fused implementation reads the block once per step. `degree` >= 1 may be traced."""
+    fused implementation reads the block once per step. `degree` >= 1 may be traced. Also returns $A x$,
+    recovered from the first step (unused, it costs nothing under jit)."""
     lower, cut, top = (jnp.asarray(value, x.dtype) for value in (lower, cut, top))
     half = (cut - lower) / 2
     centre = (cut + lower) / 2
@@ -171,7 +172,7 @@ def chebyshev_filter(
         following = affine(current, scale, -(scale * centre) * current - (sigma * sigma2) * previous)
         return current, following, sigma2
 
-    return jax.lax.fori_loop(0, degree - 1, step, (x, y, sigma1))[1]
+    return jax.lax.fori_loop(0, degree - 1, step, (x, y, sigma1))[1], y / first + centre * x
 
 
 class _SubspaceState(eqx.Module):
@@ -186,7 +187,7 @@ def _next_degree(residual: Float[Array, ""], previous: Float[Array, ""], degree:
     """The next filter's degree: `most`, or fewer where the last filter's observed rate (the log of its residual
     drop over its `degree`) reaches `tol` sooner, with one product to spare (the rate only grows as the cut
     approaches the unwanted spectrum, so the estimate errs long); saves most of the last iteration's overshoot."""
-    rate = jnp.log(previous / residual) / degree
+    rate = jnp.log(previous / residual) / degree.astype(residual.dtype)
     needed = jnp.log(residual / tol) / jnp.maximum(rate, 1e-3) + 1
     return jnp.clip(jnp.ceil(needed), 2, most).astype(degree.dtype)
 
@@ -223,7 +224,7 @@ def _rayleigh_ritz(apply: Callable[[Array], Array], y: Float[Array, "n_cells n_b
 
 def filtered_subspace_eigh(
     apply: Callable[[Array], Array], start: Float[Array, "n_cells n_block"], n_wanted: int, *,
-    settings: EigenSettings, filter_affine: Affine | None = None,
+    settings: EigenSettings, filter_affine: Affine | None = None, start_values: Float[Array, " n_block"] | None = None,
 ) -> _SubspaceState:
     """The top `n_wanted` eigenpairs of a symmetric operator with spectrum in `[-1, 1]` (a normalised diffusion
     operator, top eigenvalue 1) by Chebyshev-filtered subspace iteration (Zhou & Saad 2007): filter the block
@@ -238,7 +239,11 @@ def filtered_subspace_eigh(
 
     `filter_affine` (default `apply`'s `affine_of`) is the operator, in `Affine` form, that the filter and the
     iterations' Rayleigh-Ritz steps use (e.g. a float32 copy, in `settings.filter_dtype`); the final Rayleigh-Ritz
-    step, which gives the eigenpairs and the residual, uses `apply` (in `start`'s dtype)."""
+    step, which gives the eigenpairs and the residual, uses `apply` (in `start`'s dtype).
+
+    `start_values`: the Rayleigh quotients of `start`'s columns where these are (nearly) orthonormal Ritz vectors
+    already (`coarse_start`'s); the Rayleigh-Ritz step on the start is then skipped, the start's residual (for
+    the first `_next_degree`) taken from the first filter's first product."""
     filter_affine = affine_of(apply) if filter_affine is None else filter_affine
 
     def filter_apply(v: Array) -> Array:
@@ -252,7 +257,7 @@ def filtered_subspace_eigh(
     def filtered(x: Array, degree: Array, smallest: Array) -> Array:
         cut = jnp.clip(smallest.astype(work), low + 1e-3, 1 - 1e-7)
         return chebyshev_filter(filter_affine, x.astype(work), degree=degree, lower=low, cut=cut,
-                                top=jnp.asarray(1, work))
+                                top=jnp.asarray(1, work))[0]
 
     def body(carry: tuple[_SubspaceState, Array]) -> tuple[_SubspaceState, Array]:
         state, degree = carry  # `degree`: the next filter's
@@ -265,8 +270,17 @@ def filtered_subspace_eigh(
     def full_width(carry: tuple[_SubspaceState, Array]) -> Array:
         return unfinished(carry) & (carry[1] >= settings.degree)
 
-    first = _rayleigh_ritz(filter_apply, start.astype(work), n_wanted, jnp.asarray(0))
-    state, degree = jax.lax.while_loop(full_width, body, (first, jnp.asarray(settings.degree)))
+    most = jnp.asarray(settings.degree)
+    if start_values is None:
+        carry = (_rayleigh_ritz(filter_apply, start.astype(work), n_wanted, jnp.asarray(0)), most)
+    else:
+        x, values = start.astype(work), start_values.astype(work)
+        cut = jnp.clip(values[-1], low + 1e-3, 1 - 1e-7)
+        y, ax = chebyshev_filter(filter_affine, x, degree=most, lower=low, cut=cut, top=jnp.asarray(1, work))
+        residual = jnp.max(jnp.linalg.norm(ax[:, :n_wanted] - x[:, :n_wanted] * values[None, :n_wanted], axis=0))
+        new = _rayleigh_ritz(filter_apply, y, n_wanted, jnp.asarray(1))
+        carry = (new, _next_degree(new.residual, residual, most, tol, settings.degree))
+    state, degree = jax.lax.while_loop(full_width, body, carry)
     n_final = min(-(-n_wanted // 8) * 8, start.shape[1])
     x = state.x[:, :n_final]
     more = state.residual > tol
@@ -303,9 +317,9 @@ NOISE_ROWS = 4096
 def coarse_start(
     operator: PaddedGraph, top: Float[Array, " n_cells"], labels: Int[Array, " n_cells"], n_coarse: int,
     n_block: int, *, key: PRNGKeyArray,
-) -> Float[Array, "n_cells n_block"]:
-    """The top `n_block` Ritz vectors (unit columns) of the symmetric `operator` $A$ (spectrum in `[-1, 1]`) in the
-    span of $u_a = \\mathrm{top} \\odot 1_{\\mathrm{labels} = a}$, `a < n_coarse`: the Galerkin matrix
+) -> tuple[Float[Array, "n_cells n_block"], Float[Array, " n_block"]]:
+    """The top `n_block` Ritz vectors (unit columns) and Ritz values of the symmetric `operator` $A$ (spectrum in
+    `[-1, 1]`) in the span of $u_a = \\mathrm{top} \\odot 1_{\\mathrm{labels} = a}$, `a < n_coarse`: the Galerkin matrix
     $C_{ab} = u_a^T A u_b$ by one scatter over the slots, $M = \\mathrm{diag}(u_a^T u_a)$, and the top eigenvectors
     of $M^{-1/2} C M^{-1/2}$ (empty labels drop out) by `filtered_subspace_eigh` (`COARSE_SETTINGS`, dense
     products, a random start from `key`; `2 * (n_block + 8) <= n_coarse`).
@@ -326,26 +340,31 @@ def coarse_start(
     scale = jnp.where(mass > 0, 1 / jnp.sqrt(jnp.where(mass > 0, mass, 1)), 0)
     coarse = galerkin * scale[:, None] * scale[None, :]
     start = jr.normal(key, (size, n_block + COARSE_SETTINGS.guard), coarse.dtype)
-    vectors = filtered_subspace_eigh(ft.partial(jnp.matmul, coarse), start, n_block, settings=COARSE_SETTINGS).x
-    return top[:, None] * (vectors[:, :n_block] * scale[:, None])[labels]
+    state = filtered_subspace_eigh(ft.partial(jnp.matmul, coarse), start, n_block, settings=COARSE_SETTINGS)
+    return top[:, None] * (state.x[:, :n_block] * scale[:, None])[labels], state.values[:n_block]
 
 
 def _start_block(operator: PaddedGraph, top: Float[Array, " n_cells"], n_block: int, key: PRNGKeyArray
-                 ) -> Float[Array, "n_cells n_block"]:
+                 ) -> tuple[Float[Array, "n_cells n_block"], Float[Array, " n_block"] | None]:
     """`coarse_start` (in `operator`'s dtype) on `COARSE_SEEDS` Voronoi cells (at most a quarter of the cells) plus
-    `START_NOISE` of a tiled random block (`NOISE_ROWS`), in the default float dtype; a random block where the graph
-    is too small for that many cells (fewer than ~`8 * (n_block + 8)` rows)."""
+    `START_NOISE` of a tiled random block (`NOISE_ROWS`), in the default float dtype, and its Ritz values; a random
+    block (no values) where the graph is too small for that many cells (fewer than ~`8 * (n_block + 8)` rows)."""
     n = operator.indices.shape[0]
     dtype = jnp.result_type(float)
     n_seeds = min(COARSE_SEEDS, n // 4)
     if n_seeds + 1 < 2 * (n_block + COARSE_SETTINGS.guard):
-        return jr.normal(key, (n, n_block), dtype)
+        return jr.normal(key, (n, n_block), dtype), None
     coarse_key, noise_key = jr.split(key)
     labels = nearest_seed_labels(operator, n_seeds)
-    block = coarse_start(operator, top.astype(operator.weights.dtype), labels, n_seeds + 1, n_block, key=coarse_key)
+    block, values = coarse_start(operator, top.astype(operator.weights.dtype), labels, n_seeds + 1, n_block,
+                                 key=coarse_key)
     noise = jr.normal(noise_key, (min(n, NOISE_ROWS), n_block), dtype)
     noise = jnp.tile(noise, (-(-n // noise.shape[0]), 1))[:n]
-    return block.astype(dtype) + START_NOISE / np.sqrt(n) * noise
+    return block.astype(dtype) + START_NOISE / np.sqrt(n) * noise, values
+
+
+def _random_block(key: PRNGKeyArray, n: int, n_block: int) -> tuple[Float[Array, "n_cells n_block"], None]:
+    return jr.normal(key, (n, n_block), jnp.result_type(float)), None
 
 
 def diffusion_map(
@@ -381,9 +400,11 @@ def diffusion_map(
         n = operator.n_cells
         apply = ft.partial(matvec, operator)
         filter_affine = affine_of(ft.partial(matvec, _cast(operator, settings.filter_dtype)))
-        start = ft.partial(jr.normal, key, (n, n_block), jnp.result_type(float))
+        start = ft.partial(_random_block, key, n, n_block)
     if 5 * n_comps < n and 2 * n_block <= n:
-        state = filtered_subspace_eigh(apply, start(), n_comps, settings=settings, filter_affine=filter_affine)
+        block, block_values = start()
+        state = filtered_subspace_eigh(apply, block, n_comps, settings=settings, filter_affine=filter_affine,
+                                       start_values=block_values)
         values, vectors = state.values[:n_comps], state.x[:, :n_comps]
         n_iter, residual = state.n_iter, state.residual
     else:  # tiny graphs: a dense eigh
