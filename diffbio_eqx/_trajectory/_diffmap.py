@@ -517,7 +517,7 @@ def diffusion_pseudotime(
         raise ValueError(f"n_comps: must be in [1, n_cells - 1] = [1, {n - 1}], got {n_comps}")
     if not 1 <= n_dcs <= n_comps:
         raise ValueError(f"n_dcs: must be in [1, n_comps] = [1, {n_comps}], got {n_dcs}")
-    components = host_components(matrix)
+    components = host_components(matrix, np.asarray(cells.order))
     warn_if_disconnected(components)
     return _dpt(cells, jnp.asarray(components), jnp.asarray(int(index)), int(n_dcs), int(n_comps), settings, key)
 
@@ -536,5 +536,5 @@ def compute_diffusion_map(graph: object, *, n_comps: int = 15, settings: EigenSe
     n = cells.indices.shape[0]
     if not 1 <= n_comps < n:
         raise ValueError(f"n_comps: must be in [1, n_cells - 1] = [1, {n - 1}], got {n_comps}")
-    warn_if_disconnected(host_components(matrix))
+    warn_if_disconnected(host_components(matrix, np.asarray(cells.order)))
     return _diffusion_map(cells, int(n_comps), settings, key)
