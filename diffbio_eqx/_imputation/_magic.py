@@ -52,7 +52,6 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 
 from .._core._neighbors import exact_knn, ivf_knn, knn_block_size, select_neighbor_method
-from .._core._orthonormal import orthonormal_columns
 from .._core._stage import AbstractStage
 from .._core._validate import check_counts, check_embedding
 
@@ -222,14 +221,13 @@ def _gram_range_components(
     """The randomized SVD's last step, $B = Q^\\top (x - \\bar x)$ with $Q$ an orthonormal basis of $(x - \\bar x) q$
     and the right singular vectors of $B$, from the centred Gram matrix $G$ alone (no pass over the data).
 
-    With $q'$ an orthonormal basis of $q$ (same range; `orthonormal_columns`, no LAPACK QR), $Z = G q'$ and
-    $H = q'^\\top G q' = W D W^\\top$:
+    With $q'$ an orthonormal basis of $q$ (same range), $Z = G q'$ and $H = q'^\\top G q' = W D W^\\top$:
     $B^\\top B = (x - \\bar x)^\\top Q Q^\\top (x - \\bar x) = Z H^{+} Z^\\top$, so $D^{-1/2} W^\\top Z^\\top$ has
     $B$'s right singular vectors (the pseudo-inverse drops directions where $(x - \\bar x) q'$ has no rank).
     Rows: those vectors by decreasing singular value. (On 50,000 cells x 2,000 genes it replaced a QR of
     `(n_cells, n_random)` and an SVD of `(n_random, n_genes)` that took 2.5-5 CPU-s in JAX on CPU.)
     """
-    basis = orthonormal_columns(q)
+    basis = jnp.linalg.qr(q)[0]
     z = gram @ basis
     eigenvalues, eigenvectors = jnp.linalg.eigh(basis.T @ z)
     floor = jnp.max(eigenvalues) * eigenvalues.shape[0] * jnp.finfo(eigenvalues.dtype).eps
@@ -263,10 +261,6 @@ def randomized_pca(
     n_oversamples)`: up to about 2,700 genes with the defaults) the power iterations multiply the probes by the
     centred Gram matrix $G = (x - \\bar x)^\\top (x - \\bar x)$, computed once (`_centered_gram`, half of it),
     normalising once per iteration: the same span as scikit-learn's `x.T @ normalize(x @ q)` in exact arithmetic,
-    whatever the normaliser, since only the span reaches `_gram_range_components`, so there each iteration takes
-    `orthonormal_columns` (plain XLA, no LAPACK call whose OpenBLAS threads spin; `power_iteration_normalizer` then
-    only picks the normaliser of the passes over the data: on 50,000 cells x 2,000 genes the PCA took a median
-    4.3-4.5 CPU-s instead of 5.1-8.2 with LU, components within cosine 0.99993),
     in one product of the data with itself instead of `2 * n_iter` passes (on 50,000 cells x 2,000 genes, the same
     scores to cosine 0.999995 per component, in 5.5-6.3 CPU-s instead of 8.6-12.3); the last step (QR, small SVD)
     is then computed from $G$ too (`_gram_range_components`: the same components in exact arithmetic; on that data
@@ -293,7 +287,7 @@ def randomized_pca(
     if not transpose and n_genes * (1 + 1 / GRAM_GENE_BLOCKS) / 2 < 2 * n_iter * n_random:
         gram = _centered_gram(x, mean)
         for _ in range(n_iter):
-            q = orthonormal_columns(gram @ q)
+            q = normalize(gram @ q)
         components = _gram_range_components(gram, q)[:n_components]
     else:
         for _ in range(n_iter):
