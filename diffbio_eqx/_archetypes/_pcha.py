@@ -216,18 +216,19 @@ def _c_step(xt, norms, xst, c, xc, sst_mat, mu, sst, sse, cand: Candidates):
                         lambda: on_candidates(cand, r.T @ take(xt, cand) - t[:, None]), on_all)
 
 
-def c_update(xt, norms, xst, c, xc, sst_mat, mu, sst, sse, cand: Candidates, n_steps: int):
+def c_update(xt, norms, xst, sst_mat, sst, state: tuple, n_steps: int):
     """`n_steps` projected-gradient steps on C, held as `(k, n_cells)` (py_pcha's `C_update` with `delta = 0`),
     carrying $XC$ `(n_dims, k)` from step to step as py_pcha does. The gradient
     $(X^\\top X C SS^\\top - X^\\top X S^\\top)/\\mathrm{SST}$ is $X^\\top r - t$ with
     $r = (XC\\,SS^\\top - XS^\\top)/\\mathrm{SST}$ and its simplex component $t = r \\cdot XC$ per archetype;
-    it is formed on the `Candidates` cells only while they hold (`_c_step`)."""
+    it is formed on the `Candidates` cells only while they hold (`_c_step`). `state`: `(C, XC, SSE, step size,
+    Candidates)`, returned after the steps."""
 
     def step(state, _):
         c, xc, sse, mu, cand = state
         return _c_step(xt, norms, xst, c, xc, sst_mat, mu, sst, sse, cand), None
 
-    return jax.lax.scan(step, (c, xc, sse, mu, cand), length=n_steps)[0]
+    return jax.lax.scan(step, state, length=n_steps)[0]
 
 
 class PCHAResult(eqx.Module):
@@ -277,7 +278,7 @@ def pcha_from(
 
     def body(state):
         c, xc, s, sse, _, mu_c, mu_s, it, cand = state
-        c, xc, sse_c, mu_c, cand = c_update(xt, norms, xt @ s.T, c, xc, s @ s.T, mu_c, sst, sse, cand, 10)
+        c, xc, sse_c, mu_c, cand = c_update(xt, norms, xt @ s.T, s @ s.T, sst, (c, xc, sse, mu_c, cand), 10)
         s, sse_s, mu_s = s_update(s, xc.T @ xt, xc.T @ xc, mu_s, sst, sse_c, 10)
         return c, xc, s, sse_s, sse - sse_s, mu_c, mu_s, it + 1, cand
 
