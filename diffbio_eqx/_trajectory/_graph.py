@@ -227,7 +227,7 @@ def host_components(matrix: Any, order: Int[np.ndarray, " n_cells"] | None = Non
     undirected search would first add the transpose; JAX's label propagation takes ~5x longer at 100k cells).
 
     Given `order`, SciPy's reverse Cuthill-McKee order of `matrix` (a `PaddedGraph`'s `order`), they are read from
-    it instead (~5x faster at 100k cells): that order is one breadth-first search per component, so each component
+    it instead (3-4x faster at 100k cells): that order is one breadth-first search per component, so each component
     is one run of it, and a run ends at position `p` exactly where no cell up to `p` has a neighbour after `p`."""
     if order is None:
         from scipy.sparse.csgraph import connected_components
