@@ -15,7 +15,9 @@ hull) is 0 here.
 
 Differences from py_pcha: the start cell and $U$ come from a JAX key (py_pcha draws from NumPy's global state,
 and its start index `ceil(n * rand)` can fall off the end); arrays not `np.matrix`; the archetypes are not
-reordered (py_pcha's final sort keys on the component index, reversing the order).
+reordered (py_pcha's final sort keys on the component index, reversing the order); for float64 data S is held
+in float32 and its line searches sum each trial's SSE change per cell (float64 sum) rather than the SSE itself, C
+taking the SSE afresh in float64 each iteration (`s_update`).
 """
 
 import functools
@@ -92,30 +94,42 @@ def _s_proposal(rows, b, a, inv_scale, m) -> tuple[list[Array], Array]:
     return u, _add(u)
 
 
-def _s_sse(rows, b, a, inv_scale, sst, m) -> Array:
-    """SSE after a step of size `m`: with $s = u / \\sum u$ per cell,
-    $\\mathrm{SST} + \\sum_n (s^\\top A s - 2 b_n \\cdot s)$ ($A = C^\\top X^\\top X C$, $b = (XC)^\\top X$),
-    py_pcha's $\\mathrm{SST} - 2\\langle (XC)^\\top X, S\\rangle + \\langle C^\\top X^\\top X C, SS^\\top\\rangle$
-    summed per cell as $(u^\\top A u - 2 t\\, b \\cdot u) / t^2$: a
-    reduction over the cells with no output rows, so that XLA makes one pass of it."""
+def _s_change(rows, b, a, inv_scale, m) -> Array:
+    """The SSE's change per cell when S's column $s$ moves to $s' = u / T$, the normalised step of size `m`
+    (`_s_proposal`): $\\delta \\cdot (A (s' + s) - 2 b)$ with $\\delta = s' - s$ ($A = C^\\top X^\\top X C$,
+    $b = (XC)^\\top X$), py_pcha's $\\mathrm{SST} - 2\\langle (XC)^\\top X, S\\rangle +
+    \\langle C^\\top X^\\top X C, SS^\\top\\rangle$ differenced, so that its rounding scales with the change, not
+    with the SSE: float32 rows then decide py_pcha's $10^{-9}$ relative acceptance as float64 sums do. Written
+    times $T^2$ and divided once, as XLA fuses the whole trial into one pass only while no quotient is reused."""
     u, total = _s_proposal(rows, b, a, inv_scale, m)
     k = len(u)
-    quad = _add([u[i] * (_add([a[i, j] * u[j] for j in range(k)]) - 2.0 * total * b[i]) for i in range(k)])
-    return sst + jnp.sum(quad / (total * total))
+    a_u = [_add([a[i, j] * u[j] for j in range(k)]) for i in range(k)]
+    a_s = [_add([a[i, j] * rows[j] for j in range(k)]) for i in range(k)]
+    scaled = [(u[i] - total * rows[i]) * (a_u[i] + total * (a_s[i] - 2.0 * b[i])) for i in range(k)]
+    return _add(scaled) / (total * total)
+
+
+def work_dtype(dtype) -> jnp.dtype:
+    """S's dtype: float32 for float64 data (its SSE changes still summed in float64), else the data's."""
+    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(dtype)
 
 
 def s_update(s, xct_x, ct_xt_xc, mu, sst, sse, n_steps: int):
-    """`n_steps` projected-gradient steps on S `(k, n_cells)` (py_pcha's `S_update`), written on its k rows:
-    each line-search trial is one reduction over the cells with no output, and S is formed once per step, at the
-    accepted step size, as one stacked array (carrying k separate rows instead made XLA copy them every step)."""
-    inv_scale = s.shape[1] / sst
-    b = [xct_x[i] for i in range(s.shape[0])]
+    """`n_steps` projected-gradient steps on S `(k, n_cells)` (py_pcha's `S_update`), written on its k rows in
+    S's dtype (`work_dtype`; the SSE, `sse` plus the changes, in the data's): each line-search trial is one
+    reduction over the cells with no output, and S is formed once per step, at the accepted step size, as one
+    stacked array (carrying k separate rows instead made XLA copy them every step)."""
+    wd = s.dtype
+    inv_scale = (s.shape[1] / sst).astype(wd)
+    b = [xct_x[i].astype(wd) for i in range(s.shape[0])]
+    a = ct_xt_xc.astype(wd)
 
     def step(state, _):
         s, sse, mu = state
         rows = [s[i] for i in range(s.shape[0])]
-        m, sse, _ = _line_search(lambda m: (_s_sse(rows, b, ct_xt_xc, inv_scale, sst, m), ()), sse, mu)
-        u, total = _s_proposal(rows, b, ct_xt_xc, inv_scale, m)
+        change = lambda m: jnp.sum(_s_change(rows, b, a, inv_scale, m.astype(wd)).astype(sse.dtype))
+        m, sse, _ = _line_search(lambda m: (sse + change(m), ()), sse, mu)
+        u, total = _s_proposal(rows, b, a, inv_scale, m.astype(wd))
         return (jnp.stack(u) / total[None, :], sse, m * 1.2), None
 
     return jax.lax.scan(step, (s, sse, mu), length=n_steps)[0]
@@ -184,6 +198,15 @@ def candidates(g, c, r, t, norms, capacity: int, stride: int = 16) -> Candidates
     return Candidates(idx=idx, inside=mask, r0=r, t0=t, theta=theta, fits=fits)
 
 
+def _outside_margin(xt, r, t, norms, inside):
+    """$\\min_n \\min_i g_{in} / (1 + \\|x_n\\|)$ over the cells outside `inside`, with C's gradient
+    $g_{in} = r_i \\cdot x_n - t_i$ written as sums over the dimensions, so that XLA makes one pass over `xt` (a
+    dot product of `r` and `xt` took over twice as long)."""
+    k, n_dims = r.shape[1], xt.shape[0]
+    g = [_add([r[d, i] * xt[d] for d in range(n_dims)]) - t[i] for i in range(k)]
+    return jnp.min(jnp.where(inside, jnp.inf, functools.reduce(jnp.minimum, g) / (1.0 + norms)))
+
+
 def _c_step(xt, norms, xst, c, xc, sst_mat, mu, sst, sse, cand: Candidates):
     """One C step (py_pcha's), its line search on the candidate cells only while `cand` holds by its bound. Else
     the gradient on all cells: if it is positive outside the candidates, they still hold, with the bound taken
@@ -201,16 +224,20 @@ def _c_step(xt, norms, xst, c, xc, sst_mat, mu, sst, sse, cand: Candidates):
         return c.at[:, cand.idx].set(ck, mode="drop"), xc_new, sse_new, mu_new, cand
 
     def on_all():
-        g = r.T @ xt - t[:, None]
-        theta = jnp.min(jnp.where(cand.inside, jnp.inf, jnp.min(g, axis=0) / (1.0 + norms)))
+        theta = _outside_margin(xt, r, t, norms, cand.inside)
         held = Candidates(idx=cand.idx, inside=cand.inside, r0=r, t0=t, theta=theta, fits=cand.fits)
 
         def anew():
-            new = candidates(g, c, r, t, norms, capacity)
+            g = r.T @ xt - t[:, None]
+            # more cells already weigh in C than the capacity holds (the first iterations): no selection can fit
+            crowded = jnp.sum(jnp.any(c > 0, axis=0)) > capacity
+            none = Candidates(idx=cand.idx, inside=cand.inside, r0=r, t0=t, theta=theta, fits=jnp.asarray(False))
+            new = jax.lax.cond(crowded, lambda: none, lambda: candidates(g, c, r, t, norms, capacity))
             return jax.lax.cond(new.fits, lambda: on_candidates(new, take(g, new)),
                                 lambda: (*_c_line_search(xt, c, g, xst, sst_mat, mu, sst, sse), new))
 
-        return jax.lax.cond(cand.fits & (theta > 0), lambda: on_candidates(held, take(g, held)), anew)
+        return jax.lax.cond(cand.fits & (theta > 0), lambda: on_candidates(held, r.T @ take(xt, held) - t[:, None]),
+                            anew)
 
     return jax.lax.cond(cand.fits & (drift <= cand.theta),
                         lambda: on_candidates(cand, r.T @ take(xt, cand) - t[:, None]), on_all)
@@ -265,6 +292,7 @@ def pcha_from(
     s = s0 / jnp.sum(s0, axis=0, keepdims=True)
     xct_x, ct_xt_xc = xc.T @ xt, xc.T @ xc
     sse = _sse(sst, xct_x, s, ct_xt_xc, s @ s.T)
+    s = s.astype(work_dtype(x.dtype))
     one = jnp.ones((), x.dtype)
     s, sse, mu_s = s_update(s, xct_x, ct_xt_xc, one, sst, sse, 25)
     norms = jnp.sqrt(jnp.sum(x * x, axis=1))
@@ -278,14 +306,18 @@ def pcha_from(
 
     def body(state):
         c, xc, s, sse, _, mu_c, mu_s, it, cand = state
-        c, xc, sse_c, mu_c, cand = c_update(xt, norms, xt @ s.T, s @ s.T, sst, (c, xc, sse, mu_c, cand), 10)
+        s_x = s.astype(x.dtype)
+        xst, sst_mat = xt @ s_x.T, s_x @ s_x.T
+        # C's SSE afresh: S's is its sum of changes, which C's line search must not be compared against
+        sse_in = _sse(sst, xc, xst, xc.T @ xc, sst_mat)
+        c, xc, sse_c, mu_c, cand = c_update(xt, norms, xst, sst_mat, sst, (c, xc, sse_in, mu_c, cand), 10)
         s, sse_s, mu_s = s_update(s, xc.T @ xt, xc.T @ xc, mu_s, sst, sse_c, 10)
         return c, xc, s, sse_s, sse - sse_s, mu_c, mu_s, it + 1, cand
 
     init = (c, xc, s, sse, jnp.asarray(jnp.inf, x.dtype), one, mu_s, jnp.asarray(0), cand)
     c, xc, s, sse, _, _, _, it, _ = jax.lax.while_loop(cond, body, init)
-    return PCHAResult(archetypes=c @ x, weights=s.T, c=c.T, sse=sse, variance_explained=(sst - sse) / sst,
-                      n_iter=it)
+    return PCHAResult(archetypes=c @ x, weights=s.T.astype(x.dtype), c=c.T, sse=sse,
+                      variance_explained=(sst - sse) / sst, n_iter=it)
 
 
 # XLA CPU's YNNPACK/XNNPACK fusions split the per-cell S step into many materialised passes (each row recomputing the
