@@ -119,17 +119,17 @@ def s_update(s, xct_x, ct_xt_xc, mu, sst, sse, n_steps: int):
     S's dtype (`work_dtype`; the SSE, `sse` plus the changes, in the data's): each line-search trial is one
     reduction over the cells with no output, and S is formed once per step, at the accepted step size, as one
     stacked array (carrying k separate rows instead made XLA copy them every step)."""
-    wd = s.dtype
+    wd, k = s.dtype, s.shape[0]
     inv_scale = (s.shape[1] / sst).astype(wd)
-    b = [xct_x[i].astype(wd) for i in range(s.shape[0])]
-    a = ct_xt_xc.astype(wd)
+    b, a = xct_x.astype(wd), ct_xt_xc.astype(wd)
+    # rows split inside each trial: rows split once per step went into the line search's branches as k copies
+    split = lambda v: [v[i] for i in range(k)]
 
     def step(state, _):
         s, sse, mu = state
-        rows = [s[i] for i in range(s.shape[0])]
-        change = lambda m: jnp.sum(_s_change(rows, b, a, inv_scale, m.astype(wd)).astype(sse.dtype))
+        change = lambda m: jnp.sum(_s_change(split(s), split(b), a, inv_scale, m.astype(wd)).astype(sse.dtype))
         m, sse, _ = _line_search(lambda m: (sse + change(m), ()), sse, mu)
-        u, total = _s_proposal(rows, b, a, inv_scale, m.astype(wd))
+        u, total = _s_proposal(split(s), split(b), a, inv_scale, m.astype(wd))
         return (jnp.stack(u) / total[None, :], sse, m * 1.2), None
 
     return jax.lax.scan(step, (s, sse, mu), length=n_steps)[0]
@@ -207,19 +207,23 @@ def _outside_margin(xt, r, t, norms, inside):
     return jnp.min(jnp.where(inside, jnp.inf, functools.reduce(jnp.minimum, g) / (1.0 + norms)))
 
 
-def _c_step(xt, norms, xst, c, xc, sst_mat, mu, sst, sse, cand: Candidates):
+def _c_step(data, norms, xst, c, xc, sst_mat, mu, sst, sse, cand: Candidates):
     """One C step (py_pcha's), its line search on the candidate cells only while `cand` holds by its bound. Else
     the gradient on all cells: if it is positive outside the candidates, they still hold, with the bound taken
-    afresh at this residual (no new selection); if not, they are chosen anew (or the step runs on all cells)."""
+    afresh at this residual (no new selection); if not, they are chosen anew (or the step runs on all cells).
+    `data`: the cells as rows `(n_cells, n_dims)` and as columns `(n_dims, n_cells)`."""
+    x, xt = data
     n, capacity = xt.shape[1], cand.idx.shape[0]
     r = (xc @ sst_mat - xst) / sst
     t = jnp.sum(r * xc, axis=0)
     drift = jnp.maximum(jnp.max(jnp.sqrt(jnp.sum((r - cand.r0) ** 2, axis=0))), jnp.max(t - cand.t0))
     take = lambda a, cand: a.at[:, cand.idx].get(mode="fill", fill_value=0)
+    # the candidates' columns of X gathered as rows of `x`: gathering columns of `xt` took 4x as long
+    cols = lambda cand: x.at[cand.idx].get(mode="fill", fill_value=0).T
 
     def on_candidates(cand, g_k):
         valid = (cand.idx < n)[None, :]
-        ck, xc_new, sse_new, mu_new = _c_line_search(take(xt, cand), jnp.where(valid, take(c, cand), 0.0),
+        ck, xc_new, sse_new, mu_new = _c_line_search(cols(cand), jnp.where(valid, take(c, cand), 0.0),
                                                      jnp.where(valid, g_k, 0.0), xst, sst_mat, mu, sst, sse)
         return c.at[:, cand.idx].set(ck, mode="drop"), xc_new, sse_new, mu_new, cand
 
@@ -236,24 +240,24 @@ def _c_step(xt, norms, xst, c, xc, sst_mat, mu, sst, sse, cand: Candidates):
             return jax.lax.cond(new.fits, lambda: on_candidates(new, take(g, new)),
                                 lambda: (*_c_line_search(xt, c, g, xst, sst_mat, mu, sst, sse), new))
 
-        return jax.lax.cond(cand.fits & (theta > 0), lambda: on_candidates(held, r.T @ take(xt, held) - t[:, None]),
+        return jax.lax.cond(cand.fits & (theta > 0), lambda: on_candidates(held, r.T @ cols(held) - t[:, None]),
                             anew)
 
     return jax.lax.cond(cand.fits & (drift <= cand.theta),
-                        lambda: on_candidates(cand, r.T @ take(xt, cand) - t[:, None]), on_all)
+                        lambda: on_candidates(cand, r.T @ cols(cand) - t[:, None]), on_all)
 
 
-def c_update(xt, norms, xst, sst_mat, sst, state: tuple, n_steps: int):
+def c_update(data, norms, xst, sst_mat, sst, state: tuple, n_steps: int):
     """`n_steps` projected-gradient steps on C, held as `(k, n_cells)` (py_pcha's `C_update` with `delta = 0`),
     carrying $XC$ `(n_dims, k)` from step to step as py_pcha does. The gradient
     $(X^\\top X C SS^\\top - X^\\top X S^\\top)/\\mathrm{SST}$ is $X^\\top r - t$ with
     $r = (XC\\,SS^\\top - XS^\\top)/\\mathrm{SST}$ and its simplex component $t = r \\cdot XC$ per archetype;
-    it is formed on the `Candidates` cells only while they hold (`_c_step`). `state`: `(C, XC, SSE, step size,
-    Candidates)`, returned after the steps."""
+    it is formed on the `Candidates` cells only while they hold (`_c_step`). `data`: `(x, x.T)`. `state`: `(C, XC,
+    SSE, step size, Candidates)`, returned after the steps."""
 
     def step(state, _):
         c, xc, sse, mu, cand = state
-        return _c_step(xt, norms, xst, c, xc, sst_mat, mu, sst, sse, cand), None
+        return _c_step(data, norms, xst, c, xc, sst_mat, mu, sst, sse, cand), None
 
     return jax.lax.scan(step, state, length=n_steps)[0]
 
@@ -310,7 +314,7 @@ def pcha_from(
         xst, sst_mat = xt @ s_x.T, s_x @ s_x.T
         # C's SSE afresh: S's is its sum of changes, which C's line search must not be compared against
         sse_in = _sse(sst, xc, xst, xc.T @ xc, sst_mat)
-        c, xc, sse_c, mu_c, cand = c_update(xt, norms, xst, sst_mat, sst, (c, xc, sse_in, mu_c, cand), 10)
+        c, xc, sse_c, mu_c, cand = c_update((x, xt), norms, xst, sst_mat, sst, (c, xc, sse_in, mu_c, cand), 10)
         s, sse_s, mu_s = s_update(s, xc.T @ xt, xc.T @ xc, mu_s, sst, sse_c, 10)
         return c, xc, s, sse_s, sse - sse_s, mu_c, mu_s, it + 1, cand
 
