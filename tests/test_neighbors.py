@@ -80,6 +80,55 @@ def test_fast_exact_knn_equals_brute_force(getkey, n_dims, n_reference):
     np.testing.assert_allclose(distances, np.take_along_axis(direct, expected, axis=1), rtol=1e-12)
 
 
+def _expected_knn(queries: np.ndarray, reference: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    direct = np.sqrt(np.sum((queries[:, None, :] - reference[None, :, :]) ** 2, axis=-1))
+    expected = np.argsort(direct, axis=1, kind="stable")[:, :k]
+    return expected, np.take_along_axis(direct, expected, axis=1)
+
+
+# Candidates of 27 (3 x 9) from 20 (all of them), 300 (top-k over rows) and 4,000 reference cells (grouped top-k,
+# 4 * 27 * 32 = 3,456 or more); 100 dims: MAGIC's PCs.
+@pytest.mark.parametrize("n_dims,n_reference", [(6, 20), (6, 300), (100, 300), (7, 4000), (100, 4000)])
+def test_screened_exact_knn_equals_brute_force(getkey, n_dims, n_reference):
+    reference = np.random.default_rng(6).normal(size=(n_reference, n_dims)) * np.linspace(3, 0.1, n_dims)
+    queries = np.concatenate([np.asarray(jr.normal(getkey(), (40, n_dims))), reference[:9]])
+    indices, distances = exact_knn(jnp.asarray(queries), jnp.asarray(reference), 9, block_size=8, screened=True)
+    expected, expected_distances = _expected_knn(queries, reference, 9)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n_tied_queries", [3, 13])
+def test_screened_exact_knn_searches_again_where_it_cannot_certify(n_tied_queries):
+    # 200 copies of one point: queries near it see 200 equal scores, so no bound can separate the 9th from the
+    # 27th candidate. 3 such rows in a block of 16 are searched again alone, 13 (more than SCREEN_RETRIES) make
+    # the whole block be searched again; either way the result is the brute force's, ties in index order.
+    rng = np.random.default_rng(7)
+    reference = np.concatenate([rng.normal(size=(3800, 5)), np.ones((200, 5))])
+    reference = reference[rng.permutation(4000)]
+    tied = 1 + 0.01 * rng.normal(size=(n_tied_queries, 5))
+    queries = np.concatenate([tied, rng.normal(size=(16 - n_tied_queries, 5))])
+    screen = _neighbors._screen_rows(jnp.asarray(queries), jnp.asarray(reference))
+    certified = _neighbors._screened_block(jnp.asarray(queries), jnp.asarray(reference), 9, screen)[2]
+    np.testing.assert_array_equal(certified, np.arange(16) >= n_tied_queries)  # the fallback is exercised
+    indices, distances = exact_knn(jnp.asarray(queries), jnp.asarray(reference), 9, block_size=16, screened=True)
+    expected, expected_distances = _expected_knn(queries, reference, 9)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-12)
+
+
+def test_screen_bounds_every_score_from_above():
+    # The bfloat16 product of `_screen_rows` is an upper bound on 2 q.r - |r|^2, for small and large norms.
+    rng = np.random.default_rng(8)
+    reference = rng.normal(size=(500, 50)) * np.logspace(-3, 3, 500)[:, None]
+    queries = rng.normal(size=(60, 50)) * np.logspace(-3, 3, 60)[:, None]
+    wide = _neighbors._screen_rows(jnp.asarray(queries), jnp.asarray(reference))
+    upper = np.asarray(jax.lax.dot_general(*wide, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32))
+    scores = 2 * queries @ reference.T - np.sum(reference**2, axis=1)
+    assert np.all(upper[:, :500] >= scores)
+    assert np.all(upper[:, 500:] == -np.inf)  # the rows completing the last group of 32 are never chosen
+
+
 @pytest.mark.parametrize("block_size", [1, 7, 64, 120])
 def test_blocked_equals_unblocked(block_size):
     x = _data(4, n_duplicates=12)

@@ -33,6 +33,7 @@ The connectivities are scanpy's default (`scanpy.pp.neighbors(method="umap")` wr
 `compute_membership_strengths`, `fuzzy_simplicial_set`); the code is our own.
 """
 
+import functools
 import math
 import numbers
 
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, BFloat16, Bool, Float, Int, PRNGKeyArray
 
 from ._geometry import squared_distances
 from ._validate import _is_traced, check_embedding
@@ -160,6 +161,90 @@ def _knn_block(
     return _sorted_neighbors(queries, reference, indices)
 
 
+#: bfloat16's unit roundoff (8 significant bits).
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+#: The screen's bound on `|2 q.r - 2 bf16(q).bf16(r)|` as a multiple of `|q| |r|`: `2 (2u + u^2)` from rounding
+#: each coordinate, times 1.25 to cover the bound's own bfloat16 rounding and the float32 accumulation.
+SCREEN_BOUND = 1.25 * 2 * (2 * BF16_UNIT_ROUNDOFF + BF16_UNIT_ROUNDOFF**2)
+
+#: The screen's allowance for `|r|^2`, split into two bfloat16 parts, and for the accumulation's rounding.
+SCREEN_NORM_BOUND = 2.0**-12
+
+#: Candidates per requested neighbour that the screen keeps for the float32 re-ranking. On 50,000 simulated cells
+#: x 100 PCs, 32 candidates certified the 16 nearest for 99.8 % of cells (28: 95.8 %, 40: all of 3,000 checked).
+SCREEN_CANDIDATES_PER_NEIGHBOR = 2
+
+#: Rows of a block the screen could not certify that are searched again in float32 (more: the whole block).
+SCREEN_RETRIES = 8
+
+
+@functools.cache
+def bf16_products_pay() -> bool:
+    """Whether bfloat16 products (float32 accumulation) beat float32 ones on the default device: on CPUs with
+    AVX512-BF16 or AMX (3x on a Sapphire Rapids core: 404 vs 135 GMAC/s) and on accelerators; elsewhere XLA
+    emulates them and the screen would cost more than it saves."""
+    if jax.default_backend() != "cpu":
+        return True
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = set(next((line for line in info if line.startswith("flags")), "").split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def _screen_rows(
+    queries: Float[Array, "n_queries n_dims"], reference: Float[Array, "n_reference n_dims"]
+) -> tuple[BFloat16[Array, "n_queries n_wide"], BFloat16[Array, "n_columns n_wide"]]:
+    """bfloat16 rows whose float32-accumulated product bounds every fast score from above:
+    `[q, 1, 1, c|q|, 1] . [2 r, -hi, -lo, |r|, e |r|^2] >= 2 q.r - |r|^2`, with `hi + lo` the norm to 2^-16 and
+    `c`, `e` the rounding bounds (`SCREEN_BOUND`, `SCREEN_NORM_BOUND`). Reference rows up to a multiple of
+    `KNN_GROUP` score `-inf`, as in `_fast_score_rows`."""
+    n_queries, n_dims = queries.shape
+    pad = -(n_dims + 4) % FAST_SCORE_WIDTH_QUANTUM
+    bf16 = jnp.bfloat16
+    norms = jnp.sum(reference * reference, axis=1, keepdims=True)
+    hi = norms.astype(bf16).astype(norms.dtype)
+    ones = jnp.ones((n_queries, 1), queries.dtype)
+    query_norms = jnp.sqrt(jnp.sum(queries * queries, axis=1, keepdims=True))
+    wide_queries = jnp.concatenate(
+        [queries, ones, ones, SCREEN_BOUND * query_norms, ones, jnp.zeros((n_queries, pad), queries.dtype)], axis=1)
+    wide_reference = jnp.concatenate(
+        [2 * reference, -hi, hi - norms, jnp.sqrt(norms), SCREEN_NORM_BOUND * norms,
+         jnp.zeros((reference.shape[0], pad), reference.dtype)], axis=1)
+    never = jnp.zeros((-reference.shape[0] % KNN_GROUP, wide_reference.shape[1]), reference.dtype)
+    never = never.at[:, n_dims].set(-jnp.inf)
+    return wide_queries.astype(bf16), jnp.concatenate([wide_reference, never]).astype(bf16)
+
+
+def _screened_block(
+    queries: Float[Array, "n_block n_dims"],
+    reference: Float[Array, "n_reference n_dims"],
+    n_neighbors: int,
+    screen: tuple[BFloat16[Array, "n_block n_wide"], BFloat16[Array, "n_columns n_wide"]],
+) -> tuple[Int[Array, "n_block n_neighbors"], Float[Array, "n_block n_neighbors"], Bool[Array, " n_block"]]:
+    """The exact neighbours of a block from bfloat16 upper bounds: keep the `m` best bounds, measure those
+    candidates' distances in float32, and certify each row: every cell left out has a bound, hence a score, below
+    the `n_neighbors`-th candidate's. Returns which rows are certified."""
+    upper = jax.lax.dot_general(screen[0], screen[1], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    m = min(SCREEN_CANDIDATES_PER_NEIGHBOR * n_neighbors, reference.shape[0])
+    if reference.shape[0] >= 4 * m * KNN_GROUP:
+        candidates = _grouped_top_k(upper, m)
+    else:
+        candidates = jax.lax.top_k(upper, m)[1]
+    kept_bound = jnp.min(jnp.take_along_axis(upper, candidates, axis=1), axis=1).astype(queries.dtype)
+    candidates = jnp.sort(candidates, axis=1)  # ties go to the lower index, as in `top_k` over whole rows
+    differences = queries[:, None, :] - reference[candidates]
+    squared = jnp.sum(differences * differences, axis=-1)
+    neg_squared, chosen = jax.lax.top_k(-squared, n_neighbors)
+    query_squared = jnp.sum(queries * queries, axis=1)
+    kth_score = query_squared + neg_squared[:, -1]  # |q|^2 - d_k^2 = 2 q.r_k - |r_k|^2
+    margin = SCREEN_NORM_BOUND * (query_squared - neg_squared[:, -1])
+    certified = kept_bound < kth_score - margin if m < reference.shape[0] else jnp.ones(queries.shape[0], bool)
+    return jnp.take_along_axis(candidates, chosen, axis=1), jnp.sqrt(-neg_squared), certified
+
+
 def knn_block_size(n_reference: int, memory_budget: int = 2**24) -> int:
     """Query rows per block so that one block's distance matrix holds at most `memory_budget` elements."""
     return max(1, memory_budget // max(n_reference, 1))
@@ -181,13 +266,16 @@ def _blocked_knn(
     self_first: bool,
     approximate: bool = False,
     fast: bool = False,
+    screened: bool = False,
 ) -> tuple[Int[Array, "n_queries n_neighbors"], Float[Array, "n_queries n_neighbors"]]:
     n_queries, n_dims = queries.shape
     block = min(block_size or knn_block_size(reference.shape[0]), n_queries)
     n_blocks = -(-n_queries // block)
     padded = jnp.concatenate([queries, jnp.zeros((n_blocks * block - n_queries, n_dims), dtype=queries.dtype)])
     blocks = padded.reshape(n_blocks, block, n_dims)
-    if fast and not self_first:  # the scores straight out of one product (`_fast_score_rows`)
+    if screened and not self_first:
+        indices, distances = _screened_knn(blocks, reference, n_neighbors, n_queries)
+    elif fast and not self_first:  # the scores straight out of one product (`_fast_score_rows`)
         wide_queries, wide_reference = _fast_score_rows(blocks.reshape(n_blocks * block, n_dims), reference)
         wide_blocks = wide_queries.reshape(n_blocks, block, -1)
         indices, distances = jax.lax.map(
@@ -207,6 +295,41 @@ def _blocked_knn(
     )
 
 
+def _screened_knn(
+    blocks: Float[Array, "n_blocks n_block n_dims"],
+    reference: Float[Array, "n_reference n_dims"],
+    n_neighbors: int,
+    n_queries: int,
+) -> tuple[Int[Array, "n_blocks n_block n_neighbors"], Float[Array, "n_blocks n_block n_neighbors"]]:
+    """`_screened_block` over the blocks; the rows the screen cannot certify are searched again in float32 (the
+    whole block where more than `SCREEN_RETRIES` are)."""
+    n_blocks, block, n_dims = blocks.shape
+    rows = blocks.reshape(n_blocks * block, n_dims)
+    screen_queries, screen_reference = _screen_rows(rows, reference)
+    wide_queries, wide_reference = _fast_score_rows(rows, reference)
+    padding = (jnp.arange(n_blocks * block) >= n_queries).reshape(n_blocks, block)
+
+    def search(b: tuple) -> tuple[Array, Array]:
+        queries, screen, wide, pad = b
+        indices, distances, certified = _screened_block(queries, reference, n_neighbors, (screen, screen_reference))
+        failed = ~(certified | pad)
+
+        def retry() -> tuple[Array, Array]:  # the few rows not certified, in float32
+            redo = jnp.nonzero(failed, size=SCREEN_RETRIES, fill_value=queries.shape[0])[0]  # the fill is dropped
+            again = _knn_block(queries[redo], reference, n_neighbors, fast=True, wide=(wide[redo], wide_reference))
+            return indices.at[redo].set(again[0], mode="drop"), distances.at[redo].set(again[1], mode="drop")
+
+        def whole_block() -> tuple[Array, Array]:
+            return _knn_block(queries, reference, n_neighbors, fast=True, wide=(wide, wide_reference))
+
+        n_failed = jnp.sum(failed)
+        branch = jnp.where(n_failed > SCREEN_RETRIES, 2, jnp.where(n_failed > 0, 1, 0))
+        return jax.lax.switch(branch, [lambda: (indices, distances), retry, whole_block])
+
+    shaped = (screen_queries.reshape(n_blocks, block, -1), wide_queries.reshape(n_blocks, block, -1))
+    return jax.lax.map(search, (blocks, *shaped, padding))
+
+
 def exact_knn(
     queries: Float[Array, "n_queries n_dims"],
     reference: Float[Array, "n_reference n_dims"],
@@ -214,6 +337,7 @@ def exact_knn(
     *,
     block_size: int | None = None,
     fast: bool = False,
+    screened: bool = False,
 ) -> tuple[Int[Array, "n_queries n_neighbors"], Float[Array, "n_queries n_neighbors"]]:
     """Exact Euclidean k nearest neighbours by blocked brute force.
 
@@ -232,12 +356,18 @@ def exact_knn(
     - `fast`: rank candidates by `2 q.r - |r|^2` instead of the clipped squared distance (`_knn_scores`): the
       same neighbours but where two lie within float32 rounding of each other, about twice as fast on CPU (the
       scores come straight out of one product of augmented rows, `_fast_score_rows`).
+    - `screened`: find the candidates by a bfloat16 product of rows that bound every score from above
+      (`_screen_rows`), then measure the `3 * n_neighbors` best candidates' distances in float32 and certify
+      each row (no cell left out can score above the `n_neighbors`-th); rows not certified are searched again
+      with `fast`. The same neighbours as `fast` (but where two lie within float32 rounding of
+      each other), about twice as fast where `bf16_products_pay()`.
 
     **Returns:** `(indices, distances)`, each `(n_queries, n_neighbors)`, sorted by increasing distance (ties in
     index order).
     """
     _check_knn_shapes(queries, reference, n_neighbors)
-    return _blocked_knn(queries, reference, n_neighbors, block_size, self_first=False, fast=fast)
+    return _blocked_knn(
+        queries, reference, n_neighbors, block_size, self_first=False, fast=fast, screened=screened)
 
 
 def _local_rho(

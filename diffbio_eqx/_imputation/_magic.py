@@ -37,7 +37,9 @@ the imputed genes correlated with the exact search's at median r 0.962 (0.985 wi
 `bench_imputation.py --agreement`), so it is not the default.
 """
 
+import concurrent.futures
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
@@ -51,9 +53,9 @@ from jax.experimental import sparse as jsparse
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 
-from .._core._neighbors import exact_knn, ivf_knn, knn_block_size, select_neighbor_method
+from .._core._neighbors import bf16_products_pay, exact_knn, ivf_knn, knn_block_size, select_neighbor_method
 from .._core._stage import AbstractStage
-from .._core._validate import check_counts, check_embedding
+from .._core._validate import _is_traced, check_counts, check_embedding
 
 
 #: MAGIC's Procrustes-disparity threshold and gene subsample size for `t="auto"` (`MAGIC._impute`).
@@ -87,9 +89,13 @@ def library_size_normalize(
 #: 100,000 cells x 2,000 genes is 0.8 GiB), so the PCA's products and the diffusion's gene blocks read it there;
 #: above it the data stay on the host (dense or sparse) and are densified a block of cells or genes at a time.
 DEVICE_DATA_BUDGET = 2**28
+#: At most this many host threads diffuse blocks of genes side by side (`host_threads`).
+MAX_HOST_THREADS = 8
 #: Cells per block when the data are densified or multiplied from the host.
 HOST_BLOCK_ROWS = 8192
-#: The exact kNN search's block of query rows holds at most this many distances.
+#: The exact kNN search's block of query rows holds at most this many distances (float32 search; the bfloat16
+#: screen's blocks hold half as many: on 50,000 cells x 100 PCs 2**23 took 4.3-4.4 CPU-s against 5.5-5.9 for
+#: 2**24 and 4.4-4.9 for 2**22, under load).
 KNN_BLOCK_BUDGET = 2**24
 
 
@@ -409,16 +415,34 @@ def select_t(disparities: Float[ArrayLike, " t_max"], threshold: float = AUTO_T_
     return int(below[0]) + 2 if below.size else int(np.shape(disparities)[0])
 
 
-@eqx.filter_jit
-def _operator_from_graph(
-    representation: Float[Array, "n_cells n_dims"], n_search: int, knn: int, decay: Array | None, thresh: Array
-) -> DiffusionOperator:
-    # Blocks of at most 2**24 distances (64 MiB): on 50,000 cells x 100 PCs, with the scores' width a multiple of
-    # KNN_GROUP (no padded copy), 335-row blocks took 7.6-7.9 CPU-s against 7.9-8.5 for 167 rows and 9.5 for 83
+def magic_knn(
+    representation: Float[Array, "n_cells n_dims"], n_search: int
+) -> tuple[Int[Array, "n_cells n_search"], Float[Array, "n_cells n_search"]]:
+    """The exact `n_search` nearest cells (each its own first), screened in bfloat16 where that pays; outside a
+    trace, the query rows go in `host_threads()` equal parts searched side by side (XLA's top-k runs on one core
+    per program)."""
+    screened = bf16_products_pay()
+    # Float32 blocks of at most 2**24 distances (64 MiB): on 50,000 cells x 100 PCs, with the scores' width a multiple
+    # of KNN_GROUP (no padded copy), 335-row blocks took 7.6-7.9 CPU-s against 7.9-8.5 for 167 rows and 9.5 for 83
     # (two rounds, load ~4.5). With the padded copy, 256 rows had beaten 512 at 30,000 cells.
-    block = knn_block_size(representation.shape[0], KNN_BLOCK_BUDGET)
-    indices, distances = exact_knn(representation, representation, n_search, block_size=block, fast=True)
-    return _operator_from_neighbors(indices, distances, knn, decay, thresh)
+    block = knn_block_size(representation.shape[0], KNN_BLOCK_BUDGET // 2 if screened else KNN_BLOCK_BUDGET)
+    n_cells = representation.shape[0]
+    n_parts = 1 if _is_traced(representation) else min(host_threads(), -(-n_cells // block))
+    if n_parts == 1:
+        return exact_knn(representation, representation, n_search, block_size=block, fast=True, screened=screened)
+    rows = -(-n_cells // (n_parts * block)) * block
+    padded = jnp.concatenate([representation, jnp.zeros((n_parts * rows - n_cells, representation.shape[1]),
+                                                        representation.dtype)])
+    with concurrent.futures.ThreadPoolExecutor(n_parts) as pool:
+        parts = list(pool.map(lambda i: _knn_rows(padded[i * rows : (i + 1) * rows], representation, n_search,
+                                                  block, screened), range(n_parts)))
+    indices, distances = zip(*parts)
+    return jnp.concatenate(indices)[:n_cells], jnp.concatenate(distances)[:n_cells]
+
+
+@functools.partial(jax.jit, static_argnames=("n_search", "block", "screened"))
+def _knn_rows(queries: Array, reference: Array, n_search: int, block: int, screened: bool) -> tuple[Array, Array]:
+    return exact_knn(queries, reference, n_search, block_size=block, fast=True, screened=screened)
 
 
 @eqx.filter_jit
@@ -480,7 +504,8 @@ def magic_operator(
     if method == "ivf":
         indices, distances = ivf_knn(rep, n_search, key=jr.key(0) if key is None else key)
         return _operator_from_neighbors(indices, distances, knn, decay_leaf, jnp.asarray(thresh))
-    return _operator_from_graph(rep, n_search, knn, decay_leaf, jnp.asarray(thresh))
+    indices, distances = magic_knn(rep, n_search)
+    return _operator_from_neighbors(indices, distances, knn, decay_leaf, jnp.asarray(thresh))
 
 
 def locality_order(operator: DiffusionOperator) -> tuple[np.ndarray, DiffusionOperator]:
@@ -550,12 +575,23 @@ def impute(
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size, dtype=order.dtype)
     order_array, rank_array = jnp.asarray(order), jnp.asarray(rank)
-    for start in range(0, columns_array.size, block):
+
+    def diffuse_block(start: int) -> None:
         chosen = columns_array[start : start + block]
         padded = np.concatenate([chosen, np.full(block - chosen.size, chosen[0])]) if chosen.size < block else chosen
         diffused = _diffuse_in_order(ordered, _column_block(data, padded), order_array, rank_array, t)
         out[:, start : start + chosen.size] = np.asarray(diffused)[:, : chosen.size]
+
+    starts = range(0, columns_array.size, block)
+    with concurrent.futures.ThreadPoolExecutor(min(len(starts), host_threads())) as pool:
+        list(pool.map(diffuse_block, starts))  # list(): re-raises a block's error here
     return out
+
+
+def host_threads() -> int:
+    """Programs run side by side on the CPU: XLA runs a sparse product's gathers on one core, so blocks of genes
+    diffused from this many host threads keep the cores busy (on 50,000 cells, 2 cores: IMPUTE_SPEEDUP)."""
+    return min(os.cpu_count() or 1, MAX_HOST_THREADS)
 
 
 class MagicResult(eqx.Module):
@@ -652,7 +688,7 @@ class Magic(AbstractStage):
         else:
             rep = x
         n_search = min(self.knn_max + 1, x.shape[0])
-        indices, distances = exact_knn(rep, rep, n_search, fast=True)
+        indices, distances = magic_knn(rep, n_search)
         operator = diffusion_operator(
             indices, magic_kernel(indices, distances, knn=self.knn, decay=self.decay, thresh=self.thresh)
         )
