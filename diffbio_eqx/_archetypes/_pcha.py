@@ -228,11 +228,12 @@ class Candidates(eqx.Module):
     $g_{in} = r_i \\cdot x_n - t_i$ ($t_i = r_i \\cdot (XC)_i$), so by Cauchy-Schwarz a cell outside `idx` (all with
     $g^0_{in} \\ge \\theta (1 + \\|x_n\\|)$ for every archetype $i$ and $C_{in} = 0$) keeps $g_{in} \\ge 0$, hence
     $C_{in} = 0$ after the step, while $\\|r_i - r^0_i\\| \\le \\theta$ and $t_i - t^0_i \\le \\theta$. `idx` is padded
-    with `n_cells` and marked in `inside`; `fits` is False when the cells that can move at `r0` outnumber the
-    capacity."""
+    with `n_cells` and marked in `inside`; `cols` holds their columns of X (zero for padding), gathered once per
+    selection; `fits` is False when the cells that can move at `r0` outnumber the capacity."""
 
     idx: Int[Array, " capacity"]
     inside: Bool[Array, " n_cells"]
+    cols: Float[Array, "n_dims capacity"]
     r0: Float[Array, "n_dims k"]
     t0: Float[Array, " k"]
     theta: Float[Array, ""]
@@ -242,12 +243,12 @@ class Candidates(eqx.Module):
 def no_candidates(n_cells: int, n_dims: int, k: int, capacity: int, dtype) -> Candidates:
     """Candidates that never hold (the first C step computes the gradient on all cells)."""
     return Candidates(idx=jnp.full(capacity, n_cells), inside=jnp.zeros(n_cells, bool),
-                      r0=jnp.zeros((n_dims, k), dtype), t0=jnp.zeros(k, dtype),
+                      cols=jnp.zeros((n_dims, capacity), dtype), r0=jnp.zeros((n_dims, k), dtype), t0=jnp.zeros(k, dtype),
                       theta=jnp.zeros((), dtype), fits=jnp.asarray(False))
 
 
-def candidates(g, c, r, t, norms, capacity: int, stride: int = 16) -> Candidates:
-    """`Candidates` at the residual `r` (gradient `g` `(k, n_cells)`): the cells with $C_{in} > 0$ or
+def candidates(x, g, c, r, t, norms, capacity: int, stride: int = 16) -> Candidates:
+    """`Candidates` at the residual `r` (gradient `g` `(k, n_cells)`; `x` the cells as rows): the cells with $C_{in} > 0$ or
     $\\min_i g_{in} / (1 + \\|x_n\\|) < \\theta$, $\\theta$ set by 30 bisections on every `stride`-th cell to keep
     about three quarters of the capacity (`fits` False if the cells exceed it)."""
     n = g.shape[1]
@@ -266,7 +267,9 @@ def candidates(g, c, r, t, norms, capacity: int, stride: int = 16) -> Candidates
     fits = (theta > 0) & (jnp.sum(mask) <= capacity)
     idx = jax.lax.cond(fits, lambda: jnp.nonzero(mask, size=capacity, fill_value=n)[0],
                        lambda: jnp.full(capacity, n))
-    return Candidates(idx=idx, inside=mask, r0=r, t0=t, theta=theta, fits=fits)
+    # gathered as rows of `x`: gathering columns of `x.T` took 4x as long
+    cols = x.at[idx].get(mode="fill", fill_value=0).T
+    return Candidates(idx=idx, inside=mask, cols=cols, r0=r, t0=t, theta=theta, fits=fits)
 
 
 def _outside_margin(xt, r, t, norms, inside):
@@ -289,33 +292,33 @@ def _c_step(data, norms, xst, c, xc, sst_mat, mu, sst, sse, cand: Candidates):
     t = jnp.sum(r * xc, axis=0)
     drift = jnp.maximum(jnp.max(jnp.sqrt(jnp.sum((r - cand.r0) ** 2, axis=0))), jnp.max(t - cand.t0))
     take = lambda a, cand: a.at[:, cand.idx].get(mode="fill", fill_value=0)
-    # the candidates' columns of X gathered as rows of `x`: gathering columns of `xt` took 4x as long
-    cols = lambda cand: x.at[cand.idx].get(mode="fill", fill_value=0).T
+    # the gradient on the candidates as sums over the dimensions (one pass; a dot product took 3x as long)
+    grad = lambda cand: jnp.stack([_add([r[d, i] * cand.cols[d] for d in range(r.shape[0])]) - t[i]
+                                   for i in range(r.shape[1])])
 
     def on_candidates(cand, g_k):
         valid = (cand.idx < n)[None, :]
-        ck, xc_new, sse_new, mu_new = _c_line_search(cols(cand), jnp.where(valid, take(c, cand), 0.0),
+        ck, xc_new, sse_new, mu_new = _c_line_search(cand.cols, jnp.where(valid, take(c, cand), 0.0),
                                                      jnp.where(valid, g_k, 0.0), xst, sst_mat, mu, sst, sse)
         return c.at[:, cand.idx].set(ck, mode="drop"), xc_new, sse_new, mu_new, cand
 
     def on_all():
         theta = _outside_margin(xt, r, t, norms, cand.inside)
-        held = Candidates(idx=cand.idx, inside=cand.inside, r0=r, t0=t, theta=theta, fits=cand.fits)
+        held = Candidates(idx=cand.idx, inside=cand.inside, cols=cand.cols, r0=r, t0=t, theta=theta, fits=cand.fits)
 
         def anew():
             g = r.T @ xt - t[:, None]
             # more cells already weigh in C than the capacity holds (the first iterations): no selection can fit
             crowded = jnp.sum(jnp.any(c > 0, axis=0)) > capacity
-            none = Candidates(idx=cand.idx, inside=cand.inside, r0=r, t0=t, theta=theta, fits=jnp.asarray(False))
-            new = jax.lax.cond(crowded, lambda: none, lambda: candidates(g, c, r, t, norms, capacity))
+            none = Candidates(idx=cand.idx, inside=cand.inside, cols=cand.cols, r0=r, t0=t, theta=theta,
+                              fits=jnp.asarray(False))
+            new = jax.lax.cond(crowded, lambda: none, lambda: candidates(x, g, c, r, t, norms, capacity))
             return jax.lax.cond(new.fits, lambda: on_candidates(new, take(g, new)),
                                 lambda: (*_c_line_search(xt, c, g, xst, sst_mat, mu, sst, sse), new))
 
-        return jax.lax.cond(cand.fits & (theta > 0), lambda: on_candidates(held, r.T @ cols(held) - t[:, None]),
-                            anew)
+        return jax.lax.cond(cand.fits & (theta > 0), lambda: on_candidates(held, grad(held)), anew)
 
-    return jax.lax.cond(cand.fits & (drift <= cand.theta),
-                        lambda: on_candidates(cand, r.T @ cols(cand) - t[:, None]), on_all)
+    return jax.lax.cond(cand.fits & (drift <= cand.theta), lambda: on_candidates(cand, grad(cand)), on_all)
 
 
 def c_update(data, norms, xst, sst_mat, sst, state: tuple, n_steps: int):
