@@ -2,6 +2,7 @@
 skimage and scanpy, recovery of simulated doublets, the differentiable variant, batches and bad input."""
 
 import warnings
+from unittest import mock
 
 import anndata as ad
 import jax
@@ -259,6 +260,13 @@ def test_counting_search_equals_sorting_each_row_ties_included(getkey):
     expected = is_sim[order].sum(axis=1)
     counts = _counts.threshold_neighbor_counts(manifold, jnp.asarray(is_sim), 30)
     np.testing.assert_array_equal(counts, expected)
+    # The same counts with the rows in parts from host threads (three parts, the last one clipped), and for a
+    # range of rows alone.
+    with mock.patch.object(_scrublet, "host_threads", return_value=3):
+        np.testing.assert_array_equal(_scrublet.threaded_hard_neighbor_counts(manifold, jnp.asarray(is_sim), 30),
+                                      expected)
+    part = _counts.threshold_neighbor_counts(manifold, jnp.asarray(is_sim), 30, jnp.asarray(1000), 700)
+    np.testing.assert_array_equal(part, expected[1000:1700])
     with pytest.raises(ValueError, match="k_adj"):
         _counts.threshold_neighbor_counts(manifold, jnp.asarray(is_sim), 100)
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 
 #: Reference points per group and query rows per block (`threshold_neighbor_counts`).
@@ -177,18 +177,20 @@ def _block(queries: Float[Array, "n_block n_pcs"], rows: Int[Array, " n_block"],
 EXTRA_GROUPS = 8
 
 
-def threshold_neighbor_counts(manifold: Float[Array, "n_points n_pcs"], is_sim: Bool[Array, " n_points"], k_adj: int
-                              ) -> Int[Array, " n_points"]:
+def threshold_neighbor_counts(manifold: Float[Array, "n_points n_pcs"], is_sim: Bool[Array, " n_points"], k_adj: int,
+                              first: Int[ArrayLike, ""] = 0, n_rows: int | None = None) -> Int[Array, " n_rows"]:
     """How many of each point's `k_adj - 1` nearest other points are simulated (module docstring), exactly, ties
     in index order. Needs `k_adj <= n_points / GROUP` (so that `k_adj` groups exist); `BLOCK` query rows at a
-    time (`lax.map`), `BLOCK * n_points` distances in memory."""
+    time (`lax.map`), `BLOCK * n_points` distances in memory. `first`, `n_rows` (static): only the points
+    `first .. first + n_rows - 1` (clipped at the last point) are counted; default all."""
     n_points = manifold.shape[0]
     n_groups = -(-n_points // GROUP)
     if not 1 <= k_adj <= n_groups:
         raise ValueError(f"k_adj: must be in [1, {n_groups}] (points / {GROUP}), got {k_adj}")
+    n_rows = n_points if n_rows is None else n_rows
     layout = _layout(manifold, is_sim, n_groups)
-    block = min(BLOCK, n_points)
-    n_blocks = -(-n_points // block)
-    rows = jnp.minimum(jnp.arange(n_blocks * block, dtype=jnp.int32), n_points - 1).reshape(n_blocks, block)
+    block = min(BLOCK, n_rows)
+    n_blocks = -(-n_rows // block)
+    rows = jnp.minimum(first + jnp.arange(n_blocks * block, dtype=jnp.int32), n_points - 1).reshape(n_blocks, block)
     counts = jax.lax.map(lambda r: _block(manifold[r], r, layout, k_adj, n_points), rows)
-    return counts.reshape(-1)[:n_points]
+    return counts.reshape(-1)[:n_rows]

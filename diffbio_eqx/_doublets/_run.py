@@ -22,6 +22,7 @@ from ._scrublet import (
     scrublet_from_counts,
     scrublet_from_neighbor_counts,
     scrublet_manifold,
+    threaded_hard_neighbor_counts,
 )
 from ._threshold import automatic_threshold
 
@@ -149,11 +150,15 @@ def _scores(model: Scrublet, prepared: PreparedCounts, method: str, probe_fracti
     """The JAX core on the prepared counts: one jit with the exact search, or the manifold, the IVF counts
     (`key`: its k-means) and the scores in three steps."""
     raw, parents = jnp.asarray(prepared.raw), jnp.asarray(prepared.parents, jnp.int32)
-    if method == "exact":
+    if method == "exact" and float(model.temperature) > 0:  # soft counts: the one jit
         return scrublet_from_counts(model, raw, parents)
     manifold_obs, manifold_sim = scrublet_manifold(model, raw, parents)
     n_obs, n_sim = manifold_obs.shape[0], manifold_sim.shape[0]
     is_sim = jnp.arange(n_obs + n_sim) >= n_obs
+    if method == "exact":  # the counting search's rows from host threads (`threaded_hard_neighbor_counts`)
+        counts = threaded_hard_neighbor_counts(jnp.concatenate([manifold_obs, manifold_sim]), is_sim,
+                                               adjusted_neighbors(model.n_neighbors, n_obs, n_sim))
+        return scrublet_from_neighbor_counts(model, counts, manifold_obs, manifold_sim)
     n_probe = probe_count(ivf_n_lists(n_obs + n_sim), probe_fraction)
     counts = ivf_neighbor_counts(jnp.concatenate([manifold_obs, manifold_sim]), is_sim,
                                  adjusted_neighbors(model.n_neighbors, n_obs, n_sim), key=key, n_probe=n_probe)

@@ -36,6 +36,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from .._core._neighbors import _blocked_knn
 from .._core._stage import AbstractStage
+from .._core._threads import host_threads, map_in_threads
 from ._counts import GROUP, threshold_neighbor_counts
 
 
@@ -149,6 +150,25 @@ def hard_neighbor_counts(
         indices, _ = _blocked_knn(manifold, manifold, k_adj, None, self_first=True)
         return jnp.sum(is_sim[indices[:, 1:]], axis=1).astype(manifold.dtype)
     return threshold_neighbor_counts(manifold, is_sim, k_adj).astype(manifold.dtype)
+
+
+def threaded_hard_neighbor_counts(
+    manifold: Float[Array, "n_points n_pcs"], is_sim: Bool[Array, " n_points"], k_adj: int
+) -> Float[Array, " n_points"]:
+    """`hard_neighbor_counts` of concrete points (outside jit), the counting search's query rows in
+    `host_threads()` equal parts from host threads: its top-k and counting loops run on one core per program."""
+    n_points = manifold.shape[0]
+    n_parts = host_threads()
+    if k_adj * KNN_GROUP * 2 > n_points or n_parts == 1:
+        return _hard_neighbor_counts(manifold, is_sim, k_adj)
+    n_rows = -(-n_points // n_parts)
+    parts = map_in_threads(lambda i: _counts_part(manifold, is_sim, k_adj, jnp.asarray(i * n_rows, jnp.int32),
+                                                  n_rows), range(n_parts))
+    return jnp.concatenate(parts)[:n_points].astype(manifold.dtype)
+
+
+_hard_neighbor_counts = jax.jit(hard_neighbor_counts, static_argnames="k_adj")
+_counts_part = jax.jit(threshold_neighbor_counts, static_argnames=("k_adj", "n_rows"))
 
 
 def soft_neighbor_counts(

@@ -37,9 +37,7 @@ the imputed genes correlated with the exact search's at median r 0.962 (0.985 wi
 `bench_imputation.py --agreement`), so it is not the default.
 """
 
-import concurrent.futures
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
@@ -55,6 +53,7 @@ from scipy.sparse.csgraph import reverse_cuthill_mckee
 
 from .._core._neighbors import bf16_products_pay, exact_knn, ivf_knn, knn_block_size, select_neighbor_method
 from .._core._stage import AbstractStage
+from .._core._threads import host_threads, map_in_threads
 from .._core._validate import _is_traced, check_counts, check_embedding
 
 
@@ -89,8 +88,6 @@ def library_size_normalize(
 #: 100,000 cells x 2,000 genes is 0.8 GiB), so the PCA's products and the diffusion's gene blocks read it there;
 #: above it the data stay on the host (dense or sparse) and are densified a block of cells or genes at a time.
 DEVICE_DATA_BUDGET = 2**28
-#: At most this many host threads diffuse blocks of genes side by side (`host_threads`).
-MAX_HOST_THREADS = 8
 #: Cells per block when the data are densified or multiplied from the host.
 HOST_BLOCK_ROWS = 8192
 #: The exact kNN search's block of query rows holds at most this many distances (float32 search; the bfloat16
@@ -444,9 +441,9 @@ def magic_knn(
     rows = -(-n_cells // (n_parts * block)) * block
     padded = jnp.concatenate([representation, jnp.zeros((n_parts * rows - n_cells, representation.shape[1]),
                                                         representation.dtype)])
-    with concurrent.futures.ThreadPoolExecutor(n_parts) as pool:
-        parts = list(pool.map(lambda i: _knn_rows(padded[i * rows : (i + 1) * rows], representation, n_search,
-                                                  block, screened), range(n_parts)))
+    parts = map_in_threads(
+        lambda i: _knn_rows(padded[i * rows : (i + 1) * rows], representation, n_search, block, screened),
+        range(n_parts))
     indices, distances = zip(*parts)
     return jnp.concatenate(indices)[:n_cells], jnp.concatenate(distances)[:n_cells]
 
@@ -593,18 +590,9 @@ def impute(
         diffused = _diffuse_in_order(ordered, _column_block(data, padded), order_array, rank_array, t)
         out[:, start : start + chosen.size] = np.asarray(diffused)[:, : chosen.size]
 
-    starts = range(0, columns_array.size, block)
-    with concurrent.futures.ThreadPoolExecutor(min(len(starts), host_threads())) as pool:
-        list(pool.map(diffuse_block, starts))  # list(): re-raises a block's error here
+    map_in_threads(diffuse_block, range(0, columns_array.size, block))  # XLA gathers on one core per program
     return out
 
-
-def host_threads() -> int:
-    """Programs run side by side on the CPU: XLA runs a sparse product's gathers on one core, so blocks of genes
-    diffused from this many host threads keep the cores busy (on 50,000 cells, 2 cores, while another process ran:
-    the diffusion 4.0 -> 2.3 s wall, the kNN 4.8 -> 2.9 s with the bfloat16 screen)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, MAX_HOST_THREADS)
 
 
 class MagicResult(eqx.Module):
