@@ -86,8 +86,8 @@ def _expected_knn(queries: np.ndarray, reference: np.ndarray, k: int) -> tuple[n
     return expected, np.take_along_axis(direct, expected, axis=1)
 
 
-# Candidates of 27 (3 x 9) from 20 (all of them), 300 (top-k over rows) and 4,000 reference cells (grouped top-k,
-# 4 * 27 * 32 = 3,456 or more); 100 dims: MAGIC's PCs.
+# Candidates of 22 (2.5 x 9) from 20 (all of them), 300 (top-k over rows) and 4,000 reference cells (grouped top-k,
+# 4 * 22 * 32 = 2,816 or more); 100 dims: MAGIC's PCs.
 @pytest.mark.parametrize("n_dims,n_reference", [(6, 20), (6, 300), (100, 300), (7, 4000), (100, 4000)])
 def test_screened_exact_knn_equals_brute_force(getkey, n_dims, n_reference):
     reference = np.random.default_rng(6).normal(size=(n_reference, n_dims)) * np.linspace(3, 0.1, n_dims)
@@ -101,7 +101,7 @@ def test_screened_exact_knn_equals_brute_force(getkey, n_dims, n_reference):
 @pytest.mark.parametrize("n_tied_queries", [3, 13])
 def test_screened_exact_knn_searches_again_where_it_cannot_certify(n_tied_queries):
     # 200 copies of one point: queries near it see 200 equal scores, so no bound can separate the 9th from the
-    # 27th candidate. 3 such rows in a block of 16 are searched again alone, 13 (more than SCREEN_RETRIES) make
+    # 22nd candidate. 3 such rows in a block of 16 are searched again alone, 13 (more than SCREEN_RETRIES) make
     # the whole block be searched again; either way the result is the brute force's, ties in index order.
     rng = np.random.default_rng(7)
     reference = np.concatenate([rng.normal(size=(3800, 5)), np.ones((200, 5))])

@@ -175,8 +175,10 @@ SCREEN_BOUND = 1.25 * 2 * (2 * BF16_UNIT_ROUNDOFF + BF16_UNIT_ROUNDOFF**2)
 SCREEN_NORM_BOUND = 2.0**-12
 
 #: Candidates per requested neighbour that the screen keeps for the float32 re-ranking. On 50,000 simulated cells
-#: x 100 PCs, 32 candidates certified the 16 nearest for 99.8 % of cells (28: 95.8 %, 40: all of 3,000 checked).
-SCREEN_CANDIDATES_PER_NEIGHBOR = 2
+#: x 100 PCs (MAGIC's PCs of median-scaled counts), 32 candidates certified the 16 nearest for 99.8 % of cells (28:
+#: 95.8 %, 40: all of 3,000 checked); on the PCs of unit-scaled counts (Open Problems' MAGIC) 32 certified 97-98 %,
+#: 40 all of 5,000 checked, and the search took 3.1-3.2 s against 3.2-3.4 s for 32 (2 threads).
+SCREEN_CANDIDATES_PER_NEIGHBOR = 2.5
 
 #: Rows of a block the screen could not certify that are searched again in float32 (more: the whole block).
 SCREEN_RETRIES = 8
@@ -231,7 +233,7 @@ def _screened_block(
     candidates' distances in float32, and certify each row: every cell left out has a bound, hence a score, below
     the `n_neighbors`-th candidate's. Returns which rows are certified."""
     upper = jax.lax.dot_general(screen[0], screen[1], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    m = min(SCREEN_CANDIDATES_PER_NEIGHBOR * n_neighbors, reference.shape[0])
+    m = min(int(SCREEN_CANDIDATES_PER_NEIGHBOR * n_neighbors), reference.shape[0])
     if reference.shape[0] >= 4 * m * KNN_GROUP:
         candidates = _grouped_top_k(upper, m)
     else:
@@ -360,7 +362,7 @@ def exact_knn(
       same neighbours but where two lie within float32 rounding of each other, about twice as fast on CPU (the
       scores come straight out of one product of augmented rows, `_fast_score_rows`).
     - `screened`: find the candidates by a bfloat16 product of rows that bound every score from above
-      (`_screen_rows`), then measure the `3 * n_neighbors` best candidates' distances in float32 and certify
+      (`_screen_rows`), then measure the `2.5 * n_neighbors` best candidates' distances in float32 and certify
       each row (no cell left out can score above the `n_neighbors`-th); rows not certified are searched again
       with `fast`. The same neighbours as `fast` (but where two lie within float32 rounding of
       each other), about twice as fast where `bf16_products_pay()`.
