@@ -243,14 +243,14 @@ class Candidates(eqx.Module):
 def no_candidates(n_cells: int, n_dims: int, k: int, capacity: int, dtype) -> Candidates:
     """Candidates that never hold (the first C step computes the gradient on all cells)."""
     return Candidates(idx=jnp.full(capacity, n_cells), inside=jnp.zeros(n_cells, bool),
-                      cols=jnp.zeros((n_dims, capacity), dtype), r0=jnp.zeros((n_dims, k), dtype), t0=jnp.zeros(k, dtype),
-                      theta=jnp.zeros((), dtype), fits=jnp.asarray(False))
+                      cols=jnp.zeros((n_dims, capacity), dtype), r0=jnp.zeros((n_dims, k), dtype),
+                      t0=jnp.zeros(k, dtype), theta=jnp.zeros((), dtype), fits=jnp.asarray(False))
 
 
 def candidates(x, g, c, r, t, norms, capacity: int, stride: int = 16) -> Candidates:
-    """`Candidates` at the residual `r` (gradient `g` `(k, n_cells)`; `x` the cells as rows): the cells with $C_{in} > 0$ or
-    $\\min_i g_{in} / (1 + \\|x_n\\|) < \\theta$, $\\theta$ set by 30 bisections on every `stride`-th cell to keep
-    about three quarters of the capacity (`fits` False if the cells exceed it)."""
+    """`Candidates` at the residual `r` (gradient `g` `(k, n_cells)`; `x` the cells as rows): the cells with
+    $C_{in} > 0$ or $\\min_i g_{in} / (1 + \\|x_n\\|) < \\theta$, $\\theta$ set by 30 bisections on every
+    `stride`-th cell to keep about three quarters of the capacity (`fits` False if the cells exceed it)."""
     n = g.shape[1]
     score = jnp.where(jnp.any(c > 0, axis=0), -jnp.inf, jnp.min(g, axis=0) / (1.0 + norms))
     sample = score[::stride]
