@@ -594,7 +594,6 @@ def impute(
     return out
 
 
-
 class MagicResult(eqx.Module):
     """What `magic` returns.
 
