@@ -259,12 +259,18 @@ def test_unreachable_terminal_states():
 def test_diffusion_map_finds_a_component_without_a_seed():
     """The coarse start's Voronoi cells miss a small component (no seed falls in it); the start's random part still
     spans it, so the eigenvalues (1 once per component) equal ARPACK's."""
-    rng = np.random.default_rng(0)
-    x = np.concatenate([rng.normal(size=(4000, 5)), rng.normal(size=(12, 5)) + 100.0,
-                        rng.normal(size=(13, 5)) - 100.0])
-    graph = neighbor_graph(x, 10)
-    padded = as_padded_graph(host_csr(graph))
-    assert np.any(np.asarray(nearest_seed_labels(padded, COARSE_SEEDS)) == COARSE_SEEDS)
+    # Whether a seed (every 15th row in reverse Cuthill-McKee order) falls in a small component depends on where
+    # the order puts it, which moves with the last bits of the kNN distances from one CPU to another: the first
+    # draw whose layout leaves a component without a seed is used (about a third of the draws do).
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        x = np.concatenate([rng.normal(size=(4000, 5)), rng.normal(size=(12, 5)) + 100.0,
+                            rng.normal(size=(13, 5)) - 100.0])
+        graph = neighbor_graph(x, 10)
+        if np.any(np.asarray(nearest_seed_labels(as_padded_graph(host_csr(graph)), COARSE_SEEDS)) == COARSE_SEEDS):
+            break
+    else:
+        pytest.fail("no draw left a component without a seed")
     with pytest.warns(DisconnectedGraphWarning):
         ours = compute_diffusion_map(graph, key=jr.key(0))
     kernel = host_csr(graph)
