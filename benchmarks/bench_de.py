@@ -10,16 +10,20 @@
 - KS: our vmapped `ks_statistic` over genes vs a loop of `scipy.stats.ks_2samp`; agreement = genes whose
   statistic differs (exact comparison).
 - PCHA: ours vs py_pcha (np.mat shimmed here) from the same initialisation on a 20-dim PCA of the cells with 5
-  archetypes; agreement = difference in variance explained.
+  archetypes; agreement = difference in variance explained. Two rows: `dtype` float64 (both tools on the float64
+  PCs) and float32 (both given the PCs as float32, ours with JAX's x64 off, as `dbx.tl.archetypes` runs by default:
+  ours computes in float32, py_pcha upcasts to float64 as it always does).
 
 Times are warm (ours compiled by a first call, whose extra time is reported as compile_s); ours and the reference
 are timed in interleaved rounds (`--rounds`, default 3): `ours_s` / `reference_s` are the medians and `speedup` the
-median of the per-round ratios, with its range in `speedup_rounds`. float64 (x64) throughout.
+median of the per-round ratios, with its range in `speedup_rounds`. x64 on; float64 throughout except
+PCHA's float32 row.
 
 Usage: `python benchmarks/bench_de.py [--cells 10000] [--genes 2000] [--rounds 3] [--out benchmarks/results]`.
 """
 
 import argparse
+import functools
 import os
 import pathlib
 import sys
@@ -179,28 +183,40 @@ def bench_ks(n_cells: int, n_genes: int) -> dict:
     return row
 
 
-def bench_pcha(n_cells: int, n_archetypes: int = 5) -> dict:
+@functools.cache
+def _pcha_input(n_cells: int) -> np.ndarray:
+    """A 20-dim PCA (float64) of the 500 most variable genes of log-normalised simulated counts."""
+    counts, _, _ = simulated_counts(n_cells, n_genes=2000, n_groups=5)
+    logged = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
+    centred = logged - logged.mean(axis=0)
+    u, s, _ = np.linalg.svd(centred[:, np.argsort(-centred.var(axis=0))[:500]], full_matrices=False)
+    return u[:, :20] * s[:20]
+
+
+def bench_pcha(n_cells: int, dtype: str = "float64", n_archetypes: int = 5) -> dict:
     np.mat = np.asmatrix  # py_pcha 0.1.3 needs it under NumPy 2 (shim for the reference only)
     from py_pcha import PCHA
 
     from diffbio_eqx._archetypes._pcha import pcha_from, supported_xla_options
 
-    counts, _, _ = simulated_counts(n_cells, n_genes=2000, n_groups=5)
-    logged = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
-    centred = logged - logged.mean(axis=0)
-    u, s, _ = np.linalg.svd(centred[:, np.argsort(-centred.var(axis=0))[:500]], full_matrices=False)
-    x = (u[:, :20] * s[:20]).astype(np.float64)
+    x = _pcha_input(n_cells).astype(dtype)
     np.random.seed(0)  # py_pcha's draws, taken in its order, as our initialisation
     first = int(np.ceil(n_cells * np.random.rand()))
-    s0 = -np.log(np.random.random((n_archetypes, n_cells)))
+    s0 = -np.log(np.random.random((n_archetypes, n_cells))).astype(dtype)
     fn = jax.jit(pcha_from, compiler_options=supported_xla_options())  # as `pcha` compiles it
 
     def reference():
         np.random.seed(0)
         return PCHA(x.T, n_archetypes)[4]
 
-    result, theirs, timing = _interleaved(lambda: fn(jnp.asarray(x), jnp.asarray(first), jnp.asarray(s0)), reference)
-    row = {"task": "pcha", "n_cells": n_cells, "n_genes": 2000, "n_dims": 20, "n_archetypes": n_archetypes, **timing,
+    def ours():
+        # float32 as a user runs it, JAX's x64 off (this script turns it on for the float64 rows)
+        with jax.enable_x64(dtype == "float64"):
+            return fn(jnp.asarray(x), jnp.asarray(first), jnp.asarray(s0))
+
+    result, theirs, timing = _interleaved(ours, reference)
+    row = {"task": "pcha", "dtype": dtype, "n_cells": n_cells, "n_genes": 2000, "n_dims": 20,
+           "n_archetypes": n_archetypes, **timing,
            "variance_explained": float(result.variance_explained), "reference_variance_explained": float(theirs),
            "n_iter": int(result.n_iter)}
     print(row, flush=True)
@@ -216,14 +232,16 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     parser.add_argument("--only", nargs="*", default=["markers", "pseudobulk", "ks", "pcha"])
     parser.add_argument("--marker-methods", nargs="*", default=["wilcoxon", "t-test"])
+    parser.add_argument("--pcha-dtypes", nargs="*", default=["float64", "float32"])
     args = parser.parse_args()
     ROUNDS = args.rounds
     path = args.out / "de.json"
     sections = {"markers": lambda: bench_markers(args.cells, args.genes, args.marker_methods),
                 "pseudobulk": lambda: [bench_pseudobulk(args.cells, args.genes)],
-                "ks": lambda: [bench_ks(args.cells, args.genes)], "pcha": lambda: [bench_pcha(args.cells)]}
+                "ks": lambda: [bench_ks(args.cells, args.genes)],
+                "pcha": lambda: [bench_pcha(args.cells, dtype) for dtype in args.pcha_dtypes]}
     for name in args.only:  # written after each section, merged with the runs of other sizes already there
-        runs = merge_runs(path, sections[name](), ("task", "n_cells", "n_genes"))
+        runs = merge_runs(path, sections[name](), ("task", "n_cells", "n_genes", "dtype"))
         write_json(path, {"environment": environment("scanpy", "pydeseq2", "scipy", "py_pcha"), "runs": runs})
 
 

@@ -46,6 +46,10 @@ def test_pcha_equals_py_pcha_from_the_same_initialisation(simulated):
             [int(i) for i in reference_furthest_sum(x.T, 3, [start])]
         ours = pcha_from(jnp.asarray(x), jnp.asarray(start), jnp.asarray(s0))
         assert abs(float(ours.variance_explained) - theirs) <= 0.005 * theirs
+        # float32, the dtype `dbx.tl.archetypes` runs in by default (py_pcha always computes in float64)
+        ours32 = pcha_from(jnp.asarray(x, jnp.float32), jnp.asarray(start), jnp.asarray(s0, jnp.float32))
+        assert ours32.weights.dtype == jnp.float32
+        assert abs(float(ours32.variance_explained) - theirs) <= 0.005 * theirs
 
 
 def test_c_steps_on_candidate_cells_equal_steps_on_all_cells():

@@ -156,15 +156,18 @@ def s_update(s, xct_x, ct_xt_xc, mu, sst, sse, n_steps: int):
     operands = (b, a, inv_scale, valid, sse.dtype)
 
     def step(state, _):
-        s, sse, m = state
-        s, change = _s_sweep(s, operands, m, m * 1.2)
+        s, scratch, sse, m, _, _ = state
+        s, scratch, change = _s_sweep(s, scratch, operands, m, m * 1.2)
         trial = lambda mu: (sse + _s_trial(s, operands, mu), ())
-        m, sse, _ = _line_search(trial, sse, m * 1.2, first=(sse + change, ()))
-        return (s, sse, m), None
+        m_next, sse_next, _ = _line_search(trial, sse, m * 1.2, first=(sse + change, ()))
+        return (s, scratch, sse_next, m_next, sse, m), None
 
     m, sse, _ = _line_search(lambda mu: (sse + _s_trial(s, operands, mu), ()), sse, mu)
-    s, sse, m = jax.lax.scan(step, (s, sse, m), length=n_steps - 1)[0]
-    return _s_sweep(s, operands, m, None)[0], sse, m * 1.2
+    scratch = (jnp.zeros(valid.shape, wd),) * 3  # the sweeps' buffers (`_s_sweep`), written before read
+    # every sweep in the scan, the last one's line search for a step not taken (its first trial is the sweep's):
+    # a sweep after the scan wrote each block through a copy of S
+    s, _, _, _, sse, m = jax.lax.scan(step, (s, scratch, sse, m, sse, m), length=n_steps)[0]
+    return s, sse, m * 1.2
 
 
 def _s_trial(s, operands, m) -> Array:
@@ -180,30 +183,39 @@ def _s_trial(s, operands, m) -> Array:
     return jax.lax.fori_loop(0, s.shape[0], block, jnp.zeros((), sum_dtype))
 
 
-def _s_sweep(s, operands, m, mu_next):
+def _s_sweep(s, scratch, operands, m, mu_next):
     """S after a step of size `m`, formed block by block in place, with the next step's SSE change at `mu_next`
-    (summed over the blocks; 0 when `mu_next` is None). A block's column sums (`_s_column_sums`) go to the loop's
-    carry and its rows are formed (and their trial taken) in the next iteration: carried, the sums are formed
-    once, where XLA otherwise recomputed them inside each row."""
+    (summed over the cells; 0 when `mu_next` is None). A block's column sums (`_s_column_sums`) are formed once
+    and its rows (and their trial) in the next iteration. The sums and the per-cell changes are written in place
+    into buffers of the loop: XLA CPU splits a block's fused loop over threads unless it writes in place, and that
+    split cost more than it saved (a step took 0.79 ms on one core, 1.0 ms on two, at 100,000 cells)."""
     b, a, inv_scale, valid, sum_dtype = operands
     wd, n_blocks, k = s.dtype, s.shape[0], s.shape[1]
     m = m.astype(wd)
     rows = lambda v, j: [v[j, i] for i in range(k)]
 
-    def finish(j, s, sums, total):
-        new = _s_rows(rows(s, j), rows(b, j), a, inv_scale, m, *sums)
+    def finish(j, s, sums, changes):
+        new = _s_rows(rows(s, j), rows(b, j), a, inv_scale, m, sums[0][j], sums[1][j])
         if mu_next is not None:
-            change = _s_change(new, rows(b, j), a, inv_scale, mu_next.astype(wd))
-            total = total + jnp.sum(jnp.where(valid[j], change, 0.0).astype(sum_dtype))
-        return s.at[j].set(jnp.stack(new)), total
+            changes = changes.at[j].set(_s_change(new, rows(b, j), a, inv_scale, mu_next.astype(wd)))
+        return s.at[j].set(jnp.stack(new)), changes
+
+    def with_sums(j, s, sums):  # each sum written on its own: stacked, XLA formed `along` twice
+        along, total = _s_column_sums(rows(s, j), rows(b, j), a, inv_scale, m)
+        return sums[0].at[j].set(along), sums[1].at[j].set(total)
 
     def block(j, state):
-        s, total = finish(j - 1, *state)
-        # read from the written S: reading the block before the write made XLA copy S to keep it
-        return s, _s_column_sums(rows(s, j), rows(b, j), a, inv_scale, m), total
+        s, sums, changes = state
+        s, changes = finish(j - 1, s, sums, changes)
+        # read from the written S: reading the block before the write made XLA copy S to keep it (the last
+        # iteration forms the last block's sums again, unused: a step after the loop copied S)
+        return s, with_sums(jnp.minimum(j, n_blocks - 1), s, sums), changes
 
-    init = (s, _s_column_sums(rows(s, 0), rows(b, 0), a, inv_scale, m), jnp.zeros((), sum_dtype))
-    return finish(n_blocks - 1, *jax.lax.fori_loop(1, n_blocks, block, init))
+    along, total, changes = scratch
+    s, sums, changes = jax.lax.fori_loop(1, n_blocks + 1, block, (s, with_sums(0, s, (along, total)), changes))
+    # summed as a product with ones: XLA CPU's reduction loop ran 3x slower on 106,496 floats
+    masked = jnp.where(valid, changes, 0.0).astype(sum_dtype)
+    return s, (*sums, changes), jnp.sum(masked @ jnp.ones(masked.shape[1], sum_dtype))
 
 
 def _c_line_search(xt, c, g, xst, sst_mat, mu, sst, sse):
@@ -303,7 +315,9 @@ def _c_step(data, norms, xst, c, xc, sst_mat, mu, sst, sse, cand: Candidates):
         return c.at[:, cand.idx].set(ck, mode="drop"), xc_new, sse_new, mu_new, cand
 
     def on_all():
-        theta = _outside_margin(xt, r, t, norms, cand.inside)
+        # the margin only where the candidates fit (else they are chosen anew, or the step runs on all cells)
+        theta = jax.lax.cond(cand.fits, lambda: _outside_margin(xt, r, t, norms, cand.inside),
+                             lambda: jnp.zeros((), xt.dtype))
         held = Candidates(idx=cand.idx, inside=cand.inside, cols=cand.cols, r0=r, t0=t, theta=theta, fits=cand.fits)
 
         def anew():
