@@ -218,21 +218,22 @@ def _s_sweep(s, scratch, operands, m, mu_next):
     return s, (*sums, changes), jnp.sum(masked @ jnp.ones(masked.shape[1], sum_dtype))
 
 
-def _c_line_search(xt, c, g, xst, sst_mat, mu, sst, sse):
-    """py_pcha's line search on C `(k, m)` over the columns `xt` `(n_dims, m)` it weighs, along the gradient `g`:
-    the proposal $\\max(C - \\mu g, 0)$ with each archetype's weights renormalised (plus eps, as py_pcha), its
-    archetypes $XC$ one product per trial (of the unnormalised proposal, then divided by its column sums).
+def _c_line_search(xt1, c, g, xst, sst_mat, mu, sst, sse):
+    """py_pcha's line search on C `(k, m)` over the columns `xt1` `(n_dims + 1, m)` it weighs (each with a 1
+    appended, 0 for padding), along the gradient `g`: the proposal $\\max(C - \\mu g, 0)$ with each archetype's
+    weights renormalised (plus eps, as py_pcha). One product per trial gives its archetypes $XC$ and, from the
+    appended row, the column sums they are divided by (XLA CPU's reduction loops are slower than the product).
     Returns the accepted C, its $XC$, SSE and the next step size."""
-    eps = jnp.finfo(xt.dtype).eps
+    eps = jnp.finfo(xt1.dtype).eps
 
     def sse_at(m):
-        u = jnp.maximum(c - m * g, 0.0)
-        xc_new = (xt @ u.T) / (jnp.sum(u, axis=1) + eps)[None, :]
-        return _sse(sst, xc_new, xst, xc_new.T @ xc_new, sst_mat), xc_new
+        product = xt1 @ jnp.maximum(c - m * g, 0.0).T
+        totals = product[-1] + eps
+        xc_new = product[:-1] / totals[None, :]
+        return _sse(sst, xc_new, xst, xc_new.T @ xc_new, sst_mat), (xc_new, totals)
 
-    m, sse, xc = _line_search(sse_at, sse, mu)
-    u = jnp.maximum(c - m * g, 0.0)
-    return u / (jnp.sum(u, axis=1, keepdims=True) + eps), xc, sse, m * 1.2
+    m, sse, (xc, totals) = _line_search(sse_at, sse, mu)
+    return jnp.maximum(c - m * g, 0.0) / totals[:, None], xc, sse, m * 1.2
 
 
 class Candidates(eqx.Module):
@@ -245,7 +246,7 @@ class Candidates(eqx.Module):
 
     idx: Int[Array, " capacity"]
     inside: Bool[Array, " n_cells"]
-    cols: Float[Array, "n_dims capacity"]
+    cols: Float[Array, "n_dims_1 capacity"]
     r0: Float[Array, "n_dims k"]
     t0: Float[Array, " k"]
     theta: Float[Array, ""]
@@ -255,12 +256,12 @@ class Candidates(eqx.Module):
 def no_candidates(n_cells: int, n_dims: int, k: int, capacity: int, dtype) -> Candidates:
     """Candidates that never hold (the first C step computes the gradient on all cells)."""
     return Candidates(idx=jnp.full(capacity, n_cells), inside=jnp.zeros(n_cells, bool),
-                      cols=jnp.zeros((n_dims, capacity), dtype), r0=jnp.zeros((n_dims, k), dtype),
+                      cols=jnp.zeros((n_dims + 1, capacity), dtype), r0=jnp.zeros((n_dims, k), dtype),
                       t0=jnp.zeros(k, dtype), theta=jnp.zeros((), dtype), fits=jnp.asarray(False))
 
 
-def candidates(x, g, c, r, t, norms, capacity: int, stride: int = 16) -> Candidates:
-    """`Candidates` at the residual `r` (gradient `g` `(k, n_cells)`; `x` the cells as rows): the cells with
+def candidates(x1, g, c, r, t, norms, capacity: int, stride: int = 16) -> Candidates:
+    """`Candidates` at the residual `r` (gradient `g` `(k, n_cells)`; `x1` the augmented cells as rows): the cells with
     $C_{in} > 0$ or $\\min_i g_{in} / (1 + \\|x_n\\|) < \\theta$, $\\theta$ set by 30 bisections on every
     `stride`-th cell to keep about three quarters of the capacity (`fits` False if the cells exceed it)."""
     n = g.shape[1]
@@ -280,16 +281,16 @@ def candidates(x, g, c, r, t, norms, capacity: int, stride: int = 16) -> Candida
     idx = jax.lax.cond(fits, lambda: jnp.nonzero(mask, size=capacity, fill_value=n)[0],
                        lambda: jnp.full(capacity, n))
     # gathered as rows of `x`: gathering columns of `x.T` took 4x as long
-    cols = x.at[idx].get(mode="fill", fill_value=0).T
+    cols = x1.at[idx].get(mode="fill", fill_value=0).T
     return Candidates(idx=idx, inside=mask, cols=cols, r0=r, t0=t, theta=theta, fits=fits)
 
 
-def _outside_margin(xt, r, t, norms, inside):
+def _outside_margin(xt1, r, t, norms, inside):
     """$\\min_n \\min_i g_{in} / (1 + \\|x_n\\|)$ over the cells outside `inside`, with C's gradient
     $g_{in} = r_i \\cdot x_n - t_i$ written as sums over the dimensions, so that XLA makes one pass over `xt` (a
     dot product of `r` and `xt` took over twice as long)."""
-    k, n_dims = r.shape[1], xt.shape[0]
-    g = [_add([r[d, i] * xt[d] for d in range(n_dims)]) - t[i] for i in range(k)]
+    n_dims, k = r.shape
+    g = [_add([r[d, i] * xt1[d] for d in range(n_dims)]) - t[i] for i in range(k)]
     return jnp.min(jnp.where(inside, jnp.inf, functools.reduce(jnp.minimum, g) / (1.0 + norms)))
 
 
@@ -297,38 +298,39 @@ def _c_step(data, norms, xst, c, xc, sst_mat, mu, sst, sse, cand: Candidates):
     """One C step (py_pcha's), its line search on the candidate cells only while `cand` holds by its bound. Else
     the gradient on all cells: if it is positive outside the candidates, they still hold, with the bound taken
     afresh at this residual (no new selection); if not, they are chosen anew (or the step runs on all cells).
-    `data`: the cells as rows `(n_cells, n_dims)` and as columns `(n_dims, n_cells)`."""
-    x, xt = data
-    n, capacity = xt.shape[1], cand.idx.shape[0]
+    `data`: the cells as rows `(n_cells, n_dims + 1)` and as columns `(n_dims + 1, n_cells)`, a 1 appended to each
+    cell (`augmented`)."""
+    x1, xt1 = data
+    capacity = cand.idx.shape[0]
     r = (xc @ sst_mat - xst) / sst
     t = jnp.sum(r * xc, axis=0)
+    r1 = jnp.concatenate([r, -t[None, :]])  # the gradient $r \cdot x - t$ as one product with the augmented cells
     drift = jnp.maximum(jnp.max(jnp.sqrt(jnp.sum((r - cand.r0) ** 2, axis=0))), jnp.max(t - cand.t0))
     take = lambda a, cand: a.at[:, cand.idx].get(mode="fill", fill_value=0)
-    # the gradient on the candidates as sums over the dimensions (one pass; a dot product took 3x as long)
-    grad = lambda cand: jnp.stack([_add([r[d, i] * cand.cols[d] for d in range(r.shape[0])]) - t[i]
-                                   for i in range(r.shape[1])])
+    # the gradient on the candidates as sums over the dimensions (one pass; a dot product took 3x as long), 0 on
+    # the padding (its columns are 0)
+    grad = lambda cand: jnp.stack([_add([r1[d, i] * cand.cols[d] for d in range(r1.shape[0])])
+                                   for i in range(r1.shape[1])])
 
     def on_candidates(cand, g_k):
-        valid = (cand.idx < n)[None, :]
-        ck, xc_new, sse_new, mu_new = _c_line_search(cand.cols, jnp.where(valid, take(c, cand), 0.0),
-                                                     jnp.where(valid, g_k, 0.0), xst, sst_mat, mu, sst, sse)
+        ck, xc_new, sse_new, mu_new = _c_line_search(cand.cols, take(c, cand), g_k, xst, sst_mat, mu, sst, sse)
         return c.at[:, cand.idx].set(ck, mode="drop"), xc_new, sse_new, mu_new, cand
 
     def on_all():
         # the margin only where the candidates fit (else they are chosen anew, or the step runs on all cells)
-        theta = jax.lax.cond(cand.fits, lambda: _outside_margin(xt, r, t, norms, cand.inside),
-                             lambda: jnp.zeros((), xt.dtype))
+        theta = jax.lax.cond(cand.fits, lambda: _outside_margin(xt1, r, t, norms, cand.inside),
+                             lambda: jnp.zeros((), xt1.dtype))
         held = Candidates(idx=cand.idx, inside=cand.inside, cols=cand.cols, r0=r, t0=t, theta=theta, fits=cand.fits)
 
         def anew():
-            g = r.T @ xt - t[:, None]
+            g = r1.T @ xt1
             # more cells already weigh in C than the capacity holds (the first iterations): no selection can fit
             crowded = jnp.sum(jnp.any(c > 0, axis=0)) > capacity
             none = Candidates(idx=cand.idx, inside=cand.inside, cols=cand.cols, r0=r, t0=t, theta=theta,
                               fits=jnp.asarray(False))
-            new = jax.lax.cond(crowded, lambda: none, lambda: candidates(x, g, c, r, t, norms, capacity))
+            new = jax.lax.cond(crowded, lambda: none, lambda: candidates(x1, g, c, r, t, norms, capacity))
             return jax.lax.cond(new.fits, lambda: on_candidates(new, take(g, new)),
-                                lambda: (*_c_line_search(xt, c, g, xst, sst_mat, mu, sst, sse), new))
+                                lambda: (*_c_line_search(xt1, c, g, xst, sst_mat, mu, sst, sse), new))
 
         return jax.lax.cond(cand.fits & (theta > 0), lambda: on_candidates(held, grad(held)), anew)
 
@@ -340,7 +342,7 @@ def c_update(data, norms, xst, sst_mat, sst, state: tuple, n_steps: int):
     carrying $XC$ `(n_dims, k)` from step to step as py_pcha does. The gradient
     $(X^\\top X C SS^\\top - X^\\top X S^\\top)/\\mathrm{SST}$ is $X^\\top r - t$ with
     $r = (XC\\,SS^\\top - XS^\\top)/\\mathrm{SST}$ and its simplex component $t = r \\cdot XC$ per archetype;
-    it is formed on the `Candidates` cells only while they hold (`_c_step`). `data`: `(x, x.T)`. `state`: `(C, XC,
+    it is formed on the `Candidates` cells only while they hold (`_c_step`). `data`: `augmented(x)`. `state`: `(C, XC,
     SSE, step size, Candidates)`, returned after the steps."""
 
     def step(state, _):
@@ -348,6 +350,14 @@ def c_update(data, norms, xst, sst_mat, sst, state: tuple, n_steps: int):
         return _c_step(data, norms, xst, c, xc, sst_mat, mu, sst, sse, cand), None
 
     return jax.lax.scan(step, state, length=n_steps)[0]
+
+
+def augmented(x: Float[Array, "n_cells n_dims"]) -> tuple[Float[Array, "n_cells n_dims_1"],
+                                                          Float[Array, "n_dims_1 n_cells"]]:
+    """The cells with a 1 appended, as rows and as columns: one product with them gives the C gradient's offset
+    (`_c_step`) or the proposal's column sums (`_c_line_search`) beside the product with X."""
+    x1 = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
+    return x1, x1.T
 
 
 class PCHAResult(eqx.Module):
@@ -392,6 +402,8 @@ def pcha_from(
     n_cells, n_dims = x.shape
     capacity = min(n_cells, max(512, n_cells // 16)) if capacity is None else capacity
     cand = no_candidates(n_cells, n_dims, n_archetypes, capacity, x.dtype)
+    x1, xt1 = augmented(x)
+    zero_row = jnp.zeros((1, n_archetypes), x.dtype)
 
     def cond(state):
         sse, d_sse, it = state[3], state[4], state[7]
@@ -400,11 +412,11 @@ def pcha_from(
     def body(state):
         c, xc, s, sse, _, mu_c, mu_s, it, cand = state
         s_x = from_blocks(s, n_cells).astype(x.dtype)
-        xst, sst_mat = xt @ s_x.T, s_x @ s_x.T
+        xst, sst_mat = (xt1 @ s_x.T)[:-1], s_x @ s_x.T
         # C's SSE afresh: S's is its sum of changes, which C's line search must not be compared against
         sse_in = _sse(sst, xc, xst, xc.T @ xc, sst_mat)
-        c, xc, sse_c, mu_c, cand = c_update((x, xt), norms, xst, sst_mat, sst, (c, xc, sse_in, mu_c, cand), 10)
-        s, sse_s, mu_s = s_update(s, xc.T @ xt, xc.T @ xc, mu_s, sst, sse_c, 10)
+        c, xc, sse_c, mu_c, cand = c_update((x1, xt1), norms, xst, sst_mat, sst, (c, xc, sse_in, mu_c, cand), 10)
+        s, sse_s, mu_s = s_update(s, jnp.concatenate([xc, zero_row]).T @ xt1, xc.T @ xc, mu_s, sst, sse_c, 10)
         return c, xc, s, sse_s, sse - sse_s, mu_c, mu_s, it + 1, cand
 
     init = (c, xc, s, sse, jnp.asarray(jnp.inf, x.dtype), one, mu_s, jnp.asarray(0), cand)
