@@ -241,12 +241,13 @@ class Candidates(eqx.Module):
     $g_{in} = r_i \\cdot x_n - t_i$ ($t_i = r_i \\cdot (XC)_i$), so by Cauchy-Schwarz a cell outside `idx` (all with
     $g^0_{in} \\ge \\theta (1 + \\|x_n\\|)$ for every archetype $i$ and $C_{in} = 0$) keeps $g_{in} \\ge 0$, hence
     $C_{in} = 0$ after the step, while $\\|r_i - r^0_i\\| \\le \\theta$ and $t_i - t^0_i \\le \\theta$. `idx` is padded
-    with `n_cells` and marked in `inside`; `cols` holds their columns of X (zero for padding), gathered once per
-    selection; `fits` is False when the cells that can move at `r0` outnumber the capacity."""
+    with `n_cells` and marked in `inside`; `rows` holds their rows of the augmented X (`augmented`; zero for
+    padding), gathered once per selection; `fits` is False when the cells that can move at `r0` outnumber the
+    capacity."""
 
     idx: Int[Array, " capacity"]
     inside: Bool[Array, " n_cells"]
-    cols: Float[Array, "n_dims_1 capacity"]
+    rows: Float[Array, "capacity n_dims_1"]
     r0: Float[Array, "n_dims k"]
     t0: Float[Array, " k"]
     theta: Float[Array, ""]
@@ -256,7 +257,7 @@ class Candidates(eqx.Module):
 def no_candidates(n_cells: int, n_dims: int, k: int, capacity: int, dtype) -> Candidates:
     """Candidates that never hold (the first C step computes the gradient on all cells)."""
     return Candidates(idx=jnp.full(capacity, n_cells), inside=jnp.zeros(n_cells, bool),
-                      cols=jnp.zeros((n_dims + 1, capacity), dtype), r0=jnp.zeros((n_dims, k), dtype),
+                      rows=jnp.zeros((capacity, n_dims + 1), dtype), r0=jnp.zeros((n_dims, k), dtype),
                       t0=jnp.zeros(k, dtype), theta=jnp.zeros((), dtype), fits=jnp.asarray(False))
 
 
@@ -280,9 +281,10 @@ def candidates(x1, g, c, r, t, norms, capacity: int, stride: int = 16) -> Candid
     fits = (theta > 0) & (jnp.sum(mask) <= capacity)
     idx = jax.lax.cond(fits, lambda: jnp.nonzero(mask, size=capacity, fill_value=n)[0],
                        lambda: jnp.full(capacity, n))
-    # gathered as rows of `x`: gathering columns of `x.T` took 4x as long
-    cols = x1.at[idx].get(mode="fill", fill_value=0).T
-    return Candidates(idx=idx, inside=mask, cols=cols, r0=r, t0=t, theta=theta, fits=fits)
+    # gathered as rows of `x1` (gathering columns of `x1.T` took 4x as long) and kept so: transposed, they were
+    # copied to and from another layout at every fresh selection
+    rows = x1.at[idx].get(mode="fill", fill_value=0)
+    return Candidates(idx=idx, inside=mask, rows=rows, r0=r, t0=t, theta=theta, fits=fits)
 
 
 def _outside_margin(xt1, r, t, norms, inside):
@@ -308,25 +310,25 @@ def _c_step(data, norms, xst, c, xc, sst_mat, mu, sst, sse, cand: Candidates):
     drift = jnp.maximum(jnp.max(jnp.sqrt(jnp.sum((r - cand.r0) ** 2, axis=0))), jnp.max(t - cand.t0))
     take = lambda a, cand: a.at[:, cand.idx].get(mode="fill", fill_value=0)
     # the gradient on the candidates as sums over the dimensions (one pass; a dot product took 3x as long), 0 on
-    # the padding (its columns are 0)
-    grad = lambda cand: jnp.stack([_add([r1[d, i] * cand.cols[d] for d in range(r1.shape[0])])
+    # the padding (its rows are 0)
+    grad = lambda cand: jnp.stack([_add([r1[d, i] * cand.rows[:, d] for d in range(r1.shape[0])])
                                    for i in range(r1.shape[1])])
 
     def on_candidates(cand, g_k):
-        ck, xc_new, sse_new, mu_new = _c_line_search(cand.cols, take(c, cand), g_k, xst, sst_mat, mu, sst, sse)
+        ck, xc_new, sse_new, mu_new = _c_line_search(cand.rows.T, take(c, cand), g_k, xst, sst_mat, mu, sst, sse)
         return c.at[:, cand.idx].set(ck, mode="drop"), xc_new, sse_new, mu_new, cand
 
     def on_all():
         # the margin only where the candidates fit (else they are chosen anew, or the step runs on all cells)
         theta = jax.lax.cond(cand.fits, lambda: _outside_margin(xt1, r, t, norms, cand.inside),
                              lambda: jnp.zeros((), xt1.dtype))
-        held = Candidates(idx=cand.idx, inside=cand.inside, cols=cand.cols, r0=r, t0=t, theta=theta, fits=cand.fits)
+        held = Candidates(idx=cand.idx, inside=cand.inside, rows=cand.rows, r0=r, t0=t, theta=theta, fits=cand.fits)
 
         def anew():
             g = r1.T @ xt1
             # more cells already weigh in C than the capacity holds (the first iterations): no selection can fit
             crowded = jnp.sum(jnp.any(c > 0, axis=0)) > capacity
-            none = Candidates(idx=cand.idx, inside=cand.inside, cols=cand.cols, r0=r, t0=t, theta=theta,
+            none = Candidates(idx=cand.idx, inside=cand.inside, rows=cand.rows, r0=r, t0=t, theta=theta,
                               fits=jnp.asarray(False))
             new = jax.lax.cond(crowded, lambda: none, lambda: candidates(x1, g, c, r, t, norms, capacity))
             return jax.lax.cond(new.fits, lambda: on_candidates(new, take(g, new)),
