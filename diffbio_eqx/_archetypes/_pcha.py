@@ -123,6 +123,15 @@ def to_blocks(v: Float[Array, "k n_cells"], block: int, fill: float) -> Float[Ar
     return padded.reshape(k, n_blocks, block).transpose(1, 0, 2)
 
 
+def even_block(n_cells: int, largest: int, multiple: int = 128) -> int:
+    """The size of the fewest blocks of at most `largest` cells (rounded up to `multiple`; one block: `n_cells`)
+    that hold `n_cells`: equal blocks, so the last is not mostly padding (10,000 cells: 2 x 5,120, not 2 x 8,192)."""
+    n_blocks = -(-n_cells // largest)
+    if n_blocks == 1:
+        return n_cells
+    return min(largest, -(-(-(-n_cells // n_blocks)) // multiple) * multiple)
+
+
 def from_blocks(v: Float[Array, "n_blocks k block"], n_cells: int) -> Float[Array, "k n_cells"]:
     return v.transpose(1, 0, 2).reshape(v.shape[1], -1)[:, :n_cells]
 
@@ -386,7 +395,8 @@ def pcha_from(
 ) -> PCHAResult:
     """PCHA from a given furthest-sum start cell and initial S (unnormalised, e.g. `-log U`). `capacity`
     (static): how many cells the C steps may restrict themselves to (`Candidates`; default `n_cells / 16`, at
-    least 512); 0 runs every C step on all cells. `block` (static): cells per block of S (`s_update`)."""
+    least 512); 0 runs every C step on all cells. `block` (static): most cells per block of S (`s_update`;
+    `even_block`)."""
     xt = x.T
     s0 = s0.astype(x.dtype)
     n_archetypes = s0.shape[0]
@@ -397,7 +407,7 @@ def pcha_from(
     s = s0 / jnp.sum(s0, axis=0, keepdims=True)
     xct_x, ct_xt_xc = xc.T @ xt, xc.T @ xc
     sse = _sse(sst, xct_x, s, ct_xt_xc, s @ s.T)
-    s = to_blocks(s.astype(work_dtype(x.dtype)), min(block, x.shape[0]), 1.0 / n_archetypes)
+    s = to_blocks(s.astype(work_dtype(x.dtype)), even_block(x.shape[0], block), 1.0 / n_archetypes)
     one = jnp.ones((), x.dtype)
     s, sse, mu_s = s_update(s, xct_x, ct_xt_xc, one, sst, sse, 25)
     norms = jnp.sqrt(jnp.sum(x * x, axis=1))
