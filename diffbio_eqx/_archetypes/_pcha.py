@@ -194,7 +194,7 @@ def _s_trial(s, operands, m) -> Array:
 
 def _s_sweep(s, scratch, operands, m, mu_next):
     """S after a step of size `m`, formed block by block in place, with the next step's SSE change at `mu_next`
-    (summed over the cells; 0 when `mu_next` is None). A block's column sums (`_s_column_sums`) are formed once
+    (summed over the cells). A block's column sums (`_s_column_sums`) are formed once
     and its rows (and their trial) in the next iteration. The sums and the per-cell changes are written in place
     into buffers of the loop: XLA CPU splits a block's fused loop over threads unless it writes in place, and that
     split cost more than it saved (a step took 0.79 ms on one core, 1.0 ms on two, at 100,000 cells)."""
@@ -205,8 +205,7 @@ def _s_sweep(s, scratch, operands, m, mu_next):
 
     def finish(j, s, sums, changes):
         new = _s_rows(rows(s, j), rows(b, j), a, inv_scale, m, sums[0][j], sums[1][j])
-        if mu_next is not None:
-            changes = changes.at[j].set(_s_change(new, rows(b, j), a, inv_scale, mu_next.astype(wd)))
+        changes = changes.at[j].set(_s_change(new, rows(b, j), a, inv_scale, mu_next.astype(wd)))
         return s.at[j].set(jnp.stack(new)), changes
 
     def with_sums(j, s, sums):  # each sum written on its own: stacked, XLA formed `along` twice
@@ -298,8 +297,8 @@ def candidates(x1, g, c, r, t, norms, capacity: int, stride: int = 16) -> Candid
 
 def _outside_margin(xt1, r, t, norms, inside):
     """$\\min_n \\min_i g_{in} / (1 + \\|x_n\\|)$ over the cells outside `inside`, with C's gradient
-    $g_{in} = r_i \\cdot x_n - t_i$ written as sums over the dimensions, so that XLA makes one pass over `xt` (a
-    dot product of `r` and `xt` took over twice as long)."""
+    $g_{in} = r_i \\cdot x_n - t_i$ written as sums over the dimensions, so that XLA makes one pass over the
+    augmented columns `xt1` (their last row unused; a dot product of `r` and the columns took over twice as long)."""
     n_dims, k = r.shape
     g = [_add([r[d, i] * xt1[d] for d in range(n_dims)]) - t[i] for i in range(k)]
     return jnp.min(jnp.where(inside, jnp.inf, functools.reduce(jnp.minimum, g) / (1.0 + norms)))
