@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 import diffbio_eqx as dbx
-from diffbio_eqx._archetypes._pcha import furthest_sum, pcha, pcha_from
+from diffbio_eqx._archetypes._pcha import even_block, furthest_sum, pcha, pcha_from
 from diffbio_eqx._simulate._de import simulate_archetypes
 
 
@@ -50,6 +50,15 @@ def test_pcha_equals_py_pcha_from_the_same_initialisation(simulated):
         ours32 = pcha_from(jnp.asarray(x, jnp.float32), jnp.asarray(start), jnp.asarray(s0, jnp.float32))
         assert ours32.weights.dtype == jnp.float32
         assert abs(float(ours32.variance_explained) - theirs) <= 0.005 * theirs
+
+
+def test_even_block_holds_the_cells_in_the_fewest_near_equal_blocks():
+    for n_cells in (1, 100, 8192, 8193, 10_000, 100_000, 1_000_000):
+        block = even_block(n_cells, 8192)
+        n_blocks = -(-n_cells // block)
+        assert block <= 8192 and n_blocks == -(-n_cells // 8192)  # the fewest blocks of at most 8,192 cells
+        assert block == n_cells or block % 128 == 0
+        assert n_blocks * block - n_cells < 128 * n_blocks  # padding under one multiple of 128 per block
 
 
 def test_c_steps_on_candidate_cells_equal_steps_on_all_cells():

@@ -129,7 +129,8 @@ def even_block(n_cells: int, largest: int, multiple: int = 128) -> int:
     n_blocks = -(-n_cells // largest)
     if n_blocks == 1:
         return n_cells
-    return min(largest, -(-(-(-n_cells // n_blocks)) // multiple) * multiple)
+    per_block = -(-n_cells // n_blocks)
+    return min(largest, -(-per_block // multiple) * multiple)
 
 
 def from_blocks(v: Float[Array, "n_blocks k block"], n_cells: int) -> Float[Array, "k n_cells"]:
