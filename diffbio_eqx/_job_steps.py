@@ -244,8 +244,9 @@ class StepsDone:
                 values = np.full(out.n_obs, np.nan)
                 values[kept] = np.asarray(column, dtype=float)
                 out.obs[name] = values
-        for store, source in ((out.obsm, result.obsm), (out.layers, result.layers)):
-            for name in source.keys():
+        parts = ((out.obsm, result.obsm, list(result.obsm.keys())), (out.layers, result.layers, io.layer_names(result)))
+        for store, source, names in parts:
+            for name in names:
                 if name in store:
                     continue
                 value: Any = source[name]

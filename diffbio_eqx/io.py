@@ -163,6 +163,17 @@ def profile_by_gene(adata: ad.AnnData, profile: Any, *, field: str = "ambient_pr
     return values if columns is None else values[columns]
 
 
+def layer_names(adata: ad.AnnData) -> list[str]:
+    """The names of `adata`'s layers, sorted (anndata 0.13 also lists `X` in `layers`, under the key None)."""
+    return sorted(name for name in adata.layers.keys() if name is not None)
+
+
+def check_layer(adata: ad.AnnData, layer: str) -> None:
+    """A `ValueError` naming `layer` and the layers there are when `adata` has no such layer."""
+    if layer not in layer_names(adata):
+        raise ValueError(f"layer: {layer!r} is not in adata.layers (has {layer_names(adata)})")
+
+
 def counts_matrix(adata: ad.AnnData, *, layer: str | None = None, use_raw: bool = False) -> tuple[Any, str, pd.Index]:
     """The matrix that holds the counts, where it is (for messages) and its gene names: `adata.X`,
     `adata.layers[layer]` or `adata.raw.X` (with `adata.raw.var_names`)."""
@@ -175,8 +186,7 @@ def counts_matrix(adata: ad.AnnData, *, layer: str | None = None, use_raw: bool 
     elif layer is None:
         matrix, field, names = adata.X, "adata.X", adata.var_names
     else:
-        if layer not in adata.layers:
-            raise ValueError(f"layer: {layer!r} is not in adata.layers (has {sorted(adata.layers.keys())})")
+        check_layer(adata, layer)
         matrix, field, names = adata.layers[layer], f"adata.layers[{layer!r}]", adata.var_names
     if matrix is None:
         raise ValueError(f"{field}: is empty (None)")
@@ -199,7 +209,7 @@ def count_sources(adata: ad.AnnData) -> list[tuple[str, dict[str, Any]]]:
     """Where `adata` holds whole-number counts besides `X`: `layers["counts"]` (scvi-tools' convention), any
     other layer, then `.raw` (scanpy's), as `(field, from_anndata keywords)` pairs."""
     found = []
-    for name in sorted(adata.layers.keys(), key=lambda name: name != "counts"):
+    for name in sorted(layer_names(adata), key=lambda name: name != "counts"):
         if _whole_numbers(adata.layers[name])[0] is True:
             found.append((f"adata.layers[{name!r}]", {"layer": name}))
     if adata.raw is not None and _whole_numbers(adata.raw.X)[0] is True:
@@ -386,7 +396,8 @@ def _shallow_copy(adata: ad.AnnData, *, matrices: bool = True) -> ad.AnnData:
     parts: dict[str, Any] = {
         "X": adata.X if matrices else None, "obs": adata.obs.copy(), "var": adata.var.copy(),
         "uns": copying.deepcopy(dict(adata.uns)), "obsm": dict(adata.obsm), "varm": dict(adata.varm),
-        "obsp": dict(adata.obsp), "varp": dict(adata.varp), "layers": dict(adata.layers) if matrices else None,
+        "obsp": dict(adata.obsp), "varp": dict(adata.varp),
+        "layers": {name: adata.layers[name] for name in layer_names(adata)} if matrices else None,
         "raw": adata.raw if matrices else None,
     }
     return ad.AnnData(**parts)
@@ -511,7 +522,7 @@ def read_h5ad(path: str | os.PathLike[str]) -> ad.AnnData:
                     "X": read_matrix_in_chunks(backed.X), "obs": backed.obs.copy(), "var": backed.var.copy(),
                     "uns": dict(backed.uns), "obsm": dict(backed.obsm), "varm": dict(backed.varm),
                     "obsp": dict(backed.obsp), "varp": dict(backed.varp),
-                    "layers": {name: backed.layers[name] for name in backed.layers.keys()},
+                    "layers": {name: backed.layers[name] for name in layer_names(backed)},
                 }
                 return ad.AnnData(**parts)
         finally:

@@ -37,7 +37,7 @@ from ._imputation import (
     magic as magic_impute,
 )
 from ._vae._stage import VAENormalizer, fit_vae
-from .io import from_anndata, gene_columns, profile_by_gene, to_anndata
+from .io import check_layer, from_anndata, gene_columns, profile_by_gene, to_anndata
 
 
 #: Where `ambient_removal` records its settings.
@@ -183,9 +183,9 @@ def magic(
     check_adata(adata)
     if settings.normalize:
         data = from_anndata(adata, layer=layer).counts
-    elif layer is not None and layer not in adata.layers:
-        raise ValueError(f"layer: {layer!r} is not in adata.layers (has {sorted(adata.layers.keys())})")
     else:
+        if layer is not None:
+            check_layer(adata, layer)
         data = adata.X if layer is None else adata.layers[layer]
     result = magic_impute(data, settings, genes=genes, gene_names=[str(g) for g in adata.var_names], key=key)
     if genes is None:

@@ -46,7 +46,17 @@ from ._trajectory import (
 )
 from ._umap._stage import ParametricUMAP, fit_umap
 from ._vae._stage import VAENormalizer, fit_vae, vae_transform
-from .io import CLUSTER_KEY, LAYER_KEYS, OBSM_KEYS, _batch_codes, counts_matrix, fit_anndata, from_anndata, to_anndata
+from .io import (
+    CLUSTER_KEY,
+    LAYER_KEYS,
+    OBSM_KEYS,
+    _batch_codes,
+    counts_matrix,
+    fit_anndata,
+    from_anndata,
+    layer_names,
+    to_anndata,
+)
 
 
 #: The `obsm` keys Harmony's `use_rep=None` tries, in order (never an already corrected embedding).
@@ -524,8 +534,8 @@ def _expression(adata: ad.AnnData, layer: str | None) -> tuple[Any, pd.Index]:
         return adata.raw.X, adata.raw.var_names
     if layer is None or layer == "X":
         return adata.X, adata.var_names
-    if layer not in adata.layers:
-        raise ValueError(f"layer: {layer!r} is not 'X', 'raw' or one of adata.layers ({list(adata.layers)})")
+    if layer not in layer_names(adata):
+        raise ValueError(f"layer: {layer!r} is not 'X', 'raw' or one of adata.layers ({layer_names(adata)})")
     return adata.layers[layer], adata.var_names
 
 

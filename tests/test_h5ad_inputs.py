@@ -16,6 +16,7 @@ import scipy.sparse as sp
 
 import diffbio_eqx as dx
 from diffbio_eqx import cli
+from diffbio_eqx.io import layer_names
 
 
 EPOCHS = ["--vae-epochs", "2", "--ambient-epochs", "1", "--umap-epochs", "1", "--quiet", "--seed", "1"]
@@ -75,7 +76,8 @@ def test_log_normalised_x_is_refused_naming_the_flag(capsys, pbmc_files, tmp_pat
 def _results(folder: pathlib.Path) -> tuple[dict[str, bytes], bytes]:
     result = ad.read_h5ad(folder / "result.h5ad")
     arrays = {f"obsm/{k}": np.asarray(v).tobytes() for k, v in result.obsm.items()}
-    arrays |= {f"layers/{k}": np.asarray(v).tobytes() for k, v in result.layers.items() if k.startswith("diffbio")}
+    arrays |= {f"layers/{k}": np.asarray(result.layers[k]).tobytes() for k in layer_names(result)
+               if k.startswith("diffbio")}
     arrays["obs/diffbio_cluster"] = result.obs["diffbio_cluster"].to_numpy().astype(str).tobytes()
     return arrays, (folder / "pipeline.eqx").read_bytes()
 

@@ -219,7 +219,7 @@ def test_a_trained_pipeline_matches_new_data_by_gene_name(trained_on_anndata):
     assert list(moved.var_names) == list(pipeline.genes)
     for name in same.obsm:
         assert same.obsm[name].tobytes() == moved.obsm[name].tobytes(), name
-    for name in same.layers:
+    for name in io.layer_names(same):
         assert same.layers[name].tobytes() == moved.layers[name].tobytes(), name
     missing = adata[:, [j for j in range(adata.n_vars) if j != 7]].copy()
     with pytest.raises(ValueError, match=r"^adata.var_names: 1 of the pipeline's 30 genes are missing, first "

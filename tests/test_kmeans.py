@@ -137,15 +137,17 @@ def test_low_temperature_matches_sklearn_inertia(simulated, seed):
 def test_cold_limit_is_lloyd_labels_and_centroids_match_sklearn(simulated, seed):
     """From the same start, soft k-means near T = 0 is Lloyd's algorithm: sklearn's labels and centroids exactly.
 
-    Measured: at T = 1e-4 of the per-cell scale (and colder) every label agrees and centroids agree to 2e-15; at
-    1e-3 of it, 12 clusters still differ on 1% of the cells (soft assignments), which the inertia test allows.
+    Measured: at T = 1e-5 of the per-cell scale (and colder) every label agrees and centroids agree to 2e-15. At
+    1e-4 of it one case of eight (seed 1, 12 clusters, on jax 0.12's draw of the simulated counts without XLA's
+    backend optimisation) split a near-tied cell and ended at another fixed point (16 labels differ; 3e-5 agrees);
+    at 1e-3, 12 clusters still differ on 1% of the cells (soft assignments), which the inertia test allows.
     """
     x, _ = simulated
     xs = np.asarray(x)
     for n_clusters in (5, 12):
         init = kmeans_plus_plus(x, n_clusters, key=jr.key(seed))
         reference = KMeans(n_clusters, init=np.asarray(init), n_init=1, max_iter=300, tol=0, algorithm="lloyd").fit(xs)
-        ours = soft_kmeans(x, init, _per_cell_scale(x) * 1e-4, n_iter=100)
+        ours = soft_kmeans(x, init, _per_cell_scale(x) * 1e-5, n_iter=100)
         labels = np.argmin(cdist(xs, np.asarray(ours.centroids), "sqeuclidean"), axis=1)
         np.testing.assert_array_equal(labels, reference.labels_)
         np.testing.assert_allclose(ours.centroids, reference.cluster_centers_, rtol=0, atol=1e-10)

@@ -6,7 +6,10 @@ and scDD's pattern classes (Korthauer et al. 2016) from per-condition Gaussian m
 `side="right"` as SciPy does; computed from one sort of the pooled values per gene, reading the running counts
 only at the last of each run of ties, so the same integer counts divided by the same sizes give the same floats
 (with the division rounded as IEEE division, which XLA's CPU division is not always: see
-`correctly_rounded_divide`). Exact in float64 (`jax_enable_x64`); float32 inputs round differently.
+`correctly_rounded_divide`). Exact in float64 (`jax_enable_x64`); float32 inputs round differently. SciPy
+changed its rounding in 1.18, so the statistic follows the SciPy installed beside it (`SCIPY_SNAPS_KS`): before
+1.18, $D$ from the ECDFs $c / n$ and, in the exact branch, snapped to the lattice $h / \\mathrm{lcm}(n_1, n_2)$;
+from 1.18, the ECDFs' levels are `linspace(0, 1, n + 1)` ($c \\cdot (1 / n)$, and 1 at $c = n$), never snapped.
 
 **Smooth KS.** The steps $\\mathbb 1[x_j \\le x]$ become $\\sigma((x - x_j) / h)$ and the maximum a
 log-sum-exp at temperature $\\tau$; it tends to $D$ as $h, \\tau \\to 0$ and is differentiable in the data.
@@ -22,6 +25,8 @@ in the other -> DM, else DB. scDD fits Dirichlet-process mixtures with a Bayesia
 the number of modes is the simplification here.
 """
 
+from importlib import metadata
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -32,6 +37,19 @@ from ._markers import benjamini_hochberg
 
 
 PATTERNS = ("EE", "DE", "DP", "DM", "DB")
+
+
+def _scipy_before_1_18() -> bool:
+    try:
+        major, minor = (int(part) for part in metadata.version("scipy").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) < (1, 18)
+
+
+#: Whether the installed SciPy's `ks_2samp` divides counts by the sample sizes and snaps D to the lattice (before
+#: 1.18) rather than reading ECDF levels from `linspace` (1.18 on): which of the two `ks_statistic` reproduces.
+SCIPY_SNAPS_KS = _scipy_before_1_18()
 
 
 def _two_product(a: Float[Array, "*shape"], b: Float[Array, "*#shape"]):
@@ -63,19 +81,27 @@ def _sorted_counts(values: Float[Array, " n"], first: Bool[Array, " n"], used: B
     return v, in_first, in_second, last_of_run
 
 
+def _ecdf_level(counts: Float[Array, " n"], size: Float[Array, ""]) -> Float[Array, " n"]:
+    """SciPy 1.18's ECDF values `linspace(0, 1, size + 1)[counts]`: `counts * (1 / size)`, exactly 1 at `size`."""
+    return jnp.where(counts == size, 1.0, counts * correctly_rounded_divide(jnp.ones_like(size), size))
+
+
 def ks_statistic(
     values: Float[Array, " n"], first: Bool[Array, " n"], used: Bool[Array, " n"] | None = None
 ) -> Float[Array, ""]:
     """`scipy.stats.ks_2samp(values[first & used], values[~first & used]).statistic`, exactly.
 
-    Where SciPy's `method="auto"` takes the exact distribution (both samples of at most 10,000 values), it
-    snaps $D$ to the lattice $h / \\mathrm{lcm}(n_1, n_2)$; $h = \\max |c_1 n_2 - c_2 n_1| / \\gcd(n_1, n_2)$ is
-    computed here in exact integer arithmetic, then divided as SciPy divides.
+    Before SciPy 1.18 (`SCIPY_SNAPS_KS`), where `method="auto"` takes the exact distribution (both samples of at
+    most 10,000 values), SciPy snaps $D$ to the lattice $h / \\mathrm{lcm}(n_1, n_2)$;
+    $h = \\max |c_1 n_2 - c_2 n_1| / \\gcd(n_1, n_2)$ is computed here in exact integer arithmetic, then divided as
+    SciPy divides. From 1.18 SciPy returns the unsnapped difference of its `linspace` ECDF levels.
     """
     used = jnp.ones_like(first) if used is None else used
     _, in_first, in_second, last = _sorted_counts(values, first, used)
     c1, c2 = jnp.cumsum(in_first), jnp.cumsum(in_second)
     n1, n2 = jnp.sum(in_first), jnp.sum(in_second)
+    if not SCIPY_SNAPS_KS:
+        return jnp.max(jnp.where(last, jnp.abs(_ecdf_level(c1, n1) - _ecdf_level(c2, n2)), 0.0))
     raw = jnp.max(jnp.where(last, jnp.abs(correctly_rounded_divide(c1, n1) - correctly_rounded_divide(c2, n2)), 0.0))
     g = jnp.gcd(n1.astype(jnp.int64 if values.dtype == jnp.float64 else jnp.int32),
                 n2.astype(jnp.int64 if values.dtype == jnp.float64 else jnp.int32)).astype(values.dtype)
