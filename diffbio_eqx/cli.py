@@ -7,7 +7,7 @@ import platform
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -151,9 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = commands.add_parser("info", help="print package versions and the JAX devices")
     info.set_defaults(handler=_info)
+    _add_run_command(commands)
+    _add_annotate_command(commands)
+    return parser
+
+
+def _add_run_command(commands: Any) -> None:
     run = commands.add_parser(
         "run", help="train the whole pipeline on a dataset and write result.h5ad, umap.png, training.png, report.md",
-        description="Train ambient removal, VAE, Harmony, parametric UMAP and soft k-means on INPUT and write "
+        description="Train ambient removal, VAE, Harmony, parametric UMAP and clustering on INPUT and write "
                     "the results. Without INPUT, runs on the bundled 10x PBMC 68k set with a simulated "
                     "two-batch split (the set has no real batches).",
     )
@@ -198,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--markers", metavar="FILE",
                      help="cellassign: CSV of 0/1 (marker genes x cell types) or JSON {type: [genes]}")
     run.set_defaults(handler=_run)
+
+
+def _add_annotate_command(commands: Any) -> None:
     annotate = commands.add_parser(
         "annotate", help="annotate cell types of QUERY.h5ad from a labelled reference or marker genes",
         description="Write obs['cell_type'], obs['cell_type_confidence'] and obsm['cell_type_probabilities'] of "
@@ -217,7 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--seed", type=int, default=0, help="random seed")
     _add_cache_flag(annotate)
     annotate.set_defaults(handler=_annotate)
-    return parser
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -318,8 +318,9 @@ def solo(adata: ad.AnnData, vae: VAENormalizer | None = None, *, key: PRNGKeyArr
     """
     counts = from_anndata(check_adata(adata), layer=layer).counts
     check_scrublet_input(counts, ScrubletSettings())  # all-zero cells and the like, named
-    if doublet_ratio < 1:
-        raise ValueError(f"doublet_ratio: must be >= 1, got {doublet_ratio}")
+    if not isinstance(doublet_ratio, (int, np.integer)) or isinstance(doublet_ratio, bool) or doublet_ratio < 1:
+        raise ValueError(f"doublet_ratio: simulated doublets per cell, a whole number >= 1 (SOLO's int), got "
+                         f"{doublet_ratio!r}")
     vae_key, solo_key = jr.split(key)
     if vae is None:
         init_key, fit_key = jr.split(vae_key)

@@ -51,6 +51,7 @@ from .io import (
     LAYER_KEYS,
     OBSM_KEYS,
     _batch_codes,
+    check_layer,
     counts_matrix,
     fit_anndata,
     from_anndata,
@@ -81,8 +82,21 @@ def _dense(matrix: Any) -> np.ndarray:
     return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix)
 
 
-def _dense_counts(adata: ad.AnnData, layer: str | None) -> np.ndarray:
-    return _dense(adata.layers[layer] if layer is not None else adata.X).astype(np.float64)
+def _layer_matrix(adata: ad.AnnData, layer: str | None, field: str = "adata") -> tuple[Any, str]:
+    """`X`, or `layers[layer]` once it is checked to exist, and its name for messages."""
+    if layer is None:
+        return adata.X, f"{field}.X"
+    check_layer(adata, layer)
+    return adata.layers[layer], f"{field}.layers[{layer!r}]"
+
+
+def _dense_counts(adata: ad.AnnData, layer: str | None, field: str = "adata") -> np.ndarray:
+    """The counts of `X` (or `layer`) as dense float64, refused unless finite and non-negative."""
+    matrix, name = _layer_matrix(adata, layer, field)
+    x = _dense(matrix).astype(np.float64)
+    if not np.all(np.isfinite(x)) or np.any(x < 0):
+        raise ValueError(f"{name}: needs finite, non-negative counts (found negative, NaN or infinite values)")
+    return x
 
 
 def spatial_domains(
@@ -164,6 +178,13 @@ def align_slices(
     if method not in ("pairwise", "center"):
         raise ValueError(f"method: must be 'pairwise' or 'center', got {method!r}")
     check_alpha(alpha)
+    if top_k < 1:
+        raise ValueError(f"top_k: must be at least 1, got {top_k}")
+    for i, s in enumerate(slices):
+        if not s.var_names.is_unique:
+            duplicated = s.var_names[s.var_names.duplicated()][0]
+            raise ValueError(f"slices[{i}].var_names: not unique ({duplicated!r} repeats); PASTE matches genes by "
+                             "name (adata.var_names_make_unique())")
     settings = PasteAlignment(alpha, overlap=overlap)
     genes = slices[0].var_names
     for s in slices[1:]:
@@ -171,7 +192,7 @@ def align_slices(
     if len(genes) == 0:
         raise ValueError("slices: the slices share no genes (var_names); PASTE aligns on shared genes")
     coordinates = [_spatial_coordinates(check_adata(s), spatial_key, f"slices[{i}]") for i, s in enumerate(slices)]
-    xs = [_dense_counts(s[:, genes], layer) for s in slices]
+    xs = [_dense_counts(s[:, genes], layer, f"slices[{i}]") for i, s in enumerate(slices)]
     if method == "center":
         out = center_align(xs, coordinates, key=jr.key(seed), alpha=alpha, settings=settings)
         results = list(out.alignments)
@@ -311,7 +332,9 @@ def transport_maps(adata: ad.AnnData, time_key: str = "day", *, growth_key: str 
     check_adata(adata)
     if time_key not in adata.obs.columns:
         raise ValueError(f"time_key: {time_key!r} is not a column of adata.obs")
-    matrix = _dense(adata.X if layer is None else adata.layers[layer])
+    if growth_key is not None and growth_key not in adata.obs.columns:
+        raise ValueError(f"growth_key: {growth_key!r} is not a column of adata.obs")
+    matrix = _dense(_layer_matrix(adata, layer)[0])
     time = np.asarray(adata.obs[time_key], dtype=float)
     prior = None if growth_key is None else np.asarray(adata.obs[growth_key], dtype=float)
     maps = _transport_maps(matrix, time, growth_prior=prior, settings=settings, n_pcs=n_pcs,
@@ -581,6 +604,8 @@ def ligand_receptor(
         raise ValueError(f"groupby: {groupby!r} is not a column of adata.obs")
     if method not in ("cellphonedb", "cellchat"):
         raise ValueError(f"method: expected 'cellphonedb' or 'cellchat', got {method!r}")
+    if not 0 <= expr_prop <= 1:
+        raise ValueError(f"expr_prop: a fraction of cells, must be in [0, 1], got {expr_prop}")
     x, var_names = _expression(adata, layer)
     table = ligand_receptor_table(
         x, var_names, adata.obs[groupby], ligand_receptor_pairs() if resource is None else resource,
@@ -618,6 +643,8 @@ def grn(
     from ._grn._table import grn_table
 
     check_adata(adata)
+    if not ridge > 0:
+        raise ValueError(f"ridge: the ridge penalty must be > 0, got {ridge}")
     x, var_names = _expression(adata, layer)
     table = grn_table(x, var_names, tfs, targets=targets, ridge=ridge, n_knots=n_knots)
     adata.uns[key_added] = table
@@ -748,12 +775,15 @@ def _marker_inputs(adata: ad.AnnData, groupby: str, groups: Any, reference: str,
     small = [n for n, m in zip(names, masks) if m.sum() < 2]
     if small:
         raise ValueError(f"groups: {small[0]!r} has fewer than 2 cells in adata.obs[{groupby!r}]")
+    if layer is not None and use_raw:  # scanpy refuses the pair too
+        raise ValueError(f"layer: {layer!r} given with use_raw=True; both name where the expression is, choose one")
     if use_raw is None:
         use_raw = adata.raw is not None and layer is None
     source = adata.raw if use_raw and adata.raw is not None else adata
-    x = _dense(adata.layers[layer] if layer is not None else source.X)
+    matrix, name = (source.X, "adata.raw.X") if source is not adata else _layer_matrix(adata, layer)
+    x = _dense(matrix)
     if not np.all(np.isfinite(x)):
-        raise ValueError("X: rank_genes_groups needs finite expression values")
+        raise ValueError(f"{name}: rank_genes_groups needs finite expression values")
     return x, names, masks, bool(use_raw and adata.raw is not None), source.var_names
 
 
@@ -806,10 +836,10 @@ def rank_genes_groups(
                 else np.minimum(pvals * x.shape[1], 1.0))
     columns = {"scores": np.asarray(result.scores), "pvals": pvals, "pvals_adj": adjusted,
                "logfoldchanges": np.asarray(result.logfoldchanges)}
-    key_added = key_added or "rank_genes_groups"
-    adata.uns[key_added] = {"params": {"groupby": groupby, "reference": reference, "method": method,
-                                       "use_raw": used_raw, "layer": layer, "corr_method": corr_method}}
-    adata.uns[key_added].update(_marker_records([names[i] for i in keep], var_names, columns))
+    records = _marker_records([names[i] for i in keep], var_names, columns)
+    adata.uns[key_added or "rank_genes_groups"] = {
+        "params": {"groupby": groupby, "reference": reference, "method": method, "use_raw": used_raw,
+                   "layer": layer, "corr_method": corr_method}, **records}
 
 
 def _marker_records(group_names: list[str], var_names: pd.Index, columns: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -832,18 +862,22 @@ def _marker_records(group_names: list[str], var_names: pd.Index, columns: dict[s
 def _pseudobulk(adata: ad.AnnData, sample_key: str, condition_key: str, layer: str | None
                 ) -> tuple[np.ndarray, pd.Series]:
     """Counts summed per sample, and each sample's condition (one per sample, else a ValueError)."""
-    for field in (sample_key, condition_key):
-        if field not in adata.obs:
-            raise ValueError(f"{'sample_key' if field == sample_key else 'condition_key'}: {field!r} is not a "
-                             "column of adata.obs")
+    for argument, column in (("sample_key", sample_key), ("condition_key", condition_key)):
+        if column not in adata.obs:
+            raise ValueError(f"{argument}: {column!r} is not a column of adata.obs")
+        missing = int(adata.obs[column].isna().sum())
+        if missing:  # pydeseq2 refuses missing design factors too
+            raise ValueError(f"{argument}: adata.obs[{column!r}] has {missing} missing values; drop those cells or "
+                             "fill them in")
     samples = adata.obs[sample_key].astype(str).to_numpy()
     names, codes = np.unique(samples, return_inverse=True)
-    matrix: Any = adata.layers[layer] if layer is not None else adata.X
+    matrix, name = _layer_matrix(adata, layer)
     indicator = np.zeros((len(names), len(samples)))
     indicator[codes, np.arange(len(samples))] = 1.0
     summed = np.asarray(indicator @ matrix if not hasattr(matrix, "toarray") else (matrix.T @ indicator.T).T)
     if np.any(summed < 0) or not np.all(np.isfinite(summed)) or np.any(summed != np.round(summed)):
-        raise ValueError("X: pseudobulk_de needs non-negative whole-number counts (use layer= for raw counts)")
+        raise ValueError(f"{name}: pseudobulk_de needs non-negative whole-number counts (use layer= for raw "
+                         "counts)")
     per_sample = pd.DataFrame({"s": samples, "c": adata.obs[condition_key].astype(str).to_numpy()})
     levels = per_sample.groupby("s")["c"].nunique()
     mixed = [sample for sample, count in levels.items() if count > 1]
@@ -884,6 +918,8 @@ def pseudobulk_de(
     """
     from ._de._deseq2 import deseq2
 
+    if str(test) == str(reference):
+        raise ValueError(f"test: must differ from reference (both {test!r})")
     summed, conditions = _pseudobulk(check_adata(adata), sample_key, condition_key, layer)
     levels = [reference] + sorted(set(conditions) - {reference})
     for field, value in (("reference", reference), ("test", test)):
@@ -935,9 +971,15 @@ def switch_de(
     if pseudotime_key not in adata.obs:
         raise ValueError(f"pseudotime_key: {pseudotime_key!r} is not a column of adata.obs")
     t = np.asarray(adata.obs[pseudotime_key], dtype=float)
-    y = _dense(adata.layers[layer] if layer is not None else adata.X)
-    if not (np.all(np.isfinite(t)) and np.all(np.isfinite(y))):
-        raise ValueError(f"pseudotime_key: adata.obs[{pseudotime_key!r}] and the expression must be finite")
+    matrix, name = _layer_matrix(adata, layer)
+    y = _dense(matrix)
+    if not np.all(np.isfinite(t)):
+        raise ValueError(f"pseudotime_key: adata.obs[{pseudotime_key!r}] must be finite")
+    if not np.ptp(t) > 0:
+        raise ValueError(f"pseudotime_key: adata.obs[{pseudotime_key!r}] is constant; a switch needs cells along a "
+                         "pseudotime")
+    if not np.all(np.isfinite(y)):
+        raise ValueError(f"{name}: switch_de needs finite expression values")
     dtype = jnp.zeros(()).dtype
     result = fit_switch(jnp.asarray(y, dtype=dtype), jnp.asarray(t, dtype=dtype), zero_inflated=zero_inflated)
     table = pd.DataFrame({"pval": np.asarray(result.pvalue), "qval": np.asarray(result.qvalue),
@@ -978,13 +1020,18 @@ def differential_distribution(
     check_adata(adata)
     if condition_key not in adata.obs:
         raise ValueError(f"condition_key: {condition_key!r} is not a column of adata.obs")
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations: must be at least 1, got {n_permutations}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha: must be in (0, 1), got {alpha}")
     labels = adata.obs[condition_key].astype(str).to_numpy()
     in_first = labels == str(first)
     if in_first.sum() < 2 or (~in_first).sum() < 2:
         raise ValueError(f"first: {first!r} must leave at least 2 cells on each side of adata.obs[{condition_key!r}]")
-    x = _dense(adata.layers[layer] if layer is not None else adata.X)
+    matrix, name = _layer_matrix(adata, layer)
+    x = _dense(matrix)
     if not np.all(np.isfinite(x)):
-        raise ValueError("X: differential_distribution needs finite expression values")
+        raise ValueError(f"{name}: differential_distribution needs finite expression values")
     result = fit_dd(jnp.asarray(x, dtype=jnp.zeros(()).dtype), jnp.asarray(in_first), key=key,
                     n_permutations=n_permutations, alpha=alpha)
     modes = np.asarray(result.n_modes)
@@ -1023,8 +1070,12 @@ def archetypes(
     from ._archetypes._pcha import pcha
 
     x, rep = representation(check_adata(adata), use_rep)
+    if not isinstance(n_archetypes, (int, np.integer)) or isinstance(n_archetypes, bool):
+        raise ValueError(f"n_archetypes: must be an integer, got {n_archetypes!r}")
     if n_archetypes < 1 or n_archetypes > x.shape[0]:
         raise ValueError(f"n_archetypes: {n_archetypes} must be between 1 and the number of cells ({x.shape[0]})")
+    if not np.any(np.ptp(np.asarray(x), axis=0) > 0):
+        raise ValueError(f"use_rep: the cells' {rep} coordinates are all identical; archetypes need spread")
     result = pcha(jnp.asarray(x, dtype=jnp.zeros(()).dtype), n_archetypes, key=key, max_iter=max_iter)
     adata.obsm[f"X_{key_added}"] = np.asarray(result.weights)
     adata.uns[key_added] = {"params": {"n_archetypes": n_archetypes, "use_rep": rep, "max_iter": max_iter},

@@ -270,7 +270,9 @@ def test_without_the_type_checker_users_get_the_same_named_errors(tmp_path):
     parameter) reach the package's own checks in user code, which raise `ValueError`s naming the field."""
     script = textwrap.dedent("""
         import json, numpy as np, jax.random as jr, diffbio_eqx as dx
+        import anndata as ad
         x = np.asarray(jr.normal(jr.key(1), (60, 4))); labels = np.arange(60) % 2
+        cells = ad.AnnData(np.random.default_rng(0).poisson(3.0, (60, 12)).astype(np.float32))
         cases = {
             "harmony-labels-wrong-length": lambda: dx.harmony(x, labels[:-1], key=jr.key(0)),
             "harmony-labels-float": lambda: dx.harmony(x, labels.astype(float), key=jr.key(0)),
@@ -278,6 +280,8 @@ def test_without_the_type_checker_users_get_the_same_named_errors(tmp_path):
             "harmony-x-strings": lambda: dx.harmony(x.astype(str), labels, key=jr.key(0)),
             "run_pipeline-data-not-a-mapping": lambda: dx.run_pipeline(
                 dx.create_single_cell_pipeline(n_genes=4, key=jr.key(0)), [x], key=jr.key(0)),
+            "archetypes-float-count": lambda: dx.tl.archetypes(cells, 3.0, key=jr.key(0), use_rep="X"),
+            "solo-fractional-ratio": lambda: dx.pp.solo(cells, key=jr.key(0), doublet_ratio=1.5),
         }
         out = {}
         for name, call in cases.items():
@@ -296,6 +300,8 @@ def test_without_the_type_checker_users_get_the_same_named_errors(tmp_path):
         "harmony-x-rank-1": r"^x: expected a 2-D matrix \(n_cells, n_dims\), got shape \(60,\)",
         "harmony-x-strings": r"^x: expected a numeric array, got dtype <U",
         "run_pipeline-data-not-a-mapping": r"^data: expected a mapping with 'counts'",
+        "archetypes-float-count": r"^n_archetypes: must be an integer, got 3.0",
+        "solo-fractional-ratio": r"^doublet_ratio: simulated doublets per cell, a whole number >= 1",
     }
     for name, pattern in expected.items():
         kind, message = out[name]

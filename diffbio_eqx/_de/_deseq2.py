@@ -50,6 +50,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .._core._loop import iterate
+from ._markers import benjamini_hochberg
 
 
 MIN_DISP, MAX_DISP, MIN_MU = 1e-8, 10.0, 0.5
@@ -245,16 +246,6 @@ class DESeq2Result(eqx.Module):
     prior_disp_var: Float[Array, ""]
 
 
-def masked_benjamini_hochberg(pvals: Float[Array, " n"]) -> Float[Array, " n"]:
-    """BH over the non-NaN p-values (`scipy.stats.false_discovery_control` on them); NaN stays NaN."""
-    valid = ~jnp.isnan(pvals)
-    n = jnp.sum(valid).astype(pvals.dtype)
-    order = jnp.argsort(jnp.where(valid, pvals, jnp.inf))
-    ranked = jnp.where(valid, pvals, jnp.inf)[order] * n / jnp.arange(1, pvals.shape[0] + 1, dtype=pvals.dtype)
-    adjusted = jnp.minimum(jax.lax.cummin(ranked[::-1])[::-1], 1.0)
-    return jnp.where(valid, jnp.zeros_like(pvals).at[order].set(adjusted), jnp.nan)
-
-
 def _dispersion_fits(counts, design, fitted_mu, start, prior=None):
     """Gene-wise (or, with `prior=(log centres, variance)`, MAP) dispersions from `start` (log), one vmapped
     1-D fit per gene."""
@@ -404,7 +395,7 @@ def independent_filtering(
     theta = jnp.linspace(lower.astype(dtype), upper.astype(dtype), 50)
     cutoffs = jnp.quantile(base_mean, theta)
     valid = ~jnp.isnan(pvalue)
-    adjusted = jax.vmap(lambda c: masked_benjamini_hochberg(jnp.where((base_mean >= c) & valid, pvalue, jnp.nan)))(
+    adjusted = jax.vmap(lambda c: benjamini_hochberg(jnp.where((base_mean >= c) & valid, pvalue, jnp.nan)))(
         cutoffs)
     num_rej = jnp.sum(adjusted < alpha, axis=1).astype(dtype)
     smooth = lowess(theta, num_rej, frac=1 / 5)
@@ -527,7 +518,7 @@ def deseq2(
     if options.cooks_filter:
         pvalue = jnp.where(_cooks_outliers(counts, cooks, refitted, replaceable, n_rep, cutoff), nan, pvalue)
     padj = (independent_filtering(pvalue, base_mean, options.alpha) if options.independent_filter
-            else masked_benjamini_hochberg(pvalue))
+            else benjamini_hochberg(pvalue))
     return DESeq2Result(
         base_mean=base_mean, log2_fold_change=hide(beta @ contrast / jnp.log(2.0)), lfc_se=hide(se / jnp.log(2.0)),
         stat=hide(stat), pvalue=pvalue, padj=padj, genewise_dispersions=hide(gw),

@@ -96,12 +96,15 @@ def welch_t_test(
 
 
 def benjamini_hochberg(pvals: Float[Array, " n"]) -> Float[Array, " n"]:
-    """Benjamini-Hochberg adjusted p-values (statsmodels' `multipletests(method="fdr_bh")`)."""
-    n = pvals.shape[0]
-    order = jnp.argsort(pvals)
-    ranked = pvals[order] * n / jnp.arange(1, n + 1, dtype=pvals.dtype)
+    """Benjamini-Hochberg adjusted p-values (statsmodels' `multipletests(method="fdr_bh")`) over the non-NaN
+    p-values; NaN stays NaN (R's `p.adjust`, `scipy.stats.false_discovery_control` on the rest), so one untestable
+    gene does not void the others."""
+    valid = ~jnp.isnan(pvals)
+    n = jnp.sum(valid).astype(pvals.dtype)
+    order = jnp.argsort(jnp.where(valid, pvals, jnp.inf))
+    ranked = jnp.where(valid, pvals, jnp.inf)[order] * n / jnp.arange(1, pvals.shape[0] + 1, dtype=pvals.dtype)
     adjusted = jnp.minimum(jax.lax.cummin(ranked[::-1])[::-1], 1.0)
-    return jnp.zeros_like(pvals).at[order].set(adjusted)
+    return jnp.where(valid, jnp.zeros_like(pvals).at[order].set(adjusted), jnp.nan)
 
 
 def _moments_from_sums(first, second, n):

@@ -63,7 +63,10 @@ def spatial_domains(
     - `settings`: the loop's `TrainSettings` (default: STAGATE's 1000 full-batch epochs).
     - `smooth`: majority vote of labels over the spatial neighbours.
     """
-    x = log_normalize(counts)
+    raw = np.asarray(counts, dtype=np.float64)
+    if not np.all(np.isfinite(raw)) or np.any(raw < 0):
+        raise ValueError("counts: STAGATE log-normalises counts; found negative, NaN or infinite values")
+    x = log_normalize(raw)
     c = check_coordinates(coordinates, x.shape[0], "coordinates")
     if not 2 <= n_domains < x.shape[0]:
         raise ValueError(f"n_domains: must be in [2, n_spots), got {n_domains}")

@@ -54,6 +54,10 @@ def spatial_graph(
 ) -> SpatialGraph:
     """STAGATE's `Cal_Spatial_Net` (kNN with `n_neighbors`, or `radius` up to `max_neighbors`) plus self-loops, and
     `Stats_Spatial_Net`'s pruning by `pre_labels` when given."""
+    if radius is None and n_neighbors < 1:
+        raise ValueError(f"n_neighbors: spatial neighbours per spot, must be at least 1, got {n_neighbors}")
+    if radius is not None and not radius > 0:
+        raise ValueError(f"radius: must be > 0, got {radius}")
     c = jnp.asarray(coordinates)
     n = c.shape[0]
     k = min((max_neighbors if radius is not None else n_neighbors) + 1, n)
