@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import anndata as ad
@@ -60,23 +60,34 @@ class JobResult:
     metrics: dict[str, float]
 
 
-def _check_output(out_dir: str | os.PathLike[str], input_path: str | os.PathLike[str] | None) -> pathlib.Path:
-    """Refuse an output folder that would overwrite the input or is not a folder; creates nothing."""
+#: The files the job may write into its output folder (`doublets.png` only with a doublet filter).
+OUTPUT_NAMES = ("result.h5ad", "pipeline.eqx", "report.md", "umap.png", "training.png", "doublets.png")
+
+
+def _check_output(out_dir: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str] | None]
+                  ) -> pathlib.Path:
+    """Refuse an output folder that would overwrite one of the files the job reads (`inputs`, by option name), is
+    not a folder, or holds a folder where an output file goes; creates nothing."""
     target = pathlib.Path(out_dir)
-    if input_path is not None:
-        source = pathlib.Path(input_path).resolve()
-        if source == target.resolve() or source == (target / "result.h5ad").resolve():
-            raise ValueError(f"--out: {str(target)!r} would overwrite the input file; choose another folder")
+    written = {(target / name).resolve() for name in OUTPUT_NAMES} | {target.resolve()}
+    for option, path in inputs.items():
+        if path is not None and pathlib.Path(path).resolve() in written:
+            raise ValueError(f"--out: {str(target)!r} would overwrite the {option} file {str(path)!r}; choose "
+                             "another folder")
     if target.exists() and not target.is_dir():
         raise ValueError(f"--out: {str(target)!r} exists and is not a folder")
+    for name in OUTPUT_NAMES:
+        if (target / name).is_dir():
+            raise ValueError(f"--out: {str(target / name)!r} is a folder where the job writes its {name}")
     return target
 
 
 @contextlib.contextmanager
 def _staged_output(target: pathlib.Path) -> Iterator[pathlib.Path]:
     """Create `target` if needed and yield a hidden staging folder inside it; on success move every staged file
-    into `target`, on failure remove the staging folder (and the folders this call created), so a failed run
-    leaves no partial output behind."""
+    into `target` (and remove an earlier run's output files this run did not write, so the folder holds one run's
+    results, as its report lists them), on failure remove the staging folder (and the folders this call created),
+    so a failed run leaves no partial output behind."""
     created = None  # the outermost folder this call creates, if any
     for folder in (target, *target.parents):
         if folder.exists():
@@ -85,6 +96,8 @@ def _staged_output(target: pathlib.Path) -> Iterator[pathlib.Path]:
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as error:
+        if created is not None:  # the parents made before the failure
+            shutil.rmtree(created, ignore_errors=True)
         raise ValueError(f"--out: cannot create {str(target)!r} ({error.strerror or error})") from None
     try:
         staging = pathlib.Path(tempfile.mkdtemp(prefix=".diffbio-run-", dir=target))
@@ -94,8 +107,15 @@ def _staged_output(target: pathlib.Path) -> Iterator[pathlib.Path]:
         raise ValueError(f"--out: folder {str(target)!r} is not writable ({error.strerror or error})") from None
     try:
         yield staging
-        for path in sorted(staging.iterdir()):
+        staged = sorted(staging.iterdir())
+        for path in staged:  # all checked before any is moved, so a failure leaves the folder as it was
+            if (target / path.name).is_dir():
+                raise ValueError(f"--out: {str(target / path.name)!r} is a folder where the job writes a file")
+        for path in staged:
             os.replace(path, target / path.name)
+        for name in set(OUTPUT_NAMES) - {path.name for path in staged}:  # an earlier run's, not this one's
+            if (target / name).is_file():
+                (target / name).unlink()
     except BaseException:
         shutil.rmtree(staging if created is None else created, ignore_errors=True)
         raise
@@ -284,7 +304,12 @@ def _settings(adata: Any, arrays: io.AnnDataArrays,
     }
     if config_path is None:
         return SingleCellPipelineConfig.from_dict(settings), ()
-    settings.update(SingleCellPipelineConfig.settings_in_file(config_path))
+    from_file = SingleCellPipelineConfig.settings_in_file(config_path)
+    for name in ("n_genes", "n_batches"):  # the data's shapes, not settings
+        if name in from_file and from_file[name] != settings[name]:
+            raise ValueError(f"--config: {name} is {from_file[name]!r} in {str(config_path)!r}, but the input has "
+                             f"{settings[name]}; the job takes it from the data, leave it out of the file")
+    settings.update(from_file)
     return SingleCellPipelineConfig.from_dict(settings), (f"Settings from {config_path}.",)
 
 
@@ -362,8 +387,9 @@ def run_job(
     next to the input, and the input is never modified. `steps` (`JobSteps`): a doublet filter before the
     pipeline, MAGIC imputation, annotation from a labelled reference (whose labels are `label_key`), and the
     batch corrector over the config's."""
-    target = _check_output(out_dir, input_path)
     steps = steps or JobSteps()
+    target = _check_output(out_dir, {"input": input_path, "--config": config_path, "--reference": steps.reference,
+                                     "--markers": steps.markers})
     annotator = check_steps(steps, label_key)  # settings, reference and markers: before the cells are read
     # With a reference, `label_key` names the reference's labels; the input's column of that name, if any, scores.
     query_key = label_key if annotator is None or annotator.reference is None else None

@@ -87,9 +87,10 @@ def _read_markers(path: str | os.PathLike[str]) -> Any:
     return pd.read_csv(source, index_col=0)
 
 
-def check_steps(steps: JobSteps, label_key: str | None) -> Annotator | None:
-    """Check the step settings and read the reference and marker files; raises a ValueError naming the flag.
-    Returns the annotation request, or None when the job does not annotate."""
+def check_steps(steps: JobSteps, label_key: str | None, *, mode_flag: str = "--annotation-mode") -> Annotator | None:
+    """Check the step settings and read the reference and marker files; raises a ValueError naming the flag
+    (`mode_flag`: the one that sets the annotation mode). Returns the annotation request, or None when the job does
+    not annotate."""
     if steps.doublets is not None and steps.doublets not in DOUBLET_METHODS:
         raise ValueError(f"--doublets: must be one of {', '.join(DOUBLET_METHODS)}, got {steps.doublets!r}")
     if steps.impute is not None and steps.impute not in IMPUTATION_METHODS:
@@ -98,10 +99,10 @@ def check_steps(steps: JobSteps, label_key: str | None) -> Annotator | None:
         raise ValueError(f"--solo-epochs: must be >= 1, got {steps.solo_epochs}")
     mode = steps.annotation_mode
     if mode is not None and mode not in ANNOTATION_MODES:
-        raise ValueError(f"--annotation-mode: must be one of {', '.join(ANNOTATION_MODES)}, got {mode!r}")
+        raise ValueError(f"{mode_flag}: must be one of {', '.join(ANNOTATION_MODES)}, got {mode!r}")
     if steps.reference is None and steps.markers is None:
         if mode is not None:
-            raise ValueError(f"--annotation-mode: {mode!r} needs "
+            raise ValueError(f"{mode_flag}: {mode!r} needs "
                              f"{'--markers' if mode == 'cellassign' else '--reference and --label-key'}")
         return None
     mode = mode or ("cellassign" if steps.reference is None else "celltypist")
@@ -109,7 +110,7 @@ def check_steps(steps: JobSteps, label_key: str | None) -> Annotator | None:
         raise ValueError("--markers: annotation mode 'cellassign' needs marker genes (a CSV of 0/1, marker genes x "
                          "cell types, or a JSON file {cell type: [genes]})")
     if mode != "cellassign" and steps.markers is not None:
-        raise ValueError(f"--markers: only for --annotation-mode cellassign (the mode is {mode!r})")
+        raise ValueError(f"--markers: only for {mode_flag} cellassign (the mode is {mode!r})")
     if mode != "cellassign" and steps.reference is None:
         raise ValueError(f"--reference: annotation mode {mode!r} needs a labelled reference h5ad file")
     reference = None
@@ -198,6 +199,11 @@ def call_doublets(method: str, counts: Any, genes: tuple[str, ...], obs_names: A
                        method, record, seconds, cells)
 
 
+#: What the pipeline writes per cell (`io.to_anndata`): a doublet-filtered result replaces the input's own.
+PIPELINE_KEYS = frozenset({*io.OBSM_KEYS.values(), *io.LAYER_KEYS.values(), io.CLUSTER_KEY,
+                           f"{io.CLUSTER_KEY}_probabilities"})
+
+
 @dataclasses.dataclass
 class StepsDone:
     """What the steps wrote (into the kept cells' AnnData) and what the report says about them."""
@@ -207,7 +213,8 @@ class StepsDone:
     imputation: str = "none"
     annotator: Annotator | None = None
     stage_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the report's time per stage
-    obs_written: set[str] = dataclasses.field(default_factory=set)  # obs columns replaced where the input has them
+    # obs / obsm / layers names the job writes: replaced where the input has them too (the pipeline's from the start)
+    written: set[str] = dataclasses.field(default_factory=lambda: set(PIPELINE_KEYS))
     sections: list[str] = dataclasses.field(default_factory=list)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -233,7 +240,7 @@ class StepsDone:
         out = self.input_cells.copy()
         out.uns.update(result.uns)
         for name in result.obs.columns:
-            if name in out.obs.columns and name not in self.obs_written:
+            if name in out.obs.columns and name not in self.written:
                 continue
             column = result.obs[name]
             if isinstance(column.dtype, pd.CategoricalDtype):
@@ -247,7 +254,7 @@ class StepsDone:
         parts = ((out.obsm, result.obsm, list(result.obsm.keys())), (out.layers, result.layers, io.layer_names(result)))
         for store, source, names in parts:
             for name in names:
-                if name in store:
+                if name in store and name not in self.written:
                     continue
                 value: Any = source[name]
                 values = np.asarray(value.toarray() if sp.issparse(value) else value)
@@ -314,6 +321,7 @@ def impute(method: str, adata: ad.AnnData, counts: Any, genes: tuple[str, ...], 
     result = pp.magic(cells, key=jr.fold_in(jr.key(seed), _IMPUTATION_STREAM))
     done.timed("imputation (MAGIC)", time.perf_counter() - started, adata.n_obs)
     adata.layers["magic"] = cells.layers["magic"]
+    done.written.add("magic")
     adata.uns["diffbio_magic"] = cells.uns["diffbio_magic"]
     done.sections += imputation_lines(n_cells=adata.n_obs, n_genes=adata.n_vars, t=result.t)
 
@@ -339,7 +347,7 @@ def annotate(annotator: Annotator | None, adata: ad.AnnData, counts: Any, genes:
                 key=jr.fold_in(jr.key(seed), _ANNOTATION_STREAM), **options)
     done.timed(f"annotation ({annotator.mode})", time.perf_counter() - started, adata.n_obs)
     replaced = [name for name in ("cell_type", "cell_type_confidence") if name in adata.obs.columns]
-    done.obs_written |= {"cell_type", "cell_type_confidence"}
+    done.written |= {"cell_type", "cell_type_confidence", "cell_type_probabilities"}
     adata.obs["cell_type"] = cells.obs["cell_type"].array  # positional: the categories kept
     adata.obs["cell_type_confidence"] = np.asarray(cells.obs["cell_type_confidence"], dtype=float)
     adata.obsm["cell_type_probabilities"] = cells.obsm["cell_type_probabilities"]

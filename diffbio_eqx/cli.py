@@ -4,7 +4,9 @@ import argparse
 import importlib.metadata
 import pathlib
 import platform
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -55,32 +57,39 @@ def _run(arguments: argparse.Namespace) -> int:
 
 
 def _annotate(arguments: argparse.Namespace) -> int:
-    import json
     import pathlib
 
     import jax.random as jr
     import pandas as pd
 
     from . import tl
-    from .io import read_h5ad, write_h5ad
+    from ._job_steps import JobSteps, check_steps
+    from .io import check_layer, not_counts, read_h5ad, write_h5ad
 
+    out = pathlib.Path(arguments.out or pathlib.Path(arguments.query).with_suffix("").name + "_annotated.h5ad")
+    for option, path in (("--reference", arguments.reference), ("--markers", arguments.markers)):
+        if path is not None and pathlib.Path(path).resolve() == out.resolve():
+            raise ValueError(f"--out: {str(out)!r} would overwrite the {option} file; choose another name")
+    if arguments.majority_voting and arguments.mode != "celltypist":
+        raise ValueError(f"--majority-voting: only for --mode celltypist (the mode is {arguments.mode!r})")
+    # The reference (raw counts, its label column) and the markers, checked as `diffbio-eqx run` checks them.
+    annotator = check_steps(JobSteps(reference=arguments.reference, annotation_mode=arguments.mode,
+                                     markers=arguments.markers), arguments.label_key, mode_flag="--mode")
+    assert annotator is not None  # a mode is always given here
     query = read_h5ad(arguments.query)
-    reference = None if arguments.reference is None else read_h5ad(arguments.reference)
-    options: dict = {}
-    if arguments.markers is not None:
-        path = pathlib.Path(arguments.markers)
-        if not path.is_file():
-            raise ValueError(f"--markers: {str(path)!r} does not exist")
-        options["markers"] = (json.loads(path.read_text()) if path.suffix == ".json"
-                              else pd.read_csv(path, index_col=0))
+    if arguments.layer is not None:
+        check_layer(query, arguments.layer)
+    message = not_counts(query, layer=arguments.layer, flags=True)
+    if message is not None:
+        raise ValueError(f"QUERY {arguments.query}: {message}")
+    options: dict = {"markers": annotator.markers} if annotator.markers is not None else {}
     if arguments.majority_voting:
         options["majority_voting"] = True
-    out = pathlib.Path(arguments.out or pathlib.Path(arguments.query).with_suffix("").name + "_annotated.h5ad")
-    result = tl.annotate(query, arguments.mode, reference=reference, label_key=arguments.label_key,
+    result = tl.annotate(query, annotator.mode, reference=annotator.reference, label_key=annotator.label_key,
                          layer=arguments.layer, key=jr.key(arguments.seed), **options)
     write_h5ad(query, out, input_path=arguments.query)
     counts = pd.Series(result.labels).value_counts()
-    print(f"diffbio-eqx: {query.n_obs} cells annotated ({arguments.mode}) in {out.resolve()}")
+    print(f"diffbio-eqx: {query.n_obs} cells annotated ({annotator.mode}) in {out.resolve()}")
     for name, n in counts.items():
         print(f"  {name}: {n}")
     return 0
@@ -134,6 +143,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed NumPy and JAX both take: a whole number in [0, 2**32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected a whole number in [0, 2**32), got {value}")
+    return value
+
+
 def _add_cache_flag(command: argparse.ArgumentParser) -> None:
     command.add_argument("--compilation-cache", metavar="DIR|none",
                          help="folder of JAX's persistent compilation cache, so a second run compiles nothing "
@@ -179,7 +199,7 @@ def _add_run_command(commands: Any) -> None:
     run.add_argument("--label-key", metavar="K", help="obs column with known cell types (for ARI/NMI in the report)")
     run.add_argument("--out", metavar="DIR", default="out", help="output folder (default: out)")
     run.add_argument("--config", metavar="FILE", help="JSON or TOML file of SingleCellPipelineConfig settings")
-    run.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
+    run.add_argument("--seed", type=_seed, default=0, help="random seed (same seed, same result)")
     run.add_argument("--vae-epochs", type=_positive_int, help="VAE epochs (default: scVI's heuristic)")
     run.add_argument("--ambient-epochs", type=_positive_int,
                      help="ambient model epochs (default: CellBender's 150; up to 300 below 1,400 cells)")
@@ -223,7 +243,7 @@ def _add_annotate_command(commands: Any) -> None:
     annotate.add_argument("--majority-voting", action="store_true", help="celltypist: vote over over-clusters")
     annotate.add_argument("--layer", metavar="NAME", help="read counts from layers[NAME] instead of X")
     annotate.add_argument("--out", metavar="FILE", help="output h5ad (default: QUERY_annotated.h5ad here)")
-    annotate.add_argument("--seed", type=int, default=0, help="random seed")
+    annotate.add_argument("--seed", type=_seed, default=0, help="random seed")
     _add_cache_flag(annotate)
     annotate.set_defaults(handler=_annotate)
 
@@ -235,24 +255,37 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     print(f"diffbio-eqx: warning: {message}", file=file or sys.stderr)
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    del signum, frame
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
     if getattr(arguments, "handler", None) is None:
         parser.print_help()
         return 2
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python takes signals
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None  # unwinds as Ctrl-C does
     try:
         if hasattr(arguments, "compilation_cache"):  # before anything compiles
             enable_compilation_cache(arguments.compilation_cache)
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return arguments.handler(arguments)
+    except KeyboardInterrupt:
+        print("diffbio-eqx: interrupted; nothing was written", file=sys.stderr)
+        return 130
     except ValueError as error:  # bad input or settings: the message names the field
         print(f"diffbio-eqx: error: {error}", file=sys.stderr)
         return 2
     except (FloatingPointError, OSError) as error:  # numerical failure or the file system; nothing is left behind
         print(f"diffbio-eqx: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

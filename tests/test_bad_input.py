@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -580,3 +581,131 @@ def test_cli_where_the_counts_are_and_the_gene_names(capsys, h5ad, tmp_path):
     _assert_cli_error(capsys, [logged, "--out", out],
                       r"adata.X: holds non-integer values \(largest .*, looks log-transformed\), not raw counts; "
                       r"counts are in adata.layers\['counts'\] \(--layer counts\)", logged, out)
+
+
+def test_cli_output_would_overwrite_another_input(capsys, h5ad, tmp_path):
+    """Not only the input: the reference (and config, markers) files are never overwritten, by `run` or
+    `annotate`."""
+    folder = tmp_path / "refdir"
+    folder.mkdir()
+    reference = folder / "result.h5ad"
+    shutil.copy(h5ad, reference)
+    before = _snapshot(reference)
+    _assert_cli_error(capsys, [h5ad, "--reference", reference, "--label-key", "cell_type", "--out", folder],
+                      r"--out: '.*refdir' would overwrite the --reference file", h5ad, folder,
+                      out_before=["result.h5ad"])
+    code, err = _cli(capsys, "annotate", h5ad, "--reference", reference, "--label-key", "cell_type", "--out",
+                     reference)
+    assert code == 2 and "--out: '" in err and "would overwrite the --reference file" in err, err
+    assert _snapshot(reference) == before
+
+
+def test_cli_a_folder_where_an_output_file_goes_is_refused_before_training(capsys, h5ad, tmp_path):
+    out = tmp_path / "out"
+    (out / "result.h5ad" / "x").mkdir(parents=True)
+    (out / "report.md").write_text("earlier report")
+    _assert_cli_error(capsys, [h5ad, "--out", out], r"--out: '.*result.h5ad' is a folder where the job writes",
+                      h5ad, out, out_before=["report.md", "result.h5ad", "result.h5ad/x"])
+    assert (out / "report.md").read_text() == "earlier report"
+
+
+def test_cli_output_folder_that_cannot_be_made_leaves_no_parents(capsys, h5ad, tmp_path):
+    parent = tmp_path / "new"
+    _assert_cli_error(capsys, [h5ad, "--out", parent / ("x" * 300)], r"--out: cannot create '.*new/x+'", h5ad,
+                      parent)
+
+
+CONFIG_CASES = [
+    ("widths-not-a-list", {"hidden_dims": 5}, r"hidden_dims: must be a list of integers, got 5"),
+    ("switch-as-text", {"enable_clustering": "no"}, r"enable_clustering: must be true or false, got 'no'"),
+    ("number-as-text", {"clustering_temperature": "x"}, r"clustering_temperature: must be a number, got 'x'"),
+    ("no-hidden-units", {"umap_hidden_size": 0}, r"umap_hidden_size: must be a positive integer, got 0"),
+    ("negative-theta", {"harmony_theta": -5}, r"harmony_theta: must be >= 0, got -5"),
+    ("not-a-table", {"pipeline": 3}, r"config: '.*settings.json' must hold a table of settings"),
+    ("data-shape", {"n_batches": 5}, r"--config: n_batches is 5 in '.*settings.json', but the input has 2"),
+]
+
+
+@pytest.mark.parametrize("name, settings, message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_cli_config_values_of_the_wrong_type_or_range_are_named(capsys, h5ad, tmp_path, name, settings, message):
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps(settings))
+    _assert_cli_error(capsys, [h5ad, "--batch-key", "batch", "--config", config, "--out", tmp_path / "out"], message,
+                      h5ad, tmp_path / "out")
+
+
+def test_cli_config_that_is_not_text_is_named(capsys, h5ad, tmp_path):
+    config = tmp_path / "settings.toml"
+    config.write_bytes(b"\xff\xfe\x00 binary")
+    _assert_cli_error(capsys, [h5ad, "--config", config, "--out", tmp_path / "out"],
+                      r"config: '.*settings.toml' could not be parsed", h5ad, tmp_path / "out")
+
+
+def test_cli_seed_outside_what_numpy_and_jax_take(capsys, h5ad, tmp_path):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["run", str(h5ad), "--seed", str(10**20), "--out", str(tmp_path / "out")])
+    assert exit.value.code == 2
+    assert "argument --seed: expected a whole number in [0, 2**32)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_terminated_run_leaves_nothing_behind(capsys, h5ad, tmp_path, monkeypatch):
+    """SIGTERM (what `timeout`, `kill` and batch schedulers send) unwinds like Ctrl-C: the staged files and the
+    folders the run made are removed, and the command says it was interrupted, without a traceback."""
+    import signal
+
+    import diffbio_eqx._job as job
+
+    monkeypatch.setattr(job, "plot_training", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps({"enable_ambient_removal": False, "enable_batch_correction": False,
+                                  "enable_dim_reduction": False, "n_clusters": 3, "clustering_method": "soft_kmeans",
+                                  "latent_dim": 4, "hidden_dims": [16]}))
+    code, err = _cli(capsys, "run", h5ad, "--config", config, "--out", tmp_path / "new" / "out", *CLI_EPOCHS)
+    assert code == 130 and err == "diffbio-eqx: interrupted; nothing was written\n", err
+    assert not (tmp_path / "new").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is the command's only while it runs"
+
+
+def test_cli_annotate_options_that_do_not_fit_the_mode_and_non_counts(capsys, h5ad, tmp_path):
+    markers = tmp_path / "markers.json"
+    markers.write_text(json.dumps({"t0": ["gene0", "gene1"], "t1": ["gene2"]}))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{\n")
+    adata = _adata()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X.log1p()
+    logged = tmp_path / "logged.h5ad"
+    adata.write_h5ad(logged)
+    out = tmp_path / "annotated.h5ad"
+    cases = [
+        ([h5ad, "--reference", h5ad, "--label-key", "cell_type", "--markers", markers],
+         r"--markers: only for --mode cellassign \(the mode is 'celltypist'\)"),
+        ([h5ad, "--mode", "cellassign", "--markers", markers, "--majority-voting"],
+         r"--majority-voting: only for --mode celltypist \(the mode is 'cellassign'\)"),
+        ([h5ad, "--mode", "cellassign", "--markers", broken], r"--markers: '.*broken.json' could not be parsed"),
+        ([logged, "--mode", "cellassign", "--markers", markers],
+         r"QUERY .*logged.h5ad: adata.X: holds non-integer values .*; counts are in adata.layers\['counts'\] "
+         r"\(--layer counts\)"),
+    ]
+    for argv, message in cases:
+        code, err = _cli(capsys, "annotate", *argv, "--out", out)
+        assert code == 2 and re.search(message, err), err
+        assert not out.exists()
+
+
+def test_cli_rerun_into_a_folder_replaces_the_earlier_runs_outputs(capsys, h5ad, tmp_path):
+    """A second run into the same folder leaves one run's results, as its report lists them: an earlier run's
+    `doublets.png` (this run has no doublet filter) goes, the user's own files stay."""
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps({"enable_ambient_removal": False, "enable_batch_correction": False,
+                                  "enable_dim_reduction": False, "n_clusters": 3, "clustering_method": "soft_kmeans",
+                                  "latent_dim": 4, "hidden_dims": [16]}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "doublets.png").write_bytes(b"an earlier run's histogram")
+    (out / "notes.txt").write_text("mine")
+    code, err = _cli(capsys, "run", h5ad, "--config", config, "--out", out, *CLI_EPOCHS)
+    assert code == 0, err
+    assert not (out / "doublets.png").exists() and (out / "notes.txt").read_text() == "mine"
+    assert {"result.h5ad", "report.md", "pipeline.eqx", "training.png"} <= {p.name for p in out.iterdir()}

@@ -1,7 +1,8 @@
 """Bad input to the operator faces (`dbx.tl`, `dbx.pp`): each case raises a `ValueError` naming the argument or
 field and the problem, before any numerical work, and leaves the AnnData as it was. (The core faces and the
-command line are in `test_bad_input.py`, with the non-integer counts the suite's type checker stops first.) Found by probing every face with edge cases; each case here crashed
-deep inside pandas / JAX, or returned NaN or meaningless values without a word, before it was named."""
+command line are in `test_bad_input.py`, with the non-integer counts the suite's type checker stops first.)
+Found by probing every face with edge cases; each case here crashed deep inside pandas / JAX, or returned NaN or
+meaningless values without a word, before it was named."""
 
 import anndata as ad
 import jax.random as jr
@@ -70,7 +71,8 @@ KEY = jr.key(0)
 # (case id, change to the cells, the call, the start of the message as a regex)
 CASES = [
     ("markers-layer-with-use-raw", _raw_in_other_order,
-     lambda a: dbx.tl.rank_genes_groups(a, "group", layer="counts", use_raw=True), r"layer: 'counts' given with use_raw"),
+     lambda a: dbx.tl.rank_genes_groups(a, "group", layer="counts", use_raw=True),
+     r"layer: 'counts' given with use_raw"),
     ("markers-missing-layer", None, lambda a: dbx.tl.rank_genes_groups(a, "group", layer="logs"),
      r"layer: 'logs' is not in adata.layers"),
     ("pseudobulk-missing-layer", None,

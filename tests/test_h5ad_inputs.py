@@ -150,7 +150,7 @@ def test_gene_key_names_the_stored_pipeline_and_the_report(capsys, tmp_path):
 
 def test_labels_with_missing_values_are_left_out_of_the_label_scores(capsys, tmp_path):
     adata = _small()
-    labels = adata.obs["cell_type"].astype(object).to_numpy()
+    labels = adata.obs["cell_type"].astype(object).to_numpy().copy()  # pandas 3 (copy-on-write): a read-only view
     labels[::10] = np.nan
     adata.obs["cell_type"] = pd.Categorical(labels)
     source = _write(adata, tmp_path / "input")

@@ -53,7 +53,10 @@ def files(tmp_path_factory) -> dict[str, pathlib.Path]:
     obs = pd.DataFrame({"group": pd.Categorical(names), "doublet": truth[query],
                         "label": pd.Categorical(pd.Series(names).where(~truth[query]))},
                        index=pd.Index([f"cell{i}" for i in range(N_QUERY)]))
-    ad.AnnData(sp.csr_matrix(counts[query]), obs=obs, var=genes).write_h5ad(folder / "query.h5ad")
+    # Results of an earlier run in the file: the job's own replace them, for the left-out cells too.
+    obs["diffbio_cluster"] = pd.Categorical(["earlier"] * N_QUERY)
+    stale = {"X_diffbio": np.zeros((N_QUERY, SMALL["latent_dim"]), np.float32)}
+    ad.AnnData(sp.csr_matrix(counts[query]), obs=obs, var=genes, obsm=stale).write_h5ad(folder / "query.h5ad")
     reference = N_QUERY + np.flatnonzero(~truth[N_QUERY:])  # its singlets
     ref_obs = pd.DataFrame({"label": pd.Categorical([f"t{g}" for g in groups[reference]])},
                            index=pd.Index([f"ref{i}" for i in range(reference.size)]))
@@ -96,6 +99,7 @@ def test_doublet_filter_scores_every_cell_and_fits_the_others(files, job):
     # The pipeline's results exist for the kept cells only; the left-out cells' are missing.
     latent = result.obsm["X_diffbio"]
     assert np.isfinite(latent[~called]).all() and np.isnan(latent[called]).all()
+    assert np.all(np.abs(latent[~called]).sum(axis=1) > 0), "the earlier run's latent is replaced"
     assert result.obs["diffbio_cluster"].isna().to_numpy().tolist() == called.tolist()
     assert np.isnan(result.layers["diffbio_normalized"][called]).all()
     assert result.uns["scrublet"]["threshold_method"] in ("minimum", "otsu")

@@ -2,11 +2,39 @@
 
 import dataclasses
 import json
+import numbers
 import os
 import pathlib
 import tomllib
+import types
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
+
+import numpy as np
+
+
+def _type_problem(kind: Any, value: Any) -> str | None:
+    """What `value` should be for a field annotated `kind` (bool, int, float, str, a Literal of strings, a tuple
+    of ints, or one of these or None), or None when it is that (a settings file's values arrive unchecked)."""
+    origin, args = get_origin(kind), get_args(kind)
+    if origin in (Union, types.UnionType) and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        problem = _type_problem(inner, value)
+        return None if value is None or problem is None else f"{problem} or None"
+    is_bool = isinstance(value, (bool, np.bool_))
+    if kind is bool:
+        return None if is_bool else "true or false"
+    if kind is int:
+        return None if isinstance(value, numbers.Integral) and not is_bool else "an integer"
+    if kind is float:
+        return None if isinstance(value, numbers.Real) and not is_bool else "a number"
+    if kind is str or origin is Literal:
+        return None if isinstance(value, str) else "a string"
+    if origin is tuple:
+        whole = isinstance(value, (tuple, list)) and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+        return None if whole else "a list of integers"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +119,16 @@ class SingleCellPipelineConfig:
     adversarial_weight: float = 1.0
 
     def __post_init__(self):
+        self._check_types({field.name: getattr(self, field.name) for field in dataclasses.fields(self)})
+        self._check_ranges()
+
+    @classmethod
+    def _check_types(cls, values: Mapping[str, Any]) -> None:
+        for field in dataclasses.fields(cls):
+            if field.name in values and (problem := _type_problem(field.type, values[field.name])) is not None:
+                raise ValueError(f"{field.name}: must be {problem}, got {values[field.name]!r}")
+
+    def _check_ranges(self) -> None:
         if self.batch_correction not in ("harmony", "mmd", "adversarial"):
             raise ValueError("batch_correction: must be 'harmony', 'mmd' or 'adversarial' (to switch batch "
                              f"correction off, set enable_batch_correction=False), got {self.batch_correction!r}")
@@ -102,13 +140,13 @@ class SingleCellPipelineConfig:
             "n_genes": self.n_genes, "latent_dim": self.latent_dim,
             "umap_n_components": self.umap_n_components, "n_batches": self.n_batches,
             "batch_correction_iterations": self.batch_correction_iterations,
-            "umap_n_neighbors": self.umap_n_neighbors,
+            "umap_n_neighbors": self.umap_n_neighbors, "umap_hidden_size": self.umap_hidden_size,
+            "ambient_latent_dim": self.ambient_latent_dim, "ambient_hidden_dim": self.ambient_hidden_dim,
         }
         for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        if self.n_clusters is not None and (not isinstance(self.n_clusters, int) or isinstance(self.n_clusters, bool)
-                                            or self.n_clusters < 1):
+        if self.n_clusters is not None and self.n_clusters < 1:
             raise ValueError(f"n_clusters: must be a positive integer or None, got {self.n_clusters!r}")
         if self.clustering_method not in ("gmm", "soft_kmeans"):
             raise ValueError(f"clustering_method: must be 'gmm' or 'soft_kmeans', got {self.clustering_method!r}")
@@ -116,8 +154,12 @@ class SingleCellPipelineConfig:
             raise ValueError(f"hidden_dims: need at least one positive width, got {self.hidden_dims}")
         if self.batch_correction_clusters is not None and self.batch_correction_clusters < 1:
             raise ValueError(f"batch_correction_clusters: must be >= 1 or None, got {self.batch_correction_clusters}")
-        if not self.clustering_temperature > 0:
-            raise ValueError(f"clustering_temperature: must be > 0, got {self.clustering_temperature}")
+        for name in ("clustering_temperature", "harmony_sigma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)!r}")
+        for name in ("harmony_theta", "umap_min_dist", "umap_depth"):  # umap-learn allows min_dist 0; depth 0: linear
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if self.likelihood not in ("nb", "zinb", "poisson"):
             raise ValueError(f"likelihood: must be 'nb', 'zinb' or 'poisson', got {self.likelihood!r}")
         if self.doublet_filter not in ("scrublet", "solo", "none"):
@@ -145,7 +187,11 @@ class SingleCellPipelineConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"config: unknown setting(s) {unknown}; known: {sorted(known)}")
+        cls._check_types(values)  # before the constructor: values read from a file arrive unchecked
         values = dict(values)
+        for field in dataclasses.fields(cls):  # JSON's 2 for 2.0
+            if field.type is float and field.name in values:
+                values[field.name] = float(values[field.name])
         if "hidden_dims" in values:
             values["hidden_dims"] = tuple(values["hidden_dims"])
         return cls(**values)
@@ -162,13 +208,14 @@ class SingleCellPipelineConfig:
         source = pathlib.Path(path)
         if not source.is_file():
             raise ValueError(f"config: {str(source)!r} does not exist")
-        text = source.read_text()
         try:
+            text = source.read_text(encoding="utf-8")
             values = tomllib.loads(text) if source.suffix == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"config: {str(source)!r} could not be parsed ({error})") from None
+        if isinstance(values, dict):
+            values = values.get("pipeline", values)
         if not isinstance(values, dict):
             raise ValueError(f"config: {str(source)!r} must hold a table of settings")
-        values = values.get("pipeline", values)
         cls.from_dict(values)  # names and values checked here
         return dict(values)
