@@ -324,7 +324,8 @@ def transport_maps(adata: ad.AnnData, time_key: str = "day", *, growth_key: str 
                    layer: str | None = None, growth_iters: int = 1, settings: OTSettings | None = None,
                    n_pcs: int = 30) -> dict[tuple[float, float], TransportMap]:
     """wot's `OTModel.compute_all_transport_maps` over `X` (or `layers[layer]`), consecutive time points of
-    `obs[time_key]`, with the per-cell growth prior `obs[growth_key]` (ones when None); wot's defaults.
+    `obs[time_key]`, with the per-cell growth prior `obs[growth_key]` (None: `obs["cell_growth_rate"]` when
+    present, wot's `growth_rate_field`, else ones); wot's defaults.
 
     **Returns:** `{(t0, t1): TransportMap}`. Writes `obs["growth_rate_learned"]` (each cell's learned growth on
     the map leaving its time point; NaN at the last) and `uns["transport_maps"]["params"]`.
@@ -332,6 +333,8 @@ def transport_maps(adata: ad.AnnData, time_key: str = "day", *, growth_key: str 
     check_adata(adata)
     if time_key not in adata.obs.columns:
         raise ValueError(f"time_key: {time_key!r} is not a column of adata.obs")
+    if growth_key is None and "cell_growth_rate" in adata.obs.columns:  # wot's default growth_rate_field
+        growth_key = "cell_growth_rate"
     if growth_key is not None and growth_key not in adata.obs.columns:
         raise ValueError(f"growth_key: {growth_key!r} is not a column of adata.obs")
     matrix = _dense(_layer_matrix(adata, layer)[0])
@@ -443,11 +446,27 @@ def harmony(
     return result
 
 
+def _neighbors_settings(adata: ad.AnnData, neighbors_key: str | None, use_rep: str | None) -> dict[str, Any] | None:
+    """`pp.neighbors`' settings in `uns[neighbors_key]` (its representation, `n_neighbors`, kNN backend and fuzzy
+    union), which `umap` builds its graph with, as scanpy's `tl.umap` uses that graph; None when there are none."""
+    if neighbors_key is None or neighbors_key not in adata.uns:
+        return None
+    params = dict(adata.uns[neighbors_key].get("params", {}))
+    if "use_rep" not in params or "n_neighbors" not in params:
+        raise ValueError(f"neighbors_key: adata.uns[{neighbors_key!r}] has no params['use_rep'] and "
+                         "params['n_neighbors']; run dbx.pp.neighbors, or pass neighbors_key=None")
+    if use_rep is not None and use_rep != params["use_rep"]:
+        raise ValueError(f"use_rep: {use_rep!r}, but adata.uns[{neighbors_key!r}] is the graph of "
+                         f"{params['use_rep']!r}; run dbx.pp.neighbors(use_rep={use_rep!r}) or pass neighbors_key=None")
+    return params
+
+
 def umap(
     adata: ad.AnnData,
     model: ParametricUMAP | None = None,
     *,
     use_rep: str | None = None,
+    neighbors_key: str | None = "neighbors",
     key: PRNGKeyArray,
     **fit_settings: Any,
 ) -> ParametricUMAP:
@@ -457,24 +476,40 @@ def umap(
 
     - `adata`: the cells.
     - `model`: a `ParametricUMAP` carrying the settings (`n_neighbors`, `min_dist`, encoder size, ...), for the
-      width of `use_rep`; None builds `ParametricUMAP(n_dims)`.
-    - `use_rep`: the embedding (see `diffbio_eqx._faces.representation`; default the first of `X_diffbio_corrected`,
-      `X_diffbio`, `X_pca`), read in the encoder's float dtype. (Keyword only argument.)
+      width of `use_rep`; None builds `ParametricUMAP(n_dims)`: umap-learn's defaults, `min_dist` 0.1 (scanpy's
+      `tl.umap` uses 0.5: pass `model=ParametricUMAP(n_dims, min_dist=0.5, key=...)` for its look).
+    - `use_rep`: the embedding (see `diffbio_eqx._faces.representation`; default the graph's representation when
+      there is one, else the first of `X_diffbio_corrected`, `X_diffbio`, `X_pca`), read in the encoder's float
+      dtype. (Keyword only argument.)
+    - `neighbors_key`: as scanpy's `tl.umap`, train on the graph `pp.neighbors` described in `uns[neighbors_key]`
+      (its representation, `n_neighbors`, kNN backend and fuzzy union; rebuilt from them, deterministically) when
+      it is there; None, or no such key: the graph of `model`'s own settings.
     - `key`: split in two: the first builds the default model (unused when `model` is given), the second trains.
     - `fit_settings`: passed to `fit_umap` (`settings=TrainSettings(n_epochs=...)`, `prune_epochs`, ...).
 
     **Returns:** the trained `ParametricUMAP` (its `embed` maps new cells). Writes `obsm["X_umap"]` and
-    `uns["diffbio_umap"]` (`params` with `a`, `b`, `n_neighbors`, `use_rep`; `train_loss`).
+    `uns["diffbio_umap"]` (`params` with `a`, `b`, `n_neighbors`, `use_rep`, `neighbors_key`; `train_loss`).
     """
+    from ._umap._stage import umap_graph
+
     fit_settings = fit_keywords(fit_settings, "fit_umap")
-    x, use_rep = representation(adata, use_rep)
+    neighbors = _neighbors_settings(adata, neighbors_key, use_rep)
+    x, use_rep = representation(adata, use_rep if neighbors is None else neighbors["use_rep"])
     init_key, fit_key = jr.split(key)
     model = ParametricUMAP(x.shape[1], key=init_key) if model is None else model
     x = x.astype(model.encoder.layers[0].weight.dtype)  # the encoder's precision
+    n_neighbors = model.n_neighbors
+    if neighbors is not None and "graph" not in fit_settings:
+        n_neighbors = int(neighbors["n_neighbors"])
+        fit_settings["graph"] = umap_graph(
+            jnp.asarray(x), n_neighbors=n_neighbors, knn_method=neighbors.get("knn_method", "auto"),
+            set_op_mix_ratio=neighbors.get("set_op_mix_ratio", 1.0),
+            local_connectivity=neighbors.get("local_connectivity", 1.0))
     fitted = fit_umap(model, x, key=fit_key, **fit_settings)
     to_anndata(adata, {"embeddings_2d": fitted.model.embed(x)}, copy=False)
-    params = {"use_rep": use_rep, "n_neighbors": fitted.model.n_neighbors, "a": float(fitted.model.a),
-              "b": float(fitted.model.b), **fit_settings}
+    params = {"use_rep": use_rep, "n_neighbors": n_neighbors, "neighbors_key": neighbors_key if neighbors else None,
+              "a": float(fitted.model.a), "b": float(fitted.model.b),
+              **{name: value for name, value in fit_settings.items() if name != "graph"}}
     _record(adata, "umap", params, train_loss=fitted.train_loss)
     return fitted.model
 
@@ -775,10 +810,11 @@ def _marker_inputs(adata: ad.AnnData, groupby: str, groups: Any, reference: str,
     small = [n for n, m in zip(names, masks) if m.sum() < 2]
     if small:
         raise ValueError(f"groups: {small[0]!r} has fewer than 2 cells in adata.obs[{groupby!r}]")
+    if use_raw is None:  # scanpy's rule, which does not look at `layer`
+        use_raw = adata.raw is not None
     if layer is not None and use_raw:  # scanpy refuses the pair too
-        raise ValueError(f"layer: {layer!r} given with use_raw=True; both name where the expression is, choose one")
-    if use_raw is None:
-        use_raw = adata.raw is not None and layer is None
+        raise ValueError(f"layer: {layer!r} given with use_raw=True (the default when adata.raw is set, as in "
+                         "scanpy); both name where the expression is: pass use_raw=False to read the layer")
     source = adata.raw if use_raw and adata.raw is not None else adata
     matrix, name = (source.X, "adata.raw.X") if source is not adata else _layer_matrix(adata, layer)
     x = _dense(matrix)

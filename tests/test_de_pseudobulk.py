@@ -163,3 +163,28 @@ def test_pseudobulk_defaults_match_pydeseq2_with_outliers():
     calls = (ours["padj"].fillna(1.0) < 0.05).to_numpy() != (theirs["padj"].fillna(1.0) < 0.05).to_numpy()
     assert lfc_r >= 0.99 and p_rho >= 0.98 and calls.mean() <= 0.02, (lfc_r, p_rho, calls.mean())
     np.testing.assert_allclose(ours["baseMean"], theirs["baseMean"], rtol=1e-10)  # refitted means included
+
+
+def test_dispersions_above_ten_with_more_than_ten_samples():
+    """pydeseq2 bounds the dispersions by max(max_disp=10, n_samples), not by 10: with 16 samples, genes
+    expressed in a few samples only are fitted above 10 on both sides (the gene-wise estimates, equal)."""
+    from pydeseq2.dds import DeseqDataSet
+
+    data = simulate_conditions(key=jr.key(7), n_genes=60, n_samples=16, cells_per_sample=20)
+    counts = np.array(jax.ops.segment_sum(data.counts, data.sample, num_segments=16))
+    counts[:, :4] = 0
+    counts[[1, 9], 0], counts[[2], 1], counts[[3, 4, 12], 2], counts[[14], 3] = 4000, 2500, 900, 7000
+    conditions = np.array(["control"] * 8 + ["treated"] * 8)
+    names = [f"s{i}" for i in range(16)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dds = DeseqDataSet(counts=pd.DataFrame(counts.astype(int), index=names, columns=[f"g{i}" for i in range(60)]),
+                           metadata=pd.DataFrame({"condition": conditions}, index=names), design="~condition",
+                           refit_cooks=False, quiet=True, n_cpus=1)
+        dds.deseq2()
+    design = np.column_stack([np.ones(16), (conditions == "treated").astype(float)])
+    ours = deseq2(jnp.asarray(counts, jnp.float64), jnp.asarray(design), jnp.asarray([0.0, 1.0]), linear_mu=True,
+                  options=dbx.DESeq2Options(refit_cooks=False))
+    theirs = np.asarray(dds.var["genewise_dispersions"])[:4]
+    assert np.all(theirs > 10.0), theirs
+    np.testing.assert_allclose(np.asarray(ours.genewise_dispersions)[:4], theirs, rtol=1e-4)

@@ -206,6 +206,20 @@ def test_harmony_umap_and_soft_kmeans_equal_the_array_api(simulated):
     with pytest.raises(ValueError, match=r"^progress: fit_umap takes the training loop's settings"):
         dx.tl.umap(adata, umap, key=jr.key(5), progress=False)
 
+    # As scanpy's tl.umap: the graph pp.neighbors described (its representation and n_neighbors), not the model's.
+    dx.pp.neighbors(adata, 6, use_rep="X_diffbio")
+    model = dx.tl.umap(adata, umap, key=jr.key(5), settings=QUICK)
+    narrow = dx.ParametricUMAP(5, hidden_size=16, depth=2, n_neighbors=6, key=jr.key(4))
+    fitted = dx.fit_umap(narrow, x.astype(np.float64), key=jr.split(jr.key(5))[1], settings=QUICK)
+    np.testing.assert_array_equal(adata.obsm["X_umap"], np.asarray(fitted.model.embed(x.astype(np.float64)),
+                                                                   np.float32))
+    assert adata.uns["diffbio_umap"]["params"]["n_neighbors"] == 6
+    assert adata.uns["diffbio_umap"]["params"]["use_rep"] == "X_diffbio"
+    with pytest.raises(ValueError, match=r"^use_rep: 'X_diffbio_corrected', but adata.uns\['neighbors'\] is the "
+                                         r"graph of 'X_diffbio'"):
+        dx.tl.umap(adata, umap, use_rep="X_diffbio_corrected", key=jr.key(5), settings=QUICK)
+    del adata.uns["neighbors"]
+
     before = adata.copy()
     clusters = dx.tl.soft_kmeans(adata, 3, key=jr.key(6), n_iter=20)
     assert _written(before, adata) == {"obs['diffbio_cluster']", "obsm['diffbio_cluster_probabilities']",

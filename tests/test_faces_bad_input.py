@@ -150,10 +150,12 @@ def test_one_untestable_gene_leaves_the_others_q_values():
 
 
 def test_markers_from_a_layer_name_the_layers_genes():
-    """With `layer=` the expression and the gene names both come from `adata` (not `.raw`, whose genes may differ
-    in order), and the record is written only once it is complete."""
+    """With `layer=` (and `use_raw=False`, as scanpy asks when `.raw` is set) the expression and the gene names
+    both come from `adata`, not `.raw`, whose genes may differ in order."""
     adata = _raw_in_other_order(_cells())
     adata.layers["counts"][adata.obs["group"].to_numpy() == "a", 5] += 50.0
-    dbx.tl.rank_genes_groups(adata, "group", layer="counts")
+    with pytest.raises(ValueError, match=r"layer: 'counts' given with use_raw=True \(the default when adata.raw"):
+        dbx.tl.rank_genes_groups(adata, "group", layer="counts")  # scanpy's default reads .raw, and refuses too
+    dbx.tl.rank_genes_groups(adata, "group", layer="counts", use_raw=False)
     assert adata.uns["rank_genes_groups"]["names"]["a"][0] == "g5"
     assert not adata.uns["rank_genes_groups"]["params"]["use_raw"]

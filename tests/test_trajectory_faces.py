@@ -63,6 +63,13 @@ def test_transport_maps_face():
     assert adata.uns["transport_maps"]["params"]["lambda2"] == 50.0
     with pytest.raises(ValueError, match="time_key: 'time' is not a column"):
         dbx.tl.transport_maps(adata, "time")
+    # wot's default growth_rate_field: obs["cell_growth_rate"] is the prior when present
+    adata.obs["cell_growth_rate"] = np.where(np.arange(240) % 2 == 0, 2.0, 0.5)
+    found = dbx.tl.transport_maps(adata)
+    named = dbx.tl.transport_maps(adata.copy(), growth_key="cell_growth_rate")
+    np.testing.assert_array_equal(np.asarray(found[(0.0, 1.0)].tmap), np.asarray(named[(0.0, 1.0)].tmap))
+    assert not np.allclose(np.asarray(found[(0.0, 1.0)].tmap), np.asarray(maps[(0.0, 1.0)].tmap))
+    assert adata.uns["transport_maps"]["params"]["growth_key"] == "cell_growth_rate"
 
 
 def test_face_bad_input(cells):

@@ -54,6 +54,11 @@ from ._markers import benjamini_hochberg
 
 
 MIN_DISP, MAX_DISP, MIN_MU = 1e-8, 10.0, 0.5
+
+
+def max_dispersion(n_samples: int) -> float:
+    """The dispersions' upper bound pydeseq2 enforces: `max(max_disp, n_samples)` (`DeseqDataSet.max_disp`)."""
+    return max(MAX_DISP, float(n_samples))
 _GRID = 96
 
 
@@ -102,8 +107,9 @@ def dispersion_loss(
     return loss
 
 
-def minimise_log_dispersion(loss, start: Float[Array, ""]) -> Float[Array, ""]:
-    """The minimiser of a 1-D `loss(log_alpha)` on $[\\log 10^{-8}, \\log 10]$ from `start`, as L-BFGS-B finds it.
+def minimise_log_dispersion(loss, start: Float[Array, ""], max_disp: float = MAX_DISP) -> Float[Array, ""]:
+    """The minimiser of a 1-D `loss(log_alpha)` on $[\\log 10^{-8}, \\log$ `max_disp`$]$ from `start`, as L-BFGS-B
+    finds it.
 
     L-BFGS-B stops at once where the projected gradient at the start is at most `pgtol = 1e-5` (pydeseq2's
     gene-wise fit starts at the rough estimate, often the lower bound, where the loss is flat); otherwise the best
@@ -111,7 +117,7 @@ def minimise_log_dispersion(loss, start: Float[Array, ""]) -> Float[Array, ""]:
     (halving a step that does not descend).
     """
     dtype = start.dtype
-    lo, hi = jnp.log(jnp.asarray(MIN_DISP, dtype)), jnp.log(jnp.asarray(MAX_DISP, dtype))
+    lo, hi = jnp.log(jnp.asarray(MIN_DISP, dtype)), jnp.log(jnp.asarray(max_disp, dtype))
     grad, hess = jax.grad(loss), jax.grad(jax.grad(loss))
     x0 = jnp.clip(start, lo, hi)
     stuck = jnp.abs(jnp.clip(x0 - grad(x0), lo, hi) - x0) <= 1e-5
@@ -149,7 +155,7 @@ def rough_dispersions(
     mean = jnp.mean(normed, axis=0)
     var = jnp.var(normed, axis=0, ddof=1)
     mde = jnp.nan_to_num((var - jnp.mean(1.0 / sf) * mean) / mean**2)
-    return jnp.clip(jnp.minimum(rde, mde), MIN_DISP, MAX_DISP)
+    return jnp.clip(jnp.minimum(rde, mde), MIN_DISP, max_dispersion(m))
 
 
 def irls(
@@ -251,10 +257,11 @@ def _dispersion_fits(counts, design, fitted_mu, start, prior=None):
     1-D fit per gene."""
     def one(y, mu, x0, centre):
         loss = lambda la: dispersion_loss(la, y, design, mu, None if prior is None else (centre, prior[1]))
-        return jnp.exp(minimise_log_dispersion(loss, x0))
+        return jnp.exp(minimise_log_dispersion(loss, x0, max_disp))
 
+    max_disp = max_dispersion(counts.shape[0])
     centres = start if prior is None else prior[0]
-    return jnp.clip(jax.vmap(one)(counts.T, fitted_mu.T, start, centres), MIN_DISP, MAX_DISP)
+    return jnp.clip(jax.vmap(one)(counts.T, fitted_mu.T, start, centres), MIN_DISP, max_disp)
 
 
 def _shrunk_dispersions(gw, base_mean, nonzero, n_samples: int, n_vars: int):
