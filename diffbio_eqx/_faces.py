@@ -12,16 +12,11 @@ import scipy.sparse as sp
 from ._core._neighbors import NeighborGraph
 from ._core._train import TrainSettings
 from ._core._validate import check_embedding
+from .io import check_adata
 
 
 #: The `obsm` keys `use_rep=None` looks for, in this order (the corrected latent first, then the VAE's, then PCA).
 DEFAULT_REPRESENTATIONS = ("X_diffbio_corrected", "X_diffbio", "X_pca")
-def check_adata(adata: Any) -> ad.AnnData:
-    if not isinstance(adata, ad.AnnData):
-        raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
-    return adata
-
-
 def representation(
     adata: ad.AnnData, use_rep: str | None = None, *, defaults: Sequence[str] = DEFAULT_REPRESENTATIONS
 ) -> tuple[np.ndarray, str]:

@@ -451,7 +451,8 @@ def _train(config: SingleCellPipelineConfig, arrays: io.AnnDataArrays, epochs: d
     if arrays.batch_labels is not None:
         data["batch_labels"] = arrays.batch_labels
     build_key, fit_key, run_key = jr.split(jr.key(seed), 3)
-    pipeline = create_single_cell_pipeline(config=config, genes=arrays.genes, key=build_key)
+    pipeline = create_single_cell_pipeline(config=config, genes=arrays.genes, batches=arrays.batch_categories,
+                                           key=build_key)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)  # the pooled-profile warning is stated in the report
         started = time.perf_counter()

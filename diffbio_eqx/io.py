@@ -163,6 +163,13 @@ def profile_by_gene(adata: ad.AnnData, profile: Any, *, field: str = "ambient_pr
     return values if columns is None else values[columns]
 
 
+def check_adata(adata: Any) -> ad.AnnData:
+    """`adata` itself when it is an `AnnData`, else a `ValueError` naming what it is."""
+    if not isinstance(adata, ad.AnnData):
+        raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
+    return adata
+
+
 def layer_names(adata: ad.AnnData) -> list[str]:
     """The names of `adata`'s layers, sorted (anndata 0.13 also lists `X` in `layers`, under the key None)."""
     return sorted(name for name in adata.layers.keys() if name is not None)
@@ -352,7 +359,7 @@ def to_anndata(adata: ad.AnnData, result: Any, *, copy: bool = True) -> ad.AnnDa
       `layers["diffbio_normalized"]` and `decontaminated_counts` to `layers["diffbio_decontaminated"]`.
     - `copy`: write into a copy (default) instead of `adata` itself. (Keyword only argument.)
     """
-    if adata.isbacked:  # the matrices stay in their file: the results go into a new AnnData of the annotations
+    if check_adata(adata).isbacked:  # the matrices stay in their file: the results go into a new AnnData
         out = _shallow_copy(adata, matrices=False)
     elif copy:
         out = _shallow_copy(adata) if is_large(adata.n_obs, adata.n_vars) else adata.copy()
@@ -366,24 +373,31 @@ def to_anndata(adata: ad.AnnData, result: Any, *, copy: bool = True) -> ad.AnnDa
             raise ValueError(f"result[{name!r}]: expected {n_cells} rows, got shape {array.shape}")
         return array
 
+    # Every result checked before any is written, so a bad one leaves `out` (maybe the caller's AnnData) as it was.
+    obsm, layers = {}, {}
     for name, key in OBSM_KEYS.items():
         value = _get(result, name)
         if value is not None:
-            out.obsm[key] = as_cells_array(name, value).astype(np.float32)
+            obsm[key] = as_cells_array(name, value).astype(np.float32)
     for name, key in LAYER_KEYS.items():
         value = _get(result, name)
         if value is not None:
             array = as_cells_array(name, value)
             if array.shape[1] != out.n_vars:
                 raise ValueError(f"result[{name!r}]: expected {out.n_vars} genes, got {array.shape[1]}")
-            out.layers[key] = array.astype(np.float32)
+            layers[key] = array.astype(np.float32)
     assignments = _get(result, "cluster_assignments")
     if assignments is not None:
-        probabilities = as_cells_array("cluster_assignments", assignments).astype(np.float32)
-        labels = np.argmax(probabilities, axis=1)
+        obsm[f"{CLUSTER_KEY}_probabilities"] = as_cells_array("cluster_assignments", assignments).astype(np.float32)
+    for key, array in obsm.items():
+        out.obsm[key] = array
+    for key, array in layers.items():
+        out.layers[key] = array
+    if assignments is not None:
+        probabilities = obsm[f"{CLUSTER_KEY}_probabilities"]
         categories = [str(k) for k in range(probabilities.shape[1])]
-        out.obs[CLUSTER_KEY] = pd.Categorical([str(k) for k in labels], categories=categories)
-        out.obsm[f"{CLUSTER_KEY}_probabilities"] = probabilities
+        out.obs[CLUSTER_KEY] = pd.Categorical([str(k) for k in np.argmax(probabilities, axis=1)],
+                                              categories=categories)
     return out
 
 
@@ -492,6 +506,7 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike[str], *,
     blocks are written into `layers` one at a time before the rename, so no whole `(n_cells, n_genes)` layer is
     ever in memory.
     """
+    check_adata(adata)
     target = pathlib.Path(path)
     if input_path is not None and pathlib.Path(input_path).exists() and target.exists():
         if target.resolve() == pathlib.Path(input_path).resolve():
@@ -580,20 +595,35 @@ def fit_anndata(
     **Returns:** `(annotated, fitted)`: a new AnnData with `obsm["X_diffbio"]`, `obsm["X_diffbio_corrected"]`,
     `obsm["X_umap"]`, `obs["diffbio_cluster"]` and the `layers` of `diffbio_eqx.io.to_anndata`, so
     `scanpy.pl.umap(annotated, color="diffbio_cluster")` works; and the `PipelineFit`. The trained pipeline
-    keeps `adata.var_names` as its `genes`, so `run_anndata` matches new data to them by name.
+    keeps `adata.var_names` as its `genes` and the batch names as its `batches`, so `run_anndata` matches new
+    data to them by name.
     """
     arrays = from_anndata(adata, layer=layer, batch_key=batch_key)
     config = SingleCellPipelineConfig() if config is None else config
     config = config.replace(n_genes=adata.n_vars, n_batches=arrays.n_batches)
     data = _pipeline_data(adata, arrays, ambient_profile)
     build_key, fit_key, run_key = jr.split(key, 3)
-    pipeline = SingleCellPipeline(config, key=build_key, genes=arrays.genes)
+    pipeline = SingleCellPipeline(config, key=build_key, genes=arrays.genes, batches=arrays.batch_categories)
     fitted = fit_pipeline(pipeline, data, key=fit_key, **fit_settings)
     output = infer(fitted.pipeline, data, key=run_key)
     annotated = to_anndata(adata, output)
     if arrays.batch_categories is not None:
         annotated.uns["diffbio_batch_categories"] = list(arrays.batch_categories)
     return annotated, fitted
+
+
+def _coded_as_in_training(arrays: AnnDataArrays, batches: tuple[str, ...], batch_key: str | None) -> AnnDataArrays:
+    """`arrays` with each cell's batch code the position of its batch's name in the training `batches`."""
+    assert arrays.batch_labels is not None and arrays.batch_categories is not None
+    position = {name: code for code, name in enumerate(batches)}
+    present = [arrays.batch_categories[code] for code in np.unique(arrays.batch_labels)]
+    unseen = [name for name in present if name not in position]
+    if unseen:
+        raise ValueError(f"batch_key: adata.obs[{batch_key!r}] holds batches the pipeline was not trained on "
+                         f"({unseen[:5]}; trained on {list(batches)})")
+    recode = np.array([position.get(name, -1) for name in arrays.batch_categories])
+    labels = recode[arrays.batch_labels].astype(arrays.batch_labels.dtype)
+    return AnnDataArrays(arrays.counts, labels, batches, arrays.genes, arrays.columns)
 
 
 def run_anndata(
@@ -615,7 +645,10 @@ def run_anndata(
       ones raise a `ValueError` that names them. Without, `adata` must hold its genes, in order.
     - `adata`: cells x genes, raw counts in `X` (or in `layers[layer]`); never modified.
     - `key`: PRNG key, as in `run_pipeline`. (Keyword only argument.)
-    - `batch_key`: `obs` column with each cell's batch; its categories must code the batches as in training.
+    - `batch_key`: `obs` column with each cell's batch. With `batches` (set by `fit_anndata` and the main job),
+      each name is coded as in training (a query of batch "b1" alone gets b1's code), and a batch the pipeline
+      was not trained on raises a `ValueError`; without, the column's categories must code the batches as in
+      training.
     - `layer`: read counts from this layer instead of `X`.
     - `ambient_profile`: `(adata.n_vars,)`, in the order of `adata.var_names`, or a `pandas.Series` indexed by
       gene name; optional.
@@ -626,6 +659,8 @@ def run_anndata(
     (`adata[:, pipeline.genes]`), so that the per-gene layers line up.
     """
     arrays = from_anndata(adata, layer=layer, batch_key=batch_key, genes=pipeline.genes)
+    if arrays.batch_labels is not None and pipeline.batches is not None:
+        arrays = _coded_as_in_training(arrays, pipeline.batches, batch_key)
     data = _pipeline_data(adata, arrays, ambient_profile)
     output = (infer(pipeline, data, key=key) if inference else run_pipeline(pipeline, data, key=key, inference=False))
     cells = adata if arrays.columns is None else adata[:, list(arrays.genes)]

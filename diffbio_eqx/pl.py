@@ -70,6 +70,17 @@ def _draw_values(axis: Any, embedding: np.ndarray, values: np.ndarray, title: st
     _style_embedding_axis(axis, title, basis_label)
 
 
+def _basis(adata: ad.AnnData, basis: str) -> np.ndarray:
+    """The first two columns of `obsm[basis]`, refused unless it has two."""
+    if basis not in adata.obsm:
+        raise ValueError(f"basis: {basis!r} is not in adata.obsm (has {sorted(adata.obsm.keys())}); run the tool "
+                         "that writes it first (dbx.tl.umap for X_umap)")
+    embedding = np.asarray(adata.obsm[basis])
+    if embedding.ndim != 2 or embedding.shape[1] < 2:
+        raise ValueError(f"basis: adata.obsm[{basis!r}] has shape {embedding.shape}; a plot needs two columns")
+    return embedding[:, :2]
+
+
 def _colour(adata: ad.AnnData, color: str | None) -> tuple[np.ndarray | None, bool]:
     """Per-cell values for `color` and whether they are continuous (numbers) rather than categories."""
     if color is None:
@@ -79,6 +90,9 @@ def _colour(adata: ad.AnnData, color: str | None) -> tuple[np.ndarray | None, bo
         numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
         return column.to_numpy(), bool(numeric and not isinstance(column.dtype, pd.CategoricalDtype))
     if color in adata.var_names:
+        if not adata.var_names.is_unique and int(np.sum(adata.var_names == color)) > 1:
+            raise ValueError(f"color: gene {color!r} appears more than once in adata.var_names "
+                             "(adata.var_names_make_unique())")
         values: Any = adata[:, color].X
         values = values.toarray() if sp.issparse(values) else np.asarray(values)
         return values.ravel().astype(np.float64), True
@@ -111,12 +125,7 @@ def umap(
     """
     if not isinstance(adata, ad.AnnData):
         raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
-    if basis not in adata.obsm:
-        raise ValueError(f"basis: {basis!r} is not in adata.obsm (has {sorted(adata.obsm.keys())}); "
-                         "run dbx.tl.umap first")
-    embedding = np.asarray(adata.obsm[basis])
-    if embedding.ndim != 2 or embedding.shape[1] < 2:
-        raise ValueError(f"adata.obsm[{basis!r}]: expected at least 2 columns, got shape {embedding.shape}")
+    embedding = _basis(adata, basis)
     values, continuous = _colour(adata, color)
     created = ax is None
     axis = _pyplot().subplots(figsize=(5.2, 4.8))[1] if created else ax
@@ -136,6 +145,14 @@ def volcano(table: pd.DataFrame, *, lfc: str = "log2FoldChange", padj: str = "pa
             min_lfc: float = 1.0, ax: Any = None, path: str | pathlib.Path | None = None) -> Any:
     """Volcano plot of a DE table (e.g. `dbx.tl.pseudobulk_de`'s): log2 fold change against $-\\log_{10}$ adjusted
     p-value; genes with `padj < alpha` and `|lfc| >= min_lfc` in colour. Returns the axis (or the saved path)."""
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError(f"table: expected a pandas DataFrame (e.g. dbx.tl.pseudobulk_de's), got "
+                         f"{type(table).__name__}")
+    for argument, column in (("lfc", lfc), ("padj", padj)):
+        if column not in table.columns:
+            raise ValueError(f"{argument}: {column!r} is not a column of the table ({list(table.columns)})")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha: must be in (0, 1), got {alpha}")
     plt = _pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 4))
@@ -156,6 +173,8 @@ def archetype_simplex(adata: ad.AnnData, color: str | None = None, *, key: str =
                       path: str | pathlib.Path | None = None) -> Any:
     """Cells in the archetypes' simplex (`dbx.tl.archetypes`): each cell at the weighted sum of the corners of a
     regular polygon, one corner per archetype, coloured by an `obs` column."""
+    if f"X_{key}" not in adata.obsm:
+        raise ValueError(f"key: adata.obsm[{f'X_{key}'!r}] is missing; run dbx.tl.archetypes first")
     plt = _pyplot()
     weights = np.asarray(adata.obsm[f"X_{key}"])
     k = weights.shape[1]
@@ -194,12 +213,14 @@ def aligned_slices(slices: Sequence[ad.AnnData], *, basis: str = "spatial_aligne
                    path: str | pathlib.Path | None = None, title: str = "aligned slices") -> Any:
     """The slices overlaid in their aligned coordinates (`obsm[basis]` from `dbx.tl.align_slices`), one colour per
     slice. **Returns:** the `Axes`, or the written path when `path` is given."""
+    if len(slices) == 0:
+        raise ValueError("slices: no slices to draw")
     for i, s in enumerate(slices):
         if not isinstance(s, ad.AnnData) or basis not in s.obsm:
             raise ValueError(f"slices[{i}]: needs obsm[{basis!r}]; run dbx.tl.align_slices first")
     created = ax is None
     axis = _pyplot().subplots(figsize=(5.2, 4.8))[1] if created else ax
-    points = np.concatenate([np.asarray(s.obsm[basis])[:, :2] for s in slices])
+    points = np.concatenate([_basis(s, basis) for s in slices])
     labels = np.concatenate([np.full(s.n_obs, f"slice {i}") for i, s in enumerate(slices)])
     _draw_categories(axis, points, labels, title, basis_label="aligned")
     axis.set_aspect("equal")
@@ -223,6 +244,8 @@ def ligand_receptor_dotplot(table: pd.DataFrame, *, top_n: int = 20, sources: Se
 
     **Returns:** the matplotlib `Figure`, or the written path when `path` is given.
     """
+    if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1:
+        raise ValueError(f"top_n: must be a whole number >= 1, got {top_n!r}")
     missing = [c for c in ("source", "target", "ligand_complex", "receptor_complex", "score") if c not in table]
     if missing or len(table) == 0:
         raise ValueError(f"table: expected tl.ligand_receptor's non-empty table; missing columns {missing}")
@@ -268,17 +291,17 @@ def pseudotime(adata: ad.AnnData, key: str = "dpt_pseudotime", *, basis: str = "
         raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
     if key not in adata.obs.columns:
         raise ValueError(f"key: {key!r} is not in adata.obs; run dbx.tl.dpt first")
-    if basis not in adata.obsm:
-        raise ValueError(f"basis: {basis!r} is not in adata.obsm (has {sorted(adata.obsm.keys())})")
-    embedding = np.asarray(adata.obsm[basis])[:, :2]
+    embedding = _basis(adata, basis)
     values = np.asarray(adata.obs[key], dtype=np.float64)
+    root = int(adata.uns["iroot"]) if "iroot" in adata.uns else None
+    if root is not None and not 0 <= root < adata.n_obs:
+        raise ValueError(f"adata.uns['iroot']: {root} is not a cell index (there are {adata.n_obs} cells)")
     finite = np.isfinite(values)
     created = ax is None
     axis = _pyplot().subplots(figsize=(5.2, 4.8))[1] if created else ax
     axis.scatter(embedding[~finite, 0], embedding[~finite, 1], s=4, color="lightgrey", rasterized=True)
     _draw_values(axis, embedding[finite], values[finite], key, basis.removeprefix("X_").upper())
-    if "iroot" in adata.uns:
-        root = int(adata.uns["iroot"])
+    if root is not None:
         axis.scatter(embedding[root, 0], embedding[root, 1], s=60, marker="*", color="red", label="root")
         axis.legend(fontsize=6, frameon=False)
     if path is not None:
@@ -295,11 +318,12 @@ def fate_probabilities(adata: ad.AnnData, *, basis: str = "X_umap", key: str = "
         raise ValueError(f"adata: expected an anndata.AnnData, got {type(adata).__name__}")
     if key not in adata.obsm or key not in adata.uns:
         raise ValueError(f"key: {key!r} is not in adata.obsm and adata.uns; run dbx.tl.fate_probabilities first")
-    if basis not in adata.obsm:
-        raise ValueError(f"basis: {basis!r} is not in adata.obsm (has {sorted(adata.obsm.keys())})")
+    embedding = _basis(adata, basis)
     probabilities = np.asarray(adata.obsm[key])
-    names = list(adata.uns[key]["names"])
-    embedding = np.asarray(adata.obsm[basis])[:, :2]
+    names = list(adata.uns[key].get("names", [])) if isinstance(adata.uns[key], Mapping) else []
+    if not names or probabilities.ndim != 2 or len(names) != probabilities.shape[1]:
+        raise ValueError(f"key: adata.uns[{key!r}]['names'] must name each of the {probabilities.shape[-1]} columns "
+                         f"of adata.obsm[{key!r}], got {names}; run dbx.tl.fate_probabilities again")
     figure, axes = _pyplot().subplots(1, len(names), figsize=(4.4 * len(names), 4.0), squeeze=False)
     for k, (axis, name) in enumerate(zip(axes[0], names)):
         _draw_values(axis, embedding, probabilities[:, k], f"fate: {name}", basis.removeprefix("X_").upper())
@@ -320,6 +344,13 @@ def training(curves: Mapping[str, Mapping[str, Any]], path: str | pathlib.Path |
 
     **Returns:** the matplotlib `Figure`, or the written path when `path` is given (the figure is then closed).
     """
+    if not isinstance(curves, Mapping) or not all(isinstance(c, Mapping) for c in curves.values()):
+        raise ValueError("curves: expected {stage: {curve name: per-epoch values}}, e.g. PipelineFit.curves")
+    for stage, stage_curves in curves.items():
+        for name, values in stage_curves.items():
+            if np.ndim(values) != 1:
+                raise ValueError(f"curves[{stage!r}][{name!r}]: expected one value per epoch (1-D), got shape "
+                                 f"{np.shape(values)}")
     plt = _pyplot()
     n_panels = max(len(curves), 1)
     figure, axes = plt.subplots(1, n_panels, figsize=(4.5 * n_panels, 3.6), squeeze=False)
@@ -350,8 +381,11 @@ def scrublet_histogram(adata: ad.AnnData, path: str | pathlib.Path | None = None
     **Returns:** the matplotlib `Figure`, or the written path when `path` is given.
     """
     record = adata.uns.get("scrublet")
-    if record is None:
-        raise ValueError("adata.uns['scrublet']: missing; run dbx.pp.scrublet first")
+    if record is None or "doublet_score" not in adata.obs.columns:
+        raise ValueError("adata.uns['scrublet'] and adata.obs['doublet_score']: missing; run dbx.pp.scrublet first")
+    runs = record["batches"].values() if "batches" in record else [record]
+    if any("doublet_scores_sim" not in run for run in runs):
+        raise ValueError("adata.uns['scrublet']: has no 'doublet_scores_sim'; run dbx.pp.scrublet again")
     if "batches" in record:
         batch_key = record["batched_by"]
         rows = [(str(name), adata.obs["doublet_score"].to_numpy()[adata.obs[batch_key].astype(str) == str(name)],

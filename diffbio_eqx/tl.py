@@ -27,6 +27,7 @@ from jaxtyping import ArrayLike, PRNGKeyArray
 from ._annotation._annotate import Annotation, Reference, annotate_counts
 from ._clustering._mixture_stage import GaussianMixture, fit_gaussian_mixture
 from ._clustering._stage import SoftKMeans, fit_soft_kmeans
+from ._core._validate import check_positive, check_whole
 from ._de._deseq2 import DESeq2Options
 from ._faces import check_adata, fit_keywords, record_settings, representation, settings_record
 from ._harmony._math import HarmonyResult
@@ -538,6 +539,8 @@ def soft_kmeans(
     cluster), `obsm["diffbio_cluster_probabilities"]` and `uns["diffbio_soft_kmeans"]` (`params`, `objective`).
     """
     x, use_rep = representation(adata, use_rep)
+    check_whole(n_clusters, "n_clusters")
+    check_positive(temperature, "temperature")
     stage = SoftKMeans(jnp.zeros((n_clusters, x.shape[1]), x.dtype), temperature=temperature)
     fitted = fit_soft_kmeans(stage, x, key=key, **fit_settings)
     to_anndata(adata, {"cluster_assignments": fitted.model(jnp.asarray(x))}, copy=False)
@@ -573,6 +576,9 @@ def gaussian_mixture(
     `objective`: the negative mean log-likelihood per EM step).
     """
     x, use_rep = representation(adata, use_rep)
+    if n_clusters is not None:
+        check_whole(n_clusters, "n_clusters")
+    check_positive(temperature, "temperature")
     stage = None if n_clusters is None else GaussianMixture(jnp.zeros((n_clusters, x.shape[1]), x.dtype),
                                                             temperature=temperature)
     fitted = fit_gaussian_mixture(stage, x, key=key, **fit_settings)
@@ -1165,18 +1171,22 @@ def integrate(
         return harmony(adata, batch_key, use_rep=use_rep, key=key)
     if method not in ("mmd", "adversarial"):
         raise ValueError(f"method: must be 'harmony', 'mmd' or 'adversarial', got {method!r}")
+    fit_settings = fit_keywords(fit_settings, "fit_mmd_vae" if method == "mmd" else "fit_adversarial_vae")
     genes = None if model is None else model.genes
     arrays = from_anndata(check_adata(adata), layer=layer, batch_key=batch_key, genes=genes,
                           genes_owner="the model's")
     categories = list(arrays.batch_categories or ())
-    if arrays.batch_labels is None or len(categories) < 2:
-        raise ValueError(f"batch_key: {batch_key!r} must hold at least two batches")
+    if arrays.batch_labels is None or np.unique(arrays.batch_labels).size < 2:  # cells in two batches, not categories
+        raise ValueError(f"batch_key: {batch_key!r} must hold cells of at least two batches")
     if isinstance(reference_batch, str):
         if reference_batch not in categories:
             raise ValueError(f"reference_batch: {reference_batch!r} is not a category of {batch_key!r}")
         reference = categories.index(reference_batch)
     else:
-        reference = int(reference_batch)
+        reference = check_whole(reference_batch, "reference_batch", minimum=0)
+        if reference >= len(categories):
+            raise ValueError(f"reference_batch: code {reference} is not one of {batch_key!r}'s {len(categories)} "
+                             "batches")
     init_key, fit_key = jr.split(key)
     if model is None:
         model = VAENormalizer(adata.n_vars, len(categories), genes=arrays.genes, key=init_key)

@@ -257,6 +257,26 @@ STAGE_CASES = [
      r"x: empty matrix of shape \(0, 4\)"),
     ("fit-soft-kmeans-wrong-dims", lambda: dx.fit_soft_kmeans(dx.SoftKMeans(np.zeros((2, 3))), X, key=jr.key(0)),
      r"x: has 4 dimensions, expected 3"),
+    # Settings that ran to NaN or to a late, unnamed failure before they were checked up front:
+    ("fit-soft-kmeans-nan-temperature",
+     lambda: dx.fit_soft_kmeans(dx.SoftKMeans(np.zeros((2, 4)), temperature=np.nan), X, key=jr.key(0)),
+     r"temperature: must be finite and > 0, got nan"),
+    ("fit-soft-kmeans-no-iterations",
+     lambda: dx.fit_soft_kmeans(dx.SoftKMeans(np.zeros((2, 4))), X, key=jr.key(0), n_iter=0),
+     r"n_iter: must be a whole number >= 1, got 0"),
+    ("fit-mixture-two-cells-graph", lambda: dx.fit_gaussian_mixture(None, X[:2], key=jr.key(0)),
+     r"init: the graph initialisation needs a kNN graph, so at least 3 cells, got 2; use init='kmeans'"),
+    ("Harmony-nan-theta", lambda: dx.Harmony(theta=np.nan), r"theta: must be a number >= 0, got nan"),
+    ("Harmony-negative-theta", lambda: dx.Harmony(theta=-1.0), r"theta: must be a number >= 0, got -1.0"),
+    ("Harmony-nan-lamb", lambda: dx.Harmony(preset="classic", lamb=np.nan), r"lamb: must be a number, got nan"),
+    ("Harmony-fractional-rounds", lambda: dx.Harmony(max_iter_harmony=2.5),
+     r"max_iter_harmony: must be a whole number, got 2.5"),
+    ("TrainSettings-nan-learning-rate", lambda: dx.TrainSettings(hyperparameters={"learning_rate": np.nan}),
+     r"hyperparameters\['learning_rate'\]: must be finite and >= 0, got nan"),
+    ("TrainSettings-negative-learning-rate", lambda: dx.TrainSettings(hyperparameters={"learning_rate": -1.0}),
+     r"hyperparameters\['learning_rate'\]: must be finite and >= 0, got -1.0"),
+    ("neighbor-graph-mix-ratio", lambda: dx.neighbor_graph(X, 5, set_op_mix_ratio=2.0),
+     r"set_op_mix_ratio: must be in \[0, 1\] \(0 intersection, 1 union\), got 2.0"),
 ]
 
 
@@ -283,6 +303,11 @@ def test_without_the_type_checker_users_get_the_same_named_errors(tmp_path):
                 dx.create_single_cell_pipeline(n_genes=4, key=jr.key(0)), [x], key=jr.key(0)),
             "archetypes-float-count": lambda: dx.tl.archetypes(cells, 3.0, key=jr.key(0), use_rep="X"),
             "solo-fractional-ratio": lambda: dx.pp.solo(cells, key=jr.key(0), doublet_ratio=1.5),
+            "to_anndata-not-an-anndata": lambda: dx.io.to_anndata({"X": x}, {}),
+            "TrainSettings-fractional-epochs": lambda: dx.TrainSettings(n_epochs=1.5),
+            "volcano-not-a-table": lambda: dx.pl.volcano({"padj": [0.1]}),
+            "training-not-a-mapping": lambda: dx.pl.training([1.0, 2.0]),
+            "write_h5ad-not-an-anndata": lambda: dx.io.write_h5ad([x], "never.h5ad"),
         }
         out = {}
         for name, call in cases.items():
@@ -303,6 +328,11 @@ def test_without_the_type_checker_users_get_the_same_named_errors(tmp_path):
         "run_pipeline-data-not-a-mapping": r"^data: expected a mapping with 'counts'",
         "archetypes-float-count": r"^n_archetypes: must be an integer, got 3.0",
         "solo-fractional-ratio": r"^doublet_ratio: simulated doublets per cell, a whole number >= 1",
+        "to_anndata-not-an-anndata": r"^adata: expected an anndata.AnnData, got dict",
+        "TrainSettings-fractional-epochs": r"^n_epochs: must be a whole number, got 1.5",
+        "volcano-not-a-table": r"^table: expected a pandas DataFrame",
+        "training-not-a-mapping": r"^curves: expected \{stage",
+        "write_h5ad-not-an-anndata": r"^adata: expected an anndata.AnnData, got list",
     }
     for name, pattern in expected.items():
         kind, message = out[name]

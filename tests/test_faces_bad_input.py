@@ -63,6 +63,27 @@ def _constant_pseudotime(adata):
     return adata
 
 
+def _one_batch_present(adata):
+    adata.obs["group"] = pd.Categorical(["a"] * adata.n_obs, categories=["a", "b"])
+    return adata
+
+
+def _far_root(adata):
+    adata.uns["iroot"] = 500
+    return adata
+
+
+def _fates_misnamed(adata):
+    adata.obsm["fate_probabilities"] = np.full((adata.n_obs, 2), 0.5)
+    adata.uns["fate_probabilities"] = {"names": ["a", "b", "c"]}
+    return adata
+
+
+def _one_column_basis(adata):
+    adata.obsm["line"] = np.zeros((adata.n_obs, 1))
+    return adata
+
+
 def _slices(adata):
     return [adata, adata[::-1].copy()]
 
@@ -118,6 +139,43 @@ CASES = [
      r"expr_prop: a fraction of cells, must be in \[0, 1\], got 1.5"),
     ("grn-zero-ridge", None, lambda a: dbx.tl.grn(a, ["g0", "g1"], ridge=0.0),
      r"ridge: the ridge penalty must be > 0, got 0.0"),
+    ("kmeans-zero-temperature", None,
+     lambda a: dbx.tl.soft_kmeans(a, 2, use_rep="spatial", temperature=0.0, key=KEY),
+     r"temperature: must be finite and > 0, got 0.0"),
+    ("mixture-nan-temperature", None,
+     lambda a: dbx.tl.gaussian_mixture(a, 2, use_rep="spatial", temperature=float("nan"), key=KEY),
+     r"temperature: must be finite and > 0, got nan"),
+    ("integrate-reference-code", None,
+     lambda a: dbx.tl.integrate(a, "mmd", batch_key="group", key=KEY, reference_batch=5),
+     r"reference_batch: code 5 is not one of 'group''s 2 batches"),
+    ("integrate-one-batch-present", _one_batch_present,
+     lambda a: dbx.tl.integrate(a, "mmd", batch_key="group", key=KEY),
+     r"batch_key: 'group' must hold cells of at least two batches"),
+    # plots: a named error instead of a KeyError / IndexError from inside pandas or matplotlib
+    ("volcano-missing-column", None, lambda a: dbx.pl.volcano(pd.DataFrame({"log2FoldChange": [1.0]})),
+     r"padj: 'padj' is not a column of the table"),
+    ("volcano-alpha-outside", None,
+     lambda a: dbx.pl.volcano(pd.DataFrame({"log2FoldChange": [1.0], "padj": [0.01]}), alpha=-1.0),
+     r"alpha: must be in \(0, 1\), got -1.0"),
+    ("simplex-before-archetypes", None, lambda a: dbx.pl.archetype_simplex(a),
+     r"key: adata.obsm\['X_archetypes'\] is missing; run dbx.tl.archetypes first"),
+    ("pseudotime-root-outside", _far_root, lambda a: dbx.pl.pseudotime(a, basis="spatial"),
+     r"adata.uns\['iroot'\]: 500 is not a cell index \(there are 80 cells\)"),
+    ("pseudotime-one-column", _one_column_basis, lambda a: dbx.pl.pseudotime(a, basis="line"),
+     r"basis: adata.obsm\['line'\] has shape \(80, 1\); a plot needs two columns"),
+    ("fates-misnamed", _fates_misnamed, lambda a: dbx.pl.fate_probabilities(a, basis="spatial"),
+     r"key: adata.uns\['fate_probabilities'\]\['names'\] must name each of the 2 columns"),
+    ("histogram-before-scrublet", None, lambda a: dbx.pl.scrublet_histogram(a),
+     r"adata.uns\['scrublet'\] and adata.obs\['doublet_score'\]: missing; run dbx.pp.scrublet first"),
+    ("slices-none", None, lambda a: dbx.pl.aligned_slices([]), r"slices: no slices to draw"),
+    ("training-scalar-curve", None, lambda a: dbx.pl.training({"vae": {"loss": 3.0}}),
+     r"curves\['vae'\]\['loss'\]: expected one value per epoch \(1-D\), got shape \(\)"),
+    ("dotplot-negative-top", None, lambda a: dbx.pl.ligand_receptor_dotplot(pd.DataFrame(), top_n=-1),
+     r"top_n: must be a whole number >= 1, got -1"),
+    ("umap-duplicated-gene", _duplicated_genes, lambda a: dbx.pl.umap(a, "g0", basis="spatial"),
+     r"color: gene 'g0' appears more than once in adata.var_names"),
+    ("integrate-flat-epochs", None, lambda a: dbx.tl.integrate(a, "mmd", batch_key="group", key=KEY, n_epochs=1),
+     r"n_epochs: fit_mmd_vae takes the training loop's settings as settings=TrainSettings\(n_epochs=...\)"),
 ]
 
 

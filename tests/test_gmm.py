@@ -188,7 +188,7 @@ def test_bad_input_is_named():
     stage = dbx.GaussianMixture(np.zeros((4, 3), np.float32))
     with pytest.raises(ValueError, match="init: unknown initialisation 'random'"):
         dbx.fit_gaussian_mixture(stage, x, key=jr.key(0), init="random")
-    with pytest.raises(ValueError, match="n_restarts: must be >= 1"):
+    with pytest.raises(ValueError, match="n_restarts: must be a whole number >= 1"):
         dbx.fit_gaussian_mixture(stage, x, key=jr.key(0), n_restarts=0)
     with pytest.raises(ValueError, match="n_clusters: asked for 40 clusters but there are only 30 cells"):
         dbx.fit_gaussian_mixture(dbx.GaussianMixture(np.zeros((40, 3), np.float32)), x, key=jr.key(0))

@@ -98,6 +98,11 @@ def test_scanpy_umap_plot_works_on_the_result(tmp_path):
 def test_to_anndata_rejects_mismatched_rows():
     with pytest.raises(ValueError, match=r"result\['latent'\]: expected 6 rows, got shape \(5, 2\)"):
         io.to_anndata(_adata(), {"latent": np.ones((5, 2))})
+    # every result is checked before any is written: a bad layer leaves the caller's AnnData as it was
+    adata = _adata()
+    with pytest.raises(ValueError, match=r"result\['normalized'\]: expected 4 genes, got 3"):
+        io.to_anndata(adata, {"latent": np.ones((6, 2)), "normalized": np.ones((6, 3))}, copy=False)
+    assert "X_diffbio" not in adata.obsm
 
 
 def test_write_is_atomic_and_never_overwrites_the_input(tmp_path):
@@ -225,6 +230,31 @@ def test_a_trained_pipeline_matches_new_data_by_gene_name(trained_on_anndata):
     with pytest.raises(ValueError, match=r"^adata.var_names: 1 of the pipeline's 30 genes are missing, first "
                                          r"\['gene7'\]"):
         dbx.run_anndata(pipeline, missing, batch_key="batch", key=jr.key(2))
+
+
+def test_new_cells_are_coded_by_their_batch_names_as_in_training(trained_on_anndata, tmp_path):
+    """A query holding batch "b" alone gets b's training code (its own categories would make it 0, batch "a"),
+    a batch the pipeline never saw is refused, fewer cells than clusters are assigned, and a saved pipeline
+    keeps its batch names."""
+    import jax.random as jr
+
+    import diffbio_eqx as dbx
+
+    adata, profile, pipeline = trained_on_anndata
+    assert pipeline.batches == ("a", "b")
+    whole = dbx.run_anndata(pipeline, adata, batch_key="batch", ambient_profile=profile, key=jr.key(2))
+    in_b = np.flatnonzero(adata.obs["batch"].to_numpy() == "b")[:2]  # two cells: fewer than the 3 clusters
+    query = adata[in_b].copy()
+    assert list(query.obs["batch"].astype("category").cat.categories) == ["b"]
+    alone = dbx.run_anndata(pipeline, query, batch_key="batch", ambient_profile=profile, key=jr.key(2))
+    np.testing.assert_allclose(alone.obsm["X_diffbio_corrected"], whole.obsm["X_diffbio_corrected"][in_b],
+                               rtol=1e-4, atol=1e-5)
+    assert alone.uns["diffbio_batch_categories"] == ["a", "b"]
+    query.obs["batch"] = "c"
+    with pytest.raises(ValueError, match=r"^batch_key: adata.obs\['batch'\] holds batches the pipeline was not "
+                                         r"trained on \(\['c'\]; trained on \['a', 'b'\]\)"):
+        dbx.run_anndata(pipeline, query, batch_key="batch", key=jr.key(2))
+    assert dbx.load_pipeline(dbx.save_pipeline(tmp_path / "p.eqx", pipeline)).batches == ("a", "b")
 
 
 def test_where_the_counts_are():

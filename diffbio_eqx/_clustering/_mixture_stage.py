@@ -14,7 +14,7 @@ from .._core._metrics import adjusted_rand_index
 from .._core._neighbors import neighbor_graph
 from .._core._stage import AbstractTrainableStage
 from .._core._train import FitResult
-from .._core._validate import check_embedding, check_n_clusters
+from .._core._validate import check_embedding, check_n_clusters, check_positive, check_whole
 from ._communities import connectivity_matrix, leiden, leiden_with_k
 from ._gmm import (
     REG_COVAR,
@@ -370,9 +370,14 @@ def fit_gaussian_mixture(
     """
     if init not in MIXTURE_INITS:
         raise ValueError(f"init: unknown initialisation {init!r}; choose one of {MIXTURE_INITS}")
-    if n_restarts < 1:
-        raise ValueError(f"n_restarts: must be >= 1, got {n_restarts}")
+    check_whole(n_restarts, "n_restarts")
+    check_whole(n_iter, "n_iter")
+    if stage is not None:
+        check_positive(stage.temperature, "temperature")
     x = jnp.asarray(check_embedding(x, n_dims=None if stage is None else stage.means.shape[1]))
+    if init == "graph" and x.shape[0] < 3:
+        raise ValueError(f"init: the graph initialisation needs a kNN graph, so at least 3 cells, got {x.shape[0]}; "
+                         "use init='kmeans'")
     stable = None
     if stage is None:
         stable = _stable_start(x, seed=int(jr.randint(key, (), 0, 2**31 - 1)), n_neighbors=n_neighbors)

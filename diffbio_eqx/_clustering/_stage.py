@@ -8,7 +8,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from .._core._stage import AbstractTrainableStage
 from .._core._train import FitResult
-from .._core._validate import check_embedding, check_n_clusters
+from .._core._validate import check_embedding, check_n_clusters, check_positive, check_whole
 from ._kmeans import (
     SoftKMeansResult,
     annealing_schedule,
@@ -153,6 +153,8 @@ def fit_soft_kmeans(
     n_clusters, n_dims = stage.centroids.shape
     x = jnp.asarray(check_embedding(x, n_dims=n_dims))
     check_n_clusters(x.shape[0], n_clusters)
+    check_whole(n_iter, "n_iter")
+    check_positive(stage.temperature, "temperature")
     temperature = jnp.asarray(stage.temperature, dtype=x.dtype)
     start = None if start_temperature is None else jnp.asarray(start_temperature, dtype=x.dtype)
     result, schedule = _fit_centroids(x, temperature, start, n_clusters=n_clusters, n_iter=n_iter, key=key)

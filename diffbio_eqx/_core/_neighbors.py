@@ -787,6 +787,8 @@ def ivf_knn(
     n_lists = ivf_n_lists(n_cells) if n_lists is None else n_lists
     if not _is_integer(n_lists) or not 1 <= n_lists <= n_cells:
         raise ValueError(f"n_lists: must be an integer in [1, n_cells = {n_cells}], got {n_lists!r}")
+    if n_probe == IVF_N_PROBE and _is_integer(n_lists):  # the default, on data with fewer lists: all of them
+        n_probe = min(n_probe, n_lists)
     if not _is_integer(n_probe) or not 1 <= n_probe <= n_lists:
         raise ValueError(f"n_probe: must be an integer in [1, n_lists = {n_lists}], got {n_probe!r}")
     x = eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x: contains non-finite values (NaN or inf)")
@@ -954,6 +956,8 @@ def neighbor_graph(
         raise ValueError(f"block_size: must be a positive integer or None, got {block_size!r}")
     if method == "auto":
         method = select_neighbor_method(n_cells, traced=traced)
+    if not _is_traced(set_op_mix_ratio) and not 0 <= float(set_op_mix_ratio) <= 1:  # a traced one is the caller's
+        raise ValueError(f"set_op_mix_ratio: must be in [0, 1] (0 intersection, 1 union), got {set_op_mix_ratio!r}")
     mix, connectivity = jnp.asarray(set_op_mix_ratio), jnp.asarray(local_connectivity)
     if method == "ivf":
         if traced:

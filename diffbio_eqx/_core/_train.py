@@ -9,6 +9,7 @@ resumed from a checkpoint after epoch `k` continues exactly as the uninterrupted
 import dataclasses
 import functools as ft
 import math
+import numbers
 import os
 import pathlib
 import sys
@@ -398,10 +399,17 @@ class TrainSettings:
     devices: Devices = None
 
     def __post_init__(self):
+        for name in ("n_epochs", "batch_size", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+                raise ValueError(f"{name}: must be a whole number, got {value!r}")
         if self.n_epochs is not None and self.n_epochs < 1:
             raise ValueError(f"n_epochs: must be >= 1, got {self.n_epochs}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        for name, value in (self.hyperparameters or {}).items():  # rates, decays: finite and not negative
+            if isinstance(value, numbers.Real) and not (math.isfinite(value) and float(value) >= 0):
+                raise ValueError(f"hyperparameters[{name!r}]: must be finite and >= 0, got {value!r}")
         if self.validation_fraction is not None and not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction: must be in [0, 1), got {self.validation_fraction}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 0:

@@ -301,6 +301,22 @@ def check_ambient_profile(
     return (profile / total).astype(np.float32)
 
 
+def check_whole(value: Any, field: str, *, minimum: int = 1) -> int:
+    """`value` as an int when it is a whole number (not a bool) of at least `minimum`, else a `ValueError`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{field}: must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_positive(value: Any, field: str) -> None:
+    """A `ValueError` unless a concrete `value` is finite and > 0 (a traced one is the caller's to check)."""
+    if _is_traced(value):
+        return
+    array = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(array)) or not np.all(array > 0):
+        raise ValueError(f"{field}: must be finite and > 0, got {array.tolist()}")
+
+
 def check_n_clusters(n_cells: int, n_clusters: int, *, field: str = "n_clusters") -> None:
     """Raise unless `1 <= n_clusters <= n_cells`."""
     if n_clusters < 1:

@@ -116,6 +116,10 @@ class Harmony(AbstractStage):
         self.epsilon_cluster = _as_float(value["epsilon_cluster"])
         self.epsilon_harmony = _as_float(value["epsilon_harmony"])
         self.batch_prop_cutoff = _as_float(value["batch_prop_cutoff"])
+        for name, count in (("n_clusters", n_clusters), ("max_iter_harmony", value["max_iter_harmony"]),
+                            ("max_iter_kmeans", value["max_iter_kmeans"])):
+            if count is not None and (isinstance(count, bool) or int(count) != count):
+                raise ValueError(f"{name}: must be a whole number, got {count!r}")  # not cut to one silently
         self.n_clusters = None if n_clusters is None else int(n_clusters)
         self.max_iter_harmony = int(value["max_iter_harmony"])
         self.max_iter_kmeans = int(value["max_iter_kmeans"])
@@ -136,6 +140,17 @@ class Harmony(AbstractStage):
             if jnp.ndim(getattr(self, name)) > 1:
                 raise ValueError(f"{name}: expected one value or one per covariate, got shape "
                                  f"{jnp.shape(getattr(self, name))}")
+        # Concrete values only (traced ones, under vmap or jit, are the caller's): NaN would correct every cell to NaN.
+        for name, lowest in (("theta", 0.0), ("sigma", None), ("lamb", None), ("alpha", 0.0)):
+            value = getattr(self, name)
+            if _is_traced(value):
+                continue
+            array = np.asarray(value)
+            if np.any(np.isnan(array)) or (lowest is not None and np.any(array < lowest)):
+                raise ValueError(f"{name}: must be a number{f' >= {lowest:g}' if lowest is not None else ''}, "
+                                 f"got {array.tolist()}")
+        if not _is_traced(self.sigma) and not float(self.sigma) > 0:
+            raise ValueError(f"sigma: must be > 0, got {float(self.sigma)}")
 
     def run(
         self,

@@ -189,7 +189,7 @@ def _fit_inputs(
     raw_counts: Any, cell_type_labels: ArrayLike | None, checkpoint_dir: str | pathlib.Path | None, progress: bool,
 ) -> _FitInputs:
     """Validate everything `fit_pipeline` is given, before any training."""
-    counts, profile, labels = prepare_inputs(pipeline, data, keep_sparse=True)
+    counts, profile, labels = prepare_inputs(pipeline, data, keep_sparse=True, fitting=True)
     if not sp.issparse(counts):  # dense counts as before, in the pipeline's dtype
         counts = np.asarray(counts, dtype=pipeline.dtype)
     n_cells = counts.shape[0]

@@ -144,7 +144,8 @@ class SingleCellPipeline(eqx.Module):
     settings (Harmony's `theta` and `sigma`, the clustering temperature, ...) live in the stages as array leaves,
     which `eqx.tree_at` or training may change; `settings()` reads them from there. `genes` names the count
     matrix's columns (None when the pipeline was built from arrays alone); the AnnData functions match new data
-    to them by name.
+    to them by name. `batches` names the batch codes of training (code `i` is `batches[i]`), so new cells' batch
+    names are coded as in training.
     """
 
     ambient_removal: AmbientRemoval | None
@@ -154,9 +155,10 @@ class SingleCellPipeline(eqx.Module):
     clustering: GaussianMixture | SoftKMeans | None
     harmony_reference: HarmonyReference | None
     config: SingleCellPipelineConfig = eqx.field(static=True)
+    batches: tuple[str, ...] | None = eqx.field(static=True)
 
     def __init__(self, config: SingleCellPipelineConfig | None = None, *, key: PRNGKeyArray,
-                 dtype: Any = None, genes: Sequence[str] | None = None):
+                 dtype: Any = None, genes: Sequence[str] | None = None, batches: Sequence[str] | None = None):
         """**Arguments:**
 
         - `config`: a `SingleCellPipelineConfig` (default settings if None).
@@ -164,9 +166,12 @@ class SingleCellPipeline(eqx.Module):
         - `dtype`: parameter dtype (default: JAX's default float).
         - `genes`: the name of each of the `n_genes` columns of the counts (e.g. `adata.var_names`), kept by the
           VAE stage (`pipeline.genes`) and in the saved file; None when unknown.
+        - `batches`: the name of each of the `n_batches` batch codes (e.g. an `obs` column's categories), kept in
+          the saved file; None when unknown.
         """
         config = SingleCellPipelineConfig() if config is None else config
         self.config = config
+        self.batches = None if batches is None else tuple(str(name) for name in batches)
         ambient_key, vae_key, umap_key, cluster_key = jr.split(key, 4)
         self.ambient_removal = (
             AmbientRemoval(config.n_genes, latent_dim=config.ambient_latent_dim,
@@ -204,6 +209,8 @@ class SingleCellPipeline(eqx.Module):
         self.harmony_reference = None
 
     def __check_init__(self):
+        if self.batches is not None and len(self.batches) != self.config.n_batches:
+            raise ValueError(f"batches: {len(self.batches)} names for a pipeline of {self.config.n_batches} batches")
         if self.genes is None:
             return
         repeated = [gene for gene, count in collections.Counter(self.genes).items() if count > 1]
@@ -308,9 +315,10 @@ class SingleCellPipeline(eqx.Module):
 
 
 def create_single_cell_pipeline(*, key: PRNGKeyArray, config: SingleCellPipelineConfig | None = None,
-                                genes: Sequence[str] | None = None, **settings: Any) -> SingleCellPipeline:
+                                genes: Sequence[str] | None = None, batches: Sequence[str] | None = None,
+                                **settings: Any) -> SingleCellPipeline:
     """Build a `SingleCellPipeline` from keyword settings (those of `SingleCellPipelineConfig`) or a config, and
-    optionally the names of its genes.
+    optionally the names of its genes and batches.
 
     !!! example
         ```python
@@ -321,4 +329,4 @@ def create_single_cell_pipeline(*, key: PRNGKeyArray, config: SingleCellPipeline
         config = config.replace(**settings)
     elif config is None:
         config = SingleCellPipelineConfig.from_dict(settings)
-    return SingleCellPipeline(config, key=key, genes=genes)
+    return SingleCellPipeline(config, key=key, genes=genes, batches=batches)

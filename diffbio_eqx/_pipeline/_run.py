@@ -19,14 +19,16 @@ from ._model import PipelineOutput, SingleCellPipeline
 
 
 def prepare_inputs(
-    pipeline: SingleCellPipeline, data: Mapping[str, Any], *, warn_profile: bool = True, keep_sparse: bool = False
+    pipeline: SingleCellPipeline, data: Mapping[str, Any], *, warn_profile: bool = True, keep_sparse: bool = False,
+    fitting: bool = False,
 ) -> tuple[Any, Array, Array]:
     """Validate the seed's input dict (`counts`, optional `ambient_profile` and `batch_labels`) for `pipeline`.
 
     Counts may be dense or SciPy sparse (densified here: the whole-dataset entry point holds them in memory).
     Without `ambient_profile`, the pooled expression of the cells is used (with a warning when ambient removal
     is on); without `batch_labels`, every cell is batch 0. With `keep_sparse`, the counts are returned as the
-    checked host matrix (float32 NumPy or CSR) for chunked processing.
+    checked host matrix (float32 NumPy or CSR) for chunked processing. With `fitting`, there must be at least as
+    many cells as clusters to fit (running a fitted pipeline assigns any number of cells).
     """
     if not isinstance(data, Mapping):
         raise ValueError(f"data: expected a mapping with 'counts' (and optionally 'ambient_profile', "
@@ -53,7 +55,7 @@ def prepare_inputs(
     labels = check_batch_labels(labels, n_cells, n_batches=config.n_batches)
     if labels.ndim != 1:
         raise ValueError(f"batch_labels: the pipeline takes one batch covariate, shape ({n_cells},)")
-    if pipeline.clustering is not None:
+    if fitting and pipeline.clustering is not None:  # fitting k clusters needs k cells; assigning cells does not
         check_n_clusters(n_cells, pipeline.clustering.n_clusters)
     dtype = pipeline.dtype
     host_counts = counts if keep_sparse else jnp.asarray(counts, dtype=dtype)

@@ -19,9 +19,9 @@ from ._model import HarmonyReference, SingleCellPipeline
 
 
 def _skeleton(config: SingleCellPipelineConfig, n_reference_clusters: int | None, dtype: Any,
-              genes: Sequence[str] | None) -> SingleCellPipeline:
+              genes: Sequence[str] | None, batches: Sequence[str] | None = None) -> SingleCellPipeline:
     def build():
-        pipeline = SingleCellPipeline(config, key=jr.key(0), dtype=dtype, genes=genes)
+        pipeline = SingleCellPipeline(config, key=jr.key(0), dtype=dtype, genes=genes, batches=batches)
         if n_reference_clusters is not None:
             d = config.latent_dim
             reference = HarmonyReference(
@@ -37,7 +37,7 @@ def _skeleton(config: SingleCellPipelineConfig, n_reference_clusters: int | None
 
 
 def save_pipeline(path: str | pathlib.Path, pipeline: SingleCellPipeline) -> pathlib.Path:
-    """Save a (trained) pipeline: a JSON header line (config, genes, settings), then the leaves
+    """Save a (trained) pipeline: a JSON header line (config, genes, batches, settings), then the leaves
     (`eqx.tree_serialise_leaves`).
 
     The file is written to a temporary name and renamed, so it is never half-written.
@@ -54,6 +54,7 @@ def _write_pipeline(path: str | pathlib.Path, pipeline: SingleCellPipeline, *,
         "dtype": str(pipeline.dtype),
         "harmony_reference_clusters": None if reference is None else int(reference.centroids.shape[0]),
         "genes": None if pipeline.genes is None else list(pipeline.genes),
+        "batches": None if pipeline.batches is None else list(pipeline.batches),
         "settings": pipeline.settings(),
     }
     if progress is not None:
@@ -78,7 +79,8 @@ def _read_pipeline(path: str | pathlib.Path) -> tuple[SingleCellPipeline, dict[s
         except (ValueError, UnicodeDecodeError) as error:
             raise ValueError(f"checkpoint: {str(source)!r} is not a diffbio_eqx pipeline file ({error})") from None
         config = SingleCellPipelineConfig.from_dict(header["config"])
-        like = _skeleton(config, header["harmony_reference_clusters"], header["dtype"], header.get("genes"))
+        like = _skeleton(config, header["harmony_reference_clusters"], header["dtype"], header.get("genes"),
+                         header.get("batches"))
         try:
             return eqx.tree_deserialise_leaves(handle, like), header
         except Exception as error:  # truncated or mismatched file
