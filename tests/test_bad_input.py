@@ -739,3 +739,24 @@ def test_cli_rerun_into_a_folder_replaces_the_earlier_runs_outputs(capsys, h5ad,
     assert code == 0, err
     assert not (out / "doublets.png").exists() and (out / "notes.txt").read_text() == "mine"
     assert {"result.h5ad", "report.md", "pipeline.eqx", "training.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_model_files_that_are_not_what_they_claim_are_named(tmp_path):
+    """`load_vae` and `load_celltypist` name the file for a truncated, empty or garbage file and for another
+    kind of saved model (they raised KeyError, JSONDecodeError or Equinox's TreePathError)."""
+    saved = dx.save_vae(tmp_path / "vae.eqx", VAE)
+    assert dx.load_vae(saved).n_genes == N_GENES
+    truncated = tmp_path / "truncated.eqx"
+    truncated.write_bytes(saved.read_bytes()[:-100])
+    empty = tmp_path / "empty.eqx"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.eqx"
+    garbage.write_bytes(b"\x00\x01 not a model")
+    pipeline = dx.save_pipeline(tmp_path / "pipeline.eqx", PIPELINE)
+    for path in (truncated, empty, garbage, pipeline):
+        with pytest.raises(ValueError, match=rf"^path: '.*{path.name}' could not be read as a VAE saved by save_vae"):
+            dx.load_vae(path)
+    with pytest.raises(ValueError, match=r"^path: '.*vae.eqx' could not be read as a CellTypist model"):
+        dx.load_celltypist(saved)
+    with pytest.raises(ValueError, match=r"^path: '.*nowhere.eqx' does not exist"):
+        dx.load_vae(tmp_path / "nowhere.eqx")

@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 from helpers import tree_allclose, tree_identical
 
+from diffbio_eqx._core._checkpoint import read_header
 from diffbio_eqx._core._train import TrainSettings, TrainState, fit, map_in_chunks, sparse_rows_from_csr, take_rows
 
 
@@ -78,7 +79,9 @@ def test_same_key_same_result_and_resume_is_identical(getkey, tmp_path):
     # The checkpoint is a typed `TrainState`: the epoch to continue from and early stopping's counters by name.
     like = TrainState(eqx.filter(model, eqx.is_inexact_array), optax.adam(0.01).init(model), np.zeros(8),
                       np.zeros(8), 0, 0.0, 0, 0)
-    saved = eqx.tree_deserialise_leaves(partial_checkpoint, like)
+    with open(partial_checkpoint, "rb") as handle:  # a header line (format, epochs), then the leaves
+        assert read_header(handle) == {"format": "diffbio_eqx.train_state/1", "n_epochs": 8}
+        saved = eqx.tree_deserialise_leaves(handle, like)
     assert saved.next_epoch == 3 and 0 <= saved.best_epoch < 3
     assert saved.best_validation_loss == np.nanmin(saved.validation_loss[:3])
     assert np.all(np.isnan(saved.train_loss[3:])) and np.all(np.isfinite(saved.train_loss[:3]))
@@ -86,6 +89,34 @@ def test_same_key_same_result_and_resume_is_identical(getkey, tmp_path):
                   settings=dataclasses.replace(settings, checkpoint_path=partial_checkpoint, resume=True))
     assert tree_identical(resumed.model, full.model)
     np.testing.assert_array_equal(resumed.train_loss, full.train_loss)
+
+
+def test_a_checkpointed_run_continues_for_more_epochs_and_bad_checkpoints_are_named(getkey, tmp_path):
+    """Resume with a larger `n_epochs` continues the run (it stopped after 4 of 4; 6 give the same model as 6 in
+    one go); a path without a suffix works; a truncated or another model's checkpoint, `resume` without a path,
+    and a checkpoint in a missing folder are named before any epoch runs."""
+    x, y, _, model = _regression(getkey)
+    key = getkey()
+    settings = TrainSettings(n_epochs=4, batch_size=64, optimizer=_ADAM, progress=False)
+    path = tmp_path / "state"  # no suffix: Equinox's own reader would look for state.eqx
+    fit(model, _regression_loss, (x, y), key=key, settings=dataclasses.replace(settings, checkpoint_path=path))
+    longer = dataclasses.replace(settings, n_epochs=6)
+    continued = fit(model, _regression_loss, (x, y), key=key,
+                    settings=dataclasses.replace(longer, checkpoint_path=path, resume=True))
+    whole = fit(model, _regression_loss, (x, y), key=key, settings=longer)
+    assert tree_identical(continued.model, whole.model)
+    np.testing.assert_array_equal(continued.train_loss, whole.train_loss)
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(ValueError, match=r"^checkpoint_path: '.*state' could not be read as this model's training "
+                                         r"state \(.*\); it may be truncated"):
+        fit(model, _regression_loss, (x, y), key=key, settings=dataclasses.replace(longer, checkpoint_path=path,
+                                                                                 resume=True))
+    with pytest.raises(ValueError, match=r"^resume: needs checkpoint_path"):
+        TrainSettings(resume=True)
+    with pytest.raises(ValueError, match=r"^checkpoint_path: '.*missing/state.eqx' is a folder or its folder does "
+                                         r"not exist"):
+        fit(model, _regression_loss, (x, y), key=key,
+            settings=dataclasses.replace(settings, checkpoint_path=tmp_path / "missing" / "state.eqx"))
 
 
 def test_sparse_rows_densify_exactly():

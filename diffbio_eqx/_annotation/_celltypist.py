@@ -42,7 +42,7 @@ import scipy.sparse as sp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._clustering._kmeans import kmeans_plus_plus, lloyd, nearest_centroid
-from .._core._checkpoint import read_header, save_leaves
+from .._core._checkpoint import load_leaves, save_leaves
 from .._core._loop import iterate
 from .._core._neighbors import neighbor_graph
 from .._core._stage import AbstractStage
@@ -508,12 +508,11 @@ def save_celltypist(path: str | os.PathLike[str], model: CellTypistModel) -> pat
 
 def load_celltypist(path: str | os.PathLike[str]) -> CellTypistModel:
     """Load a model written by `save_celltypist` (with its genes and cell types)."""
-    with open(path, "rb") as handle:
-        header = read_header(handle)
-        if header.get("format") != "diffbio_eqx.celltypist/1":
-            raise ValueError(f"path: {path} is not a CellTypist model saved by save_celltypist")
+    def like(header: dict[str, Any]) -> CellTypistModel:
         n_types, n_genes, dtype = len(header["cell_types"]), len(header["genes"]), np.dtype(header["dtype"])
-        like = CellTypistModel(jnp.zeros((n_types, n_genes), dtype), jnp.zeros((n_types,), dtype),
+        return CellTypistModel(jnp.zeros((n_types, n_genes), dtype), jnp.zeros((n_types,), dtype),
                                jnp.zeros((n_genes,), dtype), jnp.ones((n_genes,), dtype), tuple(header["genes"]),
                                tuple(header["cell_types"]), header["multi_class"])
-        return eqx.tree_deserialise_leaves(handle, like)
+
+    return load_leaves(path, format="diffbio_eqx.celltypist/1", template=like,
+                       what="a CellTypist model saved by save_celltypist")[0]

@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import pathlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -85,3 +85,25 @@ def save_leaves(
 def read_header(handle: Any) -> dict[str, Any]:
     """Read the JSON header line `save_leaves` wrote from an open binary file; leaves the file at the leaves."""
     return json.loads(handle.readline().decode())
+
+
+def load_leaves(
+    path: str | os.PathLike[str], *, format: str, template: Callable[[dict[str, Any]], PyTree], field: str = "path",
+    what: str = "a saved model",
+) -> tuple[PyTree, dict[str, Any]]:
+    """Read a file `save_leaves` wrote with `header["format"] == format`: `(tree, header)`, the leaves read into
+    `template(header)`. Anything else (a missing, truncated or empty file, another format, another model's
+    leaves) is a `ValueError` naming `field` and the file."""
+    source = pathlib.Path(path)
+    if not source.is_file():
+        raise ValueError(f"{field}: {str(source)!r} does not exist or is not a file")
+    try:
+        with open(source, "rb") as handle:  # a handle: Equinox would add ".eqx" to a path without a suffix
+            header = read_header(handle)
+            if not isinstance(header, dict) or header.get("format") != format:
+                raise ValueError(f"format {header.get('format') if isinstance(header, dict) else None!r}, "
+                                 f"expected {format!r}")
+            return eqx.tree_deserialise_leaves(handle, template(header)), header
+    except Exception as error:  # noqa: BLE001 - whatever the file holds, the user gets one named error
+        raise ValueError(f"{field}: {str(source)!r} could not be read as {what} ({type(error).__name__}: {error}); "
+                         "it may be truncated, another kind of file, or written for another model") from None

@@ -956,7 +956,8 @@ def neighbor_graph(
         raise ValueError(f"block_size: must be a positive integer or None, got {block_size!r}")
     if method == "auto":
         method = select_neighbor_method(n_cells, traced=traced)
-    if not _is_traced(set_op_mix_ratio) and not 0 <= float(set_op_mix_ratio) <= 1:  # a traced one is the caller's
+    # (a traced mix ratio, under jit or vmap, is the caller's to check)
+    if not _is_traced(set_op_mix_ratio) and not 0 <= float(np.asarray(set_op_mix_ratio)) <= 1:
         raise ValueError(f"set_op_mix_ratio: must be in [0, 1] (0 intersection, 1 union), got {set_op_mix_ratio!r}")
     mix, connectivity = jnp.asarray(set_op_mix_ratio), jnp.asarray(local_connectivity)
     if method == "ivf":

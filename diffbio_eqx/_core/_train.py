@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from ._checkpoint import save_leaves
+from ._checkpoint import load_leaves, save_leaves
 
 
 class SparseRows(eqx.Module):
@@ -412,6 +412,8 @@ class TrainSettings:
                 raise ValueError(f"hyperparameters[{name!r}]: must be finite and >= 0, got {value!r}")
         if self.validation_fraction is not None and not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction: must be in [0, 1), got {self.validation_fraction}")
+        if self.resume and self.checkpoint_path is None:
+            raise ValueError("resume: needs checkpoint_path, the file to resume from")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
             raise ValueError(f"early_stopping_patience: must be >= 0, got {self.early_stopping_patience}")
 
@@ -694,12 +696,38 @@ def _start(params: PyTree, settings: TrainSettings) -> TrainState:
     state = TrainState(params, settings.optimizer.init(params), empty, empty.copy(), 0, math.inf, -1, 0)
     path = settings.checkpoint_path
     if settings.resume and path is not None and pathlib.Path(path).exists():
-        state = eqx.tree_deserialise_leaves(pathlib.Path(path), state)
-        state = dataclasses.replace(state, train_loss=np.array(state.train_loss),
-                                    validation_loss=np.array(state.validation_loss))
+        state = _resumed(pathlib.Path(path), state)
     if settings.hyperparameters:
         state = dataclasses.replace(state, opt_state=set_hyperparameters(state.opt_state, settings.hyperparameters))
     return state
+
+
+#: The header line of a training checkpoint: its format and epoch count (the per-epoch losses' length).
+_STATE_FORMAT = "diffbio_eqx.train_state/1"
+
+
+def _save_state(path: str | os.PathLike[str], state: TrainState) -> None:
+    save_leaves(path, state, header={"format": _STATE_FORMAT, "n_epochs": int(state.train_loss.shape[0])})
+
+
+def _resumed(path: pathlib.Path, fresh: TrainState) -> TrainState:
+    """The checkpoint at `path`, read into `fresh`'s structure, its per-epoch losses cut or padded (NaN) to
+    `fresh`'s epochs, so a run can be continued for more epochs than it first had."""
+    def like(header: dict[str, Any]) -> TrainState:
+        saved = np.full(int(header["n_epochs"]), np.nan)
+        return dataclasses.replace(fresh, train_loss=saved, validation_loss=saved.copy())
+
+    state, _ = load_leaves(path, format=_STATE_FORMAT, template=like, field="checkpoint_path",
+                           what="this model's training state")
+
+    def fitted(losses: Any) -> np.ndarray:
+        out = np.full(fresh.train_loss.shape[0], np.nan)
+        kept = min(out.size, np.shape(losses)[0])
+        out[:kept] = np.asarray(losses)[:kept]
+        return out
+
+    return dataclasses.replace(state, train_loss=fitted(state.train_loss),
+                               validation_loss=fitted(state.validation_loss))
 
 
 def _run_epoch(loop: _Loop, state: TrainState, epoch: int) -> tuple[TrainState, dict[str, float], bool]:
@@ -779,7 +807,7 @@ def _run_epochs(loop: _Loop, state: TrainState, settings: TrainSettings) -> _Run
         for name, value in aux.items():
             train_aux.setdefault(name, np.full(settings.n_epochs, np.nan))[epoch] = value
         if settings.checkpoint_path is not None:
-            save_leaves(settings.checkpoint_path, state)
+            _save_state(settings.checkpoint_path, state)
         patience = settings.early_stopping_patience
         stopped_early = bool(patience is not None and loop.n_validation
                              and state.epochs_without_improvement >= patience)
@@ -829,6 +857,11 @@ def fit(
     settings = settings.filled(_fit_defaults())
     if settings.n_epochs is None:
         raise ValueError("n_epochs: fit needs a number of epochs, TrainSettings(n_epochs=...)")
+    if settings.checkpoint_path is not None:  # before an epoch is spent on it
+        target = pathlib.Path(settings.checkpoint_path)
+        if target.is_dir() or not target.parent.is_dir():
+            raise ValueError(f"checkpoint_path: {str(target)!r} is a folder or its folder does not exist; name a "
+                             "file in an existing folder")
     mesh = data_mesh(settings.devices)
     split_key, loop_key = jr.split(key)
     split, steps = _plan(data, row_weights, loss_fn, settings, split_key, mesh)

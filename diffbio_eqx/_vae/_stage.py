@@ -25,7 +25,7 @@ import numpy as np
 from jax.scipy.special import gammaln
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._core._checkpoint import read_header, save_leaves
+from .._core._checkpoint import load_leaves, save_leaves
 from .._core._distributions import (
     log_factorial_per_cell,
     log_library_size,
@@ -693,12 +693,12 @@ def save_vae(
 
 def load_vae(path: str | os.PathLike[str]) -> VAENormalizer:
     """Load a model written by `save_vae` (no template needed); its `genes` are the saved names (or None)."""
-    with open(path, "rb") as handle:
-        header = read_header(handle)
+    def like(header: dict[str, Any]) -> VAENormalizer:
         sizes = {name: header[name] for name in _SIZE_FIELDS}
         sizes["hidden_dims"] = tuple(sizes["hidden_dims"])
         n_genes, n_batches = sizes.pop("n_genes"), sizes.pop("n_batches")
         options = VAEOptions(**{name: header[name] for name in _OPTION_FIELDS})
-        like = VAENormalizer(n_genes, n_batches, **sizes, options=options, genes=header.get("genes"),
+        return VAENormalizer(n_genes, n_batches, **sizes, options=options, genes=header.get("genes"),
                              dtype=jnp.dtype(header["dtype"]), key=jr.key(0))
-        return eqx.tree_deserialise_leaves(handle, like)
+
+    return load_leaves(path, format="diffbio_eqx.vae/1", template=like, what="a VAE saved by save_vae")[0]
