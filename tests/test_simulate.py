@@ -134,3 +134,22 @@ def test_float32_by_default():
     with jax.enable_x64(False):
         data = dbx.simulate(jr.key(9), n_cells=20, n_genes=10)
         assert data.counts.dtype == jnp.float32
+
+
+SIMULATION_CASES = [
+    (dict(de_prob=-0.5), r"de_prob: must be in \[0, 1\], got -0.5"),
+    (dict(doublet_rate=1.5), r"doublet_rate: must be in \[0, 1\], got 1.5"),
+    (dict(contamination=float("nan")), r"contamination: must be in \[0, 1\], got nan"),
+    (dict(mean_shape=-1.0), r"mean_shape: must be finite and > 0, got -1.0"),
+    (dict(lib_loc=100.0), r"lib_loc: must be finite and <= 20"),
+    (dict(n_groups=0), r"n_groups: must be a whole number >= 1, got 0"),
+    (dict(ambient_profile=np.zeros(20), contamination=0.1),
+     r"ambient_profile: expected 20 finite, non-negative values with some mass"),
+]
+
+
+@pytest.mark.parametrize("settings, message", SIMULATION_CASES)
+def test_simulation_settings_that_would_give_nonsense_are_named(settings, message):
+    """Before: counts of -1 (a negative shape), inf library sizes, or a raw gather error (no groups)."""
+    with pytest.raises(ValueError, match=f"^{message}"):
+        dbx.simulate(jr.key(0), **{"n_cells": 30, "n_genes": 20, **settings})

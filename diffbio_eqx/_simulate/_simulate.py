@@ -8,12 +8,18 @@ drawn from a shared profile, with empty droplets holding ambient RNA only, as Ce
 """
 
 import dataclasses
+import functools
+import inspect
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
+
+from .._core._validate import _is_traced
 
 
 class SimulatedData(eqx.Module):
@@ -269,7 +275,46 @@ def _simulate(
     )
 
 
-simulate = jax.jit(
+_simulate_compiled = jax.jit(
     _simulate, static_argnames=("n_cells", "n_genes", "n_groups", "n_batches", "ambient_model", "n_empty_droplets")
 )
-simulate.__doc__ = _simulate.__doc__
+_SIMULATE_SIGNATURE = inspect.signature(_simulate)
+#: Splatter's settings that are probabilities, and those that must be positive (shapes, rates, scales).
+_PROBABILITIES = ("contamination", "doublet_rate", "de_prob", "de_down_prob")
+_POSITIVE = ("mean_shape", "mean_rate", "lib_scale", "bcv_df", "contamination_concentration")
+
+
+def _check_simulation(arguments: dict[str, Any]) -> None:
+    """Sizes and (concrete) settings a simulation can run with; a traced setting is the caller's to check."""
+    for name in ("n_cells", "n_genes", "n_groups", "n_batches"):
+        value = arguments[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name}: must be a whole number >= 1, got {value!r}")
+    values = {**arguments, **arguments.get("settings", {})}
+    for name in (*_PROBABILITIES, *_POSITIVE, "lib_loc", "bcv_common"):
+        value = values.get(name)
+        if value is None or _is_traced(value):
+            continue
+        number = np.asarray(value, dtype=np.float64)
+        bad = (not np.all(np.isfinite(number)) or (name in _PROBABILITIES and not np.all((number >= 0) & (number <= 1)))
+               or (name in _POSITIVE and not np.all(number > 0)) or (name == "bcv_common" and np.any(number < 0))
+               or (name == "lib_loc" and np.any(number > 20)))  # e^20 counts a cell would overflow the draws
+        if bad:
+            rule = ("in [0, 1]" if name in _PROBABILITIES else "finite and > 0" if name in _POSITIVE
+                    else "finite and <= 20 (the log of a cell's counts)" if name == "lib_loc" else "finite and >= 0")
+            raise ValueError(f"{name}: must be {rule}, got {number.tolist()}")
+    profile = arguments.get("ambient_profile")
+    if profile is not None and not _is_traced(profile):
+        profile = np.asarray(profile, dtype=np.float64)
+        if profile.shape != (arguments["n_genes"],) or not np.all(np.isfinite(profile)) or np.any(profile < 0) \
+                or not profile.sum() > 0:
+            raise ValueError(f"ambient_profile: expected {arguments['n_genes']} finite, non-negative values with "
+                             f"some mass, got shape {profile.shape}")
+
+
+@functools.wraps(_simulate)
+def simulate(*args: Any, **kwargs: Any) -> SimulatedData:
+    bound = _SIMULATE_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    _check_simulation(dict(bound.arguments))
+    return _simulate_compiled(*args, **kwargs)
