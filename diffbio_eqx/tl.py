@@ -1125,6 +1125,18 @@ def archetypes(
                             "variance_explained": float(result.variance_explained)}
 
 
+def _reference_code(reference_batch: str | int, categories: list[str], batch_key: str) -> int:
+    """The code of `reference_batch`, a category name or a code, among `batch_key`'s `categories`."""
+    if isinstance(reference_batch, str):
+        if reference_batch not in categories:
+            raise ValueError(f"reference_batch: {reference_batch!r} is not a category of {batch_key!r}")
+        return categories.index(reference_batch)
+    reference = check_whole(reference_batch, "reference_batch", minimum=0)
+    if reference >= len(categories):
+        raise ValueError(f"reference_batch: code {reference} is not one of {batch_key!r}'s {len(categories)} batches")
+    return reference
+
+
 def integrate(
     adata: ad.AnnData,
     method: str = "mmd",
@@ -1178,15 +1190,7 @@ def integrate(
     categories = list(arrays.batch_categories or ())
     if arrays.batch_labels is None or np.unique(arrays.batch_labels).size < 2:  # cells in two batches, not categories
         raise ValueError(f"batch_key: {batch_key!r} must hold cells of at least two batches")
-    if isinstance(reference_batch, str):
-        if reference_batch not in categories:
-            raise ValueError(f"reference_batch: {reference_batch!r} is not a category of {batch_key!r}")
-        reference = categories.index(reference_batch)
-    else:
-        reference = check_whole(reference_batch, "reference_batch", minimum=0)
-        if reference >= len(categories):
-            raise ValueError(f"reference_batch: code {reference} is not one of {batch_key!r}'s {len(categories)} "
-                             "batches")
+    reference = _reference_code(reference_batch, categories, batch_key)
     init_key, fit_key = jr.split(key)
     if model is None:
         model = VAENormalizer(adata.n_vars, len(categories), genes=arrays.genes, key=init_key)

@@ -569,6 +569,15 @@ def test_cli_failure_after_the_output_folder_exists_leaves_nothing_behind(capsys
                       r"n_clusters: asked for 500 clusters", h5ad, existing, out_before=["keep.txt"])
 
 
+def _small_config(folder: pathlib.Path) -> pathlib.Path:
+    """The pipeline cut to the VAE and soft k-means (few programs to compile), for tests of the output folder."""
+    config = folder / "small.json"
+    config.write_text(json.dumps({"enable_ambient_removal": False, "enable_batch_correction": False,
+                                  "enable_dim_reduction": False, "n_clusters": 3, "clustering_method": "soft_kmeans",
+                                  "latent_dim": 4, "hidden_dims": [16]}))
+    return config
+
+
 def test_cli_failure_while_writing_leaves_nothing_behind(capsys, h5ad, tmp_path, monkeypatch):
     """Training succeeds, result.h5ad and pipeline.eqx are written, then the plot fails: none of the run's files
     appear in the output folder."""
@@ -581,11 +590,7 @@ def test_cli_failure_while_writing_leaves_nothing_behind(capsys, h5ad, tmp_path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(job, "plot_training", broken_plot)
-    # The pipeline cut to the VAE and soft k-means (few programs to compile): what is checked is the output folder.
-    config = tmp_path / "small.json"
-    config.write_text(json.dumps({"enable_ambient_removal": False, "enable_batch_correction": False,
-                                  "enable_dim_reduction": False, "n_clusters": 3, "clustering_method": "soft_kmeans",
-                                  "latent_dim": 4, "hidden_dims": [16]}))
+    config = _small_config(tmp_path)
     out = tmp_path / "existing"
     out.mkdir()
     (out / "keep.txt").write_text("earlier results")
@@ -687,10 +692,7 @@ def test_cli_terminated_run_leaves_nothing_behind(capsys, h5ad, tmp_path, monkey
     import diffbio_eqx._job as job
 
     monkeypatch.setattr(job, "plot_training", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
-    config = tmp_path / "small.json"
-    config.write_text(json.dumps({"enable_ambient_removal": False, "enable_batch_correction": False,
-                                  "enable_dim_reduction": False, "n_clusters": 3, "clustering_method": "soft_kmeans",
-                                  "latent_dim": 4, "hidden_dims": [16]}))
+    config = _small_config(tmp_path)
     code, err = _cli(capsys, "run", h5ad, "--config", config, "--out", tmp_path / "new" / "out", *CLI_EPOCHS)
     assert code == 130 and err == "diffbio-eqx: interrupted; nothing was written\n", err
     assert not (tmp_path / "new").exists()
@@ -727,10 +729,7 @@ def test_cli_annotate_options_that_do_not_fit_the_mode_and_non_counts(capsys, h5
 def test_cli_rerun_into_a_folder_replaces_the_earlier_runs_outputs(capsys, h5ad, tmp_path):
     """A second run into the same folder leaves one run's results, as its report lists them: an earlier run's
     `doublets.png` (this run has no doublet filter) goes, the user's own files stay."""
-    config = tmp_path / "small.json"
-    config.write_text(json.dumps({"enable_ambient_removal": False, "enable_batch_correction": False,
-                                  "enable_dim_reduction": False, "n_clusters": 3, "clustering_method": "soft_kmeans",
-                                  "latent_dim": 4, "hidden_dims": [16]}))
+    config = _small_config(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "doublets.png").write_bytes(b"an earlier run's histogram")

@@ -15,5 +15,7 @@ def test_wrong_shape_raises_a_type_check_error():
 def test_wrong_argument_type_raises_a_type_check_error():
     import diffbio_eqx as dbx
 
+    # Float batch labels where integer codes are annotated (`simulate`, which this test used, now checks its
+    # arguments by name before its annotated core runs, for users without the hook).
     with pytest.raises(jaxtyping.TypeCheckError):
-        dbx.simulate(jr.key(0), n_cells=10, n_genes=5, ambient_profile=jnp.ones((5, 2)))
+        dbx.harmony(jnp.ones((10, 3)), jnp.zeros(10), key=jr.key(0))
