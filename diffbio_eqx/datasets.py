@@ -89,10 +89,12 @@ def add_simulated_batches(
     `obs[key]` (categorical `"batch0"`, `"batch1"`, ...), the effects to `var[f"{key}_effect_{b}"]` and a note
     to `uns["simulated_batches"]`. Returns a new AnnData; the input is not modified.
     """
-    if n_batches < 1:
-        raise ValueError(f"n_batches: must be >= 1, got {n_batches}")
-    if effect_scale < 0:
-        raise ValueError(f"effect_scale: must be >= 0, got {effect_scale}")
+    if isinstance(n_batches, bool) or not isinstance(n_batches, (int, np.integer)) or n_batches < 1:
+        raise ValueError(f"n_batches: must be a whole number >= 1, got {n_batches!r}")
+    if not 0 <= effect_scale <= 5:  # the log-scale sd of a technical effect; above 5 the resampled counts overflow
+        raise ValueError(f"effect_scale: must be in [0, 5], got {effect_scale}")
+    if key in adata.obs.columns:
+        raise ValueError(f"key: adata.obs already has a column {key!r}; choose another key for the batches")
     rng = np.random.default_rng(seed)
     out = adata.copy()
     counts = sp.csr_matrix(out.X, dtype=np.float64)

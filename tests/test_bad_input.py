@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import anndata as ad
+import jax
 import jax.random as jr
 import numpy as np
 import pandas as pd
@@ -275,6 +276,12 @@ STAGE_CASES = [
      r"hyperparameters\['learning_rate'\]: must be finite and >= 0, got nan"),
     ("TrainSettings-negative-learning-rate", lambda: dx.TrainSettings(hyperparameters={"learning_rate": -1.0}),
      r"hyperparameters\['learning_rate'\]: must be finite and >= 0, got -1.0"),
+    ("devices-repeated", lambda: dx.fit_vae(VAE, COUNTS, BATCHES, key=jr.key(0), settings=dx.TrainSettings(
+        n_epochs=1, progress=False, devices=[jax.devices()[0]] * 2)), r"devices: each device at most once"),
+    ("simulated-batches-over-a-column", lambda: dx.datasets.add_simulated_batches(_adata(), key="cell_type"),
+     r"key: adata.obs already has a column 'cell_type'"),
+    ("simulated-batches-huge-effect", lambda: dx.datasets.add_simulated_batches(_adata(), effect_scale=50.0),
+     r"effect_scale: must be in \[0, 5\], got 50.0"),
     ("neighbor-graph-mix-ratio", lambda: dx.neighbor_graph(X, 5, set_op_mix_ratio=2.0),
      r"set_op_mix_ratio: must be in \[0, 1\] \(0 intersection, 1 union\), got 2.0"),
 ]
@@ -306,6 +313,8 @@ def test_without_the_type_checker_users_get_the_same_named_errors(tmp_path):
             "to_anndata-not-an-anndata": lambda: dx.io.to_anndata({"X": x}, {}),
             "TrainSettings-fractional-epochs": lambda: dx.TrainSettings(n_epochs=1.5),
             "volcano-not-a-table": lambda: dx.pl.volcano({"padj": [0.1]}),
+            "devices-not-devices": lambda: dx.fit_umap(dx.ParametricUMAP(4, key=jr.key(0)), x, key=jr.key(0),
+                                                       settings=dx.TrainSettings(n_epochs=1, devices=[0])),
             "training-not-a-mapping": lambda: dx.pl.training([1.0, 2.0]),
             "write_h5ad-not-an-anndata": lambda: dx.io.write_h5ad([x], "never.h5ad"),
         }
@@ -331,6 +340,7 @@ def test_without_the_type_checker_users_get_the_same_named_errors(tmp_path):
         "to_anndata-not-an-anndata": r"^adata: expected an anndata.AnnData, got dict",
         "TrainSettings-fractional-epochs": r"^n_epochs: must be a whole number, got 1.5",
         "volcano-not-a-table": r"^table: expected a pandas DataFrame",
+        "devices-not-devices": r"^devices: expected JAX devices \(from jax.devices\(\)\), got 0",
         "training-not-a-mapping": r"^curves: expected \{stage",
         "write_h5ad-not-an-anndata": r"^adata: expected an anndata.AnnData, got list",
     }

@@ -142,6 +142,11 @@ def data_mesh(devices: Devices) -> jax.sharding.Mesh | None:
     devices = list(devices)
     if not devices:
         raise ValueError("devices: got an empty sequence")
+    for device in devices:
+        if not isinstance(device, jax.Device):
+            raise ValueError(f"devices: expected JAX devices (from jax.devices()), got {device!r}")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices: each device at most once, got {devices}")
     return jax.sharding.Mesh(np.array(devices), (CELLS_AXIS,))
 
 
