@@ -309,7 +309,7 @@ def _check_simulation(arguments: dict[str, Any]) -> None:
         if profile.shape != (arguments["n_genes"],) or not np.all(np.isfinite(profile)) or np.any(profile < 0) \
                 or not profile.sum() > 0:
             raise ValueError(f"ambient_profile: expected {arguments['n_genes']} finite, non-negative values with "
-                             f"some mass, got shape {profile.shape}")
+                             f"some mass, got shape {profile.shape} summing to {np.nansum(profile):g}")
 
 
 @functools.wraps(_simulate)
