@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._core._validate import check_whole
+
 
 _PBMC68K_FILE = "scanpy/datasets/10x_pbmc68k_reduced.h5ad"
 
@@ -89,8 +91,7 @@ def add_simulated_batches(
     `obs[key]` (categorical `"batch0"`, `"batch1"`, ...), the effects to `var[f"{key}_effect_{b}"]` and a note
     to `uns["simulated_batches"]`. Returns a new AnnData; the input is not modified.
     """
-    if isinstance(n_batches, bool) or not isinstance(n_batches, (int, np.integer)) or n_batches < 1:
-        raise ValueError(f"n_batches: must be a whole number >= 1, got {n_batches!r}")
+    check_whole(n_batches, "n_batches")
     if not 0 <= effect_scale <= 5:  # the log-scale sd of a technical effect; above 5 the resampled counts overflow
         raise ValueError(f"effect_scale: must be in [0, 5], got {effect_scale}")
     if key in adata.obs.columns:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._core._validate import check_whole
 from .io import atomic_path
 
 
@@ -244,8 +245,7 @@ def ligand_receptor_dotplot(table: pd.DataFrame, *, top_n: int = 20, sources: Se
 
     **Returns:** the matplotlib `Figure`, or the written path when `path` is given.
     """
-    if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1:
-        raise ValueError(f"top_n: must be a whole number >= 1, got {top_n!r}")
+    check_whole(top_n, "top_n")
     missing = [c for c in ("source", "target", "ligand_complex", "receptor_complex", "score") if c not in table]
     if missing or len(table) == 0:
         raise ValueError(f"table: expected tl.ligand_receptor's non-empty table; missing columns {missing}")

@@ -19,6 +19,7 @@ from jaxtyping import ArrayLike, PRNGKeyArray
 from ._ambient._stage import AmbientRemoval, fit_ambient_removal, remove_ambient, resolve_ambient_profile
 from ._core._neighbors import NeighborGraph, neighbor_graph, select_neighbor_method
 from ._core._train import TrainSettings
+from ._core._validate import check_whole
 from ._doublets._run import (
     ScrubletResult,
     ScrubletSettings,
@@ -318,9 +319,7 @@ def solo(adata: ad.AnnData, vae: VAENormalizer | None = None, *, key: PRNGKeyArr
     """
     counts = from_anndata(check_adata(adata), layer=layer).counts
     check_scrublet_input(counts, ScrubletSettings())  # all-zero cells and the like, named
-    if not isinstance(doublet_ratio, (int, np.integer)) or isinstance(doublet_ratio, bool) or doublet_ratio < 1:
-        raise ValueError(f"doublet_ratio: simulated doublets per cell, a whole number >= 1 (SOLO's int), got "
-                         f"{doublet_ratio!r}")
+    check_whole(doublet_ratio, "doublet_ratio")  # simulated doublets per cell, SOLO's int
     vae_key, solo_key = jr.split(key)
     if vae is None:
         init_key, fit_key = jr.split(vae_key)

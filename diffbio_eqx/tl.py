@@ -1112,9 +1112,7 @@ def archetypes(
     from ._archetypes._pcha import pcha
 
     x, rep = representation(check_adata(adata), use_rep)
-    if not isinstance(n_archetypes, (int, np.integer)) or isinstance(n_archetypes, bool):
-        raise ValueError(f"n_archetypes: must be an integer, got {n_archetypes!r}")
-    if n_archetypes < 1 or n_archetypes > x.shape[0]:
+    if check_whole(n_archetypes, "n_archetypes") > x.shape[0]:
         raise ValueError(f"n_archetypes: {n_archetypes} must be between 1 and the number of cells ({x.shape[0]})")
     if not np.any(np.ptp(np.asarray(x), axis=0) > 0):
         raise ValueError(f"use_rep: the cells' {rep} coordinates are all identical; archetypes need spread")

@@ -19,7 +19,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
-from .._core._validate import _is_traced
+from .._core._validate import _is_traced, check_whole
 
 
 class SimulatedData(eqx.Module):
@@ -287,9 +287,7 @@ _POSITIVE = ("mean_shape", "mean_rate", "lib_scale", "bcv_df", "contamination_co
 def _check_simulation(arguments: dict[str, Any]) -> None:
     """Sizes and (concrete) settings a simulation can run with; a traced setting is the caller's to check."""
     for name in ("n_cells", "n_genes", "n_groups", "n_batches"):
-        value = arguments[name]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name}: must be a whole number >= 1, got {value!r}")
+        check_whole(arguments[name], name)
     values = {**arguments, **arguments.get("settings", {})}
     for name in (*_PROBABILITIES, *_POSITIVE, "lib_loc", "bcv_common"):
         value = values.get(name)
