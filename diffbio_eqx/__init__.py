@@ -190,4 +190,7 @@ from ._vae._stage import (
 from .io import fit_anndata as fit_anndata, run_anndata as run_anndata
 
 
-__version__ = importlib.metadata.version("diffbio_eqx")
+try:
+    __version__ = importlib.metadata.version("diffbio_eqx")
+except importlib.metadata.PackageNotFoundError:  # a checkout on PYTHONPATH, not installed (benchmarks/gpu.sh)
+    __version__ = "unknown (not installed)"

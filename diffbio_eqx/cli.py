@@ -1,7 +1,6 @@
 """The `diffbio-eqx` command line."""
 
 import argparse
-import importlib.metadata
 import pathlib
 import platform
 import signal
@@ -166,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffbio-eqx",
         description="Differentiable single-cell RNA-seq workflows in pure JAX.",
     )
-    parser.add_argument("--version", action="version",
-                        version=f"%(prog)s {importlib.metadata.version('diffbio_eqx')}")
+    from . import __version__  # "unknown (not installed)" for a checkout on PYTHONPATH
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = commands.add_parser("info", help="print package versions and the JAX devices")
     info.set_defaults(handler=_info)
