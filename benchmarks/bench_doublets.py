@@ -210,9 +210,9 @@ def one(tool: str, n_cells: int, vae_epochs: int) -> dict:
            "solo": lambda c: _run_solo(c, vae_epochs), "scvi_solo": lambda c: _run_scvi_solo(c, vae_epochs)}[tool]
     record: dict = {"tool": tool, "n_cells": n_cells, "n_genes": counts.shape[1]}
     if tool in WARMED:
-        # scanpy_default's first call compiles pynndescent's numba code on 3,000 cells (9,000 points, above its
-        # 8,192-point cut); ours runs its first call, compilation included, on the data itself
-        warm = counts[:SCANPY_WARMUP_CELLS] if tool == "scanpy_default" else counts
+        # scanpy's first call compiles numba code on 3,000 cells (9,000 points: above scanpy_default's 8,192-point
+        # cut for pynndescent); ours runs its first call, compilation included, on the data itself
+        warm = counts[:SCANPY_WARMUP_CELLS] if tool.startswith("scanpy") else counts
         start = time.perf_counter()
         run(warm)
         record["first_call_seconds"] = time.perf_counter() - start
@@ -280,6 +280,7 @@ def main() -> None:
     parser.add_argument("--vae-epochs", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--one", nargs=2, metavar=("TOOL", "N_CELLS"))
+    parser.add_argument("--results", default=str(RESULTS), help="the JSON the runs merge into (gpu.sh: its OUT)")
     args = parser.parse_args()
     if args.one:
         tool, n_cells = args.one[0], int(args.one[1])
@@ -288,23 +289,25 @@ def main() -> None:
         print("RESULT " + json.dumps(record))
         return
     for n_cells in sorted(args.sizes):
-        interleaved(n_cells, args.tools, args.rounds, args.vae_epochs)
+        interleaved(n_cells, args.tools, args.rounds, args.vae_epochs, pathlib.Path(args.results))
 
 
-def save(runs: list[dict]) -> None:
-    """Merge `runs` into benchmarks/results/doublets.json (keyed by tool, size and backend)."""
+def save(runs: list[dict], results: pathlib.Path = RESULTS) -> None:
+    """Merge `runs` into `results` (benchmarks/results/doublets.json; keyed by tool, size and backend)."""
     env = _common.environment("scanpy", "scvi-tools", "torch", "scikit-image")
-    _common.write_json(RESULTS, {"environment": env,
-                                 "runs": _common.merge_runs(RESULTS, runs, ("tool", "n_cells", "backend"))})
+    _common.write_json(results, {"environment": env,
+                                 "runs": _common.merge_runs(results, runs, ("tool", "n_cells", "backend"))})
 
 
 #: Which references each of our tools is timed against.
 PEERS = {"scrublet": ("scanpy", "scanpy_default"), "solo": ("scvi_solo",)}
-#: Cells of scanpy_default's warm-up call (numba's compilation of pynndescent).
+#: Cells of scanpy's warm-up call (numba's compilation: pynndescent's, and from scanpy 1.12 fast-array-utils').
 SCANPY_WARMUP_CELLS = 3000
-#: Tools timed on a second call in the same process after a first one (compilation: JAX's, pynndescent's numba).
-WARMED = ("scrublet", "solo", "scanpy_default")
-#: (ours, peer) pairs where the peer compiles nothing, so our first call (compilation included) is compared too.
+#: Tools timed on a second call in the same process after a first one (compilation: JAX's, numba's). scanpy 1.12
+#: compiles numba code on its first call even with exact neighbours (9.8 s of a 2,000-cell call on Python 3.12);
+#: 1.11 compiled nothing there, so its warm-up costs it nothing.
+WARMED = ("scrublet", "solo", "scanpy", "scanpy_default")
+#: (ours, peer) pairs where the peer compiles little, so our first call (compilation included) is compared too.
 FIRST_CALL_PAIRS = (("scrublet", "scanpy"), ("solo", "scvi_solo"))
 
 
@@ -318,7 +321,8 @@ def _child(tool: str, n_cells: int, vae_epochs: int) -> dict | None:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def interleaved(n_cells: int, tools: list[str], rounds: int, vae_epochs: int) -> list[dict]:
+def interleaved(n_cells: int, tools: list[str], rounds: int, vae_epochs: int,
+                results: pathlib.Path = RESULTS) -> list[dict]:
     """`rounds` rounds, each running every tool once in its own child process, in turn; one record per tool (the
     median round's, with every round's seconds and peak) and, for each of ours with its peers, the time ratio
     (peer / ours per round: median and range) and the machine's load average before and after. The summary so
@@ -333,7 +337,7 @@ def interleaved(n_cells: int, tools: list[str], rounds: int, vae_epochs: int) ->
                 print(json.dumps(record), flush=True)
                 per_tool[tool].append(record)
         summary = summarize(per_tool, list(load_before), list(os.getloadavg()))
-        save(summary)
+        save(summary, results)
     return summary
 
 

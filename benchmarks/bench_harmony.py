@@ -140,7 +140,9 @@ def _xla_memory(x, batches) -> dict:
 def measure_peak(tool: str, n_cells: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--peak-worker", tool, str(n_cells)], capture_output=True, text=True, check=True,
-        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])},
+        # the checkout first, the caller's path kept (gpu.sh's carried packages live there)
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(pathlib.Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])},
     )
     record = json.loads(out.stdout.strip().splitlines()[-1])
     record["per_million_cells_gb"] = record["peak_bytes"] / n_cells * 1e6 / 1e9

@@ -157,6 +157,7 @@ def _pipeline_infer(n_cells: int) -> dict:
 
     import diffbio_eqx as dx
     from diffbio_eqx import _pipeline
+    from diffbio_eqx._pipeline._run import _run_compiled
 
     counts, _, batches = _common.simulated_counts(n_cells, n_genes=N_GENES, n_batches=N_BATCHES)
     pipeline = trained_shape_pipeline()
@@ -166,7 +167,7 @@ def _pipeline_infer(n_cells: int) -> dict:
     key = jr.key(0)
 
     def run():
-        return _pipeline._run_compiled(pipeline, *arrays, key, True).cluster_assignments
+        return _run_compiled(pipeline, *arrays, key, True).cluster_assignments
 
     def public():
         return dx.run_pipeline(pipeline, data, key=key).cluster_assignments

@@ -8,13 +8,15 @@
 # PYTHONPATH). Peer tools (harmonypy, scanpy, umap-learn) are optional: a comparison whose peer is missing is
 # recorded as failed and the rest goes on. Steps, in order of priority, each under `timeout` and all within
 # BUDGET_S seconds (a step is skipped when the budget is spent):
-#   1. scaling: every stage at 10k, 100k and 1M cells (VAE training to 100k, batch 128 and 1024) -> scaling.json
+#   1. scaling: every stage at 10k and 100k cells, those on embeddings at 1M too (VAE training at batch 1024 and
+#      128) -> scaling.json
 #      (the GPU targets: Harmony on 1M x 50 in < 1 s, VAE training >= 300k cells/s, inference >= 1M cells/s)
-#   2. vmap: 16-theta Harmony sweep at 100k cells, 16-seed VAE ensemble at 20k cells, retrace checks
+#   2. doublets: our Scrublet (GPU) vs scanpy.pp.scrublet (CPU) at 20k cells -> doublets.json (issue 15)
 #   3. harmony: ours on the GPU vs harmonypy (CPU) at 100k cells
-#   4. pipeline: the scanpy pipeline (CPU) vs ours (GPU) at 100k cells
-#   5. umap: embedding new cells vs umap-learn's transform
-#   6. study: issue 26's vmapped grid (one compiled call vs a Python loop) -> end_to_end.json
+#   4. vmap: 16-theta Harmony sweep at 100k cells, 16-seed VAE ensemble at 20k cells, retrace checks
+#   5. pipeline: the scanpy pipeline (CPU) vs ours (GPU) at 20k cells
+#   6. umap: embedding new cells vs umap-learn's transform
+#   7. study: issue 26's vmapped grid (one compiled call vs a Python loop) -> end_to_end.json
 # Then benchmarks/render.py writes OUT_DIR/summary.md and OUT_DIR/scaling.png. To put GPU figures in the README,
 # copy OUT_DIR under benchmarks/results/ and run `python benchmarks/render.py` (it reads subfolders too).
 #
@@ -63,12 +65,15 @@ step() {  # step NAME MAX_SECONDS COMMAND...
 
 SUITE=("$PYTHON" "$HERE/run.py" --gpu --no-readme --out "$OUT" --only)  # `timeout` needs a command, not a function
 
-step scaling 300 "${SUITE[@]}" scaling
-step vmap 75 "${SUITE[@]}" vmap
+step scaling 260 "${SUITE[@]}" scaling
+# issue 15's Scrublet at 20k cells: ours on the GPU against scanpy.pp.scrublet on this machine's CPU cores
+step doublets 110 "$PYTHON" "$HERE/bench_doublets.py" --sizes 20000 --tools scrublet scanpy --rounds 2 \
+  --results "$OUT/doublets.json"
 step harmony 60 "${SUITE[@]}" harmony
+step vmap 60 "${SUITE[@]}" vmap
 step pipeline 90 "${SUITE[@]}" pipeline
-step umap 60 "${SUITE[@]}" umap
+step umap 45 "${SUITE[@]}" umap
 # issue 26's vmapped study (theta x temperature x 8 seeds in one call vs a Python loop); no datasets, grid only
-step study 60 "$PYTHON" "$HERE/study_end_to_end.py" --datasets none --out "$OUT/end_to_end.json"
+step study 45 "$PYTHON" "$HERE/study_end_to_end.py" --datasets none --out "$OUT/end_to_end.json"
 "$PYTHON" "$HERE/render.py" --results "$OUT" --no-readme 2>&1 | tee -a "$LOG"
 echo "gpu.sh: done in ${SECONDS} s; results in $OUT" | tee -a "$LOG"
