@@ -62,7 +62,7 @@ GPU = {
     "harmony": {"sizes": (100_000,), "repeats": 2, "sweep_cells": 0},
     "umap": {"sizes": (10_000,), "knn_only_sizes": (100_000,)},
     # scanpy's side runs on the CPU: at 100k its UMAP and harmonypy alone outlast the step's share of a lease
-    "pipeline": {"sizes": (20_000,), "repeats": 2},
+    "pipeline": {"sizes": (20_000,), "repeats": 1},
 }
 LISTS = ("sizes", "runs", "knn_only")
 
