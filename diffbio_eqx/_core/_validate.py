@@ -316,16 +316,26 @@ def check_whole(value: Any, field: str, *, minimum: int = 1) -> int:
 
 def check_numbers(value: Any, field: str, rule: str, holds: Callable[[np.ndarray], np.ndarray]) -> None:
     """A `ValueError` unless every number of a concrete `value` is finite and `holds` (a traced one, inside
-    `jit`/`vmap`, is the caller's to check: its values are not known here)."""
+    `jit`/`vmap`, is the caller's to check: its values are not known here). One pass, no copy of a float array."""
     if _is_traced(value):
         return
     try:
-        array = np.asarray(value, dtype=np.float64)
+        array = np.asarray(value)
+        array = array if array.dtype.kind == "f" else array.astype(np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"{field}: must be {rule}, got {value!r}") from None
     # isfinite first: a comparison with NaN is never true, so NaN fails either way, but say "finite" for it
-    if not np.all(np.isfinite(array)) or not np.all(holds(array)):
-        raise ValueError(f"{field}: must be {rule}, got {array.tolist()}")
+    bad = np.asarray(~(np.isfinite(array) & holds(array)))  # an array even for a 0-d value
+    if np.any(bad):
+        raise ValueError(f"{field}: must be {rule}, got {_describe_bad(array, bad)}")
+
+
+def _describe_bad(array: np.ndarray, bad: np.ndarray) -> str:
+    """The values themselves when there are a few; else the first bad one, where it is, and how many there are."""
+    if array.size <= 10:
+        return str(array.tolist())
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    return f"{float(array[where])} at index {where[0] if len(where) == 1 else where} ({int(bad.sum())} in all)"
 
 
 def check_positive(value: Any, field: str) -> None:
