@@ -14,6 +14,7 @@ import textwrap
 
 import anndata as ad
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ import scipy.sparse as sp
 
 import diffbio_eqx as dx
 from diffbio_eqx import cli
+from diffbio_eqx._doublets._scrublet import scrublet_scores
 from diffbio_eqx._pipeline import prepare_inputs
 from diffbio_eqx.io import layer_names
 
@@ -284,6 +286,30 @@ STAGE_CASES = [
      r"effect_scale: must be in \[0, 5\], got 50.0"),
     ("neighbor-graph-mix-ratio", lambda: dx.neighbor_graph(X, 5, set_op_mix_ratio=2.0),
      r"set_op_mix_ratio: must be in \[0, 1\] \(0 intersection, 1 union\), got 2.0"),
+    # Array operators that returned NaN or meaningless values without a word:
+    ("transport-map-nan-cell", lambda: dx.transport_map(_with(X[:20], 3, np.nan), X[20:], np.ones(20), 1.0,
+                                                        dx.OTSettings(), n_pcs=2),
+     r"x0: 4 non-finite value\(s\), first at cell 3, dim 0"),
+    ("transport-map-negative-growth", lambda: dx.transport_map(X[:20], X[20:], -np.ones(20), 1.0, dx.OTSettings(),
+                                                               n_pcs=2),
+     r"growth_prior: must be finite and > 0, got -1.0 at index 0 \(20 in all\)"),
+    ("scrublet-nan-counts", lambda: dx.Scrublet(5, n_prin_comps=4)(jnp.asarray(_with(COUNTS[:40], (2, 3), np.nan)),
+                                                                    jnp.asarray(COUNTS[40:])),
+     r"obs: must be finite and >= 0, got nan at index \(2, 3\) \(1 in all\)"),
+    ("scrublet-scores-nan-counts",
+     lambda: scrublet_scores(dx.Scrublet(5, n_prin_comps=4), jnp.asarray(COUNTS[:40]),
+                             jnp.asarray(_with(COUNTS[40:], (0, 1), np.nan))),
+     r"sim: must be finite and >= 0, got nan at index \(0, 1\)"),
+    ("soft-kmeans-zero-temperature", lambda: dx.soft_kmeans(jnp.asarray(X), jnp.asarray(X[:3]), 0.0, n_iter=5),
+     r"temperature: must be finite and > 0, got 0.0"),
+    ("soft-kmeans-negative-temperature", lambda: dx.soft_kmeans(jnp.asarray(X), jnp.asarray(X[:3]), -1.0, n_iter=5),
+     r"temperature: must be finite and > 0, got -1.0"),
+    ("kmeans-plus-plus-more-clusters-than-cells", lambda: dx.kmeans_plus_plus(jnp.asarray(X[:5]), 6, key=jr.key(0)),
+     r"n_clusters: asked for 6 clusters but there are only 5 cells"),
+    ("spatial-graph-nan-coordinates", lambda: dx.spatial_graph(_with(X[:, :2], (4, 1), np.nan), n_neighbors=4),
+     r"coordinates: 1 non-finite value\(s\), first at cell 4, dim 1"),
+    ("silhouette-one-label", lambda: dx.silhouette_label(X, np.zeros(N_CELLS)),
+     r"labels: silhouette needs 2 to n_cells - 1 = 59 distinct labels, got 1"),
 ]
 
 
@@ -291,6 +317,16 @@ STAGE_CASES = [
 def test_stage_entry_points_name_the_field(name, call, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         call()
+
+
+def test_traced_operator_settings_still_pass_the_value_checks():
+    """The operators' value checks read concrete values only: vmap and jit over a setting run as before."""
+    x = jnp.asarray(X)
+    centroids = jax.vmap(lambda t: dx.soft_kmeans(x, x[:3], t, n_iter=3).centroids)(jnp.array([0.5, 1.0]))
+    assert centroids.shape == (2, 3, 4)
+    tmap = jax.jit(lambda g: dx.transport_map(x[:20], x[20:], g, jnp.asarray(1.0), dx.OTSettings(), n_pcs=2).tmap)(
+        jnp.ones(20))
+    assert tmap.shape == (20, 40) and bool(np.all(np.isfinite(np.asarray(tmap))))
 
 
 def test_without_the_type_checker_users_get_the_same_named_errors(tmp_path):
