@@ -25,6 +25,7 @@ import diffbio_eqx as dx
 from diffbio_eqx import cli
 from diffbio_eqx._doublets._scrublet import scrublet_scores
 from diffbio_eqx._pipeline import prepare_inputs
+from diffbio_eqx._simulate._de import simulate_conditions, simulate_switch_genes
 from diffbio_eqx.io import layer_names
 
 
@@ -313,7 +314,78 @@ STAGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, call, message", STAGE_CASES, ids=[c[0] for c in STAGE_CASES])
+def _ragged_translations():
+    return dx.simulate_spatial_slices(2, 30, n_genes=60, translations=((0, 0), (1, 2, 3)))
+
+
+# (case id, call, start of the message as a regex); each ran to NaN, empty or meaningless data, or failed deep in
+# JAX / NumPy ("dot_general requires contracting dimensions", "scale < 0", "lam value too large", a gather out of
+# bounds), before it was named.
+SIMULATOR_CASES = [
+    ("time-course-negative-rate", lambda: dx.simulate_time_course(jr.key(0), jnp.array([1.0, -1.0]), n_genes=5),
+     r"growth_rates: must be finite and > 0, got \[1.0, -1.0\]"),
+    ("time-course-2d-rates", lambda: dx.simulate_time_course(jr.key(0), jnp.ones((2, 2))),
+     r"growth_rates: expected a 1-D array"),
+    ("time-course-no-days", lambda: dx.simulate_time_course(jr.key(0), jnp.ones(2), n_days=0),
+     r"n_days: must be a whole number >= 1, got 0"),
+    ("time-course-too-few-genes", lambda: dx.simulate_time_course(jr.key(0), jnp.ones(3), n_genes=3),
+     r"n_genes: 3 fates need at least 4 genes"),
+    ("time-course-nan-noise", lambda: dx.simulate_time_course(jr.key(0), jnp.ones(2), noise=float("nan")),
+     r"noise: must be finite and >= 0, got nan"),
+    ("branching-no-cells", lambda: dx.simulate_branching(jr.key(0), 0), r"n_cells: must be a whole number >= 1"),
+    ("branching-no-fates", lambda: dx.simulate_branching(jr.key(0), 20, n_fates=0),
+     r"n_fates: must be a whole number >= 1, got 0"),
+    ("branching-time-outside-path", lambda: dx.simulate_branching(jr.key(0), 20, branch_time=1.5),
+     r"branch_time: must be in \[0, 1\], got 1.5"),
+    ("branching-negative-noise", lambda: dx.simulate_branching(jr.key(0), 20, noise=-1.0),
+     r"noise: must be finite and >= 0, got -1.0"),
+    ("spatial-no-spots", lambda: dx.simulate_spatial(0), r"n_spots: must be a whole number >= 1, got 0"),
+    ("spatial-negative-library", lambda: dx.simulate_spatial(30, n_genes=60, library_size=-1.0),
+     r"library_size: must be finite and > 0, got -1.0"),
+    ("spatial-zero-marker-fold", lambda: dx.simulate_spatial(30, n_genes=60, marker_fold=0.0),
+     r"marker_fold: must be finite and > 0, got 0.0"),
+    ("slices-none", lambda: dx.simulate_spatial_slices(0, 30), r"n_slices: must be a whole number >= 1, got 0"),
+    ("slices-nan-jitter", lambda: dx.simulate_spatial_slices(2, 30, n_genes=60, jitter=float("nan")),
+     r"jitter: must be finite and >= 0, got nan"),
+    ("slices-nan-rotation", lambda: dx.simulate_spatial_slices(2, 30, n_genes=60, rotations=(0.0, float("nan"))),
+     r"rotations: must be finite, got \[0.0, nan\]"),
+    ("slices-ragged-translations", _ragged_translations, r"translations: expected one \(x, y\) shift per slice"),
+    ("grn-no-targets", lambda: dx.simulate_grn(n_cells=10, n_tfs=3, n_targets=0),
+     r"n_targets: must be a whole number >= 1, got 0"),
+    ("grn-more-regulators-than-tfs", lambda: dx.simulate_grn(n_cells=10, n_tfs=3, n_targets=5, max_regulators=5),
+     r"max_regulators: each target draws distinct regulators from the 3 TFs"),
+    ("grn-repression-probability", lambda: dx.simulate_grn(n_cells=10, n_tfs=3, n_targets=5, repression_prob=1.5),
+     r"repression_prob: must be in \[0, 1\], got 1.5"),
+    ("grn-negative-hill", lambda: dx.simulate_grn(n_cells=10, n_tfs=3, n_targets=5, hill_n=-1.0),
+     r"hill_n: must be finite and > 0, got -1.0"),
+    ("communication-fewer-cells-than-neighbours",
+     lambda: dx.simulate_spatial_communication(n_cells=5, n_neighbors=10),
+     r"n_cells: each cell's 10 nearest others need more cells than that, got 5"),
+    ("communication-overflowing-effect", lambda: dx.simulate_spatial_communication(n_cells=50, neighbour_effect=1e3),
+     r"neighbour_effect: must be finite, between -20 and 20"),
+    ("conditions-one-sample", lambda: simulate_conditions(key=jr.key(0), n_genes=10, n_samples=1),
+     r"n_samples: must be a whole number >= 2, got 1"),
+    ("conditions-de-fraction", lambda: simulate_conditions(key=jr.key(0), n_genes=10, de_fraction=1.5),
+     r"de_fraction: must be in \[0, 1\], got 1.5"),
+    ("conditions-negative-dispersion", lambda: simulate_conditions(key=jr.key(0), n_genes=10, dispersion=-1.0),
+     r"dispersion: must be finite and > 0, got -1.0"),
+    ("switch-negative-genes", lambda: simulate_switch_genes(key=jr.key(0), n_cells=10, n_switch=-1),
+     r"n_switch: must be a whole number >= 0, got -1"),
+    ("switch-no-genes", lambda: simulate_switch_genes(key=jr.key(0), n_cells=10, n_switch=0, n_null=0),
+     r"n_switch, n_null: need at least one gene in all"),
+    ("switch-nan-dropout", lambda: simulate_switch_genes(key=jr.key(0), n_cells=10, dropout_lambda=float("nan")),
+     r"dropout_lambda: must be finite and >= 0, got nan"),
+    ("sparse-boolean-size", lambda: dx.simulate_sparse(jr.key(0), n_cells=5, n_genes=True),
+     r"n_genes: must be a whole number >= 1, got True"),
+    ("sparse-de-probability", lambda: dx.simulate_sparse(jr.key(0), n_cells=5, n_genes=10, de_prob=2.0),
+     r"de_prob: must be in \[0, 1\], got 2.0"),
+    ("sparse-negative-lib-scale", lambda: dx.simulate_sparse(jr.key(0), n_cells=5, n_genes=10, lib_scale=-1.0),
+     r"lib_scale: must be finite and > 0, got -1.0"),
+]
+
+
+@pytest.mark.parametrize("name, call, message", STAGE_CASES + SIMULATOR_CASES,
+                         ids=[c[0] for c in STAGE_CASES + SIMULATOR_CASES])
 def test_stage_entry_points_name_the_field(name, call, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         call()
