@@ -282,7 +282,8 @@ def _integration_metrics(x: np.ndarray, batches: np.ndarray | None, labels: np.n
         indices, distances = _knn(x, 90)
     if labels is not None:
         metrics["cLISI"] = clisi(indices, distances, labels)
-        metrics["silhouette_label"] = silhouette_label(x, labels)
+        if 1 < len(np.unique(labels)) < len(labels):  # a silhouette needs another label to compare with
+            metrics["silhouette_label"] = silhouette_label(x, labels)
     return metrics
 
 

@@ -14,6 +14,7 @@ import textwrap
 
 import anndata as ad
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pandas as pd
@@ -22,7 +23,9 @@ import scipy.sparse as sp
 
 import diffbio_eqx as dx
 from diffbio_eqx import cli
+from diffbio_eqx._doublets._scrublet import scrublet_scores
 from diffbio_eqx._pipeline import prepare_inputs
+from diffbio_eqx._simulate._de import simulate_conditions, simulate_switch_genes
 from diffbio_eqx.io import layer_names
 
 
@@ -284,13 +287,118 @@ STAGE_CASES = [
      r"effect_scale: must be in \[0, 5\], got 50.0"),
     ("neighbor-graph-mix-ratio", lambda: dx.neighbor_graph(X, 5, set_op_mix_ratio=2.0),
      r"set_op_mix_ratio: must be in \[0, 1\] \(0 intersection, 1 union\), got 2.0"),
+    # Array operators that returned NaN or meaningless values without a word:
+    ("transport-map-nan-cell", lambda: dx.transport_map(_with(X[:20], 3, np.nan), X[20:], np.ones(20), 1.0,
+                                                        dx.OTSettings(), n_pcs=2),
+     r"x0: 4 non-finite value\(s\), first at cell 3, dim 0"),
+    ("transport-map-negative-growth", lambda: dx.transport_map(X[:20], X[20:], -np.ones(20), 1.0, dx.OTSettings(),
+                                                               n_pcs=2),
+     r"growth_prior: must be finite and > 0, got -1.0 at index 0 \(20 in all\)"),
+    ("scrublet-nan-counts", lambda: dx.Scrublet(5, n_prin_comps=4)(jnp.asarray(_with(COUNTS[:40], (2, 3), np.nan)),
+                                                                    jnp.asarray(COUNTS[40:])),
+     r"obs: must be finite and >= 0, got nan at index \(2, 3\) \(1 in all\)"),
+    ("scrublet-scores-nan-counts",
+     lambda: scrublet_scores(dx.Scrublet(5, n_prin_comps=4), jnp.asarray(COUNTS[:40]),
+                             jnp.asarray(_with(COUNTS[40:], (0, 1), np.nan))),
+     r"sim: must be finite and >= 0, got nan at index \(0, 1\)"),
+    ("soft-kmeans-zero-temperature", lambda: dx.soft_kmeans(jnp.asarray(X), jnp.asarray(X[:3]), 0.0, n_iter=5),
+     r"temperature: must be finite and > 0, got 0.0"),
+    ("soft-kmeans-negative-temperature", lambda: dx.soft_kmeans(jnp.asarray(X), jnp.asarray(X[:3]), -1.0, n_iter=5),
+     r"temperature: must be finite and > 0, got -1.0"),
+    ("kmeans-plus-plus-more-clusters-than-cells", lambda: dx.kmeans_plus_plus(jnp.asarray(X[:5]), 6, key=jr.key(0)),
+     r"n_clusters: asked for 6 clusters but there are only 5 cells"),
+    ("spatial-graph-nan-coordinates", lambda: dx.spatial_graph(_with(X[:, :2], (4, 1), np.nan), n_neighbors=4),
+     r"coordinates: 1 non-finite value\(s\), first at cell 4, dim 1"),
+    ("silhouette-one-label", lambda: dx.silhouette_label(X, np.zeros(N_CELLS)),
+     r"labels: silhouette needs 2 to n_cells - 1 = 59 distinct labels, got 1"),
 ]
 
 
-@pytest.mark.parametrize("name, call, message", STAGE_CASES, ids=[c[0] for c in STAGE_CASES])
+def _ragged_translations():
+    return dx.simulate_spatial_slices(2, 30, n_genes=60, translations=((0, 0), (1, 2, 3)))
+
+
+# (case id, call, start of the message as a regex); each ran to NaN, empty or meaningless data, or failed deep in
+# JAX / NumPy ("dot_general requires contracting dimensions", "scale < 0", "lam value too large", a gather out of
+# bounds), before it was named.
+SIMULATOR_CASES = [
+    ("time-course-negative-rate", lambda: dx.simulate_time_course(jr.key(0), jnp.array([1.0, -1.0]), n_genes=5),
+     r"growth_rates: must be finite and > 0, got \[1.0, -1.0\]"),
+    ("time-course-2d-rates", lambda: dx.simulate_time_course(jr.key(0), jnp.ones((2, 2))),
+     r"growth_rates: expected a 1-D array"),
+    ("time-course-no-days", lambda: dx.simulate_time_course(jr.key(0), jnp.ones(2), n_days=0),
+     r"n_days: must be a whole number >= 1, got 0"),
+    ("time-course-too-few-genes", lambda: dx.simulate_time_course(jr.key(0), jnp.ones(3), n_genes=3),
+     r"n_genes: 3 fates need at least 4 genes"),
+    ("time-course-nan-noise", lambda: dx.simulate_time_course(jr.key(0), jnp.ones(2), noise=float("nan")),
+     r"noise: must be finite and >= 0, got nan"),
+    ("branching-no-cells", lambda: dx.simulate_branching(jr.key(0), 0), r"n_cells: must be a whole number >= 1"),
+    ("branching-no-fates", lambda: dx.simulate_branching(jr.key(0), 20, n_fates=0),
+     r"n_fates: must be a whole number >= 1, got 0"),
+    ("branching-time-outside-path", lambda: dx.simulate_branching(jr.key(0), 20, branch_time=1.5),
+     r"branch_time: must be in \[0, 1\], got 1.5"),
+    ("branching-negative-noise", lambda: dx.simulate_branching(jr.key(0), 20, noise=-1.0),
+     r"noise: must be finite and >= 0, got -1.0"),
+    ("spatial-no-spots", lambda: dx.simulate_spatial(0), r"n_spots: must be a whole number >= 1, got 0"),
+    ("spatial-negative-library", lambda: dx.simulate_spatial(30, n_genes=60, library_size=-1.0),
+     r"library_size: must be finite and > 0, got -1.0"),
+    ("spatial-zero-marker-fold", lambda: dx.simulate_spatial(30, n_genes=60, marker_fold=0.0),
+     r"marker_fold: must be finite and > 0, got 0.0"),
+    ("slices-none", lambda: dx.simulate_spatial_slices(0, 30), r"n_slices: must be a whole number >= 1, got 0"),
+    ("slices-nan-jitter", lambda: dx.simulate_spatial_slices(2, 30, n_genes=60, jitter=float("nan")),
+     r"jitter: must be finite and >= 0, got nan"),
+    ("slices-nan-rotation", lambda: dx.simulate_spatial_slices(2, 30, n_genes=60, rotations=(0.0, float("nan"))),
+     r"rotations: must be finite, got \[0.0, nan\]"),
+    ("slices-ragged-translations", _ragged_translations, r"translations: expected one \(x, y\) shift per slice"),
+    ("grn-no-targets", lambda: dx.simulate_grn(n_cells=10, n_tfs=3, n_targets=0),
+     r"n_targets: must be a whole number >= 1, got 0"),
+    ("grn-more-regulators-than-tfs", lambda: dx.simulate_grn(n_cells=10, n_tfs=3, n_targets=5, max_regulators=5),
+     r"max_regulators: each target draws distinct regulators from the 3 TFs"),
+    ("grn-repression-probability", lambda: dx.simulate_grn(n_cells=10, n_tfs=3, n_targets=5, repression_prob=1.5),
+     r"repression_prob: must be in \[0, 1\], got 1.5"),
+    ("grn-negative-hill", lambda: dx.simulate_grn(n_cells=10, n_tfs=3, n_targets=5, hill_n=-1.0),
+     r"hill_n: must be finite and > 0, got -1.0"),
+    ("communication-fewer-cells-than-neighbours",
+     lambda: dx.simulate_spatial_communication(n_cells=5, n_neighbors=10),
+     r"n_cells: each cell's 10 nearest others need more cells than that, got 5"),
+    ("communication-overflowing-effect", lambda: dx.simulate_spatial_communication(n_cells=50, neighbour_effect=1e3),
+     r"neighbour_effect: must be finite, between -20 and 20"),
+    ("conditions-one-sample", lambda: simulate_conditions(key=jr.key(0), n_genes=10, n_samples=1),
+     r"n_samples: must be a whole number >= 2, got 1"),
+    ("conditions-de-fraction", lambda: simulate_conditions(key=jr.key(0), n_genes=10, de_fraction=1.5),
+     r"de_fraction: must be in \[0, 1\], got 1.5"),
+    ("conditions-negative-dispersion", lambda: simulate_conditions(key=jr.key(0), n_genes=10, dispersion=-1.0),
+     r"dispersion: must be finite and > 0, got -1.0"),
+    ("switch-negative-genes", lambda: simulate_switch_genes(key=jr.key(0), n_cells=10, n_switch=-1),
+     r"n_switch: must be a whole number >= 0, got -1"),
+    ("switch-no-genes", lambda: simulate_switch_genes(key=jr.key(0), n_cells=10, n_switch=0, n_null=0),
+     r"n_switch, n_null: need at least one gene in all"),
+    ("switch-nan-dropout", lambda: simulate_switch_genes(key=jr.key(0), n_cells=10, dropout_lambda=float("nan")),
+     r"dropout_lambda: must be finite and >= 0, got nan"),
+    ("sparse-boolean-size", lambda: dx.simulate_sparse(jr.key(0), n_cells=5, n_genes=True),
+     r"n_genes: must be a whole number >= 1, got True"),
+    ("sparse-de-probability", lambda: dx.simulate_sparse(jr.key(0), n_cells=5, n_genes=10, de_prob=2.0),
+     r"de_prob: must be in \[0, 1\], got 2.0"),
+    ("sparse-negative-lib-scale", lambda: dx.simulate_sparse(jr.key(0), n_cells=5, n_genes=10, lib_scale=-1.0),
+     r"lib_scale: must be finite and > 0, got -1.0"),
+]
+
+
+@pytest.mark.parametrize("name, call, message", STAGE_CASES + SIMULATOR_CASES,
+                         ids=[c[0] for c in STAGE_CASES + SIMULATOR_CASES])
 def test_stage_entry_points_name_the_field(name, call, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         call()
+
+
+def test_traced_operator_settings_still_pass_the_value_checks():
+    """The operators' value checks read concrete values only: vmap and jit over a setting run as before."""
+    x = jnp.asarray(X)
+    centroids = jax.vmap(lambda t: dx.soft_kmeans(x, x[:3], t, n_iter=3).centroids)(jnp.array([0.5, 1.0]))
+    assert centroids.shape == (2, 3, 4)
+    tmap = jax.jit(lambda g: dx.transport_map(x[:20], x[20:], g, jnp.asarray(1.0), dx.OTSettings(), n_pcs=2).tmap)(
+        jnp.ones(20))
+    assert tmap.shape == (20, 40) and bool(np.all(np.isfinite(np.asarray(tmap))))
 
 
 def test_without_the_type_checker_users_get_the_same_named_errors(tmp_path):

@@ -56,3 +56,13 @@ def test_silhouette_matches_sklearn():
     x, labels, _ = _blobs(3, n=200)
     expected = (np.mean(silhouette_samples(x, labels)) + 1) / 2
     assert silhouette_label(x, labels) == pytest.approx(expected, rel=1e-6)
+
+
+def test_report_metrics_leave_out_the_silhouette_of_a_single_label():
+    """`silhouette_label` refuses one label (as scikit-learn); the job report then has no silhouette to give,
+    rather than failing (before: a NaN score)."""
+    from diffbio_eqx._job import _integration_metrics
+
+    x, _, _ = _blobs(3, n=200)
+    metrics = _integration_metrics(x, None, np.zeros(x.shape[0], dtype=int))
+    assert "silhouette_label" not in metrics and "cLISI" in metrics

@@ -20,6 +20,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from .._core._geometry import squared_distances
 from .._core._loop import chunk_start, iterate, row_chunks
+from .._core._validate import check_n_clusters, check_positive, check_whole
 
 
 def soft_assign(
@@ -84,8 +85,12 @@ def kmeans_plus_plus(
 
     **Returns:** the initial centroids, shape `(n_clusters, n_dims)` (rows of `x`).
     """
+    # sizes are static, so this runs (once, at trace time) under jit too: more centroids than cells would repeat
+    # cells silently
+    check_n_clusters(x.shape[0], check_whole(n_clusters, "n_clusters"))
     if n_local_trials is None:
         n_local_trials = 2 + int(math.log(n_clusters))
+    check_whole(n_local_trials, "n_local_trials")
     first_key, loop_key = jr.split(key)
     n_cells = x.shape[0]
     first = jr.randint(first_key, (), 0, n_cells)
@@ -239,6 +244,8 @@ def soft_kmeans(
 
     Differentiable in `x`, `init` and `temperature`; vmappable over temperatures and initialisations.
     """
+    check_whole(n_iter, "n_iter")
+    check_positive(temperature, "temperature")  # T = 0 divides by zero (NaN centroids); T < 0 favours far ones
     temperatures = jnp.broadcast_to(jnp.asarray(temperature, dtype=x.dtype), (n_iter,))
     next_temperatures = jnp.concatenate([temperatures[1:], temperatures[-1:]])
     init_objective = free_energy(x, init, temperatures[0])

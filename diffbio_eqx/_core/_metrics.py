@@ -175,5 +175,8 @@ def _silhouette_samples(
 def silhouette_label(x: ArrayLike, labels: Labels) -> float:
     """Cell-type average silhouette width rescaled to [0, 1], as scib-metrics' `silhouette_label`."""
     codes, n_labels = _codes(labels)
+    if not 2 <= n_labels < len(codes):  # one label has no other cluster to compare with; as scikit-learn
+        raise ValueError(f"labels: silhouette needs 2 to n_cells - 1 = {len(codes) - 1} distinct labels, got "
+                         f"{n_labels}")
     samples = _silhouette_samples(jnp.asarray(x), jnp.asarray(codes), n_labels=n_labels)
     return float((np.mean(np.asarray(samples)) + 1) / 2)

@@ -6,15 +6,21 @@ Value checks need concrete data: when a JAX tracer arrives (the caller is alread
 the shape checks run and the numerics are the caller's responsibility.
 """
 
+import functools
+import inspect
 import warnings
-from collections.abc import Sequence
-from typing import Any, NamedTuple, cast
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, ParamSpec, TypeVar, cast
 
 import jax
 import jax.core
 import numpy as np
 import scipy.sparse as sp
 from jaxtyping import Array
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class NonIntegerCountsWarning(UserWarning):
@@ -308,13 +314,68 @@ def check_whole(value: Any, field: str, *, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_positive(value: Any, field: str) -> None:
-    """A `ValueError` unless a concrete `value` is finite and > 0 (a traced one is the caller's to check)."""
+def check_numbers(value: Any, field: str, rule: str, holds: Callable[[np.ndarray], np.ndarray]) -> None:
+    """A `ValueError` unless every number of a concrete `value` is finite and `holds` (a traced one, inside
+    `jit`/`vmap`, is the caller's to check: its values are not known here). One pass, no copy of a float array."""
     if _is_traced(value):
         return
-    array = np.asarray(value, dtype=np.float64)
-    if not np.all(np.isfinite(array)) or not np.all(array > 0):
-        raise ValueError(f"{field}: must be finite and > 0, got {array.tolist()}")
+    try:
+        array = np.asarray(value)
+        array = array if array.dtype.kind == "f" else array.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}: must be {rule}, got {value!r}") from None
+    # isfinite first: a comparison with NaN is never true, so NaN fails either way, but say "finite" for it
+    bad = np.asarray(~(np.isfinite(array) & holds(array)))  # an array even for a 0-d value
+    if np.any(bad):
+        raise ValueError(f"{field}: must be {rule}, got {_describe_bad(array, bad)}")
+
+
+def _describe_bad(array: np.ndarray, bad: np.ndarray) -> str:
+    """The values themselves when there are a few; else the first bad one, where it is, and how many there are."""
+    if array.size <= 10:
+        return str(array.tolist())
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    return f"{float(array[where])} at index {where[0] if len(where) == 1 else where} ({int(bad.sum())} in all)"
+
+
+def check_positive(value: Any, field: str) -> None:
+    """A `ValueError` unless a concrete `value` is finite and > 0 (a traced one is the caller's to check)."""
+    check_numbers(value, field, "finite and > 0", lambda array: array > 0)
+
+
+def check_nonnegative(value: Any, field: str) -> None:
+    """A `ValueError` unless a concrete `value` is finite and >= 0 (standard deviations, rates that may be 0)."""
+    check_numbers(value, field, "finite and >= 0", lambda array: array >= 0)
+
+
+def check_finite(value: Any, field: str) -> None:
+    """A `ValueError` unless a concrete `value` is finite (NaN or Inf would run through to garbage)."""
+    check_numbers(value, field, "finite", lambda array: np.ones_like(array, dtype=bool))
+
+
+def check_probability(value: Any, field: str) -> None:
+    """A `ValueError` unless a concrete `value` lies in [0, 1]."""
+    check_numbers(value, field, "in [0, 1]", lambda array: (array >= 0) & (array <= 1))
+
+
+def checked_by(check: Callable[[dict[str, Any]], None]) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a (jitted) entry point so that `check` sees its arguments by name, defaults filled in, before the
+    call: the checks run on the caller's concrete values, outside any `jit`, on every call (inside a jit they
+    would run once, at trace time, and see tracers). `check` leaves traced values alone (the `check_*` above do)."""
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            check(dict(bound.arguments))
+            return function(*args, **kwargs)
+
+        return checked
+
+    return decorate
 
 
 def check_n_clusters(n_cells: int, n_clusters: int, *, field: str = "n_clusters") -> None:

@@ -29,6 +29,8 @@ the score) are smooth in the coordinates, the temperature and per-point doublet 
 as $T \\to 0$.
 """
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 from .._core._neighbors import _blocked_knn
 from .._core._stage import AbstractStage
 from .._core._threads import host_threads, map_in_threads
+from .._core._validate import check_finite, check_nonnegative, checked_by
 from ._counts import GROUP, threshold_neighbor_counts
 
 
@@ -240,12 +243,15 @@ class Scrublet(AbstractStage):
                  key: PRNGKeyArray | None = None, inference: bool = False) -> ScrubletScores:
         """Score `obs` `(n_obs, n_genes)` against `sim` `(n_sim, n_genes)`, both normalised to 1e6 per cell."""
         del key, inference
+        _check_cells({"obs": obs, "sim": sim})
         manifold_obs, manifold_sim = zscore_pca(obs, sim, min(self.n_prin_comps, obs.shape[1]))
         return self.from_manifold(manifold_obs, manifold_sim)
 
     def from_manifold(self, manifold_obs: Float[Array, "n_obs n_pcs"], manifold_sim: Float[Array, "n_sim n_pcs"]
                       ) -> ScrubletScores:
         """Steps 3-4 alone: the neighbour counts and the scores from the PCA coordinates."""
+        for name, manifold in (("manifold_obs", manifold_obs), ("manifold_sim", manifold_sim)):
+            check_finite(manifold, name)  # a NaN point's distances are NaN: its neighbour counts are arbitrary
         n_obs, n_sim = manifold_obs.shape[0], manifold_sim.shape[0]
         k_adj = adjusted_neighbors(self.n_neighbors, n_obs, n_sim)
         manifold = jnp.concatenate([manifold_obs, manifold_sim])
@@ -280,6 +286,14 @@ class Scrublet(AbstractStage):
                               manifold_sim, adjusted_neighbors(self.n_neighbors, n_obs, n_sim))
 
 
+def _check_cells(arguments: dict[str, Any]) -> None:
+    """The observed cells and simulated doublets, normalised counts: a NaN or negative value runs through the PCA
+    to NaN coordinates and finite but meaningless scores. Concrete arrays only (a traced one is the caller's)."""
+    for name in ("obs", "sim"):
+        check_nonnegative(arguments[name], name)
+
+
+@checked_by(_check_cells)
 @eqx.filter_jit
 def scrublet_scores(scrublet: Scrublet, obs: Float[Array, "n_obs n_genes"], sim: Float[Array, "n_sim n_genes"]
                     ) -> ScrubletScores:

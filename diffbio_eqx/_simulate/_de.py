@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from .._core._validate import check_nonnegative, check_positive, check_probability, check_whole
+
 
 def _float_dtype() -> jnp.dtype:
     return jnp.zeros(()).dtype
@@ -47,6 +49,12 @@ def simulate_conditions(
     gamma draw of mean 1 and variance `dispersion`; a cell's counts are Poisson with mean `library * mean`,
     libraries log-normal around 1.
     """
+    check_whole(n_genes, "n_genes")
+    # half the samples (rounded down) are controls: a single sample would leave the treated condition empty
+    check_whole(n_samples, "n_samples", minimum=2)
+    check_whole(cells_per_sample, "cells_per_sample")
+    check_probability(de_fraction, "de_fraction")
+    check_positive(dispersion, "dispersion")  # the gamma shape is 1 / dispersion
     dtype = _float_dtype()
     k_mean, k_de, k_size, k_sign, k_bio, k_lib, k_counts = jr.split(key, 7)
     base = jnp.exp(jr.normal(k_mean, (n_genes,), dtype) * 1.5 - 3.0)
@@ -92,6 +100,10 @@ def simulate_switch_genes(
     log-expression, `counts` is the expression it is given); with `dropout_lambda > 0` an entry $x$ is zeroed
     with probability $e^{-\\lambda x^2}$ (switchde's zero-inflated model).
     """
+    check_whole(n_cells, "n_cells")
+    if check_whole(n_switch, "n_switch", minimum=0) + check_whole(n_null, "n_null", minimum=0) < 1:
+        raise ValueError("n_switch, n_null: need at least one gene in all, got 0 and 0")
+    check_nonnegative(dropout_lambda, "dropout_lambda")
     dtype = _float_dtype()
     keys = jr.split(key, 7)
     n_genes = n_switch + n_null

@@ -11,8 +11,11 @@
 """
 
 import dataclasses
+from typing import Any
 
 import numpy as np
+
+from .._core._validate import check_numbers, check_positive, check_probability, check_whole
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,20 @@ def _hill(x: np.ndarray, k: np.ndarray, n: float, repress: np.ndarray) -> np.nda
     return np.where(repress, 1 - act, act)
 
 
+def _check_network(*, n_cells: Any, n_tfs: Any, n_targets: Any, max_regulators: Any, n_states: Any, hill_n: Any,
+                   repression_prob: Any, library_size: Any) -> None:
+    """Sizes and settings of `simulate_grn` (a network needs a TF and a target; each target draws its regulators
+    from the TFs without replacement; a Hill coefficient <= 0 turns activation into repression)."""
+    for name, value in (("n_cells", n_cells), ("n_tfs", n_tfs), ("n_targets", n_targets), ("n_states", n_states)):
+        check_whole(value, name)
+    if not 1 <= check_whole(max_regulators, "max_regulators") <= n_tfs:
+        raise ValueError(f"max_regulators: each target draws distinct regulators from the {n_tfs} TFs, so it must "
+                         f"be between 1 and n_tfs, got {max_regulators}")
+    check_positive(hill_n, "hill_n")
+    check_probability(repression_prob, "repression_prob")
+    check_positive(library_size, "library_size")
+
+
 def simulate_grn(
     *, n_cells: int = 1000, n_tfs: int = 20, n_targets: int = 200, max_regulators: int = 3, n_states: int = 6,
     hill_n: float = 2.0, repression_prob: float = 0.3, library_size: float = 2000.0, seed: int = 0,
@@ -49,6 +66,8 @@ def simulate_grn(
     TF's median level, Hill coefficient `hill_n`, and repression with probability `repression_prob`. TF levels
     are `state mean x LogNormal(0, 0.5)` over `n_states` states with `LogNormal(0, 1)` means.
     """
+    _check_network(n_cells=n_cells, n_tfs=n_tfs, n_targets=n_targets, max_regulators=max_regulators,
+                   n_states=n_states, hill_n=hill_n, repression_prob=repression_prob, library_size=library_size)
     rng = np.random.default_rng(seed)
     states = rng.integers(0, n_states, n_cells)
     state_means = np.exp(rng.normal(0.0, 1.0, (n_states, n_tfs)))
@@ -92,6 +111,19 @@ class SimulatedSpatialCommunication:
     n_neighbors: int
 
 
+def _check_communication(*, n_cells: Any, n_types: Any, n_genes: Any, neighbour_effect: Any, n_neighbors: Any,
+                         n_patches: Any) -> None:
+    """Sizes and settings of `simulate_spatial_communication` (the neighbourhoods need more cells than neighbours;
+    an effect beyond e^20 overflows the Poisson draws)."""
+    for name, value in (("n_types", n_types), ("n_genes", n_genes), ("n_patches", n_patches)):
+        check_whole(value, name)
+    check_whole(n_neighbors, "n_neighbors")
+    if check_whole(n_cells, "n_cells") <= n_neighbors:
+        raise ValueError(f"n_cells: each cell's {n_neighbors} nearest others need more cells than that, got {n_cells}")
+    check_numbers(neighbour_effect, "neighbour_effect", "finite, between -20 and 20 (a log-scale effect)",
+                  lambda effect: np.abs(effect) <= 20)
+
+
 def simulate_spatial_communication(
     *, n_cells: int = 3000, n_types: int = 4, n_genes: int = 30, neighbour_effect: float = 0.6,
     n_neighbors: int = 10, n_patches: int = 40, seed: int = 0,
@@ -102,6 +134,8 @@ def simulate_spatial_communication(
     `+-neighbour_effect`; 0 gives no neighbour effect at all); counts are Poisson."""
     from scipy.spatial import KDTree
 
+    _check_communication(n_cells=n_cells, n_types=n_types, n_genes=n_genes, neighbour_effect=neighbour_effect,
+                         n_neighbors=n_neighbors, n_patches=n_patches)
     rng = np.random.default_rng(seed)
     positions = rng.random((n_cells, 2))
     centres, patch_type = rng.random((n_patches, 2)), rng.integers(0, n_types, n_patches)

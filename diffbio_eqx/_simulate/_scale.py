@@ -18,7 +18,14 @@ import numpy as np
 import scipy.sparse as sp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from ._simulate import GeneParameters, SplatterSettings, cell_expectations, gene_parameters
+from .._core._validate import check_whole
+from ._simulate import (
+    GeneParameters,
+    SplatterSettings,
+    cell_expectations,
+    check_splatter_settings,
+    gene_parameters,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +103,10 @@ def simulate_sparse(
     **Returns:** a `SparseSimulation`. The result does not depend on how many chunks have been drawn before a
     given one, but it does depend on `chunk_size` (the chunk keys).
     """
-    if n_cells < 1 or n_genes < 1 or n_groups < 1 or n_batches < 1 or chunk_size < 1:
-        raise ValueError("n_cells, n_genes, n_groups, n_batches and chunk_size must be >= 1")
+    sizes = dict(n_cells=n_cells, n_genes=n_genes, n_groups=n_groups, n_batches=n_batches, chunk_size=chunk_size)
+    for name, value in sizes.items():
+        check_whole(value, name)
+    check_splatter_settings(dict(lib_loc=lib_loc, lib_scale=lib_scale, bcv_common=bcv_common, **gene_settings))
     gene_key, cell_key = jr.split(key)
     genes = draw_gene_parameters(gene_key, n_genes=n_genes, n_groups=n_groups, n_batches=n_batches, **gene_settings)
     dtype = genes.gene_mean.dtype

@@ -8,8 +8,7 @@ drawn from a shared profile, with empty droplets holding ambient RNA only, as Ce
 """
 
 import dataclasses
-import functools
-import inspect
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -19,7 +18,15 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
-from .._core._validate import _is_traced, check_whole
+from .._core._validate import (
+    _is_traced,
+    check_nonnegative,
+    check_numbers,
+    check_positive,
+    check_probability,
+    check_whole,
+    checked_by,
+)
 
 
 class SimulatedData(eqx.Module):
@@ -278,29 +285,36 @@ def _simulate(
 _simulate_compiled = jax.jit(
     _simulate, static_argnames=("n_cells", "n_genes", "n_groups", "n_batches", "ambient_model", "n_empty_droplets")
 )
-_SIMULATE_SIGNATURE = inspect.signature(_simulate)
 #: Splatter's settings that are probabilities, and those that must be positive (shapes, rates, scales).
 _PROBABILITIES = ("contamination", "doublet_rate", "de_prob", "de_down_prob")
 _POSITIVE = ("mean_shape", "mean_rate", "lib_scale", "bcv_df", "contamination_concentration")
+
+
+def _check_lib_loc(value: Any, field: str) -> None:
+    # e^20 counts a cell would overflow the draws
+    check_numbers(value, field, "finite and <= 20 (the log of a cell's counts)", lambda number: number <= 20)
+
+
+#: The check of each Splatter setting that has one.
+_SETTING_CHECKS: dict[str, Callable[[Any, str], None]] = {
+    **dict.fromkeys(_PROBABILITIES, check_probability), **dict.fromkeys(_POSITIVE, check_positive),
+    "bcv_common": check_nonnegative, "lib_loc": _check_lib_loc,
+}
+
+
+def check_splatter_settings(values: dict[str, Any]) -> None:
+    """The Splatter settings given in `values` (`simulate_sparse` shares them): probabilities in [0, 1], positive
+    shapes, rates and scales, a library location that fits the draws; a traced setting is the caller's."""
+    for name, check in _SETTING_CHECKS.items():
+        if values.get(name) is not None:
+            check(values[name], name)
 
 
 def _check_simulation(arguments: dict[str, Any]) -> None:
     """Sizes and (concrete) settings a simulation can run with; a traced setting is the caller's to check."""
     for name in ("n_cells", "n_genes", "n_groups", "n_batches"):
         check_whole(arguments[name], name)
-    values = {**arguments, **arguments.get("settings", {})}
-    for name in (*_PROBABILITIES, *_POSITIVE, "lib_loc", "bcv_common"):
-        value = values.get(name)
-        if value is None or _is_traced(value):
-            continue
-        number = np.asarray(value, dtype=np.float64)
-        bad = (not np.all(np.isfinite(number)) or (name in _PROBABILITIES and not np.all((number >= 0) & (number <= 1)))
-               or (name in _POSITIVE and not np.all(number > 0)) or (name == "bcv_common" and np.any(number < 0))
-               or (name == "lib_loc" and np.any(number > 20)))  # e^20 counts a cell would overflow the draws
-        if bad:
-            rule = ("in [0, 1]" if name in _PROBABILITIES else "finite and > 0" if name in _POSITIVE
-                    else "finite and <= 20 (the log of a cell's counts)" if name == "lib_loc" else "finite and >= 0")
-            raise ValueError(f"{name}: must be {rule}, got {number.tolist()}")
+    check_splatter_settings({**arguments, **arguments.get("settings", {})})
     profile = arguments.get("ambient_profile")
     if profile is not None and not _is_traced(profile):
         profile = np.asarray(profile, dtype=np.float64)
@@ -310,9 +324,4 @@ def _check_simulation(arguments: dict[str, Any]) -> None:
                              f"some mass, got shape {profile.shape} summing to {np.nansum(profile):g}")
 
 
-@functools.wraps(_simulate)
-def simulate(*args: Any, **kwargs: Any) -> SimulatedData:
-    bound = _SIMULATE_SIGNATURE.bind(*args, **kwargs)
-    bound.apply_defaults()
-    _check_simulation(dict(bound.arguments))
-    return _simulate_compiled(*args, **kwargs)
+simulate = checked_by(_check_simulation)(_simulate_compiled)

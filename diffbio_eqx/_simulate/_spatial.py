@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .._core._validate import check_finite, check_nonnegative, check_positive, check_whole
+
 
 Layout = Literal["layers", "blobs"]
 Grid = Literal["hex", "square", "scatter"]
@@ -87,6 +89,17 @@ def rotation_matrix(angle: float) -> np.ndarray:
     return np.array([[c, -s], [s, c]])
 
 
+def _check_programmes(*, n_genes: Any, n_domains: Any, n_markers: Any, n_gradient_genes: Any, marker_fold: Any,
+                      gradient_strength: Any) -> None:
+    """The tissue's sizes and gene programmes (a fold of 0 zeroes the markers, fewer than one marker leaves a domain
+    without a signal, a NaN strength turns every mean NaN)."""
+    for name, value, minimum in (("n_genes", n_genes, 1), ("n_domains", n_domains, 1), ("n_markers", n_markers, 1),
+                                 ("n_gradient_genes", n_gradient_genes, 0)):
+        check_whole(value, name, minimum=minimum)
+    check_positive(marker_fold, "marker_fold")
+    check_finite(gradient_strength, "gradient_strength")
+
+
 def make_tissue(
     *, width: float, height: float, n_genes: int = 200, n_domains: int = 5, layout: Layout = "layers",
     n_markers: int = 8, marker_fold: float = 1.8, n_gradient_genes: int = 10, gradient_strength: float = 0.5,
@@ -96,6 +109,8 @@ def make_tissue(
     `n_gradient_genes` genes whose log-mean rises by `gradient_strength` across the tissue width."""
     if layout not in ("layers", "blobs"):
         raise ValueError(f"layout: must be 'layers' or 'blobs', got {layout!r}")
+    _check_programmes(n_genes=n_genes, n_domains=n_domains, n_markers=n_markers, n_gradient_genes=n_gradient_genes,
+                      marker_fold=marker_fold, gradient_strength=gradient_strength)
     if n_domains < 2 or n_domains * n_markers + n_gradient_genes > n_genes:
         raise ValueError(f"n_genes: {n_genes} genes cannot hold {n_domains} domains x {n_markers} markers "
                          f"and {n_gradient_genes} gradient genes (need n_domains >= 2)")
@@ -161,6 +176,30 @@ def simulate_spatial(
                                    gradient_strength=gradient_strength)[0]
 
 
+def _check_slicing(n_slices: Any, n_spots: Any, *, library_size: Any, jitter: Any, overlap: Any) -> None:
+    """Sizes and settings of the slices (a NaN jitter gave a raw out-of-bounds index, a negative library size a
+    NumPy "scale < 0")."""
+    check_whole(n_slices, "n_slices")
+    check_whole(n_spots, "n_spots")
+    check_positive(library_size, "library_size")
+    check_nonnegative(jitter, "jitter")
+    if not 0.0 < overlap <= 1.0:
+        raise ValueError(f"overlap: must be in (0, 1], got {overlap}")
+
+
+def _check_placements(n_slices: int, rotations: Sequence[float | int],
+                      translations: Sequence[Sequence[float | int]]) -> None:
+    """One finite angle and one finite 2-D shift per slice."""
+    if len(rotations) != n_slices or len(translations) != n_slices:
+        raise ValueError(f"rotations, translations: need {n_slices} each, got {len(rotations)}, {len(translations)}")
+    check_finite(rotations, "rotations")
+    shifts = np.asarray(translations, dtype=object)
+    if shifts.shape != (n_slices, 2):
+        raise ValueError(f"translations: expected one (x, y) shift per slice, shape ({n_slices}, 2), got "
+                         f"{shifts.shape}")
+    check_finite(shifts.astype(np.float64), "translations")
+
+
 def simulate_spatial_slices(
     n_slices: int = 2, n_spots: int = 1000, *, grid: Grid = "hex", rotations: Sequence[float | int] | None = None,
     translations: Sequence[Sequence[float | int]] | None = None, jitter: float = 0.1, overlap: float = 1.0,
@@ -179,9 +218,9 @@ def simulate_spatial_slices(
     - `tissue`: `make_tissue`'s settings (`n_genes` 200, `n_domains` 5, `layout` "layers", `marker_fold` 1.8,
       `gradient_strength` 0.5, ...) and `library_size` (1000).
     """
-    library_size = float(tissue.pop("library_size", 1000.0))
-    if not 0.0 < overlap <= 1.0:
-        raise ValueError(f"overlap: must be in (0, 1], got {overlap}")
+    library_size = tissue.pop("library_size", 1000.0)
+    _check_slicing(n_slices, n_spots, library_size=library_size, jitter=jitter, overlap=overlap)
+    library_size = float(library_size)
     rng = np.random.default_rng(seed)
     side = float(np.sqrt(n_spots * (np.sqrt(3) / 2 if grid == "hex" else 1.0)))
     window = side
@@ -191,8 +230,7 @@ def simulate_spatial_slices(
         rotations = (0.0, *np.deg2rad(rng.uniform(-30, 30, n_slices - 1)))
     if translations is None:
         translations = ((0.0, 0.0), *map(tuple, rng.uniform(-5, 5, (n_slices - 1, 2))))
-    if len(rotations) != n_slices or len(translations) != n_slices:
-        raise ValueError(f"rotations, translations: need {n_slices} each, got {len(rotations)}, {len(translations)}")
+    _check_placements(n_slices, rotations, translations)
     slices = []
     for i in range(n_slices):
         offset = 0.0 if overlap == 1.0 else i * (1 - overlap) * window

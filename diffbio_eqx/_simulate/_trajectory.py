@@ -7,11 +7,22 @@ sits at `min(t, t_b) e_0 + max(t - t_b, 0) e_{k+1}` (times `length`), plus isotr
 map into `n_genes` dimensions and small gene-level noise give its expression.
 """
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from .._core._validate import (
+    check_finite,
+    check_nonnegative,
+    check_positive,
+    check_probability,
+    check_whole,
+    checked_by,
+)
 
 
 class BranchingTrajectory(eqx.Module):
@@ -48,6 +59,26 @@ def _express(key: PRNGKeyArray, latent: Float[Array, "n_cells n_axes"], n_genes:
     return clean + gene_noise * jr.normal(noise_key, clean.shape, latent.dtype)
 
 
+def _check_genes_hold_axes(n_genes: Any, n_fates: int) -> None:
+    """The orthonormal map needs as many genes as latent axes (the trunk and one per fate)."""
+    check_whole(n_genes, "n_genes")
+    if n_genes < n_fates + 1:
+        raise ValueError(f"n_genes: {n_fates} fates need at least {n_fates + 1} genes (one latent axis for the "
+                         f"trunk and one per fate), got {n_genes}")
+
+
+def _check_branching(arguments: dict[str, Any]) -> None:
+    """Sizes and (concrete) settings of `simulate_branching`; a traced setting is the caller's to check."""
+    check_whole(arguments["n_cells"], "n_cells")
+    n_fates = check_whole(arguments["n_fates"], "n_fates")
+    _check_genes_hold_axes(arguments["n_genes"], n_fates)
+    check_probability(arguments["branch_time"], "branch_time")  # a time on the [0, 1] path
+    check_positive(arguments["length"], "length")
+    for name in ("noise", "gene_noise"):
+        check_nonnegative(arguments[name], name)
+
+
+@checked_by(_check_branching)
 @eqx.filter_jit
 def simulate_branching(
     key: PRNGKeyArray, n_cells: int = 600, *, n_fates: int = 3, n_genes: int = 50, branch_time: float = 0.3,
@@ -91,6 +122,24 @@ class TimeCourse(eqx.Module):
     pseudotime: Float[Array, " n_cells"]
 
 
+def _check_time_course(arguments: dict[str, Any]) -> None:
+    """Sizes and (concrete) settings of `simulate_time_course`; a traced setting is the caller's to check."""
+    growth_rates = arguments["growth_rates"]
+    if getattr(growth_rates, "ndim", None) != 1 or growth_rates.shape[0] < 1:
+        raise ValueError(f"growth_rates: expected a 1-D array with one rate per fate, got "
+                         f"{getattr(growth_rates, 'shape', type(growth_rates).__name__)}")
+    check_positive(growth_rates, "growth_rates")  # fate shares grow as r ** day: log r must exist
+    for name in ("n_days", "n_cells_per_day"):
+        check_whole(arguments[name], name)
+    _check_genes_hold_axes(arguments["n_genes"], growth_rates.shape[0])
+    for name in ("start", "speed"):
+        check_finite(arguments[name], name)
+    check_positive(arguments["length"], "length")
+    for name in ("spread", "noise"):
+        check_nonnegative(arguments[name], name)
+
+
+@checked_by(_check_time_course)
 @eqx.filter_jit
 def simulate_time_course(
     key: PRNGKeyArray, growth_rates: Float[Array, " n_fates"], *, n_days: int = 3, n_cells_per_day: int = 300,

@@ -33,6 +33,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 from .._core._neighbors import exact_knn
 from .._core._stage import AbstractTrainableStage
 from .._core._train import FitResult, TrainSettings, fit
+from .._core._validate import check_embedding
 
 
 class SpatialGraph(eqx.Module):
@@ -58,6 +59,7 @@ def spatial_graph(
         raise ValueError(f"n_neighbors: spatial neighbours per spot, must be at least 1, got {n_neighbors}")
     if radius is not None and not radius > 0:
         raise ValueError(f"radius: must be > 0, got {radius}")
+    check_embedding(coordinates, field="coordinates")  # a NaN spot is nobody's neighbour and everybody's
     c = jnp.asarray(coordinates)
     n = c.shape[0]
     k = min((max_neighbors if radius is not None else n_neighbors) + 1, n)

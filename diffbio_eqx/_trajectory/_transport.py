@@ -47,6 +47,7 @@ from ott.problems.linear import linear_problem
 from ott.solvers.linear import acceleration, sinkhorn
 
 from .._core._geometry import squared_distances
+from .._core._validate import check_embedding, check_positive, check_whole, checked_by
 
 
 class OTSettings(eqx.Module):
@@ -183,6 +184,22 @@ class TransportMap(eqx.Module):
     converged: Array
 
 
+def _check_transport(arguments: dict[str, Any]) -> None:
+    """Cells, growth and interval of `transport_map` (a NaN cell, a growth rate <= 0 or dt <= 0 gave a map of NaN
+    rows); a traced array gets its shape checks only."""
+    x0 = check_embedding(arguments["x0"], field="x0")
+    check_embedding(arguments["x1"], field="x1", n_dims=x0.shape[1])
+    growth = arguments["growth_prior"]
+    if getattr(growth, "shape", None) != (x0.shape[0],):
+        raise ValueError(f"growth_prior: expected one rate per x0 cell, shape ({x0.shape[0]},), got "
+                         f"{getattr(growth, 'shape', type(growth).__name__)}")
+    check_positive(growth, "growth_prior")
+    check_positive(arguments["dt"], "dt")
+    check_whole(arguments["n_pcs"], "n_pcs")
+    check_whole(arguments["growth_iters"], "growth_iters")
+
+
+@checked_by(_check_transport)
 @eqx.filter_jit
 def transport_map(
     x0: Float[Array, "n0 n_genes"], x1: Float[Array, "n1 n_genes"], growth_prior: Float[Array, " n0"],
