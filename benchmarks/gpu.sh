@@ -20,8 +20,8 @@
 # Then benchmarks/render.py writes OUT_DIR/summary.md and OUT_DIR/scaling.png. To put GPU figures in the README,
 # copy OUT_DIR under benchmarks/results/ and run `python benchmarks/render.py` (it reads subfolders too).
 #
-# Status: written without access to a GPU (none was lent to the session that wrote it); every step was run on
-# CPU at small sizes, but this script itself has not been run on a GPU.
+# Status: run once on an H200 (2026-12-04, README "The first GPU run"): in 8 minutes it finished scaling (cut
+# during vae_infer), one doublets round, harmony, and ran out in vmap; give it BUDGET_S=900 for every step.
 set -u -o pipefail
 
 OUT=${1:?usage: benchmarks/gpu.sh OUT_DIR}
