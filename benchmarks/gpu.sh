@@ -21,7 +21,8 @@
 # copy OUT_DIR under benchmarks/results/ and run `python benchmarks/render.py` (it reads subfolders too).
 #
 # Status: run once on an H200 (2026-12-04, README "The first GPU run"): in 8 minutes it finished scaling (cut
-# during vae_infer), one doublets round, harmony, and ran out in vmap; give it BUDGET_S=900 for every step.
+# during vae_infer), one doublets round and harmony, and ran out in vmap; all seven steps need about 15 minutes,
+# more than one 10-minute command of this workplace's device tool: raise BUDGET_S where a run may take longer.
 set -u -o pipefail
 
 OUT=${1:?usage: benchmarks/gpu.sh OUT_DIR}
