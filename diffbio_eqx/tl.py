@@ -43,6 +43,7 @@ from ._trajectory import (
     diffusion_pseudotime,
     fate_probabilities as _fate_probabilities,
     find_terminal_states,
+    pseudotime_from_diffmap,
     transport_maps as _transport_maps,
 )
 from ._umap._stage import ParametricUMAP, fit_umap
@@ -254,22 +255,44 @@ def dpt(adata: ad.AnnData, n_dcs: int = 10, *, root: int | None = None, n_comps:
     """scanpy's `tl.dpt` (`n_branchings=0`): diffusion pseudotime from the root cell.
 
     **Arguments:** `n_dcs` diffusion components (10); `root` the root cell's index (None: `uns["iroot"]`, as
-    scanpy); `n_comps` components computed (15, scanpy's `tl.diffmap`); `key` the eigensolver's start block.
+    scanpy); `n_comps` components computed when no diffusion map is stored (15, scanpy's `tl.diffmap`); `key` the
+    eigensolver's start block.
 
-    **Returns:** the `DPTResult`. Writes `obs["dpt_pseudotime"]`, `obsm["X_diffmap"]`, `uns["diffmap_evals"]` and
-    `uns["iroot"]`.
+    As scanpy, the diffusion map of an earlier `tl.diffmap` (`obsm["X_diffmap"]`, `uns["diffmap_evals"]`) is
+    reused, its first `n_dcs` components; without one it is computed and written.
+
+    **Returns:** the `DPTResult`. Writes `obs["dpt_pseudotime"]` and `uns["iroot"]` (and `obsm["X_diffmap"]`,
+    `uns["diffmap_evals"]` when it computed them).
     """
     graph = _graph_from_adata(adata, neighbors_key)
     if root is None:
         if "iroot" not in adata.uns:
             raise ValueError("root: not given and adata.uns['iroot'] is not set; pass root= a cell index")
         root = adata.uns["iroot"]
-    result = diffusion_pseudotime(graph, root, n_dcs=n_dcs, n_comps=n_comps, key=key)
+    stored = _stored_diffmap(adata)
+    if stored is not None:
+        result = pseudotime_from_diffmap(graph, stored, root, n_dcs=n_dcs)
+    else:
+        result = diffusion_pseudotime(graph, root, n_dcs=n_dcs, n_comps=n_comps, key=key)
+        adata.obsm["X_diffmap"] = np.asarray(result.diffmap.eigenvectors)
+        adata.uns["diffmap_evals"] = np.asarray(result.diffmap.eigenvalues)
     adata.obs["dpt_pseudotime"] = np.asarray(result.pseudotime)
-    adata.obsm["X_diffmap"] = np.asarray(result.diffmap.eigenvectors)
-    adata.uns["diffmap_evals"] = np.asarray(result.diffmap.eigenvalues)
     adata.uns["iroot"] = int(np.asarray(root))
     return result
+
+
+def _stored_diffmap(adata: ad.AnnData) -> DiffusionMap | None:
+    """`tl.diffmap`'s result as stored in `adata` (None when there is none); its residual is unknown (NaN)."""
+    if "X_diffmap" not in adata.obsm:
+        return None
+    if "diffmap_evals" not in adata.uns:
+        raise ValueError("adata.uns['diffmap_evals']: missing beside obsm['X_diffmap']; run dbx.tl.diffmap again")
+    vectors = np.asarray(adata.obsm["X_diffmap"], dtype=np.float64)
+    values = np.asarray(adata.uns["diffmap_evals"], dtype=np.float64)
+    if values.shape != (vectors.shape[1],):
+        raise ValueError(f"adata.uns['diffmap_evals']: expected one eigenvalue per column of obsm['X_diffmap'] "
+                         f"({vectors.shape[1]}), got shape {values.shape}")
+    return DiffusionMap(jnp.asarray(values), jnp.asarray(vectors), jnp.asarray(0), jnp.asarray(np.nan))
 
 
 def _terminal_from_obs(adata: ad.AnnData, column: str) -> dict[str, np.ndarray]:

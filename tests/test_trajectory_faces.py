@@ -30,6 +30,27 @@ def test_diffmap_and_dpt_write_scanpy_keys(cells):
     assert np.corrcoef(pseudotime, np.asarray(sim.pseudotime))[0, 1] > 0.9
 
 
+def test_dpt_reuses_a_stored_diffusion_map_as_scanpy(cells):
+    # scanpy's tl.dpt reads tl.diffmap's obsm["X_diffmap"] (its first n_dcs columns) instead of computing its own;
+    # ours recomputed 15 components and overwrote a 20-component map
+    import scanpy as sc
+
+    adata = cells[0].copy()
+    dbx.tl.diffmap(adata, n_comps=20, key=jr.key(0))
+    stored = adata.obsm["X_diffmap"].copy()
+    adata.uns["iroot"] = 0
+    theirs = adata.copy()
+    sc.tl.dpt(theirs, n_dcs=12)
+    dbx.tl.dpt(adata, n_dcs=12, key=jr.key(1))
+    assert np.array_equal(adata.obsm["X_diffmap"], stored)
+    np.testing.assert_allclose(adata.obs["dpt_pseudotime"], theirs.obs["dpt_pseudotime"], atol=1e-5)
+    with pytest.raises(ValueError, match="n_dcs: the diffusion map has 20 components"):
+        dbx.tl.dpt(adata, n_dcs=21, key=jr.key(0))
+    del adata.uns["diffmap_evals"]
+    with pytest.raises(ValueError, match="diffmap_evals"):
+        dbx.tl.dpt(adata, key=jr.key(0))
+
+
 def test_fate_probabilities_face_and_figures(cells, tmp_path):
     adata, sim = cells
     if "dpt_pseudotime" not in adata.obs:

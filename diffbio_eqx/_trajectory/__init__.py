@@ -14,6 +14,7 @@ from ._diffmap import (
     diffusion_map as diffusion_map,
     diffusion_pseudotime as diffusion_pseudotime,
     dpt_distances as dpt_distances,
+    pseudotime_from_diffmap as pseudotime_from_diffmap,
 )
 from ._fate import Absorption as Absorption, FateResult as FateResult, absorption as absorption
 from ._graph import CellGraph as CellGraph, DisconnectedGraphWarning as DisconnectedGraphWarning

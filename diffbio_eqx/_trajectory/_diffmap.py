@@ -493,6 +493,12 @@ class DPTResult(eqx.Module):
 def _dpt(graph: PaddedGraph, components: Int[Array, " n_cells"], root: Int[Array, ""], n_dcs: int, n_comps: int,
          settings: EigenSettings, key: PRNGKeyArray) -> DPTResult:
     diffmap = diffusion_map(graph, n_comps=n_comps, settings=settings, key=key)
+    return _dpt_from(diffmap, components, root, n_dcs)
+
+
+@eqx.filter_jit
+def _dpt_from(diffmap: DiffusionMap, components: Int[Array, " n_cells"], root: Int[Array, ""], n_dcs: int
+              ) -> DPTResult:
     distances = dpt_distances(diffmap.eigenvalues[:n_dcs], diffmap.eigenvectors[:, :n_dcs], root, components)
     return DPTResult(dpt_pseudotime(distances), diffmap, components)
 
@@ -524,18 +530,40 @@ def diffusion_pseudotime(
     matrix = host_csr(graph)
     cells = as_padded_graph(matrix)
     n = cells.indices.shape[0]
-    index = np.asarray(root)
-    if index.shape != () or not np.issubdtype(index.dtype, np.integer):
-        raise ValueError(f"root: expected an integer cell index, got {root!r}")
-    if not 0 <= int(index) < n:
-        raise ValueError(f"root: cell index {int(index)} is out of range for {n} cells")
+    index = _check_root(root, n)
     if not 1 <= n_comps < n:
         raise ValueError(f"n_comps: must be in [1, n_cells - 1] = [1, {n - 1}], got {n_comps}")
     if not 1 <= n_dcs <= n_comps:
         raise ValueError(f"n_dcs: must be in [1, n_comps] = [1, {n_comps}], got {n_dcs}")
     components = host_components(matrix, np.asarray(cells.order))
     warn_if_disconnected(components)
-    return _dpt(cells, jnp.asarray(components), jnp.asarray(int(index)), int(n_dcs), int(n_comps), settings, key)
+    return _dpt(cells, jnp.asarray(components), jnp.asarray(index), int(n_dcs), int(n_comps), settings, key)
+
+
+def _check_root(root: Any, n_cells: int) -> int:
+    index = np.asarray(root)
+    if index.shape != () or not np.issubdtype(index.dtype, np.integer):
+        raise ValueError(f"root: expected an integer cell index, got {root!r}")
+    if not 0 <= int(index) < n_cells:
+        raise ValueError(f"root: cell index {int(index)} is out of range for {n_cells} cells")
+    return int(index)
+
+
+def pseudotime_from_diffmap(graph: object, diffmap: DiffusionMap, root: Any, *, n_dcs: int = 10) -> DPTResult:
+    """DPT from a diffusion map computed before (scanpy's `tl.dpt` after `tl.diffmap`: it reuses
+    `obsm["X_diffmap"]` and `uns["diffmap_evals"]`, the first `n_dcs` of them); `graph` gives the connected
+    components (cells outside the root's get `inf`, as in `diffusion_pseudotime`)."""
+    matrix = host_csr(graph)
+    n, n_comps = diffmap.eigenvectors.shape
+    if matrix.shape[0] != n or diffmap.eigenvalues.shape != (n_comps,):
+        raise ValueError(f"diffmap: {n} x {n_comps} eigenvectors and {diffmap.eigenvalues.shape[0]} eigenvalues "
+                         f"do not fit a graph of {matrix.shape[0]} cells")
+    if not 1 <= n_dcs <= n_comps:  # scanpy: "Compute diffmap/spectrum with more components first."
+        raise ValueError(f"n_dcs: the diffusion map has {n_comps} components, so n_dcs must be in [1, {n_comps}], "
+                         f"got {n_dcs}; compute the diffusion map with more components first")
+    components = host_components(matrix)
+    warn_if_disconnected(components)
+    return _dpt_from(diffmap, jnp.asarray(components), jnp.asarray(_check_root(root, n)), int(n_dcs))
 
 
 @eqx.filter_jit
