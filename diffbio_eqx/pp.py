@@ -277,7 +277,9 @@ def scrublet(adata: ad.AnnData, *, key: PRNGKeyArray, batch_key: str | None = No
 
     Writes `obs["doublet_score"]`, `obs["predicted_doublet"]` and `uns["scrublet"]` (`doublet_scores_sim`,
     `doublet_parents`, `parameters`, `threshold`, `threshold_method`; with `batch_key`: `batches` holding one such
-    record per batch, and `batched_by`), only once everything succeeded.
+    record per batch, and `batched_by`), only once everything succeeded. `doublet_parents` holds each simulated
+    doublet's two parents as `obs_names`; scanpy stores row numbers of its filtered copy of the cells, which stop
+    matching `adata`'s rows once a cell with under 3 genes was filtered out.
     """
     options = ScrubletSettings(**settings)
     counts = from_anndata(check_adata(adata), layer=layer).counts
