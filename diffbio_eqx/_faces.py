@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 from ._core._neighbors import NeighborGraph
 from ._core._train import TrainSettings
-from ._core._validate import check_embedding
+from ._core._validate import check_embedding, check_whole
 from .io import check_adata
 
 
@@ -51,6 +51,31 @@ def representation(
         matrix = matrix.toarray()
     x = np.asarray(check_embedding(np.asarray(matrix), field=field))
     return x, use_rep
+
+
+#: scanpy's `settings.N_PCS`: with no representation stored, `pp.neighbors` reads `X` itself up to this many genes.
+SMALL_X_GENES = 50
+
+
+def neighbors_representation(
+    adata: ad.AnnData, use_rep: str | None, n_pcs: int | None
+) -> tuple[np.ndarray, str]:
+    """What scanpy's `pp.neighbors` (and `tl.umap` after it) reads, as its `_choose_representation` does.
+
+    `use_rep` as `representation`, except that None reads `X` when `n_pcs == 0` or when `adata` has at most 50
+    genes and no representation is stored (scanpy would run a PCA above 50; we ask for one). `n_pcs` keeps an
+    `obsm` representation's first `n_pcs` columns (refused when it has fewer, or for 0); scanpy ignores it for `X`.
+    """
+    if use_rep is None and (n_pcs == 0 or (
+            adata.n_vars <= SMALL_X_GENES and not any(name in adata.obsm for name in DEFAULT_REPRESENTATIONS))):
+        use_rep = "X"
+    x, use_rep = representation(adata, use_rep)
+    if n_pcs is None or use_rep == "X":
+        return x, use_rep
+    n_pcs = check_whole(n_pcs, "n_pcs")
+    if n_pcs > x.shape[1]:
+        raise ValueError(f"n_pcs: {n_pcs}, but adata.obsm[{use_rep!r}] has {x.shape[1]} columns")
+    return x[:, :n_pcs], use_rep
 
 
 def settings_record(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from ._doublets._run import (
     run_scrublet_batched,
 )
 from ._doublets._solo import SoloResult, run_solo
-from ._faces import check_adata, fit_keywords, graph_matrices, record_settings, representation
+from ._faces import check_adata, fit_keywords, graph_matrices, neighbors_representation, record_settings
 from ._imputation import (
     Magic,
     MagicResult,
@@ -48,6 +48,7 @@ AMBIENT_KEY = "diffbio_ambient"
 def neighbors(
     adata: ad.AnnData,
     n_neighbors: int = 15,
+    n_pcs: int | None = None,
     *,
     use_rep: str | None = None,
     method: str = "auto",
@@ -61,8 +62,10 @@ def neighbors(
 
     - `adata`: the cells.
     - `n_neighbors`: neighbours per cell, counting the cell itself (scanpy's convention and default, 15).
-    - `use_rep`: the representation (see `representation`; default the first of `X_diffbio_corrected`,
-      `X_diffbio`, `X_pca` present). (Keyword only argument.)
+    - `n_pcs`: use the first `n_pcs` columns of the representation (all when None), as scanpy; recorded in
+      `params` when given. `n_pcs=0` with `use_rep=None` reads `X`.
+    - `use_rep`: the representation (see `neighbors_representation`; default the first of `X_diffbio_corrected`,
+      `X_diffbio`, `X_pca` present, else `X` itself for at most 50 genes, as scanpy). (Keyword only argument.)
     - `method`: the kNN backend of `neighbor_graph`: `"auto"` (exact below 8,192 cells as scanpy, then
       approximate top-k on GPU/TPU; on CPU exact below 20,000 cells, the inverted-file search above), `"exact"`,
       `"ivf"`, `"pynndescent"` or `"approx_top_k"`;
@@ -75,7 +78,7 @@ def neighbors(
     `params` (`n_neighbors`, `method="umap"`, `metric="euclidean"`, `use_rep`, and `knn_method`), so scanpy's tools
     that read the graph (`tl.leiden`, `tl.umap`, ...) use it.
     """
-    x, use_rep = representation(adata, use_rep)
+    x, use_rep = neighbors_representation(adata, use_rep, n_pcs)
     graph = neighbor_graph(
         x, n_neighbors, method=method, set_op_mix_ratio=set_op_mix_ratio, local_connectivity=local_connectivity
     )
@@ -92,6 +95,7 @@ def neighbors(
             "knn_method": select_neighbor_method(graph.indices.shape[0]) if method == "auto" else method,
             "set_op_mix_ratio": float(set_op_mix_ratio),
             "local_connectivity": float(local_connectivity),
+            **({} if n_pcs is None else {"n_pcs": int(n_pcs)}),  # as scanpy: only when given; tl.umap reads it
         },
     }
     return graph

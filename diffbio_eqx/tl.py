@@ -29,7 +29,14 @@ from ._clustering._mixture_stage import GaussianMixture, fit_gaussian_mixture
 from ._clustering._stage import SoftKMeans, fit_soft_kmeans
 from ._core._validate import check_positive, check_whole
 from ._de._deseq2 import DESeq2Options
-from ._faces import check_adata, fit_keywords, record_settings, representation, settings_record
+from ._faces import (
+    check_adata,
+    fit_keywords,
+    neighbors_representation,
+    record_settings,
+    representation,
+    settings_record,
+)
 from ._harmony._math import HarmonyResult
 from ._harmony._stage import Harmony
 from ._pipeline import SingleCellPipeline, SingleCellPipelineConfig
@@ -506,8 +513,8 @@ def umap(
       there is one, else the first of `X_diffbio_corrected`, `X_diffbio`, `X_pca`), read in the encoder's float
       dtype. (Keyword only argument.)
     - `neighbors_key`: as scanpy's `tl.umap`, train on the graph `pp.neighbors` described in `uns[neighbors_key]`
-      (its representation, `n_neighbors`, kNN backend and fuzzy union; rebuilt from them, deterministically) when
-      it is there; None, or no such key: the graph of `model`'s own settings.
+      (its representation and `n_pcs`, `n_neighbors`, kNN backend and fuzzy union; rebuilt from them,
+      deterministically) when it is there; None, or no such key: the graph of `model`'s own settings.
     - `key`: split in two: the first builds the default model (unused when `model` is given), the second trains.
     - `fit_settings`: passed to `fit_umap` (`settings=TrainSettings(n_epochs=...)`, `prune_epochs`, ...).
 
@@ -518,7 +525,10 @@ def umap(
 
     fit_settings = fit_keywords(fit_settings, "fit_umap")
     neighbors = _neighbors_settings(adata, neighbors_key, use_rep)
-    x, use_rep = representation(adata, use_rep if neighbors is None else neighbors["use_rep"])
+    if neighbors is None:
+        x, use_rep = representation(adata, use_rep)
+    else:  # the graph's own input: its representation, cut to its `n_pcs` (scanpy's tl.umap reads both)
+        x, use_rep = neighbors_representation(adata, neighbors["use_rep"], neighbors.get("n_pcs"))
     init_key, fit_key = jr.split(key)
     model = ParametricUMAP(x.shape[1], key=init_key) if model is None else model
     x = x.astype(model.encoder.layers[0].weight.dtype)  # the encoder's precision

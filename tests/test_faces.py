@@ -90,7 +90,30 @@ def test_neighbors_writes_scanpy_keys_equal_to_scanpy(simulated):
     with pytest.raises(ValueError, match="use_rep: 'X_missing'"):
         dx.pp.neighbors(adata, use_rep="X_missing")
     with pytest.raises(ValueError, match="use_rep: none of"):
-        dx.pp.neighbors(ad.AnnData(np.ones((5, 2), np.float32)))
+        dx.pp.neighbors(ad.AnnData(np.ones((5, 51), np.float32)))
+
+
+def test_neighbors_reads_n_pcs_and_a_small_x_as_scanpy(simulated):
+    # scanpy's pp.neighbors takes n_pcs (the first columns of the representation; ours refused the keyword) and,
+    # with no representation stored and at most 50 genes, reads X itself (ours raised); tl.umap reads both back
+    import scanpy as sc
+
+    adata = _adata(simulated)
+    small = ad.AnnData(adata.X.copy())  # 40 genes, nothing in obsm
+    for ours, kwargs in ((adata, {"n_pcs": 5, "use_rep": "X_pca"}), (small, {})):
+        theirs = ours.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.pp.neighbors(theirs, n_neighbors=10, **kwargs)
+        dx.pp.neighbors(ours, 10, **kwargs)
+        for name in ("connectivities", "distances"):
+            assert abs(ours.obsp[name] - theirs.obsp[name]).max() <= 5e-5, name
+        assert ours.uns["neighbors"]["params"].get("n_pcs") == theirs.uns["neighbors"]["params"].get("n_pcs")
+    assert small.uns["neighbors"]["params"]["use_rep"] == "X"
+    umap = dx.tl.umap(adata, key=jr.key(5), settings=QUICK)
+    assert umap.encoder.layers[0].weight.shape[1] == 5
+    with pytest.raises(ValueError, match="n_pcs: 9, but adata.obsm\\['X_pca'\\] has 8 columns"):
+        dx.pp.neighbors(adata, 10, 9)
 
 
 def test_ambient_removal_equals_the_array_api(simulated):
