@@ -30,6 +30,7 @@ from ._clustering._stage import SoftKMeans, fit_soft_kmeans
 from ._core._validate import check_positive, check_whole
 from ._de._deseq2 import DESeq2Options
 from ._faces import (
+    SMALL_X_GENES,
     check_adata,
     fit_keywords,
     neighbors_representation,
@@ -483,13 +484,26 @@ def _neighbors_settings(adata: ad.AnnData, neighbors_key: str | None, use_rep: s
     if neighbors_key is None or neighbors_key not in adata.uns:
         return None
     params = dict(adata.uns[neighbors_key].get("params", {}))
-    if "use_rep" not in params or "n_neighbors" not in params:
-        raise ValueError(f"neighbors_key: adata.uns[{neighbors_key!r}] has no params['use_rep'] and "
-                         "params['n_neighbors']; run dbx.pp.neighbors, or pass neighbors_key=None")
+    if "n_neighbors" not in params:
+        raise ValueError(f"neighbors_key: adata.uns[{neighbors_key!r}] has no params['n_neighbors']; run "
+                         "dbx.pp.neighbors, or pass neighbors_key=None")
+    if "use_rep" not in params:  # scanpy's pp.neighbors records use_rep only when it was given
+        params["use_rep"] = _scanpy_default_representation(adata, neighbors_key)
     if use_rep is not None and use_rep != params["use_rep"]:
         raise ValueError(f"use_rep: {use_rep!r}, but adata.uns[{neighbors_key!r}] is the graph of "
                          f"{params['use_rep']!r}; run dbx.pp.neighbors(use_rep={use_rep!r}) or pass neighbors_key=None")
     return params
+
+
+def _scanpy_default_representation(adata: ad.AnnData, neighbors_key: str) -> str:
+    """What scanpy's `pp.neighbors` read without `use_rep` (its `_choose_representation`): `X` up to 50 genes,
+    else `obsm["X_pca"]` (which it computes when missing, so a graph of more genes implies one)."""
+    if adata.n_vars <= SMALL_X_GENES:
+        return "X"
+    if "X_pca" not in adata.obsm:
+        raise ValueError(f"neighbors_key: adata.uns[{neighbors_key!r}] records no use_rep, so it is scanpy's graph "
+                         "of obsm['X_pca'], which is missing; pass use_rep to pp.neighbors, or neighbors_key=None")
+    return "X_pca"
 
 
 def umap(

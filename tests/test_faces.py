@@ -201,6 +201,27 @@ def test_vae_equals_the_array_api_and_matches_genes_by_name(simulated):
         dx.tl.vae(adata, dx.VAENormalizer(41, 2, genes=[*adata.var_names, "CD3E"], key=init_key), key=jr.key(2))
 
 
+def test_umap_trains_on_the_graph_scanpys_neighbors_built_without_use_rep(simulated):
+    # scanpy records use_rep only when given: its graph is then of X up to 50 genes, else of X_pca; tl.umap refused
+    import scanpy as sc
+
+    small = _adata(simulated)  # 40 genes
+    sc.pp.neighbors(small, n_neighbors=6)
+    assert "use_rep" not in small.uns["neighbors"]["params"]
+    dx.tl.umap(small, dx.ParametricUMAP(40, hidden_size=16, depth=2, key=jr.key(4)), key=jr.key(5), settings=QUICK)
+    assert small.uns["diffbio_umap"]["params"]["use_rep"] == "X"
+    assert small.uns["diffbio_umap"]["params"]["n_neighbors"] == 6
+
+    wide = ad.AnnData(sp.hstack([small.X, small.X]).tocsr(), obs=small.obs, obsm={"X_pca": small.obsm["X_pca"]})
+    sc.pp.neighbors(wide, n_neighbors=7)
+    umap = dx.ParametricUMAP(8, hidden_size=16, depth=2, key=jr.key(4))
+    dx.tl.umap(wide, umap, key=jr.key(5), settings=QUICK)
+    assert wide.uns["diffbio_umap"]["params"]["use_rep"] == "X_pca"
+    del wide.obsm["X_pca"]
+    with pytest.raises(ValueError, match=r"records no use_rep, so it is scanpy's graph of obsm\['X_pca'\]"):
+        dx.tl.umap(wide, umap, key=jr.key(5), settings=QUICK)
+
+
 def test_harmony_umap_and_soft_kmeans_equal_the_array_api(simulated):
     adata = _adata(simulated)
     adata.obsm["X_diffbio"] = adata.obsm["X_pca"][:, :5]
