@@ -826,6 +826,8 @@ def _marker_inputs(adata: ad.AnnData, groupby: str, groups: Any, reference: str,
     """The expression matrix (scanpy's choice of raw / layer / X), the compared group names and their masks."""
     if groupby not in adata.obs:
         raise ValueError(f"groupby: {groupby!r} is not a column of adata.obs")
+    if isinstance(groups, str) and groups != "all":  # scanpy refuses it too: "12" would read as groups "1", "2"
+        raise ValueError(f"groups: pass a sequence of group names or 'all', got the string {groups!r}")
     labels = adata.obs[groupby].astype("category")
     categories = [str(c) for c in labels.cat.categories]
     names = categories if groups == "all" else [str(g) for g in groups]
@@ -841,6 +843,8 @@ def _marker_inputs(adata: ad.AnnData, groupby: str, groups: Any, reference: str,
         raise ValueError(f"groups: {small[0]!r} has fewer than 2 cells in adata.obs[{groupby!r}]")
     if use_raw is None:  # scanpy's rule, which does not look at `layer`
         use_raw = adata.raw is not None
+    elif use_raw and adata.raw is None:  # scanpy refuses it rather than reading X
+        raise ValueError("use_raw: True, but adata.raw is not set; pass use_raw=False to read X (or layer=)")
     if layer is not None and use_raw:  # scanpy refuses the pair too
         raise ValueError(f"layer: {layer!r} given with use_raw=True (the default when adata.raw is set, as in "
                          "scanpy); both name where the expression is: pass use_raw=False to read the layer")
@@ -864,6 +868,7 @@ def rank_genes_groups(
     use_raw: bool | None = None,
     layer: str | None = None,
     key_added: str | None = None,
+    **options: Any,
 ) -> None:
     """Rank marker genes per group, as `scanpy.tl.rank_genes_groups` (same statistics, same `uns` layout).
 
@@ -878,15 +883,21 @@ def rank_genes_groups(
     - `tie_correct`: Wilcoxon tie correction.
     - `use_raw`, `layer`: where the expression is read (as scanpy).
     - `key_added`: `uns` key (default `"rank_genes_groups"`).
+    - `options`: scanpy's `n_genes` (the top genes kept in the records; None: all), `rankby_abs` (rank by
+      |score|) and `pts` (also write each gene's fraction of cells expressing it per group, `pts`, and, against
+      the rest, in the rest, `pts_rest`).
 
     **Writes:** `uns[key_added]` with `params` and the record arrays `names`, `scores` (float32), `pvals`,
-    `pvals_adj`, `logfoldchanges` (float32), one field per group, genes sorted by score as scanpy sorts them;
-    `scanpy.pl.rank_genes_groups` and `scanpy.get.rank_genes_groups_df` read it.
+    `pvals_adj`, `logfoldchanges` (float32), one field per group, genes sorted by score as scanpy sorts them
+    (adjusted over all genes before the top `n_genes` are kept); with `pts`, the gene x group tables `pts` (every
+    group compared, the reference too) and `pts_rest`. `scanpy.pl.rank_genes_groups` and
+    `scanpy.get.rank_genes_groups_df` read it.
     """
     from ._de._markers import rank_genes
 
     if corr_method not in ("benjamini-hochberg", "bonferroni"):
         raise ValueError(f"corr_method: {corr_method!r} is not 'benjamini-hochberg' or 'bonferroni'")
+    options = _marker_options(options)
     x, names, masks, used_raw, var_names = _marker_inputs(check_adata(adata), groupby, groups, reference, use_raw,
                                                           layer)
     keep = [i for i, n in enumerate(names) if reference == "rest" or n != reference]
@@ -901,20 +912,50 @@ def rank_genes_groups(
                 else np.minimum(pvals * x.shape[1], 1.0))
     columns = {"scores": np.asarray(result.scores), "pvals": pvals, "pvals_adj": adjusted,
                "logfoldchanges": np.asarray(result.logfoldchanges)}
-    records = _marker_records([names[i] for i in keep], var_names, columns)
+    records = _marker_records([names[i] for i in keep], var_names, columns, n_genes=options["n_genes"],
+                              rankby_abs=options["rankby_abs"])
+    if options["pts"]:
+        records.update(_expressed_fractions(x, names, masks, var_names, reference))
     adata.uns[key_added or "rank_genes_groups"] = {
         "params": {"groupby": groupby, "reference": reference, "method": method, "use_raw": used_raw,
                    "layer": layer, "corr_method": corr_method}, **records}
 
 
-def _marker_records(group_names: list[str], var_names: pd.Index, columns: dict[str, np.ndarray]) -> dict[str, Any]:
-    """scanpy's record arrays: per group, genes ordered by descending score (its argpartition + argsort)."""
-    n_genes = len(var_names)
+#: scanpy's options that shape `rank_genes_groups`' records, with its defaults.
+MARKER_OPTIONS = {"n_genes": None, "rankby_abs": False, "pts": False}
+
+
+def _marker_options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(MARKER_OPTIONS))
+    if unknown:
+        raise TypeError(f"rank_genes_groups: unexpected keyword argument {unknown[0]!r} (options: "
+                        f"{sorted(MARKER_OPTIONS)})")
+    if options.get("n_genes") is not None:
+        check_whole(options["n_genes"], "n_genes")
+    return {**MARKER_OPTIONS, **options}
+
+
+def _expressed_fractions(x: np.ndarray, names: list[str], masks: np.ndarray, var_names: pd.Index,
+                         reference: str) -> dict[str, pd.DataFrame]:
+    """scanpy's `pts` (share of each group's cells with a nonzero value, every group compared) and, against the
+    rest, `pts_rest` (the same among all other cells)."""
+    nonzero = x != 0
+    fractions = {"pts": np.stack([nonzero[m].mean(axis=0) for m in masks], axis=1)}
+    if reference == "rest":
+        fractions["pts_rest"] = np.stack([nonzero[~m].mean(axis=0) for m in masks], axis=1)
+    return {name: pd.DataFrame(f, index=var_names, columns=names) for name, f in fractions.items()}
+
+
+def _marker_records(group_names: list[str], var_names: pd.Index, columns: dict[str, np.ndarray], *,
+                    n_genes: int | None = None, rankby_abs: bool = False) -> dict[str, Any]:
+    """scanpy's record arrays: per group, the top `n_genes` genes by descending score (or |score|), its
+    argpartition + argsort."""
+    n_genes = len(var_names) if n_genes is None else min(n_genes, len(var_names))
     dtypes = {"names": "O", "scores": "float32", "logfoldchanges": "float32", "pvals": "float64",
               "pvals_adj": "float64"}
     frames: dict[str, dict[str, np.ndarray]] = {name: {} for name in dtypes}
     for g, group in enumerate(group_names):
-        scores = columns["scores"][g]
+        scores = np.abs(columns["scores"][g]) if rankby_abs else columns["scores"][g]
         partition = np.argpartition(scores, -n_genes)[-n_genes:]
         order = partition[np.argsort(scores[partition])[::-1]]
         frames["names"][group] = np.asarray(var_names[order], dtype=object)
