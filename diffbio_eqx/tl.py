@@ -18,6 +18,7 @@ from typing import Any
 
 import anndata as ad
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -1008,7 +1009,8 @@ def pseudobulk_de(
     Counts are summed per sample; the design is an intercept plus one indicator per non-reference condition
     (pydeseq2's treatment coding). See `diffbio_eqx._de._deseq2` for each step as pydeseq2 runs it, with its
     defaults: Cook's outliers replaced and refitted in conditions of 7 or more samples, p-values of remaining
-    outliers NaN, independent filtering on `baseMean` at `alpha`.
+    outliers NaN, independent filtering on `baseMean` at `alpha`. It runs in float64, as pydeseq2, whether or not
+    `jax_enable_x64` is set.
 
     **Arguments:**
 
@@ -1040,8 +1042,9 @@ def pseudobulk_de(
     contrast = np.array([0.0] + [1.0 if c == test else 0.0 for c in levels[1:]])
     linear_mu = len(np.unique(design, axis=0)) == design.shape[1]
     options = DESeq2Options() if options is None else options
-    result = deseq2(jnp.asarray(summed), jnp.asarray(design), jnp.asarray(contrast), linear_mu=linear_mu,
-                    options=options)
+    with jax.enable_x64(True):  # as pydeseq2, float64: in float32 the NB likelihood near alpha 1e-8 is noise
+        result = deseq2(jnp.asarray(summed, jnp.float64), jnp.asarray(design, jnp.float64),
+                        jnp.asarray(contrast, jnp.float64), linear_mu=linear_mu, options=options)
     table = pd.DataFrame({name: np.asarray(getattr(result, field)) for name, field in (
         ("baseMean", "base_mean"), ("log2FoldChange", "log2_fold_change"), ("lfcSE", "lfc_se"), ("stat", "stat"),
         ("pvalue", "pvalue"), ("padj", "padj"))}, index=adata.var_names.copy())
