@@ -638,7 +638,7 @@ def ligand_receptor(
     min_cells: int = 5,
     n_perms: int = 1000,
     key: PRNGKeyArray | None = None,
-    key_added: str = "ligand_receptor",
+    key_added: str = "liana_res",
 ) -> pd.DataFrame:
     """Ligand-receptor scores between the groups of `obs[groupby]`, as LIANA runs CellPhoneDB or CellChat.
 
@@ -658,8 +658,8 @@ def ligand_receptor(
 
     **Returns:** LIANA's tidy table (`source`, `target`, `ligand_complex`, `receptor_complex`, the complexes'
     values and expressed fractions, `lr_means`/`cellphone_pvals` or `lr_probs`/`cellchat_pvals`, and the same as
-    `score` and `pvalue`), sorted by score; also written to `uns[key_added]`, the settings to
-    `uns[f"{key_added}_params"]`.
+    `score` and `pvalue`), sorted by score; also written to `uns[key_added]` (LIANA's `"liana_res"`, where
+    `liana.pl.dotplot` reads it), the settings to `uns[f"{key_added}_params"]`.
     """
     from ._communication._table import ligand_receptor_table
     from .datasets import ligand_receptor_pairs
