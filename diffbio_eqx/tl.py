@@ -157,7 +157,8 @@ def align_slices(
     slices: Sequence[ad.AnnData], *, spatial_key: str = "spatial", layer: str | None = None, alpha: float = 0.1,
     method: str = "pairwise", top_k: int = 5, key_added: str = "spatial_aligned", seed: int = 0, overlap: float = 1.0,
 ) -> list[Any]:
-    """PASTE alignment of several slices on their shared genes (matched by name).
+    """PASTE alignment of several slices on their shared genes (matched by name: those of each consecutive pair
+    for `"pairwise"`, as PASTE's `pairwise_align`; those of all slices for `"center"`, as its `center_align`).
 
     **Arguments:**
 
@@ -189,20 +190,15 @@ def align_slices(
             raise ValueError(f"slices[{i}].var_names: not unique ({duplicated!r} repeats); PASTE matches genes by "
                              "name (adata.var_names_make_unique())")
     settings = PasteAlignment(alpha, overlap=overlap)
-    genes = slices[0].var_names
-    for s in slices[1:]:
-        genes = genes.intersection(s.var_names, sort=False)
-    if len(genes) == 0:
-        raise ValueError("slices: the slices share no genes (var_names); PASTE aligns on shared genes")
     coordinates = [_spatial_coordinates(check_adata(s), spatial_key, f"slices[{i}]") for i, s in enumerate(slices)]
-    xs = [_dense_counts(s[:, genes], layer, f"slices[{i}]") for i, s in enumerate(slices)]
-    if method == "center":
+    if method == "center":  # paste's center_align: the genes all slices share; pairwise_align: each pair's own
+        xs = _shared_counts(slices, range(len(slices)), layer)
         out = center_align(xs, coordinates, key=jr.key(seed), alpha=alpha, settings=settings)
         results = list(out.alignments)
         aligned = [np.asarray(r.aligned_b) for r in results]
     else:
-        results = [pairwise_align(xs[i - 1], xs[i], coordinates[i - 1], coordinates[i], settings=settings)
-                   for i in range(1, len(slices))]
+        results = [pairwise_align(*_shared_counts(slices, (i - 1, i), layer), coordinates[i - 1], coordinates[i],
+                                  settings=settings) for i in range(1, len(slices))]
         aligned = [coordinates[0]]
         for r in results:  # compose: slice i onto slice i-1, then on to slice 0
             rotation, translation = np.asarray(r.rotation), np.asarray(r.translation)
@@ -217,6 +213,16 @@ def align_slices(
                                     "translation": np.asarray(r.translation), "entropy": float(r.entropy),
                                     "params": {"alpha": alpha, "method": method, "top_k": top_k}}
     return results
+
+
+def _shared_counts(slices: Sequence[ad.AnnData], indices: Sequence[int], layer: str | None) -> list[np.ndarray]:
+    """The counts of `slices[indices]` on the genes they all share (by name, in the first one's order)."""
+    genes = slices[indices[0]].var_names
+    for i in indices[1:]:
+        genes = genes.intersection(slices[i].var_names, sort=False)
+    if len(genes) == 0:
+        raise ValueError(f"slices: slices {list(indices)} share no genes (var_names); PASTE aligns on shared genes")
+    return [_dense_counts(slices[i][:, genes], layer, f"slices[{i}]") for i in indices]
 
 
 def _rigid_fit(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -128,3 +128,20 @@ def test_spatial_faces_bad_input():
         tl.align_slices([first, second], overlap=1.5)
     with pytest.raises(ValueError, match="spatial_key"):
         tl.align_slices([first, missing])
+
+
+def test_pairwise_alignment_uses_each_pairs_shared_genes():
+    """PASTE's `pairwise_align` matches each pair on the genes that pair shares; ours took the genes all slices
+    share, so a first slice missing genes changed the alignment of the later pair (and none shared: refused)."""
+    a, b, c = simulate_spatial_slices(3, 80, rotations=(0.0, 0.3, 0.6), seed=2)
+    names = [f"g{i}" for i in range(a.counts.shape[1])]
+    first = _adata(a, names)[:, :5].copy()  # 5 genes only, none of which the later pair needs
+    second, third = _adata(b, names), _adata(c, names)
+    second.X[:, :5], third.X[:, :5] = 0.0, 0.0
+    with_first = tl.align_slices([first, second, third])
+    alone = tl.align_slices([second.copy(), third.copy()])
+    np.testing.assert_allclose(np.asarray(with_first[1].plan), np.asarray(alone[0].plan), rtol=1e-6, atol=1e-12)
+    other = third.copy()
+    other.var_names = [f"other{i}" for i in range(other.n_vars)]
+    with pytest.raises(ValueError, match=r"slices: slices \[1, 2\] share no genes"):
+        tl.align_slices([first, second, other])
