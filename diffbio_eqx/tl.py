@@ -111,7 +111,9 @@ def spatial_domains(
 
     **Arguments:**
 
-    - `adata`: counts in `X` (or `layer`), coordinates in `obsm[spatial_key]`.
+    - `adata`: counts in `X` (or `layer`), coordinates in `obsm[spatial_key]`. As STAGATE's `train_STAGATE`,
+      the autoencoder sees only the genes of `var["highly_variable"]` when that column is set (log-normalised over
+      all genes first).
     - `n_domains`: the number of domains (mclust's `num_cluster`).
     - `n_neighbors` / `radius`: STAGATE's `k_cutoff` / `rad_cutoff` spatial graph.
     - `prune_key`, `prune_weight`: cell-type-aware pruning from the pre-clusters in `obs[prune_key]` with STAGATE's
@@ -123,7 +125,7 @@ def spatial_domains(
     training loss).
     """
     from ._core._train import TrainSettings
-    from ._spatial._domains import spatial_domains as run_domains
+    from ._spatial._domains import check_n_domains, domain_graph, domains_from_expression, log_normalize
 
     check_adata(adata)
     coordinates = _spatial_coordinates(adata, spatial_key)
@@ -132,16 +134,31 @@ def spatial_domains(
         if prune_key not in adata.obs:
             raise ValueError(f"prune_key: {prune_key!r} is not a column of adata.obs")
         pre_labels = adata.obs[prune_key].astype(str).to_numpy()
-    result = run_domains(_dense_counts(adata, layer), coordinates, n_domains, key=jr.key(seed),
-                         n_neighbors=n_neighbors, radius=radius, pre_labels=pre_labels,
-                         prune_weight=prune_weight if prune_key is not None else 0.0,
-                         settings=TrainSettings(n_epochs=n_epochs, progress=False))
+    counts, genes = _dense_counts(adata, layer), _stagate_genes(adata)
+    check_n_domains(n_domains, adata.n_obs)
+    weight = prune_weight if prune_key is not None else 0.0
+    graph = domain_graph(coordinates, adata.n_obs, n_neighbors=n_neighbors, radius=radius, pre_labels=pre_labels,
+                         prune_weight=weight)
+    result = domains_from_expression(log_normalize(counts)[:, genes], graph, n_domains, key=jr.key(seed),
+                                     prune_weight=weight, settings=TrainSettings(n_epochs=n_epochs, progress=False))
     adata.obs["spatial_domain"] = pd.Categorical(np.asarray(result.labels).astype(str))
     adata.obsm["X_stagate"] = np.asarray(result.embedding, dtype=np.float32)
     _record(adata, "spatial_domains", {"n_domains": n_domains, "spatial_key": spatial_key, "n_neighbors": n_neighbors,
                                        "radius": radius, "prune_key": prune_key, "prune_weight": prune_weight,
-                                       "n_epochs": n_epochs, "seed": seed},
+                                       "n_epochs": n_epochs, "seed": seed, "n_genes": int(genes.sum())},
             train_loss=result.training.train_loss)
+
+
+def _stagate_genes(adata: ad.AnnData) -> np.ndarray:
+    """The genes STAGATE trains on: `var["highly_variable"]` when set (its `train_STAGATE`), else all."""
+    if "highly_variable" not in adata.var:
+        return np.ones(adata.n_vars, bool)
+    column = adata.var["highly_variable"]
+    genes = column.to_numpy(dtype=bool) if pd.api.types.is_bool_dtype(column) and column.notna().all() else None
+    if genes is None or not genes.any():
+        raise ValueError("adata.var['highly_variable']: STAGATE trains on these genes; needs a boolean column with "
+                         "at least one True")
+    return genes
 
 
 def _top_k_plan(plan: np.ndarray, top_k: int) -> Any:

@@ -145,3 +145,24 @@ def test_pairwise_alignment_uses_each_pairs_shared_genes():
     other.var_names = [f"other{i}" for i in range(other.n_vars)]
     with pytest.raises(ValueError, match=r"slices: slices \[1, 2\] share no genes"):
         tl.align_slices([first, second, other])
+
+
+def test_spatial_domains_trains_on_highly_variable_genes():
+    """STAGATE's `train_STAGATE` keeps `var["highly_variable"]` when it is set (normalised over all genes first);
+    the face trained on every gene whatever that column said."""
+    from diffbio_eqx._core._train import TrainSettings
+    from diffbio_eqx._spatial._domains import domain_graph, domains_from_expression, log_normalize
+
+    s = simulate_spatial(150, seed=1)
+    adata = _adata(s)
+    hvg = np.arange(adata.n_vars) % 3 == 0
+    adata.var["highly_variable"] = hvg
+    tl.spatial_domains(adata, 3, n_epochs=3)
+    assert adata.uns["diffbio_spatial_domains"]["params"]["n_genes"] == hvg.sum()
+    graph = domain_graph(adata.obsm["spatial"], adata.n_obs)
+    expected = domains_from_expression(log_normalize(adata.X)[:, hvg], graph, 3, key=jr.key(0),
+                                       settings=TrainSettings(n_epochs=3, progress=False))
+    np.testing.assert_allclose(adata.obsm["X_stagate"], np.asarray(expected.embedding, np.float32), rtol=1e-6)
+    adata.var["highly_variable"] = np.zeros(adata.n_vars, bool)
+    with pytest.raises(ValueError, match=r"var\['highly_variable'\]"):
+        tl.spatial_domains(adata, 3, n_epochs=3)
