@@ -1231,7 +1231,7 @@ def integrate(
     *,
     batch_key: str,
     key: PRNGKeyArray,
-    model: VAENormalizer | None = None,
+    model: VAENormalizer | Harmony | None = None,
     reference_batch: str | int = 0,
     layer: str | None = None,
     use_rep: str | None = None,
@@ -1256,7 +1256,8 @@ def integrate(
     - `method`: `"harmony"`, `"mmd"` or `"adversarial"`.
     - `batch_key`: `obs` column with each cell's batch. (Keyword only argument.)
     - `key`: PRNG key.
-    - `model`: a `VAENormalizer` carrying the settings (None: `VAENormalizer(n_vars, n_batches)`).
+    - `model`: a `VAENormalizer` carrying the settings (None: `VAENormalizer(n_vars, n_batches)`), or for
+      `"harmony"` a `Harmony` (None: `Harmony()`).
     - `reference_batch`, `layer`, `use_rep`: see above.
 
     **Returns:** the trained `VAENormalizer` (`"mmd"`, `"adversarial"`) or the `HarmonyResult`.
@@ -1268,7 +1269,11 @@ def integrate(
     if method == "harmony":
         if fit_settings:
             raise ValueError(f"fit_settings: method='harmony' takes none, got {sorted(fit_settings)}")
-        return harmony(adata, batch_key, use_rep=use_rep, key=key)
+        if model is not None and not isinstance(model, Harmony):  # a model given is used, never dropped
+            raise ValueError(f"model: method='harmony' takes a Harmony (or None), got {type(model).__name__}")
+        return harmony(adata, batch_key, model, use_rep=use_rep, key=key)
+    if isinstance(model, Harmony):
+        raise ValueError(f"model: a Harmony is for method='harmony'; method={method!r} takes a VAENormalizer")
     if method not in ("mmd", "adversarial"):
         raise ValueError(f"method: must be 'harmony', 'mmd' or 'adversarial', got {method!r}")
     fit_settings = fit_keywords(fit_settings, "fit_mmd_vae" if method == "mmd" else "fit_adversarial_vae")
