@@ -763,7 +763,8 @@ def annotate(
     - `layer`: read counts of both from this layer instead of `X`.
     - `key`: PRNG key.
     - `options`: passed to the mode (`annotate_counts`): e.g. `majority_voting=True`, `markers={...}`,
-      `settings=TrainSettings(...)`.
+      `settings=TrainSettings(...)`. As `celltypist.annotate`, an `over_clustering` string naming a column of
+      `adata.obs` takes those over-clusters (before `"kmeans"` / `"leiden"` computes them).
 
     **Returns:** the `Annotation` (with the fitted `model`). Writes `obs["cell_type"]` (categorical),
     `obs["cell_type_confidence"]`, `obsm["cell_type_probabilities"]` (columns in `uns["cell_type"]["cell_types"]`)
@@ -784,8 +785,12 @@ def annotate(
         if mode == "celltypist" and not keep.all():
             ref_counts, labels = ref_counts[np.flatnonzero(keep)], labels[keep]
         ref = Reference(ref_counts, [str(g) for g in ref_genes], labels)
+    run_options = dict(options)
+    clusters = options.get("over_clustering")
+    if isinstance(clusters, str) and clusters in adata.obs:  # CellTypist reads an obs column before computing
+        run_options["over_clustering"] = adata.obs[clusters].astype(str).to_numpy()
     result = annotate_counts(counts, [str(g) for g in genes], mode=mode, reference=ref,  # type: ignore[arg-type]
-                             key=key, **options)
+                             key=key, **run_options)
     adata.obs["cell_type"] = pd.Categorical(result.labels, categories=list(result.cell_types))
     adata.obs["cell_type_confidence"] = result.confidence
     adata.obsm["cell_type_probabilities"] = result.probabilities
