@@ -154,7 +154,8 @@ def _stagate_genes(adata: ad.AnnData) -> np.ndarray:
     if "highly_variable" not in adata.var:
         return np.ones(adata.n_vars, bool)
     column = adata.var["highly_variable"]
-    genes = column.to_numpy(dtype=bool) if pd.api.types.is_bool_dtype(column) and column.notna().all() else None
+    usable = pd.api.types.is_bool_dtype(column) and not bool(column.isna().to_numpy().any())
+    genes = np.asarray(column, dtype=bool) if usable else None
     if genes is None or not genes.any():
         raise ValueError("adata.var['highly_variable']: STAGATE trains on these genes; needs a boolean column with "
                          "at least one True")
@@ -214,8 +215,9 @@ def align_slices(
         results = list(out.alignments)
         aligned = [np.asarray(r.aligned_b) for r in results]
     else:
-        results = [pairwise_align(*_shared_counts(slices, (i - 1, i), layer), coordinates[i - 1], coordinates[i],
-                                  settings=settings) for i in range(1, len(slices))]
+        pairs = [_shared_counts(slices, (i - 1, i), layer) for i in range(1, len(slices))]
+        results = [pairwise_align(xa, xb, coordinates[i], coordinates[i + 1], settings=settings)
+                   for i, (xa, xb) in enumerate(pairs)]
         aligned = [coordinates[0]]
         for r in results:  # compose: slice i onto slice i-1, then on to slice 0
             rotation, translation = np.asarray(r.rotation), np.asarray(r.translation)
@@ -972,7 +974,7 @@ def _expressed_fractions(x: np.ndarray, names: list[str], masks: np.ndarray, var
     fractions = {"pts": np.stack([nonzero[m].mean(axis=0) for m in masks], axis=1)}
     if reference == "rest":
         fractions["pts_rest"] = np.stack([nonzero[~m].mean(axis=0) for m in masks], axis=1)
-    return {name: pd.DataFrame(f, index=var_names, columns=names) for name, f in fractions.items()}
+    return {name: pd.DataFrame(f, index=var_names, columns=pd.Index(names)) for name, f in fractions.items()}
 
 
 def _marker_records(group_names: list[str], var_names: pd.Index, columns: dict[str, np.ndarray], *,
