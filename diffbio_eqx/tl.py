@@ -18,6 +18,7 @@ from typing import Any
 
 import anndata as ad
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -118,7 +119,9 @@ def spatial_domains(
 
     **Arguments:**
 
-    - `adata`: counts in `X` (or `layer`), coordinates in `obsm[spatial_key]`.
+    - `adata`: counts in `X` (or `layer`), coordinates in `obsm[spatial_key]`. As STAGATE's `train_STAGATE`,
+      the autoencoder sees only the genes of `var["highly_variable"]` when that column is set (log-normalised over
+      all genes first).
     - `n_domains`: the number of domains (mclust's `num_cluster`).
     - `n_neighbors` / `radius`: STAGATE's `k_cutoff` / `rad_cutoff` spatial graph.
     - `prune_key`, `prune_weight`: cell-type-aware pruning from the pre-clusters in `obs[prune_key]` with STAGATE's
@@ -130,7 +133,7 @@ def spatial_domains(
     training loss).
     """
     from ._core._train import TrainSettings
-    from ._spatial._domains import spatial_domains as run_domains
+    from ._spatial._domains import check_n_domains, domain_graph, domains_from_expression, log_normalize
 
     check_adata(adata)
     coordinates = _spatial_coordinates(adata, spatial_key)
@@ -139,16 +142,32 @@ def spatial_domains(
         if prune_key not in adata.obs:
             raise ValueError(f"prune_key: {prune_key!r} is not a column of adata.obs")
         pre_labels = adata.obs[prune_key].astype(str).to_numpy()
-    result = run_domains(_dense_counts(adata, layer), coordinates, n_domains, key=jr.key(seed),
-                         n_neighbors=n_neighbors, radius=radius, pre_labels=pre_labels,
-                         prune_weight=prune_weight if prune_key is not None else 0.0,
-                         settings=TrainSettings(n_epochs=n_epochs, progress=False))
+    counts, genes = _dense_counts(adata, layer), _stagate_genes(adata)
+    check_n_domains(n_domains, adata.n_obs)
+    weight = prune_weight if prune_key is not None else 0.0
+    graph = domain_graph(coordinates, adata.n_obs, n_neighbors=n_neighbors, radius=radius, pre_labels=pre_labels,
+                         prune_weight=weight)
+    result = domains_from_expression(log_normalize(counts)[:, genes], graph, n_domains, key=jr.key(seed),
+                                     prune_weight=weight, settings=TrainSettings(n_epochs=n_epochs, progress=False))
     adata.obs["spatial_domain"] = pd.Categorical(np.asarray(result.labels).astype(str))
     adata.obsm["X_stagate"] = np.asarray(result.embedding, dtype=np.float32)
     _record(adata, "spatial_domains", {"n_domains": n_domains, "spatial_key": spatial_key, "n_neighbors": n_neighbors,
                                        "radius": radius, "prune_key": prune_key, "prune_weight": prune_weight,
-                                       "n_epochs": n_epochs, "seed": seed},
+                                       "n_epochs": n_epochs, "seed": seed, "n_genes": int(genes.sum())},
             train_loss=result.training.train_loss)
+
+
+def _stagate_genes(adata: ad.AnnData) -> np.ndarray:
+    """The genes STAGATE trains on: `var["highly_variable"]` when set (its `train_STAGATE`), else all."""
+    if "highly_variable" not in adata.var:
+        return np.ones(adata.n_vars, bool)
+    column = adata.var["highly_variable"]
+    usable = pd.api.types.is_bool_dtype(column) and not bool(column.isna().to_numpy().any())
+    genes = np.asarray(column, dtype=bool) if usable else None
+    if genes is None or not genes.any():
+        raise ValueError("adata.var['highly_variable']: STAGATE trains on these genes; needs a boolean column with "
+                         "at least one True")
+    return genes
 
 
 def _top_k_plan(plan: np.ndarray, top_k: int) -> Any:
@@ -164,7 +183,8 @@ def align_slices(
     slices: Sequence[ad.AnnData], *, spatial_key: str = "spatial", layer: str | None = None, alpha: float = 0.1,
     method: str = "pairwise", top_k: int = 5, key_added: str = "spatial_aligned", seed: int = 0, overlap: float = 1.0,
 ) -> list[Any]:
-    """PASTE alignment of several slices on their shared genes (matched by name).
+    """PASTE alignment of several slices on their shared genes (matched by name: those of each consecutive pair
+    for `"pairwise"`, as PASTE's `pairwise_align`; those of all slices for `"center"`, as its `center_align`).
 
     **Arguments:**
 
@@ -196,20 +216,16 @@ def align_slices(
             raise ValueError(f"slices[{i}].var_names: not unique ({duplicated!r} repeats); PASTE matches genes by "
                              "name (adata.var_names_make_unique())")
     settings = PasteAlignment(alpha, overlap=overlap)
-    genes = slices[0].var_names
-    for s in slices[1:]:
-        genes = genes.intersection(s.var_names, sort=False)
-    if len(genes) == 0:
-        raise ValueError("slices: the slices share no genes (var_names); PASTE aligns on shared genes")
     coordinates = [_spatial_coordinates(check_adata(s), spatial_key, f"slices[{i}]") for i, s in enumerate(slices)]
-    xs = [_dense_counts(s[:, genes], layer, f"slices[{i}]") for i, s in enumerate(slices)]
-    if method == "center":
+    if method == "center":  # paste's center_align: the genes all slices share; pairwise_align: each pair's own
+        xs = _shared_counts(slices, range(len(slices)), layer)
         out = center_align(xs, coordinates, key=jr.key(seed), alpha=alpha, settings=settings)
         results = list(out.alignments)
         aligned = [np.asarray(r.aligned_b) for r in results]
     else:
-        results = [pairwise_align(xs[i - 1], xs[i], coordinates[i - 1], coordinates[i], settings=settings)
-                   for i in range(1, len(slices))]
+        pairs = [_shared_counts(slices, (i - 1, i), layer) for i in range(1, len(slices))]
+        results = [pairwise_align(xa, xb, coordinates[i], coordinates[i + 1], settings=settings)
+                   for i, (xa, xb) in enumerate(pairs)]
         aligned = [coordinates[0]]
         for r in results:  # compose: slice i onto slice i-1, then on to slice 0
             rotation, translation = np.asarray(r.rotation), np.asarray(r.translation)
@@ -224,6 +240,16 @@ def align_slices(
                                     "translation": np.asarray(r.translation), "entropy": float(r.entropy),
                                     "params": {"alpha": alpha, "method": method, "top_k": top_k}}
     return results
+
+
+def _shared_counts(slices: Sequence[ad.AnnData], indices: Sequence[int], layer: str | None) -> list[np.ndarray]:
+    """The counts of `slices[indices]` on the genes they all share (by name, in the first one's order)."""
+    genes = slices[indices[0]].var_names
+    for i in indices[1:]:
+        genes = genes.intersection(slices[i].var_names, sort=False)
+    if len(genes) == 0:
+        raise ValueError(f"slices: slices {list(indices)} share no genes (var_names); PASTE aligns on shared genes")
+    return [_dense_counts(slices[i][:, genes], layer, f"slices[{i}]") for i in indices]
 
 
 def _rigid_fit(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -661,7 +687,7 @@ def ligand_receptor(
     min_cells: int = 5,
     n_perms: int = 1000,
     key: PRNGKeyArray | None = None,
-    key_added: str = "ligand_receptor",
+    key_added: str = "liana_res",
 ) -> pd.DataFrame:
     """Ligand-receptor scores between the groups of `obs[groupby]`, as LIANA runs CellPhoneDB or CellChat.
 
@@ -681,8 +707,8 @@ def ligand_receptor(
 
     **Returns:** LIANA's tidy table (`source`, `target`, `ligand_complex`, `receptor_complex`, the complexes'
     values and expressed fractions, `lr_means`/`cellphone_pvals` or `lr_probs`/`cellchat_pvals`, and the same as
-    `score` and `pvalue`), sorted by score; also written to `uns[key_added]`, the settings to
-    `uns[f"{key_added}_params"]`.
+    `score` and `pvalue`), sorted by score; also written to `uns[key_added]` (LIANA's `"liana_res"`, where
+    `liana.pl.dotplot` reads it), the settings to `uns[f"{key_added}_params"]`.
     """
     from ._communication._table import ligand_receptor_table
     from .datasets import ligand_receptor_pairs
@@ -763,7 +789,8 @@ def annotate(
     - `layer`: read counts of both from this layer instead of `X`.
     - `key`: PRNG key.
     - `options`: passed to the mode (`annotate_counts`): e.g. `majority_voting=True`, `markers={...}`,
-      `settings=TrainSettings(...)`.
+      `settings=TrainSettings(...)`. As `celltypist.annotate`, an `over_clustering` string naming a column of
+      `adata.obs` takes those over-clusters (before `"kmeans"` / `"leiden"` computes them).
 
     **Returns:** the `Annotation` (with the fitted `model`). Writes `obs["cell_type"]` (categorical),
     `obs["cell_type_confidence"]`, `obsm["cell_type_probabilities"]` (columns in `uns["cell_type"]["cell_types"]`)
@@ -784,8 +811,12 @@ def annotate(
         if mode == "celltypist" and not keep.all():
             ref_counts, labels = ref_counts[np.flatnonzero(keep)], labels[keep]
         ref = Reference(ref_counts, [str(g) for g in ref_genes], labels)
+    run_options = dict(options)
+    clusters = options.get("over_clustering")
+    if isinstance(clusters, str) and clusters in adata.obs:  # CellTypist reads an obs column before computing
+        run_options["over_clustering"] = adata.obs[clusters].astype(str).to_numpy()
     result = annotate_counts(counts, [str(g) for g in genes], mode=mode, reference=ref,  # type: ignore[arg-type]
-                             key=key, **options)
+                             key=key, **run_options)
     adata.obs["cell_type"] = pd.Categorical(result.labels, categories=list(result.cell_types))
     adata.obs["cell_type_confidence"] = result.confidence
     adata.obsm["cell_type_probabilities"] = result.probabilities
@@ -850,6 +881,8 @@ def _marker_inputs(adata: ad.AnnData, groupby: str, groups: Any, reference: str,
     """The expression matrix (scanpy's choice of raw / layer / X), the compared group names and their masks."""
     if groupby not in adata.obs:
         raise ValueError(f"groupby: {groupby!r} is not a column of adata.obs")
+    if isinstance(groups, str) and groups != "all":  # scanpy refuses it too: "12" would read as groups "1", "2"
+        raise ValueError(f"groups: pass a sequence of group names or 'all', got the string {groups!r}")
     labels = adata.obs[groupby].astype("category")
     categories = [str(c) for c in labels.cat.categories]
     names = categories if groups == "all" else [str(g) for g in groups]
@@ -865,6 +898,8 @@ def _marker_inputs(adata: ad.AnnData, groupby: str, groups: Any, reference: str,
         raise ValueError(f"groups: {small[0]!r} has fewer than 2 cells in adata.obs[{groupby!r}]")
     if use_raw is None:  # scanpy's rule, which does not look at `layer`
         use_raw = adata.raw is not None
+    elif use_raw and adata.raw is None:  # scanpy refuses it rather than reading X
+        raise ValueError("use_raw: True, but adata.raw is not set; pass use_raw=False to read X (or layer=)")
     if layer is not None and use_raw:  # scanpy refuses the pair too
         raise ValueError(f"layer: {layer!r} given with use_raw=True (the default when adata.raw is set, as in "
                          "scanpy); both name where the expression is: pass use_raw=False to read the layer")
@@ -888,6 +923,7 @@ def rank_genes_groups(
     use_raw: bool | None = None,
     layer: str | None = None,
     key_added: str | None = None,
+    **options: Any,
 ) -> None:
     """Rank marker genes per group, as `scanpy.tl.rank_genes_groups` (same statistics, same `uns` layout).
 
@@ -902,15 +938,21 @@ def rank_genes_groups(
     - `tie_correct`: Wilcoxon tie correction.
     - `use_raw`, `layer`: where the expression is read (as scanpy).
     - `key_added`: `uns` key (default `"rank_genes_groups"`).
+    - `options`: scanpy's `n_genes` (the top genes kept in the records; None: all), `rankby_abs` (rank by
+      |score|) and `pts` (also write each gene's fraction of cells expressing it per group, `pts`, and, against
+      the rest, in the rest, `pts_rest`).
 
     **Writes:** `uns[key_added]` with `params` and the record arrays `names`, `scores` (float32), `pvals`,
-    `pvals_adj`, `logfoldchanges` (float32), one field per group, genes sorted by score as scanpy sorts them;
-    `scanpy.pl.rank_genes_groups` and `scanpy.get.rank_genes_groups_df` read it.
+    `pvals_adj`, `logfoldchanges` (float32), one field per group, genes sorted by score as scanpy sorts them
+    (adjusted over all genes before the top `n_genes` are kept); with `pts`, the gene x group tables `pts` (every
+    group compared, the reference too) and `pts_rest`. `scanpy.pl.rank_genes_groups` and
+    `scanpy.get.rank_genes_groups_df` read it.
     """
     from ._de._markers import rank_genes
 
     if corr_method not in ("benjamini-hochberg", "bonferroni"):
         raise ValueError(f"corr_method: {corr_method!r} is not 'benjamini-hochberg' or 'bonferroni'")
+    options = _marker_options(options)
     x, names, masks, used_raw, var_names = _marker_inputs(check_adata(adata), groupby, groups, reference, use_raw,
                                                           layer)
     keep = [i for i, n in enumerate(names) if reference == "rest" or n != reference]
@@ -925,20 +967,50 @@ def rank_genes_groups(
                 else np.minimum(pvals * x.shape[1], 1.0))
     columns = {"scores": np.asarray(result.scores), "pvals": pvals, "pvals_adj": adjusted,
                "logfoldchanges": np.asarray(result.logfoldchanges)}
-    records = _marker_records([names[i] for i in keep], var_names, columns)
+    records = _marker_records([names[i] for i in keep], var_names, columns, n_genes=options["n_genes"],
+                              rankby_abs=options["rankby_abs"])
+    if options["pts"]:
+        records.update(_expressed_fractions(x, names, masks, var_names, reference))
     adata.uns[key_added or "rank_genes_groups"] = {
         "params": {"groupby": groupby, "reference": reference, "method": method, "use_raw": used_raw,
                    "layer": layer, "corr_method": corr_method}, **records}
 
 
-def _marker_records(group_names: list[str], var_names: pd.Index, columns: dict[str, np.ndarray]) -> dict[str, Any]:
-    """scanpy's record arrays: per group, genes ordered by descending score (its argpartition + argsort)."""
-    n_genes = len(var_names)
+#: scanpy's options that shape `rank_genes_groups`' records, with its defaults.
+MARKER_OPTIONS = {"n_genes": None, "rankby_abs": False, "pts": False}
+
+
+def _marker_options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(MARKER_OPTIONS))
+    if unknown:
+        raise TypeError(f"rank_genes_groups: unexpected keyword argument {unknown[0]!r} (options: "
+                        f"{sorted(MARKER_OPTIONS)})")
+    if options.get("n_genes") is not None:
+        check_whole(options["n_genes"], "n_genes")
+    return {**MARKER_OPTIONS, **options}
+
+
+def _expressed_fractions(x: np.ndarray, names: list[str], masks: np.ndarray, var_names: pd.Index,
+                         reference: str) -> dict[str, pd.DataFrame]:
+    """scanpy's `pts` (share of each group's cells with a nonzero value, every group compared) and, against the
+    rest, `pts_rest` (the same among all other cells)."""
+    nonzero = x != 0
+    fractions = {"pts": np.stack([nonzero[m].mean(axis=0) for m in masks], axis=1)}
+    if reference == "rest":
+        fractions["pts_rest"] = np.stack([nonzero[~m].mean(axis=0) for m in masks], axis=1)
+    return {name: pd.DataFrame(f, index=var_names, columns=pd.Index(names)) for name, f in fractions.items()}
+
+
+def _marker_records(group_names: list[str], var_names: pd.Index, columns: dict[str, np.ndarray], *,
+                    n_genes: int | None = None, rankby_abs: bool = False) -> dict[str, Any]:
+    """scanpy's record arrays: per group, the top `n_genes` genes by descending score (or |score|), its
+    argpartition + argsort."""
+    n_genes = len(var_names) if n_genes is None else min(n_genes, len(var_names))
     dtypes = {"names": "O", "scores": "float32", "logfoldchanges": "float32", "pvals": "float64",
               "pvals_adj": "float64"}
     frames: dict[str, dict[str, np.ndarray]] = {name: {} for name in dtypes}
     for g, group in enumerate(group_names):
-        scores = columns["scores"][g]
+        scores = np.abs(columns["scores"][g]) if rankby_abs else columns["scores"][g]
         partition = np.argpartition(scores, -n_genes)[-n_genes:]
         order = partition[np.argsort(scores[partition])[::-1]]
         frames["names"][group] = np.asarray(var_names[order], dtype=object)
@@ -991,7 +1063,8 @@ def pseudobulk_de(
     Counts are summed per sample; the design is an intercept plus one indicator per non-reference condition
     (pydeseq2's treatment coding). See `diffbio_eqx._de._deseq2` for each step as pydeseq2 runs it, with its
     defaults: Cook's outliers replaced and refitted in conditions of 7 or more samples, p-values of remaining
-    outliers NaN, independent filtering on `baseMean` at `alpha`.
+    outliers NaN, independent filtering on `baseMean` at `alpha`. It runs in float64, as pydeseq2, whether or not
+    `jax_enable_x64` is set.
 
     **Arguments:**
 
@@ -1023,8 +1096,9 @@ def pseudobulk_de(
     contrast = np.array([0.0] + [1.0 if c == test else 0.0 for c in levels[1:]])
     linear_mu = len(np.unique(design, axis=0)) == design.shape[1]
     options = DESeq2Options() if options is None else options
-    result = deseq2(jnp.asarray(summed), jnp.asarray(design), jnp.asarray(contrast), linear_mu=linear_mu,
-                    options=options)
+    with jax.enable_x64(True):  # as pydeseq2, float64: in float32 the NB likelihood near alpha 1e-8 is noise
+        result = deseq2(jnp.asarray(summed, jnp.float64), jnp.asarray(design, jnp.float64),
+                        jnp.asarray(contrast, jnp.float64), linear_mu=linear_mu, options=options)
     table = pd.DataFrame({name: np.asarray(getattr(result, field)) for name, field in (
         ("baseMean", "base_mean"), ("log2FoldChange", "log2_fold_change"), ("lfcSE", "lfc_se"), ("stat", "stat"),
         ("pvalue", "pvalue"), ("padj", "padj"))}, index=adata.var_names.copy())
@@ -1188,7 +1262,7 @@ def integrate(
     *,
     batch_key: str,
     key: PRNGKeyArray,
-    model: VAENormalizer | None = None,
+    model: VAENormalizer | Harmony | None = None,
     reference_batch: str | int = 0,
     layer: str | None = None,
     use_rep: str | None = None,
@@ -1213,7 +1287,8 @@ def integrate(
     - `method`: `"harmony"`, `"mmd"` or `"adversarial"`.
     - `batch_key`: `obs` column with each cell's batch. (Keyword only argument.)
     - `key`: PRNG key.
-    - `model`: a `VAENormalizer` carrying the settings (None: `VAENormalizer(n_vars, n_batches)`).
+    - `model`: a `VAENormalizer` carrying the settings (None: `VAENormalizer(n_vars, n_batches)`), or for
+      `"harmony"` a `Harmony` (None: `Harmony()`).
     - `reference_batch`, `layer`, `use_rep`: see above.
 
     **Returns:** the trained `VAENormalizer` (`"mmd"`, `"adversarial"`) or the `HarmonyResult`.
@@ -1225,7 +1300,11 @@ def integrate(
     if method == "harmony":
         if fit_settings:
             raise ValueError(f"fit_settings: method='harmony' takes none, got {sorted(fit_settings)}")
-        return harmony(adata, batch_key, use_rep=use_rep, key=key)
+        if model is not None and not isinstance(model, Harmony):  # a model given is used, never dropped
+            raise ValueError(f"model: method='harmony' takes a Harmony (or None), got {type(model).__name__}")
+        return harmony(adata, batch_key, model, use_rep=use_rep, key=key)
+    if isinstance(model, Harmony):
+        raise ValueError(f"model: a Harmony is for method='harmony'; method={method!r} takes a VAENormalizer")
     if method not in ("mmd", "adversarial"):
         raise ValueError(f"method: must be 'harmony', 'mmd' or 'adversarial', got {method!r}")
     fit_settings = fit_keywords(fit_settings, "fit_mmd_vae" if method == "mmd" else "fit_adversarial_vae")

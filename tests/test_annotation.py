@@ -321,3 +321,19 @@ def test_annotate_face_and_cli(pbmc, tmp_path):
     written = ad.read_h5ad(tmp_path / "out.h5ad")
     np.testing.assert_array_equal(written.obs["cell_type"].astype(str), query.obs["cell_type"].astype(str))
     assert main(["annotate", str(query_file), "--label-key", "bulk_labels"]) == 2  # no reference: refused
+
+
+def test_annotate_over_clustering_names_an_obs_column_as_celltypist(pbmc):
+    """`celltypist.annotate` reads a string `over_clustering` as an `obs` column when the query has one; ours
+    computed a Leiden over-clustering for `"leiden"` (and refused any other column name)."""
+    adata, _ = pbmc
+    reference, query = adata[:400].copy(), adata[400:].copy()
+    halves = np.repeat(["0", "1"], [150, 150])
+    query.obs["leiden"] = pd.Categorical(halves)
+    options = {"reference": reference, "label_key": "bulk_labels", "key": jr.key(0), "majority_voting": True}
+    dbx.tl.annotate(query, "celltypist", over_clustering="leiden", **options)
+    by_name = query.obs["cell_type"].astype(str).to_numpy()
+    assert query.uns["cell_type"]["params"]["over_clustering"] == "leiden"
+    dbx.tl.annotate(query, "celltypist", over_clustering=halves, **options)
+    np.testing.assert_array_equal(by_name, query.obs["cell_type"].astype(str).to_numpy())
+    assert len(set(by_name[:150])) == len(set(by_name[150:])) == 1

@@ -196,7 +196,7 @@ def test_faces_table_uns_and_dotplot(pbmc, resource, tmp_path):
     table = dbx.tl.ligand_receptor(adata, "bulk_labels", resource=resource, n_perms=0)
     direct = ligand_receptor_table(pbmc.X, pbmc.var_names, pbmc.obs["bulk_labels"], resource, n_perms=0)
     pd.testing.assert_frame_equal(table, direct)
-    assert adata.uns["ligand_receptor"] is table and adata.uns["ligand_receptor_params"]["method"] == "cellphonedb"
+    assert adata.uns["liana_res"] is table and adata.uns["liana_res_params"]["method"] == "cellphonedb"
     for column in ["source", "target", "ligand_complex", "receptor_complex", "score", "pvalue"]:
         assert column in table
     written = dbx.pl.ligand_receptor_dotplot(table, top_n=5, sources=["Dendritic"], path=tmp_path / "dots.png")
@@ -231,3 +231,17 @@ def test_resource_without_liana_says_how_to_pass_one(monkeypatch):
     with pytest.raises(ValueError, match="name: resource 'nope'"):
         monkeypatch.undo()
         dbx.datasets.ligand_receptor_pairs("nope")
+
+
+def test_face_writes_where_liana_writes_and_liana_plots_it(pbmc, resource):
+    """LIANA's `key_added` is `"liana_res"`, where its plots read by default (ours wrote `"ligand_receptor"`)."""
+    adata = pbmc.copy()
+    table = dbx.tl.ligand_receptor(adata, "bulk_labels", resource=resource, n_perms=0)
+    liana_run = _liana(pbmc, "cellphonedb", 0, resource)
+    assert adata.uns["liana_res"] is table and set(liana_run.columns) <= set(table.columns)
+    with warnings.catch_warnings():  # LIANA's plot sets a column of a slice (pandas' SettingWithCopyWarning)
+        warnings.simplefilter("ignore")
+        figure = li.pl.dotplot(adata=adata, colour="lr_means", size="ligand_props", source_labels=["Dendritic"],
+                               target_labels=["CD14+ Monocyte"], top_n=5, orderby="lr_means",
+                               orderby_ascending=False, return_fig=True)
+    assert figure is not None

@@ -139,3 +139,42 @@ def test_bad_input_names_the_field(pbmc):
         dbx.tl.rank_genes_groups(pbmc.copy(), "bulk_labels", method="logistic")
     with pytest.raises(ValueError, match="corr_method"):
         dbx.tl.rank_genes_groups(pbmc.copy(), "bulk_labels", corr_method="holm")
+
+
+@pytest.mark.parametrize("reference", ["rest", "CD14+ Monocyte"])
+def test_n_genes_rankby_abs_and_pts_equal_scanpy(pbmc, reference):
+    """scanpy's `n_genes`, `rankby_abs` and `pts` (refused before: a TypeError): the same top genes, and the same
+    `pts` / `pts_rest` tables (every compared group, the reference too; `pts_rest` only against the rest)."""
+    ours, theirs = pbmc.copy(), pbmc.copy()
+    options = {"groups": ["CD19+ B", "CD56+ NK"], "reference": reference, "method": "wilcoxon", "n_genes": 7,
+               "rankby_abs": True, "pts": True}
+    dbx.tl.rank_genes_groups(ours, "bulk_labels", **options)
+    sc.tl.rank_genes_groups(theirs, "bulk_labels", **options)
+    ours, theirs = ours.uns["rank_genes_groups"], theirs.uns["rank_genes_groups"]
+    assert sorted(ours) == sorted(theirs)
+    for group in theirs["names"].dtype.names:
+        assert list(ours["names"][group]) == list(theirs["names"][group])
+        for field in ("scores", "pvals", "pvals_adj", "logfoldchanges"):
+            np.testing.assert_allclose(ours[field][group], theirs[field][group], rtol=1e-5, atol=1e-12)
+    for table in ("pts", "pts_rest") if reference == "rest" else ("pts",):
+        assert list(ours[table].columns) == list(theirs[table].columns)
+        assert ours[table].index.equals(theirs[table].index)
+        np.testing.assert_allclose(ours[table].to_numpy(), theirs[table].to_numpy(), rtol=1e-12)
+
+
+def test_a_string_of_groups_and_use_raw_without_raw_are_refused_as_scanpy(pbmc):
+    """scanpy refuses both; before, `groups="12"` ran groups "1" and "2", and `use_raw=True` without `.raw`
+    read X."""
+    adata = pbmc.copy()
+    adata.obs["digits"] = (np.arange(adata.n_obs) % 13).astype(str)
+    with pytest.raises(ValueError, match="groups: pass a sequence"):
+        dbx.tl.rank_genes_groups(adata, "digits", groups="12")
+    with pytest.raises(ValueError, match="Specify a sequence of groups"):
+        sc.tl.rank_genes_groups(adata, "digits", groups="12")
+    adata.raw = None
+    with pytest.raises(ValueError, match="use_raw: True, but adata.raw is not set"):
+        dbx.tl.rank_genes_groups(adata, "bulk_labels", use_raw=True)
+    with pytest.raises(ValueError, match="adata.raw. is empty"):
+        sc.tl.rank_genes_groups(adata, "bulk_labels", use_raw=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'pt'"):
+        dbx.tl.rank_genes_groups(adata, "bulk_labels", pt=True)

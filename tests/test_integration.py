@@ -255,3 +255,26 @@ def test_tl_integrate_writes_the_corrected_embedding_and_expression(shifted):
         dbx.tl.integrate(adata, "scvi", batch_key="batch", key=jr.key(1))
     with pytest.raises(ValueError, match="reference_batch"):
         dbx.tl.integrate(adata, "mmd", batch_key="batch", key=jr.key(1), reference_batch="z")
+
+
+def test_integrate_harmony_uses_the_harmony_model_given():
+    """`integrate(method="harmony", model=Harmony(...))` dropped the model and ran `Harmony()`: its settings (here
+    theta 0, no diversity penalty) were silently ignored. A VAE model there, or a Harmony for a VAE method, is
+    refused."""
+    import anndata as ad
+
+    import diffbio_eqx as dbx
+
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(np.zeros((120, 3), np.float32))
+    adata.obsm["X_pca"] = (rng.normal(size=(120, 5)) + np.repeat([[0.0], [2.0]], 60, axis=0)).astype(np.float32)
+    adata.obs["batch"] = np.repeat(["a", "b"], 60)
+    model = dbx.Harmony(theta=0.0, n_clusters=3)
+    result = dbx.tl.integrate(adata, "harmony", batch_key="batch", model=model, key=jr.key(0))
+    expected = model.run(adata.obsm["X_pca"], np.repeat([0, 1], 60), key=jr.key(0))
+    np.testing.assert_allclose(adata.obsm["X_diffbio_corrected"], np.asarray(expected.z_corr), rtol=1e-6)
+    assert result.centroids.shape[0] == 3 and adata.uns["diffbio_harmony"]["params"]["theta"] == [0.0]
+    with pytest.raises(ValueError, match="model: method='harmony' takes a Harmony"):
+        dbx.tl.integrate(adata, "harmony", batch_key="batch", model=_vae(3, jr.key(0)), key=jr.key(0))
+    with pytest.raises(ValueError, match="model: a Harmony is for method='harmony'"):
+        dbx.tl.integrate(adata, "mmd", batch_key="batch", model=model, key=jr.key(0))

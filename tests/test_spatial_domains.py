@@ -128,3 +128,41 @@ def test_spatial_faces_bad_input():
         tl.align_slices([first, second], overlap=1.5)
     with pytest.raises(ValueError, match="spatial_key"):
         tl.align_slices([first, missing])
+
+
+def test_pairwise_alignment_uses_each_pairs_shared_genes():
+    """PASTE's `pairwise_align` matches each pair on the genes that pair shares; ours took the genes all slices
+    share, so a first slice missing genes changed the alignment of the later pair (and none shared: refused)."""
+    a, b, c = simulate_spatial_slices(3, 80, rotations=(0.0, 0.3, 0.6), seed=2)
+    names = [f"g{i}" for i in range(a.counts.shape[1])]
+    first = _adata(a, names)[:, :5].copy()  # 5 genes only, none of which the later pair needs
+    second, third = _adata(b, names), _adata(c, names)
+    second.X[:, :5], third.X[:, :5] = 0.0, 0.0
+    with_first = tl.align_slices([first, second, third])
+    alone = tl.align_slices([second.copy(), third.copy()])
+    np.testing.assert_allclose(np.asarray(with_first[1].plan), np.asarray(alone[0].plan), rtol=1e-6, atol=1e-12)
+    other = third.copy()
+    other.var_names = [f"other{i}" for i in range(other.n_vars)]
+    with pytest.raises(ValueError, match=r"slices: slices \[1, 2\] share no genes"):
+        tl.align_slices([first, second, other])
+
+
+def test_spatial_domains_trains_on_highly_variable_genes():
+    """STAGATE's `train_STAGATE` keeps `var["highly_variable"]` when it is set (normalised over all genes first);
+    the face trained on every gene whatever that column said."""
+    from diffbio_eqx._core._train import TrainSettings
+    from diffbio_eqx._spatial._domains import domain_graph, domains_from_expression, log_normalize
+
+    s = simulate_spatial(150, seed=1)
+    adata = _adata(s)
+    hvg = np.arange(adata.n_vars) % 3 == 0
+    adata.var["highly_variable"] = hvg
+    tl.spatial_domains(adata, 3, n_epochs=3)
+    assert adata.uns["diffbio_spatial_domains"]["params"]["n_genes"] == hvg.sum()
+    graph = domain_graph(adata.obsm["spatial"], adata.n_obs)
+    expected = domains_from_expression(log_normalize(adata.X)[:, hvg], graph, 3, key=jr.key(0),
+                                       settings=TrainSettings(n_epochs=3, progress=False))
+    np.testing.assert_allclose(adata.obsm["X_stagate"], np.asarray(expected.embedding, np.float32), rtol=1e-6)
+    adata.var["highly_variable"] = np.zeros(adata.n_vars, bool)
+    with pytest.raises(ValueError, match=r"var\['highly_variable'\]"):
+        tl.spatial_domains(adata, 3, n_epochs=3)

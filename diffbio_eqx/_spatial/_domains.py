@@ -66,14 +66,36 @@ def spatial_domains(
     raw = np.asarray(counts, dtype=np.float64)
     if not np.all(np.isfinite(raw)) or np.any(raw < 0):
         raise ValueError("counts: STAGATE log-normalises counts; found negative, NaN or infinite values")
-    x = log_normalize(raw)
-    c = check_coordinates(coordinates, x.shape[0], "coordinates")
-    if not 2 <= n_domains < x.shape[0]:
+    check_n_domains(n_domains, raw.shape[0])
+    graph = domain_graph(coordinates, raw.shape[0], n_neighbors=n_neighbors, radius=radius, pre_labels=pre_labels,
+                         prune_weight=prune_weight)
+    return domains_from_expression(log_normalize(raw), graph, n_domains, key=key, prune_weight=prune_weight,
+                                   settings=settings, smooth=smooth)
+
+
+def check_n_domains(n_domains: int, n_spots: int) -> None:
+    if not 2 <= n_domains < n_spots:
         raise ValueError(f"n_domains: must be in [2, n_spots), got {n_domains}")
+
+
+def domain_graph(coordinates: ArrayLike, n_spots: int, *, n_neighbors: int = 6, radius: float | None = None,
+                 pre_labels: ArrayLike | None = None, prune_weight: float = 0.0) -> SpatialGraph:
+    """`spatial_domains`' spatial graph of the checked `coordinates` (pruned by `pre_labels` with a weight)."""
+    c = check_coordinates(coordinates, n_spots, "coordinates")
     if prune_weight and pre_labels is None:
         raise ValueError("pre_labels: cell-type-aware pruning (prune_weight > 0) needs pre-cluster labels")
     labels_in = None if pre_labels is None else np.unique(np.asarray(pre_labels), return_inverse=True)[1]
-    graph = spatial_graph(jnp.asarray(c), n_neighbors=n_neighbors, radius=radius, pre_labels=labels_in)
+    return spatial_graph(jnp.asarray(c), n_neighbors=n_neighbors, radius=radius, pre_labels=labels_in)
+
+
+def domains_from_expression(
+    x: ArrayLike, graph: SpatialGraph, n_domains: int, *, key: PRNGKeyArray, prune_weight: float = 0.0,
+    settings: TrainSettings | None = None, smooth: bool = False,
+) -> DomainResult:
+    """`spatial_domains` from log-normalised expression `x` `(n_spots, n_genes)` and its built `graph` (for a
+    caller that picks the genes after normalising, as STAGATE trains on `var["highly_variable"]`)."""
+    x = np.asarray(x, dtype=np.float64)
+    check_n_domains(n_domains, x.shape[0])
     model_key, fit_key, mixture_key = jr.split(key, 3)
     stage = STAGATE(x.shape[1], prune_weight=prune_weight, key=model_key)
     xj = jnp.asarray(x, dtype=jnp.zeros(()).dtype)
