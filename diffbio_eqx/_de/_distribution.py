@@ -126,7 +126,8 @@ def ks_permutation_test(
     values: Float[Array, " n"], first: Bool[Array, " n"], *, key: PRNGKeyArray, n_permutations: int = 1000
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """The KS statistic and its permutation p-value $(1 + \\#\\{D^{(b)} \\ge D\\}) / (1 + B)$ (one sort; each
-    permutation relabels the sorted cells)."""
+    permutation relabels the sorted cells). The permutations compare $D n_1 n_2$, an integer, so ties count; it is
+    exact while $n_1 n_2 < 2^{24}$ in float32 (about 8,000 cells of a gene split evenly), $2^{53}$ in float64."""
     _, _, _, last = _sorted_counts(values, first, jnp.ones_like(first))
     order = jnp.argsort(values)
     labels = first[order]
