@@ -927,6 +927,8 @@ def rank_genes_groups(
 ) -> None:
     """Rank marker genes per group, as `scanpy.tl.rank_genes_groups` (same statistics, same `uns` layout).
 
+    The statistics are computed in float64, as scanpy computes them, whether or not `jax_enable_x64` is set.
+
     **Arguments:**
 
     - `adata`: log-normalised expression (`raw` if present and `use_raw` is not False, else `layer` or `X`).
@@ -959,9 +961,12 @@ def rank_genes_groups(
     tested = masks[keep]
     rests = ~tested if reference == "rest" else np.repeat(masks[names.index(reference)][None], len(keep), axis=0)
     base = adata.uns.get("log1p", {}).get("base")
-    log_base = jnp.asarray(1.0 if base is None else float(np.log(base)))
-    result = rank_genes(jnp.asarray(x), jnp.asarray(tested), jnp.asarray(rests), log_base, method=method,
-                        tie_correct=tie_correct, vs_rest=reference == "rest")
+    log_base = 1.0 if base is None else float(np.log(base))
+    # float64 statistics whatever jax_enable_x64, as scanpy computes them: in float32 the scores differ from
+    # scanpy's by up to 3e-6 (Wilcoxon) and 8e-4 (t-test) relative, the p-values by up to 7e-5
+    with jax.enable_x64(True):
+        result = rank_genes(jnp.asarray(x), jnp.asarray(tested), jnp.asarray(rests), jnp.float64(log_base),
+                            method=method, tie_correct=tie_correct, vs_rest=reference == "rest")
     pvals = np.asarray(result.pvals)
     adjusted = (np.asarray(result.pvals_adj) if corr_method == "benjamini-hochberg"
                 else np.minimum(pvals * x.shape[1], 1.0))
