@@ -1177,6 +1177,8 @@ def differential_distribution(
     """Differentially distributed genes between the `first` condition and the others: the KS statistic (SciPy's
     `ks_2samp`), permutation p-values, BH q-values and scDD's pattern class (EE, DE, DP, DM, DB).
 
+    It runs in float64, as SciPy, whether or not `jax_enable_x64` is set.
+
     **Arguments:**
 
     - `adata`: log-normalised expression in `X` or `layer`.
@@ -1204,8 +1206,9 @@ def differential_distribution(
     x = _dense(matrix)
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{name}: differential_distribution needs finite expression values")
-    result = fit_dd(jnp.asarray(x, dtype=jnp.zeros(()).dtype), jnp.asarray(in_first), key=key,
-                    n_permutations=n_permutations, alpha=alpha)
+    with jax.enable_x64(True):  # as SciPy's ks_2samp: in float32 the statistic rounds off SciPy's
+        result = fit_dd(jnp.asarray(x, jnp.float64), jnp.asarray(in_first), key=key, n_permutations=n_permutations,
+                        alpha=alpha)
     modes = np.asarray(result.n_modes)
     table = pd.DataFrame({"statistic": np.asarray(result.statistic), "pvalue": np.asarray(result.pvalue),
                           "qvalue": np.asarray(result.qvalue),
