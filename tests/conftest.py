@@ -1,9 +1,13 @@
+import os
+
 import jax
 import jax.random as jr
 import pytest
 
 
-jax.config.update("jax_enable_x64", True)  # float64 for finite differences
+# float64 for finite differences; DIFFBIO_EQX_TEST_X64=0 runs the float32 leg (JAX's default, what users run)
+X64 = os.environ.get("DIFFBIO_EQX_TEST_X64", "1") != "0"
+jax.config.update("jax_enable_x64", X64)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
