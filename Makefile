@@ -50,7 +50,7 @@ test-slow: lint
 
 # The suite runs with jax_enable_x64 on (finite differences, float64 parity); users run JAX's default float32.
 # `make test-float32` runs the files that test the user-facing faces, the main job, determinism and resume, MAGIC,
-# Solo and the metrics again with x64 off (CI runs it after the other two): what breaks or warns only in float32
+# Solo, the metrics and the training loop again with x64 off (CI runs it after the other two): what breaks or warns only in float32
 # fails there. The other files hold float64 tolerances or float64 draws by design (`DIFFBIO_EQX_TEST_X64=0` runs
 # any of them the same way).
 FLOAT32_TESTS := tests/test_faces.py tests/test_faces_bad_input.py tests/test_doublets_faces.py \
@@ -58,7 +58,7 @@ FLOAT32_TESTS := tests/test_faces.py tests/test_faces_bad_input.py tests/test_do
 	tests/test_integration_pipeline.py tests/test_communication_ncem.py tests/test_end_to_end.py tests/test_cli.py \
 	tests/test_first_run.py tests/test_h5ad_inputs.py tests/test_io.py tests/test_report.py \
 	tests/test_determinism.py tests/test_resume.py tests/test_imputation.py tests/test_imputation_transformer.py \
-	tests/test_doublets_solo.py tests/test_metrics.py
+	tests/test_doublets_solo.py tests/test_metrics.py tests/test_train.py
 test-float32: lint
 	rm -rf $(TEST_CACHE)
 	ulimit -s unlimited 2>/dev/null || ulimit -s 65536 2>/dev/null || true; \

@@ -1,4 +1,5 @@
 import dataclasses
+import warnings
 
 import equinox as eqx
 import jax
@@ -12,7 +13,16 @@ import scipy.sparse as sp
 from helpers import tree_allclose, tree_identical
 
 from diffbio_eqx._core._checkpoint import read_header
-from diffbio_eqx._core._train import TrainSettings, TrainState, fit, map_in_chunks, sparse_rows_from_csr, take_rows
+from diffbio_eqx._core._train import (
+    SparseRows,
+    TrainSettings,
+    TrainState,
+    fit,
+    map_in_chunks,
+    sparse_rows_from_csr,
+    take_rows,
+    to_device_rows,
+)
 
 
 class _Linear(eqx.Module):
@@ -137,6 +147,18 @@ def test_sparse_and_dense_training_agree(getkey):
     dense = fit(model, _regression_loss, (counts, target), **kwargs)
     sparse = fit(model, _regression_loss, (sp.csr_matrix(counts), target), **kwargs)
     assert tree_allclose(dense.model, sparse.model, rtol=1e-12, atol=1e-12)
+
+
+def test_sparse_float64_input_in_a_float32_session_is_taken_as_dense_is():
+    # users run JAX's default float32: float64 SciPy input warned on every call there (the dtype was named
+    # explicitly), while float64 NumPy input is converted silently
+    counts = np.random.default_rng(1).poisson(1.0, (20, 8)).astype(np.float64)
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparse, dense = to_device_rows(sp.csr_matrix(counts)), to_device_rows(counts)
+        rows = take_rows(sparse, jnp.arange(20))
+    assert isinstance(sparse, SparseRows) and sparse.data.dtype == dense.dtype == rows.dtype == jnp.float32
+    np.testing.assert_array_equal(rows, dense)
 
 
 def test_weighted_rows_follow_weights(getkey):

@@ -74,7 +74,9 @@ def sparse_rows_from_csr(matrix: sp.spmatrix | sp.sparray, *, dtype: Any = None)
     if nnz == 0:
         data, indices = np.zeros(1, csr.dtype), np.zeros(1, index_dtype)
     return SparseRows(
-        jnp.asarray(data, dtype=dtype or csr.dtype),
+        # the session's dtype for the input's, as jnp.asarray gives dense input: float64 data under JAX's default
+        # float32 is truncated silently there, where naming float64 would warn on every call
+        jnp.asarray(data, dtype=dtype or jax.dtypes.canonicalize_dtype(csr.dtype)),
         jnp.asarray(indices.astype(index_dtype, copy=False)),
         jnp.asarray(csr.indptr.astype(pointer_dtype, copy=False)),
         n_columns,
