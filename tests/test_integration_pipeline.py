@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from helpers import tree_identical
 
 import diffbio_eqx as dbx
 from diffbio_eqx import SingleCellPipelineConfig, create_single_cell_pipeline, fit_pipeline, run_pipeline
@@ -81,19 +82,25 @@ def test_fine_tune_loss_keeps_the_mmd_penalty():
 
 @pytest.mark.slow  # three pipeline fits (197 s at load average ~20)
 def test_adversarial_fine_tune_keeps_the_batch_mixing():
-    # The end-to-end fine-tune trains the adversarially corrected VAE on its ELBO without the critic (README): the
-    # batch mixing it reached (iLISI of the latent) must not collapse back towards the uncorrected VAE's.
+    # The end-to-end fine-tune has no critic (README): on the ELBO alone the encoder learned the batches back (iLISI
+    # of the latent 0.55 -> 0.08 and 0.44 -> 0.26 in 10 epochs at two of three seeds, to 0.03 or less at all three
+    # in float32), so it holds the encoder, which carries the correction, and trains the rest.
     data = _shifted_data()
     pipeline = create_single_cell_pipeline(key=jr.key(1), batch_correction="adversarial", **TINY)
-    mixing = {}
+    fits, mixing = {}, {}
     for name, epochs in (("corrected", 0), ("fine_tuned", 10)):
-        fitted = fit_pipeline(pipeline, data, key=jr.key(2), vae_epochs=40, fine_tune_epochs=epochs, progress=False)
-        latent = run_pipeline(fitted.pipeline, data, key=jr.key(3))["latent"]
+        fits[name] = fit_pipeline(pipeline, data, key=jr.key(7), vae_epochs=40, fine_tune_epochs=epochs,
+                                  progress=False).pipeline
+        latent = run_pipeline(fits[name], data, key=jr.key(3))["latent"]
         mixing[name] = dbx.ilisi(*exact_knn(latent, latent, 30), data["batch_labels"])
     plain = create_single_cell_pipeline(key=jr.key(1), enable_batch_correction=False, **TINY)
-    latent = run_pipeline(fit_pipeline(plain, data, key=jr.key(2), vae_epochs=40, progress=False).pipeline, data,
+    latent = run_pipeline(fit_pipeline(plain, data, key=jr.key(7), vae_epochs=40, progress=False).pipeline, data,
                           key=jr.key(3))["latent"]
     mixing["uncorrected"] = dbx.ilisi(*exact_knn(latent, latent, 30), data["batch_labels"])
-    # Measured: uncorrected 0.0004, adversarial 0.353, after 10 fine-tune epochs 0.356.
+    encoder = lambda p: (p.vae_normalizer.encoder, p.vae_normalizer.mean_head, p.vae_normalizer.log_variance_head)
+    assert tree_identical(eqx.filter(encoder(fits["corrected"]), eqx.is_array),
+                          eqx.filter(encoder(fits["fine_tuned"]), eqx.is_array))
+    assert not tree_identical(eqx.filter(fits["corrected"].vae_normalizer.decoder, eqx.is_array),
+                              eqx.filter(fits["fine_tuned"].vae_normalizer.decoder, eqx.is_array))
     assert mixing["corrected"] > mixing["uncorrected"] + 0.05, mixing
-    assert mixing["fine_tuned"] >= mixing["corrected"] - 0.05, mixing
+    assert mixing["fine_tuned"] == mixing["corrected"], mixing

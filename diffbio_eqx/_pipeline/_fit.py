@@ -383,7 +383,8 @@ def _supervised(inputs: _FitInputs) -> bool:
 
 def _trainable_filter(pipeline: SingleCellPipeline) -> SingleCellPipeline:
     """The leaves end-to-end training updates: network weights, dispersions and centroids; not the
-    hyperparameters (Harmony's settings, temperatures, target library size) nor the stored Harmony reference."""
+    hyperparameters (Harmony's settings, temperatures, target library size) nor the stored Harmony reference, nor,
+    after adversarial correction, the VAE's encoder."""
     spec = jtu.tree_map(lambda _: False, pipeline)
     arrays = lambda module: jtu.tree_map(eqx.is_inexact_array, module)
     if pipeline.ambient_removal is not None:
@@ -393,6 +394,12 @@ def _trainable_filter(pipeline: SingleCellPipeline) -> SingleCellPipeline:
         )
         spec = eqx.tree_at(lambda s: s.ambient_removal, spec, ambient_spec)
     vae_spec = eqx.tree_at(lambda v: v.target_library_size, arrays(pipeline.vae_normalizer), False)
+    if pipeline.config.batch_correction_method == "adversarial" and pipeline.vae_normalizer.n_batches > 1:
+        # The encoder carries the adversarial correction and the critic that kept it is not part of the pipeline:
+        # on the ELBO alone the encoder learns the batches back (iLISI 0.55 -> 0.08, 0.44 -> 0.26 in 10 epochs)
+        vae_spec = eqx.tree_at(lambda v: (v.encoder, v.mean_head, v.log_variance_head), vae_spec,
+                               jtu.tree_map(lambda _: False, (vae_spec.encoder, vae_spec.mean_head,
+                                                              vae_spec.log_variance_head)))
     spec = eqx.tree_at(lambda s: s.vae_normalizer, spec, vae_spec)
     if pipeline.dim_reduction is not None:
         spec = eqx.tree_at(lambda s: s.dim_reduction.encoder, spec, arrays(pipeline.dim_reduction.encoder))
