@@ -132,7 +132,14 @@ def fit_keywords(fit_settings: Mapping[str, Any], fit_name: str) -> dict[str, An
     return dict(fit_settings)
 
 
+def host_array(value: Any, dtype: Any = None) -> np.ndarray:
+    """A writeable NumPy copy of `value` for AnnData. `np.asarray` of a JAX array is a read-only view of its buffer
+    (without a copy where the dtype already matches, as float32 does in JAX's default session), and scanpy's
+    in-place functions and scib-metrics write into what a face stored."""
+    return np.array(value, dtype=dtype)
+
+
 def record_settings(adata: ad.AnnData, name: str, params: Mapping[str, Any], **results: Any) -> None:
     """Write `uns[name]`: `params` as `settings_record` keeps them, and each of `results` as a NumPy array."""
     adata.uns[name] = {"params": settings_record(params),
-                       **{key: np.asarray(value) for key, value in results.items()}}
+                       **{key: host_array(value) for key, value in results.items()}}

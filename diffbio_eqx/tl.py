@@ -34,6 +34,7 @@ from ._faces import (
     SMALL_X_GENES,
     check_adata,
     fit_keywords,
+    host_array,
     neighbors_representation,
     record_settings,
     representation,
@@ -150,7 +151,7 @@ def spatial_domains(
     result = domains_from_expression(log_normalize(counts)[:, genes], graph, n_domains, key=jr.key(seed),
                                      prune_weight=weight, settings=TrainSettings(n_epochs=n_epochs, progress=False))
     adata.obs["spatial_domain"] = pd.Categorical(np.asarray(result.labels).astype(str))
-    adata.obsm["X_stagate"] = np.asarray(result.embedding, dtype=np.float32)
+    adata.obsm["X_stagate"] = host_array(result.embedding, np.float32)
     _record(adata, "spatial_domains", {"n_domains": n_domains, "spatial_key": spatial_key, "n_neighbors": n_neighbors,
                                        "radius": radius, "prune_key": prune_key, "prune_weight": prune_weight,
                                        "n_epochs": n_epochs, "seed": seed, "n_genes": int(genes.sum())},
@@ -234,10 +235,10 @@ def align_slices(
             onto_previous = coordinates[len(aligned)] @ rotation.T + translation
             aligned.append(onto_previous @ previous_rotation.T + previous_shift)
     for i, s in enumerate(slices):
-        s.obsm[key_added] = np.asarray(aligned[i], dtype=np.float64)
+        s.obsm[key_added] = host_array(aligned[i], np.float64)
     for i, r in enumerate(results if method == "pairwise" else results[1:], start=1):
-        slices[i].uns[key_added] = {"plan": _top_k_plan(np.asarray(r.plan), top_k), "rotation": np.asarray(r.rotation),
-                                    "translation": np.asarray(r.translation), "entropy": float(r.entropy),
+        slices[i].uns[key_added] = {"plan": _top_k_plan(np.asarray(r.plan), top_k), "rotation": host_array(r.rotation),
+                                    "translation": host_array(r.translation), "entropy": float(r.entropy),
                                     "params": {"alpha": alpha, "method": method, "top_k": top_k}}
     return results
 
@@ -279,8 +280,8 @@ def diffmap(adata: ad.AnnData, n_comps: int = 15, *, neighbors_key: str = "neigh
     `(n_cells, n_comps)` and `uns["diffmap_evals"]`. `key` draws the eigensolver's start block. Returns the
     `DiffusionMap`."""
     result = compute_diffusion_map(_graph_from_adata(adata, neighbors_key), n_comps=n_comps, key=key)
-    adata.obsm["X_diffmap"] = np.asarray(result.eigenvectors)
-    adata.uns["diffmap_evals"] = np.asarray(result.eigenvalues)
+    adata.obsm["X_diffmap"] = host_array(result.eigenvectors)
+    adata.uns["diffmap_evals"] = host_array(result.eigenvalues)
     return result
 
 
@@ -308,8 +309,8 @@ def dpt(adata: ad.AnnData, n_dcs: int = 10, *, root: int | None = None, n_comps:
         result = pseudotime_from_diffmap(graph, stored, root, n_dcs=n_dcs)
     else:
         result = diffusion_pseudotime(graph, root, n_dcs=n_dcs, n_comps=n_comps, key=key)
-        adata.obsm["X_diffmap"] = np.asarray(result.diffmap.eigenvectors)
-        adata.uns["diffmap_evals"] = np.asarray(result.diffmap.eigenvalues)
+        adata.obsm["X_diffmap"] = host_array(result.diffmap.eigenvectors)
+        adata.uns["diffmap_evals"] = host_array(result.diffmap.eigenvalues)
     adata.obs["dpt_pseudotime"] = np.asarray(result.pseudotime)
     adata.uns["iroot"] = int(np.asarray(root))
     return result
@@ -369,7 +370,7 @@ def fate_probabilities(adata: ad.AnnData, terminal_states: Any = None, *, n_stat
     elif isinstance(terminal_states, str):
         terminal_states = _terminal_from_obs(adata, terminal_states)
     result = _fate_probabilities(graph, terminal_states, pseudotime=pseudotime, scheme=scheme, tol=tol)
-    adata.obsm["fate_probabilities"] = np.asarray(result.probabilities)
+    adata.obsm["fate_probabilities"] = host_array(result.probabilities)
     adata.obs["fate_mean_time"] = np.asarray(result.mean_time)
     labels = np.asarray(result.terminal)
     adata.obs["terminal_states"] = pd.Categorical.from_codes(labels, categories=list(result.names))
@@ -1250,9 +1251,9 @@ def archetypes(
     if not np.any(np.ptp(np.asarray(x), axis=0) > 0):
         raise ValueError(f"use_rep: the cells' {rep} coordinates are all identical; archetypes need spread")
     result = pcha(jnp.asarray(x, dtype=jnp.zeros(()).dtype), n_archetypes, key=key, max_iter=max_iter)
-    adata.obsm[f"X_{key_added}"] = np.asarray(result.weights)
+    adata.obsm[f"X_{key_added}"] = host_array(result.weights)
     adata.uns[key_added] = {"params": {"n_archetypes": n_archetypes, "use_rep": rep, "max_iter": max_iter},
-                            "archetypes": np.asarray(result.archetypes), "c": np.asarray(result.c).T,
+                            "archetypes": host_array(result.archetypes), "c": host_array(result.c).T,
                             "variance_explained": float(result.variance_explained)}
 
 
@@ -1336,7 +1337,7 @@ def integrate(
         fitted = fit_adversarial_vae(model, arrays.counts, arrays.batch_labels, key=fit_key, **fit_settings).fit
     trained = fitted.model
     output = vae_transform(trained, arrays.counts, arrays.batch_labels)
-    corrected = np.asarray(corrected_expression(trained, arrays.counts, arrays.batch_labels,
+    corrected = host_array(corrected_expression(trained, arrays.counts, arrays.batch_labels,
                                                 reference_batch=reference))
     if arrays.columns is not None:
         full = np.full((adata.n_obs, adata.n_vars), np.nan, np.float32)

@@ -280,6 +280,38 @@ def test_harmony_umap_and_soft_kmeans_equal_the_array_api(simulated):
         dx.tl.harmony(adata, "donor", key=jr.key(3))
 
 
+def _read_only(adata: ad.AnnData) -> list[str]:
+    """The arrays of `adata` (obsm, obsp, layers, uns, nested) that NumPy will not write into."""
+    found = [f"{where}['{k}']" for where in ("obsm", "obsp", "layers") for k, v in getattr(adata, where).items()
+             if not (v.data if sp.issparse(v) else np.asarray(v)).flags.writeable]
+
+    def walk(d: Mapping, path: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                walk(v, f"{path}{k}.")
+            elif isinstance(v, np.ndarray) and not v.flags.writeable:
+                found.append(f"uns.{path}{k}")
+
+    walk(adata.uns, "")
+    return found
+
+
+def test_faces_write_arrays_numpy_can_write_into(simulated):
+    # np.asarray of a JAX array is a read-only view: scanpy's in-place functions and scib-metrics' KMeans (which
+    # subtracts the mean in place) failed on obsm['X_archetypes'], ['X_diffmap'], ['fate_probabilities'] and the
+    # arrays the faces keep in uns
+    adata = _adata(simulated)
+    dx.pp.neighbors(adata, use_rep="X_pca")
+    dx.tl.diffmap(adata, key=jr.key(0))
+    adata.uns["iroot"] = 0
+    dx.tl.dpt(adata, key=jr.key(0))
+    dx.tl.fate_probabilities(adata, terminal_states={"a": [0], "b": [1]})
+    dx.tl.archetypes(adata, 3, key=jr.key(0), use_rep="X_pca")
+    dx.tl.harmony(adata, "batch", dx.Harmony(n_clusters=4, max_iter_harmony=3), key=jr.key(3), use_rep="X_pca")
+    assert {"X_diffmap", "fate_probabilities", "X_archetypes"} <= set(adata.obsm)
+    assert _read_only(adata) == []
+
+
 def test_pipeline_writes_what_fit_anndata_writes(simulated):
     adata = _adata(simulated)
     config = dx.SingleCellPipelineConfig(latent_dim=4, hidden_dims=(16,), umap_hidden_size=8, umap_depth=2,
