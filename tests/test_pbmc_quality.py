@@ -118,7 +118,7 @@ def test_scib_total_median_over_seeds_vs_scanpy_harmonypy(ours, baseline):
 
     scored = baseline.copy()
     for seed in SEEDS:
-        scored.obsm[f"X_diffbio_{seed}"] = np.asarray(ours[seed], dtype=np.float32)
+        scored.obsm[f"X_diffbio_{seed}"] = np.array(ours[seed], dtype=np.float32)  # writeable: KMeans centres it
     keys = ["X_harmony"] + [f"X_diffbio_{seed}" for seed in SEEDS]
     bench = Benchmarker(scored, batch_key="batch", label_key="bulk_labels", embedding_obsm_keys=keys,
                         pre_integrated_embedding_obsm_key="X_pca", n_jobs=1)
