@@ -102,6 +102,41 @@ def test_preparation_matches_scanpy(droplets):
     np.testing.assert_array_equal(prepared.raw, raw[:, variable])
 
 
+def test_preparation_sums_are_bincounts_to_the_bit():
+    # The sums behind normalize_total and the variable genes' means and variances add each row's and column's
+    # entries in storage order (as np.bincount with weights), so fractional input gives the same bits too.
+    rng = np.random.default_rng(0)
+    x = sp.csr_matrix(sp.random(300, 80, density=0.3, rng=np.random.default_rng(11),
+                                data_rvs=lambda n: rng.lognormal(0, 2, n)))
+    n = x.shape[0]
+    rows = np.repeat(np.arange(n), np.diff(x.indptr))
+    np.testing.assert_array_equal(_preprocess._row_sums(x), np.bincount(rows, weights=x.data, minlength=n))
+    mean = np.bincount(x.indices, weights=x.data, minlength=80) / n
+    mean_sq = np.bincount(x.indices, weights=x.data * x.data, minlength=80) / n
+    ours_mean, ours_var = _preprocess._mean_var(x)
+    np.testing.assert_array_equal(ours_mean, mean)
+    np.testing.assert_array_equal(ours_var, (mean_sq - mean**2) * (n / (n - 1)))
+
+
+def test_preparation_by_row_chunks_equals_one_pass():
+    # Normalisation and the filters run by chunks of rows (CHUNK_ENTRIES): a few entries a chunk, rows without
+    # entries, and a dropped gene give the same result as one chunk, and the chunks cover every row once.
+    rng = np.random.default_rng(1)
+    x = sp.csr_matrix(sp.random(200, 30, density=0.2, rng=np.random.default_rng(12),
+                                data_rvs=lambda n: rng.integers(1, 9, n)))
+    x = sp.csr_matrix(x.multiply(np.arange(200)[:, None] % 7 != 0))  # every seventh row empty
+    keep = np.arange(30) != 4
+    whole = _preprocess.median_normalized(x, keep)
+    with mock.patch.object(_preprocess, "CHUNK_ENTRIES", 5):
+        chunks = _preprocess._row_chunks(x.indptr)
+        assert len(chunks) > 50 and chunks[0][0] == 0 and chunks[-1][1] == 200
+        assert all(a[1] == b[0] for a, b in zip(chunks[:-1], chunks[1:]))
+        np.testing.assert_array_equal(_preprocess.median_normalized(x, keep).toarray(), whole.toarray())
+        assert np.array_equal(_preprocess.filter_masks(x)[1], np.diff(x.indptr) >= 3)
+    totals = whole.toarray()[:, keep].sum(axis=1)
+    np.testing.assert_allclose(totals[totals > 0], np.median(x.toarray()[:, keep].sum(axis=1)[totals > 0]))
+
+
 def test_doublet_pairs_are_distinct_ordered_pairs():
     pairs = _preprocess.doublet_pairs(40, 200, np.random.default_rng(0))
     assert pairs.shape == (200, 2) and pairs.min() >= 0 and pairs.max() < 40
@@ -267,10 +302,13 @@ def test_counting_search_equals_sorting_each_row_ties_included(getkey):
     points = np.asarray(manifold, np.float64)
     distances = np.sum((points[:, None, :] - points[None, :, :]) ** 2, axis=-1)
     np.fill_diagonal(distances, np.inf)
-    order = np.lexsort((np.broadcast_to(np.arange(2400), distances.shape), distances), axis=1)[:, :29]
-    expected = is_sim[order].sum(axis=1)
+    order = np.lexsort((np.broadcast_to(np.arange(2400), distances.shape), distances), axis=1)
+    expected = is_sim[order[:, :29]].sum(axis=1)
     counts = _counts.threshold_neighbor_counts(manifold, jnp.asarray(is_sim), 30)
     np.testing.assert_array_equal(counts, expected)
+    for k_adj in (1, 2, 75):  # no other point, the nearest only (the search's lower end is the point's own key)
+        np.testing.assert_array_equal(_counts.threshold_neighbor_counts(manifold, jnp.asarray(is_sim), k_adj),
+                                      is_sim[order[:, :k_adj - 1]].sum(axis=1))
     # The same counts with the rows in parts from host threads (three parts, the last one clipped), and for a
     # range of rows alone.
     with mock.patch.object(_scrublet, "host_threads", return_value=3):
@@ -280,6 +318,26 @@ def test_counting_search_equals_sorting_each_row_ties_included(getkey):
     np.testing.assert_array_equal(part, expected[1000:1700])
     with pytest.raises(ValueError, match="k_adj"):
         _counts.threshold_neighbor_counts(manifold, jnp.asarray(is_sim), 100)
+
+
+@pytest.mark.parametrize("slack", [0, 8])
+def test_search_brackets_the_kth_key(slack):
+    # Keys with many repeats (ties at the k-th key), any k: the search keeps its bracket, snaps to keys, and ends
+    # within the slack or on the k-th key itself.
+    rng = np.random.default_rng(slack)
+    keys = rng.integers(0, 300, (64, 500)).astype(np.int32)
+    keys[:8] = rng.integers(0, 5, (8, 500))  # rows of a few values
+    k = rng.integers(1, 500, 64).astype(np.int32)
+    lo, hi, c_lo, c_hi = (np.asarray(x) for x in _counts._search(
+        jnp.asarray(keys), jnp.asarray(k), jnp.full(64, -1, jnp.int32), jnp.full(64, 300, jnp.int32), slack=slack))
+    count = lambda t: np.sum(keys <= t[:, None], axis=1)  # noqa: E731
+    np.testing.assert_array_equal(c_lo, count(lo))
+    np.testing.assert_array_equal(c_hi, count(hi))
+    assert np.all(c_lo < k) and np.all(c_hi >= k)
+    kth = np.sort(keys, axis=1)[np.arange(64), k - 1]
+    within = c_hi <= k + slack
+    assert np.all(within | ((hi == kth) & (hi == lo + 1))), (k, hi, kth)
+    assert np.any(~within)  # some rows end on a tied k-th key
 
 
 def test_ivf_counts_equal_exact_when_every_list_is_probed(getkey):

@@ -45,40 +45,65 @@ def _sortable(x: Float[Array, "..."]) -> Int[Array, "..."]:
     return jnp.where(bits < 0, bits ^ jnp.iinfo(int_type).max, bits)
 
 
-def _search(keys: Int[Array, "n_block n_candidates"], k: Int[Array, " n_block"], lo: Int[Array, " n_block"],
-            hi: Int[Array, " n_block"], probe: Int[Array, " n_block"]) -> tuple[Array, Array, Array, Array]:
-    """Per row, a value `hi` with `count(keys <= hi) == k`, or else the `k`-th smallest key itself, given
-    `count(keys <= lo) < k <= count(keys <= hi)`; `probe` is the first value tried. Returns
-    `(lo, hi, count(keys <= lo), count(keys <= hi))` with the bracket kept (`hi == lo + 1` where the search ran
-    down to one value, i.e. where the `k`-th key is tied with the next). Every third probe halves the bracket, so
-    the search ends after at most three times the key's bits in probes; interpolation usually ends it in a few."""
+def _probe(keys: Int[Array, "n_block n"], t: Int[Array, " n_block"]) -> tuple[Array, Array, Array]:
+    """Per row, `count(keys <= t)`, the largest key at most `t` and the smallest key above it, in one pass (one
+    variadic reduction: XLA fuses the comparison into it, where a sum of a mask first writes the mask out)."""
+    low, high = jnp.iinfo(keys.dtype).min, jnp.iinfo(keys.dtype).max
+    at_most = keys <= t[:, None]
+    # the count as float32: exact to 2**24 entries a row, and XLA's CPU float sum is the faster one
+    count, below, above = jax.lax.reduce(
+        (at_most.astype(jnp.float32), jnp.where(at_most, keys, low), jnp.where(at_most, high, keys)),
+        (jnp.float32(0), jnp.asarray(low, keys.dtype), jnp.asarray(high, keys.dtype)),
+        lambda x, y: (x[0] + y[0], jnp.maximum(x[1], y[1]), jnp.minimum(x[2], y[2])), (1,))
+    return count.astype(jnp.int32), below, above
 
-    def count(t: Array) -> Array:
-        return jnp.sum(keys <= t[:, None], axis=1, dtype=jnp.int32)
+
+def _search(keys: Int[Array, "n_block n_candidates"], k: Int[Array, " n_block"], lo: Int[Array, " n_block"],
+            hi: Int[Array, " n_block"], slack: int = 0, probe: Int[Array, " n_block"] | None = None
+            ) -> tuple[Array, Array, Array, Array]:
+    """Per row, a key `hi` with `k <= count(keys <= hi) <= k + slack`, or else the `k`-th smallest key itself,
+    given `count(keys <= lo) < k <= count(keys <= hi)`; `probe`, if given, is the first value tried. Returns
+    `(lo, hi, count(keys <= lo), count(keys <= hi))` with the bracket kept (`hi == lo + 1` where the search found
+    the `k`-th key and it is tied with the next, or the count was not yet within `slack`).
+
+    Each probe also yields the nearest keys on either side of it, and the bracket snaps to them (`hi` to the
+    largest key at most the probe, `lo` to just below the smallest key above it; a probe with `k - 1` keys at most
+    it has the `k`-th key as that smallest key above): the ends then sit on keys, which the interpolation needs
+    near the end, where the `k`-th and the next key may lie a few floats apart. Probes interpolate the log count
+    over the keys (for positive floats about their log: a power law, as neighbour counts grow with the radius, is a
+    line there); every fourth probe halves the bracket, which bounds the probes by four thirds of the key's bits
+    (times one and a half), and the search usually ends in a few."""
 
     def running(state: tuple) -> Array:
         lo, hi, _, c_hi, _ = state
-        return (c_hi != k) & (hi > lo + 1)
+        return (c_hi > k + slack) & (hi > lo + 1)
 
     def step(state: tuple) -> tuple:
         lo, hi, c_lo, c_hi, i = state
         active = running(state)
         log_lo = jnp.log(jnp.maximum(c_lo, 1).astype(jnp.float32))
         log_hi = jnp.log(c_hi.astype(jnp.float32))
-        share = (jnp.log(k.astype(jnp.float32) + 0.5) - log_lo) / jnp.maximum(log_hi - log_lo, 1e-6)
-        low, high = lo.astype(jnp.float32), hi.astype(jnp.float32)
-        interpolated = (low + jnp.clip(share, 0.0, 1.0) * (high - low)).astype(lo.dtype)
+        share = (jnp.log(k.astype(jnp.float32) + 0.5 * (1 + slack)) - log_lo) / jnp.maximum(log_hi - log_lo, 1e-6)
+        interpolated = lo + (jnp.clip(share, 0.0, 1.0) * (hi - lo).astype(jnp.float32)).astype(lo.dtype)
         halfway = (lo >> 1) + (hi >> 1) + (lo & hi & 1)
-        middle = jnp.where(i == 0, probe, jnp.where((c_lo > 0) & (i % 3 != 2), interpolated, halfway))
-        middle = jnp.clip(middle, lo + 1, hi - 1)
-        c = count(middle)
+        middle = jnp.where((c_lo > 0) & (i % 4 != 3), interpolated, halfway)
+        middle = jnp.clip(middle if probe is None else jnp.where(i == 0, probe, middle), lo + 1, hi - 1)
+        c, below, above = _probe(keys, middle)
         up, down = active & (c >= k), active & (c < k)
-        return (jnp.where(down, middle, lo), jnp.where(up, middle, hi), jnp.where(down, c, c_lo),
-                jnp.where(up, c, c_hi), i + 1)
+        found = down & (c == k - 1)  # the k-th key is `above`: its count, ties included, is taken after the loop
+        return (jnp.where(down, above - 1, lo), jnp.where(found, above, jnp.where(up, below, hi)),
+                jnp.where(down, c, c_lo), jnp.where(found, k, jnp.where(up, c, c_hi)), i + 1)
 
-    state = (lo, hi, jnp.zeros(lo.shape, jnp.int32), count(hi), jnp.int32(0))
-    lo, hi, c_lo, c_hi, _ = jax.lax.while_loop(lambda s: jnp.any(running(s)), step, state)
-    return lo, hi, c_lo, c_hi
+    state = (lo, hi, _probe(keys, lo)[0], _probe(keys, hi)[0], jnp.int32(0))
+    lo, hi, c_lo, _, _ = jax.lax.while_loop(lambda s: jnp.any(running(s)), step, state)
+    return lo, hi, c_lo, _probe(keys, hi)[0]
+
+
+def _floor(keys: Int[Array, "n_block n"], self_key: Array) -> Int[Array, " n_block"]:
+    """Per row, the key just below its smallest key other than the point itself (`self_key`): a lower end for
+    `_search` with one key (the point's own) at most it, from which the interpolation starts on the power law
+    instead of bisecting the negative and the tiny floats first."""
+    return jnp.min(jnp.where(keys > self_key, keys, jnp.iinfo(keys.dtype).max), axis=1) - 1
 
 
 class _Layout(NamedTuple):
@@ -142,18 +167,23 @@ def _block(queries: Float[Array, "n_block n_pcs"], rows: Int[Array, " n_block"],
     distances = (augmented @ layout.points).at[jnp.arange(n_block), columns].set(-SELF)
     distances = distances.reshape(n_block, n_groups, GROUP)
     minima = _sortable(jnp.min(distances, axis=2))
-    lowest = jnp.full((n_block,), _sortable(jnp.asarray(-2 * SELF, queries.dtype)))
-    top = jnp.max(minima, axis=1)
-    # the group minimum of rank `guess` (about `k` points at most it) and of rank `k` (at least `k` points)
+    self_key = _sortable(jnp.asarray(-SELF, queries.dtype))
+    lowest = jnp.full((n_block,), _sortable(jnp.asarray(-2 * SELF, queries.dtype)))  # nothing at most it
+    floor = _floor(minima, self_key) if k > 1 else lowest
+    # a group minimum with about `guess` groups at most it (a first probe for the k-th distance: about k points at
+    # most it), then the bound: k to k + EXTRA_GROUPS groups at most it (so that they all fit the slots)
     guess = min(k - 1, max(1, round(k / (1 + (GROUP - 1) * k / n_points))))
-    _, near, _, _ = _search(minima, jnp.full((n_block,), guess, jnp.int32), lowest, top, (lowest >> 1) + (top >> 1))
-    _, bound, _, c_bound = _search(minima, jnp.full((n_block,), k, jnp.int32), near, top, near + 1)
+    near_lo, near, _, _ = _search(minima, jnp.full((n_block,), guess, jnp.int32), floor, jnp.max(minima, axis=1),
+                                  slack=EXTRA_GROUPS)
+    _, bound, _, _ = _search(minima, jnp.full((n_block,), k, jnp.int32), near_lo, jnp.max(minima, axis=1),
+                             slack=EXTRA_GROUPS, probe=near + 1)
     groups = _compact(minima <= bound[:, None], n_slots)
     safe = jnp.minimum(groups, n_groups - 1)
     candidates = jnp.where((groups < n_groups)[:, :, None],
                            _sortable(jnp.take_along_axis(distances, safe[:, :, None], axis=1)),
                            jnp.iinfo(minima.dtype).max).reshape(n_block, -1)
-    lo, hi, c_lo, c_hi = _search(candidates, jnp.full((n_block,), k, jnp.int32), lowest, bound, near)
+    lo, hi, c_lo, c_hi = _search(candidates, jnp.full((n_block,), k, jnp.int32),
+                                 _floor(candidates, self_key) if k > 1 else lowest, bound, probe=near)
     sim = layout.is_sim.reshape(n_groups, GROUP)[safe].reshape(n_block, -1)
     counts = jnp.sum(sim & (candidates <= hi[:, None]), axis=1, dtype=jnp.int32)
     tied = c_hi > k
@@ -164,8 +194,7 @@ def _block(queries: Float[Array, "n_block n_pcs"], rows: Int[Array, " n_block"],
         at = candidates == hi[:, None]
         keys = jnp.where(at, index, jnp.iinfo(jnp.int32).max)
         _, last, _, _ = _search(keys, jnp.where(tied, k - c_lo, 1), jnp.full((n_block,), -1, jnp.int32),
-                                jnp.full((n_block,), n_points, jnp.int32), jnp.full((n_block,), n_points // 2,
-                                                                                    jnp.int32))
+                                jnp.full((n_block,), n_points, jnp.int32))
         kept = (candidates <= lo[:, None]) | (at & (index <= last[:, None]))
         return jnp.where(tied, jnp.sum(sim & kept, axis=1, dtype=jnp.int32), counts)
 
