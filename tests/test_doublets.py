@@ -327,9 +327,11 @@ def test_search_brackets_the_kth_key(slack):
     rng = np.random.default_rng(slack)
     keys = rng.integers(0, 300, (64, 500)).astype(np.int32)
     keys[:8] = rng.integers(0, 5, (8, 500))  # rows of a few values
+    keys[8:16] = rng.integers(-(2**31) + 2, 2**31 - 2, (8, 500))  # wider than a signed difference holds
     k = rng.integers(1, 500, 64).astype(np.int32)
     lo, hi, c_lo, c_hi = (np.asarray(x) for x in _counts._search(
-        jnp.asarray(keys), jnp.asarray(k), jnp.full(64, -1, jnp.int32), jnp.full(64, 300, jnp.int32), slack=slack))
+        jnp.asarray(keys), jnp.asarray(k), jnp.full(64, -(2**31), jnp.int32), jnp.full(64, 2**31 - 1, jnp.int32),
+        slack=slack))
     count = lambda t: np.sum(keys <= t[:, None], axis=1)  # noqa: E731
     np.testing.assert_array_equal(c_lo, count(lo))
     np.testing.assert_array_equal(c_hi, count(hi))

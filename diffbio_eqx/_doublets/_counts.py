@@ -84,7 +84,10 @@ def _search(keys: Int[Array, "n_block n_candidates"], k: Int[Array, " n_block"],
         log_lo = jnp.log(jnp.maximum(c_lo, 1).astype(jnp.float32))
         log_hi = jnp.log(c_hi.astype(jnp.float32))
         share = (jnp.log(k.astype(jnp.float32) + 0.5 * (1 + slack)) - log_lo) / jnp.maximum(log_hi - log_lo, 1e-6)
-        interpolated = lo + (jnp.clip(share, 0.0, 1.0) * (hi - lo).astype(jnp.float32)).astype(lo.dtype)
+        # the bracket's width as an unsigned integer: `hi - lo` may not fit the signed keys (negative floats)
+        unsigned = jnp.uint32 if lo.dtype == jnp.int32 else jnp.uint64
+        width = (hi.astype(unsigned) - lo.astype(unsigned)).astype(jnp.float32)
+        interpolated = (lo.astype(unsigned) + (jnp.clip(share, 0.0, 1.0) * width).astype(unsigned)).astype(lo.dtype)
         halfway = (lo >> 1) + (hi >> 1) + (lo & hi & 1)
         middle = jnp.where((c_lo > 0) & (i % 4 != 3), interpolated, halfway)
         middle = jnp.clip(middle if probe is None else jnp.where(i == 0, probe, middle), lo + 1, hi - 1)
