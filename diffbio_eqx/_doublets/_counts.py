@@ -5,25 +5,26 @@ Scrublet needs, for each of its `n` observed and simulated points, only the numb
 `n` columns of every row is what costs on a CPU, not the `n x n x n_pcs` distances. Here each block of `BLOCK`
 query rows, against all points:
 
-1. squared distances from one matrix product (`|q|^2 + |r|^2 - 2 q.r`, clipped at 0, the point itself set below
-   every other), the points laid out in groups of `GROUP` in a strided order (group `j` holds points `j`,
-   `j + n_groups`, `j + 2 n_groups`, ...), so that a group is a spread sample whatever the input order;
-2. each group's minimum, and the `k_adj` smallest of those minima (one top-k over `n / GROUP` columns). The
-   `k_adj`-th of them, $m$, bounds the `k_adj`-th smallest distance $v$ from above ($k_{adj}$ groups hold a point
-   at most $m$), and every point at most $m$ lies in those `k_adj` groups: their `k_adj * GROUP` points are the
-   candidates;
-3. $v$ is found among the candidates by counting: a search over the float's bits (monotone in the value) that
-   keeps `count(d <= lo) < k_adj <= count(d <= hi)`, probing by interpolation of the log count (with a bisection
-   step every third probe), from the bracket the sorted group minima give, until `count(d <= hi) == k_adj` (then
-   the `k_adj` nearest are exactly the points at most `hi`) or `hi` is `v` itself;
+1. squared distances from one matrix product (`|q|^2 + |r|^2 - 2 q.r`, the point itself set below every other),
+   the points laid out in groups of `GROUP` in a strided order (group `j` holds points `j`, `j + n_groups`,
+   `j + 2 n_groups`, ...), so that a group is a spread sample whatever the input order;
+2. each group's minimum, and by a counting search (`_search`) a value $m$ with `k_adj` to `k_adj + EXTRA_GROUPS`
+   group minima at most it. $m$ bounds the `k_adj`-th smallest distance $v$ from above (`k_adj` groups hold a
+   point at most $m$), and every point at most $m$ lies in those groups: their points (at most
+   `(k_adj + EXTRA_GROUPS) * GROUP`) are the candidates, gathered by a prefix-sum compaction;
+3. $v$ is found among the candidates by the same counting search over the float's bits (monotone in the value),
+   which keeps `count(d <= lo) < k_adj <= count(d <= hi)` and snaps `lo` and `hi` onto the nearest distances each
+   probe finds on either side, until `count(d <= hi) == k_adj` (then the `k_adj` nearest are exactly the points
+   at most `hi`) or `hi` is $v$ itself; its first probe is the group minimum with about `k_adj` points below it;
 4. the simulated points at most `hi`, less the point itself. Where several points tie at $v$ and not all of them
    fit (duplicates, e.g. a doublet of a cell with itself), the tied points are taken in index order, as a top-k
    over the row (and sklearn's search) keeps the lower index: a second counting search over the tied points'
    indices, run only for blocks that have such a row.
 
 The result is the count `hard_neighbor_counts` gave with one top-k per row (ties included) and that scanpy's exact
-search gives, at the cost of one matrix product, one pass for the group minima, a small top-k and a few passes over
-`k_adj * GROUP` candidates per row. Memory: `BLOCK * n` distances at a time, never `n x n`.
+search gives, at the cost of one matrix product, one pass for the group minima and a few counting passes over the
+minima and over the candidates (about 6 a block at 60,000 points). Memory: `BLOCK * n` distances at a time, never
+`n x n`.
 """
 
 from typing import NamedTuple
@@ -71,8 +72,8 @@ def _search(keys: Int[Array, "n_block n_candidates"], k: Int[Array, " n_block"],
     it has the `k`-th key as that smallest key above): the ends then sit on keys, which the interpolation needs
     near the end, where the `k`-th and the next key may lie a few floats apart. Probes interpolate the log count
     over the keys (for positive floats about their log: a power law, as neighbour counts grow with the radius, is a
-    line there); every fourth probe halves the bracket, which bounds the probes by four thirds of the key's bits
-    (times one and a half), and the search usually ends in a few."""
+    line there); every fourth probe halves the bracket, so the search ends after at most four times the key's bits
+    in probes, and usually in a few."""
 
     def running(state: tuple) -> Array:
         lo, hi, _, c_hi, _ = state
