@@ -177,10 +177,10 @@ def _block(queries: Float[Array, "n_block n_pcs"], rows: Int[Array, " n_block"],
     # a group minimum with about `guess` groups at most it (a first probe for the k-th distance: about k points at
     # most it), then the bound: k to k + EXTRA_GROUPS groups at most it (so that they all fit the slots)
     guess = min(k - 1, max(1, round(k / (1 + (GROUP - 1) * k / n_points))))
-    near_lo, near, _, _ = _search(minima, jnp.full((n_block,), guess, jnp.int32), floor, jnp.max(minima, axis=1),
-                                  slack=EXTRA_GROUPS)
-    _, bound, _, _ = _search(minima, jnp.full((n_block,), k, jnp.int32), near_lo, jnp.max(minima, axis=1),
-                             slack=EXTRA_GROUPS, probe=near + 1)
+    top = jnp.max(minima, axis=1)
+    near_lo, near, _, _ = _search(minima, jnp.full((n_block,), guess, jnp.int32), floor, top, slack=EXTRA_GROUPS)
+    _, bound, _, _ = _search(minima, jnp.full((n_block,), k, jnp.int32), near_lo, top, slack=EXTRA_GROUPS,
+                             probe=near + 1)
     groups = _compact(minima <= bound[:, None], n_slots)
     safe = jnp.minimum(groups, n_groups - 1)
     candidates = jnp.where((groups < n_groups)[:, :, None],

@@ -72,29 +72,19 @@ def _mean_var(x: Any, in_place: bool = False) -> tuple[np.ndarray, np.ndarray]:
 def median_normalized(x: Any, columns: np.ndarray | None = None) -> sp.csr_matrix:
     """`scanpy.pp.normalize_total(target_sum=None)` of `x[:, columns]`, float64: rows scaled to the median of the
     non-zero totals (rows summing to zero left at zero); the other columns are scaled along (and not used after)."""
-    data = np.empty(x.nnz, dtype=np.float64)
-    totals = np.empty(x.shape[0], dtype=np.float64)
-    chunks = _row_chunks(x.indptr)
-    for first, last in chunks:  # by row chunks: no whole-matrix temporary besides the result
-        start, stop = x.indptr[first], x.indptr[last]
-        data[start:stop] = x.data[start:stop]
-        rows = sp.csr_matrix((data[start:stop], x.indices[start:stop], x.indptr[first:last + 1] - start),
-                             shape=(last - first, x.shape[1]))
-        totals[first:last] = _row_sums(rows, columns)
-    target = float(np.median(totals[totals > 0]))
-    scale = target / (totals + (totals == 0))
-    for first, last in chunks:
+    data = x.data.astype(np.float64)  # the result's entries, scaled in place below
+    totals = _row_sums(sp.csr_matrix((data, x.indices, x.indptr), shape=x.shape), columns)
+    scale = float(np.median(totals[totals > 0])) / (totals + (totals == 0))
+    for first, last in _row_chunks(x.indptr):  # one scale per stored entry, a chunk of rows at a time
         start, stop = x.indptr[first], x.indptr[last]
         data[start:stop] *= np.repeat(scale[first:last], np.diff(x.indptr[first:last + 1]))
     return sp.csr_matrix((data, x.indices, x.indptr), shape=x.shape)
 
 
-def _row_chunks(indptr: np.ndarray, entries: int | None = None) -> list[tuple[int, int]]:
-    """Consecutive row ranges `(first, last)` covering every row, of about `entries` (default `CHUNK_ENTRIES`)
-    stored entries each."""
+def _row_chunks(indptr: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive row ranges `(first, last)` covering every row, of about `CHUNK_ENTRIES` stored entries each."""
     n_rows = indptr.size - 1
-    cuts = np.searchsorted(indptr, np.arange(entries or CHUNK_ENTRIES, indptr[-1], entries or CHUNK_ENTRIES),
-                           side="right") - 1
+    cuts = np.searchsorted(indptr, np.arange(CHUNK_ENTRIES, indptr[-1], CHUNK_ENTRIES), side="right") - 1
     bounds = np.unique(np.concatenate([[0], np.clip(cuts, 0, n_rows), [n_rows]]))
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -174,7 +164,7 @@ def prepare_counts(counts: Any, *, sim_doublet_ratio: float, seed: int, parents:
     kept = matrix if cells.all() else matrix[cells]
     genes = np.flatnonzero(keep_gene)
     hvg = genes[highly_variable_seurat(median_normalized(kept, keep_gene), genes, in_place=True)]
-    raw = kept[:, hvg].astype(np.float64).toarray().astype(np.float32)
+    raw = kept[:, hvg].toarray().astype(np.float32)
     if parents is None:
         parents = doublet_pairs(raw.shape[0], int(raw.shape[0] * sim_doublet_ratio), np.random.default_rng(seed))
     return PreparedCounts(raw, cells, hvg, np.asarray(parents))
