@@ -47,6 +47,20 @@ picks (the finest within the tolerance or one jackknife standard error of the mo
 of the mixture fitted as `fit_gaussian_mixture(None, ...)` fits it (3 EM steps from that partition). With
 `--from-dirs` the jobs' pbmc68k embeddings are scored too (reported, not used to choose). Writes
 benchmarks/results/quality_tie_sim.json.
+
+    python benchmarks/bench_quality.py --subsample-sim --seeds 0 1 [--from-dirs DIR]
+
+`--subsample-sim` asks how many subsamples the stability rule needs, on the same simulated cases: under 3
+selection seeds, for each count in `SUBSAMPLE_COUNTS` (the first n of one draw of 40, so the same subsets and
+Leiden seeds), the most stable resolution, its k and the mixture's ARI there. With `--from-dirs` the jobs' pbmc68k
+embeddings are reported too (not used to choose). Writes benchmarks/results/quality_subsample_sim.json.
+
+    python benchmarks/bench_quality.py --composite --seeds 0 1 2
+
+`--composite` runs the main job (`--batch-key batch --label-key bulk_labels`) on two real batches, pbmc68k and
+celltypist's PBMC sample (`COMPOSITE_NOTE`; needs celltypist, in the bench extra), and scores the corrected
+embedding and scanpy + harmonypy's with scib-metrics, as `--scib` does. Writes
+benchmarks/results/quality_composite.json.
 """
 
 import argparse
@@ -321,19 +335,33 @@ TIE_TOLERANCES = (0.0, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 TIE_RULES = tuple((rule, t) for rule in ("setol", "tol") for t in TIE_TOLERANCES)
 
 
-def _tie_variants(x: np.ndarray, truth: np.ndarray, selection_seed: int) -> dict:
-    """For each tolerance, the resolution `stable_resolution` picks (finer rule), its k and the mixture's ARI."""
+def _mixture_at(xj, truth: np.ndarray, seed: int, resolution: float) -> tuple[int, float]:
+    """As `fit_gaussian_mixture(None, ...)` fits from the partition at `resolution` (communities under 10 cells
+    left to EM, then `STABLE_EM_STEPS` EM steps): its k and ARI against `truth`."""
     import jax.numpy as jnp
 
     import diffbio_eqx as dbx
     from diffbio_eqx._clustering._gmm import REG_COVAR, hard_labels, parameters_from_labels
+    from diffbio_eqx._clustering._mixture_stage import STABLE_EM_STEPS, _em, graph_communities
+
+    labels = graph_communities(xj, seed=seed, resolution=resolution)
+    sizes = np.bincount(labels)
+    kept = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] >= 10]
+    remap = np.full(sizes.size, -1)
+    remap[kept] = np.arange(len(kept))
+    start = parameters_from_labels(xj, jnp.asarray(remap[labels]), len(kept), REG_COVAR)
+    fit = _em(xj, start, jnp.asarray(1.0, xj.dtype), n_iter=STABLE_EM_STEPS, tol=1e-3, reg_covar=REG_COVAR)
+    return len(kept), float(dbx.adjusted_rand_index(truth, np.asarray(hard_labels(xj, fit.params))))
+
+
+def _tie_variants(x: np.ndarray, truth: np.ndarray, selection_seed: int) -> dict:
+    """For each tolerance, the resolution `stable_resolution` picks (finer rule), its k and the mixture's ARI."""
+    import jax.numpy as jnp
+
     from diffbio_eqx._clustering._mixture_stage import (
         STABILITY_RESOLUTIONS,
-        STABLE_EM_STEPS,
-        _em,
         _pair_mean,
         _stability_matrices,
-        graph_communities,
         stable_resolution,
     )
 
@@ -346,57 +374,176 @@ def _tie_variants(x: np.ndarray, truth: np.ndarray, selection_seed: int) -> dict
         resolution = stable_resolution(matrices, tie_break="finer", tolerance=tolerance,
                                        standard_error=rule == "setol")
         assert resolution is not None
-        if resolution not in fits:  # as _stable_communities: communities under 10 cells left to EM
-            labels = graph_communities(xj, seed=selection_seed, resolution=resolution)
-            sizes = np.bincount(labels)
-            kept = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] >= 10]
-            remap = np.full(sizes.size, -1)
-            remap[kept] = np.arange(len(kept))
-            start = parameters_from_labels(xj, jnp.asarray(remap[labels]), len(kept), REG_COVAR)
-            fit = _em(xj, start, jnp.asarray(1.0, xj.dtype), n_iter=STABLE_EM_STEPS, tol=1e-3, reg_covar=REG_COVAR)
-            clusters = np.asarray(hard_labels(xj, fit.params))
-            fits[resolution] = (len(kept), float(dbx.adjusted_rand_index(truth, clusters)))
+        if resolution not in fits:
+            fits[resolution] = _mixture_at(xj, truth, selection_seed, resolution)
         record[f"{rule}{tolerance}"] = {"resolution": resolution, "k": fits[resolution][0], "ari": fits[resolution][1]}
     return record
 
 
-def _write_tie_sim(seeds: list[int], out: pathlib.Path, pbmc_dirs: pathlib.Path | None) -> int:
-    """`--tie-sim`: the tie tolerance chosen on simulated data; pbmc68k's job embeddings reported too."""
+#: Subsample counts compared by `--subsample-sim` (the first n of the largest draw: the same subsets and seeds).
+SUBSAMPLE_COUNTS = (6, 10, 20, 40)
+
+
+def _subsample_variants(x: np.ndarray, truth: np.ndarray, selection_seed: int) -> dict:
+    """For each subsample count, the most stable resolution, its k and the mixture's ARI there."""
+    import jax.numpy as jnp
+
+    from diffbio_eqx._clustering._mixture_stage import (
+        STABILITY_RESOLUTIONS,
+        _pair_mean,
+        _stability_matrices,
+        stable_resolution,
+    )
+
+    xj = jnp.asarray(x)
+    matrices = _stability_matrices(xj, seed=selection_seed, n_neighbors=15, resolutions=STABILITY_RESOLUTIONS,
+                                   n_subsamples=max(SUBSAMPLE_COUNTS), fraction=0.8)
+    fits: dict[float, tuple[int, float]] = {}
+    record: dict = {"selection_seed": selection_seed}
+    for count in SUBSAMPLE_COUNTS:
+        first = {r: m[:count, :count] for r, m in matrices.items()}
+        resolution = stable_resolution(first, tie_break="none")
+        assert resolution is not None
+        if resolution not in fits:
+            fits[resolution] = _mixture_at(xj, truth, selection_seed, resolution)
+        record[str(count)] = {"resolution": resolution, "k": fits[resolution][0], "ari": fits[resolution][1],
+                              "stability": {r: _pair_mean(m) for r, m in first.items()}}
+    return record
+
+
+def _simulated_cases(seeds: list[int], pbmc_dirs: pathlib.Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The rule-choosing embeddings and their truth: the unbalanced groups, a pbmc_vae and a Splatter draw per
+    seed (each corrected with the job's settings); with `pbmc_dirs`, the jobs' pbmc68k embeddings (`pbmc68k_`)."""
     from select_integration_settings import corrected_embedding, simulated
 
-    cases: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    cases: dict[str, tuple[np.ndarray, np.ndarray]] = {"unbalanced": _unbalanced_embedding()}
+    for seed in seeds:
+        adata = simulated(seed, "pbmc_vae")
+        cases[f"pbmc_vae_{seed}"] = (corrected_embedding(adata, {}, {}, seed=seed), adata.obs["group"].to_numpy())
+        adata = simulated(seed, "job")
+        cases[f"splatter_{seed}"] = (corrected_embedding(adata, {}, {}, seed=seed), adata.obs["group"].to_numpy())
+    for folder in sorted(pbmc_dirs.glob("run*")) if pbmc_dirs is not None else []:
+        import anndata as ad
+
+        adata = ad.read_h5ad(folder / "result.h5ad")
+        cases[f"pbmc68k_{folder.name}"] = (np.asarray(adata.obsm["X_diffbio_corrected"], np.float32),
+                                           adata.obs["bulk_labels"].to_numpy())
+    return cases
+
+
+def _family_means(runs: dict[str, list[dict]], variants: list[str]) -> dict[str, dict[str, float]]:
+    """Mean ARI of each variant over each family's picks (and over every simulated one, `all`)."""
+    families = {"all": lambda name: not name.startswith("pbmc68k"), "unbalanced": lambda n: n == "unbalanced",
+                "pbmc_vae": lambda n: n.startswith("pbmc_vae"), "splatter": lambda n: n.startswith("splatter"),
+                "pbmc68k": lambda n: n.startswith("pbmc68k")}
+    return {family: {v: float(np.mean([pick[v]["ari"] for name, picks in runs.items() if member(name)
+                                       for pick in picks])) for v in variants}
+            for family, member in families.items() if any(member(name) for name in runs)}
+
+
+def _write_tie_sim(seeds: list[int], out: pathlib.Path, pbmc_dirs: pathlib.Path | None) -> int:
+    """`--tie-sim`: the tie tolerance chosen on simulated data; pbmc68k's job embeddings reported too."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cases["unbalanced"] = _unbalanced_embedding()
-        for seed in seeds:
-            adata = simulated(seed, "pbmc_vae")
-            cases[f"pbmc_vae_{seed}"] = (corrected_embedding(adata, {}, {}, seed=seed),
-                                         adata.obs["group"].to_numpy())
-            adata = simulated(seed, "job")
-            cases[f"splatter_{seed}"] = (corrected_embedding(adata, {}, {}, seed=seed),
-                                         adata.obs["group"].to_numpy())
-        for folder in sorted(pbmc_dirs.glob("run*")) if pbmc_dirs is not None else []:
-            import anndata as ad
-
-            adata = ad.read_h5ad(folder / "result.h5ad")
-            cases[f"pbmc68k_{folder.name}"] = (np.asarray(adata.obsm["X_diffbio_corrected"], np.float32),
-                                               adata.obs["bulk_labels"].to_numpy())
         runs = {name: [_tie_variants(x, truth, selection_seed) for selection_seed in range(3)]
-                for name, (x, truth) in cases.items()}
+                for name, (x, truth) in _simulated_cases(seeds, pbmc_dirs).items()}
     simulated_aris = {f"{r}{t}": [pick[f"{r}{t}"]["ari"] for name, picks in runs.items()
                                   if not name.startswith("pbmc68k") for pick in picks] for r, t in TIE_RULES}
     summary = {t: {"mean": float(np.mean(v)), "min": float(np.min(v))} for t, v in simulated_aris.items()}
-    by_family = {family: {f"{r}{t}": float(np.mean([pick[f"{r}{t}"]["ari"] for name, picks in runs.items()
-                                                    if name.startswith(family) for pick in picks]))
-                          for r, t in TIE_RULES} for family in ("unbalanced", "pbmc_vae", "splatter")}
+    by_family = _family_means(runs, [f"{r}{t}" for r, t in TIE_RULES])
     record = {"benchmark": "the tie tolerance of the stability rule for k, on simulated data (issue 24)",
-              "data": {"unbalanced": "tests/test_gmm.py's unbalanced counts", "pbmc_vae": DATA_NOTE_VAE,
-                       "splatter": DATA_NOTE_JOB,
-                       "pbmc68k": "the jobs' corrected embeddings, scored against bulk_labels (reported, not used)"},
-              "environment": environment("scanpy"), "runs": runs, "simulated_ari_by_tolerance": summary,
-              "mean_ari_by_family": by_family}
+              "data": DATA_NOTES, "environment": environment("scanpy"), "runs": runs,
+              "simulated_ari_by_tolerance": summary, "mean_ari_by_family": by_family}
     out.write_text(json.dumps(record, indent=1, default=float))
     print(json.dumps({"all": summary, "by_family": by_family}, indent=1))
+    return 0
+
+
+def _write_subsample_sim(seeds: list[int], out: pathlib.Path, pbmc_dirs: pathlib.Path | None) -> int:
+    """`--subsample-sim`: how many subsamples the stability rule needs, on simulated data; pbmc68k reported."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runs = {}
+        for name, (x, truth) in _simulated_cases(seeds, pbmc_dirs).items():
+            runs[name] = [_subsample_variants(x, truth, selection_seed) for selection_seed in range(3)]
+            print(name, [{c: pick[str(c)]["ari"] for c in SUBSAMPLE_COUNTS} for pick in runs[name]], flush=True)
+    by_family = _family_means(runs, [str(c) for c in SUBSAMPLE_COUNTS])
+    record = {"benchmark": "the number of subsamples of the stability rule for k, on simulated data (issue 24)",
+              "data": DATA_NOTES, "environment": environment("scanpy"), "runs": runs,
+              "mean_ari_by_family": by_family}
+    out.write_text(json.dumps(record, indent=1, default=float))
+    print(json.dumps(by_family, indent=1))
+    return 0
+
+
+COMPOSITE_NOTE = (
+    "pbmc68k (700 cells, batch 'pbmc68k', bulk_labels) + celltypist's 559-cell PBMC sample (batch "
+    "'celltypist_sample', no labels) on their 764 shared genes: two real 10x batches. For the scib-metrics "
+    "Benchmarker, which needs a label on every cell, the sample's cells carry labels predicted by scikit-learn's "
+    "LogisticRegression trained on pbmc68k's log-normalised counts (neither embedding's)")
+
+
+def composite_anndata():
+    """The two-real-batch composite (`COMPOSITE_NOTE`): counts in X, obs `batch`, `bulk_labels` (NaN on the
+    sample) and `scib_labels` (bulk_labels, or the logistic regression's on the sample)."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+    from sklearn.linear_model import LogisticRegression
+    from study_end_to_end import _celltypist_sample, composite
+
+    import diffbio_eqx as dbx
+
+    path = _celltypist_sample(None)
+    if path is None:
+        raise SystemExit("--composite needs celltypist's sample (pip install celltypist: the bench extra)")
+    data = composite(path)
+    counts, batches, codes = data["counts"], data["batches"], data["labels"]
+    names = np.asarray(dbx.datasets.pbmc68k().obs["bulk_labels"].cat.categories)
+    logged = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
+    known = codes >= 0
+    classifier = LogisticRegression(max_iter=1000).fit(logged[known], codes[known])
+    predicted = np.where(known, codes, classifier.predict(logged))
+    obs = pd.DataFrame({"batch": pd.Categorical(np.where(batches == 0, "pbmc68k", "celltypist_sample")),
+                        "bulk_labels": pd.Categorical([names[c] if c >= 0 else None for c in codes]),
+                        "scib_labels": pd.Categorical(names[predicted])},
+                       index=[f"cell{i}" for i in range(counts.shape[0])])
+    return ad.AnnData(sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=pd.DataFrame(index=data["genes"]))
+
+
+def _write_composite(seeds: list[int], work: pathlib.Path, out: pathlib.Path) -> int:
+    """`--composite`: the main job on the two-real-batch composite, scib-metrics totals against scanpy +
+    harmonypy on the same counts (one Benchmarker call per seed), and the job's ARI on pbmc68k's cells."""
+    import anndata as ad
+
+    import diffbio_eqx as dbx
+
+    work.mkdir(parents=True, exist_ok=True)
+    source = work / "composite.h5ad"
+    composite_anndata().write_h5ad(source)
+    runs = {}
+    for seed in seeds:
+        folder = work / f"composite_run{seed}"
+        subprocess.run([sys.executable, "-m", "diffbio_eqx.cli", "run", str(source), "--batch-key", "batch",
+                        "--label-key", "bulk_labels", "--out", str(folder), "--seed", str(seed), "--quiet"],
+                       check=True)
+        adata = ad.read_h5ad(folder / "result.h5ad")
+        known = adata.obs["bulk_labels"].notna().to_numpy()
+        ari = dbx.adjusted_rand_index(adata.obs["bulk_labels"].to_numpy()[known],
+                                      adata.obs["diffbio_cluster"].to_numpy()[known])
+        scored = adata.copy()
+        scored.obs["bulk_labels"] = scored.obs["scib_labels"]
+        runs[seed] = {"ari_pbmc68k_cells": float(ari)} | _scib_totals(scored)
+        runs[seed]["total_minus_harmonypy"] = (runs[seed]["Total X_diffbio_corrected"]
+                                               - runs[seed]["Total X_harmony"])
+        print(seed, runs[seed], flush=True)
+    differences = [run["total_minus_harmonypy"] for run in runs.values()]
+    record = {"benchmark": "scib-metrics totals on two real batches (issue 24)", "data": COMPOSITE_NOTE,
+              "environment": environment("scanpy", "harmonypy", "scib-metrics"), "runs": runs,
+              "summary": {"total_minus_harmonypy_median": float(np.median(differences)),
+                          "total_minus_harmonypy_min": float(np.min(differences))}}
+    out.write_text(json.dumps(record, indent=1, default=float))
+    print(json.dumps(record["summary"], indent=1))
     return 0
 
 
@@ -404,6 +551,9 @@ DATA_NOTE_VAE = ("pbmc68k's counts redrawn from a VAE fitted to them (select_int
                  "'pbmc_vae')); groups: Leiden (resolution 1.0) of the generator's latent")
 DATA_NOTE_JOB = ("dbx.simulate 700 cells x 765 genes, 10 groups, one batch, then the job's two-batch split "
                  "(select_integration_settings.simulated(seed, 'job')), corrected with the job's settings")
+DATA_NOTES = {"unbalanced": "tests/test_gmm.py's unbalanced counts", "pbmc_vae": DATA_NOTE_VAE,
+              "splatter": DATA_NOTE_JOB,
+              "pbmc68k": "the jobs' corrected embeddings, scored against bulk_labels (reported, not used)"}
 
 
 def main() -> int:
@@ -416,6 +566,8 @@ def main() -> int:
     parser.add_argument("--k-rule-sim", action="store_true", help="compare the k rules on simulated data")
     parser.add_argument("--start-sim", action="store_true", help="choose the mixture's start on simulated data")
     parser.add_argument("--tie-sim", action="store_true", help="choose the stability tie tolerance on simulations")
+    parser.add_argument("--subsample-sim", action="store_true", help="choose the stability subsamples on simulations")
+    parser.add_argument("--composite", action="store_true", help="scib totals on pbmc68k + celltypist's sample")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     parser.add_argument("--work", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality_runs",
                         help="folder for the job outputs")
@@ -433,6 +585,14 @@ def main() -> int:
         default = arguments.out.name == "quality.json"
         return _write_tie_sim(arguments.seeds, arguments.out.with_name("quality_tie_sim.json") if default
                               else arguments.out, arguments.from_dirs)
+    if arguments.composite:
+        default = arguments.out.name == "quality.json"
+        return _write_composite(arguments.seeds, work, arguments.out.with_name("quality_composite.json")
+                                if default else arguments.out)
+    if arguments.subsample_sim:
+        default = arguments.out.name == "quality.json"
+        return _write_subsample_sim(arguments.seeds, arguments.out.with_name("quality_subsample_sim.json")
+                                    if default else arguments.out, arguments.from_dirs)
     if arguments.diagnose:
         if arguments.from_dirs is None:
             parser.error("--diagnose reads finished jobs: give --from-dirs")

@@ -101,7 +101,7 @@ def composite(path: pathlib.Path) -> dict:
     first = _dense(adata[:, genes].X)
     second = sample[genes].to_numpy(np.float32)
     labels = adata.obs["bulk_labels"].cat.codes.to_numpy().astype(np.int32)
-    return {"name": "pbmc68k+celltypist", "counts": np.concatenate([first, second]),
+    return {"name": "pbmc68k+celltypist", "counts": np.concatenate([first, second]), "genes": genes,
             "batches": np.repeat(np.array([0, 1], np.int32), [first.shape[0], second.shape[0]]),
             "labels": np.concatenate([labels, np.full(second.shape[0], -1, np.int32)])}
 
