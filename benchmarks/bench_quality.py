@@ -478,7 +478,7 @@ def _write_subsample_sim(seeds: list[int], out: pathlib.Path, pbmc_dirs: pathlib
 
 COMPOSITE_NOTE = (
     "pbmc68k (700 cells, batch 'pbmc68k', bulk_labels) + celltypist's 559-cell PBMC sample (batch "
-    "'celltypist_sample', no labels) on their 764 shared genes: two real 10x batches. For the scib-metrics "
+    "'celltypist_sample', no labels) on their 764 shared genes: two real batches. For the scib-metrics "
     "Benchmarker, which needs a label on every cell, the sample's cells carry labels predicted by scikit-learn's "
     "LogisticRegression trained on pbmc68k's log-normalised counts (neither embedding's)")
 
