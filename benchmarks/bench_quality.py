@@ -64,6 +64,7 @@ benchmarks/results/quality_composite.json.
 """
 
 import argparse
+import functools
 import json
 import pathlib
 import subprocess
@@ -354,29 +355,31 @@ def _mixture_at(xj, truth: np.ndarray, seed: int, resolution: float) -> tuple[in
     return len(kept), float(dbx.adjusted_rand_index(truth, np.asarray(hard_labels(xj, fit.params))))
 
 
-def _tie_variants(x: np.ndarray, truth: np.ndarray, selection_seed: int) -> dict:
-    """For each tolerance, the resolution `stable_resolution` picks (finer rule), its k and the mixture's ARI."""
+def _stability_draw(x: np.ndarray, truth: np.ndarray, selection_seed: int, n_subsamples: int):
+    """The stability matrices the job's rule reads (`_stability_matrices` at the grid's resolutions), and the
+    mixture's `(k, ARI)` at a resolution (`_mixture_at`, each resolution fitted once)."""
     import jax.numpy as jnp
 
-    from diffbio_eqx._clustering._mixture_stage import (
-        STABILITY_RESOLUTIONS,
-        _pair_mean,
-        _stability_matrices,
-        stable_resolution,
-    )
+    from diffbio_eqx._clustering._mixture_stage import STABILITY_RESOLUTIONS, _stability_matrices
 
     xj = jnp.asarray(x)
     matrices = _stability_matrices(xj, seed=selection_seed, n_neighbors=15, resolutions=STABILITY_RESOLUTIONS,
-                                   n_subsamples=6, fraction=0.8)
-    fits: dict[float, tuple[int, float]] = {}
+                                   n_subsamples=n_subsamples, fraction=0.8)
+    return matrices, functools.cache(functools.partial(_mixture_at, xj, truth, selection_seed))
+
+
+def _tie_variants(x: np.ndarray, truth: np.ndarray, selection_seed: int) -> dict:
+    """For each tolerance, the resolution `stable_resolution` picks (finer rule), its k and the mixture's ARI."""
+    from diffbio_eqx._clustering._mixture_stage import _pair_mean, stable_resolution
+
+    matrices, mixture_at = _stability_draw(x, truth, selection_seed, 6)
     record: dict = {"selection_seed": selection_seed, "stability": {r: _pair_mean(m) for r, m in matrices.items()}}
     for rule, tolerance in TIE_RULES:
         resolution = stable_resolution(matrices, tie_break="finer", tolerance=tolerance,
                                        standard_error=rule == "setol")
         assert resolution is not None
-        if resolution not in fits:
-            fits[resolution] = _mixture_at(xj, truth, selection_seed, resolution)
-        record[f"{rule}{tolerance}"] = {"resolution": resolution, "k": fits[resolution][0], "ari": fits[resolution][1]}
+        k, ari = mixture_at(resolution)
+        record[f"{rule}{tolerance}"] = {"resolution": resolution, "k": k, "ari": ari}
     return record
 
 
@@ -386,27 +389,16 @@ SUBSAMPLE_COUNTS = (6, 10, 20, 40)
 
 def _subsample_variants(x: np.ndarray, truth: np.ndarray, selection_seed: int) -> dict:
     """For each subsample count, the most stable resolution, its k and the mixture's ARI there."""
-    import jax.numpy as jnp
+    from diffbio_eqx._clustering._mixture_stage import _pair_mean, stable_resolution
 
-    from diffbio_eqx._clustering._mixture_stage import (
-        STABILITY_RESOLUTIONS,
-        _pair_mean,
-        _stability_matrices,
-        stable_resolution,
-    )
-
-    xj = jnp.asarray(x)
-    matrices = _stability_matrices(xj, seed=selection_seed, n_neighbors=15, resolutions=STABILITY_RESOLUTIONS,
-                                   n_subsamples=max(SUBSAMPLE_COUNTS), fraction=0.8)
-    fits: dict[float, tuple[int, float]] = {}
+    matrices, mixture_at = _stability_draw(x, truth, selection_seed, max(SUBSAMPLE_COUNTS))
     record: dict = {"selection_seed": selection_seed}
     for count in SUBSAMPLE_COUNTS:
         first = {r: m[:count, :count] for r, m in matrices.items()}
         resolution = stable_resolution(first, tie_break="none")
         assert resolution is not None
-        if resolution not in fits:
-            fits[resolution] = _mixture_at(xj, truth, selection_seed, resolution)
-        record[str(count)] = {"resolution": resolution, "k": fits[resolution][0], "ari": fits[resolution][1],
+        k, ari = mixture_at(resolution)
+        record[str(count)] = {"resolution": resolution, "k": k, "ari": ari,
                               "stability": {r: _pair_mean(m) for r, m in first.items()}}
     return record
 
@@ -507,7 +499,7 @@ def composite_anndata():
     obs = pd.DataFrame({"batch": pd.Categorical(np.where(batches == 0, "pbmc68k", "celltypist_sample")),
                         "bulk_labels": pd.Categorical([names[c] if c >= 0 else None for c in codes]),
                         "scib_labels": pd.Categorical(names[predicted])},
-                       index=[f"cell{i}" for i in range(counts.shape[0])])
+                       index=pd.Index([f"cell{i}" for i in range(counts.shape[0])]))
     return ad.AnnData(sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=pd.DataFrame(index=data["genes"]))
 
 
