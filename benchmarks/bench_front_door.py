@@ -345,8 +345,9 @@ def _dense_chain_step_seconds(widths: tuple[int, ...], batch: int = 128, repeats
 
 def training_floor(n_cells: int, record: dict) -> dict:
     """Issue 23: how fast the job's second run could be at its default training lengths on this machine. Each
-    network's bare matrix products (`_dense_chain_step_seconds`: the ambient model 2,000-128-20 and 10-128-2,000,
-    the VAE 2,000-128-128-20 and 10-128-128-2,000, batch 128) times the steps the job's default epochs take
+    network's bare matrix products (`_dense_chain_step_seconds`: the ambient model 2,000-128-21, its latent's mean
+    and log-variance and the fraction, and 10-128-2,000; the VAE 2,000-128-128-20 and 10-128-128-2,000; batch
+    128) times the steps the job's default epochs take
     (`ambient_default_epochs`, scVI's heuristic capped at 100 with a 10 % validation split, forward passes counted
     as a third of a step), plus umap-learn's own optimisation time (scanpy's `umap` step in the same round) for
     the map, plus the second run's measured time outside training. Compared with 2x scanpy's process and with the
@@ -408,6 +409,8 @@ def main() -> None:
     parser.add_argument("--job-flags", default="",
                         help="warm start: extra flags for diffbio-eqx run, one string (e.g. '--vae-epochs 50')")
     args = parser.parse_args()
+    if args.training_floor and (args.warm_start is None or args.no_scanpy):
+        parser.error("--training-floor: needs --warm-start N_CELLS and scanpy's run (no --no-scanpy)")
     work = pathlib.Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = pathlib.Path(args.out)
