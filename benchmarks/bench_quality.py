@@ -55,6 +55,12 @@ selection seeds, for each count in `SUBSAMPLE_COUNTS` (the first n of one draw o
 Leiden seeds), the most stable resolution, its k and the mixture's ARI there. With `--from-dirs` the jobs' pbmc68k
 embeddings are reported too (not used to choose). Writes benchmarks/results/quality_subsample_sim.json.
 
+    python benchmarks/bench_quality.py --scanpy-reference --seeds 0 1 2 3 4 5 6 7 8 9
+
+`--scanpy-reference` scores the issue's reference, scanpy's workflow on pbmc68k's counts (normalize_total 1e4,
+log1p, PCA 50, neighbours 15, Leiden at resolution 1.0 with igraph and 2 iterations), over Leiden seeds: how much
+of the reference's 0.507 is one seed's. Writes benchmarks/results/quality_scanpy_reference.json.
+
     python benchmarks/bench_quality.py --composite --seeds 0 1 2
 
 `--composite` runs the main job (`--batch-key batch --label-key bulk_labels`) on two real batches, pbmc68k and
@@ -548,6 +554,38 @@ DATA_NOTES = {"unbalanced": "tests/test_gmm.py's unbalanced counts", "pbmc_vae":
               "pbmc68k": "the jobs' corrected embeddings, scored against bulk_labels (reported, not used)"}
 
 
+def _write_scanpy_reference(seeds: list[int], out: pathlib.Path) -> int:
+    """scanpy's workflow on pbmc68k's counts, the issue's reference, with Leiden's ARI against `bulk_labels` per
+    Leiden seed (the steps before Leiden are deterministic at this size)."""
+    import scanpy as sc
+
+    import diffbio_eqx as dbx
+
+    adata = dbx.datasets.pbmc68k()
+    adata.X = adata.X.astype(np.float32)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    sc.pp.pca(adata, n_comps=50)
+    sc.pp.neighbors(adata, n_neighbors=15)
+    labels = adata.obs["bulk_labels"].to_numpy()
+    runs = {}
+    for seed in seeds:
+        sc.tl.leiden(adata, resolution=1.0, random_state=seed, flavor="igraph", n_iterations=2, key_added="leiden")
+        clusters = adata.obs["leiden"].to_numpy()
+        runs[seed] = {"ari": float(dbx.adjusted_rand_index(labels, clusters)),
+                      "n_clusters": int(len(np.unique(clusters)))}
+        print(seed, runs[seed], flush=True)
+    aris = [run["ari"] for run in runs.values()]
+    record = {"benchmark": "issue 24's reference: scanpy's Leiden (resolution 1.0) on its PCA of pbmc68k, by seed",
+              "dataset": "pbmc68k_reduced counts (dbx.datasets.pbmc68k), one batch",
+              "environment": environment("scanpy"),
+              "runs": runs, "summary": {"ari_median": float(np.median(aris)), "ari_min": float(np.min(aris)),
+                                        "ari_max": float(np.max(aris))}}
+    out.write_text(json.dumps(record, indent=1, default=float))
+    print(json.dumps(record["summary"], indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -560,6 +598,7 @@ def main() -> int:
     parser.add_argument("--tie-sim", action="store_true", help="choose the stability tie tolerance on simulations")
     parser.add_argument("--subsample-sim", action="store_true", help="choose the stability subsamples on simulations")
     parser.add_argument("--composite", action="store_true", help="scib totals on pbmc68k + celltypist's sample")
+    parser.add_argument("--scanpy-reference", action="store_true", help="scanpy's Leiden ARI over Leiden seeds")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     parser.add_argument("--work", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality_runs",
                         help="folder for the job outputs")
@@ -577,6 +616,10 @@ def main() -> int:
         default = arguments.out.name == "quality.json"
         return _write_tie_sim(arguments.seeds, arguments.out.with_name("quality_tie_sim.json") if default
                               else arguments.out, arguments.from_dirs)
+    if arguments.scanpy_reference:
+        default = arguments.out.name == "quality.json"
+        return _write_scanpy_reference(arguments.seeds, arguments.out.with_name("quality_scanpy_reference.json")
+                                       if default else arguments.out)
     if arguments.composite:
         default = arguments.out.name == "quality.json"
         return _write_composite(arguments.seeds, work, arguments.out.with_name("quality_composite.json")
