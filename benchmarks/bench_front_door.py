@@ -347,9 +347,9 @@ def _dense_chain_step_seconds(widths: tuple[int, ...], batch: int = 128, repeats
 
 def training_floor(n_cells: int, record: dict) -> dict:
     """Issue 23: how fast the job's second run could be at its default training lengths on this machine. Each
-    network's bare matrix products (`_dense_chain_step_seconds`: the ambient model 2,000-128-21, its latent's mean
-    and log-variance and the fraction, and 10-128-2,000; the VAE 2,000-128-128-20 and 10-128-128-2,000; batch
-    128) times the steps the job's default epochs take
+    network's bare matrix products (`_dense_chain_step_seconds`, batch 128, the widths of the job's own settings:
+    the ambient model 2,000-128-21, its latent's mean and log-variance and the fraction, and 10-128-2,000; the VAE
+    2,000-128-128-20 and 10-128-128-2,000) times the steps the job's default epochs take
     (`ambient_default_epochs`, scVI's heuristic capped at 100 with a 10 % validation split, forward passes counted
     as a third of a step), plus umap-learn's own optimisation time (scanpy's `umap` step in the same round) for
     the map, plus the second run's measured time outside training. Compared with 2x scanpy's process and with the
@@ -358,12 +358,23 @@ def training_floor(n_cells: int, record: dict) -> dict:
 
     if "steps_seconds" not in record.get("scanpy", {}) or "stage_seconds" not in record["second"]:
         return {"n_cells": n_cells, "skipped": "scanpy's workflow or our second run did not finish"}
-    from diffbio_eqx._ambient._stage import ambient_default_epochs
-    from diffbio_eqx._job import _epochs
+    from types import SimpleNamespace
 
+    import anndata as ad
+    import numpy as np
+
+    from diffbio_eqx._ambient._stage import ambient_default_epochs
+    from diffbio_eqx._job import _epochs, _settings
+
+    # the job's settings read where the job reads them (they depend on the data only through these two shapes)
+    config, _ = _settings(ad.AnnData(np.zeros((1, N_GENES), np.float32)), SimpleNamespace(n_batches=N_BATCHES), None)
+    ambient_latent, ambient_hidden = config.ambient_latent_dim, config.ambient_hidden_dim
+    ambient_step = sum(_dense_chain_step_seconds(w) for w in ((N_GENES, ambient_hidden, 2 * ambient_latent + 1),
+                                                              (ambient_latent, ambient_hidden, N_GENES)))
+    hidden = tuple(config.hidden_dims)
+    vae_step = sum(_dense_chain_step_seconds(w) for w in ((N_GENES, *hidden, 2 * config.latent_dim),
+                                                          (config.latent_dim, *hidden[::-1], N_GENES)))
     ambient_epochs, vae_epochs = ambient_default_epochs(n_cells), _epochs(n_cells, None)[0]["vae_epochs"]
-    ambient_step = sum(_dense_chain_step_seconds(w) for w in ((N_GENES, 128, 21), (10, 128, N_GENES)))
-    vae_step = sum(_dense_chain_step_seconds(w) for w in ((N_GENES, 128, 128, 20), (10, 128, 128, N_GENES)))
     ambient_steps = ambient_epochs * math.ceil(n_cells / 128)
     vae_steps = vae_epochs * (math.ceil(0.9 * n_cells / 128) + math.ceil(0.1 * n_cells / 128) / 3)
     umap = record["scanpy"]["steps_seconds"]["umap"]

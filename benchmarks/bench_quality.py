@@ -604,36 +604,26 @@ def main() -> int:
                         help="folder for the job outputs")
     arguments = parser.parse_args()
     work = arguments.from_dirs or arguments.work
+
+    def out(name: str) -> pathlib.Path:  # each mode's own results file, unless --out names one
+        return arguments.out.with_name(name) if arguments.out.name == "quality.json" else arguments.out
+
     if arguments.k_rule_sim:
-        default = arguments.out.name == "quality.json"
-        return _write_k_rule_sim(arguments.seeds,
-                                 arguments.out.with_name("quality_k_rule_sim.json") if default else arguments.out)
+        return _write_k_rule_sim(arguments.seeds, out("quality_k_rule_sim.json"))
     if arguments.start_sim:
-        default = arguments.out.name == "quality.json"
-        return _write_start_sim(arguments.seeds, arguments.out.with_name("quality_start_sim.json") if default
-                                else arguments.out, arguments.from_dirs)
+        return _write_start_sim(arguments.seeds, out("quality_start_sim.json"), arguments.from_dirs)
     if arguments.tie_sim:
-        default = arguments.out.name == "quality.json"
-        return _write_tie_sim(arguments.seeds, arguments.out.with_name("quality_tie_sim.json") if default
-                              else arguments.out, arguments.from_dirs)
+        return _write_tie_sim(arguments.seeds, out("quality_tie_sim.json"), arguments.from_dirs)
     if arguments.scanpy_reference:
-        default = arguments.out.name == "quality.json"
-        return _write_scanpy_reference(arguments.seeds, arguments.out.with_name("quality_scanpy_reference.json")
-                                       if default else arguments.out)
+        return _write_scanpy_reference(arguments.seeds, out("quality_scanpy_reference.json"))
     if arguments.composite:
-        default = arguments.out.name == "quality.json"
-        return _write_composite(arguments.seeds, work, arguments.out.with_name("quality_composite.json")
-                                if default else arguments.out)
+        return _write_composite(arguments.seeds, work, out("quality_composite.json"))
     if arguments.subsample_sim:
-        default = arguments.out.name == "quality.json"
-        return _write_subsample_sim(arguments.seeds, arguments.out.with_name("quality_subsample_sim.json")
-                                    if default else arguments.out, arguments.from_dirs)
+        return _write_subsample_sim(arguments.seeds, out("quality_subsample_sim.json"), arguments.from_dirs)
     if arguments.diagnose:
         if arguments.from_dirs is None:
             parser.error("--diagnose reads finished jobs: give --from-dirs")
-        default = arguments.out.name == "quality.json"
-        return _write_diagnosis(work, arguments.seeds,
-                                arguments.out.with_name("quality_diagnosis.json") if default else arguments.out)
+        return _write_diagnosis(work, arguments.seeds, out("quality_diagnosis.json"))
     runs = {}
     for seed in arguments.seeds:
         folder = work / f"run{seed}"
