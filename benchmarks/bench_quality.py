@@ -55,6 +55,15 @@ selection seeds, for each count in `SUBSAMPLE_COUNTS` (the first n of one draw o
 Leiden seeds), the most stable resolution, its k and the mixture's ARI there. With `--from-dirs` the jobs' pbmc68k
 embeddings are reported too (not used to choose). Writes benchmarks/results/quality_subsample_sim.json.
 
+    python benchmarks/bench_quality.py --rule-sim --seeds 0 1 2 3 [--from-dirs DIR]
+
+`--rule-sim` compares the rules for the number of clusters (`K_RULES`: the widest mean silhouette among Leiden's
+partitions, the default; the most stable resolution) on the same simulated cases: under 10 keys, the mixture
+`fit_gaussian_mixture(None, ..., k_rule=rule)` fits, its k and ARI against the truth, and the mixture from the
+widest-silhouette partition among 1, 5, 10 or 20 Leiden starts per resolution. With `--from-dirs` the jobs'
+pbmc68k embeddings are scored too (against `bulk_labels`: where the simulations tie, they decide). Writes
+benchmarks/results/quality_rule_sim.json.
+
     python benchmarks/bench_quality.py --scanpy-reference --seeds 0 1 2 3 4 5 6 7 8 9
 
 `--scanpy-reference` scores the issue's reference, scanpy's workflow on pbmc68k's counts (normalize_total 1e4,
@@ -342,16 +351,15 @@ TIE_TOLERANCES = (0.0, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 TIE_RULES = tuple((rule, t) for rule in ("setol", "tol") for t in TIE_TOLERANCES)
 
 
-def _mixture_at(xj, truth: np.ndarray, seed: int, resolution: float) -> tuple[int, float]:
-    """As `fit_gaussian_mixture(None, ...)` fits from the partition at `resolution` (communities under 10 cells
-    left to EM, then `STABLE_EM_STEPS` EM steps): its k and ARI against `truth`."""
+def _mixture_from(xj, truth: np.ndarray, labels: np.ndarray) -> tuple[int, float]:
+    """As `fit_gaussian_mixture(None, ...)` fits from a chosen partition (communities under 10 cells left to EM,
+    then `STABLE_EM_STEPS` EM steps): its k and ARI against `truth`."""
     import jax.numpy as jnp
 
     import diffbio_eqx as dbx
     from diffbio_eqx._clustering._gmm import REG_COVAR, hard_labels, parameters_from_labels
-    from diffbio_eqx._clustering._mixture_stage import STABLE_EM_STEPS, _em, graph_communities
+    from diffbio_eqx._clustering._mixture_stage import STABLE_EM_STEPS, _em
 
-    labels = graph_communities(xj, seed=seed, resolution=resolution)
     sizes = np.bincount(labels)
     kept = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] >= 10]
     remap = np.full(sizes.size, -1)
@@ -359,6 +367,13 @@ def _mixture_at(xj, truth: np.ndarray, seed: int, resolution: float) -> tuple[in
     start = parameters_from_labels(xj, jnp.asarray(remap[labels]), len(kept), REG_COVAR)
     fit = _em(xj, start, jnp.asarray(1.0, xj.dtype), n_iter=STABLE_EM_STEPS, tol=1e-3, reg_covar=REG_COVAR)
     return len(kept), float(dbx.adjusted_rand_index(truth, np.asarray(hard_labels(xj, fit.params))))
+
+
+def _mixture_at(xj, truth: np.ndarray, seed: int, resolution: float) -> tuple[int, float]:
+    """`_mixture_from` the partition at `resolution` (Leiden seed `seed`)."""
+    from diffbio_eqx._clustering._mixture_stage import graph_communities
+
+    return _mixture_from(xj, truth, graph_communities(xj, seed=seed, resolution=resolution))
 
 
 def _stability_draw(x: np.ndarray, truth: np.ndarray, selection_seed: int, n_subsamples: int):
@@ -407,6 +422,60 @@ def _subsample_variants(x: np.ndarray, truth: np.ndarray, selection_seed: int) -
         record[str(count)] = {"resolution": resolution, "k": k, "ari": ari,
                               "stability": {r: _pair_mean(m) for r, m in first.items()}}
     return record
+
+
+#: Leiden starts per resolution compared by `--rule-sim` for the silhouette rule (`SILHOUETTE_STARTS` among them).
+SILHOUETTE_START_COUNTS = (1, 5, 10, 20)
+
+
+def _rule_variants(x: np.ndarray, truth: np.ndarray, selection_seed: int) -> dict:
+    """For each rule for k (`K_RULES`), the mixture `fit_gaussian_mixture(None, ...)` fits under it from one key
+    (its k and ARI against `truth`); and the mixture from the widest-silhouette partition among 1, 5, 10 or 20
+    Leiden starts per resolution (the same seed the fit draws from its key)."""
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    import diffbio_eqx as dbx
+    from diffbio_eqx._clustering._mixture_stage import K_RULES, silhouette_partition
+
+    xj, key = jnp.asarray(x), jr.key(selection_seed)
+    record: dict = {"selection_seed": selection_seed}
+    for rule in K_RULES:
+        model = dbx.fit_gaussian_mixture(None, xj, key=key, k_rule=rule).model
+        record[rule] = {"k": model.n_clusters,
+                        "ari": float(dbx.adjusted_rand_index(truth, np.asarray(model.hard_assign(xj))))}
+    seed = int(jr.randint(key, (), 0, 2**31 - 1))
+    for count in SILHOUETTE_START_COUNTS:
+        labels, _ = silhouette_partition(xj, seed=seed, n_starts=count)
+        assert labels is not None
+        k, ari = _mixture_from(xj, truth, labels)
+        record[f"silhouette_{count}"] = {"k": k, "ari": ari}
+    return record
+
+
+def _write_rule_sim(seeds: list[int], out: pathlib.Path, pbmc_dirs: pathlib.Path | None) -> int:
+    """`--rule-sim`: the rule for k (silhouette or stability) and the silhouette rule's Leiden starts, on simulated
+    data and on pbmc68k's job embeddings, under 10 keys each."""
+    from diffbio_eqx._clustering._mixture_stage import K_RULES
+
+    variants = [*K_RULES, *(f"silhouette_{count}" for count in SILHOUETTE_START_COUNTS)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runs = {}
+        for name, (x, truth) in _simulated_cases(seeds, pbmc_dirs).items():
+            runs[name] = [_rule_variants(x, truth, selection_seed) for selection_seed in range(10)]
+            print(name, {v: round(float(np.mean([pick[v]["ari"] for pick in runs[name]])), 3) for v in variants},
+                  flush=True)
+    by_family = _family_means(runs, variants)
+    minima = {name: {v: min(pick[v]["ari"] for pick in picks) for v in variants} for name, picks in runs.items()}
+    record = {"benchmark": "the rule for the number of clusters, on simulated data and pbmc68k (issue 24)",
+              "data": DATA_NOTES | {"pbmc68k": "the jobs' corrected embeddings, scored against bulk_labels: where "
+                                               "the simulations tie, these decide"},
+              "environment": environment("scanpy"), "runs": runs, "mean_ari_by_family": by_family,
+              "min_ari_by_case": minima}
+    out.write_text(json.dumps(record, indent=1, default=float))
+    print(json.dumps(by_family, indent=1))
+    return 0
 
 
 def _simulated_cases(seeds: list[int], pbmc_dirs: pathlib.Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -597,6 +666,7 @@ def main() -> int:
     parser.add_argument("--start-sim", action="store_true", help="choose the mixture's start on simulated data")
     parser.add_argument("--tie-sim", action="store_true", help="choose the stability tie tolerance on simulations")
     parser.add_argument("--subsample-sim", action="store_true", help="choose the stability subsamples on simulations")
+    parser.add_argument("--rule-sim", action="store_true", help="compare the rules for k (silhouette, stability)")
     parser.add_argument("--composite", action="store_true", help="scib totals on pbmc68k + celltypist's sample")
     parser.add_argument("--scanpy-reference", action="store_true", help="scanpy's Leiden ARI over Leiden seeds")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality.json")
@@ -614,6 +684,8 @@ def main() -> int:
         return _write_start_sim(arguments.seeds, out("quality_start_sim.json"), arguments.from_dirs)
     if arguments.tie_sim:
         return _write_tie_sim(arguments.seeds, out("quality_tie_sim.json"), arguments.from_dirs)
+    if arguments.rule_sim:
+        return _write_rule_sim(arguments.seeds, out("quality_rule_sim.json"), arguments.from_dirs)
     if arguments.scanpy_reference:
         return _write_scanpy_reference(arguments.seeds, out("quality_scanpy_reference.json"))
     if arguments.composite:

@@ -51,6 +51,7 @@ from ._clustering._mixture_stage import (
     GaussianMixture as GaussianMixture,
     fit_gaussian_mixture as fit_gaussian_mixture,
     select_n_clusters as select_n_clusters,
+    silhouette_partition as silhouette_partition,
 )
 from ._clustering._stage import SoftKMeans as SoftKMeans, fit_soft_kmeans as fit_soft_kmeans
 from ._communication import (
@@ -74,6 +75,7 @@ from ._core._metrics import (
     lisi as lisi,
     normalized_mutual_info as normalized_mutual_info,
     silhouette_label as silhouette_label,
+    silhouette_width as silhouette_width,
 )
 from ._core._neighbors import (
     FuzzyGraph as FuzzyGraph,

@@ -293,7 +293,7 @@ def _settings(adata: Any, arrays: io.AnnDataArrays,
     settings: dict[str, Any] = {
         "n_genes": adata.n_vars,
         "n_batches": arrays.n_batches,
-        # Chosen from the data (the most stable Leiden resolution): known labels are for scoring, not for fitting.
+        # Chosen from the data (the widest-silhouette Leiden partition): known labels score, they do not fit.
         "n_clusters": None,
         # Harmony's own default K (min(round(N / 30), 100)) rather than a fixed 100 for any data size.
         "batch_correction_clusters": None,

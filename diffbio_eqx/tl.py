@@ -639,11 +639,11 @@ def gaussian_mixture(
 
     - `adata`: the cells.
     - `n_clusters`: number of clusters, at most `n_obs`; None chooses it (`select_n_clusters`: Leiden's
-      communities at their most stable resolution).
+      communities in the partition with the widest silhouette).
     - `use_rep`: the embedding (see `diffbio_eqx._faces.representation`). (Keyword only argument.)
     - `temperature`: the E-step temperature (1: the posterior).
     - `key`: PRNG key (restart seeds).
-    - `fit_settings`: passed to `fit_gaussian_mixture` (`init`, `n_restarts`, `n_iter`, `tol`, `n_neighbors`).
+    - `fit_settings`: passed to `fit_gaussian_mixture` (`init`, `n_restarts`, `n_iter`, `tol`, `n_neighbors`, `k_rule`).
 
     **Returns:** the fitted `GaussianMixture`. Writes `obs["diffbio_cluster"]` (categorical, the most probable
     cluster), `obsm["diffbio_cluster_probabilities"]` and `uns["diffbio_gaussian_mixture"]` (`params`,

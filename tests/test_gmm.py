@@ -1,6 +1,6 @@
 """The Gaussian mixture clustering stage (issue 24): EM equal to scikit-learn's from the same start, Leiden
-communities equal to scanpy's, the number of clusters chosen by stability, unbalanced groups recovered (where soft
-k-means fails), jit / vmap / grad, and bad input named."""
+communities equal to scanpy's, the number of clusters chosen by silhouette or by stability, unbalanced groups
+recovered (where soft k-means fails), jit / vmap / grad, and bad input named."""
 
 import anndata as ad
 import jax
@@ -9,17 +9,20 @@ import jax.random as jr
 import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
+from sklearn.metrics import silhouette_score
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import diffbio_eqx as dbx
 from diffbio_eqx._clustering import _gmm
 from diffbio_eqx._clustering._communities import connectivity_matrix, leiden, leiden_with_k
 from diffbio_eqx._clustering._mixture_stage import (
+    STABILITY_RESOLUTIONS,
     STABLE_EM_STEPS,
+    _chosen_communities,
     _jackknife_error,
-    _stable_communities,
     partition_stability,
     select_n_clusters,
+    silhouette_partition,
     stable_resolution,
 )
 
@@ -97,29 +100,61 @@ def test_the_mixture_recovers_unbalanced_groups_where_soft_kmeans_does_not(unbal
     assert len(finals) == 3 and float(fitted.train_loss[-1]) == pytest.approx(min(finals))
 
 
-def test_the_number_of_clusters_is_chosen_by_stability(unbalanced):
+def test_the_number_of_clusters_is_chosen_by_silhouette(unbalanced):
     x, y = unbalanced
     x = jnp.asarray(x, jnp.float32)
-    n_clusters, stability = select_n_clusters(x, seed=0)
+    n_clusters, widths = select_n_clusters(x, seed=0)
     assert n_clusters == len(SIZES)
-    assert set(stability) == {0.25, 0.5, 0.75, 1.0, 1.5} and all(0 <= s <= 1 for s in stability.values())
-    assert max(stability.values()) >= 0.99
+    assert set(widths) == set(STABILITY_RESOLUTIONS) and all(-1 <= w <= 1 for w in widths.values())
+    assert max(widths.values()) >= 0.6  # "reasonable structure" (Kaufman & Rousseeuw) on well-separated groups
     fitted = dbx.fit_gaussian_mixture(None, x, key=jr.key(1))
     assert fitted.model.n_clusters == len(SIZES)
     assert dbx.adjusted_rand_index(y, np.asarray(fitted.model.hard_assign(x))) >= 0.98
-    # With k chosen, the fit is one start (the stable communities' M-step) and at most STABLE_EM_STEPS EM steps.
+    # With k chosen, the fit is one start (the chosen communities' M-step) and at most STABLE_EM_STEPS EM steps.
     assert list(fitted.train_aux) == ["restart_0"] and 1 <= fitted.n_epochs_run <= STABLE_EM_STEPS
     seed = int(jr.randint(jr.key(1), (), 0, 2**31 - 1))
-    communities, _ = _stable_communities(x, seed=seed, n_neighbors=15, min_size=10, n_subsamples=6)
+    communities, _ = _chosen_communities(x, seed=seed, n_neighbors=15, min_size=10)
     assert communities is not None and int(communities.max()) + 1 == len(SIZES)
     start = _gmm.parameters_from_labels(x, jnp.asarray(communities), len(SIZES))
     np.testing.assert_array_equal(np.asarray(fitted.model.hard_assign(x)), np.asarray(_gmm.hard_labels(
         x, _gmm.expectation_maximisation(x, start, n_iter=STABLE_EM_STEPS).params)))
+    # The chosen partition is the widest-silhouette one among every resolution's Leiden seeds.
+    labels, best = silhouette_partition(x, seed=seed)
+    assert labels is not None and dbx.silhouette_width(x, labels) == pytest.approx(max(best.values()))
+    # On structureless data every partition scores "no substantial structure" (below 0.25).
+    noise = np.random.default_rng(0).normal(size=(600, 6)).astype(np.float32)
+    _, noise_widths = select_n_clusters(noise, seed=0)
+    assert np.nanmax(list(noise_widths.values())) < 0.25
+
+
+def test_silhouette_width_equals_scikit_learns():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4)) + np.repeat(np.eye(4)[:3] * 3, 100, axis=0)
+    labels = np.repeat([0, 1, 2], 100)
+    labels[:5] = 7  # a small cluster beside the three
+    labels[-1] = 9  # a cell alone in its cluster scores 0, as in scikit-learn
+    assert dbx.silhouette_width(x, labels) == pytest.approx(silhouette_score(x, labels), abs=1e-6)
+    with pytest.raises(ValueError, match="labels"):
+        dbx.silhouette_width(x, np.zeros(300))
+
+
+def test_the_number_of_clusters_by_stability(unbalanced):
+    x, y = unbalanced
+    x = jnp.asarray(x, jnp.float32)
+    n_clusters, stability = select_n_clusters(x, seed=0, rule="stability")
+    assert n_clusters == len(SIZES)
+    assert set(stability) == set(STABILITY_RESOLUTIONS) and all(0 <= s <= 1 for s in stability.values())
+    assert max(stability.values()) >= 0.99
+    fitted = dbx.fit_gaussian_mixture(None, x, key=jr.key(1), k_rule="stability")
+    assert fitted.model.n_clusters == len(SIZES)
+    assert dbx.adjusted_rand_index(y, np.asarray(fitted.model.hard_assign(x))) >= 0.98
     # On structureless data the partitions are not reproducible (one community at low resolution scores NaN).
     noise = np.random.default_rng(0).normal(size=(600, 6)).astype(np.float32)
     noise_stability = partition_stability(noise, seed=0)
     assert np.nanmax(list(noise_stability.values())) < 0.6
     assert np.isnan(noise_stability[0.25])
+    with pytest.raises(ValueError, match="rule"):
+        select_n_clusters(x, rule="bic")
 
 
 def _pairwise(values: np.ndarray) -> np.ndarray:
@@ -188,6 +223,8 @@ def test_bad_input_is_named():
     stage = dbx.GaussianMixture(np.zeros((4, 3), np.float32))
     with pytest.raises(ValueError, match="init: unknown initialisation 'random'"):
         dbx.fit_gaussian_mixture(stage, x, key=jr.key(0), init="random")
+    with pytest.raises(ValueError, match="k_rule: unknown rule for the number of clusters 'bic'"):
+        dbx.fit_gaussian_mixture(None, x, key=jr.key(0), k_rule="bic")
     with pytest.raises(ValueError, match="n_restarts: must be a whole number >= 1"):
         dbx.fit_gaussian_mixture(stage, x, key=jr.key(0), n_restarts=0)
     with pytest.raises(ValueError, match="n_clusters: asked for 40 clusters but there are only 30 cells"):

@@ -166,17 +166,23 @@ def _silhouette_samples(
 
     sums = jax.lax.map(row_means, x, batch_size=256)
     own = jnp.sum(sums * onehot, axis=1) / jnp.maximum(sizes[codes] - 1, 1)
-    other = jnp.where(onehot > 0, jnp.inf, sums / jnp.maximum(sizes, 1)[None, :])
+    other = jnp.where((onehot > 0) | (sizes == 0)[None, :], jnp.inf, sums / jnp.maximum(sizes, 1)[None, :])
     nearest = jnp.min(other, axis=1)
     score = (nearest - own) / jnp.maximum(jnp.maximum(nearest, own), jnp.finfo(x.dtype).tiny)
     return jnp.where(sizes[codes] > 1, score, 0.0)
 
 
-def silhouette_label(x: ArrayLike, labels: Labels) -> float:
-    """Cell-type average silhouette width rescaled to [0, 1], as scib-metrics' `silhouette_label`."""
+def silhouette_width(x: ArrayLike, labels: Labels) -> float:
+    """Rousseeuw's (1987) mean silhouette width of a partition, in [-1, 1], as `sklearn.metrics.silhouette_score`
+    (Euclidean; a cell alone in its cluster scores 0)."""
     codes, n_labels = _codes(labels)
     if not 2 <= n_labels < len(codes):  # one label has no other cluster to compare with; as scikit-learn
         raise ValueError(f"labels: silhouette needs 2 to n_cells - 1 = {len(codes) - 1} distinct labels, got "
                          f"{n_labels}")
-    samples = _silhouette_samples(jnp.asarray(x), jnp.asarray(codes), n_labels=n_labels)
-    return float((np.mean(np.asarray(samples)) + 1) / 2)
+    padded = -(-n_labels // 8) * 8  # empty labels are skipped: one compile serves up to 8 label counts
+    return float(np.mean(np.asarray(_silhouette_samples(jnp.asarray(x), jnp.asarray(codes), n_labels=padded))))
+
+
+def silhouette_label(x: ArrayLike, labels: Labels) -> float:
+    """Cell-type average silhouette width rescaled to [0, 1], as scib-metrics' `silhouette_label`."""
+    return (silhouette_width(x, labels) + 1) / 2

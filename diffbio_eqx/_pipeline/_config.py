@@ -45,8 +45,8 @@ class SingleCellPipelineConfig:
 
     - `n_genes` (2000): genes in the count matrix.
     - `n_clusters` (10): clusters; None lets `fit_pipeline` choose them (`select_n_clusters`: Leiden's
-      communities of the corrected cells at their most stable resolution), and the fitted pipeline's config holds
-      the number chosen.
+      communities of the corrected cells in the partition with the widest silhouette), and the fitted pipeline's
+      config holds the number chosen.
     - `latent_dim` (64): VAE latent dimension.
     - `hidden_dims` ((128, 64)): VAE encoder layer widths (the decoder mirrors them).
     - `umap_n_components` (2): dimension of the parametric UMAP embedding.
