@@ -64,6 +64,12 @@ widest-silhouette partition among 1, 5, 10 or 20 Leiden starts per resolution. W
 pbmc68k embeddings are scored too (against `bulk_labels`: where the simulations tie, they decide). Writes
 benchmarks/results/quality_rule_sim.json.
 
+    python benchmarks/bench_quality.py --rule-time 50000
+
+`--rule-time N` times `select_n_clusters` under each rule on N cells of a 10-D embedding (12 Gaussian groups whose
+sizes span 20x; `MAX_GRAPH_CELLS` is 50,000, so 50,000 is the most the rules ever see). Writes
+benchmarks/results/quality_rule_time.json.
+
     python benchmarks/bench_quality.py --scanpy-reference --seeds 0 1 2 3 4 5 6 7 8 9
 
 `--scanpy-reference` scores the issue's reference, scanpy's workflow on pbmc68k's counts (normalize_total 1e4,
@@ -478,6 +484,30 @@ def _write_rule_sim(seeds: list[int], out: pathlib.Path, pbmc_dirs: pathlib.Path
     return 0
 
 
+def _write_rule_time(n_cells: int, out: pathlib.Path) -> int:
+    """`--rule-time N`: seconds `select_n_clusters` takes under each rule for N cells of a 10-D embedding (12
+    Gaussian groups whose sizes span 20x), each rule's first call in the process (its compiles counted)."""
+    import jax.numpy as jnp
+    from sklearn.datasets import make_blobs
+
+    import diffbio_eqx as dbx
+    from diffbio_eqx._clustering._mixture_stage import K_RULES
+
+    weights = np.geomspace(20, 1, 12)
+    sizes = np.maximum(np.round(weights / weights.sum() * n_cells).astype(int), 1)
+    x, truth = make_blobs(sizes.tolist(), n_features=10, cluster_std=1.5, center_box=(-10, 10), random_state=0)
+    record: dict = {"benchmark": "seconds to choose k under each rule (issue 24)", "n_cells": int(sizes.sum()),
+                    "data": "sklearn make_blobs: 12 groups, sizes spanning 20x, 10 dimensions, cluster_std 1.5",
+                    "environment": environment("scanpy"), "rules": {}}
+    for rule in K_RULES:
+        started = time.perf_counter()
+        k, _ = dbx.select_n_clusters(jnp.asarray(x, jnp.float32), seed=0, rule=rule)
+        record["rules"][rule] = {"seconds": time.perf_counter() - started, "k": k}
+        print(rule, record["rules"][rule], flush=True)
+    out.write_text(json.dumps(record, indent=1, default=float))
+    return 0
+
+
 def _simulated_cases(seeds: list[int], pbmc_dirs: pathlib.Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The rule-choosing embeddings and their truth: the unbalanced groups, a pbmc_vae and a Splatter draw per
     seed (each corrected with the job's settings); with `pbmc_dirs`, the jobs' pbmc68k embeddings (`pbmc68k_`)."""
@@ -667,6 +697,8 @@ def main() -> int:
     parser.add_argument("--tie-sim", action="store_true", help="choose the stability tie tolerance on simulations")
     parser.add_argument("--subsample-sim", action="store_true", help="choose the stability subsamples on simulations")
     parser.add_argument("--rule-sim", action="store_true", help="compare the rules for k (silhouette, stability)")
+    parser.add_argument("--rule-time", type=int, default=None, metavar="N",
+                        help="seconds to choose k under each rule for N cells")
     parser.add_argument("--composite", action="store_true", help="scib totals on pbmc68k + celltypist's sample")
     parser.add_argument("--scanpy-reference", action="store_true", help="scanpy's Leiden ARI over Leiden seeds")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "quality.json")
@@ -686,6 +718,8 @@ def main() -> int:
         return _write_tie_sim(arguments.seeds, out("quality_tie_sim.json"), arguments.from_dirs)
     if arguments.rule_sim:
         return _write_rule_sim(arguments.seeds, out("quality_rule_sim.json"), arguments.from_dirs)
+    if arguments.rule_time is not None:
+        return _write_rule_time(arguments.rule_time, out("quality_rule_time.json"))
     if arguments.scanpy_reference:
         return _write_scanpy_reference(arguments.seeds, out("quality_scanpy_reference.json"))
     if arguments.composite:

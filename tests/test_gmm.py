@@ -225,6 +225,10 @@ def test_bad_input_is_named():
         dbx.fit_gaussian_mixture(stage, x, key=jr.key(0), init="random")
     with pytest.raises(ValueError, match="k_rule: unknown rule for the number of clusters 'bic'"):
         dbx.fit_gaussian_mixture(None, x, key=jr.key(0), k_rule="bic")
+    with pytest.raises(ValueError, match="n_starts: must be a whole number >= 1"):
+        dbx.silhouette_partition(x, n_starts=0)
+    with pytest.raises(ValueError, match="x: expected a 2-D matrix"):
+        dbx.silhouette_partition(x[:, 0])
     with pytest.raises(ValueError, match="n_restarts: must be a whole number >= 1"):
         dbx.fit_gaussian_mixture(stage, x, key=jr.key(0), n_restarts=0)
     with pytest.raises(ValueError, match="n_clusters: asked for 40 clusters but there are only 30 cells"):

@@ -10,11 +10,17 @@ from a NumPy `RandomState(seed)` as scanpy's `random_state` does; the global gen
 import contextlib
 import random
 from collections.abc import Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 
 from .._core._neighbors import FuzzyGraph
+
+
+if TYPE_CHECKING:
+    import igraph
 
 
 class _SeededIgraphRandom:
@@ -59,17 +65,18 @@ def connectivity_matrix(graph: FuzzyGraph) -> sp.csr_matrix:
     return matrix
 
 
-def leiden(adjacency: sp.spmatrix | sp.sparray, *, resolution: float = 1.0, seed: int = 0,
-           n_iterations: int = 2) -> np.ndarray:
-    """Leiden communities (modularity, weighted) of a symmetric adjacency matrix, numbered 0.. by igraph.
-
-    The same graph, objective and seeding as `scanpy.tl.leiden(adata, resolution, flavor="igraph",
-    n_iterations=2, random_state=seed)`, so the partitions are identical.
-    """
+def _igraph() -> ModuleType:
     try:
         import igraph
     except ImportError as error:  # pragma: no cover - igraph is a dependency
         raise ImportError("graph-initialised clustering needs igraph: pip install igraph") from error
+    return igraph
+
+
+def igraph_graph(adjacency: sp.spmatrix | sp.sparray) -> "igraph.Graph":
+    """The weighted undirected igraph graph of a symmetric adjacency matrix, built as scanpy builds it (every
+    non-zero an edge, row by row): built once, Leiden runs on it at several resolutions or seeds."""
+    igraph = _igraph()
     matrix = sp.csr_matrix(adjacency)
     matrix.sum_duplicates()
     sources, targets = matrix.nonzero()
@@ -78,6 +85,18 @@ def leiden(adjacency: sp.spmatrix | sp.sparray, *, resolution: float = 1.0, seed
     graph.add_edges(list(zip(sources.tolist(), targets.tolist())))
     # Row by row, as `matrix.nonzero()` lists them (canonical CSR: sorted, no duplicates), minus explicit zeros.
     graph.es["weight"] = matrix.data[matrix.data != 0]
+    return graph
+
+
+def leiden(adjacency: "sp.spmatrix | sp.sparray | igraph.Graph", *, resolution: float = 1.0, seed: int = 0,
+           n_iterations: int = 2) -> np.ndarray:
+    """Leiden communities (modularity, weighted) of a symmetric adjacency matrix (or its `igraph_graph`), numbered
+    0.. by igraph.
+
+    The same graph, objective and seeding as `scanpy.tl.leiden(adata, resolution, flavor="igraph",
+    n_iterations=2, random_state=seed)`, so the partitions are identical.
+    """
+    graph = igraph_graph(adjacency) if isinstance(adjacency, sp.spmatrix | sp.sparray | np.ndarray) else adjacency
     with _igraph_seeded(seed):
         partition = graph.community_leiden(objective_function="modularity", weights="weight",
                                            resolution=resolution, n_iterations=n_iterations)
@@ -91,11 +110,12 @@ def leiden_with_k(adjacency: sp.spmatrix | sp.sparray, n_communities: int, *, se
 
     **Returns:** `(labels, resolution)`.
     """
+    graph = igraph_graph(adjacency)
     low, high = 0.01, 10.0
     best: tuple[np.ndarray, float] | None = None
     for _ in range(max_tries):
         resolution = float(np.sqrt(low * high))
-        labels = leiden(adjacency, resolution=resolution, seed=seed, n_iterations=n_iterations)
+        labels = leiden(graph, resolution=resolution, seed=seed, n_iterations=n_iterations)
         found = int(labels.max()) + 1
         if found == n_communities:
             return labels, resolution
@@ -106,5 +126,5 @@ def leiden_with_k(adjacency: sp.spmatrix | sp.sparray, n_communities: int, *, se
         else:
             low = resolution
     if best is None:
-        best = (leiden(adjacency, resolution=high, seed=seed, n_iterations=n_iterations), high)
+        best = (leiden(graph, resolution=high, seed=seed, n_iterations=n_iterations), high)
     return best
